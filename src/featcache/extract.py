@@ -1,0 +1,318 @@
+"""Extraction: run the frozen backbone once over a dataset and stream its activations to the cache.
+
+One forward pass serves every requested layer, and stops after the deepest one. Memory stays
+bounded by one shard (``shard_mb``), never the whole dataset. A cache hit runs no forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._util import FeatcacheError, resolve_device, unknown
+from .backbones import Backbone, BackboneCfg
+from .cache import STORAGE_DTYPES, CachedFeatures, FeatureCache, cache_key
+from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, PreprocessedView, SampleSet
+from .layers import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+POOLS = ("avg", "max", "none", "flatten")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract.
+
+    Attributes:
+        layers: layer names (``featcache layers MODEL`` lists them) or ``penultimate`` / ``logits``.
+        pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps).
+        dtype: storage dtype: ``float32``, ``float16`` or ``bfloat16``.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes for decoding.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        input_size: (H, W) override of the backbone's input size (resize without crop).
+        on_bad_image: ``error`` stops naming the file; ``skip`` records it in the manifest.
+        amp: bf16 autocast; ``None`` means on for CUDA, off on CPU.
+        channels_last: NHWC memory format; ``None`` means on for CUDA.
+        shard_mb: target size of one shard (the unit of resume).
+        shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it).
+        method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.layers.FeatureExtractor`).
+
+    Example:
+        >>> cfg = ExtractConfig(layers=("layer3",), pool="avg", input_size=(64, 64))
+    """
+
+    layers: tuple[str, ...] = ("penultimate",)
+    pool: str = "avg"
+    dtype: str = "float32"
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "auto"
+    input_size: tuple[int, int] | None = None
+    on_bad_image: str = "error"
+    amp: bool | None = None
+    channels_last: bool | None = None
+    shard_mb: int = 64
+    shard_rows: int | None = None
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", tuple(s for s in self.layers.split(",") if s))
+        if self.pool not in POOLS:
+            raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
+        if self.dtype not in STORAGE_DTYPES:
+            raise unknown("storage dtype", self.dtype, STORAGE_DTYPES, "Use --dtype float32|float16|bfloat16.")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise unknown("bad-image policy", self.on_bad_image, BAD_IMAGE_POLICIES, "Use error or skip.")
+        if self.batch_size < 1:
+            raise FeatcacheError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool (N, C, H, W) maps or (N, L, D) tokens to (N, C); ``flatten`` to (N, -1); ``none`` as is.
+
+    Example:
+        >>> pool_features(torch.ones(2, 8, 4, 4), "avg").shape
+        torch.Size([2, 8])
+    """
+    if pool == "none" or t.dim() <= 2:
+        return t
+    if pool == "flatten":
+        return t.flatten(1)
+    dims = tuple(range(2, t.dim())) if t.dim() == 4 else (1,)
+    return t.mean(dims) if pool == "avg" else t.amax(dims)
+
+
+def resolved_cfg(backbone: Backbone, config: ExtractConfig) -> BackboneCfg:
+    """The backbone's preprocessing with the config's input-size override applied."""
+    return backbone.cfg.with_input_size(*config.input_size) if config.input_size else backbone.cfg
+
+
+def _amp(config: ExtractConfig, device: torch.device) -> bool:
+    return config.amp if config.amp is not None else device.type == "cuda"
+
+
+def cache_record(backbone: Backbone, samples: SampleSet, config: ExtractConfig, split: str) -> dict[str, Any]:
+    """The explicit record whose hash is the cache key (everything that changes the stored numbers)."""
+    device = resolve_device(config.device)
+    return {
+        "backbone": backbone.cfg.spec,
+        "weights_id": backbone.cfg.weights_id,
+        "preprocessing": resolved_cfg(backbone, config).preprocessing(),
+        "layers": sorted(config.layers),
+        "pool": config.pool,
+        "dtype": config.dtype,
+        "amp_bf16": _amp(config, device),
+        "dataset": samples.name,
+        "dataset_fingerprint": samples.fingerprint(),
+        "split": split,
+        "view": 0,
+    }
+
+
+class Extractor:
+    """A prepared extraction: the truncated backbone on its device, ready to run batches.
+
+    Example:
+        >>> ex = Extractor(backbone, ExtractConfig(layers=("layer3",)))  # doctest: +SKIP
+        >>> feats = ex(batch)  # {"layer3": (N, 256) tensor}
+    """
+
+    def __init__(self, backbone: Backbone, config: ExtractConfig) -> None:
+        self.backbone, self.config = backbone, config
+        self.device = resolve_device(config.device)
+        self.amp = _amp(config, self.device)
+        cl = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        self.memory_format = torch.channels_last if cl else torch.contiguous_format
+        backbone.model.to(self.device)
+        if cl:
+            backbone.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.net = FeatureExtractor(
+            backbone.model, config.layers, config.method, backbone.cfg.classifier, backbone.cfg.spec
+        )
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.net(x)
+        return {k: pool_features(v, self.config.pool) for k, v in out.items()}
+
+    def to_storage(self, t: torch.Tensor) -> np.ndarray:
+        """Cast one layer's batch to the storage dtype as a contiguous numpy array."""
+        if self.config.dtype == "bfloat16":
+            return t.to(torch.bfloat16).contiguous().cpu().view(torch.int16).numpy().view(np.uint16)
+        return t.to(getattr(torch, self.config.dtype)).contiguous().cpu().numpy()
+
+
+def _shard_rows(ex: Extractor, cfg: BackboneCfg, n: int) -> int:
+    if ex.config.shard_rows:
+        return ex.config.shard_rows
+    h, w = cfg.input_size
+    out = ex(torch.zeros(1, cfg.channels, h, w))
+    row_bytes = sum(v[0].numel() for v in out.values()) * np.dtype(STORAGE_DTYPES[ex.config.dtype]).itemsize
+    rows = max(ex.config.batch_size, (ex.config.shard_mb << 20) // max(row_bytes, 1))
+    return int(min(rows, max(n, 1)))
+
+
+def extract(
+    backbone: Backbone,
+    samples: SampleSet,
+    config: ExtractConfig | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+    progress: bool = True,
+) -> CachedFeatures:
+    """Extract ``config.layers`` for every sample into the cache (or open the existing entry).
+
+    Args:
+        backbone: a frozen backbone from :func:`~featcache.backbones.load_backbone`.
+        samples: the images (one split).
+        config: what to extract; defaults to pooled ``penultimate`` features in float32.
+        cache_dir: cache root (else ``$FEATCACHE_HOME`` or the XDG cache folder).
+        split: split name, part of the key.
+        progress: show a progress bar.
+
+    Returns:
+        The complete entry, memory-mapped. A hit runs no forward pass.
+
+    Example:
+        >>> from featcache import load_backbone, load_dataset
+        >>> bb = load_backbone("efficientnet-lite0")
+        >>> data = load_dataset("mnist-5k")
+        >>> feats = extract(bb, data.train, ExtractConfig(input_size=(64, 64)))  # doctest: +SKIP
+        >>> feats.tensor("penultimate").shape  # doctest: +SKIP
+        torch.Size([3500, 1280])
+    """
+    config = config or ExtractConfig()
+    cache = FeatureCache(cache_dir)
+    record = cache_record(backbone, samples, config, split)
+    key = cache_key(record)
+    if cache.is_complete(key):
+        return cache.open(key)
+    with cache.lock(key):
+        if cache.is_complete(key):  # another process finished it while we waited
+            return cache.open(key)
+        ex = Extractor(backbone, config)
+        cfg = resolved_cfg(backbone, config)
+        record["shard_rows"] = _shard_rows(ex, cfg, len(samples))
+        writer = cache.writer(key, record)
+        n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
+        done = writer.finished_shards()
+        pending = [i for i in range(len(samples)) if i // writer.shard_rows not in done]
+        if done:
+            log.info("resuming cache %s: %d of %d shards already done", key[:12], len(done), n_shards)
+        t0 = time.perf_counter()
+        if pending:
+            _run(ex, samples, cfg, writer, pending, split, progress)
+        seconds = time.perf_counter() - t0
+        skipped = [s for m in writer.finished_shards().values() for s in m["skipped"]]
+        if skipped:
+            log.warning("skipped %d bad images (recorded in the cache manifest)", len(skipped))
+        writer.commit(
+            n_shards,
+            samples.ids,
+            samples.labels,
+            {"classes": samples.classes, "backbone_cfg": cfg.to_dict(), "extract_config": _jsonable(config),
+             "extract_seconds": round(seconds, 3), "rows_extracted_this_run": len(pending),
+             "method": ex.net.method},
+        )
+    return cache.open(key)
+
+
+def _jsonable(config: ExtractConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["layers"] = list(config.layers)
+    d["input_size"] = list(config.input_size) if config.input_size else None
+    return d
+
+
+def _run(
+    ex: Extractor,
+    samples: SampleSet,
+    cfg: BackboneCfg,
+    writer: Any,
+    pending: Sequence[int],
+    split: str,
+    progress: bool,
+) -> None:
+    loader = torch.utils.data.DataLoader(
+        PreprocessedView(samples, cfg, pending),
+        batch_size=ex.config.batch_size,
+        num_workers=ex.config.workers,
+        pin_memory=ex.device.type == "cuda",
+        persistent_workers=False,
+    )
+    rows_per = writer.shard_rows
+    current: int | None = None
+    buf: dict[str, list[np.ndarray]] = {}
+    rows: list[int] = []
+    skipped: list[tuple[int, str]] = []
+
+    def close() -> None:
+        if current is None:
+            return
+        arrays = {layer: np.concatenate(parts) for layer, parts in buf.items()}
+        if not rows:  # every image in this shard was bad: keep the layer shapes with zero rows
+            arrays = {layer: np.zeros((0, *shape), dtype=dt) for layer, (shape, dt) in shapes.items()}
+        writer.write_shard(current, arrays, list(rows), list(skipped))
+
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+    bar = tqdm(total=len(pending), unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for x, idx, errors in loader:
+            feats = {k: ex.to_storage(v) for k, v in ex(x).items()}
+            for layer, arr in feats.items():
+                shapes[layer] = (arr.shape[1:], arr.dtype)
+            idx_np = idx.numpy()
+            shard_of = idx_np // rows_per
+            for shard in dict.fromkeys(shard_of.tolist()):
+                if shard != current:
+                    close()
+                    current, buf, rows, skipped = shard, {k: [] for k in feats}, [], []
+                sel = np.flatnonzero(shard_of == shard)
+                bad = [int(j) for j in sel if errors[j]]
+                if bad and ex.config.on_bad_image == "error":
+                    i = int(idx_np[bad[0]])
+                    raise BadImageError(
+                        f"cannot read image {samples.describe(i)!r}: {errors[bad[0]]}. Fix or remove the file, "
+                        "or pass --on-bad-image skip (skipped ids are recorded in the cache manifest). "
+                        "Finished shards are kept; the next run resumes from them."
+                    )
+                skipped.extend((int(idx_np[j]), errors[j]) for j in bad)
+                good = np.setdiff1d(sel, bad) if bad else sel
+                for layer, arr in feats.items():
+                    buf[layer].append(arr[good])
+                rows.extend(int(i) for i in idx_np[good])
+            bar.update(len(idx))
+        close()
+
+
+def extract_splits(
+    backbone: Backbone,
+    splits: DatasetSplits,
+    config: ExtractConfig | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, CachedFeatures]:
+    """:func:`extract` for every split that exists (``train``, ``val``, ``test``).
+
+    Example:
+        >>> feats = extract_splits(bb, load_dataset("digits"), ExtractConfig(input_size=(32, 32)))  # doctest: +SKIP
+    """
+    return {name: extract(backbone, s, config, cache_dir, name, progress) for name, s in splits.items()}
+
+
+def with_layers(config: ExtractConfig, layers: Sequence[str]) -> ExtractConfig:
+    """A copy of ``config`` with other layers."""
+    return replace(config, layers=tuple(layers))

@@ -1,0 +1,273 @@
+"""Named layers: list them with output shapes, summarise a model, and extract several at once.
+
+Layer names are what ``model.named_modules()`` shows (``layer3``, ``layer4.1.conv2``) plus two
+shorthands: ``penultimate`` (the input of the classifier, what ``model.fc = Identity()`` returns)
+and ``logits`` (the model's output). Graph-node names that are not modules (``flatten``, ``add_1``)
+work through torch.fx where the model traces.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._util import FeatcacheError, unknown
+from .backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+PENULTIMATE = "penultimate"
+LOGITS = "logits"
+SHORTHANDS = (PENULTIMATE, LOGITS)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``featcache layers``: name, module type, output shape (batch 1) and parameters."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None
+    params: int
+    trainable: int
+    depth: int
+
+
+class _Stop(Exception):
+    """Raised by the last hook to stop the forward pass after the deepest requested layer."""
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a module output (tensor, tuple/list, dict or a transformers ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """All non-root module names in registration order."""
+    return [n for n, _ in model.named_modules() if n]
+
+
+def dummy_input(backbone: Backbone, input_size: tuple[int, int] | None = None, batch: int = 1) -> torch.Tensor:
+    """A zero batch at the backbone's (or the given) input size, on the model's device."""
+    h, w = input_size or backbone.cfg.input_size
+    p = next(backbone.model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    return torch.zeros(batch, backbone.cfg.channels, h, w, device=device)
+
+
+def list_layers(backbone: Backbone, input_size: tuple[int, int] | None = None) -> list[LayerInfo]:
+    """Every named module with its output shape for one image at ``input_size`` and its parameters.
+
+    Example:
+        >>> from featcache.backbones import load_backbone
+        >>> rows = list_layers(load_backbone("torchvision:resnet18", weights="none"), (64, 64))
+        >>> next(r.shape for r in rows if r.name == "layer3")
+        (1, 256, 4, 4)
+    """
+    model = backbone.model
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            t = first_tensor(out)
+            if t is not None and name not in shapes:
+                shapes[name] = tuple(t.shape)
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            out = model(dummy_input(backbone, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        params = list(mod.parameters())
+        rows.append(
+            LayerInfo(
+                name=name,
+                type=type(mod).__name__,
+                shape=shapes.get(name),
+                params=sum(p.numel() for p in params),
+                trainable=sum(p.numel() for p in params if p.requires_grad),
+                depth=name.count(".") + 1,
+            )
+        )
+    cls = backbone.cfg.classifier
+    if cls and cls in shapes:
+        pen = _capture_input(model, cls, dummy_input(backbone, input_size))
+        rows.append(LayerInfo(PENULTIMATE, f"input of {cls}", tuple(pen.shape), 0, 0, 0))
+    logits = first_tensor(out)
+    if logits is not None:
+        rows.append(LayerInfo(LOGITS, "model output", tuple(logits.shape), 0, 0, 0))
+    return rows
+
+
+def _capture_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    ext = FeatureExtractor(model, [PENULTIMATE], classifier=name)
+    with torch.inference_mode():
+        return ext(x)[PENULTIMATE]
+
+
+def count_macs(backbone: Backbone, input_size: tuple[int, int] | None = None) -> int | None:
+    """Multiply-accumulates of one forward pass (torch's FlopCounterMode, FLOPs / 2), or None."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover - torch < 2.1
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        backbone.model(dummy_input(backbone, input_size))
+    return int(counter.get_total_flops() // 2)
+
+
+def _check_names(model: nn.Module, layers: Sequence[str], classifier: str | None, spec: str) -> list[str]:
+    """Return names that are neither modules nor shorthands (candidates for FX graph nodes)."""
+    modules = set(module_names(model))
+    if not layers:
+        raise FeatcacheError(f"no layers requested; run `featcache layers {spec}` to list them")
+    not_modules = []
+    for name in layers:
+        if name == PENULTIMATE and not classifier:
+            raise FeatcacheError(
+                f"'penultimate' needs a classifier module and {spec} has none; name a layer instead "
+                f"(`featcache layers {spec}`)"
+            )
+        if name not in modules and name not in SHORTHANDS:
+            not_modules.append(name)
+    return not_modules
+
+
+class FeatureExtractor(nn.Module):
+    """Return ``{name: activation}`` for several layers in one forward pass, without copying the model.
+
+    The forward pass stops right after the deepest requested layer: for ``layer3`` of a ResNet,
+    ``layer4`` and ``fc`` never run. ``method="hooks"`` uses forward hooks (works on any model);
+    ``"fx"`` uses torchvision's ``create_feature_extractor`` (graph nodes that are not modules);
+    ``"auto"`` picks hooks when every name is a module and FX otherwise, and falls back to hooks
+    when tracing fails. ``self.method`` tells which path is in use.
+
+    Example:
+        >>> from featcache.backbones import load_backbone
+        >>> bb = load_backbone("torchvision:resnet18", weights="none")
+        >>> ext = FeatureExtractor(bb.model, ["layer2", "layer3"])
+        >>> {k: tuple(v.shape) for k, v in ext(torch.zeros(1, 3, 64, 64)).items()}
+        {'layer2': (1, 128, 8, 8), 'layer3': (1, 256, 4, 4)}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        method: str = "auto",
+        classifier: str | None = None,
+        spec: str = "MODEL",
+    ) -> None:
+        super().__init__()
+        if method not in ("auto", "hooks", "fx"):
+            raise unknown("extraction method", method, ["auto", "hooks", "fx"], "")
+        self.model = model
+        self.layers = list(dict.fromkeys(layers))
+        self.classifier = classifier
+        self.spec = spec
+        not_modules = _check_names(model, self.layers, classifier, spec)
+        self.method = "hooks"
+        self._fx: nn.Module | None = None
+        if method == "fx" or not_modules:
+            try:
+                self._fx = self._build_fx(not_modules or [])
+                self.method = "fx"
+            except FeatcacheError:
+                raise
+            except Exception as exc:
+                if not_modules:
+                    names = module_names(model) + list(SHORTHANDS)
+                    raise unknown(
+                        "layer", not_modules[0], names, f"Run `featcache layers {spec}` to see them all."
+                    ) from exc
+                log.info("torch.fx could not trace %s (%s); using forward hooks", type(model).__name__, exc)
+        log.info("extracting %s with %s", self.layers, self.method)
+
+    def _build_fx(self, not_modules: list[str]) -> nn.Module:
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        if PENULTIMATE in self.layers or LOGITS in self.layers:
+            raise RuntimeError("shorthands go through hooks")
+        _, eval_nodes = get_graph_node_names(self.model)
+        for name in not_modules:
+            if name not in eval_nodes:
+                choices = module_names(self.model) + list(eval_nodes) + list(SHORTHANDS)
+                raise unknown("layer", name, choices, f"Run `featcache layers {self.spec}` to see them all.")
+        was_training = self.model.training
+        fx = create_feature_extractor(self.model.eval(), return_nodes={n: n for n in self.layers})
+        self.model.train(was_training)
+        return fx
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._fx is not None:
+            self._fx.train(self.model.training)
+            return dict(self._fx(x))
+        return self._hooked_forward(x)
+
+    def _hooked_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        wanted = [n for n in self.layers if n != LOGITS]
+        captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+        stop_early = LOGITS not in self.layers
+
+        def keep(name: str, value: Any) -> None:
+            t = first_tensor(value)
+            if t is None or name in captured:
+                return
+            # Later in-place ops (ReLU(inplace=True)) would overwrite an earlier capture.
+            last = len(captured) == len(wanted) - 1
+            captured[name] = t if (last and stop_early) else t.clone()
+            if stop_early and len(captured) == len(wanted):
+                raise _Stop
+
+        handles = []
+        for name in wanted:
+            if name == PENULTIMATE:
+                assert self.classifier is not None
+                handles.append(
+                    modules[self.classifier].register_forward_pre_hook(
+                        lambda _m, inp, name=name: keep(name, inp)
+                    )
+                )
+            else:
+                handles.append(
+                    modules[name].register_forward_hook(lambda _m, _i, out, name=name: keep(name, out))
+                )
+        out = None
+        try:
+            out = self.model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if LOGITS in self.layers:
+            captured[LOGITS] = first_tensor(out)  # type: ignore[assignment]
+        missing = [n for n in self.layers if n not in captured]
+        if missing:
+            raise FeatcacheError(f"layers {missing} were not called during the forward pass of this model")
+        return {n: captured[n] for n in self.layers}

@@ -1,12 +1,12 @@
 """featcache: run a frozen backbone once, cache its activations, train heads on the cache."""
 
+__version__ = "0.1.0"
+
 from .backbones import Backbone, BackboneCfg, list_models, list_sources, load_backbone, register_source
 from .cache import CACHE_VERSION, CachedFeatures, FeatureCache
 from .data import DatasetSplits, SampleSet, load_dataset
 from .extract import ExtractConfig, extract, extract_splits
 from .layers import FeatureExtractor, list_layers
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CACHE_VERSION",

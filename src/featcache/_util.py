@@ -18,7 +18,7 @@ class FeatcacheError(ValueError):
 
 def closest(value: str, choices: Iterable[str], n: int = 5) -> list[str]:
     """The valid names closest to ``value`` (difflib), best first."""
-    choices = list(choices)
+    choices = list(dict.fromkeys(choices))
     found = difflib.get_close_matches(value, choices, n=n, cutoff=0.5)
     if not found:
         lowered = value.lower()

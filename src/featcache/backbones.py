@@ -144,7 +144,7 @@ def list_models(filter: str = "*", source: str | None = None) -> list[str]:
     for src in [source] if source else list_sources():
         if src not in _LISTERS:
             raise unknown("backbone source", src, list_sources(), "Use one of the sources listed.")
-        out.extend(f"{src}:{n}" for n in _LISTERS[src]())
+        out.extend(n if src == "efficientnet-lite" else f"{src}:{n}" for n in _LISTERS[src]())
     return sorted(m for m in out if fnmatch.fnmatch(m, filter))
 
 

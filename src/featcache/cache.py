@@ -82,7 +82,8 @@ def _block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    a = np.ascontiguousarray(array)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
@@ -195,6 +196,7 @@ class CachedFeatures:
     ids: list[str]
     classes: list[str]
     manifest: dict[str, Any]
+    hit: bool = False  # set by extract(): True when no forward pass ran in this call
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -211,7 +213,8 @@ class CachedFeatures:
         """
         if layer not in self.features:
             raise FeatcacheError(f"layer {layer!r} is not in cache {self.key[:12]}; it holds {list(self.features)}")
-        t = to_torch(np.asarray(self.features[layer]), self.dtype)
+        # A copy: a tensor over the read-only memory map would crash (SIGSEGV) on an in-place op.
+        t = to_torch(np.array(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
 
 

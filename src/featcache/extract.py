@@ -199,10 +199,10 @@ def extract(
     record = cache_record(backbone, samples, config, split)
     key = cache_key(record)
     if cache.is_complete(key):
-        return cache.open(key)
+        return _hit(cache, key)
     with cache.lock(key):
         if cache.is_complete(key):  # another process finished it while we waited
-            return cache.open(key)
+            return _hit(cache, key)
         ex = Extractor(backbone, config)
         cfg = resolved_cfg(backbone, config)
         record["shard_rows"] = _shard_rows(ex, cfg, len(samples))
@@ -228,6 +228,12 @@ def extract(
              "method": ex.net.method},
         )
     return cache.open(key)
+
+
+def _hit(cache: FeatureCache, key: str) -> CachedFeatures:
+    opened = cache.open(key)
+    opened.hit = True
+    return opened
 
 
 def _jsonable(config: ExtractConfig) -> dict[str, Any]:

@@ -157,6 +157,31 @@ def _check_names(model: nn.Module, layers: Sequence[str], classifier: str | None
     return not_modules
 
 
+def _copy_if_tensor(value: Any) -> Any:
+    """A copy of a tensor (anything else as is): used inside traced graphs."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _copy_returned_nodes(gm: torch.fx.GraphModule) -> None:
+    """Return copies of nodes that later ops also read, so an in-place op cannot overwrite them.
+
+    torchvision's ``create_feature_extractor`` returns ``layer1.0.bn1`` or ``layer4.1.add`` as
+    the tensor that the following ``ReLU(inplace=True)`` then rectifies in place; the hook path
+    clones for the same reason.
+    """
+    graphs = [getattr(gm, "train_graph", None), getattr(gm, "eval_graph", None)]
+    unique = {id(g): g for g in [*graphs, gm.graph] if g is not None}
+    for graph in unique.values():
+        output = next(n for n in graph.nodes if n.op == "output")
+        for node in list(output.all_input_nodes):
+            if len(node.users) > 1:
+                with graph.inserting_after(node):
+                    copy = graph.call_function(_copy_if_tensor, (node,))
+                output.replace_input_with(node, copy)
+        graph.lint()
+    gm.recompile()
+
+
 class FeatureExtractor(nn.Module):
     """Return ``{name: activation}`` for several layers in one forward pass, without copying the model.
 
@@ -212,14 +237,19 @@ class FeatureExtractor(nn.Module):
 
         if PENULTIMATE in self.layers or LOGITS in self.layers:
             raise RuntimeError("shorthands go through hooks")
-        _, eval_nodes = get_graph_node_names(self.model)
-        for name in not_modules:
-            if name not in eval_nodes:
-                choices = module_names(self.model) + list(eval_nodes) + list(SHORTHANDS)
-                raise unknown("layer", name, choices, f"Run `featcache layers {self.spec}` to see them all.")
+        # Tracing switches the model to train mode and leaves it there when it fails: restore the
+        # mode (a frozen backbone left in train mode would normalise with batch statistics).
         was_training = self.model.training
-        fx = create_feature_extractor(self.model.eval(), return_nodes={n: n for n in self.layers})
-        self.model.train(was_training)
+        try:
+            _, eval_nodes = get_graph_node_names(self.model)
+            for name in not_modules:
+                if name not in eval_nodes:
+                    choices = module_names(self.model) + list(eval_nodes) + list(SHORTHANDS)
+                    raise unknown("layer", name, choices, f"Run `featcache layers {self.spec}` to see them all.")
+            fx = create_feature_extractor(self.model.eval(), return_nodes={n: n for n in self.layers})
+        finally:
+            self.model.train(was_training)
+        _copy_returned_nodes(fx)
         return fx
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

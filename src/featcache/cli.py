@@ -1,0 +1,371 @@
+"""``featcache <verb>``: a thin command line over the library. No logic lives only here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._util import FeatcacheError
+
+EXAMPLES = {
+    "models": "featcache models '*resnet*'",
+    "layers": "featcache layers torchvision:resnet18 --weights none --input-size 64 64",
+    "summary": "featcache summary efficientnet-lite0 --input-size 128 128",
+    "extract": "featcache extract efficientnet-lite0 mnist-5k --layers penultimate --input-size 64 64",
+    "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache rm 3fa2c1",
+    "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
+    "--input-size 64 64 --out runs/mnist",
+    "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
+    "finetune": "featcache finetune torchvision:resnet18 ./pets --train last:1 --epochs 5 --out runs/ft",
+    "export": "featcache export runs/mnist --format onnx --out mnist.onnx",
+    "predict": "featcache predict runs/mnist ./images --top-k 3",
+    "demo": "featcache demo --quick",
+    "bench": "featcache bench --quick --out bench.json",
+}
+
+
+def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (extraction path, resumes)")
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="torchvision:NAME, timm:NAME, hf:REPO_OR_DIR, efficientnet-lite0 ...")
+    p.add_argument("--weights", default=None, help="DEFAULT, an enum/tag name, none (random init) or a PATH")
+
+
+def _size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="resize inputs to H W (no crop)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="keep at most N samples (stratified)")
+
+
+def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    _size(p)
+    p.add_argument("--pool", default="avg", help="avg | max | none | flatten")
+    p.add_argument("--dtype", default="float32", help="storage dtype: float32 | float16 | bfloat16")
+    p.add_argument(batch_flag, dest="extract_batch_size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader decoding workers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--on-bad-image", default="error", help="error | skip")
+    p.add_argument("--method", default="auto", help="layer extraction: auto | hooks | fx")
+    p.add_argument("--cache-dir", default=None, help="cache root (default $FEATCACHE_HOME or ~/.cache/featcache)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adam | sgd")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", default="cosine", help="cosine | constant")
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--standardize", action="store_true", help="standardise features (train statistics)")
+    p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs")
+    p.add_argument("--monitor", default="val_loss", help="val_loss | val_acc")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    parser = argparse.ArgumentParser(
+        prog="featcache", description="Run a frozen backbone once, cache its activations, train heads on the cache."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = _parser(sub, "models", "list model specs known offline (glob filter)")
+    p.add_argument("filter", nargs="?", default="*")
+    p.add_argument("--source", default=None, help="torchvision | timm | efficientnet-lite | hf")
+
+    p = _parser(sub, "layers", "list extractable layers with output shapes and parameter counts")
+    _model_args(p)
+    _size(p)
+    p.add_argument("--depth", type=int, default=None, help="only layers up to this nesting depth")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _parser(sub, "summary", "model summary: layer, output shape, params, trainable, totals, MACs")
+    _model_args(p)
+    _size(p)
+    p.add_argument("--depth", type=int, default=2, help="nesting depth shown (totals always cover everything)")
+    p.add_argument("--json", action="store_true")
+
+    p = _parser(sub, "extract", "extract layers of a frozen backbone over a dataset into the cache")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--layers", default="penultimate", help="comma-separated layer names (featcache layers MODEL)")
+    _extract_args(p)
+
+    p = _parser(sub, "cache", "list, inspect, verify and remove cache entries")
+    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc"])
+    p.add_argument("key", nargs="?", help="entry key or unique prefix (info / verify / rm)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = _parser(sub, "train", "train a head on cached features and write a run folder")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--layer", default="penultimate")
+    p.add_argument("--head", default="linear", help="linear | pooled-linear | mlp | conv")
+    p.add_argument("--hidden", default="512", help="MLP hidden sizes, comma-separated")
+    p.add_argument("--dropout", type=float, default=0.0)
+    _extract_args(p, "--extract-batch-size")
+    _train_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+    p = _parser(sub, "probe", "linear-probe protocol: L2 strength chosen on val, refit on train+val, test once")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--layer", default="penultimate")
+    _extract_args(p)
+    p.add_argument("--strengths", default=None, help="comma-separated L2 strengths (default 1e-6..1)")
+    p.add_argument("--out", default=None, help="optional run folder for the probe head")
+    p.add_argument("--json", action="store_true")
+
+    p = _parser(sub, "demo", "the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings")
+    p.add_argument("--quick", action="store_true", help="a small, fast version (used by the tests)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default="auto")
+
+    p = _parser(sub, "bench", "measure every performance claim side by side, as ratios")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default=None, help="comma-separated benchmark names")
+    return parser
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
+    from .extract import ExtractConfig
+
+    return ExtractConfig(
+        layers=tuple(layers), pool=a.pool, dtype=a.dtype, batch_size=a.extract_batch_size, workers=a.workers,
+        device=a.device, input_size=tuple(a.input_size) if a.input_size else None, on_bad_image=a.on_bad_image,
+        method=a.method,
+    )
+
+
+def _data_config(a: argparse.Namespace) -> Any:
+    from .runs import DataConfig
+
+    return DataConfig(a.data, a.val_fraction, a.test_fraction, a.split_seed, a.limit)
+
+
+def cmd_models(a: argparse.Namespace) -> None:
+    from .backbones import list_models
+
+    for m in list_models(a.filter, a.source):
+        print(m)
+
+
+def cmd_layers(a: argparse.Namespace) -> None:
+    from .backbones import load_backbone
+    from .layers import list_layers
+    from .report import format_table
+
+    bb = load_backbone(a.model, a.weights)
+    rows = [r for r in list_layers(bb, tuple(a.input_size) if a.input_size else None)
+            if a.depth is None or r.depth <= a.depth]
+    if a.json:
+        _print_json([{"name": r.name, "type": r.type, "shape": r.shape, "params": r.params} for r in rows])
+        return
+    size = a.input_size or bb.cfg.input_size
+    print(f"{bb.cfg.spec}  input 1x{bb.cfg.channels}x{size[0]}x{size[1]}  weights {bb.cfg.weights}")
+    print(format_table([{"layer": r.name, "type": r.type, "output shape": "x".join(map(str, r.shape or ())) or "-",
+                         "params": r.params} for r in rows]))
+
+
+def cmd_summary(a: argparse.Namespace) -> None:
+    from .backbones import load_backbone
+    from .layers import count_macs, list_layers
+    from .report import format_table
+
+    bb = load_backbone(a.model, a.weights)
+    size = tuple(a.input_size) if a.input_size else None
+    rows = [r for r in list_layers(bb, size) if 0 < r.depth <= a.depth]
+    total = sum(p.numel() for p in bb.model.parameters())
+    trainable = sum(p.numel() for p in bb.model.parameters() if p.requires_grad)
+    macs = count_macs(bb, size)
+    if a.json:
+        _print_json({"model": bb.cfg.spec, "rows": [r.__dict__ for r in rows], "params": total,
+                     "trainable": trainable, "macs": macs})
+        return
+    print(format_table([{"layer": ("  " * (r.depth - 1)) + r.name, "type": r.type,
+                         "output shape": str(list(r.shape)) if r.shape else "-", "params": r.params,
+                         "trainable": r.trainable} for r in rows]))
+    h, w = size or bb.cfg.input_size
+    print(f"\ntotal params: {total:,}\ntrainable params: {trainable:,}\nnon-trainable params: {total - trainable:,}")
+    if macs is not None:
+        print(f"MACs per image at {h}x{w}: {macs / 1e9:.3f} G (torch FlopCounterMode, FLOPs/2)")
+
+
+def cmd_extract(a: argparse.Namespace) -> None:
+    from .backbones import load_backbone
+    from .extract import extract_splits
+
+    bb = load_backbone(a.model, a.weights)
+    layers = [s for s in a.layers.split(",") if s]
+    feats = extract_splits(bb, _data_config(a).load(), _extract_config(a, layers), a.cache_dir, not a.quiet)
+    for split, f in feats.items():
+        shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
+        status = "hit" if f.hit else "built"
+        print(f"{split:5s} {f.key[:16]}  {len(f):6d} rows  {shapes}  [{status}]  {f.path}")
+
+
+def cmd_cache(a: argparse.Namespace) -> None:
+    from .cache import FeatureCache
+    from .report import format_table
+
+    cache = FeatureCache(a.cache_dir)
+    if a.action in ("info", "verify", "rm") and not a.key:
+        raise FeatcacheError(f"`featcache cache {a.action}` needs a KEY (see `featcache cache ls`)")
+    if a.action == "ls":
+        entries = cache.ls()
+        if a.json:
+            _print_json(entries)
+            return
+        print(f"cache root: {cache.root}")
+        print(format_table([{"key": e["key"][:16], "status": e["status"], "model": e.get("model"),
+                             "layers": ",".join(e.get("layers") or []), "split": e.get("split"),
+                             "rows": e.get("rows"), "MB": round(e["bytes"] / 2**20, 2),
+                             "created": e.get("created", "")} for e in entries]))
+    elif a.action == "info":
+        _print_json(cache.info(a.key))
+    elif a.action == "verify":
+        problems = cache.verify(a.key)
+        for p in problems:
+            print(f"BAD  {p}")
+        if problems:
+            raise FeatcacheError(f"cache {a.key} failed verification; remove it with `featcache cache rm {a.key}`")
+        print(f"OK   {cache.resolve(a.key)}")
+    elif a.action == "rm":
+        key = cache.resolve(a.key)
+        cache.rm(key)
+        print(f"removed {key}")
+    else:
+        for r in cache.gc():
+            print(f"removed {r}")
+
+
+def _train_config(a: argparse.Namespace) -> Any:
+    from .train import TrainConfig
+
+    return TrainConfig(
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
+        schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
+        standardize=a.standardize, patience=a.patience, monitor=a.monitor, seed=a.seed, device=a.device,
+    )
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .heads import HeadSpec
+    from .runs import train_run
+
+    spec = HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
+    run = train_run(a.model, _data_config(a), a.layer, spec, _train_config(a), _extract_config(a, [a.layer]),
+                    a.out, a.weights, a.cache_dir, not a.quiet, a.resume)
+    m = run.metrics
+    hits = m["cache_hit"]
+    print(f"cache: {'hit' if all(hits.values()) else 'built'} ({', '.join(f'{k} {v}' for k, v in hits.items())})")
+    print(f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s")
+    if "test" in m:
+        top5 = f"  top-5 {m['test']['top5']:.4f}" if "top5" in m["test"] else ""
+        print(f"test accuracy {m['test']['acc']:.4f}{top5}  loss {m['test']['loss']:.4f}")
+    print(f"run folder: {run.dir}")
+
+
+def cmd_probe(a: argparse.Namespace) -> None:
+    from .backbones import load_backbone
+    from .extract import extract_splits
+    from .probe import ProbeConfig, linear_probe
+    from .report import format_table
+    from .train import source_for
+
+    bb = load_backbone(a.model, a.weights)
+    splits = _data_config(a).load()
+    feats = extract_splits(bb, splits, _extract_config(a, [a.layer]), a.cache_dir, not a.quiet)
+    if "val" not in feats:
+        raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
+    cfg = ProbeConfig(strengths=tuple(float(s) for s in a.strengths.split(","))) if a.strengths else ProbeConfig()
+    src = {k: source_for(v, a.layer, a.device) for k, v in feats.items()}
+    res = linear_probe(src["train"], src["val"], src.get("test"), len(splits.classes), cfg, not a.quiet)
+    if a.out:
+        from pathlib import Path
+
+        from .runs import save_head
+
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        save_head(res.head, res.info, Path(a.out))
+    if a.json:
+        _print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test})
+        return
+    print(format_table(res.sweep))
+    print(f"chosen L2 strength {res.strength:g} (on val); refit on train+val")
+    if res.test:
+        print(f"test accuracy {res.test['acc']:.4f}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(quick=a.quick, out_dir=a.out, cache_dir=a.cache_dir, device=a.device, progress=not a.quiet)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(quick=a.quick, device=a.device, out=a.out, repeats=a.repeats,
+              only=a.only.split(",") if a.only else None, progress=not a.quiet)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "models": cmd_models, "layers": cmd_layers, "summary": cmd_summary, "extract": cmd_extract,
+    "cache": cmd_cache, "train": cmd_train, "probe": cmd_probe, "demo": cmd_demo, "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featcache`` command; returns the exit status (2 on a user error)."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="featcache: %(message)s")
+    try:
+        COMMANDS[a.verb](a)
+    except (FeatcacheError, FileNotFoundError, ValueError) as exc:
+        if a.verbose:
+            raise
+        print(f"featcache {a.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `featcache models | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; finished cache shards and checkpoints are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Heads trained on cached features: linear, pooled-linear, MLP and conv.
+
+The input shape is read from the cache: pooled features are ``(D,)``, spatial maps ``(C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._util import FeatcacheError, unknown
+
+HEADS = ("linear", "pooled-linear", "mlp", "conv")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Which head to build.
+
+    Attributes:
+        kind: ``linear`` (flatten + Linear), ``pooled-linear`` (the seeds' SimpleClassifier:
+            AdaptiveAvgPool2d(1) + Flatten + Linear on a map), ``mlp`` or ``conv`` (a new
+            3x3 conv + BN + ReLU on a map, then pooling and Linear).
+        hidden: hidden sizes of the MLP.
+        dropout: dropout before each Linear of the MLP (and the conv head's classifier).
+        conv_channels: output channels of the conv head's new convolution.
+
+    Example:
+        >>> head = build_head(HeadSpec("mlp", hidden=(256,)), (512,), num_classes=10)
+    """
+
+    kind: str = "linear"
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.0
+    conv_channels: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEADS:
+            raise unknown("head", self.kind, HEADS, "Use --head linear|pooled-linear|mlp|conv.")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class Standardize(nn.Module):
+    """Fixed ``(x - mean) / std`` with statistics from the training split (per feature or per channel)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, chunk: int = 4096) -> Standardize:
+        """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks."""
+        dims = (0, 2, 3) if x.dim() == 4 else (0,)
+        shape = (1, x.shape[1], 1, 1) if x.dim() == 4 else (1, *x.shape[1:])
+        total = torch.zeros(shape, dtype=torch.float64)
+        sq = torch.zeros(shape, dtype=torch.float64)
+        count = 0
+        for i in range(0, len(x), chunk):
+            part = torch.as_tensor(x[i : i + chunk]).double()
+            total += part.sum(dims, keepdim=True)
+            sq += (part * part).sum(dims, keepdim=True)
+            count += part.shape[0] * (part.shape[2] * part.shape[3] if x.dim() == 4 else 1)
+        mean = total / count
+        std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        return cls(mean.squeeze(0).float(), std.squeeze(0).float())
+
+
+class Head(nn.Module):
+    """An optional :class:`Standardize` followed by the classifier body."""
+
+    def __init__(self, body: nn.Module, standardize: Standardize | None = None) -> None:
+        super().__init__()
+        self.standardize = standardize if standardize is not None else nn.Identity()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.standardize(x))
+
+
+def _need_map(spec: HeadSpec, in_shape: tuple[int, ...]) -> None:
+    if len(in_shape) != 3:
+        raise FeatcacheError(
+            f"head {spec.kind!r} needs a spatial map (C, H, W) but the cached layer has shape {in_shape}; "
+            "extract with --pool none, or use --head linear / mlp"
+        )
+
+
+def build_head(
+    spec: HeadSpec, in_shape: tuple[int, ...], num_classes: int, standardize: Standardize | None = None,
+    seed: int | None = 0,
+) -> Head:
+    """Build a head for cached features of shape ``in_shape`` (no batch dim).
+
+    Args:
+        spec: which head.
+        in_shape: one row's shape, ``(D,)`` or ``(C, H, W)``.
+        num_classes: outputs.
+        standardize: optional fixed input standardisation.
+        seed: seed for the initial weights (``None`` uses the global RNG).
+
+    Example:
+        >>> build_head(HeadSpec("pooled-linear"), (256, 4, 4), 10)(torch.zeros(2, 256, 4, 4)).shape
+        torch.Size([2, 10])
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+    flat = 1
+    for s in in_shape:
+        flat *= s
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        body: nn.Module
+        if spec.kind == "linear":
+            body = nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))
+        elif spec.kind == "pooled-linear":
+            _need_map(spec, in_shape)
+            body = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_shape[0], num_classes))
+        elif spec.kind == "mlp":
+            layers: list[nn.Module] = [nn.Flatten()]
+            width = flat
+            for h in spec.hidden:
+                layers += [nn.Dropout(spec.dropout), nn.Linear(width, h), nn.GELU()]
+                width = h
+            layers += [nn.Dropout(spec.dropout), nn.Linear(width, num_classes)]
+            body = nn.Sequential(*layers)
+        else:
+            _need_map(spec, in_shape)
+            c = spec.conv_channels
+            body = nn.Sequential(
+                nn.Conv2d(in_shape[0], c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(spec.dropout), nn.Linear(c, num_classes),
+            )
+        return Head(body, standardize)
+
+
+def check_input(head_in_shape: tuple[int, ...], cached_shape: tuple[int, ...]) -> None:
+    """Raise naming both shapes when a head built for one input meets features of another."""
+    if tuple(head_in_shape) != tuple(cached_shape):
+        raise FeatcacheError(
+            f"head expects input shape {tuple(head_in_shape)} but the cached features have shape "
+            f"{tuple(cached_shape)}; train a new head for this layer/pooling"
+        )
+
+
+@dataclass
+class HeadInfo:
+    """Metadata saved beside a head so it can be rebuilt without pickle."""
+
+    spec: HeadSpec
+    in_shape: tuple[int, ...]
+    num_classes: int
+    standardize: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "in_shape": list(self.in_shape), "num_classes": self.num_classes,
+                "standardize": self.standardize}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadInfo:
+        return cls(HeadSpec(**d["spec"]), tuple(d["in_shape"]), int(d["num_classes"]), bool(d["standardize"]))
+
+    def build(self) -> Head:
+        """An untrained head of this shape (load a state dict into it)."""
+        std = None
+        if self.standardize:
+            shape = (self.in_shape[0], 1, 1) if len(self.in_shape) == 3 else self.in_shape
+            std = Standardize(torch.zeros(shape), torch.ones(shape))
+        return build_head(self.spec, self.in_shape, self.num_classes, std, seed=None)

@@ -1,0 +1,216 @@
+"""Runs: extract (or reuse the cache), train a head, evaluate, and keep everything in a run folder.
+
+A run folder holds ``config.json`` (all that is needed to reproduce it, cache keys included),
+``metrics.json``, ``head.safetensors`` + ``head.json``, ``checkpoint.pt`` (for ``--resume``),
+``curves.png`` and ``confusion.png``. :func:`load_run` rebuilds the head without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from ._util import FeatcacheError, resolve_device, write_json
+from .backbones import Backbone, BackboneCfg, load_backbone
+from .cache import CachedFeatures
+from .data import DatasetSplits, load_dataset
+from .extract import ExtractConfig, extract_splits
+from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head
+from .report import plot_confusion, plot_curves
+from .train import FitResult, TrainConfig, evaluate, fit, source_for
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a dataset spec is split: fractions, seed, optional stratified size limit."""
+
+    spec: str
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    limit: int | None = None
+
+    def load(self) -> DatasetSplits:
+        return load_dataset(self.spec, self.val_fraction, self.test_fraction, self.seed, limit=self.limit)
+
+
+@dataclass
+class Run:
+    """A finished (or loaded) run: its folder, config, metrics and trained head."""
+
+    dir: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    head: Head
+    head_info: HeadInfo
+
+    @property
+    def backbone_cfg(self) -> BackboneCfg:
+        return BackboneCfg.from_dict(self.config["backbone_cfg"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def layer(self) -> str:
+        return str(self.config["layer"])
+
+    def extract_config(self) -> ExtractConfig:
+        """The extraction settings the head was trained on."""
+        d = dict(self.config["extract"])
+        d["layers"] = tuple(d["layers"])
+        d["input_size"] = tuple(d["input_size"]) if d.get("input_size") else None
+        return ExtractConfig(**d)
+
+    def evaluate(self, cached: CachedFeatures, device: str = "auto") -> dict[str, Any]:
+        """Evaluate the trained head on cached features of the same layer (e.g. another split)."""
+        dev = resolve_device(device)
+        data = source_for(cached, self.layer, dev)
+        return evaluate(self.head.to(dev), data, self.head_info.num_classes)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, recorded with every run and benchmark."""
+    env = {"featcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def save_head(head: nn.Module, info: HeadInfo, out_dir: Path) -> None:
+    """``head.safetensors`` (tensors only) + ``head.json`` (how to rebuild it)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(out_dir / "head.safetensors"))
+    write_json(out_dir / "head.json", info.to_dict())
+
+
+def load_head(run_dir: str | Path) -> tuple[Head, HeadInfo]:
+    """Rebuild a head saved by :func:`save_head` (no pickle)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "head.json").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a featcache run folder (no head.json)")
+    info = HeadInfo.from_dict(json.loads((run_dir / "head.json").read_text()))
+    head = info.build()
+    head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
+    return head.eval(), info
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load a run folder: config, metrics and the trained head.
+
+    Example:
+        >>> run = load_run("runs/mnist")  # doctest: +SKIP
+        >>> run.metrics["test"]["acc"]  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    head, info = load_head(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    return Run(run_dir, config, metrics, head, info)
+
+
+def train_on_cache(
+    feats: dict[str, CachedFeatures],
+    layer: str,
+    head_spec: HeadSpec,
+    config: TrainConfig,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
+    """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
+
+    Example:
+        >>> head, info, result, metrics = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
+    """
+    device = resolve_device(config.device)
+    train = source_for(feats["train"], layer, device, config.ram_budget_gb)
+    val = source_for(feats["val"], layer, device, config.ram_budget_gb) if "val" in feats else None
+    classes = feats["train"].classes
+    std = None
+    if config.standardize:
+        std = Standardize.fit(train.x if train.x is not None else feats["train"].tensor(layer).float())
+    info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
+    head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
+    result = fit(head, train, val, len(classes), config, progress, checkpoint, resume)
+    metrics: dict[str, Any] = {"history": result.history, "step_losses": result.step_losses,
+                               "examples_per_epoch": result.examples_per_epoch, "best_epoch": result.best_epoch,
+                               "stopped_early": result.stopped_early, "train_seconds": result.seconds}
+    for split in ("val", "test"):
+        if split in feats:
+            metrics[split] = evaluate(head, source_for(feats[split], layer, device), len(classes))
+    return head, info, result, metrics
+
+
+def train_run(
+    model: str | Backbone,
+    data: DataConfig,
+    layer: str,
+    head_spec: HeadSpec,
+    train_config: TrainConfig,
+    extract_config: ExtractConfig,
+    out_dir: str | Path,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> Run:
+    """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
+
+    Example:
+        >>> run = train_run("efficientnet-lite0", DataConfig("mnist-5k"), "penultimate", HeadSpec("linear"),
+        ...                 TrainConfig(epochs=10), ExtractConfig(input_size=(64, 64)), "runs/mnist")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    if resume and not (out / "config.json").exists():
+        raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    splits = data.load()
+    ecfg = replace(extract_config, layers=(layer,))
+    t0 = time.perf_counter()
+    feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
+    extract_seconds = time.perf_counter() - t0
+    config = {
+        "featcache_version": __version__, "model": backbone.cfg.spec, "weights": backbone.cfg.weights,
+        "backbone_cfg": backbone.cfg.to_dict(), "data": asdict(data), "layer": layer,
+        "extract": {**asdict(ecfg), "layers": [layer]}, "head": head_spec.to_dict(), "train": asdict(train_config),
+        "cache_keys": {k: v.key for k, v in feats.items()}, "classes": splits.classes, "environment": environment(),
+    }
+    if resume:
+        old = json.loads((out / "config.json").read_text())
+        if old["cache_keys"] != config["cache_keys"] or old["train"] != config["train"] or old["head"] != config["head"]:
+            raise FeatcacheError(f"--resume {out}: this command's settings differ from the run's config.json")
+    write_json(out / "config.json", config)
+    head, info, result, metrics = train_on_cache(feats, layer, head_spec, train_config, progress,
+                                                 out / "checkpoint.pt", resume)
+    metrics["extract_seconds"] = extract_seconds
+    metrics["cache_hit"] = {k: v.hit for k, v in feats.items()}
+    save_head(head, info, out)
+    write_json(out / "metrics.json", metrics)
+    write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head_spec.kind}")
+    return Run(out, config, metrics, head, info)
+
+
+def write_report(out: Path, metrics: dict[str, Any], classes: list[str], title: str) -> None:
+    """``curves.png`` and (when there is a test split) ``confusion.png``."""
+    plot_curves(metrics, out / "curves.png", title)
+    if "test" in metrics:
+        plot_confusion(metrics["test"]["confusion"], classes, out / "confusion.png")

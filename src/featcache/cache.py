@@ -234,6 +234,11 @@ class FeatureCache:
 
     def resolve(self, key: str) -> str:
         """Expand a unique key prefix (as ``cache ls`` prints it) to the full key."""
+        # Keys are hex digests: anything else ('', '..', '*', a path) would name folders outside the entry.
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise FeatcacheError(
+                f"{key!r} is not a cache key or key prefix (lower-case hex); run `featcache cache ls` to list them"
+            )
         if (self.root / key).is_dir():
             return key
         found = [p.name for p in self.root.glob(f"{key}*") if p.is_dir()] if self.root.is_dir() else []

@@ -423,8 +423,14 @@ def to_model_input(img: Image.Image, cfg: BackboneCfg) -> torch.Tensor:
 class PreprocessedView(torch.utils.data.Dataset):
     """``(tensor, index, error)`` per sample for a DataLoader; a bad image gives zeros and its error text."""
 
-    def __init__(self, samples: SampleSet, cfg: BackboneCfg, indices: Sequence[int] | None = None) -> None:
-        self.samples, self.cfg = samples, cfg
+    def __init__(
+        self,
+        samples: SampleSet,
+        cfg: BackboneCfg,
+        indices: Sequence[int] | None = None,
+        augment: Callable[[Image.Image], Image.Image] | None = None,
+    ) -> None:
+        self.samples, self.cfg, self.augment = samples, cfg, augment
         self.indices = list(range(len(samples))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -433,7 +439,10 @@ class PreprocessedView(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         index = self.indices[i]
         try:
-            return to_model_input(self.samples.load(index), self.cfg), index, ""
+            img = self.samples.load(index)
+            if self.augment is not None:
+                img = self.augment(img)
+            return to_model_input(img, self.cfg), index, ""
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for bad files
             h, w = self.cfg.input_size
             return torch.zeros(self.cfg.channels, h, w), index, f"{type(exc).__name__}: {exc}"

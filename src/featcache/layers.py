@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PENULTIMATE = "penultimate"
 LOGITS = "logits"
 SHORTHANDS = (PENULTIMATE, LOGITS)
+INPUT_PREFIX = "input:"  # ``input:layer4.1``: the input of a module (where a cached prefix ends)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,9 @@ def _check_names(model: nn.Module, layers: Sequence[str], classifier: str | None
                 f"'penultimate' needs a classifier module and {spec} has none; name a layer instead "
                 f"(`featcache layers {spec}`)"
             )
-        if name not in modules and name not in SHORTHANDS:
+        if name.startswith(INPUT_PREFIX) and name[len(INPUT_PREFIX) :] not in modules:
+            raise unknown("module", name[len(INPUT_PREFIX) :], modules, f"`{name}` names a module's input.")
+        if name not in modules and name not in SHORTHANDS and not name.startswith(INPUT_PREFIX):
             not_modules.append(name)
     return not_modules
 
@@ -235,7 +238,7 @@ class FeatureExtractor(nn.Module):
     def _build_fx(self, not_modules: list[str]) -> nn.Module:
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-        if PENULTIMATE in self.layers or LOGITS in self.layers:
+        if any(n in SHORTHANDS or n.startswith(INPUT_PREFIX) for n in self.layers):
             raise RuntimeError("shorthands go through hooks")
         # Tracing switches the model to train mode and leaves it there when it fails: restore the
         # mode (a frozen backbone left in train mode would normalise with batch statistics).
@@ -276,12 +279,11 @@ class FeatureExtractor(nn.Module):
 
         handles = []
         for name in wanted:
-            if name == PENULTIMATE:
-                assert self.classifier is not None
+            if name == PENULTIMATE or name.startswith(INPUT_PREFIX):
+                target = self.classifier if name == PENULTIMATE else name[len(INPUT_PREFIX) :]
+                assert target is not None
                 handles.append(
-                    modules[self.classifier].register_forward_pre_hook(
-                        lambda _m, inp, name=name: keep(name, inp)
-                    )
+                    modules[target].register_forward_pre_hook(lambda _m, inp, name=name: keep(name, inp))
                 )
             else:
                 handles.append(

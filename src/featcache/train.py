@@ -11,10 +11,10 @@ import copy
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -96,6 +96,16 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class BatchSource(Protocol):
+    """What :func:`fit` and :func:`evaluate` read: rows, a device, and (shuffled) batches."""
+
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 class FeatureSource:
     """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks."""
 
@@ -155,7 +165,10 @@ class FeatureSource:
 
 
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD as configured (fused kernels where this torch supports them)."""
+    """AdamW / Adam / SGD as configured (fused kernels where this torch supports them).
+
+    ``params`` may be parameters or parameter groups (dicts with their own ``lr``).
+    """
     kw: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, momentum=config.momentum, **kw)
@@ -183,7 +196,7 @@ def make_schedule(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epo
 
 
 @torch.no_grad()
-def evaluate(head: nn.Module, data: FeatureSource, num_classes: int, batch_size: int = 1024) -> dict[str, Any]:
+def evaluate(head: nn.Module, data: BatchSource, num_classes: int, batch_size: int = 1024) -> dict[str, Any]:
     """Loss, top-1, top-5 (when there are >= 5 classes), per-class accuracy and the confusion matrix.
 
     Example:
@@ -220,14 +233,16 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def fit(
     head: nn.Module,
-    train: FeatureSource,
-    val: FeatureSource | None,
+    train: BatchSource,
+    val: BatchSource | None,
     num_classes: int,
     config: TrainConfig,
     progress: bool = True,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     stop_after_epochs: int | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    train_mode: Callable[[nn.Module], None] | None = None,
 ) -> FitResult:
     """Train ``head`` in place on cached features; the best state (by ``monitor``) is loaded at the end.
 
@@ -241,6 +256,10 @@ def fit(
         checkpoint: file written after every epoch (head, optimizer, schedule, RNG, history).
         resume: continue from ``checkpoint`` if it exists; ends where an uninterrupted run would.
         stop_after_epochs: stop after this many epochs in this call (simulates an interruption).
+        param_groups: optimizer parameter groups (discriminative learning rates); default: all
+            parameters of ``head`` that require grad, at ``config.lr``.
+        train_mode: puts the model in training mode each epoch (default ``head.train()``); fine-tuning
+            uses it to keep frozen parts and frozen BatchNorm layers in eval mode.
 
     Example:
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
@@ -248,7 +267,7 @@ def fit(
     device = train.device
     head.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    opt = make_optimizer([p for p in head.parameters() if p.requires_grad], config)
+    opt = make_optimizer(param_groups or [p for p in head.parameters() if p.requires_grad], config)
     sched = make_schedule(opt, config, steps_per_epoch)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
@@ -278,7 +297,7 @@ def fit(
                    initial=start_epoch, total=config.epochs, dynamic_ncols=True)
         for epoch in bar:
             te = time.perf_counter()
-            head.train()
+            (train_mode or nn.Module.train)(head)
             losses = []
             for xb, yb in train.batches(config.batch_size, gen):
                 loss = F.cross_entropy(head(xb), yb, label_smoothing=config.label_smoothing)

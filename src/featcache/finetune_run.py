@@ -1,0 +1,217 @@
+"""The ``featcache finetune`` job: cached-prefix partial fine-tuning, or the live loop when it must.
+
+Cached-prefix mode (default when valid) takes the frozen prefix's output at the split point from the
+feature cache and trains only the suffix: the same training, with the prefix computed once. With
+random augmentation, or when nothing is frozen, it runs the live loop and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from . import __version__
+from ._util import FeatcacheError, resolve_device, unknown, write_json
+from .backbones import BackboneCfg, load_backbone
+from .data import PreprocessedView, SampleSet
+from .extract import ExtractConfig, extract_splits, resolved_cfg
+from .finetune import (
+    FreezePlan, TrainableSpec, apply_train_mode, build_suffix, cached_prefix_reason, fold_linear_head,
+    param_groups, plan_freeze, prefix_layer,
+)
+from .runs import DataConfig, environment, load_head, write_report
+from .train import TrainConfig, evaluate, fit, source_for
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = ("flip", "crop")
+MODES = ("auto", "cached", "live")
+
+
+def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:
+    """Random PIL-level augmentation from ``flip`` and/or ``crop`` (comma-separated); None for none."""
+    if not spec:
+        return None
+    parts = [p for p in spec.split(",") if p]
+    ops: list[Any] = []
+    for p in parts:
+        if p not in AUGMENTS:
+            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
+        ops.append(v2.RandomHorizontalFlip() if p == "flip" else v2.RandomResizedCrop(size, scale=(0.6, 1.0)))
+    return v2.Compose(ops)
+
+
+class ImageSource:
+    """Images decoded and preprocessed on the fly, batched in the same order a seeded generator gives."""
+
+    def __init__(self, samples: SampleSet, cfg: BackboneCfg, device: torch.device, workers: int = 0,
+                 augment: Any = None) -> None:
+        self.samples, self.cfg, self.device, self.workers, self.augment = samples, cfg, device, workers, augment
+        self.labels = torch.as_tensor(samples.labels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=gen).tolist() if gen is not None else None
+        view = PreprocessedView(self.samples, self.cfg, order, self.augment)
+        loader = DataLoader(view, batch_size=batch_size, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda")
+        for x, idx, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                raise FeatcacheError(f"bad image during fine-tuning: {bad[0]}")
+            yield x.to(self.device, non_blocking=True), self.labels[idx].to(self.device)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
+
+    Example:
+        >>> FinetuneConfig(train="last:1", lr_decay=0.5)
+        FinetuneConfig(train='last:1', bn='frozen', lr_decay=0.5, augment=None, mode='auto', init_head=None)
+    """
+
+    train: str = "head"
+    bn: str = "frozen"
+    lr_decay: float = 1.0
+    augment: str | None = None
+    mode: str = "auto"
+    init_head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise unknown("fine-tuning mode", self.mode, MODES, "Use --mode auto|cached|live.")
+        TrainableSpec.parse(self.train)
+
+
+@dataclass
+class FinetuneRun:
+    """A finished fine-tuning run: folder, config, metrics, the plan and the model."""
+
+    dir: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    plan: FreezePlan
+    model: nn.Module
+
+
+def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
+    head, info = load_head(run_dir)
+    w, b = fold_linear_head(head)
+    cls = model.get_submodule(plan.classifier)
+    assert isinstance(cls, nn.Linear)
+    if tuple(w.shape) != tuple(cls.weight.shape):
+        raise FeatcacheError(f"--init-head {run_dir}: head weight {tuple(w.shape)} does not fit the classifier "
+                             f"{tuple(cls.weight.shape)}; train it on layer 'penultimate' with the same classes")
+    with torch.no_grad():
+        cls.weight.copy_(w)
+        cls.bias.copy_(b)
+
+
+def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of the trainable region (what a fine-tuned checkpoint needs beyond the base)."""
+    prefixes = tuple(f"{n}." for n in plan.train_modules)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.startswith(prefixes) or (plan.split is None)}
+
+
+def finetune_run(
+    model: str, data: DataConfig, ft: FinetuneConfig, train_config: TrainConfig, extract_config: ExtractConfig,
+    out_dir: str | Path, weights: str | None = None, cache_dir: str | None = None, progress: bool = True,
+    resume: bool = False,
+) -> FinetuneRun:
+    """Freeze per ``ft.train``, train (cached prefix or live), evaluate, and write the run folder.
+
+    Example:
+        >>> run = finetune_run("torchvision:resnet18", DataConfig("digits"), FinetuneConfig(train="last:1"),
+        ...                    TrainConfig(epochs=3), ExtractConfig(input_size=(32, 32)), "runs/ft",
+        ...                    weights="none")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    if resume and not (out / "config.json").exists():
+        raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(train_config.device)
+    backbone = load_backbone(model, weights)
+    splits = data.load()
+    pre = resolved_cfg(backbone, extract_config)
+    plan = plan_freeze(backbone, TrainableSpec.parse(ft.train), len(splits.classes), ft.bn, ft.lr_decay,
+                       pre.input_size, train_config.seed)
+    net = backbone.model
+    if ft.init_head:
+        _init_classifier(net, plan, ft.init_head)
+    reason = cached_prefix_reason(plan, net, ft.augment) if ft.mode != "live" else "--mode live"
+    suffix = None
+    if reason is None:
+        try:
+            suffix = build_suffix(net, plan.split)  # type: ignore[arg-type]
+        except FeatcacheError as exc:
+            reason = str(exc)
+    if ft.mode == "cached" and reason is not None:
+        raise FeatcacheError(f"--mode cached is not possible: {reason}")
+    mode = "cached-prefix" if suffix is not None else "live"
+    msg = f"{mode} fine-tuning" + (f" (live because {reason})" if reason and ft.mode != "live" else "")
+    trainable_pct = 100.0 * plan.trainable_params / max(1, plan.total_params)
+    print(f"{msg}: training {plan.trainable_params:,} of {plan.total_params:,} parameters ({trainable_pct:.2f}%) "
+          f"in {len(plan.trainable_modules)} modules; split at {plan.split}; BatchNorm {plan.bn}")
+    groups = param_groups(net, plan, train_config.lr)
+    for g in groups:
+        print(f"  lr {g['lr']:.3g}: {', '.join(g['modules'][:4])}{' ...' if len(g['modules']) > 4 else ''}")
+    config = {
+        "featcache_version": __version__, "kind": "finetune", "model": backbone.cfg.spec, "weights_arg": weights,
+        "backbone_cfg": replace(backbone.cfg, classes=tuple(splits.classes)).to_dict(), "data": asdict(data),
+        "finetune": asdict(ft), "plan": plan.to_dict(), "mode": mode, "mode_reason": reason,
+        "train": asdict(train_config), "extract": {**asdict(extract_config), "layers": list(extract_config.layers)},
+        "classes": splits.classes, "environment": environment(),
+    }
+    if resume:
+        old = json.loads((out / "config.json").read_text())
+        if old.get("plan") != config["plan"] or old.get("train") != config["train"]:
+            raise FeatcacheError(f"--resume {out}: the frozen set / BN policy / trainer settings differ from the run's")
+    opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+    if suffix is not None:
+        layer = prefix_layer(plan)
+        ecfg = replace(extract_config, layers=(layer,), pool="none", dtype="float32", amp=False)
+        feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
+        config["cache_keys"] = {k: v.key for k, v in feats.items()}
+        src = {k: source_for(v, layer, device) for k, v in feats.items()}
+        trained: nn.Module = suffix.to(device)
+
+        def mode_fn(m: nn.Module) -> None:
+            m.train()
+            apply_train_mode(net, plan)
+    else:
+        aug = make_augment(ft.augment, pre.input_size)
+        src = {name: ImageSource(s, pre, device, extract_config.workers, aug if name == "train" else None)
+               for name, s in splits.items()}
+        trained = net.to(device)
+
+        def mode_fn(m: nn.Module) -> None:
+            apply_train_mode(m, plan)
+
+    write_json(out / "config.json", config)
+    result = fit(trained, src["train"], src.get("val"), len(splits.classes), train_config, progress,
+                 out / "checkpoint.pt", resume, param_groups=opt_groups, train_mode=mode_fn)
+    metrics: dict[str, Any] = {"history": result.history, "step_losses": result.step_losses,
+                               "examples_per_epoch": result.examples_per_epoch, "best_epoch": result.best_epoch,
+                               "train_seconds": result.seconds, "mode": mode}
+    for split in ("val", "test"):
+        if split in src:
+            metrics[split] = evaluate(trained, src[split], len(splits.classes))
+    save_file(trainable_state(net, plan), str(out / "trainable.safetensors"))
+    write_json(out / "metrics.json", metrics)
+    write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
+    return FinetuneRun(out, config, metrics, plan, net)
+

@@ -1,0 +1,375 @@
+"""The content-addressed cache: stored numbers, keys, hits, integrity, housekeeping and concurrency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, direct_features, random_image, run_python, write_tree
+
+from featcache._util import FeatcacheError
+from featcache.backbones import Backbone, load_backbone
+from featcache.cache import CACHE_VERSION, FeatureCache, cache_key, cache_root
+from featcache.data import ArraySamples, load_dataset
+from featcache.extract import ExtractConfig, cache_record, extract
+
+SIZE = (32, 32)
+
+
+def _samples(n: int = 20, seed: int = 0) -> ArraySamples:
+    rng = np.random.default_rng(seed)
+    images = np.stack([np.asarray(random_image(rng, (40, 36))) for _ in range(n)])
+    return ArraySamples(images, np.arange(n) % 3, ["a", "b", "c"], name=f"random-{seed}")
+
+
+def _config(**kw: object) -> ExtractConfig:
+    base = {"layers": ("layer3", "penultimate"), "input_size": SIZE, "device": "cpu", "batch_size": 8}
+    return ExtractConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _extract(bb: Backbone, samples, cache_dir: Path, **kw: object):
+    return extract(bb, samples, _config(**kw), cache_dir=str(cache_dir), progress=False)
+
+
+def _images(samples) -> list:
+    return [samples.load(i) for i in range(len(samples))]
+
+
+# --------------------------------------------------------------------------- stored numbers
+
+
+def test_cached_features_equal_a_direct_forward(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(20)
+    layers = ("layer2", "layer3", "penultimate", "logits")
+    cached = _extract(resnet18, samples, cache_dir, layers=layers, shard_rows=6)
+    ref = direct_features(resnet18, _images(samples), SIZE, layers)
+    assert len(cached) == 20 and cached.ids == samples.ids and cached.classes == ["a", "b", "c"]
+    assert np.array_equal(cached.labels, samples.labels)
+    assert cached.manifest["rows"] == 20 and cached.manifest["block_rows"] == [6, 6, 6, 2]
+    for layer in layers:
+        arr = cached.features[layer]
+        assert arr.dtype == np.float32 and arr.shape == ref[layer].shape, layer
+        assert np.abs(arr - ref[layer]).max() <= 1e-5, layer
+        assert torch.equal(cached.tensor(layer), torch.from_numpy(np.array(arr)))
+
+
+@pytest.mark.parametrize("pool", ["max", "flatten", "none"])
+def test_pooling_modes(resnet18: Backbone, cache_dir: Path, pool: str) -> None:
+    samples = _samples(6)
+    cached = _extract(resnet18, samples, cache_dir, layers=("layer3", "penultimate"), pool=pool)
+    ref = direct_features(resnet18, _images(samples), SIZE, ("layer3", "penultimate"), pool=pool)
+    expected_shape = {"max": (6, 256), "flatten": (6, 256 * 2 * 2), "none": (6, 256, 2, 2)}[pool]
+    assert cached.features["layer3"].shape == expected_shape
+    assert cached.features["penultimate"].shape == (6, 512)
+    for layer in ("layer3", "penultimate"):
+        assert np.abs(cached.features[layer] - ref[layer]).max() <= 1e-5
+
+
+def test_float16_storage(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(10)
+    cached = _extract(resnet18, samples, cache_dir, dtype="float16")
+    ref = direct_features(resnet18, _images(samples), SIZE, ("layer3", "penultimate"))
+    for layer in ("layer3", "penultimate"):
+        assert cached.features[layer].dtype == np.float16
+        np.testing.assert_allclose(cached.features[layer].astype(np.float32), ref[layer], rtol=1e-3, atol=1e-6)
+        assert cached.tensor(layer).dtype == torch.float16
+        assert cached.tensor(layer, dtype=torch.float32).dtype == torch.float32
+
+
+def test_bfloat16_storage_loads_back_as_bfloat16(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(10)
+    cached = _extract(resnet18, samples, cache_dir, dtype="bfloat16")
+    ref = direct_features(resnet18, _images(samples), SIZE, ("layer3", "penultimate"))
+    assert cached.dtype == "bfloat16"
+    for layer in ("layer3", "penultimate"):
+        t = cached.tensor(layer)
+        assert t.dtype == torch.bfloat16 and tuple(t.shape) == ref[layer].shape
+        # bfloat16 keeps 8 significant bits: relative rounding error <= 2**-8
+        np.testing.assert_allclose(t.float().numpy(), ref[layer], rtol=2**-8 + 1e-5, atol=1e-6)
+        assert cached.tensor(layer, dtype=torch.float32).dtype == torch.float32
+    reopened = FeatureCache(cache_dir).open(cached.key)
+    assert torch.equal(reopened.tensor("layer3"), cached.tensor("layer3"))
+
+
+def test_tensor_is_an_independent_writable_copy(resnet18: Backbone, cache_dir: Path) -> None:
+    cached = _extract(resnet18, _samples(6), cache_dir)
+    t = cached.tensor("layer3")
+    assert not np.shares_memory(t.numpy(), cached.features["layer3"])
+    before = np.array(cached.features["layer3"])
+    t.mul_(2)  # must neither crash on the read-only map nor change the cache
+    assert np.array_equal(FeatureCache(cache_dir).open(cached.key).features["layer3"], before)
+    with pytest.raises(FeatcacheError, match="layer3"):
+        cached.tensor("layer4")
+
+
+def test_entry_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
+    cached = _extract(resnet18, _samples(6), cache_dir)
+    files = sorted(p.relative_to(cached.path).as_posix() for p in cached.path.rglob("*") if p.is_file())
+    assert files == [
+        ".lock",
+        "features/layer3.npy",
+        "features/penultimate.npy",
+        "ids.json",
+        "labels.npy",
+        "manifest.json",
+        "record.json",
+    ]
+    for f in cached.path.rglob("*.npy"):
+        np.load(f, allow_pickle=False)
+    manifest = json.loads((cached.path / "manifest.json").read_text())
+    assert manifest["cache_version"] == CACHE_VERSION and manifest["key"] == cached.key
+    assert manifest["record"]["layers"] == ["layer3", "penultimate"]
+
+
+# --------------------------------------------------------------------------- keys
+
+
+KEY_SCRIPT = """
+import sys
+from featcache import ExtractConfig, load_backbone, load_dataset
+from featcache.cache import cache_key
+from featcache.extract import cache_record
+bb = load_backbone("torchvision:resnet18", weights="none")
+train = load_dataset(sys.argv[1]).train
+cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=8)
+print(cache_key(cache_record(bb, train, cfg, "train")))
+"""
+
+
+def test_same_key_in_another_process(resnet18: Backbone, tmp_path: Path) -> None:
+    write_tree(tmp_path / "tree" / "train", per_class=4)
+    train = load_dataset(str(tmp_path / "tree")).train
+    key = cache_key(cache_record(resnet18, train, _config(), "train"))
+    assert len(key) == 64
+    other = run_python(KEY_SCRIPT, str(tmp_path / "tree")).stdout.strip()
+    assert other == key
+
+
+def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone, tmp_path: Path) -> None:
+    files = write_tree(tmp_path / "tree" / "train", per_class=4)
+    train = load_dataset(str(tmp_path / "tree")).train
+
+    def key(bb: Backbone = resnet18, samples=train, split: str = "train", **kw: object) -> str:
+        return cache_key(cache_record(bb, samples, _config(**kw), split))
+
+    base = key()
+    assert key() == base
+    # what does not change the stored numbers does not change the key
+    assert key(batch_size=3, workers=2, shard_rows=5, method="fx", shard_mb=1) == base
+    assert key(layers=("penultimate", "layer3")) == base  # order of layers
+
+    state = {k: v.clone() for k, v in resnet18.model.state_dict().items()}
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    torch.save(state, tmp_path / "tweaked.pt")
+    tweaked = load_backbone("torchvision:resnet18", weights=str(tmp_path / "tweaked.pt"))
+    assert tweaked.cfg.spec == resnet18.cfg.spec
+    changed = {
+        "weights": key(bb=tweaked),
+        "layer": key(layers=("layer2", "penultimate")),
+        "input_size": key(input_size=(48, 48)),
+        "mean": key(bb=Backbone(resnet18.model, replace(resnet18.cfg, mean=(0.5, 0.5, 0.5)))),
+        "dtype": key(dtype="float16"),
+        "pool": key(pool="max"),
+        "split": key(split="val"),
+        "amp": key(amp=True),
+    }
+    random_image(np.random.default_rng(7), (40, 48)).save(files[2])  # modify one image file
+    changed["data"] = key(samples=load_dataset(str(tmp_path / "tree")).train)
+    for what, k in changed.items():
+        assert k != base, what
+    assert len(set(changed.values())) == len(changed)
+
+
+def test_cache_key_includes_the_version_and_refuses_unhashable_records() -> None:
+    record = {"a": 1, "b": [1, 2]}
+    assert cache_key(record) == cache_key({"b": [1, 2], "a": 1})
+    assert cache_key(record) != cache_key({"a": 1, "b": [1, 2], "c": None})
+    with pytest.raises(FeatcacheError, match="cannot hash"):
+        cache_key({"a": float("nan")})
+    with pytest.raises(FeatcacheError, match="cannot hash"):
+        cache_key({"a": object()})
+
+
+# --------------------------------------------------------------------------- hits
+
+
+def test_second_extract_is_a_hit_without_forward_passes(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(12)
+    first = _extract(resnet18, samples, cache_dir)
+    assert first.manifest["rows_extracted_this_run"] == 12
+    calls = []
+    handle = resnet18.model.register_forward_pre_hook(lambda _m, inp: calls.append(len(inp[0])))
+    try:
+        second = _extract(resnet18, samples, cache_dir, batch_size=5)  # batch size is not in the key
+    finally:
+        handle.remove()
+    assert calls == []
+    assert second.key == first.key
+    for layer, arr in second.features.items():
+        assert isinstance(arr, np.memmap), layer
+        assert np.array_equal(arr, first.features[layer])
+    assert second.ids == first.ids and np.array_equal(second.labels, first.labels)
+
+
+def test_cache_root_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home"
+    assert cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    monkeypatch.delenv("FEATCACHE_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "featcache"
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def test_verify_and_open_detect_damage(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(12)
+    cached = _extract(resnet18, samples, cache_dir, shard_rows=4)
+    cache = FeatureCache(cache_dir)
+    assert cache.verify(cached.key) == []
+    assert cache.open(cached.key, verify=True).key == cached.key
+    layer_file = cached.path / "features" / "layer3.npy"
+    original = layer_file.read_bytes()
+
+    # flip one bit in the last row (block 2 of 3)
+    data = bytearray(original)
+    data[-3] ^= 0x10
+    layer_file.write_bytes(bytes(data))
+    problems = cache.verify(cached.key)
+    assert problems == ["features/layer3.npy: block 2 checksum mismatch"]
+    with pytest.raises(FeatcacheError, match="damaged"):
+        cache.open(cached.key, verify=True)
+
+    # truncate the file
+    layer_file.write_bytes(original[: len(original) - 100])
+    problems = cache.verify(cached.key)
+    assert len(problems) == 1 and problems[0].startswith("features/layer3.npy")
+    with pytest.raises(FeatcacheError, match="layer3"):
+        cache.open(cached.key)
+
+    layer_file.write_bytes(original)
+    assert cache.verify(cached.key) == []
+
+
+def test_a_partial_entry_does_not_open(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(8)
+    record = cache_record(resnet18, samples, _config(), "train")
+    key = cache_key(record)
+    cache = FeatureCache(cache_dir)
+    writer = cache.writer(key, {**record, "shard_rows": 4})
+    writer.write_shard(0, {"layer3": np.zeros((4, 256), np.float32)}, [0, 1, 2, 3], [])
+    with pytest.raises(FeatcacheError, match="partial"):
+        cache.open(key)
+    assert cache.verify(key) == ["partial entry: 1 finished shards, no manifest"]
+    info = cache.info(key[:10])
+    assert info["status"] == "partial" and info["shards_done"] == 1 and info["model"] == "torchvision:resnet18"
+
+
+def test_ls_info_rm_gc(resnet18: Backbone, cache_dir: Path) -> None:
+    cache = FeatureCache(cache_dir)
+    assert cache.ls() == []
+    a = _extract(resnet18, _samples(6, seed=0), cache_dir)
+    b = _extract(resnet18, _samples(5, seed=1), cache_dir, dtype="float16")
+    listed = {e["key"]: e for e in cache.ls()}
+    assert set(listed) == {a.key, b.key}
+    info = listed[b.key]
+    assert info["status"] == "complete" and info["rows"] == 5 and info["dtype"] == "float16"
+    assert info["model"] == "torchvision:resnet18" and info["dataset"] == "random-1" and info["pool"] == "avg"
+    assert info["layers"] == {"layer3": [256], "penultimate": [512]}
+    assert info["bytes"] == sum(f.stat().st_size for f in b.path.rglob("*") if f.is_file())
+    assert cache.resolve(a.key[:12]) == a.key
+    with pytest.raises(FeatcacheError, match="no cache entry"):
+        cache.resolve("0" * 64)
+    # a shared prefix is ambiguous
+    for suffix in ("1", "2"):
+        cache.path("abc" + suffix * 61).mkdir()
+    with pytest.raises(FeatcacheError, match="ambiguous"):
+        cache.resolve("abc")
+    for suffix in ("1", "2"):
+        cache.rm("abc" + suffix)
+    # names that are not keys never reach the file system
+    (cache_dir.parent / "precious").mkdir()
+    for bad in ("", ".", "..", "*", "../precious", a.key.upper()):
+        with pytest.raises(FeatcacheError, match="not a cache key"):
+            cache.rm(bad)
+    assert (cache_dir.parent / "precious").is_dir() and set(cache.entries()) == {a.key, b.key}
+
+    # gc: leftovers of crashes go, complete entries stay, young partial entries stay
+    (a.path / "features" / "layer3.npy.tmp-999").write_bytes(b"junk")
+    (a.path / "shards").mkdir()
+    partial = cache.path("f" * 64)
+    (partial / "shards").mkdir(parents=True)
+    removed = cache.gc(partial_older_than_s=3600)
+    assert sorted(removed) == sorted([str(a.path / "features" / "layer3.npy.tmp-999"), str(a.path / "shards")])
+    assert cache.verify(a.key) == [] and partial.exists()
+    old = cache.gc(partial_older_than_s=-1)
+    assert old == [str(partial)] and not partial.exists()
+    assert set(cache.entries()) == {a.key, b.key}
+
+    cache.rm(b.key[:12])
+    assert cache.entries() == [a.key]
+    with pytest.raises(FeatcacheError):
+        cache.open(b.key)
+    # the removed entry is rebuilt on demand
+    again = _extract(resnet18, _samples(5, seed=1), cache_dir, dtype="float16")
+    assert again.key == b.key and again.manifest["rows_extracted_this_run"] == 5
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+CONCURRENT_SCRIPT = """
+import sys, time
+from featcache import ExtractConfig, extract, load_backbone, load_dataset
+bb = load_backbone("torchvision:resnet18", weights="none")
+calls = []
+def slow(module, inputs):
+    calls.append(1)
+    time.sleep(0.15)
+bb.model.register_forward_pre_hook(slow)
+train = load_dataset(sys.argv[1]).train
+cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=4,
+                    shard_rows=8)
+out = extract(bb, train, cfg, cache_dir=sys.argv[2], progress=False)
+print(out.key, len(calls), len(out))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_extracting_the_same_key(resnet18: Backbone, tmp_path: Path, cache_dir: Path) -> None:
+    files = write_tree(tmp_path / "tree" / "train", per_class=8)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_SCRIPT, str(tmp_path / "tree"), str(cache_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out.split())
+    keys = {o[0] for o in outs}
+    assert len(keys) == 1
+    key = keys.pop()
+    assert sorted(int(o[1]) > 0 for o in outs) == [False, True]  # one built it, the other waited and hit
+    assert all(int(o[2]) == len(files) for o in outs)
+    cache = FeatureCache(cache_dir)
+    assert cache.entries() == [key]
+    assert cache.verify(key) == []
+    cached = cache.open(key)
+    ref = direct_features(resnet18, [load_dataset(str(tmp_path / "tree")).train.load(i) for i in range(len(files))],
+                          SIZE, ("layer3", "penultimate"))
+    for layer in ("layer3", "penultimate"):
+        assert np.abs(cached.features[layer] - ref[layer]).max() <= 1e-5

@@ -37,7 +37,9 @@ def cache_dir(tmp_path: Path) -> Path:
     return d
 
 
-def random_image(rng: np.random.Generator, size: tuple[int, int] = (40, 48), mode: str = "RGB") -> Image.Image:
+def random_image(
+    rng: np.random.Generator, size: tuple[int, int] = (40, 48), mode: str = "RGB"
+) -> Image.Image:
     """A smooth random image (blocks of colour, so JPEG keeps it recognisable)."""
     h, w = size
     coarse = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
@@ -53,7 +55,7 @@ def write_tree(
     formats: Sequence[str] = ("png", "jpg"),
     size: tuple[int, int] = (40, 48),
 ) -> list[Path]:
-    """Write ``root/<class>/<i>.<fmt>`` images (formats alternate); return the files, sorted like ImageFolder."""
+    """Write ``root/<class>/<i>.<fmt>`` images (formats alternate); return the files ImageFolder-sorted."""
     rng = np.random.default_rng(seed)
     files = []
     for cname in classes:
@@ -79,7 +81,7 @@ def image_tree(tmp_path: Path) -> Callable[..., list[Path]]:
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` with this virtualenv's interpreter in a fresh process; raise with its stderr on failure."""
+    """Run ``code`` with this virtualenv's interpreter in a new process; raise with its stderr on failure."""
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
@@ -100,7 +102,7 @@ def direct_features(
     layers: Sequence[str],
     pool: str = "avg",
 ) -> dict[str, np.ndarray]:
-    """Reference features: the backbone's own forward on the preprocessed images, without featcache's extractor.
+    """Reference features: the backbone's own forward on the preprocessed images, not featcache's extractor.
 
     Layers come from torchvision's ``create_feature_extractor`` on a copy without in-place ops,
     ``penultimate`` from a copy whose classifier is ``nn.Identity()``, ``logits`` from ``model(x)``.

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, direct_features, random_image, run_python, write_tree
 
+from conftest import REPO, direct_features, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones import Backbone, load_backbone
 from featcache.cache import CACHE_VERSION, FeatureCache, cache_key, cache_root
@@ -77,7 +77,9 @@ def test_float16_storage(resnet18: Backbone, cache_dir: Path) -> None:
     ref = direct_features(resnet18, _images(samples), SIZE, ("layer3", "penultimate"))
     for layer in ("layer3", "penultimate"):
         assert cached.features[layer].dtype == np.float16
-        np.testing.assert_allclose(cached.features[layer].astype(np.float32), ref[layer], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(
+            cached.features[layer].astype(np.float32), ref[layer], rtol=1e-3, atol=1e-6
+        )
         assert cached.tensor(layer).dtype == torch.float16
         assert cached.tensor(layer, dtype=torch.float32).dtype == torch.float32
 
@@ -269,7 +271,9 @@ def test_a_partial_entry_does_not_open(resnet18: Backbone, cache_dir: Path) -> N
         cache.open(key)
     assert cache.verify(key) == ["partial entry: 1 finished shards, no manifest"]
     info = cache.info(key[:10])
-    assert info["status"] == "partial" and info["shards_done"] == 1 and info["model"] == "torchvision:resnet18"
+    assert (
+        info["status"] == "partial" and info["shards_done"] == 1 and info["model"] == "torchvision:resnet18"
+    )
 
 
 def test_ls_info_rm_gc(resnet18: Backbone, cache_dir: Path) -> None:
@@ -307,7 +311,9 @@ def test_ls_info_rm_gc(resnet18: Backbone, cache_dir: Path) -> None:
     partial = cache.path("f" * 64)
     (partial / "shards").mkdir(parents=True)
     removed = cache.gc(partial_older_than_s=3600)
-    assert sorted(removed) == sorted([str(a.path / "features" / "layer3.npy.tmp-999"), str(a.path / "shards")])
+    assert sorted(removed) == sorted(
+        [str(a.path / "features" / "layer3.npy.tmp-999"), str(a.path / "shards")]
+    )
     assert cache.verify(a.key) == [] and partial.exists()
     old = cache.gc(partial_older_than_s=-1)
     assert old == [str(partial)] and not partial.exists()
@@ -369,7 +375,11 @@ def test_two_processes_extracting_the_same_key(resnet18: Backbone, tmp_path: Pat
     assert cache.entries() == [key]
     assert cache.verify(key) == []
     cached = cache.open(key)
-    ref = direct_features(resnet18, [load_dataset(str(tmp_path / "tree")).train.load(i) for i in range(len(files))],
-                          SIZE, ("layer3", "penultimate"))
+    ref = direct_features(
+        resnet18,
+        [load_dataset(str(tmp_path / "tree")).train.load(i) for i in range(len(files))],
+        SIZE,
+        ("layer3", "penultimate"),
+    )
     for layer in ("layer3", "penultimate"):
         assert np.abs(cached.features[layer] - ref[layer]).max() <= 1e-5

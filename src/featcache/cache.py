@@ -38,7 +38,7 @@ STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.u
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/featcache``)."""
+    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
     if cache_dir:
         return Path(cache_dir)
     if os.environ.get("FEATCACHE_HOME"):
@@ -126,7 +126,14 @@ class CacheWriter:
             p = self.path / "shards" / name
             digests[name] = _save_npy(p, arr)
             files[layer], sizes[name] = name, p.stat().st_size
-        meta = {"index": index, "rows": rows, "skipped": skipped, "files": files, "sha256": digests, "sizes": sizes}
+        meta = {
+            "index": index,
+            "rows": rows,
+            "skipped": skipped,
+            "files": files,
+            "sha256": digests,
+            "sizes": sizes,
+        }
         write_json(self.path / "shards" / f"{index:05d}.json", meta)
 
     def commit(self, n_shards: int, ids: list[str], labels: np.ndarray, info: dict[str, Any]) -> None:
@@ -156,7 +163,11 @@ class CacheWriter:
             with tmp.open("rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, feat_dir / f"{layer}.npy")
-            layers[layer] = {"shape": list(shape[1:]), "file": f"features/{layer}.npy", "block_sha256": digests}
+            layers[layer] = {
+                "shape": list(shape[1:]),
+                "file": f"features/{layer}.npy",
+                "block_sha256": digests,
+            }
         _save_npy(self.path / "labels.npy", labels[rows])
         write_json(self.path / "ids.json", [ids[r] for r in rows])
         skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
@@ -205,16 +216,19 @@ class CachedFeatures:
     def dtype(self) -> str:
         return str(self.manifest["record"]["dtype"])
 
-    def tensor(self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def tensor(
+        self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Load one layer into memory (optionally onto a device and cast).
 
         Example:
             >>> x = cached.tensor("penultimate", device="cuda", dtype=torch.float32)  # doctest: +SKIP
         """
         if layer not in self.features:
-            raise FeatcacheError(f"layer {layer!r} is not in cache {self.key[:12]}; it holds {list(self.features)}")
-        # A copy: a tensor over the read-only memory map would crash (SIGSEGV) on an in-place op.
-        t = to_torch(np.array(self.features[layer]), self.dtype)
+            raise FeatcacheError(
+                f"layer {layer!r} is not in cache {self.key[:12]}; it holds {list(self.features)}"
+            )
+        t = to_torch(np.asarray(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
 
 
@@ -237,7 +251,8 @@ class FeatureCache:
         # Keys are hex digests: anything else ('', '..', '*', a path) would name folders outside the entry.
         if not key or any(c not in "0123456789abcdef" for c in key):
             raise FeatcacheError(
-                f"{key!r} is not a cache key or key prefix (lower-case hex); run `featcache cache ls` to list them"
+                f"{key!r} is not a cache key or key prefix (lower-case hex); "
+                "run `featcache cache ls` to list them"
             )
         if (self.root / key).is_dir():
             return key
@@ -245,7 +260,9 @@ class FeatureCache:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise FeatcacheError(f"no cache entry {key!r} under {self.root}; run `featcache cache ls` to list them")
+            raise FeatcacheError(
+                f"no cache entry {key!r} under {self.root}; run `featcache cache ls` to list them"
+            )
         raise FeatcacheError(f"cache key prefix {key!r} is ambiguous: {sorted(found)[:5]}")
 
     @contextlib.contextmanager
@@ -277,7 +294,9 @@ class FeatureCache:
         if verify:
             problems = self.verify(key)
             if problems:
-                raise FeatcacheError(f"cache {key[:12]} is damaged: {problems[0]}; `featcache cache rm {key[:12]}`")
+                raise FeatcacheError(
+                    f"cache {key[:12]} is damaged: {problems[0]}; `featcache cache rm {key[:12]}`"
+                )
         manifest = json.loads((path / "manifest.json").read_text())
         features = {}
         for layer, meta in manifest["layers"].items():
@@ -289,7 +308,9 @@ class FeatureCache:
                     f"{key[:12]}` and extract again"
                 ) from exc
             if arr.shape != (manifest["rows"], *meta["shape"]):
-                raise FeatcacheError(f"cache {key[:12]} layer {layer} has shape {arr.shape}, manifest says otherwise")
+                raise FeatcacheError(
+                    f"cache {key[:12]} layer {layer} has shape {arr.shape}, manifest says otherwise"
+                )
             features[layer] = arr
         labels = np.load(path / "labels.npy")
         ids = json.loads((path / "ids.json").read_text())
@@ -302,10 +323,12 @@ class FeatureCache:
         key = self.resolve(key)
         path = self.path(key)
         if not self.is_complete(key):
-            return [f"partial entry: {len(list((path / 'shards').glob('*.json')))} finished shards, no manifest"]
+            return [
+                f"partial entry: {len(list((path / 'shards').glob('*.json')))} finished shards, no manifest"
+            ]
         manifest = json.loads((path / "manifest.json").read_text())
         problems = []
-        for layer, meta in manifest["layers"].items():
+        for meta in manifest["layers"].values():
             f = path / meta["file"]
             try:
                 arr = np.load(f, mmap_mode="r")
@@ -315,7 +338,9 @@ class FeatureCache:
             if arr.shape[0] != manifest["rows"]:
                 problems.append(f"{meta['file']}: {arr.shape[0]} rows, expected {manifest['rows']}")
                 continue
-            for i, (got, want) in enumerate(zip(_block_digests(arr, manifest["block_rows"]), meta["block_sha256"])):
+            for i, (got, want) in enumerate(
+                zip(_block_digests(arr, manifest["block_rows"]), meta["block_sha256"])
+            ):
                 if got != want:
                     problems.append(f"{meta['file']}: block {i} checksum mismatch")
         return problems
@@ -332,10 +357,19 @@ class FeatureCache:
             m = json.loads((path / "manifest.json").read_text())
             rec = m["record"]
             return {
-                "key": key, "status": "complete", "model": rec["backbone"], "layers": {k: v["shape"] for k, v in
-                m["layers"].items()}, "dtype": rec["dtype"], "pool": rec["pool"], "dataset": rec["dataset"],
-                "split": rec["split"], "rows": m["rows"], "skipped": len(m["skipped"]), "bytes": size,
-                "created": m["created"], "path": str(path),
+                "key": key,
+                "status": "complete",
+                "model": rec["backbone"],
+                "layers": {k: v["shape"] for k, v in m["layers"].items()},
+                "dtype": rec["dtype"],
+                "pool": rec["pool"],
+                "dataset": rec["dataset"],
+                "split": rec["split"],
+                "rows": m["rows"],
+                "skipped": len(m["skipped"]),
+                "bytes": size,
+                "created": m["created"],
+                "path": str(path),
             }
         rec_file = path / "record.json"
         rec = json.loads(rec_file.read_text()) if rec_file.exists() else {}
@@ -356,7 +390,7 @@ class FeatureCache:
             shutil.rmtree(self.path(key))
 
     def gc(self, partial_older_than_s: float = 24 * 3600) -> list[str]:
-        """Remove leftovers: temporary files, shards of committed entries, partial entries older than given."""
+        """Remove leftovers: temporary files, shards of committed entries, old partial entries."""
         removed = []
         now = time.time()
         for key in self.entries():

@@ -138,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="optional run folder for the probe head")
     p.add_argument("--json", action="store_true")
 
+    p = _parser(sub, "finetune", "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--train", default="head", help="head | last:N | from:LAYER | all | modules:a,b")
+    p.add_argument("--bn", default="frozen", help="BatchNorm policy: frozen (eval, stats fixed) | train")
+    p.add_argument("--lr-decay", type=float, default=1.0, help="each earlier group trains at lr x decay^k")
+    p.add_argument("--augment", default=None, help="random augmentation: flip,crop (forces the live loop)")
+    p.add_argument("--mode", default="auto", help="auto | cached | live")
+    p.add_argument("--init-head", default=None, help="start the classifier from a `train --head linear` run")
+    _extract_args(p, "--extract-batch-size")
+    _train_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true")
+
     p = _parser(sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images")
     p.add_argument("run", help="run folder written by `featcache train` / `finetune`")
     p.add_argument("--format", default="pt", help="pt | torchscript | onnx")
@@ -309,6 +323,20 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"run folder: {run.dir}")
 
 
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from .finetune_run import FinetuneConfig, finetune_run
+
+    ft = FinetuneConfig(train=a.train, bn=a.bn, lr_decay=a.lr_decay, augment=a.augment, mode=a.mode,
+                        init_head=a.init_head)
+    run = finetune_run(a.model, _data_config(a), ft, _train_config(a), _extract_config(a, ["penultimate"]), a.out,
+                       a.weights, a.cache_dir, not a.quiet, a.resume)
+    m = run.metrics
+    print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
+    if "test" in m:
+        print(f"test accuracy {m['test']['acc']:.4f}  loss {m['test']['loss']:.4f}")
+    print(f"run folder: {run.dir}")
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from .backbones import load_backbone
     from .extract import extract_splits
@@ -381,7 +409,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "models": cmd_models, "layers": cmd_layers, "summary": cmd_summary, "extract": cmd_extract,
-    "cache": cmd_cache, "train": cmd_train, "probe": cmd_probe, "export": cmd_export, "predict": cmd_predict,
+    "cache": cmd_cache, "train": cmd_train, "finetune": cmd_finetune, "probe": cmd_probe, "export": cmd_export, "predict": cmd_predict,
     "demo": cmd_demo, "bench": cmd_bench,
 }
 

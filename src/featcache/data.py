@@ -123,19 +123,25 @@ class FileSamples(SampleSet):
             try:
                 st = self._abs(i).stat()
             except FileNotFoundError as exc:
-                raise FileNotFoundError(f"image {self.describe(i)!r} listed in the dataset is missing") from exc
+                raise FileNotFoundError(
+                    f"image {self.describe(i)!r} listed in the dataset is missing"
+                ) from exc
             h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
 
 
 class ArraySamples(SampleSet):
-    """Images held in an array: (N, H, W) grey or (N, H, W, C) / (N, C, H, W) colour; uint8 or [0, 1] floats."""
+    """Images in an array: (N, H, W) grey or (N, H, W, C) / (N, C, H, W) colour; uint8 or [0, 1] floats."""
 
-    def __init__(self, images: np.ndarray, labels: Any, classes: Sequence[str] | None = None, name: str = "array"):
+    def __init__(
+        self, images: np.ndarray, labels: Any, classes: Sequence[str] | None = None, name: str = "array"
+    ):
         images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
             images = images.transpose(0, 2, 3, 1)
         if images.ndim not in (3, 4):
-            raise FeatcacheError(f"{name}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
+            raise FeatcacheError(
+                f"{name}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}"
+            )
         if images.dtype != np.uint8:
             scale = 255.0 if float(images.max(initial=0)) <= 1.0 else 1.0
             images = np.clip(images.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
@@ -196,7 +202,11 @@ class DatasetSplits:
 
     def items(self) -> list[tuple[str, SampleSet]]:
         """The splits that exist, as (name, samples)."""
-        return [(n, s) for n, s in (("train", self.train), ("val", self.val), ("test", self.test)) if s is not None]
+        return [
+            (n, s)
+            for n, s in (("train", self.train), ("val", self.val), ("test", self.test))
+            if s is not None
+        ]
 
 
 def stratified_split(
@@ -210,12 +220,14 @@ def stratified_split(
         (12, 4, 4)
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise FeatcacheError(f"fractions val={val_fraction} test={test_fraction} must be >= 0 and sum below 1")
+        raise FeatcacheError(
+            f"fractions val={val_fraction} test={test_fraction} must be >= 0 and sum below 1"
+        )
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[], [], []]
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test, n_val = int(round(len(idx) * test_fraction)), int(round(len(idx) * val_fraction))
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
         parts[2] += idx[:n_test].tolist()
         parts[1] += idx[n_test : n_test + n_val].tolist()
         parts[0] += idx[n_test + n_val :].tolist()
@@ -254,7 +266,9 @@ def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSample
     return FileSamples(root, paths, np.asarray(labels), classes)
 
 
-def image_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+def image_folder(
+    root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> DatasetSplits:
     """An ImageFolder tree; uses ``train/ val/ test/`` subfolders when present, else a stratified split.
 
     Example:
@@ -263,13 +277,17 @@ def image_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: flo
     root = Path(root)
     if (root / "train").is_dir():
         train = _scan_folder(root / "train")
-        parts = {n: _scan_folder(root / n, train.classes) if (root / n).is_dir() else None for n in ("val", "test")}
+        parts = {
+            n: _scan_folder(root / n, train.classes) if (root / n).is_dir() else None for n in ("val", "test")
+        }
         return DatasetSplits(train, parts["val"], parts["test"], train.classes, str(root))
     return _split(_scan_folder(root), val_fraction, test_fraction, seed, str(root))
 
 
-def manifest_file(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
-    """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths are relative to it."""
+def manifest_file(
+    path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> DatasetSplits:
+    """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths relative to it."""
     path = Path(path)
     rows: list[dict[str, Any]]
     if path.suffix == ".jsonl":
@@ -282,7 +300,10 @@ def manifest_file(path: str | Path, val_fraction: float = 0.1, test_fraction: fl
     names = sorted({str(r["label"]) for r in rows})
     index = {n: i for i, n in enumerate(names)}
     samples = FileSamples(
-        path.parent, [Path(r["path"]) for r in rows], np.asarray([index[str(r["label"])] for r in rows]), names
+        path.parent,
+        [Path(r["path"]) for r in rows],
+        np.asarray([index[str(r["label"])] for r in rows]),
+        names,
     )
     if "split" in rows[0]:
         splits = {s: np.flatnonzero([r["split"] == s for r in rows]) for s in ("train", "val", "test")}
@@ -307,7 +328,9 @@ def torchvision_dataset(
 
     names = [n for n in dir(tvd) if n[0].isupper()]
     if name not in names:
-        raise unknown("torchvision dataset", name, names, "Use the class name, e.g. torchvision:CIFAR10:ROOT.")
+        raise unknown(
+            "torchvision dataset", name, names, "Use the class name, e.g. torchvision:CIFAR10:ROOT."
+        )
     cls = getattr(tvd, name)
     train_kw, test_kw = _TV_SPLIT_ARGS.get(name, ({"train": True}, {"train": False}))
     try:
@@ -319,7 +342,9 @@ def torchvision_dataset(
             f"{name} expects them), or pass --download on a machine with internet."
         ) from exc
     tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
-    return DatasetSplits(train.subset(tr, "train"), train.subset(va, "val"), test, train.classes, f"torchvision:{name}")
+    return DatasetSplits(
+        train.subset(tr, "train"), train.subset(va, "val"), test, train.classes, f"torchvision:{name}"
+    )
 
 
 def builtin_samples(name: str) -> ArraySamples:
@@ -346,7 +371,9 @@ def builtin_samples(name: str) -> ArraySamples:
 
         x = lfw_subset()
         return ArraySamples(x, np.r_[np.ones(100), np.zeros(100)].astype(int), ["non-face", "face"], name)
-    raise unknown("built-in dataset", name, BUILTIN, "Or pass a folder, a CSV/JSONL manifest or torchvision:NAME:ROOT.")
+    raise unknown(
+        "built-in dataset", name, BUILTIN, "Or pass a folder, a CSV/JSONL manifest or torchvision:NAME:ROOT."
+    )
 
 
 def load_dataset(
@@ -381,7 +408,9 @@ def load_dataset(
     if spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
         if len(parts) != 3:
-            raise FeatcacheError(f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data")
+            raise FeatcacheError(
+                f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data"
+            )
         return torchvision_dataset(parts[1], parts[2], download, val_fraction, seed)
     path = Path(spec)
     if not path.exists():

@@ -71,7 +71,9 @@ class ExtractConfig:
         if self.pool not in POOLS:
             raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
         if self.dtype not in STORAGE_DTYPES:
-            raise unknown("storage dtype", self.dtype, STORAGE_DTYPES, "Use --dtype float32|float16|bfloat16.")
+            raise unknown(
+                "storage dtype", self.dtype, STORAGE_DTYPES, "Use --dtype float32|float16|bfloat16."
+            )
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise unknown("bad-image policy", self.on_bad_image, BAD_IMAGE_POLICIES, "Use error or skip.")
         if self.batch_size < 1:
@@ -274,7 +276,9 @@ def _run(
         writer.write_shard(current, arrays, list(rows), list(skipped))
 
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
-    bar = tqdm(total=len(pending), unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(pending), unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True
+    )
     with bar:
         for x, idx, errors in loader:
             feats = {k: ex.to_storage(v) for k, v in ex(x).items()}
@@ -291,7 +295,8 @@ def _run(
                 if bad and ex.config.on_bad_image == "error":
                     i = int(idx_np[bad[0]])
                     raise BadImageError(
-                        f"cannot read image {samples.describe(i)!r}: {errors[bad[0]]}. Fix or remove the file, "
+                        f"cannot read image {samples.describe(i)!r}: {errors[bad[0]]}. "
+                        "Fix or remove the file, "
                         "or pass --on-bad-image skip (skipped ids are recorded in the cache manifest). "
                         "Finished shards are kept; the next run resumes from them."
                     )
@@ -314,7 +319,8 @@ def extract_splits(
     """:func:`extract` for every split that exists (``train``, ``val``, ``test``).
 
     Example:
-        >>> feats = extract_splits(bb, load_dataset("digits"), ExtractConfig(input_size=(32, 32)))  # doctest: +SKIP
+        >>> cfg = ExtractConfig(input_size=(32, 32))
+        >>> feats = extract_splits(bb, load_dataset("digits"), cfg)  # doctest: +SKIP
     """
     return {name: extract(backbone, s, config, cache_dir, name, progress) for name, s in splits.items()}
 

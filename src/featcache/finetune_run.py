@@ -177,8 +177,8 @@ def finetune_run(
         "classes": splits.classes, "environment": environment(),
     }
     if resume:
-        old = json.loads((out / "config.json").read_text())
-        if old.get("plan") != config["plan"] or old.get("train") != config["train"]:
+        old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
+        if old.get("plan") != new["plan"] or old.get("train") != new["train"]:
             raise FeatcacheError(f"--resume {out}: the frozen set / BN policy / trainer settings differ from the run's")
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
     if suffix is not None:

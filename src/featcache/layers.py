@@ -62,7 +62,9 @@ def module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
 
-def dummy_input(backbone: Backbone, input_size: tuple[int, int] | None = None, batch: int = 1) -> torch.Tensor:
+def dummy_input(
+    backbone: Backbone, input_size: tuple[int, int] | None = None, batch: int = 1
+) -> torch.Tensor:
     """A zero batch at the backbone's (or the given) input size, on the model's device."""
     h, w = input_size or backbone.cfg.input_size
     p = next(backbone.model.parameters(), None)
@@ -248,7 +250,9 @@ class FeatureExtractor(nn.Module):
             for name in not_modules:
                 if name not in eval_nodes:
                     choices = module_names(self.model) + list(eval_nodes) + list(SHORTHANDS)
-                    raise unknown("layer", name, choices, f"Run `featcache layers {self.spec}` to see them all.")
+                    raise unknown(
+                        "layer", name, choices, f"Run `featcache layers {self.spec}` to see them all."
+                    )
             fx = create_feature_extractor(self.model.eval(), return_nodes={n: n for n in self.layers})
         finally:
             self.model.train(was_training)

@@ -196,8 +196,8 @@ def train_run(
         "cache_keys": {k: v.key for k, v in feats.items()}, "classes": splits.classes, "environment": environment(),
     }
     if resume:
-        old = json.loads((out / "config.json").read_text())
-        if old["cache_keys"] != config["cache_keys"] or old["train"] != config["train"] or old["head"] != config["head"]:
+        old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
+        if any(old.get(k) != new[k] for k in ("cache_keys", "train", "head")):
             raise FeatcacheError(f"--resume {out}: this command's settings differ from the run's config.json")
     write_json(out / "config.json", config)
     head, info, result, metrics = train_on_cache(feats, layer, head_spec, train_config, progress,

@@ -1,0 +1,495 @@
+"""Export a run: preprocessing + the backbone truncated at the run's layer + pooling + the head, as ONE model.
+
+The exported model takes raw images and returns logits. Its input (see :data:`INPUT_CONVENTION`):
+
+- ``uint8`` images ``(N, H, W, C)`` (RGB, 0-255, any ``H``/``W``): resized to the run's input size
+  the way :func:`featcache.data.to_model_input` resizes a uint8 image (antialiased, rounded to
+  uint8 after each pass, within one grey level of torchvision), then scaled and normalised;
+- ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized in float, then normalised.
+
+Formats: ``pt`` (a safetensors file of the truncated weights + a JSON sidecar; loading rebuilds the
+structure with featcache, no pickle), ``torchscript`` and ``onnx`` (self-contained: no featcache needed
+to run them; ONNX takes the uint8 convention only). Every file gets a sidecar ``<file>.json`` with the
+class names, preprocessing, layer, pooling and versions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from ._util import FeatcacheError, hash_tensors, unknown, write_json
+from .backbones import Backbone, BackboneCfg, load_backbone
+from .heads import HeadInfo
+from .layers import LOGITS, PENULTIMATE, FeatureExtractor, module_names
+from .predict import ExportedModel, Network, Preprocess, Preprocessing
+from .runs import load_head
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("pt", "torchscript", "onnx")
+SUFFIXES = {"pt": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
+INPUT_CONVENTION = (
+    "uint8 (N, H, W, C) RGB 0-255 or float32 (N, C, H, W) in [0, 1], any H and W; returns logits (N, classes)"
+)
+ONNX_INPUT_CONVENTION = "uint8 (N, H, W, C) RGB 0-255, any N, H and W; returns logits (N, classes)"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Everything that travels with an exported model (the JSON sidecar and the file's metadata).
+
+    Attributes:
+        format: ``pt``, ``torchscript`` or ``onnx`` (``memory`` for a model built from a run folder).
+        model: backbone spec; ``weights``/``weights_id``: the weights the head was trained on.
+        layer: the cached layer; ``pool``: pooling at extraction; ``storage_dtype``: the cache dtype.
+        classes: class names, in logit order.
+        preprocessing: resize/normalisation settings.
+        head: :meth:`featcache.heads.HeadInfo.to_dict` of the head.
+        method: ``fx`` (truncated graph), ``hooks`` (whole model, forward stopped by hooks) or ``full``.
+        return_nodes: FX (train, eval) node names returned by the truncated graph, for ``fx``.
+        truncated: whether the saved weights hold only what the layer needs.
+        weights_sha256: hash of the exported state dict (checked when a ``pt`` file loads).
+    """
+
+    format: str
+    model: str
+    weights: str
+    weights_id: str
+    layer: str
+    pool: str
+    storage_dtype: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    head: dict[str, Any] = field(hash=False)
+    method: str
+    return_nodes: tuple[str, str] | None
+    truncated: bool
+    input_convention: str = INPUT_CONVENTION
+    featcache_version: str = __version__
+    run: str = ""
+    notes: tuple[str, ...] = ()
+    weights_sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples as lists)."""
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        d["notes"] = list(self.notes)
+        d["return_nodes"] = list(self.return_nodes) if self.return_nodes else None
+        d["preprocessing"]["input_size"] = list(self.preprocessing.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportInfo:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        p = dict(d["preprocessing"])
+        p["input_size"], p["mean"], p["std"] = tuple(p["input_size"]), tuple(p["mean"]), tuple(p["std"])
+        d["preprocessing"] = Preprocessing(**p)
+        d["classes"], d["notes"] = tuple(d["classes"]), tuple(d.get("notes", ()))
+        d["return_nodes"] = tuple(d["return_nodes"]) if d.get("return_nodes") else None
+        known = {f for f in inspect.signature(cls).parameters}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- export modules
+
+
+class _Entry(nn.Module):
+    """One input convention's preprocessing, to trace (uint8 NHWC for ONNX; both for TorchScript)."""
+
+    def __init__(self, model: ExportedModel, uint8: bool) -> None:
+        super().__init__()
+        self.preprocess, self.uint8 = model.preprocess, uint8
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.preprocess.from_uint8(x) if self.uint8 else self.preprocess.from_float(x)
+
+
+class _Dispatch(nn.Module):
+    """Scripted top level of the TorchScript export: picks the input convention by dtype."""
+
+    def __init__(self, from_uint8: nn.Module, from_float: nn.Module, network: nn.Module, classes: list[str]):
+        super().__init__()
+        self.from_uint8, self.from_float, self.network = from_uint8, from_float, network
+        self.classes: list[str] = list(classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError("expected a batch (N, H, W, C) uint8 or (N, C, H, W) float")
+        if x.dtype == torch.uint8:
+            if x.shape[-1] == 1:
+                x = x.expand(-1, -1, -1, 3)
+            return self.network(self.from_uint8(x))
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.network(self.from_float(x.float()))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _tracer_kwargs() -> dict[str, Any]:
+    import torchvision
+
+    leaf = [
+        m for _, m in inspect.getmembers(torchvision.ops) if inspect.isclass(m) and issubclass(m, nn.Module)
+    ]
+    return {"autowrap_modules": (math, torchvision.ops), "leaf_modules": leaf}
+
+
+def _classifier_input(model: nn.Module, classifier: str, training: bool) -> str:
+    """The FX node name whose value enters ``classifier`` (what ``penultimate`` means)."""
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    was = model.training
+    try:
+        tracer = NodePathTracer(**_tracer_kwargs())
+        graph = tracer.trace(model.train(training))
+    finally:
+        model.train(was)
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target == classifier and node.args:
+            name = tracer.node_to_qualname.get(node.args[0])  # type: ignore[arg-type]
+            if name:
+                return str(name)
+    raise FeatcacheError(f"classifier {classifier!r} is not called on a named graph node")
+
+
+def truncate(
+    backbone: Backbone, layer: str, return_nodes: tuple[str, str] | None = None
+) -> tuple[nn.Module, str, str, tuple[str, str] | None, list[str]]:
+    """The backbone cut after ``layer``: a GraphModule holding only what the layer needs, else hooks.
+
+    Returns ``(module, output_key, method, return_nodes, notes)``; ``module(x)[output_key]`` is the
+    layer's activation.
+
+    Example:
+        >>> net, key, method, nodes, _ = truncate(load_backbone("resnet18", weights="none"), "layer3")
+        >>> method, "layer4.0.conv1.weight" in net.state_dict()
+        ('fx', False)
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model, cfg = backbone.model, backbone.cfg
+    if layer == LOGITS:
+        return FeatureExtractor(model, [LOGITS], "hooks", cfg.classifier, cfg.spec), LOGITS, "full", None, []
+    if layer != PENULTIMATE and layer not in module_names(model) and return_nodes is None:
+        return_nodes = (layer, layer)  # an FX graph-node name such as ``flatten`` or ``add_1``
+    hooks = (
+        FeatureExtractor(model, [layer], "hooks", cfg.classifier, cfg.spec) if return_nodes is None else None
+    )
+    try:
+        if return_nodes is None:
+            if layer == PENULTIMATE:
+                assert cfg.classifier is not None  # FeatureExtractor above raised otherwise
+                return_nodes = (
+                    _classifier_input(model, cfg.classifier, True),
+                    _classifier_input(model, cfg.classifier, False),
+                )
+            else:
+                return_nodes = (layer, layer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = create_feature_extractor(
+                model,
+                train_return_nodes={return_nodes[0]: "features"},
+                eval_return_nodes={return_nodes[1]: "features"},
+                tracer_kwargs=_tracer_kwargs(),
+                suppress_diff_warning=True,
+            )
+        gm.eval()
+        if hooks is not None:  # the graph must give exactly what the cache stored
+            probe = torch.rand(2, cfg.channels, *cfg.input_size, generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                a, b = gm(probe)["features"], hooks(probe)[layer]
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+                raise FeatcacheError(f"the traced graph's {layer!r} differs from the hooked forward pass")
+        return gm, "features", "fx", return_nodes, []
+    except Exception as exc:
+        if hooks is None:
+            raise FeatcacheError(
+                f"cannot rebuild the truncated graph at {return_nodes} for {cfg.spec}: {exc}"
+            ) from exc
+        note = (
+            f"torch.fx could not truncate {cfg.spec} at {layer!r} ({type(exc).__name__}: {exc}); "
+            "the whole model is kept and its forward pass stops at the layer via hooks"
+        )
+        log.warning(note)
+        return hooks, layer, "hooks", None, [note]
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    file = run_dir / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a featcache run folder (no config.json); pass the "
+            "folder written by `featcache train`"
+        )
+    config: dict[str, Any] = json.loads(file.read_text())
+    missing = [k for k in ("model", "backbone_cfg", "layer", "extract", "classes") if k not in config]
+    if missing:
+        raise FeatcacheError(
+            f"run config {str(file)!r} lacks {missing}; export needs a run written by featcache train"
+        )
+    return config
+
+
+def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[ExportedModel, ExportInfo]:
+    """Build the exported model of a run folder in memory (eval mode, on the CPU).
+
+    Args:
+        run_dir: a folder written by :func:`featcache.runs.train_run`.
+        weights: weights to rebuild the backbone with (a tag or path) when the run's own
+            ``weights_arg`` cannot (e.g. the run got a ``Backbone`` object); default: the run's.
+
+    Raises:
+        FeatcacheError: the rebuilt backbone's weights differ from those the head was trained on.
+
+    Example:
+        >>> model, info = build_model("runs/mnist")  # doctest: +SKIP
+        >>> info.classes[:3]  # doctest: +SKIP
+        ('0', '1', '2')
+    """
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    run_cfg = BackboneCfg.from_dict(config["backbone_cfg"])
+    weights_arg = weights if weights is not None else config.get("weights_arg")
+    try:
+        backbone = load_backbone(config["model"], weights_arg)
+    except (FeatcacheError, FileNotFoundError) as exc:
+        raise FeatcacheError(
+            f"cannot rebuild the backbone of run {str(run_dir)!r} ({config['model']}, weights="
+            f"{weights_arg!r}): {exc}. Pass weights= the tag or file the run used."
+        ) from exc
+    if backbone.cfg.weights_id != run_cfg.weights_id:
+        raise FeatcacheError(
+            f"backbone {config['model']} rebuilt with weights={weights_arg!r} has weights id "
+            f"{backbone.cfg.weights_id[:12]}, but run {str(run_dir)!r} was trained on "
+            f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
+            "Pass weights= the file/tag the run used."
+        )
+    extract = config["extract"]
+    cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
+    backbone.cfg = replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier)
+    layer, pool = str(config["layer"]), str(extract.get("pool", "avg"))
+    dtype = str(extract.get("dtype", "float32"))
+    net, key, method, nodes, notes = truncate(backbone, layer)
+    head, head_info = load_head(run_dir)
+    pre = Preprocessing.from_cfg(cfg)
+    model = ExportedModel(
+        Preprocess(pre), Network(net, key, pool, dtype, head), list(config["classes"])
+    ).eval()
+    on_gpu = bool(config.get("environment", {}).get("cuda")) and extract.get("device") != "cpu"
+    if extract.get("amp") or (extract.get("amp") is None and on_gpu):
+        notes.append("features were extracted under bf16 autocast; the exported model runs in float32")
+    info = ExportInfo(
+        format="memory",
+        model=str(config["model"]),
+        weights=run_cfg.weights,
+        weights_id=run_cfg.weights_id,
+        layer=layer,
+        pool=pool,
+        storage_dtype=dtype,
+        classes=tuple(config["classes"]),
+        preprocessing=pre,
+        head=head_info.to_dict(),
+        method=method,
+        return_nodes=nodes,
+        truncated=method == "fx",
+        run=str(run_dir),
+        notes=tuple(notes),
+        weights_sha256=hash_tensors(model.state_dict()),
+    )
+    return model, info
+
+
+def rebuild_model(info: ExportInfo) -> ExportedModel:
+    """The structure of an exported ``pt`` model with random weights (load its state dict next).
+
+    Example:
+        >>> model = rebuild_model(read_info("model.pt"))  # doctest: +SKIP
+    """
+    backbone = load_backbone(info.model, "none")
+    pre = info.preprocessing
+    backbone.cfg = replace(backbone.cfg, input_size=pre.input_size, channels=pre.channels)
+    if info.method == "hooks":
+        net: nn.Module = FeatureExtractor(
+            backbone.model, [info.layer], "hooks", backbone.cfg.classifier, info.model
+        )
+        key = info.layer
+    else:
+        net, key, _, _, _ = truncate(backbone, info.layer, info.return_nodes)
+    head = HeadInfo.from_dict(info.head).build()
+    return ExportedModel(
+        Preprocess(pre), Network(net, key, info.pool, info.storage_dtype, head), list(info.classes)
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    return Path(f"{path}.json")
+
+
+def read_info(path: str | Path) -> ExportInfo:
+    """The :class:`ExportInfo` of an exported file, from its JSON sidecar.
+
+    Example:
+        >>> read_info("runs/mnist/model.onnx").classes  # doctest: +SKIP
+    """
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise FileNotFoundError(
+            f"{str(side)!r} not found: an exported model's sidecar holds its classes and "
+            f"preprocessing; export again with `featcache export`"
+        )
+    return ExportInfo.from_dict(json.loads(side.read_text()))
+
+
+def load_pt(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
+    """Load a ``pt`` export: rebuild the structure with featcache, then load the safetensors strictly.
+
+    Example:
+        >>> model, info = load_pt("runs/mnist/model.pt")  # doctest: +SKIP
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
+    if sidecar_path(path).is_file():
+        info = read_info(path)
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("featcache")
+        if not meta:
+            raise FileNotFoundError(
+                f"{str(sidecar_path(path))!r} not found and {str(path)!r} has no featcache metadata"
+            )
+        info = ExportInfo.from_dict(json.loads(meta))
+    model = rebuild_model(info)
+    load_model(model, str(path), strict=True)
+    if info.weights_sha256 and hash_tensors(model.state_dict()) != info.weights_sha256:
+        raise FeatcacheError(f"{str(path)!r} does not hold the weights its sidecar describes (hash mismatch)")
+    return model.eval(), info
+
+
+def _example(pre: Preprocessing, batch: int = 2, extra: tuple[int, int] = (7, 5)) -> Tensor:
+    h, w = pre.input_size
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(
+        0, 256, (batch, h + extra[0], w + extra[1], pre.channels), generator=gen, dtype=torch.uint8
+    )
+
+
+def _save_torchscript(model: ExportedModel, info: ExportInfo, out: Path) -> None:
+    pre = info.preprocessing
+    u8 = _example(pre)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced_net = torch.jit.trace(model.network, model.preprocess(u8))
+        traced_u8 = torch.jit.trace(_Entry(model, True).eval(), u8)
+        traced_f = torch.jit.trace(_Entry(model, False).eval(), u8.permute(0, 3, 1, 2).float() / 255.0)
+        scripted = torch.jit.script(_Dispatch(traced_u8, traced_f, traced_net, list(info.classes)).eval())
+    torch.jit.save(scripted, str(out), _extra_files={"featcache.json": json.dumps(info.to_dict())})
+
+
+def _save_onnx(model: ExportedModel, info: ExportInfo, out: Path) -> None:
+    import onnx
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            nn.Sequential(_Entry(model, True), model.network).eval(),
+            (_example(info.preprocessing),),
+            str(out),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamic_axes={"images": {0: "batch", 1: "height", 2: "width"}, "logits": {0: "batch"}},
+        )
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(
+        proto, {"featcache": json.dumps(info.to_dict()), "classes": json.dumps(list(info.classes))}
+    )
+    onnx.save(proto, str(out))
+
+
+def export_run(
+    run_dir: str | Path,
+    format: str = "pt",
+    out: str | Path | None = None,
+    weights: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Export a run as one model for raw images: preprocessing, truncated backbone, pooling and head.
+
+    Args:
+        run_dir: a folder written by ``featcache train``.
+        format: ``pt`` (safetensors + sidecar, loads with featcache without pickle), ``torchscript``
+            or ``onnx`` (both run without featcache).
+        out: output file (default ``RUN/model.pt|.ts|.onnx``); the sidecar is ``<out>.json``.
+        weights: see :func:`build_model`.
+        verify: load the written file back and check it gives the in-memory model's logits.
+
+    Returns:
+        The path of the exported file.
+
+    Example:
+        >>> export_run("runs/mnist", "onnx", "mnist.onnx")  # doctest: +SKIP
+        PosixPath('mnist.onnx')
+    """
+    if format not in FORMATS:
+        raise unknown("export format", format, FORMATS, "Use --format pt|torchscript|onnx.")
+    model, info = build_model(run_dir, weights)
+    path = Path(out) if out is not None else Path(run_dir) / f"model{SUFFIXES[format]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = replace(
+        info, format=format, input_convention=ONNX_INPUT_CONVENTION if format == "onnx" else INPUT_CONVENTION
+    )
+    if format == "pt":
+        from safetensors.torch import save_model
+
+        save_model(model, str(path), metadata={"featcache": json.dumps(info.to_dict())})
+    elif format == "torchscript":
+        _save_torchscript(model, info, path)
+    else:
+        _save_onnx(model, info, path)
+    model.eval()  # exporters may leave wrappers (and so the model) in training mode
+    write_json(sidecar_path(path), info.to_dict())
+    if verify:
+        _verify(model, path, info)
+    return path
+
+
+def _verify(model: ExportedModel, path: Path, info: ExportInfo) -> None:
+    from .predict import load_predictor
+
+    x = _example(info.preprocessing, extra=(11, 3))
+    model.eval()
+    with torch.inference_mode():
+        want = model(x)
+    got = load_predictor(path, device="cpu").logits(x)
+    tol = 1e-3 * max(1.0, float(want.abs().max()))
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=tol):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise FeatcacheError(
+            f"the exported {info.format} file {str(path)!r} does not reproduce the model (max logit "
+            f"difference {diff:.3g}): this backbone does not rebuild faithfully in this format; try another"
+        )

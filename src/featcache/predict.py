@@ -1,0 +1,472 @@
+"""Predict classes of raw images with an exported model (``.pt`` / ``.ts`` / ``.onnx``) or a run folder.
+
+This module also holds the preprocessing that exported models carry (:class:`Preprocess`).
+Images of any size are decoded and resized one by one in Python exactly as
+:func:`featcache.data.to_model_input` does (so predictions match the cached pipeline), batched as
+uint8 ``(N, H, W, C)`` at the run's input size, and given to the exported model, whose own resize is
+then the identity and which scales and normalises them. A tensor batch goes to the model as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from ._util import FeatcacheError, resolve_device
+from .backbones import BackboneCfg
+from .data import BadImageError, read_image
+from .extract import pool_features
+
+if TYPE_CHECKING:
+    from .export import ExportInfo
+
+_INTERP = {
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "bicubic": TF.InterpolationMode.BICUBIC,
+    "nearest": TF.InterpolationMode.NEAREST,
+}
+
+ImageLike = Image.Image | np.ndarray
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the exported model does to an image before the backbone (from the run's backbone config).
+
+    Example:
+        >>> Preprocessing.from_cfg(BackboneCfg("m").with_input_size(32, 32)).input_size
+        (32, 32)
+    """
+
+    input_size: tuple[int, int]
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    channels: int
+
+    @classmethod
+    def from_cfg(cls, cfg: BackboneCfg) -> Preprocessing:
+        """The preprocessing fields of a backbone config."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def to_cfg(self, spec: str = "exported") -> BackboneCfg:
+        """A backbone config with these settings (for :func:`featcache.data.to_model_input`)."""
+        return BackboneCfg(spec, **asdict(self))
+
+
+def _kernel(x: Tensor, mode: str) -> Tensor:
+    """Resampling kernels of torch's antialiased interpolation (triangle; Keys cubic with a=-0.5)."""
+    a = x.abs()
+    if mode == "bicubic":
+        near = (1.5 * a - 2.5) * a * a + 1.0
+        far = ((-0.5 * a + 2.5) * a - 4.0) * a + 2.0
+        return torch.where(a < 1.0, near, torch.where(a < 2.0, far, torch.zeros_like(a)))
+    return (1.0 - a).clamp(min=0.0)
+
+
+class Preprocess(nn.Module):
+    """Raw images to the normalised ``(N, C, h, w)`` batch the backbone was cached on.
+
+    Resizing is a product with per-axis weight matrices built from the input's shape (so it traces
+    to TorchScript and ONNX with dynamic height and width): the weights of torch's antialiased
+    ``interpolate`` (bilinear/bicubic) or ``nearest``, with the centre crop folded in.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__()
+        self.out_h, self.out_w = pre.input_size
+        self.resize_size = pre.resize_size
+        self.mode = (
+            pre.interpolation if pre.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+        )
+        self.channels = pre.channels
+        self.register_buffer("rows", torch.arange(self.out_h, dtype=torch.float32), persistent=False)
+        self.register_buffer("cols", torch.arange(self.out_w, dtype=torch.float32), persistent=False)
+        shape = (1, len(pre.mean), 1, 1)
+        self.register_buffer(
+            "mean", torch.tensor(pre.mean, dtype=torch.float32).view(shape), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(shape), persistent=False)
+
+    def _geometry(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # Sizes may be ints (eager) or 0-dim tensors (tracing): keep every step a tensor op.
+        h = torch.as_tensor(x.shape[-2], dtype=torch.float64)
+        w = torch.as_tensor(x.shape[-1], dtype=torch.float64)
+        oh = torch.full_like(h, float(self.out_h))
+        ow = torch.full_like(w, float(self.out_w))
+        if not self.resize_size:
+            return h, w, oh, ow, torch.zeros_like(h), torch.zeros_like(w)
+        r = torch.full_like(h, float(self.resize_size))
+        # torchvision: the shorter side becomes resize_size, the longer one int(r * long / short)
+        portrait = w <= h
+        nh = torch.where(portrait, torch.floor(r * h / w), r)
+        nw = torch.where(portrait, r, torch.floor(r * w / h))
+        return h, w, nh, nw, torch.round((nh - oh) / 2.0), torch.round((nw - ow) / 2.0)
+
+    def _weights(self, src: Tensor, n_in: Tensor, new: Tensor, offset: Tensor, out: Tensor) -> Tensor:
+        scale = n_in / new
+        if self.mode == "nearest":
+            idx = torch.minimum(torch.floor((out + offset) * scale), n_in - 1.0)
+            return (src[None, :] == idx[:, None]).to(torch.float32)
+        center = (out + offset + 0.5) * scale
+        arg = (src[None, :] + 0.5 - center[:, None]) / scale.clamp(min=1.0)
+        k = _kernel(arg, self.mode)
+        return k / k.sum(1, keepdim=True).clamp(min=1e-12)
+
+    def resize(self, x: Tensor, quantize: bool) -> Tensor:
+        """Resize (+ centre crop) float ``(N, C, H, W)``; ``quantize`` rounds to 0-255 after each pass."""
+        h, w, nh, nw, top, left = self._geometry(x)
+        src_h = torch.ones_like(x[0, 0, :, 0]).cumsum(0) - 1.0
+        src_w = torch.ones_like(x[0, 0, 0, :]).cumsum(0) - 1.0
+        wh = self._weights(src_h, h, nh, top, self.rows)
+        ww = self._weights(src_w, w, nw, left, self.cols)
+        x = torch.matmul(x, ww.t())
+        if quantize:
+            x = torch.floor(x + 0.5).clamp(0.0, 255.0)
+        x = torch.matmul(wh, x)
+        if quantize:
+            x = torch.floor(x + 0.5).clamp(0.0, 255.0)
+        return x
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Replicate a grey channel when the backbone wants three, then ``(x - mean) / std``."""
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def from_uint8(self, x: Tensor) -> Tensor:
+        """uint8 ``(N, H, W, C)`` images to the normalised batch."""
+        x = self.resize(x.permute(0, 3, 1, 2).to(torch.float32), quantize=True)
+        return self.normalize(x / 255.0)
+
+    def from_float(self, x: Tensor) -> Tensor:
+        """float ``(N, C, H, W)`` images in [0, 1] to the normalised batch."""
+        return self.normalize(self.resize(x.to(torch.float32), quantize=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected a batch (N, H, W, C) uint8 or (N, C, H, W) float, got shape {tuple(x.shape)}"
+            )
+        return self.from_uint8(x) if x.dtype == torch.uint8 else self.from_float(x)
+
+
+class Network(nn.Module):
+    """Normalised batch -> truncated backbone -> the extraction's pooling -> the trained head -> logits."""
+
+    def __init__(self, backbone: nn.Module, key: str, pool: str, storage_dtype: str, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.key, self.pool, self.head = backbone, key, pool, head
+        self.storage_dtype = storage_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = pool_features(self.backbone(x)[self.key], self.pool)
+        if self.storage_dtype in ("float16", "bfloat16"):  # the head saw features stored in this dtype
+            t = t.to(getattr(torch, self.storage_dtype)).to(torch.float32)
+        return self.head(t)
+
+
+class ExportedModel(nn.Module):
+    """The whole exported model: :class:`Preprocess` then :class:`Network`; ``classes`` name the logits.
+
+    Example:
+        >>> model, info = build_model("runs/mnist")  # doctest: +SKIP
+        >>> model(torch.zeros(1, 28, 28, 3, dtype=torch.uint8)).shape  # doctest: +SKIP
+        torch.Size([1, 10])
+    """
+
+    def __init__(self, preprocess: Preprocess, network: Network, classes: list[str]) -> None:
+        super().__init__()
+        self.preprocess, self.network, self.classes = preprocess, network, list(classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(self.preprocess(x))
+
+
+def as_pil(image: ImageLike) -> Image.Image:
+    """A PIL image from a PIL image or an ``(H, W)`` / ``(H, W, C)`` array (uint8, or floats in [0, 1])."""
+    if isinstance(image, Image.Image):
+        return image
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3):
+        raise ValueError(f"an image array must be (H, W), (H, W, C) or (C, H, W), got shape {a.shape}")
+    if a.dtype != np.uint8:
+        scale = 255.0 if float(a.max(initial=0)) <= 1.0 else 1.0
+        a = np.clip(a.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def prepare_image(image: ImageLike, pre: Preprocessing) -> torch.Tensor:
+    """Mode, resize and centre crop of :func:`featcache.data.to_model_input`, stopped before scaling.
+
+    Returns a uint8 ``(H, W, C)`` tensor at the run's input size; scaling to [0, 1] and normalising
+    it gives exactly what ``to_model_input`` gives.
+
+    Example:
+        >>> pre = Preprocessing((32, 32), 0, (0.5,) * 3, (0.5,) * 3, "bilinear", 3)
+        >>> tuple(prepare_image(Image.new("L", (28, 28)), pre).shape)
+        (32, 32, 3)
+    """
+    img = as_pil(image).convert("L" if pre.channels == 1 else "RGB")
+    interp = _INTERP.get(pre.interpolation, TF.InterpolationMode.BILINEAR)
+    t = TF.pil_to_tensor(img)
+    if pre.resize_size:
+        t = TF.resize(t, [pre.resize_size], interpolation=interp, antialias=True)
+        t = TF.center_crop(t, list(pre.input_size))
+    else:
+        t = TF.resize(t, list(pre.input_size), interpolation=interp, antialias=True)
+    return t.permute(1, 2, 0).contiguous()
+
+
+class Predictor:
+    """Top-k class probabilities from an exported model or a run folder (see :func:`load_predictor`).
+
+    Attributes:
+        info: the model's :class:`~featcache.export.ExportInfo` (classes, preprocessing, layer...).
+        device: where the model runs.
+
+    Example:
+        >>> p = load_predictor("runs/mnist/model.onnx")  # doctest: +SKIP
+        >>> p.predict([Image.open("seven.png")], top_k=1)  # doctest: +SKIP
+        [[{'class': '7', 'prob': 0.98}]]
+    """
+
+    def __init__(
+        self, runner: Runner, info: ExportInfo, device: torch.device, uint8_only: bool = False
+    ) -> None:
+        self._run, self.info, self.device, self.uint8_only = runner, info, device, uint8_only
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in logit order."""
+        return list(self.info.classes)
+
+    def batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Prepare images one by one (any sizes) into one uint8 ``(N, H, W, C)`` batch at the input size."""
+        return torch.stack([prepare_image(img, self.info.preprocessing) for img in images])
+
+    def logits(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor) -> torch.Tensor:
+        """Raw logits ``(N, classes)`` on the CPU for images or a tensor batch (given to the model as is).
+
+        Example:
+            >>> p.logits(torch.zeros(1, 28, 28, 3, dtype=torch.uint8)).shape  # doctest: +SKIP
+            torch.Size([1, 10])
+        """
+        x = self._as_batch(images)
+        if x.dim() != 4:
+            raise ValueError(
+                f"a tensor batch must be uint8 (N, H, W, C) or float (N, C, H, W); got {tuple(x.shape)}"
+            )
+        if x.dtype != torch.uint8 and self.uint8_only:  # ONNX takes uint8 NHWC: quantise float NCHW input
+            x = (x.float() * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        elif x.dtype != torch.uint8:
+            x = x.float()
+        return self._run(x).float().cpu()
+
+    def _as_batch(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return images
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return torch.from_numpy(np.ascontiguousarray(images))
+        if isinstance(images, (Image.Image, np.ndarray)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        return self.batch(list(images))
+
+    def top(self, logits: torch.Tensor, top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """Per row, the ``top_k`` classes by softmax probability: ``[{"class": name, "prob": p}, ...]``."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        probs = torch.softmax(logits.double(), dim=1)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        names = self.info.classes
+        return [
+            [{"class": names[int(i)], "prob": float(v)} for v, i in zip(vs, ix)]
+            for vs, ix in zip(values.tolist(), indices.tolist())
+        ]
+
+    def predict(
+        self, images: Sequence[ImageLike] | ImageLike | torch.Tensor, top_k: int = 5
+    ) -> list[list[dict[str, Any]]]:
+        """Top-k predictions for PIL images, arrays (any sizes) or a tensor batch.
+
+        Example:
+            >>> p.predict([Image.open("a.png")], top_k=2)  # doctest: +SKIP
+            [[{'class': 'cat', 'prob': 0.91}, {'class': 'dog', 'prob': 0.07}]]
+        """
+        return self.top(self.logits(images), top_k)
+
+    def predict_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        top_k: int = 5,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Predict image files in batches; a file that cannot be decoded is reported, the others go on.
+
+        Returns one dict per path, in order: ``{"path", "top": [{"class", "prob"}, ...]}`` or
+        ``{"path", "error": "cannot read image ..."}``.
+
+        Example:
+            >>> p.predict_files(["a.png", "broken.jpg"], top_k=1, progress=False)  # doctest: +SKIP
+            [{'path': 'a.png', 'top': [...]}, {'path': 'broken.jpg', 'error': "cannot read image ..."}]
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[dict[str, Any]] = [{"path": str(p)} for p in paths]
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if pending:
+                tops = self.top(self.logits(torch.stack([t for _, t in pending])), top_k)
+                for (i, _), top in zip(pending, tops):
+                    results[i]["top"] = top
+                pending.clear()
+
+        with tqdm(
+            total=len(results), unit="img", desc="predict", disable=not progress, dynamic_ncols=True
+        ) as bar:
+            for i, p in enumerate(paths):
+                try:
+                    pending.append((i, prepare_image(read_image(p), self.info.preprocessing)))
+                except BadImageError as exc:
+                    results[i]["error"] = str(exc)
+                except (OSError, ValueError) as exc:  # a decoded image that still cannot be converted
+                    results[i]["error"] = f"cannot read image {str(p)!r}: {type(exc).__name__}: {exc}"
+                if len(pending) >= batch_size:
+                    flush()
+                bar.update(1)
+            flush()
+        return results
+
+
+def _torch_runner(module: torch.nn.Module, device: torch.device) -> Runner:
+    module = module.to(device).eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x.to(device))  # type: ignore[no-any-return]
+
+    return run
+
+
+def _onnx_runner(path: Path, device: torch.device) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise FeatcacheError(
+            "running an .onnx model needs onnxruntime: pip install 'featcache[onnx]'"
+        ) from exc
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+
+    return run
+
+
+def _onnx_info(path: Path) -> ExportInfo:
+    from .export import ExportInfo, read_info, sidecar_path
+
+    if sidecar_path(path).is_file():
+        return read_info(path)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if "featcache" not in meta:
+        raise FileNotFoundError(
+            f"{str(sidecar_path(path))!r} not found and {str(path)!r} has no featcache metadata"
+        )
+    return ExportInfo.from_dict(json.loads(meta["featcache"]))
+
+
+def _torchscript(path: Path, device: torch.device) -> tuple[Runner, ExportInfo]:
+    from .export import ExportInfo, read_info, sidecar_path
+
+    extra = {"featcache.json": ""}
+    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    info = (
+        read_info(path)
+        if sidecar_path(path).is_file()
+        else ExportInfo.from_dict(json.loads(extra["featcache.json"]))
+    )
+    return _torch_runner(module, device), info
+
+
+def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+    """A :class:`Predictor` for an exported file (``.pt`` + sidecar, ``.ts``, ``.onnx``) or a run folder.
+
+    Args:
+        path: exported model file, or a run folder (the model is then built in memory, as export does).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Example:
+        >>> p = load_predictor("runs/mnist")  # doctest: +SKIP
+        >>> p.predict_files(["seven.png"], top_k=1)  # doctest: +SKIP
+    """
+    from .export import build_model, load_pt
+
+    p = Path(path)
+    dev = resolve_device(device)
+    if p.is_dir():
+        model, info = build_model(p)
+        return Predictor(_torch_runner(model, dev), info, dev)
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(p)!r} is neither an exported model file nor a run folder")
+    kind = _sniff(p)
+    if kind == "onnx":
+        return Predictor(_onnx_runner(p, dev), _onnx_info(p), dev, uint8_only=True)
+    if kind == "torchscript":
+        runner, info = _torchscript(p, dev)
+        return Predictor(runner, info, dev)
+    model, info = load_pt(p)
+    return Predictor(_torch_runner(model, dev), info, dev)
+
+
+def _sniff(path: Path) -> str:
+    """``pt`` (safetensors), ``torchscript`` (a zip) or ``onnx``: from the sidecar, else the first bytes."""
+    side = Path(f"{path}.json")
+    if side.is_file():
+        fmt = str(json.loads(side.read_text()).get("format", ""))
+        if fmt in ("pt", "torchscript", "onnx"):
+            return fmt
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):
+        return "torchscript"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "pt"
+    if path.suffix == ".onnx":
+        return "onnx"
+    raise FeatcacheError(
+        f"cannot tell the format of {str(path)!r}: expected a featcache export (.pt with its .json sidecar, "
+        ".ts or .onnx); export one with `featcache export RUN --format pt|torchscript|onnx`"
+    )

@@ -1,0 +1,154 @@
+"""Freeze/unfreeze specs, BN policy, discriminative LRs, cached prefix == live loop, init-head, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featcache.backbones import load_backbone
+from featcache.extract import ExtractConfig
+from featcache.finetune import (
+    TrainableSpec, apply_train_mode, block_names, build_suffix, param_groups, plan_freeze,
+)
+from featcache.finetune_run import FinetuneConfig, finetune_run
+from featcache.heads import HeadSpec
+from featcache.runs import DataConfig, load_run, train_run
+from featcache.train import TrainConfig
+
+SMALL = ExtractConfig(input_size=(32, 32))
+SEEDS_CFG = TrainConfig(epochs=2, batch_size=32, lr=1e-3, optimizer="adam", schedule="constant", weight_decay=0.0,
+                        device="cpu")
+
+
+def test_head_spec_trains_only_the_new_classifier() -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    plan = plan_freeze(bb, TrainableSpec.parse("head"), num_classes=3)
+    model = bb.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["fc.weight", "fc.bias"]
+    assert plan.trainable_params == 512 * 3 + 3  # the seeds' hand count
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 3
+    apply_train_mode(model, plan)
+    F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2])).backward()
+    assert model.conv1.weight.grad is None and model.layer4[1].conv2.weight.grad is None
+    assert model.fc.weight.grad is not None
+
+
+def test_last_n_and_from_and_modules_specs() -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    assert block_names(bb.model)[-2:] == ["layer4.0", "layer4.1"]
+    plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10)
+    assert plan.split == "layer4.1"
+    assert set(plan.trainable_modules) == {"layer4.1.conv1", "layer4.1.bn1", "layer4.1.conv2", "layer4.1.bn2", "fc"}
+    hand = sum(p.numel() for p in bb.model.layer4[1].parameters()) + 512 * 10 + 10
+    assert plan.trainable_params == hand
+    bb2 = load_backbone("torchvision:resnet18", weights="none")
+    assert plan_freeze(bb2, TrainableSpec.parse("from:layer4"), 10).trainable_params == (
+        sum(p.numel() for p in bb2.model.layer4.parameters()) + 5130)
+    bb3 = load_backbone("torchvision:resnet18", weights="none")
+    plan3 = plan_freeze(bb3, TrainableSpec.parse("modules:layer2.0.conv1"), 10)
+    assert plan3.trainable_modules == ("layer2.0.conv1", "fc")
+    bb4 = load_backbone("torchvision:resnet18", weights="none")
+    assert plan_freeze(bb4, TrainableSpec.parse("all"), 10).trainable_params == sum(
+        p.numel() for p in bb4.model.parameters())
+    with pytest.raises(ValueError, match="last:N"):
+        TrainableSpec.parse("lst:2")
+    with pytest.raises(ValueError, match="layer4"):
+        plan_freeze(load_backbone("torchvision:resnet18", weights="none"), TrainableSpec.parse("from:layr4"), 10)
+
+
+def test_discriminative_learning_rates() -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    plan = plan_freeze(bb, TrainableSpec.parse("last:2"), 10, lr_decay=0.5)
+    groups = param_groups(bb.model, plan, lr=1e-2)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-2, 5e-3, 2.5e-3])
+    assert groups[0]["modules"] == ["fc"]
+    assert all(m.startswith("layer4.1") for m in groups[1]["modules"])
+    assert all(m.startswith("layer4.0") for m in groups[2]["modules"])
+
+
+def test_timm_efficientnet_blocks_are_stages() -> None:
+    bb = load_backbone("efficientnet-lite0", weights="none")
+    blocks = block_names(bb.model, "classifier")
+    assert blocks[0] == "blocks.0" and blocks[-1] == "blocks.6"
+    plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10, input_size=(32, 32))
+    assert plan.split == "blocks.6" and "conv_head" in plan.trainable_modules
+
+
+def test_bn_frozen_keeps_running_statistics(tmp_path: Path) -> None:
+    for mode in ("cached", "live"):
+        run = finetune_run("torchvision:resnet18", DataConfig("digits", limit=120),
+                           FinetuneConfig(train="last:1", bn="frozen", mode=mode), SEEDS_CFG, SMALL, tmp_path / mode,
+                           weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+        fresh = load_backbone("torchvision:resnet18", weights="none").model
+        for name in ("layer4.1.bn1", "layer4.1.bn2", "layer1.0.bn1"):
+            a, b = run.model.get_submodule(name), fresh.get_submodule(name)
+            torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=0)
+            torch.testing.assert_close(a.running_var, b.running_var, rtol=0, atol=0)
+        assert not torch.equal(run.model.layer4[1].conv1.weight, fresh.layer4[1].conv1.weight)
+
+
+def test_cached_prefix_equals_live_loop(tmp_path: Path) -> None:
+    runs = {}
+    for mode in ("cached", "live"):
+        runs[mode] = finetune_run("torchvision:resnet18", DataConfig("digits", limit=160),
+                                  FinetuneConfig(train="last:1", bn="train", mode=mode), SEEDS_CFG, SMALL,
+                                  tmp_path / mode, weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+    assert runs["cached"].metrics["mode"] == "cached-prefix" and runs["live"].metrics["mode"] == "live"
+    np.testing.assert_allclose(runs["cached"].metrics["step_losses"], runs["live"].metrics["step_losses"],
+                               rtol=1e-4, atol=1e-5)
+    a, b = runs["cached"].model.state_dict(), runs["live"].model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+    cfg = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert cfg["plan"]["split"] == "layer4.1" and "input:layer4.1" in str(cfg["cache_keys"]) or cfg["cache_keys"]
+
+
+def test_live_fallback_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = finetune_run("torchvision:resnet18", DataConfig("digits", limit=80),
+                       FinetuneConfig(train="last:1", augment="flip"), SEEDS_CFG, SMALL, tmp_path / "aug",
+                       weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+    assert run.metrics["mode"] == "live" and "augmentation" in run.config["mode_reason"]
+    assert "live because random augmentation" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--mode cached is not possible"):
+        finetune_run("torchvision:resnet18", DataConfig("digits", limit=80),
+                     FinetuneConfig(train="all", mode="cached"), SEEDS_CFG, SMALL, tmp_path / "x", weights="none",
+                     cache_dir=str(tmp_path / "c"), progress=False)
+
+
+def test_suffix_refuses_a_split_across_a_skip_connection() -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    with pytest.raises(ValueError, match="skip connection"):
+        build_suffix(bb.model, "layer4.1.conv2")
+
+
+def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
+    data = DataConfig("digits", limit=150)
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    probe = train_run(bb, data, "penultimate", HeadSpec("linear"), TrainConfig(epochs=3, standardize=True, device="cpu"),
+                      SMALL, tmp_path / "probe", cache_dir=str(tmp_path / "c"), progress=False)
+    run = finetune_run("torchvision:resnet18", data,
+                       FinetuneConfig(train="head", init_head=str(tmp_path / "probe")),
+                       TrainConfig(epochs=1, lr=1e-12, device="cpu"), SMALL, tmp_path / "ft", weights="none",
+                       cache_dir=str(tmp_path / "c"), progress=False)
+    # With a negligible learning rate the fine-tuned model still predicts what the probe head does.
+    assert run.metrics["test"]["acc"] == pytest.approx(load_run(tmp_path / "probe").metrics["test"]["acc"])
+    assert run.metrics["test"]["loss"] == pytest.approx(probe.metrics["test"]["loss"], rel=1e-4)
+
+
+def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
+    data = DataConfig("digits", limit=80)
+    finetune_run("torchvision:resnet18", data, FinetuneConfig(train="last:1"), SEEDS_CFG, SMALL, tmp_path / "r",
+                 weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+    again = finetune_run("torchvision:resnet18", data, FinetuneConfig(train="last:1"), SEEDS_CFG, SMALL,
+                         tmp_path / "r", weights="none", cache_dir=str(tmp_path / "c"), progress=False, resume=True)
+    assert [n for n, p in again.model.named_parameters() if p.requires_grad][0].startswith("layer4.1")
+    with pytest.raises(ValueError, match="frozen set"):
+        finetune_run("torchvision:resnet18", data, FinetuneConfig(train="last:2"), SEEDS_CFG, SMALL, tmp_path / "r",
+                     weights="none", cache_dir=str(tmp_path / "c"), progress=False, resume=True)

@@ -1,0 +1,70 @@
+"""Heads: shapes, the seeds' SimpleClassifier as reference, shape errors, standardisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from featcache._util import FeatcacheError
+from featcache.heads import HeadInfo, HeadSpec, Standardize, build_head, check_input
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [("linear", (64,)), ("linear", (8, 3, 3)), ("pooled-linear", (8, 3, 3)), ("mlp", (64,)), ("conv", (8, 4, 4))],
+)
+def test_heads_output_logits(kind: str, shape: tuple[int, ...]) -> None:
+    head = build_head(HeadSpec(kind, hidden=(16,)), shape, num_classes=5)
+    assert head(torch.randn(3, *shape)).shape == (3, 5)
+
+
+def test_pooled_linear_is_the_seeds_simple_classifier() -> None:
+    class SimpleClassifier(nn.Module):  # seed 000, verbatim structure
+        def __init__(self, feature_size: int, num_classes: int) -> None:
+            super().__init__()
+            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(feature_size, num_classes))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(x)
+
+    ref = SimpleClassifier(256, 10)
+    head = build_head(HeadSpec("pooled-linear"), (256, 7, 7), 10)
+    head.body[2].load_state_dict(ref.classifier[2].state_dict())
+    x = torch.randn(4, 256, 7, 7)
+    torch.testing.assert_close(head(x), ref(x))
+
+
+def test_spatial_heads_refuse_pooled_features() -> None:
+    with pytest.raises(FeatcacheError, match=r"\(1280,\).*--pool none"):
+        build_head(HeadSpec("conv"), (1280,), 10)
+
+
+def test_shape_mismatch_names_both_shapes() -> None:
+    with pytest.raises(FeatcacheError, match=r"\(512,\).*\(256, 4, 4\)"):
+        check_input((512,), (256, 4, 4))
+
+
+def test_unknown_head_suggests() -> None:
+    with pytest.raises(ValueError, match="'mlp'"):
+        HeadSpec("mpl")
+
+
+def test_standardize_matches_torch_statistics() -> None:
+    x = torch.randn(500, 6) * torch.arange(1, 7) + 3
+    std = Standardize.fit(x, chunk=64)
+    torch.testing.assert_close(std.mean, x.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(std.std, x.std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    maps = torch.randn(20, 3, 4, 4) + 5
+    s2 = Standardize.fit(maps)
+    assert s2.mean.shape == (3, 1, 1)
+    torch.testing.assert_close(s2.mean.flatten(), maps.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def test_head_info_rebuilds_same_structure() -> None:
+    head = build_head(HeadSpec("mlp", hidden=(32, 16), dropout=0.1), (20,), 4, Standardize.fit(torch.randn(50, 20)))
+    info = HeadInfo(HeadSpec("mlp", hidden=(32, 16), dropout=0.1), (20,), 4, standardize=True)
+    again = HeadInfo.from_dict(info.to_dict()).build()
+    again.load_state_dict(head.state_dict())
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(again.eval()(x), head.eval()(x))

@@ -1,4 +1,4 @@
-"""The command line: every verb's help has an example, typos exit 2 with a suggestion, outputs match reality."""
+"""The command line: help with examples, typos exit 2 with a suggestion, outputs match reality."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def test_every_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFi
 
 
 def test_layers_json_matches_a_real_forward(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "layers", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "64",
-                       "--json")
+    code, out, _ = run(
+        capsys, "layers", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "64", "--json"
+    )
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
     model = load_backbone("torchvision:resnet18", weights="none").model
@@ -37,7 +38,9 @@ def test_layers_json_matches_a_real_forward(capsys: pytest.CaptureFixture[str]) 
     def note(name: str, out: torch.Tensor) -> None:  # a hook that returns a value would replace the output
         shapes.setdefault(name, tuple(out.shape))
 
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: note(n, o)) for n, m in model.named_modules() if n]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o, n=n: note(n, o)) for n, m in model.named_modules() if n
+    ]
     with torch.inference_mode():
         model(torch.zeros(1, 3, 64, 64))
     for h in hooks:
@@ -49,7 +52,9 @@ def test_layers_json_matches_a_real_forward(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_summary_totals(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "summary", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "64")
+    code, out, _ = run(
+        capsys, "summary", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "64"
+    )
     assert code == 0
     model = load_backbone("torchvision:resnet18", weights="none").model
     assert f"total params: {sum(p.numel() for p in model.parameters()):,}" in out
@@ -63,22 +68,52 @@ def test_summary_totals(capsys: pytest.CaptureFixture[str]) -> None:
         (["layers", "torchvisoin:resnet18"], "torchvision"),
         (["extract", "torchvision:resnet18", "digits", "--weights", "none", "--layers", "layr3"], "layer3"),
         (["extract", "torchvision:resnet18", "digitz", "--weights", "none"], "digits"),
-        (["train", "torchvision:resnet18", "digits", "--weights", "none", "--head", "lineer", "--out", "x"], "linear"),
+        (
+            [
+                "train",
+                "torchvision:resnet18",
+                "digits",
+                "--weights",
+                "none",
+                "--head",
+                "lineer",
+                "--out",
+                "x",
+            ],
+            "linear",
+        ),
         (["cache", "info", "0000"], "cache ls"),
     ],
 )
-def test_typos_exit_2_with_a_suggestion(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str],
-                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_typos_exit_2_with_a_suggestion(
+    argv: list[str],
+    needle: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path))
-    code, out, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2
     assert needle in err and "Traceback" not in err
 
 
-def test_extract_cache_verbs_and_train(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extract_cache_verbs_and_train(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    base = ["torchvision:resnet18", "digits", "--weights", "none", "--limit", "100", "--input-size", "32", "32", "-q"]
+    base = [
+        "torchvision:resnet18",
+        "digits",
+        "--weights",
+        "none",
+        "--limit",
+        "100",
+        "--input-size",
+        "32",
+        "32",
+        "-q",
+    ]
     code, out, _ = run(capsys, "extract", *base, "--layers", "layer2,layer3")
     assert code == 0 and out.count("[built]") == 3
     key = out.split()[1]
@@ -91,7 +126,9 @@ def test_extract_cache_verbs_and_train(capsys: pytest.CaptureFixture[str], tmp_p
     assert info["layers"] == {"layer2": [128], "layer3": [256]} and info["status"] == "complete"
     code, out, _ = run(capsys, "cache", "verify", key)
     assert code == 0 and out.startswith("OK")
-    code, out, _ = run(capsys, "train", *base, "--layer", "layer3", "--epochs", "2", "--out", str(tmp_path / "run"))
+    code, out, _ = run(
+        capsys, "train", *base, "--layer", "layer3", "--epochs", "2", "--out", str(tmp_path / "run")
+    )
     assert code == 0 and "test accuracy" in out
     assert (tmp_path / "run" / "metrics.json").exists()
     code, out, _ = run(capsys, "cache", "rm", key)

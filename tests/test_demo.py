@@ -12,7 +12,9 @@ from featcache.cli import main
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["demo", "--quick", "-q", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "c")])
+    code = main(
+        ["demo", "--quick", "-q", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "c")]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "naive loop" in out and "random-init backbone" in out and "0 backbone passes" in out

@@ -12,9 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from featcache.backbones import load_backbone
+from featcache.cache import FeatureCache
 from featcache.extract import ExtractConfig
 from featcache.finetune import (
-    TrainableSpec, apply_train_mode, block_names, build_suffix, param_groups, plan_freeze,
+    TrainableSpec,
+    apply_train_mode,
+    block_names,
+    build_suffix,
+    param_groups,
+    plan_freeze,
 )
 from featcache.finetune_run import FinetuneConfig, finetune_run
 from featcache.heads import HeadSpec
@@ -22,8 +28,9 @@ from featcache.runs import DataConfig, load_run, train_run
 from featcache.train import TrainConfig
 
 SMALL = ExtractConfig(input_size=(32, 32))
-SEEDS_CFG = TrainConfig(epochs=2, batch_size=32, lr=1e-3, optimizer="adam", schedule="constant", weight_decay=0.0,
-                        device="cpu")
+SEEDS_CFG = TrainConfig(
+    epochs=2, batch_size=32, lr=1e-3, optimizer="adam", schedule="constant", weight_decay=0.0, device="cpu"
+)
 
 
 def test_head_spec_trains_only_the_new_classifier() -> None:
@@ -45,22 +52,32 @@ def test_last_n_and_from_and_modules_specs() -> None:
     assert block_names(bb.model)[-2:] == ["layer4.0", "layer4.1"]
     plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10)
     assert plan.split == "layer4.1"
-    assert set(plan.trainable_modules) == {"layer4.1.conv1", "layer4.1.bn1", "layer4.1.conv2", "layer4.1.bn2", "fc"}
+    assert set(plan.trainable_modules) == {
+        "layer4.1.conv1",
+        "layer4.1.bn1",
+        "layer4.1.conv2",
+        "layer4.1.bn2",
+        "fc",
+    }
     hand = sum(p.numel() for p in bb.model.layer4[1].parameters()) + 512 * 10 + 10
     assert plan.trainable_params == hand
     bb2 = load_backbone("torchvision:resnet18", weights="none")
     assert plan_freeze(bb2, TrainableSpec.parse("from:layer4"), 10).trainable_params == (
-        sum(p.numel() for p in bb2.model.layer4.parameters()) + 5130)
+        sum(p.numel() for p in bb2.model.layer4.parameters()) + 5130
+    )
     bb3 = load_backbone("torchvision:resnet18", weights="none")
     plan3 = plan_freeze(bb3, TrainableSpec.parse("modules:layer2.0.conv1"), 10)
     assert plan3.trainable_modules == ("layer2.0.conv1", "fc")
     bb4 = load_backbone("torchvision:resnet18", weights="none")
     assert plan_freeze(bb4, TrainableSpec.parse("all"), 10).trainable_params == sum(
-        p.numel() for p in bb4.model.parameters())
+        p.numel() for p in bb4.model.parameters()
+    )
     with pytest.raises(ValueError, match="last:N"):
         TrainableSpec.parse("lst:2")
     with pytest.raises(ValueError, match="layer4"):
-        plan_freeze(load_backbone("torchvision:resnet18", weights="none"), TrainableSpec.parse("from:layr4"), 10)
+        plan_freeze(
+            load_backbone("torchvision:resnet18", weights="none"), TrainableSpec.parse("from:layr4"), 10
+        )
 
 
 def test_discriminative_learning_rates() -> None:
@@ -83,9 +100,17 @@ def test_timm_efficientnet_blocks_are_stages() -> None:
 
 def test_bn_frozen_keeps_running_statistics(tmp_path: Path) -> None:
     for mode in ("cached", "live"):
-        run = finetune_run("torchvision:resnet18", DataConfig("digits", limit=120),
-                           FinetuneConfig(train="last:1", bn="frozen", mode=mode), SEEDS_CFG, SMALL, tmp_path / mode,
-                           weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+        run = finetune_run(
+            "torchvision:resnet18",
+            DataConfig("digits", limit=120),
+            FinetuneConfig(train="last:1", bn="frozen", mode=mode),
+            SEEDS_CFG,
+            SMALL,
+            tmp_path / mode,
+            weights="none",
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+        )
         fresh = load_backbone("torchvision:resnet18", weights="none").model
         for name in ("layer4.1.bn1", "layer4.1.bn2", "layer1.0.bn1"):
             a, b = run.model.get_submodule(name), fresh.get_submodule(name)
@@ -97,29 +122,56 @@ def test_bn_frozen_keeps_running_statistics(tmp_path: Path) -> None:
 def test_cached_prefix_equals_live_loop(tmp_path: Path) -> None:
     runs = {}
     for mode in ("cached", "live"):
-        runs[mode] = finetune_run("torchvision:resnet18", DataConfig("digits", limit=160),
-                                  FinetuneConfig(train="last:1", bn="train", mode=mode), SEEDS_CFG, SMALL,
-                                  tmp_path / mode, weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+        runs[mode] = finetune_run(
+            "torchvision:resnet18",
+            DataConfig("digits", limit=160),
+            FinetuneConfig(train="last:1", bn="train", mode=mode),
+            SEEDS_CFG,
+            SMALL,
+            tmp_path / mode,
+            weights="none",
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+        )
     assert runs["cached"].metrics["mode"] == "cached-prefix" and runs["live"].metrics["mode"] == "live"
-    np.testing.assert_allclose(runs["cached"].metrics["step_losses"], runs["live"].metrics["step_losses"],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        runs["cached"].metrics["step_losses"], runs["live"].metrics["step_losses"], rtol=1e-4, atol=1e-5
+    )
     a, b = runs["cached"].model.state_dict(), runs["live"].model.state_dict()
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
     cfg = json.loads((tmp_path / "cached" / "config.json").read_text())
-    assert cfg["plan"]["split"] == "layer4.1" and "input:layer4.1" in str(cfg["cache_keys"]) or cfg["cache_keys"]
+    assert cfg["plan"]["split"] == "layer4.1" and cfg["mode"] == "cached-prefix"
+    info = FeatureCache(tmp_path / "c").info(cfg["cache_keys"]["train"])
+    assert info["layers"] == {"input:layer4.1": [512, 1, 1]}
 
 
 def test_live_fallback_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = finetune_run("torchvision:resnet18", DataConfig("digits", limit=80),
-                       FinetuneConfig(train="last:1", augment="flip"), SEEDS_CFG, SMALL, tmp_path / "aug",
-                       weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+    run = finetune_run(
+        "torchvision:resnet18",
+        DataConfig("digits", limit=80),
+        FinetuneConfig(train="last:1", augment="flip"),
+        SEEDS_CFG,
+        SMALL,
+        tmp_path / "aug",
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     assert run.metrics["mode"] == "live" and "augmentation" in run.config["mode_reason"]
     assert "live because random augmentation" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mode cached is not possible"):
-        finetune_run("torchvision:resnet18", DataConfig("digits", limit=80),
-                     FinetuneConfig(train="all", mode="cached"), SEEDS_CFG, SMALL, tmp_path / "x", weights="none",
-                     cache_dir=str(tmp_path / "c"), progress=False)
+        finetune_run(
+            "torchvision:resnet18",
+            DataConfig("digits", limit=80),
+            FinetuneConfig(train="all", mode="cached"),
+            SEEDS_CFG,
+            SMALL,
+            tmp_path / "x",
+            weights="none",
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+        )
 
 
 def test_suffix_refuses_a_split_across_a_skip_connection() -> None:
@@ -131,12 +183,28 @@ def test_suffix_refuses_a_split_across_a_skip_connection() -> None:
 def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
     data = DataConfig("digits", limit=150)
     bb = load_backbone("torchvision:resnet18", weights="none")
-    probe = train_run(bb, data, "penultimate", HeadSpec("linear"), TrainConfig(epochs=3, standardize=True, device="cpu"),
-                      SMALL, tmp_path / "probe", cache_dir=str(tmp_path / "c"), progress=False)
-    run = finetune_run("torchvision:resnet18", data,
-                       FinetuneConfig(train="head", init_head=str(tmp_path / "probe")),
-                       TrainConfig(epochs=1, lr=1e-12, device="cpu"), SMALL, tmp_path / "ft", weights="none",
-                       cache_dir=str(tmp_path / "c"), progress=False)
+    probe = train_run(
+        bb,
+        data,
+        "penultimate",
+        HeadSpec("linear"),
+        TrainConfig(epochs=3, standardize=True, device="cpu"),
+        SMALL,
+        tmp_path / "probe",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    run = finetune_run(
+        "torchvision:resnet18",
+        data,
+        FinetuneConfig(train="head", init_head=str(tmp_path / "probe")),
+        TrainConfig(epochs=1, lr=1e-12, device="cpu"),
+        SMALL,
+        tmp_path / "ft",
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     # With a negligible learning rate the fine-tuned model still predicts what the probe head does.
     assert run.metrics["test"]["acc"] == pytest.approx(load_run(tmp_path / "probe").metrics["test"]["acc"])
     assert run.metrics["test"]["loss"] == pytest.approx(probe.metrics["test"]["loss"], rel=1e-4)
@@ -144,11 +212,40 @@ def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
 
 def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
     data = DataConfig("digits", limit=80)
-    finetune_run("torchvision:resnet18", data, FinetuneConfig(train="last:1"), SEEDS_CFG, SMALL, tmp_path / "r",
-                 weights="none", cache_dir=str(tmp_path / "c"), progress=False)
-    again = finetune_run("torchvision:resnet18", data, FinetuneConfig(train="last:1"), SEEDS_CFG, SMALL,
-                         tmp_path / "r", weights="none", cache_dir=str(tmp_path / "c"), progress=False, resume=True)
-    assert [n for n, p in again.model.named_parameters() if p.requires_grad][0].startswith("layer4.1")
+    finetune_run(
+        "torchvision:resnet18",
+        data,
+        FinetuneConfig(train="last:1"),
+        SEEDS_CFG,
+        SMALL,
+        tmp_path / "r",
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    again = finetune_run(
+        "torchvision:resnet18",
+        data,
+        FinetuneConfig(train="last:1"),
+        SEEDS_CFG,
+        SMALL,
+        tmp_path / "r",
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+        resume=True,
+    )
+    assert next(n for n, p in again.model.named_parameters() if p.requires_grad).startswith("layer4.1")
     with pytest.raises(ValueError, match="frozen set"):
-        finetune_run("torchvision:resnet18", data, FinetuneConfig(train="last:2"), SEEDS_CFG, SMALL, tmp_path / "r",
-                     weights="none", cache_dir=str(tmp_path / "c"), progress=False, resume=True)
+        finetune_run(
+            "torchvision:resnet18",
+            data,
+            FinetuneConfig(train="last:2"),
+            SEEDS_CFG,
+            SMALL,
+            tmp_path / "r",
+            weights="none",
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+            resume=True,
+        )

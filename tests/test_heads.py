@@ -12,7 +12,13 @@ from featcache.heads import HeadInfo, HeadSpec, Standardize, build_head, check_i
 
 @pytest.mark.parametrize(
     ("kind", "shape"),
-    [("linear", (64,)), ("linear", (8, 3, 3)), ("pooled-linear", (8, 3, 3)), ("mlp", (64,)), ("conv", (8, 4, 4))],
+    [
+        ("linear", (64,)),
+        ("linear", (8, 3, 3)),
+        ("pooled-linear", (8, 3, 3)),
+        ("mlp", (64,)),
+        ("conv", (8, 4, 4)),
+    ],
 )
 def test_heads_output_logits(kind: str, shape: tuple[int, ...]) -> None:
     head = build_head(HeadSpec(kind, hidden=(16,)), shape, num_classes=5)
@@ -23,7 +29,9 @@ def test_pooled_linear_is_the_seeds_simple_classifier() -> None:
     class SimpleClassifier(nn.Module):  # seed 000, verbatim structure
         def __init__(self, feature_size: int, num_classes: int) -> None:
             super().__init__()
-            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(feature_size, num_classes))
+            self.classifier = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(feature_size, num_classes)
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.classifier(x)
@@ -62,7 +70,9 @@ def test_standardize_matches_torch_statistics() -> None:
 
 
 def test_head_info_rebuilds_same_structure() -> None:
-    head = build_head(HeadSpec("mlp", hidden=(32, 16), dropout=0.1), (20,), 4, Standardize.fit(torch.randn(50, 20)))
+    head = build_head(
+        HeadSpec("mlp", hidden=(32, 16), dropout=0.1), (20,), 4, Standardize.fit(torch.randn(50, 20))
+    )
     info = HeadInfo(HeadSpec("mlp", hidden=(32, 16), dropout=0.1), (20,), 4, standardize=True)
     again = HeadInfo.from_dict(info.to_dict()).build()
     again.load_state_dict(head.state_dict())

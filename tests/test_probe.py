@@ -32,7 +32,9 @@ def test_logistic_matches_sklearn() -> None:
 def test_probe_chooses_on_val_and_never_looks_at_test() -> None:
     (xt, yt), (xv, yv), (xs, ys) = _data(300, 1), _data(150, 2), _data(200, 3)
     cfg = ProbeConfig(strengths=(1e-4, 1e-2, 1.0), max_iter=100)
-    res = linear_probe(FeatureSource(xt, yt), FeatureSource(xv, yv), FeatureSource(xs, ys), 4, cfg, progress=False)
+    res = linear_probe(
+        FeatureSource(xt, yt), FeatureSource(xv, yv), FeatureSource(xs, ys), 4, cfg, progress=False
+    )
     scrambled = FeatureSource(xs, ys[torch.randperm(len(ys), generator=torch.Generator().manual_seed(0))])
     res2 = linear_probe(FeatureSource(xt, yt), FeatureSource(xv, yv), scrambled, 4, cfg, progress=False)
     assert res.strength == res2.strength and res.sweep == res2.sweep

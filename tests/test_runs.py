@@ -29,12 +29,30 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     data = DataConfig("digits", limit=300)
     cfg = TrainConfig(epochs=3, lr=1e-2, device="cpu")
-    first = train_run(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r1",
-                      cache_dir=str(tmp_path / "c"), progress=False)
+    first = train_run(
+        bb,
+        data,
+        "layer3",
+        HeadSpec("linear"),
+        cfg,
+        SMALL,
+        tmp_path / "r1",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     assert not any(first.metrics["cache_hit"].values())
     calls = _count_forwards(bb.model)
-    second = train_run(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r2",
-                       cache_dir=str(tmp_path / "c"), progress=False)
+    second = train_run(
+        bb,
+        data,
+        "layer3",
+        HeadSpec("linear"),
+        cfg,
+        SMALL,
+        tmp_path / "r2",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     assert calls["n"] == 0
     assert all(second.metrics["cache_hit"].values())
     assert second.metrics["test"]["acc"] == first.metrics["test"]["acc"]
@@ -44,7 +62,9 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert config["cache_keys"]["train"] == first.config["cache_keys"]["train"]
     assert config["layer"] == "layer3" and config["train"]["epochs"] == 3
-    assert len(metrics["history"]) == 3 and {"val_acc", "val_loss", "train_loss"} <= set(metrics["history"][0])
+    assert len(metrics["history"]) == 3 and {"val_acc", "val_loss", "train_loss"} <= set(
+        metrics["history"][0]
+    )
     assert len(metrics["test"]["confusion"]) == 10
     for png in ("curves.png", "confusion.png"):
         data_png = (out / png).read_bytes()
@@ -53,9 +73,17 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
 
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
-    run = train_run(bb, DataConfig("digits", limit=200), "penultimate", HeadSpec("mlp", hidden=(32,)),
-                    TrainConfig(epochs=2, standardize=True, device="cpu"), SMALL, tmp_path / "r",
-                    cache_dir=str(tmp_path / "c"), progress=False)
+    run = train_run(
+        bb,
+        DataConfig("digits", limit=200),
+        "penultimate",
+        HeadSpec("mlp", hidden=(32,)),
+        TrainConfig(epochs=2, standardize=True, device="cpu"),
+        SMALL,
+        tmp_path / "r",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     again = load_run(tmp_path / "r")
     test = DataConfig("digits", limit=200).load().test
     assert test is not None
@@ -70,25 +98,63 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
     bb = load_backbone("torchvision:resnet18", weights="none")
     data = DataConfig("digits", limit=200)
     cfg = TrainConfig(epochs=4, lr=3e-3, device="cpu")
-    full = train_run(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "full",
-                     cache_dir=str(tmp_path / "c"), progress=False)
+    full = train_run(
+        bb,
+        data,
+        "layer2",
+        HeadSpec("linear"),
+        cfg,
+        SMALL,
+        tmp_path / "full",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
 
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
         return fit(*args, **kwargs, stop_after_epochs=2)
 
     monkeypatch.setattr(runs_mod, "fit", interrupted)
-    train_run(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "cut", cache_dir=str(tmp_path / "c"),
-              progress=False)
+    train_run(
+        bb,
+        data,
+        "layer2",
+        HeadSpec("linear"),
+        cfg,
+        SMALL,
+        tmp_path / "cut",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     monkeypatch.undo()
-    resumed = train_run(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "cut",
-                        cache_dir=str(tmp_path / "c"), progress=False, resume=True)
+    resumed = train_run(
+        bb,
+        data,
+        "layer2",
+        HeadSpec("linear"),
+        cfg,
+        SMALL,
+        tmp_path / "cut",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+        resume=True,
+    )
     np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-6)
     for a, b in zip(resumed.head.state_dict().values(), full.head.state_dict().values()):
         torch.testing.assert_close(a, b)
 
     with pytest.raises(ValueError, match="differ"):
-        train_run(bb, data, "layer2", HeadSpec("linear"), TrainConfig(epochs=9, device="cpu"), SMALL, tmp_path / "cut",
-                  cache_dir=str(tmp_path / "c"), progress=False, resume=True)
+        train_run(
+            bb,
+            data,
+            "layer2",
+            HeadSpec("linear"),
+            TrainConfig(epochs=9, device="cpu"),
+            SMALL,
+            tmp_path / "cut",
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+            resume=True,
+        )
 
 
 @pytest.mark.slow
@@ -97,10 +163,29 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
     data = DataConfig("mnist-5k")
     ecfg = ExtractConfig(input_size=(64, 64), batch_size=128)
     cfg = TrainConfig(epochs=20, lr=3e-3, standardize=True)
-    pre = train_run("efficientnet-lite0", data, "penultimate", HeadSpec("linear"), cfg, ecfg, tmp_path / "imagenet",
-                    cache_dir=str(tmp_path / "c"), progress=False)
-    rand = train_run("efficientnet-lite0", data, "penultimate", HeadSpec("linear"), cfg, ecfg, tmp_path / "random",
-                     weights="none", cache_dir=str(tmp_path / "c"), progress=False)
+    pre = train_run(
+        "efficientnet-lite0",
+        data,
+        "penultimate",
+        HeadSpec("linear"),
+        cfg,
+        ecfg,
+        tmp_path / "imagenet",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    rand = train_run(
+        "efficientnet-lite0",
+        data,
+        "penultimate",
+        HeadSpec("linear"),
+        cfg,
+        ecfg,
+        tmp_path / "random",
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
     print(f"imagenet {pre.metrics['test']['acc']:.4f}  random-init {rand.metrics['test']['acc']:.4f}")
     assert pre.metrics["test"]["acc"] >= 0.90
     assert rand.metrics["test"]["acc"] <= pre.metrics["test"]["acc"] - 0.05

@@ -16,7 +16,9 @@ from featcache.train import FeatureSource, TrainConfig, evaluate, fit
 CPU = torch.device("cpu")
 
 
-def blobs(n: int = 600, d: int = 32, c: int = 5, seed: int = 0, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+def blobs(
+    n: int = 600, d: int = 32, c: int = 5, seed: int = 0, noise: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Linearly separable clusters around random centres."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(c, d, generator=g) * 3
@@ -27,7 +29,14 @@ def blobs(n: int = 600, d: int = 32, c: int = 5, seed: int = 0, noise: float = 0
 def test_linear_head_learns_separable_features() -> None:
     x, y = blobs()
     head = build_head(HeadSpec("linear"), (32,), 5)
-    fit(head, FeatureSource(x[:500], y[:500]), None, 5, TrainConfig(epochs=20, lr=1e-2, device="cpu"), progress=False)
+    fit(
+        head,
+        FeatureSource(x[:500], y[:500]),
+        None,
+        5,
+        TrainConfig(epochs=20, lr=1e-2, device="cpu"),
+        progress=False,
+    )
     assert evaluate(head, FeatureSource(x[500:], y[500:]), 5)["acc"] >= 0.99
 
 
@@ -57,8 +66,16 @@ def test_same_loss_trajectory_as_the_seeds_dataloader_loop(batch_size: int) -> N
     x, y = blobs(n=330, d=24, c=4)
     head = build_head(HeadSpec("mlp", hidden=(16,)), (24,), 4, seed=3)
     ref = copy.deepcopy(head)
-    cfg = TrainConfig(epochs=3, batch_size=batch_size, lr=1e-3, optimizer="adam", schedule="constant",
-                      weight_decay=0.0, seed=7, device="cpu")
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=batch_size,
+        lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+        weight_decay=0.0,
+        seed=7,
+        device="cpu",
+    )
     result = fit(head, FeatureSource(x, y), None, 4, cfg, progress=False)
 
     # The seeds' loop: DataLoader(TensorDataset(features, labels)), Adam, cross-entropy.
@@ -86,9 +103,29 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path) -> None:  # type
     part = copy.deepcopy(full)
     r_full = fit(full, FeatureSource(x, y), FeatureSource(xv, yv), 5, cfg, progress=False)
     ckpt = tmp_path / "ckpt.pt"
-    fit(part, FeatureSource(x, y), FeatureSource(xv, yv), 5, cfg, progress=False, checkpoint=ckpt, stop_after_epochs=2)
-    again = build_head(HeadSpec("mlp", hidden=(16,), dropout=0.2), (32,), 5, seed=99)  # different init: must be overwritten
-    r_res = fit(again, FeatureSource(x, y), FeatureSource(xv, yv), 5, cfg, progress=False, checkpoint=ckpt, resume=True)
+    fit(
+        part,
+        FeatureSource(x, y),
+        FeatureSource(xv, yv),
+        5,
+        cfg,
+        progress=False,
+        checkpoint=ckpt,
+        stop_after_epochs=2,
+    )
+    again = build_head(
+        HeadSpec("mlp", hidden=(16,), dropout=0.2), (32,), 5, seed=99
+    )  # different init: must be overwritten
+    r_res = fit(
+        again,
+        FeatureSource(x, y),
+        FeatureSource(xv, yv),
+        5,
+        cfg,
+        progress=False,
+        checkpoint=ckpt,
+        resume=True,
+    )
     assert r_res.resumed_from == 2
     np.testing.assert_allclose(r_res.step_losses, r_full.step_losses, rtol=1e-6)
     for a, b in zip(again.state_dict().values(), full.state_dict().values()):
@@ -101,8 +138,14 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     xv, yv = blobs(n=100, seed=1)
     yv = (yv + 1) % 5  # validation labels that disagree with training: val loss rises as training fits
     head = build_head(HeadSpec("linear"), (32,), 5)
-    res = fit(head, FeatureSource(x, y), FeatureSource(xv, yv), 5,
-              TrainConfig(epochs=30, patience=2, lr=1e-2, device="cpu"), progress=False)
+    res = fit(
+        head,
+        FeatureSource(x, y),
+        FeatureSource(xv, yv),
+        5,
+        TrainConfig(epochs=30, patience=2, lr=1e-2, device="cpu"),
+        progress=False,
+    )
     assert res.stopped_early
     assert len(res.history) == res.best_epoch + 2
     best_val = min(h["val_loss"] for h in res.history)

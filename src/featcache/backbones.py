@@ -264,7 +264,7 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
             resize_size=int(resize[0]),
             mean=tuple(getattr(t, "mean", IMAGENET_MEAN)),
             std=tuple(getattr(t, "std", IMAGENET_STD)),
-            interpolation=str(getattr(t, "interpolation", "bilinear").value),
+            interpolation=str(getattr(getattr(t, "interpolation", None), "value", "bilinear")),
             classes=tuple(enum_obj.meta.get("categories") or ()) or None,
         )
     elif "inception" in name:
@@ -313,7 +313,7 @@ def _timm(name: str, weights: str | None) -> Backbone:
             interpolation=data.get("interpolation", "bilinear"),
             weights=path or ("DEFAULT" if pretrained else "none"),
             classes=_imagenet_classes() if pretrained and model.num_classes == 1000 else None,
-            classifier=model.pretrained_cfg.get("classifier") or _last_linear(model),
+            classifier=dict(getattr(model, "pretrained_cfg", None) or {}).get("classifier") or _last_linear(model),
         ),
     )
 
@@ -440,6 +440,7 @@ def _hf(name: str, weights: str | None) -> Backbone:
         edge = int(size.get("shortest_edge", 224))
         hw = (edge, edge)
     resize = getattr(proc, "size", {}) or {}
+    head_name = _last_linear(model)
     classes = None
     if has_head:
         classes = tuple(config.id2label[i] for i in range(len(config.id2label)))
@@ -454,7 +455,7 @@ def _hf(name: str, weights: str | None) -> Backbone:
             interpolation="bicubic" if int(getattr(proc, "resample", 2)) == 3 else "bilinear",
             weights="none" if weights and weights.lower() == "none" else "pretrained",
             classes=classes,
-            classifier=("model." + _last_linear(model)) if has_head and _last_linear(model) else None,
+            classifier=f"model.{head_name}" if has_head and head_name else None,
         ),
     )
 

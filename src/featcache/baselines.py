@@ -20,8 +20,13 @@ from .extract import Extractor
 
 
 def dataloader_epoch(
-    head: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, optimizer: torch.optim.Optimizer,
-    device: torch.device, generator: torch.Generator | None = None,
+    head: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, list[float]]:
     """One epoch of the seeds' cached-feature loop; returns (seconds, per-step losses).
 
@@ -47,8 +52,15 @@ def dataloader_epoch(
 
 
 def naive_epoch(
-    extractor: Extractor, layer: str, head: nn.Module, train: SampleSet, val: SampleSet | None, cfg: BackboneCfg,
-    batch_size: int, optimizer: torch.optim.Optimizer, workers: int = 0,
+    extractor: Extractor,
+    layer: str,
+    head: nn.Module,
+    train: SampleSet,
+    val: SampleSet | None,
+    cfg: BackboneCfg,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    workers: int = 0,
 ) -> tuple[float, float | None]:
     """One epoch of the naive loop: backbone forward on every training image, then a validation pass.
 
@@ -58,7 +70,9 @@ def naive_epoch(
     device = extractor.device
     t0 = time.perf_counter()
     head.train()
-    loader = DataLoader(PreprocessedView(train, cfg), batch_size=batch_size, shuffle=True, num_workers=workers)
+    loader = DataLoader(
+        PreprocessedView(train, cfg), batch_size=batch_size, shuffle=True, num_workers=workers
+    )
     labels = torch.as_tensor(train.labels)
     for x, idx, _err in loader:
         # The frozen backbone, recomputed every epoch; clone() leaves inference mode so autograd can use it.

@@ -57,11 +57,14 @@ def _median(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
 
 
 class _Bench:
-    def __init__(self, cfg: BenchConfig, device: torch.device, repeats: int, progress: bool, tmp: Path) -> None:
+    def __init__(
+        self, cfg: BenchConfig, device: torch.device, repeats: int, progress: bool, tmp: Path
+    ) -> None:
         self.cfg, self.device, self.repeats, self.progress, self.tmp = cfg, device, repeats, progress, tmp
         self.bb: Backbone = load_backbone(cfg.model)
-        self.ecfg = ExtractConfig(layers=("penultimate",), input_size=cfg.input_size, device=str(device),
-                                  batch_size=128)
+        self.ecfg = ExtractConfig(
+            layers=("penultimate",), input_size=cfg.input_size, device=str(device), batch_size=128
+        )
         self.splits: DatasetSplits = load_dataset("mnist-5k", 0.1, 0.2, seed=0, limit=cfg.limit)
         self.tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=3e-3, device=str(device))
         self._n = 0
@@ -80,8 +83,14 @@ class _Bench:
             sub = DatasetSplits(splits.train, splits.val, None, splits.classes, splits.spec)
             feats = extract_splits(self.bb, sub, self.ecfg, self.fresh_cache(), progress=False)
             head = build_head(HeadSpec("linear"), feats["train"].features["penultimate"].shape[1:], 10)
-            fit(head, source_for(feats["train"], "penultimate", self.device),
-                source_for(feats["val"], "penultimate", self.device), 10, self.tcfg, progress=False)
+            fit(
+                head,
+                source_for(feats["train"], "penultimate", self.device),
+                source_for(feats["val"], "penultimate", self.device),
+                10,
+                self.tcfg,
+                progress=False,
+            )
             return time.perf_counter() - t0
 
         def naive() -> float:
@@ -89,18 +98,26 @@ class _Bench:
             head = build_head(HeadSpec("linear"), (1280,), 10).to(self.device)
             opt = make_optimizer(head.parameters(), self.tcfg)
             pre = resolved_cfg(self.bb, self.ecfg)
-            return sum(naive_epoch(ex, "penultimate", head, splits.train, splits.val, pre, cfg.batch_size, opt)[0]
-                       for _ in range(e))
+            return sum(
+                naive_epoch(ex, "penultimate", head, splits.train, splits.val, pre, cfg.batch_size, opt)[0]
+                for _ in range(e)
+            )
 
         c, n = [], []
         for _ in range(self.repeats):
             c.append(cached())
             n.append(naive())
         ratio = statistics.median(n) / statistics.median(c)
-        return {"name": f"end-to-end {e}-epoch linear probe", "featcache_s": statistics.median(c),
-                "baseline_s": statistics.median(n), "ratio": ratio, "target": f">= {0.8 * e:g} (0.8 x E)",
-                "pass": ratio >= 0.8 * e, "runs": {"featcache": c, "naive": n},
-                "detail": f"{len(splits.train)} train + {len(splits.val or [])} val images at {cfg.input_size}"}
+        return {
+            "name": f"end-to-end {e}-epoch linear probe",
+            "featcache_s": statistics.median(c),
+            "baseline_s": statistics.median(n),
+            "ratio": ratio,
+            "target": f">= {0.8 * e:g} (0.8 x E)",
+            "pass": ratio >= 0.8 * e,
+            "runs": {"featcache": c, "naive": n},
+            "detail": f"{len(splits.train)} train + {len(splits.val or [])} val images at {cfg.input_size}",
+        }
 
     def _decoded_batches(self) -> list[torch.Tensor]:
         pre = resolved_cfg(self.bb, self.ecfg)
@@ -126,7 +143,9 @@ class _Bench:
             return time.perf_counter() - t0
 
         def engine() -> float:
-            writer = CacheWriter(Path(self.fresh_cache()) / "k", {"shard_rows": n_img, "layers": ["penultimate"]})
+            writer = CacheWriter(
+                Path(self.fresh_cache()) / "k", {"shard_rows": n_img, "layers": ["penultimate"]}
+            )
             t0 = time.perf_counter()
             parts = [ex.to_storage(ex(b)["penultimate"]) for b in batches]
             writer.write_shard(0, {"penultimate": np.concatenate(parts)}, list(range(n_img)), [])
@@ -138,9 +157,15 @@ class _Bench:
             b.append(bare())
             e.append(engine())
         ratio = statistics.median(b) / statistics.median(e)
-        return {"name": "extraction throughput / bare model(x)", "featcache_img_s": n_img / statistics.median(e),
-                "baseline_img_s": n_img / statistics.median(b), "ratio": ratio, "target": ">= 0.9",
-                "pass": ratio >= 0.9, "runs": {"featcache": e, "bare": b}}
+        return {
+            "name": "extraction throughput / bare model(x)",
+            "featcache_img_s": n_img / statistics.median(e),
+            "baseline_img_s": n_img / statistics.median(b),
+            "ratio": ratio,
+            "target": ">= 0.9",
+            "pass": ratio >= 0.9,
+            "runs": {"featcache": e, "bare": b},
+        }
 
     def files_vs_tensors(self) -> dict[str, Any]:
         """Extraction from PNG files on disk (decode + resize + forward + cache) vs from decoded tensors."""
@@ -172,10 +197,16 @@ class _Bench:
             f.append(from_files())
             t.append(from_tensors())
         ratio = statistics.median(t) / statistics.median(f)
-        return {"name": "extraction from files / from decoded tensors", "featcache_img_s": n / statistics.median(f),
-                "baseline_img_s": n / statistics.median(t), "ratio": ratio, "target": "(informative)",
-                "pass": None, "runs": {"files": f, "tensors": t},
-                "detail": "ratio near 1: the model bounds extraction; well below 1: decoding does (add --workers)"}
+        return {
+            "name": "extraction from files / from decoded tensors",
+            "featcache_img_s": n / statistics.median(f),
+            "baseline_img_s": n / statistics.median(t),
+            "ratio": ratio,
+            "target": "(informative)",
+            "pass": None,
+            "runs": {"files": f, "tensors": t},
+            "detail": "near 1: the model bounds extraction; well below 1: decoding does (use --workers)",
+        }
 
     def trainer(self) -> list[dict[str, Any]]:
         """Seconds per epoch: fast trainer vs the seeds' DataLoader(TensorDataset) loop, same features."""
@@ -184,17 +215,21 @@ class _Bench:
         y = torch.as_tensor(feats.labels)
         out = []
         for bs in (32, self.cfg.batch_size):
-            cfg = replace(self.tcfg, batch_size=bs, epochs=5, optimizer="adam", schedule="constant", weight_decay=0.0)
+            cfg = replace(
+                self.tcfg, batch_size=bs, epochs=5, optimizer="adam", schedule="constant", weight_decay=0.0
+            )
 
-            def fast() -> float:
+            def fast(cfg: TrainConfig = cfg) -> float:
                 head = build_head(HeadSpec("linear"), (x.shape[1],), 10)
                 res = fit(head, FeatureSource(x, y, device=self.device), None, 10, cfg, progress=False)
                 return res.seconds / cfg.epochs
 
-            def seeds() -> float:
+            def seeds(cfg: TrainConfig = cfg, bs: int = bs) -> float:
                 head = build_head(HeadSpec("linear"), (x.shape[1],), 10).to(self.device)
                 opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-                return statistics.median(dataloader_epoch(head, x, y, bs, opt, self.device)[0] for _ in range(cfg.epochs))
+                return statistics.median(
+                    dataloader_epoch(head, x, y, bs, opt, self.device)[0] for _ in range(cfg.epochs)
+                )
 
             fast(), seeds()  # warm-up
             f, s = [], []
@@ -203,10 +238,18 @@ class _Bench:
                 s.append(seeds())
             ratio = statistics.median(s) / statistics.median(f)
             target = 5 if bs == 32 else 20
-            out.append({"name": f"head trainer / DataLoader loop, batch {bs}", "featcache_s": statistics.median(f),
-                        "baseline_s": statistics.median(s), "ratio": ratio, "target": f">= {target}",
-                        "pass": ratio >= target, "runs": {"featcache": f, "dataloader": s},
-                        "detail": f"{len(x)} rows x {x.shape[1]} features, seconds per epoch"})
+            out.append(
+                {
+                    "name": f"head trainer / DataLoader loop, batch {bs}",
+                    "featcache_s": statistics.median(f),
+                    "baseline_s": statistics.median(s),
+                    "ratio": ratio,
+                    "target": f">= {target}",
+                    "pass": ratio >= target,
+                    "runs": {"featcache": f, "dataloader": s},
+                    "detail": f"{len(x)} rows x {x.shape[1]} features, seconds per epoch",
+                }
+            )
         return out
 
     def cache_hit(self) -> dict[str, Any]:
@@ -220,13 +263,26 @@ class _Bench:
             t0 = time.perf_counter()
             feats = extract(self.bb, self.splits.train, self.ecfg, cache_dir, progress=False)
             head = build_head(HeadSpec("linear"), feats.features["penultimate"].shape[1:], 10)
-            fit(head, source_for(feats, "penultimate", self.device), None, 10, replace(self.tcfg, epochs=1),
-                progress=False)
+            fit(
+                head,
+                source_for(feats, "penultimate", self.device),
+                None,
+                10,
+                replace(self.tcfg, epochs=1),
+                progress=False,
+            )
             return time.perf_counter() - t0
 
         h, runs = _median(hit, self.repeats)
-        return {"name": "cache hit (open + 1 epoch) vs first extraction", "featcache_s": h, "baseline_s": first,
-                "ratio": first / h, "target": "(informative)", "pass": None, "runs": {"hit": runs}}
+        return {
+            "name": "cache hit (open + 1 epoch) vs first extraction",
+            "featcache_s": h,
+            "baseline_s": first,
+            "ratio": first / h,
+            "target": "(informative)",
+            "pass": None,
+            "runs": {"hit": runs},
+        }
 
     def gpu(self) -> list[dict[str, Any]]:
         """resnet50 at 224 px, images/s: fp32 vs bf16 autocast + channels_last (CUDA only)."""
@@ -234,8 +290,9 @@ class _Bench:
         x = torch.randn(128, 3, 224, 224)
         res = {}
         for label, amp, cl in (("fp32", False, False), ("bf16+channels_last", True, True)):
-            ex = Extractor(bb, ExtractConfig(layers=("penultimate",), device=str(self.device), amp=amp,
-                                             channels_last=cl))
+            ex = Extractor(
+                bb, ExtractConfig(layers=("penultimate",), device=str(self.device), amp=amp, channels_last=cl)
+            )
             for _ in range(3):
                 ex(x)
             torch.cuda.synchronize()
@@ -249,15 +306,30 @@ class _Bench:
 
             res[label] = 10 * len(x) / _median(run, self.repeats)[0]
         ratio = res["bf16+channels_last"] / res["fp32"]
-        return [{"name": "GPU resnet50 224px: bf16+channels_last / fp32", "featcache_img_s": res["bf16+channels_last"],
-                 "baseline_img_s": res["fp32"], "ratio": ratio, "target": "> 1", "pass": ratio > 1}]
+        return [
+            {
+                "name": "GPU resnet50 224px: bf16+channels_last / fp32",
+                "featcache_img_s": res["bf16+channels_last"],
+                "baseline_img_s": res["fp32"],
+                "ratio": ratio,
+                "target": "> 1",
+                "pass": ratio > 1,
+            }
+        ]
 
 
 BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "cache_hit", "gpu")
 
 
-def run_bench(quick: bool = False, device: str = "auto", out: str | Path = "bench.json", repeats: int = 3,
-              only: list[str] | None = None, progress: bool = True, config: BenchConfig | None = None) -> dict[str, Any]:
+def run_bench(
+    quick: bool = False,
+    device: str = "auto",
+    out: str | Path = "bench.json",
+    repeats: int = 3,
+    only: list[str] | None = None,
+    progress: bool = True,
+    config: BenchConfig | None = None,
+) -> dict[str, Any]:
     """Run the benchmarks, print the table and write the JSON; returns the JSON object.
 
     Example:
@@ -274,12 +346,29 @@ def run_bench(quick: bool = False, device: str = "auto", out: str | Path = "benc
                 print(f"bench: {name} ...", flush=True)
             got = getattr(bench, name)()
             results.extend(got if isinstance(got, list) else [got])
-    doc = {"config": {**cfg.__dict__, "quick": quick, "repeats": 1 if quick else repeats},
-           "environment": environment(), "device": str(dev), "date": time.strftime("%Y-%m-%d"), "results": results}
+    doc = {
+        "config": {**cfg.__dict__, "quick": quick, "repeats": 1 if quick else repeats},
+        "environment": environment(),
+        "device": str(dev),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
     write_json(out, doc)
-    print(format_table([{"benchmark": r["name"], "featcache": _fmt(r, "featcache"), "baseline": _fmt(r, "baseline"),
-                         "ratio": round(r["ratio"], 2), "target": r["target"],
-                         "pass": {True: "yes", False: "NO", None: "-"}[r["pass"]]} for r in results]))
+    print(
+        format_table(
+            [
+                {
+                    "benchmark": r["name"],
+                    "featcache": _fmt(r, "featcache"),
+                    "baseline": _fmt(r, "baseline"),
+                    "ratio": round(r["ratio"], 2),
+                    "target": r["target"],
+                    "pass": {True: "yes", False: "NO", None: "-"}[r["pass"]],
+                }
+                for r in results
+            ]
+        )
+    )
     print(f"\n{environment()}\nwritten to {out}")
     return doc
 
@@ -288,4 +377,3 @@ def _fmt(r: dict[str, Any], side: str) -> str:
     if f"{side}_s" in r:
         return f"{r[f'{side}_s']:.3f} s"
     return f"{r[f'{side}_img_s']:.0f} img/s"
-

@@ -30,7 +30,10 @@ EXAMPLES = {
 
 def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+        name,
+        help=help,
+        description=help,
+        epilog=f"example:\n  {EXAMPLES[name]}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -44,11 +47,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="resize inputs to H W (no crop)")
+    p.add_argument(
+        "--input-size", nargs=2, type=int, metavar=("H", "W"), help="resize inputs to H W (no crop)"
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces")
+    p.add_argument(
+        "data", help="folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces"
+    )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
@@ -59,12 +66,16 @@ def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") 
     _size(p)
     p.add_argument("--pool", default="avg", help="avg | max | none | flatten")
     p.add_argument("--dtype", default="float32", help="storage dtype: float32 | float16 | bfloat16")
-    p.add_argument(batch_flag, dest="extract_batch_size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        batch_flag, dest="extract_batch_size", type=int, default=64, help="images per forward pass"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader decoding workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--on-bad-image", default="error", help="error | skip")
     p.add_argument("--method", default="auto", help="layer extraction: auto | hooks | fx")
-    p.add_argument("--cache-dir", default=None, help="cache root (default $FEATCACHE_HOME or ~/.cache/featcache)")
+    p.add_argument(
+        "--cache-dir", default=None, help="cache root (default $FEATCACHE_HOME or ~/.cache/featcache)"
+    )
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +96,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = argparse.ArgumentParser(
-        prog="featcache", description="Run a frozen backbone once, cache its activations, train heads on the cache."
+        prog="featcache",
+        description="Run a frozen backbone once, cache its activations, train heads on the cache.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -102,13 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "summary", "model summary: layer, output shape, params, trainable, totals, MACs")
     _model_args(p)
     _size(p)
-    p.add_argument("--depth", type=int, default=2, help="nesting depth shown (totals always cover everything)")
+    p.add_argument(
+        "--depth", type=int, default=2, help="nesting depth shown (totals always cover everything)"
+    )
     p.add_argument("--json", action="store_true")
 
     p = _parser(sub, "extract", "extract layers of a frozen backbone over a dataset into the cache")
     _model_args(p)
     _data_args(p)
-    p.add_argument("--layers", default="penultimate", help="comma-separated layer names (featcache layers MODEL)")
+    p.add_argument(
+        "--layers", default="penultimate", help="comma-separated layer names (featcache layers MODEL)"
+    )
     _extract_args(p)
 
     p = _parser(sub, "cache", "list, inspect, verify and remove cache entries")
@@ -129,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
-    p = _parser(sub, "probe", "linear-probe protocol: L2 strength chosen on val, refit on train+val, test once")
+    p = _parser(
+        sub, "probe", "linear-probe protocol: L2 strength chosen on val, refit on train+val, test once"
+    )
     _model_args(p)
     _data_args(p)
     p.add_argument("--layer", default="penultimate")
@@ -138,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="optional run folder for the probe head")
     p.add_argument("--json", action="store_true")
 
-    p = _parser(sub, "finetune", "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid")
+    p = _parser(
+        sub, "finetune", "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid"
+    )
     _model_args(p)
     _data_args(p)
     p.add_argument("--train", default="head", help="head | last:N | from:LAYER | all | modules:a,b")
@@ -152,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true")
 
-    p = _parser(sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images")
+    p = _parser(
+        sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images"
+    )
     p.add_argument("run", help="run folder written by `featcache train` / `finetune`")
     p.add_argument("--format", default="pt", help="pt | torchscript | onnx")
     p.add_argument("--out", default=None, help="output file (default: RUN/model.<ext>)")
@@ -165,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
-    p = _parser(sub, "demo", "the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings")
+    p = _parser(
+        sub, "demo", "the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings"
+    )
     p.add_argument("--quick", action="store_true", help="a small, fast version (used by the tests)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--cache-dir", default=None)
@@ -188,8 +212,14 @@ def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
     from .extract import ExtractConfig
 
     return ExtractConfig(
-        layers=tuple(layers), pool=a.pool, dtype=a.dtype, batch_size=a.extract_batch_size, workers=a.workers,
-        device=a.device, input_size=tuple(a.input_size) if a.input_size else None, on_bad_image=a.on_bad_image,
+        layers=tuple(layers),
+        pool=a.pool,
+        dtype=a.dtype,
+        batch_size=a.extract_batch_size,
+        workers=a.workers,
+        device=a.device,
+        input_size=tuple(a.input_size) if a.input_size else None,
+        on_bad_image=a.on_bad_image,
         method=a.method,
     )
 
@@ -213,15 +243,29 @@ def cmd_layers(a: argparse.Namespace) -> None:
     from .report import format_table
 
     bb = load_backbone(a.model, a.weights)
-    rows = [r for r in list_layers(bb, tuple(a.input_size) if a.input_size else None)
-            if a.depth is None or r.depth <= a.depth]
+    rows = [
+        r
+        for r in list_layers(bb, tuple(a.input_size) if a.input_size else None)
+        if a.depth is None or r.depth <= a.depth
+    ]
     if a.json:
         _print_json([{"name": r.name, "type": r.type, "shape": r.shape, "params": r.params} for r in rows])
         return
     size = a.input_size or bb.cfg.input_size
     print(f"{bb.cfg.spec}  input 1x{bb.cfg.channels}x{size[0]}x{size[1]}  weights {bb.cfg.weights}")
-    print(format_table([{"layer": r.name, "type": r.type, "output shape": "x".join(map(str, r.shape or ())) or "-",
-                         "params": r.params} for r in rows]))
+    print(
+        format_table(
+            [
+                {
+                    "layer": r.name,
+                    "type": r.type,
+                    "output shape": "x".join(map(str, r.shape or ())) or "-",
+                    "params": r.params,
+                }
+                for r in rows
+            ]
+        )
+    )
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
@@ -236,14 +280,35 @@ def cmd_summary(a: argparse.Namespace) -> None:
     trainable = sum(p.numel() for p in bb.model.parameters() if p.requires_grad)
     macs = count_macs(bb, size)
     if a.json:
-        _print_json({"model": bb.cfg.spec, "rows": [r.__dict__ for r in rows], "params": total,
-                     "trainable": trainable, "macs": macs})
+        _print_json(
+            {
+                "model": bb.cfg.spec,
+                "rows": [r.__dict__ for r in rows],
+                "params": total,
+                "trainable": trainable,
+                "macs": macs,
+            }
+        )
         return
-    print(format_table([{"layer": ("  " * (r.depth - 1)) + r.name, "type": r.type,
-                         "output shape": str(list(r.shape)) if r.shape else "-", "params": r.params,
-                         "trainable": r.trainable} for r in rows]))
+    print(
+        format_table(
+            [
+                {
+                    "layer": ("  " * (r.depth - 1)) + r.name,
+                    "type": r.type,
+                    "output shape": str(list(r.shape)) if r.shape else "-",
+                    "params": r.params,
+                    "trainable": r.trainable,
+                }
+                for r in rows
+            ]
+        )
+    )
     h, w = size or bb.cfg.input_size
-    print(f"\ntotal params: {total:,}\ntrainable params: {trainable:,}\nnon-trainable params: {total - trainable:,}")
+    print(
+        f"\ntotal params: {total:,}\ntrainable params: {trainable:,}\n"
+        f"non-trainable params: {total - trainable:,}"
+    )
     if macs is not None:
         print(f"MACs per image at {h}x{w}: {macs / 1e9:.3f} G (torch FlopCounterMode, FLOPs/2)")
 
@@ -274,10 +339,23 @@ def cmd_cache(a: argparse.Namespace) -> None:
             _print_json(entries)
             return
         print(f"cache root: {cache.root}")
-        print(format_table([{"key": e["key"][:16], "status": e["status"], "model": e.get("model"),
-                             "layers": ",".join(e.get("layers") or []), "split": e.get("split"),
-                             "rows": e.get("rows"), "MB": round(e["bytes"] / 2**20, 2),
-                             "created": e.get("created", "")} for e in entries]))
+        print(
+            format_table(
+                [
+                    {
+                        "key": e["key"][:16],
+                        "status": e["status"],
+                        "model": e.get("model"),
+                        "layers": ",".join(e.get("layers") or []),
+                        "split": e.get("split"),
+                        "rows": e.get("rows"),
+                        "MB": round(e["bytes"] / 2**20, 2),
+                        "created": e.get("created", ""),
+                    }
+                    for e in entries
+                ]
+            )
+        )
     elif a.action == "info":
         _print_json(cache.info(a.key))
     elif a.action == "verify":
@@ -285,7 +363,9 @@ def cmd_cache(a: argparse.Namespace) -> None:
         for p in problems:
             print(f"BAD  {p}")
         if problems:
-            raise FeatcacheError(f"cache {a.key} failed verification; remove it with `featcache cache rm {a.key}`")
+            raise FeatcacheError(
+                f"cache {a.key} failed verification; remove it with `featcache cache rm {a.key}`"
+            )
         print(f"OK   {cache.resolve(a.key)}")
     elif a.action == "rm":
         key = cache.resolve(a.key)
@@ -300,9 +380,19 @@ def _train_config(a: argparse.Namespace) -> Any:
     from .train import TrainConfig
 
     return TrainConfig(
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
-        schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
-        standardize=a.standardize, patience=a.patience, monitor=a.monitor, seed=a.seed, device=a.device,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        optimizer=a.optimizer,
+        weight_decay=a.weight_decay,
+        schedule=a.schedule,
+        warmup_epochs=a.warmup_epochs,
+        label_smoothing=a.label_smoothing,
+        standardize=a.standardize,
+        patience=a.patience,
+        monitor=a.monitor,
+        seed=a.seed,
+        device=a.device,
     )
 
 
@@ -311,12 +401,28 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .runs import train_run
 
     spec = HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
-    run = train_run(a.model, _data_config(a), a.layer, spec, _train_config(a), _extract_config(a, [a.layer]),
-                    a.out, a.weights, a.cache_dir, not a.quiet, a.resume)
+    run = train_run(
+        a.model,
+        _data_config(a),
+        a.layer,
+        spec,
+        _train_config(a),
+        _extract_config(a, [a.layer]),
+        a.out,
+        a.weights,
+        a.cache_dir,
+        not a.quiet,
+        a.resume,
+    )
     m = run.metrics
     hits = m["cache_hit"]
-    print(f"cache: {'hit' if all(hits.values()) else 'built'} ({', '.join(f'{k} {v}' for k, v in hits.items())})")
-    print(f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s")
+    print(
+        f"cache: {'hit' if all(hits.values()) else 'built'} "
+        f"({', '.join(f'{k} {v}' for k, v in hits.items())})"
+    )
+    print(
+        f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s"
+    )
     if "test" in m:
         top5 = f"  top-5 {m['test']['top5']:.4f}" if "top5" in m["test"] else ""
         print(f"test accuracy {m['test']['acc']:.4f}{top5}  loss {m['test']['loss']:.4f}")
@@ -326,10 +432,21 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_finetune(a: argparse.Namespace) -> None:
     from .finetune_run import FinetuneConfig, finetune_run
 
-    ft = FinetuneConfig(train=a.train, bn=a.bn, lr_decay=a.lr_decay, augment=a.augment, mode=a.mode,
-                        init_head=a.init_head)
-    run = finetune_run(a.model, _data_config(a), ft, _train_config(a), _extract_config(a, ["penultimate"]), a.out,
-                       a.weights, a.cache_dir, not a.quiet, a.resume)
+    ft = FinetuneConfig(
+        train=a.train, bn=a.bn, lr_decay=a.lr_decay, augment=a.augment, mode=a.mode, init_head=a.init_head
+    )
+    run = finetune_run(
+        a.model,
+        _data_config(a),
+        ft,
+        _train_config(a),
+        _extract_config(a, ["penultimate"]),
+        a.out,
+        a.weights,
+        a.cache_dir,
+        not a.quiet,
+        a.resume,
+    )
     m = run.metrics
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
     if "test" in m:
@@ -349,7 +466,11 @@ def cmd_probe(a: argparse.Namespace) -> None:
     feats = extract_splits(bb, splits, _extract_config(a, [a.layer]), a.cache_dir, not a.quiet)
     if "val" not in feats:
         raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
-    cfg = ProbeConfig(strengths=tuple(float(s) for s in a.strengths.split(","))) if a.strengths else ProbeConfig()
+    cfg = (
+        ProbeConfig(strengths=tuple(float(s) for s in a.strengths.split(",")))
+        if a.strengths
+        else ProbeConfig()
+    )
     src = {k: source_for(v, a.layer, a.device) for k, v in feats.items()}
     res = linear_probe(src["train"], src["val"], src.get("test"), len(splits.classes), cfg, not a.quiet)
     if a.out:
@@ -403,14 +524,29 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(quick=a.quick, device=a.device, out=a.out, repeats=a.repeats,
-              only=a.only.split(",") if a.only else None, progress=not a.quiet)
+    run_bench(
+        quick=a.quick,
+        device=a.device,
+        out=a.out,
+        repeats=a.repeats,
+        only=a.only.split(",") if a.only else None,
+        progress=not a.quiet,
+    )
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "models": cmd_models, "layers": cmd_layers, "summary": cmd_summary, "extract": cmd_extract,
-    "cache": cmd_cache, "train": cmd_train, "finetune": cmd_finetune, "probe": cmd_probe, "export": cmd_export, "predict": cmd_predict,
-    "demo": cmd_demo, "bench": cmd_bench,
+    "models": cmd_models,
+    "layers": cmd_layers,
+    "summary": cmd_summary,
+    "extract": cmd_extract,
+    "cache": cmd_cache,
+    "train": cmd_train,
+    "finetune": cmd_finetune,
+    "probe": cmd_probe,
+    "export": cmd_export,
+    "predict": cmd_predict,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 

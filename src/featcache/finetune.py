@@ -25,8 +25,8 @@ import torch
 from torch import fx, nn
 
 from ._util import FeatcacheError, unknown
-from .layers import INPUT_PREFIX, dummy_input, module_names
 from .backbones import Backbone
+from .layers import INPUT_PREFIX, dummy_input, module_names
 
 BN_POLICIES = ("frozen", "train")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -58,8 +58,12 @@ class TrainableSpec:
             return cls(kind, names=(arg,))
         if kind == "modules" and arg:
             return cls(kind, names=tuple(a for a in arg.split(",") if a))
-        raise unknown("trainable-part spec", text, ["head", "last:N", "from:LAYER", "all", "modules:a,b"],
-                      "See `featcache finetune --help`.")
+        raise unknown(
+            "trainable-part spec",
+            text,
+            ["head", "last:N", "from:LAYER", "all", "modules:a,b"],
+            "See `featcache finetune --help`.",
+        )
 
     def __str__(self) -> str:
         if self.kind in ("head", "all"):
@@ -94,7 +98,9 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     def note(name: str) -> None:  # a pre-hook must return None, or it replaces the input
         order.setdefault(name, len(order))
 
-    handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: note(n)) for n, m in model.named_modules() if n]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, _i, n=n: note(n)) for n, m in model.named_modules() if n
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -108,7 +114,9 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int, seed: int 
     """Put a new ``nn.Linear(in_features, num_classes)`` where the classifier ``name`` was (seeded init)."""
     old = model.get_submodule(name)
     if not isinstance(old, nn.Linear):
-        raise FeatcacheError(f"classifier {name!r} is a {type(old).__name__}, not nn.Linear; use a spec with a linear head")
+        raise FeatcacheError(
+            f"classifier {name!r} is a {type(old).__name__}, not nn.Linear; use a spec with a linear head"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
@@ -149,12 +157,20 @@ class FreezePlan:
         return d
 
 
-def plan_freeze(backbone: Backbone, spec: TrainableSpec, num_classes: int, bn: str = "frozen",
-                lr_decay: float = 1.0, input_size: tuple[int, int] | None = None, seed: int = 0) -> FreezePlan:
+def plan_freeze(
+    backbone: Backbone,
+    spec: TrainableSpec,
+    num_classes: int,
+    bn: str = "frozen",
+    lr_decay: float = 1.0,
+    input_size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> FreezePlan:
     """Replace the classifier, freeze all but the trainable part, and return the plan (in place).
 
     Example:
-        >>> plan = plan_freeze(load_backbone("torchvision:resnet18", weights="none"), TrainableSpec("head"), 3)  # doctest: +SKIP
+        >>> bb = load_backbone("torchvision:resnet18", weights="none")  # doctest: +SKIP
+        >>> plan = plan_freeze(bb, TrainableSpec("head"), 3)  # doctest: +SKIP
         >>> plan.trainable_params  # 512 * 3 + 3
         1539
     """
@@ -162,7 +178,9 @@ def plan_freeze(backbone: Backbone, spec: TrainableSpec, num_classes: int, bn: s
         raise unknown("BatchNorm policy", bn, BN_POLICIES, "Use --bn frozen|train.")
     model, cls = backbone.model, backbone.cfg.classifier
     if not cls:
-        raise FeatcacheError(f"{backbone.cfg.spec} has no classifier module to replace; fine-tuning needs one")
+        raise FeatcacheError(
+            f"{backbone.cfg.spec} has no classifier module to replace; fine-tuning needs one"
+        )
     model.requires_grad_(False)
     replace_classifier(model, cls, num_classes, seed)
     order = execution_order(model.eval(), dummy_input(backbone, input_size))
@@ -172,7 +190,9 @@ def plan_freeze(backbone: Backbone, spec: TrainableSpec, num_classes: int, bn: s
         split: str | None = cls
     elif spec.kind == "last":
         if spec.n > len(blocks):
-            raise FeatcacheError(f"last:{spec.n} asks for more blocks than the {len(blocks)} of {backbone.cfg.spec}: {blocks}")
+            raise FeatcacheError(
+                f"last:{spec.n} asks for more blocks than the {len(blocks)} of {backbone.cfg.spec}: {blocks}"
+            )
         split = blocks[-spec.n]
     elif spec.kind == "from":
         split = spec.names[0]
@@ -215,9 +235,14 @@ def plan_freeze(backbone: Backbone, spec: TrainableSpec, num_classes: int, bn: s
         groups.setdefault(group_of(n), []).append(n)
     total = sum(p.numel() for p in model.parameters())
     return FreezePlan(
-        spec=str(spec), bn=bn, classifier=cls, split=split if spec.kind != "all" else None,
-        train_modules=tuple(region), trainable_modules=tuple(trainable),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), total_params=total,
+        spec=str(spec),
+        bn=bn,
+        classifier=cls,
+        split=split if spec.kind != "all" else None,
+        train_modules=tuple(region),
+        trainable_modules=tuple(trainable),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=total,
         groups=tuple((tuple(groups[k]), lr_decay**k) for k in sorted(groups)),
     )
 
@@ -225,7 +250,7 @@ def plan_freeze(backbone: Backbone, spec: TrainableSpec, num_classes: int, bn: s
 def param_groups(model: nn.Module, plan: FreezePlan, lr: float) -> list[dict[str, Any]]:
     """Optimizer groups: the classifier at ``lr``, earlier groups at ``lr * lr_decay**k``."""
     mods = dict(model.named_modules())
-    out = []
+    out: list[dict[str, Any]] = []
     for names, mult in plan.groups:
         params = [p for n in names for p in mods[n].parameters(recurse=False) if p.requires_grad]
         out.append({"params": params, "lr": lr * mult, "modules": list(names)})
@@ -288,8 +313,10 @@ def _suffix_graph(model: nn.Module, split: str) -> fx.GraphModule:
     for node in nodes[at:]:
         for arg in node.all_input_nodes:
             if arg in before and arg is not x_in and arg.op != "get_attr":
-                raise FeatcacheError(f"node {node.name} after {split!r} reads {arg.name} from before it (a skip "
-                                     "connection across the split)")
+                raise FeatcacheError(
+                    f"node {node.name} after {split!r} reads {arg.name} from before it (a skip "
+                    "connection across the split)"
+                )
             if arg.op == "get_attr" and arg not in env:
                 env[arg] = new.node_copy(arg, lambda a: env[a])
         env[node] = new.node_copy(node, lambda a: env[a])
@@ -298,7 +325,7 @@ def _suffix_graph(model: nn.Module, split: str) -> fx.GraphModule:
 
 
 def build_suffix(model: nn.Module, split: str) -> Suffix:
-    """Trace the part of ``model`` from module ``split`` on; raises FeatcacheError with the reason if not possible.
+    """Trace the part of ``model`` from module ``split`` on; raises FeatcacheError saying why it cannot.
 
     Example:
         >>> suffix = build_suffix(resnet, "layer4.1")  # doctest: +SKIP
@@ -313,7 +340,9 @@ def build_suffix(model: nn.Module, split: str) -> Suffix:
     except FeatcacheError:
         raise
     except Exception as exc:
-        raise FeatcacheError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})") from exc
+        raise FeatcacheError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})"
+        ) from exc
     finally:
         model.train(was)
     return Suffix(*graphs)
@@ -327,8 +356,11 @@ def cached_prefix_reason(plan: FreezePlan, model: nn.Module, augment: str | None
         return "everything trains (all): there is no frozen prefix"
     region = set(plan.train_modules)
     for n, m in model.named_modules():
-        if isinstance(m, _BN) and plan.bn == "train" and n not in region and any(
-            p.requires_grad for p in m.parameters()
+        if (
+            isinstance(m, _BN)
+            and plan.bn == "train"
+            and n not in region
+            and any(p.requires_grad for p in m.parameters())
         ):
             return f"BatchNorm {n} before the split trains"
     return None

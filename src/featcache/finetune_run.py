@@ -26,11 +26,18 @@ from .backbones import BackboneCfg, load_backbone
 from .data import PreprocessedView, SampleSet
 from .extract import ExtractConfig, extract_splits, resolved_cfg
 from .finetune import (
-    FreezePlan, TrainableSpec, apply_train_mode, build_suffix, cached_prefix_reason, fold_linear_head,
-    param_groups, plan_freeze, prefix_layer,
+    FreezePlan,
+    TrainableSpec,
+    apply_train_mode,
+    build_suffix,
+    cached_prefix_reason,
+    fold_linear_head,
+    param_groups,
+    plan_freeze,
+    prefix_layer,
 )
 from .runs import DataConfig, environment, load_head, write_report
-from .train import TrainConfig, evaluate, fit, source_for
+from .train import BatchSource, TrainConfig, evaluate, fit, source_for
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +61,34 @@ def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:
 class ImageSource:
     """Images decoded and preprocessed on the fly, batched in the same order a seeded generator gives."""
 
-    def __init__(self, samples: SampleSet, cfg: BackboneCfg, device: torch.device, workers: int = 0,
-                 augment: Any = None) -> None:
-        self.samples, self.cfg, self.device, self.workers, self.augment = samples, cfg, device, workers, augment
+    def __init__(
+        self,
+        samples: SampleSet,
+        cfg: BackboneCfg,
+        device: torch.device,
+        workers: int = 0,
+        augment: Any = None,
+    ) -> None:
+        self.samples, self.cfg, self.device, self.workers, self.augment = (
+            samples,
+            cfg,
+            device,
+            workers,
+            augment,
+        )
         self.labels = torch.as_tensor(samples.labels)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def batches(self, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self), generator=gen).tolist() if gen is not None else None
         view = PreprocessedView(self.samples, self.cfg, order, self.augment)
-        loader = DataLoader(view, batch_size=batch_size, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            view, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
+        )
         for x, idx, errors in loader:
             bad = [e for e in errors if e]
             if bad:
@@ -108,13 +130,15 @@ class FinetuneRun:
 
 
 def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
-    head, info = load_head(run_dir)
+    head, _ = load_head(run_dir)
     w, b = fold_linear_head(head)
     cls = model.get_submodule(plan.classifier)
     assert isinstance(cls, nn.Linear)
     if tuple(w.shape) != tuple(cls.weight.shape):
-        raise FeatcacheError(f"--init-head {run_dir}: head weight {tuple(w.shape)} does not fit the classifier "
-                             f"{tuple(cls.weight.shape)}; train it on layer 'penultimate' with the same classes")
+        raise FeatcacheError(
+            f"--init-head {run_dir}: head weight {tuple(w.shape)} does not fit the classifier "
+            f"{tuple(cls.weight.shape)}; train it on layer 'penultimate' with the same classes"
+        )
     with torch.no_grad():
         cls.weight.copy_(w)
         cls.bias.copy_(b)
@@ -123,13 +147,23 @@ def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
 def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tensor]:
     """Parameters and buffers of the trainable region (what a fine-tuned checkpoint needs beyond the base)."""
     prefixes = tuple(f"{n}." for n in plan.train_modules)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if k.startswith(prefixes) or (plan.split is None)}
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(prefixes) or (plan.split is None)
+    }
 
 
 def finetune_run(
-    model: str, data: DataConfig, ft: FinetuneConfig, train_config: TrainConfig, extract_config: ExtractConfig,
-    out_dir: str | Path, weights: str | None = None, cache_dir: str | None = None, progress: bool = True,
+    model: str,
+    data: DataConfig,
+    ft: FinetuneConfig,
+    train_config: TrainConfig,
+    extract_config: ExtractConfig,
+    out_dir: str | Path,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
     resume: bool = False,
 ) -> FinetuneRun:
     """Freeze per ``ft.train``, train (cached prefix or live), evaluate, and write the run folder.
@@ -147,8 +181,15 @@ def finetune_run(
     backbone = load_backbone(model, weights)
     splits = data.load()
     pre = resolved_cfg(backbone, extract_config)
-    plan = plan_freeze(backbone, TrainableSpec.parse(ft.train), len(splits.classes), ft.bn, ft.lr_decay,
-                       pre.input_size, train_config.seed)
+    plan = plan_freeze(
+        backbone,
+        TrainableSpec.parse(ft.train),
+        len(splits.classes),
+        ft.bn,
+        ft.lr_decay,
+        pre.input_size,
+        train_config.seed,
+    )
     net = backbone.model
     if ft.init_head:
         _init_classifier(net, plan, ft.init_head)
@@ -164,29 +205,43 @@ def finetune_run(
     mode = "cached-prefix" if suffix is not None else "live"
     msg = f"{mode} fine-tuning" + (f" (live because {reason})" if reason and ft.mode != "live" else "")
     trainable_pct = 100.0 * plan.trainable_params / max(1, plan.total_params)
-    print(f"{msg}: training {plan.trainable_params:,} of {plan.total_params:,} parameters ({trainable_pct:.2f}%) "
-          f"in {len(plan.trainable_modules)} modules; split at {plan.split}; BatchNorm {plan.bn}")
+    print(
+        f"{msg}: training {plan.trainable_params:,} of {plan.total_params:,} parameters "
+        f"({trainable_pct:.2f}%) "
+        f"in {len(plan.trainable_modules)} modules; split at {plan.split}; BatchNorm {plan.bn}"
+    )
     groups = param_groups(net, plan, train_config.lr)
     for g in groups:
         print(f"  lr {g['lr']:.3g}: {', '.join(g['modules'][:4])}{' ...' if len(g['modules']) > 4 else ''}")
     config = {
-        "featcache_version": __version__, "kind": "finetune", "model": backbone.cfg.spec, "weights_arg": weights,
-        "backbone_cfg": replace(backbone.cfg, classes=tuple(splits.classes)).to_dict(), "data": asdict(data),
-        "finetune": asdict(ft), "plan": plan.to_dict(), "mode": mode, "mode_reason": reason,
-        "train": asdict(train_config), "extract": {**asdict(extract_config), "layers": list(extract_config.layers)},
-        "classes": splits.classes, "environment": environment(),
+        "featcache_version": __version__,
+        "kind": "finetune",
+        "model": backbone.cfg.spec,
+        "weights_arg": weights,
+        "backbone_cfg": replace(backbone.cfg, classes=tuple(splits.classes)).to_dict(),
+        "data": asdict(data),
+        "finetune": asdict(ft),
+        "plan": plan.to_dict(),
+        "mode": mode,
+        "mode_reason": reason,
+        "train": asdict(train_config),
+        "extract": {**asdict(extract_config), "layers": list(extract_config.layers)},
+        "classes": splits.classes,
+        "environment": environment(),
     }
     if resume:
         old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
         if old.get("plan") != new["plan"] or old.get("train") != new["train"]:
-            raise FeatcacheError(f"--resume {out}: the frozen set / BN policy / trainer settings differ from the run's")
+            raise FeatcacheError(
+                f"--resume {out}: the frozen set / BN policy / trainer settings differ from the run's"
+            )
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
     if suffix is not None:
         layer = prefix_layer(plan)
         ecfg = replace(extract_config, layers=(layer,), pool="none", dtype="float32", amp=False)
         feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
         config["cache_keys"] = {k: v.key for k, v in feats.items()}
-        src = {k: source_for(v, layer, device) for k, v in feats.items()}
+        src: dict[str, BatchSource] = {k: source_for(v, layer, device) for k, v in feats.items()}
         trained: nn.Module = suffix.to(device)
 
         def mode_fn(m: nn.Module) -> None:
@@ -194,19 +249,36 @@ def finetune_run(
             apply_train_mode(net, plan)
     else:
         aug = make_augment(ft.augment, pre.input_size)
-        src = {name: ImageSource(s, pre, device, extract_config.workers, aug if name == "train" else None)
-               for name, s in splits.items()}
+        src = {
+            name: ImageSource(s, pre, device, extract_config.workers, aug if name == "train" else None)
+            for name, s in splits.items()
+        }
         trained = net.to(device)
 
         def mode_fn(m: nn.Module) -> None:
             apply_train_mode(m, plan)
 
     write_json(out / "config.json", config)
-    result = fit(trained, src["train"], src.get("val"), len(splits.classes), train_config, progress,
-                 out / "checkpoint.pt", resume, param_groups=opt_groups, train_mode=mode_fn)
-    metrics: dict[str, Any] = {"history": result.history, "step_losses": result.step_losses,
-                               "examples_per_epoch": result.examples_per_epoch, "best_epoch": result.best_epoch,
-                               "train_seconds": result.seconds, "mode": mode}
+    result = fit(
+        trained,
+        src["train"],
+        src.get("val"),
+        len(splits.classes),
+        train_config,
+        progress,
+        out / "checkpoint.pt",
+        resume,
+        param_groups=opt_groups,
+        train_mode=mode_fn,
+    )
+    metrics: dict[str, Any] = {
+        "history": result.history,
+        "step_losses": result.step_losses,
+        "examples_per_epoch": result.examples_per_epoch,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.seconds,
+        "mode": mode,
+    }
     for split in ("val", "test"):
         if split in src:
             metrics[split] = evaluate(trained, src[split], len(splits.classes))
@@ -214,4 +286,3 @@ def finetune_run(
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
     return FinetuneRun(out, config, metrics, plan, net)
-

@@ -51,6 +51,9 @@ class HeadSpec:
 class Standardize(nn.Module):
     """Fixed ``(x - mean) / std`` with statistics from the training split (per feature or per channel)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
@@ -98,7 +101,10 @@ def _need_map(spec: HeadSpec, in_shape: tuple[int, ...]) -> None:
 
 
 def build_head(
-    spec: HeadSpec, in_shape: tuple[int, ...], num_classes: int, standardize: Standardize | None = None,
+    spec: HeadSpec,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    standardize: Standardize | None = None,
     seed: int | None = 0,
 ) -> Head:
     """Build a head for cached features of shape ``in_shape`` (no batch dim).
@@ -139,8 +145,13 @@ def build_head(
             _need_map(spec, in_shape)
             c = spec.conv_channels
             body = nn.Sequential(
-                nn.Conv2d(in_shape[0], c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(spec.dropout), nn.Linear(c, num_classes),
+                nn.Conv2d(in_shape[0], c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Dropout(spec.dropout),
+                nn.Linear(c, num_classes),
             )
         return Head(body, standardize)
 
@@ -165,8 +176,12 @@ class HeadInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "in_shape": list(self.in_shape), "num_classes": self.num_classes,
-                "standardize": self.standardize}
+        return {
+            "spec": self.spec.to_dict(),
+            "in_shape": list(self.in_shape),
+            "num_classes": self.num_classes,
+            "standardize": self.standardize,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadInfo:

@@ -53,8 +53,14 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float, max_iter: int = 200,
-                 standardize: bool = True) -> Head:
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    strength: float,
+    max_iter: int = 200,
+    standardize: bool = True,
+) -> Head:
     """Full-batch L-BFGS logistic regression; returns a ``linear`` head (standardisation folded in front).
 
     Example:
@@ -64,11 +70,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: f
     std = Standardize.fit(x) if standardize else None
     z = std(x) if std is not None else x
     head = build_head(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, std, seed=0)
-    linear = head.body[1]
+    linear = next(m for m in head.body.modules() if isinstance(m, torch.nn.Linear))
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+    opt = torch.optim.LBFGS(
+        linear.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+    )
     flat = z.flatten(1)
 
     def closure() -> torch.Tensor:
@@ -82,8 +95,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: f
 
 
 def linear_probe(
-    train: FeatureSource, val: FeatureSource, test: FeatureSource | None, num_classes: int,
-    config: ProbeConfig | None = None, progress: bool = True,
+    train: FeatureSource,
+    val: FeatureSource,
+    test: FeatureSource | None,
+    num_classes: int,
+    config: ProbeConfig | None = None,
+    progress: bool = True,
 ) -> ProbeResult:
     """Choose the L2 strength on ``val``, refit on train + val, evaluate on ``test``.
 
@@ -94,9 +111,13 @@ def linear_probe(
     """
     config = config or ProbeConfig()
     if not len(val):
-        raise FeatcacheError("the linear probe needs a validation split to choose the strength (--val-fraction > 0)")
+        raise FeatcacheError(
+            "the linear probe needs a validation split to choose the strength (--val-fraction > 0)"
+        )
     if train.x is None or val.x is None:
-        raise FeatcacheError("the L-BFGS probe needs the features in memory; use `featcache train` for larger caches")
+        raise FeatcacheError(
+            "the L-BFGS probe needs the features in memory; use `featcache train` for larger caches"
+        )
     sweep = []
     for s in tqdm(config.strengths, desc="probe sweep", disable=not progress):
         head = fit_logistic(train.x, train.y, num_classes, s, config.max_iter, config.standardize)

@@ -9,12 +9,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcache training") -> Path:
-    """Train loss per step and validation accuracy per epoch against examples seen (accuracy on a second axis).
+    """Train loss per step and validation accuracy per epoch vs examples seen (accuracy on a second axis).
 
     Example:
         >>> plot_curves(json.load(open("run/metrics.json")), "run/curves.png")  # doctest: +SKIP
@@ -28,7 +28,9 @@ def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcac
         x = np.linspace(per_epoch * epochs_done / len(steps), per_epoch * epochs_done, len(steps))
         ax.plot(x, steps, color="tab:blue", alpha=0.35, lw=0.8, label="train loss (step)")
     ex = [h["epoch"] * per_epoch for h in history]
-    ax.plot(ex, [h["train_loss"] for h in history], color="tab:blue", marker="o", ms=3, label="train loss (epoch)")
+    ax.plot(
+        ex, [h["train_loss"] for h in history], color="tab:blue", marker="o", ms=3, label="train loss (epoch)"
+    )
     if history and "val_loss" in history[0]:
         ax.plot(ex, [h["val_loss"] for h in history], color="tab:orange", marker="o", ms=3, label="val loss")
     ax.set_xlabel("examples seen")
@@ -37,7 +39,9 @@ def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcac
     handles, labels = ax.get_legend_handles_labels()
     if history and "val_acc" in history[0]:
         ax2 = ax.twinx()
-        ax2.plot(ex, [h["val_acc"] for h in history], color="tab:green", marker="s", ms=3, label="val accuracy")
+        ax2.plot(
+            ex, [h["val_acc"] for h in history], color="tab:green", marker="s", ms=3, label="val accuracy"
+        )
         test = metrics.get("test", {}).get("acc")
         if test is not None:
             ax2.axhline(test, color="tab:red", ls="--", lw=1, label=f"test accuracy {test:.3f}")
@@ -53,8 +57,12 @@ def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcac
     return Path(path)
 
 
-def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,
-                   title: str = "test confusion matrix") -> Path:
+def plot_confusion(
+    confusion: Sequence[Sequence[int]],
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "test confusion matrix",
+) -> Path:
     """A row-normalised confusion matrix (true class in rows), counts printed when it is small.
 
     Example:
@@ -72,8 +80,15 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
         if n <= 15:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(int(conf[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

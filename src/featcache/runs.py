@@ -81,9 +81,14 @@ class Run:
 
 def environment() -> dict[str, Any]:
     """Versions and hardware, recorded with every run and benchmark."""
-    env = {"featcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
-           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    env = {
+        "featcache": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     try:
         import torchvision
 
@@ -138,7 +143,8 @@ def train_on_cache(
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
 
     Example:
-        >>> head, info, result, metrics = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
+        >>> out = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
+        >>> head, info, result, metrics = out  # doctest: +SKIP
     """
     device = resolve_device(config.device)
     train = source_for(feats["train"], layer, device, config.ram_budget_gb)
@@ -150,9 +156,14 @@ def train_on_cache(
     info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
     result = fit(head, train, val, len(classes), config, progress, checkpoint, resume)
-    metrics: dict[str, Any] = {"history": result.history, "step_losses": result.step_losses,
-                               "examples_per_epoch": result.examples_per_epoch, "best_epoch": result.best_epoch,
-                               "stopped_early": result.stopped_early, "train_seconds": result.seconds}
+    metrics: dict[str, Any] = {
+        "history": result.history,
+        "step_losses": result.step_losses,
+        "examples_per_epoch": result.examples_per_epoch,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.seconds,
+    }
     for split in ("val", "test"):
         if split in feats:
             metrics[split] = evaluate(head, source_for(feats[split], layer, device), len(classes))
@@ -176,7 +187,8 @@ def train_run(
 
     Example:
         >>> run = train_run("efficientnet-lite0", DataConfig("mnist-5k"), "penultimate", HeadSpec("linear"),
-        ...                 TrainConfig(epochs=10), ExtractConfig(input_size=(64, 64)), "runs/mnist")  # doctest: +SKIP
+        ...                 TrainConfig(epochs=10), ExtractConfig(input_size=(64, 64)),
+        ...                 "runs/mnist")  # doctest: +SKIP
     """
     out = Path(out_dir)
     if resume and not (out / "config.json").exists():
@@ -189,19 +201,28 @@ def train_run(
     feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
     extract_seconds = time.perf_counter() - t0
     config = {
-        "featcache_version": __version__, "model": backbone.cfg.spec, "weights": backbone.cfg.weights,
+        "featcache_version": __version__,
+        "model": backbone.cfg.spec,
+        "weights": backbone.cfg.weights,
         "weights_arg": weights,
-        "backbone_cfg": backbone.cfg.to_dict(), "data": asdict(data), "layer": layer,
-        "extract": {**asdict(ecfg), "layers": [layer]}, "head": head_spec.to_dict(), "train": asdict(train_config),
-        "cache_keys": {k: v.key for k, v in feats.items()}, "classes": splits.classes, "environment": environment(),
+        "backbone_cfg": backbone.cfg.to_dict(),
+        "data": asdict(data),
+        "layer": layer,
+        "extract": {**asdict(ecfg), "layers": [layer]},
+        "head": head_spec.to_dict(),
+        "train": asdict(train_config),
+        "cache_keys": {k: v.key for k, v in feats.items()},
+        "classes": splits.classes,
+        "environment": environment(),
     }
     if resume:
         old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
         if any(old.get(k) != new[k] for k in ("cache_keys", "train", "head")):
             raise FeatcacheError(f"--resume {out}: this command's settings differ from the run's config.json")
     write_json(out / "config.json", config)
-    head, info, result, metrics = train_on_cache(feats, layer, head_spec, train_config, progress,
-                                                 out / "checkpoint.pt", resume)
+    head, info, _, metrics = train_on_cache(
+        feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume
+    )
     metrics["extract_seconds"] = extract_seconds
     metrics["cache_hit"] = {k: v.hit for k, v in feats.items()}
     save_head(head, info, out)

@@ -79,7 +79,9 @@ class TrainConfig:
         if self.monitor not in MONITORS:
             raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc.")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise FeatcacheError(f"epochs, batch size and lr must be positive: {self.epochs}, {self.batch_size}, {self.lr}")
+            raise FeatcacheError(
+                f"epochs, batch size and lr must be positive: {self.epochs}, {self.batch_size}, {self.lr}"
+            )
 
 
 @dataclass
@@ -103,14 +105,22 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class FeatureSource:
     """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks."""
 
-    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, dtype: str = "float32",
-                 device: torch.device | None = None, ram_budget_gb: float = 8.0) -> None:
+    def __init__(
+        self,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
+        dtype: str = "float32",
+        device: torch.device | None = None,
+        ram_budget_gb: float = 8.0,
+    ) -> None:
         self.device = device or torch.device("cpu")
         self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
         self.y = self.y.to(self.device)
@@ -138,7 +148,9 @@ class FeatureSource:
             return self.x[start:stop]
         return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
 
-    def batches(self, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled (when ``gen`` is given) or ordered batches covering every row once."""
         n = len(self)
         if self.x is not None:
@@ -180,7 +192,9 @@ def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
         return cls(params, **kw)
 
 
-def make_schedule(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(
+    opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LR multiplier: linear warm-up then cosine to zero, or constant."""
     total = max(1, config.epochs * steps_per_epoch)
     warm = int(config.warmup_epochs * steps_per_epoch)
@@ -214,12 +228,19 @@ def evaluate(head: nn.Module, data: BatchSource, num_classes: int, batch_size: i
         correct += int((pred == yb).sum())
         if num_classes >= 5:
             correct5 += int((logits.topk(5, 1).indices == yb[:, None]).any(1).sum())
-        conf += torch.bincount((yb * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
+        conf += torch.bincount((yb * num_classes + pred).cpu(), minlength=num_classes**2).view(
+            num_classes, -1
+        )
     head.train(was)
     n = max(1, len(data))
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
-    out: dict[str, Any] = {"loss": loss_sum / n, "acc": correct / n, "per_class_acc": per_class,
-                           "confusion": conf.tolist(), "n": len(data)}
+    out: dict[str, Any] = {
+        "loss": loss_sum / n,
+        "acc": correct / n,
+        "per_class_acc": per_class,
+        "confusion": conf.tolist(),
+        "n": len(data),
+    }
     if num_classes >= 5:
         out["top5"] = correct5 / n
     return out
@@ -267,7 +288,10 @@ def fit(
     device = train.device
     head.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    opt = make_optimizer(param_groups or [p for p in head.parameters() if p.requires_grad], config)
+    params: list[Any] = [p for p in head.parameters() if p.requires_grad]
+    if param_groups:
+        params = list(param_groups)
+    opt = make_optimizer(params, config)
     sched = make_schedule(opt, config, steps_per_epoch)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
@@ -293,8 +317,15 @@ def fit(
         torch.manual_seed(config.seed)
         if torch_rng is not None:
             torch.set_rng_state(torch_rng.cpu())
-        bar = tqdm(range(start_epoch, config.epochs), desc="train", unit="epoch", disable=not progress,
-                   initial=start_epoch, total=config.epochs, dynamic_ncols=True)
+        bar = tqdm(
+            range(start_epoch, config.epochs),
+            desc="train",
+            unit="epoch",
+            disable=not progress,
+            initial=start_epoch,
+            total=config.epochs,
+            dynamic_ncols=True,
+        )
         for epoch in bar:
             te = time.perf_counter()
             (train_mode or nn.Module.train)(head)
@@ -308,8 +339,12 @@ def fit(
                 losses.append(loss.detach())
             epoch_losses = torch.stack(losses).float().cpu().tolist()
             step_losses += epoch_losses
-            row: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(epoch_losses)),
-                                     "lr": float(sched.get_last_lr()[0]), "train_seconds": time.perf_counter() - te}
+            row: dict[str, float] = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(epoch_losses)),
+                "lr": float(sched.get_last_lr()[0]),
+                "train_seconds": time.perf_counter() - te,
+            }
             if val is not None and len(val):
                 m = evaluate(head, val, num_classes)
                 row.update(val_loss=m["loss"], val_acc=m["acc"])
@@ -320,14 +355,27 @@ def fit(
                 bad_epochs = 0
             else:
                 bad_epochs += 1
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
+            )
             if ckpt is not None:
                 _atomic_torch_save(
-                    {"head": head.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                     "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-                     "step_losses": step_losses, "best_epoch": best["epoch"], "best_score": best["score"],
-                     "best_state": best["state"], "epoch": epoch + 1, "bad_epochs": bad_epochs,
-                     "config": asdict(config)},
+                    {
+                        "head": head.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "schedule": sched.state_dict(),
+                        "gen": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "history": history,
+                        "step_losses": step_losses,
+                        "best_epoch": best["epoch"],
+                        "best_score": best["score"],
+                        "best_state": best["state"],
+                        "epoch": epoch + 1,
+                        "bad_epochs": bad_epochs,
+                        "config": asdict(config),
+                    },
                     ckpt,
                 )
             if config.patience is not None and bad_epochs >= config.patience:
@@ -338,13 +386,24 @@ def fit(
     if best["state"] is not None:
         head.load_state_dict(best["state"])
     head.eval()
-    return FitResult(history, step_losses, int(best["epoch"]), stopped_early, time.perf_counter() - t0,
-                     len(train), resumed_from=start_epoch)
+    return FitResult(
+        history,
+        step_losses,
+        int(best["epoch"]),
+        stopped_early,
+        time.perf_counter() - t0,
+        len(train),
+        resumed_from=start_epoch,
+    )
 
 
-def source_for(cached: Any, layer: str, device: str | torch.device = "auto", ram_budget_gb: float = 8.0) -> FeatureSource:
+def source_for(
+    cached: Any, layer: str, device: str | torch.device = "auto", ram_budget_gb: float = 8.0
+) -> FeatureSource:
     """A :class:`FeatureSource` over one layer of a :class:`~featcache.cache.CachedFeatures` entry."""
     dev = resolve_device(device) if isinstance(device, str) else device
     if layer not in cached.features:
-        raise FeatcacheError(f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}")
+        raise FeatcacheError(
+            f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}"
+        )
     return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb)

@@ -252,6 +252,42 @@ class _Bench:
             )
         return out
 
+    def finetune(self) -> dict[str, Any]:
+        """Seconds per epoch of cached-prefix vs live partial fine-tuning (``last:1``), same settings."""
+        from .finetune_run import FinetuneConfig, finetune_run
+        from .layers import count_macs
+        from .runs import DataConfig
+
+        data = DataConfig("mnist-5k", 0.1, 0.2, 0, self.cfg.limit)
+        tcfg = replace(self.tcfg, epochs=2 if self.repeats > 1 else 1, batch_size=64)
+        epoch_s: dict[str, list[float]] = {"cached": [], "live": []}
+        for _ in range(self.repeats):
+            for mode in ("cached", "live"):
+                run = finetune_run(self.cfg.model, data, FinetuneConfig(train="last:1", mode=mode), tcfg,
+                                   self.ecfg, self.tmp / f"ft-{mode}", cache_dir=str(self.tmp / "ft-cache"),
+                                   progress=False)
+                epoch_s[mode] += [h["train_seconds"] for h in run.history_rows()]
+        # Forward MACs of the suffix on its cached input vs the whole network on an image.
+        bb = load_backbone(self.cfg.model)
+        whole = count_macs(bb, self.cfg.input_size) or 1
+        from .finetune import TrainableSpec, build_suffix, plan_freeze, prefix_layer
+
+        plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10, input_size=self.cfg.input_size)
+        ex = Extractor(bb, replace(self.ecfg, layers=(prefix_layer(plan),), pool="none"))
+        h, w = self.cfg.input_size
+        cached_in = ex(torch.zeros(1, 3, h, w))[prefix_layer(plan)]
+        suffix = build_suffix(bb.model, plan.split or "").eval()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            suffix(cached_in.clone())
+        cost = counter.get_total_flops() / 2 / whole
+        c, live = statistics.median(epoch_s["cached"]), statistics.median(epoch_s["live"])
+        return {"name": "cached-prefix / live fine-tuning (last:1), s/epoch", "featcache_s": c, "baseline_s": live,
+                "ratio": live / c, "target": f"close to whole/suffix MACs = {1 / cost:.1f}", "pass": None,
+                "runs": epoch_s, "detail": f"suffix forward MACs = {cost:.3f} of the whole network"}
+
     def cache_hit(self) -> dict[str, Any]:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""
         cache_dir = self.fresh_cache()
@@ -318,7 +354,7 @@ class _Bench:
         ]
 
 
-BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "cache_hit", "gpu")
+BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "finetune", "cache_hit", "gpu")
 
 
 def run_bench(

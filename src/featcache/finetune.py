@@ -273,13 +273,26 @@ def apply_train_mode(model: nn.Module, plan: FreezePlan) -> None:
                 m.eval()
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered no-trace modules and functions (padding helpers, ...), if timm is installed."""
+    try:
+        import timm.models  # noqa: F401  (importing registers them)
+        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
 class _SplitTracer(fx.Tracer):
     def __init__(self, leaf: str) -> None:
-        super().__init__()
+        self.leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
         self.leaf = leaf
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname == self.leaf or super().is_leaf_module(m, qualname)
+        if qualname == self.leaf or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
 
 
 class Suffix(nn.Module):

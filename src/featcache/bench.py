@@ -263,9 +263,16 @@ class _Bench:
         epoch_s: dict[str, list[float]] = {"cached": [], "live": []}
         for _ in range(self.repeats):
             for mode in ("cached", "live"):
-                run = finetune_run(self.cfg.model, data, FinetuneConfig(train="last:1", mode=mode), tcfg,
-                                   self.ecfg, self.tmp / f"ft-{mode}", cache_dir=str(self.tmp / "ft-cache"),
-                                   progress=False)
+                run = finetune_run(
+                    self.cfg.model,
+                    data,
+                    FinetuneConfig(train="last:1", mode=mode),
+                    tcfg,
+                    self.ecfg,
+                    self.tmp / f"ft-{mode}",
+                    cache_dir=str(self.tmp / "ft-cache"),
+                    progress=False,
+                )
                 epoch_s[mode] += [h["train_seconds"] for h in run.history_rows()]
         # Forward MACs of the suffix on its cached input vs the whole network on an image.
         bb = load_backbone(self.cfg.model)
@@ -284,9 +291,16 @@ class _Bench:
             suffix(cached_in.clone())
         cost = counter.get_total_flops() / 2 / whole
         c, live = statistics.median(epoch_s["cached"]), statistics.median(epoch_s["live"])
-        return {"name": "cached-prefix / live fine-tuning (last:1), s/epoch", "featcache_s": c, "baseline_s": live,
-                "ratio": live / c, "target": f"close to whole/suffix MACs = {1 / cost:.1f}", "pass": None,
-                "runs": epoch_s, "detail": f"suffix forward MACs = {cost:.3f} of the whole network"}
+        return {
+            "name": "cached-prefix / live fine-tuning (last:1), s/epoch",
+            "featcache_s": c,
+            "baseline_s": live,
+            "ratio": live / c,
+            "target": f"close to whole/suffix MACs = {1 / cost:.1f}",
+            "pass": None,
+            "runs": epoch_s,
+            "detail": f"suffix forward MACs = {cost:.3f} of the whole network",
+        }
 
     def cache_hit(self) -> dict[str, Any]:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""

@@ -374,8 +374,14 @@ class FeatureCache:
         rec_file = path / "record.json"
         rec = json.loads(rec_file.read_text()) if rec_file.exists() else {}
         return {
-            "key": key, "status": "partial", "model": rec.get("backbone"), "layers": rec.get("layers"),
-            "dataset": rec.get("dataset"), "split": rec.get("split"), "bytes": size, "path": str(path),
+            "key": key,
+            "status": "partial",
+            "model": rec.get("backbone"),
+            "layers": rec.get("layers"),
+            "dataset": rec.get("dataset"),
+            "split": rec.get("split"),
+            "bytes": size,
+            "path": str(path),
             "shards_done": len(list((path / "shards").glob("*.json"))),
         }
 

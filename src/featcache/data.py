@@ -425,8 +425,11 @@ def load_dataset(
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
 
 
-_INTERP = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC,
-           "nearest": TF.InterpolationMode.NEAREST}
+_INTERP = {
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "bicubic": TF.InterpolationMode.BICUBIC,
+    "nearest": TF.InterpolationMode.NEAREST,
+}
 
 
 def to_model_input(img: Image.Image, cfg: BackboneCfg) -> torch.Tensor:

@@ -225,9 +225,14 @@ def extract(
             n_shards,
             samples.ids,
             samples.labels,
-            {"classes": samples.classes, "backbone_cfg": cfg.to_dict(), "extract_config": _jsonable(config),
-             "extract_seconds": round(seconds, 3), "rows_extracted_this_run": len(pending),
-             "method": ex.net.method},
+            {
+                "classes": samples.classes,
+                "backbone_cfg": cfg.to_dict(),
+                "extract_config": _jsonable(config),
+                "extract_seconds": round(seconds, 3),
+                "rows_extracted_this_run": len(pending),
+                "method": ex.net.method,
+            },
         )
     return cache.open(key)
 

@@ -83,11 +83,14 @@ def block_names(model: nn.Module, classifier: str | None = None) -> list[str]:
     resnet = [n for n in names if re.fullmatch(r"layer\d+\.\d+", n)]
     if resnet:
         return resnet
-    modules = dict(model.named_modules())
-    for container in _CONTAINERS:
-        mod = modules.get(container)
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 1:
-            return [f"{container}.{child}" for child, _ in mod.named_children()]
+    for container in _CONTAINERS:  # also nested, e.g. Hugging Face's ``model.vit.layers``
+        for name, mod in model.named_modules():
+            if (
+                (name == container or name.endswith("." + container))
+                and isinstance(mod, (nn.Sequential, nn.ModuleList))
+                and len(mod) > 1
+            ):
+                return [f"{name}.{child}" for child, _ in mod.named_children()]
     return [n for n, _ in model.named_children() if n != classifier]
 
 

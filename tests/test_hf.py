@@ -1,0 +1,76 @@
+"""Hugging Face backbones from a local directory (offline): preprocessing, layers, extraction, fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from featcache.backbones import load_backbone  # noqa: E402
+from featcache.finetune import TrainableSpec, block_names, plan_freeze  # noqa: E402
+from featcache.layers import FeatureExtractor, list_layers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A tiny random ViT classifier saved as a Hugging Face model directory."""
+    path = tmp_path_factory.mktemp("tinyvit")
+    cfg = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "fox"},
+        label2id={"cat": 0, "dog": 1, "fox": 2},
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    model.save_pretrained(path)
+    transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    ).save_pretrained(path)
+    return path, model
+
+
+def test_hf_directory_loads_with_its_preprocessing(tiny_vit: tuple[Path, torch.nn.Module]) -> None:
+    path, ref = tiny_vit
+    bb = load_backbone(f"hf:{path}")
+    assert bb.cfg.input_size == (32, 32) and bb.cfg.std == (0.25, 0.25, 0.25)
+    assert bb.cfg.classes == ("cat", "dog", "fox")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.model(x), ref(pixel_values=x).logits)
+    assert not any(p.requires_grad for p in bb.model.parameters())
+
+
+def test_hf_layers_and_penultimate(tiny_vit: tuple[Path, torch.nn.Module]) -> None:
+    path, ref = tiny_vit
+    bb = load_backbone(f"hf:{path}")
+    rows = {r.name: r.shape for r in list_layers(bb)}
+    assert rows["model.vit.layers.1"] == (1, 17, 32)
+    ext = FeatureExtractor(bb.model, ["model.vit.layers.0", "penultimate"], classifier=bb.cfg.classifier)
+    x = torch.randn(2, 3, 32, 32)
+    out = ext(x)
+    with torch.no_grad():
+        hidden = ref(pixel_values=x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out["model.vit.layers.0"], hidden[1])
+    assert out["penultimate"].shape == (2, 32)
+
+
+def test_hf_blocks_for_fine_tuning(tiny_vit: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = tiny_vit
+    bb = load_backbone(f"hf:{path}")
+    assert block_names(bb.model) == ["model.vit.layers.0", "model.vit.layers.1"]
+    plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 5)
+    assert plan.split == "model.vit.layers.1" and plan.classifier == "model.classifier"
+
+
+def test_hf_missing_directory_says_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="local directory"):
+        load_backbone(f"hf:{tmp_path / 'nope'}")

@@ -110,34 +110,42 @@ STANDALONE = r"""
 import json, sys
 sys.modules["featcache"] = None  # `import featcache` now fails: the files must be self-contained
 import numpy as np, onnxruntime as ort, torch
-ts_path, onnx_path, images = sys.argv[1:4]
-x = np.load(images)
-ts = torch.jit.load(ts_path)
-with torch.inference_mode():
-    ts_u8 = ts(torch.from_numpy(x)).tolist()
-    ts_float = ts(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0).tolist()
-session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-out = session.run(None, {session.get_inputs()[0].name: x})[0].tolist()
+ts = torch.jit.load(sys.argv[1])
+session = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+results = []
+for images in sys.argv[3:]:
+    x = np.load(images)
+    with torch.inference_mode():
+        ts_u8 = ts(torch.from_numpy(x)).tolist()
+        ts_float = ts(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0).tolist()
+    out = session.run(None, {session.get_inputs()[0].name: x})[0].tolist()
+    results.append({"ts": ts_u8, "ts_float": ts_float, "onnx": out})
 classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
 loaded = sorted(m for m, v in sys.modules.items() if m.startswith("featcache") and v is not None)
-print(json.dumps({"ts": ts_u8, "ts_float": ts_float, "onnx": out, "classes": classes, "loaded": loaded}))
+print(json.dumps({"results": results, "classes": classes, "ts_classes": list(ts.classes), "loaded": loaded}))
 """
 
 
-@pytest.mark.parametrize("size", [(32, 32), (45, 37)])
-def test_torchscript_and_onnx_run_without_featcache(runs: dict[str, Any], size: tuple[int, int]) -> None:
+def test_torchscript_and_onnx_run_without_featcache(runs: dict[str, Any]) -> None:
     run, root = runs["penultimate"], runs["root"]
     ts = export_run(run.dir, "torchscript", root / "alone.ts")
     ox = export_run(run.dir, "onnx", root / "alone.onnx")
-    x = np.random.default_rng(0).integers(0, 256, (3, *size, 3), dtype=np.uint8)
-    np.save(root / "x.npy", x)
-    res = json.loads(run_python(STANDALONE, str(ts), str(ox), str(root / "x.npy")).stdout)
-    assert res["loaded"] == [] and res["classes"] == run.classes
-    want = load_predictor(run.dir, device="cpu").logits(torch.from_numpy(x))  # the run folder, in memory
-    # At the input size the model's resize is the identity; elsewhere ONNX's matmul order may flip a rounding tie.
-    atol = 1e-4 if size == (32, 32) else 1e-2
-    for key in ("ts", "ts_float", "onnx"):
-        torch.testing.assert_close(torch.tensor(res[key]), want, atol=atol, rtol=1e-4)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (3, *size, 3), dtype=np.uint8) for size in [(32, 32), (45, 37), (70, 100)]]
+    files = [str(root / f"x{i}.npy") for i in range(len(batches))]
+    for file, x in zip(files, batches):
+        np.save(file, x)
+    res = json.loads(run_python(STANDALONE, str(ts), str(ox), *files).stdout)
+    assert res["loaded"] == [] and res["classes"] == res["ts_classes"] == run.classes
+    predictor = load_predictor(run.dir, device="cpu")  # the run folder, built in memory
+    for x, got in zip(batches, res["results"]):
+        want = predictor.logits(torch.from_numpy(x))
+        want_float = predictor.logits(torch.from_numpy(x).permute(0, 3, 1, 2) / 255.0)
+        # At the input size the model's resize is the identity; elsewhere ONNX's matmul order may flip a
+        # rounding tie of the uint8 emulation (one grey level in one pixel).
+        atol = (1e-4 if x.shape[1:3] == (32, 32) else 1e-2) * max(1.0, float(want.abs().max()))
+        for key, ref in (("ts", want), ("ts_float", want_float), ("onnx", want)):
+            torch.testing.assert_close(torch.tensor(got[key]), ref, atol=atol, rtol=1e-4, msg=key)
 
 
 def test_predict_files_reports_a_corrupt_file(runs: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,8 +178,10 @@ def test_predict_accepts_pil_arrays_and_tensors(runs: dict[str, Any]) -> None:
     pil = [test.load(i) for i in range(3)]
     arrays = [np.asarray(img) for img in pil]
     assert predictor.predict(pil, top_k=1) == predictor.predict(arrays, top_k=1)
-    assert predictor.predict(pil[0], top_k=99)[0] == predictor.predict(pil, top_k=99)[0]
-    assert len(predictor.predict(pil, top_k=99)[0]) == len(run.classes)
+    one, three = predictor.predict(pil[0], top_k=99)[0], predictor.predict(pil, top_k=99)[0]
+    assert len(one) == len(three) == len(run.classes)  # top_k is capped at the number of classes
+    assert [t["class"] for t in one] == [t["class"] for t in three]
+    assert [t["prob"] for t in one] == pytest.approx([t["prob"] for t in three], abs=1e-6)
     batch = torch.stack([prepare_image(img, predictor.info.preprocessing) for img in pil])
     torch.testing.assert_close(predictor.logits(batch), predictor.logits(pil))
     torch.testing.assert_close(predictor.logits(batch.permute(0, 3, 1, 2) / 255.0), predictor.logits(pil))
@@ -217,11 +227,11 @@ def test_preprocess_matches_torchvision(interpolation: str, resize_size: int) ->
         want_float = (F.interpolate(x.float() / 255, list(pre.input_size), mode=interpolation,
                                     antialias=interpolation != "nearest") - mean) / std  # fmt: skip
         if not resize_size:  # torch itself has no resize+crop in one call
-            torch.testing.assert_close(module(x.float() / 255), want_float, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(module(x.float() / 255), want_float, atol=1e-4, rtol=1e-5)
         got = module(x.permute(0, 2, 3, 1).contiguous())  # uint8 NHWC
         want = (_tv_resize(x, pre).float() / 255 - mean) / std
         assert got.shape == want.shape == (2, 3, 32, 36)
-        assert (got - want).abs().max() * 255 * 0.2 <= 1 + 1e-3  # within one grey level of torchvision's uint8
+        assert torch.equal(got, want)  # torch's uint8 kernel: fixed-point weights, rounded after each pass
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (23, 57), dtype=np.uint8))  # grey
     u8 = prepare_image(img, pre)
     assert u8.dtype == torch.uint8 and u8.shape == (32, 36, 3)

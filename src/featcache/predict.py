@@ -68,7 +68,7 @@ class Preprocessing:
 
 
 def _kernel(x: Tensor, mode: str) -> Tensor:
-    """Resampling kernels of torch's antialiased interpolation (triangle; Keys cubic with a=-0.5)."""
+    """torch's antialiasing kernels (``aa_filter``): triangle, or Keys cubic with a = -0.5."""
     a = x.abs()
     if mode == "bicubic":
         near = (1.5 * a - 2.5) * a * a + 1.0
@@ -80,13 +80,12 @@ def _kernel(x: Tensor, mode: str) -> Tensor:
 class Preprocess(nn.Module):
     """Raw images to the normalised ``(N, C, h, w)`` batch the backbone was cached on.
 
-    Resizing is a product with per-axis weight matrices built from the input's shape (so it traces
-    to TorchScript and ONNX with dynamic height and width): the weights of torch's antialiased
-    ``interpolate`` (bilinear/bicubic) or ``nearest``, with the centre crop folded in.
+    Resizing multiplies by one weight matrix per axis, built from the input's shape (so it traces
+    to TorchScript and ONNX with dynamic height and width; the centre crop is folded in). The
+    weights are torch's antialiased ``interpolate`` weights (or ``nearest``); for uint8 input they
+    are rounded to fixed point and each pass is rounded to 0-255, as torch's uint8 kernel does.
     """
 
-    rows: Tensor
-    cols: Tensor
     mean: Tensor
     std: Tensor
 
@@ -94,57 +93,67 @@ class Preprocess(nn.Module):
         super().__init__()
         self.out_h, self.out_w = pre.input_size
         self.resize_size = pre.resize_size
-        self.mode = (
-            pre.interpolation if pre.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-        )
+        self.mode = pre.interpolation if pre.interpolation in ("bicubic", "nearest") else "bilinear"
         self.channels = pre.channels
-        self.register_buffer("rows", torch.arange(self.out_h, dtype=torch.float32), persistent=False)
-        self.register_buffer("cols", torch.arange(self.out_w, dtype=torch.float32), persistent=False)
         shape = (1, len(pre.mean), 1, 1)
-        self.register_buffer(
-            "mean", torch.tensor(pre.mean, dtype=torch.float32).view(shape), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(shape), persistent=False)
+        self.register_buffer("mean", torch.tensor(pre.mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(pre.std).view(shape), persistent=False)
 
     def _geometry(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        # Sizes may be ints (eager) or 0-dim tensors (tracing): keep every step a tensor op.
-        h = torch.as_tensor(x.shape[-2], dtype=torch.float64)
-        w = torch.as_tensor(x.shape[-1], dtype=torch.float64)
-        oh = torch.full_like(h, float(self.out_h))
-        ow = torch.full_like(w, float(self.out_w))
+        # Sizes are ints eagerly and 0-dim tensors when tracing: every step is a float64 CPU tensor op,
+        # on shape-(1,) tensors (the ONNX exporter computes 0-dim tensor arithmetic in float32).
+        h = torch.as_tensor(x.shape[-2], dtype=torch.float64).reshape(1)
+        w = torch.as_tensor(x.shape[-1], dtype=torch.float64).reshape(1)
+        oh, ow = torch.full_like(h, float(self.out_h)), torch.full_like(w, float(self.out_w))
         if not self.resize_size:
             return h, w, oh, ow, torch.zeros_like(h), torch.zeros_like(w)
         r = torch.full_like(h, float(self.resize_size))
-        # torchvision: the shorter side becomes resize_size, the longer one int(r * long / short)
-        portrait = w <= h
+        portrait = w <= h  # torchvision: the shorter side becomes r, the longer one int(r * long / short)
         nh = torch.where(portrait, torch.floor(r * h / w), r)
         nw = torch.where(portrait, r, torch.floor(r * w / h))
-        return h, w, nh, nw, torch.round((nh - oh) / 2.0), torch.round((nw - ow) / 2.0)
+        return h, w, nh, nw, self._offset(nh, oh), self._offset(nw, ow)
 
-    def _weights(self, src: Tensor, n_in: Tensor, new: Tensor, offset: Tensor, out: Tensor) -> Tensor:
+    @staticmethod
+    def _offset(n: Tensor, out: Tensor) -> Tensor:
+        """torchvision's ``center_crop`` start: round((n - out) / 2), or minus the top padding."""
+        return torch.where(n >= out, torch.round((n - out) / 2.0), -torch.floor((out - n) / 2.0))
+
+    def _axis(self, n_in: Tensor, new: Tensor, offset: Tensor, out: int, fixed_point: bool) -> Tensor:
+        """``(out, n_in)`` float64 weights: resize ``n_in`` to ``new``, keep ``out`` rows from ``offset``."""
+        src = torch.arange(n_in.reshape(()), dtype=torch.float64)
+        dst = torch.arange(new.reshape(()), dtype=torch.float64)  # all resized rows: precision uses their max
         scale = n_in / new
-        if self.mode == "nearest":
-            idx = torch.minimum(torch.floor((out + offset) * scale), n_in - 1.0)
-            return (src[None, :] == idx[:, None]).to(torch.float32)
-        center = (out + offset + 0.5) * scale
-        arg = (src[None, :] + 0.5 - center[:, None]) / scale.clamp(min=1.0)
-        k = _kernel(arg, self.mode)
-        return k / k.sum(1, keepdim=True).clamp(min=1e-12)
+        if self.mode == "nearest":  # torch: min(floorf(i * (float) (in / out)), in - 1)
+            idx = torch.floor(dst.float() * (n_in.float() / new.float())).double()
+            w = (src[None, :] == torch.minimum(idx, n_in - 1.0)[:, None]).double()
+        else:
+            center = scale * (dst + 0.5)
+            w = _kernel((src[None, :] - center[:, None] + 0.5) * (1.0 / scale.clamp(min=1.0)), self.mode)
+            total = w.sum(1, keepdim=True)
+            w = torch.where(total != 0.0, w / total, w)
+        if fixed_point:  # _compute_index_ranges_int16_weights: int16 weights at the largest safe precision
+            bits = torch.arange(22, dtype=torch.float64)
+            w_max = w.amax(1).amax(0, keepdim=True)
+            precision = (
+                (torch.floor(0.5 + w_max * 2.0 ** (bits + 1.0)) < 32768.0).sum(0, keepdim=True).double()
+            )
+            unit = 2.0**precision
+            w = torch.sign(w) * torch.floor(w.abs() * unit + 0.5) / unit
+        rows = torch.arange(out, dtype=torch.float64) + offset
+        inside = ((rows >= 0) & (rows < new)).double()  # rows outside are the crop's zero padding
+        return w.index_select(0, rows.clamp(min=0.0).minimum(new - 1.0).long()) * inside[:, None]
 
     def resize(self, x: Tensor, quantize: bool) -> Tensor:
-        """Resize (+ centre crop) float ``(N, C, H, W)``; ``quantize`` rounds to 0-255 after each pass."""
+        """Resize (+ centre crop) ``(N, C, H, W)``, width first; ``quantize``: uint8 semantics (0-255 in)."""
         h, w, nh, nw, top, left = self._geometry(x)
-        src_h = torch.ones_like(x[0, 0, :, 0]).cumsum(0) - 1.0
-        src_w = torch.ones_like(x[0, 0, 0, :]).cumsum(0) - 1.0
-        wh = self._weights(src_h, h, nh, top, self.rows)
-        ww = self._weights(src_w, w, nw, left, self.cols)
-        x = torch.matmul(x, ww.t())
-        if quantize:
-            x = torch.floor(x + 0.5).clamp(0.0, 255.0)
-        x = torch.matmul(wh, x)
-        if quantize:
-            x = torch.floor(x + 0.5).clamp(0.0, 255.0)
-        return x
+        wh = self._axis(h, nh, top, self.out_h, quantize)
+        ww = self._axis(w, nw, left, self.out_w, quantize)
+        if not quantize:
+            return torch.matmul(wh.type_as(x), torch.matmul(x, ww.t().type_as(x)))
+        x = x.to(torch.float64)  # exact: integer pixels times fixed-point weights
+        x = torch.floor(torch.matmul(x, ww.t().type_as(x)) + 0.5).clamp(0.0, 255.0)
+        x = torch.floor(torch.matmul(wh.type_as(x), x) + 0.5).clamp(0.0, 255.0)
+        return x.to(torch.float32)
 
     def normalize(self, x: Tensor) -> Tensor:
         """Replicate a grey channel when the backbone wants three, then ``(x - mean) / std``."""

@@ -293,6 +293,7 @@ def fit(
         params = list(param_groups)
     opt = make_optimizer(params, config)
     sched = make_schedule(opt, config, steps_per_epoch)
+    step_sched = not (config.schedule == "constant" and config.warmup_epochs == 0)  # skip a no-op per step
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     step_losses: list[float] = []
@@ -335,7 +336,8 @@ def fit(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
+                if step_sched:
+                    sched.step()
                 losses.append(loss.detach())
             epoch_losses = torch.stack(losses).float().cpu().tolist()
             step_losses += epoch_losses

@@ -5,10 +5,12 @@ __version__ = "0.1.0"
 from .backbones import Backbone, BackboneCfg, list_models, list_sources, load_backbone, register_source
 from .cache import CACHE_VERSION, CachedFeatures, FeatureCache
 from .data import DatasetSplits, SampleSet, load_dataset
+from .export import export_run
 from .extract import ExtractConfig, extract, extract_splits
 from .finetune_run import FinetuneConfig, finetune_run
 from .heads import HeadSpec
 from .layers import FeatureExtractor, list_layers
+from .predict import load_predictor
 from .runs import DataConfig, load_run, train_run
 from .train import TrainConfig
 
@@ -26,6 +28,7 @@ __all__ = [
     "HeadSpec",
     "SampleSet",
     "TrainConfig",
+    "export_run",
     "extract",
     "extract_splits",
     "finetune_run",
@@ -34,6 +37,7 @@ __all__ = [
     "list_sources",
     "load_backbone",
     "load_dataset",
+    "load_predictor",
     "load_run",
     "register_source",
     "train_run",

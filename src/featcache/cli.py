@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by `featcache train` / `finetune`")
     p.add_argument("--format", default="pt", help="pt | torchscript | onnx")
     p.add_argument("--out", default=None, help="output file (default: RUN/model.<ext>)")
+    p.add_argument("--weights", default=None, help="weights to rebuild the backbone with if the run's cannot")
 
     p = _parser(sub, "predict", "predict classes of image files with an exported model or a run folder")
     p.add_argument("model", help="exported model file or run folder")
@@ -492,7 +493,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from .export import export_run
 
-    print(f"exported {export_run(a.run, a.format, a.out)}")
+    print(f"exported {export_run(a.run, a.format, a.out, weights=a.weights)}")
 
 
 def cmd_predict(a: argparse.Namespace) -> None:

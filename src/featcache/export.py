@@ -2,10 +2,10 @@
 
 The exported model takes raw images and returns logits. Its input (see :data:`INPUT_CONVENTION`):
 
-- ``uint8`` images ``(N, H, W, C)`` (RGB, 0-255, any ``H``/``W``): resized to the run's input size
-  the way :func:`featcache.data.to_model_input` resizes a uint8 image (antialiased, rounded to
-  uint8 after each pass, within one grey level of torchvision), then scaled and normalised;
-- ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized in float, then normalised.
+- ``uint8`` images ``(N, H, W, C)`` (RGB, 0-255, any ``H``/``W``): resized (+ centre-cropped) to the
+  run's input size exactly as :func:`featcache.data.to_model_input` resizes a uint8 image (torch's
+  fixed-point uint8 kernel, emulated bit for bit), then scaled and normalised;
+- ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
 
 Formats: ``pt`` (a safetensors file of the truncated weights + a JSON sidecar; loading rebuilds the
 structure with featcache, no pickle), ``torchscript`` and ``onnx`` (self-contained: no featcache needed
@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class ExportInfo:
         d["preprocessing"] = Preprocessing(**p)
         d["classes"], d["notes"] = tuple(d["classes"]), tuple(d.get("notes", ()))
         d["return_nodes"] = tuple(d["return_nodes"]) if d.get("return_nodes") else None
-        known = {f for f in inspect.signature(cls).parameters}
+        known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -141,12 +141,17 @@ class _Dispatch(nn.Module):
 
 
 def _tracer_kwargs() -> dict[str, Any]:
+    """torchvision's defaults (its ops as leaves) plus what timm marks as not traceable."""
     import torchvision
 
-    leaf = [
-        m for _, m in inspect.getmembers(torchvision.ops) if inspect.isclass(m) and issubclass(m, nn.Module)
-    ]
-    return {"autowrap_modules": (math, torchvision.ops), "leaf_modules": leaf}
+    ops = [m for _, m in inspect.getmembers(torchvision.ops, inspect.isclass) if issubclass(m, nn.Module)]
+    from timm.layers import _fx as timm_fx
+
+    return {
+        "autowrap_modules": (math, torchvision.ops),
+        "autowrap_functions": tuple(timm_fx.get_notrace_functions()),
+        "leaf_modules": [*ops, *timm_fx.get_notrace_modules()],
+    }
 
 
 def _classifier_input(model: nn.Module, classifier: str, training: bool) -> str:
@@ -187,9 +192,7 @@ def truncate(
         return FeatureExtractor(model, [LOGITS], "hooks", cfg.classifier, cfg.spec), LOGITS, "full", None, []
     if layer != PENULTIMATE and layer not in module_names(model) and return_nodes is None:
         return_nodes = (layer, layer)  # an FX graph-node name such as ``flatten`` or ``add_1``
-    hooks = (
-        FeatureExtractor(model, [layer], "hooks", cfg.classifier, cfg.spec) if return_nodes is None else None
-    )
+    hooks = None if return_nodes else FeatureExtractor(model, [layer], "hooks", cfg.classifier, cfg.spec)
     try:
         if return_nodes is None:
             if layer == PENULTIMATE:
@@ -389,24 +392,21 @@ def load_pt(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
     return model.eval(), info
 
 
-def _example(pre: Preprocessing, batch: int = 2, extra: tuple[int, int] = (7, 5)) -> Tensor:
-    h, w = pre.input_size
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(
-        0, 256, (batch, h + extra[0], w + extra[1], pre.channels), generator=gen, dtype=torch.uint8
-    )
+def _example(pre: Preprocessing, extra: tuple[int, int] = (7, 5)) -> Tensor:
+    """Two random uint8 NHWC images slightly larger than the input size (tracing / verification input)."""
+    size = (2, pre.input_size[0] + extra[0], pre.input_size[1] + extra[1], pre.channels)
+    return torch.randint(0, 256, size, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 
 
 def _save_torchscript(model: ExportedModel, info: ExportInfo, out: Path) -> None:
-    pre = info.preprocessing
-    u8 = _example(pre)
+    u8 = _example(info.preprocessing)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced_net = torch.jit.trace(model.network, model.preprocess(u8))
         traced_u8 = torch.jit.trace(_Entry(model, True).eval(), u8)
         traced_f = torch.jit.trace(_Entry(model, False).eval(), u8.permute(0, 3, 1, 2).float() / 255.0)
         scripted = torch.jit.script(_Dispatch(traced_u8, traced_f, traced_net, list(info.classes)).eval())
-    torch.jit.save(scripted, str(out), _extra_files={"featcache.json": json.dumps(info.to_dict())})
+        torch.jit.save(scripted, str(out), _extra_files={"featcache.json": json.dumps(info.to_dict())})
 
 
 def _save_onnx(model: ExportedModel, info: ExportInfo, out: Path) -> None:
@@ -460,9 +460,11 @@ def export_run(
     model, info = build_model(run_dir, weights)
     path = Path(out) if out is not None else Path(run_dir) / f"model{SUFFIXES[format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = replace(
-        info, format=format, input_convention=ONNX_INPUT_CONVENTION if format == "onnx" else INPUT_CONVENTION
-    )
+    convention = ONNX_INPUT_CONVENTION if format == "onnx" else INPUT_CONVENTION
+    notes = info.notes
+    if info.method == "hooks" and format != "pt":
+        notes += ("traced through hooks: data-dependent control flow follows the example input's path",)
+    info = replace(info, format=format, input_convention=convention, notes=notes)
     if format == "pt":
         from safetensors.torch import save_model
 
@@ -482,7 +484,6 @@ def _verify(model: ExportedModel, path: Path, info: ExportInfo) -> None:
     from .predict import load_predictor
 
     x = _example(info.preprocessing, extra=(11, 3))
-    model.eval()
     with torch.inference_mode():
         want = model(x)
     got = load_predictor(path, device="cpu").logits(x)

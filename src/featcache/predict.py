@@ -1,16 +1,16 @@
 """Predict classes of raw images with an exported model (``.pt`` / ``.ts`` / ``.onnx``) or a run folder.
 
-This module also holds the preprocessing that exported models carry (:class:`Preprocess`).
-Images of any size are decoded and resized one by one in Python exactly as
-:func:`featcache.data.to_model_input` does (so predictions match the cached pipeline), batched as
-uint8 ``(N, H, W, C)`` at the run's input size, and given to the exported model, whose own resize is
-then the identity and which scales and normalises them. A tensor batch goes to the model as is.
-"""
+This module also holds the modules an exported model is made of (:class:`Preprocess`,
+:class:`Network`, :class:`ExportedModel`). The exported model resizes raw uint8 images exactly as
+:func:`featcache.data.to_model_input` does (torch's uint8 kernel, emulated bit for bit). To batch
+images of different sizes, :func:`prepare_image` does that resize per image in Python and places the
+result so that the model's own resize is the identity; a tensor batch goes to the model as is."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -120,8 +120,9 @@ class Preprocess(nn.Module):
 
     def _axis(self, n_in: Tensor, new: Tensor, offset: Tensor, out: int, fixed_point: bool) -> Tensor:
         """``(out, n_in)`` float64 weights: resize ``n_in`` to ``new``, keep ``out`` rows from ``offset``."""
-        src = torch.arange(n_in.reshape(()), dtype=torch.float64)
-        dst = torch.arange(new.reshape(()), dtype=torch.float64)  # all resized rows: precision uses their max
+        # Tensor ends keep sizes dynamic in a trace; all resized rows are built (precision uses their max).
+        src = torch.arange(n_in.reshape(()), dtype=torch.float64)  # type: ignore[call-overload]
+        dst = torch.arange(new.reshape(()), dtype=torch.float64)  # type: ignore[call-overload]
         scale = n_in / new
         if self.mode == "nearest":  # torch: min(floorf(i * (float) (in / out)), in - 1)
             idx = torch.floor(dst.float() * (n_in.float() / new.float())).double()
@@ -228,25 +229,31 @@ def as_pil(image: ImageLike) -> Image.Image:
 
 
 def prepare_image(image: ImageLike, pre: Preprocessing) -> torch.Tensor:
-    """Mode, resize and centre crop of :func:`featcache.data.to_model_input`, stopped before scaling.
+    """One image as the uint8 ``(H, W, C)`` tensor the predictor gives an exported model.
 
-    Returns a uint8 ``(H, W, C)`` tensor at the run's input size; scaling to [0, 1] and normalising
-    it gives exactly what ``to_model_input`` gives.
+    It holds the uint8 resize (+ centre crop) of :func:`featcache.data.to_model_input`, placed so that
+    the model's own resize is the identity: at the input size, or for resize + crop models centred in
+    a ``resize_size`` square. The exported model maps it to exactly ``to_model_input(image)``, and
+    images of any size become tensors of one shape, so they batch.
 
     Example:
         >>> pre = Preprocessing((32, 32), 0, (0.5,) * 3, (0.5,) * 3, "bilinear", 3)
         >>> tuple(prepare_image(Image.new("L", (28, 28)), pre).shape)
         (32, 32, 3)
     """
-    img = as_pil(image).convert("L" if pre.channels == 1 else "RGB")
+    t = TF.pil_to_tensor(as_pil(image).convert("L" if pre.channels == 1 else "RGB"))
     interp = _INTERP.get(pre.interpolation, TF.InterpolationMode.BILINEAR)
-    t = TF.pil_to_tensor(img)
-    if pre.resize_size:
-        t = TF.resize(t, [pre.resize_size], interpolation=interp, antialias=True)
-        t = TF.center_crop(t, list(pre.input_size))
-    else:
-        t = TF.resize(t, list(pre.input_size), interpolation=interp, antialias=True)
-    return t.permute(1, 2, 0).contiguous()
+    r, (h, w) = pre.resize_size, pre.input_size
+    if not r:
+        return TF.resize(t, [h, w], interpolation=interp, antialias=True).permute(1, 2, 0).contiguous()
+    if r < max(h, w):  # the crop would be padded: the model resizes this image itself (one per batch)
+        return t.permute(1, 2, 0).contiguous()
+    canvas = torch.zeros(t.shape[0], r, r, dtype=torch.uint8)
+    top, left = round((r - h) / 2.0), round((r - w) / 2.0)  # where the model's centre crop reads
+    canvas[:, top : top + h, left : left + w] = TF.center_crop(
+        TF.resize(t, [r], interpolation=interp, antialias=True), [h, w]
+    )
+    return canvas.permute(1, 2, 0).contiguous()
 
 
 class Predictor:
@@ -272,18 +279,35 @@ class Predictor:
         """Class names in logit order."""
         return list(self.info.classes)
 
-    def batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """Prepare images one by one (any sizes) into one uint8 ``(N, H, W, C)`` batch at the input size."""
-        return torch.stack([prepare_image(img, self.info.preprocessing) for img in images])
-
     def logits(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor) -> torch.Tensor:
-        """Raw logits ``(N, classes)`` on the CPU for images or a tensor batch (given to the model as is).
+        """Raw logits ``(N, classes)`` on the CPU for images (any sizes) or a tensor batch (given as is).
 
         Example:
             >>> p.logits(torch.zeros(1, 28, 28, 3, dtype=torch.uint8)).shape  # doctest: +SKIP
             torch.Size([1, 10])
         """
-        x = self._as_batch(images)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if isinstance(images, torch.Tensor):
+            return self._forward(images)
+        if isinstance(images, (Image.Image, np.ndarray)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        return self._forward_prepared([prepare_image(img, self.info.preprocessing) for img in images])
+
+    def _forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        """Run :func:`prepare_image` outputs, one batch per shape (a single one unless a crop pads)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(prepared):
+            groups.setdefault(tuple(t.shape), []).append(i)
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(prepared)
+        for index in groups.values():
+            for i, row in zip(index, self._forward(torch.stack([prepared[i] for i in index]))):
+                rows[i] = row
+        return torch.stack(rows)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(
                 f"a tensor batch must be uint8 (N, H, W, C) or float (N, C, H, W); got {tuple(x.shape)}"
@@ -293,17 +317,6 @@ class Predictor:
         elif x.dtype != torch.uint8:
             x = x.float()
         return self._run(x).float().cpu()
-
-    def _as_batch(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            return torch.from_numpy(np.ascontiguousarray(images))
-        if isinstance(images, (Image.Image, np.ndarray)):
-            images = [images]
-        if not images:
-            raise ValueError("no images given")
-        return self.batch(list(images))
 
     def top(self, logits: torch.Tensor, top_k: int = 5) -> list[list[dict[str, Any]]]:
         """Per row, the ``top_k`` classes by softmax probability: ``[{"class": name, "prob": p}, ...]``."""
@@ -351,7 +364,7 @@ class Predictor:
 
         def flush() -> None:
             if pending:
-                tops = self.top(self.logits(torch.stack([t for _, t in pending])), top_k)
+                tops = self.top(self._forward_prepared([t for _, t in pending]), top_k)
                 for (i, _), top in zip(pending, tops):
                     results[i]["top"] = top
                 pending.clear()
@@ -421,7 +434,9 @@ def _torchscript(path: Path, device: torch.device) -> tuple[Runner, ExportInfo]:
     from .export import ExportInfo, read_info, sidecar_path
 
     extra = {"featcache.json": ""}
-    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     info = (
         read_info(path)
         if sidecar_path(path).is_file()

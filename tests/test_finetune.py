@@ -156,7 +156,7 @@ def test_live_fallback_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[st
         tmp_path / "aug",
         weights="none",
         cache_dir=str(tmp_path / "c"),
-        progress=False,
+        progress=True,
     )
     assert run.metrics["mode"] == "live" and "augmentation" in run.config["mode_reason"]
     assert "live because random augmentation" in capsys.readouterr().out

@@ -150,11 +150,19 @@ class Extractor:
             out = self.net(x)
         return {k: pool_features(v, self.config.pool) for k, v in out.items()}
 
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """Cast one layer's batch to the storage dtype, staying on the device (no host sync)."""
+        return t.to(getattr(torch, self.config.dtype)).contiguous()
+
+    def to_numpy(self, t: torch.Tensor) -> np.ndarray:
+        """Move a storage-dtype tensor to a host numpy array (bfloat16 as raw uint16)."""
+        if self.config.dtype == "bfloat16":
+            return t.cpu().view(torch.int16).numpy().view(np.uint16)
+        return t.cpu().numpy()
+
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         """Cast one layer's batch to the storage dtype as a contiguous numpy array."""
-        if self.config.dtype == "bfloat16":
-            return t.to(torch.bfloat16).contiguous().cpu().view(torch.int16).numpy().view(np.uint16)
-        return t.to(getattr(torch, self.config.dtype)).contiguous().cpu().numpy()
+        return self.to_numpy(self.cast(t))
 
 
 def _shard_rows(ex: Extractor, cfg: BackboneCfg, n: int) -> int:
@@ -268,27 +276,29 @@ def _run(
     )
     rows_per = writer.shard_rows
     current: int | None = None
-    buf: dict[str, list[np.ndarray]] = {}
+    # A shard's rows stay on the device until the shard closes: one host transfer per shard, not per batch.
+    buf: dict[str, list[torch.Tensor]] = {}
     rows: list[int] = []
     skipped: list[tuple[int, str]] = []
 
     def close() -> None:
         if current is None:
             return
-        arrays = {layer: np.concatenate(parts) for layer, parts in buf.items()}
+        arrays = {layer: ex.to_numpy(torch.cat(parts)) for layer, parts in buf.items()}
         if not rows:  # every image in this shard was bad: keep the layer shapes with zero rows
             arrays = {layer: np.zeros((0, *shape), dtype=dt) for layer, (shape, dt) in shapes.items()}
         writer.write_shard(current, arrays, list(rows), list(skipped))
 
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+    np_dtype = STORAGE_DTYPES[ex.config.dtype]
     bar = tqdm(
         total=len(pending), unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True
     )
     with bar:
         for x, idx, errors in loader:
-            feats = {k: ex.to_storage(v) for k, v in ex(x).items()}
-            for layer, arr in feats.items():
-                shapes[layer] = (arr.shape[1:], arr.dtype)
+            feats = {k: ex.cast(v) for k, v in ex(x).items()}
+            for layer, t in feats.items():
+                shapes[layer] = (tuple(t.shape[1:]), np_dtype)
             idx_np = idx.numpy()
             shard_of = idx_np // rows_per
             for shard in dict.fromkeys(shard_of.tolist()):
@@ -307,8 +317,13 @@ def _run(
                     )
                 skipped.extend((int(idx_np[j]), errors[j]) for j in bad)
                 good = np.setdiff1d(sel, bad) if bad else sel
-                for layer, arr in feats.items():
-                    buf[layer].append(arr[good])
+                if len(good) == len(idx_np):
+                    for layer, t in feats.items():
+                        buf[layer].append(t)
+                else:
+                    keep = torch.as_tensor(good, device=ex.device)
+                    for layer, t in feats.items():
+                        buf[layer].append(t.index_select(0, keep))
                 rows.extend(int(i) for i in idx_np[good])
             bar.update(len(idx))
         close()

@@ -209,14 +209,15 @@ def finetune_run(
     mode = "cached-prefix" if suffix is not None else "live"
     msg = f"{mode} fine-tuning" + (f" (live because {reason})" if reason and ft.mode != "live" else "")
     trainable_pct = 100.0 * plan.trainable_params / max(1, plan.total_params)
-    print(
+    say = print if progress else log.info
+    say(
         f"{msg}: training {plan.trainable_params:,} of {plan.total_params:,} parameters "
         f"({trainable_pct:.2f}%) "
         f"in {len(plan.trainable_modules)} modules; split at {plan.split}; BatchNorm {plan.bn}"
     )
     groups = param_groups(net, plan, train_config.lr)
     for g in groups:
-        print(f"  lr {g['lr']:.3g}: {', '.join(g['modules'][:4])}{' ...' if len(g['modules']) > 4 else ''}")
+        say(f"  lr {g['lr']:.3g}: {', '.join(g['modules'][:4])}{' ...' if len(g['modules']) > 4 else ''}")
     config = {
         "featcache_version": __version__,
         "kind": "finetune",

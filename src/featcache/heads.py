@@ -67,8 +67,9 @@ class Standardize(nn.Module):
         """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks."""
         dims = (0, 2, 3) if x.dim() == 4 else (0,)
         shape = (1, x.shape[1], 1, 1) if x.dim() == 4 else (1, *x.shape[1:])
-        total = torch.zeros(shape, dtype=torch.float64)
-        sq = torch.zeros(shape, dtype=torch.float64)
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        total = torch.zeros(shape, dtype=torch.float64, device=device)
+        sq = torch.zeros(shape, dtype=torch.float64, device=device)
         count = 0
         for i in range(0, len(x), chunk):
             part = torch.as_tensor(x[i : i + chunk]).double()

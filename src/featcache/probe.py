@@ -69,7 +69,7 @@ def fit_logistic(
     x = x.float()
     std = Standardize.fit(x) if standardize else None
     z = std(x) if std is not None else x
-    head = build_head(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, std, seed=0)
+    head = build_head(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, std, seed=0).to(x.device)
     linear = next(m for m in head.body.modules() if isinstance(m, torch.nn.Linear))
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)

@@ -7,7 +7,6 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -36,8 +35,16 @@ from .finetune import (
     plan_freeze,
     prefix_layer,
 )
-from .runs import DataConfig, environment, load_head, write_report
-from .train import BatchSource, TrainConfig, evaluate, fit, source_for
+from .runs import (
+    DataConfig,
+    check_resume,
+    environment,
+    evaluate_splits,
+    load_head,
+    prepare_run_dir,
+    write_report,
+)
+from .train import BatchSource, TrainConfig, fit, source_for
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +184,7 @@ def finetune_run(
         ...                    TrainConfig(epochs=3), ExtractConfig(input_size=(32, 32)), "runs/ft",
         ...                    weights="none")  # doctest: +SKIP
     """
-    out = Path(out_dir)
-    if resume and not (out / "config.json").exists():
-        raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(out_dir, resume)
     device = resolve_device(train_config.device)
     backbone = load_backbone(model, weights)
     splits = data.load()
@@ -235,11 +239,7 @@ def finetune_run(
         "environment": environment(),
     }
     if resume:
-        old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
-        if old.get("plan") != new["plan"] or old.get("train") != new["train"]:
-            raise FeatcacheError(
-                f"--resume {out}: the frozen set / BN policy / trainer settings differ from the run's"
-            )
+        check_resume(out, config, ("plan", "train"), "the frozen set / BN policy / trainer settings")
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
     if suffix is not None:
         layer = prefix_layer(plan)
@@ -276,17 +276,7 @@ def finetune_run(
         param_groups=opt_groups,
         train_mode=mode_fn,
     )
-    metrics: dict[str, Any] = {
-        "history": result.history,
-        "step_losses": result.step_losses,
-        "examples_per_epoch": result.examples_per_epoch,
-        "best_epoch": result.best_epoch,
-        "train_seconds": result.seconds,
-        "mode": mode,
-    }
-    for split in ("val", "test"):
-        if split in src:
-            metrics[split] = evaluate(trained, src[split], len(splits.classes))
+    metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
     save_file(trainable_state(net, plan), str(out / "trainable.safetensors"))
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")

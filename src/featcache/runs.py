@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,43 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, config, metrics, head, info)
 
 
+def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
+    """Create the run folder; with ``resume`` it must already hold a run."""
+    out = Path(out_dir)
+    if resume and not (out / "config.json").exists():
+        raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_resume(out: Path, config: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """Refuse to resume a run whose saved ``keys`` of config.json differ from this command's."""
+    old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
+    changed = [k for k in keys if old.get(k) != new.get(k)]
+    if changed:
+        raise FeatcacheError(
+            f"--resume {out}: {what} differ from the run's config.json ({', '.join(changed)})"
+        )
+
+
+def evaluate_splits(
+    model: nn.Module, result: FitResult, sources: Mapping[str, Any], num_classes: int
+) -> dict[str, Any]:
+    """metrics.json content: the fit's history and timings, and val/test metrics of the best model."""
+    metrics: dict[str, Any] = {
+        "history": result.history,
+        "step_losses": result.step_losses,
+        "examples_per_epoch": result.examples_per_epoch,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.seconds,
+    }
+    for split in ("val", "test"):
+        if sources.get(split) is not None:
+            metrics[split] = evaluate(model, sources[split], num_classes)
+    return metrics
+
+
 def train_on_cache(
     feats: dict[str, CachedFeatures],
     layer: str,
@@ -156,18 +194,8 @@ def train_on_cache(
     info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
     result = fit(head, train, val, len(classes), config, progress, checkpoint, resume)
-    metrics: dict[str, Any] = {
-        "history": result.history,
-        "step_losses": result.step_losses,
-        "examples_per_epoch": result.examples_per_epoch,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "train_seconds": result.seconds,
-    }
-    for split in ("val", "test"):
-        if split in feats:
-            metrics[split] = evaluate(head, source_for(feats[split], layer, device), len(classes))
-    return head, info, result, metrics
+    sources: dict[str, Any] = {k: source_for(feats[k], layer, device) for k in ("val", "test") if k in feats}
+    return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 
 def train_run(
@@ -190,10 +218,7 @@ def train_run(
         ...                 TrainConfig(epochs=10), ExtractConfig(input_size=(64, 64)),
         ...                 "runs/mnist")  # doctest: +SKIP
     """
-    out = Path(out_dir)
-    if resume and not (out / "config.json").exists():
-        raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(out_dir, resume)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
     splits = data.load()
     ecfg = replace(extract_config, layers=(layer,))
@@ -216,9 +241,7 @@ def train_run(
         "environment": environment(),
     }
     if resume:
-        old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
-        if any(old.get(k) != new[k] for k in ("cache_keys", "train", "head")):
-            raise FeatcacheError(f"--resume {out}: this command's settings differ from the run's config.json")
+        check_resume(out, config, ("cache_keys", "train", "head"), "this command's settings")
     write_json(out / "config.json", config)
     head, info, _, metrics = train_on_cache(
         feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume

@@ -11,6 +11,7 @@ class names are kept. A dataset spec resolves to train/val/test :class:`SampleSe
 
 from __future__ import annotations
 
+import abc
 import csv
 import hashlib
 import json
@@ -37,7 +38,7 @@ class BadImageError(FeatcacheError):
     """An image could not be decoded; the message names the file and the reason."""
 
 
-class SampleSet:
+class SampleSet(abc.ABC):
     """An indexable set of labelled images with stable ids and a fingerprint for the cache key.
 
     Subclasses implement :meth:`load` (a PIL image for one index) and :meth:`_fingerprint_rows`.
@@ -54,16 +55,17 @@ class SampleSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @abc.abstractmethod
     def load(self, index: int) -> Image.Image:
         """Decode sample ``index`` as a PIL image (raises on a bad image)."""
-        raise NotImplementedError
 
     def describe(self, index: int) -> str:
         """Where sample ``index`` comes from, for error messages."""
         return f"{self.name}[{self.ids[index]}]"
 
+    @abc.abstractmethod
     def _fingerprint_rows(self, h: Any) -> None:
-        raise NotImplementedError
+        """Feed what identifies the rows' content (file stats or pixel bytes) into hash ``h``."""
 
     def fingerprint(self) -> str:
         """SHA-256 of the manifest: ids, labels, classes and file sizes/mtimes or pixel bytes."""

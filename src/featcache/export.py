@@ -196,7 +196,8 @@ def truncate(
     try:
         if return_nodes is None:
             if layer == PENULTIMATE:
-                assert cfg.classifier is not None  # FeatureExtractor above raised otherwise
+                if cfg.classifier is None:  # FeatureExtractor above raised already
+                    raise FeatcacheError(f"'penultimate' needs a classifier module and {cfg.spec} has none")
                 return_nodes = (
                     _classifier_input(model, cfg.classifier, True),
                     _classifier_input(model, cfg.classifier, False),

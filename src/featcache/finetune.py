@@ -384,7 +384,8 @@ def cached_prefix_reason(plan: FreezePlan, model: nn.Module, augment: str | None
 
 def prefix_layer(plan: FreezePlan) -> str:
     """The cache layer holding the frozen prefix's output: the input of the split module."""
-    assert plan.split is not None
+    if plan.split is None:
+        raise FeatcacheError(f"{plan.spec}: nothing is frozen, so there is no prefix to cache")
     return f"{INPUT_PREFIX}{plan.split}"
 
 

@@ -144,7 +144,8 @@ def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
     head, _ = load_head(run_dir)
     w, b = fold_linear_head(head)
     cls = model.get_submodule(plan.classifier)
-    assert isinstance(cls, nn.Linear)
+    if not isinstance(cls, nn.Linear):  # replace_classifier put an nn.Linear there
+        raise FeatcacheError(f"classifier {plan.classifier!r} is not nn.Linear; --init-head cannot fill it")
     if tuple(w.shape) != tuple(cls.weight.shape):
         raise FeatcacheError(
             f"--init-head {run_dir}: head weight {tuple(w.shape)} does not fit the classifier "

@@ -285,7 +285,8 @@ class FeatureExtractor(nn.Module):
         for name in wanted:
             if name == PENULTIMATE or name.startswith(INPUT_PREFIX):
                 target = self.classifier if name == PENULTIMATE else name[len(INPUT_PREFIX) :]
-                assert target is not None
+                if target is None:  # _check_names refused this already; keeps the type checker informed
+                    raise FeatcacheError(f"{name!r} needs a classifier module")
                 handles.append(
                     modules[target].register_forward_pre_hook(lambda _m, inp, name=name: keep(name, inp))
                 )

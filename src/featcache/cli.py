@@ -71,6 +71,9 @@ def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") 
     )
     p.add_argument("--workers", type=int, default=0, help="DataLoader decoding workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA)"
+    )
     p.add_argument("--on-bad-image", default="error", help="error | skip")
     p.add_argument("--method", default="auto", help="layer extraction: auto | hooks | fx")
     p.add_argument(
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_AMP = {"auto": None, "on": True, "off": False}
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -222,6 +228,7 @@ def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
         input_size=tuple(a.input_size) if a.input_size else None,
         on_bad_image=a.on_bad_image,
         method=a.method,
+        amp=_AMP[a.amp],
     )
 
 
@@ -394,6 +401,7 @@ def _train_config(a: argparse.Namespace) -> Any:
         monitor=a.monitor,
         seed=a.seed,
         device=a.device,
+        amp=_AMP[getattr(a, "amp", "auto")],
     )
 
 

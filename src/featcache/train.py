@@ -50,6 +50,7 @@ class TrainConfig:
         seed: seeds the head init, the batch order and dropout.
         device: ``auto``, ``cpu`` or ``cuda``.
         ram_budget_gb: features larger than this (as float32) are streamed from the memory map.
+        amp: bf16 autocast for the forward pass; ``None`` means on for CUDA, off on CPU.
 
     Example:
         >>> cfg = TrainConfig(epochs=30, lr=1e-3, batch_size=256)
@@ -70,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     ram_budget_gb: float = 8.0
+    amp: bool | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -293,6 +295,7 @@ def fit(
         params = list(param_groups)
     opt = make_optimizer(params, config)
     sched = make_schedule(opt, config, steps_per_epoch)
+    amp = config.amp if config.amp is not None else device.type == "cuda"
     step_sched = not (config.schedule == "constant" and config.warmup_epochs == 0)  # skip a no-op per step
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
@@ -332,7 +335,9 @@ def fit(
             (train_mode or nn.Module.train)(head)
             losses = []
             for xb, yb in train.batches(config.batch_size, gen):
-                loss = F.cross_entropy(head(xb), yb, label_smoothing=config.label_smoothing)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = head(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

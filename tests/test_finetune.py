@@ -249,3 +249,32 @@ def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
             progress=False,
             resume=True,
         )
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
+    from featcache.data import to_model_input
+    from featcache.export import export_run
+    from featcache.predict import load_predictor
+
+    data = DataConfig("digits", limit=80)
+    run = finetune_run(
+        "torchvision:resnet18",
+        data,
+        FinetuneConfig(train="last:1"),
+        SEEDS_CFG,
+        SMALL,
+        tmp_path / "ft",
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    path = export_run(tmp_path / "ft", fmt, tmp_path / f"model-{fmt}")
+    test = data.load().test
+    assert test is not None
+    images = [test.load(i) for i in range(6)]
+    cfg = load_backbone("torchvision:resnet18", weights="none").cfg.with_input_size(32, 32)
+    with torch.no_grad():
+        want = run.model.cpu().eval()(torch.stack([to_model_input(im, cfg) for im in images]))
+    got = load_predictor(path, device="cpu").logits(images)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))

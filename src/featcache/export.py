@@ -267,6 +267,10 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
         ('0', '1', '2')
     """
     run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file() and json.loads((run_dir / "config.json").read_text()).get(
+        "kind"
+    ) == "finetune":
+        return _build_finetuned(run_dir, weights)
     config = _read_config(run_dir)
     run_cfg = BackboneCfg.from_dict(config["backbone_cfg"])
     weights_arg = weights if weights is not None else config.get("weights_arg")
@@ -319,6 +323,39 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     return model, info
 
 
+def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+    """A fine-tuned run exports whole: preprocessing -> the fine-tuned network's logits (nothing is cut)."""
+    from .finetune_run import load_finetuned
+
+    backbone, config = load_finetuned(run_dir, weights)
+    extract = config["extract"]
+    cfg = backbone.cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else backbone.cfg
+    pre = Preprocessing.from_cfg(cfg)
+    net = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, backbone.cfg.spec)
+    model = ExportedModel(
+        Preprocess(pre), Network(net, LOGITS, "none", "float32", nn.Identity()), list(config["classes"])
+    ).eval()
+    info = ExportInfo(
+        format="memory",
+        model=str(config["model"]),
+        weights=backbone.cfg.weights,
+        weights_id=backbone.cfg.weights_id,
+        layer=LOGITS,
+        pool="none",
+        storage_dtype="float32",
+        classes=tuple(config["classes"]),
+        preprocessing=pre,
+        head={"finetune": config["finetune"]["train"], "classifier": config["plan"]["classifier"]},
+        method="full",
+        return_nodes=None,
+        truncated=False,
+        run=str(run_dir),
+        notes=(f"fine-tuned run ({config['finetune']['train']}): the whole network is exported",),
+        weights_sha256=hash_tensors(model.state_dict()),
+    )
+    return model, info
+
+
 def rebuild_model(info: ExportInfo) -> ExportedModel:
     """The structure of an exported ``pt`` model with random weights (load its state dict next).
 
@@ -327,6 +364,14 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
     """
     backbone = load_backbone(info.model, "none")
     pre = info.preprocessing
+    if info.method == "full":  # a fine-tuned network, exported whole
+        from .finetune import replace_classifier
+
+        replace_classifier(backbone.model, info.head["classifier"], len(info.classes))
+        whole = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, info.model)
+        return ExportedModel(
+            Preprocess(pre), Network(whole, LOGITS, "none", "float32", nn.Identity()), list(info.classes)
+        )
     backbone.cfg = replace(backbone.cfg, input_size=pre.input_size, channels=pre.channels)
     if info.method == "hooks":
         net: nn.Module = FeatureExtractor(

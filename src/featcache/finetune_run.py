@@ -7,6 +7,7 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -14,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from . import __version__
 from ._util import FeatcacheError, resolve_device, unknown, write_json
-from .backbones import BackboneCfg, load_backbone
+from .backbones import Backbone, BackboneCfg, load_backbone
 from .data import PreprocessedView, SampleSet
 from .extract import ExtractConfig, extract_splits, resolved_cfg
 from .finetune import (
@@ -34,6 +35,7 @@ from .finetune import (
     param_groups,
     plan_freeze,
     prefix_layer,
+    replace_classifier,
 )
 from .runs import (
     DataConfig,
@@ -167,6 +169,38 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tenso
         for k, v in model.state_dict().items()
         if k.startswith(prefixes) or (plan.split is None)
     }
+
+
+def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Backbone, dict[str, Any]]:
+    """Rebuild a fine-tuned network from its run folder: base weights + new classifier + trained part.
+
+    Args:
+        run_dir: a folder written by :func:`finetune_run`.
+        weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
+
+    Example:
+        >>> backbone, config = load_finetuned("runs/ft")  # doctest: +SKIP
+        >>> backbone.model(x).shape  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    config: dict[str, Any] = json.loads((run_dir / "config.json").read_text())
+    weights_arg = weights if weights is not None else config.get("weights_arg")
+    backbone = load_backbone(config["model"], weights_arg)
+    if backbone.cfg.weights_id != config["backbone_cfg"]["weights_id"]:
+        raise FeatcacheError(
+            f"{config['model']} rebuilt with weights={weights_arg!r} is not the base that run "
+            f"{str(run_dir)!r} was fine-tuned from; pass the weights tag or file it used"
+        )
+    plan = config["plan"]
+    replace_classifier(backbone.model, plan["classifier"], len(config["classes"]))
+    result = backbone.model.load_state_dict(load_file(str(run_dir / "trainable.safetensors")), strict=False)
+    if result.unexpected_keys:
+        raise FeatcacheError(
+            f"trainable.safetensors of {str(run_dir)!r} does not fit {config['model']}: "
+            f"{result.unexpected_keys[:5]}"
+        )
+    backbone.model.eval().requires_grad_(False)
+    return backbone, config
 
 
 def finetune_run(

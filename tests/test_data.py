@@ -399,3 +399,19 @@ def test_bad_images(tmp_path: Path) -> None:
     assert image_paths(bad) == [bad]
     with pytest.raises(FileNotFoundError):
         image_paths(tmp_path / "nothing")
+
+
+def test_relative_folder_spec_and_val_split_from_train(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from conftest import write_tree
+
+    from featcache.data import load_dataset
+
+    write_tree(tmp_path / "pets" / "train", per_class=10)
+    write_tree(tmp_path / "pets" / "test", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    splits = load_dataset("pets", val_fraction=0.2)
+    assert splits.val is not None and len(splits.val) == 6 and len(splits.train) == 24
+    assert set(splits.val.ids).isdisjoint(splits.train.ids)
+    assert splits.train.load(0).size == (48, 40)  # relative spec: files resolve
+    assert splits.test is not None and len(splits.test) == 6
+    assert load_dataset("./pets", val_fraction=0.2).train.fingerprint() == splits.train.fingerprint()

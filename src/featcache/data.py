@@ -258,7 +258,7 @@ def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSample
             continue
         for p in sorted(folder.rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(p)
+                paths.append(p.relative_to(root))
                 labels.append(ci)
     if not paths:
         raise FeatcacheError(
@@ -276,13 +276,18 @@ def image_folder(
     Example:
         >>> splits = image_folder("data/pets")  # doctest: +SKIP
     """
-    root = Path(root)
+    root = Path(root).resolve()
     if (root / "train").is_dir():
-        train = _scan_folder(root / "train")
+        train: SampleSet = _scan_folder(root / "train")
         parts = {
             n: _scan_folder(root / n, train.classes) if (root / n).is_dir() else None for n in ("val", "test")
         }
-        return DatasetSplits(train, parts["val"], parts["test"], train.classes, str(root))
+        val: SampleSet | None = parts["val"]
+        if val is None and val_fraction > 0:  # no val/ folder: hold out part of train/, stratified
+            tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
+            if len(va):
+                train, val = train.subset(tr, "train"), train.subset(va, "val")
+        return DatasetSplits(train, val, parts["test"], train.classes, str(root))
     return _split(_scan_folder(root), val_fraction, test_fraction, seed, str(root))
 
 

@@ -340,7 +340,7 @@ def slow(module, inputs):
     calls.append(1)
     time.sleep(0.15)
 bb.model.register_forward_pre_hook(slow)
-train = load_dataset(sys.argv[1]).train
+train = load_dataset(sys.argv[1], val_fraction=0.0).train
 cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=4,
                     shard_rows=8)
 out = extract(bb, train, cfg, cache_dir=sys.argv[2], progress=False)
@@ -377,9 +377,50 @@ def test_two_processes_extracting_the_same_key(resnet18: Backbone, tmp_path: Pat
     cached = cache.open(key)
     ref = direct_features(
         resnet18,
-        [load_dataset(str(tmp_path / "tree")).train.load(i) for i in range(len(files))],
+        [load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train.load(i) for i in range(len(files))],
         SIZE,
         ("layer3", "penultimate"),
     )
     for layer in ("layer3", "penultimate"):
         assert np.abs(cached.features[layer] - ref[layer]).max() <= 1e-5
+
+
+def test_verify_catches_flipped_labels_and_ids(tmp_path: Path) -> None:
+    from featcache.data import ArraySamples
+    from featcache.extract import ExtractConfig, extract
+
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    samples = ArraySamples(
+        np.random.default_rng(0).integers(0, 255, (12, 16, 16), dtype=np.uint8), np.arange(12) % 3
+    )
+    feats = extract(
+        bb, samples, ExtractConfig(input_size=(32, 32), layers=("layer1",)), str(tmp_path), progress=False
+    )
+    cache = FeatureCache(tmp_path)
+    assert cache.verify(feats.key) == []
+    labels = np.load(feats.path / "labels.npy")
+    labels[-1] = (labels[-1] + 1) % 3
+    np.save(feats.path / "labels.npy", labels)
+    (feats.path / "ids.json").write_text((feats.path / "ids.json").read_text().replace("000011", "000099"))
+    problems = cache.verify(feats.key)
+    assert any("labels.npy" in p for p in problems) and any("ids.json" in p for p in problems)
+
+
+def test_gc_spares_an_entry_being_written(tmp_path: Path) -> None:
+    import os
+    import time
+
+    cache = FeatureCache(tmp_path)
+    key = "ab" * 32
+    (cache.path(key) / "shards").mkdir(parents=True)
+    old = time.time() - 10 * 24 * 3600
+    (cache.path(key) / "record.json").write_text("{}")
+    os.utime(cache.path(key) / "record.json", (old, old))
+    with cache.lock(key):  # an extraction holds the lock
+        assert cache.gc(partial_older_than_s=3600) == []
+        assert cache.path(key).exists()
+    (cache.path(key) / "shards" / "00000.json").write_text("{}")  # a shard finished just now
+    assert cache.gc(partial_older_than_s=3600) == [] and cache.path(key).exists()
+    for p in (cache.path(key) / "shards" / "00000.json", cache.path(key) / "shards", cache.path(key)):
+        os.utime(p, (old, old))
+    assert cache.gc(partial_older_than_s=3600) == [str(cache.path(key))]

@@ -168,7 +168,7 @@ class CacheWriter:
                 "file": f"features/{layer}.npy",
                 "block_sha256": digests,
             }
-        _save_npy(self.path / "labels.npy", labels[rows])
+        labels_sha256 = _save_npy(self.path / "labels.npy", labels[rows])
         write_json(self.path / "ids.json", [ids[r] for r in rows])
         skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
         manifest = {
@@ -179,6 +179,8 @@ class CacheWriter:
             "rows": len(rows),
             "block_rows": block_rows,
             "layers": layers,
+            "labels_sha256": labels_sha256,
+            "ids_sha256": _sha256_file(self.path / "ids.json"),
             "skipped": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -266,13 +268,20 @@ class FeatureCache:
         raise FeatcacheError(f"cache key prefix {key!r} is ambiguous: {sorted(found)[:5]}")
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """An exclusive, blocking file lock on one entry (released if the process dies)."""
+    def lock(self, key: str, blocking: bool = True) -> Iterator[bool]:
+        """An exclusive file lock on one entry (released if the process dies); yields whether it was taken.
+
+        With ``blocking=False`` it yields False at once when another process holds the lock.
+        """
         self.path(key).mkdir(parents=True, exist_ok=True)
         with open(self.path(key) / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -343,6 +352,13 @@ class FeatureCache:
             ):
                 if got != want:
                     problems.append(f"{meta['file']}: block {i} checksum mismatch")
+        for name in ("labels.npy", "ids.json"):
+            want = manifest.get(f"{name.split('.')[0]}_sha256")
+            f = path / name
+            if not f.is_file():
+                problems.append(f"{name}: missing")
+            elif want is not None and _sha256_file(f) != want:
+                problems.append(f"{name}: checksum mismatch")
         return problems
 
     def entries(self) -> list[str]:
@@ -397,17 +413,24 @@ class FeatureCache:
 
     def gc(self, partial_older_than_s: float = 24 * 3600) -> list[str]:
         """Remove leftovers: temporary files, shards of committed entries, old partial entries."""
-        removed = []
+        removed: list[str] = []
         now = time.time()
         for key in self.entries():
             path = self.path(key)
-            for tmp in path.rglob("*.tmp-*"):
-                tmp.unlink(missing_ok=True)
-                removed.append(str(tmp))
-            if self.is_complete(key) and (path / "shards").exists():
-                shutil.rmtree(path / "shards")
-                removed.append(str(path / "shards"))
-            elif not self.is_complete(key) and now - path.stat().st_mtime > partial_older_than_s:
-                shutil.rmtree(path)
-                removed.append(str(path))
+            with self.lock(key, blocking=False) as taken:
+                if not taken:  # an extraction is writing this entry right now
+                    continue
+                for tmp in path.rglob("*.tmp-*"):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(str(tmp))
+                if self.is_complete(key) and (path / "shards").exists():
+                    shutil.rmtree(path / "shards")
+                    removed.append(str(path / "shards"))
+                elif not self.is_complete(key):
+                    # Age = the newest write under the entry (shards land in shards/), not the folder's own.
+                    paths = [p for p in path.rglob("*") if p.name != ".lock"]
+                    newest = max((p.stat().st_mtime for p in paths), default=path.stat().st_mtime)
+                    if now - newest > partial_older_than_s:
+                        shutil.rmtree(path)
+                        removed.append(str(path))
         return removed

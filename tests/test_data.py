@@ -403,7 +403,6 @@ def test_bad_images(tmp_path: Path) -> None:
 
 def test_relative_folder_spec_and_val_split_from_train(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from conftest import write_tree
-
     from featcache.data import load_dataset
 
     write_tree(tmp_path / "pets" / "train", per_class=10)

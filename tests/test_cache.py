@@ -138,7 +138,7 @@ from featcache import ExtractConfig, load_backbone, load_dataset
 from featcache.cache import cache_key
 from featcache.extract import cache_record
 bb = load_backbone("torchvision:resnet18", weights="none")
-train = load_dataset(sys.argv[1]).train
+train = load_dataset(sys.argv[1], val_fraction=0.0).train
 cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=8)
 print(cache_key(cache_record(bb, train, cfg, "train")))
 """
@@ -146,7 +146,7 @@ print(cache_key(cache_record(bb, train, cfg, "train")))
 
 def test_same_key_in_another_process(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=4)
-    train = load_dataset(str(tmp_path / "tree")).train
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     key = cache_key(cache_record(resnet18, train, _config(), "train"))
     assert len(key) == 64
     other = run_python(KEY_SCRIPT, str(tmp_path / "tree")).stdout.strip()
@@ -155,7 +155,7 @@ def test_same_key_in_another_process(resnet18: Backbone, tmp_path: Path) -> None
 
 def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone, tmp_path: Path) -> None:
     files = write_tree(tmp_path / "tree" / "train", per_class=4)
-    train = load_dataset(str(tmp_path / "tree")).train
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
 
     def key(bb: Backbone = resnet18, samples=train, split: str = "train", **kw: object) -> str:
         return cache_key(cache_record(bb, samples, _config(**kw), split))
@@ -182,7 +182,7 @@ def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone
         "amp": key(amp=True),
     }
     random_image(np.random.default_rng(7), (40, 48)).save(files[2])  # modify one image file
-    changed["data"] = key(samples=load_dataset(str(tmp_path / "tree")).train)
+    changed["data"] = key(samples=load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train)
     for what, k in changed.items():
         assert k != base, what
     assert len(set(changed.values())) == len(changed)

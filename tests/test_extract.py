@@ -90,7 +90,7 @@ def test_pool_features_against_torch() -> None:
 
 def test_fx_hooks_and_workers_store_the_same_numbers(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=5)
-    train = load_dataset(str(tmp_path / "tree")).train
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     ref = direct_features(resnet18, [train.load(i) for i in range(len(train))], SIZE, ("layer2", "layer3"))
     runs = {}
     for name, kw in {"hooks": {"method": "hooks"}, "fx": {"method": "fx"}, "workers": {"workers": 2}}.items():
@@ -109,7 +109,7 @@ def test_fx_hooks_and_workers_store_the_same_numbers(resnet18: Backbone, tmp_pat
 
 def test_automatic_shard_size(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=3)
-    train = load_dataset(str(tmp_path / "tree")).train
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     cached = extract(resnet18, train, _config(), cache_dir=str(tmp_path / "c"), progress=False)
     assert cached.manifest["record"]["shard_rows"] == len(train)  # a tiny set fits one shard
     assert cached.manifest["block_rows"] == [len(train)]
@@ -140,7 +140,7 @@ import sys, time
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
 bb = load_backbone("torchvision:resnet18", weights="none")  # seeded: the same weights as the test's
 bb.model.conv1.register_forward_pre_hook(lambda m, i: time.sleep(0.3))  # slow, weights unchanged
-train = load_dataset(sys.argv[1]).train
+train = load_dataset(sys.argv[1], val_fraction=0.0).train
 cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=4,
                     shard_rows=8)
 extract(bb, train, cfg, cache_dir=sys.argv[2], progress=False)
@@ -153,7 +153,7 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
     resnet18: Backbone, tmp_path: Path
 ) -> None:
     write_tree(tmp_path / "tree" / "train", classes=("a", "b", "c", "d"), per_class=9)  # 36 rows: 5 shards
-    train = load_dataset(str(tmp_path / "tree")).train
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     n = len(train)
     cache_dir = tmp_path / "cache"
     proc = subprocess.Popen(
@@ -222,7 +222,7 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
     resnet18: Backbone, tmp_path: Path, kind: str
 ) -> None:
     bad = _tree_with_a_bad_image(tmp_path / "tree", kind)
-    train = load_dataset(str(tmp_path / "tree")).train
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     bad_row = train.ids.index("c/" + bad.name)
     assert bad_row == 18
     cache_dir = tmp_path / "cache"
@@ -272,7 +272,9 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=2)
     for name in ("x1.png", "x2.png"):
         (tmp_path / "tree" / "train" / "b" / name).write_bytes(b"not an image at all")
-    train = load_dataset(str(tmp_path / "tree")).train  # rows: a/00 a/01 b/00 b/01 b/x1 b/x2
+    train = load_dataset(
+        str(tmp_path / "tree"), val_fraction=0.0
+    ).train  # rows: a/00 a/01 b/00 b/01 b/x1 b/x2
     cached = extract(
         resnet18,
         train,

@@ -178,3 +178,28 @@ def test_streamed_memmap_covers_every_row_once(tmp_path) -> None:  # type: ignor
     head = build_head(HeadSpec("linear"), (16,), 5)
     fit(head, src, None, 5, TrainConfig(epochs=10, lr=1e-2, device="cpu"), progress=False)
     assert evaluate(head, FeatureSource(x, y), 5)["acc"] >= 0.99
+
+
+def test_resuming_an_early_stopped_run_adds_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    x, y = blobs(n=300)
+    xv, yv = blobs(n=100, seed=1)
+    yv = (yv + 1) % 5
+    cfg = TrainConfig(epochs=30, patience=2, lr=1e-2, device="cpu")
+    ckpt = tmp_path / "ckpt.pt"
+    head = build_head(HeadSpec("linear"), (32,), 5)
+    first = fit(head, FeatureSource(x, y), FeatureSource(xv, yv), 5, cfg, progress=False, checkpoint=ckpt)
+    assert first.stopped_early
+    again = build_head(HeadSpec("linear"), (32,), 5, seed=5)
+    res = fit(
+        again,
+        FeatureSource(x, y),
+        FeatureSource(xv, yv),
+        5,
+        cfg,
+        progress=False,
+        checkpoint=ckpt,
+        resume=True,
+    )
+    assert res.stopped_early and res.history == first.history and res.step_losses == first.step_losses
+    for a, b in zip(again.state_dict().values(), head.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -221,7 +221,13 @@ class _Bench:
         out = []
         for bs in (32, self.cfg.batch_size):
             cfg = replace(
-                self.tcfg, batch_size=bs, epochs=5, optimizer="adam", schedule="constant", weight_decay=0.0
+                self.tcfg,
+                batch_size=bs,
+                epochs=5,
+                optimizer="adam",
+                schedule="constant",
+                weight_decay=0.0,
+                amp=False,  # the seeds' loop runs in float32
             )
 
             def fast(cfg: TrainConfig = cfg) -> float:

@@ -77,7 +77,9 @@ class ImageSource:
         device: torch.device,
         workers: int = 0,
         augment: Any = None,
+        on_bad_image: str = "error",
     ) -> None:
+        self.on_bad_image = on_bad_image
         self.samples, self.cfg, self.device, self.workers, self.augment = (
             samples,
             cfg,
@@ -99,9 +101,17 @@ class ImageSource:
             view, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
         )
         for x, idx, errors in loader:
-            bad = [e for e in errors if e]
-            if bad:
-                raise FeatcacheError(f"bad image during fine-tuning: {bad[0]}")
+            bad = [j for j, e in enumerate(errors) if e]
+            if bad and self.on_bad_image == "error":
+                raise FeatcacheError(
+                    f"bad image during fine-tuning: {self.samples.describe(int(idx[bad[0]]))}: "
+                    f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip"
+                )
+            if bad:  # skip: drop those rows, as extraction does
+                keep = torch.as_tensor([j for j in range(len(errors)) if not errors[j]], dtype=torch.long)
+                if not len(keep):
+                    continue
+                x, idx = x.index_select(0, keep), idx.index_select(0, keep)
             x = x.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
@@ -277,11 +287,18 @@ def finetune_run(
         "environment": environment(),
     }
     if resume:
-        check_resume(out, config, ("plan", "train"), "the frozen set / BN policy / trainer settings")
+        check_resume(
+            out,
+            config,
+            ("plan", "train", "data", "extract", "finetune", "mode"),
+            "the data, frozen set, BN policy, mode or trainer settings",
+        )
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
     if suffix is not None:
         layer = prefix_layer(plan)
-        ecfg = replace(extract_config, layers=(layer,), pool="none", dtype="float32", amp=False)
+        # The prefix runs under the same autocast as the live loop would (bf16 on CUDA, fp32 on CPU).
+        train_amp = train_config.amp if train_config.amp is not None else device.type == "cuda"
+        ecfg = replace(extract_config, layers=(layer,), pool="none", dtype="float32", amp=train_amp)
         feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
         config["cache_keys"] = {k: v.key for k, v in feats.items()}
         src: dict[str, BatchSource] = {k: source_for(v, layer, device) for k, v in feats.items()}
@@ -293,7 +310,14 @@ def finetune_run(
     else:
         aug = make_augment(ft.augment, pre.input_size)
         src = {
-            name: ImageSource(s, pre, device, extract_config.workers, aug if name == "train" else None)
+            name: ImageSource(
+                s,
+                pre,
+                device,
+                extract_config.workers,
+                aug if name == "train" else None,
+                extract_config.on_bad_image,
+            )
             for name, s in splits.items()
         }
         trained = net.to(device)

@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._util import FeatcacheError, unknown
+from .cache import to_torch
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
 
@@ -63,19 +65,25 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
     @classmethod
-    def fit(cls, x: torch.Tensor, chunk: int = 4096) -> Standardize:
-        """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks."""
-        dims = (0, 2, 3) if x.dim() == 4 else (0,)
-        shape = (1, x.shape[1], 1, 1) if x.dim() == 4 else (1, *x.shape[1:])
+    def fit(cls, x: torch.Tensor | np.ndarray, chunk: int = 4096, dtype: str = "float32") -> Standardize:
+        """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks.
+
+        ``x`` may be a tensor or a (memory-mapped) array in the cache's storage ``dtype``: it is read
+        chunk by chunk, never whole.
+        """
+        ndim = len(x.shape)
+        dims = (0, 2, 3) if ndim == 4 else (0,)
+        shape = (1, x.shape[1], 1, 1) if ndim == 4 else (1, *x.shape[1:])
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         total = torch.zeros(shape, dtype=torch.float64, device=device)
         sq = torch.zeros(shape, dtype=torch.float64, device=device)
         count = 0
         for i in range(0, len(x), chunk):
-            part = torch.as_tensor(x[i : i + chunk]).double()
+            rows = x[i : i + chunk]
+            part = (rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)).double()
             total += part.sum(dims, keepdim=True)
             sq += (part * part).sum(dims, keepdim=True)
-            count += part.shape[0] * (part.shape[2] * part.shape[3] if x.dim() == 4 else 1)
+            count += part.shape[0] * (part.shape[2] * part.shape[3] if ndim == 4 else 1)
         mean = total / count
         std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
         return cls(mean.squeeze(0).float(), std.squeeze(0).float())

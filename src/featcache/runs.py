@@ -190,11 +190,14 @@ def train_on_cache(
     classes = feats["train"].classes
     std = None
     if config.standardize:
-        std = Standardize.fit(train.x if train.x is not None else feats["train"].tensor(layer).float())
+        raw = train.x if train.x is not None else feats["train"].features[layer]  # streamed: by chunks
+        std = Standardize.fit(raw, dtype=feats["train"].dtype)
     info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
     result = fit(head, train, val, len(classes), config, progress, checkpoint, resume)
-    sources: dict[str, Any] = {k: source_for(feats[k], layer, device) for k in ("val", "test") if k in feats}
+    sources: dict[str, Any] = {
+        k: source_for(feats[k], layer, device, config.ram_budget_gb) for k in ("val", "test") if k in feats
+    }
     return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 

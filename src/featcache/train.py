@@ -304,25 +304,37 @@ def fit(
     start_epoch, bad_epochs = 0, 0
     ckpt = Path(checkpoint) if checkpoint else None
     torch_rng = None
+    cuda_rng = None
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        head.load_state_dict(state["head"])
+        # CPU first: the batch-order generator's state must stay a CPU tensor; modules move it themselves.
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            head.load_state_dict(state["head"])
+        except RuntimeError as exc:
+            raise FeatcacheError(
+                f"checkpoint {ckpt} does not fit this model (another head, fine-tuning mode or plan): {exc}"
+            ) from exc
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         gen.set_state(state["gen"])
-        torch_rng = state["torch_rng"]
+        torch_rng, cuda_rng = state["torch_rng"], state.get("cuda_rng")
         history, step_losses = state["history"], state["step_losses"]
         best = {"epoch": state["best_epoch"], "score": state["best_score"], "state": state["best_state"]}
         start_epoch, bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
     t0 = time.perf_counter()
-    stopped_early = False
+    # A run that early stopping already ended stays ended when resumed.
+    stopped_early = config.patience is not None and bad_epochs >= config.patience
     sign = -1.0 if config.monitor == "val_acc" else 1.0
-    with torch.random.fork_rng(devices=[]):
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    inner = progress and (not isinstance(train, FeatureSource) or train.streamed)  # slow epochs get a bar
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(config.seed)
         if torch_rng is not None:
-            torch.set_rng_state(torch_rng.cpu())
+            torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and cuda_devices:
+            torch.cuda.set_rng_state(cuda_rng, device)
         bar = tqdm(
-            range(start_epoch, config.epochs),
+            range(start_epoch, config.epochs if not stopped_early else start_epoch),
             desc="train",
             unit="epoch",
             disable=not progress,
@@ -334,7 +346,10 @@ def fit(
             te = time.perf_counter()
             (train_mode or nn.Module.train)(head)
             losses = []
-            for xb, yb in train.batches(config.batch_size, gen):
+            batches = train.batches(config.batch_size, gen)
+            if inner:
+                batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
+            for xb, yb in batches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = head(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
@@ -374,6 +389,7 @@ def fit(
                         "schedule": sched.state_dict(),
                         "gen": gen.get_state(),
                         "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if cuda_devices else None,
                         "history": history,
                         "step_losses": step_losses,
                         "best_epoch": best["epoch"],

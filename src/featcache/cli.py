@@ -46,9 +46,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="DEFAULT, an enum/tag name, none (random init) or a PATH")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of pixels")
+    return int(text)
+
+
 def _size(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--input-size", nargs=2, type=int, metavar=("H", "W"), help="resize inputs to H W (no crop)"
+        "--input-size", nargs=2, type=_positive, metavar=("H", "W"), help="resize inputs to H W (no crop)"
     )
 
 

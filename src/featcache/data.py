@@ -432,7 +432,7 @@ def load_dataset(
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
 
 
-_INTERP = {
+INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,
     "bicubic": TF.InterpolationMode.BICUBIC,
     "nearest": TF.InterpolationMode.NEAREST,
@@ -448,7 +448,7 @@ def to_model_input(img: Image.Image, cfg: BackboneCfg) -> torch.Tensor:
         (3, 32, 32)
     """
     img = img.convert("L" if cfg.channels == 1 else "RGB")
-    interp = _INTERP.get(cfg.interpolation, TF.InterpolationMode.BILINEAR)
+    interp = INTERPOLATION.get(cfg.interpolation, TF.InterpolationMode.BILINEAR)
     t = TF.pil_to_tensor(img)
     if cfg.resize_size:
         t = TF.resize(t, [cfg.resize_size], interpolation=interp, antialias=True)
@@ -505,6 +505,3 @@ def image_paths(target: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     raise FileNotFoundError(f"{str(p)!r} is neither an image file nor a folder")
-
-
-CollateFn = Callable[[list[tuple[torch.Tensor, int, str]]], tuple[torch.Tensor, torch.Tensor, list[str]]]

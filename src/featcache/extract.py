@@ -68,6 +68,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", tuple(s for s in self.layers.split(",") if s))
+        if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
+            raise FeatcacheError(f"input size must be two positive numbers H W, got {self.input_size}")
         if self.pool not in POOLS:
             raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
         if self.dtype not in STORAGE_DTYPES:

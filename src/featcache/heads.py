@@ -5,7 +5,7 @@ The input shape is read from the cache: pooled features are ``(D,)``, spatial ma
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -182,7 +182,6 @@ class HeadInfo:
     in_shape: tuple[int, ...]
     num_classes: int
     standardize: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {

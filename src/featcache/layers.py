@@ -97,6 +97,10 @@ def list_layers(backbone: Backbone, input_size: tuple[int, int] | None = None) -
     try:
         with torch.inference_mode():
             out = model(dummy_input(backbone, input_size))
+    except RuntimeError as exc:  # e.g. an input too small for the network's pooling
+        raise FeatcacheError(
+            f"{backbone.cfg.spec} cannot run on a {input_size or backbone.cfg.input_size} input: {exc}"
+        ) from exc
     finally:
         for h in handles:
             h.remove()

@@ -25,17 +25,11 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, resolve_device
 from .backbones import BackboneCfg
-from .data import BadImageError, read_image
+from .data import INTERPOLATION, BadImageError, read_image
 from .extract import pool_features
 
 if TYPE_CHECKING:
     from .export import ExportInfo
-
-_INTERP = {
-    "bilinear": TF.InterpolationMode.BILINEAR,
-    "bicubic": TF.InterpolationMode.BICUBIC,
-    "nearest": TF.InterpolationMode.NEAREST,
-}
 
 ImageLike = Image.Image | np.ndarray
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -242,7 +236,7 @@ def prepare_image(image: ImageLike, pre: Preprocessing) -> torch.Tensor:
         (32, 32, 3)
     """
     t = TF.pil_to_tensor(as_pil(image).convert("L" if pre.channels == 1 else "RGB"))
-    interp = _INTERP.get(pre.interpolation, TF.InterpolationMode.BILINEAR)
+    interp = INTERPOLATION.get(pre.interpolation, TF.InterpolationMode.BILINEAR)
     r, (h, w) = pre.resize_size, pre.input_size
     if not r:
         return TF.resize(t, [h, w], interpolation=interp, antialias=True).permute(1, 2, 0).contiguous()

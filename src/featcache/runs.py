@@ -25,7 +25,7 @@ from .backbones import Backbone, BackboneCfg, load_backbone
 from .cache import CachedFeatures
 from .data import DatasetSplits, load_dataset
 from .extract import ExtractConfig, extract_splits
-from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head
+from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head, check_input
 from .report import plot_confusion, plot_curves
 from .train import FitResult, TrainConfig, evaluate, fit, source_for
 
@@ -77,6 +77,7 @@ class Run:
         """Evaluate the trained head on cached features of the same layer (e.g. another split)."""
         dev = resolve_device(device)
         data = source_for(cached, self.layer, dev)
+        check_input(self.head_info.in_shape, data.row_shape)
         return evaluate(self.head.to(dev), data, self.head_info.num_classes)
 
 

@@ -114,7 +114,6 @@ def test_entry_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
     cached = _extract(resnet18, _samples(6), cache_dir)
     files = sorted(p.relative_to(cached.path).as_posix() for p in cached.path.rglob("*") if p.is_file())
     assert files == [
-        ".lock",
         "features/layer3.npy",
         "features/penultimate.npy",
         "ids.json",

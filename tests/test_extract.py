@@ -178,7 +178,7 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     key = entry.name
     cache = FeatureCache(cache_dir)
     with pytest.raises(ValueError, match="partial"):
@@ -229,7 +229,7 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
     with pytest.raises(BadImageError) as info:
         extract(resnet18, train, _config(shard_rows=4), cache_dir=str(cache_dir), progress=False)
     assert str(bad) in str(info.value) and "skip" in str(info.value)
-    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     markers = sorted(p.name for p in (entry / "shards").glob("*.json"))
     assert markers == [f"{i:05d}.json" for i in range(bad_row // 4)]  # shards 0-3 finished before row 18
 

@@ -271,10 +271,12 @@ class FeatureCache:
     def lock(self, key: str, blocking: bool = True) -> Iterator[bool]:
         """An exclusive file lock on one entry (released if the process dies); yields whether it was taken.
 
-        With ``blocking=False`` it yields False at once when another process holds the lock.
+        With ``blocking=False`` it yields False at once when another process holds the lock. Lock files
+        live in ``<root>/.locks/`` and outlive the entry, so ``rm`` never pulls a lock from under a waiter.
         """
-        self.path(key).mkdir(parents=True, exist_ok=True)
-        with open(self.path(key) / ".lock", "w") as f:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{key}.lock", "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -362,7 +364,9 @@ class FeatureCache:
         return problems
 
     def entries(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def info(self, key: str) -> dict[str, Any]:
         """What an entry holds: model, layers and shapes, dataset, rows, size, created, status."""
@@ -428,7 +432,7 @@ class FeatureCache:
                     removed.append(str(path / "shards"))
                 elif not self.is_complete(key):
                     # Age = the newest write under the entry (shards land in shards/), not the folder's own.
-                    paths = [p for p in path.rglob("*") if p.name != ".lock"]
+                    paths = list(path.rglob("*"))
                     newest = max((p.stat().st_mtime for p in paths), default=path.stat().st_mtime)
                     if now - newest > partial_older_than_s:
                         shutil.rmtree(path)

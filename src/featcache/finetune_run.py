@@ -233,6 +233,14 @@ def finetune_run(
         ...                    weights="none")  # doctest: +SKIP
     """
     out = prepare_run_dir(out_dir, resume)
+    defaults = {"pool": "avg", "dtype": "float32", "method": "auto"}
+    ignored = [
+        f"--{k} {getattr(extract_config, k)}" for k, v in defaults.items() if getattr(extract_config, k) != v
+    ]
+    if ignored:  # the cached prefix must be the exact activation: full maps, float32, hooks
+        log.warning(
+            "finetune ignores %s: the cached prefix is stored unpooled in float32", ", ".join(ignored)
+        )
     device = resolve_device(train_config.device)
     backbone = load_backbone(model, weights)
     splits = data.load()

@@ -28,6 +28,32 @@ from featcache.runs import DataConfig, load_run, train_run
 from featcache.train import TrainConfig
 
 SMALL = ExtractConfig(input_size=(32, 32))
+
+
+def _ft(
+    tmp_path: Path,
+    name: str,
+    data: DataConfig,
+    ft: FinetuneConfig,
+    cfg: TrainConfig,
+    progress: bool = False,
+    resume: bool = False,
+):  # type: ignore[no-untyped-def]
+    """A random-init resnet18 fine-tuned at 32 px into ``tmp_path / name``, sharing one cache folder."""
+    return finetune_run(
+        "torchvision:resnet18",
+        data,
+        ft,
+        cfg,
+        SMALL,
+        tmp_path / name,
+        weights="none",
+        cache_dir=str(tmp_path / "c"),
+        progress=progress,
+        resume=resume,
+    )
+
+
 SEEDS_CFG = TrainConfig(
     epochs=2, batch_size=32, lr=1e-3, optimizer="adam", schedule="constant", weight_decay=0.0, device="cpu"
 )
@@ -100,16 +126,12 @@ def test_timm_efficientnet_blocks_are_stages() -> None:
 
 def test_bn_frozen_keeps_running_statistics(tmp_path: Path) -> None:
     for mode in ("cached", "live"):
-        run = finetune_run(
-            "torchvision:resnet18",
+        run = _ft(
+            tmp_path,
+            mode,
             DataConfig("digits", limit=120),
             FinetuneConfig(train="last:1", bn="frozen", mode=mode),
             SEEDS_CFG,
-            SMALL,
-            tmp_path / mode,
-            weights="none",
-            cache_dir=str(tmp_path / "c"),
-            progress=False,
         )
         fresh = load_backbone("torchvision:resnet18", weights="none").model
         for name in ("layer4.1.bn1", "layer4.1.bn2", "layer1.0.bn1"):
@@ -122,16 +144,12 @@ def test_bn_frozen_keeps_running_statistics(tmp_path: Path) -> None:
 def test_cached_prefix_equals_live_loop(tmp_path: Path) -> None:
     runs = {}
     for mode in ("cached", "live"):
-        runs[mode] = finetune_run(
-            "torchvision:resnet18",
+        runs[mode] = _ft(
+            tmp_path,
+            mode,
             DataConfig("digits", limit=160),
             FinetuneConfig(train="last:1", bn="train", mode=mode),
             SEEDS_CFG,
-            SMALL,
-            tmp_path / mode,
-            weights="none",
-            cache_dir=str(tmp_path / "c"),
-            progress=False,
         )
     assert runs["cached"].metrics["mode"] == "cached-prefix" and runs["live"].metrics["mode"] == "live"
     np.testing.assert_allclose(
@@ -147,30 +165,23 @@ def test_cached_prefix_equals_live_loop(tmp_path: Path) -> None:
 
 
 def test_live_fallback_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = finetune_run(
-        "torchvision:resnet18",
+    run = _ft(
+        tmp_path,
+        "aug",
         DataConfig("digits", limit=80),
         FinetuneConfig(train="last:1", augment="flip"),
         SEEDS_CFG,
-        SMALL,
-        tmp_path / "aug",
-        weights="none",
-        cache_dir=str(tmp_path / "c"),
         progress=True,
     )
     assert run.metrics["mode"] == "live" and "augmentation" in run.config["mode_reason"]
     assert "live because random augmentation" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mode cached is not possible"):
-        finetune_run(
-            "torchvision:resnet18",
+        _ft(
+            tmp_path,
+            "x",
             DataConfig("digits", limit=80),
             FinetuneConfig(train="all", mode="cached"),
             SEEDS_CFG,
-            SMALL,
-            tmp_path / "x",
-            weights="none",
-            cache_dir=str(tmp_path / "c"),
-            progress=False,
         )
 
 
@@ -194,16 +205,12 @@ def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
         cache_dir=str(tmp_path / "c"),
         progress=False,
     )
-    run = finetune_run(
-        "torchvision:resnet18",
+    run = _ft(
+        tmp_path,
+        "ft",
         data,
         FinetuneConfig(train="head", init_head=str(tmp_path / "probe")),
         TrainConfig(epochs=1, lr=1e-12, device="cpu"),
-        SMALL,
-        tmp_path / "ft",
-        weights="none",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
     )
     # With a negligible learning rate the fine-tuned model still predicts what the probe head does.
     assert run.metrics["test"]["acc"] == pytest.approx(load_run(tmp_path / "probe").metrics["test"]["acc"])
@@ -212,43 +219,11 @@ def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
 
 def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
     data = DataConfig("digits", limit=80)
-    finetune_run(
-        "torchvision:resnet18",
-        data,
-        FinetuneConfig(train="last:1"),
-        SEEDS_CFG,
-        SMALL,
-        tmp_path / "r",
-        weights="none",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
-    again = finetune_run(
-        "torchvision:resnet18",
-        data,
-        FinetuneConfig(train="last:1"),
-        SEEDS_CFG,
-        SMALL,
-        tmp_path / "r",
-        weights="none",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-        resume=True,
-    )
+    _ft(tmp_path, "r", data, FinetuneConfig(train="last:1"), SEEDS_CFG)
+    again = _ft(tmp_path, "r", data, FinetuneConfig(train="last:1"), SEEDS_CFG, resume=True)
     assert next(n for n, p in again.model.named_parameters() if p.requires_grad).startswith("layer4.1")
     with pytest.raises(ValueError, match="frozen set"):
-        finetune_run(
-            "torchvision:resnet18",
-            data,
-            FinetuneConfig(train="last:2"),
-            SEEDS_CFG,
-            SMALL,
-            tmp_path / "r",
-            weights="none",
-            cache_dir=str(tmp_path / "c"),
-            progress=False,
-            resume=True,
-        )
+        _ft(tmp_path, "r", data, FinetuneConfig(train="last:2"), SEEDS_CFG, resume=True)
 
 
 @pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
@@ -258,17 +233,7 @@ def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
     from featcache.predict import load_predictor
 
     data = DataConfig("digits", limit=80)
-    run = finetune_run(
-        "torchvision:resnet18",
-        data,
-        FinetuneConfig(train="last:1"),
-        SEEDS_CFG,
-        SMALL,
-        tmp_path / "ft",
-        weights="none",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+    run = _ft(tmp_path, "ft", data, FinetuneConfig(train="last:1"), SEEDS_CFG)
     path = export_run(tmp_path / "ft", fmt, tmp_path / f"model-{fmt}")
     test = data.load().test
     assert test is not None

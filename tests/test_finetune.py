@@ -22,7 +22,7 @@ from featcache.finetune import (
     param_groups,
     plan_freeze,
 )
-from featcache.finetune_run import FinetuneConfig, finetune_run
+from featcache.finetune_run import FinetuneConfig, FinetuneRun, finetune_run
 from featcache.heads import HeadSpec
 from featcache.runs import DataConfig, load_run, train_run
 from featcache.train import TrainConfig
@@ -38,7 +38,7 @@ def _ft(
     cfg: TrainConfig,
     progress: bool = False,
     resume: bool = False,
-):  # type: ignore[no-untyped-def]
+) -> FinetuneRun:
     """A random-init resnet18 fine-tuned at 32 px into ``tmp_path / name``, sharing one cache folder."""
     return finetune_run(
         "torchvision:resnet18",

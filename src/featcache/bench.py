@@ -50,6 +50,17 @@ class BenchConfig:
 QUICK = BenchConfig(limit=300, input_size=(32, 32), epochs=3, files=64, bare_batches=2)
 
 
+def _interleaved(
+    a: Callable[[], float], b: Callable[[], float], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Run ``a`` then ``b`` ``repeats`` times, alternating, so both see the same machine state."""
+    runs_a, runs_b = [], []
+    for _ in range(repeats):
+        runs_a.append(a())
+        runs_b.append(b())
+    return runs_a, runs_b
+
+
 def _median(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
     runs = [fn() for _ in range(repeats)]
     return statistics.median(runs), runs
@@ -102,10 +113,7 @@ class _Bench:
                 for _ in range(e)
             )
 
-        c, n = [], []
-        for _ in range(self.repeats):
-            c.append(cached())
-            n.append(naive())
+        c, n = _interleaved(cached, naive, self.repeats)
         ratio = statistics.median(n) / statistics.median(c)
         return {
             "name": f"end-to-end {e}-epoch linear probe",
@@ -157,10 +165,7 @@ class _Bench:
             return time.perf_counter() - t0
 
         bare(), engine()  # warm-up
-        b, e = [], []
-        for _ in range(self.repeats):
-            b.append(bare())
-            e.append(engine())
+        b, e = _interleaved(bare, engine, self.repeats)
         ratio = statistics.median(b) / statistics.median(e)
         return {
             "name": "extraction throughput / bare model(x)",
@@ -197,10 +202,7 @@ class _Bench:
                 ex.to_storage(ex(decoded[i : i + bs])["penultimate"])
             return time.perf_counter() - t0
 
-        f, t = [], []
-        for _ in range(self.repeats):
-            f.append(from_files())
-            t.append(from_tensors())
+        f, t = _interleaved(from_files, from_tensors, self.repeats)
         ratio = statistics.median(t) / statistics.median(f)
         return {
             "name": "extraction from files / from decoded tensors",
@@ -243,10 +245,7 @@ class _Bench:
                 )
 
             fast(), seeds()  # warm-up
-            f, s = [], []
-            for _ in range(self.repeats):
-                f.append(fast())
-                s.append(seeds())
+            f, s = _interleaved(fast, seeds, self.repeats)
             ratio = statistics.median(s) / statistics.median(f)
             target = 5 if bs == 32 else 20
             out.append(

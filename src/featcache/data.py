@@ -64,8 +64,11 @@ class SampleSet(abc.ABC):
         return f"{self.name}[{self.ids[index]}]"
 
     @abc.abstractmethod
-    def _fingerprint_rows(self, h: Any) -> None:
-        """Feed what identifies the rows' content (file stats or pixel bytes) into hash ``h``."""
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        """Feed what identifies the content of ``rows`` (all when None) into hash ``h``.
+
+        File stats or pixel bytes; a split hashes only its own rows, not the whole parent set.
+        """
 
     def fingerprint(self) -> str:
         """SHA-256 of the manifest: ids, labels, classes and file sizes/mtimes or pixel bytes."""
@@ -91,11 +94,10 @@ class _Subset(SampleSet):
     def describe(self, index: int) -> str:
         return self.parent.describe(int(self.indices[index]))
 
-    def _fingerprint_rows(self, h: Any) -> None:
-        sub = hashlib.sha256()
-        self.parent._fingerprint_rows(sub)
-        h.update(sub.digest())
-        h.update(self.indices.tobytes())
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        mine = self.indices if rows is None else self.indices[rows]
+        h.update(mine.tobytes())
+        self.parent._fingerprint_rows(h, mine)
 
 
 class FileSamples(SampleSet):
@@ -120,8 +122,8 @@ class FileSamples(SampleSet):
     def describe(self, index: int) -> str:
         return str(self._abs(index))
 
-    def _fingerprint_rows(self, h: Any) -> None:
-        for i in range(len(self)):
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        for i in range(len(self)) if rows is None else rows.tolist():
             try:
                 st = self._abs(i).stat()
             except FileNotFoundError as exc:
@@ -156,9 +158,10 @@ class ArraySamples(SampleSet):
         a = self.images[index]
         return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
 
-    def _fingerprint_rows(self, h: Any) -> None:
-        h.update(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        images = self.images if rows is None else self.images[rows]
+        h.update(str(images.shape).encode())
+        h.update(np.ascontiguousarray(images).tobytes())
 
 
 class TorchvisionSamples(SampleSet):
@@ -179,11 +182,11 @@ class TorchvisionSamples(SampleSet):
         img = self.ds[index][0]
         return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
 
-    def _fingerprint_rows(self, h: Any) -> None:
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         data = getattr(self.ds, "data", None)
         if data is not None:
             arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-            h.update(np.ascontiguousarray(arr).tobytes())
+            h.update(np.ascontiguousarray(arr if rows is None else arr[rows]).tobytes())
             return
         root = Path(getattr(self.ds, "root", "."))
         for p in sorted(root.rglob("*")):

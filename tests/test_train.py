@@ -61,10 +61,16 @@ class _SeededPermutation(Sampler[int]):
         return self.n
 
 
-@pytest.mark.parametrize("batch_size", [32, 100])
-def test_same_loss_trajectory_as_the_seeds_dataloader_loop(batch_size: int) -> None:
+@pytest.mark.parametrize(
+    ("kind", "batch_size"),
+    [("mlp", 32), ("mlp", 100), ("linear", 32), ("linear", 100), ("pooled-linear", 32)],
+)
+def test_same_loss_trajectory_as_the_seeds_dataloader_loop(kind: str, batch_size: int) -> None:
+    """Autograd (mlp) and the fast paths (linear; the seeds' SimpleClassifier on a map) vs the seeds' loop."""
     x, y = blobs(n=330, d=24, c=4)
-    head = build_head(HeadSpec("mlp", hidden=(16,)), (24,), 4, seed=3)
+    if kind == "pooled-linear":  # the seeds' SimpleClassifier on a spatial map
+        x = x[:, :, None, None] + 0.1 * torch.randn(330, 24, 3, 3, generator=torch.Generator().manual_seed(2))
+    head = build_head(HeadSpec(kind, hidden=(16,)), tuple(x.shape[1:]), 4, seed=3)
     ref = copy.deepcopy(head)
     cfg = TrainConfig(
         epochs=3,
@@ -95,11 +101,12 @@ def test_same_loss_trajectory_as_the_seeds_dataloader_loop(batch_size: int) -> N
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_resume_ends_where_an_uninterrupted_run_would(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kind", ["mlp", "linear"])  # autograd, and the closed-form step's optimizer state
+def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
     x, y = blobs(n=300)
     xv, yv = blobs(n=100, seed=1)
     cfg = TrainConfig(epochs=5, batch_size=64, lr=3e-3, warmup_epochs=1, device="cpu")
-    full = build_head(HeadSpec("mlp", hidden=(16,), dropout=0.2), (32,), 5)
+    full = build_head(HeadSpec(kind, hidden=(16,), dropout=0.2), (32,), 5)
     part = copy.deepcopy(full)
     r_full = fit(full, FeatureSource(x, y), FeatureSource(xv, yv), 5, cfg, progress=False)
     ckpt = tmp_path / "ckpt.pt"
@@ -114,8 +121,8 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path) -> None:  # type
         stop_after_epochs=2,
     )
     again = build_head(
-        HeadSpec("mlp", hidden=(16,), dropout=0.2), (32,), 5, seed=99
-    )  # different init: must be overwritten
+        HeadSpec(kind, hidden=(16,), dropout=0.2), (32,), 5, seed=99
+    )  # overwritten by the resume
     r_res = fit(
         again,
         FeatureSource(x, y),

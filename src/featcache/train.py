@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, resolve_device, unknown
 from .cache import to_torch
+from .fast_step import LinearStep, split_front
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -51,6 +53,9 @@ class TrainConfig:
         device: ``auto``, ``cpu`` or ``cuda``.
         ram_budget_gb: features larger than this (as float32) are streamed from the memory map.
         amp: bf16 autocast for the forward pass; ``None`` means on for CUDA, off on CPU.
+        fast_paths: run the head's frozen front (standardisation, pooling) once and train a lone
+            Linear with the closed-form step (:mod:`featcache.fast_step`); off: plain autograd
+            on the whole head every step. Same training either way, to float rounding.
 
     Example:
         >>> cfg = TrainConfig(epochs=30, lr=1e-3, batch_size=256)
@@ -72,6 +77,7 @@ class TrainConfig:
     device: str = "auto"
     ram_budget_gb: float = 8.0
     amp: bool | None = None
+    fast_paths: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -124,6 +130,7 @@ class FeatureSource:
         ram_budget_gb: float = 8.0,
     ) -> None:
         self.device = device or torch.device("cpu")
+        self.ram_budget_gb = ram_budget_gb
         self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
         self.y = self.y.to(self.device)
         n_bytes = int(np.prod(x.shape)) * 4
@@ -149,6 +156,30 @@ class FeatureSource:
         if self.x is not None:
             return self.x[start:stop]
         return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
+
+    def mapped(self, fn: nn.Module, progress: bool = False) -> FeatureSource | None:
+        """The rows passed once through ``fn`` (parameter-free and row-wise: a head's frozen front).
+
+        The result is held in RAM or on the device; None when it would not fit ``ram_budget_gb``
+        (beside the in-memory original, if any).
+
+        Example:
+            >>> pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            >>> pooled = FeatureSource(maps, y).mapped(pool)  # doctest: +SKIP
+        """
+        n = len(self)
+        in_row = max(1, int(np.prod(self.row_shape)) * 4)
+        with torch.no_grad():
+            out_row = int(fn(self._rows(0, 1)).numel()) * 4 if n else 0
+            if out_row * n + (0 if self.streamed else in_row * n) > self.ram_budget_gb * 2**30:
+                return None
+            chunk = max(1, (64 << 20) // in_row)
+            starts = tqdm(
+                range(0, n, chunk), desc="head front", leave=False, disable=not (progress and self.streamed)
+            )
+            parts = [fn(self._rows(s, s + chunk)).float() for s in starts]
+        x = torch.cat(parts) if parts else torch.zeros(0)
+        return FeatureSource(x, self.y, device=self.device, ram_budget_gb=self.ram_budget_gb)
 
     def batches(
         self, batch_size: int, gen: torch.Generator | None
@@ -322,12 +353,19 @@ def fit(
         best = {"epoch": state["best_epoch"], "score": state["best_score"], "state": state["best_state"]}
         start_epoch, bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
     t0 = time.perf_counter()
+    model, step = head, None
+    if config.fast_paths:
+        model, train, val = _front_once(head, train, val, progress)
+        step = LinearStep.build(model, opt, config.label_smoothing, amp)
     # A run that early stopping already ended stays ended when resumed.
     stopped_early = config.patience is not None and bad_epochs >= config.patience
     sign = -1.0 if config.monitor == "val_acc" else 1.0
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     inner = progress and (not isinstance(train, FeatureSource) or train.streamed)  # slow epochs get a bar
-    with torch.random.fork_rng(devices=cuda_devices):
+    with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings():
+        # The closed-form step updates through the optimizer's fused kernel, not opt.step(), which the
+        # scheduler's first step() checks for; the order is right.
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
         torch.manual_seed(config.seed)
         if torch_rng is not None:
             torch.set_rng_state(torch_rng)
@@ -350,12 +388,15 @@ def fit(
             if inner:
                 batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
             for xb, yb in batches:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = head(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if step is not None:
+                    loss = step(xb, yb)
+                else:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        logits = model(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 if step_sched:
                     sched.step()
                 losses.append(loss.detach())
@@ -368,12 +409,14 @@ def fit(
                 "train_seconds": time.perf_counter() - te,
             }
             if val is not None and len(val):
-                m = evaluate(head, val, num_classes)
+                m = evaluate(model, val, num_classes)
                 row.update(val_loss=m["loss"], val_acc=m["acc"])
             history.append(row)
-            score = sign * row[config.monitor] if config.monitor in row else -float(epoch)
-            if best["score"] is None or score < best["score"]:
-                best = {"epoch": epoch + 1, "score": score, "state": copy.deepcopy(head.state_dict())}
+            if config.monitor not in row:  # no validation: the last epoch is the best, nothing to keep
+                best, bad_epochs = {"epoch": epoch + 1, "score": None, "state": None}, 0
+            elif best["score"] is None or sign * row[config.monitor] < best["score"]:
+                state = copy.deepcopy(head.state_dict())
+                best = {"epoch": epoch + 1, "score": sign * row[config.monitor], "state": state}
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -417,7 +460,31 @@ def fit(
         time.perf_counter() - t0,
         len(train),
         resumed_from=start_epoch,
+        extra={"front_once": model is not head, "closed_form_step": step is not None},
     )
+
+
+def _front_once(
+    head: nn.Module, train: BatchSource, val: BatchSource | None, progress: bool
+) -> tuple[nn.Module, BatchSource, BatchSource | None]:
+    """(module to train, train, val) with the head's frozen front run once over the features, when it can.
+
+    The front (standardisation, pooling, flatten) gives every row the same output in every epoch; see
+    :mod:`featcache.fast_step`. Both splits are mapped, or neither.
+    """
+    split = split_front(head)
+    if (
+        split is None
+        or not isinstance(train, FeatureSource)
+        or not (val is None or isinstance(val, FeatureSource))
+    ):
+        return head, train, val
+    front, rest = split
+    mapped = train.mapped(front, progress)
+    mapped_val = val.mapped(front, progress) if val is not None else None
+    if mapped is None or (val is not None and mapped_val is None):
+        return head, train, val
+    return rest, mapped, mapped_val
 
 
 def source_for(

@@ -204,7 +204,7 @@ def _finish(model: nn.Module, cfg: BackboneCfg) -> Backbone:
 def _seeded_init(build: Callable[[], nn.Module]) -> nn.Module:
     # Random-init backbones are built under a fixed seed so the same spec gives the same weights.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)  # CPU only: leaves the CUDA generators alone
         return build()
 
 

@@ -87,6 +87,7 @@ class LinearStep:
         self.w = linear.weight.detach()
         self.b = linear.bias.detach() if linear.bias is not None else None
         self.data = [self.w] if self.b is None else [self.w, self.b]
+        self.b_col = self.b.view(-1, 1) if self.b is not None else None
         self._state: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
         self.amp = amp
         self.smoothing = float(label_smoothing)
@@ -116,7 +117,7 @@ class LinearStep:
         return cls(linear, opt, label_smoothing, amp)
 
     def _table(self, n: int, device: torch.device) -> torch.Tensor:
-        """Row ``c`` is ``-q_c / n``: class ``c``'s smoothed one-hot target, negated, over the batch size."""
+        """Column ``c`` is ``-q_c / n``: class ``c``'s smoothed one-hot target, negated, over the batch."""
         table = self._tables.get(n)
         if table is None:
             eye = torch.eye(self.classes, device=device)
@@ -125,15 +126,17 @@ class LinearStep:
         return table
 
     def _grads(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # Class-major (C, n) logits: the softmax then reduces across rows of a contiguous matrix, which
+        # runs several times faster on CPU than over the C elements of each of n rows.
         n = len(yb)
-        qb = self._table(n, xb.device).index_select(0, yb)
-        z = torch.addmm(self.b, xb, self.w.t()) if self.b is not None else xb.mm(self.w.t())
-        logp = torch.log_softmax(z.float(), 1)
-        loss = torch.dot(logp.view(-1), qb.view(-1))  # mean over the batch of -sum_c q_c log p_c
-        dz = torch.add(qb, logp.exp_(), alpha=1.0 / n)  # (p - q) / n
-        grads = [dz.t().mm(xb).float()]  # under autocast the product runs in bf16, as autograd's would
-        if self.b is not None:
-            grads.append(dz.sum(0))
+        qt = self._table(n, xb.device).index_select(1, yb)
+        zt = torch.addmm(self.b_col, self.w, xb.t()) if self.b_col is not None else self.w.mm(xb.t())
+        logp = torch.log_softmax(zt.float(), 0)
+        loss = torch.dot(logp.view(-1), qt.view(-1))  # mean over the batch of -sum_c q_c log p_c
+        dzt = torch.add(qt, logp.exp_(), alpha=1.0 / n)  # (p - q) / n, transposed
+        grads = [dzt.mm(xb).float()]  # under autocast the product runs in bf16, as autograd's would
+        if self.b_col is not None:
+            grads.append(dzt.sum(1))
         return loss, grads
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:

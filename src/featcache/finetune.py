@@ -121,7 +121,7 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int, seed: int 
             f"classifier {name!r} is a {type(old).__name__}, not nn.Linear; use a spec with a linear head"
         )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: leaves the CUDA generators alone
         new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
     parent_name, _, last = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, last, new)

@@ -135,7 +135,7 @@ def build_head(
         flat *= s
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: leaves the CUDA generators alone
         body: nn.Module
         if spec.kind == "linear":
             body = nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))

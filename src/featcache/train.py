@@ -136,6 +136,7 @@ class FeatureSource:
         n_bytes = int(np.prod(x.shape)) * 4
         self.streamed = isinstance(x, np.ndarray) and n_bytes > ram_budget_gb * 2**30
         self.raw, self.dtype = x, dtype
+        self._shuffled: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.streamed:
             self.x: torch.Tensor | None = None
         elif isinstance(x, torch.Tensor):
@@ -191,7 +192,11 @@ class FeatureSource:
                 xs, ys = self.x, self.y
             else:
                 perm = torch.randperm(n, generator=gen).to(self.device)
-                xs, ys = self.x.index_select(0, perm), self.y.index_select(0, perm)
+                if self._shuffled is None:  # reused every epoch: a fresh buffer costs page faults each time
+                    self._shuffled = (torch.empty_like(self.x), torch.empty_like(self.y))
+                xs, ys = self._shuffled
+                torch.index_select(self.x, 0, perm, out=xs)
+                torch.index_select(self.y, 0, perm, out=ys)
             for i in range(0, n, batch_size):
                 yield xs[i : i + batch_size], ys[i : i + batch_size]
             return
@@ -366,7 +371,8 @@ def fit(
         # The closed-form step updates through the optimizer's fused kernel, not opt.step(), which the
         # scheduler's first step() checks for; the order is right.
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-        torch.manual_seed(config.seed)
+        # torch.manual_seed would also queue a seed for every CUDA device (slow where there is none).
+        (torch.manual_seed if cuda_devices else torch.default_generator.manual_seed)(config.seed)
         if torch_rng is not None:
             torch.set_rng_state(torch_rng)
         if cuda_rng is not None and cuda_devices:

@@ -130,7 +130,17 @@ def test_extract_cache_verbs_and_train(
         capsys, "train", *base, "--layer", "layer3", "--epochs", "2", "--out", str(tmp_path / "run")
     )
     assert code == 0 and "test accuracy" in out
-    assert (tmp_path / "run" / "metrics.json").exists()
+    fast = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert fast["fast_paths"] == {"front_once": False, "closed_form_step": True}
+    code, out, _ = run(
+        capsys,
+        "train",
+        *base,
+        *("--layer", "layer3", "--epochs", "2", "--no-fast-paths", "--out", str(tmp_path / "plain")),
+    )
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert code == 0 and plain["fast_paths"] == {"front_once": False, "closed_form_step": False}
+    assert plain["test"]["loss"] == pytest.approx(fast["test"]["loss"], rel=1e-4)
     code, out, _ = run(capsys, "cache", "rm", key)
     assert code == 0
     code, out, _ = run(capsys, "cache", "ls")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,21 +127,21 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
         progress=False,
     )
     monkeypatch.undo()
-    resumed = train_run(
+    resumed = train_run(  # resumed with plain autograd: the fast paths change speed, not the training
         bb,
         data,
         "layer2",
         HeadSpec("linear"),
-        cfg,
+        replace(cfg, fast_paths=False),
         SMALL,
         tmp_path / "cut",
         cache_dir=str(tmp_path / "c"),
         progress=False,
         resume=True,
     )
-    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-6)
+    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
     for a, b in zip(resumed.head.state_dict().values(), full.head.state_dict().values()):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     with pytest.raises(ValueError, match="differ"):
         train_run(

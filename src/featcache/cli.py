@@ -206,6 +206,7 @@ def _train_config(a: argparse.Namespace) -> Any:
         seed=a.seed,
         device=a.device,
         amp=_AMP[getattr(a, "amp", "auto")],
+        fast_paths=getattr(a, "fast_paths", True),
     )
 
 

@@ -94,6 +94,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs")
     p.add_argument("--monitor", default="val_loss", help="val_loss | val_acc")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-fast-paths",
+        dest="fast_paths",
+        action="store_false",
+        help="plain autograd on the whole head every step (same training; for checking and profiling)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,7 +145,11 @@ def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
 def check_resume(out: Path, config: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
     """Refuse to resume a run whose saved ``keys`` of config.json differ from this command's."""
     old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
-    changed = [k for k in keys if old.get(k) != new.get(k)]
+
+    def training(v: Any) -> Any:  # the fast paths change the speed, not the training
+        return {k: x for k, x in v.items() if k != "fast_paths"} if isinstance(v, dict) else v
+
+    changed = [k for k in keys if training(old.get(k)) != training(new.get(k))]
     if changed:
         raise FeatcacheError(
             f"--resume {out}: {what} differ from the run's config.json ({', '.join(changed)})"
@@ -163,6 +167,7 @@ def evaluate_splits(
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
+        "fast_paths": result.extra,
     }
     for split in ("val", "test"):
         if sources.get(split) is not None:

@@ -131,7 +131,7 @@ def test_extract_cache_verbs_and_train(
     )
     assert code == 0 and "test accuracy" in out
     fast = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert fast["fast_paths"] == {"front_once": False, "closed_form_step": True}
+    assert fast["fast_paths"]["closed_form_step"] and not fast["fast_paths"]["front_once"]
     code, out, _ = run(
         capsys,
         "train",
@@ -139,7 +139,7 @@ def test_extract_cache_verbs_and_train(
         *("--layer", "layer3", "--epochs", "2", "--no-fast-paths", "--out", str(tmp_path / "plain")),
     )
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
-    assert code == 0 and plain["fast_paths"] == {"front_once": False, "closed_form_step": False}
+    assert code == 0 and not any(v for k, v in plain["fast_paths"].items() if k != "front_seconds")
     assert plain["test"]["loss"] == pytest.approx(fast["test"]["loss"], rel=1e-4)
     code, out, _ = run(capsys, "cache", "rm", key)
     assert code == 0

@@ -117,9 +117,17 @@ class CacheWriter:
         return done
 
     def write_shard(
-        self, index: int, arrays: dict[str, np.ndarray], rows: list[int], skipped: list[tuple[int, str]]
+        self,
+        index: int,
+        arrays: dict[str, np.ndarray],
+        rows: list[int],
+        skipped: list[tuple[int, str]],
+        process: int = 0,
     ) -> None:
-        """Write the layer arrays of shard ``index`` (dataset ``rows``), then its marker."""
+        """Write the layer arrays of shard ``index`` (dataset ``rows``), then its marker.
+
+        ``process`` is the rank that wrote it, when several extract one entry (:mod:`featcache.distributed`).
+        """
         files, digests, sizes = {}, {}, {}
         for layer, arr in arrays.items():
             name = f"{index:05d}.{layer}.npy"
@@ -133,6 +141,7 @@ class CacheWriter:
             "files": files,
             "sha256": digests,
             "sizes": sizes,
+            "process": process,
         }
         write_json(self.path / "shards" / f"{index:05d}.json", meta)
 
@@ -141,7 +150,10 @@ class CacheWriter:
         shards = self.finished_shards()
         missing = [i for i in range(n_shards) if i not in shards]
         if missing:
-            raise FeatcacheError(f"cannot commit cache {self.path.name}: shards {missing[:5]} are missing")
+            raise FeatcacheError(
+                f"cannot commit cache {self.path.name}: shards {missing[:5]} are missing (with several "
+                "processes on several machines, the cache folder must be one that every machine sees)"
+            )
         ordered = [shards[i] for i in range(n_shards)]
         rows = [r for m in ordered for r in m["rows"]]
         block_rows = [len(m["rows"]) for m in ordered]
@@ -171,6 +183,11 @@ class CacheWriter:
         labels_sha256 = _save_npy(self.path / "labels.npy", labels[rows])
         write_json(self.path / "ids.json", [ids[r] for r in rows])
         skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
+        by_process: dict[str, int] = {}
+        for m in ordered:
+            by_process[str(m.get("process", 0))] = by_process.get(str(m.get("process", 0)), 0) + len(
+                m["rows"]
+            )
         manifest = {
             **info,
             "key": self.path.name,
@@ -182,6 +199,7 @@ class CacheWriter:
             "labels_sha256": labels_sha256,
             "ids_sha256": _sha256_file(self.path / "ids.json"),
             "skipped": skipped,
+            "rows_by_process": by_process,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json(self.path / "manifest.json", manifest)
@@ -388,6 +406,8 @@ class FeatureCache:
                 "rows": m["rows"],
                 "skipped": len(m["skipped"]),
                 "bytes": size,
+                "extract_seconds": m.get("extract_seconds"),
+                "rows_by_process": m.get("rows_by_process"),
                 "created": m["created"],
                 "path": str(path),
             }

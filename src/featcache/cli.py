@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -127,11 +128,16 @@ def cmd_summary(a: argparse.Namespace) -> None:
 
 def cmd_extract(a: argparse.Namespace) -> None:
     from .backbones import load_backbone
+    from .distributed import ranks_from_env
     from .extract import extract_splits
 
+    ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights)
     layers = [s for s in a.layers.split(",") if s]
-    feats = extract_splits(bb, _data_config(a).load(), _extract_config(a, layers), a.cache_dir, not a.quiet)
+    config = _extract_config(a, layers)
+    feats = extract_splits(bb, _data_config(a).load(), config, a.cache_dir, not a.quiet, ranks)
+    if ranks is not None and not ranks.is_main:
+        return
     for split, f in feats.items():
         shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
         status = "hit" if f.hit else "built"
@@ -370,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="featcache: %(message)s")
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.verb != "extract":
+            raise FeatcacheError(
+                f"`featcache {a.verb}` runs in one process; under torchrun only `extract` is sharded. "
+                "Extract with torchrun first, then run this verb once: it finds the features in the cache"
+            )
         COMMANDS[a.verb](a)
     except (FeatcacheError, FileNotFoundError, ValueError) as exc:
         if a.verbose:

@@ -6,6 +6,7 @@ bounded by one shard (``shard_mb``), never the whole dataset. A cache hit runs n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ from ._util import FeatcacheError, resolve_device, unknown
 from .backbones import Backbone, BackboneCfg
 from .cache import STORAGE_DTYPES, CachedFeatures, FeatureCache, cache_key
 from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, PreprocessedView, SampleSet
+from .distributed import Ranks
 from .layers import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,7 @@ def extract(
     cache_dir: str | None = None,
     split: str = "train",
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> CachedFeatures:
     """Extract ``config.layers`` for every sample into the cache (or open the existing entry).
 
@@ -194,6 +197,8 @@ def extract(
         cache_dir: cache root (else ``$FEATCACHE_HOME`` or the XDG cache folder).
         split: split name, part of the key.
         progress: show a progress bar.
+        ranks: extract as one of several ``torchrun`` processes, each taking a share of the shards
+            (:func:`featcache.distributed.ranks_from_env`); every rank must call this alike.
 
     Returns:
         The complete entry, memory-mapped. A hit runs no forward pass.
@@ -210,24 +215,78 @@ def extract(
     cache = FeatureCache(cache_dir)
     record = cache_record(backbone, samples, config, split)
     key = cache_key(record)
+    if ranks is not None:
+        return _extract_sharded(backbone, samples, config, cache, key, record, split, progress, ranks)
     if cache.is_complete(key):
         return _hit(cache, key)
     with cache.lock(key):
         if cache.is_complete(key):  # another process finished it while we waited
             return _hit(cache, key)
-        ex = Extractor(backbone, config)
-        cfg = resolved_cfg(backbone, config)
+        _build(backbone, samples, config, cache, key, record, split, progress, None)
+    return cache.open(key)
+
+
+def _extract_sharded(
+    backbone: Backbone,
+    samples: SampleSet,
+    config: ExtractConfig,
+    cache: FeatureCache,
+    key: str,
+    record: dict[str, Any],
+    split: str,
+    progress: bool,
+    ranks: Ranks,
+) -> CachedFeatures:
+    # Every decision that changes which collectives run is rank 0's, so no rank waits for another forever.
+    if ranks.from_main(cache.is_complete(key)):
+        return _hit(cache, key)
+    with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
+        if ranks.from_main(cache.is_complete(key)):
+            return _hit(cache, key)
+        _build(backbone, samples, config, cache, key, record, split, progress, ranks)
+    return cache.open(key)
+
+
+def _build(
+    backbone: Backbone,
+    samples: SampleSet,
+    config: ExtractConfig,
+    cache: FeatureCache,
+    key: str,
+    record: dict[str, Any],
+    split: str,
+    progress: bool,
+    ranks: Ranks | None,
+) -> None:
+    """Extract the missing shards (this rank's share of them) and, on the main process, commit."""
+    main = ranks is None or ranks.is_main
+    ex = Extractor(backbone, config)
+    cfg = resolved_cfg(backbone, config)
+    if main:
         record["shard_rows"] = _shard_rows(ex, cfg, len(samples))
-        writer = cache.writer(key, record)
-        n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
-        done = writer.finished_shards()
-        pending = [i for i in range(len(samples)) if i // writer.shard_rows not in done]
-        if done:
-            log.info("resuming cache %s: %d of %d shards already done", key[:12], len(done), n_shards)
-        t0 = time.perf_counter()
-        if pending:
-            _run(ex, samples, cfg, writer, pending, split, progress)
-        seconds = time.perf_counter() - t0
+        if ranks is not None and not config.shard_rows:  # >= 4 shards per rank: similar shares
+            record["shard_rows"] = min(
+                record["shard_rows"], max(1, math.ceil(len(samples) / (4 * ranks.world)))
+            )
+        cache.writer(key, record)  # writes record.json, with the shard size, unless a partial run did
+    if ranks is not None:
+        ranks.barrier()
+    writer = cache.writer(key, record)  # the shard size of record.json, on every rank
+    n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
+    done = set(writer.finished_shards()) if main else set()
+    if ranks is not None:
+        done = ranks.from_main(done)
+    todo = [i for i in range(len(samples)) if i // writer.shard_rows not in done]
+    mine = [i for i in todo if ranks is None or ranks.owns(i // writer.shard_rows)]
+    if done and main:
+        log.info("resuming cache %s: %d of %d shards already done", key[:12], len(done), n_shards)
+    t0 = time.perf_counter()
+    if mine:
+        _run(ex, samples, cfg, writer, mine, split, progress and main, ranks)
+    if ranks is not None:
+        ranks.barrier()  # every rank's shards are on disk
+    seconds = time.perf_counter() - t0
+    if main:
         skipped = [s for m in writer.finished_shards().values() for s in m["skipped"]]
         if skipped:
             log.warning("skipped %d bad images (recorded in the cache manifest)", len(skipped))
@@ -240,11 +299,13 @@ def extract(
                 "backbone_cfg": cfg.to_dict(),
                 "extract_config": _jsonable(config),
                 "extract_seconds": round(seconds, 3),
-                "rows_extracted_this_run": len(pending),
+                "rows_extracted_this_run": len(todo),
+                "processes": 1 if ranks is None else ranks.world,
                 "method": ex.net.method,
             },
         )
-    return cache.open(key)
+    if ranks is not None:
+        ranks.barrier()  # the manifest is committed
 
 
 def _hit(cache: FeatureCache, key: str) -> CachedFeatures:
@@ -268,6 +329,7 @@ def _run(
     pending: Sequence[int],
     split: str,
     progress: bool,
+    ranks: Ranks | None = None,
 ) -> None:
     loader = torch.utils.data.DataLoader(
         PreprocessedView(samples, cfg, pending),
@@ -289,12 +351,16 @@ def _run(
         arrays = {layer: ex.to_numpy(torch.cat(parts)) for layer, parts in buf.items()}
         if not rows:  # every image in this shard was bad: keep the layer shapes with zero rows
             arrays = {layer: np.zeros((0, *shape), dtype=dt) for layer, (shape, dt) in shapes.items()}
-        writer.write_shard(current, arrays, list(rows), list(skipped))
+        writer.write_shard(current, arrays, list(rows), list(skipped), ranks.rank if ranks else 0)
 
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
     np_dtype = STORAGE_DTYPES[ex.config.dtype]
     bar = tqdm(
-        total=len(pending), unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True
+        total=len(pending),
+        unit="img",
+        desc=f"extract {split}" + (f" (rank 0 of {ranks.world})" if ranks else ""),
+        disable=not progress,
+        dynamic_ncols=True,
     )
     with bar:
         for x, idx, errors in loader:
@@ -337,6 +403,7 @@ def extract_splits(
     config: ExtractConfig | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[str, CachedFeatures]:
     """:func:`extract` for every split that exists (``train``, ``val``, ``test``).
 
@@ -344,7 +411,9 @@ def extract_splits(
         >>> cfg = ExtractConfig(input_size=(32, 32))
         >>> feats = extract_splits(bb, load_dataset("digits"), cfg)  # doctest: +SKIP
     """
-    return {name: extract(backbone, s, config, cache_dir, name, progress) for name, s in splits.items()}
+    return {
+        name: extract(backbone, s, config, cache_dir, name, progress, ranks) for name, s in splits.items()
+    }
 
 
 def with_layers(config: ExtractConfig, layers: Sequence[str]) -> ExtractConfig:

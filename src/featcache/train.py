@@ -362,6 +362,7 @@ def fit(
     if config.fast_paths:
         model, train, val = _front_once(head, train, val, progress)
         step = LinearStep.build(model, opt, config.label_smoothing, amp)
+    front_seconds = time.perf_counter() - t0 if model is not head else 0.0
     # A run that early stopping already ended stays ended when resumed.
     stopped_early = config.patience is not None and bad_epochs >= config.patience
     sign = -1.0 if config.monitor == "val_acc" else 1.0
@@ -466,7 +467,11 @@ def fit(
         time.perf_counter() - t0,
         len(train),
         resumed_from=start_epoch,
-        extra={"front_once": model is not head, "closed_form_step": step is not None},
+        extra={
+            "front_once": model is not head,
+            "front_seconds": front_seconds,
+            "closed_form_step": step is not None,
+        },
     )
 
 

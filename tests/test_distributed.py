@@ -1,0 +1,122 @@
+"""Sharded extraction under torchrun (2 CPU processes, gloo): same entry as one process, resumable."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from featcache import ExtractConfig, extract, load_backbone, load_dataset
+from featcache.cache import FeatureCache
+
+extract_mod = importlib.import_module("featcache.extract")  # the package's `extract` is the function
+
+BASE = [
+    "torchvision:resnet18",
+    "digits",
+    *("--weights", "none", "--limit", "150", "--input-size", "32", "32"),
+    *("--layers", "layer2,penultimate", "--batch-size", "8", "-q"),
+]
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node 2 ARGS``, from this virtualenv, on the CPU."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def single_process(cache_dir: Path) -> dict[str, object]:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    splits = load_dataset("digits", limit=150)
+    cfg = ExtractConfig(layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu")
+    return {name: extract(bb, s, cfg, str(cache_dir), name, progress=False) for name, s in splits.items()}
+
+
+def assert_same_entries(sharded: FeatureCache, reference: dict[str, object]) -> None:
+    for ref in reference.values():
+        got = sharded.open(ref.key)  # type: ignore[attr-defined]
+        assert got.ids == ref.ids  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(got.labels, ref.labels)  # type: ignore[attr-defined]
+        for layer, arr in ref.features.items():  # type: ignore[attr-defined]
+            np.testing.assert_allclose(got.features[layer], arr, rtol=1e-5, atol=1e-5)
+        assert sharded.verify(ref.key) == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_entry_one_process_would(tmp_path: Path) -> None:
+    proc = torchrun("-m", "featcache", "extract", *BASE, "--cache-dir", str(tmp_path / "sharded"))
+    lines = [ln for ln in proc.stdout.splitlines() if "rows" in ln]
+    assert len(lines) == 3 and all("[built]" in ln for ln in lines), proc.stdout  # rank 0 prints, once
+    sharded = FeatureCache(tmp_path / "sharded")
+    reference = single_process(tmp_path / "single")
+    assert_same_entries(sharded, reference)
+    train = sharded.open(reference["train"].key).manifest  # type: ignore[attr-defined]
+    assert train["processes"] == 2
+    assert set(train["rows_by_process"]) == {"0", "1"}, train["rows_by_process"]
+    assert min(train["rows_by_process"].values()) >= train["rows"] // 3  # shares are similar
+    # A second run finds the entries: nothing extracted, every rank agrees.
+    again = torchrun("-m", "featcache", "extract", *BASE, "--cache-dir", str(tmp_path / "sharded"))
+    assert again.stdout.count("[hit]") == 3
+
+
+RESUME = """
+import json, sys
+from featcache import ExtractConfig, extract, load_backbone, load_dataset
+from featcache.distributed import ranks_from_env
+ranks = ranks_from_env()
+bb = load_backbone("torchvision:resnet18", weights="none")
+train = load_dataset("digits", limit=150).train
+cfg = ExtractConfig(layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu",
+                    shard_rows=10)
+out = extract(bb, train, cfg, sys.argv[1], "train", progress=False, ranks=ranks)
+if ranks.is_main:
+    print(json.dumps({k: out.manifest[k] for k in ("rows", "rows_extracted_this_run", "processes")}))
+"""
+
+
+@pytest.mark.slow
+def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    train = load_dataset("digits", limit=150).train
+    cfg = ExtractConfig(
+        layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu", shard_rows=10
+    )
+    real_run = extract_mod._run
+
+    def first_two_shards(ex, samples, c, writer, pending, *rest):  # type: ignore[no-untyped-def]
+        real_run(ex, samples, c, writer, [i for i in pending if i < 20], *rest)
+
+    monkeypatch.setattr(extract_mod, "_run", first_two_shards)
+    with pytest.raises(ValueError, match="missing"):  # the interrupted run: 2 shards written, no manifest
+        extract(bb, train, cfg, str(tmp_path / "cache"), progress=False)
+    monkeypatch.undo()
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME)
+    proc = torchrun(str(script), str(tmp_path / "cache"))
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info == {"rows": len(train), "rows_extracted_this_run": len(train) - 20, "processes": 2}
+    reference = extract(bb, train, cfg, str(tmp_path / "single"), progress=False)
+    assert_same_entries(FeatureCache(tmp_path / "cache"), {"train": reference})
+
+
+def test_other_verbs_refuse_to_run_once_per_rank(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from featcache.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "torchvision:resnet18", "digits", "--out", "unused"]) == 2
+    assert "only `extract` is sharded" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def direct_features(
     from torch import nn
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from featcache.data import to_model_input
+    from featcache.preprocess import to_model_input
 
     cfg = backbone.cfg.with_input_size(*input_size)
     x = torch.stack([to_model_input(img, cfg) for img in images])

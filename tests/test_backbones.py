@@ -23,7 +23,7 @@ from featcache.backbones import (
     parse_spec,
     register_source,
 )
-from featcache.data import to_model_input
+from featcache.preprocess import to_model_input
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
 

@@ -25,11 +25,12 @@ from conftest import run_python, write_tree
 from featcache._util import FeatcacheError, hash_tensors
 from featcache.backbones import Backbone, BackboneCfg, freeze, list_sources, load_backbone, register_source
 from featcache.cli import main
-from featcache.data import SampleSet, to_model_input
+from featcache.data import SampleSet
 from featcache.export import build_model, export_run, read_info
 from featcache.extract import ExtractConfig, extract
 from featcache.heads import HeadSpec
 from featcache.predict import Preprocess, Preprocessing, load_predictor, prepare_image
+from featcache.preprocess import to_model_input
 from featcache.runs import DataConfig, Run, train_run
 from featcache.train import TrainConfig
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from featcache.fast_step import LinearStep, split_front
 from featcache.heads import HeadSpec, Standardize, build_head
-from featcache.train import FeatureSource, TrainConfig, fit
+from featcache.sources import FeatureSource
+from featcache.train import TrainConfig, fit
 
 
 def maps(n: int = 200, shape: tuple[int, ...] = (8, 5, 5), c: int = 4, seed: int = 0):  # type: ignore[no-untyped-def]

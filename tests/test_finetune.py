@@ -228,9 +228,9 @@ def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
 def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
-    from featcache.data import to_model_input
     from featcache.export import export_run
     from featcache.predict import load_predictor
+    from featcache.preprocess import to_model_input
 
     data = DataConfig("digits", limit=80)
     run = _ft(tmp_path, "ft", data, FinetuneConfig(train="last:1"), SEEDS_CFG)

@@ -53,9 +53,11 @@ def reference(spec: str, model: nn.Module, layers: list[str], x: torch.Tensor) -
         return dict(build(clean, return_nodes={n: n for n in layers})(x))
 
 
-def traces(model: nn.Module) -> bool:
+def traces(spec: str, model: nn.Module) -> bool:
+    """Whether the reference's tracer (torchvision's, with timm's no-trace lists for timm models) traces."""
+    names = get_graph_node_names if spec.startswith("torchvision") else timm.models.get_graph_node_names
     try:
-        get_graph_node_names(copy.deepcopy(model))  # a failed trace leaves the model in train mode
+        names(copy.deepcopy(model))  # a failed trace leaves the model in train mode
     except Exception:
         return False
     return True
@@ -95,8 +97,8 @@ def test_features_equal_create_feature_extractor(spec: str, method: str) -> None
     x = _x()
     ref = reference(spec, bb.model, layers, x)
     ext = FeatureExtractor(bb.model, layers, method=method)
-    # fx is used exactly where torchvision's tracer traces the model; otherwise hooks
-    assert ext.method == ("fx" if method == "fx" and traces(bb.model) else "hooks")
+    # fx is used exactly where the reference's tracer traces the model; otherwise hooks
+    assert ext.method == ("fx" if method == "fx" and traces(spec, bb.model) else "hooks")
     with torch.inference_mode():
         out = ext(x)
     assert list(out) == layers
@@ -105,9 +107,9 @@ def test_features_equal_create_feature_extractor(spec: str, method: str) -> None
 
 
 def test_timm_fx_path_is_exercised() -> None:
-    # the contract above must cover the FX path for torchvision and timm models
-    assert traces(_load("torchvision:resnet18").model)
-    assert traces(_load("timm:resnet18").model)
+    # the contract above must cover the FX path for torchvision and timm models, EfficientNet-Lite too
+    for spec in MODELS:
+        assert traces(spec, _load(spec).model), spec
 
 
 @pytest.mark.parametrize("spec", list(MODELS))
@@ -210,7 +212,8 @@ def test_a_failed_trace_leaves_the_backbone_frozen(spec: str) -> None:
         assert torch.equal(v, state[k]), k  # BatchNorm running statistics untouched
 
 
-def test_truncation_on_a_model_fx_cannot_trace(lite0: Backbone) -> None:
+def test_fx_extraction_of_a_timm_model_runs_nothing_after_the_layer(lite0: Backbone) -> None:
+    # EfficientNet-Lite traces only with timm's no-trace lists (its "same" padding helpers)
     calls, handles = _count_calls(lite0.model, ("blocks.2", "blocks.3", "conv_head", "classifier"))
     try:
         with torch.inference_mode():
@@ -219,7 +222,7 @@ def test_truncation_on_a_model_fx_cannot_trace(lite0: Backbone) -> None:
     finally:
         for h in handles:
             h.remove()
-    assert ext.method == "hooks"
+    assert ext.method == "fx"
     assert out["blocks.2"].shape[1] == 40
     assert any(n.startswith("blocks.2.") for n, c in calls.items() if c)
     assert not [n for n, c in calls.items() if c and not n.startswith("blocks.2.")]
@@ -250,7 +253,7 @@ class Branchy(nn.Module):
 def test_untraceable_model_falls_back_to_hooks(method: str) -> None:
     torch.manual_seed(0)
     model = Branchy().eval()
-    assert not traces(model)
+    assert not traces("timm:custom", model)
     x = _x(16)
     ext = FeatureExtractor(model, ["conv", "act", "penultimate", "logits"], method=method, classifier="fc")
     assert ext.method == "hooks"

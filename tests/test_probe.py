@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from featcache.probe import ProbeConfig, fit_logistic, linear_probe
-from featcache.train import FeatureSource, evaluate
+from featcache.sources import FeatureSource
+from featcache.train import evaluate
 
 
 def _data(n: int, seed: int, noise: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from featcache.heads import HeadSpec, build_head
-from featcache.train import FeatureSource, TrainConfig, evaluate, fit
+from featcache.sources import FeatureSource
+from featcache.train import TrainConfig, evaluate, fit
 
 CPU = torch.device("cpu")
 
@@ -170,21 +171,6 @@ def test_evaluate_metrics_match_sklearn() -> None:
     assert m["acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
     assert m["top5"] == pytest.approx(top_k_accuracy_score(y, logits, k=5, labels=range(6)))
     assert m["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
-
-
-def test_streamed_memmap_covers_every_row_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    x, y = blobs(n=1000, d=16)
-    arr = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=tuple(x.shape))
-    arr[:] = x.numpy()
-    arr.flush()
-    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
-    src = FeatureSource(mm, y.numpy(), ram_budget_gb=1e-9)
-    assert src.streamed
-    seen = torch.cat([by for _, by in src.batches(64, torch.Generator().manual_seed(0))])
-    assert sorted(seen.tolist()) == sorted(y.tolist()) and len(seen) == 1000
-    head = build_head(HeadSpec("linear"), (16,), 5)
-    fit(head, src, None, 5, TrainConfig(epochs=10, lr=1e-2, device="cpu"), progress=False)
-    assert evaluate(head, FeatureSource(x, y), 5)["acc"] >= 0.99
 
 
 def test_resuming_an_early_stopped_run_adds_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]

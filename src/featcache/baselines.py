@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .backbones import BackboneCfg
-from .data import PreprocessedView, SampleSet
+from .data import SampleSet
 from .extract import Extractor
+from .preprocess import PreprocessedView
 
 
 def dataloader_epoch(

@@ -22,12 +22,14 @@ from ._util import resolve_device, write_json
 from .backbones import Backbone, load_backbone
 from .baselines import dataloader_epoch, naive_epoch
 from .cache import CacheWriter
-from .data import DatasetSplits, image_folder, load_dataset, to_model_input
+from .data import DatasetSplits, image_folder, load_dataset
 from .extract import ExtractConfig, Extractor, extract, extract_splits, resolved_cfg
 from .heads import HeadSpec, build_head
+from .preprocess import to_model_input
 from .report import format_table
 from .runs import environment
-from .train import FeatureSource, TrainConfig, fit, make_optimizer, source_for
+from .sources import FeatureSource, source_for
+from .train import TrainConfig, fit, make_optimizer
 
 
 @dataclass(frozen=True)

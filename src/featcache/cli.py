@@ -279,7 +279,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
     from .extract import extract_splits
     from .probe import ProbeConfig, linear_probe
     from .report import format_table
-    from .train import source_for
+    from .sources import source_for
 
     bb = load_backbone(a.model, a.weights)
     splits = _data_config(a).load()

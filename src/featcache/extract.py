@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from ._util import FeatcacheError, resolve_device, unknown
 from .backbones import Backbone, BackboneCfg
 from .cache import STORAGE_DTYPES, CachedFeatures, FeatureCache, cache_key
-from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, PreprocessedView, SampleSet
+from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, SampleSet
 from .distributed import Ranks
 from .layers import FeatureExtractor
+from .preprocess import PreprocessedView
 
 log = logging.getLogger(__name__)
 
@@ -214,64 +215,60 @@ def extract(
     config = config or ExtractConfig()
     cache = FeatureCache(cache_dir)
     record = cache_record(backbone, samples, config, split)
-    key = cache_key(record)
+    job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress)
     if ranks is not None:
-        return _extract_sharded(backbone, samples, config, cache, key, record, split, progress, ranks)
-    if cache.is_complete(key):
-        return _hit(cache, key)
-    with cache.lock(key):
-        if cache.is_complete(key):  # another process finished it while we waited
-            return _hit(cache, key)
-        _build(backbone, samples, config, cache, key, record, split, progress, None)
-    return cache.open(key)
+        return _extract_sharded(job, ranks)
+    if cache.is_complete(job.key):
+        return _hit(cache, job.key)
+    with cache.lock(job.key):
+        if cache.is_complete(job.key):  # another process finished it while we waited
+            return _hit(cache, job.key)
+        _build(job, None)
+    return cache.open(job.key)
 
 
-def _extract_sharded(
-    backbone: Backbone,
-    samples: SampleSet,
-    config: ExtractConfig,
-    cache: FeatureCache,
-    key: str,
-    record: dict[str, Any],
-    split: str,
-    progress: bool,
-    ranks: Ranks,
-) -> CachedFeatures:
+@dataclass
+class _Job:
+    """One cache entry to build: what to extract, from what, and where."""
+
+    backbone: Backbone
+    samples: SampleSet
+    config: ExtractConfig
+    cache: FeatureCache
+    key: str
+    record: dict[str, Any]
+    split: str
+    progress: bool
+
+
+def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
     # Every decision that changes which collectives run is rank 0's, so no rank waits for another forever.
+    cache, key = job.cache, job.key
     if ranks.from_main(cache.is_complete(key)):
         return _hit(cache, key)
     with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
         if ranks.from_main(cache.is_complete(key)):
             return _hit(cache, key)
-        _build(backbone, samples, config, cache, key, record, split, progress, ranks)
+        _build(job, ranks)
     return cache.open(key)
 
 
-def _build(
-    backbone: Backbone,
-    samples: SampleSet,
-    config: ExtractConfig,
-    cache: FeatureCache,
-    key: str,
-    record: dict[str, Any],
-    split: str,
-    progress: bool,
-    ranks: Ranks | None,
-) -> None:
+def _build(job: _Job, ranks: Ranks | None) -> None:
     """Extract the missing shards (this rank's share of them) and, on the main process, commit."""
+    samples, config, record = job.samples, job.config, job.record
     main = ranks is None or ranks.is_main
-    ex = Extractor(backbone, config)
-    cfg = resolved_cfg(backbone, config)
+    ex = Extractor(job.backbone, config)
+    cfg = resolved_cfg(job.backbone, config)
     if main:
         record["shard_rows"] = _shard_rows(ex, cfg, len(samples))
         if ranks is not None and not config.shard_rows:  # >= 4 shards per rank: similar shares
             record["shard_rows"] = min(
                 record["shard_rows"], max(1, math.ceil(len(samples) / (4 * ranks.world)))
             )
-        cache.writer(key, record)  # writes record.json, with the shard size, unless a partial run did
+        job.cache.writer(job.key, record)  # writes record.json, with the shard size, unless a partial run did
     if ranks is not None:
         ranks.barrier()
-    writer = cache.writer(key, record)  # the shard size of record.json, on every rank
+    writer = job.cache.writer(job.key, record)  # the shard size of record.json, on every rank
     n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
     done = set(writer.finished_shards()) if main else set()
     if ranks is not None:
@@ -279,10 +276,10 @@ def _build(
     todo = [i for i in range(len(samples)) if i // writer.shard_rows not in done]
     mine = [i for i in todo if ranks is None or ranks.owns(i // writer.shard_rows)]
     if done and main:
-        log.info("resuming cache %s: %d of %d shards already done", key[:12], len(done), n_shards)
+        log.info("resuming cache %s: %d of %d shards already done", job.key[:12], len(done), n_shards)
     t0 = time.perf_counter()
     if mine:
-        _run(ex, samples, cfg, writer, mine, split, progress and main, ranks)
+        _run(ex, samples, cfg, writer, mine, job.split, job.progress and main, ranks)
     if ranks is not None:
         ranks.barrier()  # every rank's shards are on disk
     seconds = time.perf_counter() - t0

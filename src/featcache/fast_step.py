@@ -6,7 +6,7 @@ cached features although nothing about them changes:
 * A head such as ``pooled-linear`` (the seeds' ``SimpleClassifier``: ``AdaptiveAvgPool2d(1)`` →
   ``Flatten`` → ``Linear``) starts with parameter-free, deterministic modules. They map each cached row
   to the same output in every epoch, so :func:`split_front` cuts them off and the trainer runs them once
-  over the features (:meth:`featcache.train.FeatureSource.mapped`); the epochs then train the rest on
+  over the features (:meth:`featcache.sources.FeatureSource.mapped`); the epochs then train the rest on
   ``C`` numbers per row instead of ``C*H*W``. Average pooling and the frozen standardisation are linear,
   so this is the same training, not an approximation.
 * For a lone ``nn.Linear`` under cross-entropy the gradient has a closed form: with ``p = softmax(z)``

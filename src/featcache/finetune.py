@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from ._util import FeatcacheError, unknown
 from .backbones import Backbone
-from .layers import INPUT_PREFIX, dummy_input, module_names
+from .layers import INPUT_PREFIX, dummy_input, module_names, timm_notrace
 
 BN_POLICIES = ("frozen", "train")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -276,19 +276,9 @@ def apply_train_mode(model: nn.Module, plan: FreezePlan) -> None:
                 m.eval()
 
 
-def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
-    """timm's registered no-trace modules and functions (padding helpers, ...), if timm is installed."""
-    try:
-        import timm.models  # noqa: F401  (importing registers them)
-        from timm.layers._fx import get_notrace_functions, get_notrace_modules
-    except ImportError:
-        return (), ()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
-
-
 class _SplitTracer(fx.Tracer):
     def __init__(self, leaf: str) -> None:
-        self.leaf_types, functions = _timm_notrace()
+        self.leaf_types, functions = timm_notrace()
         super().__init__(autowrap_functions=functions)
         self.leaf = leaf
 

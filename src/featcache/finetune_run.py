@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from . import __version__
 from ._util import FeatcacheError, resolve_device, unknown, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
-from .data import PreprocessedView, SampleSet
+from .data import SampleSet
 from .extract import ExtractConfig, extract_splits, resolved_cfg
 from .finetune import (
     FreezePlan,
@@ -37,6 +37,7 @@ from .finetune import (
     prefix_layer,
     replace_classifier,
 )
+from .preprocess import PreprocessedView
 from .runs import (
     DataConfig,
     check_resume,
@@ -46,7 +47,8 @@ from .runs import (
     prepare_run_dir,
     write_report,
 )
-from .train import BatchSource, TrainConfig, fit, source_for
+from .sources import BatchSource, source_for
+from .train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, resolve_device
 from .backbones import BackboneCfg
-from .data import INTERPOLATION, BadImageError, read_image
+from .data import BadImageError, read_image
 from .extract import pool_features
+from .preprocess import INTERPOLATION
 
 if TYPE_CHECKING:
     from .export import ExportInfo

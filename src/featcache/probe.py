@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head
-from .train import FeatureSource, evaluate
+from .sources import FeatureSource
+from .train import evaluate
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
 

@@ -27,7 +27,8 @@ from .data import DatasetSplits, load_dataset
 from .extract import ExtractConfig, extract_splits
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head, check_input
 from .report import plot_confusion, plot_curves
-from .train import FitResult, TrainConfig, evaluate, fit, source_for
+from .sources import source_for
+from .train import FitResult, TrainConfig, evaluate, fit
 
 
 @dataclass(frozen=True)

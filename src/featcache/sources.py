@@ -1,0 +1,139 @@
+"""Where the head trainer reads features: a tensor in RAM or on the GPU, or a memory map streamed in chunks.
+
+Batches are slices of a per-epoch permuted copy of the features (one gather per epoch, no per-sample
+``__getitem__`` or collate). Features larger than the RAM budget are streamed from the memory-mapped
+cache in chunks, shuffled by chunk and within each chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._util import FeatcacheError, resolve_device
+from .cache import to_torch
+
+
+class BatchSource(Protocol):
+    """What :func:`fit` and :func:`evaluate` read: rows, a device, and (shuffled) batches."""
+
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class FeatureSource:
+    """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks."""
+
+    def __init__(
+        self,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
+        dtype: str = "float32",
+        device: torch.device | None = None,
+        ram_budget_gb: float = 8.0,
+    ) -> None:
+        self.device = device or torch.device("cpu")
+        self.ram_budget_gb = ram_budget_gb
+        self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
+        self.y = self.y.to(self.device)
+        n_bytes = int(np.prod(x.shape)) * 4
+        self.streamed = isinstance(x, np.ndarray) and n_bytes > ram_budget_gb * 2**30
+        self.raw, self.dtype = x, dtype
+        self._shuffled: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.streamed:
+            self.x: torch.Tensor | None = None
+        elif isinstance(x, torch.Tensor):
+            self.x = x.to(self.device, torch.float32)
+        else:
+            self.x = to_torch(np.asarray(x), dtype).to(self.device, torch.float32)
+        if len(self.y) != len(x):
+            raise FeatcacheError(f"{len(x)} feature rows but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape[1:])
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.x is not None:
+            return self.x[start:stop]
+        return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
+
+    def mapped(self, fn: nn.Module, progress: bool = False) -> FeatureSource | None:
+        """The rows passed once through ``fn`` (parameter-free and row-wise: a head's frozen front).
+
+        The result is held in RAM or on the device; None when it would not fit ``ram_budget_gb``
+        (beside the in-memory original, if any).
+
+        Example:
+            >>> pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            >>> pooled = FeatureSource(maps, y).mapped(pool)  # doctest: +SKIP
+        """
+        n = len(self)
+        in_row = max(1, int(np.prod(self.row_shape)) * 4)
+        with torch.no_grad():
+            out_row = int(fn(self._rows(0, 1)).numel()) * 4 if n else 0
+            if out_row * n + (0 if self.streamed else in_row * n) > self.ram_budget_gb * 2**30:
+                return None
+            chunk = max(1, (64 << 20) // in_row)
+            starts = tqdm(
+                range(0, n, chunk), desc="head front", leave=False, disable=not (progress and self.streamed)
+            )
+            parts = [fn(self._rows(s, s + chunk)).float() for s in starts]
+        x = torch.cat(parts) if parts else torch.zeros(0)
+        return FeatureSource(x, self.y, device=self.device, ram_budget_gb=self.ram_budget_gb)
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled (when ``gen`` is given) or ordered batches covering every row once."""
+        n = len(self)
+        if self.x is not None:
+            if gen is None:
+                xs, ys = self.x, self.y
+            else:
+                perm = torch.randperm(n, generator=gen).to(self.device)
+                if self._shuffled is None:  # reused every epoch: a fresh buffer costs page faults each time
+                    self._shuffled = (torch.empty_like(self.x), torch.empty_like(self.y))
+                xs, ys = self._shuffled
+                torch.index_select(self.x, 0, perm, out=xs)
+                torch.index_select(self.y, 0, perm, out=ys)
+            for i in range(0, n, batch_size):
+                yield xs[i : i + batch_size], ys[i : i + batch_size]
+            return
+        row_bytes = max(1, int(np.prod(self.row_shape)) * 4)
+        chunk = max(batch_size, ((256 << 20) // row_bytes) // batch_size * batch_size)
+        starts = list(range(0, n, chunk))
+        order = torch.randperm(len(starts), generator=gen).tolist() if gen is not None else range(len(starts))
+        for c in order:
+            s = starts[c]
+            xs, ys = self._rows(s, s + chunk), self.y[s : s + chunk]
+            if gen is not None:
+                perm = torch.randperm(len(ys), generator=gen).to(self.device)
+                xs, ys = xs.index_select(0, perm), ys.index_select(0, perm)
+            for i in range(0, len(ys), batch_size):
+                yield xs[i : i + batch_size], ys[i : i + batch_size]
+
+
+def source_for(
+    cached: Any, layer: str, device: str | torch.device = "auto", ram_budget_gb: float = 8.0
+) -> FeatureSource:
+    """A :class:`FeatureSource` over one layer of a :class:`~featcache.cache.CachedFeatures` entry."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if layer not in cached.features:
+        raise FeatcacheError(
+            f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}"
+        )
+    return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb)

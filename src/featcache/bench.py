@@ -12,7 +12,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +70,38 @@ def _interleaved(
     return runs_a, runs_b
 
 
-def _median(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
-    runs = [fn() for _ in range(repeats)]
-    return statistics.median(runs), runs
+def _row(
+    name: str,
+    featcache: list[float],
+    baseline: list[float],
+    target: float | None,
+    labels: tuple[str, str] = ("featcache", "baseline"),
+    per: int | None = None,
+    detail: str | None = None,
+    target_text: str | None = None,
+) -> dict[str, Any]:
+    """A result row from two lists of seconds: medians (or items/s when ``per`` items were timed) and
+    their ratio, baseline over featcache, checked against ``target`` (None: informative)."""
+    f, b = statistics.median(featcache), statistics.median(baseline)
+    row: dict[str, Any] = {"name": name}
+    row.update(
+        {"featcache_img_s": per / f, "baseline_img_s": per / b}
+        if per
+        else {"featcache_s": f, "baseline_s": b}
+    )
+    row.update(
+        ratio=b / f,
+        target=target_text or (f">= {target:g}" if target is not None else "(informative)"),
+        runs={labels[0]: featcache, labels[1]: baseline},
+    )
+    row["pass"] = None if target is None else b / f >= target
+    if detail:
+        row["detail"] = detail
+    return row
+
+
+def _median(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
 
 
 class _Bench:
@@ -124,17 +152,15 @@ class _Bench:
             )
 
         c, n = _interleaved(cached, naive, self.repeats)
-        ratio = statistics.median(n) / statistics.median(c)
-        return {
-            "name": f"end-to-end {e}-epoch linear probe",
-            "featcache_s": statistics.median(c),
-            "baseline_s": statistics.median(n),
-            "ratio": ratio,
-            "target": f">= {0.8 * e:g} (0.8 x E)",
-            "pass": ratio >= 0.8 * e,
-            "runs": {"featcache": c, "naive": n},
-            "detail": f"{len(splits.train)} train + {len(splits.val or [])} val images at {cfg.input_size}",
-        }
+        return _row(
+            f"end-to-end {e}-epoch linear probe",
+            c,
+            n,
+            0.8 * e,
+            ("featcache", "naive"),
+            detail=f"{len(splits.train)} train + {len(splits.val or [])} val images at {cfg.input_size}",
+            target_text=f">= {0.8 * e:g} (0.8 x E)",
+        )
 
     def _decoded_batches(self) -> list[torch.Tensor]:
         pre = resolved_cfg(self.bb, self.ecfg)
@@ -176,16 +202,7 @@ class _Bench:
 
         bare(), engine()  # warm-up
         b, e = _interleaved(bare, engine, self.repeats)
-        ratio = statistics.median(b) / statistics.median(e)
-        return {
-            "name": "extraction throughput / bare model(x)",
-            "featcache_img_s": n_img / statistics.median(e),
-            "baseline_img_s": n_img / statistics.median(b),
-            "ratio": ratio,
-            "target": ">= 0.9",
-            "pass": ratio >= 0.9,
-            "runs": {"featcache": e, "bare": b},
-        }
+        return _row("extraction throughput / bare model(x)", e, b, 0.9, ("featcache", "bare"), per=n_img)
 
     def files_vs_tensors(self) -> dict[str, Any]:
         """Extraction from PNG files on disk (decode + resize + forward + cache) vs from decoded tensors."""
@@ -213,17 +230,15 @@ class _Bench:
             return time.perf_counter() - t0
 
         f, t = _interleaved(from_files, from_tensors, self.repeats)
-        ratio = statistics.median(t) / statistics.median(f)
-        return {
-            "name": "extraction from files / from decoded tensors",
-            "featcache_img_s": n / statistics.median(f),
-            "baseline_img_s": n / statistics.median(t),
-            "ratio": ratio,
-            "target": "(informative)",
-            "pass": None,
-            "runs": {"files": f, "tensors": t},
-            "detail": "near 1: the model bounds extraction; well below 1: decoding does (use --workers)",
-        }
+        return _row(
+            "extraction from files / from decoded tensors",
+            f,
+            t,
+            None,
+            ("files", "tensors"),
+            per=n,
+            detail="near 1: the model bounds extraction; well below 1: decoding does (use --workers)",
+        )
 
     def trainer(self) -> list[dict[str, Any]]:
         """Seconds per epoch: fast trainer vs the seeds' DataLoader(TensorDataset) loop, same cached features.
@@ -276,26 +291,22 @@ class _Bench:
 
         fast(), seeds()  # warm-up
         f, s = _interleaved(fast, seeds, self.repeats)
-        plain = _median(partial(fast, replace(cfg, fast_paths=False)), self.repeats)[0]
+        plain = _median(lambda: fast(replace(cfg, fast_paths=False)), self.repeats)
         floor = self._matmul_floor(x, bs)
-        ratio = statistics.median(s) / statistics.median(f)
-        target = 5 if bs == 32 else 20
         dims = "x".join(str(d) for d in shape)
-        return {
-            "name": f"head trainer / DataLoader loop: {kind} on {layer} ({dims}), batch {bs}",
-            "featcache_s": statistics.median(f),
-            "baseline_s": statistics.median(s),
-            "ratio": ratio,
-            "target": f">= {target}",
-            "pass": ratio >= target,
-            "runs": {"featcache": f, "dataloader": s},
-            "detail": (
+        return _row(
+            f"head trainer / DataLoader loop: {kind} on {layer} ({dims}), batch {bs}",
+            f,
+            s,
+            5 if bs == 32 else 20,
+            ("featcache", "dataloader"),
+            detail=(
                 f"{len(x)} rows, s/epoch over 5 epochs"
                 + (f" incl. the pooling run once ({statistics.median(front):.4f} s)" if any(front) else "")
                 + f"; without the fast paths {statistics.median(s) / plain:.1f}x; "
                 f"the epoch's matmuls alone allow at most {statistics.median(s) / floor:.1f}x"
             ),
-        }
+        )
 
     def _matmul_floor(self, x: torch.Tensor, bs: int) -> float:
         """Seconds for just the forward and weight-gradient products of an epoch of a linear head on
@@ -314,7 +325,7 @@ class _Bench:
             return time.perf_counter() - t0
 
         run()
-        return _median(run, max(3, self.repeats))[0]
+        return _median(run, max(3, self.repeats))
 
     def finetune(self) -> dict[str, Any]:
         """Seconds per epoch of cached-prefix vs live partial fine-tuning (``last:1``), same settings."""
@@ -389,22 +400,14 @@ class _Bench:
             )
             return time.perf_counter() - t0
 
-        h, runs = _median(hit, self.repeats)
-        return {
-            "name": "cache hit (open + 1 epoch) vs first extraction",
-            "featcache_s": h,
-            "baseline_s": first,
-            "ratio": first / h,
-            "target": "(informative)",
-            "pass": None,
-            "runs": {"hit": runs},
-        }
+        runs = [hit() for _ in range(self.repeats)]
+        return _row("cache hit (open + 1 epoch) vs first extraction", runs, [first], None, ("hit", "first"))
 
     def gpu(self) -> list[dict[str, Any]]:
         """resnet50 at 224 px, images/s: fp32 vs bf16 autocast + channels_last (CUDA only)."""
         bb = load_backbone("torchvision:resnet50", weights="none")
         x = torch.randn(128, 3, 224, 224)
-        res = {}
+        runs = {}
         for label, amp, cl in (("fp32", False, False), ("bf16+channels_last", True, True)):
             ex = Extractor(
                 bb, ExtractConfig(layers=("penultimate",), device=str(self.device), amp=amp, channels_last=cl)
@@ -420,18 +423,9 @@ class _Bench:
                 torch.cuda.synchronize()
                 return time.perf_counter() - t0
 
-            res[label] = 10 * len(x) / _median(run, self.repeats)[0]
-        ratio = res["bf16+channels_last"] / res["fp32"]
-        return [
-            {
-                "name": "GPU resnet50 224px: bf16+channels_last / fp32",
-                "featcache_img_s": res["bf16+channels_last"],
-                "baseline_img_s": res["fp32"],
-                "ratio": ratio,
-                "target": "> 1",
-                "pass": ratio > 1,
-            }
-        ]
+            runs[label] = [run() for _ in range(self.repeats)]
+        name = "GPU resnet50 224px: bf16+channels_last / fp32"
+        return [_row(name, runs["bf16+channels_last"], runs["fp32"], 1.0, ("bf16", "fp32"), per=10 * len(x))]
 
 
 BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "finetune", "cache_hit", "gpu")
@@ -502,5 +496,5 @@ def _fmt(r: dict[str, Any], side: str) -> str:
     if "error" in r:
         return r["error"][:60] if side == "featcache" else "-"
     if f"{side}_s" in r:
-        return f"{r[f'{side}_s']:.3f} s"
+        return f"{r[f'{side}_s']:.3g} s"
     return f"{r[f'{side}_img_s']:.0f} img/s"

@@ -87,7 +87,7 @@ class FeatureSource:
             out_row = int(fn(self._rows(0, 1)).numel()) * 4 if n else 0
             if out_row * n + (0 if self.streamed else in_row * n) > self.ram_budget_gb * 2**30:
                 return None
-            chunk = max(1, (64 << 20) // in_row)
+            chunk = max(1, (64 << 20) // in_row) if self.streamed else max(n, 1)  # in RAM: one call
             starts = tqdm(
                 range(0, n, chunk), desc="head front", leave=False, disable=not (progress and self.streamed)
             )

@@ -21,9 +21,11 @@ from featcache.finetune import (
     build_suffix,
     param_groups,
     plan_freeze,
+    prefix_layer,
 )
 from featcache.finetune_run import FinetuneConfig, FinetuneRun, finetune_run
 from featcache.heads import HeadSpec
+from featcache.layers import FeatureExtractor
 from featcache.runs import DataConfig, load_run, train_run
 from featcache.train import TrainConfig
 
@@ -183,6 +185,32 @@ def test_live_fallback_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[st
             FinetuneConfig(train="all", mode="cached"),
             SEEDS_CFG,
         )
+
+
+def test_suffix_sees_the_live_loops_modes_of_the_modules_around_it() -> None:
+    """timm's classifier dropout is switched by the root's flag, which ``last:1`` leaves in eval mode."""
+    bb = load_backbone("timm:resnet18", weights="none")
+    bb.model.drop_rate = 0.5
+    plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10, input_size=(32, 32))
+    suffix = build_suffix(bb.model, plan.split or "", plan)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    apply_train_mode(bb.model, plan)
+    assert not bb.model.training and bb.model.layer4[1].training
+    layer = prefix_layer(plan)
+    cached_in = FeatureExtractor(bb.model, [layer])(x)[layer]
+    suffix.train()
+    torch.manual_seed(1)
+    live = bb.model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(suffix(cached_in), live, rtol=1e-5, atol=1e-5)
+    # ... and with the root training too (``all``-like modes), the dropout runs in both.
+    bb.model.train()
+    cached_in = FeatureExtractor(bb.model, [layer])(x)[layer]  # the prefix's BatchNorms on batch stats
+    torch.manual_seed(2)
+    live = bb.model(x)
+    torch.manual_seed(2)
+    all_train = build_suffix(bb.model, plan.split or "").train()
+    torch.testing.assert_close(all_train(cached_in), live, rtol=1e-5, atol=1e-5)
 
 
 def test_suffix_refuses_a_split_across_a_skip_connection() -> None:

@@ -358,7 +358,7 @@ class _Bench:
         ex = Extractor(bb, replace(self.ecfg, layers=(prefix_layer(plan),), pool="none"))
         h, w = self.cfg.input_size
         cached_in = ex(torch.zeros(1, 3, h, w))[prefix_layer(plan)].float()
-        suffix = build_suffix(bb.model, plan.split or "").eval()
+        suffix = build_suffix(bb.model, plan.split or "", plan).eval()
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)

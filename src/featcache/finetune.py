@@ -330,18 +330,26 @@ def _suffix_graph(model: nn.Module, split: str) -> fx.GraphModule:
     return fx.GraphModule(model, new)
 
 
-def build_suffix(model: nn.Module, split: str) -> Suffix:
+def build_suffix(model: nn.Module, split: str, plan: FreezePlan | None = None) -> Suffix:
     """Trace the part of ``model`` from module ``split`` on; raises FeatcacheError saying why it cannot.
 
+    The train graph is traced in the modes the live loop trains in (``apply_train_mode(model, plan)``;
+    all-train without a plan): tracing bakes ``self.training`` checks in the forward code of the
+    modules that contain the split — timm's classifier dropout, switched by the root's flag, is one —
+    so they must see the flags the live loop would.
+
     Example:
-        >>> suffix = build_suffix(resnet, "layer4.1")  # doctest: +SKIP
+        >>> suffix = build_suffix(resnet, "layer4.1", plan)  # doctest: +SKIP
         >>> suffix(cached_input_of_layer4_1).shape  # doctest: +SKIP
     """
-    was = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         graphs = []
-        for mode in (True, False):
-            model.train(mode)
+        for training in (True, False):
+            if training and plan is not None:
+                apply_train_mode(model, plan)
+            else:
+                model.train(training)
             graphs.append(_suffix_graph(model, split))
     except FeatcacheError:
         raise
@@ -350,7 +358,8 @@ def build_suffix(model: nn.Module, split: str) -> Suffix:
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})"
         ) from exc
     finally:
-        model.train(was)
+        for m, training in modes.items():
+            m.training = training
     return Suffix(*graphs)
 
 

@@ -263,7 +263,7 @@ def finetune_run(
     suffix = None
     if reason is None:
         try:
-            suffix = build_suffix(net, plan.split)  # type: ignore[arg-type]
+            suffix = build_suffix(net, plan.split, plan)  # type: ignore[arg-type]
         except FeatcacheError as exc:
             reason = str(exc)
     if ft.mode == "cached" and reason is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from featcache.backbones import load_backbone
 from featcache.cli import COMMANDS, main
@@ -145,3 +147,34 @@ def test_extract_cache_verbs_and_train(
     assert code == 0
     code, out, _ = run(capsys, "cache", "ls")
     assert key not in out
+
+
+def test_probe_writes_a_run_that_export_and_predict_take(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    base = [
+        "torchvision:resnet18",
+        "digits",
+        "--weights",
+        "none",
+        "--limit",
+        "150",
+        "--input-size",
+        "32",
+        "32",
+    ]
+    out_dir = str(tmp_path / "probe")
+    code, out, _ = run(capsys, "probe", *base, "-q", "--strengths", "0.001,0.1", "--out", out_dir, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["strength"] in (0.001, 0.1) and [r["strength"] for r in result["sweep"]] == [0.001, 0.1]
+    assert json.loads((tmp_path / "probe" / "metrics.json").read_text())["test"] == result["test"]
+    code, out, _ = run(capsys, "export", out_dir, "--format", "pt")
+    assert code == 0 and "exported" in out
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    code, out, _ = run(capsys, "predict", out_dir, str(images), "--json")
+    assert code == 0 and len(json.loads(out)) == 3

@@ -84,6 +84,7 @@ train = load_dataset("digits", limit=150).train
 cfg = ExtractConfig(layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu",
                     shard_rows=10)
 out = extract(bb, train, cfg, sys.argv[1], "train", progress=False, ranks=ranks)
+ranks.close()
 if ranks.is_main:
     print(json.dumps({k: out.manifest[k] for k in ("rows", "rows_extracted_this_run", "processes")}))
 """

@@ -31,7 +31,8 @@ from featcache.extract import ExtractConfig, extract
 from featcache.heads import HeadSpec
 from featcache.predict import Preprocess, Preprocessing, load_predictor, prepare_image
 from featcache.preprocess import to_model_input
-from featcache.runs import DataConfig, Run, train_run
+from featcache.probe import ProbeConfig, probe_run
+from featcache.runs import DataConfig, Run, load_run, train_run
 from featcache.train import TrainConfig
 
 FORMATS = ("pt", "torchscript", "onnx")
@@ -61,12 +62,17 @@ def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=1e-4)
 
 
-def pipeline_logits(run: Run, backbone: Backbone, samples: SampleSet, cache_dir: str) -> torch.Tensor:
-    """The cached path: ``extract`` (a cache hit here), then the trained head; rows in sample order."""
+def pipeline_feats(run: Run, backbone: Backbone, samples: SampleSet, cache_dir: str) -> torch.Tensor:
+    """The run's cached features of ``samples`` (``extract``, a cache hit here), rows in sample order."""
     feats = extract(backbone, samples, run.extract_config(), cache_dir, split="test", progress=False)
     rows = [feats.ids.index(i) for i in samples.ids]
+    return feats.tensor(run.layer, dtype=torch.float32)[rows]
+
+
+def pipeline_logits(run: Run, backbone: Backbone, samples: SampleSet, cache_dir: str) -> torch.Tensor:
+    """The cached path: the run's cached features, then its trained head."""
     with torch.no_grad():
-        return run.head(feats.tensor(run.layer, dtype=torch.float32)[rows])
+        return run.head(pipeline_feats(run, backbone, samples, cache_dir))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -90,6 +96,31 @@ def test_exported_logits_match_the_cached_pipeline(runs: dict[str, Any], layer: 
     info = read_info(path)
     assert info.classes == tuple(run.classes) and info.layer == layer and info.format == fmt
     assert info.preprocessing.input_size == (32, 32) and info.method == "fx" and info.truncated
+
+
+def test_a_probe_run_folder_exports_and_predicts_like_the_probe(runs: dict[str, Any]) -> None:
+    out = runs["root"] / "probe-run"
+    res = probe_run(
+        "torchvision:resnet18",
+        runs["data"],
+        "penultimate",
+        SMALL,
+        ProbeConfig(strengths=(1e-3, 1e-1)),
+        out,
+        weights="none",
+        cache_dir=runs["cache"],
+        device="cpu",
+        progress=False,
+    )
+    run = load_run(out)
+    assert run.metrics["strength"] == res.strength and run.config["probe"]["strengths"] == [1e-3, 1e-1]
+    test = runs["data"].load().test
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    want = pipeline_logits(run, bb, test, runs["cache"])
+    with torch.no_grad():
+        torch.testing.assert_close(want, res.head(pipeline_feats(run, bb, test, runs["cache"])))
+    predictor = load_predictor(export_run(out, "pt"), device="cpu")
+    assert_same_logits(predictor.logits([test.load(i) for i in range(len(test))]), want)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -136,8 +136,10 @@ def cmd_extract(a: argparse.Namespace) -> None:
     layers = [s for s in a.layers.split(",") if s]
     config = _extract_config(a, layers)
     feats = extract_splits(bb, _data_config(a).load(), config, a.cache_dir, not a.quiet, ranks)
-    if ranks is not None and not ranks.is_main:
-        return
+    if ranks is not None:
+        ranks.close()
+        if not ranks.is_main:
+            return
     for split, f in feats.items():
         shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
         status = "hit" if f.hit else "built"
@@ -275,31 +277,26 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_probe(a: argparse.Namespace) -> None:
-    from .backbones import load_backbone
-    from .extract import extract_splits
-    from .probe import ProbeConfig, linear_probe
+    from .probe import ProbeConfig, probe_run
     from .report import format_table
-    from .sources import source_for
 
-    bb = load_backbone(a.model, a.weights)
-    splits = _data_config(a).load()
-    feats = extract_splits(bb, splits, _extract_config(a, [a.layer]), a.cache_dir, not a.quiet)
-    if "val" not in feats:
-        raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
     cfg = (
         ProbeConfig(strengths=tuple(float(s) for s in a.strengths.split(",")))
         if a.strengths
         else ProbeConfig()
     )
-    src = {k: source_for(v, a.layer, a.device) for k, v in feats.items()}
-    res = linear_probe(src["train"], src["val"], src.get("test"), len(splits.classes), cfg, not a.quiet)
-    if a.out:
-        from pathlib import Path
-
-        from .runs import save_head
-
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        save_head(res.head, res.info, Path(a.out))
+    res = probe_run(
+        a.model,
+        _data_config(a),
+        a.layer,
+        _extract_config(a, [a.layer]),
+        cfg,
+        a.out,
+        a.weights,
+        a.cache_dir,
+        a.device,
+        not a.quiet,
+    )
     if a.json:
         _print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test})
         return
@@ -307,6 +304,8 @@ def cmd_probe(a: argparse.Namespace) -> None:
     print(f"chosen L2 strength {res.strength:g} (on val); refit on train+val")
     if res.test:
         print(f"test accuracy {res.test['acc']:.4f}")
+    if a.out:
+        print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")
 
 
 def cmd_export(a: argparse.Namespace) -> None:

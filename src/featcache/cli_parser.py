@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="penultimate")
     _extract_args(p)
     p.add_argument("--strengths", default=None, help="comma-separated L2 strengths (default 1e-6..1)")
-    p.add_argument("--out", default=None, help="optional run folder for the probe head")
+    p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
     p.add_argument("--json", action="store_true")
 
     p = _parser(

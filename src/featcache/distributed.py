@@ -10,6 +10,11 @@ A rank that dies leaves its finished shards; the next run, with any number of pr
 only the missing ones. Multi-node runs need a cache folder that every node sees.
 
 Coordination uses a gloo group, so it works on CPU-only machines too, beside any NCCL group of yours.
+From Python, every rank runs::
+
+    ranks = ranks_from_env()
+    feats = extract(backbone, samples, config, ranks=ranks)
+    ranks.close()
 """
 
 from __future__ import annotations
@@ -52,6 +57,17 @@ class Ranks:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        """Wait for every rank, then leave the process group (call it on every rank, after success).
+
+        Exiting without it lets rank 0, which serves ``torchrun``'s rendezvous store, quit while another
+        rank still talks to it, and the gloo threads can abort the process at shutdown.
+        """
+        global _RANKS
+        self.barrier()
+        dist.destroy_process_group(self.group)
+        _RANKS = None
 
     def from_main(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a decision all ranks must take alike)."""

@@ -8,7 +8,8 @@ reported for a model that saw the validation split (the leak in CLIP_benchmark i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._util import FeatcacheError
+from ._util import FeatcacheError, resolve_device, write_json
+from .backbones import Backbone, load_backbone
+from .extract import ExtractConfig, extract_splits
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head
-from .sources import FeatureSource
+from .report import plot_confusion
+from .runs import DataConfig, run_config, save_head
+from .sources import FeatureSource, source_for
 from .train import evaluate
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
@@ -131,3 +136,51 @@ def linear_probe(
     info = HeadInfo(HeadSpec("linear"), tuple(train.x.shape[1:]), num_classes, standardize=config.standardize)
     test_metrics = evaluate(head, test, num_classes) if test is not None else None
     return ProbeResult(best["strength"], sweep, test_metrics, head, info)
+
+
+def probe_run(
+    model: str | Backbone,
+    data: DataConfig,
+    layer: str,
+    extract_config: ExtractConfig,
+    config: ProbeConfig | None = None,
+    out_dir: str | Path | None = None,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> ProbeResult:
+    """The ``featcache probe`` job: cache (build or reuse), probe, and optionally write a run folder.
+
+    The folder is a run like ``featcache train``'s (``config.json``, ``metrics.json`` with the sweep,
+    ``head.safetensors``, ``confusion.png``), so :func:`~featcache.runs.load_run`, ``export`` and
+    ``predict`` take it.
+
+    Example:
+        >>> res = probe_run("efficientnet-lite0", DataConfig("mnist-5k"), "penultimate",
+        ...                 ExtractConfig(input_size=(64, 64)), out_dir="runs/probe")  # doctest: +SKIP
+        >>> res.strength, res.test["acc"]  # doctest: +SKIP
+    """
+    config = config or ProbeConfig()
+    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    ecfg = replace(extract_config, layers=(layer,))
+    feats = extract_splits(backbone, data.load(), ecfg, cache_dir, progress)
+    if "val" not in feats:
+        raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
+    dev = resolve_device(device)
+    src = {k: source_for(v, layer, dev) for k, v in feats.items()}
+    classes = feats["train"].classes
+    res = linear_probe(src["train"], src["val"], src.get("test"), len(classes), config, progress)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        run = {**run_config(backbone, weights, data, layer, ecfg, feats), "head": res.info.spec.to_dict()}
+        write_json(
+            out / "config.json", {**run, "probe": {**asdict(config), "strengths": list(config.strengths)}}
+        )
+        save_head(res.head, res.info, out)
+        metrics = {"strength": res.strength, "sweep": res.sweep, **({"test": res.test} if res.test else {})}
+        write_json(out / "metrics.json", metrics)
+        if res.test:
+            plot_confusion(res.test["confusion"], classes, out / "confusion.png")
+    return res

@@ -236,19 +236,9 @@ def train_run(
     feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
     extract_seconds = time.perf_counter() - t0
     config = {
-        "featcache_version": __version__,
-        "model": backbone.cfg.spec,
-        "weights": backbone.cfg.weights,
-        "weights_arg": weights,
-        "backbone_cfg": backbone.cfg.to_dict(),
-        "data": asdict(data),
-        "layer": layer,
-        "extract": {**asdict(ecfg), "layers": [layer]},
+        **run_config(backbone, weights, data, layer, ecfg, feats),
         "head": head_spec.to_dict(),
         "train": asdict(train_config),
-        "cache_keys": {k: v.key for k, v in feats.items()},
-        "classes": splits.classes,
-        "environment": environment(),
     }
     if resume:
         check_resume(out, config, ("cache_keys", "train", "head"), "this command's settings")
@@ -262,6 +252,35 @@ def train_run(
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head_spec.kind}")
     return Run(out, config, metrics, head, info)
+
+
+def run_config(
+    backbone: Backbone,
+    weights: str | None,
+    data: DataConfig,
+    layer: str,
+    extract_config: ExtractConfig,
+    feats: Mapping[str, CachedFeatures],
+) -> dict[str, Any]:
+    """The part of ``config.json`` every head run shares: what to rebuild, reload and export it from.
+
+    Example:
+        >>> config = run_config(bb, None, data, "penultimate", ecfg, feats)  # doctest: +SKIP
+        >>> config["cache_keys"]["train"][:12]  # doctest: +SKIP
+    """
+    return {
+        "featcache_version": __version__,
+        "model": backbone.cfg.spec,
+        "weights": backbone.cfg.weights,
+        "weights_arg": weights,
+        "backbone_cfg": backbone.cfg.to_dict(),
+        "data": asdict(data),
+        "layer": layer,
+        "extract": {**asdict(extract_config), "layers": [layer]},
+        "cache_keys": {k: v.key for k, v in feats.items()},
+        "classes": feats["train"].classes,
+        "environment": environment(),
+    }
 
 
 def write_report(out: Path, metrics: dict[str, Any], classes: list[str], title: str) -> None:

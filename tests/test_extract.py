@@ -287,3 +287,18 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
     assert [s["id"] for s in cached.manifest["skipped"]] == ["b/x1.png", "b/x2.png"]
     assert cached.features["layer3"].shape == (4, 256)
     assert FeatureCache(tmp_path / "c").verify(cached.key) == []
+
+
+def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from featcache.extract import decode_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert decode_workers(None, cpu) == 0 and decode_workers(3, cpu) == 3 and decode_workers(0, cuda) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert decode_workers(None, cuda) == 8  # half of 32, capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks on this node share the cores
+    assert decode_workers(None, cuda) == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert decode_workers(None, cuda) == 1

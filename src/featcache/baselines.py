@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .backbones import BackboneCfg
 from .data import SampleSet
-from .extract import Extractor
+from .extract import Extractor, decode_workers
 from .preprocess import PreprocessedView
 
 
@@ -61,14 +61,18 @@ def naive_epoch(
     cfg: BackboneCfg,
     batch_size: int,
     optimizer: torch.optim.Optimizer,
-    workers: int = 0,
+    workers: int | None = None,
 ) -> tuple[float, float | None]:
     """One epoch of the naive loop: backbone forward on every training image, then a validation pass.
+
+    It decodes with as many workers as featcache's extraction would (:func:`decode_workers`), so a
+    comparison measures the recomputed backbone, not a difference in decoding.
 
     Returns:
         (seconds, validation accuracy or None).
     """
     device = extractor.device
+    workers = decode_workers(workers, device)
     t0 = time.perf_counter()
     head.train()
     loader = DataLoader(

@@ -69,7 +69,9 @@ def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") 
     p.add_argument(
         batch_flag, dest="extract_batch_size", type=int, default=64, help="images per forward pass"
     )
-    p.add_argument("--workers", type=int, default=0, help="DataLoader decoding workers")
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: 0 on CPU, several on CUDA)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -40,7 +41,9 @@ class ExtractConfig:
         pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps).
         dtype: storage dtype: ``float32``, ``float16`` or ``bfloat16``.
         batch_size: images per forward pass.
-        workers: DataLoader worker processes for decoding.
+        workers: DataLoader worker processes for decoding; ``None`` means 0 on the CPU (the model
+            needs the cores) and, on CUDA, half the cores shared among the node's ranks (at most 8),
+            since one process cannot decode images as fast as a GPU consumes them.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         input_size: (H, W) override of the backbone's input size (resize without crop).
         on_bad_image: ``error`` stops naming the file; ``skip`` records it in the manifest.
@@ -58,7 +61,7 @@ class ExtractConfig:
     pool: str = "avg"
     dtype: str = "float32"
     batch_size: int = 64
-    workers: int = 0
+    workers: int | None = None
     device: str = "auto"
     input_size: tuple[int, int] | None = None
     on_bad_image: str = "error"
@@ -103,6 +106,21 @@ def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
 def resolved_cfg(backbone: Backbone, config: ExtractConfig) -> BackboneCfg:
     """The backbone's preprocessing with the config's input-size override applied."""
     return backbone.cfg.with_input_size(*config.input_size) if config.input_size else backbone.cfg
+
+
+def decode_workers(workers: int | None, device: torch.device) -> int:
+    """DataLoader workers for decoding: ``workers`` when given, else the automatic choice above.
+
+    Example:
+        >>> decode_workers(None, torch.device("cpu")), decode_workers(3, torch.device("cpu"))
+        (0, 3)
+    """
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 0
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 2) // (2 * ranks_here)))
 
 
 def _amp(config: ExtractConfig, device: torch.device) -> bool:
@@ -331,7 +349,7 @@ def _run(
     loader = torch.utils.data.DataLoader(
         PreprocessedView(samples, cfg, pending),
         batch_size=ex.config.batch_size,
-        num_workers=ex.config.workers,
+        num_workers=decode_workers(ex.config.workers, ex.device),
         pin_memory=ex.device.type == "cuda",
         persistent_workers=False,
     )

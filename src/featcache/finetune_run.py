@@ -24,7 +24,7 @@ from . import __version__
 from ._util import FeatcacheError, resolve_device, unknown, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
 from .data import SampleSet
-from .extract import ExtractConfig, extract_splits, resolved_cfg
+from .extract import ExtractConfig, decode_workers, extract_splits, resolved_cfg
 from .finetune import (
     FreezePlan,
     TrainableSpec,
@@ -324,7 +324,7 @@ def finetune_run(
                 s,
                 pre,
                 device,
-                extract_config.workers,
+                decode_workers(extract_config.workers, device),
                 aug if name == "train" else None,
                 extract_config.on_bad_image,
             )

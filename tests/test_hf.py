@@ -53,24 +53,49 @@ def test_hf_layers_and_penultimate(tiny_vit: tuple[Path, torch.nn.Module]) -> No
     path, ref = tiny_vit
     bb = load_backbone(f"hf:{path}")
     rows = {r.name: r.shape for r in list_layers(bb)}
-    assert rows["model.vit.layers.1"] == (1, 17, 32)
-    ext = FeatureExtractor(bb.model, ["model.vit.layers.0", "penultimate"], classifier=bb.cfg.classifier)
+    assert rows["vit.layers.1"] == (1, 17, 32)
+    ext = FeatureExtractor(bb.model, ["vit.layers.0", "penultimate"], classifier=bb.cfg.classifier)
     x = torch.randn(2, 3, 32, 32)
     out = ext(x)
     with torch.no_grad():
         hidden = ref(pixel_values=x, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(out["model.vit.layers.0"], hidden[1])
+    torch.testing.assert_close(out["vit.layers.0"], hidden[1])
     assert out["penultimate"].shape == (2, 32)
 
 
 def test_hf_blocks_for_fine_tuning(tiny_vit: tuple[Path, torch.nn.Module]) -> None:
     path, _ = tiny_vit
     bb = load_backbone(f"hf:{path}")
-    assert block_names(bb.model) == ["model.vit.layers.0", "model.vit.layers.1"]
+    assert block_names(bb.model) == ["vit.layers.0", "vit.layers.1"]
     plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 5)
-    assert plan.split == "model.vit.layers.1" and plan.classifier == "model.classifier"
+    assert plan.split == "vit.layers.1" and plan.classifier == "classifier"
 
 
 def test_hf_missing_directory_says_what_to_pass(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="local directory"):
         load_backbone(f"hf:{tmp_path / 'nope'}")
+
+
+def test_hf_run_exports_in_every_format(tiny_vit: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    """A head on a ViT block: the exported model gives the cached pipeline's logits (hooks path: HF
+    models do not trace with torch.fx)."""
+    from featcache import DataConfig, ExtractConfig, HeadSpec, TrainConfig, export_run, extract, train_run
+    from featcache.predict import load_predictor
+
+    path, _ = tiny_vit
+    data = DataConfig("digits", limit=90)
+    ecfg = ExtractConfig(input_size=(32, 32), device="cpu")
+    run = train_run(
+        f"hf:{path}", data, "vit.layers.1", HeadSpec("linear"), TrainConfig(epochs=2, device="cpu"), ecfg,
+        tmp_path / "run", cache_dir=str(tmp_path / "c"), progress=False,
+    )  # fmt: skip
+    test = data.load().test
+    feats = extract(
+        load_backbone(f"hf:{path}"), test, run.extract_config(), str(tmp_path / "c"), "test", False
+    )
+    with torch.no_grad():
+        want = run.head(feats.tensor("vit.layers.1", dtype=torch.float32))
+    images = [test.load(i) for i in range(len(test))]
+    for fmt in ("pt", "torchscript", "onnx"):
+        got = load_predictor(export_run(tmp_path / "run", fmt), device="cpu").logits(images)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=fmt)

@@ -6,6 +6,8 @@ and the weights. Preprocessing comes from the image processor; classes from ``id
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -22,20 +24,27 @@ from .backbones import (
 )
 
 
-class _HFWrapper(nn.Module):
-    """Calls a transformers model on ``pixel_values`` and returns its main tensor output."""
+def _main_tensor(out: Any) -> torch.Tensor:
+    for key in ("logits", "pooler_output", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values)
-        for key in ("logits", "pooler_output", "last_hidden_state"):
-            value = getattr(out, key, None)
-            if value is not None:
-                return value
-        return out[0]
+def _tensor_forward(model: nn.Module) -> nn.Module:
+    """``model``, its class swapped for a subclass whose ``forward(x)`` returns the main tensor output.
+
+    A subclass instead of a wrapper module keeps the Hugging Face module names (``vit.encoder.layer.0``,
+    ``classifier``) as the model card and ``named_modules()`` of the original show them.
+    """
+    base = type(model)
+
+    def forward(self: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _main_tensor(base.forward(self, pixel_values=pixel_values))
+
+    model.__class__ = type(f"Featcache{base.__name__}", (base,), {"forward": forward})
+    return model
 
 
 @register_source("hf", lister=lambda: [])
@@ -72,7 +81,7 @@ def _hf(name: str, weights: str | None) -> Backbone:
     if has_head:
         classes = tuple(config.id2label[i] for i in range(len(config.id2label)))
     return _finish(
-        _HFWrapper(model),
+        _tensor_forward(model),
         BackboneCfg(
             spec=f"hf:{name}",
             input_size=hw,
@@ -82,6 +91,6 @@ def _hf(name: str, weights: str | None) -> Backbone:
             interpolation="bicubic" if int(getattr(proc, "resample", 2)) == 3 else "bilinear",
             weights="none" if weights and weights.lower() == "none" else "pretrained",
             classes=classes,
-            classifier=f"model.{head_name}" if has_head and head_name else None,
+            classifier=head_name if has_head and head_name else None,
         ),
     )

@@ -276,6 +276,39 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     print(f"run folder: {run.dir}")
 
 
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from .heads import HeadSpec
+    from .report import format_table
+    from .sweep import grid, sweep_run
+
+    def floats(text: str | None) -> list[float]:
+        return [float(v) for v in text.split(",") if v] if text else []
+
+    layers = [s for s in a.layers.split(",") if s]
+    spec = HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
+    configs = grid(_train_config(a), lr=floats(a.lrs), weight_decay=floats(a.weight_decays))
+    res = sweep_run(
+        a.model,
+        _data_config(a),
+        layers,
+        spec,
+        configs,
+        _extract_config(a, layers),
+        a.out,
+        a.weights,
+        a.cache_dir,
+        not a.quiet,
+    )
+    if a.json:
+        _print_json({"best": res.best, "rows": res.rows})
+        return
+    print(format_table([{k: v for k, v in r.items() if k != "val_loss"} for r in res.rows]))
+    b = res.best
+    test = f", test {b['test_acc']:.4f}" if "test_acc" in b else ""
+    print(f"chosen on val: {b['layer']} {b['run']} (val {b['val_acc']:.4f}{test})")
+    print(f"one extraction for {len(layers)} layers: {res.extract_seconds:.1f}s; sweep folder: {res.out}")
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from .probe import ProbeConfig, probe_run
     from .report import format_table
@@ -361,6 +394,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "cache": cmd_cache,
     "train": cmd_train,
     "finetune": cmd_finetune,
+    "sweep": cmd_sweep,
     "probe": cmd_probe,
     "export": cmd_export,
     "predict": cmd_predict,

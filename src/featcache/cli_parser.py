@@ -13,6 +13,8 @@ EXAMPLES = {
     "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache rm 3fa2c1",
     "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
     "--input-size 64 64 --out runs/mnist",
+    "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
+    "--lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep",
     "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
     "finetune": "featcache finetune torchvision:resnet18 ./pets --train last:1 --epochs 5 --out runs/ft",
     "export": "featcache export runs/mnist --format onnx --out mnist.onnx",
@@ -155,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+    p = _parser(sub, "sweep", "one extraction of several layers, a head per layer and setting, chosen on val")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--layers", required=True, help="comma-separated layer names (featcache layers MODEL)")
+    p.add_argument("--head", default="linear", help="linear | pooled-linear | mlp | conv")
+    p.add_argument("--hidden", default="512", help="MLP hidden sizes, comma-separated")
+    p.add_argument("--dropout", type=float, default=0.0)
+    _extract_args(p, "--extract-batch-size")
+    _train_args(p)
+    p.add_argument("--lrs", default=None, help="learning rates to try, comma-separated (default: --lr)")
+    p.add_argument("--weight-decays", default=None, help="weight decays to try, comma-separated")
+    p.add_argument("--out", required=True, help="sweep folder (a run folder per combination)")
+    p.add_argument("--json", action="store_true")
 
     p = _parser(
         sub, "probe", "linear-probe protocol: L2 strength chosen on val, refit on train+val, test once"

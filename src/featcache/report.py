@@ -99,6 +99,44 @@ def plot_confusion(
     return Path(path)
 
 
+def plot_sweep(
+    rows: Sequence[dict[str, Any]], layers: Sequence[str], axes: Sequence[str], path: str | Path, title: str
+) -> Path:
+    """Validation (solid) and test (dashed) accuracy per layer, a line per setting of the swept ``axes``;
+    the chosen row (best validation accuracy) circled.
+
+    Example:
+        >>> rows = json.load(open("runs/sweep/sweep.json"))["rows"]  # doctest: +SKIP
+        >>> plot_sweep(rows, ["layer3", "penultimate"], ["lr"], "sweep.png", "resnet18")  # doctest: +SKIP
+    """
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        key = ", ".join(f"{k}={r[k]:g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in axes)
+        groups.setdefault(key, {})[r["layer"]] = r
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(layers) + 3), 4.5), dpi=110)
+    x = list(range(len(layers)))
+    for i, (key, by_layer) in enumerate(groups.items()):
+        color = f"C{i % 10}"
+        label = f" ({key})" if key else ""
+        ax.plot(x, [by_layer[n]["val_acc"] for n in layers], marker="o", color=color, label=f"val{label}")
+        if all("test_acc" in r for r in by_layer.values()):
+            test = [by_layer[n]["test_acc"] for n in layers]
+            ax.plot(x, test, ls="--", marker=".", color=color, alpha=0.6, label=f"test{label}")
+    best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    ax.scatter([layers.index(best["layer"])], [best["val_acc"]], s=180, facecolors="none", edgecolors="black",
+               label="chosen on val")  # fmt: skip
+    ax.set_xticks(x, list(layers), rotation=30 if len(layers) > 4 else 0, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A plain aligned text table; floats get 4 significant digits.
 

@@ -1,0 +1,93 @@
+"""Sweeps: one backbone pass for every layer, each row equal to training that layer alone, choice on val."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from featcache.backbones import load_backbone
+from featcache.cli import main
+from featcache.extract import ExtractConfig
+from featcache.heads import HeadSpec
+from featcache.runs import DataConfig, load_run, train_run
+from featcache.sweep import grid, sweep_run
+from featcache.train import TrainConfig
+
+DATA = DataConfig("digits", limit=240)
+ECFG = ExtractConfig(input_size=(32, 32), batch_size=32, device="cpu")
+BASE = TrainConfig(epochs=4, device="cpu", standardize=True)
+LAYERS = ["layer2", "layer3", "penultimate"]
+
+
+def test_grid_is_every_combination_of_the_given_fields() -> None:
+    configs = grid(BASE, lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4], momentum=[])
+    assert [(c.lr, c.weight_decay) for c in configs] == [(1e-3, 0.0), (1e-3, 1e-4), (1e-2, 0.0), (1e-2, 1e-4)]
+    assert all(c.epochs == 4 for c in configs) and grid(BASE) == [BASE]
+
+
+def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    batches = []
+    handle = bb.model.conv1.register_forward_hook(lambda m, i, o: batches.append(len(o)))
+    configs = grid(BASE, lr=[1e-3, 1e-2])
+    cache = str(tmp_path / "c")
+    res = sweep_run(
+        bb, DATA, LAYERS, HeadSpec("linear"), configs, ECFG, tmp_path / "s", cache_dir=cache, progress=False
+    )
+    n_images = sum(len(s) for _, s in DATA.load().items())
+    # every image through the backbone once for all three layers, plus one 1-row shape probe per split
+    assert sum(batches) == n_images + 3 and batches.count(1) >= 3
+    assert [(r["layer"], r["lr"]) for r in res.rows] == [(n, lr) for n in LAYERS for lr in (1e-3, 1e-2)]
+    assert res.best == max(res.rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert summary["best"] == res.best and summary["axes"] == ["lr"]
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 20_000
+
+    batches.clear()
+    again = sweep_run(
+        bb,
+        DATA,
+        LAYERS,
+        HeadSpec("linear"),
+        configs[:1],
+        ECFG,
+        tmp_path / "s2",
+        cache_dir=cache,
+        progress=False,
+    )
+    handle.remove()
+    assert batches == [] and len(again.rows) == 3  # the cache holds every layer: no backbone pass
+
+    row = res.rows[3]  # layer3 at lr 1e-2, against `featcache train` of that layer alone
+    alone = train_run(
+        bb,
+        DATA,
+        "layer3",
+        HeadSpec("linear"),
+        configs[1],
+        ECFG,
+        tmp_path / "alone",
+        cache_dir=cache,
+        progress=False,
+    )
+    swept = load_run(tmp_path / "s" / row["run"])
+    assert swept.metrics["val"]["acc"] == row["val_acc"] == alone.metrics["val"]["acc"]
+    assert swept.metrics["test"]["acc"] == alone.metrics["test"]["acc"]
+    for a, b in zip(swept.head.state_dict().values(), alone.head.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    base = ["sweep", "torchvision:resnet18", "digits", "--weights", "none", "--limit", "150"]
+    base += ["--input-size", "32", "32", "--layers", "layer3,penultimate", "--epochs", "2", "-q"]
+    assert main([*base, "--lrs", "1e-3,1e-2", "--out", str(tmp_path / "s"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]) == 4 and out["best"] in out["rows"]
+    assert main([*base, "--val-fraction", "0", "--out", str(tmp_path / "t")]) == 2
+    assert "validation split" in capsys.readouterr().err

@@ -218,11 +218,16 @@ def _train_config(a: argparse.Namespace) -> Any:
     )
 
 
-def cmd_train(a: argparse.Namespace) -> None:
+def _head_spec(a: argparse.Namespace) -> Any:
     from .heads import HeadSpec
+
+    return HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
     from .runs import train_run
 
-    spec = HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
+    spec = _head_spec(a)
     run = train_run(
         a.model,
         _data_config(a),
@@ -277,7 +282,6 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
-    from .heads import HeadSpec
     from .report import format_table
     from .sweep import grid, sweep_run
 
@@ -285,7 +289,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         return [float(v) for v in text.split(",") if v] if text else []
 
     layers = [s for s in a.layers.split(",") if s]
-    spec = HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
+    spec = _head_spec(a)
     configs = grid(_train_config(a), lr=floats(a.lrs), weight_decay=floats(a.weight_decays))
     res = sweep_run(
         a.model,

@@ -85,6 +85,12 @@ def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") 
     )
 
 
+def _head_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head", default="linear", help="linear | pooled-linear | mlp | conv")
+    p.add_argument("--hidden", default="512", help="MLP hidden sizes, comma-separated")
+    p.add_argument("--dropout", type=float, default=0.0)
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -150,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p)
     p.add_argument("--layer", default="penultimate")
-    p.add_argument("--head", default="linear", help="linear | pooled-linear | mlp | conv")
-    p.add_argument("--hidden", default="512", help="MLP hidden sizes, comma-separated")
-    p.add_argument("--dropout", type=float, default=0.0)
+    _head_args(p)
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
     p.add_argument("--out", required=True, help="run folder")
@@ -162,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p)
     p.add_argument("--layers", required=True, help="comma-separated layer names (featcache layers MODEL)")
-    p.add_argument("--head", default="linear", help="linear | pooled-linear | mlp | conv")
-    p.add_argument("--hidden", default="512", help="MLP hidden sizes, comma-separated")
-    p.add_argument("--dropout", type=float, default=0.0)
+    _head_args(p)
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
     p.add_argument("--lrs", default=None, help="learning rates to try, comma-separated (default: --lr)")

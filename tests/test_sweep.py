@@ -89,5 +89,9 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
     assert main([*base, "--lrs", "1e-3,1e-2", "--out", str(tmp_path / "s"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["rows"]) == 4 and out["best"] in out["rows"]
+    base[base.index("layer3,penultimate")] = "blocks"  # every residual block, then the classifier's input
+    assert main([*base, "--out", str(tmp_path / "b"), "--json"]) == 0
+    layers = [r["layer"] for r in json.loads(capsys.readouterr().out)["rows"]]
+    assert layers == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["penultimate"]
     assert main([*base, "--val-fraction", "0", "--out", str(tmp_path / "t")]) == 2
     assert "validation split" in capsys.readouterr().err

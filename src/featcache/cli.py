@@ -310,7 +310,8 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     b = res.best
     test = f", test {b['test_acc']:.4f}" if "test_acc" in b else ""
     print(f"chosen on val: {b['layer']} {b['run']} (val {b['val_acc']:.4f}{test})")
-    print(f"one extraction for {len(layers)} layers: {res.extract_seconds:.1f}s; sweep folder: {res.out}")
+    n = len({r["layer"] for r in res.rows})
+    print(f"one extraction for {n} layers: {res.extract_seconds:.1f}s; sweep folder: {res.out}")
 
 
 def cmd_probe(a: argparse.Namespace) -> None:

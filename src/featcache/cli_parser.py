@@ -165,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "sweep", "one extraction of several layers, a head per layer and setting, chosen on val")
     _model_args(p)
     _data_args(p)
-    p.add_argument("--layers", required=True, help="comma-separated layer names (featcache layers MODEL)")
+    p.add_argument(
+        "--layers",
+        required=True,
+        help="comma-separated layer names (featcache layers MODEL), or `blocks`: every block + penultimate",
+    )
     _head_args(p)
     _extract_args(p, "--extract-batch-size")
     _train_args(p)

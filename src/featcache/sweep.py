@@ -32,6 +32,19 @@ from .runs import DataConfig, run_config, save_head, train_on_cache, write_repor
 from .train import TrainConfig
 
 
+def block_layers(backbone: Backbone) -> list[str]:
+    """Every block of the backbone (ResNet ``layerK.i``, timm/EfficientNet ``blocks.N``, ViT blocks) and
+    the classifier's input: what ``--layers blocks`` sweeps.
+
+    Example:
+        >>> block_layers(load_backbone("efficientnet-lite0"))[-2:]  # doctest: +SKIP
+        ['blocks.6', 'penultimate']
+    """
+    from .finetune import block_names
+
+    return block_names(backbone.model) + (["penultimate"] if backbone.cfg.classifier else [])
+
+
 def grid(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfig]:
     """Every combination of the given :class:`TrainConfig` fields, the others as in ``base``.
 
@@ -76,6 +89,8 @@ def sweep_run(
 ) -> SweepResult:
     """Extract ``layers`` in one pass, train ``head_spec`` on each for each config, choose on val.
 
+    ``layers=["blocks"]`` sweeps every block and the classifier's input (:func:`block_layers`).
+
     Example:
         >>> res = sweep_run("efficientnet-lite0", DataConfig("mnist-5k"), ["blocks.5", "penultimate"],
         ...                 HeadSpec("linear"), grid(TrainConfig(epochs=10), lr=[1e-3, 3e-3]),
@@ -87,6 +102,8 @@ def sweep_run(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    if list(layers) == ["blocks"]:
+        layers = block_layers(backbone)
     splits = data.load()
     ecfg = replace(extract_config, layers=tuple(layers))
     t0 = time.perf_counter()

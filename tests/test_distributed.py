@@ -115,6 +115,31 @@ def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest
     assert_same_entries(FeatureCache(tmp_path / "cache"), {"train": reference})
 
 
+DISAGREE = """
+import sys
+from featcache import ExtractConfig, extract, load_backbone, load_dataset
+from featcache.distributed import ranks_from_env
+ranks = ranks_from_env()
+size = 32 if ranks.is_main else 40  # a flag that differs between ranks changes the key
+cfg = ExtractConfig(input_size=(size, size), device="cpu")
+try:
+    extract(load_backbone("torchvision:resnet18", weights="none"), load_dataset("digits", limit=60).train,
+            cfg, sys.argv[1], progress=False, ranks=ranks)
+except ValueError as exc:
+    print(f"rank {ranks.rank}: {exc}")
+ranks.close()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_with_different_keys_stop_before_writing(tmp_path: Path) -> None:
+    script = tmp_path / "disagree.py"
+    script.write_text(DISAGREE)
+    out = torchrun(str(script), str(tmp_path / "cache")).stdout
+    assert out.count("the ranks disagree on the cache key") == 2, out  # both ranks, not a hang
+    assert not [p for p in (tmp_path / "cache").glob("*") if not p.name.startswith(".")]
+
+
 def test_other_verbs_refuse_to_run_once_per_rank(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from featcache.cli import main
 

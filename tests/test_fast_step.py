@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,21 +130,67 @@ def test_closed_form_step_under_bf16_autocast_tracks_autograd() -> None:
     assert_same_training(runs, rtol=2e-2, atol=2e-2)
 
 
-def test_front_not_run_once_when_it_would_not_fit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_streamed_source_trains_the_same_with_or_without_its_front_run_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(FeatureSource, "CHUNK_BYTES", 20 * 8 * 5 * 5 * 4)  # 16-row chunks: 8 of them
     x, y = maps(n=120)
     arr = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=tuple(x.shape))
     arr[:] = x.numpy()
     head = build_head(HeadSpec("pooled-linear"), (8, 5, 5), 4)
-    cfg = TrainConfig(epochs=2, batch_size=16, device="cpu")
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu")
     tiny = FeatureSource(arr, y, ram_budget_gb=1e-9)  # streamed; even the pooled rows exceed this budget
     assert tiny.streamed and tiny.mapped(split_front(head)[0]) is None  # type: ignore[index]
     r_stream = fit(copy.deepcopy(head), tiny, None, 4, cfg, progress=False)
-    assert r_stream.extra["front_once"] is False
+    assert used(r_stream) == (False, False)  # autograd over the streamed maps
     roomy = FeatureSource(arr, y, ram_budget_gb=1e-5)  # streamed (48 kB > 10 kB), but pooled rows (4 kB) fit
     assert roomy.streamed
     r_roomy = fit(copy.deepcopy(head), roomy, None, 4, cfg, progress=False)
-    assert r_roomy.extra["front_once"] is True
-    assert len(r_stream.step_losses) == len(r_roomy.step_losses) == 2 * 8
-    # Once pooled, the rows sit in RAM and are shuffled as in-RAM features are: the same run.
-    r_ram = fit(copy.deepcopy(head), FeatureSource(x, y), None, 4, cfg, progress=False)
-    np.testing.assert_allclose(r_roomy.step_losses, r_ram.step_losses, rtol=1e-5)
+    assert used(r_roomy) == (True, True)
+    # The pooled rows are shuffled by the streamed chunks: the same batches, so the same training.
+    np.testing.assert_allclose(r_roomy.step_losses, r_stream.step_losses, rtol=1e-5)
+
+
+def test_linear_head_on_a_map_flattens_in_the_closed_form_step_too() -> None:
+    x, y = maps(shape=(4, 3, 3))
+    head = build_head(HeadSpec("linear"), (4, 3, 3), 4, seed=4)
+    runs = both(head, x, y, TrainConfig(epochs=2, batch_size=16, device="cpu"))
+    assert used(runs[0][0]) == (False, True)
+    assert_same_training(runs)
+
+
+def test_linear_step_follows_a_reloaded_optimizer_state() -> None:
+    x, y = maps(shape=(12,))
+    lin = nn.Linear(12, 4)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, fused=True)
+    step = LinearStep.build(lin, opt)
+    assert step is not None
+    step(x[:32], y[:32])
+    saved_opt, saved_lin = copy.deepcopy(opt.state_dict()), copy.deepcopy(lin.state_dict())
+    first = [float(step(x[32:64], y[32:64])), float(step(x[64:96], y[64:96]))]
+    lin.load_state_dict(saved_lin)
+    opt.load_state_dict(saved_opt)  # new state tensors: the step must use them, not its old ones
+    again = [float(step(x[32:64], y[32:64])), float(step(x[64:96], y[64:96]))]
+    assert again == pytest.approx(first, rel=1e-6)
+
+
+def test_labels_outside_the_heads_classes_are_named() -> None:
+    x, y = maps(shape=(6,))
+    with pytest.raises(ValueError, match="labels run from 0 to 3 but the head has 3 classes"):
+        fit(
+            build_head(HeadSpec("linear"), (6,), 3),
+            FeatureSource(x, y),
+            None,
+            3,
+            TrainConfig(device="cpu"),
+            False,
+        )
+    with pytest.raises(ValueError, match="training split is empty"):
+        fit(
+            build_head(HeadSpec("linear"), (6,), 4),
+            FeatureSource(x[:0], y[:0]),
+            None,
+            4,
+            TrainConfig(device="cpu"),
+            False,
+        )

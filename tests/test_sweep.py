@@ -95,3 +95,6 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
     assert layers == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["penultimate"]
     assert main([*base, "--val-fraction", "0", "--out", str(tmp_path / "t")]) == 2
     assert "validation split" in capsys.readouterr().err
+    # A head that needs maps, on pooled layers: refused before any training, naming the layer.
+    assert main([*base, "--head", "pooled-linear", "--out", str(tmp_path / "p")]) == 2
+    assert "layer 'layer1.0'" in capsys.readouterr().err and not (tmp_path / "p" / "sweep.json").exists()

@@ -29,8 +29,18 @@ import torch.distributed as dist
 
 from ._util import FeatcacheError
 
-#: How long a rank waits at a barrier for the others (the slowest rank's share of the extraction).
-TIMEOUT = timedelta(hours=int(os.environ.get("FEATCACHE_DIST_TIMEOUT_H", "12")))
+
+def _timeout() -> timedelta:
+    """How long a rank waits at a barrier for the others (the slowest rank's share of the extraction):
+    ``$FEATCACHE_DIST_TIMEOUT_H`` hours, 12 by default."""
+    text = os.environ.get("FEATCACHE_DIST_TIMEOUT_H", "12")
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if hours <= 0:
+        raise FeatcacheError(f"FEATCACHE_DIST_TIMEOUT_H={text!r} is not a positive number of hours")
+    return timedelta(hours=hours)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,17 @@ class Ranks:
         dist.destroy_process_group(self.group)
         _RANKS = None
 
+    def agree(self, value: Any, what: str) -> None:
+        """Raise on every rank unless every rank holds the same ``value`` (e.g. the cache key)."""
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value, group=self.group)
+        if any(v != values[0] for v in values):
+            seen = ", ".join(f"rank {i}: {v}" for i, v in enumerate(values))
+            raise FeatcacheError(
+                f"the ranks disagree on the {what} ({seen}); "
+                "give every rank the same model, data and flags (and the same --device)"
+            )
+
     def from_main(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a decision all ranks must take alike)."""
         box = [value]
@@ -103,9 +124,9 @@ def ranks_from_env() -> Ranks | None:
             "`torchrun --standalone --nproc-per-node N -m featcache extract ...`"
         )
     if dist.is_initialized():  # the caller's own group (maybe NCCL): barriers go through a gloo one beside it
-        group = dist.new_group(backend="gloo", timeout=TIMEOUT)
+        group = dist.new_group(backend="gloo", timeout=_timeout())
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", timeout=_timeout())
         group = None
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     if torch.cuda.is_available():

@@ -262,6 +262,7 @@ class _Job:
 def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
     # Every decision that changes which collectives run is rank 0's, so no rank waits for another forever.
     cache, key = job.cache, job.key
+    ranks.agree(key[:16], "cache key")  # else they would write shards of different entries
     if ranks.from_main(cache.is_complete(key)):
         return _hit(cache, key)
     with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
@@ -283,10 +284,11 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
             record["shard_rows"] = min(
                 record["shard_rows"], max(1, math.ceil(len(samples) / (4 * ranks.world)))
             )
-        job.cache.writer(job.key, record)  # writes record.json, with the shard size, unless a partial run did
+        # record.json keeps the shard size of a partial run, if there is one
+        record["shard_rows"] = job.cache.writer(job.key, record).shard_rows
     if ranks is not None:
-        ranks.barrier()
-    writer = job.cache.writer(job.key, record)  # the shard size of record.json, on every rank
+        record["shard_rows"] = ranks.from_main(record.get("shard_rows"))
+    writer = job.cache.writer(job.key, record)
     n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
     done = set(writer.finished_shards()) if main else set()
     if ranks is not None:

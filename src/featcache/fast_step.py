@@ -81,24 +81,20 @@ class LinearStep:
     def __init__(
         self, linear: nn.Linear, opt: torch.optim.Optimizer, label_smoothing: float, amp: bool
     ) -> None:
-        self.opt, self.group = opt, opt.param_groups[0]
+        self.linear, self.opt = linear, opt
         self.params = [p for p in (linear.weight, linear.bias) if p is not None]
-        # Detached aliases share storage with the parameters: reading and updating them records no graph.
-        self.w = linear.weight.detach()
-        self.b = linear.bias.detach() if linear.bias is not None else None
-        self.data = [self.w] if self.b is None else [self.w, self.b]
-        self.b_col = self.b.view(-1, 1) if self.b is not None else None
         self._state: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
         self.amp = amp
         self.smoothing = float(label_smoothing)
         self.classes = linear.out_features
         self._tables: dict[int, torch.Tensor] = {}
-        decoupled = isinstance(opt, torch.optim.AdamW) or bool(self.group.get("decoupled_weight_decay"))
+        group = opt.param_groups[0]
+        decoupled = isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
         fused_op = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
         adam = isinstance(opt, torch.optim.Adam | torch.optim.AdamW)
-        plain = not any(self.group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
+        plain = not any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
         # The optimizer's own fused kernel, called directly, or opt.step() with the gradients set.
-        self._fused = fused_op if adam and plain and self.group.get("fused") else None
+        self._fused = fused_op if adam and plain and group.get("fused") else None
 
     @classmethod
     def build(
@@ -125,46 +121,58 @@ class LinearStep:
             table = self._tables[n] = -q / n
         return table
 
-    def _grads(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _grads(
+        self, xb: torch.Tensor, yb: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # Class-major (C, n) logits: the softmax then reduces across rows of a contiguous matrix, which
         # runs several times faster on CPU than over the C elements of each of n rows.
+        if xb.dim() > 2:  # a linear head on a map: the head's Flatten
+            xb = xb.flatten(1)
         n = len(yb)
         qt = self._table(n, xb.device).index_select(1, yb)
-        zt = torch.addmm(self.b_col, self.w, xb.t()) if self.b_col is not None else self.w.mm(xb.t())
+        zt = torch.addmm(b.view(-1, 1), w, xb.t()) if b is not None else w.mm(xb.t())
         logp = torch.log_softmax(zt.float(), 0)
         loss = torch.dot(logp.view(-1), qt.view(-1))  # mean over the batch of -sum_c q_c log p_c
         dzt = torch.add(qt, logp.exp_(), alpha=1.0 / n)  # (p - q) / n, transposed
         grads = [dzt.mm(xb).float()]  # under autocast the product runs in bf16, as autograd's would
-        if self.b_col is not None:
+        if b is not None:
             grads.append(dzt.sum(1))
         return loss, grads
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        # Detached aliases (reading and updating them records no graph), taken each step: Module.to()
+        # or load_state_dict may have given the parameters new storage since the last one.
+        data = [p.detach() for p in self.params]
+        w, b = data[0], (data[1] if len(data) > 1 else None)
         if self.amp:
             with torch.autocast(xb.device.type, dtype=torch.bfloat16):
-                loss, grads = self._grads(xb, yb)
+                loss, grads = self._grads(xb, yb, w, b)
         else:
-            loss, grads = self._grads(xb, yb)
+            loss, grads = self._grads(xb, yb, w, b)
         if self._fused is None:
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
             self.opt.step()
             return loss
-        exp_avgs, exp_avg_sqs, steps = self._state or self._init_state()
+        state = self._state
+        if state is None or state[0][0] is not self.opt.state[self.params[0]].get("exp_avg"):
+            state = self._init_state()  # first step, or the optimizer's state was loaded anew
+        exp_avgs, exp_avg_sqs, steps = state
+        group = self.opt.param_groups[0]
         torch._foreach_add_(steps, 1)
         self._fused(
-            self.data,
+            data,
             grads,
             exp_avgs,
             exp_avg_sqs,
             [],
             steps,
             amsgrad=False,
-            lr=self.group["lr"],
-            beta1=self.group["betas"][0],
-            beta2=self.group["betas"][1],
-            weight_decay=self.group["weight_decay"],
-            eps=self.group["eps"],
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
             maximize=False,
         )
         return loss

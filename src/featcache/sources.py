@@ -32,7 +32,14 @@ class BatchSource(Protocol):
 
 
 class FeatureSource:
-    """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks."""
+    """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks.
+
+    Shuffled batches of in-memory features are slices of one buffer that the next epoch overwrites:
+    use a batch within its epoch (clone it to keep it).
+    """
+
+    #: bytes of the chunks a streamed source reads, shuffles within, and yields batches from
+    CHUNK_BYTES = 256 << 20
 
     def __init__(
         self,
@@ -50,6 +57,8 @@ class FeatureSource:
         self.streamed = isinstance(x, np.ndarray) and n_bytes > ram_budget_gb * 2**30
         self.raw, self.dtype = x, dtype
         self._shuffled: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: set on a source mapped from a streamed one: shuffle by chunks of rows this many bytes wide
+        self.chunk_row_bytes: int | None = None
         if self.streamed:
             self.x: torch.Tensor | None = None
         elif isinstance(x, torch.Tensor):
@@ -74,33 +83,44 @@ class FeatureSource:
     def mapped(self, fn: nn.Module, progress: bool = False) -> FeatureSource | None:
         """The rows passed once through ``fn`` (parameter-free and row-wise: a head's frozen front).
 
-        The result is held in RAM or on the device; None when it would not fit ``ram_budget_gb``
-        (beside the in-memory original, if any).
+        The result is held in RAM or on the device, computed chunk by chunk; None when it and its
+        shuffle buffer would not fit ``ram_budget_gb`` beside the in-memory original, if any. A mapped
+        streamed source keeps the streamed shuffling (by chunk of the original rows), so training on it
+        draws the same batches as training on the original.
 
         Example:
             >>> pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             >>> pooled = FeatureSource(maps, y).mapped(pool)  # doctest: +SKIP
         """
         n = len(self)
-        in_row = max(1, int(np.prod(self.row_shape)) * 4)
+        if n == 0:
+            return None
+        in_row = self._row_bytes()
         with torch.no_grad():
-            out_row = int(fn(self._rows(0, 1)).numel()) * 4 if n else 0
-            if out_row * n + (0 if self.streamed else in_row * n) > self.ram_budget_gb * 2**30:
+            first = fn(self._rows(0, 1)).float()
+            out_row = first.numel() * 4
+            if 2 * out_row * n + (0 if self.streamed else in_row * n) > self.ram_budget_gb * 2**30:
                 return None
-            chunk = max(1, (64 << 20) // in_row) if self.streamed else max(n, 1)  # in RAM: one call
+            x = torch.empty((n, *first.shape[1:]), dtype=torch.float32, device=self.device)
+            chunk = max(1, (64 << 20) // in_row)
             starts = tqdm(
                 range(0, n, chunk), desc="head front", leave=False, disable=not (progress and self.streamed)
             )
-            parts = [fn(self._rows(s, s + chunk)).float() for s in starts]
-        x = torch.cat(parts) if parts else torch.zeros(0)
-        return FeatureSource(x, self.y, device=self.device, ram_budget_gb=self.ram_budget_gb)
+            for s in starts:
+                x[s : s + chunk] = fn(self._rows(s, s + chunk))
+        out = FeatureSource(x, self.y, device=self.device, ram_budget_gb=self.ram_budget_gb)
+        out.chunk_row_bytes = in_row if self.streamed else None
+        return out
+
+    def _row_bytes(self) -> int:
+        return max(1, int(np.prod(self.row_shape)) * 4)
 
     def batches(
         self, batch_size: int, gen: torch.Generator | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled (when ``gen`` is given) or ordered batches covering every row once."""
         n = len(self)
-        if self.x is not None:
+        if self.x is not None and self.chunk_row_bytes is None:
             if gen is None:
                 xs, ys = self.x, self.y
             else:
@@ -113,8 +133,9 @@ class FeatureSource:
             for i in range(0, n, batch_size):
                 yield xs[i : i + batch_size], ys[i : i + batch_size]
             return
-        row_bytes = max(1, int(np.prod(self.row_shape)) * 4)
-        chunk = max(batch_size, ((256 << 20) // row_bytes) // batch_size * batch_size)
+        # Streamed (or mapped from a streamed source): shuffle the chunk order, then within each chunk.
+        row_bytes = self.chunk_row_bytes or self._row_bytes()
+        chunk = max(batch_size, (self.CHUNK_BYTES // row_bytes) // batch_size * batch_size)
         starts = list(range(0, n, chunk))
         order = torch.randperm(len(starts), generator=gen).tolist() if gen is not None else range(len(starts))
         for c in order:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ._util import FeatcacheError, write_json
 from .backbones import Backbone, load_backbone
 from .extract import ExtractConfig, extract_splits
-from .heads import HeadSpec
+from .heads import HeadSpec, build_head
 from .report import plot_sweep
 from .runs import DataConfig, run_config, save_head, train_on_cache, write_report
 from .train import TrainConfig
@@ -105,14 +105,20 @@ def sweep_run(
     if list(layers) == ["blocks"]:
         layers = block_layers(backbone)
     splits = data.load()
+    if splits.val is None or not len(splits.val):
+        raise FeatcacheError(
+            "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
+        )
     ecfg = replace(extract_config, layers=tuple(layers))
     t0 = time.perf_counter()
     feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
-    if "val" not in feats:
-        raise FeatcacheError(
-            "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
-        )
+    for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
+        shape = tuple(feats["train"].features[layer].shape[1:])
+        try:
+            build_head(head_spec, shape, len(splits.classes))
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not progress)

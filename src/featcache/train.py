@@ -213,6 +213,7 @@ def fit(
     Example:
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
     """
+    _check_labels(train, val, num_classes)
     device = train.device
     head.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -363,6 +364,24 @@ def fit(
             "closed_form_step": step is not None,
         },
     )
+
+
+def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int) -> None:
+    """An empty training split, or labels outside ``0..num_classes-1``, named before any step runs
+    (on CUDA an out-of-range label would be a device-side assert that poisons the process)."""
+    if len(train) == 0:
+        raise FeatcacheError(
+            "the training split is empty: nothing to train on (check the dataset and --limit)"
+        )
+    for name, src in (("train", train), ("val", val)):
+        if isinstance(src, FeatureSource) and len(src):
+            lo, hi = int(src.y.min()), int(src.y.max())
+            if lo < 0 or hi >= num_classes:
+                raise FeatcacheError(
+                    f"{name} labels run from {lo} to {hi} but the head has {num_classes} classes "
+                    f"(0..{num_classes - 1}): these features' labels do not belong to this head; "
+                    "build the head from the same dataset's classes"
+                )
 
 
 def _front_once(

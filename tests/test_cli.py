@@ -178,3 +178,17 @@ def test_probe_writes_a_run_that_export_and_predict_take(
         Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
     code, out, _ = run(capsys, "predict", out_dir, str(images), "--json")
     assert code == 0 and len(json.loads(out)) == 3
+
+
+def test_train_on_cached_augmented_views(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    base = ["train", "torchvision:resnet18", "digits", "--weights", "none", "--limit", "120", "--input-size"]
+    base += ["32", "32", "--epochs", "3", "-q", "--views", "2", "--augment", "flip"]
+    assert run(capsys, *base, "--out", str(tmp_path / "run"))[0] == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert len(config["view_keys"]) == 2 and config["extract"]["augment"] == "flip"
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
+    code, _, err = run(capsys, *base[:-4], "--views", "2", "--augment", "spin", "--out", str(tmp_path / "x"))
+    assert code == 2 and "unknown augmentation" in err and "flip" in err

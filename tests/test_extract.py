@@ -302,3 +302,34 @@ def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
     assert decode_workers(None, cuda) == 4
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert decode_workers(None, cuda) == 1
+
+
+def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tmp_path: Path) -> None:
+    from featcache.extract import cache_record, extract_views
+
+    write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=6)
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    cfg = _config(augment="flip,crop", views=2)
+    one, two = extract_views(resnet18, train, cfg, str(tmp_path / "c"), progress=False)
+    plain = extract(resnet18, train, cfg, str(tmp_path / "c"), progress=False)
+    keys = {one.key, two.key, plain.key}
+    assert (
+        len(keys) == 3
+        and one.manifest["record"]["view"] == 1
+        and two.manifest["record"]["augment"] == "flip,crop"
+    )
+    a, b, p = (f.tensor("layer3") for f in (one, two, plain))
+    assert not torch.allclose(a, b) and not torch.allclose(a, p)  # the views differ from each other
+    # A view is the same random draw per sample in any process: rebuilt with 2 decoding workers.
+    again = extract(
+        resnet18, train, _config(augment="flip,crop", workers=2), str(tmp_path / "d"), progress=False, view=1
+    )
+    assert again.key == one.key
+    torch.testing.assert_close(again.tensor("layer3"), a)
+    # View 0 (no augmentation) keeps the key it had before views existed: no "augment" in its record.
+    assert "augment" not in cache_record(resnet18, train, cfg, "train")
+    assert plain.key == extract(resnet18, train, _config(), str(tmp_path / "c"), progress=False).key
+    with pytest.raises(ValueError, match="--augment"):
+        ExtractConfig(views=2)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        ExtractConfig(augment="rotate", views=1)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from featcache.heads import HeadSpec, build_head
-from featcache.sources import FeatureSource
+from featcache.sources import FeatureSource, ViewCycle
 from featcache.train import TrainConfig, evaluate, fit
 
 
@@ -66,3 +66,34 @@ def test_mapped_applies_a_row_wise_module_once_within_the_budget(tmp_path: Path)
     assert pooled is not None and not pooled.streamed
     torch.testing.assert_close(pooled.x, maps.mean((2, 3)))
     assert FeatureSource(maps, torch.zeros(50), ram_budget_gb=1e-7).mapped(pool) is None
+
+
+def test_view_cycle_reads_view_e_mod_k_and_resumes_in_order(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (90,), generator=g)
+    read: list[int] = []
+    views = []
+    for k in range(3):
+        src = FeatureSource(torch.randn(90, 5, generator=g) + y[:, None], y)
+        real = src.batches
+
+        def batches(bs, gen, real=real, k=k):  # type: ignore[no-untyped-def]
+            read.append(k)
+            return real(bs, gen)
+
+        src.batches = batches  # type: ignore[method-assign]
+        views.append(src)
+    cycle = ViewCycle(views)
+    cfg = TrainConfig(epochs=5, batch_size=32, device="cpu")
+    full = fit(build_head(HeadSpec("linear"), (5,), 3), cycle, None, 3, cfg, progress=False)
+    assert read == [0, 1, 2, 0, 1]
+    read.clear()
+    ckpt = tmp_path / "ckpt.pt"
+    fit(build_head(HeadSpec("linear"), (5,), 3), cycle, None, 3, cfg, False, ckpt, stop_after_epochs=2)
+    resumed = fit(
+        build_head(HeadSpec("linear"), (5,), 3, seed=9), cycle, None, 3, cfg, False, ckpt, resume=True
+    )
+    assert read == [0, 1, 2, 0, 1]  # two epochs, then the remaining three in the same order
+    np.testing.assert_allclose(resumed.step_losses, full.step_losses, rtol=1e-6)
+    with pytest.raises(ValueError, match="view 2 does not match view 1"):
+        ViewCycle([views[0], FeatureSource(torch.randn(90, 5), torch.zeros(90))])

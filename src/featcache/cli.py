@@ -34,6 +34,9 @@ def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
         on_bad_image=a.on_bad_image,
         method=a.method,
         amp=_AMP[a.amp],
+        # `train --views K --augment ...` caches augmented views (finetune's --augment is its own)
+        augment=a.augment if getattr(a, "views", 0) else None,
+        views=getattr(a, "views", 0),
     )
 
 

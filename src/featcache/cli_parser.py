@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     _head_args(p)
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="cache K augmented views of the training split and train epoch e on view e mod K",
+    )
+    p.add_argument(
+        "--augment", default="flip,crop", help="augmentation of the views: flip, crop or flip,crop"
+    )
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 

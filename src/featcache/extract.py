@@ -25,7 +25,7 @@ from .cache import STORAGE_DTYPES, CachedFeatures, FeatureCache, cache_key
 from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, SampleSet
 from .distributed import Ranks
 from .layers import FeatureExtractor
-from .preprocess import PreprocessedView
+from .preprocess import PreprocessedView, make_augment
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class ExtractConfig:
         shard_mb: target size of one shard (the unit of resume).
         shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it).
         method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.layers.FeatureExtractor`).
+        augment: random augmentation of cached views (``flip``, ``crop`` or ``flip,crop``).
+        views: how many augmented views of the training split ``train`` caches and cycles through,
+            one per epoch (0: none). View ``k`` draws the same augmentation for a sample every time,
+            so it is cached like any entry (its key holds ``k`` and ``augment``).
 
     Example:
         >>> cfg = ExtractConfig(layers=("layer3",), pool="avg", input_size=(64, 64))
@@ -70,6 +74,8 @@ class ExtractConfig:
     shard_mb: int = 64
     shard_rows: int | None = None
     method: str = "auto"
+    augment: str | None = None
+    views: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -86,6 +92,11 @@ class ExtractConfig:
             raise unknown("bad-image policy", self.on_bad_image, BAD_IMAGE_POLICIES, "Use error or skip.")
         if self.batch_size < 1:
             raise FeatcacheError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.views < 0 or (self.views and not self.augment):
+            raise FeatcacheError(
+                f"--views {self.views} needs an augmentation to vary between views: add --augment flip,crop"
+            )
+        make_augment(self.augment, (8, 8))  # names an unknown augmentation now
 
 
 def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
@@ -127,9 +138,12 @@ def _amp(config: ExtractConfig, device: torch.device) -> bool:
     return config.amp if config.amp is not None else device.type == "cuda"
 
 
-def cache_record(backbone: Backbone, samples: SampleSet, config: ExtractConfig, split: str) -> dict[str, Any]:
+def cache_record(
+    backbone: Backbone, samples: SampleSet, config: ExtractConfig, split: str, view: int = 0
+) -> dict[str, Any]:
     """The explicit record whose hash is the cache key (everything that changes the stored numbers)."""
     device = resolve_device(config.device)
+    augmented = {"augment": config.augment} if view else {}  # view 0 keeps the keys it always had
     return {
         "backbone": backbone.cfg.spec,
         "weights_id": backbone.cfg.weights_id,
@@ -141,7 +155,8 @@ def cache_record(backbone: Backbone, samples: SampleSet, config: ExtractConfig, 
         "dataset": samples.name,
         "dataset_fingerprint": samples.fingerprint(),
         "split": split,
-        "view": 0,
+        "view": view,
+        **augmented,
     }
 
 
@@ -206,6 +221,7 @@ def extract(
     split: str = "train",
     progress: bool = True,
     ranks: Ranks | None = None,
+    view: int = 0,
 ) -> CachedFeatures:
     """Extract ``config.layers`` for every sample into the cache (or open the existing entry).
 
@@ -218,6 +234,7 @@ def extract(
         progress: show a progress bar.
         ranks: extract as one of several ``torchrun`` processes, each taking a share of the shards
             (:func:`featcache.distributed.ranks_from_env`); every rank must call this alike.
+        view: 0 for the images as they are; ``k`` > 0 for augmented view ``k`` (``config.augment``).
 
     Returns:
         The complete entry, memory-mapped. A hit runs no forward pass.
@@ -232,8 +249,10 @@ def extract(
     """
     config = config or ExtractConfig()
     cache = FeatureCache(cache_dir)
-    record = cache_record(backbone, samples, config, split)
-    job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress)
+    if view and not config.augment:
+        raise FeatcacheError(f"view {view} needs config.augment (an augmentation to vary between views)")
+    record = cache_record(backbone, samples, config, split, view)
+    job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress, view)
     if ranks is not None:
         return _extract_sharded(job, ranks)
     if cache.is_complete(job.key):
@@ -257,6 +276,7 @@ class _Job:
     record: dict[str, Any]
     split: str
     progress: bool
+    view: int = 0
 
 
 def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
@@ -299,7 +319,7 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
         log.info("resuming cache %s: %d of %d shards already done", job.key[:12], len(done), n_shards)
     t0 = time.perf_counter()
     if mine:
-        _run(ex, samples, cfg, writer, mine, job.split, job.progress and main, ranks)
+        _run(ex, samples, cfg, writer, mine, job.split, job.progress and main, ranks, job.view)
     if ranks is not None:
         ranks.barrier()  # every rank's shards are on disk
     seconds = time.perf_counter() - t0
@@ -347,9 +367,11 @@ def _run(
     split: str,
     progress: bool,
     ranks: Ranks | None = None,
+    view: int = 0,
 ) -> None:
+    augment = make_augment(ex.config.augment, cfg.input_size) if view else None
     loader = torch.utils.data.DataLoader(
-        PreprocessedView(samples, cfg, pending),
+        PreprocessedView(samples, cfg, pending, augment, view if view else None),
         batch_size=ex.config.batch_size,
         num_workers=decode_workers(ex.config.workers, ex.device),
         pin_memory=ex.device.type == "cuda",
@@ -431,6 +453,25 @@ def extract_splits(
     return {
         name: extract(backbone, s, config, cache_dir, name, progress, ranks) for name, s in splits.items()
     }
+
+
+def extract_views(
+    backbone: Backbone,
+    samples: SampleSet,
+    config: ExtractConfig,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> list[CachedFeatures]:
+    """The ``config.views`` augmented views of the training split, each its own cache entry.
+
+    Example:
+        >>> cfg = ExtractConfig(input_size=(64, 64), augment="flip,crop", views=4)
+        >>> views = extract_views(bb, load_dataset("mnist-5k").train, cfg)  # doctest: +SKIP
+    """
+    return [
+        extract(backbone, samples, config, cache_dir, "train", progress, view=k)
+        for k in range(1, config.views + 1)
+    ]
 
 
 def with_layers(config: ExtractConfig, layers: Sequence[str]) -> ExtractConfig:

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from . import __version__
 from ._util import FeatcacheError, resolve_device, unknown, write_json
@@ -37,7 +36,7 @@ from .finetune import (
     prefix_layer,
     replace_classifier,
 )
-from .preprocess import PreprocessedView
+from .preprocess import PreprocessedView, make_augment
 from .runs import (
     DataConfig,
     check_resume,
@@ -52,21 +51,7 @@ from .train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
-AUGMENTS = ("flip", "crop")
 MODES = ("auto", "cached", "live")
-
-
-def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:
-    """Random PIL-level augmentation from ``flip`` and/or ``crop`` (comma-separated); None for none."""
-    if not spec:
-        return None
-    parts = [p for p in spec.split(",") if p]
-    ops: list[Any] = []
-    for p in parts:
-        if p not in AUGMENTS:
-            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
-        ops.append(v2.RandomHorizontalFlip() if p == "flip" else v2.RandomResizedCrop(size, scale=(0.6, 1.0)))
-    return v2.Compose(ops)
 
 
 class ImageSource:

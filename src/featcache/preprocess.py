@@ -8,11 +8,14 @@ so the caller decides (``--on-bad-image``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ._util import unknown
 from .backbones import BackboneCfg
 from .data import SampleSet
 
@@ -44,7 +47,11 @@ def to_model_input(img: Image.Image, cfg: BackboneCfg) -> torch.Tensor:
 
 
 class PreprocessedView(torch.utils.data.Dataset):
-    """``(tensor, index, error)`` per sample for a DataLoader; a bad image gives zeros and its error text."""
+    """``(tensor, index, error)`` per sample for a DataLoader; a bad image gives zeros and its error text.
+
+    With ``augment``, each sample is randomly augmented; with ``view`` too, deterministically per
+    (view, sample), so a cached augmented view can be rebuilt or resumed exactly.
+    """
 
     def __init__(
         self,
@@ -52,8 +59,9 @@ class PreprocessedView(torch.utils.data.Dataset):
         cfg: BackboneCfg,
         indices: Sequence[int] | None = None,
         augment: Callable[[Image.Image], Image.Image] | None = None,
+        view: int | None = None,
     ) -> None:
-        self.samples, self.cfg, self.augment = samples, cfg, augment
+        self.samples, self.cfg, self.augment, self.view = samples, cfg, augment, view
         self.indices = list(range(len(samples))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -63,9 +71,30 @@ class PreprocessedView(torch.utils.data.Dataset):
         index = self.indices[i]
         try:
             img = self.samples.load(index)
-            if self.augment is not None:
+            if self.augment is not None and self.view is not None:
+                # A cached view: the same random draw for (view, sample) in any process or worker.
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(self.view * 1_000_003 + index)
+                    img = self.augment(img)
+            elif self.augment is not None:
                 img = self.augment(img)
             return to_model_input(img, self.cfg), index, ""
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for bad files
             h, w = self.cfg.input_size
             return torch.zeros(self.cfg.channels, h, w), index, f"{type(exc).__name__}: {exc}"
+
+
+AUGMENTS = ("flip", "crop")
+
+
+def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:
+    """Random PIL-level augmentation from ``flip`` and/or ``crop`` (comma-separated); None for none."""
+    if not spec:
+        return None
+    parts = [p for p in spec.split(",") if p]
+    ops: list[Any] = []
+    for p in parts:
+        if p not in AUGMENTS:
+            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
+        ops.append(v2.RandomHorizontalFlip() if p == "flip" else v2.RandomResizedCrop(size, scale=(0.6, 1.0)))
+    return v2.Compose(ops)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,10 @@ from ._util import FeatcacheError, resolve_device, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
 from .cache import CachedFeatures
 from .data import DatasetSplits, load_dataset
-from .extract import ExtractConfig, extract_splits
+from .extract import ExtractConfig, extract_splits, extract_views
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head, check_input
 from .report import plot_confusion, plot_curves
-from .sources import source_for
+from .sources import BatchSource, ViewCycle, source_for
 from .train import FitResult, TrainConfig, evaluate, fit
 
 
@@ -184,8 +184,12 @@ def train_on_cache(
     progress: bool = True,
     checkpoint: Path | None = None,
     resume: bool = False,
+    views: Sequence[CachedFeatures] = (),
 ) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
+
+    With ``views`` (cached augmented views of the train split, :func:`~featcache.extract.extract_views`)
+    epoch ``e`` trains on view ``e mod K``; standardisation statistics still come from the plain split.
 
     Example:
         >>> out = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
@@ -201,7 +205,10 @@ def train_on_cache(
         std = Standardize.fit(raw, dtype=feats["train"].dtype)
     info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
-    result = fit(head, train, val, len(classes), config, progress, checkpoint, resume)
+    source: BatchSource = train
+    if views:
+        source = ViewCycle([source_for(v, layer, device, config.ram_budget_gb) for v in views])
+    result = fit(head, source, val, len(classes), config, progress, checkpoint, resume)
     sources: dict[str, Any] = {
         k: source_for(feats[k], layer, device, config.ram_budget_gb) for k in ("val", "test") if k in feats
     }
@@ -234,17 +241,19 @@ def train_run(
     ecfg = replace(extract_config, layers=(layer,))
     t0 = time.perf_counter()
     feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
+    views = extract_views(backbone, splits.train, ecfg, cache_dir, progress) if ecfg.views else []
     extract_seconds = time.perf_counter() - t0
     config = {
         **run_config(backbone, weights, data, layer, ecfg, feats),
+        **({"view_keys": [v.key for v in views]} if views else {}),
         "head": head_spec.to_dict(),
         "train": asdict(train_config),
     }
     if resume:
-        check_resume(out, config, ("cache_keys", "train", "head"), "this command's settings")
+        check_resume(out, config, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
     write_json(out / "config.json", config)
     head, info, _, metrics = train_on_cache(
-        feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume
+        feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume, views
     )
     metrics["extract_seconds"] = extract_seconds
     metrics["cache_hit"] = {k: v.hit for k, v in feats.items()}

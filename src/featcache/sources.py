@@ -148,6 +148,45 @@ class FeatureSource:
                 yield xs[i : i + batch_size], ys[i : i + batch_size]
 
 
+class ViewCycle:
+    """Cached augmented views of one split, one per epoch: epoch ``e`` reads view ``e mod K``.
+
+    ``fit`` calls :meth:`set_epoch` before each epoch (as with ``DistributedSampler``), so a resumed
+    run reads the views in the order an uninterrupted one would.
+
+    Example:
+        >>> views = extract_views(bb, data.train, cfg)  # doctest: +SKIP
+        >>> train = ViewCycle([source_for(v, "penultimate") for v in views])  # doctest: +SKIP
+    """
+
+    def __init__(self, views: list[FeatureSource]) -> None:
+        if not views:
+            raise FeatcacheError("a view cycle needs at least one view")
+        first = views[0]
+        for k, v in enumerate(views[1:], 2):
+            if len(v) != len(first) or not torch.equal(v.y, first.y) or v.row_shape != first.row_shape:
+                raise FeatcacheError(
+                    f"view {k} does not match view 1 (rows, labels or shape): the views must come from "
+                    "the same samples with the same extraction settings"
+                )
+        self.views, self.device, self.y, self.epoch = views, first.device, first.y, 0
+
+    def __len__(self) -> int:
+        return len(self.views[0])
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.views[0].row_shape
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.views[self.epoch % len(self.views)].batches(batch_size, gen)
+
+
 def source_for(
     cached: Any, layer: str, device: str | torch.device = "auto", ram_budget_gb: float = 8.0
 ) -> FeatureSource:

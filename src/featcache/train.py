@@ -282,6 +282,8 @@ def fit(
             te = time.perf_counter()
             (train_mode or nn.Module.train)(head)
             losses = []
+            if hasattr(train, "set_epoch"):  # e.g. a cycle of cached augmented views
+                train.set_epoch(epoch)
             batches = train.batches(config.batch_size, gen)
             if inner:
                 batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
@@ -374,8 +376,9 @@ def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int)
             "the training split is empty: nothing to train on (check the dataset and --limit)"
         )
     for name, src in (("train", train), ("val", val)):
-        if isinstance(src, FeatureSource) and len(src):
-            lo, hi = int(src.y.min()), int(src.y.max())
+        y = getattr(src, "y", None)
+        if isinstance(y, torch.Tensor) and len(y):
+            lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_classes:
                 raise FeatcacheError(
                     f"{name} labels run from {lo} to {hi} but the head has {num_classes} classes "

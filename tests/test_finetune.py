@@ -271,3 +271,16 @@ def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
         want = run.model.cpu().eval()(torch.stack([to_model_input(im, cfg) for im in images]))
     got = load_predictor(path, device="cpu").logits(images)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
+    ft = FinetuneConfig(train="last:1", augment="flip", views=2)
+    run = _ft(tmp_path, "views", DataConfig("digits", limit=120), ft, SEEDS_CFG)
+    assert run.metrics["mode"] == "cached-prefix" and run.config["mode_reason"] is None
+    assert len(run.config["view_keys"]) == 2 and len(run.metrics["history"]) == SEEDS_CFG.epochs
+    cache = FeatureCache(tmp_path / "c")
+    for key in run.config["view_keys"]:
+        info = cache.info(key)
+        assert info["layers"] == {"input:layer4.1": [512, 1, 1]} and info["status"] == "complete"
+    with pytest.raises(ValueError, match="--views 2 needs --augment"):
+        FinetuneConfig(train="last:1", views=2)

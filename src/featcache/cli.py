@@ -263,7 +263,13 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     from .finetune_run import FinetuneConfig, finetune_run
 
     ft = FinetuneConfig(
-        train=a.train, bn=a.bn, lr_decay=a.lr_decay, augment=a.augment, mode=a.mode, init_head=a.init_head
+        train=a.train,
+        bn=a.bn,
+        lr_decay=a.lr_decay,
+        augment=a.augment,
+        mode=a.mode,
+        init_head=a.init_head,
+        views=a.views,
     )
     run = finetune_run(
         a.model,

@@ -206,7 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", default="head", help="head | last:N | from:LAYER | all | modules:a,b")
     p.add_argument("--bn", default="frozen", help="BatchNorm policy: frozen (eval, stats fixed) | train")
     p.add_argument("--lr-decay", type=float, default=1.0, help="each earlier group trains at lr x decay^k")
-    p.add_argument("--augment", default=None, help="random augmentation: flip,crop (forces the live loop)")
+    p.add_argument(
+        "--augment", default=None, help="random augmentation: flip,crop (live loop, unless --views)"
+    )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="cache K augmented views of the prefix; epoch e uses view e mod K",
+    )
     p.add_argument("--mode", default="auto", help="auto | cached | live")
     p.add_argument("--init-head", default=None, help="start the classifier from a `train --head linear` run")
     _extract_args(p, "--extract-batch-size")

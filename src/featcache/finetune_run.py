@@ -23,7 +23,7 @@ from . import __version__
 from ._util import FeatcacheError, resolve_device, unknown, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
 from .data import SampleSet
-from .extract import ExtractConfig, decode_workers, extract_splits, resolved_cfg
+from .extract import ExtractConfig, decode_workers, extract_splits, extract_views, resolved_cfg
 from .finetune import (
     FreezePlan,
     TrainableSpec,
@@ -46,7 +46,7 @@ from .runs import (
     prepare_run_dir,
     write_report,
 )
-from .sources import BatchSource, source_for
+from .sources import BatchSource, ViewCycle, source_for
 from .train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,11 @@ class FinetuneConfig:
     """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
 
     Example:
-        >>> FinetuneConfig(train="last:1", lr_decay=0.5)
-        FinetuneConfig(train='last:1', bn='frozen', lr_decay=0.5, augment=None, mode='auto', init_head=None)
+        >>> FinetuneConfig(train="last:1", lr_decay=0.5, augment="flip", views=4).views
+        4
+
+    ``views`` > 0 with ``augment`` caches that many augmented views of the frozen prefix's output
+    and trains epoch ``e`` on view ``e mod views``: augmentation with the cached prefix, not live.
     """
 
     train: str = "head"
@@ -120,8 +123,11 @@ class FinetuneConfig:
     augment: str | None = None
     mode: str = "auto"
     init_head: str | None = None
+    views: int = 0
 
     def __post_init__(self) -> None:
+        if self.views < 0 or (self.views and not self.augment):
+            raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
         if self.mode not in MODES:
             raise unknown("fine-tuning mode", self.mode, MODES, "Use --mode auto|cached|live.")
         TrainableSpec.parse(self.train)
@@ -244,7 +250,9 @@ def finetune_run(
     net = backbone.model
     if ft.init_head:
         _init_classifier(net, plan, ft.init_head)
-    reason = cached_prefix_reason(plan, net, ft.augment) if ft.mode != "live" else "--mode live"
+    # Cached views make augmentation compatible with the cached prefix.
+    augment_live = ft.augment if not ft.views else None
+    reason = cached_prefix_reason(plan, net, augment_live) if ft.mode != "live" else "--mode live"
     suffix = None
     if reason is None:
         try:
@@ -297,6 +305,11 @@ def finetune_run(
         feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
         config["cache_keys"] = {k: v.key for k, v in feats.items()}
         src: dict[str, BatchSource] = {k: source_for(v, layer, device) for k, v in feats.items()}
+        if ft.views:
+            vcfg = replace(ecfg, augment=ft.augment, views=ft.views)
+            views = extract_views(backbone, splits.train, vcfg, cache_dir, progress)
+            config["view_keys"] = [v.key for v in views]
+            src["train"] = ViewCycle([source_for(v, layer, device) for v in views])
         trained: nn.Module = suffix.to(device)
 
         def mode_fn(m: nn.Module) -> None:

@@ -320,6 +320,7 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
     )
     a, b, p = (f.tensor("layer3") for f in (one, two, plain))
     assert not torch.allclose(a, b) and not torch.allclose(a, p)  # the views differ from each other
+    assert FeatureCache(tmp_path / "c").info(two.key)["split"] == "train@view2"  # as `cache ls` shows it
     # A view is the same random draw per sample in any process: rebuilt with 2 decoding workers.
     again = extract(
         resnet18, train, _config(augment="flip,crop", workers=2), str(tmp_path / "d"), progress=False, view=1

@@ -192,3 +192,5 @@ def test_train_on_cached_augmented_views(
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
     code, _, err = run(capsys, *base[:-4], "--views", "2", "--augment", "spin", "--out", str(tmp_path / "x"))
     assert code == 2 and "unknown augmentation" in err and "flip" in err
+    code, _, err = run(capsys, *base[:-4], "--augment", "flip", "--out", str(tmp_path / "y"))
+    assert code == 2 and "needs --views" in err  # not silently ignored

@@ -330,7 +330,15 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
     # View 0 (no augmentation) keeps the key it had before views existed: no "augment" in its record.
     assert "augment" not in cache_record(resnet18, train, cfg, "train")
     assert plain.key == extract(resnet18, train, _config(), str(tmp_path / "c"), progress=False).key
+    assert (
+        one.manifest["record"]["augment_version"] >= 1 and plain.manifest["extract_config"]["augment"] is None
+    )
     with pytest.raises(ValueError, match="--augment"):
         ExtractConfig(views=2)
     with pytest.raises(ValueError, match="unknown augmentation"):
         ExtractConfig(augment="rotate", views=1)
+    with pytest.raises(ValueError, match="names no augmentation"):
+        ExtractConfig(augment=" , ", views=1)
+    with pytest.raises(ValueError, match="0 or more, got -1"):
+        ExtractConfig(augment="flip", views=-1)
+    assert ExtractConfig(augment=" flip,,flip", views=1).augment == "flip"  # one spelling, one key

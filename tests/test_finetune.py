@@ -284,3 +284,11 @@ def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
         assert info["layers"] == {"input:layer4.1": [512, 1, 1]} and info["status"] == "complete"
     with pytest.raises(ValueError, match="--views 2 needs --augment"):
         FinetuneConfig(train="last:1", views=2)
+    with pytest.raises(ValueError, match=r"cannot use .*everything trains"):  # not silently live
+        _ft(
+            tmp_path,
+            "all",
+            DataConfig("digits", limit=60),
+            FinetuneConfig(train="all", augment="flip", views=2),
+            SEEDS_CFG,
+        )

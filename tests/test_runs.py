@@ -190,3 +190,19 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
     print(f"imagenet {pre.metrics['test']['acc']:.4f}  random-init {rand.metrics['test']['acc']:.4f}")
     assert pre.metrics["test"]["acc"] >= 0.90
     assert rand.metrics["test"]["acc"] <= pre.metrics["test"]["acc"] - 0.05
+
+
+def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Path) -> None:
+    from featcache.runs import check_resume
+
+    old = {"extract": {"pool": "avg"}, "train": {"lr": 0.1}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    same = {
+        "extract": {"pool": "avg", "augment": None, "views": 0},
+        "train": {"lr": 0.1, "fast_paths": False},
+    }
+    check_resume(tmp_path, same, ("extract", "train"), "settings")  # new, off settings: the same run
+    with pytest.raises(ValueError, match=r"differ .*\(extract\)"):
+        check_resume(
+            tmp_path, {**same, "extract": {"pool": "avg", "views": 2}}, ("extract", "train"), "settings"
+        )

@@ -87,6 +87,7 @@ def test_view_cycle_reads_view_e_mod_k_and_resumes_in_order(tmp_path: Path) -> N
     cfg = TrainConfig(epochs=5, batch_size=32, device="cpu")
     full = fit(build_head(HeadSpec("linear"), (5,), 3), cycle, None, 3, cfg, progress=False)
     assert read == [0, 1, 2, 0, 1]
+    assert sum(v._shuffled is not None for v in views) == 1  # one shuffle buffer, handed on, not three
     read.clear()
     ckpt = tmp_path / "ckpt.pt"
     fit(build_head(HeadSpec("linear"), (5,), 3), cycle, None, 3, cfg, False, ckpt, stop_after_epochs=2)

@@ -35,7 +35,7 @@ def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
         method=a.method,
         amp=_AMP[a.amp],
         # `train --views K --augment ...` caches augmented views (finetune's --augment is its own)
-        augment=a.augment if getattr(a, "views", 0) else None,
+        augment=(a.augment or "flip,crop") if getattr(a, "views", 0) else None,
         views=getattr(a, "views", 0),
     )
 
@@ -229,6 +229,9 @@ def _head_spec(a: argparse.Namespace) -> Any:
 
 def cmd_train(a: argparse.Namespace) -> None:
     from .runs import train_run
+
+    if a.augment and not a.views:
+        raise FeatcacheError(f"--augment {a.augment} needs --views K: train augments through K cached views")
 
     spec = _head_spec(a)
     run = train_run(

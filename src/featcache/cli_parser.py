@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache K augmented views of the training split and train epoch e on view e mod K",
     )
     p.add_argument(
-        "--augment", default="flip,crop", help="augmentation of the views: flip, crop or flip,crop"
+        "--augment", default=None, help="augmentation of the views (default with --views: flip,crop)"
     )
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

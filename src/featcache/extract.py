@@ -25,7 +25,7 @@ from .cache import STORAGE_DTYPES, CachedFeatures, FeatureCache, cache_key
 from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, SampleSet
 from .distributed import Ranks
 from .layers import FeatureExtractor
-from .preprocess import PreprocessedView, make_augment
+from .preprocess import AUGMENT_VERSION, PreprocessedView, make_augment, normalize_augment
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,13 @@ class ExtractConfig:
             raise unknown("bad-image policy", self.on_bad_image, BAD_IMAGE_POLICIES, "Use error or skip.")
         if self.batch_size < 1:
             raise FeatcacheError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.views < 0 or (self.views and not self.augment):
+        if self.views < 0:
+            raise FeatcacheError(f"--views must be 0 or more, got {self.views}")
+        if self.views and not self.augment:
             raise FeatcacheError(
                 f"--views {self.views} needs an augmentation to vary between views: add --augment flip,crop"
             )
-        make_augment(self.augment, (8, 8))  # names an unknown augmentation now
+        object.__setattr__(self, "augment", normalize_augment(self.augment))
 
 
 def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
@@ -143,7 +145,8 @@ def cache_record(
 ) -> dict[str, Any]:
     """The explicit record whose hash is the cache key (everything that changes the stored numbers)."""
     device = resolve_device(config.device)
-    augmented = {"augment": config.augment} if view else {}  # view 0 keeps the keys it always had
+    # View 0 keeps the keys it always had; a view's key holds its augmentation and how it is drawn.
+    augmented = {"augment": config.augment, "augment_version": AUGMENT_VERSION} if view else {}
     return {
         "backbone": backbone.cfg.spec,
         "weights_id": backbone.cfg.weights_id,
@@ -251,6 +254,8 @@ def extract(
     cache = FeatureCache(cache_dir)
     if view and not config.augment:
         raise FeatcacheError(f"view {view} needs config.augment (an augmentation to vary between views)")
+    # What the manifest records: the augmentation only where it shaped the numbers, never the view count.
+    config = replace(config, augment=config.augment if view else None, views=0)
     record = cache_record(backbone, samples, config, split, view)
     job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress, view)
     if ranks is not None:

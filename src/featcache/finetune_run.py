@@ -23,7 +23,7 @@ from . import __version__
 from ._util import FeatcacheError, resolve_device, unknown, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
 from .data import SampleSet
-from .extract import ExtractConfig, decode_workers, extract_splits, extract_views, resolved_cfg
+from .extract import ExtractConfig, decode_workers, extract, extract_views, resolved_cfg
 from .finetune import (
     FreezePlan,
     TrainableSpec,
@@ -126,7 +126,9 @@ class FinetuneConfig:
     views: int = 0
 
     def __post_init__(self) -> None:
-        if self.views < 0 or (self.views and not self.augment):
+        if self.views < 0:
+            raise FeatcacheError(f"--views must be 0 or more, got {self.views}")
+        if self.views and not self.augment:
             raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
         if self.mode not in MODES:
             raise unknown("fine-tuning mode", self.mode, MODES, "Use --mode auto|cached|live.")
@@ -261,6 +263,11 @@ def finetune_run(
             reason = str(exc)
     if ft.mode == "cached" and reason is not None:
         raise FeatcacheError(f"--mode cached is not possible: {reason}")
+    if ft.views and reason is not None:
+        raise FeatcacheError(
+            f"--views {ft.views} caches the frozen prefix's output, which this run cannot use ({reason}); "
+            "drop --views to augment live"
+        )
     mode = "cached-prefix" if suffix is not None else "live"
     msg = f"{mode} fine-tuning" + (f" (live because {reason})" if reason and ft.mode != "live" else "")
     trainable_pct = 100.0 * plan.trainable_params / max(1, plan.total_params)
@@ -302,14 +309,20 @@ def finetune_run(
         # The prefix runs under the same autocast as the live loop would (bf16 on CUDA, fp32 on CPU).
         train_amp = train_config.amp if train_config.amp is not None else device.type == "cuda"
         ecfg = replace(extract_config, layers=(layer,), pool="none", dtype="float32", amp=train_amp)
-        feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
+        budget = train_config.ram_budget_gb
+        # With views the plain training prefix is never read: extract val/test only.
+        feats = {
+            name: extract(backbone, s, ecfg, cache_dir, name, progress)
+            for name, s in splits.items()
+            if name != "train" or not ft.views
+        }
         config["cache_keys"] = {k: v.key for k, v in feats.items()}
-        src: dict[str, BatchSource] = {k: source_for(v, layer, device) for k, v in feats.items()}
+        src: dict[str, BatchSource] = {k: source_for(v, layer, device, budget) for k, v in feats.items()}
         if ft.views:
             vcfg = replace(ecfg, augment=ft.augment, views=ft.views)
             views = extract_views(backbone, splits.train, vcfg, cache_dir, progress)
             config["view_keys"] = [v.key for v in views]
-            src["train"] = ViewCycle([source_for(v, layer, device) for v in views])
+            src["train"] = ViewCycle([source_for(v, layer, device, budget / ft.views) for v in views])
         trained: nn.Module = suffix.to(device)
 
         def mode_fn(m: nn.Module) -> None:

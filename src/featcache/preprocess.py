@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ._util import unknown
+from ._util import FeatcacheError, unknown
 from .backbones import BackboneCfg
 from .data import SampleSet
 
@@ -74,7 +74,9 @@ class PreprocessedView(torch.utils.data.Dataset):
             if self.augment is not None and self.view is not None:
                 # A cached view: the same random draw for (view, sample) in any process or worker.
                 with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(self.view * 1_000_003 + index)
+                    # The CPU generator keeps 32 bits of a seed; for one sample every view (< 4294)
+                    # gets its own seed. Equal seeds across different samples are harmless.
+                    torch.default_generator.manual_seed((self.view * 1_000_003 + index) % 2**32)
                     img = self.augment(img)
             elif self.augment is not None:
                 img = self.augment(img)
@@ -85,16 +87,36 @@ class PreprocessedView(torch.utils.data.Dataset):
 
 
 AUGMENTS = ("flip", "crop")
+#: Bumped when an augmentation's parameters or the per-(view, sample) seeding change: part of the
+#: key of every augmented view, so older views are rebuilt rather than reused.
+AUGMENT_VERSION = 1
+
+
+def normalize_augment(spec: str | None) -> str | None:
+    """``spec`` with blanks and repeats dropped (``" flip,,flip"`` -> ``"flip"``); unknown names raise.
+
+    Example:
+        >>> normalize_augment("flip, crop,flip")
+        'flip,crop'
+    """
+    if spec is None:
+        return None
+    parts = list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
+    for p in parts:
+        if p not in AUGMENTS:
+            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
+    if not parts:
+        raise FeatcacheError(f"--augment {spec!r} names no augmentation; use flip, crop or flip,crop")
+    return ",".join(parts)
 
 
 def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:
     """Random PIL-level augmentation from ``flip`` and/or ``crop`` (comma-separated); None for none."""
+    spec = normalize_augment(spec) if spec else None
     if not spec:
         return None
-    parts = [p for p in spec.split(",") if p]
-    ops: list[Any] = []
-    for p in parts:
-        if p not in AUGMENTS:
-            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
-        ops.append(v2.RandomHorizontalFlip() if p == "flip" else v2.RandomResizedCrop(size, scale=(0.6, 1.0)))
+    ops: list[Any] = [
+        v2.RandomHorizontalFlip() if p == "flip" else v2.RandomResizedCrop(size, scale=(0.6, 1.0))
+        for p in spec.split(",")
+    ]
     return v2.Compose(ops)

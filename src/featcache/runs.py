@@ -147,10 +147,19 @@ def check_resume(out: Path, config: dict[str, Any], keys: tuple[str, ...], what:
     """Refuse to resume a run whose saved ``keys`` of config.json differ from this command's."""
     old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
 
-    def training(v: Any) -> Any:  # the fast paths change the speed, not the training
-        return {k: x for k, x in v.items() if k != "fast_paths"} if isinstance(v, dict) else v
+    def same(a: Any, b: Any) -> bool:
+        # The fast paths change the speed, not the training; a setting an older config lacks did not
+        # exist then, so it was off: absent equals None / 0 / False.
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return bool(a == b)
+        off = (None, 0, False)
+        return all(
+            a[k] == b[k] if k in a and k in b else (a if k in a else b)[k] in off
+            for k in set(a) | set(b)
+            if k != "fast_paths"
+        )
 
-    changed = [k for k in keys if training(old.get(k)) != training(new.get(k))]
+    changed = [k for k in keys if not same(old.get(k), new.get(k))]
     if changed:
         raise FeatcacheError(
             f"--resume {out}: {what} differ from the run's config.json ({', '.join(changed)})"
@@ -206,8 +215,9 @@ def train_on_cache(
     info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
     source: BatchSource = train
-    if views:
-        source = ViewCycle([source_for(v, layer, device, config.ram_budget_gb) for v in views])
+    if views:  # the plain split gave the statistics; the K views share the RAM budget
+        source = ViewCycle([source_for(v, layer, device, config.ram_budget_gb / len(views)) for v in views])
+        del train
     result = fit(head, source, val, len(classes), config, progress, checkpoint, resume)
     sources: dict[str, Any] = {
         k: source_for(feats[k], layer, device, config.ram_budget_gb) for k in ("val", "test") if k in feats
@@ -256,7 +266,9 @@ def train_run(
         feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume, views
     )
     metrics["extract_seconds"] = extract_seconds
-    metrics["cache_hit"] = {k: v.hit for k, v in feats.items()}
+    metrics["cache_hit"] = {k: v.hit for k, v in feats.items()} | {
+        f"train@view{i}": v.hit for i, v in enumerate(views, 1)
+    }
     save_head(head, info, out)
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head_spec.kind}")

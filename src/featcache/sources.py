@@ -166,10 +166,15 @@ class ViewCycle:
         for k, v in enumerate(views[1:], 2):
             if len(v) != len(first) or not torch.equal(v.y, first.y) or v.row_shape != first.row_shape:
                 raise FeatcacheError(
-                    f"view {k} does not match view 1 (rows, labels or shape): the views must come from "
-                    "the same samples with the same extraction settings"
+                    f"view {k} does not match view 1 ({len(v)} vs {len(first)} rows, shapes {v.row_shape} vs "
+                    f"{first.row_shape}, or other labels): the views must come from the same samples with "
+                    "the same extraction settings"
                 )
         self.views, self.device, self.y, self.epoch = views, first.device, first.y, 0
+
+    @property
+    def streamed(self) -> bool:
+        return any(v.streamed for v in self.views)
 
     def __len__(self) -> int:
         return len(self.views[0])
@@ -179,6 +184,11 @@ class ViewCycle:
         return self.views[0].row_shape
 
     def set_epoch(self, epoch: int) -> None:
+        """Read view ``epoch mod K`` next; it takes over the previous view's shuffle buffer (one buffer
+        in all, not one per view)."""
+        prev, new = self.views[self.epoch % len(self.views)], self.views[epoch % len(self.views)]
+        if new is not prev and new._shuffled is None:
+            new._shuffled, prev._shuffled = prev._shuffled, None
         self.epoch = epoch
 
     def batches(

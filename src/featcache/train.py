@@ -258,7 +258,7 @@ def fit(
     stopped_early = config.patience is not None and bad_epochs >= config.patience
     sign = -1.0 if config.monitor == "val_acc" else 1.0
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
-    inner = progress and (not isinstance(train, FeatureSource) or train.streamed)  # slow epochs get a bar
+    inner = progress and getattr(train, "streamed", True)  # slow (streamed or live) epochs get a bar
     with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings():
         # The closed-form step updates through the optimizer's fused kernel, not opt.step(), which the
         # scheduler's first step() checks for; the order is right.

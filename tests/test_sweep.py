@@ -89,6 +89,13 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
     assert main([*base, "--lrs", "1e-3,1e-2", "--out", str(tmp_path / "s"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["rows"]) == 4 and out["best"] in out["rows"]
+    # Cached augmented views: one pass per view serves every layer and setting.
+    assert main([*base, "--views", "2", "--augment", "flip", "--out", str(tmp_path / "v"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 2
+    summary = json.loads((tmp_path / "v" / "sweep.json").read_text())
+    assert len(summary["view_keys"]) == 2
+    assert main([*base, "--augment", "flip", "--out", str(tmp_path / "w")]) == 2
+    assert "needs --views" in capsys.readouterr().err
     base[base.index("layer3,penultimate")] = "blocks"  # every residual block, then the classifier's input
     assert main([*base, "--out", str(tmp_path / "b"), "--json"]) == 0
     layers = [r["layer"] for r in json.loads(capsys.readouterr().out)["rows"]]

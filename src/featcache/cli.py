@@ -227,11 +227,15 @@ def _head_spec(a: argparse.Namespace) -> Any:
     return HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
 
 
+def _check_views(a: argparse.Namespace) -> None:
+    if a.augment and not a.views:
+        raise FeatcacheError(f"--augment {a.augment} needs --views K: heads augment through K cached views")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .runs import train_run
 
-    if a.augment and not a.views:
-        raise FeatcacheError(f"--augment {a.augment} needs --views K: train augments through K cached views")
+    _check_views(a)
 
     spec = _head_spec(a)
     run = train_run(
@@ -296,6 +300,8 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 def cmd_sweep(a: argparse.Namespace) -> None:
     from .report import format_table
     from .sweep import grid, sweep_run
+
+    _check_views(a)
 
     def floats(text: str | None) -> list[float]:
         return [float(v) for v in text.split(",") if v] if text else []

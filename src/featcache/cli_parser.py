@@ -91,6 +91,18 @@ def _head_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
 
 
+def _views_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="cache K augmented views of the training split and train epoch e on view e mod K",
+    )
+    p.add_argument(
+        "--augment", default=None, help="augmentation of the views (default with --views: flip,crop)"
+    )
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -159,15 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _head_args(p)
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
-    p.add_argument(
-        "--views",
-        type=int,
-        default=0,
-        help="cache K augmented views of the training split and train epoch e on view e mod K",
-    )
-    p.add_argument(
-        "--augment", default=None, help="augmentation of the views (default with --views: flip,crop)"
-    )
+    _views_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
@@ -184,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--lrs", default=None, help="learning rates to try, comma-separated (default: --lr)")
     p.add_argument("--weight-decays", default=None, help="weight decays to try, comma-separated")
+    _views_args(p)
     p.add_argument("--out", required=True, help="sweep folder (a run folder per combination)")
     p.add_argument("--json", action="store_true")
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, write_json
 from .backbones import Backbone, load_backbone
-from .extract import ExtractConfig, extract_splits
+from .extract import ExtractConfig, extract_splits, extract_views
 from .heads import HeadSpec, build_head
 from .report import plot_sweep
 from .runs import DataConfig, run_config, save_head, train_on_cache, write_report
@@ -112,6 +112,7 @@ def sweep_run(
     ecfg = replace(extract_config, layers=tuple(layers))
     t0 = time.perf_counter()
     feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)  # one pass for every layer
+    views = extract_views(backbone, splits.train, ecfg, cache_dir, progress) if ecfg.views else []
     extract_seconds = time.perf_counter() - t0
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         shape = tuple(feats["train"].features[layer].shape[1:])
@@ -136,10 +137,11 @@ def sweep_run(
                 **run_config(backbone, weights, data, layer, single, feats),
                 "head": head_spec.to_dict(),
                 "train": asdict(cfg),
+                **({"view_keys": [v.key for v in views]} if views else {}),
                 "sweep": str(out),
             }
             write_json(run_dir / "config.json", config)
-            head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, progress=False)
+            head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
             save_head(head, info, run_dir)
             write_json(run_dir / "metrics.json", metrics)
             write_report(
@@ -171,6 +173,7 @@ def sweep_run(
             "axes": axes,
             "head": head_spec.to_dict(),
             "cache_keys": {k: v.key for k, v in feats.items()},
+            **({"view_keys": [v.key for v in views]} if views else {}),
             "extract_seconds": extract_seconds,
             "chosen_on": "val_acc (ties: val_loss)",
             "best": best,

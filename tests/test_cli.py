@@ -14,6 +14,21 @@ from featcache.backbones import load_backbone
 from featcache.cli import COMMANDS, main
 
 
+def tiny_resnet_on_digits(limit: int) -> list[str]:
+    """MODEL DATA and flags for a random-init ResNet-18 on ``limit`` bundled digits at 32 px."""
+    return [
+        "torchvision:resnet18",
+        "digits",
+        "--weights",
+        "none",
+        "--limit",
+        str(limit),
+        "--input-size",
+        "32",
+        "32",
+    ]
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out = capsys.readouterr()
@@ -104,18 +119,7 @@ def test_extract_cache_verbs_and_train(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    base = [
-        "torchvision:resnet18",
-        "digits",
-        "--weights",
-        "none",
-        "--limit",
-        "100",
-        "--input-size",
-        "32",
-        "32",
-        "-q",
-    ]
+    base = [*tiny_resnet_on_digits(100), "-q"]
     code, out, _ = run(capsys, "extract", *base, "--layers", "layer2,layer3")
     assert code == 0 and out.count("[built]") == 3
     key = out.split()[1]
@@ -153,17 +157,7 @@ def test_probe_writes_a_run_that_export_and_predict_take(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    base = [
-        "torchvision:resnet18",
-        "digits",
-        "--weights",
-        "none",
-        "--limit",
-        "150",
-        "--input-size",
-        "32",
-        "32",
-    ]
+    base = tiny_resnet_on_digits(150)
     out_dir = str(tmp_path / "probe")
     code, out, _ = run(capsys, "probe", *base, "-q", "--strengths", "0.001,0.1", "--out", out_dir, "--json")
     assert code == 0
@@ -184,8 +178,7 @@ def test_train_on_cached_augmented_views(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    base = ["train", "torchvision:resnet18", "digits", "--weights", "none", "--limit", "120", "--input-size"]
-    base += ["32", "32", "--epochs", "3", "-q", "--views", "2", "--augment", "flip"]
+    base = ["train", *tiny_resnet_on_digits(120), "--epochs", "3", "-q", "--views", "2", "--augment", "flip"]
     assert run(capsys, *base, "--out", str(tmp_path / "run"))[0] == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert len(config["view_keys"]) == 2 and config["extract"]["augment"] == "flip"

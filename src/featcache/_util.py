@@ -12,6 +12,16 @@ from typing import Any
 import torch
 
 
+def best_on_val(rows: Iterable[Mapping[str, Any]]) -> Any:
+    """The row chosen on the validation split: highest ``val_acc``, ties broken by lower ``val_loss``.
+
+    Example:
+        >>> best_on_val([{"val_acc": 0.9, "val_loss": 0.3}, {"val_acc": 0.9, "val_loss": 0.2}])["val_loss"]
+        0.2
+    """
+    return max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+
+
 class FeatcacheError(ValueError):
     """A user-facing error: the CLI prints its message and exits with status 2."""
 

@@ -309,11 +309,11 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
             record["shard_rows"] = min(
                 record["shard_rows"], max(1, math.ceil(len(samples) / (4 * ranks.world)))
             )
-        # record.json keeps the shard size of a partial run, if there is one
-        record["shard_rows"] = job.cache.writer(job.key, record).shard_rows
+        writer = job.cache.writer(job.key, record)  # a partial run's record.json keeps its shard size
     if ranks is not None:
-        record["shard_rows"] = ranks.from_main(record.get("shard_rows"))
-    writer = job.cache.writer(job.key, record)
+        record["shard_rows"] = ranks.from_main(writer.shard_rows if main else None)
+        if not main:
+            writer = job.cache.writer(job.key, record)
     n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
     done = set(writer.finished_shards()) if main else set()
     if ranks is not None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._util import FeatcacheError, resolve_device, write_json
+from ._util import FeatcacheError, best_on_val, resolve_device, write_json
 from .backbones import Backbone, load_backbone
 from .extract import ExtractConfig, extract_splits
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head
@@ -129,7 +129,7 @@ def linear_probe(
         head = fit_logistic(train.x, train.y, num_classes, s, config.max_iter, config.standardize)
         m = evaluate(head, val, num_classes)
         sweep.append({"strength": s, "val_acc": m["acc"], "val_loss": m["loss"]})
-    best = max(sweep, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    best = best_on_val(sweep)
     both_x = torch.cat([train.x, val.x])
     both_y = torch.cat([train.y, val.y])
     head = fit_logistic(both_x, both_y, num_classes, best["strength"], config.max_iter, config.standardize)

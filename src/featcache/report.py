@@ -100,14 +100,19 @@ def plot_confusion(
 
 
 def plot_sweep(
-    rows: Sequence[dict[str, Any]], layers: Sequence[str], axes: Sequence[str], path: str | Path, title: str
+    rows: Sequence[dict[str, Any]],
+    best: dict[str, Any],
+    layers: Sequence[str],
+    axes: Sequence[str],
+    path: str | Path,
+    title: str,
 ) -> Path:
     """Validation (solid) and test (dashed) accuracy per layer, a line per setting of the swept ``axes``;
-    the chosen row (best validation accuracy) circled.
+    the ``best`` row (the one chosen on validation) circled.
 
     Example:
         >>> rows = json.load(open("runs/sweep/sweep.json"))["rows"]  # doctest: +SKIP
-        >>> plot_sweep(rows, ["layer3", "penultimate"], ["lr"], "sweep.png", "resnet18")  # doctest: +SKIP
+        >>> plot_sweep(rows, rows[0], ["layer3", "penultimate"], ["lr"], "sweep.png", "")  # doctest: +SKIP
     """
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -122,7 +127,6 @@ def plot_sweep(
         if all("test_acc" in r for r in by_layer.values()):
             test = [by_layer[n]["test_acc"] for n in layers]
             ax.plot(x, test, ls="--", marker=".", color=color, alpha=0.6, label=f"test{label}")
-    best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
     ax.scatter([layers.index(best["layer"])], [best["val_acc"]], s=180, facecolors="none", edgecolors="black",
                label="chosen on val")  # fmt: skip
     ax.set_xticks(x, list(layers), rotation=30 if len(layers) > 4 else 0, fontsize=8)

@@ -27,7 +27,7 @@ from .data import DatasetSplits, load_dataset
 from .extract import ExtractConfig, extract_splits, extract_views
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head, check_input
 from .report import plot_confusion, plot_curves
-from .sources import BatchSource, ViewCycle, source_for
+from .sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .train import FitResult, TrainConfig, evaluate, fit
 
 
@@ -204,24 +204,25 @@ def train_on_cache(
         >>> out = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
         >>> head, info, result, metrics = out  # doctest: +SKIP
     """
-    device = resolve_device(config.device)
-    train = source_for(feats["train"], layer, device, config.ram_budget_gb)
-    val = source_for(feats["val"], layer, device, config.ram_budget_gb) if "val" in feats else None
-    classes = feats["train"].classes
+    device, budget, plain = resolve_device(config.device), config.ram_budget_gb, feats["train"]
+    shape = tuple(plain.features[layer].shape[1:])
+    classes = plain.classes
+    # With views the plain split only gives the statistics, read from the memory map by chunks.
+    train: BatchSource = (
+        ViewCycle([source_for(v, layer, device, budget / len(views)) for v in views])
+        if views
+        else source_for(plain, layer, device, budget)
+    )
     std = None
     if config.standardize:
-        raw = train.x if train.x is not None else feats["train"].features[layer]  # streamed: by chunks
-        std = Standardize.fit(raw, dtype=feats["train"].dtype)
-    info = HeadInfo(head_spec, train.row_shape, len(classes), standardize=std is not None)
-    head = build_head(head_spec, train.row_shape, len(classes), std, seed=config.seed)
-    source: BatchSource = train
-    if views:  # the plain split gave the statistics; the K views share the RAM budget
-        source = ViewCycle([source_for(v, layer, device, config.ram_budget_gb / len(views)) for v in views])
-        del train
-    result = fit(head, source, val, len(classes), config, progress, checkpoint, resume)
-    sources: dict[str, Any] = {
-        k: source_for(feats[k], layer, device, config.ram_budget_gb) for k in ("val", "test") if k in feats
+        rows = train.x if isinstance(train, FeatureSource) and train.x is not None else plain.features[layer]
+        std = Standardize.fit(rows, dtype=plain.dtype)
+    info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None)
+    head = build_head(head_spec, shape, len(classes), std, seed=config.seed)
+    sources: dict[str, FeatureSource] = {
+        k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
+    result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
     return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ._util import FeatcacheError, write_json
+from ._util import FeatcacheError, best_on_val, write_json
 from .backbones import Backbone, load_backbone
 from .extract import ExtractConfig, extract_splits, extract_views
 from .heads import HeadSpec, build_head
@@ -160,11 +160,11 @@ def sweep_run(
                     "run": name,
                 }
             )
-            best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+            best = best_on_val(rows)
             bar.set_postfix(best=f"{best['layer']} {best['val_acc']:.3f}")
             bar.update()
     bar.close()
-    best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    best = best_on_val(rows)
     write_json(
         out / "sweep.json",
         {
@@ -181,6 +181,11 @@ def sweep_run(
         },
     )
     plot_sweep(
-        rows, list(layers), axes, out / "sweep.png", f"{backbone.cfg.spec}: {head_spec.kind} head per layer"
+        rows,
+        best,
+        list(layers),
+        axes,
+        out / "sweep.png",
+        f"{backbone.cfg.spec}: {head_spec.kind} head per layer",
     )
     return SweepResult(rows, best, extract_seconds, out)

@@ -423,3 +423,40 @@ def test_gc_spares_an_entry_being_written(tmp_path: Path) -> None:
     for p in (cache.path(key) / "shards" / "00000.json", cache.path(key) / "shards", cache.path(key)):
         os.utime(p, (old, old))
     assert cache.gc(partial_older_than_s=3600) == [str(cache.path(key))]
+
+
+# --------------------------------------------------------------------------- channel means
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_spatial_maps_carry_their_channel_means(resnet18: Backbone, cache_dir: Path, dtype: str) -> None:
+    samples = _samples(14)
+    cached = _extract(resnet18, samples, cache_dir, pool="none", dtype=dtype, shard_rows=5)
+    assert set(cached.channel_means) == {"layer3"}  # the pooled penultimate vectors have none
+    means = cached.channel_means["layer3"]
+    assert means.dtype == np.float32 and means.shape == (14, 256)
+    # The reference: what average pooling computes from the stored (rounded) maps.
+    pooled = torch.nn.AdaptiveAvgPool2d(1)(cached.tensor("layer3", dtype=torch.float32)).flatten(1)
+    torch.testing.assert_close(torch.from_numpy(np.array(means)), pooled, rtol=1e-6, atol=1e-6)
+    cache = FeatureCache(cache_dir)
+    assert cache.info(cached.key)["channel_means"] == ["layer3"]
+    reopened = cache.open(cached.key)
+    assert np.array_equal(reopened.channel_means["layer3"], means)
+
+
+def test_verify_and_open_detect_damaged_channel_means(resnet18: Backbone, cache_dir: Path) -> None:
+    cached = _extract(resnet18, _samples(6), cache_dir, pool="none")
+    cache = FeatureCache(cache_dir)
+    f = cached.path / "features" / "channel_mean" / "layer3.npy"
+    original = f.read_bytes()
+    data = bytearray(original)
+    data[-1] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert cache.verify(cached.key) == ["features/channel_mean/layer3.npy: checksum mismatch"]
+    f.write_bytes(original[:-8])
+    with pytest.raises(FeatcacheError, match=r"channel means of layer layer3 are damaged.*cache rm"):
+        cache.open(cached.key)
+    f.unlink()
+    assert cache.verify(cached.key) == ["features/channel_mean/layer3.npy: missing"]
+    f.write_bytes(original)
+    assert cache.verify(cached.key) == []

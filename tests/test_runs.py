@@ -72,6 +72,32 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
         assert data_png[:8] == b"\x89PNG\r\n\x1a\n" and len(data_png) > 15_000
 
 
+def test_a_pooled_head_on_maps_trains_from_the_channel_means_as_on_the_maps(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, ecfg = DataConfig("digits", limit=200), replace(SMALL, pool="none")
+    cfg = TrainConfig(epochs=3, lr=1e-2, standardize=True, device="cpu")
+    runs = [
+        train_run(
+            bb,
+            data,
+            "layer2",
+            HeadSpec("pooled-linear"),
+            replace(cfg, fast_paths=fast),
+            ecfg,
+            tmp_path / f"r{fast}",
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+        )
+        for fast in (True, False)
+    ]
+    fast, plain = (r.metrics for r in runs)
+    assert fast["fast_paths"]["front_from_channel_means"] and not plain["fast_paths"]["front_once"]
+    for a, b in zip(fast["history"], plain["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_acc"] == b["val_acc"]
+    assert fast["test"]["acc"] == plain["test"]["acc"]
+
+
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     run = train_run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from featcache.heads import HeadSpec, build_head
+from featcache._util import FeatcacheError
+from featcache.heads import HeadSpec, Standardize, build_head
 from featcache.sources import FeatureSource, ViewCycle
 from featcache.train import TrainConfig, evaluate, fit
 
@@ -98,3 +101,49 @@ def test_view_cycle_reads_view_e_mod_k_and_resumes_in_order(tmp_path: Path) -> N
     np.testing.assert_allclose(resumed.step_losses, full.step_losses, rtol=1e-6)
     with pytest.raises(ValueError, match="view 2 does not match view 1"):
         ViewCycle([views[0], FeatureSource(torch.randn(90, 5), torch.zeros(90))])
+
+
+def _memmap(path: Path, x: torch.Tensor) -> np.ndarray:
+    np.save(path, x.numpy())
+    return np.load(path, mmap_mode="r")
+
+
+def test_a_pooled_front_reads_the_channel_means_and_never_loads_the_maps(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(60, 3, 4, 4, generator=g) * 2 + 1
+    means = maps.mean((2, 3))
+    std = Standardize.fit(maps)
+    fronts = {
+        "pool": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        "standardise, pool": nn.Sequential(std, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+    }
+    for name, front in fronts.items():
+        src = FeatureSource(_memmap(tmp_path / "m.npy", maps), torch.zeros(60), channel_mean=means.numpy())
+        out = src.mapped(front)
+        assert out is not None and out.from_channel_means, name
+        assert not src.loaded, name  # the maps were never read into memory
+        torch.testing.assert_close(out.x, front(maps), rtol=1e-5, atol=1e-5, msg=name)
+    # A front that does not start by pooling (a flatten-first head) must read the maps.
+    src = FeatureSource(_memmap(tmp_path / "m.npy", maps), torch.zeros(60), channel_mean=means.numpy())
+    flat = src.mapped(nn.Sequential(std, nn.Flatten()))
+    assert flat is not None and not flat.from_channel_means and src.loaded
+    with pytest.raises(FeatcacheError, match=r"channel means of shape \(60, 2\)"):
+        FeatureSource(maps, torch.zeros(60), channel_mean=means[:, :2])
+
+
+def test_training_on_channel_means_equals_training_on_the_maps(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 4, (150,), generator=g)
+    maps = torch.randn(150, 6, 5, 5, generator=g) + torch.randn(4, 6, 1, 1, generator=g)[y]
+    head = build_head(HeadSpec("pooled-linear"), (6, 5, 5), 4, standardize=Standardize.fit(maps), seed=0)
+    cfg = TrainConfig(epochs=3, batch_size=16, device="cpu")
+    results = []
+    for fast, means in ((True, maps.mean((2, 3)).numpy()), (False, None)):
+        src = FeatureSource(_memmap(tmp_path / "m.npy", maps), y, channel_mean=means)
+        h = copy.deepcopy(head)
+        results.append((fit(h, src, None, 4, replace(cfg, fast_paths=fast), progress=False), h))
+    (fast_r, fast_h), (slow_r, slow_h) = results
+    assert fast_r.extra["front_from_channel_means"] and not slow_r.extra["front_from_channel_means"]
+    np.testing.assert_allclose(fast_r.step_losses, slow_r.step_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_h.state_dict().values(), slow_h.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,9 @@ Layout of one entry, ``<root>/<key>/`` (no pickle anywhere)::
     shards/00000.json      a finished shard: rows, skipped ids, SHA-256 of each layer file
     shards/00000.<layer>.npy
     features/<layer>.npy   consolidated, memory-mappable arrays (written at commit)
+    features/channel_mean/<layer>.npy
+                           per-row channel means of each spatial map (N, C), float32, written at
+                           commit: a pooled head trains on them without reading the map
     labels.npy, ids.json
     manifest.json          committed last: its presence means the entry is complete
 
@@ -24,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,15 @@ def _block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
         out.append(hashlib.sha256(np.ascontiguousarray(array[start : start + n]).tobytes()).hexdigest())
         start += n
     return out
+
+
+def _channel_means(part: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Write the per-row channel means of the (n, C, H, W) maps ``part`` (storage ``dtype``) to ``out``,
+    reading ~64 MB of rows at a time. The mean of the stored values: what average pooling would see."""
+    step = max(1, (64 << 20) // max(1, part[:1].nbytes))  # part may be empty (every image skipped)
+    for s in range(0, len(part), step):
+        maps = to_torch(np.asarray(part[s : s + step]), dtype).float()
+        out[s : s + len(maps)] = maps.mean((2, 3)).numpy()
 
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -165,9 +177,12 @@ class CacheWriter:
             shape = (len(rows), *parts[0].shape[1:])
             tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
+            means = np.empty(shape[:2], np.float32) if len(shape) == 4 else None
             start = 0
             for part in parts:
                 out[start : start + len(part)] = part
+                if means is not None:
+                    _channel_means(part, self.record["dtype"], means[start : start + len(part)])
                 start += len(part)
             out.flush()
             digests = _block_digests(out, block_rows)
@@ -180,6 +195,10 @@ class CacheWriter:
                 "file": f"features/{layer}.npy",
                 "block_sha256": digests,
             }
+            if means is not None:
+                (feat_dir / "channel_mean").mkdir(exist_ok=True)
+                name = f"features/channel_mean/{layer}.npy"
+                layers[layer]["channel_mean"] = {"file": name, "sha256": _save_npy(self.path / name, means)}
         labels_sha256 = _save_npy(self.path / "labels.npy", labels[rows])
         write_json(self.path / "ids.json", [ids[r] for r in rows])
         skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
@@ -218,6 +237,8 @@ class CachedFeatures:
         ids: stable sample ids, one per row.
         classes: class names.
         manifest: the parsed ``manifest.json``.
+        channel_means: ``{layer: (N, C) float32}`` per-row channel means of the spatial maps, memory-mapped
+            (absent in entries written before featcache stored them).
     """
 
     key: str
@@ -228,6 +249,7 @@ class CachedFeatures:
     classes: list[str]
     manifest: dict[str, Any]
     hit: bool = False  # set by extract(): True when no forward pass ran in this call
+    channel_means: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -327,7 +349,7 @@ class FeatureCache:
                     f"cache {key[:12]} is damaged: {problems[0]}; `featcache cache rm {key[:12]}`"
                 )
         manifest = json.loads((path / "manifest.json").read_text())
-        features = {}
+        features, means = {}, {}
         for layer, meta in manifest["layers"].items():
             try:
                 arr = np.load(path / meta["file"], mmap_mode="r")
@@ -341,11 +363,29 @@ class FeatureCache:
                     f"cache {key[:12]} layer {layer} has shape {arr.shape}, manifest says otherwise"
                 )
             features[layer] = arr
+            if "channel_mean" in meta:
+                means[layer] = self._open_means(key, layer, meta, arr.shape[:2])
         labels = np.load(path / "labels.npy")
         ids = json.loads((path / "ids.json").read_text())
         if len(labels) != manifest["rows"] or len(ids) != manifest["rows"]:
             raise FeatcacheError(f"cache {key[:12]} labels/ids do not match its {manifest['rows']} rows")
-        return CachedFeatures(key, path, features, labels, ids, list(manifest["classes"]), manifest)
+        classes = list(manifest["classes"])
+        return CachedFeatures(key, path, features, labels, ids, classes, manifest, channel_means=means)
+
+    def _open_means(self, key: str, layer: str, meta: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+        def damaged(why: object) -> FeatcacheError:
+            return FeatcacheError(
+                f"cache {key[:12]} channel means of layer {layer} are damaged ({why}); remove the entry "
+                f"with `featcache cache rm {key[:12]}` and extract again"
+            )
+
+        try:
+            arr = np.load(self.path(key) / meta["channel_mean"]["file"], mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise damaged(exc) from exc
+        if arr.shape != shape:
+            raise damaged(f"shape {arr.shape}, expected {shape}")
+        return arr
 
     def verify(self, key: str) -> list[str]:
         """Check every block checksum and file size; return the problems found (empty when sound)."""
@@ -372,6 +412,13 @@ class FeatureCache:
             ):
                 if got != want:
                     problems.append(f"{meta['file']}: block {i} checksum mismatch")
+            extra = meta.get("channel_mean")
+            if extra is not None:
+                f = path / extra["file"]
+                if not f.is_file():
+                    problems.append(f"{extra['file']}: missing")
+                elif _sha256_file(f) != extra["sha256"]:
+                    problems.append(f"{extra['file']}: checksum mismatch")
         for name in ("labels.npy", "ids.json"):
             want = manifest.get(f"{name.split('.')[0]}_sha256")
             f = path / name
@@ -399,6 +446,7 @@ class FeatureCache:
                 "status": "complete",
                 "model": rec["backbone"],
                 "layers": {k: v["shape"] for k, v in m["layers"].items()},
+                "channel_means": [k for k, v in m["layers"].items() if "channel_mean" in v],
                 "dtype": rec["dtype"],
                 "pool": rec["pool"],
                 "dataset": rec["dataset"],

@@ -215,7 +215,9 @@ def train_on_cache(
     )
     std = None
     if config.standardize:
-        rows = train.x if isinstance(train, FeatureSource) and train.x is not None else plain.features[layer]
+        # Whatever is already in memory, else the memory map by chunks (a pooled head may never load it).
+        held = train.x if isinstance(train, FeatureSource) and train.loaded else None
+        rows = held if held is not None else plain.features[layer]
         std = Standardize.fit(rows, dtype=plain.dtype)
     info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, shape, len(classes), std, seed=config.seed)

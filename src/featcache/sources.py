@@ -2,7 +2,8 @@
 
 Batches are slices of a per-epoch permuted copy of the features (one gather per epoch, no per-sample
 ``__getitem__`` or collate). Features larger than the RAM budget are streamed from the memory-mapped
-cache in chunks, shuffled by chunk and within each chunk.
+cache in chunks, shuffled by chunk and within each chunk. A head that starts by average-pooling a
+spatial map reads the cache's per-row channel means instead of the map (:meth:`FeatureSource.mapped`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, resolve_device
 from .cache import to_torch
+from .heads import Standardize
 
 
 class BatchSource(Protocol):
@@ -35,7 +37,16 @@ class FeatureSource:
     """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks.
 
     Shuffled batches of in-memory features are slices of one buffer that the next epoch overwrites:
-    use a batch within its epoch (clone it to keep it).
+    use a batch within its epoch (clone it to keep it). Features given as an array are loaded on first
+    use, so a source whose head only needs ``channel_mean`` never reads the maps.
+
+    Args:
+        x: (N, ...) features: a tensor, or a (memory-mapped) array in the storage ``dtype``.
+        y: (N,) labels.
+        dtype: storage dtype of an array ``x`` (``bfloat16`` arrays hold raw uint16).
+        device: where batches live.
+        ram_budget_gb: arrays larger than this are streamed in chunks instead of loaded.
+        channel_mean: (N, C) per-row channel means of (N, C, H, W) maps, as the cache stores them.
     """
 
     #: bytes of the chunks a streamed source reads, shuffles within, and yields batches from
@@ -48,6 +59,7 @@ class FeatureSource:
         dtype: str = "float32",
         device: torch.device | None = None,
         ram_budget_gb: float = 8.0,
+        channel_mean: np.ndarray | torch.Tensor | None = None,
     ) -> None:
         self.device = device or torch.device("cpu")
         self.ram_budget_gb = ram_budget_gb
@@ -59,14 +71,16 @@ class FeatureSource:
         self._shuffled: tuple[torch.Tensor, torch.Tensor] | None = None
         #: set on a source mapped from a streamed one: shuffle by chunks of rows this many bytes wide
         self.chunk_row_bytes: int | None = None
-        if self.streamed:
-            self.x: torch.Tensor | None = None
-        elif isinstance(x, torch.Tensor):
-            self.x = x.to(self.device, torch.float32)
-        else:
-            self.x = to_torch(np.asarray(x), dtype).to(self.device, torch.float32)
+        #: set on a source mapped from the channel means instead of the maps
+        self.from_channel_means = False
+        self._x = x.to(self.device, torch.float32) if isinstance(x, torch.Tensor) else None
         if len(self.y) != len(x):
             raise FeatcacheError(f"{len(x)} feature rows but {len(self.y)} labels")
+        if channel_mean is not None and tuple(channel_mean.shape) != tuple(x.shape[:2]):
+            raise FeatcacheError(
+                f"channel means of shape {tuple(channel_mean.shape)} do not match features {tuple(x.shape)}"
+            )
+        self.channel_mean = channel_mean if len(x.shape) == 4 else None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -75,10 +89,28 @@ class FeatureSource:
     def row_shape(self) -> tuple[int, ...]:
         return tuple(self.raw.shape[1:])
 
+    @property
+    def x(self) -> torch.Tensor | None:
+        """All features in RAM or on the device as float32 (loaded on first use); None when streamed."""
+        if self._x is None and not self.streamed:
+            self._x = to_torch(np.asarray(self.raw), self.dtype).to(self.device, torch.float32)
+        return self._x
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the features are held in memory now (reading :attr:`x` loads them)."""
+        return self._x is not None
+
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         if self.x is not None:
             return self.x[start:stop]
         return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
+
+    def _mean_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of the channel means as 1x1 maps: pooling them gives what pooling the maps gives."""
+        assert self.channel_mean is not None
+        means = to_torch(np.asarray(self.channel_mean[start:stop]), "float32")
+        return means.to(self.device, torch.float32)[:, :, None, None]
 
     def mapped(self, fn: nn.Module, progress: bool = False) -> FeatureSource | None:
         """The rows passed once through ``fn`` (parameter-free and row-wise: a head's frozen front).
@@ -86,7 +118,9 @@ class FeatureSource:
         The result is held in RAM or on the device, computed chunk by chunk; None when it and its
         shuffle buffer would not fit ``ram_budget_gb`` beside the in-memory original, if any. A mapped
         streamed source keeps the streamed shuffling (by chunk of the original rows), so training on it
-        draws the same batches as training on the original.
+        draws the same batches as training on the original. When ``fn`` starts with a global average
+        pool (after per-channel standardisation only) and the source has ``channel_mean``, ``fn`` runs on
+        the means as 1x1 maps: the same result (both are linear), without reading the maps.
 
         Example:
             >>> pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -95,11 +129,14 @@ class FeatureSource:
         n = len(self)
         if n == 0:
             return None
-        in_row = self._row_bytes()
+        from_means = self.channel_mean is not None and _pools_first(fn)
+        rows = self._mean_rows if from_means else self._rows
+        in_row = 4 * self.row_shape[0] if from_means else self._row_bytes()
+        held = 0 if self.streamed or (from_means and not self.loaded) else self._row_bytes() * n
         with torch.no_grad():
-            first = fn(self._rows(0, 1)).float()
+            first = fn(rows(0, 1)).float()
             out_row = first.numel() * 4
-            if 2 * out_row * n + (0 if self.streamed else in_row * n) > self.ram_budget_gb * 2**30:
+            if 2 * out_row * n + held > self.ram_budget_gb * 2**30:
                 return None
             x = torch.empty((n, *first.shape[1:]), dtype=torch.float32, device=self.device)
             chunk = max(1, (64 << 20) // in_row)
@@ -107,9 +144,10 @@ class FeatureSource:
                 range(0, n, chunk), desc="head front", leave=False, disable=not (progress and self.streamed)
             )
             for s in starts:
-                x[s : s + chunk] = fn(self._rows(s, s + chunk))
+                x[s : s + chunk] = fn(rows(s, s + chunk))
         out = FeatureSource(x, self.y, device=self.device, ram_budget_gb=self.ram_budget_gb)
-        out.chunk_row_bytes = in_row if self.streamed else None
+        out.chunk_row_bytes = self._row_bytes() if self.streamed else None
+        out.from_channel_means = from_means
         return out
 
     def _row_bytes(self) -> int:
@@ -146,6 +184,20 @@ class FeatureSource:
                 xs, ys = xs.index_select(0, perm), ys.index_select(0, perm)
             for i in range(0, len(ys), batch_size):
                 yield xs[i : i + batch_size], ys[i : i + batch_size]
+
+
+def _pools_first(fn: nn.Module) -> bool:
+    """Whether ``fn`` is per-channel standardisation (any number, or none) then a global average pool,
+    then anything: ``fn(maps)`` is then ``fn(channel means as 1x1 maps)``."""
+    for m in fn if isinstance(fn, nn.Sequential) else [fn]:
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return m.output_size in (1, (1, 1))
+        per_channel = isinstance(m, Standardize) and all(
+            t.dim() >= 3 and tuple(t.shape[-2:]) == (1, 1) for t in (m.mean, m.std)
+        )
+        if not (per_channel or isinstance(m, nn.Identity)):
+            return False
+    return False
 
 
 class ViewCycle:
@@ -206,4 +258,5 @@ def source_for(
         raise FeatcacheError(
             f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}"
         )
-    return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb)
+    means = cached.channel_means.get(layer)
+    return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb, means)

@@ -362,6 +362,7 @@ def fit(
         resumed_from=start_epoch,
         extra={
             "front_once": model is not head,
+            "front_from_channel_means": bool(getattr(train, "from_channel_means", False)),
             "front_seconds": front_seconds,
             "closed_form_step": step is not None,
         },

@@ -425,38 +425,43 @@ def test_gc_spares_an_entry_being_written(tmp_path: Path) -> None:
     assert cache.gc(partial_older_than_s=3600) == [str(cache.path(key))]
 
 
-# --------------------------------------------------------------------------- channel means
+# --------------------------------------------------------------------------- channel statistics
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_spatial_maps_carry_their_channel_means(resnet18: Backbone, cache_dir: Path, dtype: str) -> None:
+def test_spatial_maps_carry_their_channel_statistics(resnet18: Backbone, cache_dir: Path, dtype: str) -> None:
     samples = _samples(14)
     cached = _extract(resnet18, samples, cache_dir, pool="none", dtype=dtype, shard_rows=5)
-    assert set(cached.channel_means) == {"layer3"}  # the pooled penultimate vectors have none
-    means = cached.channel_means["layer3"]
-    assert means.dtype == np.float32 and means.shape == (14, 256)
-    # The reference: what average pooling computes from the stored (rounded) maps.
-    pooled = torch.nn.AdaptiveAvgPool2d(1)(cached.tensor("layer3", dtype=torch.float32)).flatten(1)
-    torch.testing.assert_close(torch.from_numpy(np.array(means)), pooled, rtol=1e-6, atol=1e-6)
+    assert set(cached.channel_stats) == {"layer3"}  # the pooled penultimate vectors have none
+    stats = cached.channel_stats["layer3"]
+    # The reference: pooling and variance of the stored (rounded) maps.
+    maps = cached.tensor("layer3", dtype=torch.float32)
+    pooled = torch.nn.AdaptiveAvgPool2d(1)(maps).flatten(1)
+    var = maps.flatten(2).double().var(2, unbiased=False).float()
+    for got, want in ((stats.mean, pooled), (stats.var, var)):
+        assert got.dtype == np.float32 and got.shape == (14, 256)
+        torch.testing.assert_close(torch.from_numpy(np.array(got)), want, rtol=1e-5, atol=1e-6)
     cache = FeatureCache(cache_dir)
-    assert cache.info(cached.key)["channel_means"] == ["layer3"]
-    reopened = cache.open(cached.key)
-    assert np.array_equal(reopened.channel_means["layer3"], means)
+    assert cache.info(cached.key)["channel_stats"] == ["layer3"]
+    reopened = cache.open(cached.key).channel_stats["layer3"]
+    assert np.array_equal(reopened.mean, stats.mean) and np.array_equal(reopened.var, stats.var)
+    assert not list((cached.path / "features").glob("*.tmp-*"))
 
 
-def test_verify_and_open_detect_damaged_channel_means(resnet18: Backbone, cache_dir: Path) -> None:
+def test_verify_and_open_detect_damaged_channel_statistics(resnet18: Backbone, cache_dir: Path) -> None:
     cached = _extract(resnet18, _samples(6), cache_dir, pool="none")
     cache = FeatureCache(cache_dir)
-    f = cached.path / "features" / "channel_mean" / "layer3.npy"
+    name = "features/channel_stats/layer3.var.npy"
+    f = cached.path / name
     original = f.read_bytes()
     data = bytearray(original)
     data[-1] ^= 0x01
     f.write_bytes(bytes(data))
-    assert cache.verify(cached.key) == ["features/channel_mean/layer3.npy: checksum mismatch"]
+    assert cache.verify(cached.key) == [f"{name}: checksum mismatch"]
     f.write_bytes(original[:-8])
-    with pytest.raises(FeatcacheError, match=r"channel means of layer layer3 are damaged.*cache rm"):
+    with pytest.raises(FeatcacheError, match=r"channel var of layer layer3 is damaged.*cache rm"):
         cache.open(cached.key)
     f.unlink()
-    assert cache.verify(cached.key) == ["features/channel_mean/layer3.npy: missing"]
+    assert cache.verify(cached.key) == [f"{name}: missing"]
     f.write_bytes(original)
     assert cache.verify(cached.key) == []

@@ -69,6 +69,21 @@ def test_standardize_matches_torch_statistics() -> None:
     torch.testing.assert_close(s2.mean.flatten(), maps.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
 
 
+def test_standardize_from_channel_statistics_equals_fitting_the_maps() -> None:
+    g = torch.Generator().manual_seed(0)
+    # Channels with different offsets and scales, rows with different means: both variance terms count.
+    maps = (torch.randn(90, 5, 6, 6, generator=g) + torch.randn(90, 5, 1, 1, generator=g)) * torch.arange(
+        1, 6
+    ).view(1, 5, 1, 1) + 10
+    var, mean = torch.var_mean(maps, dim=(2, 3), correction=0)
+    ref = Standardize.fit(maps)
+    got = Standardize.from_channel_stats(mean.numpy(), var.numpy(), chunk=16)
+    assert got.mean.shape == ref.mean.shape == (5, 1, 1)
+    torch.testing.assert_close(got.mean, ref.mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got.std, ref.std, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.std.flatten(), maps.transpose(0, 1).flatten(1).std(1, unbiased=False))
+
+
 def test_head_info_rebuilds_same_structure() -> None:
     head = build_head(
         HeadSpec("mlp", hidden=(32, 16), dropout=0.1), (20,), 4, Standardize.fit(torch.randn(50, 20))

@@ -13,8 +13,9 @@ import torch
 import featcache.runs as runs_mod
 from featcache.backbones import load_backbone
 from featcache.extract import ExtractConfig, extract
-from featcache.heads import HeadSpec
+from featcache.heads import HeadSpec, Standardize
 from featcache.runs import DataConfig, load_run, train_run
+from featcache.sources import FeatureSource
 from featcache.train import TrainConfig, fit
 
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=64)
@@ -72,12 +73,30 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
         assert data_png[:8] == b"\x89PNG\r\n\x1a\n" and len(data_png) > 15_000
 
 
-def test_a_pooled_head_on_maps_trains_from_the_channel_means_as_on_the_maps(tmp_path: Path) -> None:
+def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     data, ecfg = DataConfig("digits", limit=200), replace(SMALL, pool="none")
     cfg = TrainConfig(epochs=3, lr=1e-2, standardize=True, device="cpu")
-    runs = [
-        train_run(
+    load_x = FeatureSource.x.fget
+    maps_loaded: list[int] = []
+
+    def x(self: FeatureSource) -> torch.Tensor | None:
+        if len(self.row_shape) == 3 and not self.loaded:  # a map read into memory
+            maps_loaded.append(len(self))
+        return load_x(self)  # type: ignore[misc]
+
+    monkeypatch.setattr(FeatureSource, "x", property(x))
+    fit_std = Standardize.fit.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        Standardize,
+        "fit",
+        classmethod(lambda cls, a, *r, **k: maps_loaded.append(-1) or fit_std(cls, a, *r, **k)),
+    )
+
+    def run(fast: bool) -> dict:
+        return train_run(
             bb,
             data,
             "layer2",
@@ -87,15 +106,18 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_means_as_on_the_maps(tmp_
             tmp_path / f"r{fast}",
             cache_dir=str(tmp_path / "c"),
             progress=False,
-        )
-        for fast in (True, False)
-    ]
-    fast, plain = (r.metrics for r in runs)
-    assert fast["fast_paths"]["front_from_channel_means"] and not plain["fast_paths"]["front_once"]
+        ).metrics
+
+    fast = run(True)
+    assert fast["fast_paths"]["front_from_channel_means"]
+    assert maps_loaded == []  # standardisation, training, validation and test: no map read
+    plain = run(False)
+    assert not plain["fast_paths"]["front_once"] and len(maps_loaded) == 3  # train, val, test maps
     for a, b in zip(fast["history"], plain["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_acc"] == b["val_acc"]
     assert fast["test"]["acc"] == plain["test"]["acc"]
+    assert fast["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-5)
 
 
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:

@@ -129,6 +129,11 @@ def test_a_pooled_front_reads_the_channel_means_and_never_loads_the_maps(tmp_pat
     assert flat is not None and not flat.from_channel_means and src.loaded
     with pytest.raises(FeatcacheError, match=r"channel means of shape \(60, 2\)"):
         FeatureSource(maps, torch.zeros(60), channel_mean=means[:, :2])
+    # Means given as a tensor, in any dtype, work as the cache's arrays do.
+    for means_t in (means, means.bfloat16()):
+        out = FeatureSource(maps, torch.zeros(60), channel_mean=means_t).mapped(fronts["pool"])
+        assert out is not None and out.from_channel_means
+        torch.testing.assert_close(out.x, means_t.float())
 
 
 def test_training_on_channel_means_equals_training_on_the_maps(tmp_path: Path) -> None:

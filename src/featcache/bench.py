@@ -257,7 +257,8 @@ class _Bench:
             feats = extract(self.bb, self.splits.train, ecfg, str(self.tmp / "shared-cache"), progress=False)
             x, y = feats.tensor(layer, dtype=torch.float32), torch.as_tensor(feats.labels)
             for bs in (32, self.cfg.batch_size):
-                out.append(self._trainer_row(x, y, feats.channel_means.get(layer), kind, layer, bs))
+                stats = feats.channel_stats.get(layer)
+                out.append(self._trainer_row(x, y, stats.mean if stats else None, kind, layer, bs))
         return out
 
     def _trainer_row(
@@ -276,7 +277,8 @@ class _Bench:
         shape = tuple(x.shape[1:])
 
         def fast(cfg: TrainConfig = cfg, means: Any = means) -> float:
-            # The source `featcache train` builds from the cache entry (maps + their channel means).
+            # As `featcache train` builds it from the cache entry: the maps (here in RAM already, as the
+            # seeds' loop gets them) and their channel means.
             src = FeatureSource(x, y, device=self.device, channel_mean=means)
             res = fit(build_head(HeadSpec(kind), shape, 10), src, None, 10, cfg, progress=False)
             return res.seconds / cfg.epochs  # includes running the head's front once, over 5 epochs
@@ -305,11 +307,11 @@ class _Bench:
             f"head trainer / DataLoader loop: {kind} on {layer} ({'x'.join(map(str, shape))}), batch {bs}",
             f,
             s,
-            target if cap >= target else None,
+            target,
             ("featcache", "dataloader"),
             detail=f"{len(x)} rows, s/epoch over 5 epochs; "
             + "; ".join(f"{k}: {r:.1f}x" for k, r in ratios.items()),
-            target_text=None if cap >= target else f">= {target}: n/a, the matmuls cap it at {cap:.1f}x here",
+            target_text=None if cap >= target else f">= {target} (the matmuls cap it at {cap:.1f} here)",
         )
 
     def _matmul_floor(self, x: torch.Tensor, bs: int) -> float:

@@ -6,9 +6,9 @@ Layout of one entry, ``<root>/<key>/`` (no pickle anywhere)::
     shards/00000.json      a finished shard: rows, skipped ids, SHA-256 of each layer file
     shards/00000.<layer>.npy
     features/<layer>.npy   consolidated, memory-mappable arrays (written at commit)
-    features/channel_mean/<layer>.npy
-                           per-row channel means of each spatial map (N, C), float32, written at
-                           commit: a pooled head trains on them without reading the map
+    features/channel_stats/<layer>.{mean,var}.npy
+                           per-row channel mean and variance of each spatial map (N, C), float32,
+                           written at commit: pooled heads and standardisation read them, not the map
     labels.npy, ids.json
     manifest.json          committed last: its presence means the entry is complete
 
@@ -75,6 +75,12 @@ def _save_npy(path: Path, array: np.ndarray) -> str:
     return digest
 
 
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
 def _block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
     out, start = [], 0
     for n in rows:
@@ -83,13 +89,36 @@ def _block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
     return out
 
 
-def _channel_means(part: np.ndarray, dtype: str, out: np.ndarray) -> None:
-    """Write the per-row channel means of the (n, C, H, W) maps ``part`` (storage ``dtype``) to ``out``,
-    reading ~64 MB of rows at a time. The mean of the stored values: what average pooling would see."""
+CHANNEL_STATS = ("mean", "var")
+
+
+def _channel_stats(part: np.ndarray, dtype: str, out: dict[str, np.ndarray]) -> None:
+    """Write the per-row channel mean and (population) variance of the (n, C, H, W) maps ``part`` (storage
+    ``dtype``) into ``out["mean"]`` / ``out["var"]``, ~64 MB of rows at a time. They describe the stored
+    (rounded) values: what average pooling and standardisation of the map would see."""
     step = max(1, (64 << 20) // max(1, part[:1].nbytes))  # part may be empty (every image skipped)
     for s in range(0, len(part), step):
         maps = to_torch(np.asarray(part[s : s + step]), dtype).float()
-        out[s : s + len(maps)] = maps.mean((2, 3)).numpy()
+        var, mean = torch.var_mean(maps, dim=(2, 3), correction=0)
+        out["mean"][s : s + len(maps)] = mean.numpy()
+        out["var"][s : s + len(maps)] = var.numpy()
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-row channel statistics of a cached spatial map, each (N, C) float32, memory-mapped.
+
+    Attributes:
+        mean: the mean of each channel over its H x W positions (= global average pooling).
+        var: the population variance of each channel over its H x W positions.
+
+    Example:
+        >>> stats = cached.channel_stats["layer3"]  # doctest: +SKIP
+        >>> pooled = np.array(stats.mean)  # (N, C): what AdaptiveAvgPool2d(1) gives  # doctest: +SKIP
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
 
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -177,28 +206,40 @@ class CacheWriter:
             shape = (len(rows), *parts[0].shape[1:])
             tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
-            means = np.empty(shape[:2], np.float32) if len(shape) == 4 else None
+            stats_tmp = {k: feat_dir / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS}
+            stats = (
+                {k: np.lib.format.open_memmap(f, "w+", np.float32, shape[:2]) for k, f in stats_tmp.items()}
+                if len(shape) == 4
+                else None
+            )
             start = 0
             for part in parts:
                 out[start : start + len(part)] = part
-                if means is not None:
-                    _channel_means(part, self.record["dtype"], means[start : start + len(part)])
+                if stats is not None:
+                    _channel_stats(part, self.record["dtype"], {k: v[start:] for k, v in stats.items()})
                 start += len(part)
             out.flush()
             digests = _block_digests(out, block_rows)
             del out
-            with tmp.open("rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, feat_dir / f"{layer}.npy")
+            _fsync_rename(tmp, feat_dir / f"{layer}.npy")
             layers[layer] = {
                 "shape": list(shape[1:]),
                 "file": f"features/{layer}.npy",
                 "block_sha256": digests,
             }
-            if means is not None:
-                (feat_dir / "channel_mean").mkdir(exist_ok=True)
-                name = f"features/channel_mean/{layer}.npy"
-                layers[layer]["channel_mean"] = {"file": name, "sha256": _save_npy(self.path / name, means)}
+            if stats is not None:
+                for arr in stats.values():
+                    arr.flush()
+                del stats, arr
+                (feat_dir / "channel_stats").mkdir(exist_ok=True)
+                layers[layer]["channel_stats"] = {}
+                for k, part_file in stats_tmp.items():
+                    name = f"features/channel_stats/{layer}.{k}.npy"
+                    _fsync_rename(part_file, self.path / name)
+                    layers[layer]["channel_stats"][k] = {
+                        "file": name,
+                        "sha256": _sha256_file(self.path / name),
+                    }
         labels_sha256 = _save_npy(self.path / "labels.npy", labels[rows])
         write_json(self.path / "ids.json", [ids[r] for r in rows])
         skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
@@ -237,8 +278,8 @@ class CachedFeatures:
         ids: stable sample ids, one per row.
         classes: class names.
         manifest: the parsed ``manifest.json``.
-        channel_means: ``{layer: (N, C) float32}`` per-row channel means of the spatial maps, memory-mapped
-            (absent in entries written before featcache stored them).
+        channel_stats: :class:`ChannelStats` of each spatial-map layer (absent in entries written before
+            featcache stored them).
     """
 
     key: str
@@ -249,7 +290,7 @@ class CachedFeatures:
     classes: list[str]
     manifest: dict[str, Any]
     hit: bool = False  # set by extract(): True when no forward pass ran in this call
-    channel_means: dict[str, np.ndarray] = field(default_factory=dict)
+    channel_stats: dict[str, ChannelStats] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -349,7 +390,7 @@ class FeatureCache:
                     f"cache {key[:12]} is damaged: {problems[0]}; `featcache cache rm {key[:12]}`"
                 )
         manifest = json.loads((path / "manifest.json").read_text())
-        features, means = {}, {}
+        features, stats = {}, {}
         for layer, meta in manifest["layers"].items():
             try:
                 arr = np.load(path / meta["file"], mmap_mode="r")
@@ -363,25 +404,29 @@ class FeatureCache:
                     f"cache {key[:12]} layer {layer} has shape {arr.shape}, manifest says otherwise"
                 )
             features[layer] = arr
-            if "channel_mean" in meta:
-                means[layer] = self._open_means(key, layer, meta, arr.shape[:2])
+            if "channel_stats" in meta:
+                stats[layer] = ChannelStats(
+                    *(self._open_stat(key, layer, meta, k, arr.shape[:2]) for k in CHANNEL_STATS)
+                )
         labels = np.load(path / "labels.npy")
         ids = json.loads((path / "ids.json").read_text())
         if len(labels) != manifest["rows"] or len(ids) != manifest["rows"]:
             raise FeatcacheError(f"cache {key[:12]} labels/ids do not match its {manifest['rows']} rows")
         classes = list(manifest["classes"])
-        return CachedFeatures(key, path, features, labels, ids, classes, manifest, channel_means=means)
+        return CachedFeatures(key, path, features, labels, ids, classes, manifest, channel_stats=stats)
 
-    def _open_means(self, key: str, layer: str, meta: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    def _open_stat(
+        self, key: str, layer: str, meta: dict[str, Any], stat: str, shape: tuple[int, ...]
+    ) -> np.ndarray:
         def damaged(why: object) -> FeatcacheError:
             return FeatcacheError(
-                f"cache {key[:12]} channel means of layer {layer} are damaged ({why}); remove the entry "
+                f"cache {key[:12]} channel {stat} of layer {layer} is damaged ({why}); remove the entry "
                 f"with `featcache cache rm {key[:12]}` and extract again"
             )
 
         try:
-            arr = np.load(self.path(key) / meta["channel_mean"]["file"], mmap_mode="r")
-        except (ValueError, OSError) as exc:
+            arr = np.load(self.path(key) / meta["channel_stats"][stat]["file"], mmap_mode="r")
+        except (ValueError, OSError, KeyError) as exc:
             raise damaged(exc) from exc
         if arr.shape != shape:
             raise damaged(f"shape {arr.shape}, expected {shape}")
@@ -412,8 +457,7 @@ class FeatureCache:
             ):
                 if got != want:
                     problems.append(f"{meta['file']}: block {i} checksum mismatch")
-            extra = meta.get("channel_mean")
-            if extra is not None:
+            for extra in meta.get("channel_stats", {}).values():
                 f = path / extra["file"]
                 if not f.is_file():
                     problems.append(f"{extra['file']}: missing")
@@ -446,7 +490,7 @@ class FeatureCache:
                 "status": "complete",
                 "model": rec["backbone"],
                 "layers": {k: v["shape"] for k, v in m["layers"].items()},
-                "channel_means": [k for k, v in m["layers"].items() if "channel_mean" in v],
+                "channel_stats": [k for k, v in m["layers"].items() if "channel_stats" in v],
                 "dtype": rec["dtype"],
                 "pool": rec["pool"],
                 "dataset": rec["dataset"],

@@ -8,7 +8,8 @@ cached features although nothing about them changes:
   to the same output in every epoch, so :func:`split_front` cuts them off and the trainer runs them once
   over the features (:meth:`featcache.sources.FeatureSource.mapped`); the epochs then train the rest on
   ``C`` numbers per row instead of ``C*H*W``. Average pooling and the frozen standardisation are linear,
-  so this is the same training, not an approximation.
+  so this is the same training, not an approximation; it is also why the front can run on the channel
+  means the cache stores beside each map, without reading the map.
 * For a lone ``nn.Linear`` under cross-entropy the gradient has a closed form: with ``p = softmax(z)``
   and ``q`` the (label-smoothed) one-hot target, ``dL/dz = (p - q) / B``, ``dL/dW = (dL/dz)^T x`` and
   ``dL/db = sum(dL/dz)``. :class:`LinearStep` computes that with two matrix products and updates the

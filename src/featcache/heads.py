@@ -65,13 +65,20 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
     @classmethod
-    def fit(cls, x: torch.Tensor | np.ndarray, chunk: int = 4096, dtype: str = "float32") -> Standardize:
+    def fit(
+        cls, x: torch.Tensor | np.ndarray, chunk: int | None = None, dtype: str = "float32"
+    ) -> Standardize:
         """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks.
 
         ``x`` may be a tensor or a (memory-mapped) array in the cache's storage ``dtype``: it is read
-        chunk by chunk, never whole.
+        ``chunk`` rows at a time (default: 64 MB of float64), never whole.
+
+        Example:
+            >>> Standardize.fit(torch.randn(100, 8, 4, 4)).mean.shape
+            torch.Size([8, 1, 1])
         """
         ndim = len(x.shape)
+        chunk = chunk or max(1, (64 << 20) // (8 * max(1, int(np.prod(x.shape[1:])))))
         dims = (0, 2, 3) if ndim == 4 else (0,)
         shape = (1, x.shape[1], 1, 1) if ndim == 4 else (1, *x.shape[1:])
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -87,6 +94,37 @@ class Standardize(nn.Module):
         mean = total / count
         std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
         return cls(mean.squeeze(0).float(), std.squeeze(0).float())
+
+    @classmethod
+    def from_channel_stats(cls, mean: np.ndarray, var: np.ndarray, chunk: int = 1 << 16) -> Standardize:
+        """Per-channel statistics of maps from their per-row channel ``mean`` and ``var`` (each (N, C), as
+        the cache stores them), without the maps: the same as :meth:`fit` on the maps, to float rounding.
+
+        Every row has the same number of positions, so the channel mean is the mean of the row means and
+        the variance is the mean of the row variances plus the variance of the row means.
+
+        Example:
+            >>> maps = torch.randn(50, 3, 4, 4)
+            >>> var, m = torch.var_mean(maps, dim=(2, 3), correction=0)
+            >>> s = Standardize.from_channel_stats(m.numpy(), var.numpy())
+            >>> torch.allclose(s.std, Standardize.fit(maps).std)
+            True
+        """
+        n = len(mean)
+
+        def total(fn: Any) -> torch.Tensor:
+            acc = torch.zeros(mean.shape[1], dtype=torch.float64)
+            for i in range(0, n, chunk):
+                acc += fn(slice(i, i + chunk)).sum(0)
+            return acc
+
+        def rows(a: np.ndarray, s: slice) -> torch.Tensor:
+            return torch.from_numpy(np.array(a[s], dtype=np.float64))
+
+        m = total(lambda s: rows(mean, s)) / n
+        v = total(lambda s: rows(var, s) + (rows(mean, s) - m) ** 2) / n
+        std = v.clamp_min(0).sqrt().clamp_min(1e-6)
+        return cls(m.float().view(-1, 1, 1), std.float().view(-1, 1, 1))
 
 
 class Head(nn.Module):

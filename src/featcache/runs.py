@@ -181,7 +181,9 @@ def evaluate_splits(
     }
     for split in ("val", "test"):
         if sources.get(split) is not None:
-            metrics[split] = evaluate(model, sources[split], num_classes)
+            metrics[split] = evaluate(
+                model, sources[split], num_classes, front_once=result.extra.get("front_once", True)
+            )
     return metrics
 
 
@@ -213,12 +215,13 @@ def train_on_cache(
         if views
         else source_for(plain, layer, device, budget)
     )
-    std = None
-    if config.standardize:
-        # Whatever is already in memory, else the memory map by chunks (a pooled head may never load it).
-        held = train.x if isinstance(train, FeatureSource) and train.loaded else None
-        rows = held if held is not None else plain.features[layer]
-        std = Standardize.fit(rows, dtype=plain.dtype)
+    std, stats = None, plain.channel_stats.get(layer)
+    if config.standardize and stats is not None:  # a map: from its cached channel statistics, not the map
+        std = Standardize.from_channel_stats(stats.mean, stats.var)
+    elif config.standardize:
+        # From the training features in memory (maybe on the GPU), else the memory map by chunks.
+        held = train.x if isinstance(train, FeatureSource) else None
+        std = Standardize.fit(held if held is not None else plain.features[layer], dtype=plain.dtype)
     info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, shape, len(classes), std, seed=config.seed)
     sources: dict[str, FeatureSource] = {

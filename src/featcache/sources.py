@@ -109,8 +109,19 @@ class FeatureSource:
     def _mean_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows of the channel means as 1x1 maps: pooling them gives what pooling the maps gives."""
         assert self.channel_mean is not None
-        means = to_torch(np.asarray(self.channel_mean[start:stop]), "float32")
+        rows = self.channel_mean[start:stop]
+        means = rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), "float32")
         return means.to(self.device, torch.float32)[:, :, None, None]
+
+    def reads_channel_means(self, fn: nn.Module | None) -> bool:
+        """Whether :meth:`mapped` runs ``fn`` on the channel means instead of the maps."""
+        return fn is not None and self.channel_mean is not None and _pools_first(fn)
+
+    def prepare(self, front: nn.Module | None = None) -> None:
+        """Load the features now (say, before a clock starts), unless ``front`` will read the channel
+        means instead or the source is streamed."""
+        if not self.reads_channel_means(front):
+            _ = self.x
 
     def mapped(self, fn: nn.Module, progress: bool = False) -> FeatureSource | None:
         """The rows passed once through ``fn`` (parameter-free and row-wise: a head's frozen front).
@@ -129,7 +140,7 @@ class FeatureSource:
         n = len(self)
         if n == 0:
             return None
-        from_means = self.channel_mean is not None and _pools_first(fn)
+        from_means = self.reads_channel_means(fn)
         rows = self._mean_rows if from_means else self._rows
         in_row = 4 * self.row_shape[0] if from_means else self._row_bytes()
         held = 0 if self.streamed or (from_means and not self.loaded) else self._row_bytes() * n
@@ -235,6 +246,11 @@ class ViewCycle:
     def row_shape(self) -> tuple[int, ...]:
         return self.views[0].row_shape
 
+    def prepare(self, front: nn.Module | None = None) -> None:
+        """Load every view now (views never run a head's front once)."""
+        for v in self.views:
+            v.prepare()
+
     def set_epoch(self, epoch: int) -> None:
         """Read view ``epoch mod K`` next; it takes over the previous view's shuffle buffer (one buffer
         in all, not one per view)."""
@@ -258,5 +274,6 @@ def source_for(
         raise FeatcacheError(
             f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}"
         )
-    means = cached.channel_means.get(layer)
+    stats = cached.channel_stats.get(layer)
+    means = stats.mean if stats is not None else None
     return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb, means)

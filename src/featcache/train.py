@@ -138,8 +138,13 @@ def make_schedule(
 
 
 @torch.no_grad()
-def evaluate(head: nn.Module, data: BatchSource, num_classes: int, batch_size: int = 1024) -> dict[str, Any]:
+def evaluate(
+    head: nn.Module, data: BatchSource, num_classes: int, batch_size: int = 1024, front_once: bool = True
+) -> dict[str, Any]:
     """Loss, top-1, top-5 (when there are >= 5 classes), per-class accuracy and the confusion matrix.
+
+    With ``front_once`` a pooled head on cached maps reads their channel means instead of the maps
+    (the same numbers; see :meth:`~featcache.sources.FeatureSource.mapped`).
 
     Example:
         >>> m = evaluate(head, FeatureSource(x, y), num_classes=10)  # doctest: +SKIP
@@ -147,10 +152,20 @@ def evaluate(head: nn.Module, data: BatchSource, num_classes: int, batch_size: i
     """
     was = head.training
     head.eval()
+    model, split = head, split_front(head)
+    if (
+        front_once
+        and split is not None
+        and isinstance(data, FeatureSource)
+        and data.reads_channel_means(split[0])
+    ):
+        mapped = data.mapped(split[0])  # a pooled head on maps: read the cached channel means only
+        if mapped is not None:
+            model, data = split[1], mapped
     loss_sum, correct, correct5 = 0.0, 0, 0
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for xb, yb in data.batches(batch_size, None):
-        logits = head(xb).float()
+        logits = model(xb).float()
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         pred = logits.argmax(1)
         correct += int((pred == yb).sum())
@@ -248,6 +263,11 @@ def fit(
         history, step_losses = state["history"], state["step_losses"]
         best = {"epoch": state["best_epoch"], "score": state["best_score"], "state": state["best_state"]}
         start_epoch, bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
+    split = split_front(head) if config.fast_paths else None
+    for src in (train, val):  # read cached features into memory before the clock starts
+        prepare = getattr(src, "prepare", None)
+        if prepare is not None:
+            prepare(split[0] if split else None)
     t0 = time.perf_counter()
     model, step = head, None
     if config.fast_paths:
@@ -309,7 +329,7 @@ def fit(
                 "train_seconds": time.perf_counter() - te,
             }
             if val is not None and len(val):
-                m = evaluate(model, val, num_classes)
+                m = evaluate(model, val, num_classes, front_once=config.fast_paths)
                 row.update(val_loss=m["loss"], val_acc=m["acc"])
             history.append(row)
             if config.monitor not in row:  # no validation: the last epoch is the best, nothing to keep

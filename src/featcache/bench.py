@@ -20,7 +20,7 @@ import torch
 from ._util import resolve_device, write_json
 from .backbones import Backbone, load_backbone
 from .baselines import dataloader_epoch, naive_epoch
-from .cache import CacheWriter
+from .cache_writer import CacheWriter
 from .data import DatasetSplits, image_folder, load_dataset
 from .extract import ExtractConfig, Extractor, extract, extract_splits, resolved_cfg
 from .heads import HeadSpec, build_head

@@ -1,27 +1,14 @@
-"""The persistent, content-addressed, crash-safe feature cache.
+"""The persistent, content-addressed, crash-safe feature cache: keys, opening, checking, housekeeping.
 
-Layout of one entry, ``<root>/<key>/`` (no pickle anywhere)::
-
-    record.json            what the key hashes (written first; a partial entry has only this + shards)
-    shards/00000.json      a finished shard: rows, skipped ids, SHA-256 of each layer file
-    shards/00000.<layer>.npy
-    features/<layer>.npy   consolidated, memory-mappable arrays (written at commit)
-    features/channel_stats/<layer>.{mean,var}.npy
-                           per-row channel mean and variance of each spatial map (N, C), float32,
-                           written at commit: pooled heads and standardisation read them, not the map
-    labels.npy, ids.json
-    manifest.json          committed last: its presence means the entry is complete
-
-Every file is written to a temporary name in the same folder and renamed. A run killed at any
-instant leaves a complete entry or a partial one that the next identical extraction resumes
-without redoing finished shards. A file lock keeps two processes from building one entry at once.
+An entry is written by :class:`~featcache.cache_writer.CacheWriter` (its module documents the layout);
+this module finds, opens (memory-mapped), verifies, lists and removes entries. A file lock keeps two
+processes from building one entry at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -34,10 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._util import FeatcacheError, stable_hash, write_json
-
-CACHE_VERSION = 1
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+from ._util import FeatcacheError, stable_hash
+from .cache_writer import CACHE_VERSION, CHANNEL_STATS, CacheWriter, block_digests, sha256_file, to_torch
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -55,55 +40,6 @@ def cache_key(record: dict[str, Any]) -> str:
     return stable_hash({**record, "cache_version": CACHE_VERSION})
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> str:
-    """Write ``array`` via a temporary name + fsync + rename; return the file's SHA-256."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256_file(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def _block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
-    out, start = [], 0
-    for n in rows:
-        out.append(hashlib.sha256(np.ascontiguousarray(array[start : start + n]).tobytes()).hexdigest())
-        start += n
-    return out
-
-
-CHANNEL_STATS = ("mean", "var")
-
-
-def _channel_stats(part: np.ndarray, dtype: str, out: dict[str, np.ndarray]) -> None:
-    """Write the per-row channel mean and (population) variance of the (n, C, H, W) maps ``part`` (storage
-    ``dtype``) into ``out["mean"]`` / ``out["var"]``, ~64 MB of rows at a time. They describe the stored
-    (rounded) values: what average pooling and standardisation of the map would see."""
-    step = max(1, (64 << 20) // max(1, part[:1].nbytes))  # part may be empty (every image skipped)
-    for s in range(0, len(part), step):
-        maps = to_torch(np.asarray(part[s : s + step]), dtype).float()
-        var, mean = torch.var_mean(maps, dim=(2, 3), correction=0)
-        out["mean"][s : s + len(maps)] = mean.numpy()
-        out["var"][s : s + len(maps)] = var.numpy()
-
-
 @dataclass(frozen=True)
 class ChannelStats:
     """Per-row channel statistics of a cached spatial map, each (N, C) float32, memory-mapped.
@@ -119,151 +55,6 @@ class ChannelStats:
 
     mean: np.ndarray
     var: np.ndarray
-
-
-def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
-    a = np.ascontiguousarray(array)
-    t = torch.from_numpy(a if a.flags.writeable else a.copy())
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-class CacheWriter:
-    """Writes one entry shard by shard; ``commit`` consolidates and writes the manifest last."""
-
-    def __init__(self, path: Path, record: dict[str, Any]) -> None:
-        self.path, self.record = path, record
-        (path / "shards").mkdir(parents=True, exist_ok=True)
-        rec = path / "record.json"
-        if rec.exists():
-            self.record = json.loads(rec.read_text())
-        else:
-            write_json(rec, record)
-
-    @property
-    def shard_rows(self) -> int:
-        return int(self.record["shard_rows"])
-
-    def finished_shards(self) -> dict[int, dict[str, Any]]:
-        """Shards whose marker and files are all present and of the recorded size."""
-        done = {}
-        for marker in sorted((self.path / "shards").glob("*.json")):
-            try:
-                meta = json.loads(marker.read_text())
-            except (json.JSONDecodeError, OSError):
-                continue
-            files = [self.path / "shards" / f for f in meta["files"].values()]
-            if all(f.exists() and f.stat().st_size == meta["sizes"][f.name] for f in files):
-                done[int(marker.stem)] = meta
-        return done
-
-    def write_shard(
-        self,
-        index: int,
-        arrays: dict[str, np.ndarray],
-        rows: list[int],
-        skipped: list[tuple[int, str]],
-        process: int = 0,
-    ) -> None:
-        """Write the layer arrays of shard ``index`` (dataset ``rows``), then its marker.
-
-        ``process`` is the rank that wrote it, when several extract one entry (:mod:`featcache.distributed`).
-        """
-        files, digests, sizes = {}, {}, {}
-        for layer, arr in arrays.items():
-            name = f"{index:05d}.{layer}.npy"
-            p = self.path / "shards" / name
-            digests[name] = _save_npy(p, arr)
-            files[layer], sizes[name] = name, p.stat().st_size
-        meta = {
-            "index": index,
-            "rows": rows,
-            "skipped": skipped,
-            "files": files,
-            "sha256": digests,
-            "sizes": sizes,
-            "process": process,
-        }
-        write_json(self.path / "shards" / f"{index:05d}.json", meta)
-
-    def commit(self, n_shards: int, ids: list[str], labels: np.ndarray, info: dict[str, Any]) -> None:
-        """Consolidate shards into one memory-mappable array per layer and write the manifest."""
-        shards = self.finished_shards()
-        missing = [i for i in range(n_shards) if i not in shards]
-        if missing:
-            raise FeatcacheError(
-                f"cannot commit cache {self.path.name}: shards {missing[:5]} are missing (with several "
-                "processes on several machines, the cache folder must be one that every machine sees)"
-            )
-        ordered = [shards[i] for i in range(n_shards)]
-        rows = [r for m in ordered for r in m["rows"]]
-        block_rows = [len(m["rows"]) for m in ordered]
-        feat_dir = self.path / "features"
-        feat_dir.mkdir(exist_ok=True)
-        layers: dict[str, Any] = {}
-        for layer in self.record["layers"]:
-            parts = [np.load(self.path / "shards" / m["files"][layer], mmap_mode="r") for m in ordered]
-            shape = (len(rows), *parts[0].shape[1:])
-            tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
-            stats_tmp = {k: feat_dir / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS}
-            stats = (
-                {k: np.lib.format.open_memmap(f, "w+", np.float32, shape[:2]) for k, f in stats_tmp.items()}
-                if len(shape) == 4
-                else None
-            )
-            start = 0
-            for part in parts:
-                out[start : start + len(part)] = part
-                if stats is not None:
-                    _channel_stats(part, self.record["dtype"], {k: v[start:] for k, v in stats.items()})
-                start += len(part)
-            out.flush()
-            digests = _block_digests(out, block_rows)
-            del out
-            _fsync_rename(tmp, feat_dir / f"{layer}.npy")
-            layers[layer] = {
-                "shape": list(shape[1:]),
-                "file": f"features/{layer}.npy",
-                "block_sha256": digests,
-            }
-            if stats is not None:
-                for arr in stats.values():
-                    arr.flush()
-                del stats, arr
-                (feat_dir / "channel_stats").mkdir(exist_ok=True)
-                layers[layer]["channel_stats"] = {}
-                for k, part_file in stats_tmp.items():
-                    name = f"features/channel_stats/{layer}.{k}.npy"
-                    _fsync_rename(part_file, self.path / name)
-                    layers[layer]["channel_stats"][k] = {
-                        "file": name,
-                        "sha256": _sha256_file(self.path / name),
-                    }
-        labels_sha256 = _save_npy(self.path / "labels.npy", labels[rows])
-        write_json(self.path / "ids.json", [ids[r] for r in rows])
-        skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]
-        by_process: dict[str, int] = {}
-        for m in ordered:
-            by_process[str(m.get("process", 0))] = by_process.get(str(m.get("process", 0)), 0) + len(
-                m["rows"]
-            )
-        manifest = {
-            **info,
-            "key": self.path.name,
-            "cache_version": CACHE_VERSION,
-            "record": self.record,
-            "rows": len(rows),
-            "block_rows": block_rows,
-            "layers": layers,
-            "labels_sha256": labels_sha256,
-            "ids_sha256": _sha256_file(self.path / "ids.json"),
-            "skipped": skipped,
-            "rows_by_process": by_process,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json(self.path / "manifest.json", manifest)
-        shutil.rmtree(self.path / "shards", ignore_errors=True)
 
 
 @dataclass
@@ -453,7 +244,7 @@ class FeatureCache:
                 problems.append(f"{meta['file']}: {arr.shape[0]} rows, expected {manifest['rows']}")
                 continue
             for i, (got, want) in enumerate(
-                zip(_block_digests(arr, manifest["block_rows"]), meta["block_sha256"])
+                zip(block_digests(arr, manifest["block_rows"]), meta["block_sha256"])
             ):
                 if got != want:
                     problems.append(f"{meta['file']}: block {i} checksum mismatch")
@@ -461,14 +252,14 @@ class FeatureCache:
                 f = path / extra["file"]
                 if not f.is_file():
                     problems.append(f"{extra['file']}: missing")
-                elif _sha256_file(f) != extra["sha256"]:
+                elif sha256_file(f) != extra["sha256"]:
                     problems.append(f"{extra['file']}: checksum mismatch")
         for name in ("labels.npy", "ids.json"):
             want = manifest.get(f"{name.split('.')[0]}_sha256")
             f = path / name
             if not f.is_file():
                 problems.append(f"{name}: missing")
-            elif want is not None and _sha256_file(f) != want:
+            elif want is not None and sha256_file(f) != want:
                 problems.append(f"{name}: checksum mismatch")
         return problems
 

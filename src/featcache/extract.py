@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, resolve_device, unknown
 from .backbones import Backbone, BackboneCfg
-from .cache import STORAGE_DTYPES, CachedFeatures, FeatureCache, cache_key
+from .cache import CachedFeatures, FeatureCache, cache_key
+from .cache_writer import STORAGE_DTYPES
 from .data import BAD_IMAGE_POLICIES, BadImageError, DatasetSplits, SampleSet
 from .distributed import Ranks
 from .layers import FeatureExtractor
@@ -345,6 +346,7 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
                 "processes": 1 if ranks is None else ranks.world,
                 "method": ex.net.method,
             },
+            progress=job.progress,
         )
     if ranks is not None:
         ranks.barrier()  # the manifest is committed

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._util import FeatcacheError, unknown
-from .cache import to_torch
+from .cache_writer import to_torch
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
 

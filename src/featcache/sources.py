@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._util import FeatcacheError, resolve_device
-from .cache import to_torch
+from .cache_writer import to_torch
 from .heads import Standardize
 
 

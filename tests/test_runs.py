@@ -11,14 +11,39 @@ import pytest
 import torch
 
 import featcache.runs as runs_mod
-from featcache.backbones import load_backbone
+from featcache.backbones import Backbone, load_backbone
 from featcache.extract import ExtractConfig, extract
 from featcache.heads import HeadSpec, Standardize
-from featcache.runs import DataConfig, load_run, train_run
+from featcache.runs import DataConfig, Run, load_run, train_run
 from featcache.sources import FeatureSource
 from featcache.train import TrainConfig, fit
 
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=64)
+
+
+def _train(
+    model: Backbone | str,
+    data: DataConfig,
+    layer: str,
+    head: HeadSpec,
+    cfg: TrainConfig,
+    ecfg: ExtractConfig,
+    out: Path,
+    resume: bool = False,
+) -> Run:
+    """``train_run`` with the tests' cache folder (``c`` beside the run folder) and no progress bars."""
+    return train_run(
+        model,
+        data,
+        layer,
+        head,
+        cfg,
+        ecfg,
+        out,
+        cache_dir=str(out.parent / "c"),
+        progress=False,
+        resume=resume,
+    )
 
 
 def _count_forwards(model: torch.nn.Module) -> dict[str, int]:
@@ -31,30 +56,10 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     data = DataConfig("digits", limit=300)
     cfg = TrainConfig(epochs=3, lr=1e-2, device="cpu")
-    first = train_run(
-        bb,
-        data,
-        "layer3",
-        HeadSpec("linear"),
-        cfg,
-        SMALL,
-        tmp_path / "r1",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+    first = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r1")
     assert not any(first.metrics["cache_hit"].values())
     calls = _count_forwards(bb.model)
-    second = train_run(
-        bb,
-        data,
-        "layer3",
-        HeadSpec("linear"),
-        cfg,
-        SMALL,
-        tmp_path / "r2",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+    second = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r2")
     assert calls["n"] == 0
     assert all(second.metrics["cache_hit"].values())
     assert second.metrics["test"]["acc"] == first.metrics["test"]["acc"]
@@ -96,7 +101,7 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
     )
 
     def run(fast: bool) -> dict:
-        return train_run(
+        return _train(
             bb,
             data,
             "layer2",
@@ -104,8 +109,6 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
             replace(cfg, fast_paths=fast),
             ecfg,
             tmp_path / f"r{fast}",
-            cache_dir=str(tmp_path / "c"),
-            progress=False,
         ).metrics
 
     fast = run(True)
@@ -122,7 +125,7 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
 
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
-    run = train_run(
+    run = _train(
         bb,
         DataConfig("digits", limit=200),
         "penultimate",
@@ -130,8 +133,6 @@ def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
         TrainConfig(epochs=2, standardize=True, device="cpu"),
         SMALL,
         tmp_path / "r",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
     )
     again = load_run(tmp_path / "r")
     test = DataConfig("digits", limit=200).load().test
@@ -147,35 +148,15 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
     bb = load_backbone("torchvision:resnet18", weights="none")
     data = DataConfig("digits", limit=200)
     cfg = TrainConfig(epochs=4, lr=3e-3, device="cpu")
-    full = train_run(
-        bb,
-        data,
-        "layer2",
-        HeadSpec("linear"),
-        cfg,
-        SMALL,
-        tmp_path / "full",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+    full = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "full")
 
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
         return fit(*args, **kwargs, stop_after_epochs=2)
 
     monkeypatch.setattr(runs_mod, "fit", interrupted)
-    train_run(
-        bb,
-        data,
-        "layer2",
-        HeadSpec("linear"),
-        cfg,
-        SMALL,
-        tmp_path / "cut",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+    _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "cut")
     monkeypatch.undo()
-    resumed = train_run(  # resumed with plain autograd: the fast paths change speed, not the training
+    resumed = _train(
         bb,
         data,
         "layer2",
@@ -183,16 +164,14 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
         replace(cfg, fast_paths=False),
         SMALL,
         tmp_path / "cut",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
         resume=True,
-    )
+    )  # resumed with plain autograd: the fast paths change speed, not the training
     np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
     for a, b in zip(resumed.head.state_dict().values(), full.head.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     with pytest.raises(ValueError, match="differ"):
-        train_run(
+        _train(
             bb,
             data,
             "layer2",
@@ -200,8 +179,6 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
             TrainConfig(epochs=9, device="cpu"),
             SMALL,
             tmp_path / "cut",
-            cache_dir=str(tmp_path / "c"),
-            progress=False,
             resume=True,
         )
 
@@ -212,18 +189,10 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
     data = DataConfig("mnist-5k")
     ecfg = ExtractConfig(input_size=(64, 64), batch_size=128)
     cfg = TrainConfig(epochs=20, lr=3e-3, standardize=True)
-    pre = train_run(
-        "efficientnet-lite0",
-        data,
-        "penultimate",
-        HeadSpec("linear"),
-        cfg,
-        ecfg,
-        tmp_path / "imagenet",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
+    pre = _train(
+        "efficientnet-lite0", data, "penultimate", HeadSpec("linear"), cfg, ecfg, tmp_path / "imagenet"
     )
-    rand = train_run(
+    rand = _train(
         "efficientnet-lite0",
         data,
         "penultimate",
@@ -232,8 +201,6 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
         ecfg,
         tmp_path / "random",
         weights="none",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
     )
     print(f"imagenet {pre.metrics['test']['acc']:.4f}  random-init {rand.metrics['test']['acc']:.4f}")
     assert pre.metrics["test"]["acc"] >= 0.90

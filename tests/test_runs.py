@@ -30,6 +30,7 @@ def _train(
     ecfg: ExtractConfig,
     out: Path,
     resume: bool = False,
+    weights: str | None = None,
 ) -> Run:
     """``train_run`` with the tests' cache folder (``c`` beside the run folder) and no progress bars."""
     return train_run(
@@ -40,6 +41,7 @@ def _train(
         cfg,
         ecfg,
         out,
+        weights=weights,
         cache_dir=str(out.parent / "c"),
         progress=False,
         resume=resume,

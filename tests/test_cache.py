@@ -465,3 +465,24 @@ def test_verify_and_open_detect_damaged_channel_statistics(resnet18: Backbone, c
     assert cache.verify(cached.key) == [f"{name}: missing"]
     f.write_bytes(original)
     assert cache.verify(cached.key) == []
+
+
+def test_commit_removes_what_a_crashed_commit_left(tmp_path: Path) -> None:
+    from featcache.cache_writer import CacheWriter
+
+    key = "ab" * 32
+    writer = CacheWriter(tmp_path / key, {"layers": ["m"], "shard_rows": 4, "dtype": "float32"})
+    maps = np.arange(3 * 2 * 2 * 2, dtype=np.float32).reshape(3, 2, 2, 2)
+    writer.write_shard(0, {"m": maps}, [0, 1, 2], [])
+    stale = [
+        tmp_path / key / "features/m.npy.tmp-1",
+        tmp_path / key / "features/channel_stats/m.mean.npy.tmp-1",
+    ]
+    for f in stale:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half-written")
+    writer.commit(1, ["a", "b", "c"], np.zeros(3, dtype=np.int64), {"classes": ["x"]})
+    assert not any(f.exists() for f in stale)
+    cache = FeatureCache(tmp_path)
+    assert cache.verify(key) == []
+    np.testing.assert_allclose(cache.open(key).channel_stats["m"].mean, maps.mean((2, 3)))

@@ -80,27 +80,32 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
         assert data_png[:8] == b"\x89PNG\r\n\x1a\n" and len(data_png) > 15_000
 
 
-def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bb = load_backbone("torchvision:resnet18", weights="none")
-    data, ecfg = DataConfig("digits", limit=200), replace(SMALL, pool="none")
-    cfg = TrainConfig(epochs=3, lr=1e-2, standardize=True, device="cpu")
+@pytest.fixture
+def maps_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of every cached map a FeatureSource loads, and -1 per Standardize.fit (which reads them)."""
+    seen: list[int] = []
     load_x = FeatureSource.x.fget
-    maps_loaded: list[int] = []
 
     def x(self: FeatureSource) -> torch.Tensor | None:
         if len(self.row_shape) == 3 and not self.loaded:  # a map read into memory
-            maps_loaded.append(len(self))
+            seen.append(len(self))
         return load_x(self)  # type: ignore[misc]
 
     monkeypatch.setattr(FeatureSource, "x", property(x))
     fit_std = Standardize.fit.__func__  # type: ignore[attr-defined]
     monkeypatch.setattr(
-        Standardize,
-        "fit",
-        classmethod(lambda cls, a, *r, **k: maps_loaded.append(-1) or fit_std(cls, a, *r, **k)),
+        Standardize, "fit", classmethod(lambda cls, a, *r, **k: seen.append(-1) or fit_std(cls, a, *r, **k))
     )
+    return seen
+
+
+def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps(
+    tmp_path: Path, maps_read: list[int]
+) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, ecfg = DataConfig("digits", limit=200), replace(SMALL, pool="none")
+    cfg = TrainConfig(epochs=3, lr=1e-2, standardize=True, device="cpu")
+    maps_loaded = maps_read
 
     def run(fast: bool) -> dict:
         return _train(
@@ -123,6 +128,19 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
         assert a["val_acc"] == b["val_acc"]
     assert fast["test"]["acc"] == plain["test"]["acc"]
     assert fast["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-5)
+
+
+def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means(
+    tmp_path: Path, maps_read: list[int]
+) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    ecfg = replace(SMALL, pool="none", views=2, augment="flip")
+    cfg = TrainConfig(epochs=2, lr=1e-2, standardize=True, device="cpu")
+    run = _train(
+        bb, DataConfig("digits", limit=200), "layer2", HeadSpec("pooled-linear"), cfg, ecfg, tmp_path / "r"
+    )
+    train_rows = run.metrics["examples_per_epoch"]
+    assert maps_read == [train_rows, train_rows]  # the two training views; val and test: channel means only
 
 
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:

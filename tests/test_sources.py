@@ -152,3 +152,15 @@ def test_training_on_channel_means_equals_training_on_the_maps(tmp_path: Path) -
     np.testing.assert_allclose(fast_r.step_losses, slow_r.step_losses, rtol=1e-5, atol=1e-6)
     for a, b in zip(fast_h.state_dict().values(), slow_h.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_view_cycle_prepares_only_the_views_its_epochs_read(tmp_path: Path) -> None:
+    views = [
+        FeatureSource(_memmap(tmp_path / f"v{k}.npy", torch.full((20, 3), float(k))), torch.zeros(20))
+        for k in range(3)
+    ]
+    cycle = ViewCycle(views)
+    cycle.prepare(None, range(4, 5))  # a resumed run with one epoch left reads view 4 mod 3 = 1
+    assert [v.loaded for v in views] == [False, True, False]
+    cycle.prepare(None, range(0, 2))
+    assert [v.loaded for v in views] == [True, True, False]

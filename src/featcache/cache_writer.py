@@ -167,14 +167,18 @@ class CacheWriter:
         rows = [r for m in ordered for r in m["rows"]]
         block_rows = [len(m["rows"]) for m in ordered]
         feat_dir = self.path / "features"
-        feat_dir.mkdir(exist_ok=True)
+        (feat_dir / "channel_stats").mkdir(parents=True, exist_ok=True)
+        for stale in [*feat_dir.glob("*.tmp-*"), *(feat_dir / "channel_stats").glob("*.tmp-*")]:
+            stale.unlink()  # left by a commit that crashed; the caller holds the entry's lock
         layers: dict[str, Any] = {}
         for layer in self.record["layers"]:
             parts = [np.load(self.path / "shards" / m["files"][layer], mmap_mode="r") for m in ordered]
             shape = (len(rows), *parts[0].shape[1:])
             tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
-            stats_tmp = {k: feat_dir / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS}
+            stats_tmp = {
+                k: feat_dir / "channel_stats" / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS
+            }
             stats = (
                 {k: np.lib.format.open_memmap(f, "w+", np.float32, shape[:2]) for k, f in stats_tmp.items()}
                 if len(shape) == 4
@@ -199,7 +203,6 @@ class CacheWriter:
                 for arr in stats.values():
                     arr.flush()
                 del stats, arr
-                (feat_dir / "channel_stats").mkdir(exist_ok=True)
                 layers[layer]["channel_stats"] = {}
                 for k, part_file in stats_tmp.items():
                     name = f"features/channel_stats/{layer}.{k}.npy"

@@ -182,7 +182,7 @@ def evaluate_splits(
     for split in ("val", "test"):
         if sources.get(split) is not None:
             metrics[split] = evaluate(
-                model, sources[split], num_classes, front_once=result.extra.get("front_once", True)
+                model, sources[split], num_classes, front_once=result.extra.get("fast_paths", True)
             )
     return metrics
 

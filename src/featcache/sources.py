@@ -8,7 +8,7 @@ spatial map reads the cache's per-row channel means instead of the map (:meth:`F
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -117,9 +117,10 @@ class FeatureSource:
         """Whether :meth:`mapped` runs ``fn`` on the channel means instead of the maps."""
         return fn is not None and self.channel_mean is not None and _pools_first(fn)
 
-    def prepare(self, front: nn.Module | None = None) -> None:
+    def prepare(self, front: nn.Module | None = None, epochs: Iterable[int] = ()) -> None:
         """Load the features now (say, before a clock starts), unless ``front`` will read the channel
-        means instead or the source is streamed."""
+        means instead or the source is streamed. ``epochs`` (the ones about to run) matters to
+        :class:`ViewCycle` only."""
         if not self.reads_channel_means(front):
             _ = self.x
 
@@ -246,10 +247,10 @@ class ViewCycle:
     def row_shape(self) -> tuple[int, ...]:
         return self.views[0].row_shape
 
-    def prepare(self, front: nn.Module | None = None) -> None:
-        """Load every view now (views never run a head's front once)."""
-        for v in self.views:
-            v.prepare()
+    def prepare(self, front: nn.Module | None = None, epochs: Iterable[int] = ()) -> None:
+        """Load now the views that ``epochs`` will read (views never run a head's front once)."""
+        for k in sorted({e % len(self.views) for e in epochs}):
+            self.views[k].prepare()
 
     def set_epoch(self, epoch: int) -> None:
         """Read view ``epoch mod K`` next; it takes over the previous view's shuffle buffer (one buffer

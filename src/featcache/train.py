@@ -267,7 +267,7 @@ def fit(
     for src in (train, val):  # read cached features into memory before the clock starts
         prepare = getattr(src, "prepare", None)
         if prepare is not None:
-            prepare(split[0] if split else None)
+            prepare(split[0] if split else None, range(start_epoch, config.epochs))
     t0 = time.perf_counter()
     model, step = head, None
     if config.fast_paths:
@@ -381,6 +381,7 @@ def fit(
         len(train),
         resumed_from=start_epoch,
         extra={
+            "fast_paths": config.fast_paths,
             "front_once": model is not head,
             "front_from_channel_means": bool(getattr(train, "from_channel_means", False)),
             "front_seconds": front_seconds,

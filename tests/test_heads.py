@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from featcache._util import FeatcacheError
-from featcache.heads import HeadInfo, HeadSpec, Standardize, build_head, check_input
+from featcache.heads import HeadInfo, HeadSpec, Standardize, build_head, check_input, fit_standardize
 
 
 @pytest.mark.parametrize(
@@ -82,6 +82,26 @@ def test_standardize_from_channel_statistics_equals_fitting_the_maps() -> None:
     torch.testing.assert_close(got.mean, ref.mean, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(got.std, ref.std, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.std.flatten(), maps.transpose(0, 1).flatten(1).std(1, unbiased=False))
+
+
+def test_fit_standardize_takes_what_the_first_trainable_layer_sees() -> None:
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(70, 4, 5, 5, generator=g) * 3 + torch.randn(70, 4, 1, 1, generator=g)
+    var, mean = torch.var_mean(maps, dim=(2, 3), correction=0)
+    pooled = maps.mean((2, 3))
+    for s in (
+        fit_standardize("pooled-linear", maps),  # an entry without channel statistics: pools the maps
+        fit_standardize("pooled-linear", maps.numpy(), mean.numpy(), var.numpy()),
+    ):
+        assert s.mean.shape == (4, 1, 1)
+        out = s(maps).mean((2, 3))  # standardise, then pool: unit variance per pooled feature
+        torch.testing.assert_close(out.mean(0), torch.zeros(4), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.std(0, unbiased=False), torch.ones(4), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.mean.flatten(), pooled.mean(0), rtol=1e-5, atol=1e-5)
+    conv = fit_standardize("conv", maps.numpy(), mean.numpy(), var.numpy())
+    torch.testing.assert_close(conv.std, Standardize.fit(maps).std, rtol=1e-5, atol=1e-6)
+    flat = fit_standardize("linear", pooled)
+    torch.testing.assert_close(flat.std, pooled.std(0, unbiased=False), rtol=1e-5, atol=1e-6)
 
 
 def test_head_info_rebuilds_same_structure() -> None:

@@ -82,7 +82,7 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
 
 @pytest.fixture
 def maps_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows of every cached map a FeatureSource loads, and -1 per Standardize.fit (which reads them)."""
+    """Rows of every cached map a FeatureSource loads, and -1 per Standardize.fit on maps (reads them)."""
     seen: list[int] = []
     load_x = FeatureSource.x.fget
 
@@ -94,7 +94,11 @@ def maps_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(FeatureSource, "x", property(x))
     fit_std = Standardize.fit.__func__  # type: ignore[attr-defined]
     monkeypatch.setattr(
-        Standardize, "fit", classmethod(lambda cls, a, *r, **k: seen.append(-1) or fit_std(cls, a, *r, **k))
+        Standardize,
+        "fit",
+        classmethod(
+            lambda cls, a, *r, **k: (len(a.shape) == 4 and seen.append(-1)) or fit_std(cls, a, *r, **k)
+        ),
     )
     return seen
 
@@ -128,6 +132,24 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
         assert a["val_acc"] == b["val_acc"]
     assert fast["test"]["acc"] == plain["test"]["acc"]
     assert fast["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-5)
+
+
+def test_a_pooled_head_on_maps_trains_as_a_linear_head_on_the_pooled_cache(tmp_path: Path) -> None:
+    """Standardised pooled-linear on `--pool none` maps == standardised linear on `--pool avg` vectors:
+    the head standardises what its Linear sees, the pooled features."""
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = (
+        DataConfig("digits", limit=200),
+        TrainConfig(epochs=4, lr=1e-2, standardize=True, device="cpu"),
+    )
+    maps = _train(
+        bb, data, "layer2", HeadSpec("pooled-linear"), cfg, replace(SMALL, pool="none"), tmp_path / "m"
+    )
+    vecs = _train(bb, data, "layer2", HeadSpec("linear"), cfg, replace(SMALL, pool="avg"), tmp_path / "v")
+    for a, b in zip(maps.metrics["history"], vecs.metrics["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_acc"] == b["val_acc"]
+    assert maps.metrics["test"]["acc"] == vecs.metrics["test"]["acc"]
 
 
 def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means(

@@ -127,6 +127,46 @@ class Standardize(nn.Module):
         return cls(m.float().view(-1, 1, 1), std.float().view(-1, 1, 1))
 
 
+def fit_standardize(
+    kind: str,
+    x: torch.Tensor | np.ndarray,
+    channel_mean: np.ndarray | None = None,
+    channel_var: np.ndarray | None = None,
+    dtype: str = "float32",
+) -> Standardize:
+    """Training-split statistics of what the head's first trainable layer sees.
+
+    A ``pooled-linear`` head on maps standardises its pooled features (per channel over images): its
+    :class:`Standardize` sits before the pooling, which is the same affine map. Any other head on maps
+    standardises per channel over images and positions; vectors per feature. With the cache's
+    per-row ``channel_mean`` / ``channel_var`` of maps, the maps themselves are not read.
+
+    Example:
+        >>> maps = torch.randn(64, 8, 5, 5)
+        >>> s = fit_standardize("pooled-linear", maps)
+        >>> torch.allclose(s(maps).mean((2, 3)).std(0, unbiased=False), torch.ones(8), atol=1e-4)
+        True
+    """
+    if len(x.shape) == 4 and kind == "pooled-linear":
+        pooled = channel_mean if channel_mean is not None else _pooled(x, dtype)
+        per_channel = Standardize.fit(pooled)
+        return Standardize(per_channel.mean.view(-1, 1, 1), per_channel.std.view(-1, 1, 1))
+    if len(x.shape) == 4 and channel_mean is not None and channel_var is not None:
+        return Standardize.from_channel_stats(channel_mean, channel_var)
+    return Standardize.fit(x, dtype=dtype)
+
+
+def _pooled(x: torch.Tensor | np.ndarray, dtype: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """(N, C) channel means of (N, C, H, W) maps, read ``chunk_bytes`` at a time."""
+    step = max(1, chunk_bytes // max(1, 4 * int(np.prod(x.shape[1:]))))
+    parts = []
+    for i in range(0, len(x), step):
+        rows = x[i : i + step]
+        t = rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)
+        parts.append(t.float().mean((2, 3)))
+    return torch.cat(parts) if parts else torch.zeros(0, x.shape[1])
+
+
 class Head(nn.Module):
     """An optional :class:`Standardize` followed by the classifier body."""
 

@@ -25,7 +25,7 @@ from .backbones import Backbone, BackboneCfg, load_backbone
 from .cache import CachedFeatures
 from .data import DatasetSplits, load_dataset
 from .extract import ExtractConfig, extract_splits, extract_views
-from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head, check_input
+from .heads import Head, HeadInfo, HeadSpec, build_head, check_input, fit_standardize
 from .report import plot_confusion, plot_curves
 from .sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .train import FitResult, TrainConfig, evaluate, fit
@@ -216,12 +216,13 @@ def train_on_cache(
         else source_for(plain, layer, device, budget)
     )
     std, stats = None, plain.channel_stats.get(layer)
-    if config.standardize and stats is not None:  # a map: from its cached channel statistics, not the map
-        std = Standardize.from_channel_stats(stats.mean, stats.var)
-    elif config.standardize:
-        # From the training features in memory (maybe on the GPU), else the memory map by chunks.
-        held = train.x if isinstance(train, FeatureSource) else None
-        std = Standardize.fit(held if held is not None else plain.features[layer], dtype=plain.dtype)
+    if config.standardize:
+        # A map's cached channel statistics, else the training features in memory (maybe on the GPU),
+        # else (views) the memory map by chunks.
+        held = train.x if stats is None and isinstance(train, FeatureSource) else None
+        rows = held if held is not None else plain.features[layer]
+        mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
+        std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype)
     info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None)
     head = build_head(head_spec, shape, len(classes), std, seed=config.seed)
     sources: dict[str, FeatureSource] = {

@@ -486,3 +486,29 @@ def test_commit_removes_what_a_crashed_commit_left(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path)
     assert cache.verify(key) == []
     np.testing.assert_allclose(cache.open(key).channel_stats["m"].mean, maps.mean((2, 3)))
+
+
+def test_a_hit_on_an_older_entry_adds_its_channel_statistics(resnet18: Backbone, cache_dir: Path) -> None:
+    import shutil
+
+    samples = _samples(9)
+    first = _extract(resnet18, samples, cache_dir, pool="none", shard_rows=4)
+    want = first.channel_stats["layer3"]
+    want_mean, want_var = np.array(want.mean), np.array(want.var)
+    # Make it an entry from before featcache stored the statistics.
+    manifest_file = first.path / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["layers"]["layer3"]["channel_stats"]
+    manifest_file.write_text(json.dumps(manifest))
+    shutil.rmtree(first.path / "features" / "channel_stats")
+    assert FeatureCache(cache_dir).open(first.key).channel_stats == {}
+
+    calls = []
+    hook = resnet18.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    again = _extract(resnet18, samples, cache_dir, pool="none", shard_rows=4)
+    hook.remove()
+    assert again.hit and calls == []  # no forward pass: the statistics come from the stored maps
+    np.testing.assert_array_equal(np.array(again.channel_stats["layer3"].mean), want_mean)
+    np.testing.assert_array_equal(np.array(again.channel_stats["layer3"].var), want_var)
+    assert FeatureCache(cache_dir).verify(again.key) == []
+    assert FeatureCache(cache_dir).add_channel_stats(again.key) == []  # nothing left to add

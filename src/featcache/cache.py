@@ -20,9 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ._util import FeatcacheError, stable_hash
-from .cache_writer import CACHE_VERSION, CHANNEL_STATS, CacheWriter, block_digests, sha256_file, to_torch
+from ._util import FeatcacheError, stable_hash, write_json
+from .cache_writer import (
+    CACHE_VERSION,
+    CHANNEL_STATS,
+    CacheWriter,
+    ChannelStatsFiles,
+    block_digests,
+    sha256_file,
+    to_torch,
+)
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -222,6 +231,36 @@ class FeatureCache:
         if arr.shape != shape:
             raise damaged(f"shape {arr.shape}, expected {shape}")
         return arr
+
+    def add_channel_stats(self, key: str, progress: bool = False) -> list[str]:
+        """Give the maps of an entry written before featcache stored channel statistics their statistics
+        (each map read once, under the entry's lock); returns the layers that got them.
+
+        Example:
+            >>> FeatureCache().add_channel_stats("3fa2c1")  # doctest: +SKIP
+            ['layer3']
+        """
+        key = self.resolve(key)
+        path = self.path(key)
+
+        def todo() -> tuple[dict[str, Any], list[str]]:
+            m = json.loads((path / "manifest.json").read_text())
+            return m, [k for k, v in m["layers"].items() if len(v["shape"]) == 3 and "channel_stats" not in v]
+
+        if not self.is_complete(key) or not todo()[1]:
+            return []
+        with self.lock(key):
+            manifest, layers = todo()  # again: another process may have added them meanwhile
+            for layer in layers:
+                maps = np.load(path / manifest["layers"][layer]["file"], mmap_mode="r")
+                files = ChannelStatsFiles(path, layer, len(maps), maps.shape[1], manifest["record"]["dtype"])
+                step = max(1, (256 << 20) // max(1, maps[:1].nbytes))
+                desc = f"channel statistics of {layer}"
+                for s in tqdm(range(0, len(maps), step), desc=desc, delay=2, disable=not progress):
+                    files.add(s, maps[s : s + step])
+                manifest["layers"][layer]["channel_stats"] = files.finish()
+            write_json(path / "manifest.json", manifest)
+        return layers
 
     def verify(self, key: str) -> list[str]:
         """Check every block checksum and file size; return the problems found (empty when sound)."""

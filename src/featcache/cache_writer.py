@@ -74,16 +74,48 @@ def block_digests(array: np.ndarray, rows: list[int]) -> list[str]:
 CHANNEL_STATS = ("mean", "var")
 
 
-def _channel_stats(part: np.ndarray, dtype: str, out: dict[str, np.ndarray]) -> None:
-    """Write the per-row channel mean and (population) variance of the (n, C, H, W) maps ``part`` (storage
-    ``dtype``) into ``out["mean"]`` / ``out["var"]``, ~64 MB of rows at a time. They describe the stored
-    (rounded) values: what average pooling and standardisation of the map would see."""
-    step = max(1, (64 << 20) // max(1, part[:1].nbytes))  # part may be empty (every image skipped)
-    for s in range(0, len(part), step):
-        maps = to_torch(np.asarray(part[s : s + step]), dtype).float()
-        var, mean = torch.var_mean(maps, dim=(2, 3), correction=0)
-        out["mean"][s : s + len(maps)] = mean.numpy()
-        out["var"][s : s + len(maps)] = var.numpy()
+class ChannelStatsFiles:
+    """The channel statistics of one map layer of an entry, written as rows arrive (memory-mapped
+    temporaries in ``features/channel_stats/``), then moved into place by :meth:`finish`.
+
+    Per row and channel: the mean and (population) variance over the H x W positions of the stored
+    (rounded) values — what average pooling and standardisation of the map see.
+
+    Example:
+        >>> files = ChannelStatsFiles(entry_dir, "layer3", rows=1000, channels=256)  # doctest: +SKIP
+        >>> files.add(0, maps)  # doctest: +SKIP
+        >>> manifest["layers"]["layer3"]["channel_stats"] = files.finish()  # doctest: +SKIP
+    """
+
+    def __init__(self, entry: Path, layer: str, rows: int, channels: int, dtype: str = "float32") -> None:
+        self.entry, self.layer, self.dtype = entry, layer, dtype
+        folder = entry / "features" / "channel_stats"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tmp = {k: folder / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS}
+        self.out = {
+            k: np.lib.format.open_memmap(f, "w+", np.float32, (rows, channels)) for k, f in self.tmp.items()
+        }
+
+    def add(self, start: int, maps: np.ndarray) -> None:
+        """Statistics of rows ``start:start+len(maps)`` from their (n, C, H, W) maps, ~64 MB at a time."""
+        step = max(1, (64 << 20) // max(1, maps[:1].nbytes))
+        for s in range(0, len(maps), step):
+            t = to_torch(np.asarray(maps[s : s + step]), self.dtype).float()
+            var, mean = torch.var_mean(t, dim=(2, 3), correction=0)
+            self.out["mean"][start + s : start + s + len(t)] = mean.numpy()
+            self.out["var"][start + s : start + s + len(t)] = var.numpy()
+
+    def finish(self) -> dict[str, dict[str, str]]:
+        """fsync and rename the files into place; return their manifest entries (file, SHA-256)."""
+        for arr in self.out.values():
+            arr.flush()
+        self.out.clear()
+        meta = {}
+        for k, tmp in self.tmp.items():
+            name = f"features/channel_stats/{self.layer}.{k}.npy"
+            _fsync_rename(tmp, self.entry / name)
+            meta[k] = {"file": name, "sha256": sha256_file(self.entry / name)}
+        return meta
 
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -176,11 +208,8 @@ class CacheWriter:
             shape = (len(rows), *parts[0].shape[1:])
             tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
-            stats_tmp = {
-                k: feat_dir / "channel_stats" / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS
-            }
             stats = (
-                {k: np.lib.format.open_memmap(f, "w+", np.float32, shape[:2]) for k, f in stats_tmp.items()}
+                ChannelStatsFiles(self.path, layer, len(rows), shape[1], self.record["dtype"])
                 if len(shape) == 4
                 else None
             )
@@ -188,7 +217,7 @@ class CacheWriter:
             for part in tqdm(parts, desc=f"commit {layer}", unit="shard", delay=2, disable=not progress):
                 out[start : start + len(part)] = part
                 if stats is not None:
-                    _channel_stats(part, self.record["dtype"], {k: v[start:] for k, v in stats.items()})
+                    stats.add(start, part)
                 start += len(part)
             out.flush()
             digests = block_digests(out, block_rows)
@@ -200,17 +229,7 @@ class CacheWriter:
                 "block_sha256": digests,
             }
             if stats is not None:
-                for arr in stats.values():
-                    arr.flush()
-                del stats, arr
-                layers[layer]["channel_stats"] = {}
-                for k, part_file in stats_tmp.items():
-                    name = f"features/channel_stats/{layer}.{k}.npy"
-                    _fsync_rename(part_file, self.path / name)
-                    layers[layer]["channel_stats"][k] = {
-                        "file": name,
-                        "sha256": sha256_file(self.path / name),
-                    }
+                layers[layer]["channel_stats"] = stats.finish()
         labels_sha256 = _save_npy(self.path / "labels.npy", labels[rows])
         write_json(self.path / "ids.json", [ids[r] for r in rows])
         skipped = [{"id": ids[i], "reason": why} for m in ordered for i, why in m["skipped"]]

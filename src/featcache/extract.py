@@ -262,6 +262,7 @@ def extract(
     if ranks is not None:
         return _extract_sharded(job, ranks)
     if cache.is_complete(job.key):
+        cache.add_channel_stats(job.key, progress)  # an entry from before featcache stored them
         return _hit(cache, job.key)
     with cache.lock(job.key):
         if cache.is_complete(job.key):  # another process finished it while we waited

@@ -512,3 +512,18 @@ def test_a_hit_on_an_older_entry_adds_its_channel_statistics(resnet18: Backbone,
     np.testing.assert_array_equal(np.array(again.channel_stats["layer3"].var), want_var)
     assert FeatureCache(cache_dir).verify(again.key) == []
     assert FeatureCache(cache_dir).add_channel_stats(again.key) == []  # nothing left to add
+
+
+def test_a_layer_extracted_with_others_is_not_extracted_again(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(8)
+    both = _extract(resnet18, samples, cache_dir, layers=("layer3", "penultimate"))
+    calls = []
+    hook = resnet18.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    one = _extract(resnet18, samples, cache_dir, layers=("penultimate",))
+    hook.remove()
+    assert one.hit and calls == [] and one.key == both.key
+    assert list(one.features) == ["penultimate"]
+    np.testing.assert_array_equal(one.features["penultimate"], both.features["penultimate"])
+    # Anything else that changes the numbers still needs its own entry.
+    other = _extract(resnet18, samples, cache_dir, layers=("penultimate",), dtype="float16")
+    assert not other.hit and other.key != both.key

@@ -93,6 +93,10 @@ def test_image_folder_with_split_folders(tmp_path: Path) -> None:
     write_tree(tmp_path / "only" / "train", per_class=2)
     only = load_dataset(str(tmp_path / "only"))
     assert only.val is None and only.test is None and [n for n, _ in only.items()] == ["train"]
+    # a test class that train/ lacks is named, not dropped
+    write_tree(root / "test", classes=("fox",), per_class=2, seed=3)
+    with pytest.raises(FeatcacheError, match=r"class folders that train/ lacks: \['fox'\]"):
+        load_dataset(str(root))
 
 
 def test_empty_folder_and_missing_paths(tmp_path: Path) -> None:
@@ -348,3 +352,16 @@ def test_relative_folder_spec_and_val_split_from_train(tmp_path, monkeypatch) ->
     assert splits.train.load(0).size == (48, 40)  # relative spec: files resolve
     assert splits.test is not None and len(splits.test) == 6
     assert load_dataset("./pets", val_fraction=0.2).train.fingerprint() == splits.train.fingerprint()
+
+
+def test_limit_applies_to_every_kind_of_dataset(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    write_tree(root / "train", classes=("a", "b"), per_class=10, seed=0)
+    write_tree(root / "test", classes=("a", "b"), per_class=10, seed=1)
+    full = load_dataset(str(root), val_fraction=0.0)
+    assert (len(full.train), len(full.test)) == (20, 20)
+    cut = load_dataset(str(root), val_fraction=0.0, limit=20)  # half of the 40: half of each split
+    assert (len(cut.train), len(cut.test)) == (10, 10)
+    assert set(cut.train.labels.tolist()) == {0, 1} and set(cut.train.ids) <= set(full.train.ids)
+    with pytest.raises(FeatcacheError, match="--limit 0"):
+        load_dataset("digits", limit=0)

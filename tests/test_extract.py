@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, direct_features, write_tree
 from featcache.backbones import Backbone
 from featcache.cache import FeatureCache
-from featcache.data import BadImageError, load_dataset
+from featcache.data import ArraySamples, BadImageError, load_dataset
 from featcache.extract import ExtractConfig, extract, extract_splits, pool_features, with_layers
 
 SIZE = (32, 32)
@@ -111,9 +111,13 @@ def test_automatic_shard_size(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=3)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     cached = extract(resnet18, train, _config(), cache_dir=str(tmp_path / "c"), progress=False)
-    assert cached.manifest["record"]["shard_rows"] == len(train)  # a tiny set fits one shard
-    assert cached.manifest["block_rows"] == [len(train)]
+    # 64 MB would hold the whole set; shards are capped at an eighth of it but not below one batch (4).
+    assert len(train) == 9 and cached.manifest["record"]["shard_rows"] == 4
+    assert cached.manifest["block_rows"] == [4, 4, 1]
     assert cached.manifest["rows_extracted_this_run"] == len(train)
+    many = ArraySamples(np.zeros((100, 20, 20, 3), np.uint8), np.arange(100) % 2, ["a", "b"], name="zeros")
+    big = extract(resnet18, many, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    assert big.manifest["record"]["shard_rows"] == 13 and len(big.manifest["block_rows"]) == 8
 
 
 def test_extract_splits(resnet18: Backbone, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import featcache.runs as runs_mod
+from featcache._util import FeatcacheError
 from featcache.backbones import Backbone, load_backbone
 from featcache.extract import ExtractConfig, extract
 from featcache.heads import HeadSpec, Standardize
@@ -163,6 +164,29 @@ def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means
     )
     train_rows = run.metrics["examples_per_epoch"]
     assert maps_read == [train_rows, train_rows]  # the two training views; val and test: channel means only
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=120), TrainConfig(epochs=1, device="cpu")
+    first = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
+    config = (tmp_path / "r" / "config.json").read_text()
+    with pytest.raises(FeatcacheError, match=r"already holds a run .*--resume.*--overwrite"):
+        _train(bb, data, "layer3", HeadSpec("mlp"), cfg, SMALL, tmp_path / "r")
+    assert (tmp_path / "r" / "config.json").read_text() == config  # untouched
+    again = train_run(
+        bb,
+        data,
+        "layer3",
+        HeadSpec("mlp"),
+        cfg,
+        SMALL,
+        tmp_path / "r",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+        overwrite=True,
+    )
+    assert again.config["head"]["kind"] == "mlp" and first.config["head"]["kind"] == "linear"
 
 
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:

@@ -105,3 +105,26 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
     # A head that needs maps, on pooled layers: refused before any training, naming the layer.
     assert main([*base, "--head", "pooled-linear", "--out", str(tmp_path / "p")]) == 2
     assert "layer 'layer1.0'" in capsys.readouterr().err and not (tmp_path / "p" / "sweep.json").exists()
+
+
+def test_a_diverging_setting_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    sgd = TrainConfig(epochs=2, optimizer="sgd", device="cpu")
+    configs = grid(sgd, lr=[1e-2, 1e38])  # the second overflows the logits: a NaN loss
+    res = sweep_run(
+        bb,
+        DATA,
+        ["penultimate"],
+        HeadSpec("linear"),
+        configs,
+        ECFG,
+        tmp_path / "s",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    ok, bad = res.rows
+    assert (
+        "diverged" not in ok and "training diverged in epoch" in bad["diverged"] and "--lr" in bad["diverged"]
+    )
+    assert res.best == ok
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"][1]["diverged"] == bad["diverged"]

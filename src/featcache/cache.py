@@ -302,6 +302,28 @@ class FeatureCache:
                 problems.append(f"{name}: checksum mismatch")
         return problems
 
+    def covering(self, record: dict[str, Any]) -> str | None:
+        """The key of a complete entry made like ``record`` (a :func:`~featcache.extract.cache_record`)
+        but holding more layers, if any: a layer extracted with others is not extracted again.
+
+        Example:
+            >>> record = cache_record(bb, train, ExtractConfig(layers=("layer3",)), "train")  # doctest: +SKIP
+            >>> FeatureCache().covering(record)  # an entry of layer2, layer3 and layer4  # doctest: +SKIP
+            '9c1d...'
+
+        """
+        want = json.loads(json.dumps(record))  # tuples as lists, as record.json holds them
+        layers = set(want.pop("layers"))
+        for key in self.entries():
+            try:
+                rec = json.loads((self.path(key) / "record.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            same = all(rec.get(k) == v for k, v in want.items())
+            if same and layers <= set(rec.get("layers", ())) and self.is_complete(key):
+                return key
+        return None
+
     def entries(self) -> list[str]:
         if not self.root.is_dir():
             return []

@@ -43,7 +43,7 @@ def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
 def _data_config(a: argparse.Namespace) -> Any:
     from .runs import DataConfig
 
-    return DataConfig(a.data, a.val_fraction, a.test_fraction, a.split_seed, a.limit)
+    return DataConfig(a.data, a.val_fraction, a.test_fraction, a.split_seed, a.limit, a.download)
 
 
 def cmd_models(a: argparse.Namespace) -> None:
@@ -250,6 +250,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         a.cache_dir,
         not a.quiet,
         a.resume,
+        a.overwrite,
     )
     m = run.metrics
     hits = m["cache_hit"]
@@ -289,6 +290,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         a.cache_dir,
         not a.quiet,
         a.resume,
+        a.overwrite,
     )
     m = run.metrics
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
@@ -324,8 +326,9 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     if a.json:
         _print_json({"best": res.best, "rows": res.rows})
         return
-    print(format_table([{k: v for k, v in r.items() if k != "val_loss"} for r in res.rows]))
     b = res.best
+    columns = [k for k in b if k != "val_loss"]  # a diverged row shows "diverged" as its val_acc
+    print(format_table([{**r, "val_acc": r.get("val_acc", "diverged")} for r in res.rows], columns))
     test = f", test {b['test_acc']:.4f}" if "test_acc" in b else ""
     print(f"chosen on val: {b['layer']} {b['run']} (val {b['val_acc']:.4f}{test})")
     n = len({r["layer"] for r in res.rows})
@@ -447,7 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("interrupted; finished cache shards and checkpoints are kept", file=sys.stderr)
+        print(
+            "interrupted; the cache shards and training checkpoints finished so far are kept: run the same "
+            "command again (train/finetune with --resume) to go on from them",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -62,6 +62,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="keep at most N samples (stratified)")
+    p.add_argument("--download", action="store_true", help="let torchvision:NAME:ROOT datasets download")
 
 
 def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _views_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
 
     p = _parser(sub, "sweep", "one extraction of several layers, a head per layer and setting, chosen on val")
     _model_args(p)
@@ -225,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
 
     p = _parser(
         sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images"

@@ -251,6 +251,12 @@ def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) ->
 
 def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSamples:
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown_classes = [c for c in found if classes is not None and c not in classes]
+    if unknown_classes:  # a test/ class the head never trains on would be dropped without a word
+        raise FeatcacheError(
+            f"{str(root)!r} has class folders that train/ lacks: {unknown_classes[:5]}; add them to train/ "
+            "or remove them (a head can only predict the classes it was trained on)"
+        )
     classes = list(classes) if classes is not None else found
     paths, labels = [], []
     for ci, cname in enumerate(classes):
@@ -407,6 +413,8 @@ def load_dataset(
         >>> len(splits.train) + len(splits.val) + len(splits.test)
         1797
     """
+    if limit is not None and limit < 1:
+        raise FeatcacheError(f"--limit {limit}: keep at least one sample per class, or leave --limit out")
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
         if limit and limit < len(samples):
@@ -419,7 +427,7 @@ def load_dataset(
             raise FeatcacheError(
                 f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data"
             )
-        return torchvision_dataset(parts[1], parts[2], download, val_fraction, seed)
+        return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
@@ -427,10 +435,27 @@ def load_dataset(
             f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
-        return image_folder(path, val_fraction, test_fraction, seed)
+        return _limited(image_folder(path, val_fraction, test_fraction, seed), limit, seed)
     if path.suffix in (".csv", ".jsonl"):
-        return manifest_file(path, val_fraction, test_fraction, seed)
+        return _limited(manifest_file(path, val_fraction, test_fraction, seed), limit, seed)
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
+
+
+def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:
+    """Each split cut (stratified) to its share of ``limit`` samples in all."""
+    total = sum(len(s) for _, s in splits.items())
+    if not limit or limit >= total:
+        return splits
+
+    def cut(s: SampleSet | None) -> SampleSet | None:
+        if s is None:
+            return None
+        keep, _, _ = stratified_split(s.labels, 0.0, 1 - limit / total, seed)
+        return s.subset(keep, s.name)
+
+    train = cut(splits.train)
+    assert train is not None
+    return DatasetSplits(train, cut(splits.val), cut(splits.test), splits.classes, splits.spec)
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:

@@ -105,7 +105,18 @@ def run_demo(
         f"Train a linear head for {cfg.epochs} epochs on the cached features, validating every epoch.",
     )
     t0 = time.perf_counter()
-    run = train_run(bb, data, cfg.layer, head_spec, tcfg, ecfg, out, progress=progress, cache_dir=cache_dir)
+    run = train_run(
+        bb,
+        data,
+        cfg.layer,
+        head_spec,
+        tcfg,
+        ecfg,
+        out,
+        progress=progress,
+        cache_dir=cache_dir,
+        overwrite=True,
+    )
     first_seconds = time.perf_counter() - t0
     built = not all(run.metrics["cache_hit"].values())
     extract_s = _extract_seconds(run.config["cache_keys"], cache_dir)
@@ -147,6 +158,7 @@ def run_demo(
         weights="none",
         cache_dir=cache_dir,
         progress=progress,
+        overwrite=True,
     )
 
     _say(6, total, "A second run with the same inputs: the cache is hit, the backbone never runs.")
@@ -154,7 +166,16 @@ def run_demo(
     hook = bb.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     t0 = time.perf_counter()
     second = train_run(
-        bb, data, cfg.layer, head_spec, tcfg, ecfg, out / "second-run", cache_dir=cache_dir, progress=progress
+        bb,
+        data,
+        cfg.layer,
+        head_spec,
+        tcfg,
+        ecfg,
+        out / "second-run",
+        cache_dir=cache_dir,
+        progress=progress,
+        overwrite=True,
     )
     second_s = time.perf_counter() - t0
     hook.remove()

@@ -214,6 +214,8 @@ def _shard_rows(ex: Extractor, cfg: BackboneCfg, n: int) -> int:
     out = ex(torch.zeros(1, cfg.channels, h, w))
     row_bytes = sum(v[0].numel() for v in out.values()) * np.dtype(STORAGE_DTYPES[ex.config.dtype]).itemsize
     rows = max(ex.config.batch_size, (ex.config.shard_mb << 20) // max(row_bytes, 1))
+    # >= 8 shards when batches allow: an interruption loses at most about an eighth of the split.
+    rows = min(rows, max(ex.config.batch_size, math.ceil(n / 8)))
     return int(min(rows, max(n, 1)))
 
 
@@ -261,9 +263,10 @@ def extract(
     job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress, view)
     if ranks is not None:
         return _extract_sharded(job, ranks)
-    if cache.is_complete(job.key):
-        cache.add_channel_stats(job.key, progress)  # an entry from before featcache stored them
-        return _hit(cache, job.key)
+    key = job.key if cache.is_complete(job.key) else cache.covering(record)
+    if key is not None:
+        cache.add_channel_stats(key, progress)  # an entry from before featcache stored them
+        return _hit(cache, key, config.layers)
     with cache.lock(job.key):
         if cache.is_complete(job.key):  # another process finished it while we waited
             return _hit(cache, job.key)
@@ -290,8 +293,11 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
     # Every decision that changes which collectives run is rank 0's, so no rank waits for another forever.
     cache, key = job.cache, job.key
     ranks.agree(key[:16], "cache key")  # else they would write shards of different entries
-    if ranks.from_main(cache.is_complete(key)):
-        return _hit(cache, key)
+    found = ranks.from_main(
+        (key if cache.is_complete(key) else cache.covering(job.record)) if ranks.is_main else None
+    )
+    if found is not None:
+        return _hit(cache, found, job.config.layers)
     with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
         if ranks.from_main(cache.is_complete(key)):
             return _hit(cache, key)
@@ -353,9 +359,13 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
         ranks.barrier()  # the manifest is committed
 
 
-def _hit(cache: FeatureCache, key: str) -> CachedFeatures:
+def _hit(cache: FeatureCache, key: str, layers: Sequence[str] | None = None) -> CachedFeatures:
+    """The complete entry ``key``, holding only ``layers`` when given (it may hold more)."""
     opened = cache.open(key)
     opened.hit = True
+    if layers is not None:
+        opened.features = {k: v for k, v in opened.features.items() if k in layers}
+        opened.channel_stats = {k: v for k, v in opened.channel_stats.items() if k in layers}
     return opened
 
 

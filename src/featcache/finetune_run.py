@@ -219,6 +219,7 @@ def finetune_run(
     cache_dir: str | None = None,
     progress: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> FinetuneRun:
     """Freeze per ``ft.train``, train (cached prefix or live), evaluate, and write the run folder.
 
@@ -227,7 +228,7 @@ def finetune_run(
         ...                    TrainConfig(epochs=3), ExtractConfig(input_size=(32, 32)), "runs/ft",
         ...                    weights="none")  # doctest: +SKIP
     """
-    out = prepare_run_dir(out_dir, resume)
+    out = prepare_run_dir(out_dir, resume, overwrite)
     defaults = {"pool": "avg", "dtype": "float32", "method": "auto"}
     ignored = [
         f"--{k} {getattr(extract_config, k)}" for k, v in defaults.items() if getattr(extract_config, k) != v

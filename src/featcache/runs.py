@@ -33,16 +33,19 @@ from .train import FitResult, TrainConfig, evaluate, fit
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How a dataset spec is split: fractions, seed, optional stratified size limit."""
+    """How a dataset spec is split: fractions, seed, optional stratified size limit, download permission."""
 
     spec: str
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
     limit: int | None = None
+    download: bool = False
 
     def load(self) -> DatasetSplits:
-        return load_dataset(self.spec, self.val_fraction, self.test_fraction, self.seed, limit=self.limit)
+        return load_dataset(
+            self.spec, self.val_fraction, self.test_fraction, self.seed, self.download, self.limit
+        )
 
 
 @dataclass
@@ -134,11 +137,18 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, config, metrics, head, info)
 
 
-def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
-    """Create the run folder; with ``resume`` it must already hold a run."""
+def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool = False) -> Path:
+    """Create the run folder; with ``resume`` it must already hold a run, without it (or ``overwrite``)
+    it must not hold one that trained (a checkpoint or metrics), so no finished run is lost."""
     out = Path(out_dir)
     if resume and not (out / "config.json").exists():
         raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
+    trained = [f for f in ("metrics.json", "checkpoint.pt") if (out / f).exists()]
+    if trained and not (resume or overwrite):
+        raise FeatcacheError(
+            f"--out {str(out)!r} already holds a run ({', '.join(trained)}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -244,6 +254,7 @@ def train_run(
     cache_dir: str | None = None,
     progress: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> Run:
     """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
 
@@ -252,7 +263,7 @@ def train_run(
         ...                 TrainConfig(epochs=10), ExtractConfig(input_size=(64, 64)),
         ...                 "runs/mnist")  # doctest: +SKIP
     """
-    out = prepare_run_dir(out_dir, resume)
+    out = prepare_run_dir(out_dir, resume, overwrite)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
     splits = data.load()
     ecfg = replace(extract_config, layers=(layer,))

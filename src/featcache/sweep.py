@@ -15,6 +15,7 @@ holds the table and the chosen one, ``sweep.png`` plots validation accuracy per 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +30,9 @@ from .extract import ExtractConfig, extract_splits, extract_views
 from .heads import HeadSpec, build_head
 from .report import plot_sweep
 from .runs import DataConfig, run_config, save_head, train_on_cache, write_report
-from .train import TrainConfig
+from .train import TrainConfig, TrainingDiverged
+
+log = logging.getLogger(__name__)
 
 
 def block_layers(backbone: Backbone) -> list[str]:
@@ -141,7 +144,13 @@ def sweep_run(
                 "sweep": str(out),
             }
             write_json(run_dir / "config.json", config)
-            head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
+            try:
+                head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
+            except TrainingDiverged as exc:  # one bad setting (say, a too high lr) must not end the sweep
+                log.warning("%s: %s", name, exc)
+                rows.append({"layer": layer, **settings, "diverged": str(exc), "run": name})
+                bar.update()
+                continue
             save_head(head, info, run_dir)
             write_json(run_dir / "metrics.json", metrics)
             write_report(
@@ -160,11 +169,13 @@ def sweep_run(
                     "run": name,
                 }
             )
-            best = best_on_val(rows)
+            best = best_on_val(_trained(rows))
             bar.set_postfix(best=f"{best['layer']} {best['val_acc']:.3f}")
             bar.update()
     bar.close()
-    best = best_on_val(rows)
+    if not _trained(rows):
+        raise FeatcacheError(f"every combination of the sweep diverged; see {out}/*/ and lower --lrs")
+    best = best_on_val(_trained(rows))
     write_json(
         out / "sweep.json",
         {
@@ -181,7 +192,7 @@ def sweep_run(
         },
     )
     plot_sweep(
-        rows,
+        _trained(rows),
         best,
         list(layers),
         axes,
@@ -189,3 +200,8 @@ def sweep_run(
         f"{backbone.cfg.spec}: {head_spec.kind} head per layer",
     )
     return SweepResult(rows, best, extract_seconds, out)
+
+
+def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose training finished (not the diverged ones)."""
+    return [r for r in rows if "diverged" not in r]

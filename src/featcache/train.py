@@ -328,6 +328,12 @@ def fit(
                 "lr": float(sched.get_last_lr()[0]),
                 "train_seconds": time.perf_counter() - te,
             }
+            if not math.isfinite(row["train_loss"]):
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch + 1}: the loss is {row['train_loss']}. Lower the "
+                    f"learning rate (--lr {config.lr / 10:g}), or check the cached features for non-finite "
+                    "values (`featcache cache verify KEY`; a damaged entry is re-extracted after `cache rm`)"
+                )
             if val is not None and len(val):
                 m = evaluate(model, val, num_classes, front_once=config.fast_paths)
                 row.update(val_loss=m["loss"], val_acc=m["acc"])
@@ -388,6 +394,10 @@ def fit(
             "closed_form_step": step is not None,
         },
     )
+
+
+class TrainingDiverged(FeatcacheError):
+    """The training loss became NaN or infinite (checkpoints of the epochs before are kept)."""
 
 
 def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int) -> None:

@@ -100,6 +100,10 @@ def test_summary_totals(capsys: pytest.CaptureFixture[str]) -> None:
             "linear",
         ),
         (["cache", "info", "0000"], "cache ls"),
+        (
+            ["train", "efficientnet-lite0", "digits", "--standardise", "--out", "x"],
+            "did you mean --standardize",
+        ),
     ],
 )
 def test_typos_exit_2_with_a_suggestion(
@@ -172,6 +176,11 @@ def test_probe_writes_a_run_that_export_and_predict_take(
         Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
     code, out, _ = run(capsys, "predict", out_dir, str(images), "--json")
     assert code == 0 and len(json.loads(out)) == 3
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    code, _, err = run(capsys, "predict", out_dir, str(broken))
+    assert code == 2 and "none of the 1 files could be read" in err and "x.png" in err
 
 
 def test_train_on_cached_augmented_views(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, direct_features, write_tree
+from featcache._util import FeatcacheError
 from featcache.backbones import Backbone
 from featcache.cache import FeatureCache
 from featcache.data import ArraySamples, BadImageError, load_dataset
@@ -346,3 +347,10 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
     with pytest.raises(ValueError, match="0 or more, got -1"):
         ExtractConfig(augment="flip", views=-1)
     assert ExtractConfig(augment=" flip,,flip", views=1).augment == "flip"  # one spelling, one key
+
+
+def test_an_empty_split_is_named_before_anything_is_written(resnet18: Backbone, tmp_path: Path) -> None:
+    empty = ArraySamples(np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, np.int64), ["a"], name="none")
+    with pytest.raises(FeatcacheError, match=r"the val split of .none. holds no samples.*--limit"):
+        extract(resnet18, empty, _config(), cache_dir=str(tmp_path / "c"), split="val", progress=False)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())

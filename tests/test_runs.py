@@ -236,7 +236,7 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
     for a, b in zip(resumed.head.state_dict().values(), full.head.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match=r"differ .*train\.epochs: \d+ -> 9.*--overwrite"):
         _train(
             bb,
             data,
@@ -283,7 +283,7 @@ def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Pat
         "train": {"lr": 0.1, "fast_paths": False},
     }
     check_resume(tmp_path, same, ("extract", "train"), "settings")  # new, off settings: the same run
-    with pytest.raises(ValueError, match=r"differ .*\(extract\)"):
+    with pytest.raises(ValueError, match=r"differ .*\(extract\.views: None -> 2\)"):
         check_resume(
             tmp_path, {**same, "extract": {"pool": "avg", "views": 2}}, ("extract", "train"), "settings"
         )

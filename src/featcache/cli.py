@@ -264,6 +264,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     if "test" in m:
         top5 = f"  top-5 {m['test']['top5']:.4f}" if "top5" in m["test"] else ""
         print(f"test accuracy {m['test']['acc']:.4f}{top5}  loss {m['test']['loss']:.4f}")
+    else:
+        print("no test split: nothing was held out for testing (--test-fraction, or a larger --limit)")
     print(f"run folder: {run.dir}")
 
 
@@ -391,6 +393,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
     bad = [r for r in results if "error" in r]
     if bad:
         print(f"{len(bad)} of {len(results)} files could not be read", file=sys.stderr)
+        if len(bad) == len(results):
+            raise FeatcacheError(f"none of the {len(results)} files could be read (first: {bad[0]['error']})")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -432,7 +436,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``featcache`` command; returns the exit status (2 on a user error)."""
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed) is a return value, like the others
+        if not exc.code:
+            raise  # --help
+        return int(exc.code)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="featcache: %(message)s")
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.verb != "extract":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import difflib
+import sys
+from typing import Any, NoReturn
 
 EXAMPLES = {
     "models": "featcache models '*resnet*'",
@@ -125,9 +127,39 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Names the closest valid option for a mistyped one (``--standardise`` -> ``--standardize``)."""
+
+    _argv: tuple[str, ...] = ()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._argv = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            verb = next((a for a in self._argv if a in self._verbs()), None)
+            options = self._verbs().get(verb, self)._option_string_actions if verb else {}
+            hints = [
+                f"{tok}: did you mean {close[0]}?"
+                for tok in message.split(":", 1)[1].split()
+                if tok.startswith("--")
+                and (close := difflib.get_close_matches(tok.split("=")[0], options, 1))
+            ]
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        super().error(message)
+
+    def _verbs(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featcache",
         description="Run a frozen backbone once, cache its activations, train heads on the cache.",
     )

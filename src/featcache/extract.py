@@ -255,6 +255,11 @@ def extract(
     """
     config = config or ExtractConfig()
     cache = FeatureCache(cache_dir)
+    if len(samples) == 0:
+        raise FeatcacheError(
+            f"the {split} split of {samples.name!r} holds no samples: nothing to extract (a --limit below "
+            "the number of classes, or split fractions that leave it empty?)"
+        )
     if view and not config.augment:
         raise FeatcacheError(f"view {view} needs config.augment (an augmentation to vary between views)")
     # What the manifest records: the augmentation only where it shaped the numbers, never the view count.

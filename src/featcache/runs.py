@@ -171,8 +171,20 @@ def check_resume(out: Path, config: dict[str, Any], keys: tuple[str, ...], what:
 
     changed = [k for k in keys if not same(old.get(k), new.get(k))]
     if changed:
+        diffs = []
+        for k in changed:
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [
+                    f"{k}.{f}: {a.get(f)!r} -> {b.get(f)!r}"
+                    for f in sorted(set(a) | set(b))
+                    if a.get(f) != b.get(f)
+                ]
+            else:
+                diffs.append(f"{k}: {a!r} -> {b!r}")
         raise FeatcacheError(
-            f"--resume {out}: {what} differ from the run's config.json ({', '.join(changed)})"
+            f"--resume {out}: {what} differ from the run's config.json ({'; '.join(diffs[:6])}); resume "
+            "with the run's own settings, or start a new run (another --out, or --overwrite)"
         )
 
 

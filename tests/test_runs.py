@@ -76,6 +76,8 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
         metrics["history"][0]
     )
     assert len(metrics["test"]["confusion"]) == 10
+    mode = (out / "metrics.json").stat().st_mode & 0o777  # what a plain write gives under this umask
+    assert (out / "head.safetensors").stat().st_mode & 0o777 == mode  # not safetensors' private 0600
     for png in ("curves.png", "confusion.png"):
         data_png = (out / png).read_bytes()
         assert data_png[:8] == b"\x89PNG\r\n\x1a\n" and len(data_png) > 15_000

@@ -77,6 +77,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def default_mode(path: os.PathLike[str] | str) -> None:
+    """Give a file the permissions a plain ``open()`` would (safetensors writes 0600 temporaries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path: os.PathLike[str] | str, text: str) -> None:
     """Write a text file through a temporary name in the same folder, fsync, then rename."""
     path = os.fspath(path)

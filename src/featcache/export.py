@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from ._util import FeatcacheError, hash_tensors, unknown, write_json
+from ._util import FeatcacheError, default_mode, hash_tensors, unknown, write_json
 from .backbones import BackboneCfg, load_backbone
 from .heads import HeadInfo
 from .layers import LOGITS, FeatureExtractor, truncate
@@ -423,6 +423,7 @@ def export_run(
         _save_torchscript(model, info, path)
     else:
         _save_onnx(model, info, path)
+    default_mode(path)
     model.eval()  # exporters may leave wrappers (and so the model) in training mode
     write_json(sidecar_path(path), info.to_dict())
     if verify:

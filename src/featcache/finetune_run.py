@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import __version__
-from ._util import FeatcacheError, resolve_device, unknown, write_json
+from ._util import FeatcacheError, default_mode, resolve_device, unknown, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
 from .data import SampleSet
 from .extract import ExtractConfig, decode_workers, extract, extract_views, resolved_cfg
@@ -364,6 +364,7 @@ def finetune_run(
     )
     metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
     save_file(trainable_state(net, plan), str(out / "trainable.safetensors"))
+    default_mode(out / "trainable.safetensors")
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
     return FinetuneRun(out, config, metrics, plan, net)

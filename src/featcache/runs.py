@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from ._util import FeatcacheError, resolve_device, write_json
+from ._util import FeatcacheError, default_mode, resolve_device, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
 from .cache import CachedFeatures
 from .data import DatasetSplits, load_dataset
@@ -108,6 +108,7 @@ def save_head(head: nn.Module, info: HeadInfo, out_dir: Path) -> None:
     """``head.safetensors`` (tensors only) + ``head.json`` (how to rebuild it)."""
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     save_file(state, str(out_dir / "head.safetensors"))
+    default_mode(out_dir / "head.safetensors")
     write_json(out_dir / "head.json", info.to_dict())
 
 

@@ -191,6 +191,23 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
     assert again.config["head"]["kind"] == "mlp" and first.config["head"]["kind"] == "linear"
 
 
+def test_a_head_that_cannot_take_the_layer_fails_before_the_extraction(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    calls = _count_forwards(bb.model)
+    with pytest.raises(FeatcacheError, match=r"'conv' needs a spatial map .* \(256,\)"):
+        _train(
+            bb,
+            DataConfig("digits", limit=200),
+            "layer3",
+            HeadSpec("conv"),
+            TrainConfig(epochs=1, device="cpu"),
+            replace(SMALL, pool="avg"),
+            tmp_path / "r",
+        )
+    assert calls["n"] == 1  # one blank image, not the 200 of the dataset
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # no cache entry begun
+
+
 def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     run = _train(

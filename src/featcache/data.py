@@ -69,12 +69,16 @@ class SampleSet(abc.ABC):
         """
 
     def fingerprint(self) -> str:
-        """SHA-256 of the manifest: ids, labels, classes and file sizes/mtimes or pixel bytes."""
-        h = hashlib.sha256()
-        h.update(json.dumps([self.ids, self.classes]).encode())
-        h.update(self.labels.tobytes())
-        self._fingerprint_rows(h)
-        return h.hexdigest()
+        """SHA-256 of the manifest: ids, labels, classes and file sizes/mtimes or pixel bytes (computed
+        once per object: a run reads its files' stats once)."""
+        cached: str | None = getattr(self, "_fingerprint", None)
+        if cached is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([self.ids, self.classes]).encode())
+            h.update(self.labels.tobytes())
+            self._fingerprint_rows(h)
+            cached = self._fingerprint = h.hexdigest()
+        return cached
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str) -> SampleSet:
         """A view on some rows (used for splits)."""

@@ -256,10 +256,10 @@ def extract(
     config = config or ExtractConfig()
     cache = FeatureCache(cache_dir)
     if len(samples) == 0:
-        raise FeatcacheError(
-            f"the {split} split of {samples.name!r} holds no samples: nothing to extract (a --limit below "
-            "the number of classes, or split fractions that leave it empty?)"
+        msg = (
+            "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
+        raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
     if view and not config.augment:
         raise FeatcacheError(f"view {view} needs config.augment (an augmentation to vary between views)")
     # What the manifest records: the augmentation only where it shaped the numbers, never the view count.
@@ -274,7 +274,7 @@ def extract(
         return _hit(cache, key, config.layers)
     with cache.lock(job.key):
         if cache.is_complete(job.key):  # another process finished it while we waited
-            return _hit(cache, job.key)
+            return _hit(cache, job.key, job.config.layers)
         _build(job, None)
     return cache.open(job.key)
 
@@ -305,7 +305,7 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
         return _hit(cache, found, job.config.layers)
     with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
         if ranks.from_main(cache.is_complete(key)):
-            return _hit(cache, key)
+            return _hit(cache, key, job.config.layers)
         _build(job, ranks)
     return cache.open(key)
 
@@ -364,13 +364,12 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
         ranks.barrier()  # the manifest is committed
 
 
-def _hit(cache: FeatureCache, key: str, layers: Sequence[str] | None = None) -> CachedFeatures:
-    """The complete entry ``key``, holding only ``layers`` when given (it may hold more)."""
+def _hit(cache: FeatureCache, key: str, layers: Sequence[str]) -> CachedFeatures:
+    """The complete entry ``key``, holding only ``layers`` (the entry may hold more)."""
     opened = cache.open(key)
     opened.hit = True
-    if layers is not None:
-        opened.features = {k: v for k, v in opened.features.items() if k in layers}
-        opened.channel_stats = {k: v for k, v in opened.channel_stats.items() if k in layers}
+    opened.features = {k: v for k, v in opened.features.items() if k in layers}
+    opened.channel_stats = {k: v for k, v in opened.channel_stats.items() if k in layers}
     return opened
 
 
@@ -495,8 +494,3 @@ def extract_views(
         extract(backbone, samples, config, cache_dir, "train", progress, view=k)
         for k in range(1, config.views + 1)
     ]
-
-
-def with_layers(config: ExtractConfig, layers: Sequence[str]) -> ExtractConfig:
-    """A copy of ``config`` with other layers."""
-    return replace(config, layers=tuple(layers))

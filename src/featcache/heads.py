@@ -182,8 +182,9 @@ class Head(nn.Module):
 def _need_map(spec: HeadSpec, in_shape: tuple[int, ...]) -> None:
     if len(in_shape) != 3:
         raise FeatcacheError(
-            f"head {spec.kind!r} needs a spatial map (C, H, W) but the cached layer has shape {in_shape}; "
-            "extract with --pool none, or use --head linear / mlp"
+            f"head {spec.kind!r} needs a spatial map (C, H, W) but the cached layer has shape {in_shape}: "
+            "extract with --pool none, or pick a convolutional layer if this one gives vectors (`featcache "
+            "layers MODEL` shows each layer's shape), or use --head linear / mlp"
         )
 
 

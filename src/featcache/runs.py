@@ -22,9 +22,9 @@ from torch import nn
 from . import __version__
 from ._util import FeatcacheError, default_mode, resolve_device, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
-from .cache import CachedFeatures
+from .cache import CachedFeatures, FeatureCache, cache_key
 from .data import DatasetSplits, load_dataset
-from .extract import ExtractConfig, extract_splits, extract_views
+from .extract import ExtractConfig, Extractor, cache_record, extract_splits, extract_views, resolved_cfg
 from .heads import Head, HeadInfo, HeadSpec, build_head, check_input, fit_standardize
 from .report import plot_confusion, plot_curves
 from .sources import BatchSource, FeatureSource, ViewCycle, source_for
@@ -280,6 +280,7 @@ def train_run(
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
     splits = data.load()
     ecfg = replace(extract_config, layers=(layer,))
+    _check_head_fits(backbone, splits, ecfg, head_spec, cache_dir)
     t0 = time.perf_counter()
     feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
     views = extract_views(backbone, splits.train, ecfg, cache_dir, progress) if ecfg.views else []
@@ -304,6 +305,26 @@ def train_run(
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head_spec.kind}")
     return Run(out, config, metrics, head, info)
+
+
+def _layer_shape(backbone: Backbone, config: ExtractConfig, layer: str) -> tuple[int, ...]:
+    """The shape of one cached row of ``layer`` under ``config`` (pooling applied), from one blank image."""
+    cfg = resolved_cfg(backbone, config)
+    ex = Extractor(backbone, replace(config, layers=(layer,)))
+    return tuple(ex(torch.zeros(1, cfg.channels, *cfg.input_size))[layer].shape[1:])
+
+
+def _check_head_fits(
+    backbone: Backbone, splits: DatasetSplits, ecfg: ExtractConfig, head: HeadSpec, cache_dir: str | None
+) -> None:
+    """Before an extraction that will run, whether ``head`` can take the layer (one blank image through
+    the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
+    checked when training starts, with no forward pass."""
+    record = cache_record(backbone, splits.train, ecfg, "train")
+    cache = FeatureCache(cache_dir)
+    if cache.is_complete(cache_key(record)) or cache.covering(record):
+        return
+    build_head(head, _layer_shape(backbone, ecfg, ecfg.layers[0]), len(splits.classes))
 
 
 def run_config(

@@ -32,6 +32,7 @@ def _train(
     out: Path,
     resume: bool = False,
     weights: str | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """``train_run`` with the tests' cache folder (``c`` beside the run folder) and no progress bars."""
     return train_run(
@@ -46,6 +47,7 @@ def _train(
         cache_dir=str(out.parent / "c"),
         progress=False,
         resume=resume,
+        overwrite=overwrite,
     )
 
 
@@ -176,18 +178,7 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
     with pytest.raises(FeatcacheError, match=r"already holds a run .*--resume.*--overwrite"):
         _train(bb, data, "layer3", HeadSpec("mlp"), cfg, SMALL, tmp_path / "r")
     assert (tmp_path / "r" / "config.json").read_text() == config  # untouched
-    again = train_run(
-        bb,
-        data,
-        "layer3",
-        HeadSpec("mlp"),
-        cfg,
-        SMALL,
-        tmp_path / "r",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-        overwrite=True,
-    )
+    again = _train(bb, data, "layer3", HeadSpec("mlp"), cfg, SMALL, tmp_path / "r", overwrite=True)
     assert again.config["head"]["kind"] == "mlp" and first.config["head"]["kind"] == "linear"
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ._util import resolve_device, write_json
-from .backbones import load_backbone
+from .backbones import Backbone, load_backbone
 from .baselines import naive_epoch
 from .extract import ExtractConfig, Extractor, resolved_cfg
 from .heads import HeadSpec, build_head
 from .layers import list_layers
 from .report import format_table
-from .runs import DataConfig, environment, train_run
+from .runs import DataConfig, Run, environment, train_run
 from .train import TrainConfig, make_optimizer
 
 
@@ -104,19 +104,25 @@ def run_demo(
         total,
         f"Train a linear head for {cfg.epochs} epochs on the cached features, validating every epoch.",
     )
+
+    def train_into(folder: Path, model: Backbone | str = bb, weights: str | None = None) -> Run:
+        # The demo's own folders: a second `make demo` replaces them.
+        return train_run(
+            model,
+            data,
+            cfg.layer,
+            head_spec,
+            tcfg,
+            ecfg,
+            folder,
+            weights,
+            cache_dir,
+            progress,
+            overwrite=True,
+        )
+
     t0 = time.perf_counter()
-    run = train_run(
-        bb,
-        data,
-        cfg.layer,
-        head_spec,
-        tcfg,
-        ecfg,
-        out,
-        progress=progress,
-        cache_dir=cache_dir,
-        overwrite=True,
-    )
+    run = train_into(out)
     first_seconds = time.perf_counter() - t0
     built = not all(run.metrics["cache_hit"].values())
     extract_s = _extract_seconds(run.config["cache_keys"], cache_dir)
@@ -147,36 +153,13 @@ def run_demo(
     naive_epoch_s = sum(naive) / len(naive)
 
     _say(5, total, "The same head on a random-init backbone: what the pretrained weights are worth.")
-    rand = train_run(
-        cfg.model,
-        data,
-        cfg.layer,
-        head_spec,
-        tcfg,
-        ecfg,
-        out / "random-init",
-        weights="none",
-        cache_dir=cache_dir,
-        progress=progress,
-        overwrite=True,
-    )
+    rand = train_into(out / "random-init", cfg.model, weights="none")
 
     _say(6, total, "A second run with the same inputs: the cache is hit, the backbone never runs.")
     calls = {"n": 0}
     hook = bb.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     t0 = time.perf_counter()
-    second = train_run(
-        bb,
-        data,
-        cfg.layer,
-        head_spec,
-        tcfg,
-        ecfg,
-        out / "second-run",
-        cache_dir=cache_dir,
-        progress=progress,
-        overwrite=True,
-    )
+    second = train_into(out / "second-run")
     second_s = time.perf_counter() - t0
     hook.remove()
 

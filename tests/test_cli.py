@@ -136,6 +136,8 @@ def test_extract_cache_verbs_and_train(
     assert info["layers"] == {"layer2": [128], "layer3": [256]} and info["status"] == "complete"
     code, out, _ = run(capsys, "cache", "verify", key)
     assert code == 0 and out.startswith("OK")
+    code, out, _ = run(capsys, "cache", "gc")
+    assert code == 0 and out.startswith("0 partial entries") and "complete entries stay" in out
     code, out, _ = run(
         capsys, "train", *base, "--layer", "layer3", "--epochs", "2", "--out", str(tmp_path / "run")
     )

@@ -195,8 +195,12 @@ def cmd_cache(a: argparse.Namespace) -> None:
         cache.rm(key)
         print(f"removed {key}")
     else:
-        for r in cache.gc():
+        removed = cache.gc()
+        for r in removed:
             print(f"removed {r}")
+        print(
+            f"{len(removed)} partial entries older than a day removed; complete entries stay (`cache rm KEY`)"
+        )
 
 
 def _train_config(a: argparse.Namespace) -> Any:

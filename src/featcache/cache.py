@@ -302,16 +302,19 @@ class FeatureCache:
                 problems.append(f"{name}: checksum mismatch")
         return problems
 
-    def covering(self, record: dict[str, Any]) -> str | None:
-        """The key of a complete entry made like ``record`` (a :func:`~featcache.extract.cache_record`)
-        but holding more layers, if any: a layer extracted with others is not extracted again.
+    def find(self, record: dict[str, Any]) -> str | None:
+        """The key of a complete entry that serves ``record`` (a :func:`~featcache.extract.cache_record`):
+        its own, else one made the same way with more layers (a layer extracted with others is not
+        extracted again); None when there is none.
 
         Example:
             >>> record = cache_record(bb, train, ExtractConfig(layers=("layer3",)), "train")  # doctest: +SKIP
-            >>> FeatureCache().covering(record)  # an entry of layer2, layer3 and layer4  # doctest: +SKIP
+            >>> FeatureCache().find(record)  # an entry of layer2, layer3 and layer4  # doctest: +SKIP
             '9c1d...'
-
         """
+        own = cache_key(record)
+        if self.is_complete(own):
+            return own
         want = json.loads(json.dumps(record))  # tuples as lists, as record.json holds them
         layers = set(want.pop("layers"))
         for key in self.entries():

@@ -451,15 +451,12 @@ def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSpli
     if not limit or limit >= total:
         return splits
 
-    def cut(s: SampleSet | None) -> SampleSet | None:
-        if s is None:
-            return None
+    def cut(s: SampleSet) -> SampleSet:
         keep, _, _ = stratified_split(s.labels, 0.0, 1 - limit / total, seed)
         return s.subset(keep, s.name)
 
-    train = cut(splits.train)
-    assert train is not None
-    return DatasetSplits(train, cut(splits.val), cut(splits.test), splits.classes, splits.spec)
+    val, test = (cut(s) if s is not None else None for s in (splits.val, splits.test))
+    return DatasetSplits(cut(splits.train), val, test, splits.classes, splits.spec)
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:

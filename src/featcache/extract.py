@@ -192,6 +192,11 @@ class Extractor:
             out = self.net(x)
         return {k: pool_features(v, self.config.pool) for k, v in out.items()}
 
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each layer's cached row shape (pooling applied), from one blank image."""
+        cfg = resolved_cfg(self.backbone, self.config)
+        return {k: tuple(v.shape[1:]) for k, v in self(torch.zeros(1, cfg.channels, *cfg.input_size)).items()}
+
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         """Cast one layer's batch to the storage dtype, staying on the device (no host sync)."""
         return t.to(getattr(torch, self.config.dtype)).contiguous()
@@ -207,12 +212,11 @@ class Extractor:
         return self.to_numpy(self.cast(t))
 
 
-def _shard_rows(ex: Extractor, cfg: BackboneCfg, n: int) -> int:
+def _shard_rows(ex: Extractor, n: int) -> int:
     if ex.config.shard_rows:
         return ex.config.shard_rows
-    h, w = cfg.input_size
-    out = ex(torch.zeros(1, cfg.channels, h, w))
-    row_bytes = sum(v[0].numel() for v in out.values()) * np.dtype(STORAGE_DTYPES[ex.config.dtype]).itemsize
+    itemsize = np.dtype(STORAGE_DTYPES[ex.config.dtype]).itemsize
+    row_bytes = sum(math.prod(shape) for shape in ex.row_shapes().values()) * itemsize
     rows = max(ex.config.batch_size, (ex.config.shard_mb << 20) // max(row_bytes, 1))
     # >= 8 shards when batches allow: an interruption loses at most about an eighth of the split.
     rows = min(rows, max(ex.config.batch_size, math.ceil(n / 8)))
@@ -268,7 +272,7 @@ def extract(
     job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress, view)
     if ranks is not None:
         return _extract_sharded(job, ranks)
-    key = job.key if cache.is_complete(job.key) else cache.covering(record)
+    key = cache.find(record)
     if key is not None:
         cache.add_channel_stats(key, progress)  # an entry from before featcache stored them
         return _hit(cache, key, config.layers)
@@ -298,9 +302,7 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
     # Every decision that changes which collectives run is rank 0's, so no rank waits for another forever.
     cache, key = job.cache, job.key
     ranks.agree(key[:16], "cache key")  # else they would write shards of different entries
-    found = ranks.from_main(
-        (key if cache.is_complete(key) else cache.covering(job.record)) if ranks.is_main else None
-    )
+    found = ranks.from_main(cache.find(job.record) if ranks.is_main else None)
     if found is not None:
         return _hit(cache, found, job.config.layers)
     with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
@@ -317,7 +319,7 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
     ex = Extractor(job.backbone, config)
     cfg = resolved_cfg(job.backbone, config)
     if main:
-        record["shard_rows"] = _shard_rows(ex, cfg, len(samples))
+        record["shard_rows"] = _shard_rows(ex, len(samples))
         if ranks is not None and not config.shard_rows:  # >= 4 shards per rank: similar shares
             record["shard_rows"] = min(
                 record["shard_rows"], max(1, math.ceil(len(samples) / (4 * ranks.world)))

@@ -22,9 +22,9 @@ from torch import nn
 from . import __version__
 from ._util import FeatcacheError, default_mode, resolve_device, write_json
 from .backbones import Backbone, BackboneCfg, load_backbone
-from .cache import CachedFeatures, FeatureCache, cache_key
+from .cache import CachedFeatures, FeatureCache
 from .data import DatasetSplits, load_dataset
-from .extract import ExtractConfig, Extractor, cache_record, extract_splits, extract_views, resolved_cfg
+from .extract import ExtractConfig, Extractor, cache_record, extract_splits, extract_views
 from .heads import Head, HeadInfo, HeadSpec, build_head, check_input, fit_standardize
 from .report import plot_confusion, plot_curves
 from .sources import BatchSource, FeatureSource, ViewCycle, source_for
@@ -307,24 +307,15 @@ def train_run(
     return Run(out, config, metrics, head, info)
 
 
-def _layer_shape(backbone: Backbone, config: ExtractConfig, layer: str) -> tuple[int, ...]:
-    """The shape of one cached row of ``layer`` under ``config`` (pooling applied), from one blank image."""
-    cfg = resolved_cfg(backbone, config)
-    ex = Extractor(backbone, replace(config, layers=(layer,)))
-    return tuple(ex(torch.zeros(1, cfg.channels, *cfg.input_size))[layer].shape[1:])
-
-
 def _check_head_fits(
     backbone: Backbone, splits: DatasetSplits, ecfg: ExtractConfig, head: HeadSpec, cache_dir: str | None
 ) -> None:
     """Before an extraction that will run, whether ``head`` can take the layer (one blank image through
     the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
     checked when training starts, with no forward pass."""
-    record = cache_record(backbone, splits.train, ecfg, "train")
-    cache = FeatureCache(cache_dir)
-    if cache.is_complete(cache_key(record)) or cache.covering(record):
-        return
-    build_head(head, _layer_shape(backbone, ecfg, ecfg.layers[0]), len(splits.classes))
+    if FeatureCache(cache_dir).find(cache_record(backbone, splits.train, ecfg, "train")) is None:
+        shape = Extractor(backbone, ecfg).row_shapes()[ecfg.layers[0]]
+        build_head(head, shape, len(splits.classes))
 
 
 def run_config(

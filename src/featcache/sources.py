@@ -106,13 +106,6 @@ class FeatureSource:
             return self.x[start:stop]
         return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
 
-    def _mean_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows of the channel means as 1x1 maps: pooling them gives what pooling the maps gives."""
-        assert self.channel_mean is not None
-        rows = self.channel_mean[start:stop]
-        means = rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), "float32")
-        return means.to(self.device, torch.float32)[:, :, None, None]
-
     def reads_channel_means(self, fn: nn.Module | None) -> bool:
         """Whether :meth:`mapped` runs ``fn`` on the channel means instead of the maps."""
         return fn is not None and self.channel_mean is not None and _pools_first(fn)
@@ -141,8 +134,17 @@ class FeatureSource:
         n = len(self)
         if n == 0:
             return None
-        from_means = self.reads_channel_means(fn)
-        rows = self._mean_rows if from_means else self._rows
+        means = self.channel_mean if self.reads_channel_means(fn) else None
+        from_means = means is not None
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            if means is None:
+                return self._rows(start, stop)
+            # The channel means as 1x1 maps: pooling them gives what pooling the maps gives.
+            part = means[start:stop]
+            t = part if isinstance(part, torch.Tensor) else to_torch(np.asarray(part), "float32")
+            return t.to(self.device, torch.float32)[:, :, None, None]
+
         in_row = 4 * self.row_shape[0] if from_means else self._row_bytes()
         held = 0 if self.streamed or (from_means and not self.loaded) else self._row_bytes() * n
         with torch.no_grad():

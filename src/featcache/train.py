@@ -152,16 +152,7 @@ def evaluate(
     """
     was = head.training
     head.eval()
-    model, split = head, split_front(head)
-    if (
-        front_once
-        and split is not None
-        and isinstance(data, FeatureSource)
-        and data.reads_channel_means(split[0])
-    ):
-        mapped = data.mapped(split[0])  # a pooled head on maps: read the cached channel means only
-        if mapped is not None:
-            model, data = split[1], mapped
+    model, data = _front_on_means(head, data) if front_once else (head, data)
     loss_sum, correct, correct5 = 0.0, 0, 0
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for xb, yb in data.batches(batch_size, None):
@@ -274,6 +265,10 @@ def fit(
         model, train, val = _front_once(head, train, val, progress)
         step = LinearStep.build(model, opt, config.label_smoothing, amp)
     front_seconds = time.perf_counter() - t0 if model is not head else 0.0
+    # Validation reads a pooled head's channel means once per run, not once per epoch (e.g. with views).
+    eval_model, eval_val = (
+        _front_on_means(model, val) if config.fast_paths and val is not None else (model, val)
+    )
     # A run that early stopping already ended stays ended when resumed.
     stopped_early = config.patience is not None and bad_epochs >= config.patience
     sign = -1.0 if config.monitor == "val_acc" else 1.0
@@ -334,8 +329,8 @@ def fit(
                     f"learning rate (--lr {config.lr / 10:g}), or check the cached features for non-finite "
                     "values (`featcache cache verify KEY`; a damaged entry is re-extracted after `cache rm`)"
                 )
-            if val is not None and len(val):
-                m = evaluate(model, val, num_classes, front_once=config.fast_paths)
+            if eval_val is not None and len(eval_val):
+                m = evaluate(eval_model, eval_val, num_classes, front_once=False)
                 row.update(val_loss=m["loss"], val_acc=m["acc"])
             history.append(row)
             if config.monitor not in row:  # no validation: the last epoch is the best, nothing to keep
@@ -417,6 +412,17 @@ def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int)
                     f"(0..{num_classes - 1}): these features' labels do not belong to this head; "
                     "build the head from the same dataset's classes"
                 )
+
+
+def _front_on_means(head: nn.Module, data: BatchSource) -> tuple[nn.Module, BatchSource]:
+    """(model, data) with a pooled head's front run once over the cached channel means of ``data``,
+    when it can: the same numbers as the head on the maps, without reading them."""
+    split = split_front(head)
+    if split is not None and isinstance(data, FeatureSource) and data.reads_channel_means(split[0]):
+        mapped = data.mapped(split[0])
+        if mapped is not None:
+            return split[1], mapped
+    return head, data
 
 
 def _front_once(

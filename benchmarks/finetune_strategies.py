@@ -15,7 +15,7 @@ import statistics
 import time
 
 from featcache import DataConfig, ExtractConfig, FinetuneConfig, TrainConfig, finetune_run
-from featcache.report import format_table
+from featcache.runs.report import format_table
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.backbones import Backbone, load_backbone
+from featcache.backbones.registry import Backbone, load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def direct_features(
     from torch import nn
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from featcache.preprocess import to_model_input
+    from featcache.data.preprocess import to_model_input
 
     cfg = backbone.cfg.with_input_size(*input_size)
     x = torch.stack([to_model_input(img, cfg) for img in images])

@@ -14,7 +14,7 @@ from skimage.data import chelsea
 from torch import nn
 
 from featcache._util import FeatcacheError
-from featcache.backbones import (
+from featcache.backbones.registry import (
     Backbone,
     BackboneCfg,
     list_models,
@@ -23,7 +23,7 @@ from featcache.backbones import (
     parse_spec,
     register_source,
 )
-from featcache.preprocess import to_model_input
+from featcache.data.preprocess import to_model_input
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
 

@@ -14,10 +14,13 @@ import torch
 
 from conftest import REPO, direct_features, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
-from featcache.backbones import Backbone, load_backbone
-from featcache.cache import CACHE_VERSION, FeatureCache, cache_key, cache_root
-from featcache.data import ArraySamples, load_dataset
-from featcache.extract import ExtractConfig, cache_record, extract
+from featcache.backbones.registry import Backbone, load_backbone
+from featcache.cache.store import FeatureCache, cache_key, cache_root
+from featcache.cache.writer import CACHE_VERSION
+from featcache.data.datasets import load_dataset
+from featcache.data.samples import ArraySamples
+from featcache.extract.build import cache_record, extract
+from featcache.extract.config import ExtractConfig
 
 SIZE = (32, 32)
 
@@ -134,8 +137,8 @@ def test_entry_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
 KEY_SCRIPT = """
 import sys
 from featcache import ExtractConfig, load_backbone, load_dataset
-from featcache.cache import cache_key
-from featcache.extract import cache_record
+from featcache.cache.store import cache_key
+from featcache.extract.build import cache_record
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
 cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=8)
@@ -385,8 +388,9 @@ def test_two_processes_extracting_the_same_key(resnet18: Backbone, tmp_path: Pat
 
 
 def test_verify_catches_flipped_labels_and_ids(tmp_path: Path) -> None:
-    from featcache.data import ArraySamples
-    from featcache.extract import ExtractConfig, extract
+    from featcache.data.samples import ArraySamples
+    from featcache.extract.build import extract
+    from featcache.extract.config import ExtractConfig
 
     bb = load_backbone("torchvision:resnet18", weights="none")
     samples = ArraySamples(
@@ -468,7 +472,7 @@ def test_verify_and_open_detect_damaged_channel_statistics(resnet18: Backbone, c
 
 
 def test_commit_removes_what_a_crashed_commit_left(tmp_path: Path) -> None:
-    from featcache.cache_writer import CacheWriter
+    from featcache.cache.writer import CacheWriter
 
     key = "ab" * 32
     writer = CacheWriter(tmp_path / key, {"layers": ["m"], "shard_rows": 4, "dtype": "float32"})

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.backbones import load_backbone
-from featcache.cli import COMMANDS, main
+from featcache.backbones.registry import load_backbone
+from featcache.cli.commands import COMMANDS, main
 
 
 def tiny_resnet_on_digits(limit: int) -> list[str]:

@@ -15,17 +15,10 @@ from PIL import Image
 
 from conftest import random_image, write_tree
 from featcache._util import FeatcacheError
-from featcache.backbones import BackboneCfg
-from featcache.data import (
-    ArraySamples,
-    BadImageError,
-    builtin_samples,
-    image_paths,
-    load_dataset,
-    read_image,
-    stratified_split,
-)
-from featcache.preprocess import PreprocessedView, to_model_input
+from featcache.backbones.registry import BackboneCfg
+from featcache.data.datasets import builtin_samples, load_dataset, stratified_split
+from featcache.data.preprocess import PreprocessedView, to_model_input
+from featcache.data.samples import ArraySamples, BadImageError, image_paths, read_image
 
 
 def _ids(s) -> list[str]:
@@ -341,7 +334,7 @@ def test_bad_images(tmp_path: Path) -> None:
 
 def test_relative_folder_spec_and_val_split_from_train(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from conftest import write_tree
-    from featcache.data import load_dataset
+    from featcache.data.datasets import load_dataset
 
     write_tree(tmp_path / "pets" / "train", per_class=10)
     write_tree(tmp_path / "pets" / "test", per_class=2)

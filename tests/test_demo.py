@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from featcache.cli import main
+from featcache.cli.commands import main
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import REPO
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
-from featcache.cache import FeatureCache
+from featcache.cache.store import FeatureCache
 
-extract_mod = importlib.import_module("featcache.extract")  # the package's `extract` is the function
+extract_mod = importlib.import_module("featcache.extract.build")
 
 BASE = [
     "torchvision:resnet18",
@@ -77,7 +77,7 @@ def test_two_processes_write_the_entry_one_process_would(tmp_path: Path) -> None
 RESUME = """
 import json, sys
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
-from featcache.distributed import ranks_from_env
+from featcache.extract.distributed import ranks_from_env
 ranks = ranks_from_env()
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset("digits", limit=150).train
@@ -118,7 +118,7 @@ def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest
 DISAGREE = """
 import sys
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
-from featcache.distributed import ranks_from_env
+from featcache.extract.distributed import ranks_from_env
 ranks = ranks_from_env()
 size = 32 if ranks.is_main else 40  # a flag that differs between ranks changes the key
 cfg = ExtractConfig(input_size=(size, size), device="cpu")
@@ -141,7 +141,7 @@ def test_ranks_with_different_keys_stop_before_writing(tmp_path: Path) -> None:
 
 
 def test_other_verbs_refuse_to_run_once_per_rank(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    from featcache.cli import main
+    from featcache.cli.commands import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "torchvision:resnet18", "digits", "--out", "unused"]) == 2

@@ -23,17 +23,29 @@ from torchvision.transforms.v2 import functional as TF
 
 from conftest import run_python, write_tree
 from featcache._util import FeatcacheError, hash_tensors
-from featcache.backbones import Backbone, BackboneCfg, freeze, list_sources, load_backbone, register_source
-from featcache.cli import main
-from featcache.data import SampleSet
-from featcache.export import build_model, export_run, read_info
-from featcache.extract import ExtractConfig, extract
-from featcache.heads import HeadSpec
-from featcache.predict import Preprocess, Preprocessing, load_predictor, prepare_image
-from featcache.preprocess import to_model_input
-from featcache.probe import ProbeConfig, probe_run
-from featcache.runs import DataConfig, Run, load_run, train_run
-from featcache.train import TrainConfig
+from featcache.backbones.registry import (
+    Backbone,
+    BackboneCfg,
+    freeze,
+    list_sources,
+    load_backbone,
+    register_source,
+)
+from featcache.cli.commands import main
+from featcache.data.config import DataConfig
+from featcache.data.preprocess import to_model_input
+from featcache.data.samples import SampleSet
+from featcache.export.build import build_model, read_info
+from featcache.export.model import Preprocess, Preprocessing
+from featcache.export.predict import load_predictor, prepare_image
+from featcache.export.save import export_run
+from featcache.extract.build import extract
+from featcache.extract.config import ExtractConfig
+from featcache.runs.folder import Run, load_run
+from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.train import train_run
+from featcache.train.config import TrainConfig
+from featcache.train.heads import HeadSpec
 
 FORMATS = ("pt", "torchscript", "onnx")
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=16, device="cpu")  # float32 even where CUDA is

@@ -15,10 +15,13 @@ import torch
 
 from conftest import REPO, direct_features, write_tree
 from featcache._util import FeatcacheError
-from featcache.backbones import Backbone
-from featcache.cache import FeatureCache
-from featcache.data import ArraySamples, BadImageError, load_dataset
-from featcache.extract import ExtractConfig, extract, extract_splits, pool_features
+from featcache.backbones.registry import Backbone
+from featcache.cache.store import FeatureCache
+from featcache.data.datasets import load_dataset
+from featcache.data.samples import ArraySamples, BadImageError
+from featcache.extract.build import extract, extract_splits
+from featcache.extract.config import ExtractConfig
+from featcache.extract.pooling import pool_features
 
 SIZE = (32, 32)
 LAYERS = ("layer3", "penultimate")
@@ -296,7 +299,7 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
 def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from featcache.extract import decode_workers
+    from featcache.extract.extractor import decode_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
     assert decode_workers(None, cpu) == 0 and decode_workers(3, cpu) == 3 and decode_workers(0, cuda) == 0
@@ -309,7 +312,7 @@ def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
 
 
 def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tmp_path: Path) -> None:
-    from featcache.extract import cache_record, extract_views
+    from featcache.extract.build import cache_record, extract_views
 
     write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=6)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train

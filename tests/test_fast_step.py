@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from featcache.fast_step import LinearStep, split_front
-from featcache.heads import HeadSpec, Standardize, build_head
-from featcache.sources import FeatureSource
-from featcache.train import TrainConfig, fit
+from featcache.train.config import TrainConfig
+from featcache.train.fast_step import LinearStep, split_front
+from featcache.train.fit import fit
+from featcache.train.heads import HeadSpec, Standardize, build_head
+from featcache.train.sources import FeatureSource
 
 
 def maps(n: int = 200, shape: tuple[int, ...] = (8, 5, 5), c: int = 4, seed: int = 0):  # type: ignore[no-untyped-def]

@@ -11,10 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featcache.backbones import load_backbone
-from featcache.cache import FeatureCache
-from featcache.extract import ExtractConfig
-from featcache.finetune import (
+from featcache.backbones.registry import load_backbone
+from featcache.cache.store import FeatureCache
+from featcache.data.config import DataConfig
+from featcache.extract.config import ExtractConfig
+from featcache.extract.nodes import FeatureExtractor
+from featcache.runs.finetune import FinetuneConfig, FinetuneRun, finetune_run
+from featcache.runs.folder import load_run
+from featcache.runs.train import train_run
+from featcache.train.config import TrainConfig
+from featcache.train.freeze import (
     TrainableSpec,
     apply_train_mode,
     block_names,
@@ -23,11 +29,7 @@ from featcache.finetune import (
     plan_freeze,
     prefix_layer,
 )
-from featcache.finetune_run import FinetuneConfig, FinetuneRun, finetune_run
-from featcache.heads import HeadSpec
-from featcache.layers import FeatureExtractor
-from featcache.runs import DataConfig, load_run, train_run
-from featcache.train import TrainConfig
+from featcache.train.heads import HeadSpec
 
 SMALL = ExtractConfig(input_size=(32, 32))
 
@@ -256,9 +258,9 @@ def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
 def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
-    from featcache.export import export_run
-    from featcache.predict import load_predictor
-    from featcache.preprocess import to_model_input
+    from featcache.data.preprocess import to_model_input
+    from featcache.export.predict import load_predictor
+    from featcache.export.save import export_run
 
     data = DataConfig("digits", limit=80)
     run = _ft(tmp_path, "ft", data, FinetuneConfig(train="last:1"), SEEDS_CFG)

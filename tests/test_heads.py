@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from featcache._util import FeatcacheError
-from featcache.heads import HeadInfo, HeadSpec, Standardize, build_head, check_input, fit_standardize
+from featcache.train.heads import HeadInfo, HeadSpec, Standardize, build_head, check_input, fit_standardize
 
 
 @pytest.mark.parametrize(

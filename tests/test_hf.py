@@ -9,9 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from featcache.backbones import load_backbone  # noqa: E402
-from featcache.finetune import TrainableSpec, block_names, plan_freeze  # noqa: E402
-from featcache.layers import FeatureExtractor, list_layers  # noqa: E402
+from featcache.backbones.layers import list_layers  # noqa: E402
+from featcache.backbones.registry import load_backbone  # noqa: E402
+from featcache.extract.nodes import FeatureExtractor  # noqa: E402
+from featcache.train.freeze import TrainableSpec, block_names, plan_freeze  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_hf_run_exports_in_every_format(tiny_vit: tuple[Path, torch.nn.Module], 
     """A head on a ViT block: the exported model gives the cached pipeline's logits (hooks path: HF
     models do not trace with torch.fx)."""
     from featcache import DataConfig, ExtractConfig, HeadSpec, TrainConfig, export_run, extract, train_run
-    from featcache.predict import load_predictor
+    from featcache.export.predict import load_predictor
 
     path, _ = tiny_vit
     data = DataConfig("digits", limit=90)

@@ -15,8 +15,9 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from featcache._util import FeatcacheError
-from featcache.backbones import Backbone, load_backbone
-from featcache.layers import FeatureExtractor, count_macs, list_layers
+from featcache.backbones.layers import count_macs, list_layers
+from featcache.backbones.registry import Backbone, load_backbone
+from featcache.extract.nodes import FeatureExtractor
 
 # spec -> (layers to extract together, classifier module)
 MODELS = {

@@ -9,8 +9,8 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 from PIL import Image
 
-from featcache.backbones import BackboneCfg, load_backbone
-from featcache.preprocess import to_model_input
+from featcache.backbones.registry import BackboneCfg, load_backbone
+from featcache.data.preprocess import to_model_input
 
 
 def _reference_pipelines(cfg: BackboneCfg) -> tuple[T.Compose, T2.Compose]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.probe import ProbeConfig, fit_logistic, linear_probe
-from featcache.sources import FeatureSource
-from featcache.train import evaluate
+from featcache.runs.probe import ProbeConfig, fit_logistic, linear_probe
+from featcache.train.fit import evaluate
+from featcache.train.sources import FeatureSource
 
 
 def _data(n: int, seed: int, noise: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:

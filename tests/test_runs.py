@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-import featcache.runs as runs_mod
+import featcache.runs.train as runs_mod
 from featcache._util import FeatcacheError
-from featcache.backbones import Backbone, load_backbone
-from featcache.extract import ExtractConfig, extract
-from featcache.heads import HeadSpec, Standardize
-from featcache.runs import DataConfig, Run, load_run, train_run
-from featcache.sources import FeatureSource
-from featcache.train import TrainConfig, fit
+from featcache.backbones.registry import Backbone, load_backbone
+from featcache.data.config import DataConfig
+from featcache.extract.build import extract
+from featcache.extract.config import ExtractConfig
+from featcache.runs.folder import Run, load_run
+from featcache.runs.train import train_run
+from featcache.train.config import TrainConfig
+from featcache.train.fit import fit
+from featcache.train.heads import HeadSpec, Standardize
+from featcache.train.sources import FeatureSource
 
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=64)
 
@@ -284,7 +288,7 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
 
 
 def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Path) -> None:
-    from featcache.runs import check_resume
+    from featcache.runs.folder import check_resume
 
     old = {"extract": {"pool": "avg"}, "train": {"lr": 0.1}}
     (tmp_path / "config.json").write_text(json.dumps(old))

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from featcache._util import FeatcacheError
-from featcache.heads import HeadSpec, Standardize, build_head
-from featcache.sources import FeatureSource, ViewCycle
-from featcache.train import TrainConfig, evaluate, fit
+from featcache.train.config import TrainConfig
+from featcache.train.fit import evaluate, fit
+from featcache.train.heads import HeadSpec, Standardize, build_head
+from featcache.train.sources import FeatureSource, ViewCycle
 
 
 def labelled_rows(n: int = 300, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

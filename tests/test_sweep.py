@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from featcache.backbones import load_backbone
-from featcache.cli import main
-from featcache.extract import ExtractConfig
-from featcache.heads import HeadSpec
-from featcache.runs import DataConfig, load_run, train_run
-from featcache.sweep import grid, sweep_run
-from featcache.train import TrainConfig
+from featcache.backbones.registry import load_backbone
+from featcache.cli.commands import main
+from featcache.data.config import DataConfig
+from featcache.extract.config import ExtractConfig
+from featcache.runs.folder import load_run
+from featcache.runs.sweep import grid, sweep_run
+from featcache.runs.train import train_run
+from featcache.train.config import TrainConfig
+from featcache.train.heads import HeadSpec
 
 DATA = DataConfig("digits", limit=240)
 ECFG = ExtractConfig(input_size=(32, 32), batch_size=32, device="cpu")

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from featcache.heads import HeadSpec, build_head
-from featcache.sources import FeatureSource
-from featcache.train import TrainConfig, evaluate, fit
+from featcache.train.config import TrainConfig
+from featcache.train.fit import evaluate, fit
+from featcache.train.heads import HeadSpec, build_head
+from featcache.train.sources import FeatureSource
 
 CPU = torch.device("cpu")
 

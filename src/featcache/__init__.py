@@ -1,18 +1,21 @@
 """featcache: run a frozen backbone once, cache its activations, train heads on the cache."""
 
-__version__ = "0.1.0"
-
-from .backbones import Backbone, BackboneCfg, list_models, list_sources, load_backbone, register_source
+from ._version import __version__
+from .backbones import (
+    Backbone,
+    BackboneCfg,
+    list_layers,
+    list_models,
+    list_sources,
+    load_backbone,
+    register_source,
+)
 from .cache import CACHE_VERSION, CachedFeatures, FeatureCache
-from .data import DatasetSplits, SampleSet, load_dataset
-from .export import export_run
-from .extract import ExtractConfig, extract, extract_splits
-from .finetune_run import FinetuneConfig, finetune_run
-from .heads import HeadSpec
-from .layers import FeatureExtractor, list_layers
-from .predict import load_predictor
-from .runs import DataConfig, load_run, train_run
-from .train import TrainConfig
+from .data import DataConfig, DatasetSplits, SampleSet, load_dataset
+from .export import export_run, load_predictor
+from .extract import ExtractConfig, FeatureExtractor, extract, extract_splits
+from .runs import FinetuneConfig, finetune_run, load_run, train_run
+from .train import HeadSpec, TrainConfig
 
 __all__ = [
     "CACHE_VERSION",
@@ -28,6 +31,7 @@ __all__ = [
     "HeadSpec",
     "SampleSet",
     "TrainConfig",
+    "__version__",
     "export_run",
     "extract",
     "extract_splits",

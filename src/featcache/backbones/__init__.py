@@ -1,0 +1,31 @@
+"""Backbones: a registry of sources (torchvision, timm, EfficientNet-Lite, Hugging Face, any ``nn.Module``),
+loaded frozen in eval mode with their weights hashed, and the listing of their layers.
+
+Importing this package registers every source.
+"""
+
+from . import hf, lite, timm, torchvision  # noqa: F401  (each registers its source)
+from .layers import LOGITS, PENULTIMATE, SHORTHANDS, LayerInfo, count_macs, list_layers
+from .registry import (
+    Backbone,
+    BackboneCfg,
+    list_models,
+    list_sources,
+    load_backbone,
+    register_source,
+)
+
+__all__ = [
+    "LOGITS",
+    "PENULTIMATE",
+    "SHORTHANDS",
+    "Backbone",
+    "BackboneCfg",
+    "LayerInfo",
+    "count_macs",
+    "list_layers",
+    "list_models",
+    "list_sources",
+    "load_backbone",
+    "register_source",
+]

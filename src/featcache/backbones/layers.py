@@ -1,0 +1,177 @@
+"""Named layers: list them with output shapes, summarise a model, and extract several at once.
+
+Layer names are what ``model.named_modules()`` shows (``layer3``, ``layer4.1.conv2``) plus two
+shorthands: ``penultimate`` (the input of the classifier, what ``model.fc = Identity()`` returns)
+and ``logits`` (the model's output). Graph-node names that are not modules (``flatten``, ``add_1``)
+work through torch.fx where the model traces.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from .._util import FeatcacheError
+from .registry import Backbone
+
+PENULTIMATE = "penultimate"
+LOGITS = "logits"
+SHORTHANDS = (PENULTIMATE, LOGITS)
+INPUT_PREFIX = "input:"  # ``input:layer4.1``: the input of a module (where a cached prefix ends)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``featcache layers``: name, module type, output shape (batch 1) and parameters."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None
+    params: int
+    trainable: int
+    depth: int
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a module output (tensor, tuple/list, dict or a transformers ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """All non-root module names in registration order."""
+    return [n for n, _ in model.named_modules() if n]
+
+
+def dummy_input(
+    backbone: Backbone, input_size: tuple[int, int] | None = None, batch: int = 1
+) -> torch.Tensor:
+    """A zero batch at the backbone's (or the given) input size, on the model's device."""
+    h, w = input_size or backbone.cfg.input_size
+    p = next(backbone.model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    return torch.zeros(batch, backbone.cfg.channels, h, w, device=device)
+
+
+def list_layers(backbone: Backbone, input_size: tuple[int, int] | None = None) -> list[LayerInfo]:
+    """Every named module with its output shape for one image at ``input_size`` and its parameters.
+
+    Example:
+        >>> from featcache.backbones import load_backbone
+        >>> rows = list_layers(load_backbone("torchvision:resnet18", weights="none"), (64, 64))
+        >>> next(r.shape for r in rows if r.name == "layer3")
+        (1, 256, 4, 4)
+    """
+    model = backbone.model
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            t = first_tensor(out)
+            if t is not None and name not in shapes:
+                shapes[name] = tuple(t.shape)
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            out = model(dummy_input(backbone, input_size))
+    except RuntimeError as exc:  # e.g. an input too small for the network's pooling
+        raise FeatcacheError(
+            f"{backbone.cfg.spec} cannot run on a {input_size or backbone.cfg.input_size} input: {exc}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        params = list(mod.parameters())
+        rows.append(
+            LayerInfo(
+                name=name,
+                type=type(mod).__name__,
+                shape=shapes.get(name),
+                params=sum(p.numel() for p in params),
+                trainable=sum(p.numel() for p in params if p.requires_grad),
+                depth=name.count(".") + 1,
+            )
+        )
+    cls = backbone.cfg.classifier
+    if cls and cls in shapes:
+        pen = _capture_input(model, cls, dummy_input(backbone, input_size))
+        rows.append(LayerInfo(PENULTIMATE, f"input of {cls}", tuple(pen.shape), 0, 0, 0))
+    logits = first_tensor(out)
+    if logits is not None:
+        rows.append(LayerInfo(LOGITS, "model output", tuple(logits.shape), 0, 0, 0))
+    return rows
+
+
+def _capture_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The first tensor entering module ``name`` when the model runs on ``x``."""
+    seen: list[torch.Tensor | None] = []
+    module = dict(model.named_modules())[name]
+    handle = module.register_forward_pre_hook(lambda _m, inp: seen.append(first_tensor(inp)))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    if not seen or seen[0] is None:
+        raise FeatcacheError(f"the classifier {name!r} was not called with a tensor")
+    return seen[0]
+
+
+def count_macs(backbone: Backbone, input_size: tuple[int, int] | None = None) -> int | None:
+    """Multiply-accumulates of one forward pass (torch's FlopCounterMode, FLOPs / 2), or None."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover - torch < 2.1
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        backbone.model(dummy_input(backbone, input_size))
+    return int(counter.get_total_flops() // 2)
+
+
+def timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered no-trace modules and functions (padding helpers, ...), if timm is installed."""
+    try:
+        import timm.models  # noqa: F401  (importing registers them)
+        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+def tracer_kwargs() -> dict[str, Any]:
+    """torchvision's defaults (its ops as leaves) plus what timm marks as not traceable.
+
+    Every torch.fx trace in featcache (layer listing, extraction, export) uses these, so graph-node
+    names agree between them.
+    """
+
+    ops = [m for _, m in inspect.getmembers(torchvision.ops, inspect.isclass) if issubclass(m, nn.Module)]
+    modules, functions = timm_notrace()
+    return {
+        "autowrap_modules": (math, torchvision.ops),
+        "autowrap_functions": functions,
+        "leaf_modules": [*ops, *modules],
+    }

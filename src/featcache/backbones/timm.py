@@ -1,0 +1,63 @@
+"""The ``timm:`` backbone source: ``arch.tag`` names, preprocessing from the model's pretrained config."""
+
+from __future__ import annotations
+
+import timm
+
+from .._util import FeatcacheError, unknown
+from .lite import imagenet_classes
+from .registry import (
+    Backbone,
+    BackboneCfg,
+    finish,
+    last_linear,
+    load_into,
+    load_state_file,
+    register_source,
+    seeded_init,
+)
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_names() -> list[str]:
+    return list(timm.list_models())
+
+
+def _is_timm_model(spec: str) -> bool:
+    return bool(timm.is_model(spec.split(".")[0]))
+
+
+@register_source("timm", lister=_timm_names, claims=_is_timm_model)
+def _timm(name: str, weights: str | None) -> Backbone:
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise unknown("timm model", name, timm.list_models(), "Run `featcache models 'timm:*name*'` to list.")
+    pretrained = weights is None or weights.upper() == "DEFAULT"
+    path = weights if weights and weights.lower() not in ("none", "default") else None
+    try:
+        model = seeded_init(lambda: timm.create_model(name, pretrained=pretrained))
+    except Exception as exc:  # hub download failures surface as many exception types
+        raise FeatcacheError(
+            f"could not load timm weights for {name} ({type(exc).__name__}: {exc}). Without internet, pass "
+            "--weights none or --weights PATH to a checkpoint."
+        ) from exc
+    if path:
+        load_into(model, load_state_file(path), path)
+    data = timm.data.resolve_data_config({}, model=model)
+    h, w = data["input_size"][1:]
+    return finish(
+        model,
+        BackboneCfg(
+            spec=f"timm:{name}",
+            input_size=(h, w),
+            resize_size=int(h / data.get("crop_pct", 0.875)),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data.get("interpolation", "bilinear"),
+            weights=path or ("DEFAULT" if pretrained else "none"),
+            classes=imagenet_classes() if pretrained and model.num_classes == 1000 else None,
+            classifier=dict(getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+            or last_linear(model),
+        ),
+    )

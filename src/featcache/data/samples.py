@@ -1,0 +1,214 @@
+"""Datasets: image folders, CSV/JSONL manifests, torchvision datasets on disk, arrays, bundled sets.
+
+Every sample has a stable id (relative path, or index for array sets) and an integer label;
+class names are kept. A dataset spec resolves to train/val/test :class:`SampleSet` splits::
+
+    path/to/tree            ImageFolder (train/ val/ test/ subfolders used when present)
+    path/to/labels.csv      ``path,label`` rows (paths relative to the file); .jsonl likewise
+    torchvision:CIFAR10:ROOT   a torchvision dataset already on disk (MNIST, CIFAR100, STL10 ...)
+    mnist-5k | digits | faces  real labelled images shipped inside PyPI wheels
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .._util import FeatcacheError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+class BadImageError(FeatcacheError):
+    """An image could not be decoded; the message names the file and the reason."""
+
+
+class SampleSet(abc.ABC):
+    """An indexable set of labelled images with stable ids and a fingerprint for the cache key.
+
+    Subclasses implement :meth:`load` (a PIL image for one index) and :meth:`_fingerprint_rows`.
+    """
+
+    def __init__(self, ids: Sequence[str], labels: np.ndarray, classes: Sequence[str], name: str) -> None:
+        if len(ids) != len(labels):
+            raise FeatcacheError(f"{name}: {len(ids)} ids but {len(labels)} labels")
+        self.ids = list(ids)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @abc.abstractmethod
+    def load(self, index: int) -> Image.Image:
+        """Decode sample ``index`` as a PIL image (raises on a bad image)."""
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for error messages."""
+        return f"{self.name}[{self.ids[index]}]"
+
+    @abc.abstractmethod
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        """Feed what identifies the content of ``rows`` (all when None) into hash ``h``.
+
+        File stats or pixel bytes; a split hashes only its own rows, not the whole parent set.
+        """
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the manifest: ids, labels, classes and file sizes/mtimes or pixel bytes (computed
+        once per object: a run reads its files' stats once)."""
+        cached: str | None = getattr(self, "_fingerprint", None)
+        if cached is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([self.ids, self.classes]).encode())
+            h.update(self.labels.tobytes())
+            self._fingerprint_rows(h)
+            cached = self._fingerprint = h.hexdigest()
+        return cached
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str) -> SampleSet:
+        """A view on some rows (used for splits)."""
+        return _Subset(self, np.asarray(indices, dtype=np.int64), name)
+
+
+class _Subset(SampleSet):
+    def __init__(self, parent: SampleSet, indices: np.ndarray, name: str) -> None:
+        super().__init__([parent.ids[i] for i in indices], parent.labels[indices], parent.classes, name)
+        self.parent, self.indices = parent, indices
+
+    def load(self, index: int) -> Image.Image:
+        return self.parent.load(int(self.indices[index]))
+
+    def describe(self, index: int) -> str:
+        return self.parent.describe(int(self.indices[index]))
+
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        mine = self.indices if rows is None else self.indices[rows]
+        h.update(mine.tobytes())
+        self.parent._fingerprint_rows(h, mine)
+
+
+class FileSamples(SampleSet):
+    """Images on disk; ids are paths relative to ``root``."""
+
+    def __init__(self, root: Path, paths: Sequence[Path], labels: np.ndarray, classes: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.paths = [Path(p) for p in paths]
+        ids = [p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix() for p in self.paths]
+        super().__init__(ids, labels, classes, name=str(root))
+
+    def _abs(self, index: int) -> Path:
+        p = self.paths[index]
+        return p if p.is_absolute() else self.root / p
+
+    def load(self, index: int) -> Image.Image:
+        path = self._abs(index)
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+
+    def describe(self, index: int) -> str:
+        return str(self._abs(index))
+
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        for i in range(len(self)) if rows is None else rows.tolist():
+            try:
+                st = self._abs(i).stat()
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(
+                    f"image {self.describe(i)!r} listed in the dataset is missing"
+                ) from exc
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+class ArraySamples(SampleSet):
+    """Images in an array: (N, H, W) grey or (N, H, W, C) / (N, C, H, W) colour; uint8 or [0, 1] floats."""
+
+    def __init__(
+        self, images: np.ndarray, labels: Any, classes: Sequence[str] | None = None, name: str = "array"
+    ):
+        images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = images.transpose(0, 2, 3, 1)
+        if images.ndim not in (3, 4):
+            raise FeatcacheError(
+                f"{name}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}"
+            )
+        if images.dtype != np.uint8:
+            scale = 255.0 if float(images.max(initial=0)) <= 1.0 else 1.0
+            images = np.clip(images.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+        labels = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+        classes = list(classes) if classes is not None else [str(c) for c in range(int(labels.max()) + 1)]
+        self.images = images
+        super().__init__([f"{i:06d}" for i in range(len(images))], labels, classes, name)
+
+    def load(self, index: int) -> Image.Image:
+        a = self.images[index]
+        return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        images = self.images if rows is None else self.images[rows]
+        h.update(str(images.shape).encode())
+        h.update(np.ascontiguousarray(images).tobytes())
+
+
+class TorchvisionSamples(SampleSet):
+    """A torchvision dataset object (``ds[i] -> (PIL image, label)``)."""
+
+    def __init__(self, ds: Any, name: str) -> None:
+        targets = getattr(ds, "targets", None)
+        if targets is None:
+            targets = getattr(ds, "labels", None)
+        if targets is None:
+            targets = [ds[i][1] for i in range(len(ds))]
+        labels = np.asarray(targets.numpy() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64)
+        classes = getattr(ds, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)]
+        self.ds = ds
+        super().__init__([f"{i:06d}" for i in range(len(ds))], labels, classes, name)
+
+    def load(self, index: int) -> Image.Image:
+        img = self.ds[index][0]
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+
+    def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
+        data = getattr(self.ds, "data", None)
+        if data is not None:
+            arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            h.update(np.ascontiguousarray(arr if rows is None else arr[rows]).tobytes())
+            return
+        root = Path(getattr(self.ds, "root", "."))
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image file (raises ``BadImageError`` naming the file)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImageError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def image_paths(target: str | Path) -> list[Path]:
+    """An image file, or every image file under a folder (sorted)."""
+    p = Path(target)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+    if p.is_file():
+        return [p]
+    raise FileNotFoundError(f"{str(p)!r} is neither an image file nor a folder")

@@ -1,0 +1,16 @@
+"""Export: the backbone (cut at the trained layer) and the head as one model for raw images, and predict."""
+
+from .build import ExportInfo, build_model
+from .model import ExportedModel, Preprocessing
+from .predict import Predictor, load_predictor
+from .save import export_run
+
+__all__ = [
+    "ExportInfo",
+    "ExportedModel",
+    "Predictor",
+    "Preprocessing",
+    "build_model",
+    "export_run",
+    "load_predictor",
+]

@@ -1,0 +1,340 @@
+"""Export a run: preprocessing + the backbone truncated at the run's layer + pooling + the head, as ONE model.
+
+The exported model takes raw images and returns logits. Its input (see :data:`INPUT_CONVENTION`):
+
+- ``uint8`` images ``(N, H, W, C)`` (RGB, 0-255, any ``H``/``W``): resized (+ centre-cropped) to the
+  run's input size exactly as :func:`featcache.data.to_model_input` resizes a uint8 image (torch's
+  fixed-point uint8 kernel, emulated bit for bit), then scaled and normalised;
+- ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
+
+Formats: ``pt`` (a safetensors file of the truncated weights + a JSON sidecar; loading rebuilds the
+structure with featcache, no pickle), ``torchscript`` and ``onnx`` (self-contained: no featcache needed
+to run them; ONNX takes the uint8 convention only). Every file gets a sidecar ``<file>.json`` with the
+class names, preprocessing, layer, pooling and versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model
+from torch import Tensor, nn
+
+from .._util import FeatcacheError, hash_tensors
+from .._version import __version__
+from ..backbones.layers import LOGITS
+from ..backbones.registry import BackboneCfg, load_backbone
+from ..extract.nodes import FeatureExtractor
+from ..extract.truncate import truncate
+from ..runs.finetune import load_finetuned
+from ..runs.folder import load_head
+from ..train.heads import HeadInfo
+from .model import ExportedModel, Network, Preprocess, Preprocessing
+
+FORMATS = ("pt", "torchscript", "onnx")
+SUFFIXES = {"pt": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
+INPUT_CONVENTION = (
+    "uint8 (N, H, W, C) RGB 0-255 or float32 (N, C, H, W) in [0, 1], any H and W; returns logits (N, classes)"
+)
+ONNX_INPUT_CONVENTION = "uint8 (N, H, W, C) RGB 0-255, any N, H and W; returns logits (N, classes)"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Everything that travels with an exported model (the JSON sidecar and the file's metadata).
+
+    Attributes:
+        format: ``pt``, ``torchscript`` or ``onnx`` (``memory`` for a model built from a run folder).
+        model: backbone spec; ``weights``/``weights_id``: the weights the head was trained on.
+        layer: the cached layer; ``pool``: pooling at extraction; ``storage_dtype``: the cache dtype.
+        classes: class names, in logit order.
+        preprocessing: resize/normalisation settings.
+        head: :meth:`featcache.train.heads.HeadInfo.to_dict` of the head.
+        method: ``fx`` (truncated graph), ``hooks`` (whole model, forward stopped by hooks) or ``full``.
+        return_nodes: FX (train, eval) node names returned by the truncated graph, for ``fx``.
+        truncated: whether the saved weights hold only what the layer needs.
+        weights_sha256: hash of the exported state dict (checked when a ``pt`` file loads).
+    """
+
+    format: str
+    model: str
+    weights: str
+    weights_id: str
+    layer: str
+    pool: str
+    storage_dtype: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    head: dict[str, Any] = field(hash=False)
+    method: str
+    return_nodes: tuple[str, str] | None
+    truncated: bool
+    input_convention: str = INPUT_CONVENTION
+    featcache_version: str = __version__
+    run: str = ""
+    notes: tuple[str, ...] = ()
+    weights_sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples as lists)."""
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        d["notes"] = list(self.notes)
+        d["return_nodes"] = list(self.return_nodes) if self.return_nodes else None
+        d["preprocessing"]["input_size"] = list(self.preprocessing.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportInfo:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        p = dict(d["preprocessing"])
+        p["input_size"], p["mean"], p["std"] = tuple(p["input_size"]), tuple(p["mean"]), tuple(p["std"])
+        d["preprocessing"] = Preprocessing(**p)
+        d["classes"], d["notes"] = tuple(d["classes"]), tuple(d.get("notes", ()))
+        d["return_nodes"] = tuple(d["return_nodes"]) if d.get("return_nodes") else None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- export modules
+
+
+class _Entry(nn.Module):
+    """One input convention's preprocessing, to trace (uint8 NHWC for ONNX; both for TorchScript)."""
+
+    def __init__(self, model: ExportedModel, uint8: bool) -> None:
+        super().__init__()
+        self.preprocess, self.uint8 = model.preprocess, uint8
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.preprocess.from_uint8(x) if self.uint8 else self.preprocess.from_float(x)
+
+
+class _Dispatch(nn.Module):
+    """Scripted top level of the TorchScript export: picks the input convention by dtype."""
+
+    def __init__(self, from_uint8: nn.Module, from_float: nn.Module, network: nn.Module, classes: list[str]):
+        super().__init__()
+        self.from_uint8, self.from_float, self.network = from_uint8, from_float, network
+        self.classes: list[str] = list(classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError("expected a batch (N, H, W, C) uint8 or (N, C, H, W) float")
+        if x.dtype == torch.uint8:
+            if x.shape[-1] == 1:
+                x = x.expand(-1, -1, -1, 3)
+            return self.network(self.from_uint8(x))
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.network(self.from_float(x.float()))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    file = run_dir / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a featcache run folder (no config.json); pass the "
+            "folder written by `featcache train`"
+        )
+    config: dict[str, Any] = json.loads(file.read_text())
+    missing = [k for k in ("model", "backbone_cfg", "layer", "extract", "classes") if k not in config]
+    if missing:
+        raise FeatcacheError(
+            f"run config {str(file)!r} lacks {missing}; export needs a run written by featcache train"
+        )
+    return config
+
+
+def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[ExportedModel, ExportInfo]:
+    """Build the exported model of a run folder in memory (eval mode, on the CPU).
+
+    Args:
+        run_dir: a folder written by :func:`featcache.runs.train_run`.
+        weights: weights to rebuild the backbone with (a tag or path) when the run's own
+            ``weights_arg`` cannot (e.g. the run got a ``Backbone`` object); default: the run's.
+
+    Raises:
+        FeatcacheError: the rebuilt backbone's weights differ from those the head was trained on.
+
+    Example:
+        >>> model, info = build_model("runs/mnist")  # doctest: +SKIP
+        >>> info.classes[:3]  # doctest: +SKIP
+        ('0', '1', '2')
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file() and json.loads((run_dir / "config.json").read_text()).get(
+        "kind"
+    ) == "finetune":
+        return _build_finetuned(run_dir, weights)
+    config = _read_config(run_dir)
+    run_cfg = BackboneCfg.from_dict(config["backbone_cfg"])
+    weights_arg = weights if weights is not None else config.get("weights_arg")
+    try:
+        backbone = load_backbone(config["model"], weights_arg)
+    except (FeatcacheError, FileNotFoundError) as exc:
+        raise FeatcacheError(
+            f"cannot rebuild the backbone of run {str(run_dir)!r} ({config['model']}, weights="
+            f"{weights_arg!r}): {exc}. Pass weights= the tag or file the run used."
+        ) from exc
+    if backbone.cfg.weights_id != run_cfg.weights_id:
+        raise FeatcacheError(
+            f"backbone {config['model']} rebuilt with weights={weights_arg!r} has weights id "
+            f"{backbone.cfg.weights_id[:12]}, but run {str(run_dir)!r} was trained on "
+            f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
+            "Pass weights= the file/tag the run used."
+        )
+    extract = config["extract"]
+    cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
+    backbone.cfg = replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier)
+    layer, pool = str(config["layer"]), str(extract.get("pool", "avg"))
+    dtype = str(extract.get("dtype", "float32"))
+    net, key, method, nodes, notes = truncate(backbone, layer)
+    head, head_info = load_head(run_dir)
+    pre = Preprocessing.from_cfg(cfg)
+    model = ExportedModel(
+        Preprocess(pre), Network(net, key, pool, dtype, head), list(config["classes"])
+    ).eval()
+    on_gpu = bool(config.get("environment", {}).get("cuda")) and extract.get("device") != "cpu"
+    if extract.get("amp") or (extract.get("amp") is None and on_gpu):
+        notes.append("features were extracted under bf16 autocast; the exported model runs in float32")
+    info = ExportInfo(
+        format="memory",
+        model=str(config["model"]),
+        weights=run_cfg.weights,
+        weights_id=run_cfg.weights_id,
+        layer=layer,
+        pool=pool,
+        storage_dtype=dtype,
+        classes=tuple(config["classes"]),
+        preprocessing=pre,
+        head=head_info.to_dict(),
+        method=method,
+        return_nodes=nodes,
+        truncated=method == "fx",
+        run=str(run_dir),
+        notes=tuple(notes),
+        weights_sha256=hash_tensors(model.state_dict()),
+    )
+    return model, info
+
+
+def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+    """A fine-tuned run exports whole: preprocessing -> the fine-tuned network's logits (nothing is cut)."""
+
+    backbone, config = load_finetuned(run_dir, weights)
+    extract = config["extract"]
+    cfg = backbone.cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else backbone.cfg
+    pre = Preprocessing.from_cfg(cfg)
+    net = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, backbone.cfg.spec)
+    model = ExportedModel(
+        Preprocess(pre), Network(net, LOGITS, "none", "float32", nn.Identity()), list(config["classes"])
+    ).eval()
+    info = ExportInfo(
+        format="memory",
+        model=str(config["model"]),
+        weights=backbone.cfg.weights,
+        weights_id=backbone.cfg.weights_id,
+        layer=LOGITS,
+        pool="none",
+        storage_dtype="float32",
+        classes=tuple(config["classes"]),
+        preprocessing=pre,
+        head={"finetune": config["finetune"]["train"], "classifier": config["plan"]["classifier"]},
+        method="full",
+        return_nodes=None,
+        truncated=False,
+        run=str(run_dir),
+        notes=(f"fine-tuned run ({config['finetune']['train']}): the whole network is exported",),
+        weights_sha256=hash_tensors(model.state_dict()),
+    )
+    return model, info
+
+
+def rebuild_model(info: ExportInfo) -> ExportedModel:
+    """The structure of an exported ``pt`` model with random weights (load its state dict next).
+
+    Example:
+        >>> model = rebuild_model(read_info("model.pt"))  # doctest: +SKIP
+    """
+    backbone = load_backbone(info.model, "none")
+    pre = info.preprocessing
+    if info.method == "full":  # a fine-tuned network, exported whole
+        from ..train.freeze import replace_classifier
+
+        replace_classifier(backbone.model, info.head["classifier"], len(info.classes))
+        whole = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, info.model)
+        return ExportedModel(
+            Preprocess(pre), Network(whole, LOGITS, "none", "float32", nn.Identity()), list(info.classes)
+        )
+    backbone.cfg = replace(backbone.cfg, input_size=pre.input_size, channels=pre.channels)
+    if info.method == "hooks":
+        net: nn.Module = FeatureExtractor(
+            backbone.model, [info.layer], "hooks", backbone.cfg.classifier, info.model
+        )
+        key = info.layer
+    else:
+        net, key, _, _, _ = truncate(backbone, info.layer, info.return_nodes)
+    head = HeadInfo.from_dict(info.head).build()
+    return ExportedModel(
+        Preprocess(pre), Network(net, key, info.pool, info.storage_dtype, head), list(info.classes)
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    return Path(f"{path}.json")
+
+
+def read_info(path: str | Path) -> ExportInfo:
+    """The :class:`ExportInfo` of an exported file, from its JSON sidecar.
+
+    Example:
+        >>> read_info("runs/mnist/model.onnx").classes  # doctest: +SKIP
+    """
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise FileNotFoundError(
+            f"{str(side)!r} not found: an exported model's sidecar holds its classes and "
+            f"preprocessing; export again with `featcache export`"
+        )
+    return ExportInfo.from_dict(json.loads(side.read_text()))
+
+
+def load_pt(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
+    """Load a ``pt`` export: rebuild the structure with featcache, then load the safetensors strictly.
+
+    Example:
+        >>> model, info = load_pt("runs/mnist/model.pt")  # doctest: +SKIP
+    """
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
+    if sidecar_path(path).is_file():
+        info = read_info(path)
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("featcache")
+        if not meta:
+            raise FileNotFoundError(
+                f"{str(sidecar_path(path))!r} not found and {str(path)!r} has no featcache metadata"
+            )
+        info = ExportInfo.from_dict(json.loads(meta))
+    model = rebuild_model(info)
+    load_model(model, str(path), strict=True)
+    if info.weights_sha256 and hash_tensors(model.state_dict()) != info.weights_sha256:
+        raise FeatcacheError(f"{str(path)!r} does not hold the weights its sidecar describes (hash mismatch)")
+    return model.eval(), info

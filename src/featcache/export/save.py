@@ -1,0 +1,131 @@
+"""``export_run``: write a run as a safetensors, TorchScript or ONNX model with a JSON sidecar,
+verified against predict.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .._util import FeatcacheError, default_mode, unknown, write_json
+from .build import (
+    FORMATS,
+    INPUT_CONVENTION,
+    ONNX_INPUT_CONVENTION,
+    SUFFIXES,
+    ExportInfo,
+    _Dispatch,
+    _Entry,
+    build_model,
+    sidecar_path,
+)
+from .model import ExportedModel, Preprocessing
+from .predict import load_predictor
+
+
+def _example(pre: Preprocessing, extra: tuple[int, int] = (7, 5)) -> Tensor:
+    """Two random uint8 NHWC images slightly larger than the input size (tracing / verification input)."""
+    size = (2, pre.input_size[0] + extra[0], pre.input_size[1] + extra[1], pre.channels)
+    return torch.randint(0, 256, size, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _save_torchscript(model: ExportedModel, info: ExportInfo, out: Path) -> None:
+    u8 = _example(info.preprocessing)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced_net = torch.jit.trace(model.network, model.preprocess(u8))
+        traced_u8 = torch.jit.trace(_Entry(model, True).eval(), u8)
+        traced_f = torch.jit.trace(_Entry(model, False).eval(), u8.permute(0, 3, 1, 2).float() / 255.0)
+        scripted = torch.jit.script(_Dispatch(traced_u8, traced_f, traced_net, list(info.classes)).eval())
+        torch.jit.save(scripted, str(out), _extra_files={"featcache.json": json.dumps(info.to_dict())})
+
+
+def _save_onnx(model: ExportedModel, info: ExportInfo, out: Path) -> None:
+    import onnx
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            nn.Sequential(_Entry(model, True), model.network).eval(),
+            (_example(info.preprocessing),),
+            str(out),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamic_axes={"images": {0: "batch", 1: "height", 2: "width"}, "logits": {0: "batch"}},
+        )
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(
+        proto, {"featcache": json.dumps(info.to_dict()), "classes": json.dumps(list(info.classes))}
+    )
+    onnx.save(proto, str(out))
+
+
+def export_run(
+    run_dir: str | Path,
+    format: str = "pt",
+    out: str | Path | None = None,
+    weights: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Export a run as one model for raw images: preprocessing, truncated backbone, pooling and head.
+
+    Args:
+        run_dir: a folder written by ``featcache train``.
+        format: ``pt`` (safetensors + sidecar, loads with featcache without pickle), ``torchscript``
+            or ``onnx`` (both run without featcache).
+        out: output file (default ``RUN/model.pt|.ts|.onnx``); the sidecar is ``<out>.json``.
+        weights: see :func:`build_model`.
+        verify: load the written file back and check it gives the in-memory model's logits.
+
+    Returns:
+        The path of the exported file.
+
+    Example:
+        >>> export_run("runs/mnist", "onnx", "mnist.onnx")  # doctest: +SKIP
+        PosixPath('mnist.onnx')
+    """
+    if format not in FORMATS:
+        raise unknown("export format", format, FORMATS, "Use --format pt|torchscript|onnx.")
+    model, info = build_model(run_dir, weights)
+    path = Path(out) if out is not None else Path(run_dir) / f"model{SUFFIXES[format]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    convention = ONNX_INPUT_CONVENTION if format == "onnx" else INPUT_CONVENTION
+    notes = info.notes
+    if info.method == "hooks" and format != "pt":
+        notes += ("traced through hooks: data-dependent control flow follows the example input's path",)
+    info = replace(info, format=format, input_convention=convention, notes=notes)
+    if format == "pt":
+        from safetensors.torch import save_model
+
+        save_model(model, str(path), metadata={"featcache": json.dumps(info.to_dict())})
+    elif format == "torchscript":
+        _save_torchscript(model, info, path)
+    else:
+        _save_onnx(model, info, path)
+    default_mode(path)
+    model.eval()  # exporters may leave wrappers (and so the model) in training mode
+    write_json(sidecar_path(path), info.to_dict())
+    if verify:
+        _verify(model, path, info)
+    return path
+
+
+def _verify(model: ExportedModel, path: Path, info: ExportInfo) -> None:
+    x = _example(info.preprocessing, extra=(11, 3))
+    with torch.inference_mode():
+        want = model(x)
+    got = load_predictor(path, device="cpu").logits(x)
+    tol = 1e-3 * max(1.0, float(want.abs().max()))
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=tol):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise FeatcacheError(
+            f"the exported {info.format} file {str(path)!r} does not reproduce the model (max logit "
+            f"difference {diff:.3g}): this backbone does not rebuild faithfully in this format; try another"
+        )

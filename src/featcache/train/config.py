@@ -1,0 +1,71 @@
+"""``TrainConfig``: the settings of head training (and of the fine-tuning loop), with their choices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._util import FeatcacheError, unknown
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+MONITORS = ("val_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the fast trainer.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: rows per step.
+        lr: peak learning rate.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (with ``momentum``).
+        momentum: SGD momentum.
+        weight_decay: decoupled for AdamW, L2 for Adam/SGD.
+        schedule: ``cosine`` (to zero, after ``warmup_epochs`` of linear warm-up) or ``constant``.
+        warmup_epochs: warm-up length in epochs (may be fractional).
+        label_smoothing: cross-entropy label smoothing.
+        standardize: standardise features with train-split statistics.
+        patience: stop after this many epochs without improvement of ``monitor`` (None: never).
+        monitor: ``val_loss`` or ``val_acc`` (selects the best checkpoint).
+        seed: seeds the head init, the batch order and dropout.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        ram_budget_gb: features larger than this (as float32) are streamed from the memory map.
+        amp: bf16 autocast for the forward pass; ``None`` means on for CUDA, off on CPU.
+        fast_paths: run the head's frozen front (standardisation, pooling) once and train a lone
+            Linear with the closed-form step (:mod:`featcache.train.fast_step`); off: plain autograd
+            on the whole head every step. Same training either way, to float rounding.
+
+    Example:
+        >>> cfg = TrainConfig(epochs=30, lr=1e-3, batch_size=256)
+    """
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    standardize: bool = False
+    patience: int | None = None
+    monitor: str = "val_loss"
+    seed: int = 0
+    device: str = "auto"
+    ram_budget_gb: float = 8.0
+    amp: bool | None = None
+    fast_paths: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown("optimizer", self.optimizer, OPTIMIZERS, "Use --optimizer adamw|adam|sgd.")
+        if self.schedule not in SCHEDULES:
+            raise unknown("schedule", self.schedule, SCHEDULES, "Use --schedule cosine|constant.")
+        if self.monitor not in MONITORS:
+            raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc.")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise FeatcacheError(
+                f"epochs, batch size and lr must be positive: {self.epochs}, {self.batch_size}, {self.lr}"
+            )

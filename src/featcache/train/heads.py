@@ -1,0 +1,283 @@
+"""Heads trained on cached features: linear, pooled-linear, MLP and conv.
+
+The input shape is read from the cache: pooled features are ``(D,)``, spatial maps ``(C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._util import FeatcacheError, unknown
+from ..cache.writer import to_torch
+
+HEADS = ("linear", "pooled-linear", "mlp", "conv")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Which head to build.
+
+    Attributes:
+        kind: ``linear`` (flatten + Linear), ``pooled-linear`` (the reference loop's SimpleClassifier:
+            AdaptiveAvgPool2d(1) + Flatten + Linear on a map), ``mlp`` or ``conv`` (a new
+            3x3 conv + BN + ReLU on a map, then pooling and Linear).
+        hidden: hidden sizes of the MLP.
+        dropout: dropout before each Linear of the MLP (and the conv head's classifier).
+        conv_channels: output channels of the conv head's new convolution.
+
+    Example:
+        >>> head = build_head(HeadSpec("mlp", hidden=(256,)), (512,), num_classes=10)
+    """
+
+    kind: str = "linear"
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.0
+    conv_channels: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEADS:
+            raise unknown("head", self.kind, HEADS, "Use --head linear|pooled-linear|mlp|conv.")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class Standardize(nn.Module):
+    """Fixed ``(x - mean) / std`` with statistics from the training split (per feature or per channel)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @classmethod
+    def fit(
+        cls, x: torch.Tensor | np.ndarray, chunk: int | None = None, dtype: str = "float32"
+    ) -> Standardize:
+        """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks.
+
+        ``x`` may be a tensor or a (memory-mapped) array in the cache's storage ``dtype``: it is read
+        ``chunk`` rows at a time (default: 64 MB of float64), never whole.
+
+        Example:
+            >>> Standardize.fit(torch.randn(100, 8, 4, 4)).mean.shape
+            torch.Size([8, 1, 1])
+        """
+        ndim = len(x.shape)
+        chunk = chunk or max(1, (64 << 20) // (8 * max(1, int(np.prod(x.shape[1:])))))
+        dims = (0, 2, 3) if ndim == 4 else (0,)
+        shape = (1, x.shape[1], 1, 1) if ndim == 4 else (1, *x.shape[1:])
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        total = torch.zeros(shape, dtype=torch.float64, device=device)
+        sq = torch.zeros(shape, dtype=torch.float64, device=device)
+        count = 0
+        for i in range(0, len(x), chunk):
+            rows = x[i : i + chunk]
+            part = (rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)).double()
+            total += part.sum(dims, keepdim=True)
+            sq += (part * part).sum(dims, keepdim=True)
+            count += part.shape[0] * (part.shape[2] * part.shape[3] if ndim == 4 else 1)
+        mean = total / count
+        std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        return cls(mean.squeeze(0).float(), std.squeeze(0).float())
+
+    @classmethod
+    def from_channel_stats(cls, mean: np.ndarray, var: np.ndarray, chunk: int = 1 << 16) -> Standardize:
+        """Per-channel statistics of maps from their per-row channel ``mean`` and ``var`` (each (N, C), as
+        the cache stores them), without the maps: the same as :meth:`fit` on the maps, to float rounding.
+
+        Every row has the same number of positions, so the channel mean is the mean of the row means and
+        the variance is the mean of the row variances plus the variance of the row means.
+
+        Example:
+            >>> maps = torch.randn(50, 3, 4, 4)
+            >>> var, m = torch.var_mean(maps, dim=(2, 3), correction=0)
+            >>> s = Standardize.from_channel_stats(m.numpy(), var.numpy())
+            >>> torch.allclose(s.std, Standardize.fit(maps).std)
+            True
+        """
+        n = len(mean)
+
+        def total(fn: Any) -> torch.Tensor:
+            acc = torch.zeros(mean.shape[1], dtype=torch.float64)
+            for i in range(0, n, chunk):
+                acc += fn(slice(i, i + chunk)).sum(0)
+            return acc
+
+        def rows(a: np.ndarray, s: slice) -> torch.Tensor:
+            return torch.from_numpy(np.array(a[s], dtype=np.float64))
+
+        m = total(lambda s: rows(mean, s)) / n
+        v = total(lambda s: rows(var, s) + (rows(mean, s) - m) ** 2) / n
+        std = v.clamp_min(0).sqrt().clamp_min(1e-6)
+        return cls(m.float().view(-1, 1, 1), std.float().view(-1, 1, 1))
+
+
+def fit_standardize(
+    kind: str,
+    x: torch.Tensor | np.ndarray,
+    channel_mean: np.ndarray | None = None,
+    channel_var: np.ndarray | None = None,
+    dtype: str = "float32",
+) -> Standardize:
+    """Training-split statistics of what the head's first trainable layer sees.
+
+    A ``pooled-linear`` head on maps standardises its pooled features (per channel over images): its
+    :class:`Standardize` sits before the pooling, which is the same affine map. Any other head on maps
+    standardises per channel over images and positions; vectors per feature. With the cache's
+    per-row ``channel_mean`` / ``channel_var`` of maps, the maps themselves are not read.
+
+    Example:
+        >>> maps = torch.randn(64, 8, 5, 5)
+        >>> s = fit_standardize("pooled-linear", maps)
+        >>> torch.allclose(s(maps).mean((2, 3)).std(0, unbiased=False), torch.ones(8), atol=1e-4)
+        True
+    """
+    if len(x.shape) == 4 and kind == "pooled-linear":
+        pooled = channel_mean if channel_mean is not None else _pooled(x, dtype)
+        per_channel = Standardize.fit(pooled)
+        return Standardize(per_channel.mean.view(-1, 1, 1), per_channel.std.view(-1, 1, 1))
+    if len(x.shape) == 4 and channel_mean is not None and channel_var is not None:
+        return Standardize.from_channel_stats(channel_mean, channel_var)
+    return Standardize.fit(x, dtype=dtype)
+
+
+def _pooled(x: torch.Tensor | np.ndarray, dtype: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """(N, C) channel means of (N, C, H, W) maps, read ``chunk_bytes`` at a time."""
+    step = max(1, chunk_bytes // max(1, 4 * int(np.prod(x.shape[1:]))))
+    parts = []
+    for i in range(0, len(x), step):
+        rows = x[i : i + step]
+        t = rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)
+        parts.append(t.float().mean((2, 3)))
+    return torch.cat(parts) if parts else torch.zeros(0, x.shape[1])
+
+
+class Head(nn.Module):
+    """An optional :class:`Standardize` followed by the classifier body."""
+
+    def __init__(self, body: nn.Module, standardize: Standardize | None = None) -> None:
+        super().__init__()
+        self.standardize = standardize if standardize is not None else nn.Identity()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.standardize(x))
+
+
+def _need_map(spec: HeadSpec, in_shape: tuple[int, ...]) -> None:
+    if len(in_shape) != 3:
+        raise FeatcacheError(
+            f"head {spec.kind!r} needs a spatial map (C, H, W) but the cached layer has shape {in_shape}: "
+            "extract with --pool none, or pick a convolutional layer if this one gives vectors (`featcache "
+            "layers MODEL` shows each layer's shape), or use --head linear / mlp"
+        )
+
+
+def build_head(
+    spec: HeadSpec,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    standardize: Standardize | None = None,
+    seed: int | None = 0,
+) -> Head:
+    """Build a head for cached features of shape ``in_shape`` (no batch dim).
+
+    Args:
+        spec: which head.
+        in_shape: one row's shape, ``(D,)`` or ``(C, H, W)``.
+        num_classes: outputs.
+        standardize: optional fixed input standardisation.
+        seed: seed for the initial weights (``None`` uses the global RNG).
+
+    Example:
+        >>> build_head(HeadSpec("pooled-linear"), (256, 4, 4), 10)(torch.zeros(2, 256, 4, 4)).shape
+        torch.Size([2, 10])
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+    flat = 1
+    for s in in_shape:
+        flat *= s
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)  # CPU only: leaves the CUDA generators alone
+        body: nn.Module
+        if spec.kind == "linear":
+            body = nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))
+        elif spec.kind == "pooled-linear":
+            _need_map(spec, in_shape)
+            body = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_shape[0], num_classes))
+        elif spec.kind == "mlp":
+            layers: list[nn.Module] = [nn.Flatten()]
+            width = flat
+            for h in spec.hidden:
+                layers += [nn.Dropout(spec.dropout), nn.Linear(width, h), nn.GELU()]
+                width = h
+            layers += [nn.Dropout(spec.dropout), nn.Linear(width, num_classes)]
+            body = nn.Sequential(*layers)
+        else:
+            _need_map(spec, in_shape)
+            c = spec.conv_channels
+            body = nn.Sequential(
+                nn.Conv2d(in_shape[0], c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Dropout(spec.dropout),
+                nn.Linear(c, num_classes),
+            )
+        return Head(body, standardize)
+
+
+def check_input(head_in_shape: tuple[int, ...], cached_shape: tuple[int, ...]) -> None:
+    """Raise naming both shapes when a head built for one input meets features of another."""
+    if tuple(head_in_shape) != tuple(cached_shape):
+        raise FeatcacheError(
+            f"head expects input shape {tuple(head_in_shape)} but the cached features have shape "
+            f"{tuple(cached_shape)}; train a new head for this layer/pooling"
+        )
+
+
+@dataclass
+class HeadInfo:
+    """Metadata saved beside a head so it can be rebuilt without pickle."""
+
+    spec: HeadSpec
+    in_shape: tuple[int, ...]
+    num_classes: int
+    standardize: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "in_shape": list(self.in_shape),
+            "num_classes": self.num_classes,
+            "standardize": self.standardize,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadInfo:
+        return cls(HeadSpec(**d["spec"]), tuple(d["in_shape"]), int(d["num_classes"]), bool(d["standardize"]))
+
+    def build(self) -> Head:
+        """An untrained head of this shape (load a state dict into it)."""
+        std = None
+        if self.standardize:
+            shape = (self.in_shape[0], 1, 1) if len(self.in_shape) == 3 else self.in_shape
+            std = Standardize(torch.zeros(shape), torch.ones(shape))
+        return build_head(self.spec, self.in_shape, self.num_classes, std, seed=None)

@@ -1,0 +1,188 @@
+"""The linear-probe protocol: L2-regularised logistic regression on cached features.
+
+As in the CLIP paper's linear probes: the regularisation strength is chosen on the validation
+split (models fitted on train only), then the model is refitted on train + val with that strength
+and evaluated once on test. The test split never influences a choice, and no validation score is
+reported for a model that saw the validation split (the leak in CLIP_benchmark issue #125).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .._util import FeatcacheError, best_on_val, resolve_device, write_json
+from ..backbones.registry import Backbone, load_backbone
+from ..extract.config import ExtractConfig
+from ..extract.build import extract_splits
+from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
+from .report import plot_confusion
+from ..data.config import DataConfig
+from .folder import run_config, save_head
+from ..train.sources import FeatureSource, source_for
+from ..train.fit import evaluate
+
+DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Settings of the probe sweep.
+
+    Attributes:
+        strengths: L2 strengths (lambda, on the mean loss) tried on the validation split.
+        max_iter: L-BFGS iterations per fit.
+        standardize: standardise features with train statistics (train+val for the refit).
+
+    Example:
+        >>> cfg = ProbeConfig(strengths=(1e-4, 1e-3, 1e-2))
+    """
+
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    max_iter: int = 200
+    standardize: bool = True
+
+
+@dataclass
+class ProbeResult:
+    """Chosen strength, the sweep's validation scores, and the refitted head's test metrics."""
+
+    strength: float
+    sweep: list[dict[str, float]]
+    test: dict[str, Any] | None
+    head: Head
+    info: HeadInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    strength: float,
+    max_iter: int = 200,
+    standardize: bool = True,
+) -> Head:
+    """Full-batch L-BFGS logistic regression; returns a ``linear`` head (standardisation folded in front).
+
+    Example:
+        >>> head = fit_logistic(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, 1e-3)
+    """
+    x = x.float()
+    std = Standardize.fit(x) if standardize else None
+    z = std(x) if std is not None else x
+    head = build_head(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, std, seed=0).to(x.device)
+    linear = next(m for m in head.body.modules() if isinstance(m, torch.nn.Linear))
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    opt = torch.optim.LBFGS(
+        linear.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+    )
+    flat = z.flatten(1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(flat), y) + 0.5 * strength * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head.eval()
+
+
+def linear_probe(
+    train: FeatureSource,
+    val: FeatureSource,
+    test: FeatureSource | None,
+    num_classes: int,
+    config: ProbeConfig | None = None,
+    progress: bool = True,
+) -> ProbeResult:
+    """Choose the L2 strength on ``val``, refit on train + val, evaluate on ``test``.
+
+    Example:
+        >>> res = linear_probe(source_for(f["train"], "penultimate"), source_for(f["val"], "penultimate"),
+        ...                    source_for(f["test"], "penultimate"), 10)  # doctest: +SKIP
+        >>> res.strength, res.test["acc"]  # doctest: +SKIP
+    """
+    config = config or ProbeConfig()
+    if not len(val):
+        raise FeatcacheError(
+            "the linear probe needs a validation split to choose the strength (--val-fraction > 0)"
+        )
+    if train.x is None or val.x is None:
+        raise FeatcacheError(
+            "the L-BFGS probe needs the features in memory; use `featcache train` for larger caches"
+        )
+    sweep = []
+    for s in tqdm(config.strengths, desc="probe sweep", disable=not progress):
+        head = fit_logistic(train.x, train.y, num_classes, s, config.max_iter, config.standardize)
+        m = evaluate(head, val, num_classes)
+        sweep.append({"strength": s, "val_acc": m["acc"], "val_loss": m["loss"]})
+    best = best_on_val(sweep)
+    both_x = torch.cat([train.x, val.x])
+    both_y = torch.cat([train.y, val.y])
+    head = fit_logistic(both_x, both_y, num_classes, best["strength"], config.max_iter, config.standardize)
+    info = HeadInfo(HeadSpec("linear"), tuple(train.x.shape[1:]), num_classes, standardize=config.standardize)
+    test_metrics = evaluate(head, test, num_classes) if test is not None else None
+    return ProbeResult(best["strength"], sweep, test_metrics, head, info)
+
+
+def probe_run(
+    model: str | Backbone,
+    data: DataConfig,
+    layer: str,
+    extract_config: ExtractConfig,
+    config: ProbeConfig | None = None,
+    out_dir: str | Path | None = None,
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> ProbeResult:
+    """The ``featcache probe`` job: cache (build or reuse), probe, and optionally write a run folder.
+
+    The folder is a run like ``featcache train``'s (``config.json``, ``metrics.json`` with the sweep,
+    ``head.safetensors``, ``confusion.png``), so :func:`~featcache.runs.load_run`, ``export`` and
+    ``predict`` take it.
+
+    Example:
+        >>> res = probe_run("efficientnet-lite0", DataConfig("mnist-5k"), "penultimate",
+        ...                 ExtractConfig(input_size=(64, 64)), out_dir="runs/probe")  # doctest: +SKIP
+        >>> res.strength, res.test["acc"]  # doctest: +SKIP
+    """
+    config = config or ProbeConfig()
+    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    ecfg = replace(extract_config, layers=(layer,))
+    feats = extract_splits(backbone, data.load(), ecfg, cache_dir, progress)
+    if "val" not in feats:
+        raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
+    dev = resolve_device(device)
+    src = {k: source_for(v, layer, dev) for k, v in feats.items()}
+    classes = feats["train"].classes
+    res = linear_probe(src["train"], src["val"], src.get("test"), len(classes), config, progress)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        run = {**run_config(backbone, weights, data, layer, ecfg, feats), "head": res.info.spec.to_dict()}
+        write_json(
+            out / "config.json", {**run, "probe": {**asdict(config), "strengths": list(config.strengths)}}
+        )
+        save_head(res.head, res.info, out)
+        metrics = {"strength": res.strength, "sweep": res.sweep, **({"test": res.test} if res.test else {})}
+        write_json(out / "metrics.json", metrics)
+        if res.test:
+            plot_confusion(res.test["confusion"], classes, out / "confusion.png")
+    return res

@@ -23,6 +23,7 @@ from featcache.extract.build import cache_record, extract
 from featcache.extract.config import ExtractConfig
 
 SIZE = (32, 32)
+LAYERS = ("layer3", "penultimate")
 
 
 def _samples(n: int = 20, seed: int = 0) -> ArraySamples:
@@ -32,12 +33,12 @@ def _samples(n: int = 20, seed: int = 0) -> ArraySamples:
 
 
 def _config(**kw: object) -> ExtractConfig:
-    base = {"layers": ("layer3", "penultimate"), "input_size": SIZE, "device": "cpu", "batch_size": 8}
+    base = {"input_size": SIZE, "device": "cpu", "batch_size": 8}
     return ExtractConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def _extract(bb: Backbone, samples, cache_dir: Path, **kw: object):
-    return extract(bb, samples, _config(**kw), cache_dir=str(cache_dir), progress=False)
+def _extract(bb: Backbone, samples, cache_dir: Path, layers=LAYERS, **kw: object):
+    return extract(bb, samples, layers, _config(**kw), cache_dir=str(cache_dir), progress=False)
 
 
 def _images(samples) -> list:
@@ -141,15 +142,15 @@ from featcache.cache.store import cache_key
 from featcache.extract.build import cache_record
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
-cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=8)
-print(cache_key(cache_record(bb, train, cfg, "train")))
+cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=8)
+print(cache_key(cache_record(bb, train, ["layer3", "penultimate"], cfg, "train")))
 """
 
 
 def test_same_key_in_another_process(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=4)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    key = cache_key(cache_record(resnet18, train, _config(), "train"))
+    key = cache_key(cache_record(resnet18, train, LAYERS, _config(), "train"))
     assert len(key) == 64
     other = run_python(KEY_SCRIPT, str(tmp_path / "tree")).stdout.strip()
     assert other == key
@@ -159,8 +160,8 @@ def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone
     files = write_tree(tmp_path / "tree" / "train", per_class=4)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
 
-    def key(bb: Backbone = resnet18, samples=train, split: str = "train", **kw: object) -> str:
-        return cache_key(cache_record(bb, samples, _config(**kw), split))
+    def key(bb: Backbone = resnet18, samples=train, split: str = "train", layers=LAYERS, **kw: object) -> str:
+        return cache_key(cache_record(bb, samples, layers, _config(**kw), split))
 
     base = key()
     assert key() == base
@@ -264,7 +265,7 @@ def test_verify_and_open_detect_damage(resnet18: Backbone, cache_dir: Path) -> N
 
 def test_a_partial_entry_does_not_open(resnet18: Backbone, cache_dir: Path) -> None:
     samples = _samples(8)
-    record = cache_record(resnet18, samples, _config(), "train")
+    record = cache_record(resnet18, samples, LAYERS, _config(), "train")
     key = cache_key(record)
     cache = FeatureCache(cache_dir)
     writer = cache.writer(key, {**record, "shard_rows": 4})
@@ -343,9 +344,8 @@ def slow(module, inputs):
     time.sleep(0.15)
 bb.model.register_forward_pre_hook(slow)
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
-cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=4,
-                    shard_rows=8)
-out = extract(bb, train, cfg, cache_dir=sys.argv[2], progress=False)
+cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=4, shard_rows=8)
+out = extract(bb, train, ["layer3", "penultimate"], cfg, cache_dir=sys.argv[2], progress=False)
 print(out.key, len(calls), len(out))
 """
 
@@ -397,7 +397,7 @@ def test_verify_catches_flipped_labels_and_ids(tmp_path: Path) -> None:
         np.random.default_rng(0).integers(0, 255, (12, 16, 16), dtype=np.uint8), np.arange(12) % 3
     )
     feats = extract(
-        bb, samples, ExtractConfig(input_size=(32, 32), layers=("layer1",)), str(tmp_path), progress=False
+        bb, samples, ["layer1"], ExtractConfig(input_size=(32, 32)), cache_dir=str(tmp_path), progress=False
     )
     cache = FeatureCache(tmp_path)
     assert cache.verify(feats.key) == []

@@ -18,6 +18,7 @@ from featcache.cache.store import FeatureCache
 
 extract_mod = importlib.import_module("featcache.extract.build")
 
+LAYERS = ("layer2", "penultimate")
 BASE = [
     "torchvision:resnet18",
     "digits",
@@ -43,8 +44,11 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 def single_process(cache_dir: Path) -> dict[str, object]:
     bb = load_backbone("torchvision:resnet18", weights="none")
     splits = load_dataset("digits", limit=150)
-    cfg = ExtractConfig(layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu")
-    return {name: extract(bb, s, cfg, str(cache_dir), name, progress=False) for name, s in splits.items()}
+    cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu")
+    return {
+        name: extract(bb, s, LAYERS, cfg, cache_dir=str(cache_dir), split=name, progress=False)
+        for name, s in splits.items()
+    }
 
 
 def assert_same_entries(sharded: FeatureCache, reference: dict[str, object]) -> None:
@@ -81,9 +85,8 @@ from featcache.extract.distributed import ranks_from_env
 ranks = ranks_from_env()
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset("digits", limit=150).train
-cfg = ExtractConfig(layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu",
-                    shard_rows=10)
-out = extract(bb, train, cfg, sys.argv[1], "train", progress=False, ranks=ranks)
+cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu", shard_rows=10)
+out = extract(bb, train, ["layer2", "penultimate"], cfg, cache_dir=sys.argv[1], progress=False, ranks=ranks)
 ranks.close()
 if ranks.is_main:
     print(json.dumps({k: out.manifest[k] for k in ("rows", "rows_extracted_this_run", "processes")}))
@@ -94,9 +97,7 @@ if ranks.is_main:
 def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     train = load_dataset("digits", limit=150).train
-    cfg = ExtractConfig(
-        layers=("layer2", "penultimate"), input_size=(32, 32), batch_size=8, device="cpu", shard_rows=10
-    )
+    cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu", shard_rows=10)
     real_run = extract_mod._run
 
     def first_two_shards(ex, samples, c, writer, pending, *rest):  # type: ignore[no-untyped-def]
@@ -104,14 +105,14 @@ def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(extract_mod, "_run", first_two_shards)
     with pytest.raises(ValueError, match="missing"):  # the interrupted run: 2 shards written, no manifest
-        extract(bb, train, cfg, str(tmp_path / "cache"), progress=False)
+        extract(bb, train, LAYERS, cfg, cache_dir=str(tmp_path / "cache"), progress=False)
     monkeypatch.undo()
     script = tmp_path / "resume.py"
     script.write_text(RESUME)
     proc = torchrun(str(script), str(tmp_path / "cache"))
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info == {"rows": len(train), "rows_extracted_this_run": len(train) - 20, "processes": 2}
-    reference = extract(bb, train, cfg, str(tmp_path / "single"), progress=False)
+    reference = extract(bb, train, LAYERS, cfg, cache_dir=str(tmp_path / "single"), progress=False)
     assert_same_entries(FeatureCache(tmp_path / "cache"), {"train": reference})
 
 
@@ -124,7 +125,7 @@ size = 32 if ranks.is_main else 40  # a flag that differs between ranks changes 
 cfg = ExtractConfig(input_size=(size, size), device="cpu")
 try:
     extract(load_backbone("torchvision:resnet18", weights="none"), load_dataset("digits", limit=60).train,
-            cfg, sys.argv[1], progress=False, ranks=ranks)
+            ["penultimate"], cfg, cache_dir=sys.argv[1], progress=False, ranks=ranks)
 except ValueError as exc:
     print(f"rank {ranks.rank}: {exc}")
 ranks.close()

@@ -76,7 +76,15 @@ def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def pipeline_feats(run: Run, backbone: Backbone, samples: SampleSet, cache_dir: str) -> torch.Tensor:
     """The run's cached features of ``samples`` (``extract``, a cache hit here), rows in sample order."""
-    feats = extract(backbone, samples, run.extract_config(), cache_dir, split="test", progress=False)
+    feats = extract(
+        backbone,
+        samples,
+        [run.layer],
+        run.extract_config(),
+        cache_dir=cache_dir,
+        split="test",
+        progress=False,
+    )
     rows = [feats.ids.index(i) for i in samples.ids]
     return feats.tensor(run.layer, dtype=torch.float32)[rows]
 

@@ -20,7 +20,7 @@ from featcache.cache.store import FeatureCache
 from featcache.data.datasets import load_dataset
 from featcache.data.samples import ArraySamples, BadImageError
 from featcache.extract.build import extract, extract_splits
-from featcache.extract.config import ExtractConfig
+from featcache.extract.config import ExtractConfig, View, Views, parse_layers
 from featcache.extract.pooling import pool_features
 
 SIZE = (32, 32)
@@ -28,7 +28,7 @@ LAYERS = ("layer3", "penultimate")
 
 
 def _config(**kw: object) -> ExtractConfig:
-    base = {"layers": LAYERS, "input_size": SIZE, "device": "cpu", "batch_size": 4}
+    base = {"input_size": SIZE, "device": "cpu", "batch_size": 4}
     return ExtractConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -62,7 +62,7 @@ def _assert_same_entry(a, b) -> None:
 
 
 def test_extract_config_validation() -> None:
-    assert ExtractConfig(layers="layer2,layer3").layers == ("layer2", "layer3")  # type: ignore[arg-type]
+    assert parse_layers("layer2,layer3") == ("layer2", "layer3")
     with pytest.raises(ValueError) as info:
         ExtractConfig(pool="mean")
     assert "'mean'" in str(info.value) and "avg" in str(info.value)
@@ -100,7 +100,8 @@ def test_fx_hooks_and_workers_store_the_same_numbers(resnet18: Backbone, tmp_pat
         runs[name] = extract(
             resnet18,
             train,
-            _config(layers=("layer2", "layer3"), **kw),
+            ("layer2", "layer3"),
+            _config(**kw),
             cache_dir=str(tmp_path / name),
             progress=False,
         )
@@ -113,13 +114,13 @@ def test_fx_hooks_and_workers_store_the_same_numbers(resnet18: Backbone, tmp_pat
 def test_automatic_shard_size(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=3)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    cached = extract(resnet18, train, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    cached = extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
     # 64 MB would hold the whole set; shards are capped at an eighth of it but not below one batch (4).
     assert len(train) == 9 and cached.manifest["record"]["shard_rows"] == 4
     assert cached.manifest["block_rows"] == [4, 4, 1]
     assert cached.manifest["rows_extracted_this_run"] == len(train)
     many = ArraySamples(np.zeros((100, 20, 20, 3), np.uint8), np.arange(100) % 2, ["a", "b"], name="zeros")
-    big = extract(resnet18, many, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    big = extract(resnet18, many, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
     assert big.manifest["record"]["shard_rows"] == 13 and len(big.manifest["block_rows"]) == 8
 
 
@@ -129,7 +130,7 @@ def test_extract_splits(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(root / "val", per_class=2, seed=1)
     write_tree(root / "test", per_class=2, seed=2)
     splits = load_dataset(str(root))
-    out = extract_splits(resnet18, splits, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    out = extract_splits(resnet18, splits, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
     assert list(out) == ["train", "val", "test"]
     assert [len(out[s]) for s in out] == [12, 6, 6]
     assert len({c.key for c in out.values()}) == 3
@@ -148,9 +149,8 @@ from featcache import ExtractConfig, extract, load_backbone, load_dataset
 bb = load_backbone("torchvision:resnet18", weights="none")  # seeded: the same weights as the test's
 bb.model.conv1.register_forward_pre_hook(lambda m, i: time.sleep(0.3))  # slow, weights unchanged
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
-cfg = ExtractConfig(layers=("layer3", "penultimate"), input_size=(32, 32), device="cpu", batch_size=4,
-                    shard_rows=8)
-extract(bb, train, cfg, cache_dir=sys.argv[2], progress=False)
+cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=4, shard_rows=8)
+extract(bb, train, ["layer3", "penultimate"], cfg, cache_dir=sys.argv[2], progress=False)
 print("finished")
 """
 
@@ -195,7 +195,9 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
     assert 1 <= done < 5, done
 
     with RowCounter(resnet18.model) as counter:
-        resumed = extract(resnet18, train, _config(shard_rows=8), cache_dir=str(cache_dir), progress=False)
+        resumed = extract(
+            resnet18, train, LAYERS, _config(shard_rows=8), cache_dir=str(cache_dir), progress=False
+        )
     assert resumed.key == key
     assert counter.rows == n - 8 * done
     assert resumed.manifest["rows_extracted_this_run"] == n - 8 * done
@@ -203,7 +205,9 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
     assert cache.verify(key) == []
     assert not (entry / "shards").exists()
 
-    fresh = extract(resnet18, train, _config(shard_rows=8), cache_dir=str(tmp_path / "fresh"), progress=False)
+    fresh = extract(
+        resnet18, train, LAYERS, _config(shard_rows=8), cache_dir=str(tmp_path / "fresh"), progress=False
+    )
     assert fresh.key == key and fresh.manifest["rows_extracted_this_run"] == n
     _assert_same_entry(resumed, fresh)
     assert resumed.ids == train.ids
@@ -234,7 +238,7 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
     assert bad_row == 18
     cache_dir = tmp_path / "cache"
     with pytest.raises(BadImageError) as info:
-        extract(resnet18, train, _config(shard_rows=4), cache_dir=str(cache_dir), progress=False)
+        extract(resnet18, train, LAYERS, _config(shard_rows=4), cache_dir=str(cache_dir), progress=False)
     assert str(bad) in str(info.value) and "skip" in str(info.value)
     (entry,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     markers = sorted(p.name for p in (entry / "shards").glob("*.json"))
@@ -245,6 +249,7 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
         skipped = extract(
             resnet18,
             train,
+            LAYERS,
             _config(shard_rows=4, on_bad_image="skip"),
             cache_dir=str(cache_dir),
             progress=False,
@@ -268,6 +273,7 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
     again = extract(
         resnet18,
         train,
+        LAYERS,
         _config(shard_rows=4, on_bad_image="skip"),
         cache_dir=str(tmp_path / "c2"),
         progress=False,
@@ -285,6 +291,7 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
     cached = extract(
         resnet18,
         train,
+        LAYERS,
         _config(shard_rows=2, batch_size=2, on_bad_image="skip"),
         cache_dir=str(tmp_path / "c"),
         progress=False,
@@ -316,9 +323,11 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
 
     write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=6)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    cfg = _config(augment="flip,crop", views=2)
-    one, two = extract_views(resnet18, train, cfg, str(tmp_path / "c"), progress=False)
-    plain = extract(resnet18, train, cfg, str(tmp_path / "c"), progress=False)
+    cfg = _config()
+    one, two = extract_views(
+        resnet18, train, LAYERS, Views(2, "flip,crop"), cfg, cache_dir=str(tmp_path / "c"), progress=False
+    )
+    plain = extract(resnet18, train, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)
     keys = {one.key, two.key, plain.key}
     assert (
         len(keys) == 3
@@ -330,29 +339,40 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
     assert FeatureCache(tmp_path / "c").info(two.key)["split"] == "train@view2"  # as `cache ls` shows it
     # A view is the same random draw per sample in any process: rebuilt with 2 decoding workers.
     again = extract(
-        resnet18, train, _config(augment="flip,crop", workers=2), str(tmp_path / "d"), progress=False, view=1
+        resnet18,
+        train,
+        LAYERS,
+        _config(workers=2),
+        cache_dir=str(tmp_path / "d"),
+        progress=False,
+        view=View(1, "flip,crop"),
     )
     assert again.key == one.key
     torch.testing.assert_close(again.tensor("layer3"), a)
     # View 0 (no augmentation) keeps the key it had before views existed: no "augment" in its record.
-    assert "augment" not in cache_record(resnet18, train, cfg, "train")
-    assert plain.key == extract(resnet18, train, _config(), str(tmp_path / "c"), progress=False).key
+    assert "augment" not in cache_record(resnet18, train, LAYERS, cfg, "train")
+    assert (
+        plain.key
+        == extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False).key
+    )
     assert (
         one.manifest["record"]["augment_version"] >= 1 and plain.manifest["extract_config"]["augment"] is None
     )
     with pytest.raises(ValueError, match="--augment"):
-        ExtractConfig(views=2)
+        Views(2, "")
     with pytest.raises(ValueError, match="unknown augmentation"):
-        ExtractConfig(augment="rotate", views=1)
+        Views(1, "rotate")
     with pytest.raises(ValueError, match="names no augmentation"):
-        ExtractConfig(augment=" , ", views=1)
+        Views(1, " , ")
     with pytest.raises(ValueError, match="0 or more, got -1"):
-        ExtractConfig(augment="flip", views=-1)
-    assert ExtractConfig(augment=" flip,,flip", views=1).augment == "flip"  # one spelling, one key
+        Views.parse(-1, "flip")
+    assert Views(1, " flip,,flip").augment == "flip"  # one spelling, one key
 
 
 def test_an_empty_split_is_named_before_anything_is_written(resnet18: Backbone, tmp_path: Path) -> None:
     empty = ArraySamples(np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, np.int64), ["a"], name="none")
     with pytest.raises(FeatcacheError, match=r"the val split of .none. holds no samples.*--limit"):
-        extract(resnet18, empty, _config(), cache_dir=str(tmp_path / "c"), split="val", progress=False)
+        extract(
+            resnet18, empty, LAYERS, _config(), cache_dir=str(tmp_path / "c"), split="val", progress=False
+        )
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())

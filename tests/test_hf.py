@@ -92,7 +92,13 @@ def test_hf_run_exports_in_every_format(tiny_vit: tuple[Path, torch.nn.Module], 
     )  # fmt: skip
     test = data.load().test
     feats = extract(
-        load_backbone(f"hf:{path}"), test, run.extract_config(), str(tmp_path / "c"), "test", False
+        load_backbone(f"hf:{path}"),
+        test,
+        [run.layer],
+        run.extract_config(),
+        cache_dir=str(tmp_path / "c"),
+        split="test",
+        progress=False,
     )
     with torch.no_grad():
         want = run.head(feats.tensor("vit.layers.1", dtype=torch.float32))

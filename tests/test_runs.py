@@ -15,7 +15,7 @@ from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.data.config import DataConfig
 from featcache.extract.build import extract
-from featcache.extract.config import ExtractConfig
+from featcache.extract.config import ExtractConfig, Views
 from featcache.runs.folder import Run, load_run
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
@@ -37,6 +37,7 @@ def _train(
     resume: bool = False,
     weights: str | None = None,
     overwrite: bool = False,
+    views: Views | None = None,
 ) -> Run:
     """``train_run`` with the tests' cache folder (``c`` beside the run folder) and no progress bars."""
     return train_run(
@@ -52,6 +53,7 @@ def _train(
         progress=False,
         resume=resume,
         overwrite=overwrite,
+        views_spec=views,
     )
 
 
@@ -165,10 +167,17 @@ def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means
     tmp_path: Path, maps_read: list[int]
 ) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
-    ecfg = replace(SMALL, pool="none", views=2, augment="flip")
+    ecfg = replace(SMALL, pool="none")
     cfg = TrainConfig(epochs=2, lr=1e-2, standardize=True, device="cpu")
     run = _train(
-        bb, DataConfig("digits", limit=200), "layer2", HeadSpec("pooled-linear"), cfg, ecfg, tmp_path / "r"
+        bb,
+        DataConfig("digits", limit=200),
+        "layer2",
+        HeadSpec("pooled-linear"),
+        cfg,
+        ecfg,
+        tmp_path / "r",
+        views=Views(2, "flip"),
     )
     train_rows = run.metrics["examples_per_epoch"]
     assert maps_read == [train_rows, train_rows]  # the two training views; val and test: channel means only
@@ -217,7 +226,15 @@ def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     again = load_run(tmp_path / "r")
     test = DataConfig("digits", limit=200).load().test
     assert test is not None
-    feats = extract(bb, test, run.extract_config(), str(tmp_path / "c"), "test", progress=False)
+    feats = extract(
+        bb,
+        test,
+        [run.layer],
+        run.extract_config(),
+        cache_dir=str(tmp_path / "c"),
+        split="test",
+        progress=False,
+    )
     assert feats.hit
     m = again.evaluate(feats, device="cpu")
     assert m["acc"] == pytest.approx(run.metrics["test"]["acc"])

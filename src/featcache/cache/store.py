@@ -308,7 +308,7 @@ class FeatureCache:
         extracted again); None when there is none.
 
         Example:
-            >>> record = cache_record(bb, train, ExtractConfig(layers=("layer3",)), "train")  # doctest: +SKIP
+            >>> record = cache_record(bb, train, ["layer3"], ExtractConfig(), "train")  # doctest: +SKIP
             >>> FeatureCache().find(record)  # an entry of layer2, layer3 and layer4  # doctest: +SKIP
             '9c1d...'
         """

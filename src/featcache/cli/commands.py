@@ -20,11 +20,10 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
+def _extract_config(a: argparse.Namespace) -> Any:
     from ..extract.config import ExtractConfig
 
     return ExtractConfig(
-        layers=tuple(layers),
         pool=a.pool,
         dtype=a.dtype,
         batch_size=a.extract_batch_size,
@@ -34,10 +33,14 @@ def _extract_config(a: argparse.Namespace, layers: Sequence[str]) -> Any:
         on_bad_image=a.on_bad_image,
         method=a.method,
         amp=_AMP[a.amp],
-        # `train --views K --augment ...` caches augmented views (finetune's --augment is its own)
-        augment=(a.augment or "flip,crop") if getattr(a, "views", 0) else None,
-        views=getattr(a, "views", 0),
     )
+
+
+def _views(a: argparse.Namespace) -> Any:
+    """`train`/`sweep --views K --augment ...`: cached augmented views (finetune's --augment is its own)."""
+    from ..extract.config import Views
+
+    return Views.parse(a.views, a.augment)
 
 
 def _data_config(a: argparse.Namespace) -> Any:
@@ -136,9 +139,10 @@ def cmd_extract(a: argparse.Namespace) -> None:
 
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights)
-    layers = [s for s in a.layers.split(",") if s]
-    config = _extract_config(a, layers)
-    feats = extract_splits(bb, _data_config(a).load(), config, a.cache_dir, not a.quiet, ranks)
+    splits = _data_config(a).load()
+    feats = extract_splits(
+        bb, splits, a.layers, _extract_config(a), cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks
+    )
     if ranks is not None:
         ranks.close()
         if not ranks.is_main:
@@ -231,15 +235,8 @@ def _head_spec(a: argparse.Namespace) -> Any:
     return HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
 
 
-def _check_views(a: argparse.Namespace) -> None:
-    if a.augment and not a.views:
-        raise FeatcacheError(f"--augment {a.augment} needs --views K: heads augment through K cached views")
-
-
 def cmd_train(a: argparse.Namespace) -> None:
     from ..runs.train import train_run
-
-    _check_views(a)
 
     spec = _head_spec(a)
     run = train_run(
@@ -248,13 +245,14 @@ def cmd_train(a: argparse.Namespace) -> None:
         a.layer,
         spec,
         _train_config(a),
-        _extract_config(a, [a.layer]),
+        _extract_config(a),
         a.out,
         a.weights,
         a.cache_dir,
         not a.quiet,
         a.resume,
         a.overwrite,
+        views_spec=_views(a),
     )
     m = run.metrics
     hits = m["cache_hit"]
@@ -290,7 +288,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         _data_config(a),
         ft,
         _train_config(a),
-        _extract_config(a, ["penultimate"]),
+        _extract_config(a),
         a.out,
         a.weights,
         a.cache_dir,
@@ -306,15 +304,14 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
+    from ..extract.config import parse_layers
     from ..runs.report import format_table
     from ..runs.sweep import grid, sweep_run
-
-    _check_views(a)
 
     def floats(text: str | None) -> list[float]:
         return [float(v) for v in text.split(",") if v] if text else []
 
-    layers = [s for s in a.layers.split(",") if s]
+    layers = parse_layers(a.layers)
     spec = _head_spec(a)
     configs = grid(_train_config(a), lr=floats(a.lrs), weight_decay=floats(a.weight_decays))
     res = sweep_run(
@@ -323,11 +320,12 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         layers,
         spec,
         configs,
-        _extract_config(a, layers),
+        _extract_config(a),
         a.out,
         a.weights,
         a.cache_dir,
         not a.quiet,
+        views_spec=_views(a),
     )
     if a.json:
         _print_json({"best": res.best, "rows": res.rows})
@@ -354,7 +352,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
         a.model,
         _data_config(a),
         a.layer,
-        _extract_config(a, [a.layer]),
+        _extract_config(a),
         cfg,
         a.out,
         a.weights,

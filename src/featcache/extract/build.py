@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from ..cache.writer import STORAGE_DTYPES
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
 from ..data.samples import BadImageError, SampleSet
-from .config import ExtractConfig
+from .config import ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
 
@@ -33,24 +33,33 @@ log = logging.getLogger(__name__)
 
 
 def cache_record(
-    backbone: Backbone, samples: SampleSet, config: ExtractConfig, split: str, view: int = 0
+    backbone: Backbone,
+    samples: SampleSet,
+    layers: Sequence[str],
+    config: ExtractConfig,
+    split: str,
+    view: View | None = None,
 ) -> dict[str, Any]:
-    """The explicit record whose hash is the cache key (everything that changes the stored numbers)."""
+    """The explicit record whose hash is the cache key (everything that changes the stored numbers).
+
+    Example:
+        >>> record = cache_record(bb, splits.train, ["layer3"], ExtractConfig(), "train")  # doctest: +SKIP
+    """
     device = resolve_device(config.device)
     # View 0 keeps the keys it always had; a view's key holds its augmentation and how it is drawn.
-    augmented = {"augment": config.augment, "augment_version": AUGMENT_VERSION} if view else {}
+    augmented = {"augment": view.augment, "augment_version": AUGMENT_VERSION} if view else {}
     return {
         "backbone": backbone.cfg.spec,
         "weights_id": backbone.cfg.weights_id,
         "preprocessing": resolved_cfg(backbone, config).preprocessing(),
-        "layers": sorted(config.layers),
+        "layers": sorted(layers),
         "pool": config.pool,
         "dtype": config.dtype,
         "amp_bf16": use_amp(config, device),
         "dataset": samples.name,
         "dataset_fingerprint": samples.fingerprint(),
         "split": split,
-        "view": view,
+        "view": view.index if view else 0,
         **augmented,
     }
 
@@ -58,25 +67,29 @@ def cache_record(
 def extract(
     backbone: Backbone,
     samples: SampleSet,
+    layers: str | Sequence[str] = ("penultimate",),
     config: ExtractConfig | None = None,
+    *,
     cache_dir: str | None = None,
     split: str = "train",
     progress: bool = True,
     ranks: Ranks | None = None,
-    view: int = 0,
+    view: View | None = None,
 ) -> CachedFeatures:
-    """Extract ``config.layers`` for every sample into the cache (or open the existing entry).
+    """Extract ``layers`` for every sample into the cache (or open the existing entry).
 
     Args:
         backbone: a frozen backbone from :func:`~featcache.backbones.load_backbone`.
         samples: the images (one split).
-        config: what to extract; defaults to pooled ``penultimate`` features in float32.
+        layers: layer names (``featcache layers MODEL`` lists them), ``penultimate`` or ``logits``; a
+            comma list works too. One forward pass serves them all.
+        config: how to extract; defaults to pooled features in float32.
         cache_dir: cache root (else ``$FEATCACHE_HOME`` or the XDG cache folder).
         split: split name, part of the key.
         progress: show a progress bar.
         ranks: extract as one of several ``torchrun`` processes, each taking a share of the shards
             (:func:`featcache.extract.distributed.ranks_from_env`); every rank must call this alike.
-        view: 0 for the images as they are; ``k`` > 0 for augmented view ``k`` (``config.augment``).
+        view: None for the images as they are, else one augmented view (:class:`View`).
 
     Returns:
         The complete entry, memory-mapped. A hit runs no forward pass.
@@ -85,32 +98,29 @@ def extract(
         >>> from featcache import load_backbone, load_dataset
         >>> bb = load_backbone("efficientnet-lite0")
         >>> data = load_dataset("mnist-5k")
-        >>> feats = extract(bb, data.train, ExtractConfig(input_size=(64, 64)))  # doctest: +SKIP
+        >>> cfg = ExtractConfig(input_size=(64, 64))
+        >>> feats = extract(bb, data.train, ["penultimate"], cfg)  # doctest: +SKIP
         >>> feats.tensor("penultimate").shape  # doctest: +SKIP
         torch.Size([3500, 1280])
     """
-    config = config or ExtractConfig()
+    config, names = config or ExtractConfig(), parse_layers(layers)
     cache = FeatureCache(cache_dir)
     if len(samples) == 0:
         msg = (
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    if view and not config.augment:
-        raise FeatcacheError(f"view {view} needs config.augment (an augmentation to vary between views)")
-    # What the manifest records: the augmentation only where it shaped the numbers, never the view count.
-    config = replace(config, augment=config.augment if view else None, views=0)
-    record = cache_record(backbone, samples, config, split, view)
-    job = _Job(backbone, samples, config, cache, cache_key(record), record, split, progress, view)
+    record = cache_record(backbone, samples, names, config, split, view)
+    job = _Job(backbone, samples, names, config, cache, cache_key(record), record, split, progress, view)
     if ranks is not None:
         return _extract_sharded(job, ranks)
     key = cache.find(record)
     if key is not None:
         cache.add_channel_stats(key, progress)  # an entry from before featcache stored them
-        return _hit(cache, key, config.layers)
+        return _hit(cache, key, names)
     with cache.lock(job.key):
         if cache.is_complete(job.key):  # another process finished it while we waited
-            return _hit(cache, job.key, job.config.layers)
+            return _hit(cache, job.key, names)
         _build(job, None)
     return cache.open(job.key)
 
@@ -121,13 +131,14 @@ class _Job:
 
     backbone: Backbone
     samples: SampleSet
+    layers: tuple[str, ...]
     config: ExtractConfig
     cache: FeatureCache
     key: str
     record: dict[str, Any]
     split: str
     progress: bool
-    view: int = 0
+    view: View | None = None
 
 
 def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
@@ -136,10 +147,10 @@ def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
     ranks.agree(key[:16], "cache key")  # else they would write shards of different entries
     found = ranks.from_main(cache.find(job.record) if ranks.is_main else None)
     if found is not None:
-        return _hit(cache, found, job.config.layers)
+        return _hit(cache, found, job.layers)
     with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
         if ranks.from_main(cache.is_complete(key)):
-            return _hit(cache, key, job.config.layers)
+            return _hit(cache, key, job.layers)
         _build(job, ranks)
     return cache.open(key)
 
@@ -148,7 +159,7 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
     """Extract the missing shards (this rank's share of them) and, on the main process, commit."""
     samples, config, record = job.samples, job.config, job.record
     main = ranks is None or ranks.is_main
-    ex = Extractor(job.backbone, config)
+    ex = Extractor(job.backbone, job.layers, config)
     cfg = resolved_cfg(job.backbone, config)
     if main:
         record["shard_rows"] = shard_rows(ex, len(samples))
@@ -186,7 +197,7 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
             {
                 "classes": samples.classes,
                 "backbone_cfg": cfg.to_dict(),
-                "extract_config": _jsonable(config),
+                "extract_config": _jsonable(config, job.layers, job.view),
                 "extract_seconds": round(seconds, 3),
                 "rows_extracted_this_run": len(todo),
                 "processes": 1 if ranks is None else ranks.world,
@@ -207,11 +218,11 @@ def _hit(cache: FeatureCache, key: str, layers: Sequence[str]) -> CachedFeatures
     return opened
 
 
-def _jsonable(config: ExtractConfig) -> dict[str, Any]:
+def _jsonable(config: ExtractConfig, layers: Sequence[str], view: View | None) -> dict[str, Any]:
+    """What the manifest records: the augmentation only where it shaped the numbers."""
     d = asdict(config)
-    d["layers"] = list(config.layers)
     d["input_size"] = list(config.input_size) if config.input_size else None
-    return d
+    return {"layers": list(layers), **d, "augment": view.augment if view else None}
 
 
 def _run(
@@ -223,11 +234,11 @@ def _run(
     split: str,
     progress: bool,
     ranks: Ranks | None = None,
-    view: int = 0,
+    view: View | None = None,
 ) -> None:
-    augment = make_augment(ex.config.augment, cfg.input_size) if view else None
+    augment = make_augment(view.augment, cfg.input_size) if view else None
     loader = torch.utils.data.DataLoader(
-        PreprocessedView(samples, cfg, pending, augment, view if view else None),
+        PreprocessedView(samples, cfg, pending, augment, view.index if view else None),
         batch_size=ex.config.batch_size,
         num_workers=decode_workers(ex.config.workers, ex.device),
         pin_memory=ex.device.type == "cuda",
@@ -295,7 +306,9 @@ def _run(
 def extract_splits(
     backbone: Backbone,
     splits: DatasetSplits,
+    layers: str | Sequence[str] = ("penultimate",),
     config: ExtractConfig | None = None,
+    *,
     cache_dir: str | None = None,
     progress: bool = True,
     ranks: Ranks | None = None,
@@ -303,28 +316,33 @@ def extract_splits(
     """:func:`extract` for every split that exists (``train``, ``val``, ``test``).
 
     Example:
-        >>> cfg = ExtractConfig(input_size=(32, 32))
-        >>> feats = extract_splits(bb, load_dataset("digits"), cfg)  # doctest: +SKIP
+        >>> splits = load_dataset("digits")
+        >>> feats = extract_splits(bb, splits, ["layer3"], ExtractConfig())  # doctest: +SKIP
     """
     return {
-        name: extract(backbone, s, config, cache_dir, name, progress, ranks) for name, s in splits.items()
+        name: extract(
+            backbone, s, layers, config, cache_dir=cache_dir, split=name, progress=progress, ranks=ranks
+        )
+        for name, s in splits.items()
     }
 
 
 def extract_views(
     backbone: Backbone,
     samples: SampleSet,
-    config: ExtractConfig,
+    layers: str | Sequence[str],
+    views: Views,
+    config: ExtractConfig | None = None,
+    *,
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> list[CachedFeatures]:
-    """The ``config.views`` augmented views of the training split, each its own cache entry.
+    """The ``views.count`` augmented views of the training split, each its own cache entry.
 
     Example:
-        >>> cfg = ExtractConfig(input_size=(64, 64), augment="flip,crop", views=4)
-        >>> views = extract_views(bb, load_dataset("mnist-5k").train, cfg)  # doctest: +SKIP
+        >>> views = extract_views(bb, mnist.train, ["blocks.4"], Views(4, "flip,crop"))  # doctest: +SKIP
     """
     return [
-        extract(backbone, samples, config, cache_dir, "train", progress, view=k)
-        for k in range(1, config.views + 1)
+        extract(backbone, samples, layers, config, cache_dir=cache_dir, progress=progress, view=v)
+        for v in views.each()
     ]

@@ -4,6 +4,7 @@ are made).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._util import FeatcacheError, unknown
@@ -19,7 +20,6 @@ class ExtractConfig:
     """How to extract.
 
     Attributes:
-        layers: layer names (``featcache layers MODEL`` lists them) or ``penultimate`` / ``logits``.
         pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps).
         dtype: storage dtype: ``float32``, ``float16`` or ``bfloat16``.
         batch_size: images per forward pass.
@@ -34,16 +34,14 @@ class ExtractConfig:
         shard_mb: target size of one shard (the unit of resume).
         shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it).
         method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.extract.nodes.FeatureExtractor`).
-        augment: random augmentation of cached views (``flip``, ``crop`` or ``flip,crop``).
-        views: how many augmented views of the training split ``train`` caches and cycles through,
-            one per epoch (0: none). View ``k`` draws the same augmentation for a sample every time,
-            so it is cached like any entry (its key holds ``k`` and ``augment``).
+
+    The layers are not part of it: they are an argument of :func:`~featcache.extract.extract`, as
+    torchvision's ``return_nodes`` are.
 
     Example:
-        >>> cfg = ExtractConfig(layers=("layer3",), pool="avg", input_size=(64, 64))
+        >>> cfg = ExtractConfig(pool="avg", input_size=(64, 64))
     """
 
-    layers: tuple[str, ...] = ("penultimate",)
     pool: str = "avg"
     dtype: str = "float32"
     batch_size: int = 64
@@ -56,12 +54,8 @@ class ExtractConfig:
     shard_mb: int = 64
     shard_rows: int | None = None
     method: str = "auto"
-    augment: str | None = None
-    views: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            object.__setattr__(self, "layers", tuple(s for s in self.layers.split(",") if s))
         if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
             raise FeatcacheError(f"input size must be two positive numbers H W, got {self.input_size}")
         if self.pool not in POOLS:
@@ -74,10 +68,90 @@ class ExtractConfig:
             raise unknown("bad-image policy", self.on_bad_image, BAD_IMAGE_POLICIES, "Use error or skip.")
         if self.batch_size < 1:
             raise FeatcacheError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.views < 0:
-            raise FeatcacheError(f"--views must be 0 or more, got {self.views}")
-        if self.views and not self.augment:
+
+
+def parse_layers(layers: str | Sequence[str]) -> tuple[str, ...]:
+    """Layer names from a comma list (spaces allowed) or a sequence, in order, without repeats.
+
+    Example:
+        >>> parse_layers("blocks.4, penultimate")
+        ('blocks.4', 'penultimate')
+    """
+    parts = layers.split(",") if isinstance(layers, str) else list(layers)
+    names = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if not names:
+        raise FeatcacheError(f"no layers named in {layers!r}; run `featcache layers MODEL` to list them")
+    return names
+
+
+@dataclass(frozen=True)
+class View:
+    """One cached augmented view of a split: index ``k`` >= 1 and the augmentation it draws.
+
+    View ``k`` draws the same augmentation for a sample in every process, so it is cached like any
+    entry (its key holds ``k`` and ``augment``).
+
+    Example:
+        >>> View(2, "flip").index
+        2
+    """
+
+    index: int
+    augment: str
+
+    def __post_init__(self) -> None:
+        if self.index < 1:
+            raise FeatcacheError(f"an augmented view's index starts at 1, got {self.index}")
+        augment = normalize_augment(self.augment)
+        if not augment:
+            raise FeatcacheError(f"view {self.index} needs an augmentation to vary between views")
+        object.__setattr__(self, "augment", augment)
+
+
+@dataclass(frozen=True)
+class Views:
+    """K cached augmented views of the training split; a head trains epoch ``e`` on view ``e mod K``.
+
+    Attributes:
+        count: how many views (each one backbone pass over the training split).
+        augment: what varies between them: ``flip``, ``crop`` or ``flip,crop``.
+
+    Example:
+        >>> [v.index for v in Views(3, "crop").each()]
+        [1, 2, 3]
+    """
+
+    count: int
+    augment: str = "flip,crop"
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise FeatcacheError(f"--views must be 1 or more to cache views, got {self.count}")
+        augment = normalize_augment(self.augment) if self.augment else None
+        if not augment:
             raise FeatcacheError(
-                f"--views {self.views} needs an augmentation to vary between views: add --augment flip,crop"
+                f"--views {self.count} needs an augmentation to vary between views: add --augment flip,crop"
             )
-        object.__setattr__(self, "augment", normalize_augment(self.augment))
+        object.__setattr__(self, "augment", augment)
+
+    @classmethod
+    def parse(cls, count: int, augment: str | None) -> Views | None:
+        """The views of ``--views K --augment A`` (None for ``K`` = 0); ``A`` defaults to ``flip,crop``.
+
+        Example:
+            >>> Views.parse(0, None) is None, Views.parse(2, None).augment
+            (True, 'flip,crop')
+        """
+        if count < 0:
+            raise FeatcacheError(f"--views must be 0 or more, got {count}")
+        if count == 0:
+            if augment:
+                raise FeatcacheError(
+                    f"--augment {augment} needs --views K: heads augment through K cached views"
+                )
+            return None
+        return cls(count, augment or "flip,crop")
+
+    def each(self) -> list[View]:
+        """Views 1..K."""
+        return [View(k, self.augment) for k in range(1, self.count + 1)]

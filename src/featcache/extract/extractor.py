@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,12 +47,12 @@ class Extractor:
     """A prepared extraction: the truncated backbone on its device, ready to run batches.
 
     Example:
-        >>> ex = Extractor(backbone, ExtractConfig(layers=("layer3",)))  # doctest: +SKIP
+        >>> ex = Extractor(backbone, ("layer3",), ExtractConfig())  # doctest: +SKIP
         >>> feats = ex(batch)  # {"layer3": (N, 256) tensor}
     """
 
-    def __init__(self, backbone: Backbone, config: ExtractConfig) -> None:
-        self.backbone, self.config = backbone, config
+    def __init__(self, backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -> None:
+        self.backbone, self.layers, self.config = backbone, tuple(layers), config
         self.device = resolve_device(config.device)
         self.amp = use_amp(config, self.device)
         cl = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
@@ -60,7 +61,7 @@ class Extractor:
         if cl:
             backbone.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.net = FeatureExtractor(
-            backbone.model, config.layers, config.method, backbone.cfg.classifier, backbone.cfg.spec
+            backbone.model, self.layers, config.method, backbone.cfg.classifier, backbone.cfg.spec
         )
 
     @torch.inference_mode()

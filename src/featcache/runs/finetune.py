@@ -19,21 +19,32 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._version import __version__
 from .._util import FeatcacheError, default_mode, resolve_device, unknown, write_json
+from .._version import __version__
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
-from ..data.samples import SampleSet
-from ..extract.config import ExtractConfig
-from ..extract.extractor import decode_workers, resolved_cfg
-from ..extract.build import extract, extract_views
-from ..train.freeze import FreezePlan, TrainableSpec, apply_train_mode, build_suffix, cached_prefix_reason, fold_linear_head, param_groups, plan_freeze, prefix_layer, replace_classifier
-from ..data.preprocess import PreprocessedView, make_augment
 from ..data.config import DataConfig
-from .folder import check_resume, environment, load_head, prepare_run_dir, write_report
-from .train import evaluate_splits
-from ..train.sources import BatchSource, ViewCycle, source_for
+from ..data.preprocess import PreprocessedView, make_augment
+from ..data.samples import SampleSet
+from ..extract.build import extract, extract_views
+from ..extract.config import ExtractConfig, Views
+from ..extract.extractor import decode_workers, resolved_cfg
 from ..train.config import TrainConfig
 from ..train.fit import fit
+from ..train.freeze import (
+    FreezePlan,
+    TrainableSpec,
+    apply_train_mode,
+    build_suffix,
+    cached_prefix_reason,
+    fold_linear_head,
+    param_groups,
+    plan_freeze,
+    prefix_layer,
+    replace_classifier,
+)
+from ..train.sources import BatchSource, ViewCycle, source_for
+from .folder import check_resume, environment, load_head, prepare_run_dir, write_report
+from .train import evaluate_splits
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +290,7 @@ def finetune_run(
         "mode": mode,
         "mode_reason": reason,
         "train": asdict(train_config),
-        "extract": {**asdict(extract_config), "layers": list(extract_config.layers)},
+        "extract": {**asdict(extract_config), "layers": ["penultimate"]},
         "classes": splits.classes,
         "environment": environment(),
     }
@@ -295,19 +306,21 @@ def finetune_run(
         layer = prefix_layer(plan)
         # The prefix runs under the same autocast as the live loop would (bf16 on CUDA, fp32 on CPU).
         train_amp = train_config.amp if train_config.amp is not None else device.type == "cuda"
-        ecfg = replace(extract_config, layers=(layer,), pool="none", dtype="float32", amp=train_amp)
+        ecfg = replace(extract_config, pool="none", dtype="float32", amp=train_amp)
         budget = train_config.ram_budget_gb
         # With views the plain training prefix is never read: extract val/test only.
         feats = {
-            name: extract(backbone, s, ecfg, cache_dir, name, progress)
+            name: extract(backbone, s, [layer], ecfg, cache_dir=cache_dir, split=name, progress=progress)
             for name, s in splits.items()
             if name != "train" or not ft.views
         }
         config["cache_keys"] = {k: v.key for k, v in feats.items()}
         src: dict[str, BatchSource] = {k: source_for(v, layer, device, budget) for k, v in feats.items()}
         if ft.views:
-            vcfg = replace(ecfg, augment=ft.augment, views=ft.views)
-            views = extract_views(backbone, splits.train, vcfg, cache_dir, progress)
+            spec = Views(ft.views, ft.augment or "")
+            views = extract_views(
+                backbone, splits.train, [layer], spec, ecfg, cache_dir=cache_dir, progress=progress
+            )
             config["view_keys"] = [v.key for v in views]
             src["train"] = ViewCycle([source_for(v, layer, device, budget / ft.views) for v in views])
         trained: nn.Module = suffix.to(device)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._version import __version__
 from .._util import FeatcacheError, default_mode, resolve_device, write_json
-from ..backbones.registry import Backbone, BackboneCfg, load_backbone
-from ..cache.store import CachedFeatures, FeatureCache
-from ..data.datasets import DatasetSplits, load_dataset
-from ..extract.config import ExtractConfig
-from ..extract.extractor import Extractor
-from ..extract.build import cache_record, extract_splits, extract_views
-from ..train.heads import Head, HeadInfo, HeadSpec, build_head, check_input, fit_standardize
-from .report import plot_confusion, plot_curves
-from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
-from ..train.fit import FitResult, evaluate, fit
-from ..train.config import TrainConfig
+from .._version import __version__
+from ..backbones.registry import Backbone, BackboneCfg
+from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
+from ..extract.config import ExtractConfig, Views
+from ..train.fit import evaluate
+from ..train.heads import Head, HeadInfo, check_input
+from ..train.sources import source_for
+from .report import plot_confusion, plot_curves
 
 
 @dataclass
@@ -54,8 +49,8 @@ class Run:
 
     def extract_config(self) -> ExtractConfig:
         """The extraction settings the head was trained on."""
-        d = dict(self.config["extract"])
-        d["layers"] = tuple(d["layers"])
+        # layers and views are the run's, not the extraction settings'
+        d = {k: v for k, v in self.config["extract"].items() if k not in ("layers", "augment", "views")}
         d["input_size"] = tuple(d["input_size"]) if d.get("input_size") else None
         return ExtractConfig(**d)
 
@@ -178,6 +173,7 @@ def run_config(
     layer: str,
     extract_config: ExtractConfig,
     feats: Mapping[str, CachedFeatures],
+    views: Views | None = None,
 ) -> dict[str, Any]:
     """The part of ``config.json`` every head run shares: what to rebuild, reload and export it from.
 
@@ -193,7 +189,12 @@ def run_config(
         "backbone_cfg": backbone.cfg.to_dict(),
         "data": asdict(data),
         "layer": layer,
-        "extract": {**asdict(extract_config), "layers": [layer]},
+        "extract": {
+            **asdict(extract_config),
+            "layers": [layer],
+            "augment": views.augment if views else None,
+            "views": views.count if views else 0,
+        },
         "cache_keys": {k: v.key for k, v in feats.items()},
         "classes": feats["train"].classes,
         "environment": environment(),

@@ -8,7 +8,7 @@ reported for a model that saw the validation split (the leak in CLIP_benchmark i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, best_on_val, resolve_device, write_json
 from ..backbones.registry import Backbone, load_backbone
-from ..extract.config import ExtractConfig
-from ..extract.build import extract_splits
-from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
-from .report import plot_confusion
 from ..data.config import DataConfig
-from .folder import run_config, save_head
-from ..train.sources import FeatureSource, source_for
+from ..extract.build import extract_splits
+from ..extract.config import ExtractConfig
 from ..train.fit import evaluate
+from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
+from ..train.sources import FeatureSource, source_for
+from .folder import run_config, save_head
+from .report import plot_confusion
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
 
@@ -165,8 +165,8 @@ def probe_run(
     """
     config = config or ProbeConfig()
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
-    ecfg = replace(extract_config, layers=(layer,))
-    feats = extract_splits(backbone, data.load(), ecfg, cache_dir, progress)
+    ecfg = extract_config
+    feats = extract_splits(backbone, data.load(), [layer], ecfg, cache_dir=cache_dir, progress=progress)
     if "val" not in feats:
         raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
     dev = resolve_device(device)

@@ -26,16 +26,16 @@ from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, best_on_val, write_json
 from ..backbones.registry import Backbone, load_backbone
-from ..extract.config import ExtractConfig
-from ..extract.build import extract_splits, extract_views
-from ..train.heads import HeadSpec, build_head
-from .report import plot_sweep
 from ..data.config import DataConfig
-from .folder import run_config, save_head, write_report
-from .train import train_on_cache
+from ..extract.build import extract_splits, extract_views
+from ..extract.config import ExtractConfig, Views
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged
 from ..train.freeze import block_names
+from ..train.heads import HeadSpec, build_head
+from .folder import run_config, save_head, write_report
+from .report import plot_sweep
+from .train import train_on_cache
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def sweep_run(
     weights: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
+    views_spec: Views | None = None,
 ) -> SweepResult:
     """Extract ``layers`` in one pass, train ``head_spec`` on each for each config, choose on val.
 
@@ -116,10 +117,17 @@ def sweep_run(
         raise FeatcacheError(
             "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
         )
-    ecfg = replace(extract_config, layers=tuple(layers))
+    ecfg = extract_config
     t0 = time.perf_counter()
-    feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)  # one pass for every layer
-    views = extract_views(backbone, splits.train, ecfg, cache_dir, progress) if ecfg.views else []
+    # one pass for every layer
+    feats = extract_splits(backbone, splits, layers, ecfg, cache_dir=cache_dir, progress=progress)
+    views = (
+        extract_views(
+            backbone, splits.train, layers, views_spec, ecfg, cache_dir=cache_dir, progress=progress
+        )
+        if views_spec
+        else []
+    )
     extract_seconds = time.perf_counter() - t0
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         shape = tuple(feats["train"].features[layer].shape[1:])
@@ -139,9 +147,8 @@ def sweep_run(
             )
             run_dir = out / name
             run_dir.mkdir(exist_ok=True)
-            single = replace(ecfg, layers=(layer,))
             config = {
-                **run_config(backbone, weights, data, layer, single, feats),
+                **run_config(backbone, weights, data, layer, ecfg, feats, views_spec),
                 "head": head_spec.to_dict(),
                 "train": asdict(cfg),
                 **({"view_keys": [v.key for v in views]} if views else {}),

@@ -7,38 +7,27 @@ A run folder holds ``config.json`` (all that is needed to reproduce it, cache ke
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._version import __version__
-from .._util import FeatcacheError, default_mode, resolve_device, write_json
-from ..backbones.registry import Backbone, BackboneCfg, load_backbone
+from .._util import resolve_device, write_json
+from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import CachedFeatures, FeatureCache
-from ..data.datasets import DatasetSplits, load_dataset
-from ..extract.config import ExtractConfig
-from ..extract.extractor import Extractor
-from ..extract.build import cache_record, extract_splits, extract_views
-from ..train.heads import Head, HeadInfo, HeadSpec, build_head, check_input, fit_standardize
-from .report import plot_confusion, plot_curves
-from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
-from ..train.fit import FitResult, evaluate, fit
-from ..train.config import TrainConfig
 from ..data.config import DataConfig
-from .folder import Run
-from .folder import save_head
-from .folder import prepare_run_dir
-from .folder import check_resume
-from .folder import run_config
-from .folder import write_report
+from ..data.datasets import DatasetSplits
+from ..extract.build import cache_record, extract_splits, extract_views
+from ..extract.config import ExtractConfig, Views
+from ..extract.extractor import Extractor
+from ..train.config import TrainConfig
+from ..train.fit import FitResult, evaluate, fit
+from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
+from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
+from .folder import Run, check_resume, prepare_run_dir, run_config, save_head, write_report
 
 
 def evaluate_splits(
@@ -120,6 +109,7 @@ def train_run(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    views_spec: Views | None = None,
 ) -> Run:
     """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
 
@@ -131,14 +121,20 @@ def train_run(
     out = prepare_run_dir(out_dir, resume, overwrite)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
     splits = data.load()
-    ecfg = replace(extract_config, layers=(layer,))
-    _check_head_fits(backbone, splits, ecfg, head_spec, cache_dir)
+    ecfg = extract_config
+    _check_head_fits(backbone, splits, layer, ecfg, head_spec, cache_dir)
     t0 = time.perf_counter()
-    feats = extract_splits(backbone, splits, ecfg, cache_dir, progress)
-    views = extract_views(backbone, splits.train, ecfg, cache_dir, progress) if ecfg.views else []
+    feats = extract_splits(backbone, splits, [layer], ecfg, cache_dir=cache_dir, progress=progress)
+    views = (
+        extract_views(
+            backbone, splits.train, [layer], views_spec, ecfg, cache_dir=cache_dir, progress=progress
+        )
+        if views_spec
+        else []
+    )
     extract_seconds = time.perf_counter() - t0
     config = {
-        **run_config(backbone, weights, data, layer, ecfg, feats),
+        **run_config(backbone, weights, data, layer, ecfg, feats, views_spec),
         **({"view_keys": [v.key for v in views]} if views else {}),
         "head": head_spec.to_dict(),
         "train": asdict(train_config),
@@ -160,11 +156,16 @@ def train_run(
 
 
 def _check_head_fits(
-    backbone: Backbone, splits: DatasetSplits, ecfg: ExtractConfig, head: HeadSpec, cache_dir: str | None
+    backbone: Backbone,
+    splits: DatasetSplits,
+    layer: str,
+    ecfg: ExtractConfig,
+    head: HeadSpec,
+    cache_dir: str | None,
 ) -> None:
     """Before an extraction that will run, whether ``head`` can take the layer (one blank image through
     the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
     checked when training starts, with no forward pass."""
-    if FeatureCache(cache_dir).find(cache_record(backbone, splits.train, ecfg, "train")) is None:
-        shape = Extractor(backbone, ecfg).row_shapes()[ecfg.layers[0]]
+    if FeatureCache(cache_dir).find(cache_record(backbone, splits.train, [layer], ecfg, "train")) is None:
+        shape = Extractor(backbone, [layer], ecfg).row_shapes()[layer]
         build_head(head, shape, len(splits.classes))

@@ -119,9 +119,8 @@ class _Bench:
     ) -> None:
         self.cfg, self.device, self.repeats, self.progress, self.tmp = cfg, device, repeats, progress, tmp
         self.bb: Backbone = load_backbone(cfg.model)
-        self.ecfg = ExtractConfig(
-            layers=("penultimate",), input_size=cfg.input_size, device=str(device), batch_size=128
-        )
+        self.ecfg = ExtractConfig(input_size=cfg.input_size, device=str(device), batch_size=128)
+        self.layers = ("penultimate",)
         self.splits: DatasetSplits = load_dataset("mnist-5k", 0.1, 0.2, seed=0, limit=cfg.limit)
         self.tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=3e-3, device=str(device))
         self._n = 0
@@ -138,7 +137,9 @@ class _Bench:
         def cached() -> float:
             t0 = time.perf_counter()
             sub = DatasetSplits(splits.train, splits.val, None, splits.classes, splits.spec)
-            feats = extract_splits(self.bb, sub, self.ecfg, self.fresh_cache(), progress=False)
+            feats = extract_splits(
+                self.bb, sub, self.layers, self.ecfg, cache_dir=self.fresh_cache(), progress=False
+            )
             head = build_head(HeadSpec("linear"), feats["train"].features["penultimate"].shape[1:], 10)
             fit(
                 head,
@@ -151,7 +152,7 @@ class _Bench:
             return time.perf_counter() - t0
 
         def naive() -> float:
-            ex = Extractor(self.bb, self.ecfg)
+            ex = Extractor(self.bb, self.layers, self.ecfg)
             head = build_head(HeadSpec("linear"), (1280,), 10).to(self.device)
             opt = make_optimizer(head.parameters(), self.tcfg)
             pre = resolved_cfg(self.bb, self.ecfg)
@@ -187,7 +188,7 @@ class _Bench:
         Both run with the same precision and memory format (bf16 autocast + channels_last on CUDA).
         """
         batches = self._decoded_batches()
-        ex = Extractor(self.bb, self.ecfg)
+        ex = Extractor(self.bb, self.layers, self.ecfg)
         model = self.bb.model
         n_img = sum(len(b) for b in batches)
 
@@ -224,12 +225,12 @@ class _Bench:
         files = image_folder(root, 0.0, 0.0).train
         pre = resolved_cfg(self.bb, self.ecfg)
         decoded = torch.stack([to_model_input(files.load(i), pre) for i in range(len(files))])
-        ex = Extractor(self.bb, self.ecfg)
+        ex = Extractor(self.bb, self.layers, self.ecfg)
         bs = self.ecfg.batch_size
 
         def from_files() -> float:
             t0 = time.perf_counter()
-            extract(self.bb, files, self.ecfg, self.fresh_cache(), progress=False)
+            extract(self.bb, files, self.layers, self.ecfg, cache_dir=self.fresh_cache(), progress=False)
             return time.perf_counter() - t0
 
         def from_tensors() -> float:
@@ -261,8 +262,9 @@ class _Bench:
             ("penultimate", "linear", self.cfg.input_size, "avg"),
         )
         for layer, kind, size, pool in settings:
-            ecfg = replace(self.ecfg, layers=(layer,), input_size=size, pool=pool)
-            feats = extract(self.bb, self.splits.train, ecfg, str(self.tmp / "shared-cache"), progress=False)
+            ecfg = replace(self.ecfg, input_size=size, pool=pool)
+            shared = str(self.tmp / "shared-cache")
+            feats = extract(self.bb, self.splits.train, [layer], ecfg, cache_dir=shared, progress=False)
             x, y = feats.tensor(layer, dtype=torch.float32), torch.as_tensor(feats.labels)
             for bs in (32, self.cfg.batch_size):
                 stats = feats.channel_stats.get(layer)
@@ -359,7 +361,7 @@ class _Bench:
         whole = count_macs(bb, self.cfg.input_size) or 1
 
         plan = plan_freeze(bb, TrainableSpec.parse("last:1"), 10, input_size=self.cfg.input_size)
-        ex = Extractor(bb, replace(self.ecfg, layers=(prefix_layer(plan),), pool="none"))
+        ex = Extractor(bb, [prefix_layer(plan)], replace(self.ecfg, pool="none"))
         h, w = self.cfg.input_size
         cached_in = ex(torch.zeros(1, 3, h, w))[prefix_layer(plan)].float()
         suffix = build_suffix(bb.model, plan.split or "", plan).eval()
@@ -386,12 +388,14 @@ class _Bench:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""
         cache_dir = self.fresh_cache()
         t0 = time.perf_counter()
-        extract(self.bb, self.splits.train, self.ecfg, cache_dir, progress=False)
+        extract(self.bb, self.splits.train, self.layers, self.ecfg, cache_dir=cache_dir, progress=False)
         first = time.perf_counter() - t0
 
         def hit() -> float:
             t0 = time.perf_counter()
-            feats = extract(self.bb, self.splits.train, self.ecfg, cache_dir, progress=False)
+            feats = extract(
+                self.bb, self.splits.train, self.layers, self.ecfg, cache_dir=cache_dir, progress=False
+            )
             head = build_head(HeadSpec("linear"), feats.features["penultimate"].shape[1:], 10)
             fit(
                 head,
@@ -412,9 +416,8 @@ class _Bench:
         x = torch.randn(128, 3, 224, 224)
         runs = {}
         for label, amp, cl in (("fp32", False, False), ("bf16+channels_last", True, True)):
-            ex = Extractor(
-                bb, ExtractConfig(layers=("penultimate",), device=str(self.device), amp=amp, channels_last=cl)
-            )
+            ecfg = ExtractConfig(device=str(self.device), amp=amp, channels_last=cl)
+            ex = Extractor(bb, ["penultimate"], ecfg)
             for _ in range(3):
                 ex(x)
             torch.cuda.synchronize()

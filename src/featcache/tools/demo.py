@@ -76,7 +76,7 @@ def run_demo(
     out = Path(out_dir)
     dev = resolve_device(device)
     data = DataConfig(cfg.data, val_fraction=0.1, test_fraction=0.2, seed=0, limit=cfg.limit)
-    ecfg = ExtractConfig(layers=(cfg.layer,), input_size=cfg.input_size, device=str(dev), batch_size=128)
+    ecfg = ExtractConfig(input_size=cfg.input_size, device=str(dev), batch_size=128)
     tcfg = TrainConfig(
         epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, standardize=True, device=str(dev)
     )
@@ -145,7 +145,7 @@ def run_demo(
         f"(measured for {cfg.naive_epochs} epoch(s), same head, optimiser and batch size).",
     )
     splits = data.load()
-    ex = Extractor(bb, ecfg)
+    ex = Extractor(bb, [cfg.layer], ecfg)
     head = build_head(head_spec, tuple(run.head_info.in_shape), len(splits.classes), seed=tcfg.seed).to(dev)
     opt = make_optimizer(head.parameters(), tcfg)
     naive = []

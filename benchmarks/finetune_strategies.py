@@ -16,6 +16,7 @@ import time
 
 from featcache import DataConfig, ExtractConfig, FinetuneConfig, TrainConfig, finetune_run
 from featcache.runs.report import format_table
+from featcache.runs.spec import RunSpec
 
 
 def main() -> None:
@@ -33,16 +34,9 @@ def main() -> None:
     rows = []
     for spec, weights in (("head", None), ("last:1", None), ("last:2", None), ("all", None), ("all", "none")):
         t0 = time.perf_counter()
-        run = finetune_run(
-            "efficientnet-lite0",
-            data,
-            FinetuneConfig(train=spec),
-            tcfg,
-            ecfg,
-            f"{a.out}/{spec.replace(':', '')}-{weights or 'imagenet'}",
-            weights=weights,
-            progress=False,
-        )
+        out = f"{a.out}/{spec.replace(':', '')}-{weights or 'imagenet'}"
+        job = RunSpec("efficientnet-lite0", data, out, weights, ecfg, tcfg, progress=False, overwrite=True)
+        run = finetune_run(job, FinetuneConfig(train=spec))
         rows.append(
             {
                 "train": spec,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from featcache.backbones.registry import load_backbone
-from featcache.cli.commands import COMMANDS, main
+from featcache.cli.main import COMMANDS, main
 
 
 def tiny_resnet_on_digits(limit: int) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from featcache.cli.commands import main
+from featcache.cli.main import main
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ def test_ranks_with_different_keys_stop_before_writing(tmp_path: Path) -> None:
 
 
 def test_other_verbs_refuse_to_run_once_per_rank(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    from featcache.cli.commands import main
+    from featcache.cli.main import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "torchvision:resnet18", "digits", "--out", "unused"]) == 2

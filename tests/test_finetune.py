@@ -18,6 +18,7 @@ from featcache.extract.config import ExtractConfig
 from featcache.extract.nodes import FeatureExtractor
 from featcache.runs.finetune import FinetuneConfig, FinetuneRun, finetune_run
 from featcache.runs.folder import load_run
+from featcache.runs.spec import RunSpec
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
 from featcache.train.freeze import (
@@ -44,18 +45,18 @@ def _ft(
     resume: bool = False,
 ) -> FinetuneRun:
     """A random-init resnet18 fine-tuned at 32 px into ``tmp_path / name``, sharing one cache folder."""
-    return finetune_run(
+    spec = RunSpec(
         "torchvision:resnet18",
         data,
-        ft,
-        cfg,
-        SMALL,
         tmp_path / name,
-        weights="none",
+        "none",
+        SMALL,
+        cfg,
         cache_dir=str(tmp_path / "c"),
         progress=progress,
         resume=resume,
     )
+    return finetune_run(spec, ft)
 
 
 SEEDS_CFG = TrainConfig(
@@ -224,17 +225,16 @@ def test_suffix_refuses_a_split_across_a_skip_connection() -> None:
 def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
     data = DataConfig("digits", limit=150)
     bb = load_backbone("torchvision:resnet18", weights="none")
-    probe = train_run(
+    spec = RunSpec(
         bb,
         data,
-        "penultimate",
-        HeadSpec("linear"),
-        TrainConfig(epochs=3, standardize=True, device="cpu"),
-        SMALL,
         tmp_path / "probe",
+        extract=SMALL,
+        train=TrainConfig(epochs=3, standardize=True, device="cpu"),
         cache_dir=str(tmp_path / "c"),
         progress=False,
     )
+    probe = train_run(spec, "penultimate", HeadSpec("linear"))
     run = _ft(
         tmp_path,
         "ft",

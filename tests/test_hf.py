@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from featcache.backbones.layers import list_layers  # noqa: E402
 from featcache.backbones.registry import load_backbone  # noqa: E402
 from featcache.extract.nodes import FeatureExtractor  # noqa: E402
+from featcache.runs.spec import RunSpec  # noqa: E402
 from featcache.train.freeze import TrainableSpec, block_names, plan_freeze  # noqa: E402
 
 
@@ -86,10 +87,17 @@ def test_hf_run_exports_in_every_format(tiny_vit: tuple[Path, torch.nn.Module], 
     path, _ = tiny_vit
     data = DataConfig("digits", limit=90)
     ecfg = ExtractConfig(input_size=(32, 32), device="cpu")
-    run = train_run(
-        f"hf:{path}", data, "vit.layers.1", HeadSpec("linear"), TrainConfig(epochs=2, device="cpu"), ecfg,
-        tmp_path / "run", cache_dir=str(tmp_path / "c"), progress=False,
-    )  # fmt: skip
+    train = TrainConfig(epochs=2, device="cpu")
+    spec = RunSpec(
+        f"hf:{path}",
+        data,
+        tmp_path / "run",
+        extract=ecfg,
+        train=train,
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    run = train_run(spec, "vit.layers.1", HeadSpec("linear"))
     test = data.load().test
     feats = extract(
         load_backbone(f"hf:{path}"),

@@ -16,7 +16,10 @@ from featcache.backbones.registry import Backbone, load_backbone
 from featcache.data.config import DataConfig
 from featcache.extract.build import extract
 from featcache.extract.config import ExtractConfig, Views
-from featcache.runs.folder import Run, load_run
+from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
+from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.spec import RunSpec
+from featcache.runs.sweep import SweepGrid, sweep_run
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
 from featcache.train.fit import fit
@@ -40,21 +43,20 @@ def _train(
     views: Views | None = None,
 ) -> Run:
     """``train_run`` with the tests' cache folder (``c`` beside the run folder) and no progress bars."""
-    return train_run(
+    spec = RunSpec(
         model,
         data,
-        layer,
-        head,
-        cfg,
-        ecfg,
         out,
-        weights=weights,
+        weights,
+        ecfg,
+        cfg,
+        views,
         cache_dir=str(out.parent / "c"),
         progress=False,
         resume=resume,
         overwrite=overwrite,
-        views_spec=views,
     )
+    return train_run(spec, layer, head)
 
 
 def _count_forwards(model: torch.nn.Module) -> dict[str, int]:
@@ -195,6 +197,50 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
     assert again.config["head"]["kind"] == "mlp" and first.config["head"]["kind"] == "linear"
 
 
+def test_every_verb_keeps_a_finished_run_unless_told_and_an_overwrite_forgets_the_old_run(
+    tmp_path: Path,
+) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    cfg = TrainConfig(epochs=1, device="cpu")
+    spec = RunSpec(bb, DataConfig("digits", limit=120), tmp_path / "s", extract=SMALL, train=cfg,
+                   cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
+    sweep_run(spec, SweepGrid(("layer3",)))
+    with pytest.raises(FeatcacheError, match=r"already holds a run \(sweep.json\)"):
+        sweep_run(spec, SweepGrid(("layer3",)))
+    with pytest.raises(FeatcacheError, match="sweep does not resume"):
+        sweep_run(replace(spec, resume=True), SweepGrid(("layer3",)))
+    old_runs = [p for p in (tmp_path / "s").iterdir() if p.is_dir()]
+    sweep_run(replace(spec, overwrite=True), SweepGrid(("layer2",)))
+    assert not any(p.exists() for p in old_runs)  # the replaced sweep's runs are gone, not mixed in
+    probe = replace(spec, out=tmp_path / "p")
+    probe_run(probe, "layer3", ProbeConfig(strengths=(1e-2,)))
+    with pytest.raises(FeatcacheError, match="already holds a run"):
+        probe_run(probe, "layer3", ProbeConfig(strengths=(1e-2,)))
+    # An --overwrite removes the old run before it writes anything: killed right after, nothing of the
+    # old run is left to be resumed as if it were the new one.
+    folder = RunFolder.prepare(tmp_path / "p", overwrite=True)
+    assert not any(folder.path.iterdir())
+    with pytest.raises(FileNotFoundError, match="no run there to resume"):
+        RunFolder.prepare(tmp_path / "p", resume=True)
+
+
+def test_a_run_record_round_trips_and_reads_configs_of_older_runs(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=60), TrainConfig(epochs=1, device="cpu")
+    run = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
+    folder = RunFolder(run.dir)
+    record = folder.read_config()
+    assert record == run.record and record.kind == "train" and record.layer == "layer3"
+    assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    old = {k: v for k, v in record.to_json().items() if k != "kind"}  # written before runs had a kind
+    assert RunRecord.from_json(old).kind == "train"
+    assert RunRecord.from_json({**old, "finetune": {"train": "all"}}).verb == {"finetune": {"train": "all"}}
+    with pytest.raises(FeatcacheError, match="lacks"):
+        RunRecord.from_json({"model": "x"})
+    with pytest.raises(FileNotFoundError, match="not a featcache run folder"):
+        RunFolder(tmp_path).read_config()
+
+
 def test_a_head_that_cannot_take_the_layer_fails_before_the_extraction(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     calls = _count_forwards(bb.model)
@@ -305,16 +351,16 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
 
 
 def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Path) -> None:
-    from featcache.runs.folder import check_resume
-
     old = {"extract": {"pool": "avg"}, "train": {"lr": 0.1}}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    same = {
-        "extract": {"pool": "avg", "augment": None, "views": 0},
-        "train": {"lr": 0.1, "fast_paths": False},
-    }
-    check_resume(tmp_path, same, ("extract", "train"), "settings")  # new, off settings: the same run
+
+    def record(extract: dict, train: dict) -> RunRecord:
+        return RunRecord("train", "m", {}, {}, extract, (), train=train)
+
+    same = record({"pool": "avg", "augment": None, "views": 0}, {"lr": 0.1, "fast_paths": False})
+    folder = RunFolder(tmp_path)
+    folder.check_resume(same, ("extract", "train"), "settings")  # new, off settings: the same run
     with pytest.raises(ValueError, match=r"differ .*\(extract\.views: None -> 2\)"):
-        check_resume(
-            tmp_path, {**same, "extract": {"pool": "avg", "views": 2}}, ("extract", "train"), "settings"
+        folder.check_resume(
+            replace(same, extract={"pool": "avg", "views": 2}), ("extract", "train"), "settings"
         )

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from featcache.backbones.registry import load_backbone
-from featcache.cli.commands import main
+from featcache.cli.main import main
 from featcache.data.config import DataConfig
 from featcache.extract.config import ExtractConfig
 from featcache.runs.folder import load_run
-from featcache.runs.sweep import grid, sweep_run
+from featcache.runs.spec import RunSpec
+from featcache.runs.sweep import SweepGrid, grid, sweep_run
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
 from featcache.train.heads import HeadSpec
@@ -36,9 +38,11 @@ def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_pa
     handle = bb.model.conv1.register_forward_hook(lambda m, i, o: batches.append(len(o)))
     configs = grid(BASE, lr=[1e-3, 1e-2])
     cache = str(tmp_path / "c")
-    res = sweep_run(
-        bb, DATA, LAYERS, HeadSpec("linear"), configs, ECFG, tmp_path / "s", cache_dir=cache, progress=False
-    )
+
+    def spec(out: Path) -> RunSpec:
+        return RunSpec(bb, DATA, out, extract=ECFG, train=BASE, cache_dir=cache, progress=False)
+
+    res = sweep_run(spec(tmp_path / "s"), SweepGrid(tuple(LAYERS), HeadSpec("linear"), lrs=(1e-3, 1e-2)))
     n_images = sum(len(s) for _, s in DATA.load().items())
     # every image through the backbone once for all three layers, plus one 1-row shape probe per split
     assert sum(batches) == n_images + 3 and batches.count(1) >= 3
@@ -49,32 +53,12 @@ def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_pa
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 20_000
 
     batches.clear()
-    again = sweep_run(
-        bb,
-        DATA,
-        LAYERS,
-        HeadSpec("linear"),
-        configs[:1],
-        ECFG,
-        tmp_path / "s2",
-        cache_dir=cache,
-        progress=False,
-    )
+    again = sweep_run(spec(tmp_path / "s2"), SweepGrid(tuple(LAYERS), HeadSpec("linear"), lrs=(1e-3,)))
     handle.remove()
     assert batches == [] and len(again.rows) == 3  # the cache holds every layer: no backbone pass
 
     row = res.rows[3]  # layer3 at lr 1e-2, against `featcache train` of that layer alone
-    alone = train_run(
-        bb,
-        DATA,
-        "layer3",
-        HeadSpec("linear"),
-        configs[1],
-        ECFG,
-        tmp_path / "alone",
-        cache_dir=cache,
-        progress=False,
-    )
+    alone = train_run(replace(spec(tmp_path / "alone"), train=configs[1]), "layer3", HeadSpec("linear"))
     swept = load_run(tmp_path / "s" / row["run"])
     assert swept.metrics["val"]["acc"] == row["val_acc"] == alone.metrics["val"]["acc"]
     assert swept.metrics["test"]["acc"] == alone.metrics["test"]["acc"]
@@ -113,17 +97,10 @@ def test_a_diverging_setting_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -
     bb = load_backbone("torchvision:resnet18", weights="none")
     sgd = TrainConfig(epochs=2, optimizer="sgd", device="cpu")
     configs = grid(sgd, lr=[1e-2, 1e38])  # the second overflows the logits: a NaN loss
-    res = sweep_run(
-        bb,
-        DATA,
-        ["penultimate"],
-        HeadSpec("linear"),
-        configs,
-        ECFG,
-        tmp_path / "s",
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
+    spec = RunSpec(
+        bb, DATA, tmp_path / "s", extract=ECFG, train=sgd, cache_dir=str(tmp_path / "c"), progress=False
     )
+    res = sweep_run(spec, SweepGrid(("penultimate",), HeadSpec("linear"), lrs=tuple(c.lr for c in configs)))
     ok, bad = res.rows
     assert (
         "diverged" not in ok and "training diverged in epoch" in bad["diverged"] and "--lr" in bad["diverged"]

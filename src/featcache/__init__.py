@@ -13,8 +13,18 @@ from .backbones import (
 from .cache import CACHE_VERSION, CachedFeatures, FeatureCache
 from .data import DataConfig, DatasetSplits, SampleSet, load_dataset
 from .export import export_run, load_predictor
-from .extract import ExtractConfig, FeatureExtractor, extract, extract_splits
-from .runs import FinetuneConfig, finetune_run, load_run, train_run
+from .extract import ExtractConfig, FeatureExtractor, Views, extract, extract_splits
+from .runs import (
+    FinetuneConfig,
+    ProbeConfig,
+    RunSpec,
+    SweepGrid,
+    finetune_run,
+    load_run,
+    probe_run,
+    sweep_run,
+    train_run,
+)
 from .train import HeadSpec, TrainConfig
 
 __all__ = [
@@ -29,8 +39,12 @@ __all__ = [
     "FeatureExtractor",
     "FinetuneConfig",
     "HeadSpec",
+    "ProbeConfig",
+    "RunSpec",
     "SampleSet",
+    "SweepGrid",
     "TrainConfig",
+    "Views",
     "__version__",
     "export_run",
     "extract",
@@ -43,6 +57,8 @@ __all__ = [
     "load_dataset",
     "load_predictor",
     "load_run",
+    "probe_run",
     "register_source",
+    "sweep_run",
     "train_run",
 ]

@@ -1,5 +1,5 @@
 """``featcache <verb>``: a thin command line over the library."""
 
-from .commands import main
+from .main import main
 
 __all__ = ["main"]

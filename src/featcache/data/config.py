@@ -9,7 +9,20 @@ from .datasets import DatasetSplits, load_dataset
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How a dataset spec is split: fractions, seed, optional stratified size limit, download permission."""
+    """A dataset spec and how it is split.
+
+    Attributes:
+        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces.
+        val_fraction: share of the training images held out for validation (when there is no val/).
+        test_fraction: share held out for testing (when there is no test/).
+        seed: seed of the stratified split (and of --limit's sample).
+        limit: keep at most N samples, stratified.
+        download: let torchvision:NAME:ROOT datasets download.
+
+    Example:
+        >>> DataConfig("mnist-5k", val_fraction=0.2).load().classes[:3]  # doctest: +SKIP
+        ['0', '1', '2']
+    """
 
     spec: str
     val_fraction: float = 0.1
@@ -19,6 +32,7 @@ class DataConfig:
     download: bool = False
 
     def load(self) -> DatasetSplits:
+        """The train/val/test splits."""
         return load_dataset(
             self.spec, self.val_fraction, self.test_fraction, self.seed, self.download, self.limit
         )

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from .._util import FeatcacheError, hash_tensors
 from .._version import __version__
 from ..backbones.layers import LOGITS
-from ..backbones.registry import BackboneCfg, load_backbone
+from ..backbones.registry import load_backbone
 from ..extract.nodes import FeatureExtractor
 from ..extract.truncate import truncate
 from ..runs.finetune import load_finetuned
-from ..runs.folder import load_head
+from ..runs.folder import RunFolder
 from ..train.heads import HeadInfo
 from .model import ExportedModel, Network, Preprocess, Preprocessing
 
@@ -139,22 +139,6 @@ class _Dispatch(nn.Module):
 # --------------------------------------------------------------------------- building
 
 
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    file = run_dir / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{str(run_dir)!r} is not a featcache run folder (no config.json); pass the "
-            "folder written by `featcache train`"
-        )
-    config: dict[str, Any] = json.loads(file.read_text())
-    missing = [k for k in ("model", "backbone_cfg", "layer", "extract", "classes") if k not in config]
-    if missing:
-        raise FeatcacheError(
-            f"run config {str(file)!r} lacks {missing}; export needs a run written by featcache train"
-        )
-    return config
-
-
 def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[ExportedModel, ExportInfo]:
     """Build the exported model of a run folder in memory (eval mode, on the CPU).
 
@@ -171,51 +155,49 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
         >>> info.classes[:3]  # doctest: +SKIP
         ('0', '1', '2')
     """
-    run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file() and json.loads((run_dir / "config.json").read_text()).get(
-        "kind"
-    ) == "finetune":
-        return _build_finetuned(run_dir, weights)
-    config = _read_config(run_dir)
-    run_cfg = BackboneCfg.from_dict(config["backbone_cfg"])
-    weights_arg = weights if weights is not None else config.get("weights_arg")
+    folder = RunFolder(run_dir)
+    record = folder.read_config()
+    if record.kind == "finetune":
+        return _build_finetuned(folder.path, weights)
+    if record.layer is None:
+        raise FeatcacheError(f"run config of {str(run_dir)!r} names no layer; export needs a head run")
+    run_cfg = record.backbone
+    weights_arg = weights if weights is not None else record.weights_arg
     try:
-        backbone = load_backbone(config["model"], weights_arg)
+        backbone = load_backbone(record.model, weights_arg)
     except (FeatcacheError, FileNotFoundError) as exc:
         raise FeatcacheError(
-            f"cannot rebuild the backbone of run {str(run_dir)!r} ({config['model']}, weights="
+            f"cannot rebuild the backbone of run {str(run_dir)!r} ({record.model}, weights="
             f"{weights_arg!r}): {exc}. Pass weights= the tag or file the run used."
         ) from exc
     if backbone.cfg.weights_id != run_cfg.weights_id:
         raise FeatcacheError(
-            f"backbone {config['model']} rebuilt with weights={weights_arg!r} has weights id "
+            f"backbone {record.model} rebuilt with weights={weights_arg!r} has weights id "
             f"{backbone.cfg.weights_id[:12]}, but run {str(run_dir)!r} was trained on "
             f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
             "Pass weights= the file/tag the run used."
         )
-    extract = config["extract"]
+    extract = record.extract
     cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
     backbone.cfg = replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier)
-    layer, pool = str(config["layer"]), str(extract.get("pool", "avg"))
+    layer, pool = record.layer, str(extract.get("pool", "avg"))
     dtype = str(extract.get("dtype", "float32"))
     net, key, method, nodes, notes = truncate(backbone, layer)
-    head, head_info = load_head(run_dir)
+    head, head_info = folder.load_head()
     pre = Preprocessing.from_cfg(cfg)
-    model = ExportedModel(
-        Preprocess(pre), Network(net, key, pool, dtype, head), list(config["classes"])
-    ).eval()
-    on_gpu = bool(config.get("environment", {}).get("cuda")) and extract.get("device") != "cpu"
+    model = ExportedModel(Preprocess(pre), Network(net, key, pool, dtype, head), list(record.classes)).eval()
+    on_gpu = bool(record.environment.get("cuda")) and extract.get("device") != "cpu"
     if extract.get("amp") or (extract.get("amp") is None and on_gpu):
         notes.append("features were extracted under bf16 autocast; the exported model runs in float32")
     info = ExportInfo(
         format="memory",
-        model=str(config["model"]),
+        model=record.model,
         weights=run_cfg.weights,
         weights_id=run_cfg.weights_id,
         layer=layer,
         pool=pool,
         storage_dtype=dtype,
-        classes=tuple(config["classes"]),
+        classes=record.classes,
         preprocessing=pre,
         head=head_info.to_dict(),
         method=method,
@@ -231,30 +213,30 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
 def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
     """A fine-tuned run exports whole: preprocessing -> the fine-tuned network's logits (nothing is cut)."""
 
-    backbone, config = load_finetuned(run_dir, weights)
-    extract = config["extract"]
+    backbone, record = load_finetuned(run_dir, weights)
+    extract, finetune = record.extract, record.verb["finetune"]["train"]
     cfg = backbone.cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else backbone.cfg
     pre = Preprocessing.from_cfg(cfg)
     net = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, backbone.cfg.spec)
     model = ExportedModel(
-        Preprocess(pre), Network(net, LOGITS, "none", "float32", nn.Identity()), list(config["classes"])
+        Preprocess(pre), Network(net, LOGITS, "none", "float32", nn.Identity()), list(record.classes)
     ).eval()
     info = ExportInfo(
         format="memory",
-        model=str(config["model"]),
+        model=record.model,
         weights=backbone.cfg.weights,
         weights_id=backbone.cfg.weights_id,
         layer=LOGITS,
         pool="none",
         storage_dtype="float32",
-        classes=tuple(config["classes"]),
+        classes=record.classes,
         preprocessing=pre,
-        head={"finetune": config["finetune"]["train"], "classifier": config["plan"]["classifier"]},
+        head={"finetune": finetune, "classifier": record.verb["plan"]["classifier"]},
         method="full",
         return_nodes=None,
         truncated=False,
         run=str(run_dir),
-        notes=(f"fine-tuned run ({config['finetune']['train']}): the whole network is exported",),
+        notes=(f"fine-tuned run ({finetune}): the whole network is exported",),
         weights_sha256=hash_tensors(model.state_dict()),
     )
     return model, info

@@ -171,7 +171,8 @@ class Predictor:
         batch_size: int = 32,
         progress: bool = True,
     ) -> list[dict[str, Any]]:
-        """Predict image files in batches; a file that cannot be decoded is reported, the others go on.
+        """Predict image files in batches; a file that cannot be decoded is reported, the others go on
+        (when none can be read, that is an error).
 
         Returns one dict per path, in order: ``{"path", "top": [{"class", "prob"}, ...]}`` or
         ``{"path", "error": "cannot read image ..."}``.
@@ -206,6 +207,9 @@ class Predictor:
                     flush()
                 bar.update(1)
             flush()
+        bad = [r["error"] for r in results if "error" in r]
+        if results and len(bad) == len(results):
+            raise FeatcacheError(f"none of the {len(results)} files could be read (first: {bad[0]})")
         return results
 
 

@@ -56,8 +56,10 @@ class ExtractConfig:
     method: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
-            raise FeatcacheError(f"input size must be two positive numbers H W, got {self.input_size}")
+        if self.input_size is not None:
+            if len(self.input_size) != 2 or min(self.input_size) < 1:
+                raise FeatcacheError(f"input size must be two positive numbers H W, got {self.input_size}")
+            object.__setattr__(self, "input_size", (int(self.input_size[0]), int(self.input_size[1])))
         if self.pool not in POOLS:
             raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
         if self.dtype not in STORAGE_DTYPES:

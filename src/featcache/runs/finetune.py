@@ -7,31 +7,28 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._util import FeatcacheError, default_mode, resolve_device, unknown, write_json
-from .._version import __version__
+from .._util import FeatcacheError, resolve_device, unknown
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
-from ..data.config import DataConfig
+from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
 from ..extract.build import extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
-from ..train.config import TrainConfig
 from ..train.fit import fit
 from ..train.freeze import (
     FreezePlan,
+    Suffix,
     TrainableSpec,
     apply_train_mode,
     build_suffix,
@@ -43,7 +40,8 @@ from ..train.freeze import (
     replace_classifier,
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
-from .folder import check_resume, environment, load_head, prepare_run_dir, write_report
+from .folder import RunFolder, RunRecord
+from .spec import RunSpec
 from .train import evaluate_splits
 
 log = logging.getLogger(__name__)
@@ -106,12 +104,19 @@ class ImageSource:
 class FinetuneConfig:
     """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
 
+    Attributes:
+        train: what trains: head | last:N | from:LAYER | all | modules:a,b.
+        bn: BatchNorm policy: frozen (eval, statistics fixed) | train.
+        lr_decay: each earlier group of trained blocks trains at lr x decay^k.
+        augment: random augmentation: flip, crop or flip,crop (the live loop, unless views).
+        mode: auto (the cached prefix when it is valid) | cached | live.
+        init_head: start the classifier from a `train --head linear` run folder.
+        views: cache K augmented views of the frozen prefix's output (needs augment) and train epoch
+            e on view e mod K: augmentation with the cached prefix, not live.
+
     Example:
         >>> FinetuneConfig(train="last:1", lr_decay=0.5, augment="flip", views=4).views
         4
-
-    ``views`` > 0 with ``augment`` caches that many augmented views of the frozen prefix's output
-    and trains epoch ``e`` on view ``e mod views``: augmentation with the cached prefix, not live.
     """
 
     train: str = "head"
@@ -148,7 +153,7 @@ class FinetuneRun:
 
 
 def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
-    head, _ = load_head(run_dir)
+    head, _ = RunFolder(run_dir).load_head()
     w, b = fold_linear_head(head)
     cls = model.get_submodule(plan.classifier)
     if not isinstance(cls, nn.Linear):  # replace_classifier put an nn.Linear there
@@ -173,7 +178,7 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tenso
     }
 
 
-def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Backbone, dict[str, Any]]:
+def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Backbone, RunRecord]:
     """Rebuild a fine-tuned network from its run folder: base weights + new classifier + trained part.
 
     Args:
@@ -181,63 +186,51 @@ def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Bac
         weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
 
     Example:
-        >>> backbone, config = load_finetuned("runs/ft")  # doctest: +SKIP
+        >>> backbone, record = load_finetuned("runs/ft")  # doctest: +SKIP
         >>> backbone.model(x).shape  # doctest: +SKIP
     """
-    run_dir = Path(run_dir)
-    config: dict[str, Any] = json.loads((run_dir / "config.json").read_text())
-    weights_arg = weights if weights is not None else config.get("weights_arg")
-    backbone = load_backbone(config["model"], weights_arg)
-    if backbone.cfg.weights_id != config["backbone_cfg"]["weights_id"]:
+    folder = RunFolder(run_dir)
+    record = folder.read_config()
+    if record.kind != "finetune":
+        raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
+    weights_arg = weights if weights is not None else record.weights_arg
+    backbone = load_backbone(record.model, weights_arg)
+    if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
         raise FeatcacheError(
-            f"{config['model']} rebuilt with weights={weights_arg!r} is not the base that run "
-            f"{str(run_dir)!r} was fine-tuned from; pass the weights tag or file it used"
+            f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
+            f"{str(folder.path)!r} was fine-tuned from; pass the weights tag or file it used"
         )
-    plan = config["plan"]
-    replace_classifier(backbone.model, plan["classifier"], len(config["classes"]))
-    result = backbone.model.load_state_dict(load_file(str(run_dir / "trainable.safetensors")), strict=False)
+    replace_classifier(backbone.model, record.verb["plan"]["classifier"], len(record.classes))
+    result = backbone.model.load_state_dict(folder.load_trainable(), strict=False)
     if result.unexpected_keys:
         raise FeatcacheError(
-            f"trainable.safetensors of {str(run_dir)!r} does not fit {config['model']}: "
+            f"trainable.safetensors of {str(folder.path)!r} does not fit {record.model}: "
             f"{result.unexpected_keys[:5]}"
         )
     backbone.model.eval().requires_grad_(False)
-    return backbone, config
+    return backbone, record
 
 
-def finetune_run(
-    model: str,
-    data: DataConfig,
-    ft: FinetuneConfig,
-    train_config: TrainConfig,
-    extract_config: ExtractConfig,
-    out_dir: str | Path,
-    weights: str | None = None,
-    cache_dir: str | None = None,
-    progress: bool = True,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> FinetuneRun:
+def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun:
     """Freeze per ``ft.train``, train (cached prefix or live), evaluate, and write the run folder.
 
     Example:
-        >>> run = finetune_run("torchvision:resnet18", DataConfig("digits"), FinetuneConfig(train="last:1"),
-        ...                    TrainConfig(epochs=3), ExtractConfig(input_size=(32, 32)), "runs/ft",
-        ...                    weights="none")  # doctest: +SKIP
+        >>> spec = RunSpec("torchvision:resnet18", DataConfig("digits"), out="runs/ft", weights="none",
+        ...                extract=ExtractConfig(input_size=(32, 32)), train=TrainConfig(epochs=3))
+        >>> run = finetune_run(spec, FinetuneConfig(train="last:1"))  # doctest: +SKIP
     """
-    out = prepare_run_dir(out_dir, resume, overwrite)
-    defaults = {"pool": "avg", "dtype": "float32", "method": "auto"}
-    ignored = [
-        f"--{k} {getattr(extract_config, k)}" for k, v in defaults.items() if getattr(extract_config, k) != v
-    ]
-    if ignored:  # the cached prefix must be the exact activation: full maps, float32, hooks
-        log.warning(
-            "finetune ignores %s: the cached prefix is stored unpooled in float32", ", ".join(ignored)
+    ft = ft or FinetuneConfig()
+    if spec.views is not None:
+        raise FeatcacheError(
+            "finetune caches views of the frozen prefix: pass FinetuneConfig(views=K, augment=...) "
+            "(--views K --augment ...), not RunSpec.views"
         )
-    device = resolve_device(train_config.device)
-    backbone = load_backbone(model, weights)
-    splits = data.load()
-    pre = resolved_cfg(backbone, extract_config)
+    _warn_ignored(spec.extract)
+    folder = spec.folder("finetune")
+    device = resolve_device(spec.train.device)
+    backbone = spec.backbone()
+    splits = spec.data.load()
+    pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(
         backbone,
         TrainableSpec.parse(ft.train),
@@ -245,11 +238,64 @@ def finetune_run(
         ft.bn,
         ft.lr_decay,
         pre.input_size,
-        train_config.seed,
+        spec.train.seed,
     )
     net = backbone.model
     if ft.init_head:
         _init_classifier(net, plan, ft.init_head)
+    suffix, mode, reason = _choose_mode(plan, net, ft)
+    groups = param_groups(net, plan, spec.train.lr)
+    _say_plan(plan, groups, mode, reason, ft, spec.progress)
+    record = spec.record(
+        "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
+        ["penultimate"], classes=splits.classes, train=asdict(spec.train),
+        finetune=asdict(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
+    )  # fmt: skip
+    if spec.resume:
+        what = "the data, frozen set, BN policy, mode or trainer settings"
+        folder.check_resume(record, ("plan", "train", "data", "extract", "finetune", "mode"), what)
+    if suffix is not None:
+        src, trained, mode_fn, keys = _cached_prefix(spec, backbone, splits, plan, suffix, ft, device)
+        record = replace(record, cache_keys=keys[0], view_keys=tuple(keys[1]))
+    else:
+        src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
+    folder.write_config(record)
+    opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+    result = fit(
+        trained,
+        src["train"],
+        src.get("val"),
+        len(splits.classes),
+        spec.train,
+        spec.progress,
+        folder.checkpoint,
+        spec.resume,
+        param_groups=opt_groups,
+        train_mode=mode_fn,
+    )
+    metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
+    folder.save_trainable(trainable_state(net, plan))
+    folder.write_metrics(metrics)
+    folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
+    return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
+
+
+def _warn_ignored(extract_config: ExtractConfig) -> None:
+    """The cached prefix must be the exact activation: full maps, float32, hooks."""
+    defaults = {"pool": "avg", "dtype": "float32", "method": "auto"}
+    ignored = [
+        f"--{k} {getattr(extract_config, k)}" for k, v in defaults.items() if getattr(extract_config, k) != v
+    ]
+    if ignored:
+        log.warning(
+            "finetune ignores %s: the cached prefix is stored unpooled in float32", ", ".join(ignored)
+        )
+
+
+def _choose_mode(
+    plan: FreezePlan, net: nn.Module, ft: FinetuneConfig
+) -> tuple[Suffix | None, str, str | None]:
+    """The trainable suffix when the cached prefix can serve (else None), the mode, and why it is live."""
     # Cached views make augmentation compatible with the cached prefix.
     augment_live = ft.augment if not ft.views else None
     reason = cached_prefix_reason(plan, net, augment_live) if ft.mode != "live" else "--mode live"
@@ -266,104 +312,88 @@ def finetune_run(
             f"--views {ft.views} caches the frozen prefix's output, which this run cannot use ({reason}); "
             "drop --views to augment live"
         )
-    mode = "cached-prefix" if suffix is not None else "live"
+    return suffix, "cached-prefix" if suffix is not None else "live", reason
+
+
+def _say_plan(
+    plan: FreezePlan,
+    groups: list[dict[str, Any]],
+    mode: str,
+    reason: str | None,
+    ft: FinetuneConfig,
+    progress: bool,
+) -> None:
     msg = f"{mode} fine-tuning" + (f" (live because {reason})" if reason and ft.mode != "live" else "")
     trainable_pct = 100.0 * plan.trainable_params / max(1, plan.total_params)
     say = print if progress else log.info
     say(
         f"{msg}: training {plan.trainable_params:,} of {plan.total_params:,} parameters "
-        f"({trainable_pct:.2f}%) "
-        f"in {len(plan.trainable_modules)} modules; split at {plan.split}; BatchNorm {plan.bn}"
+        f"({trainable_pct:.2f}%) in {len(plan.trainable_modules)} modules; split at {plan.split}; "
+        f"BatchNorm {plan.bn}"
     )
-    groups = param_groups(net, plan, train_config.lr)
     for g in groups:
         say(f"  lr {g['lr']:.3g}: {', '.join(g['modules'][:4])}{' ...' if len(g['modules']) > 4 else ''}")
-    config = {
-        "featcache_version": __version__,
-        "kind": "finetune",
-        "model": backbone.cfg.spec,
-        "weights_arg": weights,
-        "backbone_cfg": replace(backbone.cfg, classes=tuple(splits.classes)).to_dict(),
-        "data": asdict(data),
-        "finetune": asdict(ft),
-        "plan": plan.to_dict(),
-        "mode": mode,
-        "mode_reason": reason,
-        "train": asdict(train_config),
-        "extract": {**asdict(extract_config), "layers": ["penultimate"]},
-        "classes": splits.classes,
-        "environment": environment(),
+
+
+def _cached_prefix(
+    spec: RunSpec,
+    backbone: Backbone,
+    splits: DatasetSplits,
+    plan: FreezePlan,
+    suffix: Suffix,
+    ft: FinetuneConfig,
+    device: torch.device,
+) -> tuple[dict[str, BatchSource], nn.Module, Callable[[nn.Module], None], tuple[dict[str, str], list[str]]]:
+    """Sources of the frozen prefix's cached output, the suffix to train, its train mode, the cache keys."""
+    layer = prefix_layer(plan)
+    # The prefix runs under the same autocast as the live loop would (bf16 on CUDA, fp32 on CPU).
+    train_amp = spec.train.amp if spec.train.amp is not None else device.type == "cuda"
+    ecfg = replace(spec.extract, pool="none", dtype="float32", amp=train_amp)
+    budget = spec.train.ram_budget_gb
+    kw: dict[str, Any] = {"cache_dir": spec.cache_dir, "progress": spec.progress}
+    # With views the plain training prefix is never read: extract val/test only.
+    feats = {
+        name: extract(backbone, s, [layer], ecfg, split=name, **kw)
+        for name, s in splits.items()
+        if name != "train" or not ft.views
     }
-    if resume:
-        check_resume(
-            out,
-            config,
-            ("plan", "train", "data", "extract", "finetune", "mode"),
-            "the data, frozen set, BN policy, mode or trainer settings",
+    src: dict[str, BatchSource] = {k: source_for(v, layer, device, budget) for k, v in feats.items()}
+    view_keys: list[str] = []
+    if ft.views:
+        views = extract_views(backbone, splits.train, [layer], Views(ft.views, ft.augment or ""), ecfg, **kw)
+        view_keys = [v.key for v in views]
+        src["train"] = ViewCycle([source_for(v, layer, device, budget / ft.views) for v in views])
+
+    def mode_fn(m: nn.Module) -> None:
+        m.train()
+        apply_train_mode(backbone.model, plan)
+
+    return src, suffix.to(device), mode_fn, ({k: v.key for k, v in feats.items()}, view_keys)
+
+
+def _live(
+    spec: RunSpec,
+    splits: DatasetSplits,
+    net: nn.Module,
+    plan: FreezePlan,
+    pre: BackboneCfg,
+    ft: FinetuneConfig,
+    device: torch.device,
+) -> tuple[dict[str, BatchSource], nn.Module, Callable[[nn.Module], None]]:
+    """Sources of decoded images (augmented for train), the whole network to train, its train mode."""
+    aug = make_augment(ft.augment, pre.input_size)
+    workers = decode_workers(spec.extract.workers, device)
+    src: dict[str, BatchSource] = {
+        name: ImageSource(
+            s, pre, device, workers, aug if name == "train" else None, spec.extract.on_bad_image
         )
-    opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-    if suffix is not None:
-        layer = prefix_layer(plan)
-        # The prefix runs under the same autocast as the live loop would (bf16 on CUDA, fp32 on CPU).
-        train_amp = train_config.amp if train_config.amp is not None else device.type == "cuda"
-        ecfg = replace(extract_config, pool="none", dtype="float32", amp=train_amp)
-        budget = train_config.ram_budget_gb
-        # With views the plain training prefix is never read: extract val/test only.
-        feats = {
-            name: extract(backbone, s, [layer], ecfg, cache_dir=cache_dir, split=name, progress=progress)
-            for name, s in splits.items()
-            if name != "train" or not ft.views
-        }
-        config["cache_keys"] = {k: v.key for k, v in feats.items()}
-        src: dict[str, BatchSource] = {k: source_for(v, layer, device, budget) for k, v in feats.items()}
-        if ft.views:
-            spec = Views(ft.views, ft.augment or "")
-            views = extract_views(
-                backbone, splits.train, [layer], spec, ecfg, cache_dir=cache_dir, progress=progress
-            )
-            config["view_keys"] = [v.key for v in views]
-            src["train"] = ViewCycle([source_for(v, layer, device, budget / ft.views) for v in views])
-        trained: nn.Module = suffix.to(device)
+        for name, s in splits.items()
+    }
+    trained = net.to(device)
+    if device.type == "cuda":  # NHWC convolutions are faster under bf16 autocast on recent GPUs
+        trained.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
-        def mode_fn(m: nn.Module) -> None:
-            m.train()
-            apply_train_mode(net, plan)
-    else:
-        aug = make_augment(ft.augment, pre.input_size)
-        src = {
-            name: ImageSource(
-                s,
-                pre,
-                device,
-                decode_workers(extract_config.workers, device),
-                aug if name == "train" else None,
-                extract_config.on_bad_image,
-            )
-            for name, s in splits.items()
-        }
-        trained = net.to(device)
-        if device.type == "cuda":  # NHWC convolutions are faster under bf16 autocast on recent GPUs
-            trained.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    def mode_fn(m: nn.Module) -> None:
+        apply_train_mode(m, plan)
 
-        def mode_fn(m: nn.Module) -> None:
-            apply_train_mode(m, plan)
-
-    write_json(out / "config.json", config)
-    result = fit(
-        trained,
-        src["train"],
-        src.get("val"),
-        len(splits.classes),
-        train_config,
-        progress,
-        out / "checkpoint.pt",
-        resume,
-        param_groups=opt_groups,
-        train_mode=mode_fn,
-    )
-    metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
-    save_file(trainable_state(net, plan), str(out / "trainable.safetensors"))
-    default_mode(out / "trainable.safetensors")
-    write_json(out / "metrics.json", metrics)
-    write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
-    return FinetuneRun(out, config, metrics, plan, net)
+    return src, trained, mode_fn

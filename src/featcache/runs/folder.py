@@ -1,58 +1,181 @@
-"""The run folder: config, metrics, the trained head and the report files of one run."""
+"""The run folder: the one owner of what a run writes and reads.
+
+A run folder holds ``config.json`` (a :class:`RunRecord`: everything needed to reproduce, reload and
+export the run, cache keys included), ``metrics.json``, the trained head (``head.safetensors`` +
+``head.json``) or a fine-tuned network's trainable weights (``trainable.safetensors``),
+``checkpoint.pt`` (for ``--resume``), ``curves.png`` and ``confusion.png``. :class:`RunFolder` alone
+creates, writes and reads these files, with the same resume/overwrite rules for every verb; export
+and predict read runs only through it. No pickle: heads rebuild from JSON + safetensors.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._util import FeatcacheError, default_mode, resolve_device, write_json
 from .._version import __version__
-from ..backbones.registry import Backbone, BackboneCfg
+from ..backbones.registry import BackboneCfg
 from ..cache.store import CachedFeatures
-from ..data.config import DataConfig
-from ..extract.config import ExtractConfig, Views
+from ..extract.config import ExtractConfig
 from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
 from .report import plot_confusion, plot_curves
 
+KINDS = ("train", "finetune", "probe", "sweep")
+# Files a run writes; an --overwrite removes them all before the new run writes anything, so a killed
+# overwrite can never be resumed as a mix of two runs.
+RUN_FILES = (
+    "config.json",
+    "metrics.json",
+    "checkpoint.pt",
+    "head.safetensors",
+    "head.json",
+    "trainable.safetensors",
+    "curves.png",
+    "confusion.png",
+    "sweep.json",
+    "sweep.png",
+)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, recorded with every run and benchmark."""
+    return {
+        "featcache": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``config.json`` holds: the shared part of every run, typed, and the verb's own part.
+
+    Attributes:
+        kind: ``train``, ``finetune``, ``probe`` or ``sweep`` (one run of a sweep).
+        model: the backbone spec as resolved (``torchvision:resnet18``).
+        backbone_cfg: :meth:`BackboneCfg.to_dict` of the backbone (preprocessing, weights id, ...).
+        data: the :class:`~featcache.data.DataConfig` as a dict.
+        extract: the :class:`~featcache.extract.ExtractConfig` as a dict, with the run's ``layers``,
+            ``augment`` and ``views``.
+        classes: class names, in label order.
+        weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
+        layer: the layer a head trained on (None for a fine-tuned network).
+        cache_keys / view_keys: the cache entries the run read.
+        head / train: the head spec and trainer settings as dicts.
+        verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
+            at the top level of ``config.json``.
+
+    Example:
+        >>> record = RunFolder("runs/mnist").read_config()  # doctest: +SKIP
+        >>> record.kind, record.layer  # doctest: +SKIP
+        ('train', 'penultimate')
+    """
+
+    kind: str
+    model: str
+    backbone_cfg: dict[str, Any]
+    data: dict[str, Any]
+    extract: dict[str, Any]
+    classes: tuple[str, ...]
+    weights: str | None = None
+    weights_arg: str | None = None
+    layer: str | None = None
+    cache_keys: dict[str, str] = field(default_factory=dict)
+    view_keys: tuple[str, ...] = ()
+    head: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    verb: dict[str, Any] = field(default_factory=dict)
+    featcache_version: str = __version__
+    environment: dict[str, Any] = field(default_factory=environment)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FeatcacheError(f"unknown run kind {self.kind!r}: one of {', '.join(KINDS)}")
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "view_keys", tuple(self.view_keys))
+        # The dict parts as config.json holds them (tuples as lists), so a record equals its reread self.
+        for name in ("backbone_cfg", "data", "extract", "cache_keys", "head", "train", "verb", "environment"):
+            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
+
+    @property
+    def backbone(self) -> BackboneCfg:
+        """The backbone config the run was made with."""
+        return BackboneCfg.from_dict(self.backbone_cfg)
+
+    def extract_config(self) -> ExtractConfig:
+        """The extraction settings of the run (its layers and views are the run's, not the settings')."""
+        d = {k: v for k, v in self.extract.items() if k not in ("layers", "augment", "views")}
+        d["input_size"] = tuple(d["input_size"]) if d.get("input_size") else None
+        return ExtractConfig(**d)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``config.json`` (the verb's part at the top level)."""
+        d = asdict(self)
+        d.pop("verb")
+        d["classes"], d["view_keys"] = list(self.classes), list(self.view_keys)
+        if not self.view_keys:
+            d.pop("view_keys")
+        return {**d, **self.verb}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
+        """Read ``config.json``; keys that are not fields are the verb's part."""
+        names = {f.name for f in fields(cls)} - {"verb"}
+        known = {k: v for k, v in d.items() if k in names}
+        missing = [k for k in ("model", "backbone_cfg", "data", "extract", "classes") if k not in known]
+        if missing:
+            raise FeatcacheError(f"a run's config.json lacks {missing}: not written by featcache")
+        known.setdefault("kind", "train")  # configs written before runs recorded their kind
+        return cls(**known, verb={k: v for k, v in d.items() if k not in names})
+
 
 @dataclass
 class Run:
-    """A finished (or loaded) run: its folder, config, metrics and trained head."""
+    """A finished (or loaded) run: its folder, record, metrics and trained head."""
 
     dir: Path
-    config: dict[str, Any]
+    record: RunRecord
     metrics: dict[str, Any]
     head: Head
     head_info: HeadInfo
 
     @property
+    def config(self) -> dict[str, Any]:
+        """``config.json`` as written."""
+        return self.record.to_json()
+
+    @property
     def backbone_cfg(self) -> BackboneCfg:
-        return BackboneCfg.from_dict(self.config["backbone_cfg"])
+        return self.record.backbone
 
     @property
     def classes(self) -> list[str]:
-        return list(self.config["classes"])
+        return list(self.record.classes)
 
     @property
     def layer(self) -> str:
-        return str(self.config["layer"])
+        return str(self.record.layer)
 
     def extract_config(self) -> ExtractConfig:
         """The extraction settings the head was trained on."""
-        # layers and views are the run's, not the extraction settings'
-        d = {k: v for k, v in self.config["extract"].items() if k not in ("layers", "augment", "views")}
-        d["input_size"] = tuple(d["input_size"]) if d.get("input_size") else None
-        return ExtractConfig(**d)
+        return self.record.extract_config()
 
     def evaluate(self, cached: CachedFeatures, device: str = "auto") -> dict[str, Any]:
         """Evaluate the trained head on cached features of the same layer (e.g. another split)."""
@@ -62,42 +185,161 @@ class Run:
         return evaluate(self.head.to(dev), data, self.head_info.num_classes)
 
 
-def environment() -> dict[str, Any]:
-    """Versions and hardware, recorded with every run and benchmark."""
-    env = {
-        "featcache": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        import torchvision
+class RunFolder:
+    """The one owner of a run folder's files: prepare, write and read config, metrics, weights, report.
 
-        env["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return env
+    Example:
+        >>> folder = RunFolder.prepare("runs/mnist", resume=False, overwrite=False)  # doctest: +SKIP
+        >>> folder.write_config(record); folder.save_head(head, info)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Where the trainer keeps its resumable checkpoint."""
+        return self.path / "checkpoint.pt"
+
+    @classmethod
+    def prepare(cls, path: str | Path, resume: bool = False, overwrite: bool = False) -> RunFolder:
+        """Create the folder for a new run, or open the one to resume; the same rules for every verb.
+
+        ``resume`` needs a run there; otherwise a folder holding a run that trained (metrics, a
+        checkpoint or a sweep) is refused unless ``overwrite``, which first removes the old run's files
+        so nothing of it can be resumed or read as the new run's.
+        """
+        if resume and overwrite:
+            raise FeatcacheError("--resume continues the run in --out and --overwrite replaces it: pass one")
+        folder = cls(path)
+        if resume and not (folder.path / "config.json").exists():
+            raise FileNotFoundError(
+                f"--resume {str(folder.path)!r}: no run there to resume (config.json missing)"
+            )
+        trained = [f for f in ("metrics.json", "checkpoint.pt", "sweep.json") if (folder.path / f).exists()]
+        if trained and not (resume or overwrite):
+            raise FeatcacheError(
+                f"--out {str(folder.path)!r} already holds a run ({', '.join(trained)}): pass --resume to "
+                "continue it, --overwrite to replace it, or choose another --out"
+            )
+        if overwrite:
+            folder._remove_run()
+        folder.path.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _remove_run(self) -> None:
+        """The previous run's files, and the run folders of a previous sweep."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for child in self.path.iterdir() if self.path.is_dir() else ():
+            if child.is_dir() and (child / "config.json").exists():
+                shutil.rmtree(child)
+
+    def child(self, name: str) -> RunFolder:
+        """A run folder inside this one (a sweep's runs), created fresh."""
+        folder = RunFolder(self.path / name)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # ---------------------------------------------------------------- config.json
+
+    def write_config(self, record: RunRecord) -> None:
+        """Write ``config.json``: the only place it is written."""
+        write_json(self.path / "config.json", record.to_json())
+
+    def read_config(self) -> RunRecord:
+        """The run's record; a folder without one is named as not a run folder."""
+        file = self.path / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{str(self.path)!r} is not a featcache run folder (no config.json); pass the folder "
+                "written by `featcache train`, `finetune`, `probe --out` or a sweep's run"
+            )
+        try:
+            return RunRecord.from_json(json.loads(file.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise FeatcacheError(f"{str(file)!r} is not a readable run config ({exc})") from exc
+
+    def check_resume(self, record: RunRecord, keys: Iterable[str], what: str) -> None:
+        """Refuse to resume a run whose saved ``keys`` of config.json differ from ``record``'s."""
+        old, new = (
+            json.loads((self.path / "config.json").read_text()),
+            json.loads(json.dumps(record.to_json())),
+        )
+        diffs = [d for k in keys for d in _differences(k, old.get(k), new.get(k))]
+        if diffs:
+            raise FeatcacheError(
+                f"--resume {self.path}: {what} differ from the run's config.json ({'; '.join(diffs[:6])}); "
+                "resume with the run's own settings, or start a new run (another --out, or --overwrite)"
+            )
+
+    # ---------------------------------------------------------------- metrics, weights, report
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        write_json(self.path / "metrics.json", dict(metrics))
+
+    def read_metrics(self) -> dict[str, Any]:
+        """``metrics.json``, or ``{}`` for a run that has not finished."""
+        file = self.path / "metrics.json"
+        return dict(json.loads(file.read_text())) if file.exists() else {}
+
+    def save_head(self, head: nn.Module, info: HeadInfo) -> None:
+        """``head.safetensors`` (tensors only) + ``head.json`` (how to rebuild it)."""
+        self._save_tensors("head.safetensors", head.state_dict())
+        write_json(self.path / "head.json", info.to_dict())
+
+    def load_head(self) -> tuple[Head, HeadInfo]:
+        """Rebuild the head saved by :meth:`save_head` (no pickle)."""
+        if not (self.path / "head.json").is_file():
+            raise FileNotFoundError(f"{str(self.path)!r} is not a featcache run folder (no head.json)")
+        info = HeadInfo.from_dict(json.loads((self.path / "head.json").read_text()))
+        head = info.build()
+        head.load_state_dict(load_file(str(self.path / "head.safetensors")))
+        return head.eval(), info
+
+    def save_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
+        """A fine-tuned network's trained tensors (``trainable.safetensors``)."""
+        self._save_tensors("trainable.safetensors", state)
+
+    def load_trainable(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / "trainable.safetensors"))
+
+    def _save_tensors(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self.path / name))
+        default_mode(self.path / name)  # safetensors writes 0600; runs are shared like any output
+
+    def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
+        """``curves.png`` (runs that trained by epochs) and ``confusion.png`` (when there is a test split)."""
+        if "history" in metrics:
+            plot_curves(dict(metrics), self.path / "curves.png", title)
+        if "test" in metrics:
+            plot_confusion(metrics["test"]["confusion"], classes, self.path / "confusion.png")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Another JSON file of the run (``sweep.json``)."""
+        write_json(self.path / name, obj)
 
 
-def save_head(head: nn.Module, info: HeadInfo, out_dir: Path) -> None:
-    """``head.safetensors`` (tensors only) + ``head.json`` (how to rebuild it)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(out_dir / "head.safetensors"))
-    default_mode(out_dir / "head.safetensors")
-    write_json(out_dir / "head.json", info.to_dict())
+def _differences(key: str, a: Any, b: Any) -> list[str]:
+    """``key: old -> new`` lines where a saved setting differs from this command's.
 
-
-def load_head(run_dir: str | Path) -> tuple[Head, HeadInfo]:
-    """Rebuild a head saved by :func:`save_head` (no pickle)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "head.json").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a featcache run folder (no head.json)")
-    info = HeadInfo.from_dict(json.loads((run_dir / "head.json").read_text()))
-    head = info.build()
-    head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
-    return head.eval(), info
+    The fast paths change the speed, not the training; a setting an older config lacks did not exist
+    then, so it was off: absent equals None / 0 / False.
+    """
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
+    off = (None, 0, False)
+    out = []
+    for f in sorted(set(a) | set(b)):
+        if f == "fast_paths":
+            continue
+        same = a[f] == b[f] if f in a and f in b else (a if f in a else b)[f] in off
+        if not same:
+            out.append(f"{key}.{f}: {a.get(f)!r} -> {b.get(f)!r}")
+    return out
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -107,102 +349,6 @@ def load_run(run_dir: str | Path) -> Run:
         >>> run = load_run("runs/mnist")  # doctest: +SKIP
         >>> run.metrics["test"]["acc"]  # doctest: +SKIP
     """
-    run_dir = Path(run_dir)
-    head, info = load_head(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    return Run(run_dir, config, metrics, head, info)
-
-
-def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool = False) -> Path:
-    """Create the run folder; with ``resume`` it must already hold a run, without it (or ``overwrite``)
-    it must not hold one that trained (a checkpoint or metrics), so no finished run is lost."""
-    out = Path(out_dir)
-    if resume and not (out / "config.json").exists():
-        raise FileNotFoundError(f"--resume {str(out)!r}: no run there to resume (config.json missing)")
-    trained = [f for f in ("metrics.json", "checkpoint.pt") if (out / f).exists()]
-    if trained and not (resume or overwrite):
-        raise FeatcacheError(
-            f"--out {str(out)!r} already holds a run ({', '.join(trained)}): pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def check_resume(out: Path, config: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
-    """Refuse to resume a run whose saved ``keys`` of config.json differ from this command's."""
-    old, new = json.loads((out / "config.json").read_text()), json.loads(json.dumps(config))
-
-    def same(a: Any, b: Any) -> bool:
-        # The fast paths change the speed, not the training; a setting an older config lacks did not
-        # exist then, so it was off: absent equals None / 0 / False.
-        if not (isinstance(a, dict) and isinstance(b, dict)):
-            return bool(a == b)
-        off = (None, 0, False)
-        return all(
-            a[k] == b[k] if k in a and k in b else (a if k in a else b)[k] in off
-            for k in set(a) | set(b)
-            if k != "fast_paths"
-        )
-
-    changed = [k for k in keys if not same(old.get(k), new.get(k))]
-    if changed:
-        diffs = []
-        for k in changed:
-            a, b = old.get(k), new.get(k)
-            if isinstance(a, dict) and isinstance(b, dict):
-                diffs += [
-                    f"{k}.{f}: {a.get(f)!r} -> {b.get(f)!r}"
-                    for f in sorted(set(a) | set(b))
-                    if a.get(f) != b.get(f)
-                ]
-            else:
-                diffs.append(f"{k}: {a!r} -> {b!r}")
-        raise FeatcacheError(
-            f"--resume {out}: {what} differ from the run's config.json ({'; '.join(diffs[:6])}); resume "
-            "with the run's own settings, or start a new run (another --out, or --overwrite)"
-        )
-
-
-def run_config(
-    backbone: Backbone,
-    weights: str | None,
-    data: DataConfig,
-    layer: str,
-    extract_config: ExtractConfig,
-    feats: Mapping[str, CachedFeatures],
-    views: Views | None = None,
-) -> dict[str, Any]:
-    """The part of ``config.json`` every head run shares: what to rebuild, reload and export it from.
-
-    Example:
-        >>> config = run_config(bb, None, data, "penultimate", ecfg, feats)  # doctest: +SKIP
-        >>> config["cache_keys"]["train"][:12]  # doctest: +SKIP
-    """
-    return {
-        "featcache_version": __version__,
-        "model": backbone.cfg.spec,
-        "weights": backbone.cfg.weights,
-        "weights_arg": weights,
-        "backbone_cfg": backbone.cfg.to_dict(),
-        "data": asdict(data),
-        "layer": layer,
-        "extract": {
-            **asdict(extract_config),
-            "layers": [layer],
-            "augment": views.augment if views else None,
-            "views": views.count if views else 0,
-        },
-        "cache_keys": {k: v.key for k, v in feats.items()},
-        "classes": feats["train"].classes,
-        "environment": environment(),
-    }
-
-
-def write_report(out: Path, metrics: dict[str, Any], classes: list[str], title: str) -> None:
-    """``curves.png`` and (when there is a test split) ``confusion.png``."""
-    plot_curves(metrics, out / "curves.png", title)
-    if "test" in metrics:
-        plot_confusion(metrics["test"]["confusion"], classes, out / "confusion.png")
+    folder = RunFolder(run_dir)
+    head, info = folder.load_head()
+    return Run(folder.path, folder.read_config(), folder.read_metrics(), head, info)

@@ -9,7 +9,6 @@ reported for a model that saw the validation split (the leak in CLIP_benchmark i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,16 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._util import FeatcacheError, best_on_val, resolve_device, write_json
-from ..backbones.registry import Backbone, load_backbone
-from ..data.config import DataConfig
-from ..extract.build import extract_splits
-from ..extract.config import ExtractConfig
+from .._util import FeatcacheError, best_on_val, resolve_device
 from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
-from .folder import run_config, save_head
-from .report import plot_confusion
+from .spec import RunSpec
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
 
@@ -140,49 +134,39 @@ def linear_probe(
     return ProbeResult(best["strength"], sweep, test_metrics, head, info)
 
 
-def probe_run(
-    model: str | Backbone,
-    data: DataConfig,
-    layer: str,
-    extract_config: ExtractConfig,
-    config: ProbeConfig | None = None,
-    out_dir: str | Path | None = None,
-    weights: str | None = None,
-    cache_dir: str | None = None,
-    device: str = "auto",
-    progress: bool = True,
-) -> ProbeResult:
-    """The ``featcache probe`` job: cache (build or reuse), probe, and optionally write a run folder.
+def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | None = None) -> ProbeResult:
+    """The ``featcache probe`` job: cache (build or reuse), probe, and write a run folder if ``spec.out``.
 
     The folder is a run like ``featcache train``'s (``config.json``, ``metrics.json`` with the sweep,
     ``head.safetensors``, ``confusion.png``), so :func:`~featcache.runs.load_run`, ``export`` and
-    ``predict`` take it.
+    ``predict`` take it. The probe runs on ``spec.train.device``.
 
     Example:
-        >>> res = probe_run("efficientnet-lite0", DataConfig("mnist-5k"), "penultimate",
-        ...                 ExtractConfig(input_size=(64, 64)), out_dir="runs/probe")  # doctest: +SKIP
+        >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/probe",
+        ...                extract=ExtractConfig(input_size=(64, 64)))
+        >>> res = probe_run(spec, "penultimate")  # doctest: +SKIP
         >>> res.strength, res.test["acc"]  # doctest: +SKIP
     """
     config = config or ProbeConfig()
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
-    ecfg = extract_config
-    feats = extract_splits(backbone, data.load(), [layer], ecfg, cache_dir=cache_dir, progress=progress)
+    spec.no_resume("probe")
+    folder = spec.folder("probe") if spec.out is not None else None
+    backbone = spec.backbone()
+    feats, _ = spec.extract_all(backbone, spec.data.load(), [layer])
     if "val" not in feats:
         raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
-    dev = resolve_device(device)
+    dev = resolve_device(spec.train.device)
     src = {k: source_for(v, layer, dev) for k, v in feats.items()}
     classes = feats["train"].classes
-    res = linear_probe(src["train"], src["val"], src.get("test"), len(classes), config, progress)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        run = {**run_config(backbone, weights, data, layer, ecfg, feats), "head": res.info.spec.to_dict()}
-        write_json(
-            out / "config.json", {**run, "probe": {**asdict(config), "strengths": list(config.strengths)}}
+    res = linear_probe(src["train"], src["val"], src.get("test"), len(classes), config, spec.progress)
+    if folder is not None:
+        probe = {**asdict(config), "strengths": list(config.strengths)}
+        folder.write_config(
+            spec.record(
+                "probe", backbone, feats, [layer], layer=layer, head=res.info.spec.to_dict(), probe=probe
+            )
         )
-        save_head(res.head, res.info, out)
+        folder.save_head(res.head, res.info)
         metrics = {"strength": res.strength, "sweep": res.sweep, **({"test": res.test} if res.test else {})}
-        write_json(out / "metrics.json", metrics)
-        if res.test:
-            plot_confusion(res.test["confusion"], classes, out / "confusion.png")
+        folder.write_metrics(metrics)
+        folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
     return res

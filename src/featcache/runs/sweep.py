@@ -18,23 +18,23 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .._util import FeatcacheError, best_on_val, write_json
-from ..backbones.registry import Backbone, load_backbone
-from ..data.config import DataConfig
-from ..extract.build import extract_splits, extract_views
-from ..extract.config import ExtractConfig, Views
+from .._util import FeatcacheError, best_on_val
+from ..backbones.registry import Backbone
+from ..cache.store import CachedFeatures
+from ..extract.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged
 from ..train.freeze import block_names
 from ..train.heads import HeadSpec, build_head
-from .folder import run_config, save_head, write_report
+from .folder import RunFolder, RunRecord
 from .report import plot_sweep
+from .spec import RunSpec
 from .train import train_on_cache
 
 log = logging.getLogger(__name__)
@@ -82,135 +82,137 @@ def _varied(configs: Sequence[TrainConfig]) -> list[str]:
     return [k for k in dicts[0] if len({repr(d[k]) for d in dicts}) > 1]
 
 
-def sweep_run(
-    model: str | Backbone,
-    data: DataConfig,
-    layers: Sequence[str],
-    head_spec: HeadSpec,
-    configs: Sequence[TrainConfig],
-    extract_config: ExtractConfig,
-    out_dir: str | Path,
-    weights: str | None = None,
-    cache_dir: str | None = None,
-    progress: bool = True,
-    views_spec: Views | None = None,
-) -> SweepResult:
-    """Extract ``layers`` in one pass, train ``head_spec`` on each for each config, choose on val.
+@dataclass(frozen=True)
+class SweepGrid:
+    """What a sweep varies: the layers (from one backbone pass), and trainer settings per layer.
 
-    ``layers=["blocks"]`` sweeps every block and the classifier's input (:func:`block_layers`).
+    Attributes:
+        layers: layer names, or ``("blocks",)`` for every block and the classifier's input.
+        head: the head trained on each layer.
+        lrs: learning rates to try (empty: the spec's ``train.lr``).
+        weight_decays: weight decays to try (empty: the spec's ``train.weight_decay``).
 
     Example:
-        >>> res = sweep_run("efficientnet-lite0", DataConfig("mnist-5k"), ["blocks.5", "penultimate"],
-        ...                 HeadSpec("linear"), grid(TrainConfig(epochs=10), lr=[1e-3, 3e-3]),
-        ...                 ExtractConfig(input_size=(64, 64)), "runs/sweep")  # doctest: +SKIP
+        >>> SweepGrid(("blocks.4", "penultimate"), lrs=(1e-3, 3e-3)).layers
+        ('blocks.4', 'penultimate')
+    """
+
+    layers: tuple[str, ...]
+    head: HeadSpec = field(default_factory=HeadSpec)
+    lrs: tuple[float, ...] = ()
+    weight_decays: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
+        object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
+
+    def configs(self, base: TrainConfig) -> list[TrainConfig]:
+        """The trainer settings of the grid, the others as in ``base``."""
+        return grid(base, lr=self.lrs, weight_decay=self.weight_decays)
+
+
+def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
+    """Extract the grid's layers in one pass, train its head on each for each setting, choose on val.
+
+    Every combination is a run folder inside ``spec.out``; ``sweep.json`` and ``sweep.png`` summarise.
+
+    Example:
+        >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/sweep",
+        ...                extract=ExtractConfig(input_size=(64, 64)), train=TrainConfig(epochs=10))
+        >>> res = sweep_run(spec, SweepGrid(("blocks.5", "penultimate"), lrs=(1e-3, 3e-3)))  # doctest: +SKIP
         >>> res.best["layer"], res.best["val_acc"]  # doctest: +SKIP
     """
-    if not layers or not configs:
-        raise FeatcacheError("a sweep needs at least one layer (--layers) and one setting")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
-    if list(layers) == ["blocks"]:
-        layers = block_layers(backbone)
-    splits = data.load()
+    spec.no_resume("sweep")
+    configs = sweep.configs(spec.train)
+    backbone = spec.backbone()
+    layers = block_layers(backbone) if sweep.layers == ("blocks",) else list(sweep.layers)
+    splits = spec.data.load()
     if splits.val is None or not len(splits.val):
         raise FeatcacheError(
             "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
         )
-    ecfg = extract_config
+    folder = spec.folder("sweep")
     t0 = time.perf_counter()
-    # one pass for every layer
-    feats = extract_splits(backbone, splits, layers, ecfg, cache_dir=cache_dir, progress=progress)
-    views = (
-        extract_views(
-            backbone, splits.train, layers, views_spec, ecfg, cache_dir=cache_dir, progress=progress
-        )
-        if views_spec
-        else []
-    )
+    feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
-        shape = tuple(feats["train"].features[layer].shape[1:])
         try:
-            build_head(head_spec, shape, len(splits.classes))
+            build_head(sweep.head, tuple(feats["train"].features[layer].shape[1:]), len(splits.classes))
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not progress)
-    for layer in layers:
-        for cfg in configs:
-            settings = {k: getattr(cfg, k) for k in axes}
-            name = "-".join(
-                [f"{len(rows):02d}", layer.replace(":", "_").replace("/", "_")]
-                + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
-            )
-            run_dir = out / name
-            run_dir.mkdir(exist_ok=True)
-            config = {
-                **run_config(backbone, weights, data, layer, ecfg, feats, views_spec),
-                "head": head_spec.to_dict(),
-                "train": asdict(cfg),
-                **({"view_keys": [v.key for v in views]} if views else {}),
-                "sweep": str(out),
-            }
-            write_json(run_dir / "config.json", config)
-            try:
-                head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
-            except TrainingDiverged as exc:  # one bad setting (say, a too high lr) must not end the sweep
-                log.warning("%s: %s", name, exc)
-                rows.append({"layer": layer, **settings, "diverged": str(exc), "run": name})
-                bar.update()
-                continue
-            save_head(head, info, run_dir)
-            write_json(run_dir / "metrics.json", metrics)
-            write_report(
-                run_dir, metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head_spec.kind}"
-            )
-            rows.append(
-                {
-                    "layer": layer,
-                    "shape": list(info.in_shape),
-                    **settings,
-                    "val_acc": metrics["val"]["acc"],
-                    "val_loss": metrics["val"]["loss"],
-                    **({"test_acc": metrics["test"]["acc"]} if "test" in metrics else {}),
-                    "best_epoch": result.best_epoch,
-                    "train_seconds": round(result.seconds, 3),
-                    "run": name,
-                }
-            )
-            best = best_on_val(_trained(rows))
+    bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
+    for layer, cfg in itertools.product(layers, configs):
+        settings = {k: getattr(cfg, k) for k in axes}
+        name = "-".join(
+            [f"{len(rows):02d}", layer.replace(":", "_").replace("/", "_")]
+            + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
+        )
+        child = folder.child(name)
+        record = spec.record(
+            "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
+            train=asdict(cfg), sweep=str(folder.path),
+        )  # fmt: skip
+        out = _train_one(child, record, feats, views, sweep.head, cfg)
+        shape = {"shape": out.pop("shape")} if "shape" in out else {}
+        rows.append({"layer": layer, **shape, **settings, **out})
+        trained = _trained(rows)
+        if trained:
+            best = best_on_val(trained)
             bar.set_postfix(best=f"{best['layer']} {best['val_acc']:.3f}")
-            bar.update()
+        bar.update()
     bar.close()
     if not _trained(rows):
-        raise FeatcacheError(f"every combination of the sweep diverged; see {out}/*/ and lower --lrs")
+        raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
     best = best_on_val(_trained(rows))
-    write_json(
-        out / "sweep.json",
-        {
-            "model": backbone.cfg.spec,
-            "layers": list(layers),
-            "axes": axes,
-            "head": head_spec.to_dict(),
-            "cache_keys": {k: v.key for k, v in feats.items()},
-            **({"view_keys": [v.key for v in views]} if views else {}),
-            "extract_seconds": extract_seconds,
-            "chosen_on": "val_acc (ties: val_loss)",
-            "best": best,
-            "rows": rows,
-        },
-    )
-    plot_sweep(
-        _trained(rows),
-        best,
-        list(layers),
-        axes,
-        out / "sweep.png",
-        f"{backbone.cfg.spec}: {head_spec.kind} head per layer",
-    )
-    return SweepResult(rows, best, extract_seconds, out)
+    summary = {
+        "model": backbone.cfg.spec,
+        "layers": list(layers),
+        "axes": axes,
+        "head": sweep.head.to_dict(),
+        "cache_keys": {k: v.key for k, v in feats.items()},
+        **({"view_keys": [v.key for v in views]} if views else {}),
+        "extract_seconds": extract_seconds,
+        "chosen_on": "val_acc (ties: val_loss)",
+        "best": best,
+        "rows": rows,
+    }
+    folder.write_json("sweep.json", summary)
+    title = f"{backbone.cfg.spec}: {sweep.head.kind} head per layer"
+    plot_sweep(_trained(rows), best, list(layers), axes, folder.path / "sweep.png", title)
+    return SweepResult(rows, best, extract_seconds, folder.path)
+
+
+def _train_one(
+    folder: RunFolder,
+    record: RunRecord,
+    feats: dict[str, CachedFeatures],
+    views: list[CachedFeatures],
+    head_spec: HeadSpec,
+    cfg: TrainConfig,
+) -> dict[str, Any]:
+    """One combination of a sweep as a run folder; its row of the sweep table."""
+    folder.write_config(record)
+    layer = str(record.layer)
+    try:
+        head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
+    except TrainingDiverged as exc:  # one bad setting (say, a too high lr) must not end the sweep
+        log.warning("%s: %s", folder.path.name, exc)
+        return {"diverged": str(exc), "run": folder.path.name}
+    folder.save_head(head, info)
+    folder.write_metrics(metrics)
+    folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
+    return {
+        "shape": list(info.in_shape),
+        "val_acc": metrics["val"]["acc"],
+        "val_loss": metrics["val"]["loss"],
+        **({"test_acc": metrics["test"]["acc"]} if "test" in metrics else {}),
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.seconds, 3),
+        "run": folder.path.name,
+    }
 
 
 def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

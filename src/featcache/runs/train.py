@@ -1,8 +1,7 @@
-"""Runs: extract (or reuse the cache), train a head, evaluate, and keep everything in a run folder.
+"""``featcache train``: extract (or reuse the cache), train a head, evaluate, write the run folder.
 
-A run folder holds ``config.json`` (all that is needed to reproduce it, cache keys included),
-``metrics.json``, ``head.safetensors`` + ``head.json``, ``checkpoint.pt`` (for ``--resume``),
-``curves.png`` and ``confusion.png``. :func:`load_run` rebuilds the head without pickle.
+:func:`train_on_cache` is the part every head-training verb shares (train, sweep): a head for one
+cached layer, fitted on the train split (or its cached augmented views), evaluated on val and test.
 """
 
 from __future__ import annotations
@@ -15,19 +14,18 @@ from typing import Any
 
 from torch import nn
 
-from .._util import resolve_device, write_json
-from ..backbones.registry import Backbone, load_backbone
+from .._util import resolve_device
+from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures, FeatureCache
-from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
-from ..extract.build import cache_record, extract_splits, extract_views
-from ..extract.config import ExtractConfig, Views
+from ..extract.build import cache_record
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, evaluate, fit
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
-from .folder import Run, check_resume, prepare_run_dir, run_config, save_head, write_report
+from .folder import Run
+from .spec import RunSpec
 
 
 def evaluate_splits(
@@ -96,76 +94,53 @@ def train_on_cache(
     return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 
-def train_run(
-    model: str | Backbone,
-    data: DataConfig,
-    layer: str,
-    head_spec: HeadSpec,
-    train_config: TrainConfig,
-    extract_config: ExtractConfig,
-    out_dir: str | Path,
-    weights: str | None = None,
-    cache_dir: str | None = None,
-    progress: bool = True,
-    resume: bool = False,
-    overwrite: bool = False,
-    views_spec: Views | None = None,
-) -> Run:
+def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None = None) -> Run:
     """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
 
+    Args:
+        spec: model, data, extraction and training settings, and the run folder (``spec.out``).
+        layer: the layer the head trains on (``featcache layers MODEL`` lists them).
+        head: the head to train (default: linear).
+
     Example:
-        >>> run = train_run("efficientnet-lite0", DataConfig("mnist-5k"), "penultimate", HeadSpec("linear"),
-        ...                 TrainConfig(epochs=10), ExtractConfig(input_size=(64, 64)),
-        ...                 "runs/mnist")  # doctest: +SKIP
+        >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/mnist",
+        ...                extract=ExtractConfig(input_size=(64, 64)), train=TrainConfig(epochs=10))
+        >>> run = train_run(spec, "penultimate", HeadSpec("linear"))  # doctest: +SKIP
     """
-    out = prepare_run_dir(out_dir, resume, overwrite)
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
-    splits = data.load()
-    ecfg = extract_config
-    _check_head_fits(backbone, splits, layer, ecfg, head_spec, cache_dir)
+    head = head or HeadSpec()
+    folder = spec.folder("train")
+    backbone = spec.backbone()
+    splits = spec.data.load()
+    _check_head_fits(spec, backbone, splits, layer, head)
     t0 = time.perf_counter()
-    feats = extract_splits(backbone, splits, [layer], ecfg, cache_dir=cache_dir, progress=progress)
-    views = (
-        extract_views(
-            backbone, splits.train, [layer], views_spec, ecfg, cache_dir=cache_dir, progress=progress
-        )
-        if views_spec
-        else []
-    )
+    feats, views = spec.extract_all(backbone, splits, [layer])
     extract_seconds = time.perf_counter() - t0
-    config = {
-        **run_config(backbone, weights, data, layer, ecfg, feats, views_spec),
-        **({"view_keys": [v.key for v in views]} if views else {}),
-        "head": head_spec.to_dict(),
-        "train": asdict(train_config),
-    }
-    if resume:
-        check_resume(out, config, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
-    write_json(out / "config.json", config)
-    head, info, _, metrics = train_on_cache(
-        feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume, views
+    record = spec.record(
+        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(spec.train)
+    )
+    if spec.resume:
+        folder.check_resume(record, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
+    folder.write_config(record)
+    trained, info, _, metrics = train_on_cache(
+        feats, layer, head, spec.train, spec.progress, folder.checkpoint, spec.resume, views
     )
     metrics["extract_seconds"] = extract_seconds
     metrics["cache_hit"] = {k: v.hit for k, v in feats.items()} | {
         f"train@view{i}": v.hit for i, v in enumerate(views, 1)
     }
-    save_head(head, info, out)
-    write_json(out / "metrics.json", metrics)
-    write_report(out, metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head_spec.kind}")
-    return Run(out, config, metrics, head, info)
+    folder.save_head(trained, info)
+    folder.write_metrics(metrics)
+    folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")
+    return Run(folder.path, record, metrics, trained, info)
 
 
 def _check_head_fits(
-    backbone: Backbone,
-    splits: DatasetSplits,
-    layer: str,
-    ecfg: ExtractConfig,
-    head: HeadSpec,
-    cache_dir: str | None,
+    spec: RunSpec, backbone: Backbone, splits: DatasetSplits, layer: str, head: HeadSpec
 ) -> None:
     """Before an extraction that will run, whether ``head`` can take the layer (one blank image through
     the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
     checked when training starts, with no forward pass."""
-    if FeatureCache(cache_dir).find(cache_record(backbone, splits.train, [layer], ecfg, "train")) is None:
-        shape = Extractor(backbone, [layer], ecfg).row_shapes()[layer]
+    record = cache_record(backbone, splits.train, [layer], spec.extract, "train")
+    if FeatureCache(spec.cache_dir).find(record) is None:
+        shape = Extractor(backbone, [layer], spec.extract).row_shapes()[layer]
         build_head(head, shape, len(splits.classes))

@@ -31,6 +31,7 @@ from ..extract.extractor import Extractor, resolved_cfg
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import environment
 from ..runs.report import format_table
+from ..runs.spec import RunSpec
 from ..train.config import TrainConfig
 from ..train.fit import fit, make_optimizer
 from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_layer
@@ -345,16 +346,17 @@ class _Bench:
         epoch_s: dict[str, list[float]] = {"cached": [], "live": []}
         for _ in range(self.repeats):
             for mode in ("cached", "live"):
-                run = finetune_run(
+                spec = RunSpec(
                     self.cfg.model,
                     data,
-                    FinetuneConfig(train="last:1", mode=mode),
-                    tcfg,
-                    self.ecfg,
                     self.tmp / f"ft-{mode}",
+                    extract=self.ecfg,
+                    train=tcfg,
                     cache_dir=str(self.tmp / "ft-cache"),
                     progress=False,
+                    overwrite=True,
                 )
+                run = finetune_run(spec, FinetuneConfig(train="last:1", mode=mode))
                 epoch_s[mode] += [h["train_seconds"] for h in run.history_rows()]
         # Forward MACs of the suffix on its cached input vs the whole network on an image.
         bb = load_backbone(self.cfg.model)

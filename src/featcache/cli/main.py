@@ -1,0 +1,70 @@
+"""``featcache <verb>``: parse, then run the verb's command. A verb's module is imported only when it
+runs, so one verb's dependencies do not slow another's start."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .._util import FeatcacheError
+from .parser import build_parser
+
+# verb -> "module:function" under featcache.cli
+COMMANDS = {
+    "models": "models:cmd_models",
+    "layers": "models:cmd_layers",
+    "summary": "models:cmd_summary",
+    "extract": "cache:cmd_extract",
+    "cache": "cache:cmd_cache",
+    "train": "runs:cmd_train",
+    "finetune": "runs:cmd_finetune",
+    "sweep": "runs:cmd_sweep",
+    "probe": "runs:cmd_probe",
+    "export": "output:cmd_export",
+    "predict": "output:cmd_predict",
+    "demo": "output:cmd_demo",
+    "bench": "output:cmd_bench",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featcache`` command; returns the exit status (2 on a user error)."""
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed) is a return value, like the others
+        if not exc.code:
+            raise  # --help
+        return int(exc.code)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="featcache: %(message)s")
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.verb != "extract":
+            raise FeatcacheError(
+                f"`featcache {a.verb}` runs in one process; under torchrun only `extract` is sharded. "
+                "Extract with torchrun first, then run this verb once: it finds the features in the cache"
+            )
+        module, function = COMMANDS[a.verb].split(":")
+        getattr(importlib.import_module(f"{__package__}.{module}"), function)(a)
+    except (FeatcacheError, FileNotFoundError, ValueError) as exc:
+        if a.verbose:
+            raise
+        print(f"featcache {a.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `featcache models | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(
+            "interrupted; the cache shards and training checkpoints finished so far are kept: run the same "
+            "command again (train/finetune with --resume) to go on from them",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``featcache export | predict | demo | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data.samples import image_paths
+from ..export.predict import load_predictor
+from ..export.save import export_run
+from ..tools.bench import run_bench
+from ..tools.demo import run_demo
+from .models import print_json
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    print(f"exported {export_run(a.run, a.format, a.out, weights=a.weights)}")
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    paths = [p for target in a.images for p in image_paths(target)]
+    predictor = load_predictor(a.model, device=a.device)
+    results = predictor.predict_files(paths, top_k=a.top_k, batch_size=a.batch_size, progress=not a.quiet)
+    if a.json:
+        print_json(results)
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: ERROR {r['error']}")
+            else:
+                print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    bad = [r for r in results if "error" in r]
+    if bad:
+        print(f"{len(bad)} of {len(results)} files could not be read", file=sys.stderr)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    run_demo(quick=a.quick, out_dir=a.out, cache_dir=a.cache_dir, device=a.device, progress=not a.quiet)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    run_bench(
+        quick=a.quick,
+        device=a.device,
+        out=a.out,
+        repeats=a.repeats,
+        only=a.only.split(",") if a.only else None,
+        progress=not a.quiet,
+    )

@@ -1,0 +1,87 @@
+"""``featcache train | finetune | sweep | probe``: the jobs, from one :class:`RunSpec` each."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..data.config import DataConfig
+from ..extract.config import ExtractConfig, Views
+from ..runs.finetune import FinetuneConfig, finetune_run
+from ..runs.probe import ProbeConfig, probe_run
+from ..runs.report import format_table
+from ..runs.spec import RunSpec
+from ..runs.sweep import SweepGrid, sweep_run
+from ..runs.train import train_run
+from ..train.config import TrainConfig
+from ..train.heads import HeadSpec
+from .flags import from_args
+from .models import print_json
+
+
+def run_spec(a: argparse.Namespace, **given: Any) -> RunSpec:
+    """The job spec of a run verb's flags (``given`` fields win)."""
+    fields = a._config_fields
+    parts: dict[str, Any] = {
+        "data": from_args(DataConfig, a),
+        "extract": from_args(ExtractConfig, a),
+        "train": from_args(TrainConfig, a) if TrainConfig in fields else TrainConfig(device=a.device),
+        "views": Views.parse(a.views, a.augment) if "views" in a else None,
+        "progress": not a.quiet,
+    }
+    return from_args(RunSpec, a, model=a.model, out=a.out, **{**parts, **given})
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
+    m = run.metrics
+    hits = m["cache_hit"]
+    print(
+        f"cache: {'hit' if all(hits.values()) else 'built'} "
+        f"({', '.join(f'{k} {v}' for k, v in hits.items())})"
+    )
+    print(
+        f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s"
+    )
+    if "test" in m:
+        top5 = f"  top-5 {m['test']['top5']:.4f}" if "top5" in m["test"] else ""
+        print(f"test accuracy {m['test']['acc']:.4f}{top5}  loss {m['test']['loss']:.4f}")
+    else:
+        print("no test split: nothing was held out for testing (--test-fraction, or a larger --limit)")
+    print(f"run folder: {run.dir}")
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    run = finetune_run(run_spec(a), from_args(FinetuneConfig, a))
+    m = run.metrics
+    print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
+    if "test" in m:
+        print(f"test accuracy {m['test']['acc']:.4f}  loss {m['test']['loss']:.4f}")
+    print(f"run folder: {run.dir}")
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    res = sweep_run(run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a)))
+    if a.json:
+        print_json({"best": res.best, "rows": res.rows})
+        return
+    b = res.best
+    columns = [k for k in b if k != "val_loss"]  # a diverged row shows "diverged" as its val_acc
+    print(format_table([{**r, "val_acc": r.get("val_acc", "diverged")} for r in res.rows], columns))
+    test = f", test {b['test_acc']:.4f}" if "test_acc" in b else ""
+    print(f"chosen on val: {b['layer']} {b['run']} (val {b['val_acc']:.4f}{test})")
+    n = len({r["layer"] for r in res.rows})
+    print(f"one extraction for {n} layers: {res.extract_seconds:.1f}s; sweep folder: {res.out}")
+
+
+def cmd_probe(a: argparse.Namespace) -> None:
+    res = probe_run(run_spec(a), a.layer, from_args(ProbeConfig, a))
+    if a.json:
+        print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test})
+        return
+    print(format_table(res.sweep))
+    print(f"chosen L2 strength {res.strength:g} (on val); refit on train+val")
+    if res.test:
+        print(f"test accuracy {res.test['acc']:.4f}")
+    if a.out:
+        print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")

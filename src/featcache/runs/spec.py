@@ -1,0 +1,124 @@
+"""``RunSpec``: the settings every job shares (model, data, extraction, training, output), given once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._util import FeatcacheError
+from ..backbones.registry import Backbone, load_backbone
+from ..cache.store import CachedFeatures
+from ..data.config import DataConfig
+from ..data.datasets import DatasetSplits
+from ..extract.build import extract_splits, extract_views
+from ..extract.config import ExtractConfig, Views
+from ..train.config import TrainConfig
+from .folder import RunFolder, RunRecord
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One job's shared settings; each verb adds its own part (a layer and head, a fine-tuning plan, a
+    sweep grid, a probe config).
+
+    Attributes:
+        model: a backbone spec (``torchvision:resnet18``, ``timm:NAME``, ``efficientnet-lite0``, ...) or
+            a loaded :class:`~featcache.backbones.Backbone`.
+        data: the dataset and how it is split.
+        out: the run folder (optional for ``probe``).
+        weights: ``None`` for the source's pretrained default, ``"none"`` for random init, a tag or a path.
+        extract: how the frozen backbone's activations are extracted and cached.
+        train: the trainer's settings.
+        views: cached augmented views of the training split (None: no augmentation).
+        cache_dir: cache root (else ``$FEATCACHE_HOME`` or the XDG cache folder).
+        progress: show progress bars.
+        resume: continue the interrupted run in ``out``.
+        overwrite: replace the run in ``out``.
+
+    Example:
+        >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/mnist",
+        ...                extract=ExtractConfig(input_size=(64, 64)), train=TrainConfig(epochs=10))
+        >>> run = train_run(spec, "penultimate")  # doctest: +SKIP
+    """
+
+    model: str | Backbone
+    data: DataConfig
+    out: str | Path | None = None
+    weights: str | None = None
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    views: Views | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):  # a bare dataset spec is the common case from Python
+            object.__setattr__(self, "data", DataConfig(self.data))
+
+    def backbone(self) -> Backbone:
+        """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
+        return self.model if isinstance(self.model, Backbone) else load_backbone(self.model, self.weights)
+
+    def folder(self, verb: str) -> RunFolder:
+        """The run folder, prepared under the resume/overwrite rules every verb shares."""
+        if self.out is None:
+            raise FeatcacheError(f"{verb} needs a run folder: pass --out DIR (RunSpec(out=...))")
+        return RunFolder.prepare(self.out, self.resume, self.overwrite)
+
+    def no_resume(self, verb: str) -> None:
+        """Verbs that restart from scratch refuse ``resume`` instead of ignoring it."""
+        if self.resume:
+            raise FeatcacheError(f"{verb} does not resume; run it again (with --overwrite) instead")
+
+    def extract_all(
+        self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]
+    ) -> tuple[dict[str, CachedFeatures], list[CachedFeatures]]:
+        """Every split's ``layers`` in one pass (a cache hit runs none), and the training split's views."""
+        kw: dict[str, Any] = {"cache_dir": self.cache_dir, "progress": self.progress}
+        feats = extract_splits(backbone, splits, layers, self.extract, **kw)
+        views = (
+            extract_views(backbone, splits.train, layers, self.views, self.extract, **kw)
+            if self.views
+            else []
+        )
+        return feats, views
+
+    def record(
+        self,
+        kind: str,
+        backbone: Backbone,
+        feats: Mapping[str, CachedFeatures],
+        layers: Sequence[str],
+        views: Sequence[CachedFeatures] = (),
+        **verb: Any,
+    ) -> RunRecord:
+        """The run's ``config.json`` record: the shared part from this spec, plus the verb's part.
+
+        ``verb`` may set ``layer``, ``head`` and ``train`` (typed fields of the record) and any key of
+        the verb's own (``finetune``, ``plan``, ``probe``, ``sweep``, ...).
+        """
+        typed = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
+        classes = typed.pop("classes", None) or feats["train"].classes
+        return RunRecord(
+            kind=kind,
+            model=backbone.cfg.spec,
+            backbone_cfg=backbone.cfg.to_dict(),
+            data=asdict(self.data),
+            extract={
+                **asdict(self.extract),
+                "layers": list(layers),
+                "augment": self.views.augment if self.views else None,
+                "views": self.views.count if self.views else 0,
+            },
+            classes=tuple(classes),
+            weights=backbone.cfg.weights,
+            weights_arg=self.weights,
+            cache_keys={k: v.key for k, v in feats.items()},
+            view_keys=tuple(v.key for v in views),
+            verb=verb,
+            **typed,
+        )

@@ -1,0 +1,94 @@
+"""Flags made from the config dataclasses: defaults and help from the fields, rules from the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from featcache.cli.flags import add_config, field_help, from_args
+from featcache.cli.main import main
+from featcache.cli.parser import build_parser
+from featcache.data.config import DataConfig
+from featcache.extract.config import ExtractConfig, Views
+from featcache.runs.finetune import FinetuneConfig
+from featcache.runs.probe import ProbeConfig
+from featcache.runs.spec import RunSpec
+from featcache.runs.sweep import SweepGrid
+from featcache.train.config import TrainConfig
+from featcache.train.heads import HeadSpec
+
+MINIMAL = {
+    "extract": ["m", "d"],
+    "train": ["m", "d", "--out", "o"],
+    "finetune": ["m", "d", "--out", "o"],
+    "sweep": ["m", "d", "--out", "o", "--layers", "a"],
+    "probe": ["m", "d"],
+}
+
+
+def _verbs() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_config_flag_defaults_to_its_field_and_has_help() -> None:
+    seen = 0
+    for verb, p in _verbs().items():
+        for action in p._actions:
+            origin = getattr(action, "featcache_field", None)
+            if origin is None:
+                continue
+            cls, name = origin
+            field = next(f for f in dataclasses.fields(cls) if f.name == name)
+            want = field.default if field.default is not dataclasses.MISSING else None
+            assert action.default == want or action.required, (verb, action.option_strings, action.default)
+            assert action.help and len(action.help) > 10, (verb, action.option_strings)
+            seen += 1
+    assert seen > 100  # every run verb exposes its configs
+
+
+@pytest.mark.parametrize("verb", sorted(MINIMAL))
+def test_a_bare_command_line_builds_the_library_defaults(verb: str) -> None:
+    a = build_parser().parse_args([verb, *MINIMAL[verb]])
+    for cls in a._config_fields:
+        if cls in (RunSpec, SweepGrid):
+            continue  # model/data/out and the sweep's layers are required arguments
+        required = {"spec": "d"} if cls is DataConfig else {}
+        assert from_args(cls, a) == cls(**required), cls.__name__
+
+
+def test_field_help_reads_the_attributes_section() -> None:
+    assert field_help(TrainConfig)["lr"] == "peak learning rate."
+    assert "Linear with the closed-form step" in field_help(TrainConfig)["fast_paths"]
+    assert "featcache.train" in field_help(TrainConfig)["fast_paths"]  # :mod:`...` markup stripped
+    assert set(field_help(FinetuneConfig)) == {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert set(field_help(DataConfig)) == {f.name for f in dataclasses.fields(DataConfig)}
+
+
+def test_flag_types_follow_the_fields() -> None:
+    p = argparse.ArgumentParser()
+    add_config(p, ExtractConfig, only=["input_size", "amp", "workers"])
+    add_config(p, HeadSpec, rename={"kind": "--head"})
+    add_config(p, ProbeConfig, only=["strengths", "standardize"])
+    line = "--input-size 48 40 --amp off --head mlp --hidden 64,32 --strengths 1e-3,0.1 --no-standardize"
+    a = p.parse_args(line.split())
+    assert from_args(ExtractConfig, a) == ExtractConfig(input_size=(48, 40), amp=False)
+    assert from_args(HeadSpec, a) == HeadSpec("mlp", hidden=(64, 32))
+    assert from_args(ProbeConfig, a) == ProbeConfig(strengths=(1e-3, 0.1), standardize=False)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--amp", "maybe"])
+
+
+def test_the_cli_refuses_what_the_library_refuses_with_the_same_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: object
+) -> None:
+    with pytest.raises(ValueError) as lib:
+        Views.parse(0, "flip")
+    code = main(["train", "torchvision:resnet18", "digits", "--augment", "flip", "--out", str(tmp_path)])
+    assert code == 2 and str(lib.value) in capsys.readouterr().err
+    with pytest.raises(ValueError) as lib:
+        TrainConfig(optimizer="adamm")
+    code = main(["train", "torchvision:resnet18", "digits", "--optimizer", "adamm", "--out", str(tmp_path)])
+    assert code == 2 and str(lib.value) in capsys.readouterr().err

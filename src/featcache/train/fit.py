@@ -32,7 +32,8 @@ from .sources import BatchSource
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: per-epoch history, per-step losses and the best epoch."""
+    """What :func:`fit` returns: per-epoch history, per-step losses and the best epoch; ``extra`` says which
+    fast paths it took (:meth:`~featcache.train.fast_path.FastPathRecord.as_dict`)."""
 
     history: list[dict[str, float]]
     step_losses: list[float]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featcache._util import FeatcacheError
@@ -165,3 +168,88 @@ def test_view_cycle_prepares_only_the_views_its_epochs_read(tmp_path: Path) -> N
     assert [v.loaded for v in views] == [False, True, False]
     cycle.prepare(None, range(0, 2))
     assert [v.loaded for v in views] == [True, True, False]
+
+
+class _Rows:
+    """A source that implements only the :class:`BatchSource` protocol: rows in a tensor, shuffled by the
+    trainer's generator, declining every fast path, and logging what the trainer asks of it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.device, self.streamed = x, y, x.device, False
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=gen) if gen is not None else torch.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            yield self.x[order[i : i + batch_size]], self.y[order[i : i + batch_size]]
+
+    def prepare(self, front: nn.Module | None, epochs: Iterable[int]) -> None:
+        self.calls.append(("prepare", front is not None, list(epochs)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.calls.append(("set_epoch", epoch))
+
+    def reads_channel_means(self, front: nn.Module | None) -> bool:
+        return False
+
+    def mapped(self, front: nn.Module, progress: bool = False) -> FeatureSource | None:
+        self.calls.append(("mapped",))
+        return None
+
+
+class _MappingRows(_Rows):
+    """The same rows, taking the front-once fast path: the front's output held in a FeatureSource."""
+
+    def mapped(self, front: nn.Module, progress: bool = False) -> FeatureSource | None:
+        super().mapped(front, progress)
+        with torch.no_grad():
+            return FeatureSource(front(self.x), self.y)
+
+
+def test_a_source_implementing_only_the_protocol_trains() -> None:
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 4, (240,), generator=g)
+    maps = torch.randn(240, 6, 3, 3, generator=g) + 3 * torch.randn(4, 6, 1, 1, generator=g)[y]
+    head = build_head(HeadSpec("pooled-linear"), (6, 3, 3), 4, seed=1)
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=32,
+        lr=1e-2,
+        optimizer="adam",
+        schedule="constant",
+        weight_decay=0.0,
+        device="cpu",
+    )
+    plain, train, val = copy.deepcopy(head), _Rows(maps[:200], y[:200]), _Rows(maps[200:], y[200:])
+    result = fit(plain, train, val, 4, cfg, progress=False)
+    assert evaluate(plain, val, 4)["acc"] >= 0.95
+    assert (result.extra["front_once"], result.extra["closed_form_step"]) == (False, False)
+    epochs = [0, 1, 2]
+    assert train.calls == [("prepare", True, epochs), ("mapped",), *(("set_epoch", e) for e in epochs)]
+    assert val.calls[0] == ("prepare", True, epochs)  # asked to read ahead; never asked for an epoch
+    # The reference: autograd over the source's batches in the order the seeded generator draws.
+    ref, gen = copy.deepcopy(head), torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
+    ref_losses = []
+    for _ in epochs:
+        for xb, yb in train.batches(cfg.batch_size, gen):
+            loss = F.cross_entropy(ref(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ref_losses.append(float(loss.detach()))
+    np.testing.assert_allclose(result.step_losses, ref_losses, rtol=1e-5, atol=1e-6)
+    # A source that maps the front takes the fast paths through the protocol alone: the same training.
+    fast = copy.deepcopy(head)
+    mapping = _MappingRows(maps[:200], y[:200])
+    fast_result = fit(fast, mapping, _MappingRows(maps[200:], y[200:]), 4, cfg, progress=False)
+    assert (fast_result.extra["front_once"], fast_result.extra["closed_form_step"]) == (True, True)
+    assert ("set_epoch", 0) not in mapping.calls  # the epochs read the mapped rows instead
+    np.testing.assert_allclose(fast_result.step_losses, ref_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast.state_dict().values(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,11 @@ MODES = ("auto", "cached", "live")
 
 
 class ImageSource:
-    """Images decoded and preprocessed on the fly, batched in the same order a seeded generator gives."""
+    """Images decoded and preprocessed on the fly, batched in the same order a seeded generator gives.
+
+    A :class:`~featcache.train.sources.BatchSource` that takes none of the trainer's fast paths: it holds
+    no rows to read ahead or to run a head's front over once.
+    """
 
     def __init__(
         self,
@@ -73,6 +77,28 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.labels
+
+    @property
+    def streamed(self) -> bool:
+        """True: every epoch decodes the images again (a slow epoch, with its own progress bar)."""
+        return True
+
+    def prepare(self, front: nn.Module | None, epochs: Iterable[int]) -> None:
+        """Nothing to read ahead: images are decoded batch by batch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: every epoch reads the same images."""
+
+    def reads_channel_means(self, front: nn.Module | None) -> bool:
+        return False
+
+    def mapped(self, front: nn.Module, progress: bool = False) -> None:
+        """None: there are no cached rows to run ``front`` over once."""
+        return None
 
     def batches(
         self, batch_size: int, gen: torch.Generator | None

@@ -33,7 +33,7 @@ class TrainConfig:
         ram_budget_gb: features larger than this (as float32) are streamed from the memory map.
         amp: bf16 autocast for the forward pass; ``None`` means on for CUDA, off on CPU.
         fast_paths: run the head's frozen front (standardisation, pooling) once and train a lone
-            Linear with the closed-form step (:mod:`featcache.train.fast_step`); off: plain autograd
+            Linear with the closed-form step (:mod:`featcache.train.fast_path`); off: plain autograd
             on the whole head every step. Same training either way, to float rounding.
 
     Example:

@@ -1,7 +1,7 @@
 """The fast trainer: heads on cached tensors, with validation, early stopping and resumable checkpoints.
 
-It reads batches from :mod:`featcache.train.sources` and takes the fast paths of
-:mod:`featcache.train.fast_step`.
+It reads batches from any :class:`~featcache.train.sources.BatchSource` and takes the fast paths that
+:mod:`featcache.train.fast_path` chooses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError
 from .config import TrainConfig
-from .fast_step import LinearStep, split_front
-from .sources import BatchSource, FeatureSource
+from .fast_path import FastPaths, on_channel_means, prepare_sources, take_fast_paths
+from .sources import BatchSource
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: per-epoch history, per-step losses and the best epoch."""
+    """What :func:`fit` returns: per-epoch history, per-step losses and the best epoch; ``extra`` says which
+    fast paths it took (:meth:`~featcache.train.fast_path.FastPathRecord.as_dict`)."""
 
     history: list[dict[str, float]]
     step_losses: list[float]
@@ -58,9 +61,7 @@ def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
         return cls(params, **kw)
 
 
-def make_schedule(
-    opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> LambdaLR:
     """Per-step LR multiplier: linear warm-up then cosine to zero, or constant."""
     total = max(1, config.epochs * steps_per_epoch)
     warm = int(config.warmup_epochs * steps_per_epoch)
@@ -72,7 +73,7 @@ def make_schedule(
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return LambdaLR(opt, factor)
 
 
 @torch.no_grad()
@@ -90,7 +91,7 @@ def evaluate(
     """
     was = head.training
     head.eval()
-    model, data = _front_on_means(head, data) if front_once else (head, data)
+    model, data = on_channel_means(head, data) if front_once else (head, data)
     loss_sum, correct, correct5 = 0.0, 0, 0
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for xb, yb in data.batches(batch_size, None):
@@ -160,70 +161,26 @@ def fit(
     _check_labels(train, val, num_classes)
     device = train.device
     head.to(device)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    params: list[Any] = [p for p in head.parameters() if p.requires_grad]
-    if param_groups:
-        params = list(param_groups)
+    params = list(param_groups) if param_groups else [p for p in head.parameters() if p.requires_grad]
     opt = make_optimizer(params, config)
-    sched = make_schedule(opt, config, steps_per_epoch)
+    sched = make_schedule(opt, config, math.ceil(len(train) / config.batch_size))
     amp = config.amp if config.amp is not None else device.type == "cuda"
-    step_sched = not (config.schedule == "constant" and config.warmup_epochs == 0)  # skip a no-op per step
     gen = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, float]] = []
-    step_losses: list[float] = []
-    best: dict[str, Any] = {"epoch": 0, "score": None, "state": None}
-    start_epoch, bad_epochs = 0, 0
     ckpt = Path(checkpoint) if checkpoint else None
-    torch_rng = None
-    cuda_rng = None
+    run = _Progress()
     if resume and ckpt is not None and ckpt.exists():
-        # CPU first: the batch-order generator's state must stay a CPU tensor; modules move it themselves.
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        try:
-            head.load_state_dict(state["head"])
-        except RuntimeError as exc:
-            raise FeatcacheError(
-                f"checkpoint {ckpt} does not fit this model (another head, fine-tuning mode or plan): {exc}"
-            ) from exc
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        gen.set_state(state["gen"])
-        torch_rng, cuda_rng = state["torch_rng"], state.get("cuda_rng")
-        history, step_losses = state["history"], state["step_losses"]
-        best = {"epoch": state["best_epoch"], "score": state["best_score"], "state": state["best_state"]}
-        start_epoch, bad_epochs = int(state["epoch"]), int(state["bad_epochs"])
-    split = split_front(head) if config.fast_paths else None
-    for src in (train, val):  # read cached features into memory before the clock starts
-        prepare = getattr(src, "prepare", None)
-        if prepare is not None:
-            prepare(split[0] if split else None, range(start_epoch, config.epochs))
+        run = _Progress.load(ckpt, head, opt, sched, gen)
+    start_epoch = run.epoch
+    # Read cached features into memory before the clock starts.
+    prepare_sources(head, (train, val), config.fast_paths, range(start_epoch, config.epochs))
     t0 = time.perf_counter()
-    model, step = head, None
-    if config.fast_paths:
-        model, train, val = _front_once(head, train, val, progress)
-        step = LinearStep.build(model, opt, config.label_smoothing, amp)
-    front_seconds = time.perf_counter() - t0 if model is not head else 0.0
-    # Validation reads a pooled head's channel means once per run, not once per epoch (e.g. with views).
-    eval_model, eval_val = (
-        _front_on_means(model, val) if config.fast_paths and val is not None else (model, val)
-    )
+    paths = take_fast_paths(head, train, val, opt, config, amp, progress)
+    step = paths.step if paths.step is not None else _AutogradStep(paths.model, opt, config, amp, device)
     # A run that early stopping already ended stays ended when resumed.
-    stopped_early = config.patience is not None and bad_epochs >= config.patience
-    sign = -1.0 if config.monitor == "val_acc" else 1.0
-    cuda_devices = [device.index or 0] if device.type == "cuda" else []
-    inner = progress and getattr(train, "streamed", True)  # slow (streamed or live) epochs get a bar
-    with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings():
-        # The closed-form step updates through the optimizer's fused kernel, not opt.step(), which the
-        # scheduler's first step() checks for; the order is right.
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-        # torch.manual_seed would also queue a seed for every CUDA device (slow where there is none).
-        (torch.manual_seed if cuda_devices else torch.default_generator.manual_seed)(config.seed)
-        if torch_rng is not None:
-            torch.set_rng_state(torch_rng)
-        if cuda_rng is not None and cuda_devices:
-            torch.cuda.set_rng_state(cuda_rng, device)
+    end = start_epoch if run.stopped_early(config) else config.epochs
+    with _seeded_rng(config.seed, device, run):
         bar = tqdm(
-            range(start_epoch, config.epochs if not stopped_early else start_epoch),
+            range(start_epoch, end),
             desc="train",
             unit="epoch",
             disable=not progress,
@@ -234,98 +191,34 @@ def fit(
         for epoch in bar:
             te = time.perf_counter()
             (train_mode or nn.Module.train)(head)
-            losses = []
-            if hasattr(train, "set_epoch"):  # e.g. a cycle of cached augmented views
-                train.set_epoch(epoch)
-            batches = train.batches(config.batch_size, gen)
-            if inner:
-                batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
-            for xb, yb in batches:
-                if step is not None:
-                    loss = step(xb, yb)
-                else:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits = model(xb)
-                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                if step_sched:
-                    sched.step()
-                losses.append(loss.detach())
-            epoch_losses = torch.stack(losses).float().cpu().tolist()
-            step_losses += epoch_losses
-            row: dict[str, float] = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean(epoch_losses)),
-                "lr": float(sched.get_last_lr()[0]),
-                "train_seconds": time.perf_counter() - te,
-            }
-            if not math.isfinite(row["train_loss"]):
-                raise TrainingDiverged(
-                    f"training diverged in epoch {epoch + 1}: the loss is {row['train_loss']}. Lower the "
-                    f"learning rate (--lr {config.lr / 10:g}), or check the cached features for non-finite "
-                    "values (`featcache cache verify KEY`; a damaged entry is re-extracted after `cache rm`)"
-                )
-            if eval_val is not None and len(eval_val):
-                m = evaluate(eval_model, eval_val, num_classes, front_once=False)
-                row.update(val_loss=m["loss"], val_acc=m["acc"])
-            history.append(row)
-            if config.monitor not in row:  # no validation: the last epoch is the best, nothing to keep
-                best, bad_epochs = {"epoch": epoch + 1, "score": None, "state": None}, 0
-            elif best["score"] is None or sign * row[config.monitor] < best["score"]:
-                state = copy.deepcopy(head.state_dict())
-                best = {"epoch": epoch + 1, "score": sign * row[config.monitor], "state": state}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
+            losses = _train_epoch(
+                paths.train, step, sched, gen, config, epoch, progress and paths.train.streamed
+            )
+            row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
+            row.update(_validate(paths, num_classes))
+            run.end_epoch(epoch + 1, row, losses, head, config.monitor)
             bar.set_postfix(
                 loss=f"{row['train_loss']:.3f}",
                 **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
             )
             if ckpt is not None:
-                _atomic_torch_save(
-                    {
-                        "head": head.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "schedule": sched.state_dict(),
-                        "gen": gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if cuda_devices else None,
-                        "history": history,
-                        "step_losses": step_losses,
-                        "best_epoch": best["epoch"],
-                        "best_score": best["score"],
-                        "best_state": best["state"],
-                        "epoch": epoch + 1,
-                        "bad_epochs": bad_epochs,
-                        "config": asdict(config),
-                    },
-                    ckpt,
-                )
-            if config.patience is not None and bad_epochs >= config.patience:
-                stopped_early = True
+                run.save(ckpt, head, opt, sched, gen, device, config)
+            if run.stopped_early(config):
                 break
             if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
                 break
-    if best["state"] is not None:
-        head.load_state_dict(best["state"])
+    if run.best_state is not None:
+        head.load_state_dict(run.best_state)
     head.eval()
     return FitResult(
-        history,
-        step_losses,
-        int(best["epoch"]),
-        stopped_early,
+        run.history,
+        run.step_losses,
+        int(run.best_epoch),
+        run.stopped_early(config),
         time.perf_counter() - t0,
-        len(train),
+        len(paths.train),
         resumed_from=start_epoch,
-        extra={
-            "fast_paths": config.fast_paths,
-            "front_once": model is not head,
-            "front_from_channel_means": bool(getattr(train, "from_channel_means", False)),
-            "front_seconds": front_seconds,
-            "closed_form_step": step is not None,
-        },
+        extra=paths.record.as_dict(),
     )
 
 
@@ -341,8 +234,8 @@ def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int)
             "the training split is empty: nothing to train on (check the dataset and --limit)"
         )
     for name, src in (("train", train), ("val", val)):
-        y = getattr(src, "y", None)
-        if isinstance(y, torch.Tensor) and len(y):
+        y = src.y if src is not None else None
+        if y is not None and len(y):
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_classes:
                 raise FeatcacheError(
@@ -352,35 +245,195 @@ def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int)
                 )
 
 
-def _front_on_means(head: nn.Module, data: BatchSource) -> tuple[nn.Module, BatchSource]:
-    """(model, data) with a pooled head's front run once over the cached channel means of ``data``,
-    when it can: the same numbers as the head on the maps, without reading them."""
-    split = split_front(head)
-    if split is not None and isinstance(data, FeatureSource) and data.reads_channel_means(split[0]):
-        mapped = data.mapped(split[0])
-        if mapped is not None:
-            return split[1], mapped
-    return head, data
+@dataclass
+class _Progress:
+    """Where a run stands between epochs: what a checkpoint holds besides the modules and generators."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    epoch: int = 0  # epochs done
+    bad_epochs: int = 0  # epochs since ``monitor`` last improved
+    best_epoch: int = 0
+    best_score: float | None = None  # ``monitor``, negated where higher is better
+    best_state: dict[str, Any] | None = None  # the head's state at ``best_epoch`` (None: the last epoch's)
+    torch_rng: torch.Tensor | None = None  # the global generators' states to continue from
+    cuda_rng: torch.Tensor | None = None
+
+    @classmethod
+    def load(
+        cls, path: Path, head: nn.Module, opt: torch.optim.Optimizer, sched: LambdaLR, gen: torch.Generator
+    ) -> _Progress:
+        """Restore ``head``, ``opt``, ``sched`` and ``gen`` from the checkpoint at ``path``; the rest too."""
+        # CPU first: the batch-order generator's state must stay a CPU tensor; modules move it themselves.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            head.load_state_dict(state["head"])
+        except RuntimeError as exc:
+            raise FeatcacheError(
+                f"checkpoint {path} does not fit this model (another head, fine-tuning mode or plan): {exc}"
+            ) from exc
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["gen"])
+        return cls(
+            state["history"],
+            state["step_losses"],
+            int(state["epoch"]),
+            int(state["bad_epochs"]),
+            state["best_epoch"],
+            state["best_score"],
+            state["best_state"],
+            state["torch_rng"],
+            state.get("cuda_rng"),
+        )
+
+    def stopped_early(self, config: TrainConfig) -> bool:
+        """Whether early stopping ends the run here."""
+        return config.patience is not None and self.bad_epochs >= config.patience
+
+    def end_epoch(
+        self, epoch: int, row: dict[str, float], losses: list[float], head: nn.Module, monitor: str
+    ) -> None:
+        """Record epoch ``epoch`` (counted from 1); keep the head's state when ``monitor`` improved."""
+        self.step_losses += losses
+        self.history.append(row)
+        self.epoch = epoch
+        sign = -1.0 if monitor == "val_acc" else 1.0
+        if monitor not in row:  # no validation: the last epoch is the best, nothing to keep
+            self.best_epoch, self.best_score, self.best_state, self.bad_epochs = epoch, None, None, 0
+        elif self.best_score is None or sign * row[monitor] < self.best_score:
+            state = copy.deepcopy(head.state_dict())
+            self.best_epoch, self.best_score, self.best_state = epoch, sign * row[monitor], state
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+
+    def save(
+        self,
+        path: Path,
+        head: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: LambdaLR,
+        gen: torch.Generator,
+        device: torch.device,
+        config: TrainConfig,
+    ) -> None:
+        """Write the checkpoint that :meth:`load` continues from, atomically."""
+        _atomic_torch_save(
+            {
+                "head": head.state_dict(),
+                "optimizer": opt.state_dict(),
+                "schedule": sched.state_dict(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": self.history,
+                "step_losses": self.step_losses,
+                "best_epoch": self.best_epoch,
+                "best_score": self.best_score,
+                "best_state": self.best_state,
+                "epoch": self.epoch,
+                "bad_epochs": self.bad_epochs,
+                "config": asdict(config),
+            },
+            path,
+        )
 
 
-def _front_once(
-    head: nn.Module, train: BatchSource, val: BatchSource | None, progress: bool
-) -> tuple[nn.Module, BatchSource, BatchSource | None]:
-    """(module to train, train, val) with the head's frozen front run once over the features, when it can.
+@contextmanager
+def _seeded_rng(seed: int, device: torch.device, run: _Progress) -> Iterator[None]:
+    """The global generators (dropout) seeded with ``seed``, or where ``run`` left them, inside; restored
+    to the caller's state afterwards."""
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        # torch.manual_seed would also queue a seed for every CUDA device (slow where there is none).
+        (torch.manual_seed if cuda_devices else torch.default_generator.manual_seed)(seed)
+        if run.torch_rng is not None:
+            torch.set_rng_state(run.torch_rng)
+        if run.cuda_rng is not None and cuda_devices:
+            torch.cuda.set_rng_state(run.cuda_rng, device)
+        yield
 
-    The front (standardisation, pooling, flatten) gives every row the same output in every epoch; see
-    :mod:`featcache.train.fast_step`. Both splits are mapped, or neither.
-    """
-    split = split_front(head)
-    if (
-        split is None
-        or not isinstance(train, FeatureSource)
-        or not (val is None or isinstance(val, FeatureSource))
-    ):
-        return head, train, val
-    front, rest = split
-    mapped = train.mapped(front, progress)
-    mapped_val = val.mapped(front, progress) if val is not None else None
-    if mapped is None or (val is not None and mapped_val is None):
-        return head, train, val
-    return rest, mapped, mapped_val
+
+class _AutogradStep:
+    """One training step of ``model`` with autograd and ``opt.step()``: the step without a closed form."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        config: TrainConfig,
+        amp: bool,
+        device: torch.device,
+    ) -> None:
+        self.model, self.opt, self.amp, self.device_type = model, opt, amp, device.type
+        self.smoothing = config.label_smoothing
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=self.smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
+def _train_epoch(
+    train: BatchSource,
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sched: LambdaLR,
+    gen: torch.Generator,
+    config: TrainConfig,
+    epoch: int,
+    bar: bool,
+) -> list[float]:
+    """One pass over ``train`` in the batches ``gen`` draws, a step and a schedule step each; the losses."""
+    step_sched = not (config.schedule == "constant" and config.warmup_epochs == 0)  # skip a no-op per step
+    train.set_epoch(epoch)  # e.g. a cycle of cached augmented views
+    batches = train.batches(config.batch_size, gen)
+    if bar:  # slow (streamed or live) epochs get their own bar
+        steps = math.ceil(len(train) / config.batch_size)
+        batches = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", leave=False)
+    losses = []
+    with warnings.catch_warnings():
+        # The closed-form step updates through the optimizer's fused kernel, not opt.step(), which the
+        # scheduler's first step() checks for; the order is right.
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        for xb, yb in batches:
+            loss = step(xb, yb)
+            if step_sched:
+                sched.step()
+            losses.append(loss.detach())
+    return torch.stack(losses).float().cpu().tolist()
+
+
+def _validate(paths: FastPaths, num_classes: int) -> dict[str, float]:
+    """``val_loss`` and ``val_acc`` of the epoch's model, as the fast paths validate it; none without rows."""
+    if paths.val is None or not len(paths.val):
+        return {}
+    m = evaluate(paths.val_model, paths.val, num_classes, front_once=False)
+    return {"val_loss": m["loss"], "val_acc": m["acc"]}
+
+
+def _epoch_row(
+    epoch: int,
+    losses: list[float],
+    sched: LambdaLR,
+    seconds: float,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """The history row of epoch ``epoch`` (from 0); :class:`TrainingDiverged` when its loss is not finite."""
+    row: dict[str, float] = {
+        "epoch": epoch + 1,
+        "train_loss": float(np.mean(losses)),
+        "lr": float(sched.get_last_lr()[0]),
+        "train_seconds": seconds,
+    }
+    if not math.isfinite(row["train_loss"]):
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch + 1}: the loss is {row['train_loss']}. Lower the "
+            f"learning rate (--lr {config.lr / 10:g}), or check the cached features for non-finite "
+            "values (`featcache cache verify KEY`; a damaged entry is re-extracted after `cache rm`)"
+        )
+    return row

@@ -22,19 +22,78 @@ from .heads import Standardize
 
 
 class BatchSource(Protocol):
-    """What :func:`fit` and :func:`evaluate` read: rows, a device, and (shuffled) batches."""
+    """What :func:`~featcache.train.fit.fit` and :func:`~featcache.train.fit.evaluate` ask of the rows.
 
-    device: torch.device
+    Every member is required: a source that cannot do something says so through the member (``mapped``
+    returns None, ``prepare`` and ``set_epoch`` do nothing), so the trainer never probes for attributes.
+    :class:`FeatureSource`, :class:`ViewCycle` and fine-tuning's live ``ImageSource`` implement it;
+    which fast paths the trainer takes over a source is decided in :mod:`featcache.train.fast_path`.
+
+    Example:
+        Rows in a tensor that decline every fast path (the trainer then runs the whole head on them)::
+
+            class Rows:
+                def __init__(self, x, y):
+                    self.x, self.y, self.device, self.streamed = x, y, x.device, False
+                def __len__(self): return len(self.y)
+                def batches(self, batch_size, gen):
+                    order = torch.randperm(len(self), generator=gen) if gen else torch.arange(len(self))
+                    for i in range(0, len(self), batch_size):
+                        yield self.x[order[i : i + batch_size]], self.y[order[i : i + batch_size]]
+                def prepare(self, front, epochs): pass
+                def set_epoch(self, epoch): pass
+                def reads_channel_means(self, front): return False
+                def mapped(self, front, progress=False): return None
+    """
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches live; the trainer moves the head there."""
+        ...
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        """All labels, checked against the head's classes before any step; None when not known up front."""
+        ...
+
+    @property
+    def streamed(self) -> bool:
+        """Whether an epoch is slow to read (streamed from disk, decoded live): it gets a progress bar."""
+        ...
 
     def __len__(self) -> int: ...
 
     def batches(
         self, batch_size: int, gen: torch.Generator | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row once: shuffled by ``gen`` (the same batches for the same generator state), or in order
+        when ``gen`` is None."""
+        ...
+
+    def prepare(self, front: nn.Module | None, epochs: Iterable[int]) -> None:
+        """Read what ``epochs`` will read into memory now, before the trainer's clock starts; ``front`` is the
+        head's frozen front, which the trainer may run over the source once (None: it will not)."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch (as with ``DistributedSampler``); a source whose rows do not change
+        with the epoch does nothing."""
+        ...
+
+    def reads_channel_means(self, front: nn.Module | None) -> bool:
+        """Whether :meth:`mapped` runs ``front`` on cached channel means instead of the rows (a cheap map)."""
+        ...
+
+    def mapped(self, front: nn.Module, progress: bool = False) -> FeatureSource | None:
+        """The rows passed once through ``front`` (parameter-free and row-wise), in the same batches as
+        the source would give; None when the source cannot (or should not) hold them."""
+        ...
 
 
 class FeatureSource:
     """Features + labels for the trainer: a tensor (RAM/GPU) or a memory map streamed in chunks.
+
+    A :class:`BatchSource`; the one that runs a head's frozen front once (:meth:`mapped`).
 
     Shuffled batches of in-memory features are slices of one buffer that the next epoch overwrites:
     use a batch within its epoch (clone it to keep it). Features given as an array are loaded on first
@@ -116,6 +175,9 @@ class FeatureSource:
         :class:`ViewCycle` only."""
         if not self.reads_channel_means(front):
             _ = self.x
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: every epoch reads the same rows."""
 
     def mapped(self, fn: nn.Module, progress: bool = False) -> FeatureSource | None:
         """The rows passed once through ``fn`` (parameter-free and row-wise: a head's frozen front).
@@ -217,8 +279,8 @@ def _pools_first(fn: nn.Module) -> bool:
 class ViewCycle:
     """Cached augmented views of one split, one per epoch: epoch ``e`` reads view ``e mod K``.
 
-    ``fit`` calls :meth:`set_epoch` before each epoch (as with ``DistributedSampler``), so a resumed
-    run reads the views in the order an uninterrupted one would.
+    A :class:`BatchSource`. ``fit`` calls :meth:`set_epoch` before each epoch (as with
+    ``DistributedSampler``), so a resumed run reads the views in the order an uninterrupted one would.
 
     Example:
         >>> views = extract_views(bb, data.train, cfg)  # doctest: +SKIP
@@ -261,6 +323,15 @@ class ViewCycle:
         if new is not prev and new._shuffled is None:
             new._shuffled, prev._shuffled = prev._shuffled, None
         self.epoch = epoch
+
+    def reads_channel_means(self, front: nn.Module | None) -> bool:
+        """False: views are never mapped (see :meth:`mapped`)."""
+        return False
+
+    def mapped(self, front: nn.Module, progress: bool = False) -> FeatureSource | None:
+        """None: each epoch reads another view, so running the front once would mean once per view, each
+        held in memory; the trainer trains the whole head on the views instead."""
+        return None
 
     def batches(
         self, batch_size: int, gen: torch.Generator | None

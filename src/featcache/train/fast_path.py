@@ -1,4 +1,4 @@
-"""The head trainer's two fast paths: run the head's frozen front once, train a lone Linear without autograd.
+"""The head trainer's fast paths, in one place: which apply to a head and its sources, and what ran.
 
 Besides the DataLoader's per-sample indexing and collate, two costs repeat in the reference loop on
 cached features although nothing about them changes:
@@ -6,10 +6,11 @@ cached features although nothing about them changes:
 * A head such as ``pooled-linear`` (the reference ``SimpleClassifier``: ``AdaptiveAvgPool2d(1)`` →
   ``Flatten`` → ``Linear``) starts with parameter-free, deterministic modules. They map each cached row
   to the same output in every epoch, so :func:`split_front` cuts them off and the trainer runs them once
-  over the features (:meth:`featcache.train.sources.FeatureSource.mapped`); the epochs then train the rest on
-  ``C`` numbers per row instead of ``C*H*W``. Average pooling and the frozen standardisation are linear,
-  so this is the same training, not an approximation; it is also why the front can run on the channel
-  means the cache stores beside each map, without reading the map.
+  over the features (:meth:`featcache.train.sources.BatchSource.mapped`); the epochs then train the rest
+  on ``C`` numbers per row instead of ``C*H*W``. Average pooling and the frozen standardisation are
+  linear, so this is the same training, not an approximation; it is also why the front can run on the
+  channel means the cache stores beside each map, without reading the map (validation does so even when
+  training cannot map its rows, e.g. augmented views: :func:`on_channel_means`).
 * For a lone ``nn.Linear`` under cross-entropy the gradient has a closed form: with ``p = softmax(z)``
   and ``q`` the (label-smoothed) one-hot target, ``dL/dz = (p - q) / B``, ``dL/dW = (dL/dz)^T x`` and
   ``dL/db = sum(dL/dz)``. :class:`LinearStep` computes that with two matrix products and updates the
@@ -18,17 +19,23 @@ cached features although nothing about them changes:
   bookkeeping, which is most of a small-batch step. Optimizer state, checkpoints and resume are
   untouched: the state tensors are the optimizer's.
 
-Both paths are checked against the plain autograd loop in ``tests/test_fast_step.py``.
+:func:`take_fast_paths` decides which of them apply to one fit and returns what the epochs run
+(:class:`FastPaths`) with a record of what it took (:class:`FastPathRecord`). Both paths are checked
+against the plain autograd loop in ``tests/test_fast_path.py``.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .heads import Head, Standardize
+from .sources import BatchSource
 
 _STATELESS = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
 
@@ -192,3 +199,117 @@ class LinearStep:
             out[2].append(st["step"])
         self._state = out
         return out
+
+
+@dataclass(frozen=True)
+class FastPathRecord:
+    """Which fast paths one fit took; :meth:`as_dict` is ``FitResult.extra`` and metrics.json's
+    ``fast_paths``."""
+
+    enabled: bool  #: ``TrainConfig.fast_paths``
+    front_once: bool = False  #: the head's frozen front ran once over the training (and validation) rows
+    front_from_channel_means: bool = False  #: ... on the cached channel means instead of the maps
+    front_seconds: float = 0.0  #: the time that took
+    closed_form_step: bool = False  #: a lone Linear trained with :class:`LinearStep`
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record under the keys metrics.json readers know."""
+        return {
+            "fast_paths": self.enabled,
+            "front_once": self.front_once,
+            "front_from_channel_means": self.front_from_channel_means,
+            "front_seconds": self.front_seconds,
+            "closed_form_step": self.closed_form_step,
+        }
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """What one fit's epochs run once :func:`take_fast_paths` has chosen: the same training as the head
+    on the original sources."""
+
+    model: nn.Module  #: trained each epoch: the head, or the rest of it after its front
+    train: BatchSource  #: the rows ``model`` trains on
+    step: LinearStep | None  #: the closed-form step for ``model``; None: autograd
+    val_model: nn.Module  #: validates: ``model``, or the rest of it after its front on the channel means
+    val: BatchSource | None  #: the rows ``val_model`` validates on
+    record: FastPathRecord
+
+
+def prepare_sources(
+    head: nn.Module, sources: tuple[BatchSource | None, ...], enabled: bool, epochs: range
+) -> None:
+    """Have ``sources`` read what ``epochs`` will read into memory now (before the trainer's clock starts),
+    except the maps that the fast paths will read the channel means of instead."""
+    split = split_front(head) if enabled else None
+    for src in sources:
+        if src is not None:
+            src.prepare(split[0] if split else None, epochs)
+
+
+def take_fast_paths(
+    head: nn.Module,
+    train: BatchSource,
+    val: BatchSource | None,
+    opt: torch.optim.Optimizer,
+    config: TrainConfig,
+    amp: bool,
+    progress: bool = False,
+) -> FastPaths:
+    """The fast paths that apply to ``head`` trained on ``train`` (validated on ``val``) by ``opt``.
+
+    With ``config.fast_paths`` off, none: the head on the sources, with autograd. Otherwise the head's
+    frozen front runs once over both splits (when both can hold the result), a lone Linear left to train
+    gets :class:`LinearStep`, and validation reads a pooled head's channel means once per run.
+
+    Example:
+        >>> cfg, head = TrainConfig(), build_head(HeadSpec("pooled-linear"), (64, 7, 7), 10)  # doctest: +SKIP
+        >>> opt = make_optimizer(head.parameters(), cfg)  # doctest: +SKIP
+        >>> paths = take_fast_paths(head, FeatureSource(maps, y), None, opt, cfg, amp=False)  # doctest: +SKIP
+        >>> paths.record.front_once, paths.record.closed_form_step  # doctest: +SKIP
+        (True, True)
+    """
+    if not config.fast_paths:
+        return FastPaths(head, train, None, head, val, FastPathRecord(enabled=False))
+    t0 = time.perf_counter()
+    model, train, val, from_means = _front_once(head, train, val, progress)
+    step = LinearStep.build(model, opt, config.label_smoothing, amp)
+    front_seconds = time.perf_counter() - t0 if model is not head else 0.0
+    # Validation reads a pooled head's channel means once per run, not once per epoch (e.g. with views).
+    val_model, val = on_channel_means(model, val) if val is not None else (model, val)
+    record = FastPathRecord(True, model is not head, from_means, front_seconds, step is not None)
+    return FastPaths(model, train, step, val_model, val, record)
+
+
+def on_channel_means(head: nn.Module, data: BatchSource) -> tuple[nn.Module, BatchSource]:
+    """(model, data) with a pooled head's front run once over the cached channel means of ``data``,
+    when it can: the same numbers as the head on the maps, without reading them.
+
+    Example:
+        >>> model, rows = on_channel_means(head, source_for(cached, "layer4"))  # doctest: +SKIP
+        >>> evaluate(model, rows, 10, front_once=False)  # doctest: +SKIP
+    """
+    split = split_front(head)
+    if split is not None and data.reads_channel_means(split[0]):
+        mapped = data.mapped(split[0])
+        if mapped is not None:
+            return split[1], mapped
+    return head, data
+
+
+def _front_once(
+    head: nn.Module, train: BatchSource, val: BatchSource | None, progress: bool
+) -> tuple[nn.Module, BatchSource, BatchSource | None, bool]:
+    """(module to train, train, val, read channel means) with the head's frozen front run once over the
+    rows, when it can. Both splits are mapped, or neither."""
+    split = split_front(head)
+    if split is None:
+        return head, train, val, False
+    front, rest = split
+    mapped = train.mapped(front, progress)
+    if mapped is None:
+        return head, train, val, False
+    mapped_val = val.mapped(front, progress) if val is not None else None
+    if val is not None and mapped_val is None:
+        return head, train, val, False
+    return rest, mapped, mapped_val, mapped.from_channel_means

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from featcache.train.config import TrainConfig
-from featcache.train.fast_step import LinearStep, split_front
+from featcache.train.fast_path import LinearStep, split_front
 from featcache.train.fit import fit
 from featcache.train.heads import HeadSpec, Standardize, build_head
 from featcache.train.sources import FeatureSource

@@ -6,6 +6,7 @@ Importing this package registers every source.
 
 from . import hf, lite, timm, torchvision  # noqa: F401  (each registers its source)
 from .layers import LOGITS, PENULTIMATE, SHORTHANDS, LayerInfo, count_macs, list_layers
+from .preprocessing import Preprocessing
 from .registry import (
     Backbone,
     BackboneCfg,
@@ -22,6 +23,7 @@ __all__ = [
     "Backbone",
     "BackboneCfg",
     "LayerInfo",
+    "Preprocessing",
     "count_macs",
     "list_layers",
     "list_models",

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._config import from_json
 from .._version import __version__
 from .._util import FeatcacheError, default_mode, resolve_device, write_json
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
@@ -54,10 +55,7 @@ class Run:
 
     def extract_config(self) -> ExtractConfig:
         """The extraction settings the head was trained on."""
-        d = dict(self.config["extract"])
-        d["layers"] = tuple(d["layers"])
-        d["input_size"] = tuple(d["input_size"]) if d.get("input_size") else None
-        return ExtractConfig(**d)
+        return from_json(ExtractConfig, self.config["extract"])
 
     def evaluate(self, cached: CachedFeatures, device: str = "auto") -> dict[str, Any]:
         """Evaluate the trained head on cached features of the same layer (e.g. another split)."""

@@ -81,9 +81,11 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         return _decode_union(args, value, where)
+    if value is None:
+        raise FeatcacheError(f"{where} may not be null")
     if origin is typing.Literal:
         if value not in args:
-            raise FeatcacheError(f"{where} is one of {', '.join(map(repr, args))}; got {value!r}")
+            raise FeatcacheError(f"{where} must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_json(tp, value)  # type: ignore[arg-type]
@@ -95,10 +97,8 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
 
 
 def _decode_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
-    if value is None:
-        if type(None) in args:
-            return None
-        raise FeatcacheError(f"{where} may not be null")
+    if value is None and type(None) in args:
+        return None
     options = [a for a in args if a is not type(None)]
     for option in options[:-1]:
         try:
@@ -110,22 +110,22 @@ def _decode_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
 
 def _decode_tuple(args: tuple[Any, ...], value: Any, where: str) -> tuple[Any, ...]:
     if not isinstance(value, (list, tuple)):
-        raise FeatcacheError(f"{where} is a list, got {type(value).__name__} {value!r}")
+        raise FeatcacheError(f"{where} must be a list, got {type(value).__name__} {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:
         return tuple(_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if args and len(args) != len(value):
-        raise FeatcacheError(f"{where} holds {len(args)} values, got {len(value)}: {value!r}")
+        raise FeatcacheError(f"{where} must hold {len(args)} values, got {len(value)}: {value!r}")
     return tuple(_decode(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
 
 
 def _decode_container(origin: Any, args: tuple[Any, ...], value: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
-            raise FeatcacheError(f"{where} is a list, got {type(value).__name__} {value!r}")
+            raise FeatcacheError(f"{where} must be a list, got {type(value).__name__} {value!r}")
         item = args[0] if args else Any
         return [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, Mapping):
-        raise FeatcacheError(f"{where} is a JSON object, got {type(value).__name__} {value!r}")
+        raise FeatcacheError(f"{where} must be a JSON object, got {type(value).__name__} {value!r}")
     item = args[1] if len(args) == 2 else Any
     return {k: _decode(item, v, f"{where}[{k!r}]") for k, v in value.items()}
 
@@ -137,5 +137,5 @@ def _decode_scalar(tp: Any, value: Any, where: str) -> Any:
     if tp in (str, int, bool) and isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     if tp in (str, int, float, bool):
-        raise FeatcacheError(f"{where} is a {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise FeatcacheError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
     raise FeatcacheError(f"{where} has the type {tp!r}, which featcache's config codec does not read")

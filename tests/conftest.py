@@ -116,7 +116,7 @@ def direct_features(
     from featcache.data.preprocess import to_model_input
 
     cfg = backbone.cfg.with_input_size(*input_size)
-    x = torch.stack([to_model_input(img, cfg) for img in images])
+    x = torch.stack([to_model_input(img, cfg.preprocessing) for img in images])
     model = copy.deepcopy(backbone.model).eval()
     for m in model.modules():
         if hasattr(m, "inplace"):

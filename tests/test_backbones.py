@@ -133,7 +133,7 @@ def test_efficientnet_lite0_real_weights_recognise_a_cat(lite0: Backbone) -> Non
     _assert_frozen(lite0)
     assert lite0.cfg.input_size == (224, 224)
     assert lite0.cfg.classes is not None and len(lite0.cfg.classes) == 1000
-    x = to_model_input(Image.fromarray(chelsea()), lite0.cfg).unsqueeze(0)
+    x = to_model_input(Image.fromarray(chelsea()), lite0.cfg.preprocessing).unsqueeze(0)
     with torch.inference_mode():
         logits = lite0.model(x)
     top5 = {lite0.cfg.classes[i] for i in logits[0].topk(5).indices.tolist()}
@@ -219,5 +219,5 @@ def test_backbone_cfg_round_trips_and_is_frozen() -> None:
         cfg.spec = "x"  # type: ignore[misc]
     small = cfg.with_input_size(64, 48)
     assert small.input_size == (64, 48) and small.resize_size == 0 and small.mean == cfg.mean
-    assert small.preprocessing()["input_size"] == [64, 48]
-    assert small.preprocessing() != cfg.preprocessing()
+    assert small.preprocessing.key_record()["input_size"] == [64, 48]
+    assert small.preprocessing.key_record() != cfg.preprocessing.key_record()

@@ -174,11 +174,12 @@ def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone
     torch.save(state, tmp_path / "tweaked.pt")
     tweaked = load_backbone("torchvision:resnet18", weights=str(tmp_path / "tweaked.pt"))
     assert tweaked.cfg.spec == resnet18.cfg.spec
+    half_mean = replace(resnet18.cfg.preprocessing, mean=(0.5, 0.5, 0.5))
     changed = {
         "weights": key(bb=tweaked),
         "layer": key(layers=("layer2", "penultimate")),
         "input_size": key(input_size=(48, 48)),
-        "mean": key(bb=Backbone(resnet18.model, replace(resnet18.cfg, mean=(0.5, 0.5, 0.5)))),
+        "mean": key(bb=Backbone(resnet18.model, replace(resnet18.cfg, preprocessing=half_mean))),
         "dtype": key(dtype="float16"),
         "pool": key(pool="max"),
         "split": key(split="val"),

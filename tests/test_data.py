@@ -320,12 +320,12 @@ def test_bad_images(tmp_path: Path) -> None:
     assert isinstance(info.value, ValueError)
     samples = load_dataset(str(tmp_path / "tree"), val_fraction=0, test_fraction=0).train
     cfg = BackboneCfg("m").with_input_size(16, 16)
-    view = PreprocessedView(samples, cfg)
+    view = PreprocessedView(samples, cfg.preprocessing)
     x, index, error = view[2]
     assert index == 2 and samples.ids[2] == "a/zz.png"
     assert error and torch.equal(x, torch.zeros(3, 16, 16))
     x, index, error = view[0]
-    assert error == "" and torch.equal(x, to_model_input(samples.load(0), cfg))
+    assert error == "" and torch.equal(x, to_model_input(samples.load(0), cfg.preprocessing))
     assert [p.name for p in image_paths(tmp_path / "tree")] == ["00.png", "01.jpg", "zz.png"]
     assert image_paths(bad) == [bad]
     with pytest.raises(FileNotFoundError):

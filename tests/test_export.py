@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from conftest import run_python, write_tree
 from featcache._util import FeatcacheError, hash_tensors
+from featcache.backbones.preprocessing import Preprocessing
 from featcache.backbones.registry import (
     Backbone,
     BackboneCfg,
@@ -36,7 +37,7 @@ from featcache.data.config import DataConfig
 from featcache.data.preprocess import to_model_input
 from featcache.data.samples import SampleSet
 from featcache.export.build import build_model, read_info
-from featcache.export.model import Preprocess, Preprocessing
+from featcache.export.model import Preprocess
 from featcache.export.predict import load_predictor, prepare_image
 from featcache.export.save import export_run
 from featcache.extract.build import extract
@@ -295,7 +296,7 @@ def test_preprocess_matches_torchvision(interpolation: str, resize_size: int) ->
         img = Image.fromarray(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8))
         u8 = prepare_image(img, pre)
         assert u8.dtype == torch.uint8 and u8.shape == ((40, 40, 3) if resize_size else (32, 36, 3))
-        exact = to_model_input(img, pre.to_cfg())  # the cache's preprocessing
+        exact = to_model_input(img, pre)  # the cache's preprocessing
         assert torch.equal(module(u8[None])[0], exact)
         raw = torch.from_numpy(np.array(img.convert("RGB")))[None]
         assert torch.equal(module(raw)[0], exact)  # the model alone on the raw image: the same
@@ -325,7 +326,8 @@ def _wobbly(name: str, weights: str | None) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = freeze(Wobbly())
-    cfg = BackboneCfg(spec=f"exporttest:{name}", input_size=(32, 32), resize_size=36, weights="none",
+    pre = Preprocessing((32, 32), resize_size=36)
+    cfg = BackboneCfg(spec=f"exporttest:{name}", preprocessing=pre, weights="none",
                       weights_id=hash_tensors(model.state_dict()), classifier="fc")  # fmt: skip
     return Backbone(model, cfg)
 

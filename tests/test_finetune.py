@@ -270,7 +270,7 @@ def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
     images = [test.load(i) for i in range(6)]
     cfg = load_backbone("torchvision:resnet18", weights="none").cfg.with_input_size(32, 32)
     with torch.no_grad():
-        want = run.model.cpu().eval()(torch.stack([to_model_input(im, cfg) for im in images]))
+        want = run.model.cpu().eval()(torch.stack([to_model_input(im, cfg.preprocessing) for im in images]))
     got = load_predictor(path, device="cpu").logits(images)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 

@@ -365,3 +365,15 @@ def test_other_extractor_errors(resnet18: Backbone) -> None:
 
     with pytest.raises(FeatcacheError, match="not called"):
         FeatureExtractor(Unused(), ["used", "spare"])(_x(8))
+
+
+def test_summarize_totals_cover_the_whole_model_not_only_the_rows_shown(resnet18: Backbone) -> None:
+    from featcache.backbones.layers import summarize
+
+    s = summarize(resnet18, (32, 32), depth=1)
+    assert s.params == sum(p.numel() for p in resnet18.model.parameters())
+    assert s.trainable == 0  # featcache loads backbones frozen
+    assert {r.name for r in s.rows} == {n for n, _ in resnet18.model.named_children()}
+    assert s.macs and s.macs > 0 and s.input_size == (32, 32)
+    with pytest.raises(ValueError, match="depth must be 1 or more"):
+        summarize(resnet18, (32, 32), depth=0)

@@ -9,6 +9,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 from PIL import Image
 
+from featcache.backbones.preprocessing import Preprocessing
 from featcache.backbones.registry import BackboneCfg, load_backbone
 from featcache.data.preprocess import to_model_input
 
@@ -36,18 +37,18 @@ def _reference_pipelines(cfg: BackboneCfg) -> tuple[T.Compose, T2.Compose]:
     "cfg",
     [
         load_backbone("efficientnet-lite0", weights="none").cfg,  # bicubic, resize 256 + crop 224
-        BackboneCfg("m", input_size=(48, 40), resize_size=56),  # bilinear, non-square crop
+        BackboneCfg("m", Preprocessing(input_size=(48, 40), resize_size=56)),  # bilinear, non-square crop
         BackboneCfg("m").with_input_size(32, 40),  # resize straight to the size
-        BackboneCfg("m", interpolation="nearest", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)).with_input_size(
-            20, 20
-        ),
+        BackboneCfg(
+            "m", Preprocessing(interpolation="nearest", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1))
+        ).with_input_size(20, 20),
     ],
     ids=["lite0", "crop", "resize", "nearest"],
 )
 def test_to_model_input_matches_torchvision_transforms(cfg: BackboneCfg) -> None:
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
-    x = to_model_input(img, cfg)
+    x = to_model_input(img, cfg.preprocessing)
     pil, tensor = _reference_pipelines(cfg)
     assert x.dtype == torch.float32 and x.shape == (3, *cfg.input_size)
     assert (x - tensor(img)).abs().max().item() <= 1e-5
@@ -61,13 +62,13 @@ def test_to_model_input_channels() -> None:
     rng = np.random.default_rng(0)
     grey = Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), mode="L")
     cfg = BackboneCfg("m").with_input_size(16, 16)
-    x = to_model_input(grey, cfg)
-    ref = to_model_input(grey.convert("RGB"), cfg)
+    x = to_model_input(grey, cfg.preprocessing)
+    ref = to_model_input(grey.convert("RGB"), cfg.preprocessing)
     assert torch.equal(x, ref)
     one = to_model_input(
         Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
-        BackboneCfg("m", channels=1, mean=(0.5,), std=(0.5,)).with_input_size(16, 16),
+        Preprocessing(channels=1, mean=(0.5,), std=(0.5,)).with_input_size(16, 16),
     )
     assert one.shape == (1, 16, 16)
     rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 0))
-    assert to_model_input(rgba, cfg).shape == (3, 16, 16)
+    assert to_model_input(rgba, cfg.preprocessing).shape == (3, 16, 16)

@@ -4,6 +4,7 @@ from ._version import __version__
 from .backbones import (
     Backbone,
     BackboneCfg,
+    Preprocessing,
     list_layers,
     list_models,
     list_sources,
@@ -39,6 +40,7 @@ __all__ = [
     "FeatureExtractor",
     "FinetuneConfig",
     "HeadSpec",
+    "Preprocessing",
     "ProbeConfig",
     "RunSpec",
     "SampleSet",

@@ -5,7 +5,17 @@ Importing this package registers every source.
 """
 
 from . import hf, lite, timm, torchvision  # noqa: F401  (each registers its source)
-from .layers import LOGITS, PENULTIMATE, SHORTHANDS, LayerInfo, count_macs, list_layers
+from .layers import (
+    LOGITS,
+    PENULTIMATE,
+    SHORTHANDS,
+    LayerInfo,
+    ModelSummary,
+    count_macs,
+    list_layers,
+    summarize,
+)
+from .preprocessing import Preprocessing
 from .registry import (
     Backbone,
     BackboneCfg,
@@ -22,10 +32,13 @@ __all__ = [
     "Backbone",
     "BackboneCfg",
     "LayerInfo",
+    "ModelSummary",
+    "Preprocessing",
     "count_macs",
     "list_layers",
     "list_models",
     "list_sources",
     "load_backbone",
     "register_source",
+    "summarize",
 ]

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from .._util import FeatcacheError
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Backbone,
     BackboneCfg,
     finish,
@@ -76,6 +75,7 @@ def _hf(name: str, weights: str | None) -> Backbone:
         edge = int(size.get("shortest_edge", 224))
         hw = (edge, edge)
     resize = getattr(proc, "size", {}) or {}
+    crop_from = int(resize.get("shortest_edge", 0)) if getattr(proc, "do_center_crop", False) else 0
     head_name = last_linear(model)
     classes = None
     if has_head:
@@ -84,11 +84,13 @@ def _hf(name: str, weights: str | None) -> Backbone:
         _tensor_forward(model),
         BackboneCfg(
             spec=f"hf:{name}",
-            input_size=hw,
-            resize_size=int(resize.get("shortest_edge", 0)) if getattr(proc, "do_center_crop", False) else 0,
-            mean=tuple(getattr(proc, "image_mean", IMAGENET_MEAN)),
-            std=tuple(getattr(proc, "image_std", IMAGENET_STD)),
-            interpolation="bicubic" if int(getattr(proc, "resample", 2)) == 3 else "bilinear",
+            preprocessing=Preprocessing(
+                input_size=hw,
+                resize_size=crop_from,
+                mean=tuple(getattr(proc, "image_mean", IMAGENET_MEAN)),
+                std=tuple(getattr(proc, "image_std", IMAGENET_STD)),
+                interpolation="bicubic" if int(getattr(proc, "resample", 2)) == 3 else "bilinear",
+            ),
             weights="none" if weights and weights.lower() == "none" else "pretrained",
             classes=classes,
             classifier=head_name if has_head and head_name else None,

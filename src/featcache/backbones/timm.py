@@ -6,6 +6,7 @@ import timm
 
 from .._util import FeatcacheError, unknown
 from .lite import imagenet_classes
+from .preprocessing import Preprocessing
 from .registry import (
     Backbone,
     BackboneCfg,
@@ -50,11 +51,13 @@ def _timm(name: str, weights: str | None) -> Backbone:
         model,
         BackboneCfg(
             spec=f"timm:{name}",
-            input_size=(h, w),
-            resize_size=int(h / data.get("crop_pct", 0.875)),
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            interpolation=data.get("interpolation", "bilinear"),
+            preprocessing=Preprocessing(
+                input_size=(h, w),
+                resize_size=int(h / data.get("crop_pct", 0.875)),
+                mean=tuple(data["mean"]),
+                std=tuple(data["std"]),
+                interpolation=data.get("interpolation", "bilinear"),
+            ),
             weights=path or ("DEFAULT" if pretrained else "none"),
             classes=imagenet_classes() if pretrained and model.num_classes == 1000 else None,
             classifier=dict(getattr(model, "pretrained_cfg", None) or {}).get("classifier")

@@ -11,9 +11,8 @@ import torchvision
 from torchvision.models import get_model, get_model_weights
 
 from .._util import FeatcacheError, unknown
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Backbone,
     BackboneCfg,
     finish,
@@ -71,13 +70,15 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
         crop, resize = getattr(t, "crop_size", [224]), getattr(t, "resize_size", [256])
         cfg = replace(
             cfg,
-            input_size=(int(crop[0]), int(crop[-1])),
-            resize_size=int(resize[0]),
-            mean=tuple(getattr(t, "mean", IMAGENET_MEAN)),
-            std=tuple(getattr(t, "std", IMAGENET_STD)),
-            interpolation=str(getattr(getattr(t, "interpolation", None), "value", "bilinear")),
+            preprocessing=Preprocessing(
+                input_size=(int(crop[0]), int(crop[-1])),
+                resize_size=int(resize[0]),
+                mean=tuple(getattr(t, "mean", IMAGENET_MEAN)),
+                std=tuple(getattr(t, "std", IMAGENET_STD)),
+                interpolation=str(getattr(getattr(t, "interpolation", None), "value", "bilinear")),
+            ),
             classes=tuple(enum_obj.meta.get("categories") or ()) or None,
         )
     elif "inception" in name:
-        cfg = replace(cfg, input_size=(299, 299), resize_size=342)
+        cfg = replace(cfg, preprocessing=Preprocessing(input_size=(299, 299), resize_size=342))
     return finish(model, replace(cfg, classifier=last_linear(model)))

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..backbones.layers import count_macs, list_layers
+from ..backbones.layers import list_layers, summarize
 from ..backbones.registry import list_models, load_backbone
 from ..runs.report import format_table
 
@@ -49,41 +49,33 @@ def cmd_layers(a: argparse.Namespace) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
-    bb = load_backbone(a.model, a.weights)
-    size = tuple(a.input_size) if a.input_size else None
-    rows = [r for r in list_layers(bb, size) if 0 < r.depth <= a.depth]
-    total = sum(p.numel() for p in bb.model.parameters())
-    trainable = sum(p.numel() for p in bb.model.parameters() if p.requires_grad)
-    macs = count_macs(bb, size)
+    s = summarize(load_backbone(a.model, a.weights), a.input_size, a.depth)
     if a.json:
         print_json(
             {
-                "model": bb.cfg.spec,
-                "rows": [r.__dict__ for r in rows],
-                "params": total,
-                "trainable": trainable,
-                "macs": macs,
+                "model": s.spec,
+                "rows": [r.__dict__ for r in s.rows],
+                "params": s.params,
+                "trainable": s.trainable,
+                "macs": s.macs,
             }
         )
         return
+    rows = [
+        {
+            "layer": ("  " * (r.depth - 1)) + r.name,
+            "type": r.type,
+            "output shape": str(list(r.shape)) if r.shape else "-",
+            "params": r.params,
+            "trainable": r.trainable,
+        }
+        for r in s.rows
+    ]
+    print(format_table(rows))
     print(
-        format_table(
-            [
-                {
-                    "layer": ("  " * (r.depth - 1)) + r.name,
-                    "type": r.type,
-                    "output shape": str(list(r.shape)) if r.shape else "-",
-                    "params": r.params,
-                    "trainable": r.trainable,
-                }
-                for r in rows
-            ]
-        )
+        f"\ntotal params: {s.params:,}\ntrainable params: {s.trainable:,} (the backbone is shown frozen, as "
+        f"featcache loads it)\nnon-trainable params: {s.params - s.trainable:,}"
     )
-    h, w = size or bb.cfg.input_size
-    print(
-        f"\ntotal params: {total:,}\ntrainable params: {trainable:,}\n"
-        f"non-trainable params: {total - trainable:,}"
-    )
-    if macs is not None:
-        print(f"MACs per image at {h}x{w}: {macs / 1e9:.3f} G (torch FlopCounterMode, FLOPs/2)")
+    if s.macs is not None:
+        h, w = s.input_size
+        print(f"MACs per image at {h}x{w}: {s.macs / 1e9:.3f} G (torch FlopCounterMode, FLOPs/2)")

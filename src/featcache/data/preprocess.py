@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .._util import FeatcacheError, unknown
-from ..backbones.registry import BackboneCfg
+from ..backbones.preprocessing import Preprocessing
 from .samples import SampleSet
 
 INTERPOLATION = {
@@ -26,24 +26,25 @@ INTERPOLATION = {
 }
 
 
-def to_model_input(img: Image.Image, cfg: BackboneCfg) -> torch.Tensor:
-    """Apply the backbone's preprocessing: mode, resize (+ centre crop), [0, 1], normalise. CHW float32.
+def to_model_input(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
+    """Apply the backbone's preprocessing (``cfg.preprocessing``): mode, resize (+ centre crop), [0, 1],
+    normalise. CHW float32.
 
     Example:
-        >>> x = to_model_input(Image.new("L", (28, 28)), BackboneCfg("m").with_input_size(32, 32))
+        >>> x = to_model_input(Image.new("L", (28, 28)), Preprocessing().with_input_size(32, 32))
         >>> tuple(x.shape)
         (3, 32, 32)
     """
-    img = img.convert("L" if cfg.channels == 1 else "RGB")
-    interp = INTERPOLATION.get(cfg.interpolation, TF.InterpolationMode.BILINEAR)
+    img = img.convert("L" if pre.channels == 1 else "RGB")
+    interp = INTERPOLATION[pre.interpolation]
     t = TF.pil_to_tensor(img)
-    if cfg.resize_size:
-        t = TF.resize(t, [cfg.resize_size], interpolation=interp, antialias=True)
-        t = TF.center_crop(t, list(cfg.input_size))
+    if pre.resize_size:
+        t = TF.resize(t, [pre.resize_size], interpolation=interp, antialias=True)
+        t = TF.center_crop(t, list(pre.input_size))
     else:
-        t = TF.resize(t, list(cfg.input_size), interpolation=interp, antialias=True)
+        t = TF.resize(t, list(pre.input_size), interpolation=interp, antialias=True)
     t = t.float().div_(255.0)
-    return TF.normalize(t, list(cfg.mean), list(cfg.std))
+    return TF.normalize(t, list(pre.mean), list(pre.std))
 
 
 class PreprocessedView(torch.utils.data.Dataset):
@@ -56,12 +57,12 @@ class PreprocessedView(torch.utils.data.Dataset):
     def __init__(
         self,
         samples: SampleSet,
-        cfg: BackboneCfg,
+        pre: Preprocessing,
         indices: Sequence[int] | None = None,
         augment: Callable[[Image.Image], Image.Image] | None = None,
         view: int | None = None,
     ) -> None:
-        self.samples, self.cfg, self.augment, self.view = samples, cfg, augment, view
+        self.samples, self.pre, self.augment, self.view = samples, pre, augment, view
         self.indices = list(range(len(samples))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -80,10 +81,10 @@ class PreprocessedView(torch.utils.data.Dataset):
                     img = self.augment(img)
             elif self.augment is not None:
                 img = self.augment(img)
-            return to_model_input(img, self.cfg), index, ""
+            return to_model_input(img, self.pre), index, ""
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for bad files
-            h, w = self.cfg.input_size
-            return torch.zeros(self.cfg.channels, h, w), index, f"{type(exc).__name__}: {exc}"
+            h, w = self.pre.input_size
+            return torch.zeros(self.pre.channels, h, w), index, f"{type(exc).__name__}: {exc}"
 
 
 AUGMENTS = ("flip", "crop")

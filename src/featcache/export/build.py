@@ -16,7 +16,7 @@ class names, preprocessing, layer, pooling and versions.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,18 @@ from safetensors import safe_open
 from safetensors.torch import load_model
 from torch import Tensor, nn
 
+from .._config import from_json, to_json
 from .._util import FeatcacheError, hash_tensors
 from .._version import __version__
 from ..backbones.layers import LOGITS
+from ..backbones.preprocessing import Preprocessing
 from ..backbones.registry import load_backbone
 from ..extract.nodes import FeatureExtractor
 from ..extract.truncate import truncate
 from ..runs.finetune import load_finetuned
 from ..runs.folder import RunFolder
 from ..train.heads import HeadInfo
-from .model import ExportedModel, Network, Preprocess, Preprocessing
+from .model import ExportedModel, Network, Preprocess
 
 FORMATS = ("pt", "torchscript", "onnx")
 SUFFIXES = {"pt": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
@@ -53,7 +55,8 @@ class ExportInfo:
         model: backbone spec; ``weights``/``weights_id``: the weights the head was trained on.
         layer: the cached layer; ``pool``: pooling at extraction; ``storage_dtype``: the cache dtype.
         classes: class names, in logit order.
-        preprocessing: resize/normalisation settings.
+        preprocessing: the backbone's :class:`~featcache.backbones.Preprocessing` the features were
+            cached with (resize, crop, normalisation).
         head: :meth:`featcache.train.heads.HeadInfo.to_dict` of the head.
         method: ``fx`` (truncated graph), ``hooks`` (whole model, forward stopped by hooks) or ``full``.
         return_nodes: FX (train, eval) node names returned by the truncated graph, for ``fx``.
@@ -81,25 +84,13 @@ class ExportInfo:
     weights_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples as lists)."""
-        d = asdict(self)
-        d["classes"] = list(self.classes)
-        d["notes"] = list(self.notes)
-        d["return_nodes"] = list(self.return_nodes) if self.return_nodes else None
-        d["preprocessing"]["input_size"] = list(self.preprocessing.input_size)
-        return d
+        """JSON-able dict (tuples as lists): :func:`featcache._config.to_json`."""
+        return dict(to_json(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportInfo:
-        """Inverse of :meth:`to_dict`."""
-        d = dict(d)
-        p = dict(d["preprocessing"])
-        p["input_size"], p["mean"], p["std"] = tuple(p["input_size"]), tuple(p["mean"]), tuple(p["std"])
-        d["preprocessing"] = Preprocessing(**p)
-        d["classes"], d["notes"] = tuple(d["classes"]), tuple(d.get("notes", ()))
-        d["return_nodes"] = tuple(d["return_nodes"]) if d.get("return_nodes") else None
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Inverse of :meth:`to_dict`: :func:`featcache._config.from_json`."""
+        return from_json(cls, d)
 
 
 # --------------------------------------------------------------------------- export modules
@@ -184,7 +175,7 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     dtype = str(extract.get("dtype", "float32"))
     net, key, method, nodes, notes = truncate(backbone, layer)
     head, head_info = folder.load_head()
-    pre = Preprocessing.from_cfg(cfg)
+    pre = cfg.preprocessing
     model = ExportedModel(Preprocess(pre), Network(net, key, pool, dtype, head), list(record.classes)).eval()
     on_gpu = bool(record.environment.get("cuda")) and extract.get("device") != "cpu"
     if extract.get("amp") or (extract.get("amp") is None and on_gpu):
@@ -216,7 +207,7 @@ def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel,
     backbone, record = load_finetuned(run_dir, weights)
     extract, finetune = record.extract, record.verb["finetune"]["train"]
     cfg = backbone.cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else backbone.cfg
-    pre = Preprocessing.from_cfg(cfg)
+    pre = cfg.preprocessing
     net = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, backbone.cfg.spec)
     model = ExportedModel(
         Preprocess(pre), Network(net, LOGITS, "none", "float32", nn.Identity()), list(record.classes)
@@ -258,7 +249,7 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
         return ExportedModel(
             Preprocess(pre), Network(whole, LOGITS, "none", "float32", nn.Identity()), list(info.classes)
         )
-    backbone.cfg = replace(backbone.cfg, input_size=pre.input_size, channels=pre.channels)
+    backbone.cfg = replace(backbone.cfg, preprocessing=pre)
     if info.method == "hooks":
         net: nn.Module = FeatureExtractor(
             backbone.model, [info.layer], "hooks", backbone.cfg.classifier, info.model

@@ -4,39 +4,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import torch
 from torch import Tensor, nn
 
-from ..backbones.registry import BackboneCfg
+from ..backbones.preprocessing import Preprocessing
 from ..extract.pooling import pool_features
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the exported model does to an image before the backbone (from the run's backbone config).
-
-    Example:
-        >>> Preprocessing.from_cfg(BackboneCfg("m").with_input_size(32, 32)).input_size
-        (32, 32)
-    """
-
-    input_size: tuple[int, int]
-    resize_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    channels: int
-
-    @classmethod
-    def from_cfg(cls, cfg: BackboneCfg) -> Preprocessing:
-        """The preprocessing fields of a backbone config."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
-
-    def to_cfg(self, spec: str = "exported") -> BackboneCfg:
-        """A backbone config with these settings (for :func:`featcache.data.to_model_input`)."""
-        return BackboneCfg(spec, **asdict(self))
 
 
 def _kernel(x: Tensor, mode: str) -> Tensor:
@@ -65,7 +37,7 @@ class Preprocess(nn.Module):
         super().__init__()
         self.out_h, self.out_w = pre.input_size
         self.resize_size = pre.resize_size
-        self.mode = pre.interpolation if pre.interpolation in ("bicubic", "nearest") else "bilinear"
+        self.mode = pre.interpolation
         self.channels = pre.channels
         shape = (1, len(pre.mean), 1, 1)
         self.register_buffer("mean", torch.tensor(pre.mean).view(shape), persistent=False)

@@ -22,10 +22,10 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, resolve_device
+from ..backbones.preprocessing import Preprocessing
 from ..data.preprocess import INTERPOLATION
 from ..data.samples import BadImageError, read_image
 from .build import ExportInfo, build_model, load_pt, read_info, sidecar_path
-from .model import Preprocessing
 
 if TYPE_CHECKING:
     from .build import ExportInfo
@@ -65,7 +65,7 @@ def prepare_image(image: ImageLike, pre: Preprocessing) -> torch.Tensor:
         (32, 32, 3)
     """
     t = TF.pil_to_tensor(as_pil(image).convert("L" if pre.channels == 1 else "RGB"))
-    interp = INTERPOLATION.get(pre.interpolation, TF.InterpolationMode.BILINEAR)
+    interp = INTERPOLATION[pre.interpolation]
     r, (h, w) = pre.resize_size, pre.input_size
     if not r:
         return TF.resize(t, [h, w], interpolation=interp, antialias=True).permute(1, 2, 0).contiguous()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._util import FeatcacheError, default_mode, unknown, write_json
+from ..backbones.preprocessing import Preprocessing
 from .build import (
     FORMATS,
     INPUT_CONVENTION,
@@ -24,7 +25,7 @@ from .build import (
     build_model,
     sidecar_path,
 )
-from .model import ExportedModel, Preprocessing
+from .model import ExportedModel
 from .predict import load_predictor
 
 

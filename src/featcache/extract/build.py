@@ -51,7 +51,7 @@ def cache_record(
     return {
         "backbone": backbone.cfg.spec,
         "weights_id": backbone.cfg.weights_id,
-        "preprocessing": resolved_cfg(backbone, config).preprocessing(),
+        "preprocessing": resolved_cfg(backbone, config).preprocessing.key_record(),
         "layers": sorted(layers),
         "pool": config.pool,
         "dtype": config.dtype,
@@ -238,7 +238,7 @@ def _run(
 ) -> None:
     augment = make_augment(view.augment, cfg.input_size) if view else None
     loader = torch.utils.data.DataLoader(
-        PreprocessedView(samples, cfg, pending, augment, view.index if view else None),
+        PreprocessedView(samples, cfg.preprocessing, pending, augment, view.index if view else None),
         batch_size=ex.config.batch_size,
         num_workers=decode_workers(ex.config.workers, ex.device),
         pin_memory=ex.device.type == "cuda",

@@ -104,7 +104,7 @@ class ImageSource:
         self, batch_size: int, gen: torch.Generator | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self), generator=gen).tolist() if gen is not None else None
-        view = PreprocessedView(self.samples, self.cfg, order, self.augment)
+        view = PreprocessedView(self.samples, self.cfg.preprocessing, order, self.augment)
         loader = DataLoader(
             view, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
         )

@@ -23,6 +23,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._config import from_json
 from .._util import FeatcacheError, default_mode, resolve_device, write_json
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
@@ -121,9 +122,9 @@ class RunRecord:
 
     def extract_config(self) -> ExtractConfig:
         """The extraction settings of the run (its layers and views are the run's, not the settings')."""
-        d = {k: v for k, v in self.extract.items() if k not in ("layers", "augment", "views")}
-        d["input_size"] = tuple(d["input_size"]) if d.get("input_size") else None
-        return ExtractConfig(**d)
+        return from_json(
+            ExtractConfig, {k: v for k, v in self.extract.items() if k not in ("layers", "augment", "views")}
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``config.json`` (the verb's part at the top level)."""

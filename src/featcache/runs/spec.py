@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._config import to_json
 from .._util import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import CachedFeatures
@@ -107,9 +108,9 @@ class RunSpec:
             kind=kind,
             model=backbone.cfg.spec,
             backbone_cfg=backbone.cfg.to_dict(),
-            data=asdict(self.data),
+            data=to_json(self.data),
             extract={
-                **asdict(self.extract),
+                **to_json(self.extract),
                 "layers": list(layers),
                 "augment": self.views.augment if self.views else None,
                 "views": self.views.count if self.views else 0,

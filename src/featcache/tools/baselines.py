@@ -77,7 +77,7 @@ def naive_epoch(
     t0 = time.perf_counter()
     head.train()
     loader = DataLoader(
-        PreprocessedView(train, cfg), batch_size=batch_size, shuffle=True, num_workers=workers
+        PreprocessedView(train, cfg.preprocessing), batch_size=batch_size, shuffle=True, num_workers=workers
     )
     labels = torch.as_tensor(train.labels)
     for x, idx, _err in loader:
@@ -91,7 +91,7 @@ def naive_epoch(
     if val is not None:
         head.eval()
         correct = 0
-        vl = DataLoader(PreprocessedView(val, cfg), batch_size=batch_size, num_workers=workers)
+        vl = DataLoader(PreprocessedView(val, cfg.preprocessing), batch_size=batch_size, num_workers=workers)
         vlabels = torch.as_tensor(val.labels)
         with torch.inference_mode():
             for x, idx, _err in vl:

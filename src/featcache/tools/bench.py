@@ -174,7 +174,7 @@ class _Bench:
         )
 
     def _decoded_batches(self) -> list[torch.Tensor]:
-        pre = resolved_cfg(self.bb, self.ecfg)
+        pre = resolved_cfg(self.bb, self.ecfg).preprocessing
         bs = self.ecfg.batch_size
         train = self.splits.train
         n = (
@@ -224,7 +224,7 @@ class _Bench:
             (root / str(label)).mkdir(parents=True, exist_ok=True)
             self.splits.train.load(i).save(root / str(label) / f"{i:05d}.png")
         files = image_folder(root, 0.0, 0.0).train
-        pre = resolved_cfg(self.bb, self.ecfg)
+        pre = resolved_cfg(self.bb, self.ecfg).preprocessing
         decoded = torch.stack([to_model_input(files.load(i), pre) for i in range(len(files))])
         ex = Extractor(self.bb, self.layers, self.ecfg)
         bs = self.ecfg.batch_size

@@ -5,13 +5,14 @@ The input shape is read from the cache: pooled features are ``(D,)``, spatial ma
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._config import from_json, to_json
 from .._util import FeatcacheError, unknown
 from ..cache.writer import to_torch
 
@@ -45,9 +46,7 @@ class HeadSpec:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
+        return dict(to_json(self))
 
 
 class Standardize(nn.Module):
@@ -253,7 +252,7 @@ def check_input(head_in_shape: tuple[int, ...], cached_shape: tuple[int, ...]) -
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadInfo:
     """Metadata saved beside a head so it can be rebuilt without pickle."""
 
@@ -263,16 +262,11 @@ class HeadInfo:
     standardize: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec.to_dict(),
-            "in_shape": list(self.in_shape),
-            "num_classes": self.num_classes,
-            "standardize": self.standardize,
-        }
+        return dict(to_json(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadInfo:
-        return cls(HeadSpec(**d["spec"]), tuple(d["in_shape"]), int(d["num_classes"]), bool(d["standardize"]))
+        return from_json(cls, d)
 
     def build(self) -> Head:
         """An untrained head of this shape (load a state dict into it)."""

@@ -206,7 +206,9 @@ class RunFolder:
         return self.path / "checkpoint.pt"
 
     @classmethod
-    def prepare(cls, path: str | Path, resume: bool = False, overwrite: bool = False) -> RunFolder:
+    def prepare(
+        cls, path: str | Path, resume: bool = False, overwrite: bool = False, resumable: bool = True
+    ) -> RunFolder:
         """Create the folder for a new run, or open the one to resume; the same rules for every verb.
 
         ``resume`` needs a run there; otherwise a folder holding a run that trained (metrics, a
@@ -222,9 +224,12 @@ class RunFolder:
             )
         trained = [f for f in ("metrics.json", "checkpoint.pt", "sweep.json") if (folder.path / f).exists()]
         if trained and not (resume or overwrite):
+            how = (
+                "pass --resume to continue it, --overwrite to replace it" if resumable else "pass --overwrite"
+            )
             raise FeatcacheError(
-                f"--out {str(folder.path)!r} already holds a run ({', '.join(trained)}): pass --resume to "
-                "continue it, --overwrite to replace it, or choose another --out"
+                f"--out {str(folder.path)!r} already holds a run ({', '.join(trained)}): {how}, or choose "
+                "another --out"
             )
         if overwrite:
             folder._remove_run()

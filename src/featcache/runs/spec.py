@@ -68,7 +68,9 @@ class RunSpec:
         """The run folder, prepared under the resume/overwrite rules every verb shares."""
         if self.out is None:
             raise FeatcacheError(f"{verb} needs a run folder: pass --out DIR (RunSpec(out=...))")
-        return RunFolder.prepare(self.out, self.resume, self.overwrite)
+        return RunFolder.prepare(
+            self.out, self.resume, self.overwrite, resumable=verb in ("train", "finetune")
+        )
 
     def no_resume(self, verb: str) -> None:
         """Verbs that restart from scratch refuse ``resume`` instead of ignoring it."""

@@ -78,6 +78,16 @@ def test_summary_totals(capsys: pytest.CaptureFixture[str]) -> None:
     assert "layer3" in out and "[1, 256, 4, 4]" in out and "MACs" in out
 
 
+def test_summary_counts_what_a_fine_tuning_plan_trains(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["summary", "torchvision:resnet18", "--weights", "none", "--input-size", "32", "32"]
+    code, out, _ = run(capsys, *base)
+    assert code == 0 and "trainable params: 0 (featcache loads backbones frozen" in out
+    code, out, _ = run(capsys, *base, "--train", "last:1")
+    model = load_backbone("torchvision:resnet18", weights="none").model
+    want = sum(p.numel() for m in (model.layer4[1], model.fc) for p in m.parameters())
+    assert code == 0 and f"trainable params: {want:,} (with --train last:1)" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

@@ -45,3 +45,75 @@ def test_probe_chooses_on_val_and_never_looks_at_test() -> None:
         assert evaluate(head, FeatureSource(xv, yv), 4)["acc"] == pytest.approx(row["val_acc"])
     assert res.test is not None and res.test["acc"] > 0.8
     assert res.strength == max(res.sweep, key=lambda r: (r["val_acc"], -r["val_loss"]))["strength"]
+
+
+def test_the_path_converges_in_few_iterations_and_warm_starts_help() -> None:
+    (xt, yt), (xv, yv) = _data(400, 1), _data(150, 2)
+    cfg = ProbeConfig(strengths=(1e-4, 1e-3, 1e-2, 1e-1), max_iter=300)
+    res = linear_probe(FeatureSource(xt, yt), FeatureSource(xv, yv), None, 4, cfg, progress=False)
+    path = sum(r["iterations"] for r in res.sweep)
+    assert path < 0.25 * cfg.max_iter * len(cfg.strengths)  # stops on the gradient, not at max_iter
+    cold = sum(
+        linear_probe(
+            FeatureSource(xt, yt), FeatureSource(xv, yv), None, 4, ProbeConfig((s,), 300), progress=False
+        ).sweep[0]["iterations"]
+        for s in cfg.strengths
+    )
+    assert path < cold  # each fit starts from the previous, stronger-penalty solution
+    assert res.extra["refit_on"] == "train+val"
+
+
+def test_few_shot_trains_on_k_training_rows_per_class_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import featcache.runs.probe as probe_mod
+
+    (xt, yt), (xv, yv), (xs, ys) = _data(300, 1), _data(120, 2), _data(200, 3)
+    fitted: list[int] = []
+    real = probe_mod._lbfgs
+
+    def spy(z, y, *args, **kw):  # type: ignore[no-untyped-def]
+        fitted.append(len(y))
+        return real(z, y, *args, **kw)
+
+    monkeypatch.setattr(probe_mod, "_lbfgs", spy)
+    cfg = ProbeConfig(strengths=(1e-3, 1e-1), shots=5, shot_seeds=4)
+    first, summary = probe_mod.few_shot(
+        FeatureSource(xt, yt), FeatureSource(xv, yv), FeatureSource(xs, ys), 4, cfg, progress=False
+    )
+    assert fitted == [5 * 4] * (2 * 4)  # 2 strengths x 4 draws, each on 5 rows per class, no refit
+    assert summary["seeds"] == 4 and len(summary["per_seed"]) == 4 and summary["on"] == "test"
+    assert summary["test_mean"] == pytest.approx(np.mean(summary["per_seed"]))
+    assert summary["test_std"] > 0 and len(set(summary["per_seed"])) > 1  # the draws differ
+    assert first.extra["refit_on"] == "train"
+    with pytest.raises(ValueError, match="fewer training images"):
+        tiny = FeatureSource(xt[:10], yt[:10])
+        probe_mod.few_shot(tiny, FeatureSource(xv, yv), None, 4, cfg, progress=False)
+
+
+def test_balanced_class_weight_and_metric_on_imbalanced_data() -> None:
+    from featcache.runs.probe import class_weights
+
+    x, y = _data(800, 4, noise=3.0)
+    keep = (y != 3) | (torch.arange(len(y)) % 10 == 0)  # class 3 ten times rarer
+    xt, yt = x[keep], y[keep]
+    (xv, yv), (xs, ys) = _data(200, 5, noise=3.0), _data(400, 6, noise=3.0)
+    w = class_weights(yt, 4, "balanced")
+    counts = torch.bincount(yt, minlength=4).float()
+    torch.testing.assert_close(w * counts, torch.full((4,), len(yt) / 4.0))  # each class weighs n/4
+    runs = {
+        mode: linear_probe(
+            FeatureSource(xt, yt),
+            FeatureSource(xv, yv),
+            FeatureSource(xs, ys),
+            4,
+            ProbeConfig(strengths=(1e-2,), class_weight=mode, metric="balanced-acc"),
+            progress=False,
+        )
+        for mode in ("none", "balanced")
+    }
+    plain, balanced = runs["none"].test, runs["balanced"].test
+    assert plain is not None and balanced is not None
+    assert balanced["per_class_acc"][3] > plain["per_class_acc"][3]  # the rare class is found more often
+    assert balanced["balanced_acc"] == pytest.approx(np.mean(balanced["per_class_acc"]))
+    assert runs["balanced"].extra["chosen_on"] == "val_balanced_acc"
+    with pytest.raises(ValueError, match="balanced-acc"):
+        ProbeConfig(metric="f1")

@@ -197,3 +197,23 @@ def test_resuming_an_early_stopped_run_adds_nothing(tmp_path) -> None:  # type: 
     assert res.stopped_early and res.history == first.history and res.step_losses == first.step_losses
     for a, b in zip(again.state_dict().values(), head.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_balanced_class_weights_find_the_rare_class_and_train_with_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g)
+    y = torch.cat([torch.zeros(600), torch.ones(600), torch.full((30,), 2)]).long()  # class 2 is rare
+    x = centres[y] * 1.5 + torch.randn(len(y), 16, generator=g)
+    yt = torch.cat([torch.zeros(200), torch.ones(200), torch.full((200,), 2)]).long()
+    xt = centres[yt] * 1.5 + torch.randn(len(yt), 16, generator=g)
+    recall, records = {}, {}
+    for mode in ("none", "balanced"):
+        head = build_head(HeadSpec("linear"), (16,), 3, seed=0)
+        cfg = TrainConfig(epochs=15, lr=1e-2, batch_size=64, device="cpu", class_weight=mode)
+        result = fit(head, FeatureSource(x, y), None, 3, cfg, progress=False)
+        recall[mode] = evaluate(head, FeatureSource(xt, yt), 3)["per_class_acc"][2]
+        records[mode] = result.extra
+    assert recall["balanced"] > recall["none"] + 0.05
+    assert records["none"]["closed_form_step"] and not records["balanced"]["closed_form_step"]
+    with pytest.raises(ValueError, match="class weight"):
+        TrainConfig(class_weight="inverse")

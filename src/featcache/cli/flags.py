@@ -130,6 +130,8 @@ def add_config(
             continue  # shared with another config's field
         shown = kw.pop("shown", None) or _show(default)
         text = helps.get(f.name, "")
+        if kw.get("action") == "store_false":
+            text = f"turn off: {text}"
         kw["help"] = text if kw.get("action") else f"{text} (default: {shown})"
         if f.name in required:
             kw["required"], kw["help"] = True, text

@@ -6,9 +6,11 @@ import argparse
 import json
 from typing import Any
 
+from .._util import FeatcacheError
 from ..backbones.layers import list_layers, summarize
 from ..backbones.registry import list_models, load_backbone
 from ..runs.report import format_table
+from ..train.freeze import TrainableSpec, plan_freeze
 
 
 def print_json(obj: Any) -> None:
@@ -49,7 +51,14 @@ def cmd_layers(a: argparse.Namespace) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
-    s = summarize(load_backbone(a.model, a.weights), a.input_size, a.depth)
+    bb = load_backbone(a.model, a.weights)
+    if a.train:  # what a fine-tuning plan would train: the plan's own freezing, the classifier kept
+        classifier = bb.model.get_submodule(bb.cfg.classifier) if bb.cfg.classifier else None
+        classes = getattr(classifier, "out_features", 0)
+        if not classes:
+            raise FeatcacheError(f"--train {a.train}: {bb.cfg.spec} has no Linear classifier to keep")
+        plan_freeze(bb, TrainableSpec.parse(a.train), classes, input_size=a.input_size)
+    s = summarize(bb, a.input_size, a.depth)
     if a.json:
         print_json(
             {
@@ -73,8 +82,9 @@ def cmd_summary(a: argparse.Namespace) -> None:
     ]
     print(format_table(rows))
     print(
-        f"\ntotal params: {s.params:,}\ntrainable params: {s.trainable:,} (the backbone is shown frozen, as "
-        f"featcache loads it)\nnon-trainable params: {s.params - s.trainable:,}"
+        f"\ntotal params: {s.params:,}\ntrainable params: {s.trainable:,} "
+        + (f"(with --train {a.train})" if a.train else "(featcache loads backbones frozen; see --train SPEC)")
+        + f"\nnon-trainable params: {s.params - s.trainable:,}"
     )
     if s.macs is not None:
         h, w = s.input_size

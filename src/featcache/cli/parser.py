@@ -150,6 +150,11 @@ def _inspect_verbs(sub: Any) -> None:
     _model_args(p)
     add_config(p, ExtractConfig, only=["input_size"])
     p.add_argument("--depth", type=int, default=2, help="nesting depth shown (default: 2; totals cover all)")
+    p.add_argument(
+        "--train",
+        default=None,
+        help=f"count what a fine-tuning plan trains: {field_help(FinetuneConfig)['train']} (default: none)",
+    )
     _json(p)
 
 

@@ -75,13 +75,23 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
 
 def cmd_probe(a: argparse.Namespace) -> None:
-    res = probe_run(run_spec(a), a.layer, from_args(ProbeConfig, a))
+    config = from_args(ProbeConfig, a)
+    res = probe_run(run_spec(a), a.layer, config)
     if a.json:
-        print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test})
+        print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test, **res.extra})
         return
-    print(format_table(res.sweep))
-    print(f"chosen L2 strength {res.strength:g} (on val); refit on train+val")
-    if res.test:
-        print(f"test accuracy {res.test['acc']:.4f}")
+    few = res.extra.get("few_shot")
+    if few:
+        print(
+            f"{few['shots']}-shot {few['metric']} on {few['on']} over {few['seeds']} draws of the training "
+            f"split: {few['test_mean']:.4f} ± {few['test_std']:.4f} (per draw: "
+            + ", ".join(f"{v:.3f}" for v in few["per_seed"])
+            + ")"
+        )
+    else:
+        print(format_table(res.sweep))
+        print(f"chosen L2 strength {res.strength:g} on val {config.metric}; refit on train+val")
+        if res.test:
+            print(f"test accuracy {res.test['acc']:.4f}  balanced accuracy {res.test['balanced_acc']:.4f}")
     if a.out:
         print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")

@@ -8,7 +8,7 @@ reported for a model that saw the validation split (the leak in CLIP_benchmark i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,36 +16,73 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._util import FeatcacheError, best_on_val, resolve_device
-from ..train.fit import evaluate
+from .._config import to_json
+from .._util import FeatcacheError, resolve_device, unknown
+from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
 from .spec import RunSpec
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
+METRICS = ("acc", "balanced-acc")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Settings of the probe sweep.
+    """Settings of the probe.
 
     Attributes:
-        strengths: L2 strengths (lambda, on the mean loss) tried on the validation split.
-        max_iter: L-BFGS iterations per fit.
+        strengths: L2 strengths (lambda, on the mean loss) tried on the validation split, fitted as one
+            regularisation path: strongest first, each fit starting from the previous solution.
+        max_iter: L-BFGS iterations per fit at most.
+        tol: stop a fit when the largest gradient entry is below this (scikit-learn's default, 1e-4).
         standardize: standardise features with train statistics (train+val for the refit).
+        metric: what chooses the strength on val and is reported: acc or balanced-acc (the mean of the
+            per-class recalls, for imbalanced sets).
+        class_weight: none, or balanced (each class weighs as much in the loss, whatever its size).
+        shots: few-shot probe: K training images per class, drawn from the training split only.
+        shot_seeds: how many draws of the few-shot training set (the report is their mean and std).
 
     Example:
-        >>> cfg = ProbeConfig(strengths=(1e-4, 1e-3, 1e-2))
+        >>> cfg = ProbeConfig(strengths=(1e-4, 1e-3, 1e-2), shots=5)
     """
 
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
     max_iter: int = 200
+    tol: float = 1e-4
     standardize: bool = True
+    metric: str = "acc"
+    class_weight: str = "none"
+    shots: int | None = None
+    shot_seeds: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strengths", tuple(float(v) for v in self.strengths))
+        if not self.strengths or min(self.strengths) < 0:
+            raise FeatcacheError(f"--strengths must be one or more values >= 0, got {self.strengths}")
+        if self.metric not in METRICS:
+            raise unknown("probe metric", self.metric, METRICS, "Use --metric acc|balanced-acc.")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise unknown(
+                "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
+            )
+        if self.max_iter < 1 or self.tol <= 0:
+            raise FeatcacheError(f"--max-iter must be >= 1 and --tol > 0, got {self.max_iter}, {self.tol}")
+        if self.shots is not None and self.shots < 1:
+            raise FeatcacheError(f"--shots must be 1 or more images per class, got {self.shots}")
+        if self.shot_seeds < 1:
+            raise FeatcacheError(f"--shot-seeds must be 1 or more, got {self.shot_seeds}")
+
+    @property
+    def score(self) -> str:
+        """The metrics key the strength is chosen on."""
+        return "balanced_acc" if self.metric == "balanced-acc" else "acc"
 
 
 @dataclass
 class ProbeResult:
-    """Chosen strength, the sweep's validation scores, and the refitted head's test metrics."""
+    """Chosen strength, the path's validation scores, and the refitted head's test metrics."""
 
     strength: float
     sweep: list[dict[str, float]]
@@ -53,6 +90,64 @@ class ProbeResult:
     head: Head
     info: HeadInfo
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        test = f", test {self.test['acc']:.4f}" if self.test else ""
+        return f"ProbeResult(strength={self.strength:g}{test}, {len(self.sweep)} strengths)"
+
+
+@dataclass
+class _Fit:
+    """One solution of the path: weights, bias and the L-BFGS iterations it took."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    iterations: int
+
+
+def _lbfgs(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    strength: float,
+    config: ProbeConfig,
+    start: _Fit | None = None,
+) -> _Fit:
+    """Full-batch L-BFGS for mean cross-entropy + ``strength``/2 |W|^2 on (standardised) rows ``z``.
+
+    It stops when the largest gradient entry is below ``config.tol`` or the loss stops changing, as
+    scikit-learn's ``lbfgs`` solver does, from ``start`` (a warm start along the path) or from zero.
+
+    Example:
+        >>> fit = _lbfgs(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, 1e-3, ProbeConfig())
+    """
+    flat = z.flatten(1).float()
+    weight = (start.weight.clone() if start else torch.zeros(num_classes, flat.shape[1])).to(flat.device)
+    bias = (start.bias.clone() if start else torch.zeros(num_classes)).to(flat.device)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    cw = class_weights(y, num_classes, config.class_weight)
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=config.max_iter,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=config.tol,
+        tolerance_change=1e-9,
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (
+            F.cross_entropy(F.linear(flat, weight, bias), y, weight=cw) + 0.5 * strength * weight.pow(2).sum()
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return _Fit(weight.detach(), bias.detach(), iterations)
 
 
 def fit_logistic(
@@ -62,37 +157,43 @@ def fit_logistic(
     strength: float,
     max_iter: int = 200,
     standardize: bool = True,
+    tol: float = 1e-6,
 ) -> Head:
-    """Full-batch L-BFGS logistic regression; returns a ``linear`` head (standardisation folded in front).
+    """One L2-regularised logistic regression as a ``linear`` head (standardisation folded in front).
+
+    Solved tighter (``tol``) than the probe's path, whose strengths only need ranking on val.
 
     Example:
         >>> head = fit_logistic(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, 1e-3)
     """
     x = x.float()
     std = Standardize.fit(x) if standardize else None
-    z = std(x) if std is not None else x
-    head = build_head(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, std, seed=0).to(x.device)
-    linear = next(m for m in head.body.modules() if isinstance(m, torch.nn.Linear))
-    torch.nn.init.zeros_(linear.weight)
-    torch.nn.init.zeros_(linear.bias)
-    opt = torch.optim.LBFGS(
-        linear.parameters(),
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-7,
-        tolerance_change=1e-10,
+    fit = _lbfgs(
+        std(x) if std is not None else x, y, num_classes, strength, ProbeConfig(max_iter=max_iter, tol=tol)
     )
-    flat = z.flatten(1)
+    return _head(fit, std, tuple(x.shape[1:]), num_classes)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(flat), y) + 0.5 * strength * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
 
-    opt.step(closure)
+def _scores(fit: _Fit, z: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Validation loss, accuracy and balanced accuracy of one solution (no head built)."""
+    with torch.no_grad():
+        logits = F.linear(z.flatten(1).float(), fit.weight, fit.bias)
+        pred = logits.argmax(1)
+        recalls = [float((pred[y == c] == c).float().mean()) for c in range(num_classes) if (y == c).any()]
+        return {
+            "val_loss": float(F.cross_entropy(logits, y)),
+            "val_acc": float((pred == y).float().mean()),
+            "val_balanced_acc": sum(recalls) / max(1, len(recalls)),
+        }
+
+
+def _head(fit: _Fit, std: Standardize | None, in_shape: tuple[int, ...], num_classes: int) -> Head:
+    """A ``linear`` head holding the solution (the standardisation folded in front of it)."""
+    head = build_head(HeadSpec("linear"), in_shape, num_classes, std, seed=0)
+    linear = next(m for m in head.body.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight.copy_(fit.weight)
+        linear.bias.copy_(fit.bias)
     return head.eval()
 
 
@@ -103,8 +204,11 @@ def linear_probe(
     num_classes: int,
     config: ProbeConfig | None = None,
     progress: bool = True,
+    refit: bool = True,
 ) -> ProbeResult:
-    """Choose the L2 strength on ``val``, refit on train + val, evaluate on ``test``.
+    """Fit the regularisation path on train, choose the strength on ``val``, refit on train + val, test.
+
+    Without ``refit`` the chosen train-only solution is the head (no validation row is trained on).
 
     Example:
         >>> res = linear_probe(source_for(f["train"], "penultimate"), source_for(f["val"], "penultimate"),
@@ -120,18 +224,83 @@ def linear_probe(
         raise FeatcacheError(
             "the L-BFGS probe needs the features in memory; use `featcache train` for larger caches"
         )
-    sweep = []
-    for s in tqdm(config.strengths, desc="probe sweep", disable=not progress):
-        head = fit_logistic(train.x, train.y, num_classes, s, config.max_iter, config.standardize)
-        m = evaluate(head, val, num_classes)
-        sweep.append({"strength": s, "val_acc": m["acc"], "val_loss": m["loss"]})
-    best = best_on_val(sweep)
-    both_x = torch.cat([train.x, val.x])
-    both_y = torch.cat([train.y, val.y])
-    head = fit_logistic(both_x, both_y, num_classes, best["strength"], config.max_iter, config.standardize)
-    info = HeadInfo(HeadSpec("linear"), tuple(train.x.shape[1:]), num_classes, standardize=config.standardize)
+    x, xv = train.x.float(), val.x.float()
+    std = Standardize.fit(x) if config.standardize else None
+    z, zv = (std(x), std(xv)) if std is not None else (x, xv)
+    sweep, fits, start = [], {}, None
+    for s in tqdm(sorted(config.strengths, reverse=True), desc="probe path", disable=not progress):
+        start = fits[s] = _lbfgs(z, train.y, num_classes, s, config, start)
+        sweep.append(
+            {"strength": s, **_scores(start, zv, val.y, num_classes), "iterations": start.iterations}
+        )
+    sweep.sort(key=lambda r: r["strength"])
+    key = "val_" + config.score
+    best = max(sweep, key=lambda r: (r[key], -r["val_loss"]))
+    final, final_std = fits[best["strength"]], std
+    if refit:
+        both_x, both_y = torch.cat([x, xv]), torch.cat([train.y, val.y])
+        final_std = Standardize.fit(both_x) if config.standardize else None
+        z_all = final_std(both_x) if final_std is not None else both_x
+        final = _lbfgs(z_all, both_y, num_classes, best["strength"], config, final)
+    head = _head(final, final_std, tuple(x.shape[1:]), num_classes)
+    info = HeadInfo(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, standardize=config.standardize)
     test_metrics = evaluate(head, test, num_classes) if test is not None else None
-    return ProbeResult(best["strength"], sweep, test_metrics, head, info)
+    iterations = sum(r["iterations"] for r in sweep) + (final.iterations if refit else 0)
+    extra = {"iterations": iterations, "chosen_on": key, "refit_on": "train+val" if refit else "train"}
+    return ProbeResult(best["strength"], sweep, test_metrics, head, info, extra)
+
+
+def few_shot(
+    train: FeatureSource,
+    val: FeatureSource,
+    test: FeatureSource | None,
+    num_classes: int,
+    config: ProbeConfig,
+    progress: bool = True,
+) -> tuple[ProbeResult, dict[str, Any]]:
+    """``config.shot_seeds`` probes, each on ``config.shots`` training rows per class drawn by its seed.
+
+    Only the training split is subsampled and only its rows are trained on: the strength is chosen on
+    the whole validation split (no refit on it), and the test split is only evaluated. Returns the
+    first draw's result and the summary (mean, std).
+
+    Example:
+        >>> first, summary = few_shot(tr, va, te, 10, ProbeConfig(shots=5))  # doctest: +SKIP
+        >>> summary["test_mean"], summary["test_std"]  # doctest: +SKIP
+    """
+    if train.x is None or config.shots is None:
+        raise FeatcacheError("a few-shot probe needs --shots K and the training features in memory")
+    y = train.y.cpu().numpy()
+    short = [c for c in range(num_classes) if (y == c).sum() < config.shots]
+    if short:
+        raise FeatcacheError(
+            f"--shots {config.shots}: classes {short} have fewer training images; lower --shots"
+        )
+    results = []
+    for seed in tqdm(range(config.shot_seeds), desc=f"{config.shots}-shot", disable=not progress):
+        rng = np.random.default_rng(seed)
+        rows = np.sort(
+            np.concatenate(
+                [rng.choice(np.flatnonzero(y == c), config.shots, replace=False) for c in range(num_classes)]
+            )
+        )
+        picked = torch.as_tensor(rows, device=train.x.device)
+        subset = FeatureSource(train.x.index_select(0, picked), train.y.index_select(0, picked))
+        results.append(linear_probe(subset, val, test, num_classes, config, progress=False, refit=False))
+    key = config.score
+    scores = [r.test[key] for r in results if r.test] or [
+        max(row["val_" + key] for row in r.sweep) for r in results
+    ]
+    summary = {
+        "shots": config.shots,
+        "seeds": config.shot_seeds,
+        "metric": config.metric,
+        "on": "test" if results[0].test else "val",
+        "per_seed": scores,
+        "test_mean": float(np.mean(scores)),
+        "test_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+    }
+    return results[0], summary
 
 
 def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | None = None) -> ProbeResult:
@@ -157,16 +326,31 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     dev = resolve_device(spec.train.device)
     src = {k: source_for(v, layer, dev) for k, v in feats.items()}
     classes = feats["train"].classes
-    res = linear_probe(src["train"], src["val"], src.get("test"), len(classes), config, spec.progress)
+    args = (src["train"], src["val"], src.get("test"), len(classes), config, spec.progress)
+    if config.shots is None:
+        res = linear_probe(*args)
+    else:
+        res, summary = few_shot(*args)
+        res.extra["few_shot"] = summary
     if folder is not None:
-        probe = {**asdict(config), "strengths": list(config.strengths)}
         folder.write_config(
             spec.record(
-                "probe", backbone, feats, [layer], layer=layer, head=res.info.spec.to_dict(), probe=probe
+                "probe",
+                backbone,
+                feats,
+                [layer],
+                layer=layer,
+                head=res.info.spec.to_dict(),
+                probe=to_json(config),
             )
         )
-        folder.save_head(res.head, res.info)
-        metrics = {"strength": res.strength, "sweep": res.sweep, **({"test": res.test} if res.test else {})}
+        folder.save_head(res.head, res.info)  # with --shots: the first draw's head
+        metrics = {
+            "strength": res.strength,
+            "sweep": res.sweep,
+            **res.extra,
+            **({"test": res.test} if res.test else {}),
+        }
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
     return res

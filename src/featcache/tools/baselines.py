@@ -9,7 +9,9 @@ features through ``DataLoader(TensorDataset(features, labels), shuffle=True)``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,3 +100,26 @@ def naive_epoch(
                 correct += int((head(extractor(x)[layer].float()).argmax(1).cpu() == vlabels[idx]).sum())
         acc = correct / max(1, len(val))
     return time.perf_counter() - t0, acc
+
+
+def sklearn_probe(splits: Sequence[tuple[np.ndarray, np.ndarray]], strengths: Sequence[float]) -> float:
+    """The CLIP paper's linear probe with scikit-learn: test accuracy.
+
+    ``splits`` are (features, labels) of train, val, test. Standardise on train, fit each strength
+    (``C = 1 / (n * strength)``, lbfgs, scikit-learn's own tolerance) on train, choose on val accuracy,
+    refit on train+val (standardised on both), test once.
+    """
+    from sklearn.linear_model import LogisticRegression  # optional: a dev dependency
+    from sklearn.preprocessing import StandardScaler
+
+    (xt, yt), (xv, yv), (xs, ys) = splits
+    scaler = StandardScaler().fit(xt)
+    scores = []
+    for lam in strengths:
+        model = LogisticRegression(C=1 / (lam * len(yt)), max_iter=1000).fit(scaler.transform(xt), yt)
+        scores.append((float((model.predict(scaler.transform(xv)) == yv).mean()), lam))
+    lam = max(scores, key=lambda r: r[0])[1]
+    xa, ya = np.concatenate([xt, xv]), np.concatenate([yt, yv])
+    scaler = StandardScaler().fit(xa)
+    model = LogisticRegression(C=1 / (lam * len(ya)), max_iter=1000).fit(scaler.transform(xa), ya)
+    return float((model.predict(scaler.transform(xs)) == ys).mean())

@@ -30,6 +30,7 @@ from ..extract.config import ExtractConfig
 from ..extract.extractor import Extractor, resolved_cfg
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import environment
+from ..runs.probe import ProbeConfig, linear_probe
 from ..runs.report import format_table
 from ..runs.spec import RunSpec
 from ..train.config import TrainConfig
@@ -37,7 +38,7 @@ from ..train.fit import fit, make_optimizer
 from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_layer
 from ..train.heads import HeadSpec, build_head
 from ..train.sources import FeatureSource, source_for
-from .baselines import dataloader_epoch, naive_epoch
+from .baselines import dataloader_epoch, naive_epoch, sklearn_probe
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,41 @@ class _Bench:
         runs = [hit() for _ in range(self.repeats)]
         return _row("cache hit (open + 1 epoch) vs first extraction", runs, [first], None, ("hit", "first"))
 
+    def probe(self) -> list[dict[str, Any]]:
+        """``featcache probe`` vs scikit-learn's ``LogisticRegression`` (lbfgs), same features, same grid.
+
+        Both standardise on train, fit each strength on train, choose on val, refit on train+val and
+        test once (the CLIP paper's protocol); scikit-learn's ``C`` is ``1 / (n * strength)``.
+        """
+        return [self._probe_row("mnist-5k", 1.5), self._probe_row("faces", 1.0)]
+
+    def _probe_row(self, name: str, target: float) -> dict[str, Any]:
+        splits = load_dataset(name, 0.1, 0.2, seed=0, limit=self.cfg.limit if self.cfg == QUICK else None)
+        cache = self.fresh_cache()
+        feats = extract_splits(self.bb, splits, self.layers, self.ecfg, cache_dir=cache, progress=False)
+        src = {k: source_for(v, "penultimate", self.device) for k, v in feats.items()}
+        arrays = [(v.x.cpu().numpy(), v.y.cpu().numpy()) for v in src.values() if v.x is not None]
+        accs: dict[str, float] = {}
+
+        def ours() -> float:
+            t0 = time.perf_counter()
+            res = linear_probe(src["train"], src["val"], src["test"], len(splits.classes), progress=False)
+            accs["featcache"] = res.test["acc"] if res.test else float("nan")
+            return time.perf_counter() - t0
+
+        def sklearn() -> float:
+            t0 = time.perf_counter()
+            accs["sklearn"] = sklearn_probe(arrays, ProbeConfig().strengths)
+            return time.perf_counter() - t0
+
+        ours(), sklearn()  # warm-up
+        f, b = _interleaved(ours, sklearn, self.repeats)
+        detail = f"test acc {accs['featcache']:.4f} vs {accs['sklearn']:.4f}"
+        label = f"probe vs scikit-learn, {name} (Lite0 penultimate)"
+        row = _row(label, f, b, target, ("featcache", "sklearn"), detail=detail)
+        row["pass"] = bool(row["pass"]) and accs["featcache"] >= accs["sklearn"] - 0.003
+        return row
+
     def gpu(self) -> list[dict[str, Any]]:
         """resnet50 at 224 px, images/s: fp32 vs bf16 autocast + channels_last (CUDA only)."""
         bb = load_backbone("torchvision:resnet50", weights="none")
@@ -436,7 +472,16 @@ class _Bench:
         return [_row(name, runs["bf16+channels_last"], runs["fp32"], 1.0, ("bf16", "fp32"), per=10 * len(x))]
 
 
-BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "finetune", "cache_hit", "gpu")
+BENCHMARKS = (
+    "e2e",
+    "extract_vs_bare",
+    "files_vs_tensors",
+    "trainer",
+    "finetune",
+    "cache_hit",
+    "probe",
+    "gpu",
+)
 
 
 def run_bench(

@@ -9,6 +9,7 @@ from .._util import FeatcacheError, unknown
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 MONITORS = ("val_loss", "val_acc")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class TrainConfig:
         fast_paths: run the head's frozen front (standardisation, pooling) once and train a lone
             Linear with the closed-form step (:mod:`featcache.train.fast_path`); off: plain autograd
             on the whole head every step. Same training either way, to float rounding.
+        class_weight: none, or balanced: each class weighs as much in the training loss, whatever its
+            size (n / (classes x n_c), as scikit-learn's; trains with autograd).
 
     Example:
         >>> cfg = TrainConfig(epochs=30, lr=1e-3, batch_size=256)
@@ -57,8 +60,13 @@ class TrainConfig:
     ram_budget_gb: float = 8.0
     amp: bool | None = None
     fast_paths: bool = True
+    class_weight: str = "none"
 
     def __post_init__(self) -> None:
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise unknown(
+                "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
+            )
         if self.optimizer not in OPTIMIZERS:
             raise unknown("optimizer", self.optimizer, OPTIMIZERS, "Use --optimizer adamw|adam|sgd.")
         if self.schedule not in SCHEDULES:

@@ -273,7 +273,10 @@ def take_fast_paths(
         return FastPaths(head, train, None, head, val, FastPathRecord(enabled=False))
     t0 = time.perf_counter()
     model, train, val, from_means = _front_once(head, train, val, progress)
-    step = LinearStep.build(model, opt, config.label_smoothing, amp)
+    # The closed form covers unweighted cross-entropy; class-weighted training takes autograd.
+    step = (
+        LinearStep.build(model, opt, config.label_smoothing, amp) if config.class_weight == "none" else None
+    )
     front_seconds = time.perf_counter() - t0 if model is not head else 0.0
     # Validation reads a pooled head's channel means once per run, not once per epoch (e.g. with views).
     val_model, val = on_channel_means(model, val) if val is not None else (model, val)

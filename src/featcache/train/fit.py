@@ -107,9 +107,12 @@ def evaluate(
     head.train(was)
     n = max(1, len(data))
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
+    present = [a for a, row in zip(per_class, conf.sum(1).tolist()) if row]
     out: dict[str, Any] = {
         "loss": loss_sum / n,
         "acc": correct / n,
+        # the mean of the per-class recalls over the classes present: accuracy that imbalance cannot inflate
+        "balanced_acc": sum(present) / max(1, len(present)),
         "per_class_acc": per_class,
         "confusion": conf.tolist(),
         "n": len(data),
@@ -117,6 +120,21 @@ def evaluate(
     if num_classes >= 5:
         out["top5"] = correct5 / n
     return out
+
+
+def class_weights(y: torch.Tensor | None, num_classes: int, mode: str) -> torch.Tensor | None:
+    """``balanced``: n / (classes x n_c) per class (scikit-learn's formula); None for ``none``.
+
+    Example:
+        >>> class_weights(torch.tensor([0, 0, 0, 1]), 2, "balanced").tolist()
+        [0.6666666865348816, 2.0]
+    """
+    if mode == "none":
+        return None
+    if y is None:
+        raise FeatcacheError(f"--class-weight {mode} needs the training labels, and this source has none")
+    counts = torch.bincount(y, minlength=num_classes).float()
+    return (len(y) / (num_classes * counts.clamp_min(1))).to(y.device)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -175,7 +193,8 @@ def fit(
     prepare_sources(head, (train, val), config.fast_paths, range(start_epoch, config.epochs))
     t0 = time.perf_counter()
     paths = take_fast_paths(head, train, val, opt, config, amp, progress)
-    step = paths.step if paths.step is not None else _AutogradStep(paths.model, opt, config, amp, device)
+    weight = class_weights(train.y, num_classes, config.class_weight)
+    step = paths.step or _AutogradStep(paths.model, opt, config, amp, device, weight)
     # A run that early stopping already ended stays ended when resumed.
     end = start_epoch if run.stopped_early(config) else config.epochs
     with _seeded_rng(config.seed, device, run):
@@ -365,14 +384,16 @@ class _AutogradStep:
         config: TrainConfig,
         amp: bool,
         device: torch.device,
+        weight: torch.Tensor | None = None,
     ) -> None:
         self.model, self.opt, self.amp, self.device_type = model, opt, amp, device.type
         self.smoothing = config.label_smoothing
+        self.weight = weight
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=self.smoothing)
+        loss = F.cross_entropy(logits.float(), yb, weight=self.weight, label_smoothing=self.smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -85,19 +85,22 @@ def pooled_layout(layout: str | None, pool: str) -> str | None:
     return layout if pool == "none" else NC
 
 
-def pool(t: torch.Tensor, how: str, layout: str) -> torch.Tensor:
+def pool(t: torch.Tensor, how: str, layout: str | None) -> torch.Tensor:
     """``avg`` / ``max`` over the positions of ``layout`` to (N, C); ``flatten`` to (N, -1); ``none`` as is.
 
-    A vector layout (``NC``) is flattened: a classifier's input of shape (N, C, 1, 1) is (N, C).
+    A vector layout (``NC``) is always flattened: a 1x1-conv classifier's input (N, C, 1, 1) is (N, C).
+    An unknown layout (None) can be kept or flattened, not pooled.
 
     Example:
         >>> pool(torch.ones(2, 4, 4, 8), "avg", "NHWC").shape
         torch.Size([2, 8])
     """
-    if how == "none":
-        return t
     if how == "flatten" or layout == NC:
         return t.flatten(1) if t.dim() > 2 else t
+    if how == "none":
+        return t
+    if layout is None:
+        raise FeatcacheError(f"cannot {how}-pool a {t.dim()}-D output whose layout is unknown")
     _check(layout, t.dim())
     axes = _POSITION_AXES[layout]
     return t.mean(axes) if how == "avg" else t.amax(axes)

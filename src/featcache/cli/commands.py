@@ -61,12 +61,9 @@ def cmd_layers(a: argparse.Namespace) -> None:
     from ..backbones.registry import load_backbone
     from ..runs.report import format_table
 
-    bb = load_backbone(a.model, a.weights)
-    rows = [
-        r
-        for r in list_layers(bb, tuple(a.input_size) if a.input_size else None)
-        if a.depth is None or r.depth <= a.depth
-    ]
+    size = tuple(a.input_size) if a.input_size else None
+    bb = load_backbone(a.model, a.weights, input_size=size)
+    rows = [r for r in list_layers(bb, size) if a.depth is None or r.depth <= a.depth]
     if a.json:
         _print_json([{"name": r.name, "type": r.type, "shape": r.shape, "params": r.params} for r in rows])
         return
@@ -92,8 +89,8 @@ def cmd_summary(a: argparse.Namespace) -> None:
     from ..backbones.registry import load_backbone
     from ..runs.report import format_table
 
-    bb = load_backbone(a.model, a.weights)
     size = tuple(a.input_size) if a.input_size else None
+    bb = load_backbone(a.model, a.weights, input_size=size)
     rows = [r for r in list_layers(bb, size) if 0 < r.depth <= a.depth]
     total = sum(p.numel() for p in bb.model.parameters())
     trainable = sum(p.numel() for p in bb.model.parameters() if p.requires_grad)
@@ -138,7 +135,7 @@ def cmd_extract(a: argparse.Namespace) -> None:
     from ..extract.distributed import ranks_from_env
 
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
-    bb = load_backbone(a.model, a.weights)
+    bb = load_backbone(a.model, a.weights, input_size=tuple(a.input_size) if a.input_size else None)
     splits = _data_config(a).load()
     feats = extract_splits(
         bb, splits, a.layers, _extract_config(a), cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks

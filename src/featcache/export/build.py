@@ -59,6 +59,8 @@ class ExportInfo:
         return_nodes: FX (train, eval) node names returned by the truncated graph, for ``fx``.
         truncated: whether the saved weights hold only what the layer needs.
         weights_sha256: hash of the exported state dict (checked when a ``pt`` file loads).
+        layout: the layer's layout (:mod:`featcache.layout`), which pooling follows; None for runs
+            from before featcache recorded it (maps NCHW, tokens NLD).
     """
 
     format: str
@@ -79,6 +81,7 @@ class ExportInfo:
     run: str = ""
     notes: tuple[str, ...] = ()
     weights_sha256: str = ""
+    layout: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists)."""
@@ -179,8 +182,10 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     config = _read_config(run_dir)
     run_cfg = BackboneCfg.from_dict(config["backbone_cfg"])
     weights_arg = weights if weights is not None else config.get("weights_arg")
+    extract = config["extract"]
+    size = tuple(extract["input_size"]) if extract.get("input_size") else None
     try:
-        backbone = load_backbone(config["model"], weights_arg)
+        backbone = load_backbone(config["model"], weights_arg, input_size=size)
     except (FeatcacheError, FileNotFoundError) as exc:
         raise FeatcacheError(
             f"cannot rebuild the backbone of run {str(run_dir)!r} ({config['model']}, weights="
@@ -193,7 +198,6 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
             f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
             "Pass weights= the file/tag the run used."
         )
-    extract = config["extract"]
     cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
     backbone.cfg = replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier)
     layer, pool = str(config["layer"]), str(extract.get("pool", "avg"))
@@ -201,8 +205,9 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     net, key, method, nodes, notes = truncate(backbone, layer)
     head, head_info = load_head(run_dir)
     pre = Preprocessing.from_cfg(cfg)
+    layout = config.get("layer_layout")  # absent in runs from before layouts were recorded
     model = ExportedModel(
-        Preprocess(pre), Network(net, key, pool, dtype, head), list(config["classes"])
+        Preprocess(pre), Network(net, key, pool, dtype, head, layout), list(config["classes"])
     ).eval()
     on_gpu = bool(config.get("environment", {}).get("cuda")) and extract.get("device") != "cpu"
     if extract.get("amp") or (extract.get("amp") is None and on_gpu):
@@ -224,6 +229,7 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
         run=str(run_dir),
         notes=tuple(notes),
         weights_sha256=hash_tensors(model.state_dict()),
+        layout=layout,
     )
     return model, info
 
@@ -266,8 +272,8 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
     Example:
         >>> model = rebuild_model(read_info("model.pt"))  # doctest: +SKIP
     """
-    backbone = load_backbone(info.model, "none")
     pre = info.preprocessing
+    backbone = load_backbone(info.model, "none", input_size=pre.input_size)
     if info.method == "full":  # a fine-tuned network, exported whole
         from ..train.freeze import replace_classifier
 
@@ -286,7 +292,9 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
         net, key, _, _, _ = truncate(backbone, info.layer, info.return_nodes)
     head = HeadInfo.from_dict(info.head).build()
     return ExportedModel(
-        Preprocess(pre), Network(net, key, info.pool, info.storage_dtype, head), list(info.classes)
+        Preprocess(pre),
+        Network(net, key, info.pool, info.storage_dtype, head, info.layout),
+        list(info.classes),
     )
 
 

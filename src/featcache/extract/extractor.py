@@ -15,7 +15,7 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.probe import probe_layers, probe_outputs
 from ..backbones.registry import Backbone, BackboneCfg
 from ..cache.writer import STORAGE_DTYPES
-from ..layout import NC, pool, pooled_layout
+from ..layout import pool, pooled_layout
 from .config import ExtractConfig
 from .nodes import FeatureExtractor
 
@@ -82,7 +82,7 @@ class Extractor:
         x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         with self._autocast():
             out = self.net(x)
-        return {k: pool(v, self.config.pool, self.layouts[k] or NC) for k, v in out.items()}
+        return {k: pool(v, self.config.pool, self.layouts[k]) for k, v in out.items()}
 
     def stored_layouts(self) -> dict[str, str | None]:
         """Each layer's layout as cached: its own under ``--pool none``, else vectors (``NC``)."""

@@ -187,7 +187,8 @@ def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Bac
     run_dir = Path(run_dir)
     config: dict[str, Any] = json.loads((run_dir / "config.json").read_text())
     weights_arg = weights if weights is not None else config.get("weights_arg")
-    backbone = load_backbone(config["model"], weights_arg)
+    size = config.get("extract", {}).get("input_size")
+    backbone = load_backbone(config["model"], weights_arg, input_size=tuple(size) if size else None)
     if backbone.cfg.weights_id != config["backbone_cfg"]["weights_id"]:
         raise FeatcacheError(
             f"{config['model']} rebuilt with weights={weights_arg!r} is not the base that run "
@@ -235,7 +236,7 @@ def finetune_run(
             "finetune ignores %s: the cached prefix is stored unpooled in float32", ", ".join(ignored)
         )
     device = resolve_device(train_config.device)
-    backbone = load_backbone(model, weights)
+    backbone = load_backbone(model, weights, input_size=extract_config.input_size)
     splits = data.load()
     pre = resolved_cfg(backbone, extract_config)
     plan = plan_freeze(

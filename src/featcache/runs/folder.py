@@ -196,6 +196,8 @@ def run_config(
             "views": views.count if views else 0,
         },
         "cache_keys": {k: v.key for k, v in feats.items()},
+        # the layer's own layout (what pooling averaged over): export pools the same way
+        "layer_layout": feats["train"].manifest.get("layer_layouts", {}).get(layer),
         "classes": feats["train"].classes,
         "environment": environment(),
     }

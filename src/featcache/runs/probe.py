@@ -164,7 +164,11 @@ def probe_run(
         >>> res.strength, res.test["acc"]  # doctest: +SKIP
     """
     config = config or ProbeConfig()
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    backbone = (
+        model
+        if isinstance(model, Backbone)
+        else load_backbone(model, weights, input_size=extract_config.input_size)
+    )
     ecfg = extract_config
     feats = extract_splits(backbone, data.load(), [layer], ecfg, cache_dir=cache_dir, progress=progress)
     if "val" not in feats:

@@ -109,7 +109,11 @@ def sweep_run(
         raise FeatcacheError("a sweep needs at least one layer (--layers) and one setting")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    backbone = (
+        model
+        if isinstance(model, Backbone)
+        else load_backbone(model, weights, input_size=extract_config.input_size)
+    )
     if list(layers) == ["blocks"]:
         layers = block_layers(backbone)
     splits = data.load()
@@ -132,7 +136,7 @@ def sweep_run(
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         shape = tuple(feats["train"].features[layer].shape[1:])
         try:
-            build_head(head_spec, shape, len(splits.classes))
+            build_head(head_spec, shape, len(splits.classes), layout=feats["train"].layout(layer))
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     axes = _varied(configs)

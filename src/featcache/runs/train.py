@@ -71,7 +71,7 @@ def train_on_cache(
         >>> head, info, result, metrics = out  # doctest: +SKIP
     """
     device, budget, plain = resolve_device(config.device), config.ram_budget_gb, feats["train"]
-    shape = tuple(plain.features[layer].shape[1:])
+    shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
     classes = plain.classes
     # With views the plain split only gives the statistics, read from the memory map by chunks.
     train: BatchSource = (
@@ -86,9 +86,9 @@ def train_on_cache(
         held = train.x if stats is None and isinstance(train, FeatureSource) else None
         rows = held if held is not None else plain.features[layer]
         mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
-        std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype)
-    info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None)
-    head = build_head(head_spec, shape, len(classes), std, seed=config.seed)
+        std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype, layout=layout)
+    info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None, layout=layout)
+    head = build_head(head_spec, shape, len(classes), std, seed=config.seed, layout=layout)
     sources: dict[str, FeatureSource] = {
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
@@ -119,7 +119,11 @@ def train_run(
         ...                 "runs/mnist")  # doctest: +SKIP
     """
     out = prepare_run_dir(out_dir, resume, overwrite)
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights)
+    backbone = (
+        model
+        if isinstance(model, Backbone)
+        else load_backbone(model, weights, input_size=extract_config.input_size)
+    )
     splits = data.load()
     ecfg = extract_config
     _check_head_fits(backbone, splits, layer, ecfg, head_spec, cache_dir)
@@ -167,5 +171,5 @@ def _check_head_fits(
     the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
     checked when training starts, with no forward pass."""
     if FeatureCache(cache_dir).find(cache_record(backbone, splits.train, [layer], ecfg, "train")) is None:
-        shape = Extractor(backbone, [layer], ecfg).row_shapes()[layer]
-        build_head(head, shape, len(splits.classes))
+        ex = Extractor(backbone, [layer], ecfg)
+        build_head(head, ex.row_shapes()[layer], len(splits.classes), layout=ex.stored_layouts()[layer])

@@ -146,7 +146,11 @@ def run_demo(
     )
     splits = data.load()
     ex = Extractor(bb, [cfg.layer], ecfg)
-    head = build_head(head_spec, tuple(run.head_info.in_shape), len(splits.classes), seed=tcfg.seed).to(dev)
+    info = run.head_info
+    head = build_head(
+        head_spec, tuple(info.in_shape), len(splits.classes), seed=tcfg.seed, layout=info.layout
+    )
+    head = head.to(dev)
     opt = make_optimizer(head.parameters(), tcfg)
     naive = []
     for _ in range(cfg.naive_epochs):

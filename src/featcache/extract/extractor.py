@@ -126,7 +126,9 @@ def check_layers(
         probes.update(probe_outputs(net, graph, backbone.cfg.channels, input_size, device))
     probes = {n: probes[n] for n in net.layers}
     for name, p in probes.items():
-        if p.refused and p.shape is not None:
+        if p.shape is None:
+            raise FeatcacheError(f"layer {name!r} of {spec} is not called during the forward pass")
+        if p.refused:
             raise FeatcacheError(
                 f"layer {name!r} of {spec} cannot be extracted: {p.refused}. `featcache layers {spec}` marks "
                 "such layers; pick another (the block that contains it, say)"

@@ -26,14 +26,13 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
+from conftest import random_image
 from featcache._util import FeatcacheError
 from featcache.backbones.layers import list_layers, tracer_kwargs
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.data.preprocess import to_model_input
 from featcache.data.samples import ArraySamples
 from featcache.extract import ExtractConfig, extract
-
-from conftest import random_image
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +84,6 @@ KNOWN = {
 }
 
 IMAGES, BATCH, SHARD = 3, 3, 2  # one batch across two shards
-LETTERS = {"NCHW": "NCHW", "NHWC": "NHWC", "NLD": "NLD", "NCL": "NCL"}
 
 
 def _positions(layout: str) -> tuple[int, ...]:

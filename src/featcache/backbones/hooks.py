@@ -93,16 +93,13 @@ def hooked_forward(
     names: Sequence[str],
     keep: Callable[[str, torch.Tensor], bool],
     classifier: str | Sequence[str] | None = None,
-    root_hooks: bool = True,
 ) -> Any:
     """Run ``model`` on ``x``, calling ``keep(name, tensor)`` with the first value of each name.
 
     Names are module names (the output's first tensor), ``input:M`` (the input of module ``M``),
     ``penultimate`` (the classifier's input; with several heads timm's pre-logits features) and
     ``logits`` (the model's output). ``keep`` returning True stops the pass there (the later layers
-    never run). Returns the model's output, or None when stopped. ``root_hooks=False`` calls
-    ``model.forward`` (the submodules' hooks still run): a probe that a hook counting the images the
-    model sees should not count.
+    never run). Returns the model's output, or None when stopped.
 
     Example:
         >>> shapes = {}
@@ -137,7 +134,7 @@ def hooked_forward(
         if PENULTIMATE in names and len(heads_) > 1:
             out = _pre_logits_forward(model, x, emit)
         else:
-            out = model(x) if root_hooks else model.forward(x)
+            out = model(x)
     except _Stop:
         return None
     finally:

@@ -19,8 +19,10 @@ MobileViT's patches, BatchNorm over batch x tokens) is refused, with that reason
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,20 +84,41 @@ def _forward(backbone: Backbone, names: Sequence[str], size: tuple[int, int], ba
             run.end[name] = tick[0]
             tick[0] += 1
 
-    handles = []
-    for name, m in model.named_modules():
-        if name:
-            handles.append(m.register_forward_pre_hook(lambda *_, name=name: started(name)))
-            handles.append(m.register_forward_hook(lambda *_, name=name: ended(name)))
     p = next(model.parameters(), None)
     x = torch.zeros(batch, backbone.cfg.channels, *size, device=p.device if p is not None else None)
-    try:
-        with torch.inference_mode():
-            hooked_forward(model, x, names, keep, backbone.cfg.classifier, root_hooks=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with _own_hooks_only(model):
+        handles = []
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_pre_hook(lambda *_, name=name: started(name)))
+                handles.append(m.register_forward_hook(lambda *_, name=name: ended(name)))
+        try:
+            with torch.inference_mode():
+                hooked_forward(model, x, names, keep, backbone.cfg.classifier)
+        finally:
+            for h in handles:
+                h.remove()
     return run
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+@contextlib.contextmanager
+def _own_hooks_only(model: nn.Module) -> Iterator[None]:
+    """The model's forward hooks set aside while a probe runs on zeros: a user's counter or logger sees
+    the images extracted, not the probe (output shapes never depend on them). Hooks registered inside
+    go to fresh dicts that their handles empty."""
+    saved = [(m, {k: getattr(m, k) for k in _HOOK_DICTS}) for m in model.modules()]
+    try:
+        for m, _ in saved:
+            for k in _HOOK_DICTS:
+                setattr(m, k, OrderedDict())
+        yield
+    finally:
+        for m, dicts in saved:
+            for k, d in dicts.items():
+                setattr(m, k, d)
 
 
 def _type_layout(module: nn.Module, ndim: int) -> str | None:
@@ -213,14 +236,14 @@ class _Decider:
 
 
 def probe_outputs(
-    run: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    run: nn.Module,
     names: Sequence[str],
     channels: int,
     input_size: tuple[int, int],
     device: torch.device | None = None,
 ) -> dict[str, LayerProbe]:
-    """:func:`probe_layers` for values no hook reaches (torch.fx graph nodes): ``run(x)`` returns them;
-    the input-size probe alone decides the layout.
+    """:func:`probe_layers` for values no hook reaches (torch.fx graph nodes): ``run(x)`` returns them
+    as a dict; the input-size probe alone decides the layout.
 
     Example:
         >>> probe_outputs(FeatureExtractor(model, ["flatten"]), ["flatten"], 3, (64, 64))  # doctest: +SKIP
@@ -229,7 +252,7 @@ def probe_outputs(
     h, w = input_size
 
     def shapes(batch: int, hh: int, ww: int) -> _Run:
-        with torch.inference_mode():
+        with torch.inference_mode(), _own_hooks_only(run):
             out = run(torch.zeros(batch, channels, hh, ww, device=device))
         return _Run(shapes={n: tuple(out[n].shape) for n in names})
 

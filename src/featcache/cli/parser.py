@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filter", nargs="?", default="*")
     p.add_argument("--source", default=None, help="torchvision | timm | efficientnet-lite | hf")
 
-    p = _parser(sub, "layers", "list extractable layers with output shapes and parameter counts")
+    p = _parser(sub, "layers", "list extractable layers with output shapes, layouts and parameter counts")
     _model_args(p)
     _size(p)
     p.add_argument("--depth", type=int, default=None, help="only layers up to this nesting depth")

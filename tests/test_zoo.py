@@ -147,7 +147,9 @@ def _fx_names(bb: Backbone, names: list[str], several: set[str]) -> list[str] | 
     has no node; nor does a module that returns several tensors or runs twice have one of its own.
     """
     try:
-        graphs = get_graph_node_names(copy.deepcopy(bb.model), tracer_kwargs=tracer_kwargs())
+        graphs = get_graph_node_names(
+            copy.deepcopy(bb.model), tracer_kwargs=tracer_kwargs(), suppress_diff_warning=True
+        )
     except Exception:
         return None
 

@@ -186,7 +186,9 @@ class FeatureExtractor(nn.Module):
         # mode (a frozen backbone left in train mode would normalise with batch statistics).
         was_training = self.model.training
         try:
-            train_nodes, eval_nodes = get_graph_node_names(self.model, tracer_kwargs=tracer_kwargs())
+            train_nodes, eval_nodes = get_graph_node_names(
+                self.model, tracer_kwargs=tracer_kwargs(), suppress_diff_warning=True
+            )
             for name in self.graph_nodes:
                 if name not in eval_nodes:
                     choices = module_names(self.model) + list(eval_nodes) + list(SHORTHANDS)

@@ -122,7 +122,8 @@ def check_layers(
     spec, graph = backbone.cfg.spec, net.graph_nodes
     probes = probe_layers(backbone, [n for n in net.layers if n not in graph], input_size)
     if graph:
-        device = next(iter(backbone.model.parameters())).device
+        param = next(backbone.model.parameters(), None)
+        device = param.device if param is not None else None
         probes.update(probe_outputs(net, graph, backbone.cfg.channels, input_size, device))
     probes = {n: probes[n] for n in net.layers}
     for name, p in probes.items():

@@ -192,6 +192,20 @@ def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone
     assert len(set(changed.values())) == len(changed)
 
 
+def test_the_key_holds_the_method_whose_values_the_arrays_are(resnet18: Backbone) -> None:
+    """Module names give their forward hooks' values whichever path runs (FX is checked against them);
+    a graph node only torch.fx gives is another kind of value: its entry is not served to hooks."""
+    samples = _samples(2)
+
+    def record(layers: tuple[str, ...], method: str) -> dict:
+        return cache_record(resnet18, samples, layers, _config(method=method), "train")
+
+    assert record(("layer3",), "fx")["method"] == record(("layer3",), "hooks")["method"] == "hooks"
+    assert record(("flatten", "layer3"), "auto")["method"] == "fx"
+    assert cache_key(record(("layer3",), "fx")) == cache_key(record(("layer3",), "auto"))
+    assert "layout_rules" in record(("layer3",), "auto") and CACHE_VERSION >= 2
+
+
 def test_cache_key_includes_the_version_and_refuses_unhashable_records() -> None:
     record = {"a": 1, "b": [1, 2]}
     assert cache_key(record) == cache_key({"b": [1, 2], "a": 1})
@@ -451,6 +465,32 @@ def test_spatial_maps_carry_their_channel_statistics(resnet18: Backbone, cache_d
     reopened = cache.open(cached.key).channel_stats["layer3"]
     assert np.array_equal(reopened.mean, stats.mean) and np.array_equal(reopened.var, stats.var)
     assert not list((cached.path / "features").glob("*.tmp-*"))
+
+
+def test_channel_statistics_follow_the_stored_layout(tmp_path: Path) -> None:
+    """The writer takes statistics over the positions the layout names; vectors and unknown layouts
+    get none; the entry opens with each layer's layout."""
+    from featcache.cache.writer import CacheWriter
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "hwc": rng.standard_normal((5, 3, 4, 6)).astype(np.float32),
+        "tokens": rng.standard_normal((5, 7, 6)).astype(np.float32),
+        "vec": rng.standard_normal((5, 6)).astype(np.float32),
+        "odd": rng.standard_normal((5, 2, 3, 4, 5)).astype(np.float32),
+    }
+    layouts = {"hwc": "NHWC", "tokens": "NLD", "vec": "NC", "odd": None}
+    writer = CacheWriter(tmp_path / "abc", {"layers": list(arrays), "dtype": "float32", "shard_rows": 5})
+    writer.write_shard(0, arrays, list(range(5)), [])
+    writer.commit(
+        1, [str(i) for i in range(5)], np.zeros(5, dtype=np.int64), {"classes": ["a"]}, layouts=layouts
+    )
+    entry = FeatureCache(tmp_path).open("abc")
+    assert entry.layouts == layouts and set(entry.channel_stats) == {"hwc", "tokens"}
+    for name, axes in (("hwc", (1, 2)), ("tokens", (1,))):
+        np.testing.assert_allclose(entry.channel_stats[name].mean, arrays[name].mean(axes), atol=1e-6)
+        np.testing.assert_allclose(entry.channel_stats[name].var, arrays[name].var(axes), atol=1e-5)
+    assert FeatureCache(tmp_path).verify("abc") == []
 
 
 def test_verify_and_open_detect_damaged_channel_statistics(resnet18: Backbone, cache_dir: Path) -> None:

@@ -104,6 +104,7 @@ def test_to_json_writes_plain_values() -> None:
         "in_shape": [512],
         "num_classes": 10,
         "standardize": False,
+        "layout": None,
     }
     cfg = to_json(CASES["backbone"])
     assert cfg["preprocessing"]["input_size"] == [48, 40] and cfg["classes"] == ["cat", "dog"]

@@ -387,3 +387,26 @@ def test_real_mnist_predictions_match_the_run(tmp_path: Path) -> None:
     assert abs(acc - run.metrics["test"]["acc"]) <= 0.15  # and roughly its accuracy on the whole test split
     assert acc > 0.3  # far above chance (0.1): the head and the real weights travelled together
     assert read_info(model).method == "fx"  # timm's EfficientNet truncates with timm's FX leaf modules
+
+
+@pytest.mark.parametrize(("pool", "head"), [("avg", "linear"), ("none", "pooled-linear")])
+def test_a_channels_last_layer_exports_pooled_as_it_was_cached(
+    runs: dict[str, Any], tmp_path: Path, pool: str, head: str
+) -> None:
+    """MambaOut's stages are (N, H, W, C): the exported model pools over H and W, as the cache did."""
+    spec, layer = "timm:mambaout_femto", "stages.1"
+    cfg = TrainConfig(epochs=2, lr=1e-2, standardize=True, device="cpu")
+    ecfg = ExtractConfig(input_size=(32, 32), batch_size=16, device="cpu", pool=pool)
+    job = RunSpec(
+        spec, runs["data"], tmp_path / "run", "none", ecfg, cfg, cache_dir=runs["cache"], progress=False
+    )
+    run = train_run(job, layer, HeadSpec(head))
+    assert run.config["layer_layout"] == "NHWC" and run.head_info.layout == (
+        "NC" if pool == "avg" else "NHWC"
+    )
+    path = export_run(run.dir, "pt", tmp_path / "model")
+    assert read_info(path).layout == "NHWC"
+    test = runs["data"].load().test
+    want = pipeline_logits(run, load_backbone(spec, weights="none"), test, runs["cache"])
+    got = load_predictor(path, device="cpu").logits([test.load(i) for i in range(len(test))])
+    assert_same_logits(got, want)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -376,3 +377,77 @@ def test_an_empty_split_is_named_before_anything_is_written(resnet18: Backbone, 
             resnet18, empty, LAYERS, _config(), cache_dir=str(tmp_path / "c"), split="val", progress=False
         )
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _hooked(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Plain forward hooks: each module's first output."""
+    out: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: out.setdefault(n, o.clone()))
+        for n in names
+    ]
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_channels_last_maps_pool_and_store_statistics_over_their_positions(tmp_path: Path) -> None:
+    """swin_t's ``features.*`` are (N, H, W, C): pooled to (C,), channel statistics per C (the issue:
+    ``features.5 [4]``, the mean over W and C)."""
+    from featcache.backbones.registry import load_backbone
+    from featcache.data.preprocess import to_model_input
+
+    swin = load_backbone("torchvision:swin_t", weights="none")
+    rng = np.random.default_rng(0)
+    samples = ArraySamples(rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8), np.arange(5) % 2, ["a", "b"])
+    x = torch.stack([to_model_input(samples.load(i), swin.cfg.with_input_size(64, 64)) for i in range(5)])
+    ref = _hooked(swin.model, ["features.5", "features.7"], x)
+    config = _config(input_size=(64, 64), shard_rows=2, batch_size=3)
+    pooled = extract(swin, samples, ["features.5"], config, cache_dir=str(tmp_path), progress=False)
+    assert pooled.features["features.5"].shape == (5, 384) and pooled.layouts == {"features.5": "NC"}
+    assert pooled.manifest["layer_layouts"] == {"features.5": "NHWC"}
+    np.testing.assert_allclose(pooled.features["features.5"], ref["features.5"].mean((1, 2)), atol=1e-5)
+    maps = extract(
+        swin,
+        samples,
+        ["features.5", "features.7"],
+        replace(config, pool="none"),
+        cache_dir=str(tmp_path),
+        progress=False,
+    )
+    assert maps.layouts == {"features.5": "NHWC", "features.7": "NHWC"}
+    for name in ("features.5", "features.7"):
+        np.testing.assert_allclose(maps.features[name], ref[name], atol=1e-5)
+        var, mean = torch.var_mean(ref[name], dim=(1, 2), correction=0)
+        np.testing.assert_allclose(maps.channel_stats[name].mean, mean, atol=1e-5)
+        np.testing.assert_allclose(maps.channel_stats[name].var, var, atol=1e-4)
+    assert FeatureCache(tmp_path).verify(maps.key) == []
+
+
+def test_layers_that_cannot_be_extracted_or_pooled_say_why(tmp_path: Path) -> None:
+    from featcache.backbones.registry import load_backbone
+
+    samples = ArraySamples(np.zeros((2, 32, 32, 3), dtype=np.uint8), np.arange(2), ["a", "b"])
+    levit = load_backbone("timm:levit_128s", weights="none", input_size=(64, 64))
+    cfg = _config(input_size=(64, 64))
+    with pytest.raises(
+        FeatcacheError, match=r"'stages.0.blocks.0.attn.qkv.bn' .* first axis is not the batch"
+    ):
+        extract(
+            levit, samples, ["stages.0.blocks.0.attn.qkv.bn"], cfg, cache_dir=str(tmp_path), progress=False
+        )
+    vit = load_backbone("timm:vit_tiny_patch16_224", weights="none", input_size=(64, 64))
+    with pytest.raises(FeatcacheError, match=r"cannot avg-pool layer 'patch_embed'.* --pool none"):
+        extract(vit, samples, ["patch_embed"], cfg, cache_dir=str(tmp_path), progress=False)
+    kept = extract(
+        vit, samples, ["patch_embed"], replace(cfg, pool="none"), cache_dir=str(tmp_path), progress=False
+    )
+    assert kept.features["patch_embed"].shape == (2, 16, 192) and kept.layouts == {"patch_embed": None}
+    assert kept.channel_stats == {}
+    two_heads = extract(levit, samples, ["penultimate"], cfg, cache_dir=str(tmp_path), progress=False)
+    assert two_heads.features["penultimate"].shape == (2, 384)

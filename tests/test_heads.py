@@ -113,3 +113,39 @@ def test_head_info_rebuilds_same_structure() -> None:
     again.load_state_dict(head.state_dict())
     x = torch.randn(3, 20)
     torch.testing.assert_close(again.eval()(x), head.eval()(x))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("kind", ["pooled-linear", "conv", "linear"])
+def test_channels_last_heads_equal_channels_first_heads_on_the_same_maps(kind: str) -> None:
+    maps = torch.randn(40, 6, 4, 5, generator=torch.Generator().manual_seed(0))  # (N, C, H, W)
+    hwc = maps.permute(0, 2, 3, 1).contiguous()
+    std_c = fit_standardize(kind, maps)
+    var, mean = torch.var_mean(hwc, dim=(1, 2), correction=0)
+    std_l = fit_standardize(kind, hwc, mean.numpy(), var.numpy(), layout="NHWC")
+    assert torch.allclose(std_l.mean.flatten(), std_c.mean.flatten(), atol=1e-5)
+    assert torch.allclose(std_l.std.flatten(), std_c.std.flatten(), atol=1e-4)
+    assert torch.allclose(
+        fit_standardize(kind, hwc, layout="NHWC").std.flatten(), std_c.std.flatten(), atol=1e-4
+    )
+    first = build_head(HeadSpec(kind), (6, 4, 5), 3, std_c)
+    last = build_head(HeadSpec(kind), (4, 5, 6), 3, std_l, layout="NHWC")
+    if kind != "linear":  # same seed, same weights: the channels-first view has no parameters
+        with torch.no_grad():
+            assert torch.allclose(last.eval()(hwc), first.eval()(maps), atol=1e-5)
+    info = HeadInfo(HeadSpec(kind), (4, 5, 6), 3, standardize=True, layout="NHWC")
+    rebuilt = HeadInfo.from_dict(info.to_dict()).build()
+    rebuilt.load_state_dict(last.state_dict())  # same structure, standardisation shaped for NHWC
+
+
+def test_token_layers_take_pooled_heads_not_conv_heads() -> None:
+    tokens = torch.randn(8, 10, 16)
+    head = build_head(HeadSpec("pooled-linear"), (10, 16), 3, layout="NLD")
+    linear = head.body[-1]
+    assert torch.allclose(head(tokens), linear(tokens.mean(1)), atol=1e-6)
+    with pytest.raises(FeatcacheError, match="needs a spatial map"):
+        build_head(HeadSpec("conv"), (10, 16), 3, layout="NLD")
+    with pytest.raises(FeatcacheError, match="needs a map or tokens"):
+        build_head(HeadSpec("pooled-linear"), (16,), 3, layout="NC")

@@ -367,6 +367,152 @@ def test_other_extractor_errors(resnet18: Backbone) -> None:
         FeatureExtractor(Unused(), ["used", "spare"])(_x(8))
 
 
+# --------------------------------------------------------------------------- nested names, lists, FX checks
+
+
+def test_nested_names_each_get_their_own_graph_node(resnet18: Backbone) -> None:
+    """``layer4`` with ``layer4.1`` (a module and its last child) and ``layer4.1`` with its last graph
+    node: torchvision's prefix matching gave the child an earlier node, or lost an output."""
+    m, x = resnet18.model, _x()
+    names = ["layer4", "layer4.1", "layer4.1.conv2", "layer4.0"]
+    clean, ref = _without_inplace(m), {}
+    handles = [
+        clean.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: ref.setdefault(n, o))
+        for n in names
+    ]
+    with torch.inference_mode():
+        clean(x)
+        for h in handles:
+            h.remove()
+        for layers in (names, ["layer4.1", "layer4.1.relu_1"], ["flatten", "layer4", "layer4.1"]):
+            ext = FeatureExtractor(m, layers, method="fx")
+            out = ext(x)
+            assert ext.method == "fx" and list(out) == layers
+            for name in layers:
+                want = ref["layer4.1"] if name == "layer4.1.relu_1" else ref.get(name)
+                if want is not None:
+                    assert _max_diff(out[name], want) <= 1e-6, (layers, name)
+
+
+class Branches(nn.Module):
+    """Returns a list: forward hooks give its first tensor, its last graph node is the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.a(x), self.b(x) * 2]
+
+
+class TwoBranchNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches, self.fc = Branches(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.branches(x)
+        return self.fc(torch.relu(a + b).mean((2, 3)))
+
+
+def test_fx_is_checked_against_hooks_and_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model, x = TwoBranchNet().eval(), _x(8)
+    ext = FeatureExtractor(model, ["branches", "branches.b"], method="fx")
+    assert ext.method == "fx"
+    with torch.inference_mode():
+        assert ext.verify(x) == ["branches"]
+        out = ext(x)
+        want = model.branches.a(x)
+    assert ext.method == "hooks" and "other values than their modules' forward hooks" in caplog.text
+    assert _max_diff(out["branches"], want) <= 1e-6
+    # the first batch checks it when nobody called verify; a graph node among them cannot fall back
+    with torch.inference_mode():
+        lazy = FeatureExtractor(model, ["branches"], method="fx")
+        assert _max_diff(lazy(x)["branches"], want) <= 1e-6 and lazy.method == "hooks"
+        with pytest.raises(FeatcacheError, match=r"graph nodes \['relu'\] need torch.fx"):
+            FeatureExtractor(model, ["branches", "relu"])(x)
+    with pytest.raises(FeatcacheError, match="in two calls"):
+        FeatureExtractor(model, ["relu", "logits"], classifier="fc")
+
+
+# --------------------------------------------------------------------------- layouts, batch axis, model kinds
+
+
+def _layers(spec: str, size: int = 64) -> dict[str, Any]:
+    bb = load_backbone(spec, weights="none", input_size=(size, size))
+    return {r.name: r for r in list_layers(bb, (size, size))}
+
+
+def test_layouts_of_channels_last_maps_tokens_and_vectors() -> None:
+    swin = _layers("torchvision:swin_t")
+    assert (swin["features.5"].shape, swin["features.5"].layout) == ((1, 4, 4, 384), "NHWC")
+    assert swin["permute"].layout == "NCHW" and swin["penultimate"].layout == "NC"
+    mamba = _layers("timm:mambaout_femto")  # timm declares output_fmt NHWC for its stages
+    assert mamba["stages.1"].layout == mamba["stages.1.blocks.0.fc1"].layout == "NHWC"
+    assert mamba["stages.1.blocks.0.conv"].layout == "NCHW"  # permuted around its depthwise conv
+    vit = _layers("timm:vit_tiny_patch16_224")  # one input size only: type and inheritance decide
+    assert vit["blocks.1"].layout == vit["norm"].layout == "NLD"
+    assert vit["blocks.1.attn.q_norm"].layout is None  # (N, heads, L, d): not a map
+
+
+def test_layers_whose_first_axis_is_not_the_batch_are_marked() -> None:
+    levit = _layers("timm:levit_128s")
+    bn = levit["stages.0.blocks.0.attn.qkv.bn"]  # BatchNorm1d over (batch x tokens, C)
+    assert bn.refused and "first axis is not the batch" in bn.refused
+    assert levit["stages.0.blocks.0"].refused is None
+    mobilevit = _layers("timm:mobilevit_xxs")
+    assert sum(r.refused is not None for r in mobilevit.values()) == 195  # patches (N x P, L, D)
+
+
+def test_two_head_models_have_a_penultimate_and_logits() -> None:
+    bb = load_backbone("timm:levit_128s", weights="none", input_size=(64, 64))
+    assert bb.cfg.classifier == ("head.linear", "head_dist.linear")
+    rows = {r.name: r for r in list_layers(bb, (64, 64))}
+    assert rows["penultimate"].shape == (1, 384) and rows["penultimate"].type.startswith("pre-logits")
+    x = _x()
+    with torch.inference_mode():
+        out = FeatureExtractor(bb.model, ["stages.1", "penultimate", "logits"], classifier=bb.cfg.classifier)(
+            x
+        )
+        pre = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True)
+        logits = bb.model(x)
+    assert _max_diff(out["penultimate"], pre) == 0 and _max_diff(out["logits"], logits) == 0
+
+
+def test_a_one_by_one_conv_classifier_gives_vectors() -> None:
+    bb = load_backbone("timm:dla34", weights="none")
+    x = _x()
+    with torch.inference_mode():
+        out = FeatureExtractor(bb.model, ["penultimate"], classifier=bb.cfg.classifier)(x)
+        pre = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True)
+    assert out["penultimate"].shape == (2, 512) and _max_diff(out["penultimate"], pre.flatten(1)) == 0
+
+
+def test_a_fixed_size_timm_model_is_built_for_the_input_size() -> None:
+    bb = load_backbone("timm:vit_tiny_patch16_224", weights="none")
+    with pytest.raises(
+        FeatcacheError, match=r"cannot run on a 64x64 input \(AssertionError.*input_size=\(64, 64\)"
+    ):
+        list_layers(bb, (64, 64))
+    small = load_backbone("timm:vit_tiny_patch16_224", weights="none", input_size=(64, 64))
+    assert small.cfg.input_size == (64, 64) and small.cfg.weights_id != bb.cfg.weights_id
+    assert {r.name: r.shape for r in list_layers(small, (64, 64))}["blocks.0"] == (1, 17, 192)
+    same = load_backbone("timm:vit_tiny_patch16_224", weights="none", input_size=(224, 224))
+    assert same.cfg.weights_id == bb.cfg.weights_id  # its own size: built as without input_size
+
+
+def test_the_probe_runs_without_the_models_own_hooks(resnet18: Backbone) -> None:
+    calls: list[int] = []
+    handle = resnet18.model.conv1.register_forward_hook(lambda _m, _i, o: calls.append(len(o)))
+    rows = list_layers(resnet18, (64, 64))
+    assert calls == [] and next(r.layout for r in rows if r.name == "conv1") == "NCHW"
+    with torch.inference_mode():
+        resnet18.model(_x())
+    handle.remove()
+    assert calls == [2]  # and they are back afterwards
+
+
 def test_summarize_totals_cover_the_whole_model_not_only_the_rows_shown(resnet18: Backbone) -> None:
     from featcache.backbones.layers import summarize
 

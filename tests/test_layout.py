@@ -1,87 +1,60 @@
-"""The package's shape: stage subpackages without import cycles, short functions, small job APIs, one
-writer of a run's config.json."""
+"""Layouts: pooling, channel statistics and the channels-first view against torch's own NCHW operations
+on the permuted tensor."""
 
 from __future__ import annotations
 
-import ast
-import inspect
-from pathlib import Path
+import pytest
+import torch
 
-import featcache
-from featcache.runs import finetune_run, probe_run, sweep_run, train_run
+from featcache._util import FeatcacheError
+from featcache.layout import (
+    channel_stats,
+    channels,
+    channels_first,
+    pool,
+    pooled_layout,
+    position_axes,
+    stat_shape,
+)
 
-ROOT = Path(featcache.__file__).parent
-
-
-def _modules() -> dict[str, tuple[Path, ast.Module]]:
-    out = {}
-    for path in ROOT.rglob("*.py"):
-        rel = path.relative_to(ROOT.parent).with_suffix("")
-        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-        out[".".join(parts)] = (path, ast.parse(path.read_text()))
-    return out
-
-
-def _imports(name: str, path: Path, tree: ast.Module, modules: set[str]) -> set[str]:
-    """The package modules ``name`` imports at module level (relative imports, resolved)."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-            target = ".".join(base + ([node.module] if node.module else []))
-            subs = {f"{target}.{a.name}" for a in node.names} & modules
-            out |= subs or ({target} & modules)
-    return out - {name}
+MAPS = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0))  # (N, C, H, W)
+AS = {
+    "NCHW": MAPS,
+    "NHWC": MAPS.permute(0, 2, 3, 1).contiguous(),
+    "NLD": MAPS.flatten(2).transpose(1, 2).contiguous(),  # positions as tokens
+    "NCL": MAPS.flatten(2).contiguous(),
+}
 
 
-def test_no_import_cycles_between_modules() -> None:
-    modules = _modules()
-    graph = {m: _imports(m, p, t, set(modules)) for m, (p, t) in modules.items()}
-    cycles, state = [], {}
-
-    def visit(u: str, stack: list[str]) -> None:
-        state[u] = 1
-        stack.append(u)
-        for v in graph[u]:
-            # a submodule importing its own package's __init__ is how Python loads packages, not a cycle
-            if state.get(v) == 1 and not u.startswith(v + "."):
-                cycles.append([*stack[stack.index(v) :], v])
-            elif v not in state:
-                visit(v, stack)
-        stack.pop()
-        state[u] = 2
-
-    for m in graph:
-        if m not in state:
-            visit(m, [])
-    assert cycles == []
+@pytest.mark.parametrize("layout", list(AS))
+def test_pooling_is_the_nchw_pooling_of_the_same_values(layout: str) -> None:
+    t = AS[layout]
+    assert torch.allclose(pool(t, "avg", layout), torch.nn.functional.adaptive_avg_pool2d(MAPS, 1).flatten(1))
+    assert torch.equal(pool(t, "max", layout), torch.nn.functional.adaptive_max_pool2d(MAPS, 1).flatten(1))
+    assert torch.equal(pool(t, "none", layout), t) and torch.equal(pool(t, "flatten", layout), t.flatten(1))
+    assert channels(layout, tuple(t.shape[1:])) == 5 and pooled_layout(layout, "avg") == "NC"
 
 
-def test_no_function_is_longer_than_100_lines() -> None:
-    long = [
-        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-        for name, (_, tree) in _modules().items()
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100
-    ]
-    assert long == []
+@pytest.mark.parametrize("layout", list(AS))
+def test_channel_statistics_and_channels_first(layout: str) -> None:
+    var, mean = torch.var_mean(MAPS, dim=(2, 3), correction=0)
+    got_mean, got_var = channel_stats(AS[layout], layout)
+    assert torch.allclose(got_mean, mean, atol=1e-6) and torch.allclose(got_var, var, atol=1e-5)
+    first = channels_first(AS[layout], layout)
+    assert first.shape[:2] == (3, 5) and torch.equal(first.flatten(2), MAPS.flatten(2))
+    # per-channel statistics broadcast over one row in its own layout
+    mean_b = mean[0].reshape(stat_shape(layout, tuple(AS[layout].shape[1:])))
+    assert (AS[layout][0] - mean_b).shape == AS[layout][0].shape
 
 
-def test_every_job_takes_a_run_spec_and_few_arguments() -> None:
-    for job in (train_run, finetune_run, sweep_run, probe_run):
-        params = list(inspect.signature(job).parameters)
-        assert params[0] == "spec" and len(params) <= 5, (job.__name__, params)
-
-
-def test_config_json_is_written_in_exactly_one_function() -> None:
-    """Only RunFolder.write_config names the file it writes (readers go through RunFolder too)."""
-    places = [
-        f"{name}:{node.lineno}"
-        for name, (_, tree) in _modules().items()
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and node.value == "config.json"
-    ]
-    assert places and all(p.startswith("featcache.runs.folder:") for p in places), places
-    source = (ROOT / "runs" / "folder.py").read_text()
-    assert source.count('write_json(self.path / "config.json"') == 1
+def test_vectors_and_unknown_layouts() -> None:
+    one_by_one = torch.randn(2, 7, 1, 1)  # the input of a 1x1-conv classifier
+    assert pool(one_by_one, "none", "NC").shape == (2, 7)
+    assert position_axes("NC") == () and stat_shape("NC", (7,)) == (7,)
+    assert torch.equal(pool(MAPS, "none", None), MAPS)
+    with pytest.raises(FeatcacheError, match="layout is unknown"):
+        pool(MAPS, "avg", None)
+    with pytest.raises(FeatcacheError, match="cannot have layout NHWC"):
+        pool(torch.zeros(2, 3, 4), "avg", "NHWC")
+    with pytest.raises(FeatcacheError, match="unknown layout 'NWHC'"):
+        pool(MAPS, "avg", "NWHC")

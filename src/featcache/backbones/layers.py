@@ -1,8 +1,9 @@
 """Named layers: list them with output shapes, summarise a model, and extract several at once.
 
 Layer names are what ``model.named_modules()`` shows (``layer3``, ``layer4.1.conv2``) plus two
-shorthands: ``penultimate`` (the input of the classifier, what ``model.fc = Identity()`` returns)
-and ``logits`` (the model's output). Graph-node names that are not modules (``flatten``, ``add_1``)
+shorthands: ``penultimate`` (the input of the classifier, what ``model.fc = Identity()`` returns, as
+vectors; for timm's two-head distilled models the pre-logits features both heads are built on) and
+``logits`` (the model's output). Graph-node names that are not modules (``flatten``, ``add_1``)
 work through torch.fx where the model traces.
 """
 
@@ -18,17 +19,25 @@ import torchvision
 from torch import nn
 
 from .._util import FeatcacheError
+from .hooks import (  # noqa: F401  (re-exported: where these names have always been imported from)
+    INPUT_PREFIX,
+    LOGITS,
+    PENULTIMATE,
+    SHORTHANDS,
+    dummy_input,
+    first_tensor,
+    heads,
+    module_names,
+)
+from .probe import probe_layers
 from .registry import Backbone
-
-PENULTIMATE = "penultimate"
-LOGITS = "logits"
-SHORTHANDS = (PENULTIMATE, LOGITS)
-INPUT_PREFIX = "input:"  # ``input:layer4.1``: the input of a module (where a cached prefix ends)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One row of ``featcache layers``: name, module type, output shape (batch 1) and parameters."""
+    """One row of ``featcache layers``: name, module type, output shape (batch 1), parameters, and the
+    output's layout (:mod:`featcache.layout`) and why it cannot be extracted, if it cannot.
+    """
 
     name: str
     type: str
@@ -36,107 +45,49 @@ class LayerInfo:
     params: int
     trainable: int
     depth: int
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a module output (tensor, tuple/list, dict or a transformers ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            t = first_tensor(v)
-            if t is not None:
-                return t
-    return None
-
-
-def module_names(model: nn.Module) -> list[str]:
-    """All non-root module names in registration order."""
-    return [n for n, _ in model.named_modules() if n]
-
-
-def dummy_input(
-    backbone: Backbone, input_size: tuple[int, int] | None = None, batch: int = 1
-) -> torch.Tensor:
-    """A zero batch at the backbone's (or the given) input size, on the model's device."""
-    h, w = input_size or backbone.cfg.input_size
-    p = next(backbone.model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    return torch.zeros(batch, backbone.cfg.channels, h, w, device=device)
+    layout: str | None = None
+    refused: str | None = None
 
 
 def list_layers(backbone: Backbone, input_size: tuple[int, int] | None = None) -> list[LayerInfo]:
-    """Every named module with its output shape for one image at ``input_size`` and its parameters.
+    """Every named module with its output shape and layout for one image at ``input_size``, its
+    parameters, and why it cannot be extracted where it cannot (:func:`.probe.probe_layers`).
 
     Example:
         >>> from featcache.backbones import load_backbone
         >>> rows = list_layers(load_backbone("torchvision:resnet18", weights="none"), (64, 64))
-        >>> next(r.shape for r in rows if r.name == "layer3")
-        (1, 256, 4, 4)
+        >>> next((r.shape, r.layout) for r in rows if r.name == "layer3")
+        ((1, 256, 4, 4), 'NCHW')
     """
     model = backbone.model
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-
-        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-            t = first_tensor(out)
-            if t is not None and name not in shapes:
-                shapes[name] = tuple(t.shape)
-
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            out = model(dummy_input(backbone, input_size))
-    except RuntimeError as exc:  # e.g. an input too small for the network's pooling
-        raise FeatcacheError(
-            f"{backbone.cfg.spec} cannot run on a {input_size or backbone.cfg.input_size} input: {exc}"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
+    probes = probe_layers(backbone, None, input_size)
     rows = []
     for name, mod in model.named_modules():
         if not name:
             continue
         params = list(mod.parameters())
+        p = probes[name]
         rows.append(
             LayerInfo(
                 name=name,
                 type=type(mod).__name__,
-                shape=shapes.get(name),
-                params=sum(p.numel() for p in params),
-                trainable=sum(p.numel() for p in params if p.requires_grad),
+                shape=p.shape,
+                params=sum(q.numel() for q in params),
+                trainable=sum(q.numel() for q in params if q.requires_grad),
                 depth=name.count(".") + 1,
+                layout=p.layout,
+                refused=p.refused if p.shape is not None else None,
             )
         )
-    cls = backbone.cfg.classifier
-    if cls and cls in shapes:
-        pen = _capture_input(model, cls, dummy_input(backbone, input_size))
-        rows.append(LayerInfo(PENULTIMATE, f"input of {cls}", tuple(pen.shape), 0, 0, 0))
-    logits = first_tensor(out)
-    if logits is not None:
-        rows.append(LayerInfo(LOGITS, "model output", tuple(logits.shape), 0, 0, 0))
+    heads_ = heads(backbone.cfg.classifier)
+    pen = probes.get(PENULTIMATE)
+    if pen is not None and pen.shape is not None:
+        what = f"input of {heads_[0]}" if len(heads_) == 1 else f"pre-logits of {', '.join(heads_)}"
+        rows.append(LayerInfo(PENULTIMATE, what, pen.shape, 0, 0, 0, pen.layout, pen.refused))
+    logits = probes[LOGITS]
+    if logits.shape is not None:
+        rows.append(LayerInfo(LOGITS, "model output", logits.shape, 0, 0, 0, logits.layout, logits.refused))
     return rows
-
-
-def _capture_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """The first tensor entering module ``name`` when the model runs on ``x``."""
-    seen: list[torch.Tensor | None] = []
-    module = dict(model.named_modules())[name]
-    handle = module.register_forward_pre_hook(lambda _m, inp: seen.append(first_tensor(inp)))
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        handle.remove()
-    if not seen or seen[0] is None:
-        raise FeatcacheError(f"the classifier {name!r} was not called with a tensor")
-    return seen[0]
 
 
 def count_macs(backbone: Backbone, input_size: tuple[int, int] | None = None) -> int | None:

@@ -38,7 +38,8 @@ class BackboneCfg:
         weights: human-readable name of the weights (``IMAGENET1K_V1``, ``none``, a path).
         weights_id: SHA-256 of the weight tensors: the identity used by the cache.
         classes: class names of the pretrained classifier, where known.
-        classifier: module name of the classifier (``fc``, ``classifier``, ``heads.head``), if any.
+        classifier: module name of the classifier (``fc``, ``classifier``, ``heads.head``), if any; a
+            tuple of names for timm's two-head (distilled) models, ``("head", "head_dist")``.
 
     Example:
         >>> cfg = BackboneCfg(spec="custom").with_input_size(64, 64)
@@ -51,7 +52,7 @@ class BackboneCfg:
     weights: str = "none"
     weights_id: str = ""
     classes: tuple[str, ...] | None = field(default=None, repr=False)
-    classifier: str | None = None
+    classifier: str | tuple[str, ...] | None = None
 
     # Read-only views of ``preprocessing`` (the one place they are stored).
     @property
@@ -111,17 +112,23 @@ SourceFn = Callable[[str, "str | None"], Backbone]
 _SOURCES: dict[str, SourceFn] = {}
 _LISTERS: dict[str, Callable[[], list[str]]] = {}
 _CLAIMS: dict[str, Callable[[str], bool]] = {}
+SizedFn = Callable[[str, "str | None", tuple[int, int]], Backbone]
+_SIZED: dict[str, SizedFn] = {}
 # Who owns a bare name (no ``source:``): timm also has ``resnet18``, torchvision's is meant.
 BARE_NAME_ORDER = ("efficientnet-lite", "torchvision", "timm")
 
 
 def register_source(
-    name: str, lister: Callable[[], list[str]], claims: Callable[[str], bool] | None = None
+    name: str,
+    lister: Callable[[], list[str]],
+    claims: Callable[[str], bool] | None = None,
+    sized: SizedFn | None = None,
 ) -> Callable[[SourceFn], SourceFn]:
     """Register a backbone source under a spec prefix; a duplicate name raises.
 
     ``claims(name)`` says whether a bare name (no ``source:`` prefix) belongs to this source; sources
-    are asked in ``BARE_NAME_ORDER``.
+    are asked in ``BARE_NAME_ORDER``. ``sized(name, weights, (h, w))`` builds a model for an input
+    size, for sources whose models are built for one (timm's ViT, Swin, LeViT).
 
     Example:
         >>> @register_source("mine", lister=lambda: ["tiny"])  # doctest: +SKIP
@@ -135,6 +142,8 @@ def register_source(
         _LISTERS[name] = lister
         if claims is not None:
             _CLAIMS[name] = claims
+        if sized is not None:
+            _SIZED[name] = sized
         return fn
 
     return deco
@@ -244,7 +253,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def load_backbone(
-    spec: str | nn.Module, weights: str | None = None, cfg: BackboneCfg | None = None
+    spec: str | nn.Module,
+    weights: str | None = None,
+    cfg: BackboneCfg | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> Backbone:
     """Build a frozen, eval-mode backbone and its config.
 
@@ -253,6 +265,9 @@ def load_backbone(
         weights: ``None`` for the source's default pretrained weights, ``"none"`` for random
             init (seeded, so reproducible), an enum/tag name, or a path to a state dict.
         cfg: config to use for an ``nn.Module`` (defaults to ImageNet preprocessing at 224).
+        input_size: (H, W) the model will see, for models built for one input size: timm builds
+            those (``fixed_input_size``) with ``img_size=`` (pretrained position tables resampled);
+            other models take any size and ignore it.
 
     Example:
         >>> bb = load_backbone("torchvision:resnet18", weights="none")
@@ -265,7 +280,11 @@ def load_backbone(
             base = replace(base, classifier=last_linear(spec))
         return finish(spec, base)
     source, name = parse_spec(spec)
-    backbone = _SOURCES[source](name, weights)
+    sized = _SIZED.get(source) if input_size is not None else None
+    if sized is not None and input_size is not None:
+        backbone = sized(name, weights, (int(input_size[0]), int(input_size[1])))
+    else:
+        backbone = _SOURCES[source](name, weights)
     if cfg is not None:
         backbone.cfg = replace(cfg, weights_id=backbone.cfg.weights_id, spec=backbone.cfg.spec)
     return backbone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 
 from .._util import FeatcacheError, unknown
@@ -29,15 +31,36 @@ def _is_timm_model(spec: str) -> bool:
     return bool(timm.is_model(spec.split(".")[0]))
 
 
-@register_source("timm", lister=_timm_names, claims=_is_timm_model)
+def _timm_sized(name: str, weights: str | None, size: tuple[int, int]) -> Backbone:
+    """A timm model built for ``size`` when timm builds it for one input size (ViT, Swin, LeViT, ...)."""
+    arch = name.split(".")[0]
+    pcfg = timm.get_pretrained_cfg(name) if timm.is_model(arch) else None
+    if pcfg is None or not pcfg.fixed_input_size or tuple(pcfg.input_size[1:]) == size:
+        return _build(name, weights)
+    return _build(name, weights, size)
+
+
+@register_source("timm", lister=_timm_names, claims=_is_timm_model, sized=_timm_sized)
 def _timm(name: str, weights: str | None) -> Backbone:
+    return _build(name, weights)
+
+
+def _build(name: str, weights: str | None, img_size: tuple[int, int] | None = None) -> Backbone:
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         raise unknown("timm model", name, timm.list_models(), "Run `featcache models 'timm:*name*'` to list.")
     pretrained = weights is None or weights.upper() == "DEFAULT"
     path = weights if weights and weights.lower() not in ("none", "default") else None
+    kwargs: dict[str, Any] = {"img_size": img_size} if img_size else {}
     try:
-        model = seeded_init(lambda: timm.create_model(name, pretrained=pretrained))
+        model = seeded_init(lambda: timm.create_model(name, pretrained=pretrained, **kwargs))
+    except TypeError as exc:
+        if not img_size:
+            raise
+        raise FeatcacheError(
+            f"timm builds {name} for one input size and cannot build it for {img_size[0]}x{img_size[1]} "
+            f"({exc}); use its own input size (`featcache layers timm:{name}` shows it)"
+        ) from exc
     except Exception as exc:  # hub download failures surface as many exception types
         raise FeatcacheError(
             f"could not load timm weights for {name} ({type(exc).__name__}: {exc}). Without internet, pass "
@@ -46,7 +69,7 @@ def _timm(name: str, weights: str | None) -> Backbone:
     if path:
         load_into(model, load_state_file(path), path)
     data = timm.data.resolve_data_config({}, model=model)
-    h, w = data["input_size"][1:]
+    h, w = img_size or data["input_size"][1:]
     return finish(
         model,
         BackboneCfg(

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, stable_hash, write_json
+from ..layout import NC, NCHW, channels, legacy_layout
 from .writer import (
     CACHE_VERSION,
     CHANNEL_STATS,
@@ -78,8 +79,10 @@ class CachedFeatures:
         ids: stable sample ids, one per row.
         classes: class names.
         manifest: the parsed ``manifest.json``.
-        channel_stats: :class:`ChannelStats` of each spatial-map layer (absent in entries written before
+        channel_stats: :class:`ChannelStats` of each map or token layer (absent in entries written before
             featcache stored them).
+
+    :meth:`layout` gives each stored array's layout (:mod:`featcache.layout`), as the manifest records it.
     """
 
     key: str
@@ -99,6 +102,23 @@ class CachedFeatures:
     def dtype(self) -> str:
         return str(self.manifest["record"]["dtype"])
 
+    @property
+    def layouts(self) -> dict[str, str | None]:
+        """Each layer's stored layout: ``NC`` vectors, ``NCHW``/``NHWC`` maps, ``NLD`` tokens, ``NCL``;
+        None where it is unknown (stored as is, no pooling heads).
+
+        Example:
+            >>> cached.layouts  # doctest: +SKIP
+            {'features.5': 'NHWC'}
+        """
+        return {k: self.layout(k) for k in self.features}
+
+    def layout(self, layer: str) -> str | None:
+        """The stored layout of ``layer`` (entries from before layouts were recorded: maps NCHW, (L, D)
+        rows tokens)."""
+        meta = self.manifest["layers"][layer]
+        return meta["layout"] if "layout" in meta else legacy_layout(tuple(meta["shape"]))
+
     def tensor(
         self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
@@ -113,6 +133,14 @@ class CachedFeatures:
             )
         t = to_torch(np.asarray(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def _stats_layout(meta: dict[str, Any]) -> str | None:
+    """The layout a layer's channel statistics are taken over: a map or token layout, else None (entries
+    from before layouts were recorded: NCHW maps)."""
+    if "layout" not in meta:
+        return NCHW if len(meta["shape"]) == 3 else None
+    return meta["layout"] if meta["layout"] not in (None, NC) else None
 
 
 class FeatureCache:
@@ -205,8 +233,9 @@ class FeatureCache:
                 )
             features[layer] = arr
             if "channel_stats" in meta:
+                shape = (manifest["rows"], channels(str(_stats_layout(meta)), tuple(meta["shape"])))
                 stats[layer] = ChannelStats(
-                    *(self._open_stat(key, layer, meta, k, arr.shape[:2]) for k in CHANNEL_STATS)
+                    *(self._open_stat(key, layer, meta, k, shape) for k in CHANNEL_STATS)
                 )
         labels = np.load(path / "labels.npy")
         ids = json.loads((path / "ids.json").read_text())
@@ -245,15 +274,18 @@ class FeatureCache:
 
         def todo() -> tuple[dict[str, Any], list[str]]:
             m = json.loads((path / "manifest.json").read_text())
-            return m, [k for k, v in m["layers"].items() if len(v["shape"]) == 3 and "channel_stats" not in v]
+            return m, [k for k, v in m["layers"].items() if _stats_layout(v) and "channel_stats" not in v]
 
         if not self.is_complete(key) or not todo()[1]:
             return []
         with self.lock(key):
             manifest, layers = todo()  # again: another process may have added them meanwhile
             for layer in layers:
-                maps = np.load(path / manifest["layers"][layer]["file"], mmap_mode="r")
-                files = ChannelStatsFiles(path, layer, len(maps), maps.shape[1], manifest["record"]["dtype"])
+                meta = manifest["layers"][layer]
+                maps = np.load(path / meta["file"], mmap_mode="r")
+                layout = str(_stats_layout(meta))
+                c = channels(layout, maps.shape[1:])
+                files = ChannelStatsFiles(path, layer, len(maps), c, manifest["record"]["dtype"], layout)
                 step = max(1, (256 << 20) // max(1, maps[:1].nbytes))
                 desc = f"channel statistics of {layer}"
                 for s in tqdm(range(0, len(maps), step), desc=desc, delay=2, disable=not progress):

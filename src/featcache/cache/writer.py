@@ -7,7 +7,8 @@ Layout of one entry, ``<root>/<key>/`` (no pickle anywhere)::
     shards/00000.<layer>.npy
     features/<layer>.npy   consolidated, memory-mappable arrays (written at commit)
     features/channel_stats/<layer>.{mean,var}.npy
-                           per-row channel mean and variance of each spatial map (N, C), float32,
+                           per-row channel mean and variance of each map or token layer (N, C),
+                           float32, over the positions its layout names (manifest ``layers.<l>.layout``),
                            written at commit: pooled heads and standardisation read them, not the map
     labels.npy, ids.json
     manifest.json          committed last: its presence means the entry is complete
@@ -32,8 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, write_json
+from ..layout import NC, NCHW, channel_stats, channels, legacy_layout
 
-CACHE_VERSION = 1
+# 2: pooling and channel statistics follow each layer's layout (NHWC maps, tokens); the manifest
+# records it; ``penultimate`` of a 1x1-conv classifier is (C,); the record holds the method.
+CACHE_VERSION = 2
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
@@ -78,8 +82,9 @@ class ChannelStatsFiles:
     """The channel statistics of one map layer of an entry, written as rows arrive (memory-mapped
     temporaries in ``features/channel_stats/``), then moved into place by :meth:`finish`.
 
-    Per row and channel: the mean and (population) variance over the H x W positions of the stored
-    (rounded) values — what average pooling and standardisation of the map see.
+    Per row and channel: the mean and (population) variance over the positions of the stored
+    (rounded) values, the positions and channels being those of the layer's ``layout``
+    (:func:`featcache.layout.channel_stats`) — what average pooling and standardisation of the map see.
 
     Example:
         >>> files = ChannelStatsFiles(entry_dir, "layer3", rows=1000, channels=256)  # doctest: +SKIP
@@ -87,8 +92,10 @@ class ChannelStatsFiles:
         >>> manifest["layers"]["layer3"]["channel_stats"] = files.finish()  # doctest: +SKIP
     """
 
-    def __init__(self, entry: Path, layer: str, rows: int, channels: int, dtype: str = "float32") -> None:
-        self.entry, self.layer, self.dtype = entry, layer, dtype
+    def __init__(
+        self, entry: Path, layer: str, rows: int, channels: int, dtype: str = "float32", layout: str = NCHW
+    ) -> None:
+        self.entry, self.layer, self.dtype, self.layout = entry, layer, dtype, layout
         folder = entry / "features" / "channel_stats"
         folder.mkdir(parents=True, exist_ok=True)
         self.tmp = {k: folder / f"{layer}.{k}.npy.tmp-{os.getpid()}" for k in CHANNEL_STATS}
@@ -97,11 +104,11 @@ class ChannelStatsFiles:
         }
 
     def add(self, start: int, maps: np.ndarray) -> None:
-        """Statistics of rows ``start:start+len(maps)`` from their (n, C, H, W) maps, ~64 MB at a time."""
+        """Statistics of rows ``start:start+len(maps)`` from their maps (in the layout), ~64 MB at a time."""
         step = max(1, (64 << 20) // max(1, maps[:1].nbytes))
         for s in range(0, len(maps), step):
             t = to_torch(np.asarray(maps[s : s + step]), self.dtype).float()
-            var, mean = torch.var_mean(t, dim=(2, 3), correction=0)
+            mean, var = channel_stats(t, self.layout)
             self.out["mean"][start + s : start + s + len(t)] = mean.numpy()
             self.out["var"][start + s : start + s + len(t)] = var.numpy()
 
@@ -185,10 +192,21 @@ class CacheWriter:
         write_json(self.path / "shards" / f"{index:05d}.json", meta)
 
     def commit(
-        self, n_shards: int, ids: list[str], labels: np.ndarray, info: dict[str, Any], progress: bool = False
+        self,
+        n_shards: int,
+        ids: list[str],
+        labels: np.ndarray,
+        info: dict[str, Any],
+        progress: bool = False,
+        layouts: dict[str, str | None] | None = None,
     ) -> None:
         """Consolidate shards into one memory-mappable array per layer and write the manifest (a
-        progress bar appears when ``progress`` and it takes more than two seconds)."""
+        progress bar appears when ``progress`` and it takes more than two seconds).
+
+        ``layouts`` gives each stored array's layout (:mod:`featcache.layout`; None: unknown), recorded
+        per layer; map and token layers get channel statistics over their positions. Without it, 4-D
+        arrays are taken as NCHW maps.
+        """
         shards = self.finished_shards()
         missing = [i for i in range(n_shards) if i not in shards]
         if missing:
@@ -209,9 +227,21 @@ class CacheWriter:
             shape = (len(rows), *parts[0].shape[1:])
             tmp = feat_dir / f"{layer}.npy.tmp-{os.getpid()}"
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
+            layout = layouts.get(layer) if layouts is not None else legacy_layout(shape[1:])
+            if layout is not None and len(layout) != len(shape):
+                raise FeatcacheError(f"layer {layer!r}: arrays of shape {shape} cannot have layout {layout}")
+            # Without layouts (an older caller) only 4-D maps get statistics, as before.
+            with_stats = layout not in (None, NC) and (layouts is not None or len(shape) == 4)
             stats = (
-                ChannelStatsFiles(self.path, layer, len(rows), shape[1], self.record["dtype"])
-                if len(shape) == 4
+                ChannelStatsFiles(
+                    self.path,
+                    layer,
+                    len(rows),
+                    channels(str(layout), shape[1:]),
+                    self.record["dtype"],
+                    str(layout),
+                )
+                if with_stats
                 else None
             )
             start = 0
@@ -226,6 +256,7 @@ class CacheWriter:
             _fsync_rename(tmp, feat_dir / f"{layer}.npy")
             layers[layer] = {
                 "shape": list(shape[1:]),
+                "layout": layout,
                 "file": f"features/{layer}.npy",
                 "block_sha256": digests,
             }

@@ -18,7 +18,7 @@ from .models import print_json
 
 def cmd_extract(a: argparse.Namespace) -> None:
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
-    bb = load_backbone(a.model, a.weights)
+    bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     splits = from_args(DataConfig, a).load()
     config = from_args(ExtractConfig, a)
     feats = extract_splits(

@@ -24,36 +24,50 @@ def cmd_models(a: argparse.Namespace) -> None:
 
 
 def cmd_layers(a: argparse.Namespace) -> None:
-    bb = load_backbone(a.model, a.weights)
-    rows = [
-        r
-        for r in list_layers(bb, tuple(a.input_size) if a.input_size else None)
-        if a.depth is None or r.depth <= a.depth
-    ]
+    size = tuple(a.input_size) if a.input_size else None
+    bb = load_backbone(a.model, a.weights, input_size=size)
+    rows = [r for r in list_layers(bb, size) if a.depth is None or r.depth <= a.depth]
     if a.json:
-        print_json([{"name": r.name, "type": r.type, "shape": r.shape, "params": r.params} for r in rows])
-        return
-    size = a.input_size or bb.cfg.input_size
-    print(f"{bb.cfg.spec}  input 1x{bb.cfg.channels}x{size[0]}x{size[1]}  weights {bb.cfg.weights}")
-    print(
-        format_table(
+        print_json(
             [
                 {
-                    "layer": r.name,
+                    "name": r.name,
                     "type": r.type,
-                    "output shape": "x".join(map(str, r.shape or ())) or "-",
+                    "shape": r.shape,
                     "params": r.params,
+                    "layout": r.layout,
+                    "extractable": r.refused is None,
+                    "refused": r.refused,
                 }
                 for r in rows
             ]
         )
-    )
+        return
+    size = size or bb.cfg.input_size
+    print(f"{bb.cfg.spec}  input 1x{bb.cfg.channels}x{size[0]}x{size[1]}  weights {bb.cfg.weights}")
+    table = [
+        {
+            "layer": r.name,
+            "type": r.type,
+            "output shape": "x".join(map(str, r.shape or ())) or "-",
+            # '?': stored as is only (--pool none/flatten); 'no': cannot be extracted
+            "layout": "no" if r.refused else (r.layout or ("?" if r.shape else "-")),
+            "params": r.params,
+        }
+        for r in rows
+    ]
+    print(format_table(table))
+    refused = [r for r in rows if r.refused]
+    if refused:
+        print(f"\nlayout 'no': {len(refused)} layers cannot be extracted: {refused[0].refused}")
+    if any(r.shape and not r.layout and not r.refused for r in rows):
+        print("layout '?': unknown, such layers are extracted with --pool none or flatten only")
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
-    bb = load_backbone(a.model, a.weights)
+    bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     if a.train:  # what a fine-tuning plan would train: the plan's own freezing, the classifier kept
-        classifier = bb.model.get_submodule(bb.cfg.classifier) if bb.cfg.classifier else None
+        classifier = bb.model.get_submodule(bb.cfg.classifier) if isinstance(bb.cfg.classifier, str) else None
         classes = getattr(classifier, "out_features", 0)
         if not classes:
             raise FeatcacheError(f"--train {a.train}: {bb.cfg.spec} has no Linear classifier to keep")

@@ -140,7 +140,7 @@ def _inspect_verbs(sub: Any) -> None:
     p.add_argument("filter", nargs="?", default="*", help="glob over source:name (default: *)")
     p.add_argument("--source", default=None, help="torchvision | timm | efficientnet-lite | hf")
 
-    p = _parser(sub, "layers", "list extractable layers with output shapes and parameter counts")
+    p = _parser(sub, "layers", "list extractable layers with output shapes, layouts and parameter counts")
     _model_args(p)
     add_config(p, ExtractConfig, only=["input_size"])
     p.add_argument("--depth", type=int, default=None, help="only layers up to this nesting depth")

@@ -62,6 +62,8 @@ class ExportInfo:
         return_nodes: FX (train, eval) node names returned by the truncated graph, for ``fx``.
         truncated: whether the saved weights hold only what the layer needs.
         weights_sha256: hash of the exported state dict (checked when a ``pt`` file loads).
+        layout: the layer's layout (:mod:`featcache.layout`), which pooling follows; None for runs
+            from before featcache recorded it (maps NCHW, tokens NLD).
     """
 
     format: str
@@ -82,6 +84,7 @@ class ExportInfo:
     run: str = ""
     notes: tuple[str, ...] = ()
     weights_sha256: str = ""
+    layout: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists): :func:`featcache._config.to_json`."""
@@ -155,7 +158,8 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     run_cfg = record.backbone
     weights_arg = weights if weights is not None else record.weights_arg
     try:
-        backbone = load_backbone(record.model, weights_arg)
+        size = record.extract.get("input_size")
+        backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
     except (FeatcacheError, FileNotFoundError) as exc:
         raise FeatcacheError(
             f"cannot rebuild the backbone of run {str(run_dir)!r} ({record.model}, weights="
@@ -176,7 +180,10 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     net, key, method, nodes, notes = truncate(backbone, layer)
     head, head_info = folder.load_head()
     pre = cfg.preprocessing
-    model = ExportedModel(Preprocess(pre), Network(net, key, pool, dtype, head), list(record.classes)).eval()
+    layout = record.layer_layout  # None in runs from before layouts were recorded
+    model = ExportedModel(
+        Preprocess(pre), Network(net, key, pool, dtype, head, layout), list(record.classes)
+    ).eval()
     on_gpu = bool(record.environment.get("cuda")) and extract.get("device") != "cpu"
     if extract.get("amp") or (extract.get("amp") is None and on_gpu):
         notes.append("features were extracted under bf16 autocast; the exported model runs in float32")
@@ -197,6 +204,7 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
         run=str(run_dir),
         notes=tuple(notes),
         weights_sha256=hash_tensors(model.state_dict()),
+        layout=layout,
     )
     return model, info
 
@@ -239,8 +247,8 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
     Example:
         >>> model = rebuild_model(read_info("model.pt"))  # doctest: +SKIP
     """
-    backbone = load_backbone(info.model, "none")
     pre = info.preprocessing
+    backbone = load_backbone(info.model, "none", input_size=pre.input_size)
     if info.method == "full":  # a fine-tuned network, exported whole
         from ..train.freeze import replace_classifier
 
@@ -259,7 +267,9 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
         net, key, _, _, _ = truncate(backbone, info.layer, info.return_nodes)
     head = HeadInfo.from_dict(info.head).build()
     return ExportedModel(
-        Preprocess(pre), Network(net, key, info.pool, info.storage_dtype, head), list(info.classes)
+        Preprocess(pre),
+        Network(net, key, info.pool, info.storage_dtype, head, info.layout),
+        list(info.classes),
     )
 
 

@@ -126,13 +126,21 @@ class Preprocess(nn.Module):
 class Network(nn.Module):
     """Normalised batch -> truncated backbone -> the extraction's pooling -> the trained head -> logits."""
 
-    def __init__(self, backbone: nn.Module, key: str, pool: str, storage_dtype: str, head: nn.Module) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        key: str,
+        pool: str,
+        storage_dtype: str,
+        head: nn.Module,
+        layout: str | None = None,
+    ) -> None:
         super().__init__()
         self.backbone, self.key, self.pool, self.head = backbone, key, pool, head
-        self.storage_dtype = storage_dtype
+        self.storage_dtype, self.layout = storage_dtype, layout  # the layer's layout: what pooling averages
 
     def forward(self, x: Tensor) -> Tensor:
-        t = pool_features(self.backbone(x)[self.key], self.pool)
+        t = pool_features(self.backbone(x)[self.key], self.pool, self.layout)
         if self.storage_dtype in ("float16", "bfloat16"):  # the head saw features stored in this dtype
             t = t.to(getattr(torch, self.storage_dtype)).to(torch.float32)
         return self.head(t)

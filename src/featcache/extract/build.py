@@ -25,9 +25,11 @@ from ..cache.writer import STORAGE_DTYPES
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
 from ..data.samples import BadImageError, SampleSet
+from ..layout import LAYOUT_RULES
 from .config import ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
+from .nodes import defining_method
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ def cache_record(
         "split": split,
         "view": view.index if view else 0,
         **augmented,
+        **_reading(backbone, layers, config),
+    }
+
+
+def _reading(backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
+    """How the layers are read, where that decides values: the method whose values the arrays are
+    (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the version of the
+    rules that infer each layer's layout (the layout decides pooling and channel statistics; it is a
+    function of the architecture, the input size and these rules, so no forward pass is needed here).
+    """
+    return {
+        "method": defining_method(backbone.model, layers, config.method),
+        "layout_rules": LAYOUT_RULES,
     }
 
 
@@ -202,8 +217,10 @@ def _build(job: _Job, ranks: Ranks | None) -> None:
                 "rows_extracted_this_run": len(todo),
                 "processes": 1 if ranks is None else ranks.world,
                 "method": ex.net.method,
+                "layer_layouts": ex.layouts,
             },
             progress=job.progress,
+            layouts=ex.stored_layouts(),
         )
     if ranks is not None:
         ranks.barrier()  # the manifest is committed

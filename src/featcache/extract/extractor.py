@@ -11,12 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._util import resolve_device
+from .._util import FeatcacheError, resolve_device
+from ..backbones.probe import probe_layers, probe_outputs
 from ..backbones.registry import Backbone, BackboneCfg
 from ..cache.writer import STORAGE_DTYPES
+from ..layout import pool, pooled_layout
 from .config import ExtractConfig
 from .nodes import FeatureExtractor
-from .pooling import pool_features
 
 
 def resolved_cfg(backbone: Backbone, config: ExtractConfig) -> BackboneCfg:
@@ -46,6 +47,10 @@ def use_amp(config: ExtractConfig, device: torch.device) -> bool:
 class Extractor:
     """A prepared extraction: the truncated backbone on its device, ready to run batches.
 
+    Preparing it probes the layers (:func:`~featcache.backbones.probe.probe_layers`): a layer whose
+    first axis is not the batch is refused, and so is pooling a layer whose layout is unknown; an FX
+    path is checked against forward hooks on a random batch before any image is extracted.
+
     Example:
         >>> ex = Extractor(backbone, ("layer3",), ExtractConfig())  # doctest: +SKIP
         >>> feats = ex(batch)  # {"layer3": (N, 256) tensor}
@@ -63,13 +68,25 @@ class Extractor:
         self.net = FeatureExtractor(
             backbone.model, self.layers, config.method, backbone.cfg.classifier, backbone.cfg.spec
         )
+        cfg = resolved_cfg(backbone, config)
+        probe = torch.rand(2, cfg.channels, *cfg.input_size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode(), self._autocast():
+            self.net.verify(probe.to(self.device).to(memory_format=self.memory_format))
+        self.layouts = check_layers(backbone, self.net, cfg.input_size, config.pool)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self._autocast():
             out = self.net(x)
-        return {k: pool_features(v, self.config.pool) for k, v in out.items()}
+        return {k: pool(v, self.config.pool, self.layouts[k]) for k, v in out.items()}
+
+    def stored_layouts(self) -> dict[str, str | None]:
+        """Each layer's layout as cached: its own under ``--pool none``, else vectors (``NC``)."""
+        return {k: pooled_layout(v, self.config.pool) for k, v in self.layouts.items()}
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each layer's cached row shape (pooling applied), from one blank image."""
@@ -89,6 +106,41 @@ class Extractor:
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         """Cast one layer's batch to the storage dtype as a contiguous numpy array."""
         return self.to_numpy(self.cast(t))
+
+
+def check_layers(
+    backbone: Backbone, net: FeatureExtractor, input_size: tuple[int, int], pool_: str
+) -> dict[str, str | None]:
+    """Each layer of ``net``'s layout (None: unknown, stored as is only); raises naming the reason for a
+    layer that cannot be extracted, or cannot be pooled.
+
+    Example:
+        >>> bb = load_backbone("torchvision:swin_t", weights="none")  # doctest: +SKIP
+        >>> check_layers(bb, FeatureExtractor(bb.model, ["features.5"]), (64, 64), "avg")  # doctest: +SKIP
+        {'features.5': 'NHWC'}
+    """
+    spec, graph = backbone.cfg.spec, net.graph_nodes
+    probes = probe_layers(backbone, [n for n in net.layers if n not in graph], input_size)
+    if graph:
+        param = next(backbone.model.parameters(), None)
+        device = param.device if param is not None else None
+        probes.update(probe_outputs(net, graph, backbone.cfg.channels, input_size, device))
+    probes = {n: probes[n] for n in net.layers}
+    for name, p in probes.items():
+        if p.shape is None:
+            raise FeatcacheError(f"layer {name!r} of {spec} is not called during the forward pass")
+        if p.refused:
+            raise FeatcacheError(
+                f"layer {name!r} of {spec} cannot be extracted: {p.refused}. `featcache layers {spec}` marks "
+                "such layers; pick another (the block that contains it, say)"
+            )
+        if p.layout is None and p.shape is not None and pool_ in ("avg", "max"):
+            raise FeatcacheError(
+                f"cannot {pool_}-pool layer {name!r} of {spec} (output {list(p.shape[1:])}): its layout is "
+                f"{p.how}. Extract it with --pool none or --pool flatten, or pick a layer whose layout "
+                "`featcache layers` shows"
+            )
+    return {n: p.layout for n, p in probes.items()}
 
 
 def shard_rows(ex: Extractor, n: int) -> int:

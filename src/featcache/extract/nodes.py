@@ -13,24 +13,22 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from .._util import FeatcacheError, unknown
-from ..backbones.layers import (
+from ..backbones.hooks import (
     INPUT_PREFIX,
     LOGITS,
     PENULTIMATE,
     SHORTHANDS,
-    first_tensor,
+    hooked_forward,
     module_names,
-    tracer_kwargs,
 )
+from ..backbones.layers import tracer_kwargs
 
 log = logging.getLogger(__name__)
 
 
-class _Stop(Exception):
-    """Raised by the last hook to stop the forward pass after the deepest requested layer."""
-
-
-def _check_names(model: nn.Module, layers: Sequence[str], classifier: str | None, spec: str) -> list[str]:
+def _check_names(
+    model: nn.Module, layers: Sequence[str], classifier: str | Sequence[str] | None, spec: str
+) -> list[str]:
     """Return names that are neither modules nor shorthands (candidates for FX graph nodes)."""
     modules = set(module_names(model))
     if not layers:
@@ -74,14 +72,56 @@ def _copy_returned_nodes(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _resolve(nodes: Sequence[str], name: str) -> str | None:
+    """The graph node that holds module ``name``'s output: the node itself (a leaf module or a function),
+    else the last node inside the module."""
+    if name in nodes:
+        return name
+    inside = [n for n in nodes if n.startswith(name + ".")]
+    return inside[-1] if inside else None
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (inf when the shapes differ).
+
+    Example:
+        >>> max_rel_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+        0.5
+    """
+    if a.shape != b.shape:
+        return float("inf")
+    scale = b.float().abs().max().item() if b.numel() else 0.0
+    diff = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def defining_method(model: nn.Module, layers: Sequence[str], method: str) -> str:
+    """The method whose values the arrays are: ``hooks`` when every name is a module or shorthand (the
+    FX path is only used where it gives exactly those values), ``fx`` when a name is a graph node
+    that only torch.fx can give. Part of the cache record.
+
+    Example:
+        >>> net = torchvision.models.resnet18()  # doctest: +SKIP
+        >>> defining_method(net, ["layer3"], "fx"), defining_method(net, ["flatten"], "fx")  # doctest: +SKIP
+        ('hooks', 'fx')
+    """
+    modules = set(module_names(model))
+    plain = all(n in modules or n in SHORTHANDS or n.startswith(INPUT_PREFIX) for n in layers)
+    return "hooks" if plain else "fx"
+
+
 class FeatureExtractor(nn.Module):
     """Return ``{name: activation}`` for several layers in one forward pass, without copying the model.
 
     The forward pass stops right after the deepest requested layer: for ``layer3`` of a ResNet,
     ``layer4`` and ``fc`` never run. ``method="hooks"`` uses forward hooks (works on any model);
-    ``"fx"`` uses torchvision's ``create_feature_extractor`` (graph nodes that are not modules);
-    ``"auto"`` picks hooks when every name is a module and FX otherwise, and falls back to hooks
-    when tracing fails. ``self.method`` tells which path is in use.
+    ``"fx"`` uses torchvision's ``create_feature_extractor``, each name given its own graph node
+    (a module's last node; a module and its child may share one); ``"auto"`` picks hooks when every
+    name is a module and FX otherwise. FX falls back to hooks when tracing fails, and it is checked
+    layer by layer against the hooks on the first batch (or :meth:`verify`): a layer whose graph
+    node differs from its module's hooked output (a module that returns a list, or that runs twice)
+    sends every layer through hooks, or, when a graph node only FX can give is among them, raises.
+    ``self.method`` tells which path is in use.
 
     Example:
         >>> from featcache.backbones import load_backbone
@@ -96,7 +136,7 @@ class FeatureExtractor(nn.Module):
         model: nn.Module,
         layers: Sequence[str],
         method: str = "auto",
-        classifier: str | None = None,
+        classifier: str | Sequence[str] | None = None,
         spec: str = "MODEL",
     ) -> None:
         super().__init__()
@@ -106,92 +146,135 @@ class FeatureExtractor(nn.Module):
         self.layers = list(dict.fromkeys(layers))
         self.classifier = classifier
         self.spec = spec
-        not_modules = _check_names(model, self.layers, classifier, spec)
+        self.graph_nodes = _check_names(model, self.layers, classifier, spec)
         self.method = "hooks"
+        self.verified = True
         self._fx: nn.Module | None = None
-        if method == "fx" or not_modules:
-            try:
-                self._fx = self._build_fx(not_modules or [])
-                self.method = "fx"
-            except FeatcacheError:
-                raise
-            except Exception as exc:
-                if not_modules:
-                    names = module_names(model) + list(SHORTHANDS)
-                    raise unknown(
-                        "layer", not_modules[0], names, f"Run `featcache layers {spec}` to see them all."
-                    ) from exc
-                log.info("torch.fx could not trace %s (%s); using forward hooks", type(model).__name__, exc)
+        self._node_of: dict[str, str] = {}
+        if method == "fx" or self.graph_nodes:
+            self._try_fx()
         log.info("extracting %s with %s", self.layers, self.method)
 
-    def _build_fx(self, not_modules: list[str]) -> nn.Module:
-        if any(n in SHORTHANDS or n.startswith(INPUT_PREFIX) for n in self.layers):
-            raise RuntimeError("shorthands go through hooks")
+    def _try_fx(self) -> None:
+        special = [n for n in self.layers if n in SHORTHANDS or n.startswith(INPUT_PREFIX)]
+        if special:
+            if self.graph_nodes:
+                raise FeatcacheError(
+                    f"graph nodes {self.graph_nodes} go through torch.fx, which does not give {special} "
+                    "in the same pass; extract them in two calls"
+                )
+            log.info("%s go through forward hooks", special)
+            return
+        try:
+            self._fx, self._node_of = self._build_fx()
+            self.method, self.verified = "fx", False
+        except FeatcacheError:
+            raise
+        except Exception as exc:
+            if self.graph_nodes:
+                names = module_names(self.model) + list(SHORTHANDS)
+                raise unknown(
+                    "layer",
+                    self.graph_nodes[0],
+                    names,
+                    f"Run `featcache layers {self.spec}` to see them all.",
+                ) from exc
+            log.info("torch.fx could not trace %s (%s); using forward hooks", type(self.model).__name__, exc)
+
+    def _build_fx(self) -> tuple[nn.Module, dict[str, str]]:
         # Tracing switches the model to train mode and leaves it there when it fails: restore the
         # mode (a frozen backbone left in train mode would normalise with batch statistics).
         was_training = self.model.training
         try:
-            _, eval_nodes = get_graph_node_names(self.model, tracer_kwargs=tracer_kwargs())
-            for name in not_modules:
+            train_nodes, eval_nodes = get_graph_node_names(
+                self.model, tracer_kwargs=tracer_kwargs(), suppress_diff_warning=True
+            )
+            for name in self.graph_nodes:
                 if name not in eval_nodes:
                     choices = module_names(self.model) + list(eval_nodes) + list(SHORTHANDS)
                     raise unknown(
                         "layer", name, choices, f"Run `featcache layers {self.spec}` to see them all."
                     )
+            # One node per name, named exactly: torchvision matches a name by prefix and gives each
+            # node to one name only, so ``layer4`` with ``layer4.1`` handed the child an earlier node.
+            eval_of = {n: _resolve(eval_nodes, n) for n in self.layers}
+            train_of = {n: _resolve(train_nodes, n) for n in self.layers}
+            missing = [n for n, node in {**eval_of, **train_of}.items() if node is None]
+            if missing:
+                raise RuntimeError(f"no graph node for {missing}")
+            eval_return = {str(v): str(v) for v in eval_of.values()}
+            train_return = {str(train_of[n]): str(eval_of[n]) for n in reversed(self.layers)}
             fx = create_feature_extractor(
-                self.model.eval(), return_nodes={n: n for n in self.layers}, tracer_kwargs=tracer_kwargs()
+                self.model.eval(),
+                train_return_nodes=train_return,
+                eval_return_nodes=eval_return,
+                tracer_kwargs=tracer_kwargs(),
+                suppress_diff_warning=True,
             )
         finally:
             self.model.train(was_training)
         _copy_returned_nodes(fx)
-        return fx
+        return fx, {n: str(v) for n, v in eval_of.items()}
+
+    def verify(self, x: torch.Tensor, tolerance: float = 1e-5) -> list[str]:
+        """Check the FX path against forward hooks on ``x``, layer by layer (once); return the layers
+        that differed, after falling back to hooks for them all (or raising, see the class).
+
+        Example:
+            >>> ext = FeatureExtractor(model, ["layer4", "layer4.1"], "fx")  # doctest: +SKIP
+            >>> ext.verify(torch.rand(2, 3, 64, 64))  # doctest: +SKIP
+            []
+        """
+        if self.verified or self._fx is None:
+            return []
+        self.verified = True
+        got = self._fx_forward(x)
+        checkable = [n for n in self.layers if n not in self.graph_nodes]
+        want = self._hooked_forward(x, checkable) if checkable else {}
+        differ = [n for n in checkable if max_rel_diff(got[n], want[n]) > tolerance]
+        if differ and self.graph_nodes:
+            raise FeatcacheError(
+                f"torch.fx gives {differ} of {self.spec} other values than their modules' forward hooks "
+                f"(a module that returns a list, or runs twice); graph nodes {self.graph_nodes} need "
+                "torch.fx: extract them in a call of their own, and the others with --method hooks"
+            )
+        if differ:
+            log.warning(
+                "torch.fx gives %s of %s other values than their modules' forward hooks (a module that "
+                "returns a list, or runs twice); extracting with forward hooks",
+                differ,
+                self.spec,
+            )
+            self._fx, self._node_of, self.method = None, {}, "hooks"
+        return differ
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._fx is not None and not self.verified:
+            self.verify(x)
         if self._fx is not None:
-            self._fx.train(self.model.training)
-            return dict(self._fx(x))
-        return self._hooked_forward(x)
+            return self._fx_forward(x)
+        return self._hooked_forward(x, self.layers)
 
-    def _hooked_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        wanted = [n for n in self.layers if n != LOGITS]
+    def _fx_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._fx is None:
+            raise FeatcacheError("the FX path is not in use")
+        self._fx.train(self.model.training)
+        out = self._fx(x)
+        return {n: out[self._node_of[n]] for n in self.layers}
+
+    def _hooked_forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
-        modules = dict(self.model.named_modules())
-        stop_early = LOGITS not in self.layers
+        # The pass stops once the last requested value is in, unless the logits (the end) are wanted.
+        stop_early = LOGITS not in layers
 
-        def keep(name: str, value: Any) -> None:
-            t = first_tensor(value)
-            if t is None or name in captured:
-                return
+        def keep(name: str, t: torch.Tensor) -> bool:
             # Later in-place ops (ReLU(inplace=True)) would overwrite an earlier capture.
-            last = len(captured) == len(wanted) - 1
-            captured[name] = t if (last and stop_early) else t.clone()
-            if stop_early and len(captured) == len(wanted):
-                raise _Stop
+            last = len(captured) == len(layers) - 1
+            captured[name] = t if (last and stop_early) or name == LOGITS else t.clone()
+            return stop_early and len(captured) == len(layers)
 
-        handles = []
-        for name in wanted:
-            if name == PENULTIMATE or name.startswith(INPUT_PREFIX):
-                target = self.classifier if name == PENULTIMATE else name[len(INPUT_PREFIX) :]
-                if target is None:  # _check_names refused this already; keeps the type checker informed
-                    raise FeatcacheError(f"{name!r} needs a classifier module")
-                handles.append(
-                    modules[target].register_forward_pre_hook(lambda _m, inp, name=name: keep(name, inp))
-                )
-            else:
-                handles.append(
-                    modules[name].register_forward_hook(lambda _m, _i, out, name=name: keep(name, out))
-                )
-        out = None
-        try:
-            out = self.model(x)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        if LOGITS in self.layers:
-            captured[LOGITS] = first_tensor(out)  # type: ignore[assignment]
-        missing = [n for n in self.layers if n not in captured]
+        hooked_forward(self.model, x, layers, keep, self.classifier)
+        missing = [n for n in layers if n not in captured]
         if missing:
             raise FeatcacheError(f"layers {missing} were not called during the forward pass of this model")
-        return {n: captured[n] for n in self.layers}
+        return {n: captured[n] for n in layers}

@@ -1,20 +1,23 @@
-"""Pooling of a layer's activation before it is cached (``--pool avg|max|flatten|none``)."""
+"""Pooling of a layer's activation before it is cached (``--pool avg|max|flatten|none``), by layout."""
 
 from __future__ import annotations
 
 import torch
 
+from ..layout import legacy_layout, pool
 
-def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
-    """Pool (N, C, H, W) maps or (N, L, D) tokens to (N, C); ``flatten`` to (N, -1); ``none`` as is.
+
+def pool_features(t: torch.Tensor, pool_: str, layout: str | None = None) -> torch.Tensor:
+    """Pool over the positions of ``layout`` to (N, C); ``flatten`` to (N, -1); ``none`` as is.
+
+    ``layout`` is the layer's (:mod:`featcache.layout`): ``NHWC`` maps are averaged over H and W, not
+    W and C. Without it, (N, C, H, W) maps and (N, L, D) tokens are assumed, as before layouts were
+    recorded.
 
     Example:
         >>> pool_features(torch.ones(2, 8, 4, 4), "avg").shape
         torch.Size([2, 8])
+        >>> pool_features(torch.ones(2, 4, 4, 8), "avg", "NHWC").shape
+        torch.Size([2, 8])
     """
-    if pool == "none" or t.dim() <= 2:
-        return t
-    if pool == "flatten":
-        return t.flatten(1)
-    dims = tuple(range(2, t.dim())) if t.dim() == 4 else (1,)
-    return t.mean(dims) if pool == "avg" else t.amax(dims)
+    return pool(t, pool_, layout or legacy_layout(tuple(t.shape[1:])))

@@ -10,7 +10,8 @@ from torch import nn
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor
 
 from .._util import FeatcacheError
-from ..backbones.layers import LOGITS, PENULTIMATE, module_names, tracer_kwargs
+from ..backbones.hooks import LOGITS, PENULTIMATE, heads, module_names
+from ..backbones.layers import tracer_kwargs
 from ..backbones.registry import Backbone
 from .nodes import FeatureExtractor
 
@@ -51,13 +52,22 @@ def truncate(
     model, cfg = backbone.model, backbone.cfg
     if layer == LOGITS:
         return FeatureExtractor(model, [LOGITS], "hooks", cfg.classifier, cfg.spec), LOGITS, "full", None, []
+    if layer == PENULTIMATE and len(heads(cfg.classifier)) > 1:  # timm's pre-logits: no single graph node
+        hooked = FeatureExtractor(model, [layer], "hooks", cfg.classifier, cfg.spec)
+        return (
+            hooked,
+            layer,
+            "hooks",
+            None,
+            [f"{cfg.spec} has several classifier heads: hooks give 'penultimate'"],
+        )
     if layer != PENULTIMATE and layer not in module_names(model) and return_nodes is None:
         return_nodes = (layer, layer)  # an FX graph-node name such as ``flatten`` or ``add_1``
     hooks = None if return_nodes else FeatureExtractor(model, [layer], "hooks", cfg.classifier, cfg.spec)
     try:
         if return_nodes is None:
             if layer == PENULTIMATE:
-                if cfg.classifier is None:  # FeatureExtractor above raised already
+                if not isinstance(cfg.classifier, str):  # FeatureExtractor above raised already
                     raise FeatcacheError(f"'penultimate' needs a classifier module and {cfg.spec} has none")
                 return_nodes = (
                     _classifier_input(model, cfg.classifier, True),

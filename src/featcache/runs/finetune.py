@@ -220,7 +220,8 @@ def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Bac
     if record.kind != "finetune":
         raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
     weights_arg = weights if weights is not None else record.weights_arg
-    backbone = load_backbone(record.model, weights_arg)
+    size = record.extract.get("input_size")
+    backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
     if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
         raise FeatcacheError(
             f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "

@@ -77,7 +77,8 @@ class RunRecord:
             ``augment`` and ``views``.
         classes: class names, in label order.
         weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
-        layer: the layer a head trained on (None for a fine-tuned network).
+        layer: the layer a head trained on (None for a fine-tuned network); ``layer_layout``: its
+            layout (what pooling averaged over; export pools the same way).
         cache_keys / view_keys: the cache entries the run read.
         head / train: the head spec and trainer settings as dicts.
         verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
@@ -98,6 +99,7 @@ class RunRecord:
     weights: str | None = None
     weights_arg: str | None = None
     layer: str | None = None
+    layer_layout: str | None = None
     cache_keys: dict[str, str] = field(default_factory=dict)
     view_keys: tuple[str, ...] = ()
     head: dict[str, Any] | None = None

@@ -62,7 +62,10 @@ class RunSpec:
 
     def backbone(self) -> Backbone:
         """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
-        return self.model if isinstance(self.model, Backbone) else load_backbone(self.model, self.weights)
+        if isinstance(self.model, Backbone):
+            return self.model
+        # models built for one input size (timm ViT, Swin) are built for this one
+        return load_backbone(self.model, self.weights, input_size=self.extract.input_size)
 
     def folder(self, verb: str) -> RunFolder:
         """The run folder, prepared under the resume/overwrite rules every verb shares."""
@@ -104,8 +107,10 @@ class RunSpec:
         ``verb`` may set ``layer``, ``head`` and ``train`` (typed fields of the record) and any key of
         the verb's own (``finetune``, ``plan``, ``probe``, ``sweep``, ...).
         """
-        typed = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
+        typed: dict[str, Any] = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
         classes = typed.pop("classes", None) or feats["train"].classes
+        if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way
+            typed["layer_layout"] = feats["train"].manifest.get("layer_layouts", {}).get(typed["layer"])
         return RunRecord(
             kind=kind,
             model=backbone.cfg.spec,

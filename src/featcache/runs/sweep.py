@@ -138,7 +138,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     extract_seconds = time.perf_counter() - t0
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
-            build_head(sweep.head, tuple(feats["train"].features[layer].shape[1:]), len(splits.classes))
+            shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)
+            build_head(sweep.head, shape, len(splits.classes), layout=layout)
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     axes = _varied(configs)
@@ -156,8 +157,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             train=asdict(cfg), sweep=str(folder.path),
         )  # fmt: skip
         out = _train_one(child, record, feats, views, sweep.head, cfg)
-        shape = {"shape": out.pop("shape")} if "shape" in out else {}
-        rows.append({"layer": layer, **shape, **settings, **out})
+        in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
+        rows.append({"layer": layer, **in_shape, **settings, **out})
         trained = _trained(rows)
         if trained:
             best = best_on_val(trained)

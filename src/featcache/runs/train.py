@@ -69,7 +69,7 @@ def train_on_cache(
         >>> head, info, result, metrics = out  # doctest: +SKIP
     """
     device, budget, plain = resolve_device(config.device), config.ram_budget_gb, feats["train"]
-    shape = tuple(plain.features[layer].shape[1:])
+    shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
     classes = plain.classes
     # With views the plain split only gives the statistics, read from the memory map by chunks.
     train: BatchSource = (
@@ -84,9 +84,9 @@ def train_on_cache(
         held = train.x if stats is None and isinstance(train, FeatureSource) else None
         rows = held if held is not None else plain.features[layer]
         mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
-        std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype)
-    info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None)
-    head = build_head(head_spec, shape, len(classes), std, seed=config.seed)
+        std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype, layout=layout)
+    info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None, layout=layout)
+    head = build_head(head_spec, shape, len(classes), std, seed=config.seed, layout=layout)
     sources: dict[str, FeatureSource] = {
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
@@ -142,5 +142,5 @@ def _check_head_fits(
     checked when training starts, with no forward pass."""
     record = cache_record(backbone, splits.train, [layer], spec.extract, "train")
     if FeatureCache(spec.cache_dir).find(record) is None:
-        shape = Extractor(backbone, [layer], spec.extract).row_shapes()[layer]
-        build_head(head, shape, len(splits.classes))
+        ex = Extractor(backbone, [layer], spec.extract)
+        build_head(head, ex.row_shapes()[layer], len(splits.classes), layout=ex.stored_layouts()[layer])

@@ -170,7 +170,10 @@ def _naive_epochs(cfg: DemoConfig, bb: Backbone, spec: RunSpec, run: Run, head_s
     """Seconds of each measured epoch of the naive loop (the backbone runs on every image)."""
     splits, tcfg = spec.data.load(), spec.train
     ex = Extractor(bb, [cfg.layer], spec.extract)
-    head = build_head(head_spec, tuple(run.head_info.in_shape), len(splits.classes), seed=tcfg.seed)
+    info = run.head_info
+    head = build_head(
+        head_spec, tuple(info.in_shape), len(splits.classes), seed=tcfg.seed, layout=info.layout
+    )
     head = head.to(ex.device)
     opt = make_optimizer(head.parameters(), tcfg)
     pre = resolved_cfg(bb, spec.extract)

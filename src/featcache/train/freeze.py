@@ -185,6 +185,11 @@ def plan_freeze(
         raise FeatcacheError(
             f"{backbone.cfg.spec} has no classifier module to replace; fine-tuning needs one"
         )
+    if not isinstance(cls, str):
+        raise FeatcacheError(
+            f"{backbone.cfg.spec} has {len(cls)} classifier heads {list(cls)} (a distilled model); "
+            "fine-tuning replaces one classifier: train a head on its cached features instead"
+        )
     model.requires_grad_(False)
     replace_classifier(model, cls, num_classes, seed)
     order = execution_order(model.eval(), dummy_input(backbone, input_size))

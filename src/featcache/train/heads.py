@@ -1,6 +1,8 @@
 """Heads trained on cached features: linear, pooled-linear, MLP and conv.
 
-The input shape is read from the cache: pooled features are ``(D,)``, spatial maps ``(C, H, W)``.
+The input shape and layout are read from the cache: pooled features are ``(D,)``, maps ``(C, H, W)``
+(``NCHW``) or ``(H, W, C)`` (``NHWC``), tokens ``(L, D)`` (``NLD``). Heads that need a map see it
+channels first (:class:`ChannelsFirst`); standardisation is per channel over the positions.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from .._config import from_json, to_json
 from .._util import FeatcacheError, unknown
 from ..cache.writer import to_torch
+from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
 
@@ -49,6 +52,25 @@ class HeadSpec:
         return dict(to_json(self))
 
 
+def head_layout(in_shape: tuple[int, ...], layout: str | None) -> str:
+    """The layout a head takes its rows in: the cache's, else (older runs) maps NCHW and all else vectors."""
+    return layout if layout is not None else (NCHW if len(in_shape) == 3 else NC)
+
+
+class ChannelsFirst(nn.Module):
+    """An NHWC map or NLD tokens as the (N, C, H, W) map a map head takes (NCHW passes unchanged)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_first(x, self.layout)
+
+    def extra_repr(self) -> str:
+        return self.layout
+
+
 class Standardize(nn.Module):
     """Fixed ``(x - mean) / std`` with statistics from the training split (per feature or per channel)."""
 
@@ -65,9 +87,14 @@ class Standardize(nn.Module):
 
     @classmethod
     def fit(
-        cls, x: torch.Tensor | np.ndarray, chunk: int | None = None, dtype: str = "float32"
+        cls,
+        x: torch.Tensor | np.ndarray,
+        chunk: int | None = None,
+        dtype: str = "float32",
+        layout: str | None = None,
     ) -> Standardize:
-        """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks.
+        """Per-feature (vectors) or per-channel (maps and tokens, over the positions of ``layout``;
+        without it 4-D input is NCHW) statistics, computed in float64 by chunks.
 
         ``x`` may be a tensor or a (memory-mapped) array in the cache's storage ``dtype``: it is read
         ``chunk`` rows at a time (default: 64 MB of float64), never whole.
@@ -75,11 +102,18 @@ class Standardize(nn.Module):
         Example:
             >>> Standardize.fit(torch.randn(100, 8, 4, 4)).mean.shape
             torch.Size([8, 1, 1])
+            >>> Standardize.fit(torch.randn(100, 4, 4, 8), layout="NHWC").mean.shape
+            torch.Size([8])
         """
-        ndim = len(x.shape)
-        chunk = chunk or max(1, (64 << 20) // (8 * max(1, int(np.prod(x.shape[1:])))))
-        dims = (0, 2, 3) if ndim == 4 else (0,)
-        shape = (1, x.shape[1], 1, 1) if ndim == 4 else (1, *x.shape[1:])
+        ndim, row = len(x.shape), tuple(int(d) for d in x.shape[1:])
+        layout = head_layout(row, layout)
+        chunk = chunk or max(1, (64 << 20) // (8 * max(1, int(np.prod(row)))))
+        if has_positions(layout):
+            axis = channel_axis(layout)
+            dims = tuple(i for i in range(ndim) if i != axis)
+            shape = tuple(int(x.shape[i]) if i == axis else 1 for i in range(ndim))
+        else:
+            dims, shape = (0,), (1, *row)
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         total = torch.zeros(shape, dtype=torch.float64, device=device)
         sq = torch.zeros(shape, dtype=torch.float64, device=device)
@@ -89,10 +123,11 @@ class Standardize(nn.Module):
             part = (rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)).double()
             total += part.sum(dims, keepdim=True)
             sq += (part * part).sum(dims, keepdim=True)
-            count += part.shape[0] * (part.shape[2] * part.shape[3] if ndim == 4 else 1)
+            count += part.numel() // total.numel()  # values per statistic
         mean = total / count
         std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-        return cls(mean.squeeze(0).float(), std.squeeze(0).float())
+        out = stat_shape(layout, row)
+        return cls(mean.reshape(out).float(), std.reshape(out).float())
 
     @classmethod
     def from_channel_stats(cls, mean: np.ndarray, var: np.ndarray, chunk: int = 1 << 16) -> Standardize:
@@ -132,13 +167,15 @@ def fit_standardize(
     channel_mean: np.ndarray | None = None,
     channel_var: np.ndarray | None = None,
     dtype: str = "float32",
+    layout: str | None = None,
 ) -> Standardize:
     """Training-split statistics of what the head's first trainable layer sees.
 
     A ``pooled-linear`` head on maps standardises its pooled features (per channel over images): its
     :class:`Standardize` sits before the pooling, which is the same affine map. Any other head on maps
-    standardises per channel over images and positions; vectors per feature. With the cache's
-    per-row ``channel_mean`` / ``channel_var`` of maps, the maps themselves are not read.
+    standardises per channel over images and positions; vectors per feature. Channels and positions
+    are those of the rows' ``layout`` (the cache's; without it 4-D input is NCHW maps). With the
+    cache's per-row ``channel_mean`` / ``channel_var`` of maps, the maps themselves are not read.
 
     Example:
         >>> maps = torch.randn(64, 8, 5, 5)
@@ -146,24 +183,32 @@ def fit_standardize(
         >>> torch.allclose(s(maps).mean((2, 3)).std(0, unbiased=False), torch.ones(8), atol=1e-4)
         True
     """
-    if len(x.shape) == 4 and kind == "pooled-linear":
-        pooled = channel_mean if channel_mean is not None else _pooled(x, dtype)
+    row = tuple(int(d) for d in x.shape[1:])
+    layout = head_layout(row, layout)
+    if not has_positions(layout):
+        return Standardize.fit(x, dtype=dtype, layout=layout)
+    shape = stat_shape(layout, row)
+    if kind == "pooled-linear":
+        pooled = channel_mean if channel_mean is not None else _pooled(x, dtype, layout)
         per_channel = Standardize.fit(pooled)
-        return Standardize(per_channel.mean.view(-1, 1, 1), per_channel.std.view(-1, 1, 1))
-    if len(x.shape) == 4 and channel_mean is not None and channel_var is not None:
-        return Standardize.from_channel_stats(channel_mean, channel_var)
-    return Standardize.fit(x, dtype=dtype)
+        return Standardize(per_channel.mean.reshape(shape), per_channel.std.reshape(shape))
+    if channel_mean is not None and channel_var is not None:
+        s = Standardize.from_channel_stats(channel_mean, channel_var)
+        return Standardize(s.mean.reshape(shape), s.std.reshape(shape))
+    return Standardize.fit(x, dtype=dtype, layout=layout)
 
 
-def _pooled(x: torch.Tensor | np.ndarray, dtype: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:
-    """(N, C) channel means of (N, C, H, W) maps, read ``chunk_bytes`` at a time."""
+def _pooled(
+    x: torch.Tensor | np.ndarray, dtype: str, layout: str = NCHW, chunk_bytes: int = 64 << 20
+) -> torch.Tensor:
+    """(N, C) channel means of maps or tokens in ``layout``, read ``chunk_bytes`` at a time."""
     step = max(1, chunk_bytes // max(1, 4 * int(np.prod(x.shape[1:]))))
     parts = []
     for i in range(0, len(x), step):
         rows = x[i : i + step]
         t = rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)
-        parts.append(t.float().mean((2, 3)))
-    return torch.cat(parts) if parts else torch.zeros(0, x.shape[1])
+        parts.append(pool(t.float(), "avg", layout))
+    return torch.cat(parts) if parts else torch.zeros(0, channels(layout, tuple(x.shape[1:])))
 
 
 class Head(nn.Module):
@@ -178,13 +223,18 @@ class Head(nn.Module):
         return self.body(self.standardize(x))
 
 
-def _need_map(spec: HeadSpec, in_shape: tuple[int, ...]) -> None:
-    if len(in_shape) != 3:
+def _need_map(spec: HeadSpec, in_shape: tuple[int, ...], layout: str) -> list[nn.Module]:
+    """The modules that show ``in_shape`` rows in ``layout`` as channels-first maps (raises if they are
+    not maps, or, for the conv head, not spatial)."""
+    spatial = layout in (NCHW, NHWC)
+    if not has_positions(layout) or (spec.kind == "conv" and not spatial):
+        wants = "a spatial map" if spec.kind == "conv" else "a map or tokens"
         raise FeatcacheError(
-            f"head {spec.kind!r} needs a spatial map (C, H, W) but the cached layer has shape {in_shape}: "
+            f"head {spec.kind!r} needs {wants} but the cached layer has shape {in_shape} (layout {layout}): "
             "extract with --pool none, or pick a convolutional layer if this one gives vectors (`featcache "
-            "layers MODEL` shows each layer's shape), or use --head linear / mlp"
+            "layers MODEL` shows each layer's shape and layout), or use --head linear / mlp"
         )
+    return [] if layout == NCHW else [ChannelsFirst(layout)]
 
 
 def build_head(
@@ -193,21 +243,28 @@ def build_head(
     num_classes: int,
     standardize: Standardize | None = None,
     seed: int | None = 0,
+    layout: str | None = None,
 ) -> Head:
-    """Build a head for cached features of shape ``in_shape`` (no batch dim).
+    """Build a head for cached features of shape ``in_shape`` (no batch dim) in ``layout``.
 
     Args:
         spec: which head.
-        in_shape: one row's shape, ``(D,)`` or ``(C, H, W)``.
+        in_shape: one row's shape, ``(D,)``, ``(C, H, W)``, ``(H, W, C)`` or ``(L, D)``.
         num_classes: outputs.
         standardize: optional fixed input standardisation.
         seed: seed for the initial weights (``None`` uses the global RNG).
+        layout: the rows' layout as the cache records it (:attr:`CachedFeatures.layouts`); without it
+            3-D rows are NCHW maps and others vectors.
 
     Example:
         >>> build_head(HeadSpec("pooled-linear"), (256, 4, 4), 10)(torch.zeros(2, 256, 4, 4)).shape
         torch.Size([2, 10])
+        >>> swin_map = torch.zeros(2, 4, 4, 96)  # (N, H, W, C)
+        >>> build_head(HeadSpec("pooled-linear"), (4, 4, 96), 10, layout="NHWC")(swin_map).shape
+        torch.Size([2, 10])
     """
     in_shape = tuple(int(s) for s in in_shape)
+    layout = head_layout(in_shape, layout)
     flat = 1
     for s in in_shape:
         flat *= s
@@ -218,8 +275,9 @@ def build_head(
         if spec.kind == "linear":
             body = nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))
         elif spec.kind == "pooled-linear":
-            _need_map(spec, in_shape)
-            body = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_shape[0], num_classes))
+            front = _need_map(spec, in_shape, layout)
+            c = channels(layout, in_shape)
+            body = nn.Sequential(*front, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
         elif spec.kind == "mlp":
             layers: list[nn.Module] = [nn.Flatten()]
             width = flat
@@ -229,10 +287,11 @@ def build_head(
             layers += [nn.Dropout(spec.dropout), nn.Linear(width, num_classes)]
             body = nn.Sequential(*layers)
         else:
-            _need_map(spec, in_shape)
+            front = _need_map(spec, in_shape, layout)
             c = spec.conv_channels
             body = nn.Sequential(
-                nn.Conv2d(in_shape[0], c, 3, padding=1, bias=False),
+                *front,
+                nn.Conv2d(channels(layout, in_shape), c, 3, padding=1, bias=False),
                 nn.BatchNorm2d(c),
                 nn.ReLU(inplace=True),
                 nn.AdaptiveAvgPool2d(1),
@@ -260,6 +319,7 @@ class HeadInfo:
     in_shape: tuple[int, ...]
     num_classes: int
     standardize: bool = False
+    layout: str | None = None  # the rows' layout (None: heads from before layouts, maps NCHW)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(to_json(self))
@@ -272,6 +332,6 @@ class HeadInfo:
         """An untrained head of this shape (load a state dict into it)."""
         std = None
         if self.standardize:
-            shape = (self.in_shape[0], 1, 1) if len(self.in_shape) == 3 else self.in_shape
+            shape = stat_shape(head_layout(self.in_shape, self.layout), self.in_shape)
             std = Standardize(torch.zeros(shape), torch.ones(shape))
-        return build_head(self.spec, self.in_shape, self.num_classes, std, seed=None)
+        return build_head(self.spec, self.in_shape, self.num_classes, std, seed=None, layout=self.layout)

@@ -349,5 +349,7 @@ def source_for(
             f"layer {layer!r} is not in cache {cached.key[:12]}; it holds {list(cached.features)}"
         )
     stats = cached.channel_stats.get(layer)
-    means = stats.mean if stats is not None else None
+    # The fast path reads the means as (N, C, 1, 1) maps: channels-first maps only (NHWC maps and tokens
+    # have their statistics too, but their heads start by permuting, which it does not know).
+    means = stats.mean if stats is not None and cached.layout(layer) == "NCHW" else None
     return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb, means)

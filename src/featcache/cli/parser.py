@@ -12,7 +12,7 @@ EXAMPLES = {
     "layers": "featcache layers torchvision:resnet18 --weights none --input-size 64 64",
     "summary": "featcache summary efficientnet-lite0 --input-size 128 128",
     "extract": "featcache extract efficientnet-lite0 mnist-5k --layers penultimate --input-size 64 64",
-    "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache rm 3fa2c1",
+    "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache gc",
     "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
     "--input-size 64 64 --out runs/mnist",
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
@@ -190,11 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers", default="penultimate", help="comma-separated layer names (featcache layers MODEL)"
     )
     _extract_args(p)
+    p.add_argument("--json", action="store_true", help="print each split's row counts as JSON")
 
-    p = _parser(sub, "cache", "list, inspect, verify and remove cache entries")
-    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc"])
-    p.add_argument("key", nargs="?", help="entry key or unique prefix (info / verify / rm)")
+    p = _parser(sub, "cache", "list, inspect, verify, compact and remove feature tables")
+    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc", "compact"])
+    p.add_argument("key", nargs="?", help="table key or unique prefix (info / verify / rm / compact)")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--unused-days",
+        type=float,
+        default=None,
+        help="gc: also remove whole tables no split was read from for this many days",
+    )
     p.add_argument("--json", action="store_true")
 
     p = _parser(sub, "train", "train a head on cached features and write a run folder")

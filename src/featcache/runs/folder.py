@@ -196,6 +196,7 @@ def run_config(
             "views": views.count if views else 0,
         },
         "cache_keys": {k: v.key for k, v in feats.items()},
+        "split_keys": {k: v.split_key for k, v in feats.items()},
         "classes": feats["train"].classes,
         "environment": environment(),
     }

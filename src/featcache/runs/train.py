@@ -140,14 +140,18 @@ def train_run(
         "train": asdict(train_config),
     }
     if resume:
-        check_resume(out, config, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
+        check_resume(
+            out, config, ("cache_keys", "split_keys", "view_keys", "train", "head"), "this command's settings"
+        )
     write_json(out / "config.json", config)
     head, info, _, metrics = train_on_cache(
         feats, layer, head_spec, train_config, progress, out / "checkpoint.pt", resume, views
     )
     metrics["extract_seconds"] = extract_seconds
-    metrics["cache_hit"] = {k: v.hit for k, v in feats.items()} | {
-        f"train@view{i}": v.hit for i, v in enumerate(views, 1)
+    named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
+    metrics["cache_hit"] = {k: v.hit for k, v in named.items()}
+    metrics["cache_rows"] = {
+        k: {"rows": v.rows, "from_cache": v.from_cache, "extracted": v.extracted} for k, v in named.items()
     }
     save_head(head, info, out)
     write_json(out / "metrics.json", metrics)
@@ -163,9 +167,8 @@ def _check_head_fits(
     head: HeadSpec,
     cache_dir: str | None,
 ) -> None:
-    """Before an extraction that will run, whether ``head`` can take the layer (one blank image through
-    the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
-    checked when training starts, with no forward pass."""
-    if FeatureCache(cache_dir).find(cache_record(backbone, splits.train, [layer], ecfg, "train")) is None:
-        shape = Extractor(backbone, [layer], ecfg).row_shapes()[layer]
-        build_head(head, shape, len(splits.classes))
+    """Before an extraction runs, whether ``head`` can take the layer: a wrong pairing fails in a second,
+    not after the extraction. The row shape comes from a table that holds the layer, else from one
+    blank image through the backbone."""
+    shape = FeatureCache(cache_dir).row_shape(cache_record(backbone, [layer], ecfg), layer)
+    build_head(head, shape or Extractor(backbone, [layer], ecfg).row_shapes()[layer], len(splits.classes))

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .._util import resolve_device, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
-from ..cache.writer import CacheWriter
+from ..cache.writer import write_segment
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits, image_folder, load_dataset
 from ..data.preprocess import to_model_input
@@ -201,13 +201,14 @@ class _Bench:
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
 
+        digests = [f"{i:064x}" for i in range(n_img)]
+
         def engine() -> float:
-            writer = CacheWriter(
-                Path(self.fresh_cache()) / "k", {"shard_rows": n_img, "layers": ["penultimate"]}
-            )
+            table = Path(self.fresh_cache()) / "t"
             t0 = time.perf_counter()
             parts = [ex.cast(ex(b)["penultimate"]) for b in batches]
-            writer.write_shard(0, {"penultimate": ex.to_numpy(torch.cat(parts))}, list(range(n_img)), [])
+            rows = {"penultimate": ex.to_numpy(torch.cat(parts))}
+            write_segment(table, ["penultimate"], rows, digests, {}, self.ecfg.dtype, {})
             return time.perf_counter() - t0
 
         bare(), engine()  # warm-up

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._util import FeatcacheError, unknown
+from ..cache.rows import Rows
 from ..cache.writer import to_torch
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
@@ -65,9 +66,7 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
     @classmethod
-    def fit(
-        cls, x: torch.Tensor | np.ndarray, chunk: int | None = None, dtype: str = "float32"
-    ) -> Standardize:
+    def fit(cls, x: torch.Tensor | Rows, chunk: int | None = None, dtype: str = "float32") -> Standardize:
         """Per-feature (2-D input) or per-channel (4-D input) statistics, computed in float64 by chunks.
 
         ``x`` may be a tensor or a (memory-mapped) array in the cache's storage ``dtype``: it is read
@@ -96,7 +95,7 @@ class Standardize(nn.Module):
         return cls(mean.squeeze(0).float(), std.squeeze(0).float())
 
     @classmethod
-    def from_channel_stats(cls, mean: np.ndarray, var: np.ndarray, chunk: int = 1 << 16) -> Standardize:
+    def from_channel_stats(cls, mean: Rows, var: Rows, chunk: int = 1 << 16) -> Standardize:
         """Per-channel statistics of maps from their per-row channel ``mean`` and ``var`` (each (N, C), as
         the cache stores them), without the maps: the same as :meth:`fit` on the maps, to float rounding.
 
@@ -118,7 +117,7 @@ class Standardize(nn.Module):
                 acc += fn(slice(i, i + chunk)).sum(0)
             return acc
 
-        def rows(a: np.ndarray, s: slice) -> torch.Tensor:
+        def rows(a: Rows, s: slice) -> torch.Tensor:
             return torch.from_numpy(np.array(a[s], dtype=np.float64))
 
         m = total(lambda s: rows(mean, s)) / n
@@ -129,9 +128,9 @@ class Standardize(nn.Module):
 
 def fit_standardize(
     kind: str,
-    x: torch.Tensor | np.ndarray,
-    channel_mean: np.ndarray | None = None,
-    channel_var: np.ndarray | None = None,
+    x: torch.Tensor | Rows,
+    channel_mean: Rows | None = None,
+    channel_var: Rows | None = None,
     dtype: str = "float32",
 ) -> Standardize:
     """Training-split statistics of what the head's first trainable layer sees.
@@ -156,7 +155,7 @@ def fit_standardize(
     return Standardize.fit(x, dtype=dtype)
 
 
-def _pooled(x: torch.Tensor | np.ndarray, dtype: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+def _pooled(x: torch.Tensor | Rows, dtype: str, chunk_bytes: int = 64 << 20) -> torch.Tensor:
     """(N, C) channel means of (N, C, H, W) maps, read ``chunk_bytes`` at a time."""
     step = max(1, chunk_bytes // max(1, 4 * int(np.prod(x.shape[1:]))))
     parts = []

@@ -129,6 +129,13 @@ def extract(
         "method": done.method or _table_method(cache.open(key)),
     }
     out = cache.open_split(key, names, digests, samples.ids, samples.labels, samples.classes, info)
+    if out.manifest["skipped"] and config.on_bad_image == "error":  # recorded by an earlier skipping run
+        first = out.manifest["skipped"][0]
+        raise BadImageError(
+            f"cannot read image {samples.describe(samples.ids.index(first['id']))!r}: {first['reason']} "
+            f"(recorded when it was first read; {len(out.manifest['skipped'])} such images in this split). "
+            "Fix or remove the file, or pass --on-bad-image skip"
+        )
     new = set(done.digests)
     out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
     out.hit = not new
@@ -279,7 +286,7 @@ def _run(
                 )
             skipped.update((batch[j], errors[j]) for j in bad)
             good = [j for j in range(len(idx)) if not errors[j]]
-            keep = torch.as_tensor(good, device=ex.device) if len(good) < len(idx) else None
+            keep = torch.tensor(good, dtype=torch.long, device=ex.device) if len(good) < len(idx) else None
             for layer, t in feats.items():
                 buf[layer].append(t if keep is None else t.index_select(0, keep))
             rows.extend(batch[j] for j in good)

@@ -107,6 +107,30 @@ class RowView:
         """Every row, gathered, as ``dtype``."""
         return np.asarray(self).astype(dtype, copy=False)
 
+    def select(self, positions: Sequence[int] | np.ndarray) -> RowView:
+        """A view of some of these rows, in the given order (nothing is read)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        return RowView(self.parts, self.part[pos], self.row[pos], self.row_shape, self.dtype)
+
+    @staticmethod
+    def concat(views: Sequence[RowView]) -> RowView:
+        """The rows of several views, one after the other (nothing is read).
+
+        Example:
+            >>> a = np.arange(4).reshape(2, 2)
+            >>> v = RowView([a], np.array([0, 1]) * 0, np.array([1, 0]), (2,), a.dtype)
+            >>> np.asarray(RowView.concat([v, v.select([0])])).tolist()
+            [[2, 3], [0, 1], [2, 3]]
+        """
+        parts: list[np.ndarray] = []
+        part, row = [], []
+        for v in views:
+            part.append(v.part + len(parts))
+            row.append(v.row)
+            parts += v.parts
+        first = views[0]
+        return RowView(parts, np.concatenate(part), np.concatenate(row), first.row_shape, first.dtype)
+
 
 #: what a split's layer (or channel statistic) may be: an array, or rows read from a table on demand
 Rows: TypeAlias = "np.ndarray | RowView"

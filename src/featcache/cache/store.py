@@ -132,6 +132,59 @@ class CachedFeatures:
         t = to_torch(np.asarray(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
 
+    def subset(self, indices: Sequence[int] | np.ndarray, split: str) -> CachedFeatures:
+        """Some of the rows, in the given order: a view of the same table (nothing is read or extracted).
+
+        Example:
+            >>> first_ten = cached.subset(range(10), "head")  # doctest: +SKIP
+        """
+        return join_splits([self], split, np.asarray(indices, dtype=np.int64))
+
+
+def join_splits(
+    parts: Sequence[CachedFeatures], split: str, indices: np.ndarray | None = None
+) -> CachedFeatures:
+    """The rows of several splits of one table, one after the other (``indices`` of them when given):
+    a view, nothing is read. The counts say every row came from the cache.
+
+    Example:
+        >>> pool = join_splits([feats["train"], feats["val"]], "train+val")  # doctest: +SKIP
+    """
+    first = parts[0]
+    if any(p.key != first.key or list(p.features) != list(first.features) for p in parts):
+        raise FeatcacheError("only splits of one table, with the same layers, can be joined")
+    sel = np.arange(sum(len(p) for p in parts)) if indices is None else indices
+
+    def joined(get: Any) -> RowView:
+        views = [get(p) for p in parts]
+        if not all(isinstance(v, RowView) for v in views):
+            raise FeatcacheError("only splits read from a table (RowView rows) can be joined")
+        return RowView.concat(views).select(sel)
+
+    feats = {k: joined(lambda p, k=k: p.features[k]) for k in first.features}
+    stats = {
+        k: ChannelStats(
+            joined(lambda p, k=k: p.channel_stats[k].mean), joined(lambda p, k=k: p.channel_stats[k].var)
+        )
+        for k in first.channel_stats
+    }
+    labels = np.concatenate([p.labels for p in parts])[sel]
+    ids = [i for p in parts for i in p.ids]
+    digests = [d for p in parts for d in p.digests]
+    ids, digests = [ids[i] for i in sel], [digests[i] for i in sel]
+    manifest = {
+        "record": first.manifest["record"],
+        "table": first.key,
+        "split": split,
+        "rows": len(sel),
+        "skipped": [],
+        "extracted": 0,
+        "split_key": split_key(first.key, digests, labels, first.classes),
+    }
+    return CachedFeatures(
+        first.key, first.path, feats, labels, ids, first.classes, manifest, True, stats, digests
+    )
+
 
 def split_key(table: str, digests: Sequence[str], labels: np.ndarray, classes: Sequence[str]) -> str:
     """SHA-256 of a split view: its table, its rows' digests in order, their labels, the class names."""

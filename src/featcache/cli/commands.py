@@ -271,10 +271,48 @@ def _head_spec(a: argparse.Namespace) -> Any:
     return HeadSpec(a.head, hidden=tuple(int(h) for h in a.hidden.split(",") if h), dropout=a.dropout)
 
 
+def _folds(a: argparse.Namespace, head: Any) -> None:
+    """`train|probe --folds K`: a head per fold on the cached train+val rows, mean +- std."""
+    from ..runs.folds import folds_run
+
+    tcfg = _train_config(a) if hasattr(a, "epochs") else None
+    out = a.out if a.out else None
+    res, feats = folds_run(
+        a.model,
+        _data_config(a),
+        a.layer,
+        _extract_config(a),
+        a.folds,
+        head,
+        tcfg,
+        out,
+        a.weights,
+        a.cache_dir,
+        not a.quiet,
+    )
+    if getattr(a, "json", False):
+        _print_json(res.to_dict())
+        return
+    for split, f in feats.items():
+        print(f"{split}: {_count_text(f)}")
+    for i, (acc, n) in enumerate(zip(res.acc, res.rows)):
+        print(f"fold {i}: {n} held-out rows, accuracy {acc:.4f}")
+    chosen = f" at L2 strength {res.extra['strength']:g}" if "strength" in res.extra else ""
+    print(
+        f"{res.folds}-fold cross-validation accuracy{chosen}: {res.mean:.4f} +- {res.std:.4f} "
+        "(std over folds)"
+    )
+    if res.test_acc:
+        print(f"test accuracy: {res.to_dict()['test_mean']:.4f} +- {res.to_dict()['test_std']:.4f}")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from ..runs.train import train_run
 
     spec = _head_spec(a)
+    if a.folds:
+        _folds(a, spec)
+        return
     run = train_run(
         a.model,
         _data_config(a),
@@ -381,6 +419,9 @@ def cmd_probe(a: argparse.Namespace) -> None:
         if a.strengths
         else ProbeConfig()
     )
+    if a.folds:
+        _folds(a, cfg)
+        return
     res = probe_run(
         a.model,
         _data_config(a),

@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     _views_args(p)
     p.add_argument("--out", required=True, help="run folder")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation on train+val: a head per fold, mean +- std",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
 
@@ -241,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="penultimate")
     _extract_args(p)
     p.add_argument("--strengths", default=None, help="comma-separated L2 strengths (default 1e-6..1)")
+    p.add_argument(
+        "--folds", type=int, default=0, help="choose the strength by K-fold cross-validation on train+val"
+    )
     p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
     p.add_argument("--json", action="store_true")
 
@@ -266,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
     p.add_argument("--out", required=True, help="run folder")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation on train+val: a head per fold, mean +- std",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
 

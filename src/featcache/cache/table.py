@@ -126,6 +126,7 @@ class FeatureTable:
         self.key = path.name
         self.layers: list[str] = list(record["layers"])
         self._segments: dict[str, Segment] = {}  # parsed once per object
+        self._index: tuple[list[str], TableIndex] | None = None  # the last index and its segment names
 
     @classmethod
     def open(cls, path: Path) -> FeatureTable:
@@ -173,7 +174,10 @@ class FeatureTable:
     def index(self) -> TableIndex:
         """Read the committed segments (new ones only, on a table object read before)."""
         files = self.segment_files()
-        current = {f.stem for f in files}
+        names = [f.stem for f in files]
+        if self._index is not None and self._index[0] == names:
+            return self._index[1]  # no segment came or went since
+        current = set(names)
         self._segments = {k: v for k, v in self._segments.items() if k in current}
         for f in files:
             if f.stem not in self._segments:
@@ -186,7 +190,8 @@ class FeatureTable:
                 where.setdefault(d, (s, r))
             for d, why in seg.skipped.items():
                 bad.setdefault(d, why)
-        return TableIndex(segments, where, bad)
+        self._index = (names, TableIndex(segments, where, bad))
+        return self._index[1]
 
     def digests(self, index: TableIndex | None = None) -> list[str]:
         """Every digest the table holds a row of, in commit order."""

@@ -300,8 +300,8 @@ class FeatureTable:
         readable table (a digest in two segments is read from the first)."""
         index = self.index()
         before = index.segments
-        if not before:
-            return 0, 0
+        if len(before) <= 1 and not self.leftovers(index):
+            return len(before), len(before)  # nothing to gain
         digests = self.digests(index)
         meta = {layer: index.row_meta(layer) for layer in self.layers}
         row_bytes = sum(int(np.prod(m[0])) * np.dtype(m[1]).itemsize for m in meta.values() if m) or 1

@@ -1,10 +1,12 @@
-"""The content-addressed cache: stored numbers, keys, hits, integrity, housekeeping and concurrency."""
+"""The feature store: stored numbers, table keys, rows by content, integrity, housekeeping, concurrency."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import torch
 from conftest import REPO, direct_features, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
+from featcache.cache.rows import RowView
 from featcache.cache.store import FeatureCache, cache_key, cache_root
-from featcache.cache.writer import CACHE_VERSION
+from featcache.cache.writer import CACHE_VERSION, write_segment
 from featcache.data.datasets import load_dataset
 from featcache.data.samples import ArraySamples
 from featcache.extract.build import cache_record, extract
@@ -45,6 +48,17 @@ def _images(samples) -> list:
     return [samples.load(i) for i in range(len(samples))]
 
 
+def _rows_by_digest(cache: FeatureCache, key: str) -> dict[str, dict[str, np.ndarray]]:
+    """Every row of a table as ``{digest: {layer: row}}`` (channel statistics as ``layer.mean``/``.var``)."""
+    table = cache.open(key)
+    index = table.index()
+    digests = table.digests(index)
+    feats, stats = table.view(index, digests, table.layers)
+    arrays = {k: np.asarray(v) for k, v in feats.items()}
+    arrays |= {f"{k}.{s}": np.asarray(v) for k, d in stats.items() for s, v in d.items()}
+    return {d: {k: a[i] for k, a in arrays.items()} for i, d in enumerate(digests)}
+
+
 # --------------------------------------------------------------------------- stored numbers
 
 
@@ -54,13 +68,20 @@ def test_cached_features_equal_a_direct_forward(resnet18: Backbone, cache_dir: P
     cached = _extract(resnet18, samples, cache_dir, layers=layers, shard_rows=6)
     ref = direct_features(resnet18, _images(samples), SIZE, layers)
     assert len(cached) == 20 and cached.ids == samples.ids and cached.classes == ["a", "b", "c"]
-    assert np.array_equal(cached.labels, samples.labels)
-    assert cached.manifest["rows"] == 20 and cached.manifest["block_rows"] == [6, 6, 6, 2]
+    assert np.array_equal(cached.labels, samples.labels) and cached.digests == samples.digests()
+    assert cached.manifest["rows"] == 20 and (cached.rows, cached.from_cache, cached.extracted) == (20, 0, 20)
+    # shard_rows 6 at batch 8: shards are whole batches, 8 + 8 + 4 rows, each committed by a segment
+    segments = FeatureCache(cache_dir).open(cached.key).index().segments
+    assert [s.rows for s in segments] == [8, 8, 4]
     for layer in layers:
         arr = cached.features[layer]
         assert arr.dtype == np.float32 and arr.shape == ref[layer].shape, layer
         assert np.abs(arr - ref[layer]).max() <= 1e-5, layer
         assert torch.equal(cached.tensor(layer), torch.from_numpy(np.array(arr)))
+        # Rows come back in any order asked, and slices gather the same numbers.
+        order = np.array([19, 0, 7, 7, 12])
+        assert np.array_equal(arr[order], np.asarray(arr)[order])
+        assert np.array_equal(arr[3:17], np.asarray(arr)[3:17]) and np.array_equal(arr[-1], arr[19])
 
 
 @pytest.mark.parametrize("pool", ["max", "flatten", "none"])
@@ -99,69 +120,75 @@ def test_bfloat16_storage_loads_back_as_bfloat16(resnet18: Backbone, cache_dir: 
         # bfloat16 keeps 8 significant bits: relative rounding error <= 2**-8
         np.testing.assert_allclose(t.float().numpy(), ref[layer], rtol=2**-8 + 1e-5, atol=1e-6)
         assert cached.tensor(layer, dtype=torch.float32).dtype == torch.float32
-    reopened = FeatureCache(cache_dir).open(cached.key)
-    assert torch.equal(reopened.tensor("layer3"), cached.tensor("layer3"))
+    reopened = _extract(resnet18, samples, cache_dir, dtype="bfloat16")
+    assert reopened.hit and torch.equal(reopened.tensor("layer3"), cached.tensor("layer3"))
 
 
 def test_tensor_is_an_independent_writable_copy(resnet18: Backbone, cache_dir: Path) -> None:
     cached = _extract(resnet18, _samples(6), cache_dir)
     t = cached.tensor("layer3")
-    assert not np.shares_memory(t.numpy(), cached.features["layer3"])
+    assert not any(np.shares_memory(t.numpy(), part) for part in cached.features["layer3"].parts)
     before = np.array(cached.features["layer3"])
     t.mul_(2)  # must neither crash on the read-only map nor change the cache
-    assert np.array_equal(FeatureCache(cache_dir).open(cached.key).features["layer3"], before)
+    assert np.array_equal(_extract(resnet18, _samples(6), cache_dir).features["layer3"], before)
     with pytest.raises(FeatcacheError, match="layer3"):
         cached.tensor("layer4")
 
 
-def test_entry_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
-    cached = _extract(resnet18, _samples(6), cache_dir)
+def test_table_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
+    cached = _extract(resnet18, _samples(6), cache_dir, pool="none", shard_rows=8)
     files = sorted(p.relative_to(cached.path).as_posix() for p in cached.path.rglob("*") if p.is_file())
-    assert files == [
-        "features/layer3.npy",
-        "features/penultimate.npy",
-        "ids.json",
-        "labels.npy",
-        "manifest.json",
-        "record.json",
-    ]
+    (segment,) = FeatureCache(cache_dir).open(cached.key).index().segments
+    s = segment.name
+    assert files == sorted(
+        [
+            "last_used",
+            f"segments/{s}.json",
+            f"shards/{s}.0.mean.npy",  # layer3, a map: its channel statistics beside it
+            f"shards/{s}.0.npy",
+            f"shards/{s}.0.var.npy",
+            f"shards/{s}.1.npy",  # penultimate
+            "table.json",
+        ]
+    )
     for f in cached.path.rglob("*.npy"):
         np.load(f, allow_pickle=False)
-    manifest = json.loads((cached.path / "manifest.json").read_text())
-    assert manifest["cache_version"] == CACHE_VERSION and manifest["key"] == cached.key
-    assert manifest["record"]["layers"] == ["layer3", "penultimate"]
+    doc = json.loads((cached.path / "table.json").read_text())
+    assert doc["cache_version"] == CACHE_VERSION and cache_key(doc["record"]) == cached.key
+    assert doc["record"]["layers"] == ["layer3", "penultimate"]
+    seg = json.loads((cached.path / "segments" / f"{s}.json").read_text())
+    assert seg["digests"] == _samples(6).digests() and seg["rows"] == 6
 
 
 # --------------------------------------------------------------------------- keys
 
 
 KEY_SCRIPT = """
-import sys
+import hashlib, sys
 from featcache import ExtractConfig, load_backbone, load_dataset
 from featcache.cache.store import cache_key
 from featcache.extract.build import cache_record
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
 cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=8)
-print(cache_key(cache_record(bb, train, ["layer3", "penultimate"], cfg, "train")))
+print(cache_key(cache_record(bb, ["layer3", "penultimate"], cfg)), *train.digests())
 """
 
 
-def test_same_key_in_another_process(resnet18: Backbone, tmp_path: Path) -> None:
+def test_same_key_and_digests_in_another_process(resnet18: Backbone, tmp_path: Path) -> None:
     write_tree(tmp_path / "tree" / "train", per_class=4)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    key = cache_key(cache_record(resnet18, train, LAYERS, _config(), "train"))
+    key = cache_key(cache_record(resnet18, LAYERS, _config()))
     assert len(key) == 64
-    other = run_python(KEY_SCRIPT, str(tmp_path / "tree")).stdout.strip()
-    assert other == key
+    other = run_python(KEY_SCRIPT, str(tmp_path / "tree")).stdout.split()
+    assert other == [key, *train.digests()]
 
 
-def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone, tmp_path: Path) -> None:
-    files = write_tree(tmp_path / "tree" / "train", per_class=4)
-    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-
-    def key(bb: Backbone = resnet18, samples=train, split: str = "train", layers=LAYERS, **kw: object) -> str:
-        return cache_key(cache_record(bb, samples, layers, _config(**kw), split))
+def test_key_changes_with_everything_that_changes_the_numbers_and_nothing_else(
+    resnet18: Backbone, tmp_path: Path
+) -> None:
+    def key(bb: Backbone = resnet18, layers=LAYERS, **kw: object) -> str:
+        return cache_key(cache_record(bb, layers, _config(**kw)))
 
     base = key()
     assert key() == base
@@ -182,23 +209,22 @@ def test_key_changes_with_everything_that_changes_the_numbers(resnet18: Backbone
         "mean": key(bb=Backbone(resnet18.model, replace(resnet18.cfg, preprocessing=half_mean))),
         "dtype": key(dtype="float16"),
         "pool": key(pool="max"),
-        "split": key(split="val"),
         "amp": key(amp=True),
     }
-    random_image(np.random.default_rng(7), (40, 48)).save(files[2])  # modify one image file
-    changed["data"] = key(samples=load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train)
     for what, k in changed.items():
         assert k != base, what
     assert len(set(changed.values())) == len(changed)
+    # The data is not part of the key: its rows are keyed by content, splits and labels are views.
+    record = cache_record(resnet18, LAYERS, _config())
+    assert not {"dataset", "dataset_fingerprint", "split", "labels", "ids"} & set(record)
 
 
 def test_the_key_holds_the_method_whose_values_the_arrays_are(resnet18: Backbone) -> None:
     """Module names give their forward hooks' values whichever path runs (FX is checked against them);
     a graph node only torch.fx gives is another kind of value: its entry is not served to hooks."""
-    samples = _samples(2)
 
     def record(layers: tuple[str, ...], method: str) -> dict:
-        return cache_record(resnet18, samples, layers, _config(method=method), "train")
+        return cache_record(resnet18, layers, _config(method=method))
 
     assert record(("layer3",), "fx")["method"] == record(("layer3",), "hooks")["method"] == "hooks"
     assert record(("flatten", "layer3"), "auto")["method"] == "fx"
@@ -222,19 +248,36 @@ def test_cache_key_includes_the_version_and_refuses_unhashable_records() -> None
 def test_second_extract_is_a_hit_without_forward_passes(resnet18: Backbone, cache_dir: Path) -> None:
     samples = _samples(12)
     first = _extract(resnet18, samples, cache_dir)
-    assert first.manifest["rows_extracted_this_run"] == 12
+    assert first.manifest["rows_extracted_this_run"] == 12 and not first.hit
     calls = []
     handle = resnet18.model.register_forward_pre_hook(lambda _m, inp: calls.append(len(inp[0])))
     try:
         second = _extract(resnet18, samples, cache_dir, batch_size=5)  # batch size is not in the key
     finally:
         handle.remove()
-    assert calls == []
-    assert second.key == first.key
+    assert calls == [] and second.hit
+    assert (second.rows, second.from_cache, second.extracted) == (12, 12, 0)
+    assert second.key == first.key and second.split_key == first.split_key
     for layer, arr in second.features.items():
-        assert isinstance(arr, np.memmap), layer
+        assert isinstance(arr, RowView) and all(isinstance(p, np.memmap) for p in arr.parts), layer
         assert np.array_equal(arr, first.features[layer])
     assert second.ids == first.ids and np.array_equal(second.labels, first.labels)
+
+
+def test_a_relabelled_reordered_subset_is_a_view_of_the_same_rows(
+    resnet18: Backbone, cache_dir: Path
+) -> None:
+    samples = _samples(12)
+    full = _extract(resnet18, samples, cache_dir)
+    relabelled = ArraySamples(samples.images[::-1][:7], np.arange(7) % 2, ["x", "y"], name="another set")
+    calls = []
+    handle = resnet18.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    view = _extract(resnet18, relabelled, cache_dir)
+    handle.remove()
+    assert calls == [] and view.key == full.key and view.split_key != full.split_key
+    assert view.classes == ["x", "y"] and view.labels.tolist() == (np.arange(7) % 2).tolist()
+    for layer in LAYERS:
+        np.testing.assert_array_equal(view.features[layer], np.asarray(full.features[layer])[::-1][:7])
 
 
 def test_cache_root_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,60 +294,101 @@ def test_cache_root_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_verify_and_open_detect_damage(resnet18: Backbone, cache_dir: Path) -> None:
     samples = _samples(12)
-    cached = _extract(resnet18, samples, cache_dir, shard_rows=4)
+    cached = _extract(resnet18, samples, cache_dir, shard_rows=4, batch_size=4)
     cache = FeatureCache(cache_dir)
     assert cache.verify(cached.key) == []
-    assert cache.open(cached.key, verify=True).key == cached.key
-    layer_file = cached.path / "features" / "layer3.npy"
+    segments = cache.open(cached.key).index().segments
+    assert len(segments) == 3
+    name = f"shards/{segments[2].name}.0.npy"
+    layer_file = cached.path / name
     original = layer_file.read_bytes()
 
-    # flip one bit in the last row (block 2 of 3)
+    # flip one bit in the last row (shard 2 of 3)
     data = bytearray(original)
     data[-3] ^= 0x10
     layer_file.write_bytes(bytes(data))
-    problems = cache.verify(cached.key)
-    assert problems == ["features/layer3.npy: block 2 checksum mismatch"]
-    with pytest.raises(FeatcacheError, match="damaged"):
-        cache.open(cached.key, verify=True)
+    assert cache.verify(cached.key) == [f"{name}: checksum mismatch"]
 
-    # truncate the file
+    # truncate the file: verify names it, reading the split names it
     layer_file.write_bytes(original[: len(original) - 100])
     problems = cache.verify(cached.key)
-    assert len(problems) == 1 and problems[0].startswith("features/layer3.npy")
-    with pytest.raises(FeatcacheError, match="layer3"):
-        cache.open(cached.key)
+    assert len(problems) == 1 and problems[0].startswith(name)
+    with pytest.raises(FeatcacheError, match=f"{segments[2].name}.0.npy"):
+        _extract(resnet18, samples, cache_dir)
 
     layer_file.write_bytes(original)
     assert cache.verify(cached.key) == []
 
 
-def test_a_partial_entry_does_not_open(resnet18: Backbone, cache_dir: Path) -> None:
-    samples = _samples(8)
-    record = cache_record(resnet18, samples, LAYERS, _config(), "train")
-    key = cache_key(record)
+def test_an_unreadable_segment_is_named_and_loses_no_other_row(resnet18: Backbone, cache_dir: Path) -> None:
+    samples = _samples(12)
+    cached = _extract(resnet18, samples, cache_dir, shard_rows=4, batch_size=4)
     cache = FeatureCache(cache_dir)
-    writer = cache.writer(key, {**record, "shard_rows": 4})
-    writer.write_shard(0, {"layer3": np.zeros((4, 256), np.float32)}, [0, 1, 2, 3], [])
-    with pytest.raises(FeatcacheError, match="partial"):
-        cache.open(key)
-    assert cache.verify(key) == ["partial entry: 1 finished shards, no manifest"]
-    info = cache.info(key[:10])
-    assert (
-        info["status"] == "partial" and info["shards_done"] == 1 and info["model"] == "torchvision:resnet18"
+    segments = cache.open(cached.key).segment_files()
+    before = _rows_by_digest(cache, cached.key)
+    original = segments[1].read_bytes()
+    segments[1].write_bytes(original[:40])  # a torn or damaged index segment
+    with pytest.raises(
+        FeatcacheError, match=rf"index segment .*{segments[1].name}.* is unreadable.*delete it"
+    ):
+        _extract(resnet18, samples, cache_dir)
+    problems = FeatureCache(cache_dir).verify(cached.key)
+    assert len(problems) == 1 and problems[0].startswith(f"segments/{segments[1].name}: unreadable")
+    # Deleting it, as the message says, costs exactly its rows; every other row is intact.
+    segments[1].unlink()
+    calls = []
+    handle = resnet18.model.register_forward_pre_hook(lambda _m, inp: calls.append(len(inp[0])))
+    again = _extract(resnet18, samples, cache_dir, shard_rows=4, batch_size=4)
+    handle.remove()
+    assert again.extracted == 4 and sum(calls) == 4  # its 4 rows, no other
+    after = _rows_by_digest(FeatureCache(cache_dir), cached.key)
+    assert before.keys() == after.keys()
+    for d, rows in before.items():
+        for layer, row in rows.items():
+            assert np.array_equal(after[d][layer], row), (d, layer)
+
+
+def test_a_shard_without_its_segment_is_not_read(resnet18: Backbone, cache_dir: Path) -> None:
+    """What a process killed between writing a shard and committing its segment leaves: ignored, then
+    removed by gc; the rows are extracted again."""
+    samples = _samples(8)
+    record = cache_record(resnet18, LAYERS, _config())
+    cache = FeatureCache(cache_dir)
+    table = cache.create(record)
+    write_segment(
+        table.path,
+        table.layers,
+        {"layer3": np.zeros((4, 256), np.float32), "penultimate": np.zeros((4, 512), np.float32)},
+        samples.digests()[:4],
+        {},
+        "float32",
+        {},
     )
+    seg = table.segment_files()[0]
+    seg.unlink()  # the commit never happened
+    assert table.index().segments == [] and len(table.leftovers(table.index())) == 2
+    assert cache.info(table.key)["status"] == "empty"
+    cached = _extract(resnet18, samples, cache_dir)
+    assert cached.extracted == 8 and cached.key == table.key
+    ref = direct_features(resnet18, _images(samples), SIZE, LAYERS)
+    assert np.abs(cached.features["layer3"] - ref["layer3"]).max() <= 1e-5  # not the zeros
+    removed = FeatureCache(cache_dir).gc()
+    assert len(removed["leftovers"]) == 2 and FeatureCache(cache_dir).verify(table.key) == []
 
 
-def test_ls_info_rm_gc(resnet18: Backbone, cache_dir: Path) -> None:
+def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
     cache = FeatureCache(cache_dir)
     assert cache.ls() == []
     a = _extract(resnet18, _samples(6, seed=0), cache_dir)
     b = _extract(resnet18, _samples(5, seed=1), cache_dir, dtype="float16")
+    b2 = _extract(resnet18, _samples(7, seed=2), cache_dir, dtype="float16", shard_rows=2, batch_size=2)
+    assert b2.key == b.key  # one table: the setting is the same, the images are new rows
     listed = {e["key"]: e for e in cache.ls()}
     assert set(listed) == {a.key, b.key}
     info = listed[b.key]
-    assert info["status"] == "complete" and info["rows"] == 5 and info["dtype"] == "float16"
-    assert info["model"] == "torchvision:resnet18" and info["dataset"] == "random-1" and info["pool"] == "avg"
-    assert info["layers"] == {"layer3": [256], "penultimate": [512]}
+    assert info["status"] == "complete" and info["rows"] == 12 and info["dtype"] == "float16"
+    assert info["model"] == "torchvision:resnet18" and info["pool"] == "avg" and info["segments"] == 5
+    assert info["layers"] == {"layer3": [256], "penultimate": [512]} and info["last_used"]
     assert info["bytes"] == sum(f.stat().st_size for f in b.path.rglob("*") if f.is_file())
     assert cache.resolve(a.key[:12]) == a.key
     with pytest.raises(FeatcacheError, match="no cache entry"):
@@ -323,27 +407,58 @@ def test_ls_info_rm_gc(resnet18: Backbone, cache_dir: Path) -> None:
             cache.rm(bad)
     assert (cache_dir.parent / "precious").is_dir() and set(cache.entries()) == {a.key, b.key}
 
-    # gc: leftovers of crashes go, complete entries stay, young partial entries stay
-    (a.path / "features" / "layer3.npy.tmp-999").write_bytes(b"junk")
-    (a.path / "shards").mkdir()
-    partial = cache.path("f" * 64)
-    (partial / "shards").mkdir(parents=True)
-    removed = cache.gc(partial_older_than_s=3600)
-    assert sorted(removed) == sorted(
-        [str(a.path / "features" / "layer3.npy.tmp-999"), str(a.path / "shards")]
+    # compact: one segment, every digest's bytes unchanged, the same split read back
+    before = _rows_by_digest(cache, b.key)
+    assert cache.compact(b.key[:10]) == (5, 1)
+    after = _rows_by_digest(FeatureCache(cache_dir), b.key)
+    assert list(after) == list(before) and all(
+        np.array_equal(after[d][k], v) for d, rows in before.items() for k, v in rows.items()
     )
-    assert cache.verify(a.key) == [] and partial.exists()
-    old = cache.gc(partial_older_than_s=-1)
-    assert old == [str(partial)] and not partial.exists()
-    assert set(cache.entries()) == {a.key, b.key}
+    assert cache.verify(b.key) == [] and len(list((b.path / "shards").iterdir())) == 2
+    again = _extract(resnet18, _samples(7, seed=2), cache_dir, dtype="float16")
+    assert again.hit and np.array_equal(again.features["layer3"], b2.features["layer3"])
+
+    # gc: leftovers go, tables in use stay, old-format entries go, unused tables go when asked
+    (a.path / "shards" / "x.npy.tmp-999").write_bytes(b"junk")
+    old = cache.path("f" * 64)  # a cache-version-1 entry
+    (old / "shards").mkdir(parents=True)
+    (old / "record.json").write_text("{}")
+    removed = cache.gc()
+    assert removed == {
+        "old_format": [str(old)],
+        "leftovers": [str(a.path / "shards" / "x.npy.tmp-999")],
+        "unused": [],
+    }
+    assert cache.verify(a.key) == [] and set(cache.entries()) == {a.key, b.key}
+    t = time.time() - 10 * 86400
+    os.utime(a.path / "last_used", (t, t))
+    assert cache.gc(unused_for_s=5 * 86400)["unused"] == [str(a.path)]
+    assert cache.entries() == [b.key]
 
     cache.rm(b.key[:12])
-    assert cache.entries() == [a.key]
+    assert cache.entries() == []
     with pytest.raises(FeatcacheError):
         cache.open(b.key)
-    # the removed entry is rebuilt on demand
-    again = _extract(resnet18, _samples(5, seed=1), cache_dir, dtype="float16")
-    assert again.key == b.key and again.manifest["rows_extracted_this_run"] == 5
+    # the removed table is rebuilt on demand
+    rebuilt = _extract(resnet18, _samples(5, seed=1), cache_dir, dtype="float16")
+    assert rebuilt.key == b.key and rebuilt.manifest["rows_extracted_this_run"] == 5
+
+
+def test_old_format_entries_are_not_read(resnet18: Backbone, cache_dir: Path) -> None:
+    record = cache_record(resnet18, LAYERS, _config())
+    key = cache_key(record)
+    (cache_dir / key).mkdir()
+    (cache_dir / key / "table.json").write_text(json.dumps({"record": record, "cache_version": 1}))
+    cache = FeatureCache(cache_dir)
+    assert cache.info(key)["status"] == "old format"
+    with pytest.raises(FeatcacheError, match="cache version 1"):
+        cache.open(key)
+    forged = cache_dir / ("e" * 64)
+    forged.mkdir()
+    (forged / "table.json").write_text(json.dumps({"record": record, "cache_version": CACHE_VERSION}))
+    with pytest.raises(FeatcacheError, match="does not hash to its name"):
+        cache.open(forged.name)
+    assert set(cache.gc()["old_format"]) == {str(cache_dir / key)}  # a forged table stays for `rm`
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -355,93 +470,71 @@ from featcache import ExtractConfig, extract, load_backbone, load_dataset
 bb = load_backbone("torchvision:resnet18", weights="none")
 calls = []
 def slow(module, inputs):
-    calls.append(1)
+    calls.append(len(inputs[0]))
     time.sleep(0.15)
 bb.model.register_forward_pre_hook(slow)
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
+if sys.argv[3] == "odd":
+    train = train.subset(list(range(1, len(train), 2)), "odd")
 cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=4, shard_rows=8)
 out = extract(bb, train, ["layer3", "penultimate"], cfg, cache_dir=sys.argv[2], progress=False)
-print(out.key, len(calls), len(out))
+print(out.key, sum(calls), len(out), out.extracted)
 """
 
 
 @pytest.mark.slow
-def test_two_processes_extracting_the_same_key(resnet18: Backbone, tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("second", ["all", "odd"])
+def test_two_processes_appending_to_one_table(
+    resnet18: Backbone, tmp_path: Path, cache_dir: Path, second: str
+) -> None:
+    """Two processes on one table (the same images, or the second a subset): every row once, none lost."""
     files = write_tree(tmp_path / "tree" / "train", per_class=8)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CONCURRENT_SCRIPT, str(tmp_path / "tree"), str(cache_dir)],
+            [sys.executable, "-c", CONCURRENT_SCRIPT, str(tmp_path / "tree"), str(cache_dir), which],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
         )
-        for _ in range(2)
+        for which in ("all", second)
     ]
     outs = []
     for p in procs:
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
         outs.append(out.split())
     keys = {o[0] for o in outs}
     assert len(keys) == 1
     key = keys.pop()
-    assert sorted(int(o[1]) > 0 for o in outs) == [False, True]  # one built it, the other waited and hit
-    assert all(int(o[2]) == len(files) for o in outs)
+    # Together the two ran each image through the backbone once (shard_rows fixed: no shape probe).
+    assert sum(int(o[1]) for o in outs) == sum(int(o[3]) for o in outs) == len(files), outs
+    assert [int(o[2]) for o in outs] == [len(files), len(files) if second == "all" else len(files) // 2]
     cache = FeatureCache(cache_dir)
     assert cache.entries() == [key]
     assert cache.verify(key) == []
-    cached = cache.open(key)
-    ref = direct_features(
-        resnet18,
-        [load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train.load(i) for i in range(len(files))],
-        SIZE,
-        ("layer3", "penultimate"),
-    )
-    for layer in ("layer3", "penultimate"):
-        assert np.abs(cached.features[layer] - ref[layer]).max() <= 1e-5
+    index = cache.open(key).index()
+    assert sum(s.rows for s in index.segments) == len(index.where) == len(files)  # no duplicate row
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    ref = direct_features(resnet18, _images(train), SIZE, ("layer3", "penultimate"))
+    rows = _rows_by_digest(cache, key)
+    for i, d in enumerate(train.digests()):
+        for layer in ("layer3", "penultimate"):
+            assert np.abs(rows[d][layer] - ref[layer][i]).max() <= 1e-5
 
 
-def test_verify_catches_flipped_labels_and_ids(tmp_path: Path) -> None:
-    from featcache.data.samples import ArraySamples
-    from featcache.extract.build import extract
-    from featcache.extract.config import ExtractConfig
-
-    bb = load_backbone("torchvision:resnet18", weights="none")
-    samples = ArraySamples(
-        np.random.default_rng(0).integers(0, 255, (12, 16, 16), dtype=np.uint8), np.arange(12) % 3
-    )
-    feats = extract(
-        bb, samples, ["layer1"], ExtractConfig(input_size=(32, 32)), cache_dir=str(tmp_path), progress=False
-    )
+def test_gc_spares_a_table_being_appended_to(resnet18: Backbone, tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path)
-    assert cache.verify(feats.key) == []
-    labels = np.load(feats.path / "labels.npy")
-    labels[-1] = (labels[-1] + 1) % 3
-    np.save(feats.path / "labels.npy", labels)
-    (feats.path / "ids.json").write_text((feats.path / "ids.json").read_text().replace("000011", "000099"))
-    problems = cache.verify(feats.key)
-    assert any("labels.npy" in p for p in problems) and any("ids.json" in p for p in problems)
-
-
-def test_gc_spares_an_entry_being_written(tmp_path: Path) -> None:
-    import os
-    import time
-
-    cache = FeatureCache(tmp_path)
-    key = "ab" * 32
-    (cache.path(key) / "shards").mkdir(parents=True)
+    table = cache.create(cache_record(resnet18, LAYERS, _config()))
+    (table.path / "shards").mkdir()
+    (table.path / "shards" / "00000000000000000001-abcdef12.0.npy").write_bytes(b"half a shard")
     old = time.time() - 10 * 24 * 3600
-    (cache.path(key) / "record.json").write_text("{}")
-    os.utime(cache.path(key) / "record.json", (old, old))
-    with cache.lock(key):  # an extraction holds the lock
-        assert cache.gc(partial_older_than_s=3600) == []
-        assert cache.path(key).exists()
-    (cache.path(key) / "shards" / "00000.json").write_text("{}")  # a shard finished just now
-    assert cache.gc(partial_older_than_s=3600) == [] and cache.path(key).exists()
-    for p in (cache.path(key) / "shards" / "00000.json", cache.path(key) / "shards", cache.path(key)):
-        os.utime(p, (old, old))
-    assert cache.gc(partial_older_than_s=3600) == [str(cache.path(key))]
+    os.utime(table.path / "table.json", (old, old))
+    with cache.lock(table.key):  # an extraction holds the lock
+        assert cache.gc(unused_for_s=3600) == {"old_format": [], "leftovers": [], "unused": []}
+        assert (table.path / "shards").exists()
+    removed = cache.gc(empty_older_than_s=3600)
+    assert removed["unused"] == [str(table.path)] and not table.path.exists()
 
 
 # --------------------------------------------------------------------------- channel statistics
@@ -462,15 +555,18 @@ def test_spatial_maps_carry_their_channel_statistics(resnet18: Backbone, cache_d
         torch.testing.assert_close(torch.from_numpy(np.array(got)), want, rtol=1e-5, atol=1e-6)
     cache = FeatureCache(cache_dir)
     assert cache.info(cached.key)["channel_stats"] == ["layer3"]
-    reopened = cache.open(cached.key).channel_stats["layer3"]
-    assert np.array_equal(reopened.mean, stats.mean) and np.array_equal(reopened.var, stats.var)
-    assert not list((cached.path / "features").glob("*.tmp-*"))
+    # A view of other rows in another order carries their statistics along.
+    sub = _extract(resnet18, samples.subset([13, 2, 2, 5], "s"), cache_dir, pool="none", dtype=dtype)
+    assert sub.hit
+    np.testing.assert_array_equal(sub.channel_stats["layer3"].mean, np.asarray(stats.mean)[[13, 2, 2, 5]])
+    np.testing.assert_array_equal(sub.channel_stats["layer3"].var, np.asarray(stats.var)[[13, 2, 2, 5]])
+    assert not list(cached.path.rglob("*.tmp-*"))
 
 
 def test_channel_statistics_follow_the_stored_layout(tmp_path: Path) -> None:
     """The writer takes statistics over the positions the layout names; vectors and unknown layouts
     get none; the entry opens with each layer's layout."""
-    from featcache.cache.writer import CacheWriter
+    from featcache.cache.writer import write_segment
 
     rng = np.random.default_rng(0)
     arrays = {
@@ -480,23 +576,26 @@ def test_channel_statistics_follow_the_stored_layout(tmp_path: Path) -> None:
         "odd": rng.standard_normal((5, 2, 3, 4, 5)).astype(np.float32),
     }
     layouts = {"hwc": "NHWC", "tokens": "NLD", "vec": "NC", "odd": None}
-    writer = CacheWriter(tmp_path / "abc", {"layers": list(arrays), "dtype": "float32", "shard_rows": 5})
-    writer.write_shard(0, arrays, list(range(5)), [])
-    writer.commit(
-        1, [str(i) for i in range(5)], np.zeros(5, dtype=np.int64), {"classes": ["a"]}, layouts=layouts
+    cache = FeatureCache(tmp_path)
+    table = cache.create({"layers": sorted(arrays), "dtype": "float32", "backbone": "test"})
+    digests = [f"{i:064x}" for i in range(5)]
+    write_segment(table.path, table.layers, arrays, digests, {}, "float32", {}, layouts=layouts)
+    entry = cache.open_split(
+        table.key, sorted(arrays), digests, [str(i) for i in range(5)], np.zeros(5), ["a"]
     )
-    entry = FeatureCache(tmp_path).open("abc")
     assert entry.layouts == layouts and set(entry.channel_stats) == {"hwc", "tokens"}
     for name, axes in (("hwc", (1, 2)), ("tokens", (1,))):
         np.testing.assert_allclose(entry.channel_stats[name].mean, arrays[name].mean(axes), atol=1e-6)
         np.testing.assert_allclose(entry.channel_stats[name].var, arrays[name].var(axes), atol=1e-5)
-    assert FeatureCache(tmp_path).verify("abc") == []
+    assert cache.verify(table.key) == []
 
 
 def test_verify_and_open_detect_damaged_channel_statistics(resnet18: Backbone, cache_dir: Path) -> None:
-    cached = _extract(resnet18, _samples(6), cache_dir, pool="none")
+    samples = _samples(6)
+    cached = _extract(resnet18, samples, cache_dir, pool="none")
     cache = FeatureCache(cache_dir)
-    name = "features/channel_stats/layer3.var.npy"
+    (segment,) = cache.open(cached.key).index().segments
+    name = f"shards/{segment.name}.0.var.npy"
     f = cached.path / name
     original = f.read_bytes()
     data = bytearray(original)
@@ -504,59 +603,12 @@ def test_verify_and_open_detect_damaged_channel_statistics(resnet18: Backbone, c
     f.write_bytes(bytes(data))
     assert cache.verify(cached.key) == [f"{name}: checksum mismatch"]
     f.write_bytes(original[:-8])
-    with pytest.raises(FeatcacheError, match=r"channel var of layer layer3 is damaged.*cache rm"):
-        cache.open(cached.key)
+    with pytest.raises(FeatcacheError, match=rf"{segment.name}.0.var.npy.*damaged.*cache verify"):
+        _extract(resnet18, samples, cache_dir, pool="none")
     f.unlink()
     assert cache.verify(cached.key) == [f"{name}: missing"]
     f.write_bytes(original)
     assert cache.verify(cached.key) == []
-
-
-def test_commit_removes_what_a_crashed_commit_left(tmp_path: Path) -> None:
-    from featcache.cache.writer import CacheWriter
-
-    key = "ab" * 32
-    writer = CacheWriter(tmp_path / key, {"layers": ["m"], "shard_rows": 4, "dtype": "float32"})
-    maps = np.arange(3 * 2 * 2 * 2, dtype=np.float32).reshape(3, 2, 2, 2)
-    writer.write_shard(0, {"m": maps}, [0, 1, 2], [])
-    stale = [
-        tmp_path / key / "features/m.npy.tmp-1",
-        tmp_path / key / "features/channel_stats/m.mean.npy.tmp-1",
-    ]
-    for f in stale:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(b"half-written")
-    writer.commit(1, ["a", "b", "c"], np.zeros(3, dtype=np.int64), {"classes": ["x"]})
-    assert not any(f.exists() for f in stale)
-    cache = FeatureCache(tmp_path)
-    assert cache.verify(key) == []
-    np.testing.assert_allclose(cache.open(key).channel_stats["m"].mean, maps.mean((2, 3)))
-
-
-def test_a_hit_on_an_older_entry_adds_its_channel_statistics(resnet18: Backbone, cache_dir: Path) -> None:
-    import shutil
-
-    samples = _samples(9)
-    first = _extract(resnet18, samples, cache_dir, pool="none", shard_rows=4)
-    want = first.channel_stats["layer3"]
-    want_mean, want_var = np.array(want.mean), np.array(want.var)
-    # Make it an entry from before featcache stored the statistics.
-    manifest_file = first.path / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    del manifest["layers"]["layer3"]["channel_stats"]
-    manifest_file.write_text(json.dumps(manifest))
-    shutil.rmtree(first.path / "features" / "channel_stats")
-    assert FeatureCache(cache_dir).open(first.key).channel_stats == {}
-
-    calls = []
-    hook = resnet18.model.register_forward_pre_hook(lambda *_: calls.append(1))
-    again = _extract(resnet18, samples, cache_dir, pool="none", shard_rows=4)
-    hook.remove()
-    assert again.hit and calls == []  # no forward pass: the statistics come from the stored maps
-    np.testing.assert_array_equal(np.array(again.channel_stats["layer3"].mean), want_mean)
-    np.testing.assert_array_equal(np.array(again.channel_stats["layer3"].var), want_var)
-    assert FeatureCache(cache_dir).verify(again.key) == []
-    assert FeatureCache(cache_dir).add_channel_stats(again.key) == []  # nothing left to add
 
 
 def test_a_layer_extracted_with_others_is_not_extracted_again(resnet18: Backbone, cache_dir: Path) -> None:

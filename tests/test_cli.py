@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from featcache.backbones.registry import load_backbone
+from featcache.cache.store import FeatureCache
 from featcache.cli.main import COMMANDS, main
 
 
@@ -167,6 +168,44 @@ def test_extract_cache_verbs_and_train(
     assert code == 0
     code, out, _ = run(capsys, "cache", "ls")
     assert key not in out
+
+
+def test_extract_prints_per_split_counts_and_cache_verbs_on_tables(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    base = [*tiny_resnet_on_digits(100), "-q", "--layers", "layer2"]
+    code, out, _ = run(capsys, "extract", *base, "--json")
+    counts = json.loads(out)
+    assert code == 0 and list(counts) == ["train", "val", "test"]
+    assert all(c["from_cache"] == 0 and c["extracted"] == c["rows"] > 0 for c in counts.values())
+    assert (
+        len({c["table"] for c in counts.values()}) == 1
+        and len({c["split_key"] for c in counts.values()}) == 3
+    )
+    # Another validation fraction: other splits of the same images, all from the cache.
+    code, out, _ = run(capsys, "extract", *base, "--val-fraction", "0.3")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 3 and all(" 0 extracted" in ln and "[hit]" in ln for ln in lines), out
+    rows = {ln.split()[0]: int(ln.split()[2]) for ln in lines}
+    assert sum(rows.values()) == sum(c["rows"] for c in counts.values())
+    assert all(f"{n} rows: {n} from the cache, 0 extracted" in ln for ln, n in zip(lines, rows.values()))
+    # train prints the same counts per split, without a forward pass here
+    code, out, _ = run(
+        capsys, "train", *base[:-2], "--layer", "layer2", "--epochs", "1", "--out", str(tmp_path / "run")
+    )
+    assert code == 0 and all(f"{s}: " in out for s in ("train", "val", "test")) and " 0 extracted" in out
+    key = counts["train"]["table"]
+    code, out, _ = run(capsys, "cache", "ls")
+    assert code == 0 and key[:16] in out and "complete" in out
+    code, out, _ = run(capsys, "cache", "compact", key[:12])
+    assert code == 0 and "segments -> 1" in out
+    code, out, _ = run(capsys, "cache", "verify", key[:12])
+    assert code == 0 and out.startswith("OK")
+    code, out, _ = run(capsys, "cache", "gc", "--unused-days", "1")
+    assert code == 0 and key in FeatureCache(tmp_path / "cache").entries()  # used a moment ago: kept
+    code, _, err = run(capsys, "cache", "compact")
+    assert code == 2 and "needs a KEY" in err
 
 
 def test_probe_writes_a_run_that_export_and_predict_take(

@@ -1,4 +1,4 @@
-"""Sharded extraction under torchrun (2 CPU processes, gloo): same entry as one process, resumable."""
+"""Sharded extraction under torchrun (2 CPU processes, gloo): the table one process writes, resumable."""
 
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ def single_process(cache_dir: Path) -> dict[str, object]:
 
 
 def assert_same_entries(sharded: FeatureCache, reference: dict[str, object]) -> None:
+    """Every split's rows, read by digest from the sharded cache's table, equal the reference's."""
     for ref in reference.values():
-        got = sharded.open(ref.key)  # type: ignore[attr-defined]
-        assert got.ids == ref.ids  # type: ignore[attr-defined]
-        np.testing.assert_array_equal(got.labels, ref.labels)  # type: ignore[attr-defined]
+        table = sharded.open(ref.key)  # type: ignore[attr-defined]
+        got, _ = table.view(table.index(), ref.digests, list(ref.features))  # type: ignore[attr-defined]
         for layer, arr in ref.features.items():  # type: ignore[attr-defined]
-            np.testing.assert_allclose(got.features[layer], arr, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got[layer], arr, rtol=1e-5, atol=1e-5)
         assert sharded.verify(ref.key) == []  # type: ignore[attr-defined]
 
 
@@ -66,13 +66,16 @@ def test_two_processes_write_the_entry_one_process_would(tmp_path: Path) -> None
     proc = torchrun("-m", "featcache", "extract", *BASE, "--cache-dir", str(tmp_path / "sharded"))
     lines = [ln for ln in proc.stdout.splitlines() if "rows" in ln]
     assert len(lines) == 3 and all("[built]" in ln for ln in lines), proc.stdout  # rank 0 prints, once
+    assert all("0 from the cache" in ln for ln in lines), proc.stdout
     sharded = FeatureCache(tmp_path / "sharded")
     reference = single_process(tmp_path / "single")
     assert_same_entries(sharded, reference)
-    train = sharded.open(reference["train"].key).manifest  # type: ignore[attr-defined]
-    assert train["processes"] == 2
-    assert set(train["rows_by_process"]) == {"0", "1"}, train["rows_by_process"]
-    assert min(train["rows_by_process"].values()) >= train["rows"] // 3  # shares are similar
+    (table,) = sharded.tables()  # one table: train, val and test are views over it
+    by_process: dict[int, int] = {}
+    for seg in table.index().segments:
+        by_process[seg.info["process"]] = by_process.get(seg.info["process"], 0) + seg.rows
+    assert set(by_process) == {0, 1}, by_process
+    assert min(by_process.values()) >= sum(by_process.values()) // 3  # shares are similar
     # A second run finds the entries: nothing extracted, every rank agrees.
     again = torchrun("-m", "featcache", "extract", *BASE, "--cache-dir", str(tmp_path / "sharded"))
     assert again.stdout.count("[hit]") == 3
@@ -85,7 +88,7 @@ from featcache.extract.distributed import ranks_from_env
 ranks = ranks_from_env()
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset("digits", limit=150).train
-cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu", shard_rows=10)
+cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu", shard_rows=16)
 out = extract(bb, train, ["layer2", "penultimate"], cfg, cache_dir=sys.argv[1], progress=False, ranks=ranks)
 ranks.close()
 if ranks.is_main:
@@ -97,21 +100,21 @@ if ranks.is_main:
 def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     train = load_dataset("digits", limit=150).train
-    cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu", shard_rows=10)
+    cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu", shard_rows=16)
     real_run = extract_mod._run
 
-    def first_two_shards(ex, samples, c, writer, pending, *rest):  # type: ignore[no-untyped-def]
-        real_run(ex, samples, c, writer, [i for i in pending if i < 20], *rest)
+    def first_two_shards(ex, job, table, pending, indices, *rest):  # type: ignore[no-untyped-def]
+        real_run(ex, job, table, pending[:32], indices[:32], *rest)
 
     monkeypatch.setattr(extract_mod, "_run", first_two_shards)
-    with pytest.raises(ValueError, match="missing"):  # the interrupted run: 2 shards written, no manifest
+    with pytest.raises(ValueError, match=f"holds no row for {len(train) - 32} of these"):  # 2 shards in
         extract(bb, train, LAYERS, cfg, cache_dir=str(tmp_path / "cache"), progress=False)
     monkeypatch.undo()
     script = tmp_path / "resume.py"
     script.write_text(RESUME)
     proc = torchrun(str(script), str(tmp_path / "cache"))
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info == {"rows": len(train), "rows_extracted_this_run": len(train) - 20, "processes": 2}
+    assert info == {"rows": len(train), "rows_extracted_this_run": len(train) - 32, "processes": 2}
     reference = extract(bb, train, LAYERS, cfg, cache_dir=str(tmp_path / "single"), progress=False)
     assert_same_entries(FeatureCache(tmp_path / "cache"), {"train": reference})
 

@@ -1,11 +1,12 @@
-"""Extraction: configs, pooling, resume after a crash, bad-image policies, splits and workers."""
+"""Extraction on the feature store: configs, pooling, only the missing rows through the backbone (relabels,
+resplits, added images, other datasets, duplicates), SIGKILLs at random moments, bad input, workers."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
-import signal
-import subprocess
-import sys
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, direct_features, write_tree
+from conftest import direct_features, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone
 from featcache.cache.store import FeatureCache
 from featcache.data.datasets import load_dataset
+from featcache.data.digests import SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError
 from featcache.extract.build import extract, extract_splits
 from featcache.extract.config import ExtractConfig, View, Views, parse_layers
@@ -57,6 +59,28 @@ def _assert_same_entry(a, b) -> None:
     for layer in a.features:
         assert a.features[layer].dtype == b.features[layer].dtype
         assert np.array_equal(a.features[layer], b.features[layer]), layer
+
+
+def _segment_rows(cache_dir: Path, key: str) -> list[int]:
+    return [s.rows for s in FeatureCache(cache_dir).open(key).index().segments]
+
+
+def _rows_by_digest(cache_dir: Path, key: str) -> dict[str, dict[str, bytes]]:
+    """``{digest: {layer (or layer.mean / layer.var): the row's bytes}}`` of every row of a table."""
+    table = FeatureCache(cache_dir).open(key)
+    index = table.index()
+    digests = table.digests(index)
+    feats, stats = table.view(index, digests, table.layers)
+    arrays = {k: np.asarray(v) for k, v in feats.items()}
+    arrays |= {f"{k}.{s}": np.asarray(v) for k, d in stats.items() for s, v in d.items()}
+    return {d: {k: a[i].tobytes() for k, a in arrays.items()} for i, d in enumerate(digests)}
+
+
+def _backdate(root: Path, seconds: float = 3600) -> None:
+    """Files written ``seconds`` ago: a dataset folder that is not brand new (see digests.RACY_NS)."""
+    t = time.time() - seconds
+    for f in root.rglob("*"):
+        os.utime(f, (t, t))
 
 
 # --------------------------------------------------------------------------- config and pooling
@@ -117,12 +141,13 @@ def test_automatic_shard_size(resnet18: Backbone, tmp_path: Path) -> None:
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     cached = extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
     # 64 MB would hold the whole set; shards are capped at an eighth of it but not below one batch (4).
-    assert len(train) == 9 and cached.manifest["record"]["shard_rows"] == 4
-    assert cached.manifest["block_rows"] == [4, 4, 1]
+    assert len(train) == 9 and _segment_rows(tmp_path / "c", cached.key) == [4, 4, 1]
     assert cached.manifest["rows_extracted_this_run"] == len(train)
-    many = ArraySamples(np.zeros((100, 20, 20, 3), np.uint8), np.arange(100) % 2, ["a", "b"], name="zeros")
+    rng = np.random.default_rng(0)
+    many = ArraySamples(rng.integers(0, 255, (100, 20, 20, 3), np.uint8), np.arange(100) % 2, ["a", "b"])
     big = extract(resnet18, many, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
-    assert big.manifest["record"]["shard_rows"] == 13 and len(big.manifest["block_rows"]) == 8
+    # An eighth is 13 rows, rounded up to whole batches of 4: shards of 16.
+    assert _segment_rows(tmp_path / "c", big.key) == [4, 4, 1] + [16] * 6 + [4]
 
 
 def test_extract_splits(resnet18: Backbone, tmp_path: Path) -> None:
@@ -134,84 +159,244 @@ def test_extract_splits(resnet18: Backbone, tmp_path: Path) -> None:
     out = extract_splits(resnet18, splits, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
     assert list(out) == ["train", "val", "test"]
     assert [len(out[s]) for s in out] == [12, 6, 6]
-    assert len({c.key for c in out.values()}) == 3
+    assert len({c.key for c in out.values()}) == 1  # one table: splits are views over its rows
+    assert len({c.split_key for c in out.values()}) == 3
     for name, samples in splits.items():
-        assert out[name].ids == samples.ids and out[name].manifest["record"]["split"] == name
+        assert out[name].ids == samples.ids and out[name].manifest["split"] == name
         ref = direct_features(resnet18, [samples.load(i) for i in range(len(samples))], SIZE, LAYERS)
         assert np.abs(out[name].features["penultimate"] - ref["penultimate"]).max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- only the missing rows
+
+
+def _tree_extract(root: Path, cache: Path, **kw: object):
+    """Every split of the ImageFolder at ``root``, counting the images through the backbone."""
+    from featcache.backbones.registry import load_backbone
+
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    splits = load_dataset(str(root), **kw)  # type: ignore[arg-type]
+    with RowCounter(bb.model) as counter:
+        out = extract_splits(bb, splits, LAYERS, _config(), cache_dir=str(cache), progress=False)
+    return out, counter.rows
+
+
+def _row_bytes(*splits) -> dict[str, dict[str, bytes]]:
+    """``{digest: {layer: row bytes}}`` over splits (of any datasets)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for f in splits:
+        arrays = {layer: np.asarray(f.features[layer]) for layer in LAYERS}
+        for i, d in enumerate(f.digests):
+            out[d] = {layer: a[i].tobytes() for layer, a in arrays.items()}
+    return out
+
+
+def _same_rows(split, reference: dict[str, dict[str, bytes]]) -> None:
+    """Every row of ``split`` holds the bytes ``reference`` holds for its digest."""
+    assert _row_bytes(split).items() <= reference.items()
+
+
+def test_relabel_and_resplit_run_no_image_through_the_backbone(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    write_tree(root, classes=("a", "b", "c"), per_class=10)
+    _backdate(root)
+    first, n = _tree_extract(root, tmp_path / "c")
+    assert n == 30 + 3  # every image once, plus a 1-image probe sizing the shards of each append
+    counts = [(f.rows, f.from_cache, f.extracted) for f in first.values()]
+    assert counts == [(21, 0, 21), (3, 0, 3), (6, 0, 6)]
+    reference = _row_bytes(*first.values())
+    # A label fix: one file moves to another class folder.
+    os.rename(root / "a" / "00.png", root / "c" / "00.png")
+    relabelled, n = _tree_extract(root, tmp_path / "c")
+    assert n == 0 and all(f.extracted == 0 and f.from_cache == f.rows for f in relabelled.values())
+    (split,) = [f for f in relabelled.values() if "c/00.png" in f.ids]
+    assert split.labels[split.ids.index("c/00.png")] == 2
+    # Another val fraction, another split seed: other splits, the same rows.
+    for kw in ({"val_fraction": 0.2}, {"seed": 7}):
+        resplit, n = _tree_extract(root, tmp_path / "c", **kw)
+        assert n == 0 and all(f.hit for f in resplit.values()), kw
+        assert resplit["train"].ids != relabelled["train"].ids
+        for f in resplit.values():
+            _same_rows(f, reference)
+
+
+def test_added_images_are_the_only_ones_through_the_backbone(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    write_tree(root / "train", classes=("a", "b"), per_class=50)
+    _backdate(root)
+    first, n = _tree_extract(root, tmp_path / "c", val_fraction=0.0)
+    assert n == 100 + 1
+    rng = np.random.default_rng(99)
+    random_image(rng).save(root / "train" / "a" / "new.png")
+    random_image(rng).save(root / "train" / "b" / "new.png")
+    again, n = _tree_extract(root, tmp_path / "c", val_fraction=0.0)
+    train = again["train"]
+    assert n == 2 + 1 and (train.rows, train.from_cache, train.extracted) == (102, 100, 2)
+    new = [train.ids.index("a/new.png"), train.ids.index("b/new.png")]
+    samples = load_dataset(str(root), val_fraction=0.0).train
+    ref = direct_features(load_backbone_none(), [samples.load(i) for i in new], SIZE, LAYERS)
+    for layer in LAYERS:
+        assert np.abs(train.features[layer][new] - ref[layer]).max() <= 1e-5
+    old = [i for i in range(102) if i not in new]
+    assert _row_bytes(first["train"]) == {train.digests[i]: _row_bytes(train)[train.digests[i]] for i in old}
+
+
+def load_backbone_none() -> Backbone:
+    from featcache.backbones.registry import load_backbone
+
+    return load_backbone("torchvision:resnet18", weights="none")
+
+
+def test_another_dataset_over_the_same_images_runs_no_forward_pass(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    files = write_tree(root / "train", classes=("a", "b", "c"), per_class=6)
+    _backdate(root)
+    first, n = _tree_extract(root, tmp_path / "c", val_fraction=0.0)
+    assert n == 18 + 1
+    # A subset in another folder, relabelled into two classes (copies: other paths, other mtimes).
+    copy = tmp_path / "copy"
+    for i, f in enumerate(files[::2]):
+        dest = copy / "train" / ("even" if i % 2 == 0 else "odd") / f"img{i}{f.suffix}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
+    other, n = _tree_extract(copy, tmp_path / "c", val_fraction=0.0)
+    train = other["train"]
+    assert n == 0 and train.hit and train.rows == 9 and train.classes == ["even", "odd"]
+    _same_rows(train, _row_bytes(first["train"]))
+    # A CSV manifest naming the same files with other labels: a view again.
+    (tmp_path / "labels.csv").write_text(
+        "path,label\n" + "".join(f"{f.relative_to(tmp_path)},{'xy'[i % 2]}\n" for i, f in enumerate(files))
+    )
+    from featcache.backbones.registry import load_backbone
+
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    csv = load_dataset(str(tmp_path / "labels.csv"), val_fraction=0.0, test_fraction=0.0).train
+    with RowCounter(bb.model) as counter:
+        view = extract(bb, csv, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    assert counter.rows == 0 and view.rows == 18 and view.key == first["train"].key
+    _same_rows(view, _row_bytes(first["train"]))
+
+
+def test_duplicated_files_are_extracted_once_and_both_ids_kept(resnet18: Backbone, tmp_path: Path) -> None:
+    root = tmp_path / "tree" / "train"
+    files = write_tree(root, classes=("a", "b"), per_class=3)
+    shutil.copyfile(files[0], root / "b" / "same-as-a00.png")  # the same bytes under another class
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    with RowCounter(resnet18.model) as counter:
+        cached = extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    assert counter.rows == 6 + 1  # 7 files, 6 distinct images, and the 1-image shard-size probe
+    i, j = cached.ids.index("a/00.png"), cached.ids.index("b/same-as-a00.png")
+    assert cached.rows == 7 and cached.labels[i] == 0 and cached.labels[j] == 1
+    assert cached.digests[i] == cached.digests[j]
+    for layer in LAYERS:
+        assert np.array_equal(cached.features[layer][i], cached.features[layer][j])
+    assert sum(s.rows for s in FeatureCache(tmp_path / "c").open(cached.key).index().segments) == 6
+
+
+def test_an_unchanged_folder_is_served_without_reading_a_file(
+    resnet18: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import featcache.data.digests as digests_mod
+    from featcache.data.samples import FileSamples
+
+    write_tree(tmp_path / "tree" / "train", per_class=8)
+    _backdate(tmp_path / "tree")
+    first = extract(
+        resnet18,
+        load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train,
+        LAYERS,
+        _config(),
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    reads: list[str] = []
+    real_hash, real_load = digests_mod.hash_file, FileSamples.load_checked
+    monkeypatch.setattr(digests_mod, "hash_file", lambda p: reads.append(p) or real_hash(p))
+    monkeypatch.setattr(FileSamples, "load_checked", lambda s, i, d: reads.append(i) or real_load(s, i, d))
+    monkeypatch.setattr(FileSamples, "load", lambda *a: reads.append(a) or None)
+    again = extract(
+        resnet18,
+        load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train,
+        LAYERS,
+        _config(),
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    assert reads == [] and again.hit and again.split_key == first.split_key
 
 
 # --------------------------------------------------------------------------- crash safety
 
 
-CRASH_SCRIPT = """
-import sys, time
+KILL_DRIVER = """
+import json, os, random, signal, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)  # no thread pool exists when the driver forks its children
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
-bb = load_backbone("torchvision:resnet18", weights="none")  # seeded: the same weights as the test's
-bb.model.conv1.register_forward_pre_hook(lambda m, i: time.sleep(0.3))  # slow, weights unchanged
-train = load_dataset(sys.argv[1], val_fraction=0.0).train
-cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=4, shard_rows=8)
-extract(bb, train, ["layer3", "penultimate"], cfg, cache_dir=sys.argv[2], progress=False)
-print("finished")
+from featcache.cache.store import FeatureCache
+tree, cache_dir, want = sys.argv[1], sys.argv[2], int(sys.argv[3])
+bb = load_backbone("torchvision:resnet18", weights="none")
+bb.model.layer1.register_forward_pre_hook(lambda m, i: time.sleep(0.03))  # slow; weights unchanged
+train = load_dataset(tree, val_fraction=0.0).train
+cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=4, pool="none")
+layers = ["layer3", "penultimate"]
+ref = extract(bb, train, layers, cfg, cache_dir=f"{cache_dir}/ref", progress=False)  # uninterrupted
+rng = random.Random(0)
+kills, finals, rounds = [], [], 0
+while sum(k["incomplete"] for k in kills) < want:
+    folder = f"{cache_dir}/r{rounds}"
+    while True:
+        pid = os.fork()
+        if pid == 0:  # the child: one extraction, killed at a random moment
+            try:
+                extract(bb, train, layers, cfg, cache_dir=folder, progress=False)
+            finally:
+                os._exit(0)
+        delay = rng.uniform(0.0, 0.4)
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        cache = FeatureCache(folder)
+        keys = [t.key for t in cache.tables()]
+        rows = sum(len(t.index().where) for t in cache.tables())
+        problems = [p for k in keys for p in cache.verify(k)]
+        done = rows == len(set(train.digests()))
+        kills.append({"round": rounds, "delay": delay, "signalled": os.WIFSIGNALED(status), "rows": rows,
+                      "incomplete": not done, "problems": problems, "keys": keys})
+        if done or sum(k["incomplete"] for k in kills) >= want:
+            break
+    out = extract(bb, train, layers, cfg, cache_dir=folder, progress=False)  # the next run completes it
+    finals.append({"folder": folder, "extracted": out.extracted, "rows": out.rows, "key": out.key})
+    rounds += 1
+print(json.dumps({"kills": kills, "finals": finals, "ref": ref.key, "n": len(train)}))
 """
 
 
 @pytest.mark.slow
-def test_killed_extraction_resumes_without_redoing_finished_shards(
-    resnet18: Backbone, tmp_path: Path
-) -> None:
-    write_tree(tmp_path / "tree" / "train", classes=("a", "b", "c", "d"), per_class=9)  # 36 rows: 5 shards
-    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    n = len(train)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the driver forks the killed extractions")
+def test_sigkill_at_random_moments_loses_no_committed_row(tmp_path: Path) -> None:
+    write_tree(tmp_path / "tree" / "train", classes=("a", "b", "c", "d"), per_class=25)
     cache_dir = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path / "tree"), str(cache_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(cache_dir.glob("*/shards/00000.json")):
-            assert proc.poll() is None, (
-                f"extraction ended before its first shard: {proc.stderr.read()[-2000:]}"
-            )
-            assert time.monotonic() < deadline, "no shard marker within 120 s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    key = entry.name
-    cache = FeatureCache(cache_dir)
-    with pytest.raises(ValueError, match="partial"):
-        cache.open(key)
-    assert cache.info(key)["status"] == "partial"
-    done = len(list((entry / "shards").glob("*.json")))
-    assert 1 <= done < 5, done
-
-    with RowCounter(resnet18.model) as counter:
-        resumed = extract(
-            resnet18, train, LAYERS, _config(shard_rows=8), cache_dir=str(cache_dir), progress=False
-        )
-    assert resumed.key == key
-    assert counter.rows == n - 8 * done
-    assert resumed.manifest["rows_extracted_this_run"] == n - 8 * done
-    assert resumed.manifest["block_rows"] == [8, 8, 8, 8, 4]
-    assert cache.verify(key) == []
-    assert not (entry / "shards").exists()
-
-    fresh = extract(
-        resnet18, train, LAYERS, _config(shard_rows=8), cache_dir=str(tmp_path / "fresh"), progress=False
-    )
-    assert fresh.key == key and fresh.manifest["rows_extracted_this_run"] == n
-    _assert_same_entry(resumed, fresh)
-    assert resumed.ids == train.ids
+    proc = run_python(KILL_DRIVER, str(tmp_path / "tree"), str(cache_dir), "20", timeout=540)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    kills, finals = result["kills"], result["finals"]
+    assert sum(k["incomplete"] and k["signalled"] for k in kills) >= 20, kills
+    for k in kills:
+        assert k["problems"] == [], k  # after every kill, every committed file checks out
+        assert len(k["keys"]) <= 1, k
+    by_round: dict[int, list[int]] = {}
+    for k in kills:
+        by_round.setdefault(k["round"], []).append(k["rows"])
+    assert all(rows == sorted(rows) for rows in by_round.values())  # committed rows are never lost
+    reference = _rows_by_digest(cache_dir / "ref", result["ref"])
+    assert len(reference) == result["n"]
+    for final in finals:
+        assert final["rows"] == result["n"] and final["key"] == result["ref"]
+        got = _rows_by_digest(Path(final["folder"]), final["key"])
+        assert got.keys() == reference.keys()
+        for d, rows in reference.items():  # byte for byte, per digest, maps and channel statistics
+            assert got[d] == rows, d
+        assert FeatureCache(final["folder"]).verify(final["key"]) == []
 
 
 # --------------------------------------------------------------------------- bad images
@@ -242,8 +427,8 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
         extract(resnet18, train, LAYERS, _config(shard_rows=4), cache_dir=str(cache_dir), progress=False)
     assert str(bad) in str(info.value) and "skip" in str(info.value)
     (entry,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    markers = sorted(p.name for p in (entry / "shards").glob("*.json"))
-    assert markers == [f"{i:05d}.json" for i in range(bad_row // 4)]  # shards 0-3 finished before row 18
+    # shards 0-3 were committed before row 18
+    assert _segment_rows(cache_dir, entry.name) == [4] * (bad_row // 4)
 
     # the policy is not part of the key: skipping resumes the same entry
     with RowCounter(resnet18.model) as counter:
@@ -256,8 +441,8 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
             progress=False,
         )
     assert skipped.path == entry
-    assert counter.rows == len(train) - 16
-    assert skipped.manifest["rows_extracted_this_run"] == len(train) - 16
+    assert counter.rows == len(train) - 16 and skipped.manifest["images_extracted"] == len(train) - 16
+    assert skipped.manifest["rows_extracted_this_run"] == len(train) - 16 - 1  # the skipped image: no row
     assert len(skipped) == len(train) - 1
     assert "c/" + bad.name not in skipped.ids
     assert skipped.ids == [i for i in train.ids if i != "c/" + bad.name]
@@ -269,6 +454,10 @@ def test_bad_image_error_names_the_file_and_keeps_finished_shards(
     for layer in LAYERS:
         assert np.abs(skipped.features[layer] - ref[layer]).max() <= 1e-5
     assert FeatureCache(cache_dir).verify(skipped.key) == []
+    # The table remembers the image as undecodable: with the error policy it is named again, with no read.
+    with RowCounter(resnet18.model) as counter, pytest.raises(BadImageError, match=str(bad)):
+        extract(resnet18, train, LAYERS, _config(shard_rows=4), cache_dir=str(cache_dir), progress=False)
+    assert counter.rows == 0
 
     # an uninterrupted skipping run into another cache stores the same entry
     again = extract(
@@ -298,10 +487,56 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
         progress=False,
     )
     assert cached.ids == ["a/00.png", "a/01.jpg", "b/00.png", "b/01.jpg"]
-    assert cached.manifest["block_rows"] == [2, 2, 0]
+    assert _segment_rows(tmp_path / "c", cached.key) == [2, 2, 0]
     assert [s["id"] for s in cached.manifest["skipped"]] == ["b/x1.png", "b/x2.png"]
     assert cached.features["layer3"].shape == (4, 256)
     assert FeatureCache(tmp_path / "c").verify(cached.key) == []
+
+
+def test_a_file_changed_or_vanished_during_the_run_is_named_and_committed_rows_stay(
+    resnet18: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_mod = importlib.import_module("featcache.extract.build")  # `featcache.extract` is the function
+    files = write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=8)
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    real_write = build_mod.write_segment
+
+    def then_change(*args, **kw):  # type: ignore[no-untyped-def]
+        real_write(*args, **kw)
+        if files[-1].exists():  # after the first commit, the last image is rewritten
+            random_image(np.random.default_rng(5)).save(files[-1])
+
+    monkeypatch.setattr(build_mod, "write_segment", then_change)
+    cfg = _config(shard_rows=4, on_bad_image="skip")  # not a bad image: skipping does not hide it
+    with pytest.raises(SampleChangedError, match=f"{files[-1]}.*changed during this run"):
+        extract(resnet18, train, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)
+    (key,) = FeatureCache(tmp_path / "c").entries()
+    assert _segment_rows(tmp_path / "c", key) == [4, 4, 4]  # what was committed stays
+    assert FeatureCache(tmp_path / "c").verify(key) == []
+    monkeypatch.undo()
+    # A file that vanishes between listing and hashing, or between hashing and decoding: named.
+    listed = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    files[0].rename(tmp_path / "away.png")
+    with pytest.raises(FileNotFoundError, match=str(files[0])):
+        extract(resnet18, listed, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)
+    (tmp_path / "away.png").rename(files[0])
+    hashed = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    hashed.digests()
+    files[-1].rename(tmp_path / "away.png")
+    with pytest.raises(SampleChangedError, match=f"{files[-1]}.*vanished"):
+        extract(resnet18, hashed, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)
+    (tmp_path / "away.png").rename(files[-1])
+    # The next run lists the folder anew and extracts only what no segment holds.
+    with RowCounter(resnet18.model) as counter:
+        done = extract(
+            resnet18,
+            load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train,
+            LAYERS,
+            cfg,
+            cache_dir=str(tmp_path / "c"),
+            progress=False,
+        )
+    assert (done.rows, done.extracted) == (16, 4) and counter.rows == 4
 
 
 def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
@@ -335,9 +570,10 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
         and one.manifest["record"]["view"] == 1
         and two.manifest["record"]["augment"] == "flip,crop"
     )
+    assert one.split_key != plain.split_key and one.digests == plain.digests
     a, b, p = (f.tensor("layer3") for f in (one, two, plain))
     assert not torch.allclose(a, b) and not torch.allclose(a, p)  # the views differ from each other
-    assert FeatureCache(tmp_path / "c").info(two.key)["split"] == "train@view2"  # as `cache ls` shows it
+    assert FeatureCache(tmp_path / "c").info(two.key)["view"] == 2  # as `cache ls` shows it
     # A view is the same random draw per sample in any process: rebuilt with 2 decoding workers.
     again = extract(
         resnet18,
@@ -350,8 +586,19 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
     )
     assert again.key == one.key
     torch.testing.assert_close(again.tensor("layer3"), a)
+    # ... and for the same image in any dataset: its randomness comes from its content and the view.
+    other = extract(
+        resnet18,
+        train.subset([5, 0], "s"),
+        LAYERS,
+        cfg,
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+        view=View(1, "flip,crop"),
+    )
+    assert other.hit and torch.equal(other.tensor("layer3"), a[[5, 0]])
     # View 0 (no augmentation) keeps the key it had before views existed: no "augment" in its record.
-    assert "augment" not in cache_record(resnet18, train, LAYERS, cfg, "train")
+    assert "augment" not in cache_record(resnet18, LAYERS, cfg)
     assert (
         plain.key
         == extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False).key

@@ -72,3 +72,29 @@ def test_to_model_input_channels() -> None:
     assert one.shape == (1, 16, 16)
     rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 0))
     assert to_model_input(rgba, cfg.preprocessing).shape == (3, 16, 16)
+
+
+def test_a_cached_view_draws_its_augmentation_from_the_image_content() -> None:
+    from featcache._util import FeatcacheError
+    from featcache.data.preprocess import PreprocessedView, make_augment
+    from featcache.data.samples import ArraySamples
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
+    images[2] = images[0]  # the same image twice
+    samples = ArraySamples(images, [0, 1, 1])
+    cfg = BackboneCfg("m").with_input_size(32, 32)
+    aug = make_augment("flip,crop", (32, 32))
+    d = samples.digests()
+
+    def view(k: int, order: list[int]) -> list[torch.Tensor]:
+        ds = PreprocessedView(samples, cfg.preprocessing, order, aug, k, [d[i] for i in order])
+        return [ds[j][0] for j in range(len(order))]
+
+    a, b = view(1, [0, 1, 2]), view(1, [2, 1])
+    assert torch.equal(a[0], a[2]) and torch.equal(a[2], b[0]) and torch.equal(a[1], b[1])  # by content
+    assert not torch.equal(view(2, [0])[0], a[0])  # another view, another draw
+    with pytest.raises(FeatcacheError, match="pass digests"):
+        PreprocessedView(samples, cfg.preprocessing, [0], aug, 1)
+    with pytest.raises(FeatcacheError, match="1 digests for 2 samples"):
+        PreprocessedView(samples, cfg.preprocessing, [0, 1], aug, 1, [d[0]])

@@ -326,6 +326,23 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
         )
 
 
+def test_resume_refuses_a_relabelled_dataset(tmp_path: Path) -> None:
+    """The table is the same after a label fix, the split views are not: --resume says which."""
+    from conftest import write_tree
+
+    write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=6)
+    data = DataConfig(str(tmp_path / "tree"), val_fraction=0.0, test_fraction=0.0)
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    cfg = TrainConfig(epochs=1, device="cpu")
+    first = _train(bb, data, "penultimate", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
+    (tmp_path / "tree" / "train" / "a" / "00.png").rename(tmp_path / "tree" / "train" / "b" / "00.png")
+    with pytest.raises(ValueError, match=r"split_keys\.train: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        _train(bb, data, "penultimate", HeadSpec("linear"), cfg, SMALL, tmp_path / "r", resume=True)
+    assert (
+        json.loads((tmp_path / "r" / "config.json").read_text())["cache_keys"] == first.config["cache_keys"]
+    )
+
+
 @pytest.mark.slow
 def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
     """OFFLINE.md's reference: EfficientNet-Lite0 ImageNet vs random init, MNIST-5k at 64 px."""

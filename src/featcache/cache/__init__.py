@@ -1,6 +1,51 @@
-"""The feature cache: content-addressed entries of memory-mappable arrays, written crash-safely."""
+"""The feature store: rows of backbone activations keyed by image content, in crash-safe tables.
 
+Design
+------
+**Tables.** A *feature table* holds the rows of one extraction setting. Its key is the SHA-256 of a
+record of everything that decides a row's values and nothing else (:func:`featcache.extract.build.
+cache_record`): backbone spec and weights digest, resolved preprocessing, layers, pooling, storage
+dtype, AMP, the augmented view's index and augmentation, and :data:`CACHE_VERSION`. Labels, split
+membership, dataset names, paths and row order are not part of it.
+
+**Rows.** A row is keyed by its image's content digest (:mod:`featcache.data.digests`): SHA-256 of the
+file's bytes, or of the pixels and shape for in-memory sets. Two files with the same bytes are one row.
+Paths only memoise digests: ``<root>/.digests.sqlite3`` maps (path, size, mtime_ns) to the digest, so an
+unchanged file is not read twice. An augmented view seeds its randomness with (digest, view index),
+so a view's row is reusable across datasets too.
+
+**Splits are views.** A dataset split is an ordered list of digests plus labels. Extraction computes the
+digests, looks them up, runs the backbone only on the digests the table lacks, and appends them; the
+split is then read as :class:`CachedFeatures` whose ``features[layer]`` is a
+:class:`~featcache.cache.rows.RowView` (rows gathered through the shards' memory maps on demand).
+Relabelling, redrawing a split, k folds, or a second dataset over the same images cost no forward pass.
+
+**Appends.** New rows go to new shards of whole batches (so a resumed append forms the same batches as
+an uninterrupted one and stores the same bytes), each written to a temporary name and renamed, then
+committed by an index segment written last (:mod:`featcache.cache.writer`). A SIGKILL at any moment
+loses at most the uncommitted shard; the next run extracts only what no segment holds. A file lock
+per table serialises appenders (the second re-reads the index and finds the first's rows: nothing is
+lost or duplicated); readers take no lock. Under ``torchrun`` rank 0 holds the lock and the ranks deal
+the missing rows' shards round-robin, each committing its own segments.
+
+**Housekeeping.** ``cache verify`` checks every segment and shard checksum; ``cache ls/info`` show
+tables (rows, layers, segments, size, last use); ``cache gc`` removes old-format entries, files no
+segment references, and (``--unused-days``) tables unused that long; ``cache compact`` rewrites a
+fragmented table into few segments, copying rows byte for byte.
+"""
+
+from .rows import RowView
 from .store import CachedFeatures, ChannelStats, FeatureCache, cache_root
+from .table import FeatureTable, cache_key
 from .writer import CACHE_VERSION
 
-__all__ = ["CACHE_VERSION", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_root"]
+__all__ = [
+    "CACHE_VERSION",
+    "CachedFeatures",
+    "ChannelStats",
+    "FeatureCache",
+    "FeatureTable",
+    "RowView",
+    "cache_key",
+    "cache_root",
+]

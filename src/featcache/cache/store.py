@@ -1,38 +1,37 @@
-"""The persistent, content-addressed, crash-safe feature cache: keys, opening, checking, housekeeping.
+"""The cache root: tables by key, the split views read from them, locks and housekeeping.
 
-An entry is written by :class:`~featcache.cache.writer.CacheWriter` (its module documents the layout);
-this module finds, opens (memory-mapped), verifies, lists and removes entries. A file lock keeps two
-processes from building one entry at once.
+A table is written by :func:`~featcache.cache.writer.write_segment` (its module documents the layout)
+and read by :class:`~featcache.cache.table.FeatureTable`; this module chooses the table that serves an
+extraction, opens a split's rows from it as :class:`CachedFeatures`, and lists, verifies, compacts
+and removes tables. A file lock per table serialises appends; reads take no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .._util import FeatcacheError, stable_hash, write_json
-from ..layout import NC, NCHW, channels, legacy_layout
-from .writer import (
-    CACHE_VERSION,
-    CHANNEL_STATS,
-    CacheWriter,
-    ChannelStatsFiles,
-    block_digests,
-    sha256_file,
-    to_torch,
-)
+from .._util import FeatcacheError
+from ..layout import legacy_layout
+from .rows import Rows, RowView
+from .table import TABLE_FILE, FeatureTable, cache_key, folder_bytes, old_format, remove
+from .writer import to_torch
+
+__all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
+
+#: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
+DIGEST_MEMO = ".digests.sqlite3"
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -45,14 +44,9 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(xdg) / "featcache"
 
 
-def cache_key(record: dict[str, Any]) -> str:
-    """The key of a cache record: SHA-256 of its sorted JSON including ``CACHE_VERSION``."""
-    return stable_hash({**record, "cache_version": CACHE_VERSION})
-
-
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-row channel statistics of a cached spatial map, each (N, C) float32, memory-mapped.
+    """Per-row channel statistics of a cached spatial map, each (N, C) float32, read from the table.
 
     Attributes:
         mean: the mean of each channel over its H x W positions (= global average pooling).
@@ -60,40 +54,44 @@ class ChannelStats:
 
     Example:
         >>> stats = cached.channel_stats["layer3"]  # doctest: +SKIP
-        >>> pooled = np.array(stats.mean)  # (N, C): what AdaptiveAvgPool2d(1) gives  # doctest: +SKIP
+        >>> pooled = np.asarray(stats.mean)  # (N, C): what AdaptiveAvgPool2d(1) gives  # doctest: +SKIP
     """
 
-    mean: np.ndarray
-    var: np.ndarray
+    mean: Rows
+    var: Rows
 
 
 @dataclass
 class CachedFeatures:
-    """A complete cache entry, opened memory-mapped.
+    """One split's rows, read from a feature table in the split's order.
 
     Attributes:
-        key: the content key.
-        path: the entry's folder.
-        features: ``{layer: np.ndarray}`` memory-mapped (bfloat16 is raw uint16: use :meth:`tensor`).
+        key: the table's key (``featcache cache info KEY``).
+        path: the table's folder.
+        features: ``{layer: RowView}``, rows in split order, read on demand (``np.asarray`` gathers
+            them; bfloat16 is raw uint16: use :meth:`tensor`).
         labels: int64 labels, one per row.
-        ids: stable sample ids, one per row.
+        ids: sample ids, one per row.
         classes: class names.
-        manifest: the parsed ``manifest.json``.
-        channel_stats: :class:`ChannelStats` of each map or token layer (absent in entries written before
-            featcache stored them).
+        manifest: what was read and how: the table ``record``, ``split``, ``split_key``, the counts,
+            ``skipped`` images (id and reason), extraction timings.
+        hit: True when no image went through the backbone in the call that returned it.
+        channel_stats: :class:`ChannelStats` of each spatial-map layer.
+        digests: the content digest of each row.
 
-    :meth:`layout` gives each stored array's layout (:mod:`featcache.layout`), as the manifest records it.
+    :meth:`layout` gives each stored array's layout (:mod:`featcache.layout`).
     """
 
     key: str
     path: Path
-    features: dict[str, np.ndarray]
+    features: dict[str, RowView]
     labels: np.ndarray
     ids: list[str]
     classes: list[str]
     manifest: dict[str, Any]
-    hit: bool = False  # set by extract(): True when no forward pass ran in this call
+    hit: bool = False
     channel_stats: dict[str, ChannelStats] = field(default_factory=dict)
+    digests: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -119,6 +117,26 @@ class CachedFeatures:
         meta = self.manifest["layers"][layer]
         return meta["layout"] if "layout" in meta else legacy_layout(tuple(meta["shape"]))
 
+    @property
+    def rows(self) -> int:
+        """Rows of the split (images that could not be decoded and were skipped are not rows)."""
+        return len(self)
+
+    @property
+    def extracted(self) -> int:
+        """Rows whose image went through the backbone in the call that returned this split."""
+        return int(self.manifest.get("extracted", 0))
+
+    @property
+    def from_cache(self) -> int:
+        """Rows read from the table without a forward pass."""
+        return self.rows - self.extracted
+
+    @property
+    def split_key(self) -> str:
+        """The view's identity: the table key, the rows' digests in order, labels and classes."""
+        return str(self.manifest["split_key"])
+
     def tensor(
         self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
@@ -134,17 +152,80 @@ class CachedFeatures:
         t = to_torch(np.asarray(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
 
+    def subset(self, indices: Sequence[int] | np.ndarray, split: str) -> CachedFeatures:
+        """Some of the rows, in the given order: a view of the same table (nothing is read or extracted).
 
-def _stats_layout(meta: dict[str, Any]) -> str | None:
-    """The layout a layer's channel statistics are taken over: a map or token layout, else None (entries
-    from before layouts were recorded: NCHW maps)."""
-    if "layout" not in meta:
-        return NCHW if len(meta["shape"]) == 3 else None
-    return meta["layout"] if meta["layout"] not in (None, NC) else None
+        Example:
+            >>> first_ten = cached.subset(range(10), "head")  # doctest: +SKIP
+        """
+        return join_splits([self], split, np.asarray(indices, dtype=np.int64))
+
+
+def join_splits(
+    parts: Sequence[CachedFeatures], split: str, indices: np.ndarray | None = None
+) -> CachedFeatures:
+    """The rows of several splits of one table, one after the other (``indices`` of them when given):
+    a view, nothing is read. The counts say every row came from the cache.
+
+    Example:
+        >>> pool = join_splits([feats["train"], feats["val"]], "train+val")  # doctest: +SKIP
+    """
+    first = parts[0]
+    if any(p.key != first.key or list(p.features) != list(first.features) for p in parts):
+        raise FeatcacheError("only splits of one table, with the same layers, can be joined")
+    sel = np.arange(sum(len(p) for p in parts)) if indices is None else indices
+
+    def joined(get: Any) -> RowView:
+        views = [get(p) for p in parts]
+        if not all(isinstance(v, RowView) for v in views):
+            raise FeatcacheError("only splits read from a table (RowView rows) can be joined")
+        return RowView.concat(views).select(sel)
+
+    feats = {k: joined(lambda p, k=k: p.features[k]) for k in first.features}
+    stats = {
+        k: ChannelStats(
+            joined(lambda p, k=k: p.channel_stats[k].mean), joined(lambda p, k=k: p.channel_stats[k].var)
+        )
+        for k in first.channel_stats
+    }
+    labels = np.concatenate([p.labels for p in parts])[sel]
+    ids = [i for p in parts for i in p.ids]
+    digests = [d for p in parts for d in p.digests]
+    ids, digests = [ids[i] for i in sel], [digests[i] for i in sel]
+    manifest = {
+        "record": first.manifest["record"],
+        "table": first.key,
+        "layers": first.manifest["layers"],
+        "layer_layouts": first.manifest.get("layer_layouts", {}),
+        "split": split,
+        "rows": len(sel),
+        "skipped": [],
+        "extracted": 0,
+        "split_key": split_key(first.key, digests, labels, first.classes),
+    }
+    return CachedFeatures(
+        first.key, first.path, feats, labels, ids, first.classes, manifest, True, stats, digests
+    )
+
+
+def split_key(table: str, digests: Sequence[str], labels: np.ndarray, classes: Sequence[str]) -> str:
+    """SHA-256 of a split view: its table, its rows' digests in order, their labels, the class names."""
+    h = hashlib.sha256(f"{table}|{json.dumps(list(classes))}|".encode())
+    h.update("\n".join(digests).encode())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records differ at most in their layers (JSON-normalised: tuples are lists on disk)."""
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    a.pop("layers", None)
+    b.pop("layers", None)
+    return bool(a == b)
 
 
 class FeatureCache:
-    """A cache root: open, lock, list, verify and remove entries.
+    """A cache root: feature tables by key, split views over them, locks, listing and housekeeping.
 
     Example:
         >>> cache = FeatureCache()            # $FEATCACHE_HOME or ~/.cache/featcache
@@ -153,13 +234,14 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = cache_root(root)
+        self._tables: dict[str, FeatureTable] = {}  # opened once: their segments are parsed once
 
     def path(self, key: str) -> Path:
         return self.root / key
 
     def resolve(self, key: str) -> str:
         """Expand a unique key prefix (as ``cache ls`` prints it) to the full key."""
-        # Keys are hex digests: anything else ('', '..', '*', a path) would name folders outside the entry.
+        # Keys are hex digests: anything else ('', '..', '*', a path) would name folders outside the cache.
         if not key or any(c not in "0123456789abcdef" for c in key):
             raise FeatcacheError(
                 f"{key!r} is not a cache key or key prefix (lower-case hex); "
@@ -178,10 +260,10 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def lock(self, key: str, blocking: bool = True) -> Iterator[bool]:
-        """An exclusive file lock on one entry (released if the process dies); yields whether it was taken.
+        """An exclusive file lock on one table (released if the process dies); yields whether it was taken.
 
         With ``blocking=False`` it yields False at once when another process holds the lock. Lock files
-        live in ``<root>/.locks/`` and outlive the entry, so ``rm`` never pulls a lock from under a waiter.
+        live in ``<root>/.locks/`` and outlive the table, so ``rm`` never pulls a lock from under a waiter.
         """
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
@@ -196,244 +278,214 @@ class FeatureCache:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def is_complete(self, key: str) -> bool:
-        return (self.path(key) / "manifest.json").is_file()
-
-    def writer(self, key: str, record: dict[str, Any]) -> CacheWriter:
-        return CacheWriter(self.path(key), record)
-
-    def open(self, key: str, verify: bool = False) -> CachedFeatures:
-        """Open a complete entry memory-mapped; a partial or damaged entry raises with the fix."""
-        key = self.resolve(key)
-        path = self.path(key)
-        if not self.is_complete(key):
-            raise FeatcacheError(
-                f"cache {key[:12]} at {path} is partial (an interrupted extraction); run the same extract "
-                "again to resume it, or `featcache cache rm` it"
-            )
-        if verify:
-            problems = self.verify(key)
-            if problems:
-                raise FeatcacheError(
-                    f"cache {key[:12]} is damaged: {problems[0]}; `featcache cache rm {key[:12]}`"
-                )
-        manifest = json.loads((path / "manifest.json").read_text())
-        features, stats = {}, {}
-        for layer, meta in manifest["layers"].items():
-            try:
-                arr = np.load(path / meta["file"], mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise FeatcacheError(
-                    f"cache {key[:12]} layer {layer} is damaged ({exc}); remove it with `featcache cache rm "
-                    f"{key[:12]}` and extract again"
-                ) from exc
-            if arr.shape != (manifest["rows"], *meta["shape"]):
-                raise FeatcacheError(
-                    f"cache {key[:12]} layer {layer} has shape {arr.shape}, manifest says otherwise"
-                )
-            features[layer] = arr
-            if "channel_stats" in meta:
-                shape = (manifest["rows"], channels(str(_stats_layout(meta)), tuple(meta["shape"])))
-                stats[layer] = ChannelStats(
-                    *(self._open_stat(key, layer, meta, k, shape) for k in CHANNEL_STATS)
-                )
-        labels = np.load(path / "labels.npy")
-        ids = json.loads((path / "ids.json").read_text())
-        if len(labels) != manifest["rows"] or len(ids) != manifest["rows"]:
-            raise FeatcacheError(f"cache {key[:12]} labels/ids do not match its {manifest['rows']} rows")
-        classes = list(manifest["classes"])
-        return CachedFeatures(key, path, features, labels, ids, classes, manifest, channel_stats=stats)
-
-    def _open_stat(
-        self, key: str, layer: str, meta: dict[str, Any], stat: str, shape: tuple[int, ...]
-    ) -> np.ndarray:
-        def damaged(why: object) -> FeatcacheError:
-            return FeatcacheError(
-                f"cache {key[:12]} channel {stat} of layer {layer} is damaged ({why}); remove the entry "
-                f"with `featcache cache rm {key[:12]}` and extract again"
-            )
-
-        try:
-            arr = np.load(self.path(key) / meta["channel_stats"][stat]["file"], mmap_mode="r")
-        except (ValueError, OSError, KeyError) as exc:
-            raise damaged(exc) from exc
-        if arr.shape != shape:
-            raise damaged(f"shape {arr.shape}, expected {shape}")
-        return arr
-
-    def add_channel_stats(self, key: str, progress: bool = False) -> list[str]:
-        """Give the maps of an entry written before featcache stored channel statistics their statistics
-        (each map read once, under the entry's lock); returns the layers that got them.
-
-        Example:
-            >>> FeatureCache().add_channel_stats("3fa2c1")  # doctest: +SKIP
-            ['layer3']
-        """
-        key = self.resolve(key)
-        path = self.path(key)
-
-        def todo() -> tuple[dict[str, Any], list[str]]:
-            m = json.loads((path / "manifest.json").read_text())
-            return m, [k for k, v in m["layers"].items() if _stats_layout(v) and "channel_stats" not in v]
-
-        if not self.is_complete(key) or not todo()[1]:
-            return []
-        with self.lock(key):
-            manifest, layers = todo()  # again: another process may have added them meanwhile
-            for layer in layers:
-                meta = manifest["layers"][layer]
-                maps = np.load(path / meta["file"], mmap_mode="r")
-                layout = str(_stats_layout(meta))
-                c = channels(layout, maps.shape[1:])
-                files = ChannelStatsFiles(path, layer, len(maps), c, manifest["record"]["dtype"], layout)
-                step = max(1, (256 << 20) // max(1, maps[:1].nbytes))
-                desc = f"channel statistics of {layer}"
-                for s in tqdm(range(0, len(maps), step), desc=desc, delay=2, disable=not progress):
-                    files.add(s, maps[s : s + step])
-                manifest["layers"][layer]["channel_stats"] = files.finish()
-            write_json(path / "manifest.json", manifest)
-        return layers
-
-    def verify(self, key: str) -> list[str]:
-        """Check every block checksum and file size; return the problems found (empty when sound)."""
-        key = self.resolve(key)
-        path = self.path(key)
-        if not self.is_complete(key):
-            return [
-                f"partial entry: {len(list((path / 'shards').glob('*.json')))} finished shards, no manifest"
-            ]
-        manifest = json.loads((path / "manifest.json").read_text())
-        problems = []
-        for meta in manifest["layers"].values():
-            f = path / meta["file"]
-            try:
-                arr = np.load(f, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                problems.append(f"{meta['file']}: unreadable ({exc})")
-                continue
-            if arr.shape[0] != manifest["rows"]:
-                problems.append(f"{meta['file']}: {arr.shape[0]} rows, expected {manifest['rows']}")
-                continue
-            for i, (got, want) in enumerate(
-                zip(block_digests(arr, manifest["block_rows"]), meta["block_sha256"])
-            ):
-                if got != want:
-                    problems.append(f"{meta['file']}: block {i} checksum mismatch")
-            for extra in meta.get("channel_stats", {}).values():
-                f = path / extra["file"]
-                if not f.is_file():
-                    problems.append(f"{extra['file']}: missing")
-                elif sha256_file(f) != extra["sha256"]:
-                    problems.append(f"{extra['file']}: checksum mismatch")
-        for name in ("labels.npy", "ids.json"):
-            want = manifest.get(f"{name.split('.')[0]}_sha256")
-            f = path / name
-            if not f.is_file():
-                problems.append(f"{name}: missing")
-            elif want is not None and sha256_file(f) != want:
-                problems.append(f"{name}: checksum mismatch")
-        return problems
-
-    def find(self, record: dict[str, Any]) -> str | None:
-        """The key of a complete entry that serves ``record`` (a :func:`~featcache.extract.cache_record`):
-        its own, else one made the same way with more layers (a layer extracted with others is not
-        extracted again); None when there is none.
-
-        Example:
-            >>> record = cache_record(bb, train, ["layer3"], ExtractConfig(), "train")  # doctest: +SKIP
-            >>> FeatureCache().find(record)  # an entry of layer2, layer3 and layer4  # doctest: +SKIP
-            '9c1d...'
-        """
-        own = cache_key(record)
-        if self.is_complete(own):
-            return own
-        want = json.loads(json.dumps(record))  # tuples as lists, as record.json holds them
-        layers = set(want.pop("layers"))
-        for key in self.entries():
-            try:
-                rec = json.loads((self.path(key) / "record.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            same = all(rec.get(k) == v for k, v in want.items())
-            if same and layers <= set(rec.get("layers", ())) and self.is_complete(key):
-                return key
-        return None
-
     def entries(self) -> list[str]:
+        """Every folder under the root (tables, and entries of older formats)."""
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def open(self, key: str) -> FeatureTable:
+        """The table ``key`` (a unique prefix will do); an old-format or foreign folder raises."""
+        key = self.resolve(key)
+        if key not in self._tables:
+            self._tables[key] = FeatureTable.open(self.path(key))
+        return self._tables[key]
+
+    def create(self, record: dict[str, Any]) -> FeatureTable:
+        """The table of ``record``, created if it does not exist (under its lock: ``gc`` keeps off)."""
+        key = cache_key(record)
+        if key not in self._tables:
+            with self.lock(key):
+                self._tables[key] = FeatureTable.create(self.path(key), record)
+        return self._tables[key]
+
+    def tables(self) -> list[FeatureTable]:
+        """Every readable table of this cache version."""
+        out = []
+        for key in self.entries():
+            with contextlib.suppress(FeatcacheError):
+                out.append(self.open(key))
+        return out
+
+    def choose(self, record: dict[str, Any], digests: Sequence[str]) -> str:
+        """The key of the table to serve ``record`` for these images: among its own table and those made
+        the same way with more layers, the one holding most of ``digests`` (a layer extracted with
+        others is not extracted again); its own key when none holds any.
+
+        Example:
+            >>> FeatureCache().choose(cache_record(bb, ["layer3"], cfg), train.digests())  # doctest: +SKIP
+            '9c1d...'
+        """
+        own, layers = cache_key(record), set(record["layers"])
+        wanted = set(digests)
+        held: dict[str, int] = {}
+        for t in self.tables():
+            if t.key == own or (layers <= set(t.layers) and _same_setting(t.record, record)):
+                index = t.index()
+                held[t.key] = sum(1 for d in wanted if d in index.where or d in index.bad)
+        if not held or max(held.values()) == 0:
+            return own
+        return max(held, key=lambda k: (held[k], k == own, -len(self.open(k).layers), k))
+
+    def row_shape(self, record: dict[str, Any], layer: str) -> tuple[tuple[int, ...], str | None] | None:
+        """``layer``'s stored row shape and layout in a table made as ``record`` is (any layers); None if
+        none has rows."""
+        for t in self.tables():
+            if layer in t.layers and _same_setting(t.record, record):
+                index = t.index()
+                meta = index.row_meta(layer)
+                if meta is not None:
+                    return meta[0], index.layout(layer)
+        return None
+
+    def open_split(
+        self,
+        key: str,
+        layers: Sequence[str],
+        digests: Sequence[str],
+        ids: Sequence[str],
+        labels: np.ndarray,
+        classes: Sequence[str],
+        info: dict[str, Any] | None = None,
+    ) -> CachedFeatures:
+        """A split's rows from table ``key``, in the split's order; images recorded as undecodable are
+        left out (listed in ``manifest["skipped"]``).
+
+        Example:
+            >>> t = train  # doctest: +SKIP
+            >>> s = cache.open_split(key, ["l3"], t.digests(), t.ids, t.labels, t.classes)  # doctest: +SKIP
+        """
+        table = self.open(key)
+        for attempt in range(2):
+            index = table.index()
+            lost = [i for i, d in enumerate(digests) if d not in index.where and d not in index.bad]
+            if lost:
+                raise FeatcacheError(
+                    f"table {key[:12]} holds no row for {len(lost)} of these {len(digests)} images (first: "
+                    f"{ids[lost[0]]!r}); run the extraction to add them"
+                )
+            keep = [i for i, d in enumerate(digests) if d in index.where]
+            try:
+                feats, stats = table.view(index, [digests[i] for i in keep], layers)
+                break
+            except FileNotFoundError as exc:  # a compaction replaced a shard between index and mapping
+                if attempt:
+                    raise FeatcacheError(
+                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify {key[:12]}`"
+                    ) from exc
+        table.touch()
+        kept, y = [digests[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]
+        skipped = [
+            {"id": ids[i], "reason": index.bad[d]} for i, d in enumerate(digests) if d not in index.where
+        ]
+        manifest = {
+            "record": table.record,
+            "table": key,
+            "rows": len(keep),
+            "layers": {
+                layer: {"shape": list(v.shape), "layout": index.layout(layer)} for layer, v in feats.items()
+            },
+            "layer_layouts": index.layer_layouts(),
+            "skipped": skipped,
+            "split_key": split_key(key, kept, y, classes),
+            **(info or {}),
+        }
+        channel = {k: ChannelStats(v["mean"], v["var"]) for k, v in stats.items()}
+        ids_kept = [ids[i] for i in keep]
+        return CachedFeatures(
+            key, table.path, feats, y, ids_kept, list(classes), manifest, channel_stats=channel, digests=kept
+        )
+
     def info(self, key: str) -> dict[str, Any]:
-        """What an entry holds: model, layers and shapes, dataset, rows, size, created, status."""
+        """What a table holds: model, layers and shapes, rows, segments, size, last use."""
         key = self.resolve(key)
         path = self.path(key)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        if self.is_complete(key):
-            m = json.loads((path / "manifest.json").read_text())
-            rec = m["record"]
-            return {
-                "key": key,
-                "status": "complete",
-                "model": rec["backbone"],
-                "layers": {k: v["shape"] for k, v in m["layers"].items()},
-                "channel_stats": [k for k, v in m["layers"].items() if "channel_stats" in v],
-                "dtype": rec["dtype"],
-                "pool": rec["pool"],
-                "dataset": rec["dataset"],
-                "split": rec["split"] + (f"@view{rec['view']}" if rec.get("view") else ""),
-                "rows": m["rows"],
-                "skipped": len(m["skipped"]),
-                "bytes": size,
-                "extract_seconds": m.get("extract_seconds"),
-                "rows_by_process": m.get("rows_by_process"),
-                "created": m["created"],
-                "path": str(path),
-            }
-        rec_file = path / "record.json"
-        rec = json.loads(rec_file.read_text()) if rec_file.exists() else {}
+        base = {"key": key, "bytes": folder_bytes(path), "path": str(path)}
+        try:
+            table = self.open(key)
+            index = table.index()
+        except FeatcacheError as exc:
+            return {**base, "status": "old format" if old_format(path) else "damaged", "problem": str(exc)}
+        rec = table.record
+        shapes = {layer: index.row_meta(layer) for layer in table.layers}
         return {
-            "key": key,
-            "status": "partial",
-            "model": rec.get("backbone"),
-            "layers": rec.get("layers"),
-            "dataset": rec.get("dataset"),
-            "split": (rec.get("split") or "") + (f"@view{rec['view']}" if rec.get("view") else ""),
-            "bytes": size,
-            "path": str(path),
-            "shards_done": len(list((path / "shards").glob("*.json"))),
+            **base,
+            "status": "complete" if index.where or index.bad else "empty",
+            "model": rec["backbone"],
+            "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
+            "channel_stats": [k for k, v in shapes.items() if v and len(v[0]) == 3],
+            "dtype": rec["dtype"],
+            "pool": rec["pool"],
+            "view": rec.get("view", 0),
+            "augment": rec.get("augment"),
+            "rows": len(index.where),
+            "skipped": len(index.bad),
+            "segments": len(index.segments),
+            "created": json.loads((path / TABLE_FILE).read_text()).get("created"),
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(table.last_used())),
         }
 
     def ls(self) -> list[dict[str, Any]]:
-        """Info of every entry under the root."""
+        """Info of every table (and old-format entry) under the root."""
         return [self.info(k) for k in self.entries()]
 
+    def verify(self, key: str) -> list[str]:
+        """Check every index segment and the checksum of every shard file; the problems found."""
+        return self.open(key).verify()
+
     def rm(self, key: str) -> None:
-        """Remove one entry (waits for a running extraction of it to finish)."""
+        """Remove one table (waits for an append to it to finish)."""
         key = self.resolve(key)
         with self.lock(key):
-            shutil.rmtree(self.path(key))
+            remove([self.path(key)])
+        self._tables.pop(key, None)
 
-    def gc(self, partial_older_than_s: float = 24 * 3600) -> list[str]:
-        """Remove leftovers: temporary files, shards of committed entries, old partial entries."""
-        removed: list[str] = []
+    def compact(self, key: str) -> tuple[int, int]:
+        """Rewrite a fragmented table into few large segments (under its lock); (segments before, after).
+
+        Example:
+            >>> FeatureCache().compact("3fa2c1")  # doctest: +SKIP
+            (57, 1)
+        """
+        table = self.open(key)
+        with self.lock(table.key):
+            return table.compact()
+
+    def gc(
+        self, unused_for_s: float | None = None, empty_older_than_s: float = 24 * 3600
+    ) -> dict[str, list[str]]:
+        """Remove what no run needs: entries of older cache formats, files no segment references (a killed
+        append's shard, temporary files), tables with no rows older than ``empty_older_than_s``, and,
+        with ``unused_for_s``, whole tables no split was read from for that long. A table being appended
+        to right now is left alone.
+
+        Example:
+            >>> FeatureCache().gc(unused_for_s=30 * 86400)  # doctest: +SKIP
+            {'old_format': [], 'leftovers': [], 'unused': ['/home/me/.cache/featcache/9c1d...']}
+        """
+        removed: dict[str, list[str]] = {"old_format": [], "leftovers": [], "unused": []}
         now = time.time()
         for key in self.entries():
             path = self.path(key)
             with self.lock(key, blocking=False) as taken:
-                if not taken:  # an extraction is writing this entry right now
+                if not taken:  # an extraction is appending to this table right now
                     continue
-                for tmp in path.rglob("*.tmp-*"):
-                    tmp.unlink(missing_ok=True)
-                    removed.append(str(tmp))
-                if self.is_complete(key) and (path / "shards").exists():
-                    shutil.rmtree(path / "shards")
-                    removed.append(str(path / "shards"))
-                elif not self.is_complete(key):
-                    # Age = the newest write under the entry (shards land in shards/), not the folder's own.
-                    paths = list(path.rglob("*"))
-                    newest = max((p.stat().st_mtime for p in paths), default=path.stat().st_mtime)
-                    if now - newest > partial_older_than_s:
-                        shutil.rmtree(path)
-                        removed.append(str(path))
+                try:
+                    table = self.open(key)
+                    index = table.index()
+                except FeatcacheError:
+                    if old_format(path):
+                        remove([path])
+                        removed["old_format"].append(str(path))
+                    continue  # a damaged table stays for `cache verify` / `cache rm`
+                junk = table.leftovers(index)
+                remove(junk)
+                removed["leftovers"] += [str(p) for p in junk]
+                idle = now - table.last_used()
+                if (not index.segments and idle > empty_older_than_s) or (
+                    unused_for_s is not None and idle > unused_for_s
+                ):
+                    remove([path])
+                    self._tables.pop(key, None)
+                    removed["unused"].append(str(path))
         return removed

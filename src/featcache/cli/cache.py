@@ -6,7 +6,7 @@ import argparse
 
 from .._util import FeatcacheError
 from ..backbones.registry import load_backbone
-from ..cache.store import FeatureCache
+from ..cache.store import CachedFeatures, FeatureCache
 from ..data.config import DataConfig
 from ..extract.build import extract_splits
 from ..extract.config import ExtractConfig
@@ -28,39 +28,40 @@ def cmd_extract(a: argparse.Namespace) -> None:
         ranks.close()
         if not ranks.is_main:
             return
+    if a.json:
+        print_json(
+            {split: counts(f) | {"table": f.key, "split_key": f.split_key} for split, f in feats.items()}
+        )
+        return
     for split, f in feats.items():
         shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
-        status = "hit" if f.hit else "built"
-        print(f"{split:5s} {f.key[:16]}  {len(f):6d} rows  {shapes}  [{status}]  {f.path}")
+        status = "hit" if f.hit else ("built" if not f.from_cache else "appended")
+        print(f"{split:5s} {f.key[:16]}  {count_text(f)}  {shapes}  [{status}]  {f.path}")
+
+
+def counts(f: CachedFeatures) -> dict[str, int]:
+    """A split's row counts: from the cache, extracted in this call, images skipped as unreadable."""
+    return {
+        "rows": f.rows,
+        "from_cache": f.from_cache,
+        "extracted": f.extracted,
+        "skipped": len(f.manifest["skipped"]),
+    }
+
+
+def count_text(f: CachedFeatures) -> str:
+    """``N rows: K from the cache, M extracted`` (and the unreadable images skipped)."""
+    c = counts(f)
+    skipped = f", {c['skipped']} skipped (unreadable)" if c["skipped"] else ""
+    return f"{c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted{skipped}"
 
 
 def cmd_cache(a: argparse.Namespace) -> None:
     cache = FeatureCache(a.cache_dir)
-    if a.action in ("info", "verify", "rm") and not a.key:
+    if a.action in ("info", "verify", "rm", "compact") and not a.key:
         raise FeatcacheError(f"`featcache cache {a.action}` needs a KEY (see `featcache cache ls`)")
     if a.action == "ls":
-        entries = cache.ls()
-        if a.json:
-            print_json(entries)
-            return
-        print(f"cache root: {cache.root}")
-        print(
-            format_table(
-                [
-                    {
-                        "key": e["key"][:16],
-                        "status": e["status"],
-                        "model": e.get("model"),
-                        "layers": ",".join(e.get("layers") or []),
-                        "split": e.get("split"),
-                        "rows": e.get("rows"),
-                        "MB": round(e["bytes"] / 2**20, 2),
-                        "created": e.get("created", ""),
-                    }
-                    for e in entries
-                ]
-            )
-        )
+        _cache_ls(cache, a.json)
     elif a.action == "info":
         print_json(cache.info(a.key))
     elif a.action == "verify":
@@ -76,10 +77,45 @@ def cmd_cache(a: argparse.Namespace) -> None:
         key = cache.resolve(a.key)
         cache.rm(key)
         print(f"removed {key}")
+    elif a.action == "compact":
+        before, after = cache.compact(a.key)
+        print(f"compacted {cache.resolve(a.key)}: {before} segments -> {after}")
     else:
-        removed = cache.gc()
-        for r in removed:
-            print(f"removed {r}")
-        print(
-            f"{len(removed)} partial entries older than a day removed; complete entries stay (`cache rm KEY`)"
+        removed = cache.gc(unused_for_s=a.unused_days * 86400 if a.unused_days is not None else None)
+        for paths in removed.values():
+            for r in paths:
+                print(f"removed {r}")
+        unused = (
+            f"; {len(removed['unused'])} tables unused for {a.unused_days:g} days" if a.unused_days else ""
         )
+        print(
+            f"{len(removed['leftovers'])} partial entries (files of interrupted appends) and "
+            f"{len(removed['old_format'])} entries of older cache formats removed{unused}; complete entries "
+            "stay (`cache gc --unused-days N` removes tables unused for N days, `cache rm KEY` one table)"
+        )
+
+
+def _cache_ls(cache: FeatureCache, as_json: bool) -> None:
+    entries = cache.ls()
+    if as_json:
+        print_json(entries)
+        return
+    print(f"cache root: {cache.root}")
+    print(
+        format_table(
+            [
+                {
+                    "key": e["key"][:16],
+                    "status": e["status"],
+                    "model": e.get("model"),
+                    "layers": ",".join(e.get("layers") or []),
+                    "view": e.get("view"),
+                    "rows": e.get("rows"),
+                    "segments": e.get("segments"),
+                    "MB": round(e["bytes"] / 2**20, 2),
+                    "last used": e.get("last_used", ""),
+                }
+                for e in entries
+            ]
+        )
+    )

@@ -27,7 +27,7 @@ EXAMPLES = {
     "layers": "featcache layers torchvision:resnet18 --weights none --input-size 64 64",
     "summary": "featcache summary efficientnet-lite0 --input-size 128 128",
     "extract": "featcache extract efficientnet-lite0 mnist-5k --layers penultimate --input-size 64 64",
-    "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache rm 3fa2c1",
+    "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache gc",
     "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
     "--input-size 64 64 --out runs/mnist",
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
@@ -168,11 +168,18 @@ def _cache_verbs(sub: Any) -> None:
         help="comma-separated layer names (featcache layers MODEL) (default: penultimate)",
     )
     _extract_args(p)
+    p.add_argument("--json", action="store_true", help="print each split's row counts as JSON")
 
-    p = _parser(sub, "cache", "list, inspect, verify and remove cache entries")
-    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc"])
-    p.add_argument("key", nargs="?", help="entry key or unique prefix (info / verify / rm)")
+    p = _parser(sub, "cache", "list, inspect, verify, compact and remove feature tables")
+    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc", "compact"])
+    p.add_argument("key", nargs="?", help="table key or unique prefix (info / verify / rm / compact)")
     add_config(p, RunSpec, only=["cache_dir"])
+    p.add_argument(
+        "--unused-days",
+        type=float,
+        default=None,
+        help="gc: also remove whole tables no split was read from for this many days (default: none)",
+    )
     _json(p)
 
 
@@ -187,6 +194,12 @@ def _head_verbs(sub: Any) -> None:
     add_config(p, TrainConfig)
     _views_args(p)
     _run_args(p, "run folder")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation on train+val: a head per fold, mean +- std (default: 0, off)",
+    )
 
     p = _parser(sub, "sweep", "one extraction of several layers, a head per layer and setting, chosen on val")
     _model_args(p)
@@ -208,6 +221,12 @@ def _head_verbs(sub: Any) -> None:
     p.add_argument("--layer", default=layer, help=f"the layer to probe (default: {layer})")
     _extract_args(p)
     add_config(p, ProbeConfig)
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="choose the L2 strength by K-fold cross-validation on train+val (default: 0, off)",
+    )
     p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
     add_config(p, RunSpec, only=["overwrite"])
     _json(p)

@@ -8,6 +8,7 @@ from typing import Any
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig, finetune_run
+from ..runs.folds import folds_run
 from ..runs.probe import ProbeConfig, probe_run
 from ..runs.report import format_table
 from ..runs.spec import RunSpec
@@ -15,6 +16,7 @@ from ..runs.sweep import SweepGrid, sweep_run
 from ..runs.train import train_run
 from ..train.config import TrainConfig
 from ..train.heads import HeadSpec
+from .cache import count_text
 from .flags import from_args
 from .models import print_json
 
@@ -33,13 +35,13 @@ def run_spec(a: argparse.Namespace, **given: Any) -> RunSpec:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    if a.folds:
+        _folds(a, from_args(HeadSpec, a))
+        return
     run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
     m = run.metrics
-    hits = m["cache_hit"]
-    print(
-        f"cache: {'hit' if all(hits.values()) else 'built'} "
-        f"({', '.join(f'{k} {v}' for k, v in hits.items())})"
-    )
+    for split, c in m["cache_rows"].items():
+        print(f"{split}: {c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted")
     print(
         f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s"
     )
@@ -76,6 +78,9 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
 def cmd_probe(a: argparse.Namespace) -> None:
     config = from_args(ProbeConfig, a)
+    if a.folds:
+        _folds(a, config)
+        return
     res = probe_run(run_spec(a), a.layer, config)
     if a.json:
         print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test, **res.extra})
@@ -95,3 +100,21 @@ def cmd_probe(a: argparse.Namespace) -> None:
             print(f"test accuracy {res.test['acc']:.4f}  balanced accuracy {res.test['balanced_acc']:.4f}")
     if a.out:
         print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")
+
+
+def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:
+    """`train|probe --folds K`: a head per fold on the cached train+val rows, mean +- std."""
+    res, feats = folds_run(run_spec(a), a.layer, a.folds, head)
+    if getattr(a, "json", False):
+        print_json(res.to_dict())
+        return
+    for split, f in feats.items():
+        print(f"{split}: {count_text(f)}")
+    for i, (acc, n) in enumerate(zip(res.acc, res.rows, strict=True)):
+        print(f"fold {i}: {n} held-out rows, accuracy {acc:.4f}")
+    chosen = f" at L2 strength {res.extra['strength']:g}" if "strength" in res.extra else ""
+    score = f"{res.mean:.4f} +- {res.std:.4f} (std over folds)"
+    print(f"{res.folds}-fold cross-validation accuracy{chosen}: {score}")
+    if res.test_acc:
+        summary = res.to_dict()
+        print(f"test accuracy: {summary['test_mean']:.4f} +- {summary['test_std']:.4f}")

@@ -2,6 +2,7 @@
 
 from .config import DataConfig
 from .datasets import BUILTIN, DatasetSplits, load_dataset
+from .digests import DigestMemo, SampleChangedError
 from .samples import BadImageError, SampleSet, image_paths, read_image
 
 __all__ = [
@@ -9,6 +10,8 @@ __all__ = [
     "BadImageError",
     "DataConfig",
     "DatasetSplits",
+    "DigestMemo",
+    "SampleChangedError",
     "SampleSet",
     "image_paths",
     "load_dataset",

@@ -7,6 +7,7 @@ so the caller decides (``--on-bad-image``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .._util import FeatcacheError, unknown
 from ..backbones.preprocessing import Preprocessing
+from .digests import SampleChangedError
 from .samples import SampleSet
 
 INTERPOLATION = {
@@ -50,8 +52,11 @@ def to_model_input(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
 class PreprocessedView(torch.utils.data.Dataset):
     """``(tensor, index, error)`` per sample for a DataLoader; a bad image gives zeros and its error text.
 
-    With ``augment``, each sample is randomly augmented; with ``view`` too, deterministically per
-    (view, sample), so a cached augmented view can be rebuilt or resumed exactly.
+    With ``digests`` (the content digest of each of ``indices``), a sample is decoded from bytes that
+    hash to its digest, else :class:`~featcache.data.digests.SampleChangedError` stops the run. With
+    ``augment``, each sample is randomly augmented; with ``view`` too, deterministically per (content
+    digest, view), so a cached augmented view is the same in any process and for any dataset that
+    holds the image.
     """
 
     def __init__(
@@ -61,9 +66,17 @@ class PreprocessedView(torch.utils.data.Dataset):
         indices: Sequence[int] | None = None,
         augment: Callable[[Image.Image], Image.Image] | None = None,
         view: int | None = None,
+        digests: Sequence[str] | None = None,
     ) -> None:
         self.samples, self.pre, self.augment, self.view = samples, pre, augment, view
         self.indices = list(range(len(samples))) if indices is None else list(indices)
+        self.digests = list(digests) if digests is not None else None
+        if self.digests is not None and len(self.digests) != len(self.indices):
+            raise FeatcacheError(f"{len(self.digests)} digests for {len(self.indices)} samples")
+        if view is not None and self.digests is None:
+            raise FeatcacheError(
+                "a cached view draws its augmentation from each sample's digest: pass digests"
+            )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -71,26 +84,40 @@ class PreprocessedView(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         index = self.indices[i]
         try:
-            img = self.samples.load(index)
-            if self.augment is not None and self.view is not None:
-                # A cached view: the same random draw for (view, sample) in any process or worker.
+            img = (
+                self.samples.load(index)
+                if self.digests is None
+                else self.samples.load_checked(index, self.digests[i])
+            )
+            if self.augment is not None and self.view is not None and self.digests is not None:
+                # A cached view: the same random draw for (image content, view) in any process or worker.
                 with torch.random.fork_rng(devices=[]):
-                    # The CPU generator keeps 32 bits of a seed; for one sample every view (< 4294)
-                    # gets its own seed. Equal seeds across different samples are harmless.
-                    torch.default_generator.manual_seed((self.view * 1_000_003 + index) % 2**32)
+                    torch.default_generator.manual_seed(view_seed(self.digests[i], self.view))
                     img = self.augment(img)
             elif self.augment is not None:
                 img = self.augment(img)
             return to_model_input(img, self.pre), index, ""
+        except SampleChangedError:
+            raise  # not a bad image: the run stops, naming the file
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for bad files
             h, w = self.pre.input_size
             return torch.zeros(self.pre.channels, h, w), index, f"{type(exc).__name__}: {exc}"
 
 
+def view_seed(digest: str, view: int) -> int:
+    """The 32-bit seed (the CPU generator keeps 32 bits) of view ``view`` of the image with ``digest``.
+
+    Example:
+        >>> view_seed("ab" * 32, 1) != view_seed("ab" * 32, 2)
+        True
+    """
+    return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:8], 16)
+
+
 AUGMENTS = ("flip", "crop")
-#: Bumped when an augmentation's parameters or the per-(view, sample) seeding change: part of the
+#: Bumped when an augmentation's parameters or the per-(digest, view) seeding change: part of the
 #: key of every augmented view, so older views are rebuilt rather than reused.
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 2
 
 
 def normalize_augment(spec: str | None) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from .._util import FeatcacheError
+from .digests import DigestMemo, SampleChangedError, bytes_digest, digests_of, pixels_digest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -34,9 +36,10 @@ class BadImageError(FeatcacheError):
 
 
 class SampleSet(abc.ABC):
-    """An indexable set of labelled images with stable ids and a fingerprint for the cache key.
+    """An indexable set of labelled images with stable ids and a content digest per sample.
 
-    Subclasses implement :meth:`load` (a PIL image for one index) and :meth:`_fingerprint_rows`.
+    Subclasses implement :meth:`load` (a PIL image for one index), :meth:`_content_digests` and
+    :meth:`_fingerprint_rows`.
     """
 
     def __init__(self, ids: Sequence[str], labels: np.ndarray, classes: Sequence[str], name: str) -> None:
@@ -77,6 +80,37 @@ class SampleSet(abc.ABC):
             cached = self._fingerprint = h.hexdigest()
         return cached
 
+    def digests(self, memo: DigestMemo | None = None, progress: bool = False) -> list[str]:
+        """The content digest of every sample, in order: SHA-256 of a file's bytes, or of an in-memory
+        image's pixels and shape (:mod:`featcache.data.digests`). Computed once per object; ``memo``
+        spares re-reading files whose path, size and mtime it knows.
+
+        Example:
+            >>> s = ArraySamples(np.zeros((2, 4, 4), np.uint8), [0, 1])
+            >>> d = s.digests()
+            >>> d[0] == d[1] and len(d[0]) == 64  # equal pixels, one digest
+            True
+        """
+        cached: list[str] | None = getattr(self, "_digest_list", None)
+        if cached is None:
+            cached = self._digest_list = self._content_digests(memo, progress)
+        return cached
+
+    def digest(self, index: int) -> str:
+        """The content digest of sample ``index`` (see :meth:`digests`)."""
+        return self.digests()[index]
+
+    @abc.abstractmethod
+    def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
+        """Compute the digest of every sample."""
+
+    def load_checked(self, index: int, digest: str) -> Image.Image:
+        """:meth:`load`, raising :class:`SampleChangedError` if the sample no longer has ``digest``.
+
+        In-memory samples cannot change under a run; files override this to hash the bytes they decode.
+        """
+        return self.load(index)
+
     def subset(self, indices: Sequence[int] | np.ndarray, name: str) -> SampleSet:
         """A view on some rows (used for splits)."""
         return _Subset(self, np.asarray(indices, dtype=np.int64), name)
@@ -92,6 +126,13 @@ class _Subset(SampleSet):
 
     def describe(self, index: int) -> str:
         return self.parent.describe(int(self.indices[index]))
+
+    def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
+        parent = self.parent.digests(memo, progress)
+        return [parent[i] for i in self.indices.tolist()]
+
+    def load_checked(self, index: int, digest: str) -> Image.Image:
+        return self.parent.load_checked(int(self.indices[index]), digest)
 
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         mine = self.indices if rows is None else self.indices[rows]
@@ -120,6 +161,28 @@ class FileSamples(SampleSet):
 
     def describe(self, index: int) -> str:
         return str(self._abs(index))
+
+    def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
+        return (memo or DigestMemo(None)).file_digests([self._abs(i) for i in range(len(self))], progress)
+
+    def load_checked(self, index: int, digest: str) -> Image.Image:
+        """Decode the very bytes that hash to ``digest`` (read once), or raise naming the file."""
+        path = self._abs(index)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise SampleChangedError(
+                f"image {str(path)!r} vanished during this run; run the command again to list the dataset "
+                "anew (rows extracted so far are kept)"
+            ) from exc
+        if bytes_digest(data) != digest:
+            raise SampleChangedError(
+                f"image {str(path)!r} changed during this run (its bytes no longer hash to the digest read "
+                "at the start); run the command again once it is stable (rows extracted so far are kept)"
+            )
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.copy()
 
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         for i in range(len(self)) if rows is None else rows.tolist():
@@ -157,6 +220,9 @@ class ArraySamples(SampleSet):
         a = self.images[index]
         return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
 
+    def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
+        return digests_of(len(self), lambda i: pixels_digest(self.images[i]), progress, self.name)
+
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         images = self.images if rows is None else self.images[rows]
         h.update(str(images.shape).encode())
@@ -181,6 +247,18 @@ class TorchvisionSamples(SampleSet):
         img = self.ds[index][0]
         return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
 
+    def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
+        """The rows of ``ds.data`` when it has them (CIFAR, MNIST), the files of ``ds.samples``
+        (ImageFolder-like), else each decoded image."""
+        data = getattr(self.ds, "data", None)
+        if data is not None:
+            arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            return digests_of(len(self), lambda i: pixels_digest(arr[i]), progress, self.name)
+        files = getattr(self.ds, "samples", None)
+        if isinstance(files, list) and len(files) == len(self) and all(isinstance(f, tuple) for f in files):
+            return (memo or DigestMemo(None)).file_digests([f[0] for f in files], progress)
+        return digests_of(len(self), lambda i: image_digest(self.load(i)), progress, self.name)
+
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         data = getattr(self.ds, "data", None)
         if data is not None:
@@ -192,6 +270,16 @@ class TorchvisionSamples(SampleSet):
             if p.is_file():
                 st = p.stat()
                 h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+def image_digest(img: Image.Image) -> str:
+    """The digest of a decoded PIL image: mode, size, palette and pixel bytes."""
+    h = hashlib.sha256(f"image|{img.mode}|{img.size}|".encode())
+    palette = img.getpalette()
+    if palette is not None:
+        h.update(bytes(palette))
+    h.update(img.tobytes())
+    return h.hexdigest()
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:

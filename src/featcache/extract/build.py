@@ -1,7 +1,10 @@
-"""Extraction: run the frozen backbone once over a dataset and stream its activations to the cache.
+"""Extraction: run the frozen backbone over the images a feature table lacks, then read the split.
 
-One forward pass serves every requested layer, and stops after the deepest one. Memory stays
-bounded by one shard (``shard_mb``), never the whole dataset. A cache hit runs no forward pass.
+:func:`extract` computes each sample's content digest, picks the table of the extraction setting (or
+one made the same way with more layers), runs the backbone only on the digests the table lacks and
+appends them in shards of whole batches, then reads the split's rows in its own order. One forward
+pass serves every layer of the table, and stops after the deepest one. Memory stays bounded by one
+shard (``shard_mb``), never the whole dataset. Relabelling or redrawing a split runs no forward pass.
 """
 
 from __future__ import annotations
@@ -10,19 +13,20 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, resolve_device
-from ..backbones.registry import Backbone, BackboneCfg
-from ..cache.store import CachedFeatures, FeatureCache, cache_key
-from ..cache.writer import STORAGE_DTYPES
+from ..backbones.registry import Backbone
+from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
+from ..cache.table import FeatureTable
+from ..cache.writer import write_segment
 from ..data.datasets import DatasetSplits
+from ..data.digests import DigestMemo
 from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
 from ..data.samples import BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
@@ -32,23 +36,19 @@ from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_
 from .nodes import defining_method
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def cache_record(
-    backbone: Backbone,
-    samples: SampleSet,
-    layers: Sequence[str],
-    config: ExtractConfig,
-    split: str,
-    view: View | None = None,
+    backbone: Backbone, layers: Sequence[str], config: ExtractConfig, view: View | None = None
 ) -> dict[str, Any]:
-    """The explicit record whose hash is the cache key (everything that changes the stored numbers).
+    """The explicit record whose hash is a feature table's key: everything that decides a row's values,
+    and nothing else (no labels, splits, dataset names, paths or row order).
 
     Example:
-        >>> record = cache_record(bb, splits.train, ["layer3"], ExtractConfig(), "train")  # doctest: +SKIP
+        >>> record = cache_record(bb, ["layer3"], ExtractConfig())  # doctest: +SKIP
     """
     device = resolve_device(config.device)
-    # View 0 keeps the keys it always had; a view's key holds its augmentation and how it is drawn.
     augmented = {"augment": view.augment, "augment_version": AUGMENT_VERSION} if view else {}
     return {
         "backbone": backbone.cfg.spec,
@@ -58,9 +58,6 @@ def cache_record(
         "pool": config.pool,
         "dtype": config.dtype,
         "amp_bf16": use_amp(config, device),
-        "dataset": samples.name,
-        "dataset_fingerprint": samples.fingerprint(),
-        "split": split,
         "view": view.index if view else 0,
         **augmented,
         **_reading(backbone, layers, config),
@@ -91,7 +88,7 @@ def extract(
     ranks: Ranks | None = None,
     view: View | None = None,
 ) -> CachedFeatures:
-    """Extract ``layers`` for every sample into the cache (or open the existing entry).
+    """Extract ``layers`` for the samples the cache lacks, and return every sample's rows.
 
     Args:
         backbone: a frozen backbone from :func:`~featcache.backbones.load_backbone`.
@@ -100,14 +97,15 @@ def extract(
             comma list works too. One forward pass serves them all.
         config: how to extract; defaults to pooled features in float32.
         cache_dir: cache root (else ``$FEATCACHE_HOME`` or the XDG cache folder).
-        split: split name, part of the key.
-        progress: show a progress bar.
-        ranks: extract as one of several ``torchrun`` processes, each taking a share of the shards
-            (:func:`featcache.extract.distributed.ranks_from_env`); every rank must call this alike.
+        split: the split's name (recorded, not part of any key).
+        progress: show progress bars (hashing, extraction).
+        ranks: extract as one of several ``torchrun`` processes, each taking a share of the missing
+            rows (:func:`featcache.extract.distributed.ranks_from_env`); every rank must call this alike.
         view: None for the images as they are, else one augmented view (:class:`View`).
 
     Returns:
-        The complete entry, memory-mapped. A hit runs no forward pass.
+        The split's rows in its order, read from the table; ``.extracted`` of them went through the
+        backbone in this call, ``.from_cache`` did not.
 
     Example:
         >>> from featcache import load_backbone, load_dataset
@@ -119,34 +117,53 @@ def extract(
         torch.Size([3500, 1280])
     """
     config, names = config or ExtractConfig(), parse_layers(layers)
-    cache = FeatureCache(cache_dir)
     if len(samples) == 0:
         msg = (
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    record = cache_record(backbone, samples, names, config, split, view)
-    job = _Job(backbone, samples, names, config, cache, cache_key(record), record, split, progress, view)
+    cache = FeatureCache(cache_dir)
+    record = cache_record(backbone, names, config, view)
     if ranks is not None:
-        return _extract_sharded(job, ranks)
-    key = cache.find(record)
-    if key is not None:
-        cache.add_channel_stats(key, progress)  # an entry from before featcache stored them
-        return _hit(cache, key, names)
-    with cache.lock(job.key):
-        if cache.is_complete(job.key):  # another process finished it while we waited
-            return _hit(cache, job.key, names)
-        _build(job, None)
-    return cache.open(job.key)
+        ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables
+    memo = DigestMemo(cache.root / DIGEST_MEMO)
+    main = ranks is None or ranks.is_main
+    digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
+    key: str = _decided(ranks, lambda: cache.choose(record, digests))
+    job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
+    t0 = time.perf_counter()
+    done = _append(job, ranks)
+    info = {
+        "split": split,
+        "images_extracted": len(done.digests),
+        "extract_seconds": round(time.perf_counter() - t0, 3),
+        "extract_config": _jsonable(config, names, view),
+        "backbone_cfg": resolved_cfg(backbone, config).to_dict(),
+        "processes": 1 if ranks is None else ranks.world,
+        "rows_by_process": done.by_process,
+        "method": done.method or _table_method(cache.open(key)),
+    }
+    out = cache.open_split(key, names, digests, samples.ids, samples.labels, samples.classes, info)
+    if out.manifest["skipped"] and config.on_bad_image == "error":  # recorded by an earlier skipping run
+        first = out.manifest["skipped"][0]
+        raise BadImageError(
+            f"cannot read image {samples.describe(samples.ids.index(first['id']))!r}: {first['reason']} "
+            f"(recorded when it was first read; {len(out.manifest['skipped'])} such images in this split). "
+            "Fix or remove the file, or pass --on-bad-image skip"
+        )
+    new = set(done.digests)
+    out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
+    out.hit = not new
+    return out
 
 
 @dataclass
 class _Job:
-    """One cache entry to build: what to extract, from what, and where."""
+    """One split to serve from a table: what to extract, from what, and where."""
 
     backbone: Backbone
     samples: SampleSet
-    layers: tuple[str, ...]
+    digests: list[str]
     config: ExtractConfig
     cache: FeatureCache
     key: str
@@ -156,83 +173,85 @@ class _Job:
     view: View | None = None
 
 
-def _extract_sharded(job: _Job, ranks: Ranks) -> CachedFeatures:
-    # Every decision that changes which collectives run is rank 0's, so no rank waits for another forever.
-    cache, key = job.cache, job.key
-    ranks.agree(key[:16], "cache key")  # else they would write shards of different entries
-    found = ranks.from_main(cache.find(job.record) if ranks.is_main else None)
-    if found is not None:
-        return _hit(cache, found, job.layers)
-    with cache.lock(key) if ranks.is_main else contextlib.nullcontext():
-        if ranks.from_main(cache.is_complete(key)):
-            return _hit(cache, key, job.layers)
-        _build(job, ranks)
-    return cache.open(key)
+@dataclass
+class _Appended:
+    """What one call appended: the digests extracted, images dealt to each process, the method used."""
+
+    digests: list[str] = field(default_factory=list)
+    by_process: dict[str, int] = field(default_factory=dict)
+    method: str | None = None
 
 
-def _build(job: _Job, ranks: Ranks | None) -> None:
-    """Extract the missing shards (this rank's share of them) and, on the main process, commit."""
-    samples, config, record = job.samples, job.config, job.record
-    main = ranks is None or ranks.is_main
-    ex = Extractor(job.backbone, job.layers, config)
-    cfg = resolved_cfg(job.backbone, config)
-    if main:
-        record["shard_rows"] = shard_rows(ex, len(samples))
-        if ranks is not None and not config.shard_rows:  # >= 4 shards per rank: similar shares
-            record["shard_rows"] = min(
-                record["shard_rows"], max(1, math.ceil(len(samples) / (4 * ranks.world)))
-            )
-        writer = job.cache.writer(job.key, record)  # a partial run's record.json keeps its shard size
-    if ranks is not None:
-        record["shard_rows"] = ranks.from_main(writer.shard_rows if main else None)
-        if not main:
-            writer = job.cache.writer(job.key, record)
-    n_shards = max(1, math.ceil(len(samples) / writer.shard_rows))
-    done = set(writer.finished_shards()) if main else set()
-    if ranks is not None:
-        done = ranks.from_main(done)
-    todo = [i for i in range(len(samples)) if i // writer.shard_rows not in done]
-    mine = [i for i in todo if ranks is None or ranks.owns(i // writer.shard_rows)]
-    if done and main:
-        log.info("resuming cache %s: %d of %d shards already done", job.key[:12], len(done), n_shards)
-    t0 = time.perf_counter()
+def _decided(ranks: Ranks | None, fn: Callable[[], T]) -> T:
+    """``fn()`` on the main process, its value on every rank; an error there is raised on every rank
+    (every decision that changes which collectives run is rank 0's, so no rank waits forever)."""
+    if ranks is None:
+        return fn()
+    value: Any = None
+    error: str | None = None
+    if ranks.is_main:
+        try:
+            value = fn()
+        except (FeatcacheError, OSError) as exc:
+            if ranks.world == 1:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+    value, error = ranks.from_main((None if error else value, error))
+    if error is not None:
+        raise FeatcacheError(f"rank 0 failed: {error}")
+    return value  # type: ignore[no-any-return]
+
+
+def _table_method(table: FeatureTable) -> str | None:
+    """The extraction method recorded in the table's first segment (None in an empty table)."""
+    segments = table.index().segments
+    return segments[0].info.get("method") if segments else None
+
+
+def _append(job: _Job, ranks: Ranks | None) -> _Appended:
+    """Extract the digests the table lacks and append them; the main process holds the table's lock."""
+    cache, main = job.cache, ranks is None or ranks.is_main
+
+    def table() -> FeatureTable:
+        return cache.create(job.record) if job.key == cache_key(job.record) else cache.open(job.key)
+
+    if not _decided(ranks, lambda: table().index().missing(job.digests)):
+        return _Appended()  # a hit: no lock taken
+    with cache.lock(job.key) if main else contextlib.nullcontext():
+        # Again under the lock: another process may have appended these rows while we waited.
+        missing = _decided(ranks, lambda: table().index().missing(job.digests))
+        if not missing:
+            return _Appended()
+        return _build(job, table() if main else cache.open(job.key), missing, ranks)
+
+
+def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | None) -> _Appended:
+    """Deal the missing digests' shards (round-robin over ranks) and extract this process's share."""
+    ex = Extractor(job.backbone, table.layers, job.config)
+    rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
+    shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
+    world = 1 if ranks is None else ranks.world
+    mine = [d for j, s in enumerate(shards) if ranks is None or ranks.owns(j) for d in s]
+    first: dict[str, int] = {}
+    for i, d in enumerate(job.digests):
+        first.setdefault(d, i)  # a duplicated image is read from its first file
+    if (ranks is None or ranks.is_main) and len(missing) < len(set(job.digests)):
+        log.info("table %s: %d of %d images to extract", table.key[:12], len(missing), len(set(job.digests)))
     if mine:
-        _run(ex, samples, cfg, writer, mine, job.split, job.progress and main, ranks, job.view)
+        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, ranks)
     if ranks is not None:
-        ranks.barrier()  # every rank's shards are on disk
-    seconds = time.perf_counter() - t0
-    if main:
-        skipped = [s for m in writer.finished_shards().values() for s in m["skipped"]]
-        if skipped:
-            log.warning("skipped %d bad images (recorded in the cache manifest)", len(skipped))
-        writer.commit(
-            n_shards,
-            samples.ids,
-            samples.labels,
-            {
-                "classes": samples.classes,
-                "backbone_cfg": cfg.to_dict(),
-                "extract_config": _jsonable(config, job.layers, job.view),
-                "extract_seconds": round(seconds, 3),
-                "rows_extracted_this_run": len(todo),
-                "processes": 1 if ranks is None else ranks.world,
-                "method": ex.net.method,
-                "layer_layouts": ex.layouts,
-            },
-            progress=job.progress,
-            layouts=ex.stored_layouts(),
-        )
-    if ranks is not None:
-        ranks.barrier()  # the manifest is committed
+        ranks.barrier()  # every rank's segments are committed
+    by_process = {str(r): sum(len(s) for s in shards[r::world]) for r in range(world)}
+    return _Appended(missing, by_process, ex.net.method)
 
 
-def _hit(cache: FeatureCache, key: str, layers: Sequence[str]) -> CachedFeatures:
-    """The complete entry ``key``, holding only ``layers`` (the entry may hold more)."""
-    opened = cache.open(key)
-    opened.hit = True
-    opened.features = {k: v for k, v in opened.features.items() if k in layers}
-    opened.channel_stats = {k: v for k, v in opened.channel_stats.items() if k in layers}
-    return opened
+def _shard_rows(ex: Extractor, n: int, ranks: Ranks | None) -> int:
+    """Rows per shard: whole batches, so a resumed append forms the batches an uninterrupted one would."""
+    rows = shard_rows(ex, n)
+    if ranks is not None and not ex.config.shard_rows:  # >= 4 shards per rank: similar shares
+        rows = min(rows, max(1, math.ceil(n / (4 * ranks.world))))
+    bs = ex.config.batch_size
+    return max(1, math.ceil(rows / bs)) * bs
 
 
 def _jsonable(config: ExtractConfig, layers: Sequence[str], view: View | None) -> dict[str, Any]:
@@ -244,80 +263,68 @@ def _jsonable(config: ExtractConfig, layers: Sequence[str], view: View | None) -
 
 def _run(
     ex: Extractor,
-    samples: SampleSet,
-    cfg: BackboneCfg,
-    writer: Any,
-    pending: Sequence[int],
-    split: str,
-    progress: bool,
+    job: _Job,
+    table: FeatureTable,
+    pending: Sequence[str],
+    indices: Sequence[int],
+    rows_per: int,
     ranks: Ranks | None = None,
-    view: View | None = None,
 ) -> None:
+    """The batch loop: forward each batch, keep its rows on the device, commit a segment per shard."""
+    cfg, config, view = resolved_cfg(job.backbone, job.config), job.config, job.view
     augment = make_augment(view.augment, cfg.input_size) if view else None
     loader = torch.utils.data.DataLoader(
-        PreprocessedView(samples, cfg.preprocessing, pending, augment, view.index if view else None),
-        batch_size=ex.config.batch_size,
-        num_workers=decode_workers(ex.config.workers, ex.device),
+        PreprocessedView(
+            job.samples, cfg.preprocessing, indices, augment, view.index if view else None, pending
+        ),
+        batch_size=config.batch_size,
+        num_workers=decode_workers(config.workers, ex.device),
         pin_memory=ex.device.type == "cuda",
         persistent_workers=False,
     )
-    rows_per = writer.shard_rows
-    current: int | None = None
+    # the layers' own layouts (what pooling averaged over) travel with every segment
+    info = {"process": ranks.rank if ranks else 0, "method": ex.net.method, "layer_layouts": ex.layouts}
+    stored = ex.stored_layouts()
     # A shard's rows stay on the device until the shard closes: one host transfer per shard, not per batch.
-    buf: dict[str, list[torch.Tensor]] = {}
-    rows: list[int] = []
-    skipped: list[tuple[int, str]] = []
-
-    def close() -> None:
-        if current is None:
-            return
-        arrays = {layer: ex.to_numpy(torch.cat(parts)) for layer, parts in buf.items()}
-        if not rows:  # every image in this shard was bad: keep the layer shapes with zero rows
-            arrays = {layer: np.zeros((0, *shape), dtype=dt) for layer, (shape, dt) in shapes.items()}
-        writer.write_shard(current, arrays, list(rows), list(skipped), ranks.rank if ranks else 0)
-
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
-    np_dtype = STORAGE_DTYPES[ex.config.dtype]
-    bar = tqdm(
-        total=len(pending),
-        unit="img",
-        desc=f"extract {split}" + (f" (rank 0 of {ranks.world})" if ranks else ""),
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    with bar:
+    buf: dict[str, list[torch.Tensor]] = {layer: [] for layer in table.layers}
+    rows: list[str] = []
+    skipped: dict[str, str] = {}
+    done, t0 = 0, time.perf_counter()
+    desc = f"extract {job.split}" + (f" (rank 0 of {ranks.world})" if ranks else "")
+    shown = job.progress and (ranks is None or ranks.is_main)
+    with tqdm(total=len(pending), unit="img", desc=desc, disable=not shown, dynamic_ncols=True) as bar:
         for x, idx, errors in loader:
             feats = {k: ex.cast(v) for k, v in ex(x).items()}
+            batch = pending[done : done + len(idx)]
+            bad = [j for j, e in enumerate(errors) if e]
+            if bad and config.on_bad_image == "error":
+                raise BadImageError(
+                    f"cannot read image {job.samples.describe(int(idx[bad[0]]))!r}: {errors[bad[0]]}. Fix or "
+                    "remove the file, or pass --on-bad-image skip (skipped images are listed in the split's "
+                    "manifest). Rows committed so far are kept: the next run extracts only the rest."
+                )
+            skipped.update((batch[j], errors[j]) for j in bad)
+            good = [j for j in range(len(idx)) if not errors[j]]
+            keep = torch.tensor(good, dtype=torch.long, device=ex.device) if len(good) < len(idx) else None
             for layer, t in feats.items():
-                shapes[layer] = (tuple(t.shape[1:]), np_dtype)
-            idx_np = idx.numpy()
-            shard_of = idx_np // rows_per
-            for shard in dict.fromkeys(shard_of.tolist()):
-                if shard != current:
-                    close()
-                    current, buf, rows, skipped = shard, {k: [] for k in feats}, [], []
-                sel = np.flatnonzero(shard_of == shard)
-                bad = [int(j) for j in sel if errors[j]]
-                if bad and ex.config.on_bad_image == "error":
-                    i = int(idx_np[bad[0]])
-                    raise BadImageError(
-                        f"cannot read image {samples.describe(i)!r}: {errors[bad[0]]}. "
-                        "Fix or remove the file, "
-                        "or pass --on-bad-image skip (skipped ids are recorded in the cache manifest). "
-                        "Finished shards are kept; the next run resumes from them."
-                    )
-                skipped.extend((int(idx_np[j]), errors[j]) for j in bad)
-                good = np.setdiff1d(sel, bad) if bad else sel
-                if len(good) == len(idx_np):
-                    for layer, t in feats.items():
-                        buf[layer].append(t)
-                else:
-                    keep = torch.as_tensor(good, device=ex.device)
-                    for layer, t in feats.items():
-                        buf[layer].append(t.index_select(0, keep))
-                rows.extend(int(i) for i in idx_np[good])
+                buf[layer].append(t if keep is None else t.index_select(0, keep))
+            rows.extend(batch[j] for j in good)
+            done += len(idx)
             bar.update(len(idx))
-        close()
+            if done % rows_per == 0 or done == len(pending):  # shards are whole batches
+                arrays = {k: ex.to_numpy(torch.cat(v)) for k, v in buf.items()} if rows else {}
+                seconds = round(time.perf_counter() - t0, 4)
+                write_segment(
+                    table.path,
+                    table.layers,
+                    arrays,
+                    rows,
+                    skipped,
+                    config.dtype,
+                    info | {"seconds": seconds},
+                    layouts=stored,
+                )
+                buf, rows, skipped, t0 = {layer: [] for layer in table.layers}, [], {}, time.perf_counter()
 
 
 def extract_splits(
@@ -354,7 +361,7 @@ def extract_views(
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> list[CachedFeatures]:
-    """The ``views.count`` augmented views of the training split, each its own cache entry.
+    """The ``views.count`` augmented views of the training split, each read from its own table.
 
     Example:
         >>> views = extract_views(bb, mnist.train, ["blocks.4"], Views(4, "flip,crop"))  # doctest: +SKIP

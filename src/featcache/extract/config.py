@@ -31,8 +31,9 @@ class ExtractConfig:
         on_bad_image: ``error`` stops naming the file; ``skip`` records it in the manifest.
         amp: bf16 autocast; ``None`` means on for CUDA, off on CPU.
         channels_last: NHWC memory format; ``None`` means on for CUDA.
-        shard_mb: target size of one shard (the unit of resume).
-        shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it).
+        shard_mb: target size of one shard (the unit of commit and resume).
+        shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it). Shards hold whole
+            batches: both are rounded up to a multiple of ``batch_size``.
         method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.extract.nodes.FeatureExtractor`).
 
     The layers are not part of it: they are an argument of :func:`~featcache.extract.extract`, as

@@ -79,7 +79,8 @@ class RunRecord:
         weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
         layer: the layer a head trained on (None for a fine-tuned network); ``layer_layout``: its
             layout (what pooling averaged over; export pools the same way).
-        cache_keys / view_keys: the cache entries the run read.
+        cache_keys / view_keys: the feature tables the run read; ``split_keys``: each split as read
+            (the table, the rows' content digests in order, labels and classes).
         head / train: the head spec and trainer settings as dicts.
         verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
             at the top level of ``config.json``.
@@ -101,6 +102,7 @@ class RunRecord:
     layer: str | None = None
     layer_layout: str | None = None
     cache_keys: dict[str, str] = field(default_factory=dict)
+    split_keys: dict[str, str] = field(default_factory=dict)
     view_keys: tuple[str, ...] = ()
     head: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
@@ -114,7 +116,8 @@ class RunRecord:
         object.__setattr__(self, "classes", tuple(self.classes))
         object.__setattr__(self, "view_keys", tuple(self.view_keys))
         # The dict parts as config.json holds them (tuples as lists), so a record equals its reread self.
-        for name in ("backbone_cfg", "data", "extract", "cache_keys", "head", "train", "verb", "environment"):
+        dicts = ("backbone_cfg", "data", "extract", "cache_keys", "split_keys", "head", "train", "verb")
+        for name in (*dicts, "environment"):
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
 
     @property

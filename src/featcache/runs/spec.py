@@ -126,6 +126,7 @@ class RunSpec:
             weights=backbone.cfg.weights,
             weights_arg=self.weights,
             cache_keys={k: v.key for k, v in feats.items()},
+            split_keys={k: v.split_key for k, v in feats.items()},
             view_keys=tuple(v.key for v in views),
             verb=verb,
             **typed,

@@ -119,14 +119,17 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(spec.train)
     )
     if spec.resume:
-        folder.check_resume(record, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
+        keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
+        folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
     trained, info, _, metrics = train_on_cache(
         feats, layer, head, spec.train, spec.progress, folder.checkpoint, spec.resume, views
     )
     metrics["extract_seconds"] = extract_seconds
-    metrics["cache_hit"] = {k: v.hit for k, v in feats.items()} | {
-        f"train@view{i}": v.hit for i, v in enumerate(views, 1)
+    named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
+    metrics["cache_hit"] = {k: v.hit for k, v in named.items()}
+    metrics["cache_rows"] = {
+        k: {"rows": v.rows, "from_cache": v.from_cache, "extracted": v.extracted} for k, v in named.items()
     }
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
@@ -137,10 +140,11 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
 def _check_head_fits(
     spec: RunSpec, backbone: Backbone, splits: DatasetSplits, layer: str, head: HeadSpec
 ) -> None:
-    """Before an extraction that will run, whether ``head`` can take the layer (one blank image through
-    the backbone): a wrong pairing fails in a second, not after the extraction. A cached layer is
-    checked when training starts, with no forward pass."""
-    record = cache_record(backbone, splits.train, [layer], spec.extract, "train")
-    if FeatureCache(spec.cache_dir).find(record) is None:
+    """Before an extraction runs, whether ``head`` can take the layer: a wrong pairing fails in a second,
+    not after the extraction. The row shape comes from a table that holds the layer, else from one
+    blank image through the backbone."""
+    cached = FeatureCache(spec.cache_dir).row_shape(cache_record(backbone, [layer], spec.extract), layer)
+    if cached is None:
         ex = Extractor(backbone, [layer], spec.extract)
-        build_head(head, ex.row_shapes()[layer], len(splits.classes), layout=ex.stored_layouts()[layer])
+        cached = ex.row_shapes()[layer], ex.stored_layouts()[layer]
+    build_head(head, cached[0], len(splits.classes), layout=cached[1])

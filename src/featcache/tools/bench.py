@@ -7,6 +7,8 @@ and a table. Benchmarks are not tests: the suite only checks that ``bench --quic
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -21,10 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from .._util import resolve_device, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
-from ..cache.writer import CacheWriter
+from ..cache.writer import write_segment
 from ..data.config import DataConfig
-from ..data.datasets import DatasetSplits, image_folder, load_dataset
+from ..data.datasets import DatasetSplits, builtin_samples, image_folder, load_dataset
 from ..data.preprocess import to_model_input
+from ..data.samples import FileSamples
 from ..extract.build import extract, extract_splits
 from ..extract.config import ExtractConfig
 from ..extract.extractor import Extractor, resolved_cfg
@@ -62,10 +65,17 @@ class BenchConfig:
     bare_batches: int = 8
     map_layer: str = "blocks.2"
     map_input_size: tuple[int, int] = (224, 224)
+    store_images: int = 2000
 
 
 QUICK = BenchConfig(
-    limit=300, input_size=(32, 32), epochs=3, files=64, bare_batches=2, map_input_size=(64, 64)
+    limit=300,
+    input_size=(32, 32),
+    epochs=3,
+    files=64,
+    bare_batches=2,
+    map_input_size=(64, 64),
+    store_images=200,
 )
 
 
@@ -203,13 +213,14 @@ class _Bench:
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
 
+        digests = [f"{i:064x}" for i in range(n_img)]
+
         def engine() -> float:
-            writer = CacheWriter(
-                Path(self.fresh_cache()) / "k", {"shard_rows": n_img, "layers": ["penultimate"]}
-            )
+            table = Path(self.fresh_cache()) / "t"
             t0 = time.perf_counter()
             parts = [ex.cast(ex(b)["penultimate"]) for b in batches]
-            writer.write_shard(0, {"penultimate": ex.to_numpy(torch.cat(parts))}, list(range(n_img)), [])
+            rows = {"penultimate": ex.to_numpy(torch.cat(parts))}
+            write_segment(table, ["penultimate"], rows, digests, {}, self.ecfg.dtype, {})
             return time.perf_counter() - t0
 
         bare(), engine()  # warm-up
@@ -448,6 +459,128 @@ class _Bench:
         row["pass"] = bool(row["pass"]) and accs["featcache"] >= accs["sklearn"] - 0.003
         return row
 
+    def _png_folder(self) -> tuple[Path, list[Path]]:
+        """``store_images`` MNIST-5k digits as an ImageFolder of PNGs (written once, dated an hour back: an
+        existing dataset, not files written this second, see :data:`featcache.data.digests.RACY_NS`),
+        and 1 % more images, not in the folder, to add."""
+        root, extra = self.tmp / "store-pngs", self.tmp / "store-extra"
+        n = self.cfg.store_images
+        if not root.is_dir():
+            images = builtin_samples("mnist-5k")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
+            for k, i in enumerate(order[: n + max(1, n // 100)]):
+                folder = (root if k < n else extra) / str(int(images.labels[i]))
+                folder.mkdir(parents=True, exist_ok=True)
+                images.load(i).save(folder / f"{i:05d}.png")
+            then = time.time() - 3600
+            for f in root.rglob("*.png"):
+                os.utime(f, (then, then))
+        return root, sorted(extra.rglob("*.png"))
+
+    def _folder_run(self, root: Path, cache_dir: str, **split: Any) -> tuple[float, int]:
+        """Seconds to load the folder and serve every split from the cache; images extracted."""
+        t0 = time.perf_counter()
+        splits = image_folder(root, **split)
+        feats = extract_splits(self.bb, splits, self.layers, self.ecfg, cache_dir=cache_dir, progress=False)
+        return time.perf_counter() - t0, sum(f.manifest["images_extracted"] for f in feats.values())
+
+    def relabel_rerun(self) -> dict[str, Any]:
+        """A relabel (one file moved to another class folder), another val fraction and another split seed,
+        against a plain cache hit: all served from the cache (0 images through the backbone)."""
+        root, _ = self._png_folder()
+        cache_dir = self.fresh_cache()
+        self._folder_run(root, cache_dir)  # the first extraction
+        moved = sorted((root / "3").glob("*.png"))[0]
+        target = root / "5" / moved.name
+        kinds: dict[str, dict[str, Any]] = {
+            "relabel": {},
+            "val 0.2": {"val_fraction": 0.2},
+            "seed 1": {"seed": 1},
+        }
+        times: dict[str, list[float]] = {"hit": [], **{k: [] for k in kinds}}
+        extracted = 0
+        self._folder_run(root, cache_dir)  # warm-up: the memo, the page cache
+        for _ in range(max(5, self.repeats)):  # sub-second runs: more repetitions, interleaved
+            times["hit"].append(self._folder_run(root, cache_dir)[0])
+            for kind, split in kinds.items():
+                if kind == "relabel":
+                    os.rename(moved, target)
+                try:
+                    seconds, n = self._folder_run(root, cache_dir, **split)
+                finally:
+                    if kind == "relabel":
+                        os.rename(target, moved)
+                times[kind].append(seconds)
+                extracted += n
+        slowest = max(kinds, key=lambda k: statistics.median(times[k]))
+        medians = ", ".join(f"{k} {statistics.median(v):.3f} s" for k, v in times.items())
+        return _row(
+            f"relabel/resplit re-run vs plain hit (slowest: {slowest})",
+            times[slowest],
+            times["hit"],
+            0.5,
+            ("re-run", "hit"),
+            detail=f"{self.cfg.store_images} PNGs, medians: {medians}; "
+            f"images through the backbone in all re-runs: {extracted}",
+            target_text=">= 0.5 (within 2x of a hit)",
+        )
+
+    def added_images(self) -> dict[str, Any]:
+        """1 % new images added to the folder: the re-run (only they go through the backbone) vs the
+        first extraction of the folder, measured in the same repetition."""
+        root, extra = self._png_folder()
+        first, added, extracted = [], [], []
+        for _ in range(self.repeats):
+            cache_dir = self.fresh_cache()
+            first.append(self._folder_run(root, cache_dir)[0])
+            placed = [root / f.parent.name / f.name for f in extra]
+            for src, dst in zip(extra, placed):
+                shutil.copy2(src, dst)
+            try:
+                s, n = self._folder_run(root, cache_dir)
+            finally:
+                for f in placed:
+                    f.unlink()
+            added.append(s)
+            extracted.append(n)
+        return _row(
+            f"add 1% images ({len(extra)}) vs first extraction",
+            added,
+            first,
+            20.0,
+            ("add 1%", "first"),
+            detail=f"{self.cfg.store_images} PNGs; images through the backbone on the re-run: {extracted} "
+            "(plus a 1-image probe sizing the shards of each split's append)",
+            target_text=">= 20 (re-run <= 5% of the first)",
+        )
+
+    def content_digests(self) -> dict[str, Any]:
+        """The first extraction of a PNG folder with content digests (hashing every file, and each file's
+        bytes again when decoded) vs the same extraction given the digests for free."""
+        root, _ = self._png_folder()
+        splits = image_folder(root)
+        free = {name: _Predigested(s) for name, s in splits.items()}
+
+        def run(samples: dict[str, Any]) -> float:
+            cache_dir = self.fresh_cache()  # a fresh cache: a fresh digest memo too
+            t0 = time.perf_counter()
+            for name, s in samples.items():
+                extract(self.bb, s, self.layers, self.ecfg, cache_dir=cache_dir, split=name, progress=False)
+            return time.perf_counter() - t0
+
+        def hashed() -> float:
+            return run(dict(image_folder(root).items()))  # new objects: no digest computed yet
+
+        h, f = _interleaved(hashed, lambda: run(free), self.repeats)
+        return _row(
+            "content digests: first extraction vs without hashing",
+            h,
+            f,
+            0.95,
+            ("hashing", "no hashing"),
+            detail=f"{self.cfg.store_images} PNGs, every split; ratio = speed with hashing / without",
+        )
+
     def gpu(self) -> list[dict[str, Any]]:
         """resnet50 at 224 px, images/s: fp32 vs bf16 autocast + channels_last (CUDA only)."""
         bb = load_backbone("torchvision:resnet50", weights="none")
@@ -472,6 +605,26 @@ class _Bench:
         return [_row(name, runs["bf16+channels_last"], runs["fp32"], 1.0, ("bf16", "fp32"), per=10 * len(x))]
 
 
+class _Predigested(FileSamples):
+    """Files whose digests are known beforehand and decoded without hashing: extraction without any
+    hashing cost, the baseline of the content-digest benchmark."""
+
+    def __init__(self, samples: Any) -> None:
+        self._given = samples.digests()
+        super().__init__(
+            samples.parent.root,
+            [samples.parent.paths[i] for i in samples.indices],
+            samples.labels,
+            samples.classes,
+        )
+
+    def _content_digests(self, memo: Any, progress: bool) -> list[str]:
+        return list(self._given)
+
+    def load_checked(self, index: int, digest: str) -> Any:
+        return self.load(index)
+
+
 BENCHMARKS = (
     "e2e",
     "extract_vs_bare",
@@ -480,6 +633,9 @@ BENCHMARKS = (
     "finetune",
     "cache_hit",
     "probe",
+    "relabel_rerun",
+    "added_images",
+    "content_digests",
     "gpu",
 )
 

@@ -8,7 +8,6 @@ hits the cache. No download, no GPU needed.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,12 +224,6 @@ def _table(
 
 
 def _extract_seconds(keys: dict[str, str], cache_dir: str | None) -> float:
-    """Extraction seconds recorded in the manifests when the entries were built."""
-
+    """Extraction seconds recorded in the tables' segments when their rows were extracted."""
     cache = FeatureCache(cache_dir)
-    return float(
-        sum(
-            json.loads((cache.path(k) / "manifest.json").read_text())["extract_seconds"]
-            for k in keys.values()
-        )
-    )
+    return sum(cache.open(k).extract_seconds() for k in set(keys.values()))

@@ -16,6 +16,7 @@ from torch import nn
 
 from .._config import from_json, to_json
 from .._util import FeatcacheError, unknown
+from ..cache.rows import Rows
 from ..cache.writer import to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 
@@ -88,7 +89,7 @@ class Standardize(nn.Module):
     @classmethod
     def fit(
         cls,
-        x: torch.Tensor | np.ndarray,
+        x: torch.Tensor | Rows,
         chunk: int | None = None,
         dtype: str = "float32",
         layout: str | None = None,
@@ -130,7 +131,7 @@ class Standardize(nn.Module):
         return cls(mean.reshape(out).float(), std.reshape(out).float())
 
     @classmethod
-    def from_channel_stats(cls, mean: np.ndarray, var: np.ndarray, chunk: int = 1 << 16) -> Standardize:
+    def from_channel_stats(cls, mean: Rows, var: Rows, chunk: int = 1 << 16) -> Standardize:
         """Per-channel statistics of maps from their per-row channel ``mean`` and ``var`` (each (N, C), as
         the cache stores them), without the maps: the same as :meth:`fit` on the maps, to float rounding.
 
@@ -152,7 +153,7 @@ class Standardize(nn.Module):
                 acc += fn(slice(i, i + chunk)).sum(0)
             return acc
 
-        def rows(a: np.ndarray, s: slice) -> torch.Tensor:
+        def rows(a: Rows, s: slice) -> torch.Tensor:
             return torch.from_numpy(np.array(a[s], dtype=np.float64))
 
         m = total(lambda s: rows(mean, s)) / n
@@ -163,9 +164,9 @@ class Standardize(nn.Module):
 
 def fit_standardize(
     kind: str,
-    x: torch.Tensor | np.ndarray,
-    channel_mean: np.ndarray | None = None,
-    channel_var: np.ndarray | None = None,
+    x: torch.Tensor | Rows,
+    channel_mean: Rows | None = None,
+    channel_var: Rows | None = None,
     dtype: str = "float32",
     layout: str | None = None,
 ) -> Standardize:
@@ -199,7 +200,7 @@ def fit_standardize(
 
 
 def _pooled(
-    x: torch.Tensor | np.ndarray, dtype: str, layout: str = NCHW, chunk_bytes: int = 64 << 20
+    x: torch.Tensor | Rows, dtype: str, layout: str = NCHW, chunk_bytes: int = 64 << 20
 ) -> torch.Tensor:
     """(N, C) channel means of maps or tokens in ``layout``, read ``chunk_bytes`` at a time."""
     step = max(1, chunk_bytes // max(1, 4 * int(np.prod(x.shape[1:]))))

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, resolve_device
+from ..cache.rows import Rows
 from ..cache.writer import to_torch
 from .heads import Standardize
 
@@ -100,7 +101,8 @@ class FeatureSource:
     use, so a source whose head only needs ``channel_mean`` never reads the maps.
 
     Args:
-        x: (N, ...) features: a tensor, or a (memory-mapped) array in the storage ``dtype``.
+        x: (N, ...) features: a tensor, or an array (memory-mapped, or a cache table's
+            :class:`~featcache.cache.rows.RowView`) in the storage ``dtype``.
         y: (N,) labels.
         dtype: storage dtype of an array ``x`` (``bfloat16`` arrays hold raw uint16).
         device: where batches live.
@@ -113,19 +115,19 @@ class FeatureSource:
 
     def __init__(
         self,
-        x: np.ndarray | torch.Tensor,
+        x: Rows | torch.Tensor,
         y: np.ndarray | torch.Tensor,
         dtype: str = "float32",
         device: torch.device | None = None,
         ram_budget_gb: float = 8.0,
-        channel_mean: np.ndarray | torch.Tensor | None = None,
+        channel_mean: Rows | torch.Tensor | None = None,
     ) -> None:
         self.device = device or torch.device("cpu")
         self.ram_budget_gb = ram_budget_gb
         self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
         self.y = self.y.to(self.device)
         n_bytes = int(np.prod(x.shape)) * 4
-        self.streamed = isinstance(x, np.ndarray) and n_bytes > ram_budget_gb * 2**30
+        self.streamed = not isinstance(x, torch.Tensor) and n_bytes > ram_budget_gb * 2**30
         self.raw, self.dtype = x, dtype
         self._shuffled: tuple[torch.Tensor, torch.Tensor] | None = None
         #: set on a source mapped from a streamed one: shuffle by chunks of rows this many bytes wide

@@ -1,0 +1,148 @@
+"""Content digests: SHA-256 of file bytes / pixels, the (path, size, mtime) memo, changes and races."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featcache.data.digests as digests_mod
+from conftest import write_tree
+from featcache._util import FeatcacheError
+from featcache.data.datasets import load_dataset
+from featcache.data.digests import RACY_NS, DigestMemo, SampleChangedError, pixels_digest
+from featcache.data.samples import ArraySamples
+
+
+def backdate(files: list[Path], seconds: float = 3600) -> None:
+    """Make files look written ``seconds`` ago (a dataset folder that is not brand new)."""
+    t = time.time() - seconds
+    for f in files:
+        os.utime(f, (t, t))
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files whose bytes the memo reads (every call of ``hash_file``)."""
+    seen: list[str] = []
+    real = digests_mod.hash_file
+
+    def counting(path: str):  # type: ignore[no-untyped-def]
+        seen.append(path)
+        return real(path)
+
+    monkeypatch.setattr(digests_mod, "hash_file", counting)
+    return seen
+
+
+def test_a_file_digest_is_the_sha256_of_its_bytes_and_nothing_else(tmp_path: Path) -> None:
+    files = write_tree(tmp_path / "a", per_class=2)
+    copy = tmp_path / "elsewhere" / "renamed.bin"
+    copy.parent.mkdir()
+    shutil.copyfile(files[0], copy)  # other name, other folder, other mtime: the same content
+    got = DigestMemo(None).file_digests([*files, copy])
+    assert got == [hashlib.sha256(f.read_bytes()).hexdigest() for f in [*files, copy]]
+    assert got[-1] == got[0] and len(set(got[:-1])) == len(files)
+
+
+def test_pixel_digests_follow_pixels_dtype_and_shape() -> None:
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    assert pixels_digest(a) == pixels_digest(a.copy()) == pixels_digest(np.ascontiguousarray(a[:, :, :]))
+    assert pixels_digest(a) != pixels_digest(a.reshape(3, 2, 4))  # same bytes, other shape
+    assert pixels_digest(a) != pixels_digest(a.astype(np.int8))
+    b = a.copy()
+    b[1, 2, 3] += 1
+    assert pixels_digest(a) != pixels_digest(b)
+    # Samples of an array set: equal images share a digest, wherever they sit.
+    images = np.stack([a[0], a[1], a[0]])
+    d = ArraySamples(images, [0, 1, 2]).digests()
+    assert d[0] == d[2] != d[1] and d[0] == pixels_digest(a[0])
+    assert ArraySamples(images, [0, 1, 2]).subset([2, 1], "s").digests() == [d[2], d[1]]
+
+
+def test_the_memo_reads_no_byte_of_an_unchanged_folder(tmp_path: Path, reads: list[str]) -> None:
+    files = [tmp_path / "f" / f"{i:04d}.bin" for i in range(2000)]
+    files[0].parent.mkdir()
+    for i, f in enumerate(files):
+        f.write_bytes(i.to_bytes(4, "little") * 50)
+    backdate(files)
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    first = memo.file_digests(files)
+    assert len(reads) == 2000
+    reads.clear()
+    t0 = time.perf_counter()
+    again = DigestMemo(tmp_path / "memo.sqlite3").file_digests(files)  # another process would do the same
+    seconds = time.perf_counter() - t0
+    assert again == first and reads == []
+    assert seconds < 5, seconds  # 2000 stats and one memo lookup, not 2000 reads
+
+    # A changed file (new size or mtime) is read again, and only it; so is a new path for old bytes.
+    files[5].write_bytes(b"new content")
+    backdate([files[5]], 60)
+    moved = tmp_path / "f" / "moved.bin"
+    os.rename(files[7], moved)
+    files[7] = moved
+    third = memo.file_digests(files)
+    assert sorted(reads) == sorted([str(files[5]), str(moved)])
+    assert third[5] == hashlib.sha256(b"new content").hexdigest() and third[7] == first[7]
+
+
+def test_same_size_same_mtime_edit_just_after_hashing_is_caught(tmp_path: Path, reads: list[str]) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"a" * 100)  # written now: within RACY_NS of the hashing below
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    (first,) = memo.file_digests([f])
+    st = f.stat()
+    f.write_bytes(b"b" * 100)  # same size; put the old mtime back: the stat cannot tell
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (second,) = memo.file_digests([f])
+    assert second != first and second == hashlib.sha256(b"b" * 100).hexdigest()
+    assert RACY_NS >= 1_000_000_000 and len(reads) == 2
+
+
+def test_a_vanished_or_changing_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = write_tree(tmp_path / "tree" / "train", per_class=2)
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    files[3].unlink()
+    with pytest.raises(FileNotFoundError, match=str(files[3])):
+        train.digests(DigestMemo(None))
+    # Bytes that change between the stat before and the stat after the read.
+    real_stat, calls = os.stat, []
+
+    def growing(path, *a, **k):  # type: ignore[no-untyped-def]
+        st = real_stat(path, *a, **k)
+        if str(path) == str(files[0]):
+            calls.append(1)
+            if len(calls) == 2:  # the stat after the read sees another size
+                return os.stat_result((st.st_mode, 0, 0, 0, 0, 0, st.st_size + 1, 0, st.st_mtime, 0))
+        return st
+
+    monkeypatch.setattr(digests_mod.os, "stat", growing)
+    with pytest.raises(SampleChangedError, match=f"{files[0]}.*changed while featcache was hashing"):
+        DigestMemo(None).file_digests([files[0]])
+
+
+def test_a_damaged_memo_is_named_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "memo.sqlite3").write_bytes(b"this is not a database" * 100)
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(FeatcacheError, match=r"memo.sqlite3.*damaged.*delete it"):
+        DigestMemo(tmp_path / "memo.sqlite3").file_digests([f])
+
+
+def test_a_file_changed_after_hashing_is_refused_when_decoded(tmp_path: Path) -> None:
+    files = write_tree(tmp_path / "tree" / "train", per_class=2)
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    digests = train.digests()
+    assert train.load_checked(0, digests[0]).size == train.load(0).size
+    files[0].write_bytes(files[1].read_bytes())
+    with pytest.raises(SampleChangedError, match=f"{files[0]}.*changed during this run"):
+        train.load_checked(0, digests[0])
+    files[0].unlink()
+    with pytest.raises(SampleChangedError, match=f"{files[0]}.*vanished"):
+        train.load_checked(0, digests[0])

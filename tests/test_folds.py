@@ -1,0 +1,134 @@
+"""K-fold cross-validation on cached rows: folds by content, a head per fold, no backbone pass."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.backbones.registry import load_backbone
+from featcache.cli.main import main
+from featcache.data.config import DataConfig
+from featcache.extract.build import extract, extract_splits
+from featcache.extract.config import ExtractConfig
+from featcache.runs.folds import assign_folds, folds_probe, folds_train
+from featcache.runs.probe import ProbeConfig
+from featcache.runs.train import train_on_cache
+from featcache.train.config import TrainConfig
+from featcache.train.heads import HeadSpec
+
+ECFG = ExtractConfig(input_size=(32, 32), batch_size=32, device="cpu")
+DATA = DataConfig("digits", limit=200)
+
+
+def _digests(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(n)]
+
+
+def test_folds_are_stratified_by_content_and_keep_copies_together() -> None:
+    digests = _digests(60)
+    labels = np.arange(60) % 3
+    # Row 60 copies row 0 (same image, same class); row 61 copies row 1 under another label.
+    digests += [digests[0], digests[1]]
+    labels = np.r_[labels, 0, 2]
+    fold = assign_folds(digests, labels, 4, seed=0)
+    assert set(fold.tolist()) == {0, 1, 2, 3}
+    assert fold[60] == fold[0] and fold[61] == fold[1]  # no image both trained on and held out
+    for c in range(3):  # each class spread evenly: 20 images over 4 folds
+        counts = np.bincount(fold[:60][labels[:60] == c], minlength=4)
+        assert counts.max() - counts.min() <= 1, counts
+    sizes = np.bincount(fold[:60], minlength=4)
+    assert sizes.max() - sizes.min() <= 1
+    # By content, not position: shuffled rows keep their folds; another seed deals other folds.
+    perm = np.random.default_rng(1).permutation(60)
+    shuffled = assign_folds([digests[i] for i in perm], labels[perm], 4, seed=0)
+    assert shuffled.tolist() == fold[perm].tolist()
+    assert assign_folds(digests, labels, 4, seed=1).tolist() != fold.tolist()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        assign_folds(digests, labels, 1)
+    with pytest.raises(ValueError, match="only 60 distinct images"):
+        assign_folds(digests, labels, 61)
+
+
+def test_each_fold_trains_as_a_run_on_those_rows_would_with_no_backbone_pass(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    splits = DATA.load()
+    cache = str(tmp_path / "c")
+    extract_splits(bb, splits, ["layer3"], ECFG, cache_dir=cache, progress=False)
+    calls: list[int] = []
+    hook = bb.model.register_forward_pre_hook(lambda _m, i: calls.append(len(i[0])))
+    feats = extract_splits(bb, splits, ["layer3"], ECFG, cache_dir=cache, progress=False)
+    cfg = TrainConfig(epochs=3, lr=1e-2, device="cpu", standardize=True)
+    res = folds_train(feats, "layer3", HeadSpec("linear"), cfg, k=3)
+    assert calls == [] and len(res.acc) == 3 and len(res.test_acc) == 3
+    assert res.mean == pytest.approx(statistics.fmean(res.acc))
+    assert res.std == pytest.approx(float(np.std(res.acc)))
+    assert sum(res.rows) == len(splits.train) + len(splits.val)  # type: ignore[arg-type]
+    # The reference for fold 1: the same rows as plain splits of the dataset, through `extract`.
+    pool = splits.train.parent.subset(  # type: ignore[attr-defined]
+        np.r_[splits.train.indices, splits.val.indices],
+        "pool",  # type: ignore[union-attr]
+    )
+    fold = assign_folds(pool.digests(), pool.labels, 3, seed=0)
+    parts = {
+        name: extract(
+            bb, pool.subset(np.flatnonzero(sel), name), ["layer3"], ECFG, cache_dir=cache, progress=False
+        )
+        for name, sel in (("train", fold != 1), ("test", fold == 1))
+    }
+    assert calls == []  # every row is in the table already
+    _, _, _, metrics = train_on_cache(parts, "layer3", HeadSpec("linear"), cfg, progress=False)
+    assert res.acc[1] == pytest.approx(metrics["test"]["acc"])
+    assert res.rows[1] == int((fold == 1).sum())
+    hook.remove()
+
+
+def test_probe_folds_choose_the_strength_by_cross_validation(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    feats = extract_splits(bb, DATA.load(), ["penultimate"], ECFG, cache_dir=str(tmp_path), progress=False)
+    res = folds_probe(feats, "penultimate", ProbeConfig(strengths=(1e-4, 1e2)), k=3, device="cpu")
+    cv = {float(s): statistics.fmean(v) for s, v in res.extra["cv_by_strength"].items()}
+    assert res.extra["strength"] == max(cv, key=cv.__getitem__) and res.mean == pytest.approx(
+        max(cv.values())
+    )
+    assert cv[1e2] < cv[1e-4]  # an absurd strength loses on every fold
+    assert len(res.test_acc) == 1 and 0 <= res.test_acc[0] <= 1
+    # The views' rows in the table are the splits' own.
+    for split in ("train", "val"):
+        torch.testing.assert_close(
+            feats[split].tensor("penultimate"),
+            torch.from_numpy(np.asarray(feats[split].features["penultimate"])),
+        )
+
+
+def test_cli_folds(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    base = [
+        "torchvision:resnet18",
+        "digits",
+        "--weights",
+        "none",
+        "--limit",
+        "150",
+        "--input-size",
+        "32",
+        "32",
+    ]
+    assert main(["train", *base, "-q", "--epochs", "2", "--out", str(tmp_path / "r"), "--folds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3-fold cross-validation accuracy" in out and "+-" in out and out.count("fold ") >= 3
+    saved = json.loads((tmp_path / "r" / "folds.json").read_text())
+    assert len(saved["acc"]) == 3 and saved["mean"] == pytest.approx(statistics.fmean(saved["acc"]))
+    # The second job reads every row from the cache: the counts say so.
+    assert main(["probe", *base, "-q", "--strengths", "0.001,0.1", "--folds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "0 extracted" in out and "at L2 strength" in out
+    assert main(["train", *base, "-q", "--out", str(tmp_path / "x"), "--folds", "1"]) == 2
+    assert "at least 2 folds" in capsys.readouterr().err

@@ -364,7 +364,7 @@ def test_limit_applies_to_every_kind_of_dataset(tmp_path: Path) -> None:
 
 def test_a_one_class_dataset_is_refused_before_any_work(tmp_path: Path) -> None:
     write_tree(tmp_path / "one", classes=("cat",), per_class=4)
-    with pytest.raises(FeatcacheError, match=r"one class, 'cat': a classifier needs at least two.*own folder"):
+    with pytest.raises(FeatcacheError, match=r"one class, 'cat': a classifier needs at least two.*folder"):
         DataConfig(str(tmp_path / "one")).load()
     assert main(["train", "torchvision:resnet18", str(tmp_path / "one"), "--weights", "none", "--out",
                  str(tmp_path / "run"), "-q"]) == 2  # fmt: skip

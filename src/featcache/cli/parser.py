@@ -18,6 +18,7 @@ from ..runs.probe import ProbeConfig, probe_run
 from ..runs.spec import RunSpec
 from ..runs.sweep import SweepGrid
 from ..runs.train import train_run
+from ..tools.bench import BENCHMARKS
 from ..train.config import TrainConfig
 from ..train.heads import HeadSpec
 from .flags import add_config, field_help
@@ -248,6 +249,8 @@ def _output_verbs(sub: Any) -> None:
     p = _parser(sub, "bench", "measure every performance claim side by side, as ratios")
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--out", default="bench.json", help="where the results go (default: bench.json)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: none, the table only)")
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs (default: 3)")
-    p.add_argument("--only", default=None, help="comma-separated benchmark names (default: all)")
+    p.add_argument(
+        "--only", default=None, help=f"comma-separated benchmarks: {', '.join(BENCHMARKS)} (default: all)"
+    )

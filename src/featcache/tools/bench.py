@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._util import resolve_device, write_json
+from .._util import resolve_device, unknown, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.writer import CacheWriter
@@ -442,20 +442,24 @@ BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "finetune
 def run_bench(
     quick: bool = False,
     device: str = "auto",
-    out: str | Path = "bench.json",
+    out: str | Path | None = None,
     repeats: int = 3,
     only: list[str] | None = None,
     progress: bool = True,
     config: BenchConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmarks, print the table and write the JSON; returns the JSON object.
+    """Run the benchmarks (``only``: these of :data:`BENCHMARKS`), print the table and write the JSON to
+    ``out`` (None: no file); returns the JSON object.
 
     Example:
         >>> result = run_bench(quick=True, out="/tmp/bench.json", repeats=1)  # doctest: +SKIP
     """
     cfg = config or (QUICK if quick else BenchConfig())
     dev = resolve_device(device)
-    names = only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"]
+    for name in only or ():
+        if name not in BENCHMARKS:
+            raise unknown("benchmark", name, BENCHMARKS, f"--only takes names of {', '.join(BENCHMARKS)}.")
+    names = list(only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"])
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
         bench = _Bench(cfg, dev, 1 if quick else repeats, progress, Path(tmp))
@@ -480,7 +484,8 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    write_json(out, doc)
+    if out is not None:
+        write_json(out, doc)
     print(
         format_table(
             [
@@ -496,7 +501,7 @@ def run_bench(
             ]
         )
     )
-    print(f"\n{environment()}\nwritten to {out}")
+    print(f"\n{environment()}\n" + (f"written to {out}" if out else "pass --out FILE to keep the JSON"))
     return doc
 
 

@@ -14,6 +14,7 @@ import featcache.runs.train as runs_mod
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.data.config import DataConfig
+from featcache.export.predict import load_predictor
 from featcache.extract.build import extract
 from featcache.extract.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
@@ -22,7 +23,7 @@ from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, sweep_run
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
-from featcache.train.fit import fit
+from featcache.train.fit import FitResult, fit
 from featcache.train.heads import HeadSpec, Standardize
 from featcache.train.sources import FeatureSource
 
@@ -363,4 +364,35 @@ def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Pat
     with pytest.raises(ValueError, match=r"differ .*\(extract\.views: None -> 2\)"):
         folder.check_resume(
             replace(same, extract={"pool": "avg", "views": 2}), ("extract", "train"), "settings"
+        )
+
+
+def test_reprs_are_short_and_name_what_a_notebook_user_looks_for(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=120), TrainConfig(epochs=2, device="cpu")
+    run = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r", weights="none")
+    spec = RunSpec(bb, data, tmp_path / "s", extract=SMALL, train=cfg, cache_dir=str(tmp_path / "c"),
+                   progress=False)  # fmt: skip
+    sweep = sweep_run(spec, SweepGrid(("layer2", "layer3")))
+    probe = probe_run(replace(spec, out=None), "layer3", ProbeConfig(strengths=(1e-2, 1e-1)))
+    fitted = FitResult([{"epoch": 1.0}] * 3, [0.5] * 500, 2, False, 1.5, 100)
+    predictor = load_predictor(run.dir, device="cpu")
+    shown = {
+        "run": (run, ["'layer3'", "'linear'", "classes=10", "test_acc="]),
+        "record": (run.record, ["'train'", "'torchvision:resnet18'", "'layer3'"]),
+        "splits": (data.load(), ["'digits'", "train=", "val=", "test=", "classes=10"]),
+        "backbone": (bb, ["'torchvision:resnet18'", "weights='none'", "params"]),
+        "sweep": (sweep, ["2 runs", "best="]),
+        "probe": (probe, ["strength=", "test_acc="]),
+        "fit": (fitted, ["epochs=3", "best_epoch=2"]),
+        "predictor": (predictor, ["'layer3'", "classes=10"]),
+        "export info": (predictor.info, ["'layer3'", "classes=10"]),
+    }
+    for name, (obj, needles) in shown.items():
+        text = repr(obj)
+        assert len(text) < 200, (name, len(text), text[:300])
+        assert all(n in text for n in needles), (name, text)
+        assert not any(bad in text for bad in ("tensor(", "array(", "0x", "history", "'0', '1'")), (
+            name,
+            text,
         )

@@ -83,6 +83,12 @@ class ExportInfo:
     notes: tuple[str, ...] = ()
     weights_sha256: str = ""
 
+    def __repr__(self) -> str:
+        return (
+            f"ExportInfo(format={self.format!r}, model={self.model!r}, layer={self.layer!r}, "
+            f"classes={len(self.classes)}, input {'x'.join(map(str, self.preprocessing.input_size))})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists): :func:`featcache._config.to_json`."""
         return dict(to_json(self))

@@ -97,6 +97,13 @@ class Predictor:
     ) -> None:
         self._run, self.info, self.device, self.uint8_only = runner, info, device, uint8_only
 
+    def __repr__(self) -> str:
+        i = self.info
+        return (
+            f"Predictor({i.model!r}, layer={i.layer!r}, format={i.format!r}, classes={len(i.classes)}, "
+            f"device={str(self.device)!r})"
+        )
+
     @property
     def classes(self) -> list[str]:
         """Class names in logit order."""

@@ -173,6 +173,13 @@ class FinetuneRun:
     plan: FreezePlan
     model: nn.Module
 
+    def __repr__(self) -> str:
+        test = f", test_acc={self.metrics['test']['acc']:.4g}" if "test" in self.metrics else ""
+        return (
+            f"FinetuneRun({str(self.dir)!r}, train={self.config['finetune']['train']!r}, "
+            f"mode={self.metrics.get('mode')!r}, epochs={len(self.metrics.get('history', []))}{test})"
+        )
+
     def history_rows(self) -> list[dict[str, float]]:
         """Per-epoch rows of the training history."""
         return list(self.metrics["history"])

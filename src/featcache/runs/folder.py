@@ -106,6 +106,12 @@ class RunRecord:
     featcache_version: str = __version__
     environment: dict[str, Any] = field(default_factory=environment)
 
+    def __repr__(self) -> str:
+        return (
+            f"RunRecord(kind={self.kind!r}, model={self.model!r}, layer={self.layer!r}, "
+            f"classes={len(self.classes)}, cache_keys={len(self.cache_keys)})"
+        )
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise FeatcacheError(f"unknown run kind {self.kind!r}: one of {', '.join(KINDS)}")
@@ -156,6 +162,12 @@ class Run:
     metrics: dict[str, Any]
     head: Head
     head_info: HeadInfo
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.dir)!r}, kind={self.record.kind!r}, layer={self.record.layer!r}, "
+            f"head={self.head_info.spec.kind!r}, classes={len(self.record.classes)}{_scores(self.metrics)})"
+        )
 
     @property
     def config(self) -> dict[str, Any]:
@@ -346,6 +358,13 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
         if not same:
             out.append(f"{key}.{f}: {a.get(f)!r} -> {b.get(f)!r}")
     return out
+
+
+def _scores(metrics: Mapping[str, Any]) -> str:
+    """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics."""
+    return "".join(
+        f", {split}_acc={metrics[split]['acc']:.4g}" for split in ("val", "test") if split in metrics
+    )
 
 
 def load_run(run_dir: str | Path) -> Run:

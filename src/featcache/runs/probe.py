@@ -54,6 +54,10 @@ class ProbeResult:
     info: HeadInfo
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        test = f", test_acc={self.test['acc']:.4g}" if self.test else ""
+        return f"ProbeResult(strength={self.strength:g}, strengths tried={len(self.sweep)}{test})"
+
 
 def fit_logistic(
     x: torch.Tensor,

@@ -75,6 +75,13 @@ class SweepResult:
     extract_seconds: float
     out: Path
 
+    def __repr__(self) -> str:
+        b = self.best
+        return (
+            f"SweepResult({str(self.out)!r}, {len(self.rows)} runs, best={b['layer']!r} ({b['run']}) "
+            f"val_acc={b['val_acc']:.4g})"
+        )
+
 
 def _varied(configs: Sequence[TrainConfig]) -> list[str]:
     """The TrainConfig fields that differ between the configs (the sweep's axes)."""

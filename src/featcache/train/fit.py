@@ -44,6 +44,12 @@ class FitResult:
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (
+            f"FitResult(epochs={len(self.history)}, best_epoch={self.best_epoch}, "
+            f"stopped_early={self.stopped_early}, seconds={self.seconds:.3g})"
+        )
+
 
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD as configured (fused kernels where this torch supports them).

@@ -82,7 +82,7 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
     assert len(summary["view_keys"]) == 2
     assert main([*base, "--augment", "flip", "--out", str(tmp_path / "w")]) == 2
     assert "needs --views" in capsys.readouterr().err
-    base[base.index("layer3,penultimate")] = "blocks"  # every residual block, then the classifier's input
+    base[base.index("layer3,penultimate")] = "@blocks"  # every residual block, then the classifier's input
     assert main([*base, "--out", str(tmp_path / "b"), "--json"]) == 0
     layers = [r["layer"] for r in json.loads(capsys.readouterr().out)["rows"]]
     assert layers == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["penultimate"]

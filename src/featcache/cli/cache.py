@@ -9,7 +9,7 @@ from ..backbones.registry import load_backbone
 from ..cache.store import FeatureCache
 from ..data.config import DataConfig
 from ..extract.build import extract_splits
-from ..extract.config import ExtractConfig
+from ..extract.config import ExtractConfig, parse_layers
 from ..extract.distributed import ranks_from_env
 from ..runs.report import format_table
 from .flags import from_args
@@ -21,8 +21,9 @@ def cmd_extract(a: argparse.Namespace) -> None:
     bb = load_backbone(a.model, a.weights)
     splits = from_args(DataConfig, a).load()
     config = from_args(ExtractConfig, a)
+    layers = parse_layers(a.layers, bb)  # @blocks: every block
     feats = extract_splits(
-        bb, splits, a.layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks
+        bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks
     )
     if ranks is not None:
         ranks.close()

@@ -161,7 +161,8 @@ def _cache_verbs(sub: Any) -> None:
     p.add_argument(
         "--layers",
         default=",".join(_arg_default(extract, "layers")),
-        help="comma-separated layer names (featcache layers MODEL) (default: penultimate)",
+        help="comma-separated layer names (featcache layers MODEL), or @blocks for every block and the "
+        "classifier's input (default: penultimate)",
     )
     _extract_args(p)
 

@@ -155,6 +155,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     spec.no_resume("probe")
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
+    layer = spec.one_layer(backbone, layer, "probe")
     feats, _ = spec.extract_all(backbone, spec.data.load(), [layer])
     if "val" not in feats:
         raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")

@@ -14,7 +14,7 @@ from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
 from ..extract.build import extract_splits, extract_views
-from ..extract.config import ExtractConfig, Views
+from ..extract.config import ExtractConfig, Views, parse_layers
 from ..train.config import TrainConfig
 from .folder import RunFolder, RunRecord
 
@@ -71,6 +71,17 @@ class RunSpec:
         return RunFolder.prepare(
             self.out, self.resume, self.overwrite, resumable=verb in ("train", "finetune")
         )
+
+    def one_layer(self, backbone: Backbone, layer: str, verb: str) -> str:
+        """The single layer a ``train`` or ``probe`` job trains on (a set like ``@blocks`` is refused)."""
+        names = parse_layers(layer, backbone)
+        if len(names) != 1:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise FeatcacheError(
+                f"{verb} trains on one layer, but {layer!r} names {len(names)} ({shown}); "
+                f"`featcache sweep --layers {layer}` trains a head on each and chooses on val"
+            )
+        return names[0]
 
     def no_resume(self, verb: str) -> None:
         """Verbs that restart from scratch refuse ``resume`` instead of ignoring it."""

@@ -25,12 +25,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, best_on_val
-from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged
-from ..train.freeze import block_names
 from ..train.heads import HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
@@ -38,18 +36,6 @@ from .spec import RunSpec
 from .train import train_on_cache
 
 log = logging.getLogger(__name__)
-
-
-def block_layers(backbone: Backbone) -> list[str]:
-    """Every block of the backbone (ResNet ``layerK.i``, timm/EfficientNet ``blocks.N``, ViT blocks) and
-    the classifier's input: what ``--layers blocks`` sweeps.
-
-    Example:
-        >>> block_layers(load_backbone("efficientnet-lite0"))[-2:]  # doctest: +SKIP
-        ['blocks.6', 'penultimate']
-    """
-
-    return block_names(backbone.model) + (["penultimate"] if backbone.cfg.classifier else [])
 
 
 def grid(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfig]:
@@ -94,7 +80,7 @@ class SweepGrid:
     """What a sweep varies: the layers (from one backbone pass), and trainer settings per layer.
 
     Attributes:
-        layers: layer names, or ``("blocks",)`` for every block and the classifier's input.
+        layers: layer names; ``@blocks`` is every block and the classifier's input.
         head: the head trained on each layer.
         lrs: learning rates to try (empty: the spec's ``train.lr``).
         weight_decays: weight decays to try (empty: the spec's ``train.weight_decay``).
@@ -133,7 +119,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     spec.no_resume("sweep")
     configs = sweep.configs(spec.train)
     backbone = spec.backbone()
-    layers = block_layers(backbone) if sweep.layers == ("blocks",) else list(sweep.layers)
+    layers = list(parse_layers(sweep.layers, backbone))
     splits = spec.data.load()
     if splits.val is None or not len(splits.val):
         raise FeatcacheError(

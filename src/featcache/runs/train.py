@@ -110,6 +110,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     head = head or HeadSpec()
     folder = spec.folder("train")
     backbone = spec.backbone()
+    layer = spec.one_layer(backbone, layer, "train")
     splits = spec.data.load()
     _check_head_fits(spec, backbone, splits, layer, head)
     t0 = time.perf_counter()

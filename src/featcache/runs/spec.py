@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +17,11 @@ from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
 from ..extract.build import extract_splits, extract_views
 from ..extract.config import ExtractConfig, Views, parse_layers
+from ..extract.extractor import resolved_cfg
 from ..train.config import TrainConfig
 from .folder import RunFolder, RunRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,33 @@ class RunSpec:
                 f"`featcache sweep --layers {layer}` trains a head on each and chooses on val"
             )
         return names[0]
+
+    def say(self, text: str) -> None:
+        """A line for the user: on stderr (stdout stays the results') with progress, else logged."""
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            log.info(text)
+
+    def announce(
+        self, verb: str, backbone: Backbone, splits: DatasetSplits, what: str, train: TrainConfig | None
+    ) -> None:
+        """The start-of-run line: model, input size and preprocessing, what trains, images and classes,
+        and ``train``'s batch size with its steps per epoch (an automatic one decided for the split)."""
+        pre = resolved_cfg(backbone, self.extract).preprocessing
+        h, w = pre.input_size
+        sizes = " / ".join(f"{len(s)} {n}" for n, s in splits.items())
+        line = (
+            f"{verb}: {backbone.cfg.spec} (weights {backbone.cfg.weights}), input {h}x{w}: "
+            f"{pre.describe()}; {what}; {splits.spec}: {sizes} images, {len(splits.classes)} classes"
+        )
+        if train is not None:
+            rows = len(splits.train)
+            auto = " (auto)" if train.batch_size is None else ""
+            line += (
+                f"; batch size {train.batch_for(rows)}{auto}, {train.steps_per_epoch(rows)} steps per epoch"
+            )
+        self.say(line)
 
     def no_resume(self, verb: str) -> None:
         """Verbs that restart from scratch refuse ``resume`` instead of ignoring it."""

@@ -117,7 +117,6 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         >>> res.best["layer"], res.best["val_acc"]  # doctest: +SKIP
     """
     spec.no_resume("sweep")
-    configs = sweep.configs(spec.train)
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
     splits = spec.data.load()
@@ -125,6 +124,9 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         raise FeatcacheError(
             "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
         )
+    configs = sweep.configs(spec.train.resolved(len(splits.train)))
+    what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
+    spec.announce("sweep", backbone, splits, what, spec.train)
     folder = spec.folder("sweep")
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
@@ -136,6 +138,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
+    at_last: list[bool] = []  # per trained run: was its best epoch the last one?
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     for layer, cfg in itertools.product(layers, configs):
         settings = {k: getattr(cfg, k) for k in axes}
@@ -151,6 +154,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         out = _train_one(child, record, feats, views, sweep.head, cfg)
         shape = {"shape": out.pop("shape")} if "shape" in out else {}
         rows.append({"layer": layer, **shape, **settings, **out})
+        if "best_epoch" in out:
+            at_last.append(out["best_epoch"] == cfg.epochs)
         trained = _trained(rows)
         if trained:
             best = best_on_val(trained)
@@ -160,6 +165,13 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     if not _trained(rows):
         raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
     best = best_on_val(_trained(rows))
+    warnings = []
+    if at_last and all(at_last):
+        warnings.append(
+            f"still improving: every run's best epoch was its last ({configs[0].epochs}); raise --epochs, "
+            "the choice of layer may change"
+        )
+        log.warning(warnings[-1])
     summary = {
         "model": backbone.cfg.spec,
         "layers": list(layers),
@@ -171,6 +183,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         "chosen_on": "val_acc (ties: val_loss)",
         "best": best,
         "rows": rows,
+        "warnings": warnings,
     }
     folder.write_json("sweep.json", summary)
     title = f"{backbone.cfg.spec}: {sweep.head.kind} head per layer"

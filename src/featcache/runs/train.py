@@ -6,6 +6,7 @@ cached layer, fitted on the train split (or its cached augmented views), evaluat
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -36,6 +37,8 @@ def evaluate_splits(
         "history": result.history,
         "step_losses": result.step_losses,
         "examples_per_epoch": result.examples_per_epoch,
+        "batch_size": result.batch_size,
+        "steps_per_epoch": math.ceil(result.examples_per_epoch / max(1, result.batch_size)),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
@@ -112,18 +115,20 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "train")
     splits = spec.data.load()
+    train = spec.train.resolved(len(splits.train))
+    spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
     _check_head_fits(spec, backbone, splits, layer, head)
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, [layer])
     extract_seconds = time.perf_counter() - t0
     record = spec.record(
-        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(spec.train)
+        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(train)
     )
     if spec.resume:
         folder.check_resume(record, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
     folder.write_config(record)
     trained, info, _, metrics = train_on_cache(
-        feats, layer, head, spec.train, spec.progress, folder.checkpoint, spec.resume, views
+        feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
     )
     metrics["extract_seconds"] = extract_seconds
     metrics["cache_hit"] = {k: v.hit for k, v in feats.items()} | {

@@ -43,6 +43,7 @@ class FitResult:
     examples_per_epoch: int
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -165,11 +166,12 @@ def fit(
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
     """
     _check_labels(train, val, num_classes)
+    config = config.resolved(len(train))  # an automatic batch size, decided by the split's size
     device = train.device
     head.to(device)
     params = list(param_groups) if param_groups else [p for p in head.parameters() if p.requires_grad]
     opt = make_optimizer(params, config)
-    sched = make_schedule(opt, config, math.ceil(len(train) / config.batch_size))
+    sched = make_schedule(opt, config, config.steps_per_epoch(len(train)))
     amp = config.amp if config.amp is not None else device.type == "cuda"
     gen = torch.Generator().manual_seed(config.seed)
     ckpt = Path(checkpoint) if checkpoint else None
@@ -225,6 +227,7 @@ def fit(
         len(paths.train),
         resumed_from=start_epoch,
         extra=paths.record.as_dict(),
+        batch_size=config.batch_for(len(train)),
     )
 
 
@@ -397,9 +400,9 @@ def _train_epoch(
     """One pass over ``train`` in the batches ``gen`` draws, a step and a schedule step each; the losses."""
     step_sched = not (config.schedule == "constant" and config.warmup_epochs == 0)  # skip a no-op per step
     train.set_epoch(epoch)  # e.g. a cycle of cached augmented views
-    batches = train.batches(config.batch_size, gen)
+    batches = train.batches(config.batch_for(len(train)), gen)
     if bar:  # slow (streamed or live) epochs get their own bar
-        steps = math.ceil(len(train) / config.batch_size)
+        steps = config.steps_per_epoch(len(train))
         batches = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", leave=False)
     losses = []
     with warnings.catch_warnings():

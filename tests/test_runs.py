@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from featcache.extract.build import extract
 from featcache.extract.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
 from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.report import curves_figure
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, sweep_run
 from featcache.runs.train import train_run
@@ -396,3 +399,45 @@ def test_reprs_are_short_and_name_what_a_notebook_user_looks_for(tmp_path: Path)
             name,
             text,
         )
+
+
+def test_a_run_writes_its_history_and_its_mistakes_as_csv(
+    tmp_path: Path, image_tree: Callable[..., list[Path]]
+) -> None:
+    image_tree("tree", classes=("cat", "dog", "fox"), per_class=12)
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data = DataConfig(str(tmp_path / "tree"), val_fraction=0.2, test_fraction=0.4)
+    run = _train(bb, data, "layer3", HeadSpec("linear"), TrainConfig(epochs=3, device="cpu"), SMALL,
+                 tmp_path / "r")  # fmt: skip
+    with (tmp_path / "r" / "history.csv").open(newline="") as f:
+        history = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    for row, want in zip(history, run.metrics["history"]):
+        assert {k: pytest.approx(float(v)) for k, v in row.items()} == want
+    with (tmp_path / "r" / "misclassified.csv").open(newline="") as f:
+        wrong = list(csv.DictReader(f))
+    # The reference: the head reloaded from the folder on the test images' cached features.
+    test = data.load().test
+    assert test is not None
+    feats = extract(bb, test, ["layer3"], SMALL, cache_dir=str(tmp_path / "c"), split="test", progress=False)
+    with torch.no_grad():
+        rows = torch.as_tensor(np.array(feats.features["layer3"]))
+        probs = torch.softmax(load_run(tmp_path / "r").head(rows), 1)
+    truth = torch.as_tensor(feats.labels)
+    missed = {feats.ids[i] for i in torch.nonzero(probs.argmax(1) != truth)[:, 0].tolist()}
+    assert {r["id"] for r in wrong} == missed
+    assert len(wrong) == len(test) - round(run.metrics["test"]["acc"] * len(test))
+    assert all((tmp_path / "tree" / r["id"]).is_file() and r["split"] == "test" for r in wrong)  # file names
+    losses = [float(r["loss"]) for r in wrong]
+    assert losses == sorted(losses, reverse=True)
+    for r in wrong:
+        i = feats.ids.index(r["id"])
+        assert r["true"] == ("cat", "dog", "fox")[int(truth[i])] and r["predicted"] != r["true"]
+        assert float(r["loss"]) == pytest.approx(-float(torch.log(probs[i, truth[i]])), rel=1e-4)
+    fig = curves_figure(run.metrics)
+    marks = [line for line in fig.axes[0].lines if line.get_label().startswith("best epoch")]
+    per_epoch = run.metrics["examples_per_epoch"]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == run.metrics["best_epoch"] * per_epoch
+    accs = [h["val_acc"] for h in run.metrics["history"]] + [run.metrics["test"]["acc"]]
+    low, high = fig.axes[1].get_ylim()
+    assert low <= min(accs) and high >= max(accs) and (low > 0 or min(accs) < 0.05)

@@ -25,7 +25,7 @@ from ..data.samples import SampleSet
 from ..extract.build import extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
-from ..train.fit import fit
+from ..train.fit import fit, predict_logits
 from ..train.freeze import (
     FreezePlan,
     Suffix,
@@ -312,6 +312,11 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
+    test = next(((n, s) for n, s in (("test", splits.test), ("val", splits.val)) if s is not None), None)
+    if test is not None:
+        logits = predict_logits(trained, src[test[0]])
+        labels = torch.as_tensor(test[1].labels)
+        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes)
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
 
 

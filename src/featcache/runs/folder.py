@@ -10,10 +10,11 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ RUN_FILES = (
     "trainable.safetensors",
     "curves.png",
     "confusion.png",
+    "history.csv",
+    "misclassified.csv",
     "sweep.json",
     "sweep.png",
 )
@@ -330,11 +333,60 @@ class RunFolder:
         default_mode(self.path / name)  # safetensors writes 0600; runs are shared like any output
 
     def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
-        """``curves.png`` (runs that trained by epochs) and ``confusion.png`` (when there is a test split)."""
+        """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
+        there is a test split)."""
         if "history" in metrics:
             plot_curves(dict(metrics), self.path / "curves.png", title)
+            self._write_csv("history.csv", list(metrics["history"]))
         if "test" in metrics:
             plot_confusion(metrics["test"]["confusion"], classes, self.path / "confusion.png")
+
+    def write_misclassified(
+        self, split: str, ids: list[str], labels: torch.Tensor, logits: torch.Tensor, classes: list[str]
+    ) -> int:
+        """``misclassified.csv``: the rows of ``split`` the model gets wrong, highest loss first, with the
+        sample id (the file's path under the dataset, or its index); returns how many.
+
+        Example:
+            >>> folder.write_misclassified("test", feats.ids, feats_y, logits, classes)  # doctest: +SKIP
+            37
+        """
+        if len(ids) != len(logits):  # rows dropped on the way (skipped bad images): ids would not match
+            return 0
+        probs = torch.softmax(logits.double(), 1)
+        y = torch.as_tensor(labels).long().cpu()
+        pred = probs.argmax(1)
+        p_true = probs.gather(1, y[:, None])[:, 0]
+        wrong = torch.nonzero(pred != y)[:, 0]
+        order = wrong[torch.argsort(p_true[wrong], stable=True)]  # the least likely truth: the highest loss
+        rows = [
+            {
+                "rank": rank,
+                "split": split,
+                "id": ids[i],
+                "true": classes[int(y[i])],
+                "predicted": classes[int(pred[i])],
+                "p_true": round(float(p_true[i]), 6),
+                "p_predicted": round(float(probs[i, pred[i]]), 6),
+                "loss": round(float(-torch.log(p_true[i].clamp_min(1e-300))), 6),
+            }
+            for rank, i in enumerate(order.tolist(), 1)
+        ]
+        fields = ["rank", "split", "id", "true", "predicted", "p_true", "p_predicted", "loss"]
+        self._write_csv("misclassified.csv", rows, fields)
+        return len(rows)
+
+    def _write_csv(
+        self, name: str, rows: Sequence[Mapping[str, Any]], fields: list[str] | None = None
+    ) -> None:
+        """A CSV file of the run (a header, then a line per row) that pandas reads as is."""
+        columns = fields or list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.path / f".{name}.tmp"
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path / name)
 
     def write_json(self, name: str, obj: Any) -> None:
         """Another JSON file of the run (``sweep.json``)."""

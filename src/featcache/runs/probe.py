@@ -21,6 +21,7 @@ from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
 from .spec import RunSpec
+from .train import write_mistakes
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
 
@@ -174,4 +175,5 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
         metrics = {"strength": res.strength, "sweep": res.sweep, **({"test": res.test} if res.test else {})}
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
+        write_mistakes(folder, res.head, feats, layer, spec.train)
     return res

@@ -33,7 +33,7 @@ from ..train.heads import HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
 from .spec import RunSpec
-from .train import train_on_cache
+from .train import train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ def _train_one(
     folder.save_head(head, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
+    write_mistakes(folder, head, feats, layer, cfg)
     return {
         "shape": list(info.in_shape),
         "val_acc": metrics["val"]["acc"],

@@ -22,10 +22,10 @@ from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
-from ..train.fit import FitResult, evaluate, fit
+from ..train.fit import FitResult, evaluate, fit, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
-from .folder import Run
+from .folder import Run, RunFolder
 from .spec import RunSpec
 
 
@@ -50,6 +50,17 @@ def evaluate_splits(
                 model, sources[split], num_classes, front_once=result.extra.get("fast_paths", True)
             )
     return metrics
+
+
+def write_mistakes(
+    folder: RunFolder, head: nn.Module, feats: Mapping[str, CachedFeatures], layer: str, config: TrainConfig
+) -> None:
+    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids."""
+    split = next((s for s in ("test", "val") if s in feats), None)
+    if split is not None:
+        cached = feats[split]
+        data = source_for(cached, layer, resolve_device(config.device), config.ram_budget_gb)
+        folder.write_misclassified(split, cached.ids, data.y, predict_logits(head, data), cached.classes)
 
 
 def train_on_cache(
@@ -137,6 +148,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")
+    write_mistakes(folder, trained, feats, layer, train)
     return Run(folder.path, record, metrics, trained, info)
 
 

@@ -126,6 +126,21 @@ def evaluate(
     return out
 
 
+@torch.no_grad()
+def predict_logits(head: nn.Module, data: BatchSource, batch_size: int = 1024) -> torch.Tensor:
+    """The logits ``(N, classes)`` of every row of ``data`` in its order, as float32 on the CPU.
+
+    Example:
+        >>> predict_logits(head, source_for(cached, "penultimate")).argmax(1)  # doctest: +SKIP
+    """
+    was = head.training
+    head.eval()
+    model, data = on_channel_means(head, data)
+    out = [model(xb).float().cpu() for xb, _ in data.batches(batch_size, None)]
+    head.train(was)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +17,10 @@ import torch
 import featcache.runs.train as runs_mod
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
+from featcache.cli import main
 from featcache.data.config import DataConfig
 from featcache.export.predict import load_predictor
+from featcache.export.save import export_run
 from featcache.extract.build import extract
 from featcache.extract.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
@@ -30,6 +34,7 @@ from featcache.train.fit import FitResult, fit
 from featcache.train.heads import HeadSpec, Standardize
 from featcache.train.sources import FeatureSource
 
+fit_mod = importlib.import_module("featcache.train.fit")  # the module (the package exports fit, the function)
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=64)
 
 
@@ -441,3 +446,51 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
     accs = [h["val_acc"] for h in run.metrics["history"]] + [run.metrics["test"]["acc"]]
     low, high = fig.axes[1].get_ylim()
     assert low <= min(accs) and high >= max(accs) and (low > 0 or min(accs) < 0.05)
+
+
+def test_ctrl_c_leaves_a_usable_unfinished_run_that_resume_finishes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=200), TrainConfig(epochs=4, lr=3e-3, device="cpu")
+    full = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "full", weights="none")
+    # The reference for what two finished epochs give: a fit that stops after them by itself.
+    monkeypatch.setattr(runs_mod, "fit", lambda *a, **k: fit(*a, **k, stop_after_epochs=2))
+    two = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "two", weights="none")
+    monkeypatch.undo()
+    calls = {"n": 0}
+    validate = fit_mod._validate
+
+    def ctrl_c_in_epoch_3(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return validate(*args)
+
+    monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "cut", weights="none")
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert f"featcache train --resume --out {cut}" in getattr(stop.value, "hint", "")
+    metrics = json.loads((cut / "metrics.json").read_text())
+    assert metrics["finished"] is False and len(metrics["history"]) == 2 and "test" in metrics
+    assert all((cut / f).is_file() for f in ("curves.png", "history.csv", "head.safetensors"))
+    for a, b in zip(load_run(cut).head.state_dict().values(), two.head.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the best head of the finished epochs
+    with caplog.at_level("WARNING"):
+        export_run(cut, "pt", tmp_path / "m.pt")
+    assert "unfinished (interrupted after epoch 2 of 4)" in caplog.text and "--resume" in caplog.text
+    resumed = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, cut, resume=True, weights="none")
+    assert resumed.metrics["finished"] is True and json.loads((cut / "metrics.json").read_text())["finished"]
+    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
+    calls["n"] = 0
+    monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "c"))
+    argv = ["train", "torchvision:resnet18", "digits", "--weights", "none", "--limit", "200", "--layer"]
+    argv += ["layer2", "--input-size", "32", "32", "--epochs", "4", "--out", str(tmp_path / "cli"), "-q"]
+    assert main(argv) == 130
+    assert f"featcache train --resume --out {tmp_path / 'cli'}" in capsys.readouterr().err

@@ -56,10 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `featcache models | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        hint = getattr(exc, "hint", "")  # a training run written with its finished epochs says how to go on
         print(
-            "interrupted; the cache shards and training checkpoints finished so far are kept: run the same "
-            "command again (train/finetune with --resume) to go on from them",
+            f"interrupted; {hint}"
+            if hint
+            else "interrupted; the cache shards and training checkpoints finished so far are kept: run the "
+            "same command again (train/finetune with --resume) to go on from them",
             file=sys.stderr,
         )
         return 130

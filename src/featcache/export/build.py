@@ -16,6 +16,7 @@ class names, preprocessing, layer, pooling and versions.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from ..runs.finetune import load_finetuned
 from ..runs.folder import RunFolder
 from ..train.heads import HeadInfo
 from .model import ExportedModel, Network, Preprocess
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("pt", "torchscript", "onnx")
 SUFFIXES = {"pt": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
@@ -154,8 +157,17 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     """
     folder = RunFolder(run_dir)
     record = folder.read_config()
-    if record.kind == "finetune":
-        return _build_finetuned(folder.path, weights)
+    unfinished = folder.unfinished()
+    if unfinished:  # usable (the best finished epoch), but say so, and how to finish it
+        log.warning(unfinished)
+    build = _build_finetuned if record.kind == "finetune" else _build_head_run
+    model, info = build(folder, weights)
+    return model, replace(info, notes=(*info.notes, unfinished)) if unfinished else info
+
+
+def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+    """A head run: the backbone cut at the run's layer, the extraction's pooling, the trained head."""
+    record, run_dir = folder.read_config(), folder.path
     if record.layer is None:
         raise FeatcacheError(f"run config of {str(run_dir)!r} names no layer; export needs a head run")
     run_cfg = record.backbone
@@ -207,8 +219,9 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     return model, info
 
 
-def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+def _build_finetuned(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
     """A fine-tuned run exports whole: preprocessing -> the fine-tuned network's logits (nothing is cut)."""
+    run_dir = folder.path
 
     backbone, record = load_finetuned(run_dir, weights)
     extract, finetune = record.extract, record.verb["finetune"]["train"]

@@ -9,6 +9,7 @@ result so that the model's own resize is the identity; a tensor batch goes to th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from .build import ExportInfo, build_model, load_pt, read_info, sidecar_path
 if TYPE_CHECKING:
     from .build import ExportInfo
 
+log = logging.getLogger(__name__)
 ImageLike = Image.Image | np.ndarray
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -296,12 +298,17 @@ def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predic
         raise FileNotFoundError(f"{str(p)!r} is neither an exported model file nor a run folder")
     kind = _sniff(p)
     if kind == "onnx":
-        return Predictor(_onnx_runner(p, dev), _onnx_info(p), dev, uint8_only=True)
-    if kind == "torchscript":
+        predictor = Predictor(_onnx_runner(p, dev), _onnx_info(p), dev, uint8_only=True)
+    elif kind == "torchscript":
         runner, info = _torchscript(p, dev)
-        return Predictor(runner, info, dev)
-    model, info = load_pt(p)
-    return Predictor(_torch_runner(model, dev), info, dev)
+        predictor = Predictor(runner, info, dev)
+    else:
+        model, info = load_pt(p)
+        predictor = Predictor(_torch_runner(model, dev), info, dev)
+    for note in predictor.info.notes:
+        if "unfinished" in note:  # exported from an interrupted run: say how to finish it
+            log.warning("exported from an unfinished run: %s", note)
+    return predictor
 
 
 def _sniff(path: Path) -> str:

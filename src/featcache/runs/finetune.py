@@ -25,7 +25,7 @@ from ..data.samples import SampleSet
 from ..extract.build import extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
-from ..train.fit import fit, predict_logits
+from ..train.fit import TrainingInterrupted, fit, predict_logits
 from ..train.freeze import (
     FreezePlan,
     Suffix,
@@ -296,18 +296,21 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-    result = fit(
-        trained,
-        src["train"],
-        src.get("val"),
-        len(splits.classes),
-        spec.train,
-        spec.progress,
-        folder.checkpoint,
-        spec.resume,
-        param_groups=opt_groups,
-        train_mode=mode_fn,
-    )
+    try:
+        result = fit(
+            trained,
+            src["train"],
+            src.get("val"),
+            len(splits.classes),
+            spec.train,
+            spec.progress,
+            folder.checkpoint,
+            spec.resume,
+            param_groups=opt_groups,
+            train_mode=mode_fn,
+        )
+    except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+        result = stop.result
     metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
@@ -317,6 +320,8 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         logits = predict_logits(trained, src[test[0]])
         labels = torch.as_tensor(test[1].labels)
         folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes)
+    if not result.finished:
+        raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
 
 

@@ -332,6 +332,26 @@ class RunFolder:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self.path / name))
         default_mode(self.path / name)  # safetensors writes 0600; runs are shared like any output
 
+    def unfinished(self, verb: str | None = None) -> str:
+        """What to say about a run interrupted before its last epoch ("" for a finished run or one that
+        never trained by epochs): what it holds and the command that finishes it.
+
+        Example:
+            >>> RunFolder("runs/mnist").unfinished()  # doctest: +SKIP
+            'runs/mnist is unfinished (interrupted after epoch 3 of 30) ...'
+        """
+        metrics = self.read_metrics()
+        if metrics.get("finished", True):
+            return ""
+        record = self.read_config()
+        verb = verb or record.kind
+        epochs = (record.train or {}).get("epochs", "?")
+        return (
+            f"{self.path} is unfinished (interrupted after epoch {len(metrics.get('history', []))} of "
+            f"{epochs}): it holds the best {'head' if record.kind != 'finetune' else 'weights'} of the "
+            f"finished epochs; `featcache {verb} --resume --out {self.path}` finishes it"
+        )
+
     def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
         """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
         there is a test split)."""

@@ -28,7 +28,7 @@ from .._util import FeatcacheError, best_on_val
 from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
-from ..train.fit import TrainingDiverged
+from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
@@ -211,6 +211,12 @@ def _train_one(
     folder.write_metrics(metrics)
     folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
     write_mistakes(folder, head, feats, layer, cfg)
+    if not result.finished:
+        raise TrainingInterrupted(
+            result,
+            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); a sweep does "
+            "not resume: run it again with --overwrite",
+        )
     return {
         "shape": list(info.in_shape),
         "val_acc": metrics["val"]["acc"],

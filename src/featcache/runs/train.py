@@ -22,7 +22,7 @@ from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
-from ..train.fit import FitResult, evaluate, fit, predict_logits
+from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
@@ -43,6 +43,7 @@ def evaluate_splits(
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
         "fast_paths": result.extra,
+        "finished": result.finished,
     }
     for split in ("val", "test"):
         if sources.get(split) is not None:
@@ -104,7 +105,10 @@ def train_on_cache(
     sources: dict[str, FeatureSource] = {
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
-    result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
+    try:
+        result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
+    except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+        result = stop.result
     return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 
@@ -138,7 +142,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     if spec.resume:
         folder.check_resume(record, ("cache_keys", "view_keys", "train", "head"), "this command's settings")
     folder.write_config(record)
-    trained, info, _, metrics = train_on_cache(
+    trained, info, result, metrics = train_on_cache(
         feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
     )
     metrics["extract_seconds"] = extract_seconds
@@ -149,7 +153,10 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")
     write_mistakes(folder, trained, feats, layer, train)
-    return Run(folder.path, record, metrics, trained, info)
+    run = Run(folder.path, record, metrics, trained, info)
+    if not result.finished:
+        raise TrainingInterrupted(result, folder.unfinished("train"))
+    return run
 
 
 def _check_head_fits(

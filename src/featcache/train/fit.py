@@ -44,6 +44,7 @@ class FitResult:
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 0
+    finished: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -211,29 +212,38 @@ def fit(
             total=config.epochs,
             dynamic_ncols=True,
         )
-        for epoch in bar:
-            te = time.perf_counter()
-            (train_mode or nn.Module.train)(head)
-            losses = _train_epoch(
-                paths.train, step, sched, gen, config, epoch, progress and paths.train.streamed
-            )
-            row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
-            row.update(_validate(paths, num_classes))
-            run.end_epoch(epoch + 1, row, losses, head, config.monitor)
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}",
-                **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
-            )
-            if ckpt is not None:
-                run.save(ckpt, head, opt, sched, gen, device, config)
-            if run.stopped_early(config):
-                break
-            if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
-                break
+        interrupted = False
+        try:
+            for epoch in bar:
+                te = time.perf_counter()
+                (train_mode or nn.Module.train)(head)
+                losses = _train_epoch(
+                    paths.train, step, sched, gen, config, epoch, progress and paths.train.streamed
+                )
+                row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
+                row.update(_validate(paths, num_classes))
+                run.end_epoch(epoch + 1, row, losses, head, config.monitor)
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.3f}",
+                    **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
+                )
+                if ckpt is not None:
+                    run.save(ckpt, head, opt, sched, gen, device, config)
+                if run.stopped_early(config):
+                    break
+                if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: keep what the finished epochs trained (below), then say so
+            bar.close()
+            if not run.history:
+                raise
+            interrupted = True
     if run.best_state is not None:
         head.load_state_dict(run.best_state)
+    elif interrupted and ckpt is not None and ckpt.exists():  # the last finished epoch, not a half one
+        head.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True)["head"])
     head.eval()
-    return FitResult(
+    result = FitResult(
         run.history,
         run.step_losses,
         int(run.best_epoch),
@@ -243,7 +253,20 @@ def fit(
         resumed_from=start_epoch,
         extra=paths.record.as_dict(),
         batch_size=config.batch_for(len(train)),
+        finished=not interrupted,
     )
+    if interrupted:
+        raise TrainingInterrupted(result)
+    return result
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C after one epoch or more: ``result`` holds the finished epochs (``finished`` False) and the
+    head is left with the best of them, so the caller can write a usable, unfinished run."""
+
+    def __init__(self, result: FitResult, hint: str = "") -> None:
+        super().__init__(f"interrupted after epoch {len(result.history)}")
+        self.result, self.hint = result, hint
 
 
 class TrainingDiverged(FeatcacheError):

@@ -114,11 +114,13 @@ def add_config(
     rename: Mapping[str, str] | None = None,
     only: Sequence[str] | None = None,
     required: Sequence[str] = (),
+    optional: Sequence[str] = (),
 ) -> None:
     """Add a flag per field of the dataclass ``cls`` (``--kebab-name``, or ``rename[field]``).
 
     A field whose flag the parser already has (``--device`` of both the extraction and the trainer)
-    shares it. ``rename`` to a name without dashes makes a positional argument.
+    shares it. ``rename`` to a name without dashes makes a positional argument (one that may be left
+    out when its field is in ``optional``: ``train --resume`` reads it from the run).
 
     Example:
         >>> p = argparse.ArgumentParser()
@@ -148,6 +150,8 @@ def add_config(
             kw["required"], kw["help"] = True, text
         if flag.startswith("-"):
             action = p.add_argument(flag, dest=dest, default=default, **kw)
+        elif f.name in optional:  # a positional that --resume reads from the run
+            action = p.add_argument(flag, **{**kw, "help": text, "nargs": "?", "default": None})
         else:  # positional: required, no default to show
             action = p.add_argument(flag, **{**kw, "help": text})
         action.featcache_field = (cls, f.name)  # type: ignore[attr-defined]

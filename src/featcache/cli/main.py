@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not exc.code:
             raise  # --help
         return int(exc.code)
+    a._given = parser.given(sys.argv[1:] if argv is None else argv)  # what --resume checks against the run
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="featcache: %(message)s")
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.verb != "extract":

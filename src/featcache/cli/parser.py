@@ -6,7 +6,7 @@ import argparse
 import difflib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from .._version import __version__
@@ -45,6 +45,7 @@ EXAMPLES = {
 def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         name,
+        allow_abbrev=False,  # an option is given only as written (what --resume checks against the run)
         help=help,
         description=help,
         epilog=f"example:\n  {EXAMPLES[name]}",
@@ -60,13 +61,20 @@ def _arg_default(fn: Callable[..., Any], name: str) -> Any:
     return inspect.signature(fn).parameters[name].default
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME, timm:NAME, hf:REPO_OR_DIR, efficientnet-lite0 ...")
+def _model_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
+    """MODEL (which ``--resume`` may leave out: the run's config.json names it) and ``--weights``."""
+    text = "torchvision:NAME, timm:NAME, hf:REPO_OR_DIR, efficientnet-lite0 ..."
+    if resumable:
+        p.add_argument("model", nargs="?", default=None, help=f"{text} (with --resume: the run's)")
+    else:
+        p.add_argument("model", help=text)
     add_config(p, RunSpec, only=["weights"])
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    add_config(p, DataConfig, rename={"spec": "data", "seed": "--split-seed"})
+def _data_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
+    add_config(
+        p, DataConfig, rename={"spec": "data", "seed": "--split-seed"}, optional=["spec"] if resumable else ()
+    )
 
 
 def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
@@ -113,6 +121,12 @@ class _Parser(argparse.ArgumentParser):
                 message += f" ({'; '.join(hints)})"
         super().error(message)
 
+    def given(self, argv: Sequence[str]) -> set[str]:
+        """The destinations of the options written in ``argv`` (not left at their defaults)."""
+        verb = next((a for a in argv if a in self._verbs()), None)
+        options = self._verbs()[verb]._option_string_actions if verb else {}
+        return {options[t.split("=")[0]].dest for t in argv if t.split("=")[0] in options}
+
     def _verbs(self) -> dict[str, argparse.ArgumentParser]:
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -120,7 +134,7 @@ class _Parser(argparse.ArgumentParser):
         return {}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """The argument parser of every verb."""
     parser = _Parser(
         prog="featcache",
@@ -176,8 +190,8 @@ def _cache_verbs(sub: Any) -> None:
 def _head_verbs(sub: Any) -> None:
     layer = _arg_default(train_run, "layer")
     p = _parser(sub, "train", "train a head on cached features and write a run folder")
-    _model_args(p)
-    _data_args(p)
+    _model_args(p, resumable=True)
+    _data_args(p, resumable=True)
     p.add_argument("--layer", default=layer, help=f"the layer the head trains on (default: {layer})")
     add_config(p, HeadSpec, rename={"kind": "--head"})
     _extract_args(p, "--extract-batch-size")
@@ -214,8 +228,8 @@ def _finetune_verb(sub: Any) -> None:
     p = _parser(
         sub, "finetune", "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid"
     )
-    _model_args(p)
-    _data_args(p)
+    _model_args(p, resumable=True)
+    _data_args(p, resumable=True)
     add_config(p, FinetuneConfig)
     _extract_args(p, "--extract-batch-size")
     add_config(p, TrainConfig)

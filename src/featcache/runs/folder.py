@@ -82,6 +82,7 @@ class RunRecord:
         weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
         layer: the layer a head trained on (None for a fine-tuned network).
         cache_keys / view_keys: the cache entries the run read.
+        cache_dir: the cache root given to the run (None: the default one).
         head / train: the head spec and trainer settings as dicts.
         verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
             at the top level of ``config.json``.
@@ -103,6 +104,7 @@ class RunRecord:
     layer: str | None = None
     cache_keys: dict[str, str] = field(default_factory=dict)
     view_keys: tuple[str, ...] = ()
+    cache_dir: str | None = None
     head: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     verb: dict[str, Any] = field(default_factory=dict)

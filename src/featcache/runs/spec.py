@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .._config import to_json
+from .._config import from_json, to_json
 from .._util import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import CachedFeatures
@@ -64,6 +64,32 @@ class RunSpec:
     def __post_init__(self) -> None:
         if isinstance(self.data, str):  # a bare dataset spec is the common case from Python
             object.__setattr__(self, "data", DataConfig(self.data))
+
+    @classmethod
+    def from_run(cls, out: str | Path, **given: Any) -> tuple[RunSpec, RunRecord]:
+        """The spec of the run in ``out``, read from its ``config.json``, to resume it with nothing
+        retyped; ``given`` fields win (the job still checks them against the run when it resumes).
+
+        Returns the spec (with ``resume``) and the run's record (its layer, head, fine-tuning plan).
+
+        Example:
+            >>> spec, record = RunSpec.from_run("runs/mnist")  # doctest: +SKIP
+            >>> run = train_run(spec, record.layer, HeadSpec(**record.head))  # doctest: +SKIP
+        """
+        record = RunFolder(out).read_config()
+        ex = record.extract
+        spec = cls(
+            record.model,
+            from_json(DataConfig, record.data),
+            out,
+            record.weights_arg,
+            record.extract_config(),
+            from_json(TrainConfig, record.train or {}),
+            Views(int(ex["views"]), ex["augment"]) if ex.get("views") else None,
+            cache_dir=record.cache_dir,
+            resume=True,
+        )
+        return replace(spec, **given), record
 
     def backbone(self) -> Backbone:
         """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
@@ -166,5 +192,6 @@ class RunSpec:
             cache_keys={k: v.key for k, v in feats.items()},
             view_keys=tuple(v.key for v in views),
             verb=verb,
+            cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
             **typed,
         )

@@ -15,6 +15,7 @@ from featcache.backbones.registry import Backbone, load_backbone
 from featcache.cache.store import FeatureCache
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
+from featcache.export.predict import load_predictor
 from featcache.extract.config import ExtractConfig
 from featcache.runs.folder import load_run
 from featcache.runs.spec import RunSpec
@@ -179,3 +180,30 @@ def test_on_a_small_training_split_the_sweep_chooses_a_layer_as_good_as_the_best
         reference[layer] = model.score(scale.transform(x_test), feats["test"].labels)
     assert reference[res.best["layer"]] >= max(reference.values()) - 0.02, (res.best["layer"], reference)
     assert res.best["test_acc"] >= max(r["test_acc"] for r in res.rows) - 0.02
+
+
+def test_export_and_predict_take_a_sweep_folder_and_use_its_chosen_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = RunSpec("torchvision:resnet18", DATA, tmp_path / "s", "none", ECFG, replace(BASE, epochs=2),
+                   cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
+    res = sweep_run(spec, SweepGrid(("layer2", "layer3"), lrs=(1e-3, 1e-2)))
+    chosen = res.out / res.best["run"]
+    images = torch.randint(0, 256, (3, 40, 36, 3), dtype=torch.uint8)
+    want = load_predictor(chosen, device="cpu").logits(images)
+    torch.testing.assert_close(load_predictor(res.out, device="cpu").logits(images), want)
+    assert load_run(res.out).dir == chosen
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "c"))
+    assert main(["export", str(res.out), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert f"is a sweep: using its chosen run {res.best['run']} (layer {res.best['layer']}" in out
+    assert (chosen / "model.onnx").is_file()
+    torch.testing.assert_close(
+        load_predictor(chosen / "model.onnx").logits(images), want, rtol=1e-4, atol=1e-4
+    )
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(images[0].numpy()).save(folder / "a.png")
+    assert main(["predict", str(res.out), str(folder), "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "using its chosen run" in captured.err and json.loads(captured.out)[0]["top"]

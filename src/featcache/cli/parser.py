@@ -240,13 +240,13 @@ def _output_verbs(sub: Any) -> None:
     p = _parser(
         sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images"
     )
-    p.add_argument("run", help="run folder written by `featcache train` / `finetune`")
+    p.add_argument("run", help="run folder (train, finetune, probe --out), or a sweep folder: its chosen run")
     p.add_argument("--format", default="pt", help="pt | torchscript | onnx (default: pt)")
     p.add_argument("--out", default=None, help="output file (default: RUN/model.<ext>)")
     p.add_argument("--weights", default=None, help="weights to rebuild the backbone with if the run's cannot")
 
     p = _parser(sub, "predict", "predict classes of image files with an exported model or a run folder")
-    p.add_argument("model", help="exported model file or run folder")
+    p.add_argument("model", help="exported model file, run folder, or sweep folder (its chosen run)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")

@@ -143,7 +143,8 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     """Build the exported model of a run folder in memory (eval mode, on the CPU).
 
     Args:
-        run_dir: a folder written by :func:`featcache.runs.train_run`.
+        run_dir: a folder written by :func:`featcache.runs.train_run` (or ``finetune_run``, ``probe_run``),
+            or a sweep folder (its chosen run).
         weights: weights to rebuild the backbone with (a tag or path) when the run's own
             ``weights_arg`` cannot (e.g. the run got a ``Backbone`` object); default: the run's.
 
@@ -155,14 +156,15 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
         >>> info.classes[:3]  # doctest: +SKIP
         ('0', '1', '2')
     """
-    folder = RunFolder(run_dir)
+    folder, chosen = RunFolder.resolve(run_dir)  # a sweep folder: the run it chose
     record = folder.read_config()
     unfinished = folder.unfinished()
     if unfinished:  # usable (the best finished epoch), but say so, and how to finish it
         log.warning(unfinished)
     build = _build_finetuned if record.kind == "finetune" else _build_head_run
     model, info = build(folder, weights)
-    return model, replace(info, notes=(*info.notes, unfinished)) if unfinished else info
+    notes = tuple(n for n in (chosen, unfinished) if n)
+    return model, replace(info, notes=(*info.notes, *notes)) if notes else info
 
 
 def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .._util import FeatcacheError, default_mode, unknown, write_json
 from ..backbones.preprocessing import Preprocessing
+from ..runs.folder import RunFolder
 from .build import (
     FORMATS,
     INPUT_CONVENTION,
@@ -95,7 +96,7 @@ def export_run(
     if format not in FORMATS:
         raise unknown("export format", format, FORMATS, "Use --format pt|torchscript|onnx.")
     model, info = build_model(run_dir, weights)
-    path = Path(out) if out is not None else Path(run_dir) / f"model{SUFFIXES[format]}"
+    path = Path(out) if out is not None else RunFolder.resolve(run_dir)[0].path / f"model{SUFFIXES[format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     convention = ONNX_INPUT_CONVENTION if format == "onnx" else INPUT_CONVENTION
     notes = info.notes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import platform
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +35,8 @@ from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
 from .report import plot_confusion, plot_curves
+
+log = logging.getLogger(__name__)
 
 KINDS = ("train", "finetune", "probe", "sweep")
 # Files a run writes; an --overwrite removes them all before the new run writes anything, so a killed
@@ -216,6 +219,27 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+    @classmethod
+    def resolve(cls, path: str | Path) -> tuple[RunFolder, str]:
+        """The run folder at ``path``; for a sweep folder, the run it chose, and a line saying so ("" for
+        a run folder), so export, predict and load_run take either.
+
+        Example:
+            >>> folder, note = RunFolder.resolve("runs/sweep")  # doctest: +SKIP
+            >>> note  # doctest: +SKIP
+            "runs/sweep is a sweep: using its chosen run 03-blocks.4 (layer blocks.4, val acc 0.946)"
+        """
+        folder = cls(path)
+        sweep = folder.path / "sweep.json"
+        if (folder.path / "config.json").is_file() or not sweep.is_file():
+            return folder, ""
+        best = json.loads(sweep.read_text())["best"]
+        note = (
+            f"{folder.path} is a sweep: using its chosen run {best['run']} (layer {best['layer']}, val acc "
+            f"{best['val_acc']:.4g}, chosen on the validation split)"
+        )
+        return cls(folder.path / best["run"]), note
 
     @property
     def checkpoint(self) -> Path:
@@ -442,12 +466,14 @@ def _scores(metrics: Mapping[str, Any]) -> str:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Load a run folder: config, metrics and the trained head.
+    """Load a run folder (or a sweep folder's chosen run): config, metrics and the trained head.
 
     Example:
         >>> run = load_run("runs/mnist")  # doctest: +SKIP
         >>> run.metrics["test"]["acc"]  # doctest: +SKIP
     """
-    folder = RunFolder(run_dir)
+    folder, note = RunFolder.resolve(run_dir)
+    if note:
+        log.info(note)
     head, info = folder.load_head()
     return Run(folder.path, folder.read_config(), folder.read_metrics(), head, info)

@@ -172,7 +172,7 @@ def test_probe_writes_a_run_that_export_and_predict_take(
     result = json.loads(out)
     assert result["strength"] in (0.001, 0.1) and [r["strength"] for r in result["sweep"]] == [0.001, 0.1]
     assert json.loads((tmp_path / "probe" / "metrics.json").read_text())["test"] == result["test"]
-    code, out, _ = run(capsys, "export", out_dir, "--format", "pt")
+    code, out, _ = run(capsys, "export", out_dir, "--format", "safetensors")
     assert code == 0 and "exported" in out
     images = tmp_path / "images"
     images.mkdir()

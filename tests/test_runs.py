@@ -482,7 +482,7 @@ def test_ctrl_c_leaves_a_usable_unfinished_run_that_resume_finishes(
     for a, b in zip(load_run(cut).head.state_dict().values(), two.head.state_dict().values()):
         torch.testing.assert_close(a, b)  # the best head of the finished epochs
     with caplog.at_level("WARNING"):
-        export_run(cut, "pt", tmp_path / "m.pt")
+        export_run(cut, "safetensors", tmp_path / "m.safetensors")
     assert "unfinished (interrupted after epoch 2 of 4)" in caplog.text and "--resume" in caplog.text
     resumed = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, cut, resume=True, weights="none")
     assert resumed.metrics["finished"] is True and json.loads((cut / "metrics.json").read_text())["finished"]

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from ..data.samples import image_paths
+from ..export.build import read_info
 from ..export.predict import load_predictor
-from ..export.save import export_run
+from ..export.save import export_run, load_hint
 from ..runs.folder import RunFolder
 from ..tools.bench import run_bench
 from ..tools.demo import run_demo
@@ -19,7 +20,9 @@ def cmd_export(a: argparse.Namespace) -> None:
     note = RunFolder.resolve(a.run)[1]
     if note:
         print(note)
-    print(f"exported {export_run(a.run, a.format, a.out, weights=a.weights)}")
+    path = export_run(a.run, a.format, a.out, weights=a.weights)
+    print(f"exported {path}")
+    print(load_hint(path, read_info(path)))
 
 
 def cmd_predict(a: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from .._version import __version__
 from ..data.config import DataConfig
+from ..export.build import FORMATS
 from ..extract.build import extract
 from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig
@@ -35,7 +36,7 @@ EXAMPLES = {
     "--lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep",
     "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
     "finetune": "featcache finetune torchvision:resnet18 ./pets --train last:1 --epochs 5 --out runs/ft",
-    "export": "featcache export runs/mnist --format onnx --out mnist.onnx",
+    "export": "featcache export runs/mnist   |   featcache export runs/mnist --format onnx --out mnist.onnx",
     "predict": "featcache predict runs/mnist ./images --top-k 3",
     "demo": "featcache demo --quick",
     "bench": "featcache bench --quick --out bench.json",
@@ -241,8 +242,14 @@ def _output_verbs(sub: Any) -> None:
         sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images"
     )
     p.add_argument("run", help="run folder (train, finetune, probe --out), or a sweep folder: its chosen run")
-    p.add_argument("--format", default="pt", help="pt | torchscript | onnx (default: pt)")
-    p.add_argument("--out", default=None, help="output file (default: RUN/model.<ext>)")
+    p.add_argument(
+        "--format",
+        default=FORMATS[0],
+        help="torchscript (loads with torch alone, any image size) | pt2 (torch.export: torch alone, images "
+        "at the input size) | onnx (onnxruntime alone) | safetensors (featcache's own) "
+        f"(default: {FORMATS[0]})",
+    )
+    p.add_argument("--out", default=None, help="output file (default: RUN/model.ts|.pt2|.onnx|.safetensors)")
     p.add_argument("--weights", default=None, help="weights to rebuild the backbone with if the run's cannot")
 
     p = _parser(sub, "predict", "predict classes of image files with an exported model or a run folder")

@@ -7,10 +7,11 @@ The exported model takes raw images and returns logits. Its input (see :data:`IN
   fixed-point uint8 kernel, emulated bit for bit), then scaled and normalised;
 - ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
 
-Formats: ``pt`` (a safetensors file of the truncated weights + a JSON sidecar; loading rebuilds the
-structure with featcache, no pickle), ``torchscript`` and ``onnx`` (self-contained: no featcache needed
-to run them; ONNX takes the uint8 convention only). Every file gets a sidecar ``<file>.json`` with the
-class names, preprocessing, layer, pooling and versions.
+Formats (:data:`FORMATS`): ``torchscript`` (the default) and ``pt2`` (``torch.export``) load with torch
+alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only); ``pt2`` takes images already resized
+to the input size (its program has fixed height and width); ``safetensors`` is featcache's own (the
+truncated weights + a JSON sidecar; loading rebuilds the structure with featcache, no pickle). Every file
+gets a sidecar ``<file>.json`` with the class names, preprocessing, layer, pooling and versions.
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ from .model import ExportedModel, Network, Preprocess
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("pt", "torchscript", "onnx")
-SUFFIXES = {"pt": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
+#: export formats, the default first: files that load with torch alone (TorchScript, torch.export),
+#: ONNX Runtime, and featcache's own (safetensors weights, rebuilt by featcache without pickle)
+FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
+SUFFIXES = {"torchscript": ".ts", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 INPUT_CONVENTION = (
     "uint8 (N, H, W, C) RGB 0-255 or float32 (N, C, H, W) in [0, 1], any H and W; returns logits (N, classes)"
 )
 ONNX_INPUT_CONVENTION = "uint8 (N, H, W, C) RGB 0-255, any N, H and W; returns logits (N, classes)"
+PT2_INPUT_CONVENTION = (
+    "uint8 (N, {h}, {w}, {c}) RGB 0-255, images already resized as the run's preprocessing says ({resize}); "
+    "any N; returns logits (N, classes)"
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,8 @@ class ExportInfo:
     """Everything that travels with an exported model (the JSON sidecar and the file's metadata).
 
     Attributes:
-        format: ``pt``, ``torchscript`` or ``onnx`` (``memory`` for a model built from a run folder).
+        format: one of :data:`FORMATS` (``memory`` for a model built from a run folder; ``pt`` in files
+            written before the formats were named for what they are: ``safetensors``).
         model: backbone spec; ``weights``/``weights_id``: the weights the head was trained on.
         layer: the cached layer; ``pool``: pooling at extraction; ``storage_dtype``: the cache dtype.
         classes: class names, in logit order.
@@ -255,10 +263,10 @@ def _build_finetuned(folder: RunFolder, weights: str | None) -> tuple[ExportedMo
 
 
 def rebuild_model(info: ExportInfo) -> ExportedModel:
-    """The structure of an exported ``pt`` model with random weights (load its state dict next).
+    """The structure of an exported ``safetensors`` model with random weights (load its state dict next).
 
     Example:
-        >>> model = rebuild_model(read_info("model.pt"))  # doctest: +SKIP
+        >>> model = rebuild_model(read_info("model.safetensors"))  # doctest: +SKIP
     """
     backbone = load_backbone(info.model, "none")
     pre = info.preprocessing
@@ -307,11 +315,12 @@ def read_info(path: str | Path) -> ExportInfo:
     return ExportInfo.from_dict(json.loads(side.read_text()))
 
 
-def load_pt(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
-    """Load a ``pt`` export: rebuild the structure with featcache, then load the safetensors strictly.
+def load_safetensors(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
+    """Load a ``safetensors`` export (or a ``model.pt`` of older versions, the same content): rebuild the
+    structure with featcache, then load the weights strictly.
 
     Example:
-        >>> model, info = load_pt("runs/mnist/model.pt")  # doctest: +SKIP
+        >>> model, info = load_safetensors("runs/mnist/model.safetensors")  # doctest: +SKIP
     """
 
     path = Path(path)

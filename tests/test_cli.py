@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_python
 from featcache.backbones.registry import load_backbone
 from featcache.cli.main import COMMANDS, main
 
@@ -240,3 +241,43 @@ def test_resume_needs_only_the_run_folder_and_checks_what_is_written(
     assert not list((tmp_path / "cache").glob("*"))  # the run's own --cache-dir was read from the run
     code, _, err = run(capsys, "train", "--out", str(tmp_path / "x"))
     assert code == 2 and "needs MODEL and DATA" in err and "--resume" in err
+
+
+STARTUP = r"""
+import json, sys
+from featcache.cli import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+    except SystemExit:  # --help, --version
+        pass
+heavy = ("torch", "torchvision", "timm", "numpy", "matplotlib", "PIL", "safetensors")
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(heavy))))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "allowed"),
+    [
+        ([["--help"], ["--version"], ["cache", "--help"], ["models", "--help"]], []),
+        # The store itself needs torch (and numpy); nothing of the backbones, data or plots is loaded.
+        ([["cache", "ls", "--cache-dir", "{tmp}"]], ["numpy", "torch"]),
+    ],
+)
+def test_the_command_line_starts_without_what_it_does_not_need(
+    argv: list[list[str]], allowed: list[str], tmp_path: Path
+) -> None:
+    argv = [[a.format(tmp=tmp_path) for a in args] for args in argv]
+    loaded = json.loads(run_python(STARTUP, json.dumps(argv)).stdout.splitlines()[-1])
+    assert loaded == allowed
+
+
+def test_every_public_name_imports_from_the_lazy_package() -> None:
+    code = (
+        "import sys, featcache; assert 'torch' not in sys.modules\n"
+        "from featcache import *  # noqa\n"
+        "from featcache.extract.build import extract as the_function  # the subpackage is loaded now\n"
+        "assert featcache.extract is the_function  # and featcache.extract is still the function\n"
+        "print(sorted(n for n in featcache.__all__ if getattr(featcache, n) is None))"
+    )
+    assert run_python(code).stdout.strip() == "[]"

@@ -13,7 +13,7 @@ from ..export.save import export_run, load_hint
 from ..runs.folder import RunFolder
 from ..tools.bench import run_bench
 from ..tools.demo import run_demo
-from .models import print_json
+from .show import print_json
 
 
 def cmd_export(a: argparse.Namespace) -> None:

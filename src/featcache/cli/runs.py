@@ -7,20 +7,20 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from .._config import from_json
+from .._format import format_table
 from .._util import FeatcacheError
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import RunRecord
 from ..runs.probe import ProbeConfig, probe_run
-from ..runs.report import format_table
 from ..runs.spec import RunSpec
 from ..runs.sweep import SweepGrid, sweep_run
 from ..runs.train import train_run
 from ..train.config import TrainConfig
 from ..train.heads import HeadSpec
 from .flags import from_args
-from .models import print_json
+from .show import print_json
 
 T = TypeVar("T")
 

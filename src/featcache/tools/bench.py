@@ -7,7 +7,10 @@ and a table. Benchmarks are not tests: the suite only checks that ``bench --quic
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -386,6 +389,30 @@ class _Bench:
             "detail": f"suffix forward MACs = {cost:.3f} of the whole network; expected (1 + 2s) / 3s",
         }
 
+    def startup(self) -> list[dict[str, Any]]:
+        """Seconds to start ``featcache --help`` (the parser alone) and ``featcache cache ls`` (the store,
+        which needs torch), each in a new process, beside Python itself and Python importing torch."""
+        src = str(Path(__file__).resolve().parents[2])  # this featcache, not another one on the path
+        env = {**os.environ, "PYTHONPATH": src, "FEATCACHE_HOME": str(self.tmp / "empty-cache")}
+
+        def timed(*args: str) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, *args], env=env, capture_output=True, check=True)
+                return time.perf_counter() - t0
+
+            return run
+
+        rows = []
+        for argv, (label, base) in (
+            (("--help",), ("python -c pass", ("-c", "pass"))),
+            (("cache", "ls"), ("python -c 'import torch'", ("-c", "import torch"))),
+        ):
+            cmd, ref = _interleaved(timed("-m", "featcache", *argv), timed(*base), self.repeats)
+            name = f"start-up: featcache {' '.join(argv)} (baseline: {label})"
+            rows.append(_row(name, cmd, ref, None, ("featcache", label)))
+        return rows
+
     def cache_hit(self) -> dict[str, Any]:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""
         cache_dir = self.fresh_cache()
@@ -436,7 +463,16 @@ class _Bench:
         return [_row(name, runs["bf16+channels_last"], runs["fp32"], 1.0, ("bf16", "fp32"), per=10 * len(x))]
 
 
-BENCHMARKS = ("e2e", "extract_vs_bare", "files_vs_tensors", "trainer", "finetune", "cache_hit", "gpu")
+BENCHMARKS = (
+    "e2e",
+    "extract_vs_bare",
+    "files_vs_tensors",
+    "trainer",
+    "finetune",
+    "cache_hit",
+    "startup",
+    "gpu",
+)
 
 
 def run_bench(

@@ -203,15 +203,8 @@ def fit(
     # A run that early stopping already ended stays ended when resumed.
     end = start_epoch if run.stopped_early(config) else config.epochs
     with _seeded_rng(config.seed, device, run):
-        bar = tqdm(
-            range(start_epoch, end),
-            desc="train",
-            unit="epoch",
-            disable=not progress,
-            initial=start_epoch,
-            total=config.epochs,
-            dynamic_ncols=True,
-        )
+        bar = tqdm(range(start_epoch, end), "train", config.epochs, initial=start_epoch, unit="epoch",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
         interrupted = False
         try:
             for epoch in bar:
@@ -238,11 +231,7 @@ def fit(
             if not run.history:
                 raise
             interrupted = True
-    if run.best_state is not None:
-        head.load_state_dict(run.best_state)
-    elif interrupted and ckpt is not None and ckpt.exists():  # the last finished epoch, not a half one
-        head.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True)["head"])
-    head.eval()
+    run.restore_best(head, ckpt if interrupted else None, device)
     result = FitResult(
         run.history,
         run.step_losses,
@@ -333,6 +322,15 @@ class _Progress:
             state["torch_rng"],
             state.get("cuda_rng"),
         )
+
+    def restore_best(self, head: nn.Module, checkpoint: Path | None, device: torch.device) -> None:
+        """Put the best epoch's state in ``head`` (without validation: the last epoch's, which a run
+        interrupted mid-epoch reads from its ``checkpoint``); eval mode."""
+        if self.best_state is not None:
+            head.load_state_dict(self.best_state)
+        elif checkpoint is not None and checkpoint.exists():  # the last finished epoch, not a half one
+            head.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["head"])
+        head.eval()
 
     def stopped_early(self, config: TrainConfig) -> bool:
         """Whether early stopping ends the run here."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import run_python
 from featcache.backbones.registry import load_backbone
 from featcache.cache.store import FeatureCache
 from featcache.cli.main import COMMANDS, main
@@ -219,7 +222,7 @@ def test_probe_writes_a_run_that_export_and_predict_take(
     result = json.loads(out)
     assert result["strength"] in (0.001, 0.1) and [r["strength"] for r in result["sweep"]] == [0.001, 0.1]
     assert json.loads((tmp_path / "probe" / "metrics.json").read_text())["test"] == result["test"]
-    code, out, _ = run(capsys, "export", out_dir, "--format", "pt")
+    code, out, _ = run(capsys, "export", out_dir, "--format", "safetensors")
     assert code == 0 and "exported" in out
     images = tmp_path / "images"
     images.mkdir()
@@ -247,3 +250,83 @@ def test_train_on_cached_augmented_views(
     assert code == 2 and "unknown augmentation" in err and "flip" in err
     code, _, err = run(capsys, *base[:-4], "--augment", "flip", "--out", str(tmp_path / "y"))
     assert code == 2 and "needs --views" in err  # not silently ignored
+
+
+def test_resume_needs_only_the_run_folder_and_checks_what_is_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    fit_mod = importlib.import_module("featcache.train.fit")
+    validate, calls = fit_mod._validate, {"n": 0}
+
+    def ctrl_c_in_epoch_3(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return validate(*args)
+
+    flags = [*tiny_resnet_on_digits(150), "--epochs", "4", "--lr", "3e-3", "-q", "--cache-dir"]
+    flags += [str(tmp_path / "c")]
+    for verb, extra in (
+        ("train", ["--layer", "layer3", "--head", "mlp"]),
+        ("finetune", ["--train", "last:1"]),
+    ):
+        assert run(capsys, verb, *flags, *extra, "--out", str(tmp_path / f"{verb}-full"))[0] == 0
+        calls["n"] = 0
+        monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
+        out = str(tmp_path / verb)
+        assert run(capsys, verb, *flags, *extra, "--out", out)[0] == 130
+        monkeypatch.undo()
+        monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+        code, _, err = run(capsys, verb, "--resume", "--out", out, "--lr", "0.5")
+        assert code == 2 and "train.lr: 0.003 -> 0.5" in err  # a written flag is checked against the run
+        code, _, err = run(capsys, verb, "--resume", "--out", out, "--epochs", "4", "-q")  # the same: fine
+        assert code == 0, err
+        full, resumed = (
+            json.loads((tmp_path / d / "metrics.json").read_text()) for d in (f"{verb}-full", verb)
+        )
+        assert resumed["finished"] and len(resumed["history"]) == 4
+        np.testing.assert_allclose(resumed["step_losses"], full["step_losses"], rtol=1e-5)
+    assert not list((tmp_path / "cache").glob("*"))  # the run's own --cache-dir was read from the run
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "x"))
+    assert code == 2 and "needs MODEL and DATA" in err and "--resume" in err
+
+
+STARTUP = r"""
+import json, sys
+from featcache.cli import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+    except SystemExit:  # --help, --version
+        pass
+heavy = ("torch", "torchvision", "timm", "numpy", "matplotlib", "PIL", "safetensors")
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(heavy))))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "allowed"),
+    [
+        ([["--help"], ["--version"], ["cache", "--help"], ["models", "--help"]], []),
+        # The store itself needs torch (and numpy); nothing of the backbones, data or plots is loaded.
+        ([["cache", "ls", "--cache-dir", "{tmp}"]], ["numpy", "torch"]),
+    ],
+)
+def test_the_command_line_starts_without_what_it_does_not_need(
+    argv: list[list[str]], allowed: list[str], tmp_path: Path
+) -> None:
+    argv = [[a.format(tmp=tmp_path) for a in args] for args in argv]
+    loaded = json.loads(run_python(STARTUP, json.dumps(argv)).stdout.splitlines()[-1])
+    assert loaded == allowed
+
+
+def test_every_public_name_imports_from_the_lazy_package() -> None:
+    code = (
+        "import sys, featcache; assert 'torch' not in sys.modules\n"
+        "from featcache import *  # noqa\n"
+        "from featcache.extract.build import extract as the_function  # the subpackage is loaded now\n"
+        "assert featcache.extract is the_function  # and featcache.extract is still the function\n"
+        "print(sorted(n for n in featcache.__all__ if getattr(featcache, n) is None))"
+    )
+    assert run_python(code).stdout.strip() == "[]"

@@ -16,6 +16,8 @@ from PIL import Image
 from conftest import random_image, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import BackboneCfg
+from featcache.cli import main
+from featcache.data.config import DataConfig
 from featcache.data.datasets import builtin_samples, load_dataset, stratified_split
 from featcache.data.preprocess import PreprocessedView, to_model_input
 from featcache.data.samples import ArraySamples, BadImageError, image_paths, read_image
@@ -358,3 +360,12 @@ def test_limit_applies_to_every_kind_of_dataset(tmp_path: Path) -> None:
     assert set(cut.train.labels.tolist()) == {0, 1} and set(cut.train.ids) <= set(full.train.ids)
     with pytest.raises(FeatcacheError, match="--limit 0"):
         load_dataset("digits", limit=0)
+
+
+def test_a_one_class_dataset_is_refused_before_any_work(tmp_path: Path) -> None:
+    write_tree(tmp_path / "one", classes=("cat",), per_class=4)
+    with pytest.raises(FeatcacheError, match=r"one class, 'cat': a classifier needs at least two.*folder"):
+        DataConfig(str(tmp_path / "one")).load()
+    assert main(["train", "torchvision:resnet18", str(tmp_path / "one"), "--weights", "none", "--out",
+                 str(tmp_path / "run"), "-q"]) == 2  # fmt: skip
+    assert not (tmp_path / "run" / "config.json").exists()

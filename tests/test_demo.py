@@ -36,3 +36,15 @@ def test_bench_quick_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFix
     for r in doc["results"]:
         assert r["ratio"] > 0 and "target" in r
     assert doc["environment"]["torch"]
+
+
+def test_bench_refuses_unknown_names_and_writes_no_file_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--only", "nonsense,e2e"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nonsense'" in err and "cache_hit" in err
+    assert main(["bench", "--quick", "-q", "--only", "cache_hit"]) == 0
+    assert "cache hit" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # nothing written to the current directory

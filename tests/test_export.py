@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
 from featcache.train.heads import HeadSpec
 
-FORMATS = ("pt", "torchscript", "onnx")
+FORMATS = ("safetensors", "torchscript", "onnx")
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=16, device="cpu")  # float32 even where CUDA is
 FAST = TrainConfig(epochs=5, lr=1e-2, device="cpu")
 
@@ -96,7 +98,7 @@ def pipeline_logits(run: Run, backbone: Backbone, samples: SampleSet, cache_dir:
         return run.head(pipeline_feats(run, backbone, samples, cache_dir))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [*FORMATS, "pt2"])
 @pytest.mark.parametrize("layer", ["layer3", "penultimate"])
 def test_exported_logits_match_the_cached_pipeline(runs: dict[str, Any], layer: str, fmt: str) -> None:
     run = runs[layer]
@@ -131,7 +133,7 @@ def test_a_probe_run_folder_exports_and_predicts_like_the_probe(runs: dict[str, 
     want = pipeline_logits(run, bb, test, runs["cache"])
     with torch.no_grad():
         torch.testing.assert_close(want, res.head(pipeline_feats(run, bb, test, runs["cache"])))
-    predictor = load_predictor(export_run(out, "pt"), device="cpu")
+    predictor = load_predictor(export_run(out, "safetensors"), device="cpu")
     assert_same_logits(predictor.logits([test.load(i) for i in range(len(test))]), want)
 
 
@@ -139,7 +141,7 @@ def test_a_probe_run_folder_exports_and_predicts_like_the_probe(runs: dict[str, 
 def test_export_holds_nothing_after_the_layer(runs: dict[str, Any]) -> None:
     run, root = runs["layer3"], runs["root"]
     after = re.compile(r"(^|\.)(layer4|fc)\.")
-    with safe_open(str(export_run(run.dir, "pt", root / "l3.pt")), "pt") as f:
+    with safe_open(str(export_run(run.dir, "safetensors", root / "l3.safetensors")), "pt") as f:
         keys = list(f.keys())
         meta = json.loads(f.metadata()["featcache"])
     assert any("layer3.1.conv2" in k for k in keys) and not [k for k in keys if after.search(k)]
@@ -233,7 +235,7 @@ def test_predict_files_reports_a_corrupt_file(
 
 def test_predict_accepts_pil_arrays_and_tensors(runs: dict[str, Any]) -> None:
     run = runs["layer3"]
-    predictor = load_predictor(export_run(run.dir, "pt", runs["root"] / "inputs.pt"), device="cpu")
+    predictor = load_predictor(export_run(run.dir, "safetensors", runs["root"] / "inputs.st"), device="cpu")
     test = runs["data"].load().test
     pil = [test.load(i) for i in range(3)]
     arrays = [np.asarray(img) for img in pil]
@@ -251,7 +253,7 @@ def test_predict_accepts_pil_arrays_and_tensors(runs: dict[str, Any]) -> None:
 
 def test_unknown_format_and_wrong_weights_are_explained(runs: dict[str, Any], tmp_path: Path) -> None:
     run = runs["layer3"]
-    with pytest.raises(FeatcacheError, match=r"unknown export format 'tflite'.*torchscript\|onnx"):
+    with pytest.raises(FeatcacheError, match=r"unknown export format 'tflite'.*torchscript\|pt2\|onnx"):
         export_run(run.dir, "tflite")
     changed = tmp_path / "changed"
     changed.mkdir()
@@ -263,7 +265,7 @@ def test_unknown_format_and_wrong_weights_are_explained(runs: dict[str, Any], tm
     with pytest.raises(FeatcacheError, match=r"has weights id 210d4c.* trained on 000000000000"):
         build_model(changed)
     with pytest.raises(FileNotFoundError, match="not a featcache run folder"):
-        export_run(tmp_path / "missing", "pt")
+        export_run(tmp_path / "missing", "safetensors")
     with pytest.raises(FileNotFoundError, match="neither an exported model file nor a run folder"):
         load_predictor(tmp_path / "missing.onnx")
 
@@ -353,6 +355,27 @@ def test_untraceable_model_falls_back_to_hooks(runs: dict[str, Any], tmp_path: P
         assert info.preprocessing.resize_size == 36 and info.preprocessing.input_size == (32, 32)
         got = load_predictor(path, device="cpu").logits([test.load(i) for i in range(len(test))])
         assert_same_logits(got, want)
+    # torch.export captures the whole forward or nothing: hooks that stop it midway, it refuses.
+    with pytest.raises(FeatcacheError, match=r"does not export with torch.export.*--format torchscript"):
+        export_run(run.dir, "pt2", tmp_path / "wobbly.pt2")
+
+
+def test_pt2_of_a_resize_and_crop_model_takes_the_cropped_images(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    spec = RunSpec("torchvision:resnet18", runs["data"], tmp_path / "run", "none",
+                   ExtractConfig(batch_size=16, device="cpu"), TrainConfig(epochs=1, device="cpu"),
+                   cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
+    run = train_run(spec, "layer2", HeadSpec("linear"))  # 224 px: resize to 256, centre crop 224
+    path = export_run(run.dir, "pt2")
+    assert "uint8 (N, 224, 224, 3)" in read_info(path).input_convention
+    assert "resize the shorter side to 256, centre crop 224x224" in read_info(path).input_convention
+    test = runs["data"].load().test
+    images = [test.load(i) for i in range(len(test))]
+    want = pipeline_logits(
+        run, load_backbone("torchvision:resnet18", weights="none"), test, str(tmp_path / "c")
+    )
+    assert_same_logits(load_predictor(path, device="cpu").logits(images), want)
 
 
 # --------------------------------------------------------------------------- real weights, real data
@@ -369,7 +392,7 @@ def test_real_mnist_predictions_match_the_run(tmp_path: Path) -> None:
         cache_dir=cache, progress=False,
     )  # fmt: skip
     run = train_run(spec, "penultimate", HeadSpec("linear"))
-    model = export_run(run.dir, "pt")
+    model = export_run(run.dir, "safetensors")
     test = data.load().test
     picked = np.linspace(0, len(test) - 1, 50).astype(int)  # the split is sorted by class: spread the picks
     folder = tmp_path / "png"
@@ -404,9 +427,63 @@ def test_a_channels_last_layer_exports_pooled_as_it_was_cached(
     assert run.config["layer_layout"] == "NHWC" and run.head_info.layout == (
         "NC" if pool == "avg" else "NHWC"
     )
-    path = export_run(run.dir, "pt", tmp_path / "model")
+    path = export_run(run.dir, "safetensors", tmp_path / "model")
     assert read_info(path).layout == "NHWC"
     test = runs["data"].load().test
     want = pipeline_logits(run, load_backbone(spec, weights="none"), test, runs["cache"])
     got = load_predictor(path, device="cpu").logits([test.load(i) for i in range(len(test))])
     assert_same_logits(got, want)
+
+
+PRINTED = r"""
+import json, sys
+sys.modules["featcache"] = None  # `import featcache` fails: the file loads as printed, or not at all
+import numpy as np
+fmt, code, x = sys.argv[1], sys.argv[2], np.load(sys.argv[3])
+if fmt == "onnx":
+    import onnxruntime
+    out = eval(code)
+else:
+    import torch
+    x = torch.from_numpy(x)
+    with torch.inference_mode():
+        out = eval(code).numpy()
+loaded = sorted(m for m, v in sys.modules.items() if m.startswith("featcache") and v is not None)
+print(json.dumps({"logits": out.tolist(), "loaded": loaded, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_every_format_loads_as_printed_without_featcache_and_matches_predict(
+    runs: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, root = runs["penultimate"], runs["root"]
+    raw = np.random.default_rng(1).integers(0, 256, (3, 45, 37, 3), dtype=np.uint8)
+    want = load_predictor(run.dir, device="cpu").logits(torch.from_numpy(raw))  # predict, on the run folder
+    # pt2 takes images already at the input size: resized as printed, here with torchvision alone.
+    resized = TF.resize(torch.from_numpy(raw).permute(0, 3, 1, 2), [32, 32], antialias=True)
+    for fmt, default in (("torchscript", True), ("pt2", False), ("onnx", False)):
+        assert main(["export", str(run.dir), *([] if default else ["--format", fmt]), "-q"]) == 0
+        exported, line = capsys.readouterr().out.splitlines()[-2:]
+        path = run.dir / f"model{ {'torchscript': '.ts', 'pt2': '.pt2', 'onnx': '.onnx'}[fmt] }"
+        assert exported == f"exported {path}" and str(path) in line
+        x = resized.permute(0, 2, 3, 1).numpy() if fmt == "pt2" else raw
+        if fmt == "pt2":
+            assert "uint8 (N, 32, 32, 3)" in line and "resize to 32x32" in line
+        np.save(root / f"x-{fmt}.npy", np.ascontiguousarray(x))
+        code = line.split("`")[1]  # the call the line prints
+        proc = subprocess.run([sys.executable, "-I", "-c", PRINTED, fmt, code, str(root / f"x-{fmt}.npy")],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = json.loads(proc.stdout)
+        assert res["loaded"] == [] and res["torch"] == (fmt != "onnx"), res  # onnx: onnxruntime alone
+        assert_same_logits(torch.tensor(res["logits"]), want)
+    # An older version's default, model.pt (safetensors content), still loads and predicts the same.
+    old = export_run(run.dir, "safetensors", root / "old" / "model.pt")
+    sidecar = json.loads(Path(f"{old}.json").read_text())
+    Path(f"{old}.json").write_text(json.dumps({**sidecar, "format": "pt"}))
+    assert_same_logits(load_predictor(old, device="cpu").logits(torch.from_numpy(raw)), want)
+    Path(f"{old}.json").unlink()  # without its sidecar: told apart by its bytes
+    assert_same_logits(load_predictor(old, device="cpu").logits(torch.from_numpy(raw)), want)
+    with pytest.raises(FeatcacheError, match=r"--format pt .* now named --format safetensors"):
+        export_run(run.dir, "pt")

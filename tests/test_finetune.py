@@ -256,7 +256,7 @@ def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
         _ft(tmp_path, "r", data, FinetuneConfig(train="last:2"), SEEDS_CFG, resume=True)
 
 
-@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
 def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
     from featcache.data.preprocess import to_model_input
     from featcache.export.predict import load_predictor

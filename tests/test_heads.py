@@ -149,3 +149,40 @@ def test_token_layers_take_pooled_heads_not_conv_heads() -> None:
         build_head(HeadSpec("conv"), (10, 16), 3, layout="NLD")
     with pytest.raises(FeatcacheError, match="needs a map or tokens"):
         build_head(HeadSpec("pooled-linear"), (16,), 3, layout="NC")
+
+
+def test_standardize_is_safe_on_features_constant_in_train() -> None:
+    """Dead features (zero on every training row) that fire at test time get a bounded value, not
+    value / 1e-6; features of comparable spread are still standardised exactly."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.rand(60, generator=g) + 0.5
+
+    def live(n: int) -> torch.Tensor:
+        return torch.randn(n, 60, generator=g) * scales + 1
+
+    train = torch.cat([live(400), torch.zeros(400, 4)], 1)  # four features constant on the training split
+    test = torch.cat([live(100), torch.full((100, 4), 3.0)], 1)  # ... that fire on the test images
+    s = Standardize.fit(train)
+    rms = float(train.var(0, unbiased=False).mean().sqrt())  # the features' typical deviation
+    want = torch.cat([train[:, :60].std(0, unbiased=False), torch.full((4,), 0.1 * rms)])
+    torch.testing.assert_close(s.std, want, rtol=1e-4, atol=1e-6)
+    assert float(s(test)[:, 60:].abs().max()) <= 3.0 / (0.1 * rms) + 1e-3  # was 3 / 1e-6
+    # A linear head trained on them keeps a sane test loss where the dead ones fire; the textbook
+    # standardisation (deviation clamped at 1e-6) does not.
+    y, test_y = (train[:, 0] > 1).long(), (test[:, 0] > 1).long()
+    textbook = Standardize(train.mean(0), train.std(0, unbiased=False).clamp_min(1e-6))
+    losses = []
+    for std in (s, textbook):
+        head = build_head(HeadSpec("linear"), (64,), 2, std, seed=0)
+        opt = torch.optim.Adam(head.body.parameters(), lr=1e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(head(train), y).backward()
+            opt.step()
+        with torch.no_grad():
+            losses.append(float(nn.functional.cross_entropy(head(test), test_y)))
+    assert losses[0] < 10 < 1000 < losses[1], losses
+    maps = torch.zeros(40, 3, 2, 2)
+    maps[:, :2] = torch.randn(40, 2, 2, 2, generator=g)  # channel 2 dead on the training split
+    var = maps.transpose(0, 1).flatten(1).var(1, unbiased=False)
+    torch.testing.assert_close(Standardize.fit(maps).std.flatten()[2], 0.1 * var.mean().sqrt())

@@ -111,6 +111,6 @@ def test_hf_run_exports_in_every_format(tiny_vit: tuple[Path, torch.nn.Module], 
     with torch.no_grad():
         want = run.head(feats.tensor("vit.layers.1", dtype=torch.float32))
     images = [test.load(i) for i in range(len(test))]
-    for fmt in ("pt", "torchscript", "onnx"):
+    for fmt in ("safetensors", "torchscript", "onnx"):
         got = load_predictor(export_run(tmp_path / "run", fmt), device="cpu").logits(images)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=fmt)

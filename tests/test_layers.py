@@ -17,6 +17,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from featcache._util import FeatcacheError
 from featcache.backbones.layers import count_macs, list_layers
 from featcache.backbones.registry import Backbone, load_backbone
+from featcache.cli import main
+from featcache.extract.config import parse_layers
 from featcache.extract.nodes import FeatureExtractor
 
 # spec -> (layers to extract together, classifier module)
@@ -523,3 +525,25 @@ def test_summarize_totals_cover_the_whole_model_not_only_the_rows_shown(resnet18
     assert s.macs and s.macs > 0 and s.input_size == (32, 32)
     with pytest.raises(ValueError, match="depth must be 1 or more"):
         summarize(resnet18, (32, 32), depth=0)
+
+
+def test_layer_sets_expand_per_backbone_and_never_shadow_a_module(
+    lite0: Backbone, tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resnet = load_backbone("torchvision:resnet18", weights="none")
+    residual = [n for n, _ in resnet.model.named_modules() if n.count(".") == 1 and n.startswith("layer")]
+    assert parse_layers("layer1, @blocks", resnet) == ("layer1", *residual, "penultimate")
+    stages = [f"blocks.{i}" for i in range(len(lite0.model.blocks))]
+    assert parse_layers("@blocks", lite0) == (*stages, "penultimate")
+    assert parse_layers("blocks", lite0) == ("blocks",)  # the module named blocks, in every verb
+    assert parse_layers("@blocks") == ("@blocks",)  # expanded only once a backbone is known
+    with pytest.raises(FeatcacheError, match=r"unknown layer set '@block'.*'@blocks'"):
+        parse_layers("@block", resnet)
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path))
+    argv = ["torchvision:resnet18", "digits", "--weights", "none", "--limit", "40", "--input-size", "32"]
+    argv += ["32"]
+    assert main(["extract", *argv, "--layers", "@blocks", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("layer1.0 [64]" in line and "penultimate [512]" in line for line in lines)
+    assert main(["train", *argv, "--layer", "@blocks", "--out", str(tmp_path / "r"), "-q"]) == 2
+    assert "train trains on one layer, but '@blocks' names 9" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from featcache.backbones.registry import (
 from featcache.cache.store import cache_key
 from featcache.data.config import DataConfig
 from featcache.data.preprocess import to_model_input
-from featcache.export.build import load_pt, read_info
+from featcache.export.build import load_safetensors, read_info
 from featcache.export.save import export_run
 from featcache.extract.build import cache_record, extract
 from featcache.extract.config import ExtractConfig
@@ -124,9 +124,9 @@ def test_one_record_drives_the_key_the_extraction_and_the_export(tmp_path: Path)
         torch.testing.assert_close(cached, backbone.model[:-1](x), rtol=1e-5, atol=1e-6)
 
     # The export: its sidecar holds CUSTOM, and its in-graph Preprocess gives to_model_input's tensors.
-    path = export_run(run.dir, "pt", tmp_path / "model")
+    path = export_run(run.dir, "safetensors", tmp_path / "model")
     assert read_info(path).preprocessing == CUSTOM
-    model, info = load_pt(path)
+    model, info = load_safetensors(path)
     assert info.preprocessing == CUSTOM
     for img, want in zip(images, x, strict=True):
         raw = torch.from_numpy(np.array(img.convert("RGB")))[None]  # uint8 NHWC, 37x53

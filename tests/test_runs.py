@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import importlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,19 +17,24 @@ import torch
 import featcache.runs.train as runs_mod
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
+from featcache.cli import main
 from featcache.data.config import DataConfig
+from featcache.export.predict import load_predictor
+from featcache.export.save import export_run
 from featcache.extract.build import extract
 from featcache.extract.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
 from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.report import curves_figure
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, sweep_run
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
-from featcache.train.fit import fit
+from featcache.train.fit import FitResult, fit
 from featcache.train.heads import HeadSpec, Standardize
 from featcache.train.sources import FeatureSource
 
+fit_mod = importlib.import_module("featcache.train.fit")  # the module (the package exports fit, the function)
 SMALL = ExtractConfig(input_size=(32, 32), batch_size=64)
 
 
@@ -381,3 +390,124 @@ def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Pat
         folder.check_resume(
             replace(same, extract={"pool": "avg", "views": 2}), ("extract", "train"), "settings"
         )
+
+
+def test_reprs_are_short_and_name_what_a_notebook_user_looks_for(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=120), TrainConfig(epochs=2, device="cpu")
+    run = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r", weights="none")
+    spec = RunSpec(bb, data, tmp_path / "s", extract=SMALL, train=cfg, cache_dir=str(tmp_path / "c"),
+                   progress=False)  # fmt: skip
+    sweep = sweep_run(spec, SweepGrid(("layer2", "layer3")))
+    probe = probe_run(replace(spec, out=None), "layer3", ProbeConfig(strengths=(1e-2, 1e-1)))
+    fitted = FitResult([{"epoch": 1.0}] * 3, [0.5] * 500, 2, False, 1.5, 100)
+    predictor = load_predictor(run.dir, device="cpu")
+    shown = {
+        "run": (run, ["'layer3'", "'linear'", "classes=10", "test_acc="]),
+        "record": (run.record, ["'train'", "'torchvision:resnet18'", "'layer3'"]),
+        "splits": (data.load(), ["'digits'", "train=", "val=", "test=", "classes=10"]),
+        "backbone": (bb, ["'torchvision:resnet18'", "weights='none'", "params"]),
+        "sweep": (sweep, ["2 runs", "best="]),
+        "probe": (probe, ["strength=", "test_acc="]),
+        "fit": (fitted, ["epochs=3", "best_epoch=2"]),
+        "predictor": (predictor, ["'layer3'", "classes=10"]),
+        "export info": (predictor.info, ["'layer3'", "classes=10"]),
+    }
+    for name, (obj, needles) in shown.items():
+        text = repr(obj)
+        assert len(text) < 200, (name, len(text), text[:300])
+        assert all(n in text for n in needles), (name, text)
+        assert not any(bad in text for bad in ("tensor(", "array(", "0x", "history", "'0', '1'")), (
+            name,
+            text,
+        )
+
+
+def test_a_run_writes_its_history_and_its_mistakes_as_csv(
+    tmp_path: Path, image_tree: Callable[..., list[Path]]
+) -> None:
+    image_tree("tree", classes=("cat", "dog", "fox"), per_class=12)
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data = DataConfig(str(tmp_path / "tree"), val_fraction=0.2, test_fraction=0.4)
+    run = _train(bb, data, "layer3", HeadSpec("linear"), TrainConfig(epochs=3, device="cpu"), SMALL,
+                 tmp_path / "r")  # fmt: skip
+    with (tmp_path / "r" / "history.csv").open(newline="") as f:
+        history = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    for row, want in zip(history, run.metrics["history"]):
+        assert {k: pytest.approx(float(v)) for k, v in row.items()} == want
+    with (tmp_path / "r" / "misclassified.csv").open(newline="") as f:
+        wrong = list(csv.DictReader(f))
+    # The reference: the head reloaded from the folder on the test images' cached features.
+    test = data.load().test
+    assert test is not None
+    feats = extract(bb, test, ["layer3"], SMALL, cache_dir=str(tmp_path / "c"), split="test", progress=False)
+    with torch.no_grad():
+        rows = torch.as_tensor(np.array(feats.features["layer3"]))
+        probs = torch.softmax(load_run(tmp_path / "r").head(rows), 1)
+    truth = torch.as_tensor(feats.labels)
+    missed = {feats.ids[i] for i in torch.nonzero(probs.argmax(1) != truth)[:, 0].tolist()}
+    assert {r["id"] for r in wrong} == missed
+    assert len(wrong) == len(test) - round(run.metrics["test"]["acc"] * len(test))
+    assert all((tmp_path / "tree" / r["id"]).is_file() and r["split"] == "test" for r in wrong)  # file names
+    losses = [float(r["loss"]) for r in wrong]
+    assert losses == sorted(losses, reverse=True)
+    for r in wrong:
+        i = feats.ids.index(r["id"])
+        assert r["true"] == ("cat", "dog", "fox")[int(truth[i])] and r["predicted"] != r["true"]
+        assert float(r["loss"]) == pytest.approx(-float(torch.log(probs[i, truth[i]])), rel=1e-4)
+    fig = curves_figure(run.metrics)
+    marks = [line for line in fig.axes[0].lines if line.get_label().startswith("best epoch")]
+    per_epoch = run.metrics["examples_per_epoch"]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == run.metrics["best_epoch"] * per_epoch
+    accs = [h["val_acc"] for h in run.metrics["history"]] + [run.metrics["test"]["acc"]]
+    low, high = fig.axes[1].get_ylim()
+    assert low <= min(accs) and high >= max(accs) and (low > 0 or min(accs) < 0.05)
+
+
+def test_ctrl_c_leaves_a_usable_unfinished_run_that_resume_finishes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=200), TrainConfig(epochs=4, lr=3e-3, device="cpu")
+    full = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "full", weights="none")
+    # The reference for what two finished epochs give: a fit that stops after them by itself.
+    monkeypatch.setattr(runs_mod, "fit", lambda *a, **k: fit(*a, **k, stop_after_epochs=2))
+    two = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "two", weights="none")
+    monkeypatch.undo()
+    calls = {"n": 0}
+    validate = fit_mod._validate
+
+    def ctrl_c_in_epoch_3(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return validate(*args)
+
+    monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, tmp_path / "cut", weights="none")
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert f"featcache train --resume --out {cut}" in getattr(stop.value, "hint", "")
+    metrics = json.loads((cut / "metrics.json").read_text())
+    assert metrics["finished"] is False and len(metrics["history"]) == 2 and "test" in metrics
+    assert all((cut / f).is_file() for f in ("curves.png", "history.csv", "head.safetensors"))
+    for a, b in zip(load_run(cut).head.state_dict().values(), two.head.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the best head of the finished epochs
+    with caplog.at_level("WARNING"):
+        export_run(cut, "safetensors", tmp_path / "m.safetensors")
+    assert "unfinished (interrupted after epoch 2 of 4)" in caplog.text and "--resume" in caplog.text
+    resumed = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, cut, resume=True, weights="none")
+    assert resumed.metrics["finished"] is True and json.loads((cut / "metrics.json").read_text())["finished"]
+    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
+    calls["n"] = 0
+    monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "c"))
+    argv = ["train", "torchvision:resnet18", "digits", "--weights", "none", "--limit", "200", "--layer"]
+    argv += ["layer2", "--input-size", "32", "32", "--epochs", "4", "--out", str(tmp_path / "cli"), "-q"]
+    assert main(argv) == 130
+    assert f"featcache train --resume --out {tmp_path / 'cli'}" in capsys.readouterr().err

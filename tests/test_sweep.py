@@ -6,12 +6,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from featcache.backbones.registry import load_backbone
+from featcache.backbones.registry import Backbone, load_backbone
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
+from featcache.export.predict import load_predictor
 from featcache.extract.config import ExtractConfig
 from featcache.runs.folder import load_run
 from featcache.runs.spec import RunSpec
@@ -82,7 +85,7 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
     assert len(summary["view_keys"]) == 2
     assert main([*base, "--augment", "flip", "--out", str(tmp_path / "w")]) == 2
     assert "needs --views" in capsys.readouterr().err
-    base[base.index("layer3,penultimate")] = "blocks"  # every residual block, then the classifier's input
+    base[base.index("layer3,penultimate")] = "@blocks"  # every residual block, then the classifier's input
     assert main([*base, "--out", str(tmp_path / "b"), "--json"]) == 0
     layers = [r["layer"] for r in json.loads(capsys.readouterr().out)["rows"]]
     assert layers == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["penultimate"]
@@ -107,3 +110,100 @@ def test_a_diverging_setting_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -
     )
     assert res.best == ok
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"][1]["diverged"] == bad["diverged"]
+
+
+def test_a_run_records_and_says_its_automatic_batch_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    argv = [
+        "torchvision:resnet18",
+        "digits",
+        "--weights",
+        "none",
+        "--limit",
+        "150",
+        "--input-size",
+        "32",
+        "32",
+    ]
+    assert main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    n = len(DataConfig("digits", limit=150).load().train)
+    assert f"batch size 16 (auto), {-(-n // 16)} steps per epoch" in err
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert metrics["batch_size"] == config["train"]["batch_size"] == 16
+    assert metrics["steps_per_epoch"] == -(-n // 16) == len(metrics["step_losses"])
+    # One epoch: every run's best epoch is its last, so the sweep says the heads were still improving.
+    spec = RunSpec("torchvision:resnet18", DATA, tmp_path / "s", "none", ECFG, replace(BASE, epochs=1),
+                   cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
+    sweep_run(spec, SweepGrid(("layer3", "penultimate")))
+    warnings = json.loads((tmp_path / "s" / "sweep.json").read_text())["warnings"]
+    assert len(warnings) == 1 and "still improving" in warnings[0] and "--epochs" in warnings[0]
+
+
+@pytest.mark.slow
+def test_on_a_small_training_split_the_sweep_chooses_a_layer_as_good_as_the_best(
+    tmp_path: Path, lite0: Backbone
+) -> None:
+    """256 training images of four digit classes (scikit-learn's digits, upscaled, randomly cropped): with
+    one optimiser step per epoch (batch 256) the heads barely train, and the sweep chose the layer
+    that learns fastest, not the best one. The reference: scikit-learn's logistic regression per layer."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    digits, rng = load_digits(), np.random.default_rng(0)
+    for c in (3, 5, 8, 9):
+        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        half = 64 + (len(idx) - 64) // 2
+        for split, part in (("train", idx[:64]), ("val", idx[64:half]), ("test", idx[half:])):
+            (tmp_path / "d" / split / str(c)).mkdir(parents=True)
+            for j in part:
+                img = Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8)).resize((40, 40))
+                x, y = rng.integers(0, 9, 2)
+                img.crop((x, y, x + 32, y + 32)).save(tmp_path / "d" / split / str(c) / f"{j}.png")
+    ecfg = ExtractConfig(input_size=(64, 64))
+    spec = RunSpec(lite0, DataConfig(str(tmp_path / "d")), tmp_path / "s", extract=ecfg,
+                   cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
+    res = sweep_run(spec, SweepGrid(("@blocks",)))  # the default trainer settings, batch size included
+    layers = sorted({r["layer"] for r in res.rows})
+    feats = spec.extract_all(lite0, spec.data.load(), layers)[0]  # the splits as the sweep read them
+    assert all(f.hit for f in feats.values())  # the sweep's own rows: no backbone pass
+    assert len(feats["train"]) == 256 and len(feats["test"]) > 200
+    reference = {}
+    for layer in {r["layer"] for r in res.rows}:
+        x_train, x_test = (np.asarray(feats[s].features[layer]) for s in ("train", "test"))
+        scale = StandardScaler().fit(x_train)
+        model = LogisticRegression(max_iter=2000).fit(scale.transform(x_train), feats["train"].labels)
+        reference[layer] = model.score(scale.transform(x_test), feats["test"].labels)
+    assert reference[res.best["layer"]] >= max(reference.values()) - 0.02, (res.best["layer"], reference)
+    assert res.best["test_acc"] >= max(r["test_acc"] for r in res.rows) - 0.02
+
+
+def test_export_and_predict_take_a_sweep_folder_and_use_its_chosen_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = RunSpec("torchvision:resnet18", DATA, tmp_path / "s", "none", ECFG, replace(BASE, epochs=2),
+                   cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
+    res = sweep_run(spec, SweepGrid(("layer2", "layer3"), lrs=(1e-3, 1e-2)))
+    chosen = res.out / res.best["run"]
+    images = torch.randint(0, 256, (3, 40, 36, 3), dtype=torch.uint8)
+    want = load_predictor(chosen, device="cpu").logits(images)
+    torch.testing.assert_close(load_predictor(res.out, device="cpu").logits(images), want)
+    assert load_run(res.out).dir == chosen
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "c"))
+    assert main(["export", str(res.out), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert f"is a sweep: using its chosen run {res.best['run']} (layer {res.best['layer']}" in out
+    assert (chosen / "model.onnx").is_file()
+    torch.testing.assert_close(
+        load_predictor(chosen / "model.onnx").logits(images), want, rtol=1e-4, atol=1e-4
+    )
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(images[0].numpy()).save(folder / "a.png")
+    assert main(["predict", str(res.out), str(folder), "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "using its chosen run" in captured.err and json.loads(captured.out)[0]["top"]

@@ -217,3 +217,19 @@ def test_balanced_class_weights_find_the_rare_class_and_train_with_autograd() ->
     assert records["none"]["closed_form_step"] and not records["balanced"]["closed_form_step"]
     with pytest.raises(ValueError, match="class weight"):
         TrainConfig(class_weight="inverse")
+
+
+def test_the_automatic_batch_size_gives_every_split_enough_steps() -> None:
+    for rows in (1, 15, 100, 256, 320, 1000, 3600, 5119, 5120, 10**6):
+        size = TrainConfig().batch_for(rows)
+        assert size in (16, 32, 64, 128, 256), rows
+        steps = -(-rows // size)
+        assert steps >= 20 or size == 16, (rows, size)  # 20 steps an epoch, unless already at 16
+        assert -(-rows // (2 * size)) < 20 or size == 256, (rows, size)  # and the largest such size
+        assert TrainConfig().steps_per_epoch(rows) == steps
+    assert TrainConfig().batch_for(256) == 16 and TrainConfig(batch_size=256).batch_for(256) == 256
+    assert TrainConfig().resolved(3600) == TrainConfig(batch_size=128)
+    x, y = blobs(256)
+    head = build_head(HeadSpec("linear"), (32,), 5)
+    result = fit(head, FeatureSource(x, y), None, 5, TrainConfig(epochs=2, device="cpu"), progress=False)
+    assert result.batch_size == 16 and len(result.step_losses) == 2 * 16  # 16 steps an epoch, not 1

@@ -11,7 +11,6 @@ written here, independently of featcache: forward hooks on every module, the cla
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -256,7 +255,7 @@ def test_every_listed_layer_extracts_equal_to_hooks_or_is_refused(spec: str, zoo
             layout = str(layouts[name])
             want = ref[name].flatten(1) if layout == "NC" else ref[name].float().mean(_positions(layout))
             assert _rel(pooled.features[name], want) <= 1e-5, (method, name, layout)
-        assert json.loads((pooled.path / "record.json").read_text())["method"] == "hooks"
+        assert pooled.manifest["record"]["method"] == "hooks"
 
     # Unknown layouts are stored as is but not pooled; refused layers are refused; both say why.
     for name in [n for n in ok if layouts[n] is None][:8]:

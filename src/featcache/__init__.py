@@ -1,66 +1,107 @@
-"""featcache: run a frozen backbone once, cache its activations, train heads on the cache."""
+"""featcache: run a frozen backbone once, cache its activations, train heads on the cache.
 
-from ._version import __version__
-from .backbones import (
-    Backbone,
-    BackboneCfg,
-    Preprocessing,
-    list_layers,
-    list_models,
-    list_sources,
-    load_backbone,
-    register_source,
-)
-from .cache import CACHE_VERSION, CachedFeatures, FeatureCache
-from .data import DataConfig, DatasetSplits, SampleSet, load_dataset
-from .export import export_run, load_predictor
-from .extract import ExtractConfig, FeatureExtractor, Views, extract, extract_splits
-from .runs import (
-    FinetuneConfig,
-    ProbeConfig,
-    RunSpec,
-    SweepGrid,
-    finetune_run,
-    load_run,
-    probe_run,
-    sweep_run,
-    train_run,
-)
-from .train import HeadSpec, TrainConfig
+The names below are imported on first use (PEP 562), so ``featcache --help`` starts without torch;
+``from featcache import X`` works as usual.
+"""
 
-__all__ = [
-    "CACHE_VERSION",
-    "Backbone",
-    "BackboneCfg",
-    "CachedFeatures",
-    "DataConfig",
-    "DatasetSplits",
-    "ExtractConfig",
-    "FeatureCache",
-    "FeatureExtractor",
-    "FinetuneConfig",
-    "HeadSpec",
-    "Preprocessing",
-    "ProbeConfig",
-    "RunSpec",
-    "SampleSet",
-    "SweepGrid",
-    "TrainConfig",
-    "Views",
-    "__version__",
-    "export_run",
-    "extract",
-    "extract_splits",
-    "finetune_run",
-    "list_layers",
-    "list_models",
-    "list_sources",
-    "load_backbone",
-    "load_dataset",
-    "load_predictor",
-    "load_run",
-    "probe_run",
-    "register_source",
-    "sweep_run",
-    "train_run",
-]
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__  # noqa: F401  (in __all__)
+
+# name -> the subpackage that defines it
+_HOMES = {
+    "Backbone": "backbones",
+    "BackboneCfg": "backbones",
+    "Preprocessing": "backbones",
+    "list_layers": "backbones",
+    "list_models": "backbones",
+    "list_sources": "backbones",
+    "load_backbone": "backbones",
+    "register_source": "backbones",
+    "CACHE_VERSION": "cache",
+    "CachedFeatures": "cache",
+    "FeatureCache": "cache",
+    "DataConfig": "data",
+    "DatasetSplits": "data",
+    "SampleSet": "data",
+    "load_dataset": "data",
+    "export_run": "export",
+    "load_predictor": "export",
+    "ExtractConfig": "extract",
+    "FeatureExtractor": "extract",
+    "Views": "extract",
+    "extract": "extract",
+    "extract_splits": "extract",
+    "FinetuneConfig": "runs",
+    "ProbeConfig": "runs",
+    "RunSpec": "runs",
+    "SweepGrid": "runs",
+    "finetune_run": "runs",
+    "load_run": "runs",
+    "probe_run": "runs",
+    "sweep_run": "runs",
+    "train_run": "runs",
+    "HeadSpec": "train",
+    "TrainConfig": "train",
+}
+
+__all__ = sorted([*_HOMES, "__version__"])
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ imports on demand
+    from .backbones import (  # noqa: F401
+        Backbone,
+        BackboneCfg,
+        Preprocessing,
+        list_layers,
+        list_models,
+        list_sources,
+        load_backbone,
+        register_source,
+    )
+    from .cache import CACHE_VERSION, CachedFeatures, FeatureCache  # noqa: F401
+    from .data import DataConfig, DatasetSplits, SampleSet, load_dataset  # noqa: F401
+    from .export import export_run, load_predictor  # noqa: F401
+    from .extract import ExtractConfig, FeatureExtractor, Views, extract, extract_splits  # noqa: F401
+    from .runs import (  # noqa: F401
+        FinetuneConfig,
+        ProbeConfig,
+        RunSpec,
+        SweepGrid,
+        finetune_run,
+        load_run,
+        probe_run,
+        sweep_run,
+        train_run,
+    )
+    from .train import HeadSpec, TrainConfig  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's subpackage on first use (PEP 562)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'featcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
+
+class _Package(types.ModuleType):
+    """``featcache.extract`` is the function, as ``from featcache import extract`` promises: importing the
+    subpackage of the same name (which the import system then sets on its parent) does not replace it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "extract" and isinstance(value, types.ModuleType):
+            value = value.extract
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,8 +1,7 @@
-"""Small shared helpers: error messages with suggestions, stable hashing, devices."""
+"""Small shared helpers: stable hashing, devices, atomic JSON; the errors of :mod:`featcache._errors`."""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -10,6 +9,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+
+# At home in _errors (no torch, for the command line's start); most modules take them from here.
+from ._errors import FeatcacheError, closest, unknown  # noqa: F401
 
 
 def best_on_val(rows: Iterable[Mapping[str, Any]]) -> Any:
@@ -20,27 +22,6 @@ def best_on_val(rows: Iterable[Mapping[str, Any]]) -> Any:
         0.2
     """
     return max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
-
-
-class FeatcacheError(ValueError):
-    """A user-facing error: the CLI prints its message and exits with status 2."""
-
-
-def closest(value: str, choices: Iterable[str], n: int = 5) -> list[str]:
-    """The valid names closest to ``value`` (difflib), best first."""
-    choices = list(dict.fromkeys(choices))
-    found = difflib.get_close_matches(value, choices, n=n, cutoff=0.5)
-    if not found:
-        lowered = value.lower()
-        found = [c for c in choices if lowered in c.lower()][:n]
-    return found
-
-
-def unknown(kind: str, value: str, choices: Iterable[str], fix: str) -> FeatcacheError:
-    """Build the error for an unknown name: the value, the closest valid names and the fix."""
-    near = closest(value, choices)
-    hint = f" Did you mean: {', '.join(repr(c) for c in near)}?" if near else ""
-    return FeatcacheError(f"unknown {kind} {value!r}.{hint} {fix}")
 
 
 def stable_hash(record: Mapping[str, Any]) -> str:

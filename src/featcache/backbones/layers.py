@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .._util import FeatcacheError
+from .._util import FeatcacheError, unknown
 from .hooks import (  # noqa: F401  (re-exported: where these names have always been imported from)
     INPUT_PREFIX,
     LOGITS,
@@ -31,6 +33,10 @@ from .hooks import (  # noqa: F401  (re-exported: where these names have always 
 )
 from .probe import probe_layers
 from .registry import Backbone
+
+#: names for sets of layers; the ``@`` keeps them apart from any module name
+LAYER_SETS = {"@blocks": "every block (see block_names) and the classifier's input"}
+_CONTAINERS = ("blocks", "stages", "features", "encoder.layers", "layers", "encoder.layer")
 
 
 @dataclass(frozen=True)
@@ -167,3 +173,54 @@ def summarize(backbone: Backbone, input_size: tuple[int, int] | None = None, dep
         trainable=sum(p.numel() for p in params if p.requires_grad),
         macs=count_macs(backbone, input_size),
     )
+
+
+def block_names(model: nn.Module, classifier: str | tuple[str, ...] | None = None) -> list[str]:
+    """The model's blocks in order.
+
+    A *block* is, by family: ResNet ``layerK.i`` (torchvision and timm), the children of a
+    ``blocks`` / ``stages`` / ``features`` / ``encoder.layers`` / ``layers`` container (timm ViT
+    blocks, timm EfficientNet stages, ConvNeXt stages, torchvision EfficientNet/MobileNet/VGG
+    features), else the model's top-level children but the classifier.
+
+    Example:
+        >>> import torchvision
+        >>> block_names(torchvision.models.resnet18())[-2:]
+        ['layer4.0', 'layer4.1']
+    """
+    names = module_names(model)
+    resnet = [n for n in names if re.fullmatch(r"layer\d+\.\d+", n)]
+    if resnet:
+        return resnet
+    for container in _CONTAINERS:  # also nested, e.g. Hugging Face's ``model.vit.layers``
+        for name, mod in model.named_modules():
+            if (
+                (name == container or name.endswith("." + container))
+                and isinstance(mod, (nn.Sequential, nn.ModuleList))
+                and len(mod) > 1
+            ):
+                return [f"{name}.{child}" for child, _ in mod.named_children()]
+    heads = (classifier,) if isinstance(classifier, str) else classifier or ()
+    return [n for n, _ in model.named_children() if n not in heads]
+
+
+def expand_layers(backbone: Backbone, names: Sequence[str]) -> list[str]:
+    """``names`` with each set of :data:`LAYER_SETS` replaced by its layers for this backbone, in order,
+    without repeats; other names are kept as given (the extractor checks them).
+
+    Example:
+        >>> from featcache.backbones import load_backbone
+        >>> expand_layers(load_backbone("torchvision:resnet18", weights="none"), ["@blocks"])[-3:]
+        ['layer4.0', 'layer4.1', 'penultimate']
+    """
+    out: list[str] = []
+    for name in names:
+        if not name.startswith("@"):
+            out.append(name)
+        elif name == "@blocks":
+            out += block_names(backbone.model, backbone.cfg.classifier)
+            out += [PENULTIMATE] if backbone.cfg.classifier else []
+        else:
+            raise unknown("layer set", name, LAYER_SETS, "The sets: " + "; ".join(
+                f"{k}: {v}" for k, v in LAYER_SETS.items()) + ".")  # fmt: skip
+    return list(dict.fromkeys(out))

@@ -68,6 +68,25 @@ class Preprocessing:
         """The same preprocessing resized straight to ``(height, width)`` (no crop): small inputs for CPUs."""
         return replace(self, input_size=(int(height), int(width)), resize_size=0)
 
+    def describe(self) -> str:
+        """What happens to an image, in words.
+
+        Example:
+            >>> Preprocessing().describe()
+            'resize the shorter side to 256, centre crop 224x224 (bilinear), ImageNet mean/std'
+        """
+        h, w = self.input_size
+        size = (
+            f"resize the shorter side to {self.resize_size}, centre crop {h}x{w}"
+            if self.resize_size
+            else f"resize to {h}x{w}, no crop"
+        )
+        norm = "ImageNet mean/std" if (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD) else (
+            f"mean {'/'.join(f'{m:g}' for m in self.mean)}, std {'/'.join(f'{s:g}' for s in self.std)}"
+        )  # fmt: skip
+        grey = ", grey" if self.channels == 1 else ""
+        return f"{size} ({self.interpolation}{grey}), {norm}"
+
     def key_record(self) -> dict[str, Any]:
         """The canonical JSON form, mean and std rounded to ``KEY_DECIMALS``: the cache key's part.
 

@@ -107,6 +107,11 @@ class Backbone:
     model: nn.Module
     cfg: BackboneCfg
 
+    def __repr__(self) -> str:
+        h, w = self.cfg.input_size
+        params = sum(p.numel() for p in self.model.parameters())
+        return f"Backbone({self.cfg.spec!r}, weights={self.cfg.weights!r}, input {h}x{w}, {params:,} params)"
+
 
 SourceFn = Callable[[str, "str | None"], Backbone]
 _SOURCES: dict[str, SourceFn] = {}

@@ -1,59 +1,14 @@
-"""``featcache extract | cache``: the feature cache from the command line."""
+"""``featcache cache``: list, inspect, verify and remove cache entries (no backbone, no data: it imports
+the store alone, so it starts fast)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .._util import FeatcacheError
-from ..backbones.registry import load_backbone
-from ..cache.store import CachedFeatures, FeatureCache
-from ..data.config import DataConfig
-from ..extract.build import extract_splits
-from ..extract.config import ExtractConfig
-from ..extract.distributed import ranks_from_env
-from ..runs.report import format_table
-from .flags import from_args
-from .models import print_json
-
-
-def cmd_extract(a: argparse.Namespace) -> None:
-    ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
-    bb = load_backbone(a.model, a.weights, input_size=a.input_size)
-    splits = from_args(DataConfig, a).load()
-    config = from_args(ExtractConfig, a)
-    feats = extract_splits(
-        bb, splits, a.layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks
-    )
-    if ranks is not None:
-        ranks.close()
-        if not ranks.is_main:
-            return
-    if a.json:
-        print_json(
-            {split: counts(f) | {"table": f.key, "split_key": f.split_key} for split, f in feats.items()}
-        )
-        return
-    for split, f in feats.items():
-        shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
-        status = "hit" if f.hit else ("built" if not f.from_cache else "appended")
-        print(f"{split:5s} {f.key[:16]}  {count_text(f)}  {shapes}  [{status}]  {f.path}")
-
-
-def counts(f: CachedFeatures) -> dict[str, int]:
-    """A split's row counts: from the cache, extracted in this call, images skipped as unreadable."""
-    return {
-        "rows": f.rows,
-        "from_cache": f.from_cache,
-        "extracted": f.extracted,
-        "skipped": len(f.manifest["skipped"]),
-    }
-
-
-def count_text(f: CachedFeatures) -> str:
-    """``N rows: K from the cache, M extracted`` (and the unreadable images skipped)."""
-    c = counts(f)
-    skipped = f", {c['skipped']} skipped (unreadable)" if c["skipped"] else ""
-    return f"{c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted{skipped}"
+from .._errors import FeatcacheError
+from .._format import format_table
+from ..cache.store import FeatureCache
+from .show import print_json
 
 
 def cmd_cache(a: argparse.Namespace) -> None:

@@ -67,6 +67,16 @@ def _comma(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     return parse
 
 
+def _or_word(item: Callable[[str], Any], word: str) -> Callable[[str], Any]:
+    """``item`` parsing, or None for ``word`` (``--batch-size auto``)."""
+
+    def parse(text: str) -> Any:
+        return None if text == word else item(text)
+
+    parse.__name__ = f"{item.__name__} or {word}"
+    return parse
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "none"
@@ -75,8 +85,9 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _kwargs(tp: Any, default: Any) -> dict[str, Any]:
-    """argparse keyword arguments for a field of type ``tp`` whose default is ``default``."""
+def _kwargs(tp: Any, default: Any, none_word: str | None = None) -> dict[str, Any]:
+    """argparse keyword arguments for a field of type ``tp`` whose default is ``default``; a field whose
+    None has a name (``metadata={"none": "auto"}``) takes that word for None."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1
     base = args[0] if optional else tp
@@ -89,6 +100,8 @@ def _kwargs(tp: Any, default: Any) -> dict[str, Any]:
         if len(items) == 2 and items[1] is not Ellipsis:  # (H, W)
             return {"nargs": 2, "type": _positive, "metavar": ("H", "W")}
         return {"type": _comma(items[0]), "metavar": "A,B,..."}
+    if base in (int, float) and optional and none_word:
+        return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", "shown": none_word}
     if base in (int, float, str):
         return {"type": base}
     raise TypeError(f"no command-line form for a field of type {tp!r}")
@@ -101,11 +114,13 @@ def add_config(
     rename: Mapping[str, str] | None = None,
     only: Sequence[str] | None = None,
     required: Sequence[str] = (),
+    optional: Sequence[str] = (),
 ) -> None:
     """Add a flag per field of the dataclass ``cls`` (``--kebab-name``, or ``rename[field]``).
 
     A field whose flag the parser already has (``--device`` of both the extraction and the trainer)
-    shares it. ``rename`` to a name without dashes makes a positional argument.
+    shares it. ``rename`` to a name without dashes makes a positional argument (one that may be left
+    out when its field is in ``optional``: ``train --resume`` reads it from the run).
 
     Example:
         >>> p = argparse.ArgumentParser()
@@ -120,7 +135,7 @@ def add_config(
         if f.name in skip or (only is not None and f.name not in only):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        kw = _kwargs(hints[f.name], default)
+        kw = _kwargs(hints[f.name], default, f.metadata.get("none"))
         flag = rename.get(f.name, "--" + f.name.replace("_", "-"))
         if kw.get("action") == "store_false":
             flag = rename.get(f.name, "--no-" + f.name.replace("_", "-"))
@@ -137,6 +152,8 @@ def add_config(
             kw["required"], kw["help"] = True, text
         if flag.startswith("-"):
             action = p.add_argument(flag, dest=dest, default=default, **kw)
+        elif f.name in optional:  # a positional that --resume reads from the run
+            action = p.add_argument(flag, **{**kw, "help": text, "nargs": "?", "default": None})
         else:  # positional: required, no default to show
             action = p.add_argument(flag, **{**kw, "help": text})
         action.featcache_field = (cls, f.name)  # type: ignore[attr-defined]

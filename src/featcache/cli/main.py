@@ -9,15 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .._util import FeatcacheError
-from .parser import build_parser
+from .._errors import FeatcacheError
+from .parser import build_parser, verb_of
 
 # verb -> "module:function" under featcache.cli
 COMMANDS = {
     "models": "models:cmd_models",
     "layers": "models:cmd_layers",
     "summary": "models:cmd_summary",
-    "extract": "cache:cmd_extract",
+    "extract": "extract:cmd_extract",
     "cache": "cache:cmd_cache",
     "train": "runs:cmd_train",
     "finetune": "runs:cmd_finetune",
@@ -32,13 +32,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``featcache`` command; returns the exit status (2 on a user error)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = verb_of(argv)
+    parser = build_parser([verb] if verb else [])  # only this verb's flags (and their imports)
     try:
         a = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (already printed) is a return value, like the others
         if not exc.code:
             raise  # --help
         return int(exc.code)
+    a._given = parser.given(argv)  # what --resume checks against the run
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="featcache: %(message)s")
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.verb != "extract":
@@ -56,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `featcache models | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        hint = getattr(exc, "hint", "")  # a training run written with its finished epochs says how to go on
         print(
-            "interrupted; the cache shards and training checkpoints finished so far are kept: run the same "
-            "command again (train/finetune with --resume) to go on from them",
+            f"interrupted; {hint}"
+            if hint
+            else "interrupted; the cache shards and training checkpoints finished so far are kept: run the "
+            "same command again (train/finetune with --resume) to go on from them",
             file=sys.stderr,
         )
         return 130

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
-from .._util import FeatcacheError
+from .._errors import FeatcacheError
+from .._format import format_table
 from ..backbones.layers import list_layers, summarize
 from ..backbones.registry import list_models, load_backbone
-from ..runs.report import format_table
 from ..train.freeze import TrainableSpec, plan_freeze
-
-
-def print_json(obj: Any) -> None:
-    """Machine-readable output of every ``--json``."""
-    print(json.dumps(obj, indent=2, default=str))
+from .show import print_json
 
 
 def cmd_models(a: argparse.Namespace) -> None:

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..data.samples import image_paths
+from ..export.build import read_info
 from ..export.predict import load_predictor
-from ..export.save import export_run
+from ..export.save import export_run, load_hint
+from ..runs.folder import RunFolder
 from ..tools.bench import run_bench
 from ..tools.demo import run_demo
-from .models import print_json
+from .show import print_json
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    print(f"exported {export_run(a.run, a.format, a.out, weights=a.weights)}")
+    note = RunFolder.resolve(a.run)[1]
+    if note:
+        print(note)
+    path = export_run(a.run, a.format, a.out, weights=a.weights)
+    print(f"exported {path}")
+    print(load_hint(path, read_info(path)))
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
     paths = [p for target in a.images for p in image_paths(target)]
+    note = RunFolder.resolve(a.model)[1] if Path(a.model).is_dir() else ""
+    if note:
+        print(note, file=sys.stderr)
     predictor = load_predictor(a.model, device=a.device)
     results = predictor.predict_files(paths, top_k=a.top_k, batch_size=a.batch_size, progress=not a.quiet)
     if a.json:

@@ -1,4 +1,9 @@
-"""The argument parser of ``featcache``: every verb, its flags and its ``--help`` example."""
+"""The argument parser of ``featcache``: every verb, its flags and its ``--help`` example.
+
+A verb's flags are made from the library's config dataclasses, imported when that verb is parsed
+(:func:`build_parser` with ``verbs``): ``featcache --help`` and ``--version`` import neither torch nor
+the configs.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,10 @@ import argparse
 import difflib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from .._version import __version__
-from ..data.config import DataConfig
-from ..extract.build import extract
-from ..extract.config import ExtractConfig, Views
-from ..runs.finetune import FinetuneConfig
-from ..runs.probe import ProbeConfig, probe_run
-from ..runs.spec import RunSpec
-from ..runs.sweep import SweepGrid
-from ..runs.train import train_run
-from ..train.config import TrainConfig
-from ..train.heads import HeadSpec
 from .flags import add_config, field_help
 
 EXAMPLES = {
@@ -34,7 +29,7 @@ EXAMPLES = {
     "--lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep",
     "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
     "finetune": "featcache finetune torchvision:resnet18 ./pets --train last:1 --epochs 5 --out runs/ft",
-    "export": "featcache export runs/mnist --format onnx --out mnist.onnx",
+    "export": "featcache export runs/mnist   |   featcache export runs/mnist --format onnx --out mnist.onnx",
     "predict": "featcache predict runs/mnist ./images --top-k 3",
     "demo": "featcache demo --quick",
     "bench": "featcache bench --quick --out bench.json",
@@ -44,6 +39,7 @@ EXAMPLES = {
 def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         name,
+        allow_abbrev=False,  # an option is given only as written (what --resume checks against the run)
         help=help,
         description=help,
         epilog=f"example:\n  {EXAMPLES[name]}",
@@ -59,27 +55,72 @@ def _arg_default(fn: Callable[..., Any], name: str) -> Any:
     return inspect.signature(fn).parameters[name].default
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME, timm:NAME, hf:REPO_OR_DIR, efficientnet-lite0 ...")
+# Each verb's flags import the configs they are made from: only the verb being parsed loads them.
+
+
+def _model_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
+    """MODEL (which ``--resume`` may leave out: the run's config.json names it) and ``--weights``."""
+    from ..runs.spec import RunSpec
+
+    text = "torchvision:NAME, timm:NAME, hf:REPO_OR_DIR, efficientnet-lite0 ..."
+    if resumable:
+        p.add_argument("model", nargs="?", default=None, help=f"{text} (with --resume: the run's)")
+    else:
+        p.add_argument("model", help=text)
     add_config(p, RunSpec, only=["weights"])
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    add_config(p, DataConfig, rename={"spec": "data", "seed": "--split-seed"})
+def _data_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
+    from ..data.config import DataConfig
+
+    add_config(
+        p, DataConfig, rename={"spec": "data", "seed": "--split-seed"}, optional=["spec"] if resumable else ()
+    )
 
 
 def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    from ..extract.config import ExtractConfig
+    from ..runs.spec import RunSpec
+
     add_config(p, ExtractConfig, rename={"batch_size": batch_flag})
+    add_config(p, RunSpec, only=["cache_dir"])
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from ..train.config import TrainConfig
+
+    add_config(p, TrainConfig)
+
+
+def _head_args(p: argparse.ArgumentParser) -> None:
+    from ..train.heads import HeadSpec
+
+    add_config(p, HeadSpec, rename={"kind": "--head"})
+
+
+def _input_size(p: argparse.ArgumentParser) -> None:
+    from ..extract.config import ExtractConfig
+
+    add_config(p, ExtractConfig, only=["input_size"])
+
+
+def _cache_dir(p: argparse.ArgumentParser) -> None:
+    from ..runs.spec import RunSpec
+
     add_config(p, RunSpec, only=["cache_dir"])
 
 
 def _run_args(p: argparse.ArgumentParser, out_help: str, resume: bool = True) -> None:
     """--out (and --resume/--overwrite where the verb continues runs): RunSpec's fields."""
+    from ..runs.spec import RunSpec
+
     p.add_argument("--out", required=True, help=out_help)
     add_config(p, RunSpec, only=["resume", "overwrite"] if resume else ["overwrite"])
 
 
 def _views_args(p: argparse.ArgumentParser) -> None:
+    from ..extract.config import Views
+
     helps = field_help(Views)
     p.add_argument("--views", type=int, default=0, help=f"{helps['count']} (default: 0, no views)")
     p.add_argument("--augment", default=None, help=f"{helps['augment']} (default with --views: flip,crop)")
@@ -87,6 +128,194 @@ def _views_args(p: argparse.ArgumentParser) -> None:
 
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("filter", nargs="?", default="*", help="glob over source:name (default: *)")
+    p.add_argument(
+        "--source", default=None, help="torchvision | timm | efficientnet-lite | hf (default: all)"
+    )
+
+
+def _layers(p: argparse.ArgumentParser, depth: int | None = None) -> None:
+    _model_args(p)
+    _input_size(p)
+    text = (
+        "only layers up to this nesting depth" if depth is None else "nesting depth shown (totals cover all)"
+    )
+    p.add_argument("--depth", type=int, default=depth, help=f"{text} (default: {depth or 'all'})")
+    if depth is not None:  # summary
+        from ..runs.finetune import FinetuneConfig
+
+        what = field_help(FinetuneConfig)["train"]
+        p.add_argument(
+            "--train", default=None, help=f"count what a fine-tuning plan trains: {what} (default: none)"
+        )
+    _json(p)
+
+
+def _extract(p: argparse.ArgumentParser) -> None:
+    from ..extract.build import extract
+
+    _model_args(p)
+    _data_args(p)
+    p.add_argument(
+        "--layers",
+        default=",".join(_arg_default(extract, "layers")),
+        help="comma-separated layer names (featcache layers MODEL), or @blocks for every block and the "
+        "classifier's input (default: penultimate)",
+    )
+    _extract_args(p)
+    p.add_argument("--json", action="store_true", help="print each split's row counts as JSON")
+
+
+def _cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc", "compact"], help="what to do")
+    p.add_argument("key", nargs="?", help="table key or unique prefix (info / verify / rm / compact)")
+    p.add_argument(
+        "--unused-days",
+        type=float,
+        default=None,
+        help="gc: also remove whole tables no split was read from for this many days (default: none)",
+    )
+    # Written out, not made from RunSpec: importing the job spec would load every stage for `cache ls`.
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache root (default: $FEATCACHE_HOME, else $XDG_CACHE_HOME/featcache or ~/.cache/featcache)",
+    )
+    _json(p)
+
+
+def _train(p: argparse.ArgumentParser) -> None:
+    from ..runs.train import train_run
+
+    layer = _arg_default(train_run, "layer")
+    _model_args(p, resumable=True)
+    _data_args(p, resumable=True)
+    p.add_argument("--layer", default=layer, help=f"the layer the head trains on (default: {layer})")
+    _head_args(p)
+    _extract_args(p, "--extract-batch-size")
+    _train_args(p)
+    _views_args(p)
+    _run_args(p, "run folder")
+    _folds(p, "K-fold cross-validation on train+val: a head per fold, mean +- std")
+
+
+def _folds(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--folds", type=int, default=0, help=f"{text} (default: 0, off)")
+
+
+def _sweep(p: argparse.ArgumentParser) -> None:
+    from ..runs.sweep import SweepGrid
+
+    _model_args(p)
+    _data_args(p)
+    add_config(p, SweepGrid, skip=["head"], required=["layers"])
+    _head_args(p)
+    _extract_args(p, "--extract-batch-size")
+    _train_args(p)
+    _views_args(p)
+    _run_args(p, "sweep folder (a run folder per combination)", resume=False)
+    _json(p)
+
+
+def _probe(p: argparse.ArgumentParser) -> None:
+    from ..runs.probe import ProbeConfig, probe_run
+    from ..runs.spec import RunSpec
+
+    _model_args(p)
+    _data_args(p)
+    layer = _arg_default(probe_run, "layer")
+    p.add_argument("--layer", default=layer, help=f"the layer to probe (default: {layer})")
+    _extract_args(p)
+    add_config(p, ProbeConfig)
+    _folds(p, "choose the L2 strength by K-fold cross-validation on train+val")
+    p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
+    add_config(p, RunSpec, only=["overwrite"])
+    _json(p)
+
+
+def _finetune(p: argparse.ArgumentParser) -> None:
+    from ..runs.finetune import FinetuneConfig
+
+    _model_args(p, resumable=True)
+    _data_args(p, resumable=True)
+    add_config(p, FinetuneConfig)
+    _extract_args(p, "--extract-batch-size")
+    _train_args(p)
+    _run_args(p, "run folder")
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    from ..export.build import FORMATS
+
+    p.add_argument("run", help="run folder (train, finetune, probe --out), or a sweep folder: its chosen run")
+    p.add_argument(
+        "--format",
+        default=FORMATS[0],
+        help="torchscript (loads with torch alone, any image size) | pt2 (torch.export: torch alone, images "
+        "at the input size) | onnx (onnxruntime alone) | safetensors (featcache's own) "
+        f"(default: {FORMATS[0]})",
+    )
+    p.add_argument("--out", default=None, help="output file (default: RUN/model.ts|.pt2|.onnx|.safetensors)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="weights to rebuild the backbone with if the run's cannot (default: the run's own)",
+    )
+
+
+def _predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported model file, run folder, or sweep folder (its chosen run)")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    _json(p)
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a small, fast version (used by the tests)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    _cache_dir(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+
+
+def _bench(p: argparse.ArgumentParser) -> None:
+    from ..tools.bench import BENCHMARKS
+
+    p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: none, the table only)")
+    p.add_argument("--repeats", type=int, default=3, help="median of this many runs (default: 3)")
+    p.add_argument(
+        "--only", default=None, help=f"comma-separated benchmarks: {', '.join(BENCHMARKS)} (default: all)"
+    )
+
+
+#: verb -> (one line of help, what adds its flags)
+VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "models": ("list model specs, and which load offline (glob filter)", _models),
+    "layers": ("list extractable layers with output shapes, layouts and parameter counts", _layers),
+    "summary": (
+        "model summary: layer, output shape, params, trainable, totals, MACs",
+        lambda p: _layers(p, depth=2),
+    ),
+    "extract": ("extract layers of a frozen backbone over a dataset into the cache", _extract),
+    "cache": ("list, inspect, verify, compact and remove feature tables", _cache),
+    "train": ("train a head on cached features and write a run folder", _train),
+    "sweep": ("one extraction of several layers, a head per layer and setting, chosen on val", _sweep),
+    "probe": ("linear-probe protocol: L2 strength chosen on val, refit on train+val, test once", _probe),
+    "finetune": (
+        "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid",
+        _finetune,
+    ),
+    "export": ("export backbone (truncated at the run's layer) + head as one model for raw images", _export),
+    "predict": ("predict classes of image files with an exported model or a run folder", _predict),
+    "demo": ("the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings", _demo),
+    "bench": ("measure every performance claim side by side, as ratios", _bench),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,6 +341,12 @@ class _Parser(argparse.ArgumentParser):
                 message += f" ({'; '.join(hints)})"
         super().error(message)
 
+    def given(self, argv: Sequence[str]) -> set[str]:
+        """The destinations of the options written in ``argv`` (not left at their defaults)."""
+        verb = next((a for a in argv if a in self._verbs()), None)
+        options = self._verbs()[verb]._option_string_actions if verb else {}
+        return {options[t.split("=")[0]].dest for t in argv if t.split("=")[0] in options}
+
     def _verbs(self) -> dict[str, argparse.ArgumentParser]:
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -119,159 +354,28 @@ class _Parser(argparse.ArgumentParser):
         return {}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every verb."""
+def verb_of(argv: Sequence[str]) -> str | None:
+    """The verb named in ``argv`` (None for ``featcache --help`` or ``--version``)."""
+    return next((a for a in argv if a in VERBS), None)
+
+
+def build_parser(verbs: Iterable[str] | None = None) -> _Parser:
+    """The argument parser of every verb; only ``verbs`` get their flags (None: all), so parsing one
+    verb imports only what its flags are made from.
+
+    Example:
+        >>> build_parser(["train"]).parse_args(["train", "m", "d", "--out", "o"]).epochs
+        30
+    """
     parser = _Parser(
         prog="featcache",
         description="Run a frozen backbone once, cache its activations, train heads on the cache.",
     )
     parser.add_argument("--version", action="version", version=f"featcache {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    _inspect_verbs(sub)
-    _cache_verbs(sub)
-    _head_verbs(sub)
-    _finetune_verb(sub)
-    _output_verbs(sub)
+    chosen = set(VERBS if verbs is None else verbs)
+    for name, (text, add_flags) in VERBS.items():
+        p = _parser(sub, name, text)
+        if name in chosen:
+            add_flags(p)
     return parser
-
-
-def _inspect_verbs(sub: Any) -> None:
-    p = _parser(sub, "models", "list model specs known offline (glob filter)")
-    p.add_argument("filter", nargs="?", default="*", help="glob over source:name (default: *)")
-    p.add_argument("--source", default=None, help="torchvision | timm | efficientnet-lite | hf")
-
-    p = _parser(sub, "layers", "list extractable layers with output shapes, layouts and parameter counts")
-    _model_args(p)
-    add_config(p, ExtractConfig, only=["input_size"])
-    p.add_argument("--depth", type=int, default=None, help="only layers up to this nesting depth")
-    _json(p)
-
-    p = _parser(sub, "summary", "model summary: layer, output shape, params, trainable, totals, MACs")
-    _model_args(p)
-    add_config(p, ExtractConfig, only=["input_size"])
-    p.add_argument("--depth", type=int, default=2, help="nesting depth shown (default: 2; totals cover all)")
-    p.add_argument(
-        "--train",
-        default=None,
-        help=f"count what a fine-tuning plan trains: {field_help(FinetuneConfig)['train']} (default: none)",
-    )
-    _json(p)
-
-
-def _cache_verbs(sub: Any) -> None:
-    p = _parser(sub, "extract", "extract layers of a frozen backbone over a dataset into the cache")
-    _model_args(p)
-    _data_args(p)
-    p.add_argument(
-        "--layers",
-        default=",".join(_arg_default(extract, "layers")),
-        help="comma-separated layer names (featcache layers MODEL) (default: penultimate)",
-    )
-    _extract_args(p)
-    p.add_argument("--json", action="store_true", help="print each split's row counts as JSON")
-
-    p = _parser(sub, "cache", "list, inspect, verify, compact and remove feature tables")
-    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc", "compact"])
-    p.add_argument("key", nargs="?", help="table key or unique prefix (info / verify / rm / compact)")
-    add_config(p, RunSpec, only=["cache_dir"])
-    p.add_argument(
-        "--unused-days",
-        type=float,
-        default=None,
-        help="gc: also remove whole tables no split was read from for this many days (default: none)",
-    )
-    _json(p)
-
-
-def _head_verbs(sub: Any) -> None:
-    layer = _arg_default(train_run, "layer")
-    p = _parser(sub, "train", "train a head on cached features and write a run folder")
-    _model_args(p)
-    _data_args(p)
-    p.add_argument("--layer", default=layer, help=f"the layer the head trains on (default: {layer})")
-    add_config(p, HeadSpec, rename={"kind": "--head"})
-    _extract_args(p, "--extract-batch-size")
-    add_config(p, TrainConfig)
-    _views_args(p)
-    _run_args(p, "run folder")
-    p.add_argument(
-        "--folds",
-        type=int,
-        default=0,
-        help="K-fold cross-validation on train+val: a head per fold, mean +- std (default: 0, off)",
-    )
-
-    p = _parser(sub, "sweep", "one extraction of several layers, a head per layer and setting, chosen on val")
-    _model_args(p)
-    _data_args(p)
-    add_config(p, SweepGrid, skip=["head"], required=["layers"])
-    add_config(p, HeadSpec, rename={"kind": "--head"})
-    _extract_args(p, "--extract-batch-size")
-    add_config(p, TrainConfig)
-    _views_args(p)
-    _run_args(p, "sweep folder (a run folder per combination)", resume=False)
-    _json(p)
-
-    p = _parser(
-        sub, "probe", "linear-probe protocol: L2 strength chosen on val, refit on train+val, test once"
-    )
-    _model_args(p)
-    _data_args(p)
-    layer = _arg_default(probe_run, "layer")
-    p.add_argument("--layer", default=layer, help=f"the layer to probe (default: {layer})")
-    _extract_args(p)
-    add_config(p, ProbeConfig)
-    p.add_argument(
-        "--folds",
-        type=int,
-        default=0,
-        help="choose the L2 strength by K-fold cross-validation on train+val (default: 0, off)",
-    )
-    p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
-    add_config(p, RunSpec, only=["overwrite"])
-    _json(p)
-
-
-def _finetune_verb(sub: Any) -> None:
-    p = _parser(
-        sub, "finetune", "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid"
-    )
-    _model_args(p)
-    _data_args(p)
-    add_config(p, FinetuneConfig)
-    _extract_args(p, "--extract-batch-size")
-    add_config(p, TrainConfig)
-    _run_args(p, "run folder")
-
-
-def _output_verbs(sub: Any) -> None:
-    p = _parser(
-        sub, "export", "export backbone (truncated at the run's layer) + head as one model for raw images"
-    )
-    p.add_argument("run", help="run folder written by `featcache train` / `finetune`")
-    p.add_argument("--format", default="pt", help="pt | torchscript | onnx (default: pt)")
-    p.add_argument("--out", default=None, help="output file (default: RUN/model.<ext>)")
-    p.add_argument("--weights", default=None, help="weights to rebuild the backbone with if the run's cannot")
-
-    p = _parser(sub, "predict", "predict classes of image files with an exported model or a run folder")
-    p.add_argument("model", help="exported model file or run folder")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    _json(p)
-
-    p = _parser(
-        sub, "demo", "the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings"
-    )
-    p.add_argument("--quick", action="store_true", help="a small, fast version (used by the tests)")
-    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    add_config(p, RunSpec, only=["cache_dir"])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-
-    p = _parser(sub, "bench", "measure every performance claim side by side, as ratios")
-    p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--out", default="bench.json", help="where the results go (default: bench.json)")
-    p.add_argument("--repeats", type=int, default=3, help="median of this many runs (default: 3)")
-    p.add_argument("--only", default=None, help="comma-separated benchmark names (default: all)")

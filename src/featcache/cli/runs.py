@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
+from .._config import from_json
+from .._format import format_table
+from .._util import FeatcacheError
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig, finetune_run
+from ..runs.folder import RunRecord
 from ..runs.folds import folds_run
 from ..runs.probe import ProbeConfig, probe_run
-from ..runs.report import format_table
 from ..runs.spec import RunSpec
 from ..runs.sweep import SweepGrid, sweep_run
 from ..runs.train import train_run
 from ..train.config import TrainConfig
 from ..train.heads import HeadSpec
-from .cache import count_text
+from .extract import count_text
 from .flags import from_args
-from .models import print_json
+from .show import print_json
+
+T = TypeVar("T")
 
 
 def run_spec(a: argparse.Namespace, **given: Any) -> RunSpec:
-    """The job spec of a run verb's flags (``given`` fields win)."""
+    """The job spec of a run verb's flags (``given`` fields win); with ``--resume``, the run's own spec
+    from its config.json, with the flags written on the command line on top."""
+    if getattr(a, "resume", False):
+        return resumed(a)[0]
+    if a.model is None or a.data is None:
+        raise FeatcacheError(
+            f"{a.verb} needs MODEL and DATA (or --resume --out DIR to continue the run there from its "
+            "config.json)"
+        )
     fields = a._config_fields
     parts: dict[str, Any] = {
         "data": from_args(DataConfig, a),
@@ -34,11 +48,38 @@ def run_spec(a: argparse.Namespace, **given: Any) -> RunSpec:
     return from_args(RunSpec, a, model=a.model, out=a.out, **{**parts, **given})
 
 
+def written(cls: type[T], a: argparse.Namespace) -> dict[str, Any]:
+    """The fields of config ``cls`` whose flags were written on the command line."""
+    dests = a._config_fields.get(cls, {})
+    return {name: getattr(a, dest) for name, dest in dests.items() if dest in a._given}
+
+
+def resumed(a: argparse.Namespace) -> tuple[RunSpec, RunRecord]:
+    """The spec of the run in ``--out`` (its config.json), with every setting written on the command line
+    on top (the job refuses those that differ from the run)."""
+    spec, record = RunSpec.from_run(a.out, progress=not a.quiet, **written(RunSpec, a))
+    parts: dict[str, Any] = {
+        "data": replace(spec.data, **written(DataConfig, a)),
+        "extract": replace(spec.extract, **written(ExtractConfig, a)),
+        "train": replace(spec.train, **written(TrainConfig, a)),
+    }
+    if a.data is not None:
+        parts["data"] = replace(parts["data"], spec=a.data)
+    if {"views", "augment"} & a._given:
+        parts["views"] = Views.parse(a.views, a.augment)
+    return replace(spec, model=a.model or spec.model, **parts), record
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     if a.folds:
         _folds(a, from_args(HeadSpec, a))
         return
-    run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
+    if a.resume:
+        spec, record = resumed(a)
+        head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
+        run = train_run(spec, a.layer if "layer" in a._given else str(record.layer), head)
+    else:
+        run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
     m = run.metrics
     for split, c in m["cache_rows"].items():
         print(f"{split}: {c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted")
@@ -54,7 +95,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    run = finetune_run(run_spec(a), from_args(FinetuneConfig, a))
+    if a.resume:
+        spec, record = resumed(a)
+        ft = replace(from_json(FinetuneConfig, record.verb["finetune"]), **written(FinetuneConfig, a))
+        run = finetune_run(spec, ft)
+    else:
+        run = finetune_run(run_spec(a), from_args(FinetuneConfig, a))
     m = run.metrics
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
     if "test" in m:

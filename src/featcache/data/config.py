@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._util import FeatcacheError
 from .datasets import DatasetSplits, load_dataset
 
 
@@ -32,7 +33,14 @@ class DataConfig:
     download: bool = False
 
     def load(self) -> DatasetSplits:
-        """The train/val/test splits."""
-        return load_dataset(
+        """The train/val/test splits of a dataset a classifier can learn: two classes or more."""
+        splits = load_dataset(
             self.spec, self.val_fraction, self.test_fraction, self.seed, self.download, self.limit
         )
+        if len(splits.classes) < 2:
+            found = f"one class, {splits.classes[0]!r}" if splits.classes else "no classes"
+            raise FeatcacheError(
+                f"dataset {self.spec!r} has {found}: a classifier needs at least two. Give each class "
+                "its own folder (ROOT/CLASS/image.png), or a manifest with two labels or more"
+            )
+        return splits

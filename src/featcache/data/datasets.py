@@ -30,6 +30,10 @@ class DatasetSplits:
     classes: list[str]
     spec: str
 
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}={len(s)}" for n, s in self.items())
+        return f"DatasetSplits({self.spec!r}, {sizes}, classes={len(self.classes)})"
+
     def items(self) -> list[tuple[str, SampleSet]]:
         """The splits that exist, as (name, samples)."""
         return [

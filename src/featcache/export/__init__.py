@@ -4,7 +4,7 @@ from ..backbones.preprocessing import Preprocessing
 from .build import ExportInfo, build_model
 from .model import ExportedModel
 from .predict import Predictor, load_predictor
-from .save import export_run
+from .save import export_run, load_hint
 
 __all__ = [
     "ExportInfo",
@@ -13,5 +13,6 @@ __all__ = [
     "Preprocessing",
     "build_model",
     "export_run",
+    "load_hint",
     "load_predictor",
 ]

@@ -7,15 +7,17 @@ The exported model takes raw images and returns logits. Its input (see :data:`IN
   fixed-point uint8 kernel, emulated bit for bit), then scaled and normalised;
 - ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
 
-Formats: ``pt`` (a safetensors file of the truncated weights + a JSON sidecar; loading rebuilds the
-structure with featcache, no pickle), ``torchscript`` and ``onnx`` (self-contained: no featcache needed
-to run them; ONNX takes the uint8 convention only). Every file gets a sidecar ``<file>.json`` with the
-class names, preprocessing, layer, pooling and versions.
+Formats (:data:`FORMATS`): ``torchscript`` (the default) and ``pt2`` (``torch.export``) load with torch
+alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only); ``pt2`` takes images already resized
+to the input size (its program has fixed height and width); ``safetensors`` is featcache's own (the
+truncated weights + a JSON sidecar; loading rebuilds the structure with featcache, no pickle). Every file
+gets a sidecar ``<file>.json`` with the class names, preprocessing, layer, pooling and versions.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,20 @@ from ..runs.folder import RunFolder
 from ..train.heads import HeadInfo
 from .model import ExportedModel, Network, Preprocess
 
-FORMATS = ("pt", "torchscript", "onnx")
-SUFFIXES = {"pt": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
+log = logging.getLogger(__name__)
+
+#: export formats, the default first: files that load with torch alone (TorchScript, torch.export),
+#: ONNX Runtime, and featcache's own (safetensors weights, rebuilt by featcache without pickle)
+FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
+SUFFIXES = {"torchscript": ".ts", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 INPUT_CONVENTION = (
     "uint8 (N, H, W, C) RGB 0-255 or float32 (N, C, H, W) in [0, 1], any H and W; returns logits (N, classes)"
 )
 ONNX_INPUT_CONVENTION = "uint8 (N, H, W, C) RGB 0-255, any N, H and W; returns logits (N, classes)"
+PT2_INPUT_CONVENTION = (
+    "uint8 (N, {h}, {w}, {c}) RGB 0-255, images already resized as the run's preprocessing says ({resize}); "
+    "any N; returns logits (N, classes)"
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,8 @@ class ExportInfo:
     """Everything that travels with an exported model (the JSON sidecar and the file's metadata).
 
     Attributes:
-        format: ``pt``, ``torchscript`` or ``onnx`` (``memory`` for a model built from a run folder).
+        format: one of :data:`FORMATS` (``memory`` for a model built from a run folder; ``pt`` in files
+            written before the formats were named for what they are: ``safetensors``).
         model: backbone spec; ``weights``/``weights_id``: the weights the head was trained on.
         layer: the cached layer; ``pool``: pooling at extraction; ``storage_dtype``: the cache dtype.
         classes: class names, in logit order.
@@ -85,6 +96,12 @@ class ExportInfo:
     notes: tuple[str, ...] = ()
     weights_sha256: str = ""
     layout: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ExportInfo(format={self.format!r}, model={self.model!r}, layer={self.layer!r}, "
+            f"classes={len(self.classes)}, input {'x'.join(map(str, self.preprocessing.input_size))})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists): :func:`featcache._config.to_json`."""
@@ -137,7 +154,8 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     """Build the exported model of a run folder in memory (eval mode, on the CPU).
 
     Args:
-        run_dir: a folder written by :func:`featcache.runs.train_run`.
+        run_dir: a folder written by :func:`featcache.runs.train_run` (or ``finetune_run``, ``probe_run``),
+            or a sweep folder (its chosen run).
         weights: weights to rebuild the backbone with (a tag or path) when the run's own
             ``weights_arg`` cannot (e.g. the run got a ``Backbone`` object); default: the run's.
 
@@ -149,10 +167,20 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
         >>> info.classes[:3]  # doctest: +SKIP
         ('0', '1', '2')
     """
-    folder = RunFolder(run_dir)
+    folder, chosen = RunFolder.resolve(run_dir)  # a sweep folder: the run it chose
     record = folder.read_config()
-    if record.kind == "finetune":
-        return _build_finetuned(folder.path, weights)
+    unfinished = folder.unfinished()
+    if unfinished:  # usable (the best finished epoch), but say so, and how to finish it
+        log.warning(unfinished)
+    build = _build_finetuned if record.kind == "finetune" else _build_head_run
+    model, info = build(folder, weights)
+    notes = tuple(n for n in (chosen, unfinished) if n)
+    return model, replace(info, notes=(*info.notes, *notes)) if notes else info
+
+
+def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+    """A head run: the backbone cut at the run's layer, the extraction's pooling, the trained head."""
+    record, run_dir = folder.read_config(), folder.path
     if record.layer is None:
         raise FeatcacheError(f"run config of {str(run_dir)!r} names no layer; export needs a head run")
     run_cfg = record.backbone
@@ -209,8 +237,9 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     return model, info
 
 
-def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+def _build_finetuned(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
     """A fine-tuned run exports whole: preprocessing -> the fine-tuned network's logits (nothing is cut)."""
+    run_dir = folder.path
 
     backbone, record = load_finetuned(run_dir, weights)
     extract, finetune = record.extract, record.verb["finetune"]["train"]
@@ -242,10 +271,10 @@ def _build_finetuned(run_dir: Path, weights: str | None) -> tuple[ExportedModel,
 
 
 def rebuild_model(info: ExportInfo) -> ExportedModel:
-    """The structure of an exported ``pt`` model with random weights (load its state dict next).
+    """The structure of an exported ``safetensors`` model with random weights (load its state dict next).
 
     Example:
-        >>> model = rebuild_model(read_info("model.pt"))  # doctest: +SKIP
+        >>> model = rebuild_model(read_info("model.safetensors"))  # doctest: +SKIP
     """
     pre = info.preprocessing
     backbone = load_backbone(info.model, "none", input_size=pre.input_size)
@@ -296,11 +325,12 @@ def read_info(path: str | Path) -> ExportInfo:
     return ExportInfo.from_dict(json.loads(side.read_text()))
 
 
-def load_pt(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
-    """Load a ``pt`` export: rebuild the structure with featcache, then load the safetensors strictly.
+def load_safetensors(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
+    """Load a ``safetensors`` export (or a ``model.pt`` of older versions, the same content): rebuild the
+    structure with featcache, then load the weights strictly.
 
     Example:
-        >>> model, info = load_pt("runs/mnist/model.pt")  # doctest: +SKIP
+        >>> model, info = load_safetensors("runs/mnist/model.safetensors")  # doctest: +SKIP
     """
 
     path = Path(path)

@@ -1,4 +1,5 @@
-"""Predict classes of raw images with an exported model (``.pt`` / ``.ts`` / ``.onnx``) or a run folder.
+"""Predict classes of raw images with an exported model (``.ts`` / ``.pt2`` / ``.onnx`` / ``.safetensors``,
+and the ``.pt`` safetensors files of older versions) or a run folder.
 
 This module also holds the modules an exported model is made of (:class:`Preprocess`,
 :class:`Network`, :class:`ExportedModel`). The exported model resizes raw uint8 images exactly as
@@ -9,8 +10,10 @@ result so that the model's own resize is the identity; a tensor batch goes to th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +28,12 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.preprocessing import Preprocessing
 from ..data.preprocess import INTERPOLATION
 from ..data.samples import BadImageError, read_image
-from .build import ExportInfo, build_model, load_pt, read_info, sidecar_path
+from .build import FORMATS, ExportInfo, build_model, load_safetensors, read_info, sidecar_path
 
 if TYPE_CHECKING:
     from .build import ExportInfo
 
+log = logging.getLogger(__name__)
 ImageLike = Image.Image | np.ndarray
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -79,6 +83,26 @@ def prepare_image(image: ImageLike, pre: Preprocessing) -> torch.Tensor:
     return canvas.permute(1, 2, 0).contiguous()
 
 
+def prepare_fixed(image: ImageLike, pre: Preprocessing) -> torch.Tensor:
+    """One image as the uint8 ``(h, w, C)`` tensor at the input size, resized (+ centre-cropped) exactly as
+    :func:`featcache.data.to_model_input` does: what a ``pt2`` export (fixed height and width) takes.
+
+    Example:
+        >>> pre = Preprocessing((32, 32), 36, (0.5,) * 3, (0.5,) * 3, "bilinear", 3)
+        >>> tuple(prepare_fixed(Image.new("L", (28, 40)), pre).shape)
+        (32, 32, 3)
+    """
+    t = TF.pil_to_tensor(as_pil(image).convert("L" if pre.channels == 1 else "RGB"))
+    interp = INTERPOLATION[pre.interpolation]
+    if pre.resize_size:
+        t = TF.center_crop(
+            TF.resize(t, [pre.resize_size], interpolation=interp, antialias=True), list(pre.input_size)
+        )
+    else:
+        t = TF.resize(t, list(pre.input_size), interpolation=interp, antialias=True)
+    return t.permute(1, 2, 0).contiguous()
+
+
 class Predictor:
     """Top-k class probabilities from an exported model or a run folder (see :func:`load_predictor`).
 
@@ -93,9 +117,23 @@ class Predictor:
     """
 
     def __init__(
-        self, runner: Runner, info: ExportInfo, device: torch.device, uint8_only: bool = False
+        self,
+        runner: Runner,
+        info: ExportInfo,
+        device: torch.device,
+        uint8_only: bool = False,
+        fixed_size: bool = False,
     ) -> None:
         self._run, self.info, self.device, self.uint8_only = runner, info, device, uint8_only
+        #: the model takes images already at the input size (a ``pt2`` export): prepared per image
+        self.fixed_size = fixed_size
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (
+            f"Predictor({i.model!r}, layer={i.layer!r}, format={i.format!r}, classes={len(i.classes)}, "
+            f"device={str(self.device)!r})"
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -117,7 +155,11 @@ class Predictor:
             images = [images]
         if not images:
             raise ValueError("no images given")
-        return self._forward_prepared([prepare_image(img, self.info.preprocessing) for img in images])
+        return self._forward_prepared([self._prepare(img) for img in images])
+
+    def _prepare(self, image: ImageLike) -> torch.Tensor:
+        """One image as the model takes it (:func:`prepare_image`, or :func:`prepare_fixed`)."""
+        return (prepare_fixed if self.fixed_size else prepare_image)(image, self.info.preprocessing)
 
     def _forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         """Run :func:`prepare_image` outputs, one batch per shape (a single one unless a crop pads)."""
@@ -135,10 +177,12 @@ class Predictor:
             raise ValueError(
                 f"a tensor batch must be uint8 (N, H, W, C) or float (N, C, H, W); got {tuple(x.shape)}"
             )
-        if x.dtype != torch.uint8 and self.uint8_only:  # ONNX takes uint8 NHWC: quantise float NCHW input
+        if x.dtype != torch.uint8 and (self.uint8_only or self.fixed_size):  # quantise float NCHW input
             x = (x.float() * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         elif x.dtype != torch.uint8:
             x = x.float()
+        if self.fixed_size and tuple(x.shape[1:3]) != self.info.preprocessing.input_size:
+            x = torch.stack([prepare_fixed(img.cpu().numpy(), self.info.preprocessing) for img in x])
         return self._run(x).float().cpu()
 
     def top(self, logits: torch.Tensor, top_k: int = 5) -> list[list[dict[str, Any]]]:
@@ -198,7 +242,7 @@ class Predictor:
         ) as bar:
             for i, p in enumerate(paths):
                 try:
-                    pending.append((i, prepare_image(read_image(p), self.info.preprocessing)))
+                    pending.append((i, self._prepare(read_image(p))))
                 except BadImageError as exc:
                     results[i]["error"] = str(exc)
                 except (OSError, ValueError) as exc:  # a decoded image that still cannot be converted
@@ -213,8 +257,9 @@ class Predictor:
         return results
 
 
-def _torch_runner(module: torch.nn.Module, device: torch.device) -> Runner:
-    module = module.to(device).eval()
+def _torch_runner(module: torch.nn.Module, device: torch.device, program: bool = False) -> Runner:
+    # A torch.export program's module is traced in eval mode already (and refuses .eval()).
+    module = module.to(device) if program else module.to(device).eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -255,6 +300,17 @@ def _onnx_info(path: Path) -> ExportInfo:
     return ExportInfo.from_dict(json.loads(meta["featcache"]))
 
 
+def _pt2(path: Path, device: torch.device) -> tuple[Runner, ExportInfo]:
+    extra = {"featcache.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    info = (
+        read_info(path)
+        if sidecar_path(path).is_file()
+        else ExportInfo.from_dict(json.loads(extra["featcache.json"]))
+    )
+    return _torch_runner(program.module(), device, program=True), info
+
+
 def _torchscript(path: Path, device: torch.device) -> tuple[Runner, ExportInfo]:
     extra = {"featcache.json": ""}
     with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
@@ -269,10 +325,12 @@ def _torchscript(path: Path, device: torch.device) -> tuple[Runner, ExportInfo]:
 
 
 def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predictor:
-    """A :class:`Predictor` for an exported file (``.pt`` + sidecar, ``.ts``, ``.onnx``) or a run folder.
+    """A :class:`Predictor` for an exported file (``.ts``, ``.pt2``, ``.onnx``, ``.safetensors`` or an older
+    version's ``.pt``) or a run folder.
 
     Args:
-        path: exported model file, or a run folder (the model is then built in memory, as export does).
+        path: exported model file, or a run or sweep folder (the model is then built in memory, as export
+            does).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Example:
@@ -289,30 +347,41 @@ def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predic
         raise FileNotFoundError(f"{str(p)!r} is neither an exported model file nor a run folder")
     kind = _sniff(p)
     if kind == "onnx":
-        return Predictor(_onnx_runner(p, dev), _onnx_info(p), dev, uint8_only=True)
-    if kind == "torchscript":
+        predictor = Predictor(_onnx_runner(p, dev), _onnx_info(p), dev, uint8_only=True)
+    elif kind == "torchscript":
         runner, info = _torchscript(p, dev)
-        return Predictor(runner, info, dev)
-    model, info = load_pt(p)
-    return Predictor(_torch_runner(model, dev), info, dev)
+        predictor = Predictor(runner, info, dev)
+    elif kind == "pt2":
+        runner, info = _pt2(p, dev)
+        predictor = Predictor(runner, info, dev, fixed_size=True)
+    else:
+        model, info = load_safetensors(p)
+        predictor = Predictor(_torch_runner(model, dev), info, dev)
+    for note in predictor.info.notes:
+        if "unfinished" in note:  # exported from an interrupted run: say how to finish it
+            log.warning("exported from an unfinished run: %s", note)
+    return predictor
 
 
 def _sniff(path: Path) -> str:
-    """``pt`` (safetensors), ``torchscript`` (a zip) or ``onnx``: from the sidecar, else the first bytes."""
+    """One of :data:`~featcache.export.build.FORMATS`: from the sidecar, else the file's bytes (an older
+    version's ``pt`` is ``safetensors``)."""
     side = Path(f"{path}.json")
     if side.is_file():
         fmt = str(json.loads(side.read_text()).get("format", ""))
-        if fmt in ("pt", "torchscript", "onnx"):
-            return fmt
+        if fmt in (*FORMATS, "pt"):
+            return "safetensors" if fmt == "pt" else fmt
     with path.open("rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK"):
-        return "torchscript"
+    if head.startswith(b"PK"):  # a zip: torch.export's archive, or TorchScript's
+        with zipfile.ZipFile(path) as z:
+            return "pt2" if any(n.endswith("/archive_format") for n in z.namelist()) else "torchscript"
     if len(head) >= 9 and head[8:9] == b"{":
-        return "pt"
+        return "safetensors"
     if path.suffix == ".onnx":
         return "onnx"
     raise FeatcacheError(
-        f"cannot tell the format of {str(path)!r}: expected a featcache export (.pt with its .json sidecar, "
-        ".ts or .onnx); export one with `featcache export RUN --format pt|torchscript|onnx`"
+        f"cannot tell the format of {str(path)!r}: expected a featcache export (.ts, .pt2, .onnx, or "
+        ".safetensors with its .json sidecar); export one with `featcache export RUN --format "
+        f"{'|'.join(FORMATS)}`"
     )

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._util import FeatcacheError, unknown
+from ..backbones.layers import expand_layers
+from ..backbones.registry import Backbone
 from ..cache.writer import STORAGE_DTYPES
 from ..data.preprocess import normalize_augment
 from ..data.samples import BAD_IMAGE_POLICIES
@@ -73,8 +75,9 @@ class ExtractConfig:
             raise FeatcacheError(f"batch size must be >= 1, got {self.batch_size}")
 
 
-def parse_layers(layers: str | Sequence[str]) -> tuple[str, ...]:
-    """Layer names from a comma list (spaces allowed) or a sequence, in order, without repeats.
+def parse_layers(layers: str | Sequence[str], backbone: Backbone | None = None) -> tuple[str, ...]:
+    """Layer names from a comma list (spaces allowed) or a sequence, in order, without repeats; with a
+    ``backbone``, sets such as ``@blocks`` expanded (:func:`~featcache.backbones.layers.expand_layers`).
 
     Example:
         >>> parse_layers("blocks.4, penultimate")
@@ -84,7 +87,7 @@ def parse_layers(layers: str | Sequence[str]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
     if not names:
         raise FeatcacheError(f"no layers named in {layers!r}; run `featcache layers MODEL` to list them")
-    return names
+    return tuple(expand_layers(backbone, names)) if backbone is not None else names
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..data.samples import SampleSet
 from ..extract.build import extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
-from ..train.fit import fit
+from ..train.fit import TrainingInterrupted, fit, predict_logits
 from ..train.freeze import (
     FreezePlan,
     Suffix,
@@ -173,6 +173,13 @@ class FinetuneRun:
     plan: FreezePlan
     model: nn.Module
 
+    def __repr__(self) -> str:
+        test = f", test_acc={self.metrics['test']['acc']:.4g}" if "test" in self.metrics else ""
+        return (
+            f"FinetuneRun({str(self.dir)!r}, train={self.config['finetune']['train']!r}, "
+            f"mode={self.metrics.get('mode')!r}, epochs={len(self.metrics.get('history', []))}{test})"
+        )
+
     def history_rows(self) -> list[dict[str, float]]:
         """Per-epoch rows of the training history."""
         return list(self.metrics["history"])
@@ -257,6 +264,8 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     device = resolve_device(spec.train.device)
     backbone = spec.backbone()
     splits = spec.data.load()
+    spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
+    spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(
         backbone,
@@ -288,22 +297,32 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-    result = fit(
-        trained,
-        src["train"],
-        src.get("val"),
-        len(splits.classes),
-        spec.train,
-        spec.progress,
-        folder.checkpoint,
-        spec.resume,
-        param_groups=opt_groups,
-        train_mode=mode_fn,
-    )
+    try:
+        result = fit(
+            trained,
+            src["train"],
+            src.get("val"),
+            len(splits.classes),
+            spec.train,
+            spec.progress,
+            folder.checkpoint,
+            spec.resume,
+            param_groups=opt_groups,
+            train_mode=mode_fn,
+        )
+    except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+        result = stop.result
     metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
+    test = next(((n, s) for n, s in (("test", splits.test), ("val", splits.val)) if s is not None), None)
+    if test is not None:
+        logits = predict_logits(trained, src[test[0]])
+        labels = torch.as_tensor(test[1].labels)
+        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes)
+    if not result.finished:
+        raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
 
 

@@ -10,10 +10,12 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import platform
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
 from .report import plot_confusion, plot_curves
 
+log = logging.getLogger(__name__)
+
 KINDS = ("train", "finetune", "probe", "sweep")
 # Files a run writes; an --overwrite removes them all before the new run writes anything, so a killed
 # overwrite can never be resumed as a mix of two runs.
@@ -46,6 +50,8 @@ RUN_FILES = (
     "trainable.safetensors",
     "curves.png",
     "confusion.png",
+    "history.csv",
+    "misclassified.csv",
     "sweep.json",
     "sweep.png",
 )
@@ -81,6 +87,7 @@ class RunRecord:
             layout (what pooling averaged over; export pools the same way).
         cache_keys / view_keys: the feature tables the run read; ``split_keys``: each split as read
             (the table, the rows' content digests in order, labels and classes).
+        cache_dir: the cache root given to the run (None: the default one).
         head / train: the head spec and trainer settings as dicts.
         verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
             at the top level of ``config.json``.
@@ -104,11 +111,18 @@ class RunRecord:
     cache_keys: dict[str, str] = field(default_factory=dict)
     split_keys: dict[str, str] = field(default_factory=dict)
     view_keys: tuple[str, ...] = ()
+    cache_dir: str | None = None
     head: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     verb: dict[str, Any] = field(default_factory=dict)
     featcache_version: str = __version__
     environment: dict[str, Any] = field(default_factory=environment)
+
+    def __repr__(self) -> str:
+        return (
+            f"RunRecord(kind={self.kind!r}, model={self.model!r}, layer={self.layer!r}, "
+            f"classes={len(self.classes)}, cache_keys={len(self.cache_keys)})"
+        )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -162,6 +176,12 @@ class Run:
     head: Head
     head_info: HeadInfo
 
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.dir)!r}, kind={self.record.kind!r}, layer={self.record.layer!r}, "
+            f"head={self.head_info.spec.kind!r}, classes={len(self.record.classes)}{_scores(self.metrics)})"
+        )
+
     @property
     def config(self) -> dict[str, Any]:
         """``config.json`` as written."""
@@ -204,6 +224,27 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+    @classmethod
+    def resolve(cls, path: str | Path) -> tuple[RunFolder, str]:
+        """The run folder at ``path``; for a sweep folder, the run it chose, and a line saying so ("" for
+        a run folder), so export, predict and load_run take either.
+
+        Example:
+            >>> folder, note = RunFolder.resolve("runs/sweep")  # doctest: +SKIP
+            >>> note  # doctest: +SKIP
+            "runs/sweep is a sweep: using its chosen run 03-blocks.4 (layer blocks.4, val acc 0.946)"
+        """
+        folder = cls(path)
+        sweep = folder.path / "sweep.json"
+        if (folder.path / "config.json").is_file() or not sweep.is_file():
+            return folder, ""
+        best = json.loads(sweep.read_text())["best"]
+        note = (
+            f"{folder.path} is a sweep: using its chosen run {best['run']} (layer {best['layer']}, val acc "
+            f"{best['val_acc']:.4g}, chosen on the validation split)"
+        )
+        return cls(folder.path / best["run"]), note
 
     @property
     def checkpoint(self) -> Path:
@@ -322,12 +363,81 @@ class RunFolder:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self.path / name))
         default_mode(self.path / name)  # safetensors writes 0600; runs are shared like any output
 
+    def unfinished(self, verb: str | None = None) -> str:
+        """What to say about a run interrupted before its last epoch ("" for a finished run or one that
+        never trained by epochs): what it holds and the command that finishes it.
+
+        Example:
+            >>> RunFolder("runs/mnist").unfinished()  # doctest: +SKIP
+            'runs/mnist is unfinished (interrupted after epoch 3 of 30) ...'
+        """
+        metrics = self.read_metrics()
+        if metrics.get("finished", True):
+            return ""
+        record = self.read_config()
+        verb = verb or record.kind
+        epochs = (record.train or {}).get("epochs", "?")
+        return (
+            f"{self.path} is unfinished (interrupted after epoch {len(metrics.get('history', []))} of "
+            f"{epochs}): it holds the best {'head' if record.kind != 'finetune' else 'weights'} of the "
+            f"finished epochs; `featcache {verb} --resume --out {self.path}` finishes it"
+        )
+
     def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
-        """``curves.png`` (runs that trained by epochs) and ``confusion.png`` (when there is a test split)."""
+        """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
+        there is a test split)."""
         if "history" in metrics:
             plot_curves(dict(metrics), self.path / "curves.png", title)
+            self._write_csv("history.csv", list(metrics["history"]))
         if "test" in metrics:
             plot_confusion(metrics["test"]["confusion"], classes, self.path / "confusion.png")
+
+    def write_misclassified(
+        self, split: str, ids: list[str], labels: torch.Tensor, logits: torch.Tensor, classes: list[str]
+    ) -> int:
+        """``misclassified.csv``: the rows of ``split`` the model gets wrong, highest loss first, with the
+        sample id (the file's path under the dataset, or its index); returns how many.
+
+        Example:
+            >>> folder.write_misclassified("test", feats.ids, feats_y, logits, classes)  # doctest: +SKIP
+            37
+        """
+        if len(ids) != len(logits):  # rows dropped on the way (skipped bad images): ids would not match
+            return 0
+        probs = torch.softmax(logits.double(), 1)
+        y = torch.as_tensor(labels).long().cpu()
+        pred = probs.argmax(1)
+        p_true = probs.gather(1, y[:, None])[:, 0]
+        wrong = torch.nonzero(pred != y)[:, 0]
+        order = wrong[torch.argsort(p_true[wrong], stable=True)]  # the least likely truth: the highest loss
+        rows = [
+            {
+                "rank": rank,
+                "split": split,
+                "id": ids[i],
+                "true": classes[int(y[i])],
+                "predicted": classes[int(pred[i])],
+                "p_true": round(float(p_true[i]), 6),
+                "p_predicted": round(float(probs[i, pred[i]]), 6),
+                "loss": round(float(-torch.log(p_true[i].clamp_min(1e-300))), 6),
+            }
+            for rank, i in enumerate(order.tolist(), 1)
+        ]
+        fields = ["rank", "split", "id", "true", "predicted", "p_true", "p_predicted", "loss"]
+        self._write_csv("misclassified.csv", rows, fields)
+        return len(rows)
+
+    def _write_csv(
+        self, name: str, rows: Sequence[Mapping[str, Any]], fields: list[str] | None = None
+    ) -> None:
+        """A CSV file of the run (a header, then a line per row) that pandas reads as is."""
+        columns = fields or list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.path / f".{name}.tmp"
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path / name)
 
     def write_json(self, name: str, obj: Any) -> None:
         """Another JSON file of the run (``sweep.json``)."""
@@ -353,13 +463,22 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
     return out
 
 
+def _scores(metrics: Mapping[str, Any]) -> str:
+    """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics."""
+    return "".join(
+        f", {split}_acc={metrics[split]['acc']:.4g}" for split in ("val", "test") if split in metrics
+    )
+
+
 def load_run(run_dir: str | Path) -> Run:
-    """Load a run folder: config, metrics and the trained head.
+    """Load a run folder (or a sweep folder's chosen run): config, metrics and the trained head.
 
     Example:
         >>> run = load_run("runs/mnist")  # doctest: +SKIP
         >>> run.metrics["test"]["acc"]  # doctest: +SKIP
     """
-    folder = RunFolder(run_dir)
+    folder, note = RunFolder.resolve(run_dir)
+    if note:
+        log.info(note)
     head, info = folder.load_head()
     return Run(folder.path, folder.read_config(), folder.read_metrics(), head, info)

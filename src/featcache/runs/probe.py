@@ -22,6 +22,7 @@ from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
 from .spec import RunSpec
+from .train import write_mistakes
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
 METRICS = ("acc", "balanced-acc")
@@ -92,8 +93,8 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        test = f", test {self.test['acc']:.4f}" if self.test else ""
-        return f"ProbeResult(strength={self.strength:g}{test}, {len(self.sweep)} strengths)"
+        test = f", test_acc={self.test['acc']:.4g}" if self.test else ""
+        return f"ProbeResult(strength={self.strength:g}, strengths tried={len(self.sweep)}{test})"
 
 
 @dataclass
@@ -320,6 +321,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     spec.no_resume("probe")
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
+    layer = spec.one_layer(backbone, layer, "probe")
     feats, _ = spec.extract_all(backbone, spec.data.load(), [layer])
     if "val" not in feats:
         raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
@@ -353,4 +355,5 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
         }
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
+        write_mistakes(folder, res.head, feats, layer, spec.train)
     return res

@@ -8,17 +8,28 @@ from typing import Any
 
 import matplotlib
 
+from .._format import format_table  # noqa: F401  (the plain-text tables live without matplotlib)
+
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 import numpy as np
 
 
 def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcache training") -> Path:
-    """Train loss per step and validation accuracy per epoch vs examples seen (accuracy on a second axis).
+    """Train loss per step and validation accuracy per epoch vs examples seen (accuracy on a second axis,
+    scaled to the accuracies shown), the best epoch marked.
 
     Example:
         >>> plot_curves(json.load(open("run/metrics.json")), "run/curves.png")  # doctest: +SKIP
     """
+    fig = curves_figure(metrics, title)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves_figure(metrics: dict[str, Any], title: str = "featcache training") -> Any:
+    """The figure :func:`plot_curves` saves (a matplotlib ``Figure``)."""
     history = metrics["history"]
     per_epoch = int(metrics["examples_per_epoch"])
     steps = metrics["step_losses"]
@@ -33,6 +44,9 @@ def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcac
     )
     if history and "val_loss" in history[0]:
         ax.plot(ex, [h["val_loss"] for h in history], color="tab:orange", marker="o", ms=3, label="val loss")
+    best = metrics.get("best_epoch")
+    if best:
+        ax.axvline(best * per_epoch, color="grey", ls=":", lw=1.2, label=f"best epoch ({best})")
     ax.set_xlabel("examples seen")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
@@ -46,15 +60,16 @@ def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcac
         if test is not None:
             ax2.axhline(test, color="tab:red", ls="--", lw=1, label=f"test accuracy {test:.3f}")
         ax2.set_ylabel("accuracy")
-        ax2.set_ylim(0, 1.02)
+        shown = [h["val_acc"] for h in history] + ([test] if test is not None else [])
+        lo, hi = min(shown), max(shown)
+        pad = max(0.02, 0.1 * (hi - lo))  # the accuracies' own range: 0.95 vs 0.97 stays visible
+        ax2.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + 0.005)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="center right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_confusion(
@@ -139,31 +154,3 @@ def plot_sweep(
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain aligned text table; floats get 4 significant digits.
-
-    Example:
-        >>> print(format_table([{"layer": "layer3", "acc": 0.91234}]))
-        layer   acc
-        ------  ------
-        layer3  0.9123
-    """
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-        if isinstance(v, int) and not isinstance(v, bool):
-            return f"{v:,}" if abs(v) >= 1e4 else str(v)
-        return "-" if v is None else str(v)
-
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .._config import to_json
+from .._config import from_json, to_json
 from .._util import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
 from ..extract.build import extract_splits, extract_views
-from ..extract.config import ExtractConfig, Views
+from ..extract.config import ExtractConfig, Views, parse_layers
+from ..extract.extractor import resolved_cfg
 from ..train.config import TrainConfig
 from .folder import RunFolder, RunRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,32 @@ class RunSpec:
         if isinstance(self.data, str):  # a bare dataset spec is the common case from Python
             object.__setattr__(self, "data", DataConfig(self.data))
 
+    @classmethod
+    def from_run(cls, out: str | Path, **given: Any) -> tuple[RunSpec, RunRecord]:
+        """The spec of the run in ``out``, read from its ``config.json``, to resume it with nothing
+        retyped; ``given`` fields win (the job still checks them against the run when it resumes).
+
+        Returns the spec (with ``resume``) and the run's record (its layer, head, fine-tuning plan).
+
+        Example:
+            >>> spec, record = RunSpec.from_run("runs/mnist")  # doctest: +SKIP
+            >>> run = train_run(spec, record.layer, HeadSpec(**record.head))  # doctest: +SKIP
+        """
+        record = RunFolder(out).read_config()
+        ex = record.extract
+        spec = cls(
+            record.model,
+            from_json(DataConfig, record.data),
+            out,
+            record.weights_arg,
+            record.extract_config(),
+            from_json(TrainConfig, record.train or {}),
+            Views(int(ex["views"]), ex["augment"]) if ex.get("views") else None,
+            cache_dir=record.cache_dir,
+            resume=True,
+        )
+        return replace(spec, **given), record
+
     def backbone(self) -> Backbone:
         """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
         if isinstance(self.model, Backbone):
@@ -74,6 +105,44 @@ class RunSpec:
         return RunFolder.prepare(
             self.out, self.resume, self.overwrite, resumable=verb in ("train", "finetune")
         )
+
+    def one_layer(self, backbone: Backbone, layer: str, verb: str) -> str:
+        """The single layer a ``train`` or ``probe`` job trains on (a set like ``@blocks`` is refused)."""
+        names = parse_layers(layer, backbone)
+        if len(names) != 1:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise FeatcacheError(
+                f"{verb} trains on one layer, but {layer!r} names {len(names)} ({shown}); "
+                f"`featcache sweep --layers {layer}` trains a head on each and chooses on val"
+            )
+        return names[0]
+
+    def say(self, text: str) -> None:
+        """A line for the user: on stderr (stdout stays the results') with progress, else logged."""
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            log.info(text)
+
+    def announce(
+        self, verb: str, backbone: Backbone, splits: DatasetSplits, what: str, train: TrainConfig | None
+    ) -> None:
+        """The start-of-run line: model, input size and preprocessing, what trains, images and classes,
+        and ``train``'s batch size with its steps per epoch (an automatic one decided for the split)."""
+        pre = resolved_cfg(backbone, self.extract).preprocessing
+        h, w = pre.input_size
+        sizes = " / ".join(f"{len(s)} {n}" for n, s in splits.items())
+        line = (
+            f"{verb}: {backbone.cfg.spec} (weights {backbone.cfg.weights}), input {h}x{w}: "
+            f"{pre.describe()}; {what}; {splits.spec}: {sizes} images, {len(splits.classes)} classes"
+        )
+        if train is not None:
+            rows = len(splits.train)
+            auto = " (auto)" if train.batch_size is None else ""
+            line += (
+                f"; batch size {train.batch_for(rows)}{auto}, {train.steps_per_epoch(rows)} steps per epoch"
+            )
+        self.say(line)
 
     def no_resume(self, verb: str) -> None:
         """Verbs that restart from scratch refuse ``resume`` instead of ignoring it."""
@@ -129,5 +198,6 @@ class RunSpec:
             split_keys={k: v.split_key for k, v in feats.items()},
             view_keys=tuple(v.key for v in views),
             verb=verb,
+            cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
             **typed,
         )

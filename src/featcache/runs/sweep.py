@@ -25,31 +25,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, best_on_val
-from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
-from ..train.fit import TrainingDiverged
-from ..train.freeze import block_names
+from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
 from .spec import RunSpec
-from .train import train_on_cache
+from .train import train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
-
-
-def block_layers(backbone: Backbone) -> list[str]:
-    """Every block of the backbone (ResNet ``layerK.i``, timm/EfficientNet ``blocks.N``, ViT blocks) and
-    the classifier's input: what ``--layers blocks`` sweeps.
-
-    Example:
-        >>> block_layers(load_backbone("efficientnet-lite0"))[-2:]  # doctest: +SKIP
-        ['blocks.6', 'penultimate']
-    """
-
-    return block_names(backbone.model) + (["penultimate"] if backbone.cfg.classifier else [])
 
 
 def grid(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfig]:
@@ -75,6 +61,13 @@ class SweepResult:
     extract_seconds: float
     out: Path
 
+    def __repr__(self) -> str:
+        b = self.best
+        return (
+            f"SweepResult({str(self.out)!r}, {len(self.rows)} runs, best={b['layer']!r} ({b['run']}) "
+            f"val_acc={b['val_acc']:.4g})"
+        )
+
 
 def _varied(configs: Sequence[TrainConfig]) -> list[str]:
     """The TrainConfig fields that differ between the configs (the sweep's axes)."""
@@ -87,7 +80,7 @@ class SweepGrid:
     """What a sweep varies: the layers (from one backbone pass), and trainer settings per layer.
 
     Attributes:
-        layers: layer names, or ``("blocks",)`` for every block and the classifier's input.
+        layers: layer names; ``@blocks`` is every block and the classifier's input.
         head: the head trained on each layer.
         lrs: learning rates to try (empty: the spec's ``train.lr``).
         weight_decays: weight decays to try (empty: the spec's ``train.weight_decay``).
@@ -124,14 +117,16 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         >>> res.best["layer"], res.best["val_acc"]  # doctest: +SKIP
     """
     spec.no_resume("sweep")
-    configs = sweep.configs(spec.train)
     backbone = spec.backbone()
-    layers = block_layers(backbone) if sweep.layers == ("blocks",) else list(sweep.layers)
+    layers = list(parse_layers(sweep.layers, backbone))
     splits = spec.data.load()
     if splits.val is None or not len(splits.val):
         raise FeatcacheError(
             "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
         )
+    configs = sweep.configs(spec.train.resolved(len(splits.train)))
+    what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
+    spec.announce("sweep", backbone, splits, what, spec.train)
     folder = spec.folder("sweep")
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
@@ -144,6 +139,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
+    at_last: list[bool] = []  # per trained run: was its best epoch the last one?
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     for layer, cfg in itertools.product(layers, configs):
         settings = {k: getattr(cfg, k) for k in axes}
@@ -159,6 +155,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         out = _train_one(child, record, feats, views, sweep.head, cfg)
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
         rows.append({"layer": layer, **in_shape, **settings, **out})
+        if "best_epoch" in out:
+            at_last.append(out["best_epoch"] == cfg.epochs)
         trained = _trained(rows)
         if trained:
             best = best_on_val(trained)
@@ -168,6 +166,13 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     if not _trained(rows):
         raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
     best = best_on_val(_trained(rows))
+    warnings = []
+    if at_last and all(at_last):
+        warnings.append(
+            f"still improving: every run's best epoch was its last ({configs[0].epochs}); raise --epochs, "
+            "the choice of layer may change"
+        )
+        log.warning(warnings[-1])
     summary = {
         "model": backbone.cfg.spec,
         "layers": list(layers),
@@ -179,6 +184,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         "chosen_on": "val_acc (ties: val_loss)",
         "best": best,
         "rows": rows,
+        "warnings": warnings,
     }
     folder.write_json("sweep.json", summary)
     title = f"{backbone.cfg.spec}: {sweep.head.kind} head per layer"
@@ -205,6 +211,13 @@ def _train_one(
     folder.save_head(head, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
+    write_mistakes(folder, head, feats, layer, cfg)
+    if not result.finished:
+        raise TrainingInterrupted(
+            result,
+            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); a sweep does "
+            "not resume: run it again with --overwrite",
+        )
     return {
         "shape": list(info.in_shape),
         "val_acc": metrics["val"]["acc"],

@@ -6,6 +6,7 @@ cached layer, fitted on the train split (or its cached augmented views), evaluat
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -21,10 +22,10 @@ from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
-from ..train.fit import FitResult, evaluate, fit
+from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
-from .folder import Run
+from .folder import Run, RunFolder
 from .spec import RunSpec
 
 
@@ -36,10 +37,13 @@ def evaluate_splits(
         "history": result.history,
         "step_losses": result.step_losses,
         "examples_per_epoch": result.examples_per_epoch,
+        "batch_size": result.batch_size,
+        "steps_per_epoch": math.ceil(result.examples_per_epoch / max(1, result.batch_size)),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
         "fast_paths": result.extra,
+        "finished": result.finished,
     }
     for split in ("val", "test"):
         if sources.get(split) is not None:
@@ -47,6 +51,17 @@ def evaluate_splits(
                 model, sources[split], num_classes, front_once=result.extra.get("fast_paths", True)
             )
     return metrics
+
+
+def write_mistakes(
+    folder: RunFolder, head: nn.Module, feats: Mapping[str, CachedFeatures], layer: str, config: TrainConfig
+) -> None:
+    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids."""
+    split = next((s for s in ("test", "val") if s in feats), None)
+    if split is not None:
+        cached = feats[split]
+        data = source_for(cached, layer, resolve_device(config.device), config.ram_budget_gb)
+        folder.write_misclassified(split, cached.ids, data.y, predict_logits(head, data), cached.classes)
 
 
 def train_on_cache(
@@ -90,7 +105,10 @@ def train_on_cache(
     sources: dict[str, FeatureSource] = {
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
-    result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
+    try:
+        result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
+    except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+        result = stop.result
     return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 
@@ -110,20 +128,23 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     head = head or HeadSpec()
     folder = spec.folder("train")
     backbone = spec.backbone()
+    layer = spec.one_layer(backbone, layer, "train")
     splits = spec.data.load()
+    train = spec.train.resolved(len(splits.train))
+    spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
     _check_head_fits(spec, backbone, splits, layer, head)
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, [layer])
     extract_seconds = time.perf_counter() - t0
     record = spec.record(
-        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(spec.train)
+        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(train)
     )
     if spec.resume:
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
-    trained, info, _, metrics = train_on_cache(
-        feats, layer, head, spec.train, spec.progress, folder.checkpoint, spec.resume, views
+    trained, info, result, metrics = train_on_cache(
+        feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
     )
     metrics["extract_seconds"] = extract_seconds
     named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
@@ -134,7 +155,11 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")
-    return Run(folder.path, record, metrics, trained, info)
+    write_mistakes(folder, trained, feats, layer, train)
+    run = Run(folder.path, record, metrics, trained, info)
+    if not result.finished:
+        raise TrainingInterrupted(result, folder.unfinished("train"))
+    return run
 
 
 def _check_head_fits(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._util import resolve_device, write_json
+from .._util import resolve_device, unknown, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.writer import write_segment
@@ -398,6 +400,30 @@ class _Bench:
             "detail": f"suffix forward MACs = {cost:.3f} of the whole network; expected (1 + 2s) / 3s",
         }
 
+    def startup(self) -> list[dict[str, Any]]:
+        """Seconds to start ``featcache --help`` (the parser alone) and ``featcache cache ls`` (the store,
+        which needs torch), each in a new process, beside Python itself and Python importing torch."""
+        src = str(Path(__file__).resolve().parents[2])  # this featcache, not another one on the path
+        env = {**os.environ, "PYTHONPATH": src, "FEATCACHE_HOME": str(self.tmp / "empty-cache")}
+
+        def timed(*args: str) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, *args], env=env, capture_output=True, check=True)
+                return time.perf_counter() - t0
+
+            return run
+
+        rows = []
+        for argv, (label, base) in (
+            (("--help",), ("python -c pass", ("-c", "pass"))),
+            (("cache", "ls"), ("python -c 'import torch'", ("-c", "import torch"))),
+        ):
+            cmd, ref = _interleaved(timed("-m", "featcache", *argv), timed(*base), self.repeats)
+            name = f"start-up: featcache {' '.join(argv)} (baseline: {label})"
+            rows.append(_row(name, cmd, ref, None, ("featcache", label)))
+        return rows
+
     def cache_hit(self) -> dict[str, Any]:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""
         cache_dir = self.fresh_cache()
@@ -636,6 +662,7 @@ BENCHMARKS = (
     "relabel_rerun",
     "added_images",
     "content_digests",
+    "startup",
     "gpu",
 )
 
@@ -643,20 +670,24 @@ BENCHMARKS = (
 def run_bench(
     quick: bool = False,
     device: str = "auto",
-    out: str | Path = "bench.json",
+    out: str | Path | None = None,
     repeats: int = 3,
     only: list[str] | None = None,
     progress: bool = True,
     config: BenchConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmarks, print the table and write the JSON; returns the JSON object.
+    """Run the benchmarks (``only``: these of :data:`BENCHMARKS`), print the table and write the JSON to
+    ``out`` (None: no file); returns the JSON object.
 
     Example:
         >>> result = run_bench(quick=True, out="/tmp/bench.json", repeats=1)  # doctest: +SKIP
     """
     cfg = config or (QUICK if quick else BenchConfig())
     dev = resolve_device(device)
-    names = only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"]
+    for name in only or ():
+        if name not in BENCHMARKS:
+            raise unknown("benchmark", name, BENCHMARKS, f"--only takes names of {', '.join(BENCHMARKS)}.")
+    names = list(only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"])
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
         bench = _Bench(cfg, dev, 1 if quick else repeats, progress, Path(tmp))
@@ -681,7 +712,8 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    write_json(out, doc)
+    if out is not None:
+        write_json(out, doc)
     print(
         format_table(
             [
@@ -697,7 +729,7 @@ def run_bench(
             ]
         )
     )
-    print(f"\n{environment()}\nwritten to {out}")
+    print(f"\n{environment()}\n" + (f"written to {out}" if out else "pass --out FILE to keep the JSON"))
     return doc
 
 

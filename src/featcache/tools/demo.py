@@ -178,7 +178,7 @@ def _naive_epochs(cfg: DemoConfig, bb: Backbone, spec: RunSpec, run: Run, head_s
     pre = resolved_cfg(bb, spec.extract)
     naive = []
     for _ in range(cfg.naive_epochs):
-        seconds, acc = naive_epoch(ex, cfg.layer, head, splits.train, splits.val, pre, tcfg.batch_size, opt)
+        seconds, acc = naive_epoch(ex, cfg.layer, head, splits.train, splits.val, pre, cfg.batch_size, opt)
         naive.append(seconds)
         print(f"  naive epoch: {seconds:.2f} s (val acc {acc:.3f})")
     return naive

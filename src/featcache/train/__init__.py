@@ -1,7 +1,7 @@
 """Training on cached features: heads, the fast trainer, and freezing plans for fine-tuning."""
 
 from .config import TrainConfig
-from .fit import FitResult, TrainingDiverged, evaluate, fit
+from .fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit
 from .heads import Head, HeadInfo, HeadSpec, build_head
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "HeadSpec",
     "TrainConfig",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "build_head",
     "evaluate",
     "fit",

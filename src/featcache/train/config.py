@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 
 from .._util import FeatcacheError, unknown
 
@@ -10,6 +11,23 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 MONITORS = ("val_loss", "val_acc")
 CLASS_WEIGHTS = ("none", "balanced")
+#: the automatic batch size gives an epoch at least this many steps, within [MIN_BATCH, MAX_BATCH]
+STEPS_PER_EPOCH = 20
+MIN_BATCH, MAX_BATCH = 16, 256
+
+
+def auto_batch_size(rows: int) -> int:
+    """The power of two that gives ``rows`` at least :data:`STEPS_PER_EPOCH` steps per epoch, kept
+    between 16 and 256: 256 on large splits, and on a 256-image split 16 (16 steps), not one step.
+
+    Example:
+        >>> auto_batch_size(256), auto_batch_size(3600), auto_batch_size(100_000)
+        (16, 128, 256)
+    """
+    size = MAX_BATCH
+    while size > MIN_BATCH and math.ceil(rows / size) < STEPS_PER_EPOCH:
+        size //= 2
+    return size
 
 
 @dataclass(frozen=True)
@@ -18,7 +36,8 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training split.
-        batch_size: rows per step.
+        batch_size: rows per step; auto (None): the largest power of two from 16 to 256 that gives an
+            epoch at least 20 steps (256 on splits of 20 x 256 rows and more, 16 on 256 rows).
         lr: peak learning rate.
         optimizer: ``adamw``, ``adam`` or ``sgd`` (with ``momentum``).
         momentum: SGD momentum.
@@ -44,7 +63,7 @@ class TrainConfig:
     """
 
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int | None = field(default=None, metadata={"none": "auto"})
     lr: float = 1e-3
     optimizer: str = "adamw"
     momentum: float = 0.9
@@ -73,7 +92,24 @@ class TrainConfig:
             raise unknown("schedule", self.schedule, SCHEDULES, "Use --schedule cosine|constant.")
         if self.monitor not in MONITORS:
             raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc.")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or (self.batch_size is not None and self.batch_size < 1) or self.lr <= 0:
             raise FeatcacheError(
                 f"epochs, batch size and lr must be positive: {self.epochs}, {self.batch_size}, {self.lr}"
             )
+
+    def resolved(self, rows: int) -> TrainConfig:
+        """This config with an automatic batch size decided for a training split of ``rows`` rows.
+
+        Example:
+            >>> TrainConfig().resolved(256).batch_size
+            16
+        """
+        return replace(self, batch_size=self.batch_for(rows))
+
+    def batch_for(self, rows: int) -> int:
+        """The batch size for a training split of ``rows`` rows: the set one, else the automatic one."""
+        return self.batch_size if self.batch_size is not None else auto_batch_size(rows)
+
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimiser steps in one epoch over ``rows`` training rows."""
+        return math.ceil(rows / self.batch_for(rows))

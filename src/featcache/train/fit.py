@@ -43,6 +43,14 @@ class FitResult:
     examples_per_epoch: int
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 0
+    finished: bool = True
+
+    def __repr__(self) -> str:
+        return (
+            f"FitResult(epochs={len(self.history)}, best_epoch={self.best_epoch}, "
+            f"stopped_early={self.stopped_early}, seconds={self.seconds:.3g})"
+        )
 
 
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
@@ -137,6 +145,21 @@ def class_weights(y: torch.Tensor | None, num_classes: int, mode: str) -> torch.
     return (len(y) / (num_classes * counts.clamp_min(1))).to(y.device)
 
 
+@torch.no_grad()
+def predict_logits(head: nn.Module, data: BatchSource, batch_size: int = 1024) -> torch.Tensor:
+    """The logits ``(N, classes)`` of every row of ``data`` in its order, as float32 on the CPU.
+
+    Example:
+        >>> predict_logits(head, source_for(cached, "penultimate")).argmax(1)  # doctest: +SKIP
+    """
+    was = head.training
+    head.eval()
+    model, data = on_channel_means(head, data)
+    out = [model(xb).float().cpu() for xb, _ in data.batches(batch_size, None)]
+    head.train(was)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -177,11 +200,12 @@ def fit(
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
     """
     _check_labels(train, val, num_classes)
+    config = config.resolved(len(train))  # an automatic batch size, decided by the split's size
     device = train.device
     head.to(device)
     params = list(param_groups) if param_groups else [p for p in head.parameters() if p.requires_grad]
     opt = make_optimizer(params, config)
-    sched = make_schedule(opt, config, math.ceil(len(train) / config.batch_size))
+    sched = make_schedule(opt, config, config.steps_per_epoch(len(train)))
     amp = config.amp if config.amp is not None else device.type == "cuda"
     gen = torch.Generator().manual_seed(config.seed)
     ckpt = Path(checkpoint) if checkpoint else None
@@ -198,38 +222,36 @@ def fit(
     # A run that early stopping already ended stays ended when resumed.
     end = start_epoch if run.stopped_early(config) else config.epochs
     with _seeded_rng(config.seed, device, run):
-        bar = tqdm(
-            range(start_epoch, end),
-            desc="train",
-            unit="epoch",
-            disable=not progress,
-            initial=start_epoch,
-            total=config.epochs,
-            dynamic_ncols=True,
-        )
-        for epoch in bar:
-            te = time.perf_counter()
-            (train_mode or nn.Module.train)(head)
-            losses = _train_epoch(
-                paths.train, step, sched, gen, config, epoch, progress and paths.train.streamed
-            )
-            row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
-            row.update(_validate(paths, num_classes))
-            run.end_epoch(epoch + 1, row, losses, head, config.monitor)
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}",
-                **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
-            )
-            if ckpt is not None:
-                run.save(ckpt, head, opt, sched, gen, device, config)
-            if run.stopped_early(config):
-                break
-            if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
-                break
-    if run.best_state is not None:
-        head.load_state_dict(run.best_state)
-    head.eval()
-    return FitResult(
+        bar = tqdm(range(start_epoch, end), "train", config.epochs, initial=start_epoch, unit="epoch",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        interrupted = False
+        try:
+            for epoch in bar:
+                te = time.perf_counter()
+                (train_mode or nn.Module.train)(head)
+                losses = _train_epoch(
+                    paths.train, step, sched, gen, config, epoch, progress and paths.train.streamed
+                )
+                row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
+                row.update(_validate(paths, num_classes))
+                run.end_epoch(epoch + 1, row, losses, head, config.monitor)
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.3f}",
+                    **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
+                )
+                if ckpt is not None:
+                    run.save(ckpt, head, opt, sched, gen, device, config)
+                if run.stopped_early(config):
+                    break
+                if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: keep what the finished epochs trained (below), then say so
+            bar.close()
+            if not run.history:
+                raise
+            interrupted = True
+    run.restore_best(head, ckpt if interrupted else None, device)
+    result = FitResult(
         run.history,
         run.step_losses,
         int(run.best_epoch),
@@ -238,7 +260,21 @@ def fit(
         len(paths.train),
         resumed_from=start_epoch,
         extra=paths.record.as_dict(),
+        batch_size=config.batch_for(len(train)),
+        finished=not interrupted,
     )
+    if interrupted:
+        raise TrainingInterrupted(result)
+    return result
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C after one epoch or more: ``result`` holds the finished epochs (``finished`` False) and the
+    head is left with the best of them, so the caller can write a usable, unfinished run."""
+
+    def __init__(self, result: FitResult, hint: str = "") -> None:
+        super().__init__(f"interrupted after epoch {len(result.history)}")
+        self.result, self.hint = result, hint
 
 
 class TrainingDiverged(FeatcacheError):
@@ -305,6 +341,15 @@ class _Progress:
             state["torch_rng"],
             state.get("cuda_rng"),
         )
+
+    def restore_best(self, head: nn.Module, checkpoint: Path | None, device: torch.device) -> None:
+        """Put the best epoch's state in ``head`` (without validation: the last epoch's, which a run
+        interrupted mid-epoch reads from its ``checkpoint``); eval mode."""
+        if self.best_state is not None:
+            head.load_state_dict(self.best_state)
+        elif checkpoint is not None and checkpoint.exists():  # the last finished epoch, not a half one
+            head.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["head"])
+        head.eval()
 
     def stopped_early(self, config: TrainConfig) -> bool:
         """Whether early stopping ends the run here."""
@@ -412,9 +457,9 @@ def _train_epoch(
     """One pass over ``train`` in the batches ``gen`` draws, a step and a schedule step each; the losses."""
     step_sched = not (config.schedule == "constant" and config.warmup_epochs == 0)  # skip a no-op per step
     train.set_epoch(epoch)  # e.g. a cycle of cached augmented views
-    batches = train.batches(config.batch_size, gen)
+    batches = train.batches(config.batch_for(len(train)), gen)
     if bar:  # slow (streamed or live) epochs get their own bar
-        steps = math.ceil(len(train) / config.batch_size)
+        steps = config.steps_per_epoch(len(train))
         batches = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", leave=False)
     losses = []
     with warnings.catch_warnings():

@@ -8,16 +8,13 @@ A trainable-part spec says what trains (the rest is frozen)::
     all             everything (full fine-tuning)
     modules:a,b     the named modules (and their children) + the new classifier
 
-A *block* is, by family: ResNet ``layerK.i`` (torchvision and timm), the children of a
-``blocks`` / ``stages`` / ``features`` / ``encoder.layers`` / ``layers`` container (timm ViT blocks,
-timm EfficientNet stages, ConvNeXt stages, torchvision EfficientNet/MobileNet/VGG features), else
-the model's top-level children. When the frozen part is a prefix of the network and nothing random
-happens before the split, the prefix's output is cached and only the suffix runs each epoch.
+A *block* is what :func:`~featcache.backbones.layers.block_names` lists. When the frozen part is a
+prefix of the network and nothing random happens before the split, the prefix's output is cached and
+only the suffix runs each epoch.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,13 +22,12 @@ import torch
 from torch import fx, nn
 
 from .._util import FeatcacheError, unknown
-from ..backbones.layers import INPUT_PREFIX, dummy_input, module_names, timm_notrace
+from ..backbones.layers import INPUT_PREFIX, block_names, dummy_input, timm_notrace
 from ..backbones.registry import Backbone
 from .heads import Head, Standardize
 
 BN_POLICIES = ("frozen", "train")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_CONTAINERS = ("blocks", "stages", "features", "encoder.layers", "layers", "encoder.layer")
 
 
 @dataclass(frozen=True)
@@ -70,29 +66,6 @@ class TrainableSpec:
         if self.kind in ("head", "all"):
             return self.kind
         return f"last:{self.n}" if self.kind == "last" else f"{self.kind}:{','.join(self.names)}"
-
-
-def block_names(model: nn.Module, classifier: str | None = None) -> list[str]:
-    """The model's blocks in order (see the module docstring for what a block is per family).
-
-    Example:
-        >>> import torchvision
-        >>> block_names(torchvision.models.resnet18())[-2:]
-        ['layer4.0', 'layer4.1']
-    """
-    names = module_names(model)
-    resnet = [n for n in names if re.fullmatch(r"layer\d+\.\d+", n)]
-    if resnet:
-        return resnet
-    for container in _CONTAINERS:  # also nested, e.g. Hugging Face's ``model.vit.layers``
-        for name, mod in model.named_modules():
-            if (
-                (name == container or name.endswith("." + container))
-                and isinstance(mod, (nn.Sequential, nn.ModuleList))
-                and len(mod) > 1
-            ):
-                return [f"{name}.{child}" for child, _ in mod.named_children()]
-    return [n for n, _ in model.named_children() if n != classifier]
 
 
 def execution_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:

@@ -21,6 +21,8 @@ from ..cache.writer import to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
+#: a feature's deviation is floored at this fraction of the RMS deviation of all features (or channels)
+STD_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Standardize(nn.Module):
             sq += (part * part).sum(dims, keepdim=True)
             count += part.numel() // total.numel()  # values per statistic
         mean = total / count
-        std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        std = floored_std(sq / count - mean * mean)
         out = stat_shape(layout, row)
         return cls(mean.reshape(out).float(), std.reshape(out).float())
 
@@ -158,8 +160,26 @@ class Standardize(nn.Module):
 
         m = total(lambda s: rows(mean, s)) / n
         v = total(lambda s: rows(var, s) + (rows(mean, s) - m) ** 2) / n
-        std = v.clamp_min(0).sqrt().clamp_min(1e-6)
+        std = floored_std(v)
         return cls(m.float().view(-1, 1, 1), std.float().view(-1, 1, 1))
+
+
+def floored_std(var: torch.Tensor) -> torch.Tensor:
+    """Deviations from per-feature (or per-channel) variances, floored at :data:`STD_FLOOR` times the RMS
+    deviation over all of them (1 when every feature is constant).
+
+    A feature (almost) constant on the training split would otherwise be divided by a near-zero
+    deviation, and an image where it fires would get an enormous logit (dead ReLU features of a
+    penultimate layer: test loss 88 instead of 0.3). With the floor, no feature is scaled up more than
+    ``1 / STD_FLOOR`` times as much as the typical one; features of comparable spread keep unit variance.
+
+    Example:
+        >>> floored_std(torch.tensor([4.0, 4.0, 0.0]))
+        tensor([2.0000, 2.0000, 0.1633])
+    """
+    var = var.clamp_min(0)
+    scale = float(var.mean().sqrt())
+    return var.sqrt().clamp_min(STD_FLOOR * scale if scale > 0 else 1.0)
 
 
 def fit_standardize(

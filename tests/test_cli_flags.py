@@ -92,3 +92,18 @@ def test_the_cli_refuses_what_the_library_refuses_with_the_same_message(
         TrainConfig(optimizer="adamm")
     code = main(["train", "torchvision:resnet18", "digits", "--optimizer", "adamm", "--out", str(tmp_path)])
     assert code == 2 and str(lib.value) in capsys.readouterr().err
+
+
+def test_every_option_of_every_verb_has_help_and_names_its_default() -> None:
+    missing = []
+    for verb, p in _verbs().items():
+        assert p.epilog and "example:" in p.epilog, verb
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            text = action.help or ""
+            named = switch or "(default: " in text or "(required)" in text or not action.option_strings
+            if len(text) < 8 or not named:
+                missing.append((verb, action.option_strings or action.dest, text))
+    assert missing == []

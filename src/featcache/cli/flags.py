@@ -147,7 +147,7 @@ def add_config(
         text = helps.get(f.name, "")
         kw["help"] = text if kw.get("action") else f"{text} (default: {shown})"
         if f.name in required:
-            kw["required"], kw["help"] = True, text
+            kw["required"], kw["help"] = True, f"{text} (required)"
         if flag.startswith("-"):
             action = p.add_argument(flag, dest=dest, default=default, **kw)
         elif f.name in optional:  # a positional that --resume reads from the run

@@ -114,7 +114,7 @@ def _run_args(p: argparse.ArgumentParser, out_help: str, resume: bool = True) ->
     """--out (and --resume/--overwrite where the verb continues runs): RunSpec's fields."""
     from ..runs.spec import RunSpec
 
-    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--out", required=True, help=f"{out_help} (required)")
     add_config(p, RunSpec, only=["resume", "overwrite"] if resume else ["overwrite"])
 
 
@@ -123,7 +123,8 @@ def _views_args(p: argparse.ArgumentParser) -> None:
 
     helps = field_help(Views)
     p.add_argument("--views", type=int, default=0, help=f"{helps['count']} (default: 0, no views)")
-    p.add_argument("--augment", default=None, help=f"{helps['augment']} (default with --views: flip,crop)")
+    augment = f"{helps['augment']} (default: none; with --views, flip,crop)"
+    p.add_argument("--augment", default=None, help=augment)
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -211,7 +212,9 @@ def _probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=layer, help=f"the layer to probe (default: {layer})")
     _extract_args(p)
     add_config(p, ProbeConfig)
-    p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
+    p.add_argument(
+        "--out", default=None, help="run folder, exportable like a train run's (default: none, no folder)"
+    )
     add_config(p, RunSpec, only=["overwrite"])
     _json(p)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import timm
 
+from .._errors import flag
 from .._util import FeatcacheError, unknown
 from .lite import imagenet_classes
 from .preprocessing import Preprocessing
@@ -41,7 +42,7 @@ def _timm(name: str, weights: str | None) -> Backbone:
     except Exception as exc:  # hub download failures surface as many exception types
         raise FeatcacheError(
             f"could not load timm weights for {name} ({type(exc).__name__}: {exc}). Without internet, pass "
-            "--weights none or --weights PATH to a checkpoint."
+            f"{flag('weights', 'none')} for random init, or --weights PATH (weights='PATH') to a checkpoint."
         ) from exc
     if path:
         load_into(model, load_state_file(path), path)

@@ -10,6 +10,7 @@ from dataclasses import replace
 import torchvision
 from torchvision.models import get_model, get_model_weights
 
+from .._errors import flag
 from .._util import FeatcacheError, unknown
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .registry import (
@@ -58,7 +59,8 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
     except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
         raise FeatcacheError(
             f"could not download torchvision weights {weights!r} for {name} ({exc}). Without internet, pass "
-            "--weights none or --weights PATH to a state_dict file."
+            f"{flag('weights', 'none')} for random init, or --weights PATH (weights='PATH') to a state_dict "
+            "file."
         ) from exc
     if path:
         load_into(model, load_state_file(path), path)

@@ -257,7 +257,10 @@ class RunFolder:
         so nothing of it can be resumed or read as the new run's.
         """
         if resume and overwrite:
-            raise FeatcacheError("--resume continues the run in --out and --overwrite replaces it: pass one")
+            raise FeatcacheError(
+                "--resume (resume=True) continues the run in --out and --overwrite (overwrite=True) replaces "
+                "it: pass one"
+            )
         folder = cls(path)
         if resume and not (folder.path / "config.json").exists():
             raise FileNotFoundError(
@@ -266,7 +269,9 @@ class RunFolder:
         trained = [f for f in ("metrics.json", "checkpoint.pt", "sweep.json") if (folder.path / f).exists()]
         if trained and not (resume or overwrite):
             how = (
-                "pass --resume to continue it, --overwrite to replace it" if resumable else "pass --overwrite"
+                "pass --resume (resume=True) to continue it, --overwrite (overwrite=True) to replace it"
+                if resumable
+                else "pass --overwrite (overwrite=True)"
             )
             raise FeatcacheError(
                 f"--out {str(folder.path)!r} already holds a run ({', '.join(trained)}): {how}, or choose "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import huggingface_hub.constants
 import timm
 
 from .._errors import flag
@@ -30,7 +33,17 @@ def _is_timm_model(spec: str) -> bool:
     return bool(timm.is_model(spec.split(".")[0]))
 
 
-@register_source("timm", lister=_timm_names, claims=_is_timm_model)
+def _timm_offline() -> set[str]:
+    """The architectures with pretrained weights in the Hugging Face hub's cache already (no download)."""
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    prefix = "models--timm--"
+    cached = (
+        {p.name[len(prefix) :].split(".")[0] for p in cache.glob(f"{prefix}*")} if cache.is_dir() else set()
+    )
+    return cached & set(_timm_names()) if cached else set()
+
+
+@register_source("timm", lister=_timm_names, claims=_is_timm_model, offline=_timm_offline)
 def _timm(name: str, weights: str | None) -> Backbone:
     arch = name.split(".")[0]
     if not timm.is_model(arch):

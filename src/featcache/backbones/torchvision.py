@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
+import torch
 import torchvision
 from torchvision.models import get_model, get_model_weights
 
@@ -31,7 +33,22 @@ def _tv_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-@register_source("torchvision", lister=_tv_names, claims=lambda n: n in _tv_names())
+def _tv_offline() -> set[str]:
+    """The models whose DEFAULT weights file is in torch's hub cache already (no download)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    out = set()
+    for name in _tv_names() if cached else ():
+        try:
+            url = get_model_weights(name).DEFAULT.url  # type: ignore[attr-defined]
+        except (ValueError, KeyError, AttributeError):  # a builder without pretrained weights
+            continue
+        if url.rsplit("/", 1)[-1] in cached:
+            out.add(name)
+    return out
+
+
+@register_source("torchvision", lister=_tv_names, claims=lambda n: n in _tv_names(), offline=_tv_offline)
 def _torchvision(name: str, weights: str | None) -> Backbone:
     if name not in _tv_names():
         raise unknown(

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .._format import format_table
 from ..backbones.layers import list_layers, summarize
-from ..backbones.registry import list_models, load_backbone
+from ..backbones.registry import list_models, load_backbone, offline_models
 from .show import print_json
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    for m in list_models(a.filter, a.source):
-        print(m)
+    offline = offline_models(a.source)
+    names = list_models(a.filter, a.source, offline=a.offline)
+    for m in names:
+        print(f"{m}  (weights offline)" if m in offline else m)
+    here = sum(m in offline for m in names)
+    print(
+        f"{len(names)} models: {here} load their weights offline (marked), {len(names) - here} download them "
+        "on first use (without internet: --weights none for random init, or --weights PATH)",
+        file=sys.stderr,
+    )
 
 
 def cmd_layers(a: argparse.Namespace) -> None:

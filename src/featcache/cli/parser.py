@@ -136,6 +136,9 @@ def _models(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source", default=None, help="torchvision | timm | efficientnet-lite | hf (default: all)"
     )
+    p.add_argument(
+        "--offline", action="store_true", help="only the models whose weights load without a download"
+    )
 
 
 def _layers(p: argparse.ArgumentParser, depth: int | None = None) -> None:

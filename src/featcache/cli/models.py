@@ -35,14 +35,14 @@ def cmd_layers(a: argparse.Namespace) -> None:
         print_json([{"name": r.name, "type": r.type, "shape": r.shape, "params": r.params} for r in rows])
         return
     size = a.input_size or bb.cfg.input_size
-    print(f"{bb.cfg.spec}  input 1x{bb.cfg.channels}x{size[0]}x{size[1]}  weights {bb.cfg.weights}")
+    print(f"{bb.cfg.spec}  input {[1, bb.cfg.channels, *size]}  weights {bb.cfg.weights}")
     print(
         format_table(
             [
                 {
                     "layer": r.name,
                     "type": r.type,
-                    "output shape": "x".join(map(str, r.shape or ())) or "-",
+                    "output shape": str(list(r.shape)) if r.shape else "-",  # as summary shows it
                     "params": r.params,
                 }
                 for r in rows

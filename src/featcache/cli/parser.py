@@ -28,7 +28,8 @@ EXAMPLES = {
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
     "--lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep",
     "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
-    "finetune": "featcache finetune torchvision:resnet18 ./pets --train last:1 --epochs 5 --out runs/ft",
+    "finetune": "featcache finetune efficientnet-lite0 mnist-5k --train last:1 --epochs 5 --input-size 64 64 "
+    "--out runs/ft",
     "export": "featcache export runs/mnist   |   featcache export runs/mnist --format onnx --out mnist.onnx",
     "predict": "featcache predict runs/mnist ./images --top-k 3",
     "demo": "featcache demo --quick",

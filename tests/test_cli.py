@@ -330,3 +330,17 @@ def test_every_public_name_imports_from_the_lazy_package() -> None:
         "print(sorted(n for n in featcache.__all__ if getattr(featcache, n) is None))"
     )
     assert run_python(code).stdout.strip() == "[]"
+
+
+def test_layers_and_summary_write_shapes_and_counts_alike(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["torchvision:resnet18", "--weights", "none", "--input-size", "32", "32", "--depth", "1"]
+    tables = {}
+    for verb in ("layers", "summary"):
+        assert main([verb, *argv]) == 0
+        tables[verb] = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    params = sum(
+        p.numel() for p in load_backbone("torchvision:resnet18", weights="none").model.layer3.parameters()
+    )
+    for verb, rows in tables.items():
+        assert "[1, 256, 2, 2]" in rows["layer3"] and f"{params:,}" in rows["layer3"], verb
+        assert " 128 " in rows["bn1"] + " " and "9,408" in rows["conv1"], verb  # small and large counts alike

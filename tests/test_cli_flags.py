@@ -92,3 +92,28 @@ def test_the_cli_refuses_what_the_library_refuses_with_the_same_message(
         TrainConfig(optimizer="adamm")
     code = main(["train", "torchvision:resnet18", "digits", "--optimizer", "adamm", "--out", str(tmp_path)])
     assert code == 2 and str(lib.value) in capsys.readouterr().err
+
+
+def test_every_option_of_every_verb_has_help_and_names_its_default() -> None:
+    missing = []
+    for verb, p in _verbs().items():
+        assert p.epilog and "example:" in p.epilog, verb
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            text = action.help or ""
+            named = switch or "(default: " in text or "(required)" in text or not action.option_strings
+            if len(text) < 8 or not named:
+                missing.append((verb, action.option_strings or action.dest, text))
+    assert missing == []
+
+
+def test_input_size_also_takes_timms_channels_first(capsys: pytest.CaptureFixture[str]) -> None:
+    for line, want in (("48 40", (48, 40)), ("3 48 40", (48, 40)), ("1 48 40", (48, 40))):
+        a = build_parser().parse_args(["extract", "m", "d", "--input-size", *line.split()])
+        assert from_args(ExtractConfig, a).input_size == want
+    for bad in ("5 48 40", "48", "1 2 3 4"):
+        assert main(["extract", "m", "d", "--input-size", *bad.split()]) == 2
+        err = capsys.readouterr().err
+        assert f"--input-size takes H W (or C H W with C 1 or 3, as timm writes it), got {bad}" in err

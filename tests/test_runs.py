@@ -511,3 +511,14 @@ def test_ctrl_c_leaves_a_usable_unfinished_run_that_resume_finishes(
     argv += ["layer2", "--input-size", "32", "32", "--epochs", "4", "--out", str(tmp_path / "cli"), "-q"]
     assert main(argv) == 130
     assert f"featcache train --resume --out {tmp_path / 'cli'}" in capsys.readouterr().err
+
+
+def test_refusals_name_the_setting_as_the_command_line_and_python_spell_it(tmp_path: Path) -> None:
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data, cfg = DataConfig("digits", limit=60), TrainConfig(epochs=1, device="cpu")
+    _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
+    with pytest.raises(FeatcacheError, match=r"--resume \(resume=True\).*--overwrite \(overwrite=True\)"):
+        _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
+    huge = TrainConfig(epochs=1, lr=1e38, optimizer="sgd", device="cpu")
+    with pytest.raises(FeatcacheError, match=r"--lr 1e\+37 \(lr=1e\+37\)"):
+        _train(bb, data, "layer3", HeadSpec("linear"), huge, SMALL, tmp_path / "d")

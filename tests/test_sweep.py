@@ -129,8 +129,12 @@ def test_a_run_records_and_says_its_automatic_batch_size(
     ]
     assert main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
-    n = len(DataConfig("digits", limit=150).load().train)
+    splits = DataConfig("digits", limit=150).load()
+    n = len(splits.train)
     assert f"batch size 16 (auto), {-(-n // 16)} steps per epoch" in err
+    sizes = f"{n} train / {len(splits.val or [])} val / {len(splits.test or [])} test images, 10 classes"
+    start = "train: torchvision:resnet18 (weights none), input 32x32: resize to 32x32, no crop (bilinear)"
+    assert f"{start}, ImageNet mean/std; layer penultimate, linear head; digits: {sizes}" in err
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert metrics["batch_size"] == config["train"]["batch_size"] == 16

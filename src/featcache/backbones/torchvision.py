@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
+import torch
 import torchvision
 from torchvision.models import get_model, get_model_weights
 
+from .._errors import flag
 from .._util import FeatcacheError, unknown
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .registry import (
@@ -30,7 +33,22 @@ def _tv_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-@register_source("torchvision", lister=_tv_names, claims=lambda n: n in _tv_names())
+def _tv_offline() -> set[str]:
+    """The models whose DEFAULT weights file is in torch's hub cache already (no download)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    out = set()
+    for name in _tv_names() if cached else ():
+        try:
+            url = get_model_weights(name).DEFAULT.url  # type: ignore[attr-defined]
+        except (ValueError, KeyError, AttributeError):  # a builder without pretrained weights
+            continue
+        if url.rsplit("/", 1)[-1] in cached:
+            out.add(name)
+    return out
+
+
+@register_source("torchvision", lister=_tv_names, claims=lambda n: n in _tv_names(), offline=_tv_offline)
 def _torchvision(name: str, weights: str | None) -> Backbone:
     if name not in _tv_names():
         raise unknown(
@@ -58,7 +76,8 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
     except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
         raise FeatcacheError(
             f"could not download torchvision weights {weights!r} for {name} ({exc}). Without internet, pass "
-            "--weights none or --weights PATH to a state_dict file."
+            f"{flag('weights', 'none')} for random init, or --weights PATH (weights='PATH') to a state_dict "
+            "file."
         ) from exc
     if path:
         load_into(model, load_state_file(path), path)

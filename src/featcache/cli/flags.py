@@ -67,6 +67,20 @@ def _comma(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     return parse
 
 
+class _Size(argparse.Action):
+    """``H W``; also timm's ``C H W`` with C 1 or 3 (the backbone decides the channels)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None
+    ) -> None:
+        if len(values) == 3 and values[0] in (1, 3):
+            values = values[1:]
+        if len(values) != 2:
+            got = " ".join(map(str, values))
+            parser.error(f"{option} takes H W (or C H W with C 1 or 3, as timm writes it), got {got}")
+        setattr(namespace, self.dest, tuple(values))
+
+
 def _or_word(item: Callable[[str], Any], word: str) -> Callable[[str], Any]:
     """``item`` parsing, or None for ``word`` (``--batch-size auto``)."""
 
@@ -98,7 +112,7 @@ def _kwargs(tp: Any, default: Any, none_word: str | None = None) -> dict[str, An
     if typing.get_origin(base) is tuple:
         items = typing.get_args(base)
         if len(items) == 2 and items[1] is not Ellipsis:  # (H, W)
-            return {"nargs": 2, "type": _positive, "metavar": ("H", "W")}
+            return {"nargs": "+", "type": _positive, "metavar": "N", "action": _Size}
         return {"type": _comma(items[0]), "metavar": "A,B,..."}
     if base in (int, float) and optional and none_word:
         return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", "shown": none_word}
@@ -147,9 +161,10 @@ def add_config(
         text = helps.get(f.name, "")
         if kw.get("action") == "store_false":
             text = f"turn off: {text}"
-        kw["help"] = text if kw.get("action") else f"{text} (default: {shown})"
+        switch = kw.get("action") in ("store_true", "store_false")
+        kw["help"] = text if switch else f"{text} (default: {shown})"
         if f.name in required:
-            kw["required"], kw["help"] = True, text
+            kw["required"], kw["help"] = True, f"{text} (required)"
         if flag.startswith("-"):
             action = p.add_argument(flag, dest=dest, default=default, **kw)
         elif f.name in optional:  # a positional that --resume reads from the run

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .._errors import FeatcacheError
 from .._format import format_table
 from ..backbones.layers import list_layers, summarize
-from ..backbones.registry import list_models, load_backbone
+from ..backbones.registry import list_models, load_backbone, offline_models
 from ..train.freeze import TrainableSpec, plan_freeze
 from .show import print_json
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    for m in list_models(a.filter, a.source):
-        print(m)
+    offline = offline_models(a.source)
+    names = list_models(a.filter, a.source, offline=a.offline)
+    for m in names:
+        print(f"{m}  (weights offline)" if m in offline else m)
+    here = sum(m in offline for m in names)
+    print(
+        f"{len(names)} models: {here} load their weights offline (marked), {len(names) - here} download them "
+        "on first use (without internet: --weights none for random init, or --weights PATH)",
+        file=sys.stderr,
+    )
 
 
 def cmd_layers(a: argparse.Namespace) -> None:
@@ -38,12 +47,12 @@ def cmd_layers(a: argparse.Namespace) -> None:
         )
         return
     size = size or bb.cfg.input_size
-    print(f"{bb.cfg.spec}  input 1x{bb.cfg.channels}x{size[0]}x{size[1]}  weights {bb.cfg.weights}")
+    print(f"{bb.cfg.spec}  input {[1, bb.cfg.channels, *size]}  weights {bb.cfg.weights}")
     table = [
         {
             "layer": r.name,
             "type": r.type,
-            "output shape": "x".join(map(str, r.shape or ())) or "-",
+            "output shape": str(list(r.shape)) if r.shape else "-",  # as summary shows it
             # '?': stored as is only (--pool none/flatten); 'no': cannot be extracted
             "layout": "no" if r.refused else (r.layout or ("?" if r.shape else "-")),
             "params": r.params,

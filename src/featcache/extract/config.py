@@ -29,7 +29,8 @@ class ExtractConfig:
             needs the cores) and, on CUDA, half the cores shared among the node's ranks (at most 8),
             since one process cannot decode images as fast as a GPU consumes them.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        input_size: (H, W) override of the backbone's input size (resize without crop).
+        input_size: (H, W) override of the backbone's input size (resize without crop); the command
+            line also takes timm's C H W.
         on_bad_image: ``error`` stops naming the file; ``skip`` records it in the manifest.
         amp: bf16 autocast; ``None`` means on for CUDA, off on CPU.
         channels_last: NHWC memory format; ``None`` means on for CUDA.

@@ -249,7 +249,7 @@ class RunFolder:
     @property
     def checkpoint(self) -> Path:
         """Where the trainer keeps its resumable checkpoint."""
-        return self.path / "checkpoint.pt"
+        return self._out("checkpoint.pt")
 
     @classmethod
     def prepare(
@@ -262,7 +262,10 @@ class RunFolder:
         so nothing of it can be resumed or read as the new run's.
         """
         if resume and overwrite:
-            raise FeatcacheError("--resume continues the run in --out and --overwrite replaces it: pass one")
+            raise FeatcacheError(
+                "--resume (resume=True) continues the run in --out and --overwrite (overwrite=True) replaces "
+                "it: pass one"
+            )
         folder = cls(path)
         if resume and not (folder.path / "config.json").exists():
             raise FileNotFoundError(
@@ -271,7 +274,9 @@ class RunFolder:
         trained = [f for f in ("metrics.json", "checkpoint.pt", "sweep.json") if (folder.path / f).exists()]
         if trained and not (resume or overwrite):
             how = (
-                "pass --resume to continue it, --overwrite to replace it" if resumable else "pass --overwrite"
+                "pass --resume (resume=True) to continue it, --overwrite (overwrite=True) to replace it"
+                if resumable
+                else "pass --overwrite (overwrite=True)"
             )
             raise FeatcacheError(
                 f"--out {str(folder.path)!r} already holds a run ({', '.join(trained)}): {how}, or choose "
@@ -279,8 +284,14 @@ class RunFolder:
             )
         if overwrite:
             folder._remove_run()
-        folder.path.mkdir(parents=True, exist_ok=True)
+        # The folder itself appears with the first file written: a command that fails before writing
+        # anything (a one-class dataset, a head that cannot take the layer) leaves no empty --out behind.
         return folder
+
+    def _out(self, name: str) -> Path:
+        """Where the run's file ``name`` goes (the folder is created on the first write)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / name
 
     def _remove_run(self) -> None:
         """The previous run's files, and the run folders of a previous sweep."""
@@ -300,7 +311,7 @@ class RunFolder:
 
     def write_config(self, record: RunRecord) -> None:
         """Write ``config.json``: the only place it is written."""
-        write_json(self.path / "config.json", record.to_json())
+        write_json(self._out("config.json"), record.to_json())
 
     def read_config(self) -> RunRecord:
         """The run's record; a folder without one is named as not a run folder."""
@@ -331,7 +342,7 @@ class RunFolder:
     # ---------------------------------------------------------------- metrics, weights, report
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
-        write_json(self.path / "metrics.json", dict(metrics))
+        write_json(self._out("metrics.json"), dict(metrics))
 
     def read_metrics(self) -> dict[str, Any]:
         """``metrics.json``, or ``{}`` for a run that has not finished."""
@@ -341,7 +352,7 @@ class RunFolder:
     def save_head(self, head: nn.Module, info: HeadInfo) -> None:
         """``head.safetensors`` (tensors only) + ``head.json`` (how to rebuild it)."""
         self._save_tensors("head.safetensors", head.state_dict())
-        write_json(self.path / "head.json", info.to_dict())
+        write_json(self._out("head.json"), info.to_dict())
 
     def load_head(self) -> tuple[Head, HeadInfo]:
         """Rebuild the head saved by :meth:`save_head` (no pickle)."""
@@ -360,7 +371,7 @@ class RunFolder:
         return load_file(str(self.path / "trainable.safetensors"))
 
     def _save_tensors(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self.path / name))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self._out(name)))
         default_mode(self.path / name)  # safetensors writes 0600; runs are shared like any output
 
     def unfinished(self, verb: str | None = None) -> str:
@@ -387,10 +398,10 @@ class RunFolder:
         """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
         there is a test split)."""
         if "history" in metrics:
-            plot_curves(dict(metrics), self.path / "curves.png", title)
+            plot_curves(dict(metrics), self._out("curves.png"), title)
             self._write_csv("history.csv", list(metrics["history"]))
         if "test" in metrics:
-            plot_confusion(metrics["test"]["confusion"], classes, self.path / "confusion.png")
+            plot_confusion(metrics["test"]["confusion"], classes, self._out("confusion.png"))
 
     def write_misclassified(
         self, split: str, ids: list[str], labels: torch.Tensor, logits: torch.Tensor, classes: list[str]
@@ -432,7 +443,7 @@ class RunFolder:
     ) -> None:
         """A CSV file of the run (a header, then a line per row) that pandas reads as is."""
         columns = fields or list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path / f".{name}.tmp"
+        tmp = self._out(f".{name}.tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
@@ -441,7 +452,7 @@ class RunFolder:
 
     def write_json(self, name: str, obj: Any) -> None:
         """Another JSON file of the run (``sweep.json``)."""
-        write_json(self.path / name, obj)
+        write_json(self._out(name), obj)
 
 
 def _differences(key: str, a: Any, b: Any) -> list[str]:

@@ -322,9 +322,15 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "probe")
-    feats, _ = spec.extract_all(backbone, spec.data.load(), [layer])
+    splits = spec.data.load()
+    what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
+    spec.announce("probe", backbone, splits, what, None)
+    feats, _ = spec.extract_all(backbone, splits, [layer])
     if "val" not in feats:
-        raise FeatcacheError("the probe needs a validation split: use --val-fraction > 0 or a val/ folder")
+        raise FeatcacheError(
+            "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "
+            "val/ folder"
+        )
     dev = resolve_device(spec.train.device)
     src = {k: source_for(v, layer, dev) for k, v in feats.items()}
     classes = feats["train"].classes

@@ -122,7 +122,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     splits = spec.data.load()
     if splits.val is None or not len(splits.val):
         raise FeatcacheError(
-            "a sweep chooses on the validation split: use --val-fraction > 0 or a val/ folder"
+            "a sweep chooses on the validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) "
+            "or a val/ folder"
         )
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"

@@ -72,7 +72,7 @@ def _introduce(cfg: DemoConfig, dev: torch.device, total: int) -> Backbone:
     )
     bb = load_backbone(cfg.model)
     rows = [
-        {"layer": r.name, "type": r.type, "output shape": "x".join(map(str, r.shape or ()))}
+        {"layer": r.name, "type": r.type, "output shape": str(list(r.shape or ()))}
         for r in list_layers(bb, cfg.input_size)[-5:]
     ]
     print(format_table(rows))

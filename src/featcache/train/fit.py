@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from .._errors import flag
 from .._util import FeatcacheError
 from .config import TrainConfig
 from .fast_path import FastPaths, on_channel_means, prepare_sources, take_fast_paths
@@ -499,7 +500,7 @@ def _epoch_row(
     if not math.isfinite(row["train_loss"]):
         raise TrainingDiverged(
             f"training diverged in epoch {epoch + 1}: the loss is {row['train_loss']}. Lower the "
-            f"learning rate (--lr {config.lr / 10:g}), or check the cached features for non-finite "
+            f"learning rate ({flag('lr', config.lr / 10)}), or check the cached features for non-finite "
             "values (`featcache cache verify KEY`; a damaged entry is re-extracted after `cache rm`)"
         )
     return row

@@ -31,7 +31,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(VENV)/bin/featcache bench
+	$(VENV)/bin/featcache bench --out bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -698,3 +698,10 @@ def test_layers_that_cannot_be_extracted_or_pooled_say_why(tmp_path: Path) -> No
     assert kept.channel_stats == {}
     two_heads = extract(levit, samples, ["penultimate"], cfg, cache_dir=str(tmp_path), progress=False)
     assert two_heads.features["penultimate"].shape == (2, 384)
+
+
+def test_the_library_expands_layer_sets_as_the_command_line_does(resnet18: Backbone, tmp_path: Path) -> None:
+    write_tree(tmp_path / "tree" / "train", per_class=2)
+    train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+    cached = extract(resnet18, train, "@blocks", _config(), cache_dir=str(tmp_path / "c"), progress=False)
+    assert list(cached.features) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["penultimate"]

@@ -116,7 +116,7 @@ def extract(
         >>> feats.tensor("penultimate").shape  # doctest: +SKIP
         torch.Size([3500, 1280])
     """
-    config, names = config or ExtractConfig(), parse_layers(layers)
+    config, names = config or ExtractConfig(), parse_layers(layers, backbone)
     if len(samples) == 0:
         msg = (
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"

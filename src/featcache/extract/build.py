@@ -14,12 +14,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
+from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
@@ -256,9 +257,7 @@ def _shard_rows(ex: Extractor, n: int, ranks: Ranks | None) -> int:
 
 def _jsonable(config: ExtractConfig, layers: Sequence[str], view: View | None) -> dict[str, Any]:
     """What the manifest records: the augmentation only where it shaped the numbers."""
-    d = asdict(config)
-    d["input_size"] = list(config.input_size) if config.input_size else None
-    return {"layers": list(layers), **d, "augment": view.augment if view else None}
+    return {"layers": list(layers), **to_json(config), "augment": view.augment if view else None}
 
 
 def _run(

@@ -21,8 +21,11 @@ from ..cache.writer import to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
-#: a feature's deviation is floored at this fraction of the RMS deviation of all features (or channels)
-STD_FLOOR = 0.1
+#: a feature's deviation is floored at this fraction of the RMS deviation of all features (or channels).
+#: At 0.1, rare-firing features were still amplified enough to be memorised: a linear head on
+#: EfficientNet-Lite0 penultimate features of MNIST-5k (Adam, lr 1e-2, 5 seeds) scored 0.919 standardised
+#: against 0.930 raw; at 0.5 it scores 0.930 (and 0.927 against 0.921 raw at lr 1e-3).
+STD_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def floored_std(var: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> floored_std(torch.tensor([4.0, 4.0, 0.0]))
-        tensor([2.0000, 2.0000, 0.1633])
+        tensor([2.0000, 2.0000, 0.8165])
     """
     var = var.clamp_min(0)
     scale = float(var.mean().sqrt())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._config import to_json
 from .._util import FeatcacheError, resolve_device, unknown
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
@@ -284,8 +285,8 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     _say_plan(plan, groups, mode, reason, ft, spec.progress)
     record = spec.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
-        ["penultimate"], classes=splits.classes, train=asdict(spec.train),
-        finetune=asdict(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
+        ["penultimate"], classes=splits.classes, train=to_json(spec.train),
+        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
     )  # fmt: skip
     if spec.resume:
         what = "the data, frozen set, BN policy, mode or trainer settings"

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
@@ -151,7 +152,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         child = folder.child(name)
         record = spec.record(
             "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
-            train=asdict(cfg), sweep=str(folder.path),
+            train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
         out = _train_one(child, record, feats, views, sweep.head, cfg)
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .._config import to_json
 from .._util import resolve_device
 from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures, FeatureCache
@@ -137,7 +137,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     feats, views = spec.extract_all(backbone, splits, [layer])
     extract_seconds = time.perf_counter() - t0
     record = spec.record(
-        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=asdict(train)
+        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train)
     )
     if spec.resume:
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")

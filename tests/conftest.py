@@ -17,6 +17,21 @@ from featcache.backbones.registry import Backbone, load_backbone
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_resnet_on_digits(limit: int = 150) -> list[str]:
+    """MODEL DATA and flags for a random-init ResNet-18 on ``limit`` bundled digits at 32 px."""
+    return [
+        "torchvision:resnet18",
+        "digits",
+        "--weights",
+        "none",
+        "--limit",
+        str(limit),
+        "--input-size",
+        "32",
+        "32",
+    ]
+
+
 @pytest.fixture
 def resnet18() -> Backbone:
     """A random-init (seeded) torchvision ResNet-18, frozen and in eval mode."""

@@ -12,25 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_python
+from conftest import run_python, tiny_resnet_on_digits
 from featcache.backbones.registry import load_backbone
 from featcache.cache.store import FeatureCache
 from featcache.cli.main import COMMANDS, main
-
-
-def tiny_resnet_on_digits(limit: int) -> list[str]:
-    """MODEL DATA and flags for a random-init ResNet-18 on ``limit`` bundled digits at 32 px."""
-    return [
-        "torchvision:resnet18",
-        "digits",
-        "--weights",
-        "none",
-        "--limit",
-        str(limit),
-        "--input-size",
-        "32",
-        "32",
-    ]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

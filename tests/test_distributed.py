@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tiny_resnet_on_digits
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
 from featcache.cache.store import FeatureCache
 
@@ -20,9 +20,7 @@ extract_mod = importlib.import_module("featcache.extract.build")
 
 LAYERS = ("layer2", "penultimate")
 BASE = [
-    "torchvision:resnet18",
-    "digits",
-    *("--weights", "none", "--limit", "150", "--input-size", "32", "32"),
+    *tiny_resnet_on_digits(),
     *("--layers", "layer2,penultimate", "--batch-size", "8", "-q"),
 ]
 

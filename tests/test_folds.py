@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_resnet_on_digits
 from featcache.backbones.registry import load_backbone
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
@@ -110,17 +111,7 @@ def test_cli_folds(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    base = [
-        "torchvision:resnet18",
-        "digits",
-        "--weights",
-        "none",
-        "--limit",
-        "150",
-        "--input-size",
-        "32",
-        "32",
-    ]
+    base = tiny_resnet_on_digits()
     assert main(["train", *base, "-q", "--epochs", "2", "--out", str(tmp_path / "r"), "--folds", "3"]) == 0
     out = capsys.readouterr().out
     assert "3-fold cross-validation accuracy" in out and "+-" in out and out.count("fold ") >= 3

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_resnet_on_digits
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
@@ -116,17 +117,7 @@ def test_a_run_records_and_says_its_automatic_batch_size(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    argv = [
-        "torchvision:resnet18",
-        "digits",
-        "--weights",
-        "none",
-        "--limit",
-        "150",
-        "--input-size",
-        "32",
-        "32",
-    ]
+    argv = tiny_resnet_on_digits()
     assert main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     splits = DataConfig("digits", limit=150).load()

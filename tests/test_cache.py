@@ -428,6 +428,7 @@ def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
         "old_format": [str(old)],
         "leftovers": [str(a.path / "shards" / "x.npy.tmp-999")],
         "unused": [],
+        "over_size": [],
     }
     assert cache.verify(a.key) == [] and set(cache.entries()) == {a.key, b.key}
     t = time.time() - 10 * 86400

@@ -297,6 +297,12 @@ def _reason(path: Path, exc: BaseException) -> str:
     return _short(exc)
 
 
+def _old_format(path: Path) -> bool:
+    """An entry of an older format (``gc`` removes it); a table of this one that lost its table.json is
+    damaged instead (``cache rm`` removes it)."""
+    return old_format(path) and not (path / "segments").is_dir()
+
+
 def _short(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return f"field {exc.args[0]!r} is missing"
@@ -511,7 +517,7 @@ class FeatureCache:
             table = self.open(key)
             return {**base, **_describe(table, table.index())}
         except (FeatcacheError, OSError, KeyError, TypeError, ValueError) as exc:  # damage on disk
-            if old_format(path) and not (path / "segments").is_dir():
+            if _old_format(path):
                 return {**base, "status": "old format", "problem": str(exc)}
             return {**base, "status": "damaged", "reason": _reason(path, exc), "problem": str(exc)}
 
@@ -606,7 +612,7 @@ class FeatureCache:
                     table = self.open(key)
                     index = table.index()
                 except FeatcacheError:
-                    if old_format(path):
+                    if _old_format(path):
                         remove([path])
                         removed["old_format"].append(str(path))
                     continue  # a damaged table stays for `cache verify` / `cache rm`

@@ -74,7 +74,7 @@ def _print_scan(scan: CacheScan) -> None:
     now = time.time()
     rows = [
         {
-            "key": e["key"][:12],
+            "key": e["key"][:16],  # as extract prints it
             "model": e.get("model"),
             "dataset": ", ".join(e["datasets"]) or None,
             "input": "x".join(map(str, e["input_size"])) if e.get("input_size") else None,
@@ -104,7 +104,7 @@ def _verify(cache: FeatureCache, keys: list[str], quiet: bool) -> None:
             problems = [str(exc)]
         if problems:
             bad.append(key)
-            tqdm.write(f"BAD  {key[:12]}: {len(problems)} problem(s)")
+            tqdm.write(f"BAD  {key[:16]}: {len(problems)} problem(s)")
             for p in problems:
                 tqdm.write(f"     {p}")
         else:
@@ -114,7 +114,7 @@ def _verify(cache: FeatureCache, keys: list[str], quiet: bool) -> None:
     if bad:
         raise FeatcacheError(
             f"{len(bad)} of {len(todo)} entries failed verification; remove them with "
-            f"`featcache cache rm {' '.join(k[:12] for k in bad)}` (their rows are extracted again when needed)"
+            f"`featcache cache rm {' '.join(k[:16] for k in bad)}` (their rows are extracted again when needed)"
         )
 
 
@@ -126,7 +126,7 @@ def _rm(cache: FeatureCache, keys: list[str], selection: Selection, dry_run: boo
         if not dry_run:
             cache.rm(e["key"])
         what = e.get("model") or _status(e)
-        print(f"{verb} {e['key'][:12]}  {what}  {human_bytes(e['bytes'])}")
+        print(f"{verb} {e["key"][:16]}  {what}  {human_bytes(e['bytes'])}")
     n = len(chosen)
     tail = " (dry run: nothing was removed)" if dry_run else ""
     print(f"{verb} {n} {'entry' if n == 1 else 'entries'}, {human_bytes(freed)} freed{tail}")

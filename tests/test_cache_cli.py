@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_python
-from test_store import disk_bytes, make_table
 
+from conftest import run_python
 from featcache._format import human_bytes
 from featcache.cache.store import FeatureCache
 from featcache.cli.main import main
+from test_store import disk_bytes, make_table
 
 
 def cli(capsys: pytest.CaptureFixture[str], root: Path, *argv: str) -> tuple[int, str, str]:
@@ -33,7 +33,9 @@ def test_ls_prints_a_readable_table_with_a_total(capsys: pytest.CaptureFixture[s
     assert header[:6] == ["key", "model", "dataset", "input", "layers", "rows"] and "status" in header
     rows = {ln.split()[0][:12]: ln for ln in lines[3:5]}
     assert list(rows) == [b[:12], a[:12]]  # most recently used first
-    assert all(w in rows[a[:12]] for w in ("torchvision:resnet18", "digits", "32x32", "penultimate", "3 days ago"))
+    assert all(
+        w in rows[a[:12]] for w in ("torchvision:resnet18", "digits", "32x32", "penultimate", "3 days ago")
+    )
     assert "64x48" in rows[b[:12]] and "just now" in rows[b[:12]] and "complete" in rows[b[:12]]
     total = disk_bytes(cache.path(a)) + disk_bytes(cache.path(b))
     assert lines[-1] == f"2 entries, {human_bytes(total)} on disk"
@@ -104,6 +106,7 @@ def test_cache_verbs_start_without_torch(tmp_path: Path) -> None:
         f"for argv in (['ls'], ['ls', '--json'], ['info', '{key[:8]}'], ['verify'], ['rm', '{key[:8]}', "
         "'--dry-run'], ['gc', '--max-size', '1G']):\n"
         f"    assert main(['cache', *argv, '--cache-dir', {str(tmp_path)!r}]) == 0, argv\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'PIL')))\n"
+        "heavy = ('torch', 'torchvision', 'timm', 'PIL')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     assert run_python(code).stdout.strip().splitlines()[-1] == "[]"

@@ -30,7 +30,9 @@ def cmd_cache(a: argparse.Namespace) -> None:
             f"`featcache cache {a.action}` needs a KEY (one; see `featcache cache ls`), got {len(a.keys)}"
         )
     if not selection.empty and a.action not in ("ls", "rm"):
-        raise FeatcacheError(f"--model, --dataset and --older-than select entries for ls and rm, not {a.action}")
+        raise FeatcacheError(
+            f"--model, --dataset and --older-than select entries for ls and rm, not {a.action}"
+        )
     if a.action == "ls":
         _ls(cache, a.keys, selection, a.json)
     elif a.action == "info":
@@ -114,7 +116,8 @@ def _verify(cache: FeatureCache, keys: list[str], quiet: bool) -> None:
     if bad:
         raise FeatcacheError(
             f"{len(bad)} of {len(todo)} entries failed verification; remove them with "
-            f"`featcache cache rm {' '.join(k[:16] for k in bad)}` (their rows are extracted again when needed)"
+            f"`featcache cache rm {' '.join(k[:16] for k in bad)}` (their rows are extracted again when "
+            "needed)"
         )
 
 
@@ -126,7 +129,7 @@ def _rm(cache: FeatureCache, keys: list[str], selection: Selection, dry_run: boo
         if not dry_run:
             cache.rm(e["key"])
         what = e.get("model") or _status(e)
-        print(f"{verb} {e["key"][:16]}  {what}  {human_bytes(e['bytes'])}")
+        print(f"{verb} {e['key'][:16]}  {what}  {human_bytes(e['bytes'])}")
     n = len(chosen)
     tail = " (dry run: nothing was removed)" if dry_run else ""
     print(f"{verb} {n} {'entry' if n == 1 else 'entries'}, {human_bytes(freed)} freed{tail}")

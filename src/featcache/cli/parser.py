@@ -22,8 +22,8 @@ EXAMPLES = {
     "layers": "featcache layers torchvision:resnet18 --weights none --input-size 64 64",
     "summary": "featcache summary efficientnet-lite0 --input-size 128 128",
     "extract": "featcache extract efficientnet-lite0 mnist-5k --layers penultimate --input-size 64 64",
-    "cache": "featcache cache ls   |   featcache cache verify   |   featcache cache rm --older-than 30 --dry-run"
-    "   |   featcache cache gc --max-size 10G",
+    "cache": "featcache cache ls   |   featcache cache verify   |   "
+    "featcache cache rm --older-than 30 --dry-run   |   featcache cache gc --max-size 10G",
     "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
     "--input-size 64 64 --out runs/mnist",
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "

@@ -66,7 +66,8 @@ class SampleSet(abc.ABC):
         """The dataset the samples come from (a folder, a manifest, ``digits``); a split's is its parent's.
 
         Example:
-            >>> ArraySamples(np.zeros((4, 2, 2), np.uint8), [0, 1, 0, 1], name="tiny").subset([0, 1], "train").source
+            >>> tiny = ArraySamples(np.zeros((4, 2, 2), np.uint8), [0, 1, 0, 1], name="tiny")
+            >>> tiny.subset([0, 1], "train").source
             'tiny'
         """
         return self.name

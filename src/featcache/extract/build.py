@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
+from ..cache.housekeeping import dataset_name
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import FeatureTable
-from ..cache.housekeeping import dataset_name
 from ..cache.writer import write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo

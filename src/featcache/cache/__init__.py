@@ -57,15 +57,15 @@ _HOMES = {
     "RowView": "rows",
     "Selection": "housekeeping",
     "cache_key": "table",
-    "cache_root": "store",
+    "cache_root": "housekeeping",
 }
 
 __all__ = sorted(_HOMES)
 
 if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
-    from .housekeeping import CacheScan, GcLimits, Selection  # noqa: F401
+    from .housekeeping import CacheScan, GcLimits, Selection, cache_root  # noqa: F401
     from .rows import RowView  # noqa: F401
-    from .store import CachedFeatures, ChannelStats, FeatureCache, cache_root  # noqa: F401
+    from .store import CachedFeatures, ChannelStats, FeatureCache  # noqa: F401
     from .table import FeatureTable, cache_key  # noqa: F401
     from .writer import CACHE_VERSION  # noqa: F401
 

@@ -151,6 +151,16 @@ class CacheScan:
         return [e for e in self.entries if e["status"] == "damaged"]
 
 
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("FEATCACHE_HOME"):
+        return Path(os.environ["FEATCACHE_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "featcache"
+
+
 def dataset_name(name: str) -> str:
     """The name a dataset is recorded under: a path that exists as its absolute path, else as given.
 

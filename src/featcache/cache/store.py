@@ -23,7 +23,7 @@ import numpy as np
 
 from .._util import FeatcacheError
 from ..layout import legacy_layout
-from .housekeeping import KEY_NAME, CacheScan, Selection, datasets_used, record_use
+from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .rows import Rows, RowView
 from .table import (
     TABLE_FILE,
@@ -45,16 +45,6 @@ __all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cac
 
 #: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
 DIGEST_MEMO = ".digests.sqlite3"
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("FEATCACHE_HOME"):
-        return Path(os.environ["FEATCACHE_HOME"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "featcache"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._errors import FeatcacheError
+from .._errors import FeatcacheError, flag
 
 #: the folder of a table that records the datasets read from it
 USES = "uses"
@@ -43,13 +43,16 @@ def parse_size(text: str) -> int:
     """
     m = _SIZE.match(text.strip().upper())
     if not m:
-        raise FeatcacheError(f"{text!r} is not a size: write a number with K, M, G or T, e.g. 10G or 500M")
+        raise FeatcacheError(
+            f"{text!r} is not a size (--max-size, max_size=): write a number with K, M, G or T, e.g. 10G "
+            "or 500M"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def _days(value: float | None, name: str) -> None:
     if value is not None and not (math.isfinite(value) and value >= 0):
-        raise FeatcacheError(f"{name}={value!r} must be a number of days >= 0, e.g. 30")
+        raise FeatcacheError(f"{flag(name, value)} must be a number of days >= 0, e.g. 30")
 
 
 @dataclass(frozen=True)

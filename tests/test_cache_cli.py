@@ -57,10 +57,14 @@ def test_verify_without_a_key_checks_every_entry(capsys: pytest.CaptureFixture[s
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
+    old = cache.path("f" * 64)  # an entry of cache version 1: never read, not damaged
+    old.mkdir()
+    (old / "record.json").write_text("{}")
     code, out, err = cli(capsys, tmp_path, "verify", "-q")
     assert code == 2
     assert f"OK   {good}" in out and f"BAD  {bad[:12]}" in out and "checksum mismatch" in out
-    assert f"featcache cache rm {bad[:12]}" in err and "1 of 2 entries" in err
+    assert f"OLD  {'f' * 64}" in out
+    assert f"featcache cache rm {bad[:12]}" in err and "1 of 3 entries" in err
     assert cli(capsys, tmp_path, "verify", good[:10])[0] == 0
 
 
@@ -82,6 +86,8 @@ def test_rm_takes_keys_and_filters_and_dry_run_removes_nothing(
     assert code == 0 and "removed 2 entries" in out and cache.entries() == []
     code, _, err = cli(capsys, tmp_path, "rm")
     assert code == 2 and "name the entries" in err
+    code, _, err = cli(capsys, tmp_path, "rm", "--max-size", "1G")
+    assert code == 2 and "apply to `cache gc`" in err
     code, _, err = cli(capsys, tmp_path, "gc", "--max-size", "lots")
     assert code == 2 and "'lots' is not a size" in err and "Traceback" not in err
 

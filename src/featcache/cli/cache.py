@@ -29,10 +29,14 @@ def cmd_cache(a: argparse.Namespace) -> None:
         raise FeatcacheError(
             f"`featcache cache {a.action}` needs a KEY (one; see `featcache cache ls`), got {len(a.keys)}"
         )
-    if not selection.empty and a.action not in ("ls", "rm"):
-        raise FeatcacheError(
-            f"--model, --dataset and --older-than select entries for ls and rm, not {a.action}"
-        )
+    given = {
+        "--model, --dataset, --older-than": (not selection.empty, ("ls", "rm")),
+        "--unused-days, --max-size": (a.unused_days is not None or a.max_size is not None, ("gc",)),
+        "--dry-run": (a.dry_run, ("rm",)),
+    }
+    for options, (used, verbs) in given.items():
+        if used and a.action not in verbs:
+            raise FeatcacheError(f"{options} apply to `cache {' / '.join(verbs)}`, not to `cache {a.action}`")
     if a.action == "ls":
         _ls(cache, a.keys, selection, a.json)
     elif a.action == "info":
@@ -103,6 +107,9 @@ def _verify(cache: FeatureCache, keys: list[str], quiet: bool) -> None:
         try:
             problems = cache.verify(key)
         except FeatcacheError as exc:  # not even readable: damaged, or an older format
+            if cache.info(key)["status"] == "old format":  # never read, not damaged
+                tqdm.write(f"OLD  {key}: an older cache format, never read (`featcache cache gc` removes it)")
+                continue
             problems = [str(exc)]
         if problems:
             bad.append(key)

@@ -107,6 +107,10 @@ def test_ls_skips_foreign_folders_and_shows_damaged_entries_without_hiding_other
 
     scan = FeatureCache(tmp_path).scan()
     assert scan.not_entries == ["lost+found", "notes"]
+    assert repr(scan) == (
+        f"CacheScan({str(tmp_path)!r}, entries=6, damaged=5, bytes={scan.bytes:,}, "
+        "not_entries=['lost+found', 'notes'])"
+    )
     by_key = {e["key"]: e for e in scan.entries}
     assert set(by_key) == {good, *damaged.values()}
     assert by_key[good]["status"] == "complete" and by_key[good]["rows"] == 6

@@ -145,6 +145,13 @@ class CacheScan:
     entries: list[dict[str, Any]]
     not_entries: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        damaged = f", damaged={len(self.damaged)}" if self.damaged else ""
+        return (
+            f"CacheScan({str(self.root)!r}, entries={len(self.entries)}{damaged}, bytes={self.bytes:,}, "
+            f"not_entries={self.not_entries[:3]}{'...' if len(self.not_entries) > 3 else ''})"
+        )
+
     @property
     def bytes(self) -> int:
         return sum(int(e["bytes"]) for e in self.entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -140,6 +141,7 @@ def test_table_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
     files = sorted(p.relative_to(cached.path).as_posix() for p in cached.path.rglob("*") if p.is_file())
     (segment,) = FeatureCache(cache_dir).open(cached.key).index().segments
     s = segment.name
+    use = hashlib.sha256(b"random-0").hexdigest()[:24]  # the dataset read from it, for `cache ls`
     assert files == sorted(
         [
             "last_used",
@@ -149,6 +151,7 @@ def test_table_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
             f"shards/{s}.0.var.npy",
             f"shards/{s}.1.npy",  # penultimate
             "table.json",
+            f"uses/{use}.json",
         ]
     )
     for f in cached.path.rglob("*.npy"):
@@ -428,6 +431,7 @@ def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
         "old_format": [str(old)],
         "leftovers": [str(a.path / "shards" / "x.npy.tmp-999")],
         "unused": [],
+        "over_size": [],
     }
     assert cache.verify(a.key) == [] and set(cache.entries()) == {a.key, b.key}
     t = time.time() - 10 * 86400
@@ -531,7 +535,12 @@ def test_gc_spares_a_table_being_appended_to(resnet18: Backbone, tmp_path: Path)
     old = time.time() - 10 * 24 * 3600
     os.utime(table.path / "table.json", (old, old))
     with cache.lock(table.key):  # an extraction holds the lock
-        assert cache.gc(unused_for_s=3600) == {"old_format": [], "leftovers": [], "unused": []}
+        assert cache.gc(unused_for_s=3600) == {
+            "old_format": [],
+            "leftovers": [],
+            "unused": [],
+            "over_size": [],
+        }
         assert (table.path / "shards").exists()
     removed = cache.gc(empty_older_than_s=3600)
     assert removed["unused"] == [str(table.path)] and not table.path.exists()

@@ -32,3 +32,32 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    """A size as ``du -h`` prints it (powers of 1024): what ``cache gc --max-size`` takes back.
+
+    Example:
+        >>> human_bytes(512), human_bytes(3 * 2**20), human_bytes(1.5 * 2**30)
+        ('512B', '3.0M', '1.5G')
+    """
+    for unit in ("B", "K", "M", "G"):
+        if abs(n) < 1024:
+            return f"{int(n)}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
+
+
+def human_ago(seconds: float) -> str:
+    """How long ago, in the largest whole unit: ``just now``, ``5 minutes ago``, ``3 days ago``.
+
+    Example:
+        >>> human_ago(30), human_ago(3 * 86400 + 5), human_ago(3600)
+        ('just now', '3 days ago', '1 hour ago')
+    """
+    for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400), ("day", 86400),
+                       ("hour", 3600), ("minute", 60)):  # fmt: skip
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"

@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the command line's cache verbs start without it
+    import torch
 
 # At home in _errors (no torch, for the command line's start); most modules take them from here.
 from ._errors import FeatcacheError, closest, flag, unknown  # noqa: F401
@@ -40,6 +41,8 @@ def stable_hash(record: Mapping[str, Any]) -> str:
 
 def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a state dict (the weights' identity)."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -51,6 +54,8 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,7 +17,10 @@ stage reads it from there.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the cache's listing reads layouts without it
+    import torch
 
 from ._util import FeatcacheError, unknown
 
@@ -117,6 +120,8 @@ def channel_stats(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Ten
     _check(layout, t.dim())
     if layout == NC:
         raise FeatcacheError("vectors have no positions to take channel statistics over")
+    import torch
+
     var, mean = torch.var_mean(t.float(), dim=_POSITION_AXES[layout], correction=0)
     return mean, var
 

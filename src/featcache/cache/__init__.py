@@ -28,24 +28,55 @@ per table serialises appenders (the second re-reads the index and finds the firs
 lost or duplicated); readers take no lock. Under ``torchrun`` rank 0 holds the lock and the ranks deal
 the missing rows' shards round-robin, each committing its own segments.
 
-**Housekeeping.** ``cache verify`` checks every segment and shard checksum; ``cache ls/info`` show
-tables (rows, layers, segments, size, last use); ``cache gc`` removes old-format entries, files no
-segment references, and (``--unused-days``) tables unused that long; ``cache compact`` rewrites a
+**Housekeeping** (:mod:`featcache.cache.housekeeping`). ``cache verify`` checks every segment and shard
+checksum; ``cache ls/info`` show entries (model, the datasets read from them, input size, layers, rows,
+size, last use; damaged entries as such, folders that are not entries named and left alone);
+``cache rm`` removes entries by key or filter (``--model``, ``--dataset``, ``--older-than``);
+``cache gc`` removes old-format entries, files no segment references, tables unused for
+``--unused-days``, and least recently used tables beyond ``--max-size``; ``cache compact`` rewrites a
 fragmented table into few segments, copying rows byte for byte.
+
+The names below are imported on first use (PEP 562): the command line's ``cache`` flags come from
+:mod:`~featcache.cache.housekeeping` without loading numpy.
 """
 
-from .rows import RowView
-from .store import CachedFeatures, ChannelStats, FeatureCache, cache_root
-from .table import FeatureTable, cache_key
-from .writer import CACHE_VERSION
+from __future__ import annotations
 
-__all__ = [
-    "CACHE_VERSION",
-    "CachedFeatures",
-    "ChannelStats",
-    "FeatureCache",
-    "FeatureTable",
-    "RowView",
-    "cache_key",
-    "cache_root",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module of this package that defines it
+_HOMES = {
+    "CACHE_VERSION": "writer",
+    "CacheScan": "housekeeping",
+    "CachedFeatures": "store",
+    "ChannelStats": "store",
+    "FeatureCache": "store",
+    "FeatureTable": "table",
+    "GcLimits": "housekeeping",
+    "RowView": "rows",
+    "Selection": "housekeeping",
+    "cache_key": "table",
+    "cache_root": "housekeeping",
+}
+
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from .housekeeping import CacheScan, GcLimits, Selection, cache_root  # noqa: F401
+    from .rows import RowView  # noqa: F401
+    from .store import CachedFeatures, ChannelStats, FeatureCache  # noqa: F401
+    from .table import FeatureTable, cache_key  # noqa: F401
+    from .writer import CACHE_VERSION  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'featcache.cache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

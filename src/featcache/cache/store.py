@@ -17,31 +17,34 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .._util import FeatcacheError
 from ..layout import legacy_layout
+from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .rows import Rows, RowView
-from .table import TABLE_FILE, FeatureTable, cache_key, folder_bytes, old_format, remove
+from .table import (
+    TABLE_FILE,
+    FeatureTable,
+    TableIndex,
+    cache_key,
+    folder_bytes,
+    last_used,
+    old_format,
+    read_segment,
+    remove,
+)
 from .writer import to_torch
+
+if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start without torch
+    import torch
 
 __all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
 
 #: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
 DIGEST_MEMO = ".digests.sqlite3"
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("FEATCACHE_HOME"):
-        return Path(os.environ["FEATCACHE_HOME"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "featcache"
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,15 @@ class CachedFeatures:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __repr__(self) -> str:
+        # A notebook prints this: counts and shapes, never the rows, ids or class names.
+        layers = {k: tuple(v.shape[1:]) for k, v in self.features.items()}
+        split = self.manifest.get("split")
+        return (
+            f"CachedFeatures(split={split!r}, rows={len(self)}, layers={layers}, dtype={self.dtype!r}, "
+            f"classes={len(self.classes)}, key='{self.key[:12]}…')"
+        )
 
     @property
     def dtype(self) -> str:
@@ -224,6 +236,69 @@ def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return bool(a == b)
 
 
+def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
+    """The fields of a readable table that ``cache ls/info`` show."""
+    rec = table.record
+    shapes = {layer: index.row_meta(layer) for layer in table.layers}
+    size = (rec.get("preprocessing") or {}).get("input_size")
+    created = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        created = json.loads((table.path / TABLE_FILE).read_text()).get("created")
+    return {
+        "status": "complete" if index.where or index.bad else "empty",
+        "model": rec.get("backbone"),
+        "input_size": [int(v) for v in size] if size else None,
+        "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
+        "channel_stats": [k for k, v in shapes.items() if v and len(v[0]) == 3],
+        "dtype": rec.get("dtype"),
+        "pool": rec.get("pool"),
+        "view": rec.get("view", 0),
+        "augment": rec.get("augment"),
+        "rows": len(index.where),
+        "skipped": len(index.bad),
+        "segments": len(index.segments),
+        "created": created,
+    }
+
+
+def _reason(path: Path, exc: BaseException) -> str:
+    """A few words on why the entry at ``path`` cannot be read (``cache ls`` shows ``damaged: ...``)."""
+    try:
+        doc = json.loads((path / TABLE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{TABLE_FILE} is missing"
+    except (OSError, ValueError):
+        return f"{TABLE_FILE} is truncated or unreadable"
+    record = doc.get("record") if isinstance(doc, dict) else None
+    if not isinstance(record, dict):
+        return f"{TABLE_FILE} holds no record"
+    try:
+        trusted = cache_key(record) == path.name
+    except FeatcacheError:
+        trusted = False
+    if not trusted:
+        return "its record does not hash to its key"
+    folder = path / "segments"
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            read_segment(f, list(record.get("layers") or []))
+        except FeatcacheError as bad:
+            return f"segments/{f.name} is unreadable ({_short(bad.__cause__ or bad)})"
+    return _short(exc)
+
+
+def _old_format(path: Path) -> bool:
+    """An entry of an older format (``gc`` removes it); a table of this one that lost its table.json is
+    damaged instead (``cache rm`` removes it)."""
+    return old_format(path) and not (path / "segments").is_dir()
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"field {exc.args[0]!r} is missing"
+    return str(exc)[:100]
+
+
 class FeatureCache:
     """A cache root: feature tables by key, split views over them, locks, listing and housekeeping.
 
@@ -236,6 +311,9 @@ class FeatureCache:
         self.root = cache_root(root)
         self._tables: dict[str, FeatureTable] = {}  # opened once: their segments are parsed once
 
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.root)!r})"
+
     def path(self, key: str) -> Path:
         return self.root / key
 
@@ -247,9 +325,9 @@ class FeatureCache:
                 f"{key!r} is not a cache key or key prefix (lower-case hex); "
                 "run `featcache cache ls` to list them"
             )
-        if (self.root / key).is_dir():
+        if KEY_NAME.match(key) and (self.root / key).is_dir():
             return key
-        found = [p.name for p in self.root.glob(f"{key}*") if p.is_dir()] if self.root.is_dir() else []
+        found = [k for k in self.entries() if k.startswith(key)]
         if len(found) == 1:
             return found[0]
         if not found:
@@ -279,7 +357,14 @@ class FeatureCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def entries(self) -> list[str]:
-        """Every folder under the root (tables, and entries of older formats)."""
+        """The entries under the root: folders named by a key (tables, and entries of older formats)."""
+        return [n for n in self._folders() if KEY_NAME.match(n)]
+
+    def not_entries(self) -> list[str]:
+        """The folders under the root that are not entries (``lost+found``): listed, never touched."""
+        return [n for n in self._folders() if not KEY_NAME.match(n)]
+
+    def _folders(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -374,6 +459,8 @@ class FeatureCache:
                         f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify {key[:12]}`"
                     ) from exc
         table.touch()
+        if (info or {}).get("dataset"):
+            record_use(table.path, str((info or {})["dataset"]))
         kept, y = [digests[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]
         skipped = [
             {"id": ids[i], "reason": index.bad[d]} for i, d in enumerate(digests) if d not in index.where
@@ -397,37 +484,75 @@ class FeatureCache:
         )
 
     def info(self, key: str) -> dict[str, Any]:
-        """What a table holds: model, layers and shapes, rows, segments, size, last use."""
+        """What an entry holds: model, the datasets read from it, input size, layers and shapes, rows,
+        segments, size, last use. An entry that cannot be read has ``status`` ``damaged`` (``reason``: a
+        few words, ``problem``: the whole message) or ``old format``; it never raises for that.
+
+        Example:
+            >>> FeatureCache().info("3fa2c1")["rows"]  # doctest: +SKIP
+            4000
+        """
         key = self.resolve(key)
         path = self.path(key)
-        base = {"key": key, "bytes": folder_bytes(path), "path": str(path)}
+        used = last_used(path)
+        base = {
+            "key": key,
+            "bytes": folder_bytes(path),
+            "path": str(path),
+            "datasets": list(datasets_used(path)),
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
+            "last_used_unix": used,
+        }
         try:
             table = self.open(key)
-            index = table.index()
-        except FeatcacheError as exc:
-            return {**base, "status": "old format" if old_format(path) else "damaged", "problem": str(exc)}
-        rec = table.record
-        shapes = {layer: index.row_meta(layer) for layer in table.layers}
-        return {
-            **base,
-            "status": "complete" if index.where or index.bad else "empty",
-            "model": rec["backbone"],
-            "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
-            "channel_stats": [k for k, v in shapes.items() if v and len(v[0]) == 3],
-            "dtype": rec["dtype"],
-            "pool": rec["pool"],
-            "view": rec.get("view", 0),
-            "augment": rec.get("augment"),
-            "rows": len(index.where),
-            "skipped": len(index.bad),
-            "segments": len(index.segments),
-            "created": json.loads((path / TABLE_FILE).read_text()).get("created"),
-            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(table.last_used())),
-        }
+            return {**base, **_describe(table, table.index())}
+        except (FeatcacheError, OSError, KeyError, TypeError, ValueError) as exc:  # damage on disk
+            if _old_format(path):
+                return {**base, "status": "old format", "problem": str(exc)}
+            return {**base, "status": "damaged", "reason": _reason(path, exc), "problem": str(exc)}
 
-    def ls(self) -> list[dict[str, Any]]:
-        """Info of every table (and old-format entry) under the root."""
-        return [self.info(k) for k in self.entries()]
+    def scan(self, selection: Selection | None = None) -> CacheScan:
+        """Every entry (those passing ``selection`` when given), most recently used first, and the folders
+        under the root that are not entries.
+
+        Example:
+            >>> scan = FeatureCache().scan(Selection(model="*resnet*"))  # doctest: +SKIP
+            >>> len(scan.entries), scan.bytes, scan.not_entries  # doctest: +SKIP
+            (2, 18874368, ['lost+found'])
+        """
+        now, entries = time.time(), []
+        for key in self.entries():
+            with contextlib.suppress(FeatcacheError):  # removed while listing
+                entries.append(self.info(key))
+        if selection is not None:
+            entries = [e for e in entries if selection.matches(e, now)]
+        entries.sort(key=lambda e: -float(e["last_used_unix"]))
+        return CacheScan(self.root, entries, self.not_entries())
+
+    def ls(self, selection: Selection | None = None) -> list[dict[str, Any]]:
+        """Info of every entry under the root (tables, old-format and damaged entries), most recent first."""
+        return self.scan(selection).entries
+
+    def select(self, keys: Sequence[str] = (), selection: Selection | None = None) -> list[dict[str, Any]]:
+        """The entries named by ``keys`` (unique prefixes) that pass ``selection``, or every entry passing
+        it when no key is given; with neither, an error (nothing is selected by accident).
+
+        Example:
+            >>> old = FeatureCache().select(selection=Selection(older_than=30))  # doctest: +SKIP
+            >>> [e["key"][:6] for e in old]  # doctest: +SKIP
+            ['9c1d2e']
+        """
+        selection = selection or Selection()
+        if not keys and selection.empty:
+            raise FeatcacheError(
+                "name the entries: keys or key prefixes as `featcache cache ls` prints them, or filters "
+                "--model, --dataset, --older-than DAYS (model=, dataset=, older_than= of Selection)"
+            )
+        if not keys:
+            return self.scan(selection).entries
+        now = time.time()
+        infos = [self.info(k) for k in dict.fromkeys(self.resolve(k) for k in keys)]
+        return [e for e in infos if selection.matches(e, now)]
 
     def verify(self, key: str) -> list[str]:
         """Check every index segment and the checksum of every shard file; the problems found."""
@@ -452,18 +577,22 @@ class FeatureCache:
             return table.compact()
 
     def gc(
-        self, unused_for_s: float | None = None, empty_older_than_s: float = 24 * 3600
+        self,
+        unused_for_s: float | None = None,
+        empty_older_than_s: float = 24 * 3600,
+        max_bytes: int | None = None,
     ) -> dict[str, list[str]]:
         """Remove what no run needs: entries of older cache formats, files no segment references (a killed
         append's shard, temporary files), tables with no rows older than ``empty_older_than_s``, and,
-        with ``unused_for_s``, whole tables no split was read from for that long. A table being appended
-        to right now is left alone.
+        with ``unused_for_s``, whole tables no split was read from for that long; then, with
+        ``max_bytes``, the least recently used entries until the entries fit in that many bytes. A table
+        being appended to right now is left alone; a damaged table stays unless the size limit takes it.
 
         Example:
-            >>> FeatureCache().gc(unused_for_s=30 * 86400)  # doctest: +SKIP
-            {'old_format': [], 'leftovers': [], 'unused': ['/home/me/.cache/featcache/9c1d...']}
+            >>> FeatureCache().gc(unused_for_s=30 * 86400, max_bytes=10 << 30)["unused"]  # doctest: +SKIP
+            ['/home/me/.cache/featcache/9c1d...']
         """
-        removed: dict[str, list[str]] = {"old_format": [], "leftovers": [], "unused": []}
+        removed: dict[str, list[str]] = {"old_format": [], "leftovers": [], "unused": [], "over_size": []}
         now = time.time()
         for key in self.entries():
             path = self.path(key)
@@ -474,7 +603,7 @@ class FeatureCache:
                     table = self.open(key)
                     index = table.index()
                 except FeatcacheError:
-                    if old_format(path):
+                    if _old_format(path):
                         remove([path])
                         removed["old_format"].append(str(path))
                     continue  # a damaged table stays for `cache verify` / `cache rm`
@@ -488,4 +617,22 @@ class FeatureCache:
                     remove([path])
                     self._tables.pop(key, None)
                     removed["unused"].append(str(path))
+        if max_bytes is not None:
+            removed["over_size"] = self._fit(max_bytes)
         return removed
+
+    def _fit(self, max_bytes: int) -> list[str]:
+        """Remove the least recently used entries until the entries' bytes are at most ``max_bytes``."""
+        entries = self.scan().entries  # most recently used first
+        total, out = sum(int(e["bytes"]) for e in entries), []
+        for e in reversed(entries):
+            if total <= max_bytes:
+                break
+            with self.lock(e["key"], blocking=False) as taken:
+                if not taken:  # being appended to: its size is about to change anyway
+                    continue
+                remove([Path(e["path"])])
+            self._tables.pop(e["key"], None)
+            total -= int(e["bytes"])
+            out.append(e["path"])
+        return out

@@ -303,10 +303,7 @@ class FeatureTable:
             (self.path / "last_used").touch()
 
     def last_used(self) -> float:
-        for name in ("last_used", TABLE_FILE):
-            if (self.path / name).exists():
-                return (self.path / name).stat().st_mtime
-        return self.path.stat().st_mtime
+        return last_used(self.path)
 
     def compact(self, chunk_bytes: int = 1 << 30) -> tuple[int, int]:
         """Rewrite the table's rows into as few segments as ``chunk_bytes`` allows (the caller holds its
@@ -348,6 +345,15 @@ def remove(paths: Sequence[Path]) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def last_used(path: Path) -> float:
+    """When a split was last read from the table at ``path`` (Unix time): its ``last_used`` file, else its
+    creation; readable for a damaged table too."""
+    for name in ("last_used", TABLE_FILE):
+        with contextlib.suppress(OSError):
+            return (path / name).stat().st_mtime
+    return path.stat().st_mtime
 
 
 def folder_bytes(path: Path) -> int:

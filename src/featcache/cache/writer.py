@@ -26,10 +26,12 @@ import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` starts without it
+    import torch
 
 from .._util import FeatcacheError, write_json
 from ..layout import channel_stats as layout_channel_stats
@@ -65,6 +67,8 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
+    import torch
+
     a = np.ascontiguousarray(array)
     t = torch.from_numpy(a if a.flags.writeable else a.copy())
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t

@@ -1,76 +1,162 @@
-"""``featcache cache``: list, inspect, verify and remove cache entries (no backbone, no data: it imports
-the store alone, so it starts fast)."""
+"""``featcache cache``: list, inspect, verify, compact and remove cache entries (no backbone, no data, no
+torch: it imports the store alone, so it starts at once).
+
+Like ``huggingface-cli scan-cache``/``delete-cache``, ``ls`` shows what each entry is and how much it
+takes, and ``rm``/``gc`` remove by key, filter, age or total size. ``rm`` does not ask (it is used in
+scripts): ``--dry-run`` shows what it would remove and the bytes it would free, and every removal is
+printed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from typing import Any
 
 from .._errors import FeatcacheError
-from .._format import format_table
+from .._format import format_table, human_ago, human_bytes
+from ..cache.housekeeping import CacheScan, GcLimits, Selection
 from ..cache.store import FeatureCache
+from .flags import from_args
 from .show import print_json
 
 
 def cmd_cache(a: argparse.Namespace) -> None:
     cache = FeatureCache(a.cache_dir)
-    if a.action in ("info", "verify", "rm", "compact") and not a.key:
-        raise FeatcacheError(f"`featcache cache {a.action}` needs a KEY (see `featcache cache ls`)")
+    selection = from_args(Selection, a)
+    if a.action in ("info", "compact") and len(a.keys) != 1:
+        raise FeatcacheError(
+            f"`featcache cache {a.action}` needs a KEY (one; see `featcache cache ls`), got {len(a.keys)}"
+        )
+    given = {
+        "--model, --dataset, --older-than": (not selection.empty, ("ls", "rm")),
+        "--unused-days, --max-size": (a.unused_days is not None or a.max_size is not None, ("gc",)),
+        "--dry-run": (a.dry_run, ("rm",)),
+    }
+    for options, (used, verbs) in given.items():
+        if used and a.action not in verbs:
+            raise FeatcacheError(f"{options} apply to `cache {' / '.join(verbs)}`, not to `cache {a.action}`")
     if a.action == "ls":
-        _cache_ls(cache, a.json)
+        _ls(cache, a.keys, selection, a.json)
     elif a.action == "info":
-        print_json(cache.info(a.key))
+        print_json(cache.info(a.keys[0]))
     elif a.action == "verify":
-        problems = cache.verify(a.key)
-        for p in problems:
-            print(f"BAD  {p}")
-        if problems:
-            raise FeatcacheError(
-                f"cache {a.key} failed verification; remove it with `featcache cache rm {a.key}`"
-            )
-        print(f"OK   {cache.resolve(a.key)}")
+        _verify(cache, a.keys, a.quiet)
     elif a.action == "rm":
-        key = cache.resolve(a.key)
-        cache.rm(key)
-        print(f"removed {key}")
+        _rm(cache, a.keys, selection, a.dry_run)
     elif a.action == "compact":
-        before, after = cache.compact(a.key)
-        print(f"compacted {cache.resolve(a.key)}: {before} segments -> {after}")
+        before, after = cache.compact(a.keys[0])
+        print(f"compacted {cache.resolve(a.keys[0])}: {before} segments -> {after}")
     else:
-        removed = cache.gc(unused_for_s=a.unused_days * 86400 if a.unused_days is not None else None)
-        for paths in removed.values():
-            for r in paths:
-                print(f"removed {r}")
-        unused = (
-            f"; {len(removed['unused'])} tables unused for {a.unused_days:g} days" if a.unused_days else ""
-        )
-        print(
-            f"{len(removed['leftovers'])} partial entries (files of interrupted appends) and "
-            f"{len(removed['old_format'])} entries of older cache formats removed{unused}; complete entries "
-            "stay (`cache gc --unused-days N` removes tables unused for N days, `cache rm KEY` one table)"
-        )
+        _gc(cache, from_args(GcLimits, a))
 
 
-def _cache_ls(cache: FeatureCache, as_json: bool) -> None:
-    entries = cache.ls()
+def _status(e: dict[str, Any]) -> str:
+    return f"damaged: {e['reason']}" if e["status"] == "damaged" else str(e["status"])
+
+
+def _ls(cache: FeatureCache, keys: list[str], selection: Selection, as_json: bool) -> None:
+    scan = cache.scan(selection)
+    if keys:
+        wanted = {cache.resolve(k) for k in keys}
+        scan = CacheScan(scan.root, [e for e in scan.entries if e["key"] in wanted], scan.not_entries)
     if as_json:
-        print_json(entries)
+        print_json(scan.entries)
+    else:
+        _print_scan(scan)
+    if scan.not_entries:  # a note, not an error: `lost+found` on its own file system is normal
+        n = len(scan.not_entries)
+        names = ", ".join(scan.not_entries[:5]) + (", ..." if n > 5 else "")
+        folders = "folder that is not a cache entry" if n == 1 else "folders that are not cache entries"
+        print(f"skipped {n} {folders}: {names}", file=sys.stderr)
+
+
+def _print_scan(scan: CacheScan) -> None:
+    print(f"cache root: {scan.root}")
+    if not scan.entries:
+        print("no entries")
         return
-    print(f"cache root: {cache.root}")
-    print(
-        format_table(
-            [
-                {
-                    "key": e["key"][:16],
-                    "status": e["status"],
-                    "model": e.get("model"),
-                    "layers": ",".join(e.get("layers") or []),
-                    "view": e.get("view"),
-                    "rows": e.get("rows"),
-                    "segments": e.get("segments"),
-                    "MB": round(e["bytes"] / 2**20, 2),
-                    "last used": e.get("last_used", ""),
-                }
-                for e in entries
-            ]
+    now = time.time()
+    rows = [
+        {
+            "key": e["key"][:16],  # as extract prints it
+            "model": e.get("model"),
+            "dataset": ", ".join(e["datasets"]) or None,
+            "input": "x".join(map(str, e["input_size"])) if e.get("input_size") else None,
+            "layers": ",".join(e.get("layers") or []) or None,
+            "rows": e.get("rows"),
+            "size": human_bytes(e["bytes"]),
+            "last used": human_ago(now - float(e["last_used_unix"])),
+            "status": _status(e),
+        }
+        for e in scan.entries
+    ]
+    print(format_table(rows))
+    damaged = f", {len(scan.damaged)} damaged" if scan.damaged else ""
+    n = len(scan.entries)
+    print(f"{n} {'entry' if n == 1 else 'entries'}{damaged}, {human_bytes(scan.bytes)} on disk")
+
+
+def _verify(cache: FeatureCache, keys: list[str], quiet: bool) -> None:
+    from tqdm.auto import tqdm
+
+    todo = [cache.resolve(k) for k in keys] if keys else cache.entries()
+    bad: list[str] = []
+    for key in tqdm(todo, unit="entry", desc="verify", disable=quiet or len(todo) < 2, file=sys.stderr):
+        try:
+            problems = cache.verify(key)
+        except FeatcacheError as exc:  # not even readable: damaged, or an older format
+            if cache.info(key)["status"] == "old format":  # never read, not damaged
+                tqdm.write(f"OLD  {key}: an older cache format, never read (`featcache cache gc` removes it)")
+                continue
+            problems = [str(exc)]
+        if problems:
+            bad.append(key)
+            tqdm.write(f"BAD  {key[:16]}: {len(problems)} problem(s)")
+            for p in problems:
+                tqdm.write(f"     {p}")
+        else:
+            tqdm.write(f"OK   {key}")
+    if not todo:
+        print(f"no entries under {cache.root}")
+    if bad:
+        raise FeatcacheError(
+            f"{len(bad)} of {len(todo)} entries failed verification; remove them with "
+            f"`featcache cache rm {' '.join(k[:16] for k in bad)}` (their rows are extracted again when "
+            "needed)"
         )
+
+
+def _rm(cache: FeatureCache, keys: list[str], selection: Selection, dry_run: bool) -> None:
+    chosen = cache.select(keys, selection)
+    freed = sum(int(e["bytes"]) for e in chosen)
+    verb = "would remove" if dry_run else "removed"
+    for e in chosen:
+        if not dry_run:
+            cache.rm(e["key"])
+        what = e.get("model") or _status(e)
+        print(f"{verb} {e['key'][:16]}  {what}  {human_bytes(e['bytes'])}")
+    n = len(chosen)
+    tail = " (dry run: nothing was removed)" if dry_run else ""
+    print(f"{verb} {n} {'entry' if n == 1 else 'entries'}, {human_bytes(freed)} freed{tail}")
+
+
+def _gc(cache: FeatureCache, limits: GcLimits) -> None:
+    before = cache.scan().bytes
+    removed = cache.gc(unused_for_s=limits.unused_s, max_bytes=limits.max_bytes)
+    for paths in removed.values():
+        for r in paths:
+            print(f"removed {r}")
+    extra = ""
+    if limits.unused_days is not None:
+        extra += f"; {len(removed['unused'])} tables unused for {limits.unused_days:g} days"
+    if limits.max_size is not None:
+        extra += f"; {len(removed['over_size'])} least recently used tables beyond {limits.max_size}"
+    after = cache.scan().bytes
+    print(
+        f"{len(removed['leftovers'])} partial entries (files of interrupted appends) and "
+        f"{len(removed['old_format'])} entries of older cache formats removed{extra}; "
+        f"{human_bytes(max(before - after, 0))} freed, {human_bytes(after)} left; complete entries stay "
+        "unless asked (`cache gc --unused-days N`, `--max-size 10G`, `cache rm KEY ...`)"
     )

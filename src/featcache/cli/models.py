@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
+from typing import TYPE_CHECKING
 
-from .._errors import FeatcacheError
+from .._catalog import catalog
+from .._errors import FeatcacheError, unknown
 from .._format import format_table
-from ..backbones.layers import list_layers, summarize
-from ..backbones.registry import list_models, load_backbone, offline_models
-from ..train.freeze import TrainableSpec, plan_freeze
+from ..cache.housekeeping import cache_root
 from .show import print_json
+
+if TYPE_CHECKING:
+    from ..backbones.registry import Backbone
+
+
+def _backbone(model: str, weights: str | None, size: tuple[int, int] | None) -> Backbone:
+    # Imported here: `featcache models` lists names from the memo (featcache._catalog) without torch.
+    from ..backbones.registry import load_backbone
+
+    return load_backbone(model, weights, input_size=size)
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    offline = offline_models(a.source)
-    names = list_models(a.filter, a.source, offline=a.offline)
+    cat = catalog(cache_root())
+    if a.source is not None and a.source not in cat["models"]:
+        known = sorted(cat["models"])
+        raise unknown("backbone source", a.source, known, f"Use one of: {', '.join(known)}.")
+    sources = [a.source] if a.source else sorted(cat["models"])
+    offline = {m for src in sources for m in cat["offline"][src]}
+    names = sorted(
+        m
+        for src in sources
+        for m in cat["models"][src]
+        if fnmatch.fnmatch(m, a.filter) and (not a.offline or m in offline)
+    )
     for m in names:
         print(f"{m}  (weights offline)" if m in offline else m)
     here = sum(m in offline for m in names)
@@ -27,8 +48,10 @@ def cmd_models(a: argparse.Namespace) -> None:
 
 
 def cmd_layers(a: argparse.Namespace) -> None:
+    from ..backbones.layers import list_layers
+
     size = tuple(a.input_size) if a.input_size else None
-    bb = load_backbone(a.model, a.weights, input_size=size)
+    bb = _backbone(a.model, a.weights, size)
     rows = [r for r in list_layers(bb, size) if a.depth is None or r.depth <= a.depth]
     if a.json:
         print_json(
@@ -68,7 +91,10 @@ def cmd_layers(a: argparse.Namespace) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
-    bb = load_backbone(a.model, a.weights, input_size=a.input_size)
+    from ..backbones.layers import summarize
+    from ..train.freeze import TrainableSpec, plan_freeze
+
+    bb = _backbone(a.model, a.weights, a.input_size)
     if a.train:  # what a fine-tuning plan would train: the plan's own freezing, the classifier kept
         classifier = bb.model.get_submodule(bb.cfg.classifier) if isinstance(bb.cfg.classifier, str) else None
         classes = getattr(classifier, "out_features", 0)

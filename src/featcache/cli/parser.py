@@ -22,7 +22,8 @@ EXAMPLES = {
     "layers": "featcache layers torchvision:resnet18 --weights none --input-size 64 64",
     "summary": "featcache summary efficientnet-lite0 --input-size 128 128",
     "extract": "featcache extract efficientnet-lite0 mnist-5k --layers penultimate --input-size 64 64",
-    "cache": "featcache cache ls   |   featcache cache verify 3fa2c1   |   featcache cache gc",
+    "cache": "featcache cache ls   |   featcache cache verify   |   "
+    "featcache cache rm --older-than 30 --dry-run   |   featcache cache gc --max-size 10G",
     "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
     "--input-size 64 64 --out runs/mnist",
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
@@ -175,15 +176,26 @@ def _extract(p: argparse.ArgumentParser) -> None:
 
 
 def _cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["ls", "info", "verify", "rm", "gc", "compact"], help="what to do")
-    p.add_argument("key", nargs="?", help="table key or unique prefix (info / verify / rm / compact)")
+    # From the cache's own light module: importing the job specs would load every stage for `cache ls`.
+    from ..cache.housekeeping import GcLimits, Selection
+
     p.add_argument(
-        "--unused-days",
-        type=float,
-        default=None,
-        help="gc: also remove whole tables no split was read from for this many days (default: none)",
+        "action",
+        choices=["ls", "info", "verify", "rm", "gc", "compact"],
+        help="ls: list entries | info KEY | verify [KEY ...] (default: all) | rm KEY ... or filters | "
+        "gc: leftovers, old formats, --unused-days, --max-size | compact KEY",
     )
-    # Written out, not made from RunSpec: importing the job spec would load every stage for `cache ls`.
+    p.add_argument(
+        "keys", nargs="*", metavar="KEY", help="entry keys or unique prefixes, as `cache ls` prints them"
+    )
+    add_config(p, Selection)
+    add_config(p, GcLimits)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="rm: list what would be removed and the bytes freed, remove nothing (rm never asks: it "
+        "prints what it removed)",
+    )
     p.add_argument(
         "--cache-dir",
         default=None,

@@ -53,6 +53,25 @@ class SampleSet(abc.ABC):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:
+        # A notebook prints this: counts and where the images come from, never the ids or class names.
+        name = "" if self.name == self.source else f"{self.name!r}, "
+        return (
+            f"{type(self).__name__.lstrip('_')}({name}{len(self)} images, {len(self.classes)} classes, "
+            f"from {self.source!r})"
+        )
+
+    @property
+    def source(self) -> str:
+        """The dataset the samples come from (a folder, a manifest, ``digits``); a split's is its parent's.
+
+        Example:
+            >>> tiny = ArraySamples(np.zeros((4, 2, 2), np.uint8), [0, 1, 0, 1], name="tiny")
+            >>> tiny.subset([0, 1], "train").source
+            'tiny'
+        """
+        return self.name
+
     @abc.abstractmethod
     def load(self, index: int) -> Image.Image:
         """Decode sample ``index`` as a PIL image (raises on a bad image)."""
@@ -120,6 +139,10 @@ class _Subset(SampleSet):
     def __init__(self, parent: SampleSet, indices: np.ndarray, name: str) -> None:
         super().__init__([parent.ids[i] for i in indices], parent.labels[indices], parent.classes, name)
         self.parent, self.indices = parent, indices
+
+    @property
+    def source(self) -> str:
+        return self.parent.source
 
     def load(self, index: int) -> Image.Image:
         return self.parent.load(int(self.indices[index]))

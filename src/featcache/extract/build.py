@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
+from ..cache.housekeeping import dataset_name
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import FeatureTable
 from ..cache.writer import write_segment
@@ -136,6 +137,7 @@ def extract(
     done = _append(job, ranks)
     info = {
         "split": split,
+        "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
         "images_extracted": len(done.digests),
         "extract_seconds": round(time.perf_counter() - t0, 3),
         "extract_config": _jsonable(config, names, view),

@@ -1,0 +1,209 @@
+"""Choosing cache entries to list, remove or collect, and remembering which datasets read each table.
+
+The filters (:class:`Selection`) and limits (:class:`GcLimits`) are the ``cache ls/rm/gc`` flags
+(:mod:`featcache.cli.flags` builds them from these fields); nothing here imports numpy or torch, so
+``featcache cache --help`` starts at once.
+
+Dataset names are views over rows, never part of a table's key: reading a split from a table records
+its dataset in ``<table>/uses/<hash of the name>.json`` (its mtime is that dataset's last use), so
+``cache ls`` can show which datasets a table serves and ``cache rm --dataset`` can find them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._errors import FeatcacheError, flag
+
+#: the folder of a table that records the datasets read from it
+USES = "uses"
+#: a table folder's name: the SHA-256 key of its record (anything else under the root is not an entry)
+KEY_NAME = re.compile(r"^[0-9a-f]{64}$")
+_SIZE = re.compile(r"^([0-9]*\.?[0-9]+)([KMGT]?)(I?B)?$")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A size such as ``10G``, ``500M``, ``1.5T`` or ``2048`` (bytes) as bytes; K, M, G, T are powers of
+    1024, as ``du -h`` prints them (``10GB`` and ``10GiB`` mean the same).
+
+    Example:
+        >>> parse_size("500M"), parse_size("1.5k")
+        (524288000, 1536)
+    """
+    m = _SIZE.match(text.strip().upper())
+    if not m:
+        raise FeatcacheError(
+            f"{text!r} is not a size (--max-size, max_size=): write a number with K, M, G or T, e.g. 10G "
+            "or 500M"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _days(value: float | None, name: str) -> None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise FeatcacheError(f"{flag(name, value)} must be a number of days >= 0, e.g. 30")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which cache entries ``cache ls`` and ``cache rm`` act on: every filter given must hold.
+
+    Attributes:
+        model: the model spec, or a glob over it (``torchvision:resnet18``, ``'*resnet*'``); a name
+            without its source matches too (``resnet18``).
+        dataset: a dataset read from the entry, or a glob over those names (``digits``,
+            ``'*photos*'``); a folder or manifest path matches by its absolute path. Entries made
+            before featcache recorded datasets match no dataset.
+        older_than: only entries no split was read from for at least this many days.
+
+    Example:
+        >>> Selection(model="resnet18").matches({"model": "torchvision:resnet18"}, now=0.0)
+        True
+    """
+
+    model: str | None = None
+    dataset: str | None = None
+    older_than: float | None = None
+
+    def __post_init__(self) -> None:
+        _days(self.older_than, "older_than")
+        for name in ("model", "dataset"):
+            if getattr(self, name) == "":
+                raise FeatcacheError(f"{name}='' selects nothing; leave it out to select every entry")
+
+    @property
+    def empty(self) -> bool:
+        """Whether no filter is given (everything is selected)."""
+        return self.model is None and self.dataset is None and self.older_than is None
+
+    def matches(self, entry: dict[str, Any], now: float | None = None) -> bool:
+        """Whether an entry (:meth:`FeatureCache.info`) passes every filter given."""
+        if self.model is not None:
+            model = entry.get("model") or ""
+            if not (fnmatch.fnmatchcase(model, self.model) or model.split(":", 1)[-1] == self.model):
+                return False
+        if self.dataset is not None:
+            wanted = {self.dataset, os.path.abspath(self.dataset)} if os.path.exists(self.dataset) else set()
+            names = entry.get("datasets") or []
+            if not any(n in wanted or fnmatch.fnmatchcase(n, self.dataset) for n in names):
+                return False
+        if self.older_than is not None:
+            idle = (time.time() if now is None else now) - float(entry.get("last_used_unix", 0.0))
+            if idle < self.older_than * 86400:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class GcLimits:
+    """What ``cache gc`` removes besides leftovers (files of interrupted appends, old formats).
+
+    Attributes:
+        unused_days: also remove whole tables no split was read from for this many days.
+        max_size: then remove the least recently used tables until the cache fits in this size
+            (10G, 500M; K/M/G/T are powers of 1024).
+
+    Example:
+        >>> GcLimits(max_size="500M").max_bytes
+        524288000
+    """
+
+    unused_days: float | None = None
+    max_size: str | None = None
+
+    def __post_init__(self) -> None:
+        _days(self.unused_days, "unused_days")
+        if self.max_size is not None:
+            parse_size(self.max_size)
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_size(self.max_size)
+
+    @property
+    def unused_s(self) -> float | None:
+        return None if self.unused_days is None else self.unused_days * 86400
+
+
+@dataclass(frozen=True)
+class CacheScan:
+    """Everything under a cache root: the entries (:meth:`FeatureCache.info` each, most recently used
+    first), the folders that are not entries (``lost+found``), and the bytes of the entries."""
+
+    root: Path
+    entries: list[dict[str, Any]]
+    not_entries: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        damaged = f", damaged={len(self.damaged)}" if self.damaged else ""
+        return (
+            f"CacheScan({str(self.root)!r}, entries={len(self.entries)}{damaged}, bytes={self.bytes:,}, "
+            f"not_entries={self.not_entries[:3]}{'...' if len(self.not_entries) > 3 else ''})"
+        )
+
+    @property
+    def bytes(self) -> int:
+        return sum(int(e["bytes"]) for e in self.entries)
+
+    @property
+    def damaged(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["status"] == "damaged"]
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("FEATCACHE_HOME"):
+        return Path(os.environ["FEATCACHE_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "featcache"
+
+
+def dataset_name(name: str) -> str:
+    """The name a dataset is recorded under: a path that exists as its absolute path, else as given.
+
+    Example:
+        >>> dataset_name("digits")
+        'digits'
+    """
+    return os.path.abspath(name) if os.path.exists(name) else name
+
+
+def record_use(table: Path, dataset: str) -> None:
+    """Record that a split of ``dataset`` was read from ``table`` now; a read-only cache stays as it is."""
+    folder = table / USES
+    # The file name is a hash of the dataset's name: no name becomes a path.
+    f = folder / f"{hashlib.sha256(dataset.encode()).hexdigest()[:24]}.json"
+    with contextlib.suppress(OSError):
+        if f.is_file():
+            os.utime(f)
+        else:
+            folder.mkdir(exist_ok=True)
+            tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"dataset": dataset}) + "\n")
+            os.replace(tmp, f)
+
+
+def datasets_used(table: Path) -> dict[str, float]:
+    """``{dataset: last use (Unix time)}`` of the datasets read from ``table``, most recent first;
+    unreadable records are left out (they name no dataset)."""
+    out: dict[str, float] = {}
+    folder = table / USES
+    for f in folder.glob("*.json") if folder.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            name = json.loads(f.read_text()).get("dataset")
+            if isinstance(name, str):
+                out[name] = max(out.get(name, 0.0), f.stat().st_mtime)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

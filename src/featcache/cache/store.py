@@ -232,8 +232,9 @@ class FeatureCache:
         >>> [e["key"][:12] for e in cache.ls()]  # doctest: +SKIP
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, verify: bool = True) -> None:
         self.root = cache_root(root)
+        self.verify_reads = verify  # each shard's SHA-256 checked on its first read in this process
         self._tables: dict[str, FeatureTable] = {}  # opened once: their segments are parsed once
 
     def path(self, key: str) -> Path:
@@ -288,7 +289,7 @@ class FeatureCache:
         """The table ``key`` (a unique prefix will do); an old-format or foreign folder raises."""
         key = self.resolve(key)
         if key not in self._tables:
-            self._tables[key] = FeatureTable.open(self.path(key))
+            self._tables[key] = FeatureTable.open(self.path(key), self.verify_reads)
         return self._tables[key]
 
     def create(self, record: dict[str, Any]) -> FeatureTable:
@@ -296,7 +297,7 @@ class FeatureCache:
         key = cache_key(record)
         if key not in self._tables:
             with self.lock(key):
-                self._tables[key] = FeatureTable.create(self.path(key), record)
+                self._tables[key] = FeatureTable.create(self.path(key), record, self.verify_reads)
         return self._tables[key]
 
     def tables(self) -> list[FeatureTable]:
@@ -371,7 +372,8 @@ class FeatureCache:
             except FileNotFoundError as exc:  # a compaction replaced a shard between index and mapping
                 if attempt:
                     raise FeatcacheError(
-                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify {key[:12]}`"
+                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify {key[:12]}` "
+                        f"lists what else is, `featcache cache rm {key[:12]}` removes the table"
                     ) from exc
         table.touch()
         kept, y = [digests[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]

@@ -93,11 +93,7 @@ def check_name(value: object, what: str) -> str:
         >>> check_name("../x", "layer name")  # doctest: +SKIP
         FeatcacheError: layer name '../x' cannot be a file name (...)
     """
-    if (
-        not isinstance(value, str)
-        or value in ("", ".", "..")
-        or any(c in value for c in ("/", "\\", "\0"))
-    ):
+    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0")):
         raise FeatcacheError(
             f"{what} {value!r} cannot be a file name (it must be a non-empty name without '/', '\\\\', "
             "NUL, '.' or '..'); use another name"

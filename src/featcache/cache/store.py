@@ -372,8 +372,8 @@ class FeatureCache:
             except FileNotFoundError as exc:  # a compaction replaced a shard between index and mapping
                 if attempt:
                     raise FeatcacheError(
-                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify {key[:12]}` "
-                        f"lists what else is, `featcache cache rm {key[:12]}` removes the table"
+                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify "
+                        f"{key[:12]}` lists what else is, `featcache cache rm {key[:12]}` removes the table"
                     ) from exc
         table.touch()
         kept, y = [digests[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]

@@ -277,7 +277,13 @@ class FeatureTable:
                 raise TypeError(f"{TABLE_FILE} holds a {type(doc).__name__}, not an object")
             record = doc["record"]
             version = doc.get("cache_version")
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: bad JSON, UTF-8
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            RecursionError,
+        ) as exc:  # ValueError: bad JSON, UTF-8
             raise FeatcacheError(
                 f"{str(path)!r} is not a feature table of this featcache (cache version {CACHE_VERSION}): "
                 f"{exc}; `featcache cache gc` removes entries of older formats, `featcache cache rm "
@@ -381,7 +387,7 @@ class FeatureTable:
             arr = np.load(f, mmap_mode="r")
         except FileNotFoundError:
             raise  # a compaction replaced the shard between index and mapping: the caller retries
-        except Exception as exc:  # noqa: BLE001 (a damaged .npy header raises ValueError, SyntaxError, TokenError...)
+        except Exception as exc:  # a damaged .npy header raises ValueError, SyntaxError, TokenError...
             raise self.damaged(f, f"{type(exc).__name__}: {exc}") from exc
         if size != want["bytes"]:
             raise self.damaged(f, f"{size} bytes, its segment says {want['bytes']}")

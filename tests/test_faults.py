@@ -465,3 +465,32 @@ def test_sigkilled_extractions_resume_byte_identical(backbone: Backbone, tmp_pat
         assert killed >= 3  # most kills landed mid-run
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_damaged_table_with_more_layers_is_passed_over(
+    backbone: Backbone, pristine: dict[str, Any], tmp_path: Path
+) -> None:
+    """A table made the same way with more layers would serve "penultimate"; damaged, it is not chosen
+    (and not touched): the layer gets its own table."""
+    root, entry = _copy(pristine, tmp_path)
+    _damage(_segment_files(entry)[0], "flip-middle")
+    feats = extract(
+        backbone, pristine["samples"], ["penultimate"], _config(), cache_dir=str(root), progress=False
+    )
+    assert feats.key != pristine["key"] and feats.extracted == 12
+    assert np.array_equal(np.asarray(feats.features["penultimate"]), pristine["rows"]["penultimate"])
+    assert FeatureCache(root).verify(pristine["key"])  # still damaged, still there for `cache rm`
+
+
+def test_resuming_with_or_without_verify_is_the_same_run(tmp_path: Path) -> None:
+    """--no-verify changes how fast the cache is read, not the training: a run resumes across it (and
+    a config.json from before the option existed, which lacks it, resumes too)."""
+    from featcache.runs.folder import RunFolder, RunRecord
+
+    (tmp_path / "config.json").write_text(json.dumps({"extract": {"pool": "avg"}}))
+    folder = RunFolder(tmp_path)
+    for verify in (True, False):
+        record = RunRecord("finetune", "m", {}, {}, {"pool": "avg", "verify": verify}, ())
+        folder.check_resume(record, ("extract",), "settings")
+    with pytest.raises(FeatcacheError, match=r"extract\.pool"):  # the check itself still works
+        folder.check_resume(RunRecord("finetune", "m", {}, {}, {"pool": "max"}, ()), ("extract",), "settings")

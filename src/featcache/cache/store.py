@@ -322,7 +322,12 @@ class FeatureCache:
         held: dict[str, int] = {}
         for t in self.tables():
             if t.key == own or (layers <= set(t.layers) and _same_setting(t.record, record)):
-                index = t.index()
+                try:
+                    index = t.index()
+                except FeatcacheError:
+                    if t.key == own:
+                        raise
+                    continue  # a damaged table with more layers is not chosen; this one's rows are made
                 held[t.key] = sum(1 for d in wanted if d in index.where or d in index.bad)
         if not held or max(held.values()) == 0:
             return own

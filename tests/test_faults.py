@@ -494,3 +494,19 @@ def test_resuming_with_or_without_verify_is_the_same_run(tmp_path: Path) -> None
         folder.check_resume(record, ("extract",), "settings")
     with pytest.raises(FeatcacheError, match=r"extract\.pool"):  # the check itself still works
         folder.check_resume(RunRecord("finetune", "m", {}, {}, {"pool": "max"}, ()), ("extract",), "settings")
+
+
+@pytest.mark.parametrize("which", ["segment", "table.json"])
+def test_index_files_that_link_outside_the_table_are_refused(
+    backbone: Backbone, pristine: dict[str, Any], tmp_path: Path, which: str
+) -> None:
+    root, entry = _copy(pristine, tmp_path)
+    file = _segment_files(entry)[0] if which == "segment" else entry / "table.json"
+    outside = tmp_path / f"outside-{file.name}"
+    shutil.move(file, outside)  # the same bytes, outside the table
+    file.symlink_to(outside)
+    with pytest.raises(FeatcacheError, match=r"leads outside.*cache rm"):
+        _read(backbone, pristine["samples"], root)
+    if which == "segment":
+        problems = FeatureCache(root).verify(pristine["key"])
+        assert len(problems) == 1 and "leads outside the table" in problems[0]

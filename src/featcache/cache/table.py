@@ -68,12 +68,21 @@ def old_format(path: Path) -> bool:
         return False  # a damaged table file: for `cache verify` / `cache rm`, not for gc
 
 
-def _unreadable(file: Path, why: object) -> FeatcacheError:
+class SegmentError(FeatcacheError):
+    """An index segment that cannot be used; ``why`` says what is wrong with it."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+def _unreadable(file: Path, why: object) -> SegmentError:
     table = file.parent.parent.name
-    return FeatcacheError(
+    return SegmentError(
         f"index segment {str(file)!r} is unreadable ({why}). No other row is affected: restore the file, "
         f"or delete it (its rows are extracted again on the next run), or remove the whole table with "
-        f"`featcache cache rm {table[:12]}`; `featcache cache verify {table[:12]}` checks every file of it"
+        f"`featcache cache rm {table[:12]}`; `featcache cache verify {table[:12]}` checks every file of it",
+        str(why),
     )
 
 
@@ -85,7 +94,10 @@ def read_segment(file: Path, layers: Sequence[str]) -> Segment:
         >>> seg = read_segment(table.path / "segments" / f"{name}.json", table.layers)  # doctest: +SKIP
     """
     try:
+        inside(file.parent.parent, f"segments/{file.name}")
         meta = json.loads(file.read_text())
+    except FeatcacheError as exc:
+        raise _unreadable(file, "it leads outside the table: a symbolic link?") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _unreadable(file, exc) from exc
     try:
@@ -272,7 +284,7 @@ class FeatureTable:
             >>> table = FeatureTable.open(cache.root / key)  # doctest: +SKIP
         """
         try:
-            doc = json.loads((path / TABLE_FILE).read_text())
+            doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())
             if not isinstance(doc, dict):
                 raise TypeError(f"{TABLE_FILE} holds a {type(doc).__name__}, not an object")
             record = doc["record"]
@@ -434,8 +446,8 @@ class FeatureTable:
         for f in self.segment_files():
             try:
                 segments.append(read_segment(f, self.layers))
-            except FeatcacheError as exc:
-                problems.append(f"segments/{f.name}: unreadable ({str(exc.__cause__ or exc)[:200]})")
+            except SegmentError as exc:
+                problems.append(f"segments/{f.name}: unreadable ({exc.why[:200]})")
         disagree = _disagreement(segments)
         if disagree:
             problems.append(disagree)

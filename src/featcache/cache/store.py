@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._util import FeatcacheError
+from .._util import FeatcacheError, check_name
 from ..layout import legacy_layout
 from .rows import Rows, RowView
 from .table import TABLE_FILE, FeatureTable, cache_key, folder_bytes, old_format, remove
@@ -268,7 +268,7 @@ class FeatureCache:
         """
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a") as f:
+        with open(locks / f"{check_name(key, 'cache key')}.lock", "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:

@@ -113,8 +113,6 @@ def _check_segment(meta: Any, layers: Sequence[str]) -> None:
     """Raise (KeyError, TypeError or ValueError) unless ``meta`` is an intact segment of ``layers``."""
     if not isinstance(meta, dict):
         raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
-    if meta.get("checksum") != segment_checksum(meta):
-        raise ValueError("its content does not match its checksum (the file was damaged or edited)")
     rows, digests, skipped, per_layer = meta["rows"], meta["digests"], meta["skipped"], meta["layers"]
     if type(rows) is not int or rows < 0:
         raise ValueError(f"rows {rows!r} is not a count")
@@ -131,6 +129,9 @@ def _check_segment(meta: Any, layers: Sequence[str]) -> None:
         raise ValueError(f"layers {sorted(per_layer)}, the table has {sorted(layers)}")
     for m in per_layer.values():
         _check_layer(m)
+    # last, so that a missing or mistyped field is named as such
+    if meta.get("checksum") != segment_checksum(meta):
+        raise ValueError("its content does not match its checksum (the file was damaged or edited)")
 
 
 def _check_layer(m: Any) -> None:

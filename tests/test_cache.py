@@ -20,6 +20,7 @@ from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.cache.rows import RowView
 from featcache.cache.store import FeatureCache, cache_key, cache_root
+from featcache.cache.table import CheckedShard
 from featcache.cache.writer import CACHE_VERSION, write_segment
 from featcache.data.datasets import load_dataset
 from featcache.data.samples import ArraySamples
@@ -262,7 +263,8 @@ def test_second_extract_is_a_hit_without_forward_passes(resnet18: Backbone, cach
     assert (second.rows, second.from_cache, second.extracted) == (12, 12, 0)
     assert second.key == first.key and second.split_key == first.split_key
     for layer, arr in second.features.items():
-        assert isinstance(arr, RowView) and all(isinstance(p, np.memmap) for p in arr.parts), layer
+        assert isinstance(arr, RowView), layer  # memory maps, each checked on its first read
+        assert all(isinstance(p, CheckedShard) and isinstance(p.arr, np.memmap) for p in arr.parts), layer
         assert np.array_equal(arr, first.features[layer])
     assert second.ids == first.ids and np.array_equal(second.labels, first.labels)
 

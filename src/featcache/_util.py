@@ -86,3 +86,40 @@ def atomic_write_text(path: os.PathLike[str] | str, text: str) -> None:
 def write_json(path: os.PathLike[str] | str, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_name(value: object, what: str) -> str:
+    """``value`` if it can be one path component: a non-empty string without a separator, NUL, ``.``
+    or ``..`` (names read from disk or given by a user never reach outside their folder).
+
+    Example:
+        >>> check_name("layer3", "layer name")
+        'layer3'
+        >>> check_name("../x", "layer name")  # doctest: +SKIP
+        FeatcacheError: layer name '../x' cannot be a file name (...)
+    """
+    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0")):
+        raise FeatcacheError(
+            f"{what} {value!r} cannot be a file name (it must be a non-empty name without '/', '\\\\', "
+            "NUL, '.' or '..'); use another name"
+        )
+    return value
+
+
+def inside(folder: os.PathLike[str] | str, relative: str) -> str:
+    """``folder/relative`` if it lies inside ``folder`` once symlinks and ``..`` are resolved; raises
+    otherwise (a file a cache entry opens must belong to that entry).
+
+    Example:
+        >>> inside("/tmp/entry", "shards/a.npy")
+        '/tmp/entry/shards/a.npy'
+    """
+    path = os.path.join(os.fspath(folder), relative)
+    base = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if os.path.isabs(relative) or os.path.commonpath([base, real]) != base:
+        raise FeatcacheError(
+            f"{relative!r} leads outside {os.fspath(folder)!r} (to {real!r}): a file of this folder must lie "
+            "inside it; the folder was tampered with or damaged: remove it"
+        )
+    return path

@@ -28,6 +28,16 @@ per table serialises appenders (the second re-reads the index and finds the firs
 lost or duplicated); readers take no lock. Under ``torchrun`` rank 0 holds the lock and the ranks deal
 the missing rows' shards round-robin, each committing its own segments.
 
+**Trust.** Nothing read from disk is used unchecked. A table is opened only if its record hashes to
+its folder's name and reads as a record; every index segment is checked on open (its own SHA-256,
+every field, the table's layers), so a damaged one is an error, never a ``KeyError`` or rows under
+the wrong image; each shard's SHA-256 is checked when its first row is read in a process (memoised per
+file version; ``--no-verify`` skips only this). No name from a record, a segment or the user becomes a
+path: shard files are named by segment (a checked pattern) and layer position, and every file opened
+is checked to lie inside its table (:func:`featcache._util.check_name` and :func:`~featcache._util.
+inside` for code that must turn a name into a path). A damaged table is an error that names
+``featcache cache rm KEY`` and is never used.
+
 **Housekeeping** (:mod:`featcache.cache.housekeeping`). ``cache verify`` checks every segment and shard
 checksum; ``cache ls/info`` show entries (model, the datasets read from them, input size, layers, rows,
 size, last use; damaged entries as such, folders that are not entries named and left alone);

@@ -4,9 +4,19 @@ maps."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
+
+
+class Shard(Protocol):
+    """What a :class:`RowView` reads rows from: an array, a memory map, or a map that checks its file
+    on the first read (:class:`~featcache.cache.table.CheckedShard`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
 
 
 class RowView:
@@ -33,7 +43,7 @@ class RowView:
 
     def __init__(
         self,
-        parts: Sequence[np.ndarray],
+        parts: Sequence[Shard],
         part: np.ndarray,
         row: np.ndarray,
         row_shape: tuple[int, ...],
@@ -122,7 +132,7 @@ class RowView:
             >>> np.asarray(RowView.concat([v, v.select([0])])).tolist()
             [[2, 3], [0, 1], [2, 3]]
         """
-        parts: list[np.ndarray] = []
+        parts: list[Shard] = []
         part, row = [], []
         for v in views:
             part.append(v.part + len(parts))

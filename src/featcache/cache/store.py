@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError
+from .._util import FeatcacheError, check_name
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .rows import Rows, RowView
 from .table import (
     TABLE_FILE,
     FeatureTable,
+    SegmentError,
     TableIndex,
     cache_key,
     folder_bytes,
@@ -283,7 +284,8 @@ def _reason(path: Path, exc: BaseException) -> str:
         try:
             read_segment(f, list(record.get("layers") or []))
         except FeatcacheError as bad:
-            return f"segments/{f.name} is unreadable ({_short(bad.__cause__ or bad)})"
+            why = bad.why if isinstance(bad, SegmentError) else _short(bad.__cause__ or bad)
+            return f"segments/{f.name} is unreadable ({why})"
     return _short(exc)
 
 
@@ -307,8 +309,9 @@ class FeatureCache:
         >>> [e["key"][:12] for e in cache.ls()]  # doctest: +SKIP
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, verify: bool = True) -> None:
         self.root = cache_root(root)
+        self.verify_reads = verify  # each shard's SHA-256 checked on its first read in this process
         self._tables: dict[str, FeatureTable] = {}  # opened once: their segments are parsed once
 
     def __repr__(self) -> str:
@@ -345,7 +348,7 @@ class FeatureCache:
         """
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a") as f:
+        with open(locks / f"{check_name(key, 'cache key')}.lock", "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -373,7 +376,7 @@ class FeatureCache:
         """The table ``key`` (a unique prefix will do); an old-format or foreign folder raises."""
         key = self.resolve(key)
         if key not in self._tables:
-            self._tables[key] = FeatureTable.open(self.path(key))
+            self._tables[key] = FeatureTable.open(self.path(key), self.verify_reads)
         return self._tables[key]
 
     def create(self, record: dict[str, Any]) -> FeatureTable:
@@ -381,7 +384,7 @@ class FeatureCache:
         key = cache_key(record)
         if key not in self._tables:
             with self.lock(key):
-                self._tables[key] = FeatureTable.create(self.path(key), record)
+                self._tables[key] = FeatureTable.create(self.path(key), record, self.verify_reads)
         return self._tables[key]
 
     def tables(self) -> list[FeatureTable]:
@@ -406,7 +409,12 @@ class FeatureCache:
         held: dict[str, int] = {}
         for t in self.tables():
             if t.key == own or (layers <= set(t.layers) and _same_setting(t.record, record)):
-                index = t.index()
+                try:
+                    index = t.index()
+                except FeatcacheError:
+                    if t.key == own:
+                        raise
+                    continue  # a damaged table with more layers is not chosen; this one's rows are made
                 held[t.key] = sum(1 for d in wanted if d in index.where or d in index.bad)
         if not held or max(held.values()) == 0:
             return own
@@ -456,7 +464,8 @@ class FeatureCache:
             except FileNotFoundError as exc:  # a compaction replaced a shard between index and mapping
                 if attempt:
                     raise FeatcacheError(
-                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify {key[:12]}`"
+                        f"a shard of table {key[:12]} is missing ({exc}); `featcache cache verify "
+                        f"{key[:12]}` lists what else is, `featcache cache rm {key[:12]}` removes the table"
                     ) from exc
         table.touch()
         if (info or {}).get("dataset"):

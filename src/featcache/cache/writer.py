@@ -8,8 +8,9 @@ Layout of one table, ``<root>/<key>/`` (no pickle anywhere)::
     shards/<seg>.<i>.mean.npy  per-row channel mean and variance of a spatial map layer, (n, C) float32:
     shards/<seg>.<i>.var.npy   pooled heads and standardisation read them, not the map
     segments/<seg>.json        the index segment: the content digest of each row, the images that could
-                               not be decoded, SHA-256 and size of each shard file. Written last: its
-                               presence commits the shard's rows
+                               not be decoded, SHA-256 and size of each shard file, and the SHA-256 of
+                               the segment itself (``checksum``). Written last: its presence commits
+                               the shard's rows
     last_used                  touched whenever a split is read from the table (``cache gc``)
 
 Every file is written to a temporary name in the same folder, fsynced and renamed. A process killed
@@ -33,12 +34,13 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` starts without it
     import torch
 
-from .._util import FeatcacheError, write_json
+from .._util import FeatcacheError, stable_hash, write_json
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
 
 #: Bumped whenever the stored format or the meaning of the stored numbers changes: part of every key.
-CACHE_VERSION = 2
+#: 3: segments carry their own checksum.
+CACHE_VERSION = 3
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CHANNEL_STATS = ("mean", "var")
 #: segment names: commit time (ns) and a random tag, so sorting them sorts by commit time
@@ -51,6 +53,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def segment_checksum(segment: dict[str, Any]) -> str:
+    """SHA-256 of an index segment's JSON without its ``checksum`` field (which holds this value)."""
+    return stable_hash({k: v for k, v in segment.items() if k != "checksum"})
 
 
 def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
@@ -166,5 +173,6 @@ def write_segment(
         **info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    segment["checksum"] = segment_checksum(segment)  # any damage to the index is caught on open
     write_json(table / "segments" / f"{name}.json", segment)  # the commit
     return name

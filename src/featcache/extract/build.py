@@ -124,7 +124,7 @@ def extract(
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    cache = FeatureCache(cache_dir)
+    cache = FeatureCache(cache_dir, verify=config.verify)
     record = cache_record(backbone, names, config, view)
     if ranks is not None:
         ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables

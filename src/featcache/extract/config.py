@@ -38,6 +38,9 @@ class ExtractConfig:
         shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it). Shards hold whole
             batches: both are rounded up to a multiple of ``batch_size``.
         method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.extract.nodes.FeatureExtractor`).
+        verify: check each cached shard's SHA-256 the first time this process reads it (once per
+            file; a damaged table is an error naming ``featcache cache rm``). Index segments are checked
+            on every open either way; not part of the cache key.
 
     The layers are not part of it: they are an argument of :func:`~featcache.extract.extract`, as
     torchvision's ``return_nodes`` are.
@@ -58,6 +61,7 @@ class ExtractConfig:
     shard_mb: int = 64
     shard_rows: int | None = None
     method: str = "auto"
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.input_size is not None:

@@ -458,15 +458,16 @@ class RunFolder:
 def _differences(key: str, a: Any, b: Any) -> list[str]:
     """``key: old -> new`` lines where a saved setting differs from this command's.
 
-    The fast paths change the speed, not the training; a setting an older config lacks did not exist
-    then, so it was off: absent equals None / 0 / False.
+    The fast paths and reading the cache with or without checksums (``verify``) change the speed, not
+    the training; a setting an older config lacks did not exist then, so it was off: absent equals
+    None / 0 / False.
     """
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
     off = (None, 0, False)
     out = []
     for f in sorted(set(a) | set(b)):
-        if f == "fast_paths":
+        if f in ("fast_paths", "verify"):
             continue
         same = a[f] == b[f] if f in a and f in b else (a if f in a else b)[f] in off
         if not same:

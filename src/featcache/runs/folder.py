@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._config import from_json
-from .._util import FeatcacheError, default_mode, resolve_device, write_json
+from .._util import FeatcacheError, check_name, default_mode, resolve_device, write_json
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
 from ..cache.store import CachedFeatures
@@ -302,8 +302,8 @@ class RunFolder:
                 shutil.rmtree(child)
 
     def child(self, name: str) -> RunFolder:
-        """A run folder inside this one (a sweep's runs), created fresh."""
-        folder = RunFolder(self.path / name)
+        """A run folder inside this one (a sweep's runs), created fresh; ``name`` is one path component."""
+        folder = RunFolder(self.path / check_name(name, "run folder name"))
         folder.path.mkdir(parents=True, exist_ok=True)
         return folder
 

@@ -15,10 +15,10 @@ from .show import print_json
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
+    data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
-    splits = from_args(DataConfig, a).load()
-    config = from_args(ExtractConfig, a)
+    splits = data.load()
     layers = parse_layers(a.layers, bb)  # @blocks: every block
     feats = extract_splits(
         bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks

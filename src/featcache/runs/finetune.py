@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._checks import check_number
 from .._util import FeatcacheError, resolve_device, unknown
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
@@ -154,8 +155,8 @@ class FinetuneConfig:
     views: int = 0
 
     def __post_init__(self) -> None:
-        if self.views < 0:
-            raise FeatcacheError(f"--views must be 0 or more, got {self.views}")
+        check_number("views", self.views, 0, integer=True, why="0: no views")
+        check_number("lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k")
         if self.views and not self.augment:
             raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
         if self.mode not in MODES:

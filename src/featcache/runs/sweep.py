@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .._checks import check_numbers
 from .._util import FeatcacheError, best_on_val
 from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
@@ -99,6 +100,9 @@ class SweepGrid:
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
         object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
+        # the rules of TrainConfig's lr and weight_decay, checked before any extraction
+        check_numbers("lrs", self.lrs, 0, high=10, low_open=True, why="each a peak learning rate")
+        check_numbers("weight_decays", self.weight_decays, 0, high=10)
 
     def configs(self, base: TrainConfig) -> list[TrainConfig]:
         """The trainer settings of the grid, the others as in ``base``."""

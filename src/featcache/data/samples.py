@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,8 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 #: Pillow's own default limit (a 1/4 GiB 24-bit image): more pixels than this is a bad image
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 _PIL_LIMIT_LOCK = threading.Lock()
+#: in the reason recorded for an image refused by the pixel limit: a higher limit retries it
+TOO_LARGE = "(a decompression bomb?)"
 
 
 class BadImageError(FeatcacheError):
@@ -207,7 +210,11 @@ class FileSamples(SampleSet):
             with pixel_limit(self.max_pixels), Image.open(path) as im:
                 check_pixels(im.size, self.max_pixels, str(path))
                 im.verify()  # structure and checksums (PNG CRCs), no pixel decoding
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            return str(_too_large(str(path), _pillow_size(exc), self.max_pixels))
+        except BadImageError as exc:
+            return str(exc)
+        except (OSError, ValueError, SyntaxError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return ""
 
@@ -366,11 +373,16 @@ def check_pixels(size: tuple[int, int], max_pixels: int | None, where: str) -> N
     """
     pixels = size[0] * size[1]
     if max_pixels is not None and pixels > max_pixels:
-        raise BadImageError(
-            f"image {where!r} is {size[0]}x{size[1]} = {pixels:,} pixels, more than the limit of "
-            f"{max_pixels:,} (a decompression bomb?). If it is a real image, raise the limit: "
-            f"{flag('max_image_pixels', max_pixels * 4)} or --max-image-pixels off"
-        )
+        raise _too_large(where, f"{size[0]}x{size[1]} = {pixels:,} pixels", max_pixels)
+
+
+def _too_large(where: str, size: str, max_pixels: int | None) -> BadImageError:
+    limit = f"{max_pixels:,}" if max_pixels is not None else "Pillow's"
+    raise_to = flag("max_image_pixels", 4 * (max_pixels or DEFAULT_MAX_PIXELS))
+    return BadImageError(
+        f"image {where!r} is {size}, more than the limit of {limit} pixels {TOO_LARGE}, so it "
+        f"is not decoded. If it is a real image, raise the limit: {raise_to}, or --max-image-pixels off"
+    )
 
 
 def decode_image(src: str | os.PathLike[str] | IO[bytes], max_pixels: int | None, where: str) -> Image.Image:
@@ -389,10 +401,18 @@ def decode_image(src: str | os.PathLike[str] | IO[bytes], max_pixels: int | None
             check_pixels(im.size, max_pixels, where)
             im.load()
             return im.copy()
-    except Image.DecompressionBombError as exc:  # a frame larger than the header said
+    except Image.DecompressionBombError as exc:  # Pillow's own check (beyond twice its limit), or a frame
+        raise _too_large(where, _pillow_size(exc), max_pixels) from exc
+    except Image.UnidentifiedImageError as exc:  # its text names a BytesIO where bytes were read first
         raise BadImageError(
-            f"image {where!r}: {exc}. If it is a real image, raise --max-image-pixels (max_image_pixels=)"
+            f"cannot identify image file {where!r}: not an image, or a format Pillow cannot read"
         ) from exc
+
+
+def _pillow_size(exc: Exception) -> str:
+    """The pixel count in the text of Pillow's DecompressionBombError, for our message."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)):,} pixels" if found else "too large"
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -52,6 +52,7 @@ RUN_FILES = (
     "confusion.png",
     "history.csv",
     "misclassified.csv",
+    "skipped.csv",
     "sweep.json",
     "sweep.png",
 )
@@ -437,6 +438,23 @@ class RunFolder:
         fields = ["rank", "split", "id", "true", "predicted", "p_true", "p_predicted", "loss"]
         self._write_csv("misclassified.csv", rows, fields)
         return len(rows)
+
+    def write_skipped(self, feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:
+        """``skipped.csv``: the images each split left out as unreadable (``--on-bad-image skip``), with
+        the split, the sample id and the reason; written only when there are some. Returns the rows.
+
+        Example:
+            >>> [r["id"] for r in folder.write_skipped(feats)]  # doctest: +SKIP
+            ['cats/broken.jpg']
+        """
+        rows = [
+            {"split": split, "id": str(s["id"]), "reason": str(s["reason"])}
+            for split, f in feats.items()
+            for s in f.manifest.get("skipped", [])
+        ]
+        if rows:
+            self._write_csv("skipped.csv", rows, ["split", "id", "reason"])
+        return rows
 
     def _write_csv(
         self, name: str, rows: Sequence[Mapping[str, Any]], fields: list[str] | None = None

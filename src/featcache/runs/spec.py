@@ -162,6 +162,20 @@ class RunSpec:
         )
         return feats, views
 
+    def note_skipped(self, folder: RunFolder | None, feats: Mapping[str, CachedFeatures]) -> None:
+        """Say how many images were skipped as unreadable and the first few, and list them all in the run
+        folder's ``skipped.csv`` (nothing when none were)."""
+        rows = (
+            folder.write_skipped(feats)
+            if folder is not None
+            else [{"split": k, "id": str(s["id"])} for k, f in feats.items() for s in f.manifest["skipped"]]
+        )
+        if rows:
+            shown = ", ".join(f"{r['id']} ({r['split']})" for r in rows[:5])
+            more = f", ... ({len(rows) - 5} more)" if len(rows) > 5 else ""
+            where = f"; all listed in {folder.path / 'skipped.csv'}" if folder is not None else ""
+            self.say(f"skipped {len(rows)} unreadable image(s): {shown}{more}{where}")
+
     def record(
         self,
         kind: str,

@@ -136,6 +136,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
+    spec.note_skipped(folder, feats)
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)

@@ -143,6 +143,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
+    spec.note_skipped(folder, feats)
     trained, info, result, metrics = train_on_cache(
         feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
     )

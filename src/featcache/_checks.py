@@ -12,7 +12,7 @@ import numbers
 import re
 from collections.abc import Iterable
 
-from ._errors import FeatcacheError, flag
+from ._errors import FeatcacheError, flag, unknown
 
 #: device names every verb takes (``cuda:N`` picks one GPU)
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -117,12 +117,10 @@ def check_device(device: object, name: str = "device") -> str:
         >>> check_device("cpuu")
         Traceback (most recent call last):
         ...
-        featcache._errors.FeatcacheError: unknown device 'cpuu'. Did you mean: 'cpu'? Use --device auto|cpu|cuda|cuda:N|mps (device='cpu', ...).
+        featcache._errors.FeatcacheError: unknown device 'cpuu'. Did you mean: 'cpu', 'cuda'? ...
     """
     if isinstance(device, str) and _DEVICE.match(device):
         return device
-    from ._errors import unknown
-
     choices = [d for d in DEVICES if d != "cuda:N"] + ["cuda:0"]
     raise unknown(
         name,

@@ -39,7 +39,10 @@ def cmd_extract(a: argparse.Namespace) -> None:
     for split, s in skipped[:5]:  # all of them are in each split's manifest (`cache info`)
         print(f"skipped ({split}): {s['id']}: {s['reason']}", file=sys.stderr)
     if len(skipped) > 5:
-        print(f"... and {len(skipped) - 5} more skipped images (each split's manifest lists them)", file=sys.stderr)
+        print(
+            f"... and {len(skipped) - 5} more skipped images (each split's manifest lists them)",
+            file=sys.stderr,
+        )
 
 
 def counts(f: CachedFeatures) -> dict[str, int]:

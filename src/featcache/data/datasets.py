@@ -141,7 +141,9 @@ def image_folder(
             if len(va):
                 train, val = train.subset(tr, "train"), train.subset(va, "val")
         return DatasetSplits(train, val, parts["test"], train.classes, str(root))
-    return _split(_scan_folder(root, max_pixels=max_image_pixels), val_fraction, test_fraction, seed, str(root))
+    return _split(
+        _scan_folder(root, max_pixels=max_image_pixels), val_fraction, test_fraction, seed, str(root)
+    )
 
 
 def manifest_file(

@@ -21,11 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .._config import to_json
+from .._disk import disk_errors
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import FeatureTable
-from ..cache.writer import write_segment
+from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo
 from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
@@ -133,7 +134,10 @@ def extract(
     key: str = _decided(ranks, lambda: cache.choose(record, digests))
     job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
     t0 = time.perf_counter()
-    done = _append(job, ranks)
+    with disk_errors(
+        cache.root, None, "the feature cache", FIX, FREE_UP
+    ):  # its folders, lock and table files
+        done = _append(job, ranks)
     info = {
         "split": split,
         "images_extracted": len(done.digests),
@@ -407,7 +411,9 @@ def bad_images_error(found: dict[str, tuple[SampleSet, dict[int, str]]], shown: 
     Example:
         >>> raise bad_images_error({"train": (samples, {3: "OSError: truncated"})})  # doctest: +SKIP
     """
-    lines = [f"{s.describe(i)} ({split}): {why}" for split, (s, bad) in found.items() for i, why in bad.items()]
+    lines = [
+        f"{s.describe(i)} ({split}): {why}" for split, (s, bad) in found.items() for i, why in bad.items()
+    ]
     more = f"\n  ... and {len(lines) - shown} more" if len(lines) > shown else ""
     listed = "\n  ".join(lines[:shown])
     return BadImageError(

@@ -156,7 +156,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_number("views", self.views, 0, integer=True, why="0: no views")
-        check_number("lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k")
+        check_number(
+            "lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k"
+        )
         if self.views and not self.augment:
             raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
         if self.mode not in MODES:

@@ -81,7 +81,7 @@ def check_number(
         text += f" ({why})"
     if not number:
         raise FeatcacheError(text)
-    v = float(value)  # type: ignore[arg-type]
+    v = int(value) if integer else float(value)  # type: ignore[call-overload,arg-type]  # ints exactly
     if not math.isfinite(v):
         raise FeatcacheError(text)
     if low is not None and (v < low or (low_open and v == low)):

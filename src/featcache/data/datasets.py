@@ -256,7 +256,7 @@ def manifest_rows(path: str | Path) -> list[ManifestRow]:
     if missing:
         shown = "; ".join(f"line {r.line}: {r.path!r}" for r in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise FeatcacheError(
+        raise FileNotFoundError(
             f"{where}: {len(missing)} listed images are not files: {shown}{more}. Paths are relative to "
             f"the manifest's folder {str(path.parent.resolve())!r}; fix them or remove those rows"
         )

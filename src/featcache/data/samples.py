@@ -210,6 +210,8 @@ class FileSamples(SampleSet):
             with pixel_limit(self.max_pixels), Image.open(path) as im:
                 check_pixels(im.size, self.max_pixels, str(path))
                 im.verify()  # structure and checksums (PNG CRCs), no pixel decoding
+        except FileNotFoundError:
+            return ""  # not a bad image: the decode names the vanished file (SampleChangedError)
         except Image.DecompressionBombError as exc:
             return str(_too_large(str(path), _pillow_size(exc), self.max_pixels))
         except BadImageError as exc:

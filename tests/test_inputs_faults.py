@@ -524,3 +524,22 @@ def test_the_manifest_of_a_skipping_run_is_json(tmp_path: Path) -> None:
     rows = folder.write_skipped({"train": feats})  # type: ignore[dict-item]
     assert rows == [{"split": "train", "id": "a/b.png", "reason": 'OSError: truncated, "quoted"'}]
     assert json.dumps(rows) and (tmp_path / "r" / "skipped.csv").read_text().count("\n") == 2
+
+
+def test_a_training_split_of_one_class_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "path,label,split\na.png,cat,train\nb.png,cat,train\nc.png,dog,test\n"
+    spec = _manifest(tmp_path, "one.csv", text, images=("a.png", "b.png", "c.png"))
+    with pytest.raises(FeatcacheError, match=r"training split of .* holds only class 'cat' of 2"):
+        DataConfig(spec).load()
+    code, err = cli(
+        capsys, "train", "torchvision:resnet18", spec, "--weights", "none", "--out", str(tmp_path / "r")
+    )
+    assert code == 2 and "at least two classes" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags", [["--top-k", "0"], ["--batch-size", "0"]])
+def test_predict_refuses_absurd_counts_before_reading_anything(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = cli(capsys, "predict", "no-such-model", "no-such-images", *flags)
+    assert code == 2 and f"{flags[0]} 0 (" in err and "must be a whole number >= 1" in err

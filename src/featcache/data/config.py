@@ -67,4 +67,12 @@ class DataConfig:
                 f"dataset {self.spec!r} has {found}: a classifier needs at least two. Give each class "
                 "its own folder (ROOT/CLASS/image.png), or a manifest with two labels or more"
             )
+        present = sorted({int(c) for c in splits.train.labels})
+        if len(present) < 2:  # classes named, but the training split holds one (a split column, --limit)
+            only = f"only class {splits.classes[present[0]]!r}" if present else "no images"
+            raise FeatcacheError(
+                f"the training split of {self.spec!r} holds {only} of {len(splits.classes)}: a classifier "
+                "needs images of at least two classes to train on. Raise --limit (limit=), or give the "
+                "train split images of every class"
+            )
         return splits

@@ -25,7 +25,7 @@ from .._disk import disk_errors
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
-from ..cache.table import FeatureTable
+from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo
@@ -218,7 +218,10 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
     cache, main = job.cache, ranks is None or ranks.is_main
 
     def table() -> FeatureTable:
-        return cache.create(job.record) if job.key == cache_key(job.record) else cache.open(job.key)
+        own = job.key == cache_key(job.record)
+        if own and not (cache.path(job.key) / TABLE_FILE).is_file():
+            return cache.create(job.record)
+        return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 
     if not _decided(ranks, lambda: _missing(job, table())):
         return _Appended()  # a hit: no lock taken

@@ -407,7 +407,8 @@ def decode_image(src: str | os.PathLike[str] | IO[bytes], max_pixels: int | None
         raise _too_large(where, _pillow_size(exc), max_pixels) from exc
     except Image.UnidentifiedImageError as exc:  # its text names a BytesIO where bytes were read first
         raise BadImageError(
-            f"cannot identify image file {where!r}: not an image, or a format Pillow cannot read"
+            f"cannot read image {where!r}: UnidentifiedImageError: not an image, or a format Pillow "
+            "cannot read"
         ) from exc
 
 

@@ -134,9 +134,8 @@ def extract(
     key: str = _decided(ranks, lambda: cache.choose(record, digests))
     job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
     t0 = time.perf_counter()
-    with disk_errors(
-        cache.root, None, "the feature cache", FIX, FREE_UP
-    ):  # its folders, lock and table files
+    # its folders, lock and table files: a full, read-only or foreign cache is one named error
+    with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
         done = _append(job, ranks)
     info = {
         "split": split,

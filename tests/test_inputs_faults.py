@@ -563,3 +563,19 @@ def test_a_read_only_cache_serves_its_hits_and_names_a_miss(
         DiskError, match=rf"cannot write the feature cache in '{cache}': its filesystem is read-only"
     ):
         extract(resnet18, _digits(48), ["layer4"], ECFG, cache_dir=cache, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["train", "m", "d", "--out", "o", "--folds", "1"], "--folds 1: cross-validation needs at least 2"),
+        (["probe", "m", "d", "--folds", "-2"], "--folds -2 (folds=-2) must be a whole number >= 0"),
+        (["layers", "m", "--depth", "-1"], "--depth -1 (depth=-1) must be a whole number >= 0"),
+        (["summary", "m", "--depth", "-1"], "--depth -1 (depth=-1) must be a whole number >= 0"),
+    ],
+)
+def test_counts_outside_the_configs_are_refused_before_a_model_loads(
+    argv: list[str], wanted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = cli(capsys, *argv)  # the model "m" would not load: the value is refused first
+    assert code == 2 and wanted in err and "Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._checks import check_number
 from .._errors import FeatcacheError
 from .._format import format_table
 from ..backbones.layers import list_layers, summarize
@@ -27,6 +28,7 @@ def cmd_models(a: argparse.Namespace) -> None:
 
 
 def cmd_layers(a: argparse.Namespace) -> None:
+    check_number("depth", a.depth, 0, integer=True, none="all")
     size = tuple(a.input_size) if a.input_size else None
     bb = load_backbone(a.model, a.weights, input_size=size)
     rows = [r for r in list_layers(bb, size) if a.depth is None or r.depth <= a.depth]
@@ -68,6 +70,7 @@ def cmd_layers(a: argparse.Namespace) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
+    check_number("depth", a.depth, 0, integer=True, none="all")
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     if a.train:  # what a fine-tuning plan would train: the plan's own freezing, the classifier kept
         classifier = bb.model.get_submodule(bb.cfg.classifier) if isinstance(bb.cfg.classifier, str) else None

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._config import from_json
-from .._disk import MARGIN, disk_error, disk_errors, ensure_space
+from .._disk import disk_error, disk_errors, ensure_space
 from .._util import FeatcacheError, default_mode, resolve_device, write_json
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
@@ -346,7 +346,7 @@ class RunFolder:
             )
             assert err is not None
             raise err
-        ensure_space(self.path, MARGIN, "the run folder", OUT_FIX)
+        ensure_space(self.path, 0, "the run folder", OUT_FIX)  # the margin: config.json, metrics, the head
 
     def _remove_run(self) -> None:
         """The previous run's files, and the run folders of a previous sweep."""

@@ -37,7 +37,7 @@ from featcache.extract.config import ExtractConfig
 from featcache.runs.finetune import FinetuneConfig
 from featcache.runs.folder import RunFolder
 from featcache.runs.probe import ProbeConfig
-from featcache.runs.spec import RunSpec
+from featcache.runs.spec import RunSpec, skipped_rows
 from featcache.runs.sweep import SweepGrid
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
@@ -524,7 +524,7 @@ def test_the_manifest_of_a_skipping_run_is_json(tmp_path: Path) -> None:
     feats = SimpleNamespace(
         manifest={"skipped": [{"id": "a/b.png", "reason": 'OSError: truncated, "quoted"'}]}
     )
-    rows = folder.write_skipped({"train": feats})  # type: ignore[dict-item]
+    rows = folder.write_skipped(skipped_rows({"train": feats}))  # type: ignore[dict-item]
     assert rows == [{"split": "train", "id": "a/b.png", "reason": 'OSError: truncated, "quoted"'}]
     assert json.dumps(rows) and (tmp_path / "r" / "skipped.csv").read_text().count("\n") == 2
 
@@ -579,3 +579,27 @@ def test_counts_outside_the_configs_are_refused_before_a_model_loads(
 ) -> None:
     code, err = cli(capsys, *argv)  # the model "m" would not load: the value is refused first
     assert code == 2 and wanted in err and "Traceback" not in err
+
+
+def test_finetune_names_bad_images_before_training_and_lists_the_skipped(
+    bad_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "finetune",
+        "torchvision:resnet18",
+        str(bad_tree),
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "32",
+    ]
+    base += ["--epochs", "1", "--train", "last:1", "--cache-dir", str(tmp_path / "c"), "-q"]
+    code, err = cli(capsys, *base, "--out", str(tmp_path / "e"))
+    assert (
+        code == 2 and "3 image(s) cannot be read" in err and not (tmp_path / "e" / "checkpoint.pt").exists()
+    )
+    code, err = cli(capsys, *base, "--out", str(tmp_path / "s"), "--on-bad-image", "skip")
+    assert code == 0, err
+    listed = (tmp_path / "s" / "skipped.csv").read_text()
+    assert all(name in listed for name in ("cat/bomb.png", "dog/broken.png", "cat/half.png"))

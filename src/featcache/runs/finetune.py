@@ -23,7 +23,7 @@ from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
-from ..extract.build import extract, extract_views
+from ..extract.build import bad_images_error, extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
 from ..train.fit import TrainingInterrupted, fit, predict_logits
@@ -125,6 +125,20 @@ class ImageSource:
             if self.device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
             yield x, self.labels[idx].to(self.device)
+
+
+def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None:
+    """Every unreadable image, found by one look at the headers before any training: named in one
+    error (``--on-bad-image error``), or said and listed in ``skipped.csv`` (``skip``: the loop leaves
+    them out)."""
+    found = {n: (s, s.problems(range(len(s)), spec.progress)) for n, s in splits.items()}
+    found = {n: v for n, v in found.items() if v[1]}
+    if found and spec.extract.on_bad_image == "error":
+        raise bad_images_error(found)
+    rows = [
+        {"split": n, "id": s.ids[i], "reason": why} for n, (s, bad) in found.items() for i, why in bad.items()
+    ]
+    spec.note_skipped(folder, rows)
 
 
 @dataclass(frozen=True)
@@ -268,6 +282,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     backbone = spec.backbone()
     splits = spec.data.load()
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
+    _bad_images(spec, folder, splits)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(

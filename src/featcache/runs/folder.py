@@ -500,22 +500,17 @@ class RunFolder:
         return len(rows)
 
     @_writes("skipped.csv")
-    def write_skipped(self, feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:
-        """``skipped.csv``: the images each split left out as unreadable (``--on-bad-image skip``), with
-        the split, the sample id and the reason; written only when there are some. Returns the rows.
+    def write_skipped(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+        """``skipped.csv``: the images left out as unreadable (``--on-bad-image skip``), one ``{split,
+        id, reason}`` row each; written only when there are some. Returns the rows.
 
         Example:
-            >>> [r["id"] for r in folder.write_skipped(feats)]  # doctest: +SKIP
-            ['cats/broken.jpg']
+            >>> folder.write_skipped([{"split": "train", "id": "a.jpg", "reason": "?"}])  # doctest: +SKIP
         """
-        rows = [
-            {"split": split, "id": str(s["id"]), "reason": str(s["reason"])}
-            for split, f in feats.items()
-            for s in f.manifest.get("skipped", [])
-        ]
-        if rows:
-            self._write_csv("skipped.csv", rows, ["split", "id", "reason"])
-        return rows
+        out = [{k: str(r[k]) for k in ("split", "id", "reason")} for r in rows]
+        if out:
+            self._write_csv("skipped.csv", out, ["split", "id", "reason"])
+        return out
 
     @_writes("a CSV file")
     def _write_csv(

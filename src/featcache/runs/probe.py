@@ -22,7 +22,7 @@ from .._util import FeatcacheError, resolve_device, unknown
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
-from .spec import RunSpec
+from .spec import RunSpec, skipped_rows
 from .train import write_mistakes
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
@@ -326,7 +326,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.note_skipped(folder, feats)
+    spec.note_skipped(folder, skipped_rows(feats))
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "

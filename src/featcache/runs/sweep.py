@@ -33,7 +33,7 @@ from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
-from .spec import RunSpec
+from .spec import RunSpec, skipped_rows
 from .train import train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
-    spec.note_skipped(folder, feats)
+    spec.note_skipped(folder, skipped_rows(feats))
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)

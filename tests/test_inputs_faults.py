@@ -517,8 +517,8 @@ def test_a_real_full_filesystem_ends_in_the_named_error_and_resumes_when_freed(
     assert np.array_equal(np.asarray(again.features["layer3"]), np.asarray(whole.features["layer3"]))
 
 
-def test_the_manifest_of_a_skipping_run_is_json(tmp_path: Path) -> None:
-    """skipped.csv rows come from the split manifests, which stay plain JSON values."""
+def test_skipped_csv_keeps_reasons_with_commas_and_quotes(tmp_path: Path) -> None:
+    """skipped.csv rows come from the split manifests; a reason with a comma or quotes stays one cell."""
     folder = RunFolder(tmp_path / "r")
 
     feats = SimpleNamespace(

@@ -519,6 +519,9 @@ def test_refusals_name_the_setting_as_the_command_line_and_python_spell_it(tmp_p
     _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
     with pytest.raises(FeatcacheError, match=r"--resume \(resume=True\).*--overwrite \(overwrite=True\)"):
         _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
-    huge = TrainConfig(epochs=1, lr=1e38, optimizer="sgd", device="cpu")
-    with pytest.raises(FeatcacheError, match=r"--lr 1e\+37 \(lr=1e\+37\)"):
+    # L2 decay at lr x weight_decay = 100 multiplies the weights by -99 a step: inf, then a NaN loss
+    huge = TrainConfig(
+        epochs=12, lr=10.0, weight_decay=10.0, optimizer="sgd", schedule="constant", device="cpu"
+    )
+    with pytest.raises(FeatcacheError, match=r"diverged.*--lr 1 \(lr=1\.0\)"):
         _train(bb, data, "layer3", HeadSpec("linear"), huge, SMALL, tmp_path / "d")

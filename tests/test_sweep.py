@@ -99,8 +99,9 @@ def test_sweep_cli_prints_the_choice_and_needs_a_validation_split(
 
 def test_a_diverging_setting_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
-    sgd = TrainConfig(epochs=2, optimizer="sgd", device="cpu")
-    configs = grid(sgd, lr=[1e-2, 1e38])  # the second overflows the logits: a NaN loss
+    sgd = TrainConfig(epochs=3, optimizer="sgd", weight_decay=10.0, schedule="constant", device="cpu")
+    # L2 decay at lr x weight_decay = 100 multiplies the weights by -99 a step: inf in 3 epochs, NaN loss
+    configs = grid(sgd, lr=[1e-2, 10.0])
     spec = RunSpec(
         bb, DATA, tmp_path / "s", extract=ECFG, train=sgd, cache_dir=str(tmp_path / "c"), progress=False
     )

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where it is used: the command line's cache verbs start without it
     import torch
 
+from ._checks import check_device
+
 # At home in _errors (no torch, for the command line's start); most modules take them from here.
 from ._errors import FeatcacheError, closest, flag, unknown  # noqa: F401
 
@@ -53,15 +55,29 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are checked
+    to exist here (:func:`featcache._checks.check_device` names the valid choices).
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
     import torch
 
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FeatcacheError(
             f"device {device!r} requested but CUDA is not available; use {flag('device', 'cpu')}"
         )
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise FeatcacheError(
+            f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA devices "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); use {flag('device', 'cuda:0')}"
+        )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise FeatcacheError(f"device 'mps' requested but MPS is not available; use {flag('device', 'cpu')}")
     return torch.device(device)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` starts without it
     import torch
 
+from .._disk import disk_errors, ensure_space
 from .._util import FeatcacheError, stable_hash, write_json
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
@@ -63,10 +64,14 @@ def segment_checksum(segment: dict[str, Any]) -> str:
 def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     """Write ``array`` via a temporary name + fsync + rename; return the file's SHA-256 and size."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-        f.flush()
-        os.fsync(f.fileno())
+    try:  # plain writes, never a memory map: a full disk is an OSError here, not a SIGBUS later
+        with tmp.open("wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file would hold the space a retry needs
+        raise
     meta = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
     os.replace(tmp, path)
     return meta
@@ -146,6 +151,50 @@ def write_segment(
         if len(arrays[layer]) != len(digests):
             raise FeatcacheError(f"{len(arrays[layer])} rows of {layer} for {len(digests)} digests")
     name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+    needed = segment_bytes(arrays, digests)
+    ensure_space(table, needed, "a cache shard", FIX, FREE_UP)
+    try:
+        with disk_errors(table, needed, "a cache shard", FIX, FREE_UP):
+            return _write_segment(table, name, layers, arrays, digests, skipped, dtype, info, stats, layouts)
+    except BaseException:
+        # this shard's files: no segment refers to them, and they would hold the space a retry needs
+        if not (table / "segments" / f"{name}.json").exists():  # never those of a committed segment
+            for f in (table / "shards").glob(f"{name}.*"):
+                f.unlink(missing_ok=True)
+        raise
+
+
+#: how to get room for the cache, in messages
+FIX = "choose another cache root (--cache-dir, $FEATCACHE_HOME)"
+FREE_UP = "`featcache cache gc --unused-days N` removes tables not read for N days"
+
+
+def segment_bytes(arrays: dict[str, np.ndarray], digests: Sequence[str]) -> int:
+    """An upper bound of the bytes one shard and its segment take on disk: the rows, the channel
+    statistics of map and token layers (two float32 per row and channel, at most), the segment's JSON.
+
+    Example:
+        >>> segment_bytes({"a": np.zeros((10, 4), np.float32)}, ["d"] * 10)
+        67696
+    """
+    if not digests:
+        return 65536
+    rows = sum(int(a.nbytes) + (8 * len(a) * max(a.shape[1:]) if a.ndim >= 3 else 0) for a in arrays.values())
+    return rows + 200 * len(digests) + 65536
+
+
+def _write_segment(
+    table: Path,
+    name: str,
+    layers: Sequence[str],
+    arrays: dict[str, np.ndarray],
+    digests: Sequence[str],
+    skipped: dict[str, str],
+    dtype: str,
+    info: dict[str, Any],
+    stats: dict[str, dict[str, np.ndarray]] | None,
+    layouts: dict[str, str | None] | None,
+) -> str:
     (table / "shards").mkdir(parents=True, exist_ok=True)
     (table / "segments").mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {}

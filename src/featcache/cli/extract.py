@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..backbones.registry import load_backbone
 from ..cache.store import CachedFeatures
@@ -15,10 +16,10 @@ from .show import print_json
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
+    data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
-    splits = from_args(DataConfig, a).load()
-    config = from_args(ExtractConfig, a)
+    splits = data.load()
     layers = parse_layers(a.layers, bb)  # @blocks: every block
     feats = extract_splits(
         bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks
@@ -34,6 +35,14 @@ def cmd_extract(a: argparse.Namespace) -> None:
         shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
         status = "hit" if f.hit else ("built" if not f.from_cache else "appended")
         print(f"{split:5s} {f.key[:16]}  {count_text(f)}  {shapes}  [{status}]  {f.path}")
+    skipped = [(split, s) for split, f in feats.items() for s in f.manifest["skipped"]]
+    for split, s in skipped[:5]:  # all of them are in each split's manifest (`cache info`)
+        print(f"skipped ({split}): {s['id']}: {s['reason']}", file=sys.stderr)
+    if len(skipped) > 5:
+        print(
+            f"... and {len(skipped) - 5} more skipped images (each split's manifest lists them)",
+            file=sys.stderr,
+        )
 
 
 def counts(f: CachedFeatures) -> dict[str, int]:

@@ -17,6 +17,9 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from .._checks import check_input_side
+from .._errors import FeatcacheError
+
 T = TypeVar("T")
 TRISTATE = {"auto": None, "on": True, "off": False}
 
@@ -44,10 +47,11 @@ def field_help(cls: type) -> dict[str, str]:
     return {k: re.sub(r":\w+:`~?([^`]*)`", r"\1", v).replace("``", "") for k, v in out.items()}
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
 def _tristate(text: str) -> bool | None:
@@ -78,6 +82,11 @@ class _Size(argparse.Action):
         if len(values) != 2:
             got = " ".join(map(str, values))
             parser.error(f"{option} takes H W (or C H W with C 1 or 3, as timm writes it), got {got}")
+        try:  # the rule ExtractConfig applies, with its message (`layers` and `summary` build none)
+            for v in values:
+                check_input_side(v)
+        except FeatcacheError as exc:
+            parser.error(str(exc))
         setattr(namespace, self.dest, tuple(values))
 
 
@@ -112,7 +121,7 @@ def _kwargs(tp: Any, default: Any, none_word: str | None = None) -> dict[str, An
     if typing.get_origin(base) is tuple:
         items = typing.get_args(base)
         if len(items) == 2 and items[1] is not Ellipsis:  # (H, W)
-            return {"nargs": "+", "type": _positive, "metavar": "N", "action": _Size}
+            return {"nargs": "+", "type": _whole, "metavar": "N", "action": _Size}
         return {"type": _comma(items[0]), "metavar": "A,B,..."}
     if base in (int, float) and optional and none_word:
         return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", "shown": none_word}

@@ -59,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `featcache models | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a write no writer turned into a DiskError: full, read-only, not ours
+        err = _disk_error(exc)
+        if err is None or a.verbose:
+            raise
+        print(f"featcache {a.verb}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         hint = getattr(exc, "hint", "")  # a training run written with its finished epochs says how to go on
         print(
@@ -70,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     return 0
+
+
+def _disk_error(exc: OSError) -> Exception | None:
+    """The message of a failed write for want of space or permission (None for other errors)."""
+    from .._disk import disk_error
+
+    where = os.path.dirname(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else "."
+    return disk_error(exc, where, None, "files")
 
 
 if __name__ == "__main__":

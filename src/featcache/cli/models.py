@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .._catalog import catalog
+from .._checks import check_number
 from .._errors import FeatcacheError, unknown
 from .._format import format_table
 from ..cache.housekeeping import cache_root
@@ -50,6 +51,7 @@ def cmd_models(a: argparse.Namespace) -> None:
 def cmd_layers(a: argparse.Namespace) -> None:
     from ..backbones.layers import list_layers
 
+    check_number("depth", a.depth, 0, integer=True, none="all")
     size = tuple(a.input_size) if a.input_size else None
     bb = _backbone(a.model, a.weights, size)
     rows = [r for r in list_layers(bb, size) if a.depth is None or r.depth <= a.depth]
@@ -91,6 +93,7 @@ def cmd_layers(a: argparse.Namespace) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
+    check_number("depth", a.depth, 0, integer=True, none="all")
     from ..backbones.layers import summarize
     from ..train.freeze import TrainableSpec, plan_freeze
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .._checks import check_number
 from ..data.samples import image_paths
 from ..export.build import read_info
 from ..export.predict import load_predictor
@@ -26,6 +27,8 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
+    check_number("top_k", a.top_k, 1, integer=True)  # before any image is read
+    check_number("batch_size", a.batch_size, 1, integer=True)
     paths = [p for target in a.images for p in image_paths(target)]
     note = RunFolder.resolve(a.model)[1] if Path(a.model).is_dir() else ""
     if note:

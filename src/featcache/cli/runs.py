@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from .._checks import check_number
 from .._config import from_json
 from .._format import format_table
 from .._util import FeatcacheError
@@ -70,7 +71,15 @@ def resumed(a: argparse.Namespace) -> tuple[RunSpec, RunRecord]:
     return replace(spec, model=a.model or spec.model, **parts), record
 
 
+def _check_folds(a: argparse.Namespace) -> None:
+    """``--folds``: 0 (off) or 2 or more, refused before any model is loaded."""
+    check_number("folds", a.folds, 0, integer=True, why="0: off")
+    if a.folds == 1:
+        raise FeatcacheError("--folds 1: cross-validation needs at least 2 folds (0: off)")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
+    _check_folds(a)
     if a.folds:
         _folds(a, from_args(HeadSpec, a))
         return
@@ -124,6 +133,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
 def cmd_probe(a: argparse.Namespace) -> None:
     config = from_args(ProbeConfig, a)
+    _check_folds(a)
     if a.folds:
         _folds(a, config)
         return

@@ -5,6 +5,7 @@ the bundled sets.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ import numpy as np
 import torchvision.datasets as tvd
 
 from .._util import FeatcacheError, unknown
-from .samples import IMAGE_EXTENSIONS, ArraySamples, FileSamples, SampleSet, TorchvisionSamples
+from .samples import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ArraySamples,
+    FileSamples,
+    SampleSet,
+    TorchvisionSamples,
+)
 
 BUILTIN = ("mnist-5k", "digits", "faces")
 
@@ -80,7 +88,9 @@ def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) ->
     )
 
 
-def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSamples:
+def _scan_folder(
+    root: Path, classes: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> FileSamples:
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown_classes = [c for c in found if classes is not None and c not in classes]
     if unknown_classes:  # a test/ class the head never trains on would be dropped without a word
@@ -103,11 +113,15 @@ def _scan_folder(root: Path, classes: Sequence[str] | None = None) -> FileSample
             f"no images found under {str(root)!r}: expected one folder per class holding "
             f"{'/'.join(IMAGE_EXTENSIONS[:4])}... files"
         )
-    return FileSamples(root, paths, np.asarray(labels), classes)
+    return FileSamples(root, paths, np.asarray(labels), classes, max_pixels)
 
 
 def image_folder(
-    root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    root: str | Path,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> DatasetSplits:
     """An ImageFolder tree; uses ``train/ val/ test/`` subfolders when present, else a stratified split.
 
@@ -116,9 +130,10 @@ def image_folder(
     """
     root = Path(root).resolve()
     if (root / "train").is_dir():
-        train: SampleSet = _scan_folder(root / "train")
+        train: SampleSet = _scan_folder(root / "train", max_pixels=max_image_pixels)
         parts = {
-            n: _scan_folder(root / n, train.classes) if (root / n).is_dir() else None for n in ("val", "test")
+            n: _scan_folder(root / n, train.classes, max_image_pixels) if (root / n).is_dir() else None
+            for n in ("val", "test")
         }
         val: SampleSet | None = parts["val"]
         if val is None and val_fraction > 0:  # no val/ folder: hold out part of train/, stratified
@@ -126,37 +141,151 @@ def image_folder(
             if len(va):
                 train, val = train.subset(tr, "train"), train.subset(va, "val")
         return DatasetSplits(train, val, parts["test"], train.classes, str(root))
-    return _split(_scan_folder(root), val_fraction, test_fraction, seed, str(root))
+    return _split(
+        _scan_folder(root, max_pixels=max_image_pixels), val_fraction, test_fraction, seed, str(root)
+    )
 
 
 def manifest_file(
-    path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    path: str | Path,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> DatasetSplits:
-    """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths relative to it."""
+    """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths relative to it.
+
+    Every row is checked (:func:`manifest_rows`): an error names the file, the line and the fix.
+
+    Example:
+        >>> splits = manifest_file("data/labels.csv")  # doctest: +SKIP
+    """
     path = Path(path)
-    rows: list[dict[str, Any]]
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0] or "label" not in rows[0]:
-        raise FeatcacheError(f"manifest {str(path)!r} needs 'path' and 'label' columns")
-    names = sorted({str(r["label"]) for r in rows})
+    rows = manifest_rows(path)
+    names = sorted({r.label for r in rows})
     index = {n: i for i, n in enumerate(names)}
     samples = FileSamples(
         path.parent,
-        [Path(r["path"]) for r in rows],
-        np.asarray([index[str(r["label"])] for r in rows]),
+        [Path(r.path) for r in rows],
+        np.asarray([index[r.label] for r in rows]),
         names,
+        max_image_pixels,
     )
-    if "split" in rows[0]:
-        splits = {s: np.flatnonzero([r["split"] == s for r in rows]) for s in ("train", "val", "test")}
+    if any(r.split is not None for r in rows):
+        splits = {s: np.flatnonzero([r.split == s for r in rows]) for s in SPLITS}
         sub = {s: samples.subset(i, s) if len(i) else None for s, i in splits.items()}
         if sub["train"] is None:
             raise FeatcacheError(f"manifest {str(path)!r} has a split column but no 'train' rows")
         return DatasetSplits(sub["train"], sub["val"], sub["test"], names, str(path))  # type: ignore[arg-type]
     return _split(samples, val_fraction, test_fraction, seed, str(path))
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One checked row of a manifest: the image's path (relative to the manifest), label and split."""
+
+    line: int
+    path: str
+    label: str
+    split: str | None
+
+
+def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` of a CSV or JSONL manifest, as read (lines counted from 1, the CSV header is 1)."""
+    where = f"manifest {str(path)!r}"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FeatcacheError(f"{where} is not UTF-8 text ({exc}); save it as UTF-8") from exc
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FeatcacheError(
+                    f"{where}, line {n}: not JSON ({exc.msg}); each line must be one object such as "
+                    '{"path": "cats/1.jpg", "label": "cat"}'
+                ) from None
+            if not isinstance(row, dict):
+                raise FeatcacheError(
+                    f'{where}, line {n}: a JSON {type(row).__name__}, not an object such as {{"path": ..., '
+                    '"label": ...}'
+                )
+            out.append((n, row))
+        return out
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+        raise FeatcacheError(
+            f"{where} needs a header line with 'path' and 'label' columns (got {reader.fieldnames}); "
+            "e.g. path,label then cats/1.jpg,cat"
+        )
+    out = []
+    for row in reader:
+        if None in row:  # DictReader files the cells beyond the header under None
+            raise FeatcacheError(
+                f"{where}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} cells for "
+                f"{len(reader.fieldnames)} columns; quote a value that holds a comma"
+            )
+        out.append((reader.line_num, row))
+    return out
+
+
+def manifest_rows(path: str | Path) -> list[ManifestRow]:
+    """The rows of a manifest, each checked: a path (a non-empty string, inside the manifest's folder
+    unless absolute there), a label (a non-empty string, or an integer in JSONL), and, where any row has
+    a split, one of train/val/test on every row. An error names the file, the line and the fix.
+
+    Example:
+        >>> manifest_rows("labels.csv")[0]  # doctest: +SKIP
+        ManifestRow(line=2, path='cats/1.jpg', label='cat', split=None)
+    """
+    path = Path(path)
+    where = f"manifest {str(path)!r}"
+    raw = _raw_rows(path)
+    if not raw:
+        raise FeatcacheError(f"{where} has no rows; add one line per image (path and label)")
+    with_split = any(r.get("split") not in (None, "") for _, r in raw)
+    rows = [_checked_row(where, path.parent, n, r, with_split) for n, r in raw]
+    missing = [r for r in rows if not (path.parent / r.path).is_file()]
+    if missing:
+        shown = "; ".join(f"line {r.line}: {r.path!r}" for r in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"{where}: {len(missing)} listed images are not files: {shown}{more}. Paths are relative to "
+            f"the manifest's folder {str(path.parent.resolve())!r}; fix them or remove those rows"
+        )
+    return rows
+
+
+def _checked_row(where: str, folder: Path, n: int, row: dict[str, Any], with_split: bool) -> ManifestRow:
+    at = f"{where}, line {n}"
+    p, label, split = row.get("path"), row.get("label"), row.get("split")
+    if not isinstance(p, str) or not p.strip():
+        raise FeatcacheError(f"{at}: no image path (got {p!r}); give each row the image's path")
+    if label is None or label == "" or (isinstance(label, str) and not label.strip()):
+        raise FeatcacheError(f"{at}: image {p!r} has no label; give every row a label, or remove the row")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise FeatcacheError(
+            f"{at}: the label of {p!r} is a {type(label).__name__} ({label!r}); labels are strings "
+            '(or integers), e.g. "cat"'
+        )
+    if with_split and split not in SPLITS:
+        raise FeatcacheError(
+            f"{at}: split {split!r} of {p!r}; where a manifest has splits, every row needs one of "
+            f"{', '.join(SPLITS)}"
+        )
+    if Path(p).is_absolute() and not Path(p).resolve().is_relative_to(folder.resolve()):
+        raise FeatcacheError(
+            f"{at}: {p!r} is outside the manifest's folder; write paths relative to the manifest (an "
+            "image's id in the cache and in run folders is that relative path)"
+        )
+    return ManifestRow(n, p, str(label), split if with_split else None)
 
 
 _TV_SPLIT_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -227,6 +356,8 @@ def load_dataset(
     seed: int = 0,
     download: bool = False,
     limit: int | None = None,
+    *,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> DatasetSplits:
     """Resolve a dataset spec to train/val/test splits (seeded and stratified where split here).
 
@@ -237,6 +368,7 @@ def load_dataset(
         seed: split seed.
         download: let torchvision datasets download (needs internet).
         limit: keep at most this many samples (stratified), for quick runs.
+        max_image_pixels: image files with more pixels are bad images (None: no limit).
 
     Example:
         >>> splits = load_dataset("digits", seed=0)
@@ -265,9 +397,11 @@ def load_dataset(
             f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
-        return _limited(image_folder(path, val_fraction, test_fraction, seed), limit, seed)
+        splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels)
+        return _limited(splits, limit, seed)
     if path.suffix in (".csv", ".jsonl"):
-        return _limited(manifest_file(path, val_fraction, test_fraction, seed), limit, seed)
+        splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels)
+        return _limited(splits, limit, seed)
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
 
 

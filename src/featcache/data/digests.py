@@ -54,6 +54,13 @@ def bytes_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _nearest(path: Path) -> Path:
+    """``path``'s nearest existing parent."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _stat(path: str) -> os.stat_result:
     try:
         return os.stat(path)
@@ -122,6 +129,8 @@ class DigestMemo:
         if self.path is None or not paths:
             return {}
         found: dict[str, tuple[int, int, int, str]] = {}
+        if not self.path.exists() and not os.access(_nearest(self.path), os.W_OK):
+            return found  # a cache that cannot be written (yet) has no memo: hash every file
         db = self._connect()
         try:
             for i in range(0, len(paths), 500):
@@ -147,7 +156,7 @@ class DigestMemo:
                     db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
             finally:
                 db.close()
-        except sqlite3.OperationalError as exc:  # a read-only cache folder: hashing still works
+        except (sqlite3.OperationalError, OSError) as exc:  # a read-only or full cache folder: hashing works
             log.warning(
                 "could not update the digest memo %s (%s); files will be hashed again", self.path, exc
             )

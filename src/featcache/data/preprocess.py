@@ -99,7 +99,7 @@ class PreprocessedView(torch.utils.data.Dataset):
             return to_model_input(img, self.pre), index, ""
         except SampleChangedError:
             raise  # not a bad image: the run stops, naming the file
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for bad files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's for bad files
             h, w = self.pre.input_size
             return torch.zeros(self.pre.channels, h, w), index, f"{type(exc).__name__}: {exc}"
 

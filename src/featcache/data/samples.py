@@ -16,19 +16,29 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+import re
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
-from .._util import FeatcacheError
+from .._util import FeatcacheError, flag
 from .digests import DigestMemo, SampleChangedError, bytes_digest, digests_of, pixels_digest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BAD_IMAGE_POLICIES = ("error", "skip")
+#: Pillow's own default limit (a 1/4 GiB 24-bit image): more pixels than this is a bad image
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+_PIL_LIMIT_LOCK = threading.Lock()
+#: in the reason recorded for an image refused by the pixel limit: a higher limit retries it
+TOO_LARGE = "(a decompression bomb?)"
 
 
 class BadImageError(FeatcacheError):
@@ -134,6 +144,27 @@ class SampleSet(abc.ABC):
         """A view on some rows (used for splits)."""
         return _Subset(self, np.asarray(indices, dtype=np.int64), name)
 
+    def problems(self, indices: Sequence[int], progress: bool = False) -> dict[int, str]:
+        """``{index: why}`` of the samples among ``indices`` that cannot be decoded, found by a cheap
+        pass over the files' headers (size against the pixel limit, structure), before any backbone
+        runs: every bad file of a run is named at once. Memoised per object.
+
+        Example:
+            >>> ArraySamples(np.zeros((2, 4, 4), np.uint8), [0, 1]).problems([0, 1])
+            {}
+        """
+        seen: dict[int, str] = self.__dict__.setdefault("_problems", {})
+        todo = [i for i in dict.fromkeys(int(i) for i in indices) if i not in seen]
+        bar = tqdm(todo, desc="check images", unit="img", delay=1, disable=not progress or not todo)
+        for i in bar:
+            seen[i] = self._problem(i)
+        return {int(i): seen[int(i)] for i in indices if seen[int(i)]}
+
+    def _problem(self, index: int) -> str:
+        """Why sample ``index`` cannot be decoded, from a cheap look ("" when it looks fine). In-memory
+        samples are decoded already."""
+        return ""
+
 
 class _Subset(SampleSet):
     def __init__(self, parent: SampleSet, indices: np.ndarray, name: str) -> None:
@@ -157,6 +188,11 @@ class _Subset(SampleSet):
     def load_checked(self, index: int, digest: str) -> Image.Image:
         return self.parent.load_checked(int(self.indices[index]), digest)
 
+    def problems(self, indices: Sequence[int], progress: bool = False) -> dict[int, str]:
+        mine = [int(self.indices[i]) for i in indices]  # the parent's memo serves every split
+        found = self.parent.problems(mine, progress)
+        return {int(i): found[m] for i, m in zip(indices, mine, strict=True) if m in found}
+
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         mine = self.indices if rows is None else self.indices[rows]
         h.update(mine.tobytes())
@@ -166,9 +202,17 @@ class _Subset(SampleSet):
 class FileSamples(SampleSet):
     """Images on disk; ids are paths relative to ``root``."""
 
-    def __init__(self, root: Path, paths: Sequence[Path], labels: np.ndarray, classes: Sequence[str]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        paths: Sequence[Path],
+        labels: np.ndarray,
+        classes: Sequence[str],
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.root = Path(root)
         self.paths = [Path(p) for p in paths]
+        self.max_pixels = max_pixels  # travels with the object into DataLoader workers: no global
         ids = [p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix() for p in self.paths]
         super().__init__(ids, labels, classes, name=str(root))
 
@@ -178,12 +222,26 @@ class FileSamples(SampleSet):
 
     def load(self, index: int) -> Image.Image:
         path = self._abs(index)
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        return decode_image(path, self.max_pixels, str(path))
 
     def describe(self, index: int) -> str:
         return str(self._abs(index))
+
+    def _problem(self, index: int) -> str:
+        path = self._abs(index)
+        try:
+            with pixel_limit(self.max_pixels), Image.open(path) as im:
+                check_pixels(im.size, self.max_pixels, str(path))
+                im.verify()  # structure and checksums (PNG CRCs), no pixel decoding
+        except FileNotFoundError:
+            return ""  # not a bad image: the decode names the vanished file (SampleChangedError)
+        except Image.DecompressionBombError as exc:
+            return str(_too_large(str(path), _pillow_size(exc), self.max_pixels))
+        except BadImageError as exc:
+            return str(exc)
+        except (OSError, ValueError, SyntaxError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return ""
 
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
         return (memo or DigestMemo(None)).file_digests([self._abs(i) for i in range(len(self))], progress)
@@ -203,9 +261,7 @@ class FileSamples(SampleSet):
                 f"image {str(path)!r} changed during this run (its bytes no longer hash to the digest read "
                 "at the start); run the command again once it is stable (rows extracted so far are kept)"
             )
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.copy()
+        return decode_image(io.BytesIO(data), self.max_pixels, str(path))
 
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         for i in range(len(self)) if rows is None else rows.tolist():
@@ -305,12 +361,92 @@ def image_digest(img: Image.Image) -> str:
     return h.hexdigest()
 
 
-def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open and fully decode an image file (raises ``BadImageError`` naming the file)."""
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Inside, Pillow's own decompression-bomb check lets through what featcache's limit does (which
+    :func:`check_pixels` applies from the header), and its warning is silenced.
+
+    Pillow's limit is a process-wide global (``Image.MAX_IMAGE_PIXELS``). It is left alone whenever it
+    refuses nothing the limit takes (the default, and any lower limit); only a limit above twice
+    Pillow's (or none) sets it aside, under a lock and for the decode alone, then puts it back.
+
+    Example:
+        >>> with pixel_limit(10**9):
+        ...     Image.MAX_IMAGE_PIXELS is None
+        True
+    """
+    pil = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if pil is None or (max_pixels is not None and max_pixels <= 2 * pil):
+            yield
+            return
+        with _PIL_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None, where: str) -> None:
+    """Refuse an image of ``size`` (W, H) with more than ``max_pixels`` pixels, naming the file and
+    the fix.
+
+    Example:
+        >>> check_pixels((100, 100), 10_000, "a.png")
+    """
+    pixels = size[0] * size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise _too_large(where, f"{size[0]}x{size[1]} = {pixels:,} pixels", max_pixels)
+
+
+def _too_large(where: str, size: str, max_pixels: int | None) -> BadImageError:
+    limit = f"{max_pixels:,}" if max_pixels is not None else "Pillow's"
+    raise_to = flag("max_image_pixels", 4 * (max_pixels or DEFAULT_MAX_PIXELS))
+    return BadImageError(
+        f"image {where!r} is {size}, more than the limit of {limit} pixels {TOO_LARGE}, so it "
+        f"is not decoded. If it is a real image, raise the limit: {raise_to}, or --max-image-pixels off"
+    )
+
+
+def decode_image(src: str | os.PathLike[str] | IO[bytes], max_pixels: int | None, where: str) -> Image.Image:
+    """Fully decode an image, refused from its header when it has more than ``max_pixels`` pixels.
+
+    Raises:
+        BadImageError: too many pixels (also for a frame Pillow finds too large), naming ``where``.
+        OSError, ValueError, SyntaxError: as Pillow raises them for other bad files.
+
+    Example:
+        >>> decode_image("cat.png", DEFAULT_MAX_PIXELS, "cat.png").size  # doctest: +SKIP
+        (64, 64)
+    """
     try:
-        with Image.open(path) as im:
+        with pixel_limit(max_pixels), Image.open(src) as im:
+            check_pixels(im.size, max_pixels, where)
             im.load()
             return im.copy()
+    except Image.DecompressionBombError as exc:  # Pillow's own check (beyond twice its limit), or a frame
+        raise _too_large(where, _pillow_size(exc), max_pixels) from exc
+    except Image.UnidentifiedImageError as exc:  # its text names a BytesIO where bytes were read first
+        raise BadImageError(
+            f"cannot read image {where!r}: UnidentifiedImageError: not an image, or a format Pillow "
+            "cannot read"
+        ) from exc
+
+
+def _pillow_size(exc: Exception) -> str:
+    """The pixel count in the text of Pillow's DecompressionBombError, for our message."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)):,} pixels" if found else "too large"
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file (raises ``BadImageError`` naming the file)."""
+    try:
+        return decode_image(path, max_pixels, str(path))
+    except BadImageError:
+        raise
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 

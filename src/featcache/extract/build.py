@@ -21,16 +21,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .._config import to_json
+from .._disk import disk_errors
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
-from ..cache.table import FeatureTable
-from ..cache.writer import write_segment
+from ..cache.table import TABLE_FILE, FeatureTable
+from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo
 from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
-from ..data.samples import BadImageError, SampleSet
+from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
 from .config import ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
@@ -134,7 +135,9 @@ def extract(
     key: str = _decided(ranks, lambda: cache.choose(record, digests))
     job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
     t0 = time.perf_counter()
-    done = _append(job, ranks)
+    # its folders, lock and table files: a full, read-only or foreign cache is one named error
+    with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
+        done = _append(job, ranks)
     info = {
         "split": split,
         "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
@@ -216,28 +219,51 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
     cache, main = job.cache, ranks is None or ranks.is_main
 
     def table() -> FeatureTable:
-        return cache.create(job.record) if job.key == cache_key(job.record) else cache.open(job.key)
+        own = job.key == cache_key(job.record)
+        if own and not (cache.path(job.key) / TABLE_FILE).is_file():
+            return cache.create(job.record)
+        return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 
-    if not _decided(ranks, lambda: table().index().missing(job.digests)):
+    if not _decided(ranks, lambda: _missing(job, table())):
         return _Appended()  # a hit: no lock taken
     with cache.lock(job.key) if main else contextlib.nullcontext():
         # Again under the lock: another process may have appended these rows while we waited.
-        missing = _decided(ranks, lambda: table().index().missing(job.digests))
+        missing = _decided(ranks, lambda: _missing(job, table()))
         if not missing:
             return _Appended()
         return _build(job, table() if main else cache.open(job.key), missing, ranks)
 
 
+def _missing(job: _Job, table: FeatureTable) -> list[str]:
+    """The digests to extract: those the table lacks, and those it recorded as refused by the pixel limit
+    that the limit of this run takes (``--max-image-pixels`` raised), so they become rows."""
+    index = table.index()
+    missing = index.missing(job.digests)
+    refused = {d for d, why in index.bad.items() if TOO_LARGE in why and d not in index.where}
+    if refused:
+        first = {d: i for i, d in reversed(list(enumerate(job.digests)))}
+        wanted = [d for d in dict.fromkeys(job.digests) if d in refused]
+        found = job.samples.problems([first[d] for d in wanted])
+        missing += [d for d in wanted if first[d] not in found]
+    return missing
+
+
 def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | None) -> _Appended:
     """Deal the missing digests' shards (round-robin over ranks) and extract this process's share."""
+    first: dict[str, int] = {}
+    for i, d in enumerate(job.digests):
+        first.setdefault(d, i)  # a duplicated image is read from its first file
+    # Every unreadable image of the split named at once, before the backbone runs (memoised: free after
+    # extract_splits' look over all splits).
+    progress = job.progress and (ranks is None or ranks.is_main)
+    bad = _decided(ranks, lambda: job.samples.problems([first[d] for d in missing], progress))
+    if bad and job.config.on_bad_image == "error":
+        raise bad_images_error({job.split: (job.samples, bad)})
     ex = Extractor(job.backbone, table.layers, job.config)
     rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
     shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
     world = 1 if ranks is None else ranks.world
     mine = [d for j, s in enumerate(shards) if ranks is None or ranks.owns(j) for d in s]
-    first: dict[str, int] = {}
-    for i, d in enumerate(job.digests):
-        first.setdefault(d, i)  # a duplicated image is read from its first file
     if (ranks is None or ranks.is_main) and len(missing) < len(set(job.digests)):
         log.info("table %s: %d of %d images to extract", table.key[:12], len(missing), len(set(job.digests)))
     if mine:
@@ -344,12 +370,61 @@ def extract_splits(
         >>> splits = load_dataset("digits")
         >>> feats = extract_splits(bb, splits, ["layer3"], ExtractConfig())  # doctest: +SKIP
     """
+    config, names = config or ExtractConfig(), parse_layers(layers, backbone)
+    if ranks is None and config.on_bad_image == "error":
+        _check_images(backbone, splits, names, config, cache_dir, progress)
     return {
         name: extract(
-            backbone, s, layers, config, cache_dir=cache_dir, split=name, progress=progress, ranks=ranks
+            backbone, s, names, config, cache_dir=cache_dir, split=name, progress=progress, ranks=ranks
         )
         for name, s in splits.items()
     }
+
+
+def _check_images(
+    backbone: Backbone,
+    splits: DatasetSplits,
+    layers: Sequence[str],
+    config: ExtractConfig,
+    cache_dir: str | None,
+    progress: bool,
+) -> None:
+    """Every unreadable image among those no table holds yet, in every split, named in one error before
+    any backbone runs (a cheap look at each file's header: :meth:`SampleSet.problems`)."""
+    cache = FeatureCache(cache_dir)
+    record = cache_record(backbone, layers, config)
+    memo = DigestMemo(cache.root / DIGEST_MEMO)
+    tables = {t.key: t for t in cache.tables()}
+    found: dict[str, tuple[SampleSet, dict[int, str]]] = {}
+    for name, samples in splits.items():
+        digests = samples.digests(memo, progress)
+        table = tables.get(cache.choose(record, digests))
+        todo = table.index().missing(digests) if table is not None else list(dict.fromkeys(digests))
+        first = {d: i for i, d in reversed(list(enumerate(digests)))}
+        bad = samples.problems([first[d] for d in todo], progress)
+        if bad:
+            found[name] = (samples, bad)
+    if found:
+        raise bad_images_error(found)
+
+
+def bad_images_error(found: dict[str, tuple[SampleSet, dict[int, str]]], shown: int = 10) -> BadImageError:
+    """The error naming unreadable images (``{split: (samples, {index: why})}``): how many, the first
+    ``shown`` with their reasons, and the fixes.
+
+    Example:
+        >>> raise bad_images_error({"train": (samples, {3: "OSError: truncated"})})  # doctest: +SKIP
+    """
+    lines = [
+        f"{s.describe(i)} ({split}): {why}" for split, (s, bad) in found.items() for i, why in bad.items()
+    ]
+    more = f"\n  ... and {len(lines) - shown} more" if len(lines) > shown else ""
+    listed = "\n  ".join(lines[:shown])
+    return BadImageError(
+        f"{len(lines)} image(s) cannot be read:\n  {listed}{more}\nFix or remove these files, or pass "
+        "--on-bad-image skip (ExtractConfig(on_bad_image='skip')) to leave them out; skipped images are "
+        "listed in the split's manifest and in a run folder's skipped.csv"
+    )
 
 
 def extract_views(

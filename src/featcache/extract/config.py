@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._checks import check_device, check_input_side, check_number
 from .._util import FeatcacheError, unknown
 from ..backbones.layers import expand_layers
 from ..backbones.registry import Backbone
@@ -65,9 +66,12 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if self.input_size is not None:
-            if len(self.input_size) != 2 or min(self.input_size) < 1:
+            size = tuple(self.input_size)
+            if len(size) != 2:
                 raise FeatcacheError(f"input size must be two positive numbers H W, got {self.input_size}")
-            object.__setattr__(self, "input_size", (int(self.input_size[0]), int(self.input_size[1])))
+            for v in size:
+                check_input_side(v)
+            object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
         if self.pool not in POOLS:
             raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
         if self.dtype not in STORAGE_DTYPES:
@@ -76,8 +80,17 @@ class ExtractConfig:
             )
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise unknown("bad-image policy", self.on_bad_image, BAD_IMAGE_POLICIES, "Use error or skip.")
-        if self.batch_size < 1:
-            raise FeatcacheError(f"batch size must be >= 1, got {self.batch_size}")
+        check_number(
+            "batch_size",
+            self.batch_size,
+            1,
+            integer=True,
+            why="images per forward pass of the extraction: --extract-batch-size in train, sweep, finetune",
+        )
+        check_number("workers", self.workers, 0, integer=True, none="auto")
+        check_number("shard_mb", self.shard_mb, 1, integer=True)
+        check_number("shard_rows", self.shard_rows, 1, integer=True, none="from --shard-mb")
+        check_device(self.device)
 
 
 def parse_layers(layers: str | Sequence[str], backbone: Backbone | None = None) -> tuple[str, ...]:
@@ -111,8 +124,8 @@ class View:
     augment: str
 
     def __post_init__(self) -> None:
-        if self.index < 1:
-            raise FeatcacheError(f"an augmented view's index starts at 1, got {self.index}")
+        if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 1:
+            raise FeatcacheError(f"an augmented view's index starts at 1, got {self.index!r}")
         augment = normalize_augment(self.augment)
         if not augment:
             raise FeatcacheError(f"view {self.index} needs an augmentation to vary between views")
@@ -136,8 +149,7 @@ class Views:
     augment: str = "flip,crop"
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise FeatcacheError(f"--views must be 1 or more to cache views, got {self.count}")
+        check_number("views", self.count, 1, integer=True, why="1 or more to cache views")
         augment = normalize_augment(self.augment) if self.augment else None
         if not augment:
             raise FeatcacheError(
@@ -153,8 +165,7 @@ class Views:
             >>> Views.parse(0, None) is None, Views.parse(2, None).augment
             (True, 'flip,crop')
         """
-        if count < 0:
-            raise FeatcacheError(f"--views must be 0 or more, got {count}")
+        check_number("views", count, 0, integer=True, why="0: no views")
         if count == 0:
             if augment:
                 raise FeatcacheError(

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._checks import check_number
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device, unknown
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
-from ..extract.build import extract, extract_views
+from ..extract.build import bad_images_error, extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
 from ..train.fit import TrainingInterrupted, fit, predict_logits
@@ -127,6 +128,20 @@ class ImageSource:
             yield x, self.labels[idx].to(self.device)
 
 
+def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None:
+    """Every unreadable image, found by one look at the headers before any training: named in one
+    error (``--on-bad-image error``), or said and listed in ``skipped.csv`` (``skip``: the loop leaves
+    them out)."""
+    found = {n: (s, s.problems(range(len(s)), spec.progress)) for n, s in splits.items()}
+    found = {n: v for n, v in found.items() if v[1]}
+    if found and spec.extract.on_bad_image == "error":
+        raise bad_images_error(found)
+    rows = [
+        {"split": n, "id": s.ids[i], "reason": why} for n, (s, bad) in found.items() for i, why in bad.items()
+    ]
+    spec.note_skipped(folder, rows)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
@@ -155,8 +170,10 @@ class FinetuneConfig:
     views: int = 0
 
     def __post_init__(self) -> None:
-        if self.views < 0:
-            raise FeatcacheError(f"--views must be 0 or more, got {self.views}")
+        check_number("views", self.views, 0, integer=True, why="0: no views")
+        check_number(
+            "lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k"
+        )
         if self.views and not self.augment:
             raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
         if self.mode not in MODES:
@@ -266,6 +283,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     backbone = spec.backbone()
     splits = spec.data.load()
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
+    _bad_images(spec, folder, splits)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(

@@ -11,14 +11,17 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 from __future__ import annotations
 
 import csv
+import errno
+import functools
 import json
 import logging
+import os
 import platform
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torchvision
@@ -26,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._config import from_json
+from .._disk import disk_error, disk_errors, ensure_space
 from .._util import FeatcacheError, check_name, default_mode, resolve_device, write_json
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
@@ -52,6 +56,7 @@ RUN_FILES = (
     "confusion.png",
     "history.csv",
     "misclassified.csv",
+    "skipped.csv",
     "sweep.json",
     "sweep.png",
 )
@@ -211,6 +216,34 @@ class Run:
         return evaluate(self.head.to(dev), data, self.head_info.num_classes)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+#: how to get a writable run folder, in messages
+OUT_FIX = "choose another --out (RunSpec(out=...))"
+
+
+def _read_only(path: Path) -> bool:
+    """Whether ``path`` lies on a read-only filesystem."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _writes(what: str) -> Callable[[F], F]:
+    """A RunFolder method that writes ``what``: a full disk or a folder that cannot be written is a
+    :class:`~featcache._disk.DiskError` naming the folder, not a traceback."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def method(self: RunFolder, *args: Any, **kwargs: Any) -> Any:
+            with disk_errors(self.path, None, what, OUT_FIX):
+                return fn(self, *args, **kwargs)
+
+        return method  # type: ignore[return-value]
+
+    return wrap
+
+
 class RunFolder:
     """The one owner of a run folder's files: prepare, write and read config, metrics, weights, report.
 
@@ -282,6 +315,7 @@ class RunFolder:
                 f"--out {str(folder.path)!r} already holds a run ({', '.join(trained)}): {how}, or choose "
                 "another --out"
             )
+        folder.check_writable()
         if overwrite:
             folder._remove_run()
         # The folder itself appears with the first file written: a command that fails before writing
@@ -290,8 +324,29 @@ class RunFolder:
 
     def _out(self, name: str) -> Path:
         """Where the run's file ``name`` goes (the folder is created on the first write)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.path, None, "the run folder", OUT_FIX):
+            self.path.mkdir(parents=True, exist_ok=True)
         return self.path / name
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a run folder that cannot be written (a read-only filesystem, a folder
+        of another user) or whose disk is full.
+
+        Example:
+            >>> RunFolder("/proc/run").check_writable()  # doctest: +SKIP
+            featcache._disk.DiskError: cannot write the run folder in '/proc/run': ...
+        """
+        here = Path(os.path.abspath(self.path))
+        while not here.exists() and here.parent != here:
+            here = here.parent
+        if not os.access(here, os.W_OK):
+            code = errno.EROFS if _read_only(here) else errno.EACCES
+            err = disk_error(
+                OSError(code, os.strerror(code), str(here)), self.path, None, "the run folder", OUT_FIX
+            )
+            assert err is not None
+            raise err
+        ensure_space(self.path, 0, "the run folder", OUT_FIX)  # the margin: config.json, metrics, the head
 
     def _remove_run(self) -> None:
         """The previous run's files, and the run folders of a previous sweep."""
@@ -309,6 +364,7 @@ class RunFolder:
 
     # ---------------------------------------------------------------- config.json
 
+    @_writes("config.json")
     def write_config(self, record: RunRecord) -> None:
         """Write ``config.json``: the only place it is written."""
         write_json(self._out("config.json"), record.to_json())
@@ -341,6 +397,7 @@ class RunFolder:
 
     # ---------------------------------------------------------------- metrics, weights, report
 
+    @_writes("metrics.json")
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         write_json(self._out("metrics.json"), dict(metrics))
 
@@ -349,6 +406,7 @@ class RunFolder:
         file = self.path / "metrics.json"
         return dict(json.loads(file.read_text())) if file.exists() else {}
 
+    @_writes("the head's weights")
     def save_head(self, head: nn.Module, info: HeadInfo) -> None:
         """``head.safetensors`` (tensors only) + ``head.json`` (how to rebuild it)."""
         self._save_tensors("head.safetensors", head.state_dict())
@@ -370,6 +428,7 @@ class RunFolder:
     def load_trainable(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / "trainable.safetensors"))
 
+    @_writes("weights")
     def _save_tensors(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self._out(name)))
         default_mode(self.path / name)  # safetensors writes 0600; runs are shared like any output
@@ -394,6 +453,7 @@ class RunFolder:
             f"finished epochs; `featcache {verb} --resume --out {self.path}` finishes it"
         )
 
+    @_writes("the report (curves, confusion matrix)")
     def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
         """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
         there is a test split)."""
@@ -403,6 +463,7 @@ class RunFolder:
         if "test" in metrics:
             plot_confusion(metrics["test"]["confusion"], classes, self._out("confusion.png"))
 
+    @_writes("misclassified.csv")
     def write_misclassified(
         self, split: str, ids: list[str], labels: torch.Tensor, logits: torch.Tensor, classes: list[str]
     ) -> int:
@@ -438,6 +499,20 @@ class RunFolder:
         self._write_csv("misclassified.csv", rows, fields)
         return len(rows)
 
+    @_writes("skipped.csv")
+    def write_skipped(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+        """``skipped.csv``: the images left out as unreadable (``--on-bad-image skip``), one ``{split,
+        id, reason}`` row each; written only when there are some. Returns the rows.
+
+        Example:
+            >>> folder.write_skipped([{"split": "train", "id": "a.jpg", "reason": "?"}])  # doctest: +SKIP
+        """
+        out = [{k: str(r[k]) for k in ("split", "id", "reason")} for r in rows]
+        if out:
+            self._write_csv("skipped.csv", out, ["split", "id", "reason"])
+        return out
+
+    @_writes("a CSV file")
     def _write_csv(
         self, name: str, rows: Sequence[Mapping[str, Any]], fields: list[str] | None = None
     ) -> None:
@@ -450,6 +525,7 @@ class RunFolder:
             writer.writerows(rows)
         tmp.replace(self.path / name)
 
+    @_writes("a JSON file")
     def write_json(self, name: str, obj: Any) -> None:
         """Another JSON file of the run (``sweep.json``)."""
         write_json(self._out(name), obj)

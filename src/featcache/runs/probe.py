@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._checks import check_number, check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device, unknown
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
-from .spec import RunSpec
+from .spec import RunSpec, skipped_rows
 from .train import write_mistakes
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
@@ -60,20 +61,19 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strengths", tuple(float(v) for v in self.strengths))
-        if not self.strengths or min(self.strengths) < 0:
-            raise FeatcacheError(f"--strengths must be one or more values >= 0, got {self.strengths}")
+        if not self.strengths:
+            raise FeatcacheError("--strengths must be one or more values >= 0, got none")
+        check_numbers("strengths", self.strengths, 0, why="L2 strengths")
         if self.metric not in METRICS:
             raise unknown("probe metric", self.metric, METRICS, "Use --metric acc|balanced-acc.")
         if self.class_weight not in CLASS_WEIGHTS:
             raise unknown(
                 "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
             )
-        if self.max_iter < 1 or self.tol <= 0:
-            raise FeatcacheError(f"--max-iter must be >= 1 and --tol > 0, got {self.max_iter}, {self.tol}")
-        if self.shots is not None and self.shots < 1:
-            raise FeatcacheError(f"--shots must be 1 or more images per class, got {self.shots}")
-        if self.shot_seeds < 1:
-            raise FeatcacheError(f"--shot-seeds must be 1 or more, got {self.shot_seeds}")
+        check_number("max_iter", self.max_iter, 1, integer=True)
+        check_number("tol", self.tol, 0, low_open=True)
+        check_number("shots", self.shots, 1, integer=True, none="all images", why="images per class")
+        check_number("shot_seeds", self.shot_seeds, 1, integer=True)
 
     @property
     def score(self) -> str:
@@ -326,6 +326,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
+    spec.note_skipped(folder, skipped_rows(feats))
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "

@@ -162,6 +162,17 @@ class RunSpec:
         )
         return feats, views
 
+    def note_skipped(self, folder: RunFolder | None, skipped: Sequence[Mapping[str, str]]) -> None:
+        """Say how many images were skipped as unreadable (``{split, id, reason}`` rows, as
+        :func:`skipped_rows` makes them) and the first few, and list them all in the run folder's
+        ``skipped.csv`` (nothing when none were)."""
+        rows = folder.write_skipped(skipped) if folder is not None else list(skipped)
+        if rows:
+            shown = ", ".join(f"{r['id']} ({r['split']})" for r in rows[:5])
+            more = f", ... ({len(rows) - 5} more)" if len(rows) > 5 else ""
+            where = f"; all listed in {folder.path / 'skipped.csv'}" if folder is not None else ""
+            self.say(f"skipped {len(rows)} unreadable image(s): {shown}{more}{where}")
+
     def record(
         self,
         kind: str,
@@ -201,3 +212,18 @@ class RunSpec:
             cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
             **typed,
         )
+
+
+def skipped_rows(feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:
+    """The images each split left out as unreadable (its manifest's ``skipped``), as ``{split, id,
+    reason}`` rows.
+
+    Example:
+        >>> skipped_rows(feats)  # doctest: +SKIP
+        [{'split': 'train', 'id': 'cats/broken.jpg', 'reason': 'OSError: ...'}]
+    """
+    return [
+        {"split": split, "id": str(s["id"]), "reason": str(s["reason"])}
+        for split, f in feats.items()
+        for s in f.manifest.get("skipped", [])
+    ]

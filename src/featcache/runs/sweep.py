@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .._checks import check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..cache.store import CachedFeatures
@@ -33,7 +34,7 @@ from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
-from .spec import RunSpec
+from .spec import RunSpec, skipped_rows
 from .train import train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class SweepGrid:
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
         object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
+        # the rules of TrainConfig's lr and weight_decay, checked before any extraction
+        check_numbers("lrs", self.lrs, 0, high=10, low_open=True, why="each a peak learning rate")
+        check_numbers("weight_decays", self.weight_decays, 0, high=10)
 
     def configs(self, base: TrainConfig) -> list[TrainConfig]:
         """The trainer settings of the grid, the others as in ``base``."""
@@ -133,6 +137,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
+    spec.note_skipped(folder, skipped_rows(feats))
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)

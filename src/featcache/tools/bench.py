@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._checks import check_number
 from .._util import resolve_device, unknown, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
@@ -706,6 +707,7 @@ def run_bench(
     """
     cfg = config or (QUICK if quick else BenchConfig())
     dev = resolve_device(device)
+    check_number("repeats", repeats, 1, integer=True)
     for name in only or ():
         if name not in BENCHMARKS:
             raise unknown("benchmark", name, BENCHMARKS, f"--only takes names of {', '.join(BENCHMARKS)}.")

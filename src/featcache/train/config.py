@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .._util import FeatcacheError, unknown
+from .._checks import check_device, check_number
+from .._util import unknown
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -92,10 +93,21 @@ class TrainConfig:
             raise unknown("schedule", self.schedule, SCHEDULES, "Use --schedule cosine|constant.")
         if self.monitor not in MONITORS:
             raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc.")
-        if self.epochs < 1 or (self.batch_size is not None and self.batch_size < 1) or self.lr <= 0:
-            raise FeatcacheError(
-                f"epochs, batch size and lr must be positive: {self.epochs}, {self.batch_size}, {self.lr}"
-            )
+        self._check_numbers()
+        check_device(self.device)
+
+    def _check_numbers(self) -> None:
+        """Every numeric field within what trains at all (the command line refuses the same values)."""
+        check_number("epochs", self.epochs, 1, integer=True)
+        check_number("batch_size", self.batch_size, 1, integer=True, none="auto")
+        check_number("lr", self.lr, 0, 10, low_open=True, why="the peak learning rate")
+        check_number("momentum", self.momentum, 0, 1, high_open=True)
+        check_number("weight_decay", self.weight_decay, 0, 10)
+        check_number("warmup_epochs", self.warmup_epochs, 0, self.epochs, why="at most --epochs")
+        check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_number("patience", self.patience, 1, integer=True, none="never")
+        check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
+        check_number("ram_budget_gb", self.ram_budget_gb, 0, why="0 streams every split from the memory map")
 
     def resolved(self, rows: int) -> TrainConfig:
         """This config with an automatic batch size decided for a training split of ``rows`` rows.

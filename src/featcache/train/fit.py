@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from .._disk import disk_error, disk_errors
 from .._errors import flag
 from .._util import FeatcacheError
 from .config import TrainConfig
@@ -163,8 +164,21 @@ def predict_logits(head: nn.Module, data: BatchSource, batch_size: int = 1024) -
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fix = "choose another --out"
+    try:
+        with disk_errors(path.parent, None, "the training checkpoint", fix):
+            try:
+                torch.save(obj, tmp)
+            except RuntimeError as exc:  # torch's zip writer reports a full disk as "file write failed"
+                failed = OSError(None, str(exc), str(tmp))
+                err = disk_error(failed, path.parent, None, "the training checkpoint", fix)
+                if err is None:
+                    raise
+                raise err from exc
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the previous checkpoint stays whole
+        raise
 
 
 def fit(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_number
 from .._config import from_json, to_json
 from .._util import FeatcacheError, unknown
 from ..cache.rows import Rows
@@ -52,7 +53,11 @@ class HeadSpec:
     def __post_init__(self) -> None:
         if self.kind not in HEADS:
             raise unknown("head", self.kind, HEADS, "Use --head linear|pooled-linear|mlp|conv.")
+        for h in self.hidden:
+            check_number("hidden", h, 1, integer=True, why="each hidden layer's width")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_number("conv_channels", self.conv_channels, 1, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(to_json(self))

@@ -13,8 +13,9 @@ from ..backbones.registry import Backbone
 from ..cache.writer import STORAGE_DTYPES
 from ..data.preprocess import normalize_augment
 from ..data.samples import BAD_IMAGE_POLICIES
+from ..layout import TOKEN_POOLS
 
-POOLS = ("avg", "max", "none", "flatten")
+POOLS = ("avg", "max", "none", "flatten", *TOKEN_POOLS)
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,9 @@ class ExtractConfig:
     """How to extract.
 
     Attributes:
-        pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps).
+        pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps);
+            for ViT token layers also ``cls`` (the class token) or ``avg-tokens`` (the mean of the patch
+            tokens, class and register tokens left out).
         dtype: storage dtype: ``float32``, ``float16`` or ``bfloat16``.
         batch_size: images per forward pass.
         workers: DataLoader worker processes for decoding; ``None`` means 0 on the CPU (the model
@@ -65,7 +68,7 @@ class ExtractConfig:
                 raise FeatcacheError(f"input size must be two positive numbers H W, got {self.input_size}")
             object.__setattr__(self, "input_size", (int(self.input_size[0]), int(self.input_size[1])))
         if self.pool not in POOLS:
-            raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
+            raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten|cls|avg-tokens.")
         if self.dtype not in STORAGE_DTYPES:
             raise unknown(
                 "storage dtype", self.dtype, STORAGE_DTYPES, "Use --dtype float32|float16|bfloat16."

@@ -102,7 +102,7 @@ def pool(t: torch.Tensor, how: str, layout: str | None, prefix: int = 0) -> torc
         >>> pool(torch.ones(2, 4, 4, 8), "avg", "NHWC").shape
         torch.Size([2, 8])
         >>> tokens = torch.arange(6.0).reshape(1, 3, 2)  # a class token, then 2 patch tokens
-        >>> pool(tokens, "cls", "NLD", prefix=1).tolist(), pool(tokens, "avg-tokens", "NLD", prefix=1).tolist()
+        >>> pool(tokens, "cls", "NLD", prefix=1).tolist(), pool(tokens, "avg-tokens", "NLD", 1).tolist()
         ([[0.0, 1.0]], [[3.0, 4.0]])
     """
     if how == "flatten" or layout == NC:

@@ -170,9 +170,10 @@ def _check_tokens(
     token_layers = {n: p for n, p in probes.items() if p.layout != NC}
     for name, p in token_layers.items():
         if p.layout != NLD:
+            fix = "--pool avg" if p.layout else "--pool none or --pool flatten"
             raise FeatcacheError(
                 f"--pool {how} reads the tokens of token layers (NLD); layer {name!r} of {spec} is "
-                f"{p.layout or 'of unknown layout'}: use --pool avg, or pick a token layer "
+                f"{p.layout or 'of unknown layout'}: use {fix}, or pick a token layer "
                 f"(`featcache layers {spec}` shows layouts)"
             )
     if not token_layers:

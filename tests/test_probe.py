@@ -70,9 +70,9 @@ def test_few_shot_trains_on_k_training_rows_per_class_only(monkeypatch: pytest.M
     fitted: list[int] = []
     real = probe_mod._lbfgs
 
-    def spy(z, y, *args, **kw):  # type: ignore[no-untyped-def]
-        fitted.append(len(y))
-        return real(z, y, *args, **kw)
+    def spy(problem, *args, **kw):  # type: ignore[no-untyped-def]
+        fitted.append(problem.rows)
+        return real(problem, *args, **kw)
 
     monkeypatch.setattr(probe_mod, "_lbfgs", spy)
     cfg = ProbeConfig(strengths=(1e-3, 1e-1), shots=5, shot_seeds=4)

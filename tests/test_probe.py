@@ -117,3 +117,50 @@ def test_balanced_class_weight_and_metric_on_imbalanced_data() -> None:
     assert runs["balanced"].extra["chosen_on"] == "val_balanced_acc"
     with pytest.raises(ValueError, match="balanced-acc"):
         ProbeConfig(metric="f1")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_the_solvers_objective_is_weighted_cross_entropy(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loss and gradient of both solver backends against autograd through ``F.cross_entropy``."""
+    import torch.nn.functional as F
+
+    import featcache.runs.logistic as logistic
+
+    monkeypatch.setattr(logistic, "SMALL_PROBLEM", 10**9 if backend == "numpy" else 0)
+    x, y = _data(50, 7)
+    cw = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    problem = logistic.SoftmaxRegression(x, y, 4, cw)
+    assert problem.numpy == (backend == "numpy")
+    w = torch.randn(
+        4, 21, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
+    ref = (
+        F.cross_entropy(x.double() @ w[:, :20].T + w[:, 20], y, weight=cw.double())
+        + 0.05 * w[:, :20].pow(2).sum()
+    )
+    ref.backward()
+    flat = torch.cat([w[:, :20].reshape(-1), w[:, 20]]).detach()
+    loss, grad = problem.objective(0.1)(flat.numpy() if backend == "numpy" else flat.float())
+    grad = torch.as_tensor(grad).double()
+    want = torch.cat([w.grad[:, :20].reshape(-1), w.grad[:, 20]])  # type: ignore[index]
+    tol = 1e-10 if backend == "numpy" else 1e-5
+    assert loss == pytest.approx(float(ref), rel=tol)
+    torch.testing.assert_close(grad, want, rtol=tol, atol=tol)
+
+
+def test_both_solver_backends_match_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 torch path (large problems, GPUs) reaches scikit-learn's solution as the numpy one does."""
+    from sklearn.linear_model import LogisticRegression
+
+    import featcache.runs.logistic as logistic
+
+    x, y = _data(400, 1)
+    lam = 1e-2
+    ref = LogisticRegression(C=1 / (len(x) * lam), max_iter=5000, tol=1e-10).fit(x.numpy(), y.numpy())
+    for small in (10**9, 0):
+        monkeypatch.setattr(logistic, "SMALL_PROBLEM", small)
+        head = fit_logistic(x, y, 4, lam, max_iter=500, standardize=False, tol=1e-5)
+        ours = torch.softmax(head(x), 1).detach().numpy()
+        np.testing.assert_allclose(ours, ref.predict_proba(x.numpy()), atol=2e-3)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,7 +149,7 @@ def test_the_solvers_objective_is_weighted_cross_entropy(
     grad = torch.as_tensor(grad).double()
     want = torch.cat([w.grad[:, :20].reshape(-1), w.grad[:, 20]])  # type: ignore[index]
     tol = 1e-10 if backend == "numpy" else 1e-5
-    assert loss == pytest.approx(float(ref), rel=tol)
+    assert loss == pytest.approx(float(ref.detach()), rel=tol)
     torch.testing.assert_close(grad, want, rtol=tol, atol=tol)
 
 
@@ -164,3 +167,52 @@ def test_both_solver_backends_match_sklearn(monkeypatch: pytest.MonkeyPatch) -> 
         head = fit_logistic(x, y, 4, lam, max_iter=500, standardize=False, tol=1e-5)
         ours = torch.softmax(head(x), 1).detach().numpy()
         np.testing.assert_allclose(ours, ref.predict_proba(x.numpy()), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``featcache probe ... --shots 5 --shot-seeds 5`` on MNIST-5k: mean ± std over 5 draws, each fit on
+    5 rows per class of the training split; no validation or test row is ever trained on (every row
+    the solver sees is compared with the cached rows of each split)."""
+    import featcache.runs.probe as probe_mod
+    from featcache.backbones.registry import load_backbone
+    from featcache.cli import main
+    from featcache.data.config import DataConfig
+    from featcache.extract.build import extract_splits
+    from featcache.extract.config import ExtractConfig
+
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    trained: list[FeatureSource] = []
+    real = probe_mod.linear_probe
+
+    def spy(train, *args, **kw):  # type: ignore[no-untyped-def]
+        trained.append(train)
+        return real(train, *args, **kw)
+
+    monkeypatch.setattr(probe_mod, "linear_probe", spy)
+    model = ["torchvision:resnet18", "mnist-5k", "--weights", "none", "--input-size", "32", "32", "-q"]
+    code = main(["probe", *model, "--shots", "5", "--shot-seeds", "5", "--strengths", "0.01,1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = re.search(r"5-shot acc on test over 5 draws of the training split: ([\d.]+) ± ([\d.]+)", out)
+    assert summary, out
+    per_draw = [float(v) for v in re.search(r"per draw: ([^)]*)\)", out)[1].split(", ")]  # type: ignore[index]
+    assert len(per_draw) == 5 and len(set(per_draw)) > 1
+    assert float(summary[1]) == pytest.approx(np.mean(per_draw), abs=1e-3)
+    assert float(summary[2]) == pytest.approx(np.std(per_draw, ddof=1), abs=1e-3)
+
+    # The cached rows of each split, read back (all from the cache: the same settings).
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    splits = DataConfig("mnist-5k").load()
+    ecfg = ExtractConfig(input_size=(32, 32), device="cpu")
+    feats = extract_splits(bb, splits, ["penultimate"], ecfg, progress=False)
+    rows = {
+        k: {r.tobytes() for r in np.asarray(v.features["penultimate"], np.float32)} for k, v in feats.items()
+    }
+    assert len(trained) == 5
+    for draw in trained:
+        assert len(draw) == 5 * 10 and torch.bincount(draw.y, minlength=10).tolist() == [5] * 10
+        seen = {r.tobytes() for r in draw.x.cpu().numpy().astype(np.float32)}  # type: ignore[union-attr]
+        assert seen <= rows["train"] and not seen & (rows["val"] | rows["test"])

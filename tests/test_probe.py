@@ -174,26 +174,37 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``featcache probe ... --shots 5 --shot-seeds 5`` on MNIST-5k: mean ± std over 5 draws, each fit on
-    5 rows per class of the training split; no validation or test row is ever trained on (every row
-    the solver sees is compared with the cached rows of each split)."""
+    5 rows per class of the training split; no validation or test row is ever trained on or
+    standardised with: every row the solver and the standardisation see is compared with the cached
+    rows of each split (the solver's own input is compared with --no-standardize, where it is raw)."""
     import featcache.runs.probe as probe_mod
     from featcache.backbones.registry import load_backbone
     from featcache.cli import main
     from featcache.data.config import DataConfig
     from featcache.extract.build import extract_splits
     from featcache.extract.config import ExtractConfig
+    from featcache.train.heads import Standardize
 
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
-    trained: list[FeatureSource] = []
-    real = probe_mod.linear_probe
+    seen: dict[str, list[torch.Tensor]] = {"standardised": [], "solved": []}
 
-    def spy(train, *args, **kw):  # type: ignore[no-untyped-def]
-        trained.append(train)
-        return real(train, *args, **kw)
+    class Spy(Standardize):
+        @classmethod
+        def fit(cls, x, *args, **kw):  # type: ignore[no-untyped-def,override]
+            seen["standardised"].append(x)
+            return Standardize.fit(x, *args, **kw)
 
-    monkeypatch.setattr(probe_mod, "linear_probe", spy)
+    real_problem = probe_mod._problem
+
+    def problem(z, y, *args, **kw):  # type: ignore[no-untyped-def]
+        seen["solved"].append(z)
+        return real_problem(z, y, *args, **kw)
+
+    monkeypatch.setattr(probe_mod, "Standardize", Spy)
+    monkeypatch.setattr(probe_mod, "_problem", problem)
     model = ["torchvision:resnet18", "mnist-5k", "--weights", "none", "--input-size", "32", "32", "-q"]
-    code = main(["probe", *model, "--shots", "5", "--shot-seeds", "5", "--strengths", "0.01,1"])
+    few = ["--shots", "5", "--shot-seeds", "5", "--strengths", "0.01,1"]
+    code = main(["probe", *model, *few])
     out = capsys.readouterr().out
     assert code == 0, out
     summary = re.search(r"5-shot acc on test over 5 draws of the training split: ([\d.]+) ± ([\d.]+)", out)
@@ -202,17 +213,20 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
     assert len(per_draw) == 5 and len(set(per_draw)) > 1
     assert float(summary[1]) == pytest.approx(np.mean(per_draw), abs=1e-3)
     assert float(summary[2]) == pytest.approx(np.std(per_draw, ddof=1), abs=1e-3)
+    assert len(seen["solved"]) == 5  # one path per draw, no refit
+    seen["solved"].clear()  # standardised: compared below from the raw rows of a --no-standardize run
+    assert main(["probe", *model, *few, "--no-standardize"]) == 0
 
     # The cached rows of each split, read back (all from the cache: the same settings).
     bb = load_backbone("torchvision:resnet18", weights="none")
-    splits = DataConfig("mnist-5k").load()
     ecfg = ExtractConfig(input_size=(32, 32), device="cpu")
-    feats = extract_splits(bb, splits, ["penultimate"], ecfg, progress=False)
+    feats = extract_splits(bb, DataConfig("mnist-5k").load(), ["penultimate"], ecfg, progress=False)
     rows = {
         k: {r.tobytes() for r in np.asarray(v.features["penultimate"], np.float32)} for k, v in feats.items()
     }
-    assert len(trained) == 5
-    for draw in trained:
-        assert len(draw) == 5 * 10 and torch.bincount(draw.y, minlength=10).tolist() == [5] * 10
-        seen = {r.tobytes() for r in draw.x.cpu().numpy().astype(np.float32)}  # type: ignore[union-attr]
-        assert seen <= rows["train"] and not seen & (rows["val"] | rows["test"])
+    assert all(v.extracted == 0 for v in feats.values()) and len(rows["train"]) > 3000
+    assert len(seen["standardised"]) == len(seen["solved"]) == 5  # one path per draw, no refit
+    for x in seen["standardised"] + seen["solved"]:
+        assert len(x) == 5 * 10
+        got = {r.tobytes() for r in x.cpu().numpy().astype(np.float32)}
+        assert len(got) == 50 and got <= rows["train"] and not got & (rows["val"] | rows["test"])

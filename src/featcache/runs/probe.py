@@ -21,7 +21,7 @@ from .._util import FeatcacheError, resolve_device, unknown
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
-from .logistic import SoftmaxRegression, Solution
+from .logistic import SoftmaxRegression, Solution, small_problem_threads
 from .spec import RunSpec
 from .train import write_mistakes
 
@@ -190,6 +190,21 @@ def linear_probe(
         raise FeatcacheError(
             "the L-BFGS probe needs the features in memory; use `featcache train` for larger caches"
         )
+    with small_problem_threads(train.x, num_classes):
+        return _probe(train, val, test, num_classes, config, progress, refit)
+
+
+def _probe(
+    train: FeatureSource,
+    val: FeatureSource,
+    test: FeatureSource | None,
+    num_classes: int,
+    config: ProbeConfig,
+    progress: bool,
+    refit: bool,
+) -> ProbeResult:
+    """:func:`linear_probe` once its inputs are checked."""
+    assert train.x is not None and val.x is not None
     x, xv = train.x.float(), val.x.float()
     std = Standardize.fit(x) if config.standardize else None
     z, zv = (std(x), std(xv)) if std is not None else (x, xv)

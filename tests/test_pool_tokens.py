@@ -177,3 +177,37 @@ def test_hugging_face_vit_cls_is_its_last_hidden_state_token_0() -> None:
     torch.testing.assert_close(_pooled(bb, ["layernorm"], "cls", x)["layernorm"], hidden[:, 0])
     avg = _pooled(bb, ["layernorm"], "avg-tokens", x)["layernorm"]
     torch.testing.assert_close(avg, hidden[:, 1:].mean(1))
+
+
+def test_a_probe_on_avg_tokens_exports_with_the_same_pooling(tmp_path: Path) -> None:
+    """The exported model pools as the extraction did (the prefix tokens left out): its logits on the
+    run's images are the head's on the cached rows."""
+    from featcache.data.config import DataConfig
+    from featcache.export.build import build_model
+    from featcache.runs.probe import ProbeConfig, probe_run
+    from featcache.runs.spec import RunSpec
+    from featcache.train.fit import predict_logits
+    from featcache.train.sources import source_for
+
+    spec = RunSpec(
+        "timm:vit_tiny_patch16_224",
+        DataConfig("digits", limit=60),
+        tmp_path / "run",
+        weights="none",
+        extract=ExtractConfig(pool="avg-tokens", input_size=SIZE, device="cpu", batch_size=32),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    res = probe_run(spec, "norm", ProbeConfig(strengths=(1e-2,)))
+    model, info = build_model(tmp_path / "run")
+    assert info.pool == "avg-tokens" and model.network.prefix == 1
+    backbone = spec.backbone()
+    splits = spec.data.load()
+    feats, _ = spec.extract_all(backbone, splits, ["norm"])
+    test = feats["test"]
+    want = predict_logits(res.head, source_for(test, "norm"))
+    pre = backbone.cfg.with_input_size(*SIZE).preprocessing
+    images = torch.stack([to_model_input(splits.test.load(i), pre) for i in range(len(splits.test))])
+    with torch.no_grad():
+        got = model.network(images)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -137,7 +137,8 @@ def fit_logistic(
     x = x.float()
     std = Standardize.fit(x) if standardize else None
     config = ProbeConfig(max_iter=max_iter, tol=tol)
-    fit = _lbfgs(_problem(std(x) if std is not None else x, y, num_classes, config), strength, config)
+    with small_problem_threads(x, num_classes):
+        fit = _lbfgs(_problem(std(x) if std is not None else x, y, num_classes, config), strength, config)
     return _head(fit, std, tuple(x.shape[1:]), num_classes)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -70,9 +73,9 @@ def test_few_shot_trains_on_k_training_rows_per_class_only(monkeypatch: pytest.M
     fitted: list[int] = []
     real = probe_mod._lbfgs
 
-    def spy(z, y, *args, **kw):  # type: ignore[no-untyped-def]
-        fitted.append(len(y))
-        return real(z, y, *args, **kw)
+    def spy(problem, *args, **kw):  # type: ignore[no-untyped-def]
+        fitted.append(problem.rows)
+        return real(problem, *args, **kw)
 
     monkeypatch.setattr(probe_mod, "_lbfgs", spy)
     cfg = ProbeConfig(strengths=(1e-3, 1e-1), shots=5, shot_seeds=4)
@@ -117,3 +120,113 @@ def test_balanced_class_weight_and_metric_on_imbalanced_data() -> None:
     assert runs["balanced"].extra["chosen_on"] == "val_balanced_acc"
     with pytest.raises(ValueError, match="balanced-acc"):
         ProbeConfig(metric="f1")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_the_solvers_objective_is_weighted_cross_entropy(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loss and gradient of both solver backends against autograd through ``F.cross_entropy``."""
+    import torch.nn.functional as F
+
+    import featcache.runs.logistic as logistic
+
+    monkeypatch.setattr(logistic, "SMALL_PROBLEM", 10**9 if backend == "numpy" else 0)
+    x, y = _data(50, 7)
+    cw = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    problem = logistic.SoftmaxRegression(x, y, 4, cw)
+    assert problem.numpy == (backend == "numpy")
+    w = torch.randn(
+        4, 21, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
+    ref = (
+        F.cross_entropy(x.double() @ w[:, :20].T + w[:, 20], y, weight=cw.double())
+        + 0.05 * w[:, :20].pow(2).sum()
+    )
+    ref.backward()
+    flat = torch.cat([w[:, :20].reshape(-1), w[:, 20]]).detach()
+    loss, grad = problem.objective(0.1)(flat.numpy() if backend == "numpy" else flat.float())
+    grad = torch.as_tensor(grad).double()
+    want = torch.cat([w.grad[:, :20].reshape(-1), w.grad[:, 20]])  # type: ignore[index]
+    tol = 1e-10 if backend == "numpy" else 1e-5
+    assert loss == pytest.approx(float(ref.detach()), rel=tol)
+    torch.testing.assert_close(grad, want, rtol=tol, atol=tol)
+
+
+def test_both_solver_backends_match_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 torch path (large problems, GPUs) reaches scikit-learn's solution as the numpy one does."""
+    from sklearn.linear_model import LogisticRegression
+
+    import featcache.runs.logistic as logistic
+
+    x, y = _data(400, 1)
+    lam = 1e-2
+    ref = LogisticRegression(C=1 / (len(x) * lam), max_iter=5000, tol=1e-10).fit(x.numpy(), y.numpy())
+    for small in (10**9, 0):
+        monkeypatch.setattr(logistic, "SMALL_PROBLEM", small)
+        head = fit_logistic(x, y, 4, lam, max_iter=500, standardize=False, tol=1e-5)
+        ours = torch.softmax(head(x), 1).detach().numpy()
+        np.testing.assert_allclose(ours, ref.predict_proba(x.numpy()), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``featcache probe ... --shots 5 --shot-seeds 5`` on MNIST-5k: mean ± std over 5 draws, each fit on
+    5 rows per class of the training split; no validation or test row is ever trained on or
+    standardised with: every row the solver and the standardisation see is compared with the cached
+    rows of each split (the solver's own input is compared with --no-standardize, where it is raw)."""
+    import featcache.runs.probe as probe_mod
+    from featcache.backbones.registry import load_backbone
+    from featcache.cli import main
+    from featcache.data.config import DataConfig
+    from featcache.extract.build import extract_splits
+    from featcache.extract.config import ExtractConfig
+    from featcache.train.heads import Standardize
+
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    seen: dict[str, list[torch.Tensor]] = {"standardised": [], "solved": []}
+
+    class Spy(Standardize):
+        @classmethod
+        def fit(cls, x, *args, **kw):  # type: ignore[no-untyped-def,override]
+            seen["standardised"].append(x)
+            return Standardize.fit(x, *args, **kw)
+
+    real_problem = probe_mod._problem
+
+    def problem(z, y, *args, **kw):  # type: ignore[no-untyped-def]
+        seen["solved"].append(z)
+        return real_problem(z, y, *args, **kw)
+
+    monkeypatch.setattr(probe_mod, "Standardize", Spy)
+    monkeypatch.setattr(probe_mod, "_problem", problem)
+    model = ["torchvision:resnet18", "mnist-5k", "--weights", "none", "--input-size", "32", "32", "-q"]
+    few = ["--shots", "5", "--shot-seeds", "5", "--strengths", "0.01,1"]
+    code = main(["probe", *model, *few])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = re.search(r"5-shot acc on test over 5 draws of the training split: ([\d.]+) ± ([\d.]+)", out)
+    assert summary, out
+    per_draw = [float(v) for v in re.search(r"per draw: ([^)]*)\)", out)[1].split(", ")]  # type: ignore[index]
+    assert len(per_draw) == 5 and len(set(per_draw)) > 1
+    assert float(summary[1]) == pytest.approx(np.mean(per_draw), abs=1e-3)
+    assert float(summary[2]) == pytest.approx(np.std(per_draw, ddof=1), abs=1e-3)
+    assert len(seen["solved"]) == 5  # one path per draw, no refit
+    seen["solved"].clear()  # standardised: compared below from the raw rows of a --no-standardize run
+    assert main(["probe", *model, *few, "--no-standardize"]) == 0
+
+    # The cached rows of each split, read back (all from the cache: the same settings).
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    ecfg = ExtractConfig(input_size=(32, 32), device="cpu")
+    feats = extract_splits(bb, DataConfig("mnist-5k").load(), ["penultimate"], ecfg, progress=False)
+    rows = {
+        k: {r.tobytes() for r in np.asarray(v.features["penultimate"], np.float32)} for k, v in feats.items()
+    }
+    assert all(v.extracted == 0 for v in feats.values()) and len(rows["train"]) > 3000
+    assert len(seen["standardised"]) == len(seen["solved"]) == 5  # one path per draw, no refit
+    for x in seen["standardised"] + seen["solved"]:
+        assert len(x) == 5 * 10
+        got = {r.tobytes() for r in x.cpu().numpy().astype(np.float32)}
+        assert len(got) == 50 and got <= rows["train"] and not got & (rows["val"] | rows["test"])

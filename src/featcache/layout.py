@@ -78,6 +78,10 @@ def channels(layout: str, row_shape: tuple[int, ...]) -> int:
     return int(row_shape[_CHANNEL_AXIS[layout] - 1]) if layout != NC else int(row_shape[0])
 
 
+#: pools that read the tokens of an NLD layer by position: the class token, or the patch tokens' mean
+TOKEN_POOLS = ("cls", "avg-tokens")
+
+
 def pooled_layout(layout: str | None, pool: str) -> str | None:
     """The layout of what the cache stores for a layer in ``layout`` under ``--pool``.
 
@@ -88,15 +92,21 @@ def pooled_layout(layout: str | None, pool: str) -> str | None:
     return layout if pool == "none" else NC
 
 
-def pool(t: torch.Tensor, how: str, layout: str | None) -> torch.Tensor:
+def pool(t: torch.Tensor, how: str, layout: str | None, prefix: int = 0) -> torch.Tensor:
     """``avg`` / ``max`` over the positions of ``layout`` to (N, C); ``flatten`` to (N, -1); ``none`` as is.
 
-    A vector layout (``NC``) is always flattened: a 1x1-conv classifier's input (N, C, 1, 1) is (N, C).
-    An unknown layout (None) can be kept or flattened, not pooled.
+    Token layers (``NLD``) also take ``cls`` (token 0, the class token) and ``avg-tokens`` (the mean of
+    the patch tokens: the ``prefix`` class / register / distillation tokens ahead of them left out, see
+    :mod:`featcache.backbones.tokens`). A vector layout (``NC``) is always flattened: a 1x1-conv
+    classifier's input (N, C, 1, 1) is (N, C). An unknown layout (None) can be kept or flattened, not
+    pooled.
 
     Example:
         >>> pool(torch.ones(2, 4, 4, 8), "avg", "NHWC").shape
         torch.Size([2, 8])
+        >>> tokens = torch.arange(6.0).reshape(1, 3, 2)  # a class token, then 2 patch tokens
+        >>> pool(tokens, "cls", "NLD", prefix=1).tolist(), pool(tokens, "avg-tokens", "NLD", 1).tolist()
+        ([[0.0, 1.0]], [[3.0, 4.0]])
     """
     if how == "flatten" or layout == NC:
         return t.flatten(1) if t.dim() > 2 else t
@@ -105,6 +115,12 @@ def pool(t: torch.Tensor, how: str, layout: str | None) -> torch.Tensor:
     if layout is None:
         raise FeatcacheError(f"cannot {how}-pool a {t.dim()}-D output whose layout is unknown")
     _check(layout, t.dim())
+    if how in TOKEN_POOLS:
+        if layout != NLD:
+            raise FeatcacheError(f"--pool {how} reads token layers (NLD), not {layout}; use --pool avg")
+        if t.shape[1] <= prefix:
+            raise FeatcacheError(f"--pool {how}: {t.shape[1]} tokens hold no patch token after {prefix}")
+        return t[:, 0] if how == "cls" else t[:, prefix:].mean(1)
     axes = _POSITION_AXES[layout]
     return t.mean(axes) if how == "avg" else t.amax(axes)
 

@@ -33,6 +33,7 @@ from .._version import __version__
 from ..backbones.layers import LOGITS
 from ..backbones.preprocessing import Preprocessing
 from ..backbones.registry import load_backbone
+from ..backbones.tokens import pool_prefix
 from ..extract.nodes import FeatureExtractor
 from ..extract.truncate import truncate
 from ..runs.finetune import load_finetuned
@@ -211,7 +212,9 @@ def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedMod
     pre = cfg.preprocessing
     layout = record.layer_layout  # None in runs from before layouts were recorded
     model = ExportedModel(
-        Preprocess(pre), Network(net, key, pool, dtype, head, layout), list(record.classes)
+        Preprocess(pre),
+        Network(net, key, pool, dtype, head, layout, pool_prefix(backbone.model, pool)),
+        list(record.classes),
     ).eval()
     on_gpu = bool(record.environment.get("cuda")) and extract.get("device") != "cpu"
     if extract.get("amp") or (extract.get("amp") is None and on_gpu):
@@ -298,7 +301,9 @@ def rebuild_model(info: ExportInfo) -> ExportedModel:
     head = HeadInfo.from_dict(info.head).build()
     return ExportedModel(
         Preprocess(pre),
-        Network(net, key, info.pool, info.storage_dtype, head, info.layout),
+        Network(
+            net, key, info.pool, info.storage_dtype, head, info.layout, pool_prefix(backbone.model, info.pool)
+        ),
         list(info.classes),
     )
 

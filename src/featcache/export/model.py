@@ -134,13 +134,15 @@ class Network(nn.Module):
         storage_dtype: str,
         head: nn.Module,
         layout: str | None = None,
+        prefix: int = 0,
     ) -> None:
         super().__init__()
         self.backbone, self.key, self.pool, self.head = backbone, key, pool, head
         self.storage_dtype, self.layout = storage_dtype, layout  # the layer's layout: what pooling averages
+        self.prefix = prefix  # the class / register tokens --pool avg-tokens skips
 
     def forward(self, x: Tensor) -> Tensor:
-        t = pool_features(self.backbone(x)[self.key], self.pool, self.layout)
+        t = pool_features(self.backbone(x)[self.key], self.pool, self.layout, self.prefix)
         if self.storage_dtype in ("float16", "bfloat16"):  # the head saw features stored in this dtype
             t = t.to(getattr(torch, self.storage_dtype)).to(torch.float32)
         return self.head(t)

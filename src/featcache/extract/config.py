@@ -14,8 +14,9 @@ from ..backbones.registry import Backbone
 from ..cache.writer import STORAGE_DTYPES
 from ..data.preprocess import normalize_augment
 from ..data.samples import BAD_IMAGE_POLICIES
+from ..layout import TOKEN_POOLS
 
-POOLS = ("avg", "max", "none", "flatten")
+POOLS = ("avg", "max", "none", "flatten", *TOKEN_POOLS)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class ExtractConfig:
     """How to extract.
 
     Attributes:
-        pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps).
+        pool: ``avg`` / ``max`` over spatial positions (or tokens), ``flatten``, or ``none`` (keep maps);
+            for ViT token layers also ``cls`` (the class token) or ``avg-tokens`` (the mean of the patch
+            tokens, class and register tokens left out).
         dtype: storage dtype: ``float32``, ``float16`` or ``bfloat16``.
         batch_size: images per forward pass.
         workers: DataLoader worker processes for decoding; ``None`` means 0 on the CPU (the model
@@ -73,7 +76,7 @@ class ExtractConfig:
                 check_input_side(v)
             object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
         if self.pool not in POOLS:
-            raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten.")
+            raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten|cls|avg-tokens.")
         if self.dtype not in STORAGE_DTYPES:
             raise unknown(
                 "storage dtype", self.dtype, STORAGE_DTYPES, "Use --dtype float32|float16|bfloat16."

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from .._util import FeatcacheError, resolve_device
-from ..backbones.probe import probe_layers, probe_outputs
+from ..backbones.probe import LayerProbe, probe_layers, probe_outputs
 from ..backbones.registry import Backbone, BackboneCfg
+from ..backbones.tokens import Tokens, model_tokens, pool_prefix
 from ..cache.writer import STORAGE_DTYPES
-from ..layout import pool, pooled_layout
+from ..layout import NC, NLD, TOKEN_POOLS, pool, pooled_layout, position_axes
 from .config import ExtractConfig
 from .nodes import FeatureExtractor
 
@@ -73,6 +74,7 @@ class Extractor:
         with torch.inference_mode(), self._autocast():
             self.net.verify(probe.to(self.device).to(memory_format=self.memory_format))
         self.layouts = check_layers(backbone, self.net, cfg.input_size, config.pool)
+        self.prefix = pool_prefix(backbone.model, config.pool)  # what --pool avg-tokens skips
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -82,7 +84,7 @@ class Extractor:
         x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         with self._autocast():
             out = self.net(x)
-        return {k: pool(v, self.config.pool, self.layouts[k]) for k, v in out.items()}
+        return {k: pool(v, self.config.pool, self.layouts[k], self.prefix) for k, v in out.items()}
 
     def stored_layouts(self) -> dict[str, str | None]:
         """Each layer's layout as cached: its own under ``--pool none``, else vectors (``NC``)."""
@@ -120,7 +122,10 @@ def check_layers(
         {'features.5': 'NHWC'}
     """
     spec, graph = backbone.cfg.spec, net.graph_nodes
-    probes = probe_layers(backbone, [n for n in net.layers if n not in graph], input_size)
+    tokens = model_tokens(backbone.model) if pool_ in TOKEN_POOLS else None
+    patch = [tokens.patch_module] if tokens is not None and tokens.patch_module else []
+    probes = probe_layers(backbone, [*(n for n in net.layers if n not in graph), *patch], input_size)
+    patches = _positions(probes[patch[0]]) if patch else None
     if graph:
         param = next(backbone.model.parameters(), None)
         device = param.device if param is not None else None
@@ -140,7 +145,60 @@ def check_layers(
                 f"{p.how}. Extract it with --pool none or --pool flatten, or pick a layer whose layout "
                 "`featcache layers` shows"
             )
+    if pool_ in TOKEN_POOLS:
+        _check_tokens(spec, probes, pool_, tokens, patches)
     return {n: p.layout for n, p in probes.items()}
+
+
+def _positions(p: LayerProbe) -> int | None:
+    """The number of patches a patch embedding outputs for one image: its map's positions, or its tokens
+    (timm's ``PatchEmbed`` gives (1, L, D) that no probe source can tell from (1, C, L))."""
+    if p.shape is None or p.layout == NC:
+        return None
+    if p.layout is None:
+        return int(p.shape[1]) if len(p.shape) == 3 else None
+    return math.prod(p.shape[a] for a in position_axes(p.layout))
+
+
+def _check_tokens(
+    spec: str, probes: dict[str, LayerProbe], how: str, tokens: Tokens | None, patches: int | None
+) -> None:
+    """Refuse ``--pool cls|avg-tokens`` where it would not read what it says: a layer that is not tokens,
+    a model whose prefix tokens featcache does not know, ``cls`` without a class token, or a layer whose
+    tokens are not the prefix + patch tokens of the blocks (the patch embedding, before the class token
+    is prepended). Vector layers (``penultimate``) are stored as they are, as under ``--pool avg``."""
+    token_layers = {n: p for n, p in probes.items() if p.layout != NC}
+    for name, p in token_layers.items():
+        if p.layout != NLD:
+            fix = "--pool avg" if p.layout else "--pool none or --pool flatten"
+            raise FeatcacheError(
+                f"--pool {how} reads the tokens of token layers (NLD); layer {name!r} of {spec} is "
+                f"{p.layout or 'of unknown layout'}: use {fix}, or pick a token layer "
+                f"(`featcache layers {spec}` shows layouts)"
+            )
+    if not token_layers:
+        return
+    if tokens is None:
+        raise FeatcacheError(
+            f"--pool {how}: featcache does not know how many class / register tokens the token layers of "
+            f"{spec} start with (it knows timm models' num_prefix_tokens, torchvision's VisionTransformer "
+            "and Hugging Face ViT, DeiT, DINOv2 and BEiT); use --pool avg (every token), or --pool none and "
+            "pool the cached tokens yourself"
+        )
+    if how == "cls" and not tokens.has_class_token:
+        raise FeatcacheError(
+            f"--pool cls: {spec} has no class token ({tokens.source}: {tokens.prefix} prefix tokens, none of "
+            "them a class token); use --pool avg-tokens (the mean of its patch tokens) or --pool avg"
+        )
+    for name, p in token_layers.items():
+        n = int(p.shape[1]) if p.shape is not None else 0
+        if n <= tokens.prefix or (patches is not None and n != tokens.prefix + patches):
+            expected = f"{tokens.prefix} prefix + {patches} patch tokens" if patches else "more than that"
+            raise FeatcacheError(
+                f"--pool {how}: layer {name!r} of {spec} holds {n} tokens, not the {expected} of its blocks "
+                f"({tokens.prefix} prefix tokens from the {tokens.source}; the patch embedding comes before "
+                f"they are prepended); pick a block or the final norm (`featcache layers {spec}`)"
+            )
 
 
 def shard_rows(ex: Extractor, n: int) -> int:

@@ -22,6 +22,7 @@ from .._util import FeatcacheError, resolve_device, unknown
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
+from .logistic import SoftmaxRegression, Solution, small_problem_threads
 from .spec import RunSpec, skipped_rows
 from .train import write_mistakes
 
@@ -97,58 +98,24 @@ class ProbeResult:
         return f"ProbeResult(strength={self.strength:g}, strengths tried={len(self.sweep)}{test})"
 
 
-@dataclass
-class _Fit:
-    """One solution of the path: weights, bias and the L-BFGS iterations it took."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    iterations: int
+def _problem(z: torch.Tensor, y: torch.Tensor, num_classes: int, config: ProbeConfig) -> SoftmaxRegression:
+    """The rows of one fit or path, prepared once (:class:`~featcache.runs.logistic.SoftmaxRegression`)."""
+    return SoftmaxRegression(z, y, num_classes, class_weights(y, num_classes, config.class_weight))
 
 
 def _lbfgs(
-    z: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    strength: float,
-    config: ProbeConfig,
-    start: _Fit | None = None,
-) -> _Fit:
-    """Full-batch L-BFGS for mean cross-entropy + ``strength``/2 |W|^2 on (standardised) rows ``z``.
+    problem: SoftmaxRegression, strength: float, config: ProbeConfig, start: Solution | None = None
+) -> Solution:
+    """Full-batch L-BFGS for mean cross-entropy + ``strength``/2 |W|^2 on the problem's rows.
 
     It stops when the largest gradient entry is below ``config.tol`` or the loss stops changing, as
     scikit-learn's ``lbfgs`` solver does, from ``start`` (a warm start along the path) or from zero.
 
     Example:
-        >>> fit = _lbfgs(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, 1e-3, ProbeConfig())
+        >>> rows = _problem(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, ProbeConfig())
+        >>> fit = _lbfgs(rows, 1e-3, ProbeConfig())
     """
-    flat = z.flatten(1).float()
-    weight = (start.weight.clone() if start else torch.zeros(num_classes, flat.shape[1])).to(flat.device)
-    bias = (start.bias.clone() if start else torch.zeros(num_classes)).to(flat.device)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    cw = class_weights(y, num_classes, config.class_weight)
-    opt = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=config.max_iter,
-        history_size=10,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=config.tol,
-        tolerance_change=1e-9,
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = (
-            F.cross_entropy(F.linear(flat, weight, bias), y, weight=cw) + 0.5 * strength * weight.pow(2).sum()
-        )
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return _Fit(weight.detach(), bias.detach(), iterations)
+    return problem.fit(strength, config.max_iter, config.tol, start)
 
 
 def fit_logistic(
@@ -169,26 +136,25 @@ def fit_logistic(
     """
     x = x.float()
     std = Standardize.fit(x) if standardize else None
-    fit = _lbfgs(
-        std(x) if std is not None else x, y, num_classes, strength, ProbeConfig(max_iter=max_iter, tol=tol)
-    )
+    config = ProbeConfig(max_iter=max_iter, tol=tol)
+    with small_problem_threads(x, num_classes):
+        fit = _lbfgs(_problem(std(x) if std is not None else x, y, num_classes, config), strength, config)
     return _head(fit, std, tuple(x.shape[1:]), num_classes)
 
 
-def _scores(fit: _Fit, z: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+def _scores(fit: Solution, z: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Validation loss, accuracy and balanced accuracy of one solution (no head built)."""
     with torch.no_grad():
         logits = F.linear(z.flatten(1).float(), fit.weight, fit.bias)
-        pred = logits.argmax(1)
-        recalls = [float((pred[y == c] == c).float().mean()) for c in range(num_classes) if (y == c).any()]
-        return {
-            "val_loss": float(F.cross_entropy(logits, y)),
-            "val_acc": float((pred == y).float().mean()),
-            "val_balanced_acc": sum(recalls) / max(1, len(recalls)),
-        }
+        hit = (logits.argmax(1) == y).float()
+        seen = torch.bincount(y, minlength=num_classes)
+        recall = torch.bincount(y, hit, minlength=num_classes)[seen > 0] / seen[seen > 0]
+        # one transfer for the three numbers: on a small problem each sync costs more than the maths
+        loss, acc, balanced = torch.stack([F.cross_entropy(logits, y), hit.mean(), recall.mean()]).tolist()
+        return {"val_loss": loss, "val_acc": acc, "val_balanced_acc": balanced}
 
 
-def _head(fit: _Fit, std: Standardize | None, in_shape: tuple[int, ...], num_classes: int) -> Head:
+def _head(fit: Solution, std: Standardize | None, in_shape: tuple[int, ...], num_classes: int) -> Head:
     """A ``linear`` head holding the solution (the standardisation folded in front of it)."""
     head = build_head(HeadSpec("linear"), in_shape, num_classes, std, seed=0)
     linear = next(m for m in head.body.modules() if isinstance(m, torch.nn.Linear))
@@ -225,12 +191,28 @@ def linear_probe(
         raise FeatcacheError(
             "the L-BFGS probe needs the features in memory; use `featcache train` for larger caches"
         )
+    with small_problem_threads(train.x, num_classes):
+        return _probe(train, val, test, num_classes, config, progress, refit)
+
+
+def _probe(
+    train: FeatureSource,
+    val: FeatureSource,
+    test: FeatureSource | None,
+    num_classes: int,
+    config: ProbeConfig,
+    progress: bool,
+    refit: bool,
+) -> ProbeResult:
+    """:func:`linear_probe` once its inputs are checked."""
+    assert train.x is not None and val.x is not None
     x, xv = train.x.float(), val.x.float()
     std = Standardize.fit(x) if config.standardize else None
     z, zv = (std(x), std(xv)) if std is not None else (x, xv)
     sweep, fits, start = [], {}, None
+    path = _problem(z, train.y, num_classes, config)
     for s in tqdm(sorted(config.strengths, reverse=True), desc="probe path", disable=not progress):
-        start = fits[s] = _lbfgs(z, train.y, num_classes, s, config, start)
+        start = fits[s] = _lbfgs(path, s, config, start)
         sweep.append(
             {"strength": s, **_scores(start, zv, val.y, num_classes), "iterations": start.iterations}
         )
@@ -242,7 +224,7 @@ def linear_probe(
         both_x, both_y = torch.cat([x, xv]), torch.cat([train.y, val.y])
         final_std = Standardize.fit(both_x) if config.standardize else None
         z_all = final_std(both_x) if final_std is not None else both_x
-        final = _lbfgs(z_all, both_y, num_classes, best["strength"], config, final)
+        final = _lbfgs(_problem(z_all, both_y, num_classes, config), best["strength"], config, final)
     head = _head(final, final_std, tuple(x.shape[1:]), num_classes)
     info = HeadInfo(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, standardize=config.standardize)
     test_metrics = evaluate(head, test, num_classes) if test is not None else None

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_python
 from featcache._format import human_bytes
 from featcache.cache.store import FeatureCache
+from featcache.cli.cache import short_layers
 from featcache.cli.main import main
 from test_store import disk_bytes, make_table
 
@@ -116,3 +117,12 @@ def test_cache_verbs_start_without_torch(tmp_path: Path) -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     assert run_python(code).stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ls_shortens_a_long_layer_list_to_its_ends_and_count() -> None:
+    every_block = [f"blocks.{i}" for i in range(7)] + ["penultimate"]
+    assert short_layers(every_block) == "blocks.0..penultimate (8)"
+    assert short_layers(["blocks.3", "penultimate"]) == "blocks.3,penultimate"
+    assert short_layers(["stages.3.blocks.2.conv_dw", "stages.3.blocks.2.norm"]) == (
+        "stages.3.blocks.2.conv_dw,stages.3.blocks.2.norm"  # two names are never shortened
+    )

@@ -72,6 +72,22 @@ def _ls(cache: FeatureCache, keys: list[str], selection: Selection, as_json: boo
         print(f"skipped {n} {folders}: {names}", file=sys.stderr)
 
 
+def short_layers(layers: list[str], width: int = 32) -> str:
+    """The layers of an entry for one column of ``cache ls``: all of them when they fit in ``width``
+    characters, else the first and the last with their count (``--json`` and ``cache info`` list all).
+
+    Example:
+        >>> short_layers(["blocks.3", "penultimate"])
+        'blocks.3,penultimate'
+        >>> short_layers([f"blocks.{i}" for i in range(7)] + ["penultimate"])
+        'blocks.0..penultimate (8)'
+    """
+    joined = ",".join(layers)
+    if len(joined) <= width or len(layers) < 3:
+        return joined
+    return f"{layers[0]}..{layers[-1]} ({len(layers)})"
+
+
 def _print_scan(scan: CacheScan) -> None:
     print(f"cache root: {scan.root}")
     if not scan.entries:
@@ -84,7 +100,7 @@ def _print_scan(scan: CacheScan) -> None:
             "model": e.get("model"),
             "dataset": ", ".join(e["datasets"]) or None,
             "input": "x".join(map(str, e["input_size"])) if e.get("input_size") else None,
-            "layers": ",".join(e.get("layers") or []) or None,
+            "layers": short_layers(e.get("layers") or []) or None,
             "rows": e.get("rows"),
             "size": human_bytes(e["bytes"]),
             "last used": human_ago(now - float(e["last_used_unix"])),

@@ -344,7 +344,27 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._argv = tuple(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
+        ns, extras = super().parse_known_args(args, namespace)
+        return ns, self._fill_positionals(ns, extras)
+
+    def _fill_positionals(self, ns: argparse.Namespace, extras: list[str]) -> list[str]:
+        """Give MODEL and DATA that ``--resume`` may leave out (``nargs="?"``) the stray words after an
+        option: argparse fills every ``?`` positional at the first run of words, so ``train MODEL
+        --weights none DATA`` would call DATA unrecognized, where the required positionals of
+        ``extract`` take it."""
+        empty = [
+            a
+            for a in self._actions
+            if not a.option_strings and a.nargs == "?" and getattr(ns, a.dest, None) is None
+        ]
+        rest = []
+        for token in extras:
+            if empty and not token.startswith("-"):
+                action = empty.pop(0)
+                setattr(ns, action.dest, action.type(token) if callable(action.type) else token)
+            else:
+                rest.append(token)
+        return rest
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments:"):

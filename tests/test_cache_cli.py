@@ -119,10 +119,18 @@ def test_cache_verbs_start_without_torch(tmp_path: Path) -> None:
     assert run_python(code).stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_ls_shortens_a_long_layer_list_to_its_ends_and_count() -> None:
-    every_block = [f"blocks.{i}" for i in range(7)] + ["penultimate"]
-    assert short_layers(every_block) == "blocks.0..penultimate (8)"
-    assert short_layers(["blocks.3", "penultimate"]) == "blocks.3,penultimate"
+
+def test_ls_shortens_a_long_layer_list_to_its_ends_and_count(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    every_block = (*(f"blocks.{i}" for i in range(7)), "penultimate")
+    make_table(FeatureCache(tmp_path), "efficientnet-lite0", "photos", layers=every_block)
+    make_table(FeatureCache(tmp_path), "efficientnet-lite0", "digits", layers=("blocks.3", "penultimate"))
+    code, out, err = cli(capsys, tmp_path, "ls")
+    assert code == 0, err
+    assert "blocks.0..penultimate (8)" in out and "blocks.3,penultimate" in out and "blocks.1" not in out
+    code, out, _ = cli(capsys, tmp_path, "ls", "--json")  # the JSON keeps every name
+    assert sorted(len(e["layers"]) for e in json.loads(out)) == [2, 8]
     assert short_layers(["stages.3.blocks.2.conv_dw", "stages.3.blocks.2.norm"]) == (
         "stages.3.blocks.2.conv_dw,stages.3.blocks.2.norm"  # two names are never shortened
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .._errors import FeatcacheError
@@ -72,7 +73,7 @@ def _ls(cache: FeatureCache, keys: list[str], selection: Selection, as_json: boo
         print(f"skipped {n} {folders}: {names}", file=sys.stderr)
 
 
-def short_layers(layers: list[str], width: int = 32) -> str:
+def short_layers(layers: Sequence[str], width: int = 32) -> str:
     """The layers of an entry for one column of ``cache ls``: all of them when they fit in ``width``
     characters, else the first and the last with their count (``--json`` and ``cache info`` list all).
 
@@ -100,7 +101,7 @@ def _print_scan(scan: CacheScan) -> None:
             "model": e.get("model"),
             "dataset": ", ".join(e["datasets"]) or None,
             "input": "x".join(map(str, e["input_size"])) if e.get("input_size") else None,
-            "layers": short_layers(e.get("layers") or []) or None,
+            "layers": short_layers(list(e.get("layers") or {})) or None,
             "rows": e.get("rows"),
             "size": human_bytes(e["bytes"]),
             "last used": human_ago(now - float(e["last_used_unix"])),

@@ -169,6 +169,14 @@ def test_parse_spec_resolves_bare_names() -> None:
     assert load_backbone("resnet18", weights="none").cfg.spec == "torchvision:resnet18"
 
 
+def test_a_folder_given_as_the_model_says_the_model_comes_first(tmp_path: Path) -> None:
+    with pytest.raises(FeatcacheError, match="the model comes first, then the data"):
+        parse_spec(str(tmp_path))
+    with pytest.raises(FeatcacheError, match="featcache models") as info:  # a plain typo: the list
+        parse_spec("resnet1888")
+    assert "comes first" not in str(info.value)
+
+
 def test_list_models_and_sources() -> None:
     assert {"torchvision", "timm", "efficientnet-lite", "hf"} <= set(list_sources())
     found = list_models("*resnet18*")

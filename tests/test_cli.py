@@ -99,6 +99,8 @@ def test_summary_counts_what_a_fine_tuning_plan_trains(capsys: pytest.CaptureFix
             "linear",
         ),
         (["cache", "info", "0000"], "cache ls"),
+        (["trian", "efficientnet-lite0", "digits"], "Did you mean 'train'?"),
+        (["cache", "inf"], "Did you mean 'info'?"),
         (
             ["train", "efficientnet-lite0", "digits", "--standardise", "--out", "x"],
             "did you mean --standardize",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -378,6 +379,13 @@ class _Parser(argparse.ArgumentParser):
             ]
             if hints:
                 message += f" ({'; '.join(hints)})"
+        # a mistyped verb or cache action (`featcache trian`, `cache inf`) gets its closest name
+        invalid = re.match(r"argument .*: invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        if invalid:  # choices are quoted or not, by Python version
+            names = [n.strip().strip("'") for n in invalid.group(2).split(",")]
+            close = difflib.get_close_matches(invalid.group(1), names, 1, cutoff=0.5)
+            if close:
+                message = f"{message}. Did you mean {close[0]!r}?"
         super().error(message)
 
     def given(self, argv: Sequence[str]) -> set[str]:

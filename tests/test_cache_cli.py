@@ -134,3 +134,17 @@ def test_ls_shortens_a_long_layer_list_to_its_ends_and_count(
     assert short_layers(["stages.3.blocks.2.conv_dw", "stages.3.blocks.2.norm"]) == (
         "stages.3.blocks.2.conv_dw,stages.3.blocks.2.norm"  # two names are never shortened
     )
+
+
+def test_a_filter_that_matches_nothing_names_what_there_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    make_table(FeatureCache(tmp_path), "efficientnet-lite0", "digits")
+    code, out, _ = cli(capsys, tmp_path, "rm", "--model", "lite0", "--dry-run")
+    assert code == 0 and "would remove 0 entries" in out
+    assert "'*lite0*'" in out and "models in the cache: efficientnet-lite0" in out
+    code, out, _ = cli(capsys, tmp_path, "ls", "--dataset", "digit")
+    assert "datasets in the cache: digits" in out and "--model" not in out
+    code, out, _ = cli(capsys, tmp_path, "rm", "--model", "*lite0*", "--older-than", "5", "--dry-run")
+    assert "would remove 0 entries" in out and "in the cache" not in out  # the model filter did match
+    assert FeatureCache(tmp_path).entries()  # nothing removed by any of these

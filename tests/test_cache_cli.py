@@ -119,7 +119,6 @@ def test_cache_verbs_start_without_torch(tmp_path: Path) -> None:
     assert run_python(code).stdout.strip().splitlines()[-1] == "[]"
 
 
-
 def test_ls_shortens_a_long_layer_list_to_its_ends_and_count(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -284,7 +284,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     everything = [n for src in claimants for n in _LISTERS[src]()]
     fix = "Run `featcache models '*name*'` to list models."
     if os.path.exists(spec):  # `featcache train photos efficientnet-lite0`: the two swapped
-        fix = f"{spec!r} is a file or folder: the model comes first, then the data (featcache train MODEL DATA)."
+        fix = f"{spec!r} is a file or folder: the model comes first, then the data (`train MODEL DATA`)."
     raise unknown("model", spec, everything, fix)
 
 

@@ -522,3 +522,14 @@ def test_refusals_name_the_setting_as_the_command_line_and_python_spell_it(tmp_p
     huge = TrainConfig(epochs=1, lr=1e38, optimizer="sgd", device="cpu")
     with pytest.raises(FeatcacheError, match=r"--lr 1e\+37 \(lr=1e\+37\)"):
         _train(bb, data, "layer3", HeadSpec("linear"), huge, SMALL, tmp_path / "d")
+
+
+def test_an_unfinished_sweep_folder_names_its_runs(tmp_path: Path) -> None:
+    for name in ("00-blocks.0-lr0.001", "01-blocks.1-lr0.001"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="a sweep that did not finish") as info:
+        RunFolder.resolve(tmp_path / "sweep")[0].read_config()
+    assert str(tmp_path / "sweep" / "00-blocks.0-lr0.001") in str(info.value)
+    with pytest.raises(FileNotFoundError, match="is not a featcache run folder"):  # a plain folder
+        RunFolder(tmp_path).read_config()

@@ -252,4 +252,9 @@ def test_models_say_which_weights_load_offline(
     assert "torchvision:resnet18  (weights offline)" in out.out.splitlines()
     assert "torchvision:resnet101" in out.out.splitlines()  # listed, needs a download: unmarked
     shown = len(list_models("*resnet1*"))
-    assert f"{shown} models: 1 load their weights offline (marked), {shown - 1} download them" in out.err
+    assert f"{shown} models: 1 loads its weights offline (marked), {shown - 1} download them" in out.err
+    assert main(["models", "resnet18"]) == 0  # a plain word is a part of the name, not the whole of it
+    out = capsys.readouterr()
+    assert [line.split()[0] for line in out.out.splitlines()] == sorted(list_models("*resnet18*")) != []
+    assert main(["models", "lite0", "--offline"]) == 0
+    assert "1 model: 1 loads its weights offline" in capsys.readouterr().err

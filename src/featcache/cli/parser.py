@@ -384,6 +384,8 @@ class _Parser(argparse.ArgumentParser):
             ]
             if hints:
                 message += f" ({'; '.join(hints)})"
+            if verb:  # said by the verb (`featcache train: error:`, its usage), as its other errors are
+                self._verbs()[verb].error(message)
         # a mistyped verb or cache action (`featcache trian`, `cache inf`) gets its closest name
         invalid = re.match(r"argument .*: invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
         if invalid:  # choices are quoted or not, by Python version

@@ -147,3 +147,10 @@ def test_an_unknown_option_is_named_by_its_verb_with_the_closest_one(
     assert "usage: featcache train" in err
     assert "featcache train: error: unrecognized arguments: --standardise" in err
     assert err.count("did you mean --standardize?") == 1
+
+
+def test_sweep_help_names_what_an_empty_grid_axis_means(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["sweep"]).parse_args(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: --lr's value alone)" in text and "(default: --weight-decay's value alone)" in text

@@ -121,14 +121,13 @@ def test_input_size_also_takes_timms_channels_first(capsys: pytest.CaptureFixtur
 
 @pytest.mark.parametrize("verb", ["train", "finetune"])
 def test_data_may_follow_options_in_verbs_that_resume(verb: str) -> None:
-    more: list[str] = []
-    argv = [verb, "torchvision:resnet18", "--weights", "none", "photos", "--out", "o", *more]
+    argv = [verb, "torchvision:resnet18", "--weights", "none", "photos", "--out", "o"]
     a = build_parser([verb]).parse_args(argv)
     assert (a.model, a.data, a.weights) == ("torchvision:resnet18", "photos", "none")
-    a = build_parser([verb]).parse_args([verb, "--resume", "--out", "o", *more])
+    a = build_parser([verb]).parse_args([verb, "--resume", "--out", "o"])
     assert (a.model, a.data) == (None, None)
     with pytest.raises(SystemExit):  # a third word is still refused
-        build_parser([verb]).parse_args([verb, "m", "d", "extra", "--out", "o", *more])
+        build_parser([verb]).parse_args([verb, "m", "d", "extra", "--out", "o"])
 
 
 def test_weights_help_names_pretrained_as_the_default(capsys: pytest.CaptureFixture[str]) -> None:

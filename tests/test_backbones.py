@@ -169,6 +169,14 @@ def test_parse_spec_resolves_bare_names() -> None:
     assert load_backbone("resnet18", weights="none").cfg.spec == "torchvision:resnet18"
 
 
+def test_a_folder_given_as_the_model_says_the_model_comes_first(tmp_path: Path) -> None:
+    with pytest.raises(FeatcacheError, match="the model comes first, then the data"):
+        parse_spec(str(tmp_path))
+    with pytest.raises(FeatcacheError, match="featcache models") as info:  # a plain typo: the list
+        parse_spec("resnet1888")
+    assert "comes first" not in str(info.value)
+
+
 def test_list_models_and_sources() -> None:
     assert {"torchvision", "timm", "efficientnet-lite", "hf"} <= set(list_sources())
     found = list_models("*resnet18*")
@@ -244,4 +252,9 @@ def test_models_say_which_weights_load_offline(
     assert "torchvision:resnet18  (weights offline)" in out.out.splitlines()
     assert "torchvision:resnet101" in out.out.splitlines()  # listed, needs a download: unmarked
     shown = len(list_models("*resnet1*"))
-    assert f"{shown} models: 1 load their weights offline (marked), {shown - 1} download them" in out.err
+    assert f"{shown} models: 1 loads its weights offline (marked), {shown - 1} download them" in out.err
+    assert main(["models", "resnet18"]) == 0  # a plain word is a part of the name, not the whole of it
+    out = capsys.readouterr()
+    assert [line.split()[0] for line in out.out.splitlines()] == sorted(list_models("*resnet18*")) != []
+    assert main(["models", "lite0", "--offline"]) == 0
+    assert "1 model: 1 loads its weights offline" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_python
 from featcache._format import human_bytes
 from featcache.cache.store import FeatureCache
+from featcache.cli.cache import short_layers
 from featcache.cli.main import main
 from test_store import disk_bytes, make_table
 
@@ -116,3 +117,33 @@ def test_cache_verbs_start_without_torch(tmp_path: Path) -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     assert run_python(code).stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ls_shortens_a_long_layer_list_to_its_ends_and_count(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    every_block = (*(f"blocks.{i}" for i in range(7)), "penultimate")
+    make_table(FeatureCache(tmp_path), "efficientnet-lite0", "photos", layers=every_block)
+    make_table(FeatureCache(tmp_path), "efficientnet-lite0", "digits", layers=("blocks.3", "penultimate"))
+    code, out, err = cli(capsys, tmp_path, "ls")
+    assert code == 0, err
+    assert "blocks.0..penultimate (8)" in out and "blocks.3,penultimate" in out and "blocks.1" not in out
+    code, out, _ = cli(capsys, tmp_path, "ls", "--json")  # the JSON keeps every name
+    assert sorted(len(e["layers"]) for e in json.loads(out)) == [2, 8]
+    assert short_layers(["stages.3.blocks.2.conv_dw", "stages.3.blocks.2.norm"]) == (
+        "stages.3.blocks.2.conv_dw,stages.3.blocks.2.norm"  # two names are never shortened
+    )
+
+
+def test_a_filter_that_matches_nothing_names_what_there_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    make_table(FeatureCache(tmp_path), "efficientnet-lite0", "digits")
+    code, out, _ = cli(capsys, tmp_path, "rm", "--model", "lite0", "--dry-run")
+    assert code == 0 and "would remove 0 entries" in out
+    assert "'*lite0*'" in out and "models in the cache: efficientnet-lite0" in out
+    code, out, _ = cli(capsys, tmp_path, "ls", "--dataset", "digit")
+    assert "datasets in the cache: digits" in out and "--model" not in out
+    code, out, _ = cli(capsys, tmp_path, "rm", "--model", "*lite0*", "--older-than", "5", "--dry-run")
+    assert "would remove 0 entries" in out and "in the cache" not in out  # the model filter did match
+    assert FeatureCache(tmp_path).entries()  # nothing removed by any of these

@@ -99,6 +99,8 @@ def test_summary_counts_what_a_fine_tuning_plan_trains(capsys: pytest.CaptureFix
             "linear",
         ),
         (["cache", "info", "0000"], "cache ls"),
+        (["trian", "efficientnet-lite0", "digits"], "Did you mean 'train'?"),
+        (["cache", "inf"], "Did you mean 'info'?"),
         (
             ["train", "efficientnet-lite0", "digits", "--standardise", "--out", "x"],
             "did you mean --standardize",
@@ -329,3 +331,13 @@ def test_layers_and_summary_write_shapes_and_counts_alike(capsys: pytest.Capture
     for verb, rows in tables.items():
         assert "[1, 256, 2, 2]" in rows["layer3"] and f"{params:,}" in rows["layer3"], verb
         assert " 128 " in rows["bn1"] + " " and "9,408" in rows["conv1"], verb  # small and large counts alike
+
+
+def test_predict_on_a_folder_without_images_is_an_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "empty" / "nested").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    code, out, err = run(capsys, "predict", str(tmp_path / "run"), str(tmp_path / "empty"))
+    assert code == 2 and out == ""
+    assert f"no image files under {str(tmp_path / 'empty')!r}" in err and ".png" in err

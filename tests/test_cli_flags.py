@@ -117,3 +117,39 @@ def test_input_size_also_takes_timms_channels_first(capsys: pytest.CaptureFixtur
         assert main(["extract", "m", "d", "--input-size", *bad.split()]) == 2
         err = capsys.readouterr().err
         assert f"--input-size takes H W (or C H W with C 1 or 3, as timm writes it), got {bad}" in err
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune"])
+def test_data_may_follow_options_in_verbs_that_resume(verb: str) -> None:
+    argv = [verb, "torchvision:resnet18", "--weights", "none", "photos", "--out", "o"]
+    a = build_parser([verb]).parse_args(argv)
+    assert (a.model, a.data, a.weights) == ("torchvision:resnet18", "photos", "none")
+    a = build_parser([verb]).parse_args([verb, "--resume", "--out", "o"])
+    assert (a.model, a.data) == (None, None)
+    with pytest.raises(SystemExit):  # a third word is still refused
+        build_parser([verb]).parse_args([verb, "m", "d", "extra", "--out", "o"])
+
+
+def test_weights_help_names_pretrained_as_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["train"]).parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: pretrained)" in text and "(default: none)" not in text.split("--weights")[1][:200]
+
+
+def test_an_unknown_option_is_named_by_its_verb_with_the_closest_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["train"]).parse_args(["train", "m", "d", "--out", "o", "--standardise"])
+    err = capsys.readouterr().err
+    assert "usage: featcache train" in err
+    assert "featcache train: error: unrecognized arguments: --standardise" in err
+    assert err.count("did you mean --standardize?") == 1
+
+
+def test_sweep_help_names_what_an_empty_grid_axis_means(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["sweep"]).parse_args(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: --lr's value alone)" in text and "(default: --weight-decay's value alone)" in text

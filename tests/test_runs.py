@@ -525,3 +525,15 @@ def test_refusals_name_the_setting_as_the_command_line_and_python_spell_it(tmp_p
     )
     with pytest.raises(FeatcacheError, match=r"diverged.*--lr 1 \(lr=1\.0\)"):
         _train(bb, data, "layer3", HeadSpec("linear"), huge, SMALL, tmp_path / "d")
+
+
+def test_an_unfinished_sweep_folder_names_its_runs(tmp_path: Path) -> None:
+    for name in ("00-blocks.0-lr0.001", "01-blocks.1-lr0.001"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="not a featcache run folder but holds 2") as info:
+        RunFolder.resolve(tmp_path / "sweep")[0].read_config()
+    assert str(tmp_path / "sweep" / "00-blocks.0-lr0.001") in str(info.value)
+    assert "a sweep that did not finish has no sweep.json" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"not a featcache run folder \(no config\.json\)"):  # no runs
+        RunFolder(tmp_path).read_config()

@@ -33,6 +33,7 @@ def make_table(
     age_days: float = 0.0,
     size: tuple[int, int] = (32, 32),
     width: int = 8,
+    layers: tuple[str, ...] = ("penultimate",),
 ) -> str:
     """A table written as extraction writes one (no backbone), read once as ``dataset``'s split, last
     used ``age_days`` ago; its key."""
@@ -40,7 +41,7 @@ def make_table(
         "backbone": model,
         "weights_id": "w",
         "preprocessing": {"input_size": list(size)},
-        "layers": ["penultimate"],
+        "layers": list(layers),
         "pool": "avg",
         "dtype": "float32",
         "view": 0,
@@ -48,10 +49,10 @@ def make_table(
     table = cache.create(record)
     digests = [hashlib.sha256(f"{model}{dataset}{i}".encode()).hexdigest() for i in range(rows)]
     values = np.random.default_rng(rows).random((rows, width), dtype=np.float32)
-    write_segment(table.path, table.layers, {"penultimate": values}, digests, {}, "float32", {},
-                  layouts={"penultimate": "NC"})  # fmt: skip
+    write_segment(table.path, table.layers, {k: values for k in layers}, digests, {}, "float32", {},
+                  layouts={k: "NC" for k in layers})  # fmt: skip
     ids = [f"{i}.png" for i in range(rows)]
-    cache.open_split(table.key, ["penultimate"], digests, ids, np.zeros(rows), ["a"], {"dataset": dataset})
+    cache.open_split(table.key, list(layers), digests, ids, np.zeros(rows), ["a"], {"dataset": dataset})
     when = time.time() - age_days * DAY
     for f in [table.path / "last_used", *(table.path / "uses").iterdir()]:
         os.utime(f, (when, when))

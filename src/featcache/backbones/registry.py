@@ -282,7 +282,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
         if _CLAIMS[src](spec):
             return src, spec
     everything = [n for src in claimants for n in _LISTERS[src]()]
-    raise unknown("model", spec, everything, "Run `featcache models '*name*'` to list models.")
+    fix = "Run `featcache models '*name*'` to list models."
+    if os.path.exists(spec):  # `featcache train photos efficientnet-lite0`: the two swapped
+        fix = f"{spec!r} is a file or folder: the model comes first, then the data (`train MODEL DATA`)."
+    raise unknown("model", spec, everything, fix)
 
 
 def load_backbone(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .._errors import FeatcacheError
@@ -65,11 +66,29 @@ def _ls(cache: FeatureCache, keys: list[str], selection: Selection, as_json: boo
         print_json(scan.entries)
     else:
         _print_scan(scan)
+        if not scan.entries and not selection.empty:
+            _print_names(cache.scan().entries, selection)
     if scan.not_entries:  # a note, not an error: `lost+found` on its own file system is normal
         n = len(scan.not_entries)
         names = ", ".join(scan.not_entries[:5]) + (", ..." if n > 5 else "")
         folders = "folder that is not a cache entry" if n == 1 else "folders that are not cache entries"
         print(f"skipped {n} {folders}: {names}", file=sys.stderr)
+
+
+def short_layers(layers: Sequence[str], width: int = 32) -> str:
+    """The layers of an entry for one column of ``cache ls``: all of them when they fit in ``width``
+    characters, else the first and the last with their count (``--json`` and ``cache info`` list all).
+
+    Example:
+        >>> short_layers(["blocks.3", "penultimate"])
+        'blocks.3,penultimate'
+        >>> short_layers([f"blocks.{i}" for i in range(7)] + ["penultimate"])
+        'blocks.0..penultimate (8)'
+    """
+    joined = ",".join(layers)
+    if len(joined) <= width or len(layers) < 3:
+        return joined
+    return f"{layers[0]}..{layers[-1]} ({len(layers)})"
 
 
 def _print_scan(scan: CacheScan) -> None:
@@ -84,7 +103,7 @@ def _print_scan(scan: CacheScan) -> None:
             "model": e.get("model"),
             "dataset": ", ".join(e["datasets"]) or None,
             "input": "x".join(map(str, e["input_size"])) if e.get("input_size") else None,
-            "layers": ",".join(e.get("layers") or []) or None,
+            "layers": short_layers(list(e.get("layers") or {})) or None,
             "rows": e.get("rows"),
             "size": human_bytes(e["bytes"]),
             "last used": human_ago(now - float(e["last_used_unix"])),
@@ -140,6 +159,22 @@ def _rm(cache: FeatureCache, keys: list[str], selection: Selection, dry_run: boo
     n = len(chosen)
     tail = " (dry run: nothing was removed)" if dry_run else ""
     print(f"{verb} {n} {'entry' if n == 1 else 'entries'}, {human_bytes(freed)} freed{tail}")
+    if not chosen and not keys:  # `--model lite0` is a glob over whole names: show what there is to match
+        _print_names(cache.scan().entries, selection)
+
+
+def _print_names(entries: list[dict[str, Any]], selection: Selection) -> None:
+    models = sorted({str(e["model"]) for e in entries if e.get("model")})
+    datasets = sorted({d for e in entries for d in e["datasets"]})
+    # name only the filters that match nothing on their own (not those another filter narrowed to none)
+    if selection.model is not None and not any(Selection(model=selection.model).matches(e) for e in entries):
+        print(f"no entry's model matches --model {selection.model!r} (a glob over whole names: "
+              f"'*{selection.model}*'); models in the cache: {', '.join(models) or 'none'}")  # fmt: skip
+    if selection.dataset is not None and not any(
+        Selection(dataset=selection.dataset).matches(e) for e in entries
+    ):
+        print(f"no entry was read as --dataset {selection.dataset!r} (a glob over these names, or a "
+              f"folder's path); datasets in the cache: {', '.join(datasets) or 'none'}")  # fmt: skip
 
 
 def _gc(cache: FeatureCache, limits: GcLimits) -> None:

@@ -110,7 +110,8 @@ def _show(value: Any) -> str:
 
 def _kwargs(tp: Any, default: Any, none_word: str | None = None) -> dict[str, Any]:
     """argparse keyword arguments for a field of type ``tp`` whose default is ``default``; a field whose
-    None has a name (``metadata={"none": "auto"}``) takes that word for None."""
+    None has a name (``metadata={"none": "auto"}``) takes that word for None; ``metadata={"shown": ...}``
+    only names the default in ``--help`` (``--weights``: pretrained, where ``none`` means random init)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1
     base = args[0] if optional else tp
@@ -166,7 +167,8 @@ def add_config(
         mapping.setdefault(cls, {})[f.name] = dest
         if any(a.dest == dest for a in p._actions):
             continue  # shared with another config's field
-        shown = kw.pop("shown", None) or _show(default)
+        # a None whose word is also a value (--weights none is random init) is shown by what it means
+        shown = kw.pop("shown", None) or f.metadata.get("shown") or _show(default)
         text = helps.get(f.name, "")
         if kw.get("action") == "store_false":
             text = f"turn off: {text}"

@@ -32,18 +32,22 @@ def cmd_models(a: argparse.Namespace) -> None:
         raise unknown("backbone source", a.source, known, f"Use one of: {', '.join(known)}.")
     sources = [a.source] if a.source else sorted(cat["models"])
     offline = {m for src in sources for m in cat["offline"][src]}
+    # a plain word is a part of the name (`models resnet18` lists torchvision:resnet18 and timm:resnet18)
+    pattern = a.filter if any(c in a.filter for c in "*?[") else f"*{a.filter}*"
     names = sorted(
         m
         for src in sources
         for m in cat["models"][src]
-        if fnmatch.fnmatch(m, a.filter) and (not a.offline or m in offline)
+        if fnmatch.fnmatch(m, pattern) and (not a.offline or m in offline)
     )
     for m in names:
         print(f"{m}  (weights offline)" if m in offline else m)
     here = sum(m in offline for m in names)
+    models = "model" if len(names) == 1 else "models"
+    load = "loads its" if here == 1 else "load their"
     print(
-        f"{len(names)} models: {here} load their weights offline (marked), {len(names) - here} download them "
-        "on first use (without internet: --weights none for random init, or --weights PATH)",
+        f"{len(names)} {models}: {here} {load} weights offline (marked), {len(names) - here} download "
+        "them on first use (without internet: --weights none for random init, or --weights PATH)",
         file=sys.stderr,
     )
 

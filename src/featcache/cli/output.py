@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from .._checks import check_number
-from ..data.samples import image_paths
+from .._errors import FeatcacheError
+from ..data.samples import IMAGE_EXTENSIONS, image_paths
 from ..export.build import read_info
 from ..export.predict import load_predictor
 from ..export.save import export_run, load_hint
@@ -29,7 +30,13 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     check_number("top_k", a.top_k, 1, integer=True)  # before any image is read
     check_number("batch_size", a.batch_size, 1, integer=True)
-    paths = [p for target in a.images for p in image_paths(target)]
+    paths = []
+    for target in a.images:
+        found = image_paths(target)
+        if not found:  # an empty folder (or one of .txt files) would otherwise print nothing and exit 0
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            raise FeatcacheError(f"no image files under {target!r} (looked for {kinds})")
+        paths += found
     note = RunFolder.resolve(a.model)[1] if Path(a.model).is_dir() else ""
     if note:
         print(note, file=sys.stderr)

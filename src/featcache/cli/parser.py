@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -134,7 +135,12 @@ def _json(p: argparse.ArgumentParser) -> None:
 
 
 def _models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("filter", nargs="?", default="*", help="glob over source:name (default: *)")
+    p.add_argument(
+        "filter",
+        nargs="?",
+        default="*",
+        help="glob over source:name; a plain word matches a part of it (default: *)",
+    )
     p.add_argument(
         "--source", default=None, help="torchvision | timm | efficientnet-lite | hf (default: all)"
     )
@@ -344,7 +350,27 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._argv = tuple(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
+        ns, extras = super().parse_known_args(args, namespace)
+        return ns, self._fill_positionals(ns, extras)
+
+    def _fill_positionals(self, ns: argparse.Namespace, extras: list[str]) -> list[str]:
+        """Give MODEL and DATA that ``--resume`` may leave out (``nargs="?"``) the stray words after an
+        option: argparse fills every ``?`` positional at the first run of words, so ``train MODEL
+        --weights none DATA`` would call DATA unrecognized, where the required positionals of
+        ``extract`` take it."""
+        empty = [
+            a
+            for a in self._actions
+            if not a.option_strings and a.nargs == "?" and getattr(ns, a.dest, None) is None
+        ]
+        rest = []
+        for token in extras:
+            if empty and not token.startswith("-"):
+                action = empty.pop(0)
+                setattr(ns, action.dest, action.type(token) if callable(action.type) else token)
+            else:
+                rest.append(token)
+        return rest
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments:"):
@@ -358,6 +384,15 @@ class _Parser(argparse.ArgumentParser):
             ]
             if hints:
                 message += f" ({'; '.join(hints)})"
+            if verb:  # said by the verb (`featcache train: error:`, its usage), as its other errors are
+                self._verbs()[verb].error(message)
+        # a mistyped verb or cache action (`featcache trian`, `cache inf`) gets its closest name
+        invalid = re.match(r"argument .*: invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        if invalid:  # choices are quoted or not, by Python version
+            names = [n.strip().strip("'") for n in invalid.group(2).split(",")]
+            close = difflib.get_close_matches(invalid.group(1), names, 1, cutoff=0.5)
+            if close:
+                message = f"{message}. Did you mean {close[0]!r}?"
         super().error(message)
 
     def given(self, argv: Sequence[str]) -> set[str]:

@@ -5,7 +5,7 @@ are made).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._checks import check_device, check_input_side, check_number
 from .._util import FeatcacheError, unknown
@@ -33,11 +33,12 @@ class ExtractConfig:
             needs the cores) and, on CUDA, half the cores shared among the node's ranks (at most 8),
             since one process cannot decode images as fast as a GPU consumes them.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        input_size: (H, W) override of the backbone's input size (resize without crop); the command
-            line also takes timm's C H W.
+        input_size: (H, W) override of the backbone's input size (resize without crop); None keeps
+            the backbone's own preprocessing (224x224 after a resize to 256 and a centre crop for most
+            ImageNet models: 12x the compute of 64x64). The command line also takes timm's C H W.
         on_bad_image: ``error`` stops naming the file; ``skip`` records it in the manifest.
-        amp: bf16 autocast; ``None`` means on for CUDA, off on CPU.
-        channels_last: NHWC memory format; ``None`` means on for CUDA.
+        amp: bf16 autocast; auto (``None``) means on for CUDA, off on CPU.
+        channels_last: NHWC memory format; auto (``None``) means on for CUDA.
         shard_mb: target size of one shard (the unit of commit and resume).
         shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it). Shards hold whole
             batches: both are rounded up to a multiple of ``batch_size``.
@@ -58,7 +59,7 @@ class ExtractConfig:
     batch_size: int = 64
     workers: int | None = None
     device: str = "auto"
-    input_size: tuple[int, int] | None = None
+    input_size: tuple[int, int] | None = field(default=None, metadata={"shown": "the backbone's own"})
     on_bad_image: str = "error"
     amp: bool | None = None
     channels_last: bool | None = None

@@ -372,6 +372,13 @@ class RunFolder:
     def read_config(self) -> RunRecord:
         """The run's record; a folder without one is named as not a run folder."""
         file = self.path / "config.json"
+        runs = sorted(p.parent.name for p in self.path.glob("*/config.json")) if not file.is_file() else []
+        if runs:  # a sweep stopped before it wrote sweep.json (Ctrl-C), or a folder of runs: name them
+            shown = ", ".join(str(self.path / r) for r in runs[:3]) + (", ..." if len(runs) > 3 else "")
+            raise FileNotFoundError(
+                f"{str(self.path)!r} is not a featcache run folder but holds {len(runs)}: pass one of them "
+                f"({shown}); a sweep that did not finish has no sweep.json, so no chosen run"
+            )
         if not file.is_file():
             raise FileNotFoundError(
                 f"{str(self.path)!r} is not a featcache run folder (no config.json); pass the folder "

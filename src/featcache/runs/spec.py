@@ -34,7 +34,8 @@ class RunSpec:
             a loaded :class:`~featcache.backbones.Backbone`.
         data: the dataset and how it is split.
         out: the run folder (optional for ``probe``).
-        weights: ``None`` for the source's pretrained default, ``"none"`` for random init, a tag or a path.
+        weights: left out (None): the source's pretrained weights; ``"none"``: random init; a tag
+            (torchvision's ``IMAGENET1K_V1``) or a path.
         extract: how the frozen backbone's activations are extracted and cached.
         train: the trainer's settings.
         views: cached augmented views of the training split (None: no augmentation).
@@ -52,7 +53,7 @@ class RunSpec:
     model: str | Backbone
     data: DataConfig
     out: str | Path | None = None
-    weights: str | None = None
+    weights: str | None = field(default=None, metadata={"shown": "pretrained"})
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     views: Views | None = None

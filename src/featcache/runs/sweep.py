@@ -94,8 +94,8 @@ class SweepGrid:
 
     layers: tuple[str, ...]
     head: HeadSpec = field(default_factory=HeadSpec)
-    lrs: tuple[float, ...] = ()
-    weight_decays: tuple[float, ...] = ()
+    lrs: tuple[float, ...] = field(default=(), metadata={"shown": "--lr's value alone"})
+    weight_decays: tuple[float, ...] = field(default=(), metadata={"shown": "--weight-decay's value alone"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", parse_layers(self.layers))

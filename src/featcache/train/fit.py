@@ -250,10 +250,9 @@ def fit(
                 row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
                 row.update(_validate(paths, num_classes))
                 run.end_epoch(epoch + 1, row, losses, head, config.monitor)
-                bar.set_postfix(
-                    loss=f"{row['train_loss']:.3f}",
-                    **({"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}),
-                )
+                val_shown = {"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
+                # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", **val_shown, refresh=False)
                 if ckpt is not None:
                     run.save(ckpt, head, opt, sched, gen, device, config)
                 if run.stopped_early(config):

@@ -18,7 +18,7 @@ from featcache._util import FeatcacheError
 from featcache.backbones.registry import BackboneCfg
 from featcache.cli import main
 from featcache.data.config import DataConfig
-from featcache.data.datasets import builtin_samples, load_dataset, stratified_split
+from featcache.data.datasets import builtin_samples, image_folder, load_dataset, stratified_split
 from featcache.data.preprocess import PreprocessedView, to_model_input
 from featcache.data.samples import ArraySamples, BadImageError, image_paths, read_image
 
@@ -369,3 +369,13 @@ def test_a_one_class_dataset_is_refused_before_any_work(tmp_path: Path) -> None:
     assert main(["train", "torchvision:resnet18", str(tmp_path / "one"), "--weights", "none", "--out",
                  str(tmp_path / "run"), "-q"]) == 2  # fmt: skip
     assert not (tmp_path / "run").exists()  # a failed command leaves no empty --out folder behind
+
+
+def test_a_class_folder_without_images_is_an_error(tmp_path: Path) -> None:
+    """A folder holding only an empty subfolder would become a class the head predicts but never saw."""
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / cls / "a.png")
+    (tmp_path / "empty" / "nested").mkdir(parents=True)
+    with pytest.raises(FeatcacheError, match=r"without images.*\['empty'\]"):
+        image_folder(tmp_path)

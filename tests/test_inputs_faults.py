@@ -24,7 +24,7 @@ from PIL import Image
 
 import featcache._disk as disk
 import featcache.cache.writer as writer
-from conftest import png_header, write_tree
+from conftest import png_header, random_image, write_tree
 from featcache._disk import DiskError
 from featcache._util import FeatcacheError, resolve_device
 from featcache.backbones.registry import Backbone
@@ -233,6 +233,9 @@ def bad_tree(tmp_path: Path) -> Path:
     (root / "train" / "cat" / "bomb.png").write_bytes(png_header(15000, 15000))
     (root / "train" / "dog" / "broken.png").write_bytes(b"not an image")
     (root / "test" / "cat" / "half.png").write_bytes((root / "test" / "cat" / "00.png").read_bytes()[:60])
+    # A JPEG cut short: its header verifies, only its end-of-image marker is missing.
+    random_image(np.random.default_rng(3), (64, 64)).save(root / "train" / "dog" / "cut.jpg")
+    (root / "train" / "dog" / "cut.jpg").write_bytes((root / "train" / "dog" / "cut.jpg").read_bytes()[:700])
     return root
 
 
@@ -248,8 +251,8 @@ def test_every_bad_image_is_named_in_one_error_before_the_backbone_runs(
     with pytest.raises(BadImageError) as exc:
         extract_splits(resnet18, splits, ["layer3"], cfg, cache_dir=str(cache_dir), progress=False)
     message = str(exc.value)
-    assert message.startswith("3 image(s) cannot be read")
-    for name in ("bomb.png (train)", "broken.png (train)", "half.png (test)", "--on-bad-image skip"):
+    assert message.startswith("4 image(s) cannot be read")
+    for name in ("bomb.png (train)", "broken.png (train)", "cut.jpg (train)", "half.png (test)", "skip"):
         assert name in message
     assert "bomb.png' is 225,000,000 pixels, more than the limit of 89,478,485 pixels" in message
     assert not list(cache_dir.glob("*/segments/*.json"))
@@ -268,9 +271,14 @@ def test_skipped_images_are_listed_in_the_run_folder_and_said(
     )
     run = train_run(spec, "layer4")
     rows = (tmp_path / "run" / "skipped.csv").read_text().splitlines()
-    assert rows[0] == "split,id,reason" and len(rows) == 4
-    assert {r.split(",")[1] for r in rows[1:]} == {"cat/bomb.png", "dog/broken.png", "cat/half.png"}
-    assert "skipped 3 unreadable image(s)" in capsys.readouterr().err
+    assert rows[0] == "split,id,reason" and len(rows) == 5
+    assert {r.split(",")[1] for r in rows[1:]} == {
+        "cat/bomb.png",
+        "dog/broken.png",
+        "dog/cut.jpg",
+        "cat/half.png",
+    }
+    assert "skipped 4 unreadable image(s)" in capsys.readouterr().err
     test_rows = sum(1 for _ in (bad_tree / "test").rglob("*.png")) - 1
     assert sum(run.metrics["test"]["confusion"][0]) + sum(run.metrics["test"]["confusion"][1]) == test_rows
 
@@ -597,7 +605,7 @@ def test_finetune_names_bad_images_before_training_and_lists_the_skipped(
     base += ["--epochs", "1", "--train", "last:1", "--cache-dir", str(tmp_path / "c"), "-q"]
     code, err = cli(capsys, *base, "--out", str(tmp_path / "e"))
     assert (
-        code == 2 and "3 image(s) cannot be read" in err and not (tmp_path / "e" / "checkpoint.pt").exists()
+        code == 2 and "4 image(s) cannot be read" in err and not (tmp_path / "e" / "checkpoint.pt").exists()
     )
     code, err = cli(capsys, *base, "--out", str(tmp_path / "s"), "--on-bad-image", "skip")
     assert code == 0, err

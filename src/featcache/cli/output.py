@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .._checks import check_number
+from .._checks import check_device, check_number
 from .._errors import FeatcacheError
 from ..data.samples import IMAGE_EXTENSIONS, image_paths
 from ..export.build import read_info
@@ -30,6 +30,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     check_number("top_k", a.top_k, 1, integer=True)  # before any image is read
     check_number("batch_size", a.batch_size, 1, integer=True)
+    check_device(a.device)
     paths = []
     for target in a.images:
         found = image_paths(target)

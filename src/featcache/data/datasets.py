@@ -98,7 +98,7 @@ def _scan_folder(
             f"{str(root)!r} has class folders that train/ lacks: {unknown_classes[:5]}; add them to train/ "
             "or remove them (a head can only predict the classes it was trained on)"
         )
-    classes = list(classes) if classes is not None else found
+    given, classes = classes, list(classes) if classes is not None else found
     paths, labels = [], []
     for ci, cname in enumerate(classes):
         folder = root / cname
@@ -108,6 +108,13 @@ def _scan_folder(
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(p.relative_to(root))
                 labels.append(ci)
+    present = set(labels)
+    empty = [c for ci, c in enumerate(classes) if ci not in present] if paths and given is None else []
+    if empty:  # a class without images would still get an output of the head (as torchvision refuses too)
+        raise FeatcacheError(
+            f"class folders without images under {str(root)!r}: {empty[:5]}; add images to them or remove "
+            f"them (looked for {'/'.join(IMAGE_EXTENSIONS[:4])}... files, in subfolders too)"
+        )
     if not paths:
         raise FeatcacheError(
             f"no images found under {str(root)!r}: expected one folder per class holding "

@@ -233,6 +233,8 @@ class FileSamples(SampleSet):
             with pixel_limit(self.max_pixels), Image.open(path) as im:
                 check_pixels(im.size, self.max_pixels, str(path))
                 im.verify()  # structure and checksums (PNG CRCs), no pixel decoding
+                if im.format == "JPEG" and not _jpeg_ends(path):  # verify() does not read JPEG data
+                    return "truncated JPEG: no end-of-image marker (the file was cut short)"
         except FileNotFoundError:
             return ""  # not a bad image: the decode names the vanished file (SampleChangedError)
         except Image.DecompressionBombError as exc:
@@ -459,3 +461,11 @@ def image_paths(target: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     raise FileNotFoundError(f"{str(p)!r} is neither an image file nor a folder")
+
+
+def _jpeg_ends(path: Path) -> bool:
+    """Whether a JPEG file holds its end-of-image marker near its end (a file cut short does not)."""
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4096))
+        return b"\xff\xd9" in f.read()

@@ -17,6 +17,15 @@ from ..data.samples import BAD_IMAGE_POLICIES
 from ..layout import TOKEN_POOLS
 
 POOLS = ("avg", "max", "none", "flatten", *TOKEN_POOLS)
+#: other names for the pools, as other libraries spell them
+POOL_SYNONYMS = {
+    "mean": "avg",
+    "average": "avg",
+    "gap": "avg",
+    "token": "cls",
+    "cls-token": "cls",
+    "max-pool": "max",
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,11 @@ class ExtractConfig:
                 check_input_side(v)
             object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
         if self.pool not in POOLS:
-            raise unknown("pooling", self.pool, POOLS, "Use --pool avg|max|none|flatten|cls|avg-tokens.")
+            fix = "Use --pool avg|max|none|flatten|cls|avg-tokens."
+            if self.pool.lower() in POOL_SYNONYMS:  # spelling closeness would suggest 'max' for 'mean'
+                synonym = POOL_SYNONYMS[self.pool.lower()]
+                raise FeatcacheError(f"unknown pooling {self.pool!r}. Did you mean: {synonym!r}? {fix}")
+            raise unknown("pooling", self.pool, POOLS, fix)
         if self.dtype not in STORAGE_DTYPES:
             raise unknown(
                 "storage dtype", self.dtype, STORAGE_DTYPES, "Use --dtype float32|float16|bfloat16."

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._disk import disk_errors
-from .._util import FeatcacheError, resolve_device
+from .._util import FeatcacheError, flag, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
@@ -155,7 +155,7 @@ def extract(
         raise BadImageError(
             f"cannot read image {samples.describe(samples.ids.index(first['id']))!r}: {first['reason']} "
             f"(recorded when it was first read; {len(out.manifest['skipped'])} such images in this split). "
-            "Fix or remove the file, or pass --on-bad-image skip"
+            f"Fix or remove the file, or pass {flag('on_bad_image', 'skip')}"
         )
     new = set(done.digests)
     out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
@@ -327,8 +327,8 @@ def _run(
             if bad and config.on_bad_image == "error":
                 raise BadImageError(
                     f"cannot read image {job.samples.describe(int(idx[bad[0]]))!r}: {errors[bad[0]]}. Fix or "
-                    "remove the file, or pass --on-bad-image skip (skipped images are listed in the split's "
-                    "manifest). Rows committed so far are kept: the next run extracts only the rest."
+                    f"remove the file, or pass {flag('on_bad_image', 'skip')} (skipped images are listed in "
+                    "the split's manifest). Rows committed so far are kept: the next run extracts only the rest."
                 )
             skipped.update((batch[j], errors[j]) for j in bad)
             good = [j for j in range(len(idx)) if not errors[j]]

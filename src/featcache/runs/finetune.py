@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .._checks import check_number
 from .._config import to_json
-from .._util import FeatcacheError, resolve_device, unknown
+from .._util import FeatcacheError, flag, resolve_device, unknown
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
@@ -115,7 +115,7 @@ class ImageSource:
             if bad and self.on_bad_image == "error":
                 raise FeatcacheError(
                     f"bad image during fine-tuning: {self.samples.describe(int(idx[bad[0]]))}: "
-                    f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip"
+                    f"{errors[bad[0]]}; fix or remove it, or pass {flag('on_bad_image', 'skip')}"
                 )
             if bad:  # skip: drop those rows, as extraction does
                 keep = torch.as_tensor([j for j in range(len(errors)) if not errors[j]], dtype=torch.long)

@@ -203,6 +203,7 @@ def test_a_shard_that_links_outside_the_table_is_refused(
         "layer-missing",
         "extra-layer-on-empty",
         "bytes-missing",
+        "rows-missing",
         "not-an-object",
     ],
 )
@@ -223,6 +224,7 @@ def test_malformed_or_planted_segments_are_named_errors(
         "layer-missing": lambda m: m["layers"].pop("penultimate"),
         "extra-layer-on-empty": lambda m: m.update(rows=0, digests=[], layers={"../../x": {}}),
         "bytes-missing": lambda m: m["layers"]["layer3"]["files"]["rows"].pop("bytes"),
+        "rows-missing": lambda m: m.pop("rows"),
         "not-an-object": None,
     }
     for planted in (False, True):
@@ -246,6 +248,8 @@ def test_malformed_or_planted_segments_are_named_errors(
             _read(backbone, pristine["samples"], root)
         problems = FeatureCache(root).verify(pristine["key"])
         assert len(problems) == 1 and problems[0].startswith(f"segments/{seg.name}: unreadable"), problems
+        if edit.endswith("-missing") and edit != "layer-missing":  # named as the field it lacks
+            assert "missing field '" in problems[0], problems
 
 
 # --------------------------------------------------------------------------- damaged bytes

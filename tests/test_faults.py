@@ -152,10 +152,12 @@ def test_layer_names_given_to_extract_never_write_outside_the_cache(tmp_path: Pa
     feats = extract(backbone, samples, ["x/y"], _config(), cache_dir=str(root), progress=False)
     assert feats.features["x/y"].shape == (6, 4, 32, 32)
     assert all(p.is_relative_to(root) for p in _files(tmp_path))
-    for hostile in ("../../escape", "/tmp/escape"):
-        with pytest.raises(FeatcacheError):
+    entries = FeatureCache(root).entries()
+    for hostile in ("../../escape", "/tmp/escape", "nosuchlayer"):
+        with pytest.raises(FeatcacheError, match="unknown layer"):
             extract(backbone, samples, [hostile], _config(), cache_dir=str(root), progress=False)
     assert all(p.is_relative_to(root) for p in _files(tmp_path))
+    assert FeatureCache(root).entries() == entries  # refused before a table of them was created
 
 
 @pytest.mark.parametrize("kind", ["../../../../escape", "/etc/passwd", "rows/../../x"])
@@ -201,6 +203,7 @@ def test_a_shard_that_links_outside_the_table_is_refused(
         "layer-missing",
         "extra-layer-on-empty",
         "bytes-missing",
+        "rows-missing",
         "not-an-object",
     ],
 )
@@ -221,6 +224,7 @@ def test_malformed_or_planted_segments_are_named_errors(
         "layer-missing": lambda m: m["layers"].pop("penultimate"),
         "extra-layer-on-empty": lambda m: m.update(rows=0, digests=[], layers={"../../x": {}}),
         "bytes-missing": lambda m: m["layers"]["layer3"]["files"]["rows"].pop("bytes"),
+        "rows-missing": lambda m: m.pop("rows"),
         "not-an-object": None,
     }
     for planted in (False, True):
@@ -244,6 +248,8 @@ def test_malformed_or_planted_segments_are_named_errors(
             _read(backbone, pristine["samples"], root)
         problems = FeatureCache(root).verify(pristine["key"])
         assert len(problems) == 1 and problems[0].startswith(f"segments/{seg.name}: unreadable"), problems
+        if edit.endswith("-missing") and edit != "layer-missing":  # named as the field it lacks
+            assert "missing field '" in problems[0], problems
 
 
 # --------------------------------------------------------------------------- damaged bytes
@@ -313,7 +319,7 @@ def test_the_command_line_exits_2_naming_cache_rm(
     assert '"damaged"' in capsys.readouterr().out
 
 
-def test_a_damaged_shard_stops_training_with_exit_2(
+def test_a_damaged_shard_stops_training_and_extract_with_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "cache"
@@ -337,6 +343,12 @@ def test_a_damaged_shard_stops_training_with_exit_2(
     code = main(["train", *common, "--layer", "layer4", "--epochs", "1", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and f"cache rm {key[:12]}" in err and "Traceback" not in err, err
+    # extract does not call the damaged entry a [hit]: it hashes the shards of the rows it reports
+    assert main(["extract", *common, "--layers", "layer4"]) == 2
+    out = capsys.readouterr()
+    assert "[hit]" not in out.out and "SHA-256" in out.err and f"cache rm {key[:12]}" in out.err, out
+    assert main(["extract", *common, "--layers", "layer4", "--no-verify"]) == 0  # measured and wanted off
+    assert "[hit]" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- lazy checks, --no-verify

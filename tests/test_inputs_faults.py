@@ -26,9 +26,10 @@ import featcache._disk as disk
 import featcache.cache.writer as writer
 from conftest import png_header, random_image, write_tree
 from featcache._disk import DiskError
-from featcache._util import FeatcacheError, resolve_device
+from featcache._util import FeatcacheError, resolve_device, write_json
 from featcache.backbones.registry import Backbone
 from featcache.cli.main import main
+from featcache.cli.show import print_json
 from featcache.data.config import DataConfig
 from featcache.data.datasets import load_dataset
 from featcache.data.samples import DEFAULT_MAX_PIXELS, BadImageError, decode_image, pixel_limit
@@ -611,3 +612,22 @@ def test_finetune_names_bad_images_before_training_and_lists_the_skipped(
     assert code == 0, err
     listed = (tmp_path / "s" / "skipped.csv").read_text()
     assert all(name in listed for name in ("cat/bomb.png", "dog/broken.png", "cat/half.png"))
+
+
+def test_a_non_finite_validation_loss_is_the_divergence_error_and_metrics_stay_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, y = torch.randn(64, 8), torch.arange(64) % 2
+    xv = torch.randn(16, 8)
+    xv[3, 1] = math.inf  # finite training rows, one non-finite validation row
+    head = build_head(HeadSpec("linear"), (8,), 2)
+    config = TrainConfig(epochs=2, lr=0.1, device="cpu")
+    with pytest.raises(TrainingDiverged, match=r"validation loss is nan.*cache verify"):
+        fit(head, FeatureSource(x, y), FeatureSource(xv, y[:16]), 2, config, progress=False)
+    # a non-finite number that still reaches a JSON file is written as null: strict readers parse it
+    write_json(tmp_path / "m.json", {"test_loss": math.nan, "curve": [1.0, math.inf, -math.inf]})
+    text = (tmp_path / "m.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}"))
+    assert doc == {"test_loss": None, "curve": [1.0, None, None]}
+    print_json({"test_loss": np.float64("nan")})  # and so is every --json output
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c)) == {"test_loss": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -100,8 +101,29 @@ def atomic_write_text(path: os.PathLike[str] | str, text: str) -> None:
 
 
 def write_json(path: os.PathLike[str] | str, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Atomically write ``obj`` as indented JSON; a NaN or infinite float is written as null, so the
+    file is always valid JSON (``json.dumps`` would write ``NaN``, which no strict reader accepts).
+
+    Example:
+        >>> write_json("metrics.json", {"val_loss": float("nan")})  # doctest: +SKIP
+    """
+    atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (in dicts, lists and tuples) replaced by None.
+
+    Example:
+        >>> finite_json({"loss": float("inf"), "acc": [0.5, float("nan")]})
+        {'loss': None, 'acc': [0.5, None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def check_name(value: object, what: str) -> str:

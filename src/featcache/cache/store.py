@@ -27,6 +27,7 @@ from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_u
 from .rows import Rows, RowView
 from .table import (
     TABLE_FILE,
+    CheckedShard,
     FeatureTable,
     SegmentError,
     TableIndex,
@@ -164,6 +165,25 @@ class CachedFeatures:
             )
         t = to_torch(np.asarray(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def check(self) -> None:
+        """Hash now every shard the split's rows live in (each file once per process, as a first read
+        would): a damaged shard is the table's named error here rather than at a later read. Without
+        ``verify`` (``--no-verify``) the shards are plain memory maps and nothing is hashed.
+
+        Example:
+            >>> cached.check()  # doctest: +SKIP
+        """
+        views: list[Any] = list(self.features.values())
+        views += [v for s in self.channel_stats.values() for v in (s.mean, s.var)]
+        while views:
+            view = views.pop()
+            for part in getattr(view, "parts", ()):
+                if isinstance(part, CheckedShard):
+                    if not part.checked:
+                        part.check()
+                else:
+                    views.append(part)  # a view joined from several splits' views
 
     def subset(self, indices: Sequence[int] | np.ndarray, split: str) -> CachedFeatures:
         """Some of the rows, in the given order: a view of the same table (nothing is read or extracted).

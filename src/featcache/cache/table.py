@@ -103,7 +103,7 @@ def read_segment(file: Path, layers: Sequence[str]) -> Segment:
     try:
         _check_segment(meta, layers)
     except (KeyError, IndexError, TypeError, ValueError) as exc:  # FeatcacheError is a ValueError
-        raise _unreadable(file, f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else exc) from exc
+        raise _unreadable(file, f"missing field {exc}" if isinstance(exc, KeyError) else exc) from exc
     info = {k: v for k, v in meta.items() if k not in ("rows", "digests", "skipped", "layers")}
     skipped = {str(k): str(v) for k, v in meta["skipped"].items()}
     return Segment(file.stem, meta["rows"], list(meta["digests"]), skipped, meta["layers"], info)

@@ -28,6 +28,11 @@ def cmd_extract(a: argparse.Namespace) -> None:
         ranks.close()
         if not ranks.is_main:
             return
+    # A [hit] says the rows read back intact, not only that the table lists them: the shards of rows
+    # from the cache are hashed now (once: a build's own shards were just written and are not).
+    for f in feats.values():
+        if config.verify and f.from_cache:
+            f.check()
     if a.json:
         print_json({s: counts(f) | {"table": f.key, "split_key": f.split_key} for s, f in feats.items()})
         return

@@ -36,7 +36,7 @@ from ..layout import LAYOUT_RULES
 from .config import ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
-from .nodes import defining_method
+from .nodes import FeatureExtractor, defining_method
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -221,6 +221,11 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
     def table() -> FeatureTable:
         own = job.key == cache_key(job.record)
         if own and not (cache.path(job.key) / TABLE_FILE).is_file():
+            # an unknown layer is refused before its table exists (not left behind as an empty entry)
+            bb = job.backbone
+            FeatureExtractor(
+                bb.model, job.record["layers"], job.config.method, bb.cfg.classifier, bb.cfg.spec
+            )
             return cache.create(job.record)
         return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 

@@ -493,6 +493,12 @@ def _validate(paths: FastPaths, num_classes: int) -> dict[str, float]:
     if paths.val is None or not len(paths.val):
         return {}
     m = evaluate(paths.val_model, paths.val, num_classes, front_once=False)
+    if not math.isfinite(m["loss"]):  # it would choose the best epoch and stop early on nothing
+        raise TrainingDiverged(
+            f"the validation loss is {m['loss']} while the training loss is finite: a validation feature "
+            "row holds non-finite values (check the cache with `featcache cache verify KEY`), or the "
+            "head's outputs overflow (lower --lr)"
+        )
     return {"val_loss": m["loss"], "val_acc": m["acc"]}
 
 

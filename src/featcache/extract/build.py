@@ -333,7 +333,8 @@ def _run(
                 raise BadImageError(
                     f"cannot read image {job.samples.describe(int(idx[bad[0]]))!r}: {errors[bad[0]]}. Fix or "
                     f"remove the file, or pass {flag('on_bad_image', 'skip')} (skipped images are listed in "
-                    "the split's manifest). Rows committed so far are kept: the next run extracts only the rest."
+                    "the split's manifest). Rows committed so far are kept: the next run extracts only the "
+                    "rest."
                 )
             skipped.update((batch[j], errors[j]) for j in bad)
             good = [j for j in range(len(idx)) if not errors[j]]

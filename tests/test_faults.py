@@ -242,7 +242,9 @@ def test_malformed_or_planted_segments_are_named_errors(
             continue
         if edit == "digest-of-another-image" and planted:  # a consistent index lacking one image's row,
             rows = _read(backbone, pristine["samples"], root)  # which is extracted again (a batch of one)
-            assert all(np.allclose(rows[k], v, rtol=1e-5, atol=1e-6) for k, v in pristine["rows"].items())
+            # Float32 sums in another order (a batch of one, several threads): equal to the layer's scale.
+            for k, v in pristine["rows"].items():
+                np.testing.assert_allclose(rows[k], v, rtol=1e-5, atol=1e-5 * float(np.abs(v).max()))
             continue
         with pytest.raises(FeatcacheError, match=rf"index segment .*{seg.name}.* is unreadable.*cache rm"):
             _read(backbone, pristine["samples"], root)

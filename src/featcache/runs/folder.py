@@ -344,8 +344,7 @@ class RunFolder:
             err = disk_error(
                 OSError(code, os.strerror(code), str(here)), self.path, None, "the run folder", OUT_FIX
             )
-            assert err is not None
-            raise err
+            raise err if err is not None else FeatcacheError(f"cannot write the run folder in {str(here)!r}")
         ensure_space(self.path, 0, "the run folder", OUT_FIX)  # the margin: config.json, metrics, the head
 
     def _remove_run(self) -> None:

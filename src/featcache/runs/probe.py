@@ -205,7 +205,8 @@ def _probe(
     refit: bool,
 ) -> ProbeResult:
     """:func:`linear_probe` once its inputs are checked."""
-    assert train.x is not None and val.x is not None
+    if train.x is None or val.x is None:  # sources built by linear_probe always hold their rows
+        raise FeatcacheError("the linear probe needs the train and val rows in memory (FeatureSource.x)")
     x, xv = train.x.float(), val.x.float()
     std = Standardize.fit(x) if config.standardize else None
     z, zv = (std(x), std(xv)) if std is not None else (x, xv)

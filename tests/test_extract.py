@@ -22,8 +22,10 @@ from featcache.cache.store import FeatureCache
 from featcache.data.datasets import load_dataset
 from featcache.data.digests import SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError
+from featcache.extract import extractor as extractor_module
 from featcache.extract.build import extract, extract_splits
 from featcache.extract.config import ExtractConfig, View, Views, parse_layers
+from featcache.extract.extractor import Extractor
 from featcache.extract.pooling import pool_features
 
 SIZE = (32, 32)
@@ -201,7 +203,7 @@ def test_relabel_and_resplit_run_no_image_through_the_backbone(tmp_path: Path) -
     write_tree(root, classes=("a", "b", "c"), per_class=10)
     _backdate(root)
     first, n = _tree_extract(root, tmp_path / "c")
-    assert n == 30 + 3  # every image once, plus a 1-image probe sizing the shards of each append
+    assert n == 30 + 1  # every image once, plus a 1-image probe sizing the shards (memoised: once)
     counts = [(f.rows, f.from_cache, f.extracted) for f in first.values()]
     assert counts == [(21, 0, 21), (3, 0, 3), (6, 0, 6)]
     reference = _row_bytes(*first.values())
@@ -709,3 +711,33 @@ def test_the_library_expands_layer_sets_as_the_command_line_does(resnet18: Backb
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     cached = extract(resnet18, train, "@blocks", _config(), cache_dir=str(tmp_path / "c"), progress=False)
     assert list(cached.features) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["penultimate"]
+
+
+def test_extractors_of_one_model_share_their_checks_until_its_structure_changes(
+    resnet18: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe forwards run once per model, layers and settings; new weights keep the checks, a
+    replaced module (another structure) is checked anew and gives its own, right shapes."""
+    calls: list[tuple[str, ...]] = []
+    real = extractor_module.check_layers
+
+    def counted(backbone: Backbone, net: object, size: tuple[int, int], pool_: str) -> object:
+        calls.append(tuple(net.layers))  # type: ignore[attr-defined]
+        return real(backbone, net, size, pool_)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(extractor_module, "check_layers", counted)
+    cfg = ExtractConfig(input_size=(32, 32), device="cpu")
+    first = Extractor(resnet18, ["layer3"], cfg)
+    assert first.row_shapes() == {"layer3": (256,)}
+    with torch.no_grad():
+        resnet18.model.layer3[0].conv1.weight.mul_(2)  # new weights, same structure
+    again = Extractor(resnet18, ["layer3"], cfg)
+    assert len(calls) == 1 and again.row_shapes() == {"layer3": (256,)}
+    x, m = torch.rand(2, 3, 32, 32), resnet18.model
+    stem = m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))
+    torch.testing.assert_close(again(x)["layer3"], m.layer3(stem).mean((2, 3)))  # the new weights
+    new = torch.nn.Sequential(torch.nn.Conv2d(128, 256, 3, stride=2, padding=1), torch.nn.AvgPool2d(2))
+    resnet18.model.layer3 = new  # another structure: checked anew
+    changed = Extractor(resnet18, ["layer3"], cfg)
+    assert len(calls) == 2 and changed.row_shapes() == {"layer3": (256,)}
+    torch.testing.assert_close(changed(x)["layer3"], new(stem).mean((2, 3)))

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .._util import FeatcacheError, resolve_device
 from ..backbones.probe import LayerProbe, probe_layers, probe_outputs
@@ -70,10 +73,14 @@ class Extractor:
             backbone.model, self.layers, config.method, backbone.cfg.classifier, backbone.cfg.spec
         )
         cfg = resolved_cfg(backbone, config)
-        probe = torch.rand(2, cfg.channels, *cfg.input_size, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode(), self._autocast():
-            self.net.verify(probe.to(self.device).to(memory_format=self.memory_format))
-        self.layouts = check_layers(backbone, self.net, cfg.input_size, config.pool)
+        key = (self.layers, self.net.method, config.pool, cfg.input_size, cfg.channels, str(self.device), cl)
+        self.checked = _checks_of(backbone.model, key)
+        if "layouts" not in self.checked:  # first extractor of this model, layers and settings
+            probe = torch.rand(2, cfg.channels, *cfg.input_size, generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode(), self._autocast():
+                self.net.verify(probe.to(self.device).to(memory_format=self.memory_format))
+            self.checked["layouts"] = check_layers(backbone, self.net, cfg.input_size, config.pool)
+        self.layouts: dict[str, str | None] = self.checked["layouts"]
         self.prefix = pool_prefix(backbone.model, config.pool)  # what --pool avg-tokens skips
 
     def _autocast(self) -> torch.autocast:
@@ -92,8 +99,11 @@ class Extractor:
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each layer's cached row shape (pooling applied), from one blank image."""
-        cfg = resolved_cfg(self.backbone, self.config)
-        return {k: tuple(v.shape[1:]) for k, v in self(torch.zeros(1, cfg.channels, *cfg.input_size)).items()}
+        if "row_shapes" not in self.checked:  # one forward, memoised with the checks
+            cfg = resolved_cfg(self.backbone, self.config)
+            out = self(torch.zeros(1, cfg.channels, *cfg.input_size))
+            self.checked["row_shapes"] = {k: tuple(v.shape[1:]) for k, v in out.items()}
+        return dict(self.checked["row_shapes"])
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         """Cast one layer's batch to the storage dtype, staying on the device (no host sync)."""
@@ -108,6 +118,26 @@ class Extractor:
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         """Cast one layer's batch to the storage dtype as a contiguous numpy array."""
         return self.to_numpy(self.cast(t))
+
+
+#: What building an extractor found (the layers' layouts, the cached row shapes), per model, keyed by
+#: the extraction settings and the model's structure. Finding them runs the model four times on probe
+#: inputs; a re-run that extracts a few new images per split would spend most of its time there. Only
+#: the architecture decides them, so new weights keep them and any change of structure checks anew.
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _structure(model: nn.Module) -> tuple[Any, ...]:
+    """The model's modules (name, type) and parameter shapes: what the checks depend on."""
+    modules = tuple((n, type(m).__qualname__) for n, m in model.named_modules())
+    return modules + tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def _checks_of(model: nn.Module, settings: tuple[Any, ...]) -> dict[str, Any]:
+    """The memo of checks for ``model`` under ``settings`` (empty the first time)."""
+    return _CHECKED.setdefault(model, {}).setdefault((*settings, _structure(model)), {})
 
 
 def check_layers(

@@ -599,7 +599,7 @@ class _Bench:
             20.0,
             ("add 1%", "first"),
             detail=f"{self.cfg.store_images} PNGs; images through the backbone on the re-run: {extracted} "
-            "(plus a 1-image probe sizing the shards of each split's append)",
+            "(plus one 1-image probe sizing the shards: memoised with the extractor's checks)",
             target_text=">= 20 (re-run <= 5% of the first)",
         )
 

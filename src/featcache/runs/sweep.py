@@ -31,7 +31,7 @@ from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged, TrainingInterrupted
-from ..train.heads import HeadSpec, build_head
+from ..train.heads import HeadInfo, HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
 from .spec import RunSpec, skipped_rows
@@ -121,7 +121,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         >>> res = sweep_run(spec, SweepGrid(("blocks.5", "penultimate"), lrs=(1e-3, 3e-3)))  # doctest: +SKIP
         >>> res.best["layer"], res.best["val_acc"]  # doctest: +SKIP
     """
-    spec.no_resume("sweep")
+    folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
     splits = spec.data.load()
@@ -133,7 +133,6 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
     spec.announce("sweep", backbone, splits, what, spec.train)
-    folder = spec.folder("sweep")
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
@@ -144,9 +143,14 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             build_head(sweep.head, shape, len(splits.classes), layout=layout)
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
+    _write_record(spec, folder, spec.record(
+        "sweep", backbone, feats, layers, views, head=sweep.head.to_dict(), train=to_json(spec.train),
+        grid={k: v for k, v in to_json(sweep).items() if k != "head"},
+    ))  # fmt: skip
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
     at_last: list[bool] = []  # per trained run: was its best epoch the last one?
+    reused = 0  # finished runs of an interrupted sweep, read back (--resume)
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     for layer, cfg in itertools.product(layers, configs):
         settings = {k: getattr(cfg, k) for k in axes}
@@ -159,7 +163,10 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
             train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
-        out = _train_one(child, record, feats, views, sweep.head, cfg)
+        out = (spec.resume and _finished_row(child, record)) or _train_one(
+            child, record, feats, views, sweep.head, cfg
+        )
+        reused += bool(out.pop("reused", False))
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
         rows.append({"layer": layer, **in_shape, **settings, **out})
         if "best_epoch" in out:
@@ -170,6 +177,10 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             bar.set_postfix(best=f"{best['layer']} {best['val_acc']:.3f}")
         bar.update()
     bar.close()
+    if reused == len(rows):
+        spec.say(f"{folder.path} is finished: all {reused} runs reused from it, none trained")
+    elif reused:
+        spec.say(f"resumed {folder.path}: {reused} finished runs reused, {len(rows) - reused} trained")
     if not _trained(rows):
         raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
     best = best_on_val(_trained(rows))
@@ -222,16 +233,42 @@ def _train_one(
     if not result.finished:
         raise TrainingInterrupted(
             result,
-            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); a sweep does "
-            "not resume: run it again with --overwrite",
+            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); "
+            f"`featcache sweep --resume --out {folder.path.parent}` finishes it, reusing the finished runs",
         )
+    return _row(folder, info, metrics)
+
+
+def _write_record(spec: RunSpec, folder: RunFolder, record: RunRecord) -> None:
+    """The sweep folder's own ``config.json`` (the shared settings, its grid and head), so that
+    ``sweep --resume --out DIR`` needs nothing retyped; a resume first checks it is the same sweep."""
+    if spec.resume:
+        keys = ("cache_keys", "split_keys", "view_keys", "train", "head", "grid")
+        folder.check_resume(record, keys, "this command's settings")
+    folder.write_config(record)
+
+
+def _finished_row(folder: RunFolder, record: RunRecord) -> dict[str, Any] | None:
+    """The row of a sweep's run that finished before the sweep was interrupted, read back from its folder
+    (None, so it trains again: a run that is absent, unfinished, diverged or made with other settings)."""
+    metrics = folder.read_metrics()
+    if not metrics.get("finished", False) or not (folder.path / "head.json").is_file():
+        return None
+    old, new = folder.read_config().to_json(), record.to_json()
+    if any(old.get(k) != new.get(k) for k in ("layer", "head", "train", "cache_keys", "split_keys")):
+        return None
+    return {**_row(folder, folder.load_head()[1], metrics), "reused": True}
+
+
+def _row(folder: RunFolder, info: HeadInfo, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's row of the sweep table, from its metrics (as written to its metrics.json)."""
     return {
         "shape": list(info.in_shape),
         "val_acc": metrics["val"]["acc"],
         "val_loss": metrics["val"]["loss"],
         **({"test_acc": metrics["test"]["acc"]} if "test" in metrics else {}),
-        "best_epoch": result.best_epoch,
-        "train_seconds": round(result.seconds, 3),
+        "best_epoch": metrics["best_epoch"],
+        "train_seconds": round(metrics["train_seconds"], 3),
         "run": folder.path.name,
     }
 

@@ -268,7 +268,7 @@ def test_an_interrupted_sweep_resumes_from_its_folder_alone_and_reuses_its_finis
     monkeypatch.undo()
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
     assert not (cut / "sweep.json").exists()
-    with pytest.raises(FileNotFoundError, match="sweep that did not finish.*--resume"):
+    with pytest.raises(FileNotFoundError, match=r"sweep that did not finish.*--resume"):
         load_run(cut)
     first = sorted(p for p in cut.iterdir() if p.is_dir())[0]
     assert json.loads((first / "metrics.json").read_text())["finished"] is True

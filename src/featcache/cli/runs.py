@@ -125,8 +125,8 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         res = sweep_run(spec, grid)
     elif a.layers is None:
         raise FeatcacheError(
-            "sweep needs --layers (the layers to try: blocks.4,penultimate or @blocks), or --resume --out DIR "
-            "to continue the sweep there from its config.json"
+            "sweep needs --layers (the layers to try: blocks.4,penultimate or @blocks), or "
+            "--resume --out DIR to continue the sweep there from its config.json"
         )
     else:
         res = sweep_run(run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a)))

@@ -243,7 +243,8 @@ def _write_record(spec: RunSpec, folder: RunFolder, record: RunRecord) -> None:
     """The sweep folder's own ``config.json`` (the shared settings, its grid and head), so that
     ``sweep --resume --out DIR`` needs nothing retyped; a resume first checks it is the same sweep."""
     if spec.resume:
-        keys = ("cache_keys", "split_keys", "view_keys", "train", "head", "grid")
+        # the grid first: what the user typed is named before the cache keys it changes
+        keys = ("grid", "head", "train", "cache_keys", "split_keys", "view_keys")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
 

@@ -9,7 +9,10 @@ choice is made on the validation split; the test accuracy is reported, never use
         --lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep
 
 Every combination is a run folder (``load_run``, ``export`` and ``predict`` take it); ``sweep.json``
-holds the table and the chosen one, ``sweep.png`` plots validation accuracy per layer.
+holds the table and the chosen one, ``sweep.png`` plots validation accuracy per layer. The sweep
+folder's own ``config.json`` holds the grid, so ``featcache sweep --resume --out runs/sweep`` finishes
+an interrupted sweep: the runs that finished are read back, the others trained again (seconds each,
+from the cache), and the table is the one an uninterrupted sweep writes.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class SweepGrid:
         ('blocks.4', 'penultimate')
     """
 
-    layers: tuple[str, ...]
+    layers: tuple[str, ...] = field(metadata={"shown": "required; with --resume: the sweep's"})
     head: HeadSpec = field(default_factory=HeadSpec)
     lrs: tuple[float, ...] = field(default=(), metadata={"shown": "--lr's value alone"})
     weight_decays: tuple[float, ...] = field(default=(), metadata={"shown": "--weight-decay's value alone"})
@@ -114,6 +117,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     """Extract the grid's layers in one pass, train its head on each for each setting, choose on val.
 
     Every combination is a run folder inside ``spec.out``; ``sweep.json`` and ``sweep.png`` summarise.
+    With ``spec.resume`` (the same grid and settings, checked against the sweep's config.json) the runs
+    that finished are reused and only the others train.
 
     Example:
         >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/sweep",

@@ -213,11 +213,13 @@ def test_every_verb_keeps_a_finished_run_unless_told_and_an_overwrite_forgets_th
     cfg = TrainConfig(epochs=1, device="cpu")
     spec = RunSpec(bb, DataConfig("digits", limit=120), tmp_path / "s", extract=SMALL, train=cfg,
                    cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
-    sweep_run(spec, SweepGrid(("layer3",)))
+    done = sweep_run(spec, SweepGrid(("layer3",)))
     with pytest.raises(FeatcacheError, match=r"already holds a run \(sweep.json\)"):
         sweep_run(spec, SweepGrid(("layer3",)))
-    with pytest.raises(FeatcacheError, match="sweep does not resume"):
-        sweep_run(replace(spec, resume=True), SweepGrid(("layer3",)))
+    again = sweep_run(replace(spec, resume=True), SweepGrid(("layer3",)))  # finished: its runs read back
+    assert again.rows == done.rows and again.best == done.best
+    with pytest.raises(FeatcacheError, match=r"differ .*grid\.layers: \['layer3'\] -> \['layer2'\]"):
+        sweep_run(replace(spec, resume=True), SweepGrid(("layer2",)))  # another grid is another sweep
     old_runs = [p for p in (tmp_path / "s").iterdir() if p.is_dir()]
     sweep_run(replace(spec, overwrite=True), SweepGrid(("layer2",)))
     assert not any(p.exists() for p in old_runs)  # the replaced sweep's runs are gone, not mixed in

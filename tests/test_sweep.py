@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -239,3 +241,68 @@ def test_a_default_sweep_on_a_small_photo_folder_chooses_a_layer_near_the_best(
     done = json.loads((tmp_path / "s" / "sweep.json").read_text())
     best_test = max(row["test_acc"] for row in done["rows"])
     assert len(done["rows"]) == 8 and done["best"]["test_acc"] >= best_test - 0.02, done["rows"]
+
+
+def test_an_interrupted_sweep_resumes_from_its_folder_alone_and_reuses_its_finished_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep_mod = importlib.import_module("featcache.runs.sweep")
+    fit_mod = importlib.import_module("featcache.train.fit")  # the module (the package exports fit)
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    argv = ["sweep", *tiny_resnet_on_digits(), "--layers", "layer3,penultimate", "--lrs", "1e-3,1e-2"]
+    argv += ["--epochs", "2", "-q"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0  # the reference: never interrupted
+    capsys.readouterr()
+    validate, calls = fit_mod._validate, {"n": 0}
+
+    def ctrl_c_in_the_second_run(*args: Any) -> Any:  # 2 epochs a run: call 4 is the 2nd run's last
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return validate(*args)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_the_second_run)
+    assert main([*argv, "--out", str(cut)]) == 130
+    assert f"featcache sweep --resume --out {cut}" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    assert not (cut / "sweep.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"sweep that did not finish.*--resume"):
+        load_run(cut)
+    first = sorted(p for p in cut.iterdir() if p.is_dir())[0]
+    assert json.loads((first / "metrics.json").read_text())["finished"] is True
+    stamps = {f.name: f.stat().st_mtime_ns for f in first.iterdir()}
+    trained: list[str] = []
+    train_on_cache = sweep_mod.train_on_cache
+
+    def spy(feats: Any, layer: str, *args: Any, **kwargs: Any) -> Any:
+        trained.append(layer)
+        return train_on_cache(feats, layer, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "train_on_cache", spy)
+    assert main(["sweep", "--resume", "--out", str(cut), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert trained == ["layer3", "penultimate", "penultimate"]  # the 1st run reused, the 2nd retrained
+    assert {f.name: f.stat().st_mtime_ns for f in first.iterdir()} == stamps  # not rewritten
+
+    def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+
+    whole, resumed = (json.loads((d / "sweep.json").read_text()) for d in (tmp_path / "whole", cut))
+    assert untimed(resumed["rows"]) == untimed(whole["rows"]) == untimed(out["rows"])
+    assert untimed([resumed["best"]]) == untimed([whole["best"]])
+    assert (cut / "sweep.png").stat().st_size > 20_000
+    assert load_run(cut).dir == cut / whole["best"]["run"]
+
+    trained.clear()  # a finished sweep: said so, nothing trained, the same table
+    assert main(["sweep", "--resume", "--out", str(cut), "--json"]) == 0
+    again = capsys.readouterr()
+    assert trained == [] and "is finished: all 4 runs reused" in again.err
+    assert untimed(json.loads(again.out)["rows"]) == untimed(whole["rows"])
+    # settings written with --resume are checked against the sweep's own, as train's resume does
+    assert main(["sweep", "--resume", "--out", str(cut), "--lrs", "1e-3", "-q"]) == 2
+    assert "grid.lrs: [0.001, 0.01] -> [0.001]" in capsys.readouterr().err
+    assert main(["sweep", "--resume", "--out", str(cut), "--epochs", "3", "-q"]) == 2
+    assert "train.epochs: 2 -> 3" in capsys.readouterr().err
+    assert trained == []

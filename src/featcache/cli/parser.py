@@ -232,14 +232,14 @@ def _folds(p: argparse.ArgumentParser, text: str) -> None:
 def _sweep(p: argparse.ArgumentParser) -> None:
     from ..runs.sweep import SweepGrid
 
-    _model_args(p)
-    _data_args(p)
-    add_config(p, SweepGrid, skip=["head"], required=["layers"])
+    _model_args(p, resumable=True)
+    _data_args(p, resumable=True)
+    add_config(p, SweepGrid, skip=["head"])  # required, except with --resume: the sweep's own grid
     _head_args(p)
     _extract_args(p, "--extract-batch-size")
     _train_args(p)
     _views_args(p)
-    _run_args(p, "sweep folder (a run folder per combination)", resume=False)
+    _run_args(p, "sweep folder (a run folder per combination)")
     _json(p)
 
 

@@ -118,7 +118,18 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
-    res = sweep_run(run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a)))
+    if a.resume:  # the grid and head from the sweep's config.json, flags written on top (checked there)
+        spec, record = resumed(a)
+        head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
+        grid = replace(from_json(SweepGrid, record.verb["grid"]), head=head, **written(SweepGrid, a))
+        res = sweep_run(spec, grid)
+    elif a.layers is None:
+        raise FeatcacheError(
+            "sweep needs --layers (the layers to try: blocks.4,penultimate or @blocks), or "
+            "--resume --out DIR to continue the sweep there from its config.json"
+        )
+    else:
+        res = sweep_run(run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a)))
     if a.json:
         print_json({"best": res.best, "rows": res.rows})
         return

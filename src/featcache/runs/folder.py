@@ -80,7 +80,8 @@ class RunRecord:
     """What ``config.json`` holds: the shared part of every run, typed, and the verb's own part.
 
     Attributes:
-        kind: ``train``, ``finetune``, ``probe`` or ``sweep`` (one run of a sweep).
+        kind: ``train``, ``finetune``, ``probe`` or ``sweep`` (one run of a sweep, or the sweep's own
+            folder: that one's verb part holds its ``grid``).
         model: the backbone spec as resolved (``torchvision:resnet18``).
         backbone_cfg: :meth:`BackboneCfg.to_dict` of the backbone (preprocessing, weights id, ...).
         data: the :class:`~featcache.data.DataConfig` as a dict.
@@ -270,14 +271,30 @@ class RunFolder:
         """
         folder = cls(path)
         sweep = folder.path / "sweep.json"
-        if (folder.path / "config.json").is_file() or not sweep.is_file():
+        if not folder.is_sweep():
             return folder, ""
+        if not sweep.is_file():
+            raise FileNotFoundError(
+                f"{str(folder.path)!r} is a sweep that did not finish (no sweep.json, so no chosen run): "
+                f"`featcache sweep --resume --out {folder.path}` finishes it, or pass one of its run folders"
+            )
         best = json.loads(sweep.read_text())["best"]
         note = (
             f"{folder.path} is a sweep: using its chosen run {best['run']} (layer {best['layer']}, val acc "
             f"{best['val_acc']:.4g}, chosen on the validation split)"
         )
         return cls(folder.path / best["run"]), note
+
+    def is_sweep(self) -> bool:
+        """Whether this is a sweep's folder (a run folder per combination), not a run: its config.json
+        holds a grid (a sweep before those records: a ``sweep.json`` and no config.json)."""
+        file = self.path / "config.json"
+        if not file.is_file():
+            return (self.path / "sweep.json").is_file()
+        try:
+            return "grid" in json.loads(file.read_text())
+        except json.JSONDecodeError:
+            return False
 
     @property
     def checkpoint(self) -> Path:

@@ -104,7 +104,7 @@ class RunSpec:
         if self.out is None:
             raise FeatcacheError(f"{verb} needs a run folder: pass --out DIR (RunSpec(out=...))")
         return RunFolder.prepare(
-            self.out, self.resume, self.overwrite, resumable=verb in ("train", "finetune")
+            self.out, self.resume, self.overwrite, resumable=verb in ("train", "finetune", "sweep")
         )
 
     def one_layer(self, backbone: Backbone, layer: str, verb: str) -> str:

@@ -9,7 +9,10 @@ choice is made on the validation split; the test accuracy is reported, never use
         --lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep
 
 Every combination is a run folder (``load_run``, ``export`` and ``predict`` take it); ``sweep.json``
-holds the table and the chosen one, ``sweep.png`` plots validation accuracy per layer.
+holds the table and the chosen one, ``sweep.png`` plots validation accuracy per layer. The sweep
+folder's own ``config.json`` holds the grid, so ``featcache sweep --resume --out runs/sweep`` finishes
+an interrupted sweep: the runs that finished are read back, the others trained again (seconds each,
+from the cache), and the table is the one an uninterrupted sweep writes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..cache.store import CachedFeatures
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged, TrainingInterrupted
-from ..train.heads import HeadSpec, build_head
+from ..train.heads import HeadInfo, HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
 from .spec import RunSpec, skipped_rows
@@ -92,7 +95,7 @@ class SweepGrid:
         ('blocks.4', 'penultimate')
     """
 
-    layers: tuple[str, ...]
+    layers: tuple[str, ...] = field(metadata={"shown": "required; with --resume: the sweep's"})
     head: HeadSpec = field(default_factory=HeadSpec)
     lrs: tuple[float, ...] = field(default=(), metadata={"shown": "--lr's value alone"})
     weight_decays: tuple[float, ...] = field(default=(), metadata={"shown": "--weight-decay's value alone"})
@@ -114,6 +117,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     """Extract the grid's layers in one pass, train its head on each for each setting, choose on val.
 
     Every combination is a run folder inside ``spec.out``; ``sweep.json`` and ``sweep.png`` summarise.
+    With ``spec.resume`` (the same grid and settings, checked against the sweep's config.json) the runs
+    that finished are reused and only the others train.
 
     Example:
         >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/sweep",
@@ -121,7 +126,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         >>> res = sweep_run(spec, SweepGrid(("blocks.5", "penultimate"), lrs=(1e-3, 3e-3)))  # doctest: +SKIP
         >>> res.best["layer"], res.best["val_acc"]  # doctest: +SKIP
     """
-    spec.no_resume("sweep")
+    folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
     splits = spec.data.load()
@@ -133,7 +138,6 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
     spec.announce("sweep", backbone, splits, what, spec.train)
-    folder = spec.folder("sweep")
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
@@ -144,9 +148,14 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             build_head(sweep.head, shape, len(splits.classes), layout=layout)
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
+    _write_record(spec, folder, spec.record(
+        "sweep", backbone, feats, layers, views, head=sweep.head.to_dict(), train=to_json(spec.train),
+        grid={k: v for k, v in to_json(sweep).items() if k != "head"},
+    ))  # fmt: skip
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
     at_last: list[bool] = []  # per trained run: was its best epoch the last one?
+    reused = 0  # finished runs of an interrupted sweep, read back (--resume)
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     for layer, cfg in itertools.product(layers, configs):
         settings = {k: getattr(cfg, k) for k in axes}
@@ -159,7 +168,10 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
             train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
-        out = _train_one(child, record, feats, views, sweep.head, cfg)
+        out = (spec.resume and _finished_row(child, record)) or _train_one(
+            child, record, feats, views, sweep.head, cfg
+        )
+        reused += bool(out.pop("reused", False))
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
         rows.append({"layer": layer, **in_shape, **settings, **out})
         if "best_epoch" in out:
@@ -170,6 +182,10 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             bar.set_postfix(best=f"{best['layer']} {best['val_acc']:.3f}")
         bar.update()
     bar.close()
+    if reused == len(rows):
+        spec.say(f"{folder.path} is finished: all {reused} runs reused from it, none trained")
+    elif reused:
+        spec.say(f"resumed {folder.path}: {reused} finished runs reused, {len(rows) - reused} trained")
     if not _trained(rows):
         raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
     best = best_on_val(_trained(rows))
@@ -222,16 +238,43 @@ def _train_one(
     if not result.finished:
         raise TrainingInterrupted(
             result,
-            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); a sweep does "
-            "not resume: run it again with --overwrite",
+            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); "
+            f"`featcache sweep --resume --out {folder.path.parent}` finishes it, reusing the finished runs",
         )
+    return _row(folder, info, metrics)
+
+
+def _write_record(spec: RunSpec, folder: RunFolder, record: RunRecord) -> None:
+    """The sweep folder's own ``config.json`` (the shared settings, its grid and head), so that
+    ``sweep --resume --out DIR`` needs nothing retyped; a resume first checks it is the same sweep."""
+    if spec.resume:
+        # the grid first: what the user typed is named before the cache keys it changes
+        keys = ("grid", "head", "train", "cache_keys", "split_keys", "view_keys")
+        folder.check_resume(record, keys, "this command's settings")
+    folder.write_config(record)
+
+
+def _finished_row(folder: RunFolder, record: RunRecord) -> dict[str, Any] | None:
+    """The row of a sweep's run that finished before the sweep was interrupted, read back from its folder
+    (None, so it trains again: a run that is absent, unfinished, diverged or made with other settings)."""
+    metrics = folder.read_metrics()
+    if not metrics.get("finished", False) or not (folder.path / "head.json").is_file():
+        return None
+    old, new = folder.read_config().to_json(), record.to_json()
+    if any(old.get(k) != new.get(k) for k in ("layer", "head", "train", "cache_keys", "split_keys")):
+        return None
+    return {**_row(folder, folder.load_head()[1], metrics), "reused": True}
+
+
+def _row(folder: RunFolder, info: HeadInfo, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's row of the sweep table, from its metrics (as written to its metrics.json)."""
     return {
         "shape": list(info.in_shape),
         "val_acc": metrics["val"]["acc"],
         "val_loss": metrics["val"]["loss"],
         **({"test_acc": metrics["test"]["acc"]} if "test" in metrics else {}),
-        "best_epoch": result.best_epoch,
-        "train_seconds": round(result.seconds, 3),
+        "best_epoch": metrics["best_epoch"],
+        "train_seconds": round(metrics["train_seconds"], 3),
         "run": folder.path.name,
     }
 

@@ -37,7 +37,7 @@ def test_ls_prints_a_readable_table_with_a_total(capsys: pytest.CaptureFixture[s
     assert all(
         w in rows[a[:12]] for w in ("torchvision:resnet18", "digits", "32x32", "penultimate", "3 days ago")
     )
-    assert "64x48" in rows[b[:12]] and "just now" in rows[b[:12]] and "complete" in rows[b[:12]]
+    assert "64x48" in rows[b[:12]] and "just now" in rows[b[:12]] and " ok" in rows[b[:12]]
     total = disk_bytes(cache.path(a)) + disk_bytes(cache.path(b))
     assert lines[-1] == f"2 entries, {human_bytes(total)} on disk"
     assert "skipped 1 folder that is not a cache entry: lost+found" in err

@@ -115,11 +115,14 @@ def test_cli_folds(
     assert main(["train", *base, "-q", "--epochs", "2", "--out", str(tmp_path / "r"), "--folds", "3"]) == 0
     out = capsys.readouterr().out
     assert "3-fold cross-validation accuracy" in out and "+-" in out and out.count("fold ") >= 3
+    assert "test accuracy: " in out and "(the folds' heads)" in out  # three heads: a mean and a spread
     saved = json.loads((tmp_path / "r" / "folds.json").read_text())
     assert len(saved["acc"]) == 3 and saved["mean"] == pytest.approx(statistics.fmean(saved["acc"]))
     # The second job reads every row from the cache: the counts say so.
     assert main(["probe", *base, "-q", "--strengths", "0.001,0.1", "--folds", "3"]) == 0
     out = capsys.readouterr().out
     assert "0 extracted" in out and "at L2 strength" in out
+    # One head refitted on train+val is tested: one number, no spread of one value.
+    assert "test accuracy of the head refitted on train+val: " in out and "test accuracy: " not in out
     assert main(["train", *base, "-q", "--out", str(tmp_path / "x"), "--folds", "1"]) == 2
     assert "at least 2 folds" in capsys.readouterr().err

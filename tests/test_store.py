@@ -71,7 +71,7 @@ def test_ls_lists_model_dataset_input_size_rows_size_and_last_use_most_recent_fi
     assert [e["key"] for e in entries] == [new, old]
     e = entries[1]
     assert e["model"] == "torchvision:resnet18" and e["datasets"] == ["digits"]
-    assert e["input_size"] == [32, 32] and e["rows"] == 5 and e["status"] == "complete"
+    assert e["input_size"] == [32, 32] and e["rows"] == 5 and e["status"] == "ok"
     assert e["bytes"] == disk_bytes(cache.path(old))
     assert abs(time.time() - 3 * DAY - e["last_used_unix"]) < 60
     assert entries[0]["input_size"] == [64, 48] and entries[0]["datasets"] == ["/data/photos"]
@@ -114,7 +114,7 @@ def test_ls_skips_foreign_folders_and_shows_damaged_entries_without_hiding_other
     )
     by_key = {e["key"]: e for e in scan.entries}
     assert set(by_key) == {good, *damaged.values()}
-    assert by_key[good]["status"] == "complete" and by_key[good]["rows"] == 6
+    assert by_key[good]["status"] == "ok" and by_key[good]["rows"] == 6
     reasons = {name: by_key[key].get("reason", by_key[key]["status"]) for name, key in damaged.items()}
     assert {k: by_key[v]["status"] for k, v in damaged.items()} == dict.fromkeys(damaged, "damaged"), reasons
     assert "truncated" in reasons["truncated"] and "missing" in reasons["no table file"]

@@ -266,7 +266,7 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         created = json.loads((table.path / TABLE_FILE).read_text()).get("created")
     return {
-        "status": "complete" if index.where or index.bad else "empty",
+        "status": "ok" if index.where or index.bad else "empty",
         "model": rec.get("backbone"),
         "input_size": [int(v) for v in size] if size else None,
         "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},

@@ -182,6 +182,8 @@ def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:
     chosen = f" at L2 strength {res.extra['strength']:g}" if "strength" in res.extra else ""
     score = f"{res.mean:.4f} +- {res.std:.4f} (std over folds)"
     print(f"{res.folds}-fold cross-validation accuracy{chosen}: {score}")
-    if res.test_acc:
+    if len(res.test_acc) == 1:  # the probe: one head, refitted on train+val with the chosen strength
+        print(f"test accuracy of the head refitted on train+val: {res.test_acc[0]:.4f}")
+    elif res.test_acc:  # train: each fold's head on the test split
         summary = res.to_dict()
-        print(f"test accuracy: {summary['test_mean']:.4f} +- {summary['test_std']:.4f}")
+        print(f"test accuracy: {summary['test_mean']:.4f} +- {summary['test_std']:.4f} (the folds' heads)")

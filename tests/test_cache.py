@@ -391,7 +391,7 @@ def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
     listed = {e["key"]: e for e in cache.ls()}
     assert set(listed) == {a.key, b.key}
     info = listed[b.key]
-    assert info["status"] == "complete" and info["rows"] == 12 and info["dtype"] == "float16"
+    assert info["status"] == "ok" and info["rows"] == 12 and info["dtype"] == "float16"
     assert info["model"] == "torchvision:resnet18" and info["pool"] == "avg" and info["segments"] == 5
     assert info["layers"] == {"layer3": [256], "penultimate": [512]} and info["last_used"]
     assert info["bytes"] == sum(f.stat().st_size for f in b.path.rglob("*") if f.is_file())

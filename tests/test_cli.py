@@ -131,10 +131,10 @@ def test_extract_cache_verbs_and_train(
     code, out, _ = run(capsys, "extract", *base, "--layers", "layer3,layer2")
     assert out.count("[hit]") == 3
     code, out, _ = run(capsys, "cache", "ls")
-    assert key in out and "complete" in out
+    assert key in out and " ok" in out
     code, out, _ = run(capsys, "cache", "info", key)
     info = json.loads(out)
-    assert info["layers"] == {"layer2": [128], "layer3": [256]} and info["status"] == "complete"
+    assert info["layers"] == {"layer2": [128], "layer3": [256]} and info["status"] == "ok"
     code, out, _ = run(capsys, "cache", "verify", key)
     assert code == 0 and out.startswith("OK")
     code, out, _ = run(capsys, "cache", "gc")
@@ -175,8 +175,9 @@ def test_extract_prints_per_split_counts_and_cache_verbs_on_tables(
     )
     # Another validation fraction: other splits of the same images, all from the cache.
     code, out, _ = run(capsys, "extract", *base, "--val-fraction", "0.3")
-    lines = out.strip().splitlines()
+    *lines, table = out.strip().splitlines()
     assert code == 0 and len(lines) == 3 and all(" 0 extracted" in ln and "[hit]" in ln for ln in lines), out
+    assert table.startswith("cache table: ") and table.endswith(counts["train"]["table"])  # once, in full
     rows = {ln.split()[0]: int(ln.split()[2]) for ln in lines}
     assert sum(rows.values()) == sum(c["rows"] for c in counts.values())
     assert all(f"{n} rows: {n} from the cache, 0 extracted" in ln for ln, n in zip(lines, rows.values()))
@@ -187,7 +188,7 @@ def test_extract_prints_per_split_counts_and_cache_verbs_on_tables(
     assert code == 0 and all(f"{s}: " in out for s in ("train", "val", "test")) and " 0 extracted" in out
     key = counts["train"]["table"]
     code, out, _ = run(capsys, "cache", "ls")
-    assert code == 0 and key[:16] in out and "complete" in out
+    assert code == 0 and key[:16] in out and " ok" in out
     code, out, _ = run(capsys, "cache", "compact", key[:12])
     assert code == 0 and "segments -> 1" in out
     code, out, _ = run(capsys, "cache", "verify", key[:12])

@@ -283,7 +283,7 @@ def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "c")
     for key in run.config["view_keys"]:
         info = cache.info(key)
-        assert info["layers"] == {"input:layer4.1": [512, 1, 1]} and info["status"] == "complete"
+        assert info["layers"] == {"input:layer4.1": [512, 1, 1]} and info["status"] == "ok"
     with pytest.raises(ValueError, match="--views 2 needs --augment"):
         FinetuneConfig(train="last:1", views=2)
     with pytest.raises(ValueError, match=r"cannot use .*everything trains"):  # not silently live

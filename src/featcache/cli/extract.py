@@ -39,7 +39,9 @@ def cmd_extract(a: argparse.Namespace) -> None:
     for split, f in feats.items():
         shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in f.features.items())
         status = "hit" if f.hit else ("built" if not f.from_cache else "appended")
-        print(f"{split:5s} {f.key[:16]}  {count_text(f)}  {shapes}  [{status}]  {f.path}")
+        print(f"{split:5s} {f.key[:16]}  {count_text(f)}  {shapes}  [{status}]")
+    tables = sorted({str(f.path) for f in feats.values()})  # the splits usually share one table
+    print(f"cache table{'s' if len(tables) > 1 else ''}: {', '.join(tables)}")
     skipped = [(split, s) for split, f in feats.items() for s in f.manifest["skipped"]]
     for split, s in skipped[:5]:  # all of them are in each split's manifest (`cache info`)
         print(f"skipped ({split}): {s['id']}: {s['reason']}", file=sys.stderr)

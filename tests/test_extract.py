@@ -741,3 +741,11 @@ def test_extractors_of_one_model_share_their_checks_until_its_structure_changes(
     changed = Extractor(resnet18, ["layer3"], cfg)
     assert len(calls) == 2 and changed.row_shapes() == {"layer3": (256,)}
     torch.testing.assert_close(changed(x)["layer3"], new(stem).mean((2, 3)))
+
+
+def test_a_refused_pool_leaves_no_empty_table_behind(resnet18: Backbone, tmp_path: Path) -> None:
+    samples = ArraySamples(np.zeros((4, 8, 8), np.uint8), [0, 1, 0, 1])
+    cfg = ExtractConfig(input_size=(32, 32), device="cpu", pool="cls")  # a token pool on a CNN map
+    with pytest.raises(FeatcacheError, match="token layers"):
+        extract(resnet18, samples, ["layer3"], cfg, cache_dir=str(tmp_path / "c"), progress=False)
+    assert FeatureCache(tmp_path / "c").entries() == []

@@ -36,7 +36,7 @@ from ..layout import LAYOUT_RULES
 from .config import ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
-from .nodes import FeatureExtractor, defining_method
+from .nodes import defining_method
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -221,11 +221,9 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
     def table() -> FeatureTable:
         own = job.key == cache_key(job.record)
         if own and not (cache.path(job.key) / TABLE_FILE).is_file():
-            # an unknown layer is refused before its table exists (not left behind as an empty entry)
-            bb = job.backbone
-            FeatureExtractor(
-                bb.model, job.record["layers"], job.config.method, bb.cfg.classifier, bb.cfg.spec
-            )
+            # A layer that is unknown, or cannot be pooled as asked, is refused before its table exists
+            # (not left behind as an empty entry); the extractor's checks are memoised for _build.
+            Extractor(job.backbone, job.record["layers"], job.config)
             return cache.create(job.record)
         return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 

@@ -543,7 +543,8 @@ def test_layer_sets_expand_per_backbone_and_never_shadow_a_module(
     argv = ["torchvision:resnet18", "digits", "--weights", "none", "--limit", "40", "--input-size", "32"]
     argv += ["32"]
     assert main(["extract", *argv, "--layers", "@blocks", "-q"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    *lines, table = capsys.readouterr().out.splitlines()  # a line per split, then the table's path
     assert lines and all("layer1.0 [64]" in line and "penultimate [512]" in line for line in lines)
+    assert table.startswith("cache table: ")
     assert main(["train", *argv, "--layer", "@blocks", "--out", str(tmp_path / "r"), "-q"]) == 2
     assert "train trains on one layer, but '@blocks' names 9" in capsys.readouterr().err

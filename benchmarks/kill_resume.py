@@ -68,13 +68,7 @@ def table_rows(cache_dir: Path) -> dict[str, bytes]:
 
     cache = FeatureCache(cache_dir)
     (key,) = cache.entries()
-    table = cache.open(key)
-    index = table.index()
-    digests = table.digests(index)
-    feats, stats = table.view(index, digests, table.layers)
-    arrays = [np.asarray(feats[k]) for k in sorted(feats)]
-    arrays += [np.asarray(d[s]) for k, d in sorted(stats.items()) for s in sorted(d)]
-    return {d: b"".join(a[i].tobytes() for a in arrays) for i, d in enumerate(digests)}
+    return cache.open(key).row_bytes()
 
 
 def segments(cache_dir: Path) -> int:

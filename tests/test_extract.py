@@ -18,7 +18,7 @@ import torch
 from conftest import direct_features, png_header, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone
-from featcache.cache.store import FeatureCache
+from featcache.cache.store import CachedFeatures, FeatureCache
 from featcache.data.datasets import load_dataset
 from featcache.data.digests import SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError
@@ -303,27 +303,18 @@ def test_an_unchanged_folder_is_served_without_reading_a_file(
 
     write_tree(tmp_path / "tree" / "train", per_class=8)
     _backdate(tmp_path / "tree")
-    first = extract(
-        resnet18,
-        load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train,
-        LAYERS,
-        _config(),
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+
+    def run() -> CachedFeatures:  # the folder listed anew, as a new process would
+        train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
+        return extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False)
+
+    first = run()
     reads: list[str] = []
     real_hash, real_load = digests_mod.hash_file, FileSamples.load_checked
     monkeypatch.setattr(digests_mod, "hash_file", lambda p: reads.append(p) or real_hash(p))
     monkeypatch.setattr(FileSamples, "load_checked", lambda s, i, d: reads.append(i) or real_load(s, i, d))
     monkeypatch.setattr(FileSamples, "load", lambda *a: reads.append(a) or None)
-    again = extract(
-        resnet18,
-        load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train,
-        LAYERS,
-        _config(),
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-    )
+    again = run()
     assert reads == [] and again.hit and again.split_key == first.split_key
 
 

@@ -8,6 +8,7 @@ from .._checks import check_number
 from .._util import FeatcacheError, flag
 from .datasets import DatasetSplits, load_dataset
 from .samples import DEFAULT_MAX_PIXELS
+from .tasks import AUTO, check_task
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class DataConfig:
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
             bad image (--on-bad-image decides), never decoded: a guard against decompression bombs;
             off: no limit. The default is Pillow's own.
+        task: what the labels are: auto (a manifest's columns say: label classify, labels multilabel,
+            target regress; folders and built-in sets classify), classify, multilabel (a set of classes
+            per image) or regress (float targets). Recorded with the run, never in a cache key.
+        targets: a manifest's columns of float targets to regress on (implies --task regress).
 
     Example:
         >>> DataConfig("mnist-5k", val_fraction=0.2).load().classes[:3]  # doctest: +SKIP
@@ -37,8 +42,17 @@ class DataConfig:
     limit: int | None = None
     download: bool = False
     max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    task: str = AUTO
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_task(self.task)
+        object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+        if self.targets and self.task not in (AUTO, "regress"):
+            raise FeatcacheError(
+                f"--targets {','.join(self.targets)} regresses on those columns; it does not go with "
+                f"--task {self.task}: leave one out"
+            )
         check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         check_number("test_fraction", self.test_fraction, 0, 1, high_open=True)
         if self.val_fraction + self.test_fraction >= 1:
@@ -51,7 +65,8 @@ class DataConfig:
         check_number("max_image_pixels", self.max_image_pixels, 1, integer=True, none="off")
 
     def load(self) -> DatasetSplits:
-        """The train/val/test splits of a dataset a classifier can learn: two classes or more."""
+        """The train/val/test splits of a dataset its task can learn: for a classifier, two classes or
+        more; for multi-label, a class with images on the training split."""
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -60,7 +75,17 @@ class DataConfig:
             self.download,
             self.limit,
             max_image_pixels=self.max_image_pixels,
+            task=self.task,
+            targets=self.targets,
         )
+        if splits.task == "multilabel" and not splits.train.labels.any():
+            raise FeatcacheError(
+                f"no image of the training split of {self.spec!r} has any of its "
+                f"{len(splits.classes)} labels: "
+                "nothing to learn; check the 'labels' column"
+            )
+        if splits.task != "classify":
+            return splits
         if len(splits.classes) < 2:
             found = f"one class, {splits.classes[0]!r}" if splits.classes else "no classes"
             raise FeatcacheError(

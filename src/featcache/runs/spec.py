@@ -211,6 +211,7 @@ class RunSpec:
             view_keys=tuple(v.key for v in views),
             verb=verb,
             cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
+            task=feats["train"].task if "train" in feats else "classify",
             **typed,
         )
 

@@ -180,7 +180,7 @@ def test_the_task_metrics_are_scikit_learns() -> None:
     aps = [average_precision_score(y[:, k], logits[:, k]) for k in range(2)]
     assert m["per_label_ap"][:2] == pytest.approx(aps) and m["per_label_ap"][2] is None
     assert m["map"] == pytest.approx(np.mean(aps))
-    assert m["map_micro"] == pytest.approx(average_precision_score(y[:, :2].ravel(), logits[:, :2].ravel()))
+    assert m["map_micro"] == pytest.approx(average_precision_score(y, logits, average="micro"))
     t, p = rng.normal(size=(40, 2)), rng.normal(size=(40, 2))
     r = regress_metrics(p, t, ["a", "b"])
     assert r["mae"] == pytest.approx(mean_absolute_error(t, p))
@@ -281,6 +281,35 @@ def test_the_task_is_no_part_of_the_cache_key(digits_sets: dict[str, Path], lite
         got["classify"]["train"].split_key != got["regress"]["train"].split_key
     )  # other labels: another view
     assert got["regress"]["train"].task == "regress" and got["regress"]["train"].labels.dtype == np.float32
-    np.testing.assert_array_equal(
-        got["classify"]["test"].features["penultimate"][:], got["regress"]["test"].features["penultimate"][:]
+    # the rows of one image are one row of the table, whichever task (and split) reads it
+    rows = {
+        task: {
+            d: r for f in got[task].values() for d, r in zip(f.digests, np.asarray(f.features["penultimate"]))
+        }
+        for task in got
+    }
+    assert rows["classify"].keys() == rows["regress"].keys() and len(rows["regress"]) == N_IMAGES
+    for d, r in rows["regress"].items():
+        np.testing.assert_array_equal(r, rows["classify"][d])
+
+
+def test_sweep_chooses_on_the_tasks_metric(
+    digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*LITE, str(digits_sets["value"]), "--task", "regress", "--cache-dir", str(digits_sets["cache"])]
+    grid = ["--layers", "penultimate", "--lrs", "1e-3,1e-2", "--epochs", "5"]
+    code, _, err = cli(capsys, "sweep", *argv, *grid, "--metric", "map", "--out", str(tmp_path / "no"))
+    assert code == 2 and "unknown metric for task regress 'map'" in err and "r2|pearson" in err
+    out = tmp_path / "sweep"
+    code, text, err = cli(capsys, "sweep", *argv, *grid, "--out", str(out))
+    assert code == 0, err
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["chosen_on"] == "val_r2 (ties: val_loss)" and "chosen on val r2" in text
+    for row in sweep["rows"]:  # each row's score is its run's own val R2
+        run = json.loads((out / row["run"] / "metrics.json").read_text())
+        assert row["val_r2"] == run["val"]["r2"] and row["test_r2"] == run["test"]["r2"]
+    assert sweep["best"]["run"] == max(sweep["rows"], key=lambda r: r["val_r2"])["run"]
+    code, text, err = cli(capsys, "predict", str(out), str(digits_sets["root"] / "0003.png"), "-q")
+    assert (
+        code == 0 and "val r2" in err and text.startswith(str(digits_sets["root"] / "0003.png") + ": label ")
     )

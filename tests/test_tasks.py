@@ -27,7 +27,10 @@ from featcache.data.datasets import load_dataset
 from featcache.extract.build import extract_splits
 from featcache.runs.target_probes import ridge_path, sigmoid_path
 from featcache.train.config import TrainConfig
-from featcache.train.objectives import multilabel_metrics, regress_metrics
+from featcache.train.fit import fit
+from featcache.train.heads import HeadSpec, build_head
+from featcache.train.objectives import make_loss, multilabel_metrics, pos_weights, regress_metrics
+from featcache.train.sources import FeatureSource
 
 N_IMAGES = 400
 LITE = ["efficientnet-lite0", "--input-size", "64", "64", "-q"]
@@ -193,6 +196,34 @@ def test_a_loss_or_monitor_of_another_task_is_refused() -> None:
     with pytest.raises(FeatcacheError, match="unknown loss 'l1'"):
         TrainConfig(loss="l1")
     assert TrainConfig(loss="auto").loss is None and TrainConfig(pos_weight="none").pos_weight is None
+    x, y = torch.randn(40, 3), torch.randn(40, 1)
+    head = build_head(HeadSpec("linear"), (3,), 1)
+    with pytest.raises(
+        FeatcacheError, match="--monitor val_acc is not a metric of a regress task: use val_loss or val_r2"
+    ):
+        fit(
+            head,
+            FeatureSource(x, y),
+            FeatureSource(x, y),
+            1,
+            TrainConfig(monitor="val_acc"),
+            False,
+            task="regress",
+        )
+    with pytest.raises(FeatcacheError, match="unknown loss for task regress 'bce'"):
+        fit(head, FeatureSource(x, y), None, 1, TrainConfig(loss="bce"), False, task="regress")
+    with pytest.raises(FeatcacheError, match="a classifier trains with cross-entropy"):
+        fit(head, FeatureSource(x, torch.zeros(40).long()), None, 1, TrainConfig(loss="huber"), False)
+
+
+def test_balanced_positive_weights_are_the_weighted_binary_cross_entropy() -> None:
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    weights = pos_weights(y, "balanced")
+    assert weights is not None and weights.tolist() == [3.0, 1.0]  # negatives / positives per label
+    z = torch.randn(4, 2)
+    p = torch.sigmoid(z)
+    reference = -(weights * y * p.log() + (1 - y) * (1 - p).log()).mean()
+    assert float(make_loss("multilabel", None, weights)(z, y)) == pytest.approx(float(reference), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- every verb, per task
@@ -313,3 +344,19 @@ def test_sweep_chooses_on_the_tasks_metric(
     assert (
         code == 0 and "val r2" in err and text.startswith(str(digits_sets["root"] / "0003.png") + ": label ")
     )
+
+
+@pytest.mark.parametrize(
+    ("verb", "flags", "wanted"),
+    [
+        ("train", ["--folds", "3"], "--folds cross-validates classifiers; this dataset's task is regress"),
+        ("finetune", [], "finetune trains a classifier; this dataset's task is regress"),
+    ],
+)
+def test_the_verbs_for_classifiers_refuse_other_tasks_with_the_alternative(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str, flags: list[str], wanted: str
+) -> None:
+    spec = _small_manifest(tmp_path, "path,target", [f"{i / 10}" for i in range(30)])
+    argv = [verb, "torchvision:resnet18", spec, "--weights", "none", "--out", str(tmp_path / "r"), *flags]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and wanted in err and "Traceback" not in err and not (tmp_path / "r").exists()

@@ -183,7 +183,9 @@ def cmd_probe(a: argparse.Namespace) -> None:
         )
     else:
         print(format_table(res.sweep))
-        print(f"chosen L2 strength {res.strength:g} on {res.extra['chosen_on']}; refit on train+val")
+        edge = {max(config.strengths): "strongest", min(config.strengths): "weakest"}.get(res.strength)
+        hint = f" (the {edge} tried: widen --strengths)" if edge and len(config.strengths) > 1 else ""
+        print(f"chosen L2 strength {res.strength:g}{hint} on {res.extra['chosen_on']}; refit on train+val")
         if res.test and "acc" in res.test:
             print(f"test accuracy {res.test['acc']:.4f}  balanced accuracy {res.test['balanced_acc']:.4f}")
         elif res.test:

@@ -24,6 +24,10 @@ class DataConfig:
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
             bad image (--on-bad-image decides), never decoded: a guard against decompression bombs;
             off: no limit. The default is Pillow's own.
+        image_column: the image column of a Hugging Face dataset (default: its one Image feature); for
+            WebDataset shards, the image member's extension (jpg, png, webp ...).
+        label_column: the label column of a Hugging Face dataset (default: its one ClassLabel feature);
+            for WebDataset shards, the label member's extension (cls, txt or json).
 
     Example:
         >>> DataConfig("mnist-5k", val_fraction=0.2).load().classes[:3]  # doctest: +SKIP
@@ -37,6 +41,8 @@ class DataConfig:
     limit: int | None = None
     download: bool = False
     max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    image_column: str | None = None
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
@@ -50,8 +56,9 @@ class DataConfig:
         check_number("limit", self.limit, 1, integer=True, none="no limit")
         check_number("max_image_pixels", self.max_image_pixels, 1, integer=True, none="off")
 
-    def load(self) -> DatasetSplits:
-        """The train/val/test splits of a dataset a classifier can learn: two classes or more."""
+    def load(self, cache_dir: str | None = None) -> DatasetSplits:
+        """The train/val/test splits of a dataset a classifier can learn: two classes or more (the memo
+        of WebDataset shards read from ``cache_dir``'s root)."""
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -60,6 +67,9 @@ class DataConfig:
             self.download,
             self.limit,
             max_image_pixels=self.max_image_pixels,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            cache_dir=cache_dir,
         )
         if len(splits.classes) < 2:
             found = f"one class, {splits.classes[0]!r}" if splits.classes else "no classes"

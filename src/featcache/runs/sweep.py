@@ -129,7 +129,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     if splits.val is None or not len(splits.val):
         raise FeatcacheError(
             "a sweep chooses on the validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) "

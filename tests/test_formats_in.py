@@ -16,9 +16,21 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from featcache import DataConfig, ExtractConfig, HeadSpec, RunSpec, TrainConfig, load_dataset, train_run
-from featcache.data.digests import SampleChangedError, bytes_digest
+from featcache import (
+    DataConfig,
+    ExtractConfig,
+    HeadSpec,
+    RunSpec,
+    TrainConfig,
+    extract,
+    load_backbone,
+    load_dataset,
+    train_run,
+)
+from featcache.cache.store import DIGEST_MEMO, FeatureCache
+from featcache.data.digests import DigestMemo, SampleChangedError, bytes_digest
 from featcache.data.versions import VERSION_MEMO
+from test_distributed import assert_same_entries, torchrun
 
 datasets = pytest.importorskip("datasets")
 wds = importlib.import_module("featcache.data.webdataset")
@@ -254,6 +266,26 @@ def test_a_dataset_dicts_own_splits_and_a_dataset_object(tmp_path: Path) -> None
     assert_same_rows(splits, in_memory)
 
 
+def test_a_rerun_over_a_saved_dataset_hashes_no_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = digit_pngs(60)
+    saved = str(write_hf(tmp_path / "hf", items))
+    memo = DigestMemo(tmp_path / "c" / DIGEST_MEMO)  # the version memo lives beside it
+    first = load_dataset(saved).train.digests(memo)
+    hashed: list[int] = []
+    real = hfd.HFSamples._hash_stored
+
+    def counted(self: object, progress: bool) -> list[str | None]:
+        hashed.append(1)
+        return real(self, progress)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hfd.HFSamples, "_hash_stored", counted)
+    assert load_dataset(saved).train.digests(memo) == first and hashed == []
+    assert load_dataset(saved).train.digests(DigestMemo(tmp_path / "other" / DIGEST_MEMO)) == first
+    assert hashed == [1]  # another cache root has no memo: hashed again, to the same digests
+
+
 def test_a_dataset_storing_paths_is_keyed_by_the_files_bytes(tmp_path: Path) -> None:
     items = digit_pngs(60)
     folder = write_folder(tmp_path / "folder", items)
@@ -316,3 +348,35 @@ def test_the_command_line_takes_the_column_options(tmp_path: Path) -> None:
 
     data = from_args(DataConfig, a)
     assert (data.image_column, data.label_column) == ("img", "y")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["shards", "hf"])
+def test_torchrun_over_shards_and_a_dataset_writes_the_table_one_process_would(
+    tmp_path: Path, source: str
+) -> None:
+    items = digit_pngs(150)
+    spec = (
+        write_shards(tmp_path / "s", items) if source == "shards" else str(write_hf(tmp_path / "hf", items))
+    )
+    flags = ["--weights", "none", "--input-size", "32", "32", "--layers", "layer2,penultimate"]
+    flags += ["--batch-size", "8", "-q", "--cache-dir", str(tmp_path / "sharded")]
+    proc = torchrun("-m", "featcache", "extract", "torchvision:resnet18", spec, *flags)
+    lines = [ln for ln in proc.stdout.splitlines() if "rows" in ln]
+    assert len(lines) == 3 and all("0 from the cache" in ln for ln in lines), proc.stdout
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    cfg = ExtractConfig(input_size=(32, 32), batch_size=8, device="cpu")
+    splits = load_dataset(spec, cache_dir=str(tmp_path / "single"))
+    reference = {
+        name: extract(
+            bb, s, ["layer2", "penultimate"], cfg, cache_dir=str(tmp_path / "single"), progress=False
+        )
+        for name, s in splits.items()
+    }
+    sharded = FeatureCache(tmp_path / "sharded")
+    assert_same_entries(sharded, reference)
+    (table,) = sharded.tables()
+    assert {seg.info["process"] for seg in table.index().segments} == {0, 1}  # both ranks extracted
+    assert table.key == next(iter(reference.values())).key  # type: ignore[attr-defined]
+    again = torchrun("-m", "featcache", "extract", "torchvision:resnet18", spec, *flags)
+    assert again.stdout.count("[hit]") == 3, again.stdout

@@ -15,7 +15,9 @@ class DataConfig:
     """A dataset spec and how it is split.
 
     Attributes:
-        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces.
+        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces;
+            WebDataset shards (NAME-{000000..000099}.tar, one .tar, a folder of them); a Hugging Face
+            dataset (a save_to_disk folder, or hf-dataset:REPO[:CONFIG] from the hub).
         val_fraction: share of the training images held out for validation (when there is no val/).
         test_fraction: share held out for testing (when there is no test/).
         seed: seed of the stratified split (and of --limit's sample).

@@ -410,16 +410,16 @@ def load_dataset(
         memo = VersionMemo.under(cache_root(cache_dir))
         sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=memo)
         return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+    if spec.startswith("hf:") and not path.exists():
+        raise FeatcacheError(
+            f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
+            f"'{HUB}{spec[3:]}' (or a folder written by save_to_disk)"
+        )
     given = [flag(k, v) for k, v in columns.items() if v is not None]
     if given:  # a folder's or a manifest's labels come from its structure: the option would be ignored
         raise FeatcacheError(
             f"{' and '.join(given)}: columns are chosen in Hugging Face datasets and WebDataset shards only, "
             f"not in {spec!r}; leave the option out"
-        )
-    if spec.startswith("hf:") and not path.exists():
-        raise FeatcacheError(
-            f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
-            f"'{HUB}{spec[3:]}' (or a folder written by save_to_disk)"
         )
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)

@@ -85,8 +85,12 @@ def is_shard_spec(spec: str) -> bool:
 
 
 def is_shard_folder(root: Path) -> bool:
-    """Whether a folder holds shards (``*.tar``, or ``train/*.tar``) rather than class folders of images."""
-    return any(root.glob("*.tar")) or any((root / "train").glob("*.tar"))
+    """Whether a folder holds shards (``*.tar`` and no subfolders, or ``train/*.tar``) rather than class
+    folders of images."""
+    if any((root / "train").glob("*.tar")):
+        return True
+    subfolders = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    return not subfolders and any(root.glob("*.tar"))
 
 
 def expand_shards(spec: str) -> list[Path]:

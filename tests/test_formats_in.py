@@ -123,6 +123,7 @@ def test_shards_and_a_saved_dataset_hold_the_folders_rows(tmp_path: Path) -> Non
     shards = load_dataset(write_shards(tmp_path / "shards", items), cache_dir=str(tmp_path / "c"))
     saved = load_dataset(str(write_hf(tmp_path / "hf", items)))
     assert_same_rows(folder, shards)
+    assert_same_rows(folder, load_dataset(str(tmp_path / "shards")))  # a folder of shards
     assert_same_rows(folder, saved)
     assert shards.train.ids[0] == "digits-000000.tar/" + folder.train.ids[0].split("/")[1][:-4]
     first = items[0][2]
@@ -232,6 +233,10 @@ def test_shard_labels_from_txt_and_json_and_the_refusals(tmp_path: Path) -> None
     write_tar(both / "c.tar", [("k1.png", items[0][2]), ("k2.png", items[1][2]), ("k2.cls", b"1")])
     with pytest.raises(ValueError, match=r"1 samples have no label member KEY.cls \('k1'\)"):
         load_dataset(str(both / "c.tar"))
+    with pytest.raises(
+        ValueError, match=r"no label member KEY.json .*choose the label member they have: --label-column cls"
+    ):
+        load_dataset(str(tmp_path / "txt-cls"), label_column="json")
     write_tar(both / "d.tar", [("k1.png", items[0][2]), ("k1.cls", b"cat")])
     with pytest.raises(ValueError, match=r"k1.cls holds 'cat', not an integer class index"):
         load_dataset(str(both / "d.tar"))

@@ -354,9 +354,15 @@ def label_values(rows: Sequence[ShardSample], label_column: str | None, where: s
     lacking = [s.key for s in rows if ext not in s.labels]
     if ext is None or lacking:
         shown = ", ".join(repr(k) for k in lacking[:5])
+        others = [e for e in present if e != ext]
+        fix = (
+            f"choose the label member they have: {flag('label_column', others[0])}"
+            if others
+            else "give every image a KEY.cls (an integer), KEY.txt (a class name) or KEY.json label"
+        )
         raise FeatcacheError(
-            f"{where}: {len(lacking)} samples have no label member KEY.{ext or 'cls|txt|json'} ({shown}); "
-            "give every image a KEY.cls (an integer), KEY.txt (a class name) or KEY.json label"
+            f"{where}: {len(lacking)} samples have no label member KEY.{ext or 'cls|txt|json'} "
+            f"({shown}); {fix}"
         )
     return [_label(s, ext, where) for s in rows]
 

@@ -386,3 +386,22 @@ def test_torchrun_over_shards_and_a_dataset_writes_the_table_one_process_would(
     if source == "shards":  # a second run: every rank finds the shards' index in the memo, and the rows
         again = torchrun("-m", "featcache", "extract", "torchvision:resnet18", spec, *flags)
         assert again.stdout.count("[hit]") == 3, again.stdout
+
+
+def test_a_hub_id_loads_through_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = digit_pngs(60)
+    saved = write_hf(
+        tmp_path / "hf", items, {"train": slice(0, 40), "validation": slice(40, 50), "test": slice(50, 60)}
+    )
+    asked: list[tuple[str, str | None]] = []
+
+    def from_hub(repo: str, config: str | None) -> object:  # offline: the hub's answer, from disk
+        asked.append((repo, config))
+        return datasets.load_from_disk(str(saved))
+
+    monkeypatch.setattr(datasets, "load_dataset", from_hub)
+    splits = load_dataset("hf-dataset:someone/digits:small")
+    assert asked == [("someone/digits", "small")]
+    assert_same_rows(load_dataset(str(saved)), splits)
+    with pytest.raises(ValueError, match=r"'hf-dataset:' names no dataset: use hf-dataset:REPO\[:CONFIG\]"):
+        load_dataset("hf-dataset:")

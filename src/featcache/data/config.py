@@ -16,7 +16,9 @@ class DataConfig:
     """A dataset spec and how it is split.
 
     Attributes:
-        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces.
+        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces;
+            WebDataset shards (NAME-{000000..000099}.tar, one .tar, a folder of them); a Hugging Face
+            dataset (a save_to_disk folder, or hf-dataset:REPO[:CONFIG] from the hub).
         val_fraction: share of the training images held out for validation (when there is no val/).
         test_fraction: share held out for testing (when there is no test/).
         seed: seed of the stratified split (and of --limit's sample).
@@ -25,6 +27,10 @@ class DataConfig:
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
             bad image (--on-bad-image decides), never decoded: a guard against decompression bombs;
             off: no limit. The default is Pillow's own.
+        image_column: the image column of a Hugging Face dataset (default: its one Image feature); for
+            WebDataset shards, the image member's extension (jpg, png, webp ...).
+        label_column: the label column of a Hugging Face dataset (default: its one ClassLabel feature);
+            for WebDataset shards, the label member's extension (cls, txt or json).
         task: what the labels are: auto (a manifest's columns say: label classify, labels multilabel,
             target regress; folders and built-in sets classify), classify, multilabel (a set of classes
             per image) or regress (float targets). Recorded with the run, never in a cache key.
@@ -42,6 +48,8 @@ class DataConfig:
     limit: int | None = None
     download: bool = False
     max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    image_column: str | None = None
+    label_column: str | None = None
     task: str = AUTO
     targets: tuple[str, ...] = ()
 
@@ -64,9 +72,10 @@ class DataConfig:
         check_number("limit", self.limit, 1, integer=True, none="no limit")
         check_number("max_image_pixels", self.max_image_pixels, 1, integer=True, none="off")
 
-    def load(self) -> DatasetSplits:
+    def load(self, cache_dir: str | None = None) -> DatasetSplits:
         """The train/val/test splits of a dataset its task can learn: for a classifier, two classes or
-        more; for multi-label, a class with images on the training split."""
+        more; for multi-label, a class with images on the training split (the memo of WebDataset shards
+        read from ``cache_dir``'s root)."""
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -75,6 +84,9 @@ class DataConfig:
             self.download,
             self.limit,
             max_image_pixels=self.max_image_pixels,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            cache_dir=cache_dir,
             task=self.task,
             targets=self.targets,
         )

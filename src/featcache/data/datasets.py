@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError, flag, unknown
+from ..cache.housekeeping import cache_root
+from .hf_datasets import HUB, hf_sets, is_hf_dataset, is_saved_dataset
 from .samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -25,6 +27,8 @@ from .samples import (
     TorchvisionSamples,
 )
 from .tasks import AUTO, Targets, check_task, choose_columns, manifest_targets
+from .versions import VersionMemo
+from .webdataset import is_shard_folder, is_shard_spec, shard_sets
 
 BUILTIN = ("mnist-5k", "digits", "faces")
 
@@ -403,7 +407,7 @@ def builtin_samples(name: str) -> ArraySamples:
 
 
 def load_dataset(
-    spec: str,
+    spec: str | Any,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -413,11 +417,17 @@ def load_dataset(
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     task: str = AUTO,
     targets: Sequence[str] = (),
+    image_column: str | None = None,
+    label_column: str | None = None,
+    cache_dir: str | None = None,
 ) -> DatasetSplits:
     """Resolve a dataset spec to train/val/test splits (seeded and stratified where split here).
 
     Args:
-        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT`` or a built-in name.
+        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT``, a built-in name,
+            WebDataset shards (``shards-{000000..000099}.tar``, one ``.tar``, a folder of them), a
+            Hugging Face dataset (a ``save_to_disk`` folder, ``hf-dataset:REPO[:CONFIG]``, or a
+            ``datasets.Dataset``/``DatasetDict`` object).
         val_fraction: share of each class held out for validation when the source has no val split.
         test_fraction: share held out for testing when the source has no test split.
         seed: split seed.
@@ -427,6 +437,9 @@ def load_dataset(
         task: ``auto`` (what a manifest's columns say; folders and sets are ``classify``),
             ``classify``, ``multilabel`` or ``regress`` (:mod:`featcache.data.tasks`).
         targets: a manifest's float columns to regress on.
+        image_column: the image column of a Hugging Face dataset (the image extension of shards).
+        label_column: the label column of a Hugging Face dataset (``cls``/``txt``/``json`` of shards).
+        cache_dir: the cache root whose memo spares re-reading unchanged shards.
 
     Example:
         >>> splits = load_dataset("digits", seed=0)
@@ -436,14 +449,40 @@ def load_dataset(
     if limit is not None and limit < 1:
         raise FeatcacheError(f"--limit {limit}: keep at least one sample per class, or leave --limit out")
     check_task(task)
-    manifest = Path(spec).suffix in (".csv", ".jsonl") and Path(spec).is_file()
+    manifest = (
+        isinstance(spec, (str, Path)) and Path(spec).suffix in (".csv", ".jsonl") and Path(spec).is_file()
+    )
     if not manifest and (task not in (AUTO, "classify") or targets):
         asked = f"--task {task}" if task != AUTO else "--targets"
+        name = spec if isinstance(spec, (str, Path)) else type(spec).__name__
         raise FeatcacheError(
-            f"{asked}: dataset {spec!r} is not a CSV/JSONL manifest, and the labels of folders, torchvision "
-            "and built-in sets are classes (classify). Write a manifest with a 'labels' (a set "
-            "of classes) or "
-            "'target' (numbers) column for the other tasks"
+            f"{asked}: dataset {str(name)!r} is not a CSV/JSONL manifest, and the labels of folders, shards, "
+            "Hugging Face, torchvision and built-in sets are classes (classify). Write a manifest with a "
+            "'labels' (a set of classes) or 'target' (numbers) column for the other tasks"
+        )
+    spec = str(spec) if isinstance(spec, Path) else spec
+    columns: dict[str, Any] = {"image_column": image_column, "label_column": label_column}
+    if is_hf_dataset(spec) or not isinstance(spec, str):
+        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, "datasets"), limit, seed)
+    path = Path(spec)
+    if spec.startswith(HUB) or (path.is_dir() and is_saved_dataset(path)):
+        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+    if is_shard_spec(spec) or (path.is_dir() and is_shard_folder(path)):
+        memo = VersionMemo.under(cache_root(cache_dir))
+        sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=memo)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+    if spec.startswith("hf:") and not path.exists():
+        raise FeatcacheError(
+            f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
+            f"'{HUB}{spec[3:]}' (or a folder written by save_to_disk)"
+        )
+    given = [flag(k, v) for k, v in columns.items() if v is not None]
+    if given:  # a folder's or a manifest's labels come from its structure: the option would be ignored
+        raise FeatcacheError(
+            f"{' and '.join(given)}: columns are chosen in Hugging Face datasets and WebDataset shards only, "
+            f"not in {spec!r}; leave the option out"
         )
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
@@ -458,11 +497,11 @@ def load_dataset(
                 f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data"
             )
         return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
-    path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
             f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
-            f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
+            f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
+            f"or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
         splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels)
@@ -470,7 +509,23 @@ def load_dataset(
     if path.suffix in (".csv", ".jsonl"):
         splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels, task, targets)
         return _limited(splits, limit, seed)
-    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
+    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest, nor a .tar shard")
+
+
+def _assembled(
+    found: tuple[dict[str, SampleSet], list[str]], val: float, test: float, seed: int, spec: str
+) -> DatasetSplits:
+    """Splits from a source's own (``train``, ``val``, ``test``; val held out of train when missing, as
+    for a folder) or, for one set (``all``), the seeded stratified split."""
+    sets, classes = found
+    if "all" in sets:
+        return _split(sets["all"], val, test, seed, spec)
+    train, valid = sets["train"], sets.get("val")
+    if valid is None and val > 0:
+        tr, va, _ = stratified_split(train.labels, val, 0.0, seed)
+        if len(va):
+            train, valid = train.subset(tr, "train"), train.subset(va, "val")
+    return DatasetSplits(train, valid, sets.get("test"), classes, spec)
 
 
 def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:

@@ -176,7 +176,7 @@ def folds_run(
         >>> res, feats = folds_run(spec, "penultimate", 5, HeadSpec())  # doctest: +SKIP
     """
     backbone = spec.backbone()
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     if splits.task != "classify":  # the folds are dealt per class, and score accuracy
         raise FeatcacheError(
             f"--folds cross-validates classifiers; this dataset's task is {splits.task}: run `train` or "

@@ -319,7 +319,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])

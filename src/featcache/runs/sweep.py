@@ -137,7 +137,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     key = _chosen_on(splits, sweep)
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"

@@ -205,7 +205,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder = spec.folder("train")
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "train")
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     train = spec.train.resolved(len(splits.train))
     spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
     _check_head_fits(spec, backbone, splits, layer, head)

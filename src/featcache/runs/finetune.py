@@ -7,6 +7,7 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -229,12 +230,16 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tenso
     }
 
 
-def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Backbone, RunRecord]:
+def load_finetuned(
+    run_dir: str | Path, weights: str | None = None, backbone: nn.Module | Backbone | None = None
+) -> tuple[Backbone, RunRecord]:
     """Rebuild a fine-tuned network from its run folder: base weights + new classifier + trained part.
 
     Args:
         run_dir: a folder written by :func:`finetune_run`.
         weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
+        backbone: for a run made from a module passed from Python (``module:Name``), a module with the
+            base weights the run started from; a copy of it is fine-tuned (the module passed is unchanged).
 
     Example:
         >>> backbone, record = load_finetuned("runs/ft")  # doctest: +SKIP
@@ -246,7 +251,12 @@ def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Bac
         raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
     weights_arg = weights if weights is not None else record.weights_arg
     size = record.extract.get("input_size")
-    backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
+    if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
+        module = backbone.model if isinstance(backbone, Backbone) else backbone
+        backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
+        weights_arg = "the module passed"
+    else:
+        backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
     if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
         raise FeatcacheError(
             f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "

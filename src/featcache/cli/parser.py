@@ -121,6 +121,7 @@ def _run_args(p: argparse.ArgumentParser, out_help: str, resume: bool = True) ->
 
     p.add_argument("--out", required=True, help=f"{out_help} (required)")
     add_config(p, RunSpec, only=["resume", "overwrite"] if resume else ["overwrite"])
+    add_config(p, RunSpec, only=["logger"])
 
 
 def _views_args(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ from ..train.freeze import (
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .folder import RunFolder, RunRecord
+from .logger import epoch_log
 from .spec import RunSpec
 from .train import evaluate_splits
 
@@ -326,21 +327,25 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-    try:
-        result = fit(
-            trained,
-            src["train"],
-            src.get("val"),
-            len(splits.classes),
-            spec.train,
-            spec.progress,
-            folder.checkpoint,
-            spec.resume,
-            param_groups=opt_groups,
-            train_mode=mode_fn,
-        )
-    except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
-        result = stop.result
+    with epoch_log(spec.logger, folder.path) as on_epoch:
+        try:
+            result = fit(
+                trained,
+                src["train"],
+                src.get("val"),
+                len(splits.classes),
+                spec.train,
+                spec.progress,
+                folder.checkpoint,
+                spec.resume,
+                param_groups=opt_groups,
+                train_mode=mode_fn,
+                on_epoch=on_epoch,
+            )
+        except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+            result = stop.result
+        if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
+            on_epoch(result.history)
     metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)

@@ -368,6 +368,7 @@ class RunFolder:
         """The previous run's files, and the run folders of a previous sweep."""
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # --logger tensorboard's log
         for child in self.path.iterdir() if self.path.is_dir() else ():
             if child.is_dir() and (child / "config.json").exists():
                 shutil.rmtree(child)

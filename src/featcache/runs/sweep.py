@@ -36,6 +36,7 @@ from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadInfo, HeadSpec, build_head
 from .folder import RunFolder, RunRecord
+from .logger import epoch_log
 from .report import plot_sweep
 from .spec import RunSpec, skipped_rows
 from .train import train_on_cache, write_mistakes
@@ -169,7 +170,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
         out = (spec.resume and _finished_row(child, record)) or _train_one(
-            child, record, feats, views, sweep.head, cfg
+            child, record, feats, views, sweep.head, cfg, spec.logger
         )
         reused += bool(out.pop("reused", False))
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
@@ -222,12 +223,17 @@ def _train_one(
     views: list[CachedFeatures],
     head_spec: HeadSpec,
     cfg: TrainConfig,
+    logger: str = "none",
 ) -> dict[str, Any]:
-    """One combination of a sweep as a run folder; its row of the sweep table."""
+    """One combination of a sweep as a run folder (its own log with ``logger``); its row of the sweep
+    table."""
     folder.write_config(record)
     layer = str(record.layer)
     try:
-        head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
+        with epoch_log(logger, folder.path) as on_epoch:
+            head, info, result, metrics = train_on_cache(
+                feats, layer, head_spec, cfg, False, views=views, on_epoch=on_epoch
+            )
     except TrainingDiverged as exc:  # one bad setting (say, a too high lr) must not end the sweep
         log.warning("%s: %s", folder.path.name, exc)
         return {"diverged": str(exc), "run": folder.path.name}

@@ -26,6 +26,7 @@ from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_l
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
+from .logger import EpochHook, epoch_log
 from .spec import RunSpec, skipped_rows
 
 
@@ -73,11 +74,13 @@ def train_on_cache(
     checkpoint: Path | None = None,
     resume: bool = False,
     views: Sequence[CachedFeatures] = (),
+    on_epoch: EpochHook | None = None,
 ) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
 
     With ``views`` (cached augmented views of the train split, :func:`~featcache.extract.build.extract_views`)
     epoch ``e`` trains on view ``e mod K``; standardisation statistics still come from the plain split.
+    ``on_epoch`` gets the history after each epoch, and once more at the end (``--logger``).
 
     Example:
         >>> out = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
@@ -106,9 +109,21 @@ def train_on_cache(
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
     try:
-        result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
+        result = fit(
+            head,
+            train,
+            sources.get("val"),
+            len(classes),
+            config,
+            progress,
+            checkpoint,
+            resume,
+            on_epoch=on_epoch,
+        )
     except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
         result = stop.result
+    if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
+        on_epoch(result.history)
     return head, info, result, evaluate_splits(head, result, sources, len(classes))
 
 
@@ -144,9 +159,10 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
     spec.note_skipped(folder, skipped_rows(feats))
-    trained, info, result, metrics = train_on_cache(
-        feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
-    )
+    with epoch_log(spec.logger, folder.path) as on_epoch:
+        trained, info, result, metrics = train_on_cache(
+            feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views, on_epoch
+        )
     metrics["extract_seconds"] = extract_seconds
     named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
     metrics["cache_hit"] = {k: v.hit for k, v in named.items()}

@@ -193,6 +193,7 @@ def fit(
     stop_after_epochs: int | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
+    on_epoch: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> FitResult:
     """Train ``head`` in place on cached features; the best state (by ``monitor``) is loaded at the end.
 
@@ -210,6 +211,7 @@ def fit(
             parameters of ``head`` that require grad, at ``config.lr``.
         train_mode: puts the model in training mode each epoch (default ``head.train()``); fine-tuning
             uses it to keep frozen parts and frozen BatchNorm layers in eval mode.
+        on_epoch: called after each epoch with the history so far (``--logger``'s live log).
 
     Example:
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
@@ -250,6 +252,8 @@ def fit(
                 row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
                 row.update(_validate(paths, num_classes))
                 run.end_epoch(epoch + 1, row, losses, head, config.monitor)
+                if on_epoch is not None:
+                    on_epoch(run.history)
                 val_shown = {"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
                 # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", **val_shown, refresh=False)

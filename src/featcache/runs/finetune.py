@@ -346,7 +346,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
             result = stop.result
         if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
             on_epoch(result.history)
-    metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
+    metrics = {**evaluate_splits(trained, result, src, len(splits.classes), splits.classes), "mode": mode}
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
@@ -354,7 +354,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     if test is not None:
         logits = predict_logits(trained, src[test[0]])
         labels = torch.as_tensor(test[1].labels)
-        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes)
+        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes, test[1])
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)

@@ -23,6 +23,7 @@ from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
 from .logistic import SoftmaxRegression, Solution, small_problem_threads
+from .report import most_confused
 from .spec import RunSpec, skipped_rows
 from .train import write_mistakes
 
@@ -343,7 +344,9 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
             **res.extra,
             **({"test": res.test} if res.test else {}),
         }
+        if res.test and "confusion" in res.test:
+            metrics["test"] = {**res.test, "most_confused": most_confused(res.test["confusion"], classes)}
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
-        write_mistakes(folder, res.head, feats, layer, spec.train)
+        write_mistakes(folder, res.head, feats, layer, spec.train, splits)
     return res

@@ -31,6 +31,7 @@ from .._checks import check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..cache.store import CachedFeatures
+from ..data.datasets import DatasetSplits
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged, TrainingInterrupted
@@ -170,7 +171,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
         out = (spec.resume and _finished_row(child, record)) or _train_one(
-            child, record, feats, views, sweep.head, cfg, spec.logger
+            child, record, feats, views, sweep.head, cfg, spec.logger, splits
         )
         reused += bool(out.pop("reused", False))
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
@@ -224,6 +225,7 @@ def _train_one(
     head_spec: HeadSpec,
     cfg: TrainConfig,
     logger: str = "none",
+    splits: DatasetSplits | None = None,
 ) -> dict[str, Any]:
     """One combination of a sweep as a run folder (its own log with ``logger``); its row of the sweep
     table."""
@@ -240,7 +242,7 @@ def _train_one(
     folder.save_head(head, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
-    write_mistakes(folder, head, feats, layer, cfg)
+    write_mistakes(folder, head, feats, layer, cfg, splits)
     if not result.finished:
         raise TrainingInterrupted(
             result,

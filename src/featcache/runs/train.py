@@ -27,13 +27,19 @@ from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
 from .logger import EpochHook, epoch_log
+from .report import most_confused
 from .spec import RunSpec, skipped_rows
 
 
 def evaluate_splits(
-    model: nn.Module, result: FitResult, sources: Mapping[str, Any], num_classes: int
+    model: nn.Module,
+    result: FitResult,
+    sources: Mapping[str, Any],
+    num_classes: int,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json content: the fit's history and timings, and val/test metrics of the best model."""
+    """metrics.json content: the fit's history and timings, and val/test metrics of the best model (with
+    ``classes``, each split's ``most_confused`` class pairs)."""
     metrics: dict[str, Any] = {
         "history": result.history,
         "step_losses": result.step_losses,
@@ -51,18 +57,28 @@ def evaluate_splits(
             metrics[split] = evaluate(
                 model, sources[split], num_classes, front_once=result.extra.get("fast_paths", True)
             )
+            if classes is not None and "confusion" in metrics[split]:
+                metrics[split]["most_confused"] = most_confused(metrics[split]["confusion"], classes)
     return metrics
 
 
 def write_mistakes(
-    folder: RunFolder, head: nn.Module, feats: Mapping[str, CachedFeatures], layer: str, config: TrainConfig
+    folder: RunFolder,
+    head: nn.Module,
+    feats: Mapping[str, CachedFeatures],
+    layer: str,
+    config: TrainConfig,
+    splits: DatasetSplits | None = None,
 ) -> None:
-    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids."""
+    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids; with the
+    dataset's ``splits``, ``top_losses.png`` of its images too."""
     split = next((s for s in ("test", "val") if s in feats), None)
     if split is not None:
         cached = feats[split]
         data = source_for(cached, layer, resolve_device(config.device), config.ram_budget_gb)
-        folder.write_misclassified(split, cached.ids, data.y, predict_logits(head, data), cached.classes)
+        samples = dict(splits.items()).get(split) if splits is not None else None
+        logits = predict_logits(head, data)
+        folder.write_misclassified(split, cached.ids, data.y, logits, cached.classes, samples)
 
 
 def train_on_cache(
@@ -124,7 +140,7 @@ def train_on_cache(
         result = stop.result
     if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
         on_epoch(result.history)
-    return head, info, result, evaluate_splits(head, result, sources, len(classes))
+    return head, info, result, evaluate_splits(head, result, sources, len(classes), classes)
 
 
 def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None = None) -> Run:
@@ -172,7 +188,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")
-    write_mistakes(folder, trained, feats, layer, train)
+    write_mistakes(folder, trained, feats, layer, train, splits)
     run = Run(folder.path, record, metrics, trained, info)
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("train"))

@@ -3,16 +3,18 @@ in metrics.json (fastai's ``most_confused``), and the run's last line naming the
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_resnet_on_digits
 from PIL import Image
 
+from conftest import tiny_resnet_on_digits
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
 from featcache.runs.report import most_confused, plot_top_losses
@@ -24,9 +26,6 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pictures")
     argv = ["train", *tiny_resnet_on_digits(150), "--layer", "avgpool", "--epochs", "3", "-q"]
     argv += ["--cache-dir", str(root / "cache"), "--out", str(root / "run")]
-    import contextlib
-    import io
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(argv) == 0

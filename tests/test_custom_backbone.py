@@ -169,3 +169,31 @@ def test_register_source_docstring_example_runs() -> None:
         for table in (registry._SOURCES, registry._LISTERS, registry._CLAIMS, registry._SIZED):
             table.pop("toy", None)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_a_finetuned_custom_module_exports_with_a_module_of_its_base_weights(tmp_path: Path) -> None:
+    """finetune_run trains the module it is given; export rebuilds the network from a fresh module with
+    the base weights (a copy: the module passed stays as it was) and the run's trained tensors."""
+    from featcache.export.build import build_model
+    from featcache.runs.finetune import FinetuneConfig, finetune_run
+
+    spec = RunSpec(
+        load_backbone(TinyNet()),
+        DataConfig("digits", limit=150),
+        out=tmp_path / "ft",
+        extract=ExtractConfig(input_size=(24, 24)),
+        train=TrainConfig(epochs=2, device="cpu", lr=1e-2),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    run = finetune_run(spec, FinetuneConfig(train="last:1"))
+    base = TinyNet()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    path = export_run(tmp_path / "ft", "torchscript", tmp_path / "ft.ts", backbone=base)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    u8 = torch.randint(0, 256, (3, 30, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.inference_mode():
+        want = run.model.eval()(build_model(tmp_path / "ft", backbone=base)[0].preprocess(u8))
+        got = torch.jit.load(str(path))(u8)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert main(["export", str(tmp_path / "ft")]) == 2

@@ -510,6 +510,7 @@ class RunFolder:
             >>> folder.write_misclassified("test", feats.ids, feats_y, logits, classes)  # doctest: +SKIP
             37
         """
+        (self.path / "top_losses.png").unlink(missing_ok=True)  # never a picture of an earlier run's
         if len(ids) != len(logits):  # rows dropped on the way (skipped bad images): ids would not match
             return 0
         probs = torch.softmax(logits.double(), 1)
@@ -533,7 +534,6 @@ class RunFolder:
         ]
         fields = ["rank", "split", "id", "true", "predicted", "p_true", "p_predicted", "loss"]
         self._write_csv("misclassified.csv", rows, fields)
-        (self.path / "top_losses.png").unlink(missing_ok=True)  # never a picture of an earlier run's
         if samples is not None and rows:
             index = {sample_id: i for i, sample_id in enumerate(samples.ids)}
             plot_top_losses(rows, lambda i: samples.load(index[i]), self._out("top_losses.png"))

@@ -325,6 +325,8 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     else:
         res, summary = few_shot(*args)
         res.extra["few_shot"] = summary
+    if res.test and "confusion" in res.test:  # in the result, so --json and metrics.json say the same
+        res.test["most_confused"] = most_confused(res.test["confusion"], classes)
     if folder is not None:
         folder.write_config(
             spec.record(
@@ -344,8 +346,6 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
             **res.extra,
             **({"test": res.test} if res.test else {}),
         }
-        if res.test and "confusion" in res.test:
-            metrics["test"] = {**res.test, "most_confused": most_confused(res.test["confusion"], classes)}
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
         write_mistakes(folder, res.head, feats, layer, spec.train, splits)

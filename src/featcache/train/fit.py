@@ -252,11 +252,7 @@ def fit(
                 row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
                 row.update(_validate(paths, num_classes))
                 run.end_epoch(epoch + 1, row, losses, head, config.monitor)
-                if on_epoch is not None:
-                    on_epoch(run.history)
-                val_shown = {"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
-                # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", **val_shown, refresh=False)
+                _report_epoch(bar, row, run.history, on_epoch)
                 if ckpt is not None:
                     run.save(ckpt, head, opt, sched, gen, device, config)
                 if run.stopped_early(config):
@@ -284,6 +280,20 @@ def fit(
     if interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _report_epoch(
+    bar: Any,
+    row: dict[str, float],
+    history: list[dict[str, float]],
+    on_epoch: Callable[[list[dict[str, float]]], None] | None,
+) -> None:
+    """An epoch's loss (and val accuracy) on the progress bar, and the history so far to ``on_epoch``."""
+    val_shown = {"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
+    # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}", **val_shown, refresh=False)
+    if on_epoch is not None:
+        on_epoch(history)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

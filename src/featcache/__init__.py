@@ -26,6 +26,8 @@ _HOMES = {
     "CACHE_VERSION": "cache",
     "CachedFeatures": "cache",
     "FeatureCache": "cache",
+    "FeatureDataset": "cache",
+    "write_embeddings": "cache",
     "DataConfig": "data",
     "DatasetSplits": "data",
     "SampleSet": "data",
@@ -63,7 +65,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ i
         load_backbone,
         register_source,
     )
-    from .cache import CACHE_VERSION, CachedFeatures, FeatureCache  # noqa: F401
+    from .cache import (  # noqa: F401
+        CACHE_VERSION,
+        CachedFeatures,
+        FeatureCache,
+        FeatureDataset,
+        write_embeddings,
+    )
     from .data import DataConfig, DatasetSplits, SampleSet, load_dataset  # noqa: F401
     from .export import export_run, load_predictor  # noqa: F401
     from .extract import ExtractConfig, FeatureExtractor, Views, extract, extract_splits  # noqa: F401

@@ -133,15 +133,37 @@ def register_source(
 ) -> Callable[[SourceFn], SourceFn]:
     """Register a backbone source under a spec prefix; a duplicate name raises.
 
+    The decorated function takes ``(name, weights)`` — the part of the spec after ``source:`` and the
+    ``--weights`` value (None: the source's default) — and must return a :class:`Backbone`: the model
+    frozen in eval mode with a :class:`BackboneCfg` whose ``spec`` is ``"source:name"`` and whose
+    ``weights_id`` hashes the weights. ``load_backbone(module, cfg=...)`` builds one from any
+    ``nn.Module``. The same name and weights must give the same weights in every process (the cache
+    keys on their hash): load them from a file, or build under a fixed seed.
+
     ``claims(name)`` says whether a bare name (no ``source:`` prefix) belongs to this source; sources
     are asked in ``BARE_NAME_ORDER``. ``sized(name, weights, (h, w))`` builds a model for an input
     size, for sources whose models are built for one (timm's ViT, Swin, LeViT). ``offline()`` gives the
     listed names whose default weights load without a download (a wheel, a file already cached);
-    without it, none are said to.
+    without it, none are said to. A run made from a registered source exports and predicts by name
+    wherever the source is registered (``featcache export`` from the command line is not such a
+    process: export from Python after registering it).
 
     Example:
-        >>> @register_source("mine", lister=lambda: ["tiny"])  # doctest: +SKIP
-        ... def _mine(name, weights): ...
+        >>> @register_source("toy", lister=lambda: ["tiny"])
+        ... def toy_source(name: str, weights: str | None) -> Backbone:
+        ...     with torch.random.fork_rng(devices=[]):  # the same weights in every process
+        ...         torch.manual_seed(0)
+        ...         net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                             nn.Flatten(), nn.Linear(8, 10))
+        ...     if weights not in (None, "none"):
+        ...         load_into(net, load_state_file(weights), weights)
+        ...     cfg = BackboneCfg(spec=f"toy:{name}", weights=weights or "seed 0")
+        ...     return load_backbone(net, cfg=cfg)  # frozen, eval mode, weights hashed
+        >>> bb = load_backbone("toy:tiny")
+        >>> bb.cfg.spec, bb.cfg.classifier, bb.model.training, len(bb.cfg.weights_id)
+        ('toy:tiny', '4', False, 64)
+        >>> "toy:tiny" in list_models("toy:*")
+        True
     """
 
     def deco(fn: SourceFn) -> SourceFn:

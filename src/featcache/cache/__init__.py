@@ -61,6 +61,8 @@ _HOMES = {
     "CacheScan": "housekeeping",
     "CachedFeatures": "store",
     "ChannelStats": "store",
+    "EmbedConfig": "embed",
+    "FeatureDataset": "dataset",
     "FeatureCache": "store",
     "FeatureTable": "table",
     "GcLimits": "housekeeping",
@@ -68,11 +70,14 @@ _HOMES = {
     "Selection": "housekeeping",
     "cache_key": "table",
     "cache_root": "housekeeping",
+    "write_embeddings": "embed",
 }
 
 __all__ = sorted(_HOMES)
 
 if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from .dataset import FeatureDataset  # noqa: F401
+    from .embed import EmbedConfig, write_embeddings  # noqa: F401
     from .housekeeping import CacheScan, GcLimits, Selection, cache_root  # noqa: F401
     from .rows import RowView  # noqa: F401
     from .store import CachedFeatures, ChannelStats, FeatureCache  # noqa: F401

@@ -43,6 +43,8 @@ from .writer import to_torch
 if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start without torch
     import torch
 
+    from .dataset import FeatureDataset
+
 __all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
 
 #: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
@@ -167,6 +169,17 @@ class CachedFeatures:
             )
         t = to_torch(np.asarray(self.features[layer]), self.dtype)
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def to_dataset(self, layer: str | None = None, dtype: torch.dtype | None = None) -> FeatureDataset:
+        """This split as a torch ``Dataset`` of ``(features, label)`` for any ``DataLoader``; rows are read
+        from the memory maps as they are indexed (:class:`~featcache.cache.dataset.FeatureDataset`).
+
+        Example:
+            >>> loader = DataLoader(cached.to_dataset("penultimate"), batch_size=256)  # doctest: +SKIP
+        """
+        from .dataset import FeatureDataset
+
+        return FeatureDataset(self, layer, dtype)
 
     def check(self) -> None:
         """Hash now every shard the split's rows live in (each file once per process, as a first read

@@ -1,11 +1,14 @@
-"""``featcache extract``: a backbone's layers over a dataset into the cache, with each split's counts."""
+"""``featcache extract``: a backbone's layers over a dataset into the cache, with each split's counts;
+``featcache embed``: the same, then one layer's rows of a split out to ``.npy`` + ``.csv`` or Parquet."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .._errors import FeatcacheError
 from ..backbones.registry import load_backbone
+from ..cache.embed import EmbedConfig, write_embeddings
 from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..extract.build import extract_splits
@@ -50,6 +53,25 @@ def cmd_extract(a: argparse.Namespace) -> None:
             f"... and {len(skipped) - 5} more skipped images (each split's manifest lists them)",
             file=sys.stderr,
         )
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
+    embed = from_args(EmbedConfig, a)
+    bb = load_backbone(a.model, a.weights, input_size=a.input_size)
+    layers = parse_layers(embed.layer, bb)
+    if len(layers) != 1:
+        raise FeatcacheError(
+            f"embed writes one layer, but {embed.layer!r} names {len(layers)}; run it once per layer"
+        )
+    splits = data.load()
+    feats = extract_splits(bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet)
+    for split, f in feats.items():
+        print(f"{split:5s} {f.key[:16]}  {count_text(f)}", file=sys.stderr)
+    done = write_embeddings(feats, layers[0], embed.out, embed.split, progress=not a.quiet)
+    shape = "x".join(map(str, done.row_shape))
+    files = " and ".join(str(p) for p in done.paths)
+    print(f"wrote {done.rows} rows of {layers[0]} ({shape}, {done.dtype}) to {files}")
 
 
 def counts(f: CachedFeatures) -> dict[str, int]:

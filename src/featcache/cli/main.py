@@ -18,6 +18,7 @@ COMMANDS = {
     "layers": "models:cmd_layers",
     "summary": "models:cmd_summary",
     "extract": "extract:cmd_extract",
+    "embed": "extract:cmd_embed",
     "cache": "cache:cmd_cache",
     "train": "runs:cmd_train",
     "finetune": "runs:cmd_finetune",

@@ -23,6 +23,8 @@ EXAMPLES = {
     "layers": "featcache layers torchvision:resnet18 --weights none --input-size 64 64",
     "summary": "featcache summary efficientnet-lite0 --input-size 128 128",
     "extract": "featcache extract efficientnet-lite0 mnist-5k --layers penultimate --input-size 64 64",
+    "embed": "featcache embed efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64 "
+    "--out mnist.parquet",
     "cache": "featcache cache ls   |   featcache cache verify   |   "
     "featcache cache rm --older-than 30 --dry-run   |   featcache cache gc --max-size 10G",
     "train": "featcache train efficientnet-lite0 mnist-5k --layer penultimate --head linear --epochs 30 "
@@ -119,6 +121,7 @@ def _run_args(p: argparse.ArgumentParser, out_help: str, resume: bool = True) ->
 
     p.add_argument("--out", required=True, help=f"{out_help} (required)")
     add_config(p, RunSpec, only=["resume", "overwrite"] if resume else ["overwrite"])
+    add_config(p, RunSpec, only=["logger"])
 
 
 def _views_args(p: argparse.ArgumentParser) -> None:
@@ -179,6 +182,15 @@ def _extract(p: argparse.ArgumentParser) -> None:
     )
     _extract_args(p)
     p.add_argument("--json", action="store_true", help="print each split's row counts as JSON")
+
+
+def _embed(p: argparse.ArgumentParser) -> None:
+    from ..cache.embed import EmbedConfig
+
+    _model_args(p)
+    _data_args(p)
+    add_config(p, EmbedConfig, required=["out"])
+    _extract_args(p)
 
 
 def _cache(p: argparse.ArgumentParser) -> None:
@@ -328,6 +340,10 @@ VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         lambda p: _layers(p, depth=2),
     ),
     "extract": ("extract layers of a frozen backbone over a dataset into the cache", _extract),
+    "embed": (
+        "extract one layer (or read it from the cache) and write a split's rows to .npy+.csv or .parquet",
+        _embed,
+    ),
     "cache": ("list, inspect, verify, compact and remove feature tables", _cache),
     "train": ("train a head on cached features and write a run folder", _train),
     "sweep": ("one extraction of several layers, a head per layer and setting, chosen on val", _sweep),

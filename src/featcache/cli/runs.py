@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .._checks import check_number
@@ -13,7 +14,7 @@ from .._util import FeatcacheError
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig, finetune_run
-from ..runs.folder import RunRecord
+from ..runs.folder import RunFolder, RunRecord
 from ..runs.folds import folds_run
 from ..runs.probe import ProbeConfig, probe_run
 from ..runs.spec import RunSpec
@@ -99,7 +100,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(test_line(m["test"]))
     else:
         print("no test split: nothing was held out for testing (--test-fraction, or a larger --limit)")
-    print(f"run folder: {run.dir}")
+    print(run_line(run.dir))
 
 
 def test_line(test: dict[str, Any]) -> str:
@@ -134,7 +135,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
     if "test" in m:
         print(f"test accuracy {m['test']['acc']:.4f}  loss {m['test']['loss']:.4f}")
-    print(f"run folder: {run.dir}")
+    print(run_line(run.dir))
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
@@ -161,6 +162,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     print(f"chosen on val {key[4:]}: {b['layer']} {b['run']} (val {b[key]:.4f}{test})")
     n = len({r["layer"] for r in res.rows})
     print(f"one extraction for {n} layers: {res.extract_seconds:.1f}s; sweep folder: {res.out}")
+    print(run_line(res.out / b["run"], "chosen run"))
 
 
 def cmd_probe(a: argparse.Namespace) -> None:
@@ -191,7 +193,13 @@ def cmd_probe(a: argparse.Namespace) -> None:
         elif res.test:
             print(test_line(res.test))
     if a.out:
-        print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")
+        print(f"{run_line(a.out)}; export it with `featcache export {a.out}`")
+
+
+def run_line(path: str | Path, what: str = "run folder") -> str:
+    """A run's last line: its folder and what it wrote to look at (misclassified.csv, the pictures)."""
+    files = RunFolder(path).outputs()
+    return f"{what}: {path}" + (f"  ({files})" if files else "")
 
 
 def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:

@@ -16,6 +16,7 @@ gets a sidecar ``<file>.json`` with the class names, preprocessing, layer, pooli
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -32,12 +33,12 @@ from .._util import FeatcacheError, hash_tensors
 from .._version import __version__
 from ..backbones.layers import LOGITS
 from ..backbones.preprocessing import Preprocessing
-from ..backbones.registry import load_backbone
+from ..backbones.registry import Backbone, BackboneCfg, load_backbone, parse_spec
 from ..backbones.tokens import pool_prefix
 from ..extract.nodes import FeatureExtractor
 from ..extract.truncate import truncate
 from ..runs.finetune import load_finetuned
-from ..runs.folder import RunFolder
+from ..runs.folder import RunFolder, RunRecord
 from ..train.heads import HeadInfo
 from .model import ExportedModel, Network, Preprocess
 
@@ -151,17 +152,26 @@ class _Dispatch(nn.Module):
 # --------------------------------------------------------------------------- building
 
 
-def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[ExportedModel, ExportInfo]:
+#: what a run made from a model passed from Python (not a name featcache rebuilds) is exported with
+ModuleArg = nn.Module | Backbone | None
+
+
+def build_model(
+    run_dir: str | Path, weights: str | None = None, backbone: ModuleArg = None
+) -> tuple[ExportedModel, ExportInfo]:
     """Build the exported model of a run folder in memory (eval mode, on the CPU).
 
     Args:
         run_dir: a folder written by :func:`featcache.runs.train_run` (or ``finetune_run``, ``probe_run``),
             or a sweep folder (its chosen run).
         weights: weights to rebuild the backbone with (a tag or path) when the run's own
-            ``weights_arg`` cannot (e.g. the run got a ``Backbone`` object); default: the run's.
+            ``weights_arg`` cannot; default: the run's.
+        backbone: the ``nn.Module`` (or :class:`~featcache.backbones.Backbone`) the run was made from,
+            for a run whose model was passed from Python rather than named: featcache cannot rebuild
+            it from the name ``module:ClassName``. Its weights must be those the run was trained on.
 
     Raises:
-        FeatcacheError: the rebuilt backbone's weights differ from those the head was trained on.
+        FeatcacheError: the rebuilt (or given) backbone's weights differ from those the head was trained on.
 
     Example:
         >>> model, info = build_model("runs/mnist")  # doctest: +SKIP
@@ -173,38 +183,95 @@ def build_model(run_dir: str | Path, weights: str | None = None) -> tuple[Export
     unfinished = folder.unfinished()
     if unfinished:  # usable (the best finished epoch), but say so, and how to finish it
         log.warning(unfinished)
-    build = _build_finetuned if record.kind == "finetune" else _build_head_run
-    model, info = build(folder, weights)
+    if record.kind == "finetune":
+        model, info = _build_finetuned(folder, weights, backbone)
+    else:
+        model, info = _build_head_run(folder, weights, backbone)
     notes = tuple(n for n in (chosen, unfinished) if n)
     return model, replace(info, notes=(*info.notes, *notes)) if notes else info
 
 
-def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+def from_python_only(model: str, where: str) -> str:
+    """The fix for a model featcache cannot rebuild from its name: a module passed from Python
+    (``module:Name``) or a source registered in Python only; "" for a name it can rebuild.
+
+    Example:
+        >>> from_python_only("module:TinyNet", "runs/tiny").split(":")[0]
+        'run runs/tiny was made from an nn.Module passed from Python (module'
+    """
+    registered = ""
+    if model.startswith("module:"):
+        what = f"an nn.Module passed from Python ({model})"
+    else:
+        try:
+            parse_spec(model)
+            return ""
+        except FeatcacheError as exc:
+            what = f"{model!r}, which is not a model this process knows ({exc})"
+            registered = " (or register its source with register_source first, then export by name)"
+    return (
+        f"run {where} was made from {what}; featcache cannot rebuild it from a name. Export it from Python "
+        f"with the same module: featcache.export_run({where!r}, format='onnx', backbone=module){registered}, "
+        f"and predict with featcache.load_predictor({where!r}, backbone=module), or `featcache predict` on "
+        "the exported .ts or .onnx file, which needs no module"
+    )
+
+
+def _given_backbone(backbone: nn.Module | Backbone, record: RunRecord) -> Backbone:
+    """The backbone passed from Python, checked against the run: its weights are those the head was
+    trained on (hashed as the cache hashed them)."""
+    given = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, cfg=record.backbone)
+    if given.cfg.weights_id != record.backbone.weights_id:
+        raise FeatcacheError(
+            f"the backbone passed has weights id {given.cfg.weights_id[:12]}, but the run was trained on "
+            f"{record.backbone.weights_id[:12]} ({record.model}); pass the module the run was made from, "
+            "with its weights unchanged"
+        )
+    return given
+
+
+def _rebuilt_backbone(
+    folder: RunFolder, record: RunRecord, weights: str | None, backbone: ModuleArg
+) -> Backbone:
+    """The run's backbone: the one passed from Python, else rebuilt from the run's spec and weights."""
+    if backbone is not None:
+        return _given_backbone(backbone, record)
+    python_only = from_python_only(record.model, str(folder.path))
+    if python_only:
+        raise FeatcacheError(python_only)
+    weights_arg = weights if weights is not None else record.weights_arg
+    try:
+        size = record.extract.get("input_size")
+        rebuilt = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
+    except (FeatcacheError, FileNotFoundError) as exc:
+        raise FeatcacheError(
+            f"cannot rebuild the backbone of run {str(folder.path)!r} ({record.model}, weights="
+            f"{weights_arg!r}): {exc}. Pass the tag or file the run used: --weights TAG|PATH "
+            "(export_run(..., weights=...))"
+        ) from exc
+    if rebuilt.cfg.weights_id != record.backbone.weights_id:
+        run_cfg = record.backbone
+        raise FeatcacheError(
+            f"backbone {record.model} rebuilt with weights={weights_arg!r} has weights id "
+            f"{rebuilt.cfg.weights_id[:12]}, but run {str(folder.path)!r} was trained on "
+            f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
+            "Pass the tag or file the run used: --weights TAG|PATH (export_run(..., weights=...))"
+        )
+    return rebuilt
+
+
+def _build_head_run(
+    folder: RunFolder, weights: str | None, given: ModuleArg = None
+) -> tuple[ExportedModel, ExportInfo]:
     """A head run: the backbone cut at the run's layer, the extraction's pooling, the trained head."""
     record, run_dir = folder.read_config(), folder.path
     if record.layer is None:
         raise FeatcacheError(f"run config of {str(run_dir)!r} names no layer; export needs a head run")
     run_cfg = record.backbone
-    weights_arg = weights if weights is not None else record.weights_arg
-    try:
-        size = record.extract.get("input_size")
-        backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
-    except (FeatcacheError, FileNotFoundError) as exc:
-        raise FeatcacheError(
-            f"cannot rebuild the backbone of run {str(run_dir)!r} ({record.model}, weights="
-            f"{weights_arg!r}): {exc}. Pass the tag or file the run used: --weights TAG|PATH "
-            "(export_run(..., weights=...))"
-        ) from exc
-    if backbone.cfg.weights_id != run_cfg.weights_id:
-        raise FeatcacheError(
-            f"backbone {record.model} rebuilt with weights={weights_arg!r} has weights id "
-            f"{backbone.cfg.weights_id[:12]}, but run {str(run_dir)!r} was trained on "
-            f"{run_cfg.weights_id[:12]} ({run_cfg.weights}); the head would not match. "
-            "Pass the tag or file the run used: --weights TAG|PATH (export_run(..., weights=...))"
-        )
+    backbone = _rebuilt_backbone(folder, record, weights, given)
     extract = record.extract
     cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
-    backbone.cfg = replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier)
+    backbone = Backbone(backbone.model, replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier))
     layer, pool = record.layer, str(extract.get("pool", "avg"))
     dtype = str(extract.get("dtype", "float32"))
     net, key, method, nodes, notes = truncate(backbone, layer)
@@ -249,11 +316,16 @@ def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedMod
     return model, info
 
 
-def _build_finetuned(folder: RunFolder, weights: str | None) -> tuple[ExportedModel, ExportInfo]:
+def _build_finetuned(
+    folder: RunFolder, weights: str | None, given: ModuleArg = None
+) -> tuple[ExportedModel, ExportInfo]:
     """A fine-tuned run exports whole: preprocessing -> the fine-tuned network's logits (nothing is cut)."""
     run_dir = folder.path
-
-    backbone, record = load_finetuned(run_dir, weights)
+    record = folder.read_config()
+    python_only = from_python_only(record.model, str(run_dir)) if given is None else ""
+    if python_only:
+        raise FeatcacheError(python_only)
+    backbone, record = load_finetuned(run_dir, weights, given)
     extract, finetune = record.extract, record.verb["finetune"]["train"]
     cfg = backbone.cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else backbone.cfg
     pre = cfg.preprocessing
@@ -282,36 +354,47 @@ def _build_finetuned(folder: RunFolder, weights: str | None) -> tuple[ExportedMo
     return model, info
 
 
-def rebuild_model(info: ExportInfo) -> ExportedModel:
+def rebuild_model(info: ExportInfo, backbone: ModuleArg = None) -> ExportedModel:
     """The structure of an exported ``safetensors`` model with random weights (load its state dict next).
+
+    Args:
+        info: the export's sidecar.
+        backbone: for a model passed from Python (``module:Name``), a module of the same structure; a
+            copy of it is used, so loading the file's weights leaves the module passed unchanged.
 
     Example:
         >>> model = rebuild_model(read_info("model.safetensors"))  # doctest: +SKIP
     """
     pre = info.preprocessing
-    backbone = load_backbone(info.model, "none", input_size=pre.input_size)
+    if backbone is not None:
+        module = backbone.model if isinstance(backbone, Backbone) else backbone
+        bb = load_backbone(copy.deepcopy(module), cfg=BackboneCfg(spec=info.model))
+    elif info.model.startswith("module:"):
+        raise FeatcacheError(
+            f"{info.run or 'this export'} holds a network made from an nn.Module passed from Python "
+            f"({info.model}): its safetensors file loads with featcache.load_predictor(path, "
+            "backbone=module); the TorchScript and ONNX exports load without the module"
+        )
+    else:
+        bb = load_backbone(info.model, "none", input_size=pre.input_size)
     if info.method == "full":  # a fine-tuned network, exported whole
         from ..train.freeze import replace_classifier
 
-        replace_classifier(backbone.model, info.head["classifier"], len(info.classes))
-        whole = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, info.model)
+        replace_classifier(bb.model, info.head["classifier"], len(info.classes))
+        whole = FeatureExtractor(bb.model, [LOGITS], "hooks", None, info.model)
         return ExportedModel(
             Preprocess(pre), Network(whole, LOGITS, "none", "float32", nn.Identity()), list(info.classes)
         )
-    backbone.cfg = replace(backbone.cfg, preprocessing=pre)
+    bb.cfg = replace(bb.cfg, preprocessing=pre)
     if info.method == "hooks":
-        net: nn.Module = FeatureExtractor(
-            backbone.model, [info.layer], "hooks", backbone.cfg.classifier, info.model
-        )
+        net: nn.Module = FeatureExtractor(bb.model, [info.layer], "hooks", bb.cfg.classifier, info.model)
         key = info.layer
     else:
-        net, key, _, _, _ = truncate(backbone, info.layer, info.return_nodes)
+        net, key, _, _, _ = truncate(bb, info.layer, info.return_nodes)
     head = HeadInfo.from_dict(info.head).build()
     return ExportedModel(
         Preprocess(pre),
-        Network(
-            net, key, info.pool, info.storage_dtype, head, info.layout, pool_prefix(backbone.model, info.pool)
-        ),
+        Network(net, key, info.pool, info.storage_dtype, head, info.layout, pool_prefix(bb.model, info.pool)),
         list(info.classes),
     )
 
@@ -339,7 +422,7 @@ def read_info(path: str | Path) -> ExportInfo:
     return ExportInfo.from_dict(json.loads(side.read_text()))
 
 
-def load_safetensors(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
+def load_safetensors(path: str | Path, backbone: ModuleArg = None) -> tuple[ExportedModel, ExportInfo]:
     """Load a ``safetensors`` export (or a ``model.pt`` of older versions, the same content): rebuild the
     structure with featcache, then load the weights strictly.
 
@@ -360,7 +443,7 @@ def load_safetensors(path: str | Path) -> tuple[ExportedModel, ExportInfo]:
                 f"{str(sidecar_path(path))!r} not found and {str(path)!r} has no featcache metadata"
             )
         info = ExportInfo.from_dict(json.loads(meta))
-    model = rebuild_model(info)
+    model = rebuild_model(info, backbone)
     load_model(model, str(path), strict=True)
     if info.weights_sha256 and hash_tensors(model.state_dict()) != info.weights_sha256:
         raise FeatcacheError(f"{str(path)!r} does not hold the weights its sidecar describes (hash mismatch)")

@@ -28,7 +28,7 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.preprocessing import Preprocessing
 from ..data.preprocess import INTERPOLATION
 from ..data.samples import BadImageError, read_image
-from .build import FORMATS, ExportInfo, build_model, load_safetensors, read_info, sidecar_path
+from .build import FORMATS, ExportInfo, ModuleArg, build_model, load_safetensors, read_info, sidecar_path
 
 if TYPE_CHECKING:
     from .build import ExportInfo
@@ -349,7 +349,9 @@ def _torchscript(path: Path, device: torch.device) -> tuple[Runner, ExportInfo]:
     return _torch_runner(module, device), info
 
 
-def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+def load_predictor(
+    path: str | os.PathLike[str], device: str = "auto", backbone: ModuleArg = None
+) -> Predictor:
     """A :class:`Predictor` for an exported file (``.ts``, ``.pt2``, ``.onnx``, ``.safetensors`` or an older
     version's ``.pt``) or a run folder.
 
@@ -357,6 +359,8 @@ def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predic
         path: exported model file, or a run or sweep folder (the model is then built in memory, as export
             does).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        backbone: for a run made from an ``nn.Module`` passed from Python (a run folder, or its
+            ``safetensors`` export), that module: featcache cannot rebuild it from its name.
 
     Example:
         >>> p = load_predictor("runs/mnist")  # doctest: +SKIP
@@ -366,7 +370,7 @@ def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predic
     p = Path(path)
     dev = resolve_device(device)
     if p.is_dir():
-        model, info = build_model(p)
+        model, info = build_model(p, backbone=backbone)
         return Predictor(_torch_runner(model, dev), info, dev)
     if not p.is_file():
         raise FileNotFoundError(f"{str(p)!r} is neither an exported model file nor a run folder")
@@ -380,7 +384,7 @@ def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Predic
         runner, info = _pt2(p, dev)
         predictor = Predictor(runner, info, dev, fixed_size=True)
     else:
-        model, info = load_safetensors(p)
+        model, info = load_safetensors(p, backbone)
         predictor = Predictor(_torch_runner(model, dev), info, dev)
     for note in predictor.info.notes:
         if "unfinished" in note:  # exported from an interrupted run: say how to finish it

@@ -22,6 +22,7 @@ from .build import (
     PT2_INPUT_CONVENTION,
     SUFFIXES,
     ExportInfo,
+    ModuleArg,
     _Dispatch,
     _Entry,
     build_model,
@@ -134,6 +135,7 @@ def export_run(
     out: str | Path | None = None,
     weights: str | None = None,
     verify: bool = True,
+    backbone: ModuleArg = None,
 ) -> Path:
     """Export a run as one model for raw images: preprocessing, truncated backbone, pooling and head.
 
@@ -146,6 +148,9 @@ def export_run(
         out: output file (default ``RUN/model.ts|.pt2|.onnx|.safetensors``); the sidecar is ``<out>.json``.
         weights: see :func:`build_model`.
         verify: load the written file back and check it gives the in-memory model's logits.
+        backbone: the ``nn.Module`` (or :class:`~featcache.backbones.Backbone`) a run was made from when it
+            was passed from Python: featcache cannot rebuild ``module:ClassName`` from the name. Its
+            weights must be the run's (checked by hash).
 
     Returns:
         The path of the exported file.
@@ -153,6 +158,8 @@ def export_run(
     Example:
         >>> export_run("runs/mnist", "onnx", "mnist.onnx")  # doctest: +SKIP
         PosixPath('mnist.onnx')
+        >>> export_run("runs/mine", "onnx", backbone=my_module)  # from an nn.Module  # doctest: +SKIP
+        PosixPath('runs/mine/model.onnx')
     """
     if format == "pt":
         raise FeatcacheError(
@@ -162,7 +169,7 @@ def export_run(
         )
     if format not in FORMATS:
         raise unknown("export format", format, FORMATS, f"Use --format {'|'.join(FORMATS)}.")
-    model, info = build_model(run_dir, weights)
+    model, info = build_model(run_dir, weights, backbone)
     path = Path(out) if out is not None else RunFolder.resolve(run_dir)[0].path / f"model{SUFFIXES[format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     notes = info.notes
@@ -183,15 +190,15 @@ def export_run(
     model.eval()  # exporters may leave wrappers (and so the model) in training mode
     write_json(sidecar_path(path), info.to_dict())
     if verify:
-        _verify(model, path, info)
+        _verify(model, path, info, backbone)
     return path
 
 
-def _verify(model: ExportedModel, path: Path, info: ExportInfo) -> None:
+def _verify(model: ExportedModel, path: Path, info: ExportInfo, backbone: ModuleArg) -> None:
     x = _example(info.preprocessing, extra=(11, 3))
     with torch.inference_mode():
         want = model(x)
-    got = load_predictor(path, device="cpu").logits(x)
+    got = load_predictor(path, device="cpu", backbone=backbone).logits(x)
     tol = 1e-3 * max(1.0, float(want.abs().max()))
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=tol):
         diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")

@@ -7,6 +7,7 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from ..train.freeze import (
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .folder import RunFolder, RunRecord
+from .logger import epoch_log
 from .spec import RunSpec
 from .train import evaluate_splits
 
@@ -229,12 +231,16 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tenso
     }
 
 
-def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Backbone, RunRecord]:
+def load_finetuned(
+    run_dir: str | Path, weights: str | None = None, backbone: nn.Module | Backbone | None = None
+) -> tuple[Backbone, RunRecord]:
     """Rebuild a fine-tuned network from its run folder: base weights + new classifier + trained part.
 
     Args:
         run_dir: a folder written by :func:`finetune_run`.
         weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
+        backbone: for a run made from a module passed from Python (``module:Name``), a module with the
+            base weights the run started from; a copy of it is fine-tuned (the module passed is unchanged).
 
     Example:
         >>> backbone, record = load_finetuned("runs/ft")  # doctest: +SKIP
@@ -246,7 +252,12 @@ def load_finetuned(run_dir: str | Path, weights: str | None = None) -> tuple[Bac
         raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
     weights_arg = weights if weights is not None else record.weights_arg
     size = record.extract.get("input_size")
-    backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
+    if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
+        module = backbone.model if isinstance(backbone, Backbone) else backbone
+        backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
+        weights_arg = "the module passed"
+    else:
+        backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
     if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
         raise FeatcacheError(
             f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
@@ -321,22 +332,29 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-    try:
-        result = fit(
-            trained,
-            src["train"],
-            src.get("val"),
-            len(splits.classes),
-            spec.train,
-            spec.progress,
-            folder.checkpoint,
-            spec.resume,
-            param_groups=opt_groups,
-            train_mode=mode_fn,
-        )
-    except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
-        result = stop.result
-    metrics = {**evaluate_splits(trained, result, src, len(splits.classes)), "mode": mode}
+    with epoch_log(spec.logger, folder.path) as on_epoch:
+        try:
+            result = fit(
+                trained,
+                src["train"],
+                src.get("val"),
+                len(splits.classes),
+                spec.train,
+                spec.progress,
+                folder.checkpoint,
+                spec.resume,
+                param_groups=opt_groups,
+                train_mode=mode_fn,
+                on_epoch=on_epoch,
+            )
+        except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+            result = stop.result
+        if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
+            on_epoch(result.history)
+    metrics = {
+        **evaluate_splits(trained, result, src, len(splits.classes), names=splits.classes),
+        "mode": mode,
+    }
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
@@ -344,7 +362,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     if test is not None:
         logits = predict_logits(trained, src[test[0]])
         labels = torch.as_tensor(test[1].labels)
-        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes)
+        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes, test[1])
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)

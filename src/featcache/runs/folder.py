@@ -3,7 +3,9 @@
 A run folder holds ``config.json`` (a :class:`RunRecord`: everything needed to reproduce, reload and
 export the run, cache keys included), ``metrics.json``, the trained head (``head.safetensors`` +
 ``head.json``) or a fine-tuned network's trainable weights (``trainable.safetensors``),
-``checkpoint.pt`` (for ``--resume``), ``curves.png`` and ``confusion.png``. :class:`RunFolder` alone
+``checkpoint.pt`` (for ``--resume``), ``curves.png``, ``confusion.png``, ``history.csv``,
+``misclassified.csv`` and ``top_losses.png`` (and ``tensorboard/`` with ``--logger tensorboard``; the
+README's table says what each is). :class:`RunFolder` alone
 creates, writes and reads these files, with the same resume/overwrite rules for every verb; export
 and predict read runs only through it. No pickle: heads rebuild from JSON + safetensors.
 """
@@ -34,11 +36,12 @@ from .._util import FeatcacheError, check_name, default_mode, resolve_device, wr
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
 from ..cache.store import CachedFeatures
+from ..data.samples import SampleSet
 from ..extract.config import ExtractConfig
 from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
-from .report import plot_confusion, plot_curves, plot_label_ap, plot_scatter
+from .report import plot_confusion, plot_curves, plot_label_ap, plot_scatter, plot_top_losses
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ RUN_FILES = (
     "confusion.png",
     "history.csv",
     "misclassified.csv",
+    "top_losses.png",
     "skipped.csv",
     "sweep.json",
     "sweep.png",
@@ -378,6 +382,7 @@ class RunFolder:
         """The previous run's files, and the run folders of a previous sweep."""
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # --logger tensorboard's log
         for child in self.path.iterdir() if self.path.is_dir() else ():
             if child.is_dir() and (child / "config.json").exists():
                 shutil.rmtree(child)
@@ -531,15 +536,24 @@ class RunFolder:
 
     @_writes("misclassified.csv")
     def write_misclassified(
-        self, split: str, ids: list[str], labels: torch.Tensor, logits: torch.Tensor, classes: list[str]
+        self,
+        split: str,
+        ids: list[str],
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        classes: list[str],
+        samples: SampleSet | None = None,
     ) -> int:
         """``misclassified.csv``: the rows of ``split`` the model gets wrong, highest loss first, with the
-        sample id (the file's path under the dataset, or its index); returns how many.
+        sample id (the file's path under the dataset, or its index); returns how many. With ``samples``
+        (the split's images), also ``top_losses.png``: the first of them in a grid, read through the
+        dataset's own loader.
 
         Example:
             >>> folder.write_misclassified("test", feats.ids, feats_y, logits, classes)  # doctest: +SKIP
             37
         """
+        (self.path / "top_losses.png").unlink(missing_ok=True)  # never a picture of an earlier run's
         if len(ids) != len(logits):  # rows dropped on the way (skipped bad images): ids would not match
             return 0
         probs = torch.softmax(logits.double(), 1)
@@ -563,7 +577,29 @@ class RunFolder:
         ]
         fields = ["rank", "split", "id", "true", "predicted", "p_true", "p_predicted", "loss"]
         self._write_csv("misclassified.csv", rows, fields)
+        if samples is not None and rows:
+            index = {sample_id: i for i, sample_id in enumerate(samples.ids)}
+            plot_top_losses(rows, lambda i: samples.load(index[i]), self._out("top_losses.png"))
         return len(rows)
+
+    def outputs(self) -> str:
+        """What the run wrote for a person to look at, for the run's last line: ``misclassified.csv (N
+        test images)``, the pictures, ``history.csv``, the TensorBoard log ("" when none).
+
+        Example:
+            >>> RunFolder("runs/mnist").outputs()  # doctest: +SKIP
+            'misclassified.csv (37 test images), top_losses.png, confusion.png, curves.png, history.csv'
+        """
+        shown = []
+        wrong = self.path / "misclassified.csv"
+        if wrong.is_file():
+            with wrong.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            split = rows[0]["split"] if rows else "evaluated"
+            shown.append(f"misclassified.csv ({len(rows)} {split} images)")
+        names = ("top_losses.png", "confusion.png", "curves.png", "history.csv", "tensorboard")
+        shown += [n + ("/" if n == "tensorboard" else "") for n in names if (self.path / n).exists()]
+        return ", ".join(shown)
 
     @_writes("skipped.csv")
     def write_skipped(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:

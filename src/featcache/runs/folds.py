@@ -175,6 +175,11 @@ def folds_run(
         >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), extract=ExtractConfig())
         >>> res, feats = folds_run(spec, "penultimate", 5, HeadSpec())  # doctest: +SKIP
     """
+    if spec.logger != "none":  # a head per fold, no run folder each: nothing would be logged
+        raise FeatcacheError(
+            f"--logger {spec.logger} logs the epochs of a train, finetune or sweep run; --folds trains a "
+            "head per fold without one: leave out --logger, or train without --folds"
+        )
     backbone = spec.backbone()
     splits = spec.data.load(spec.cache_dir)
     if splits.task != "classify":  # the folds are dealt per class, and score accuracy

@@ -24,6 +24,7 @@ from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.objectives import metric_key
 from ..train.sources import FeatureSource, source_for
 from .logistic import SoftmaxRegression, Solution, small_problem_threads
+from .report import most_confused
 from .spec import RunSpec, skipped_rows
 from .target_probes import probe_task
 from .train import write_mistakes
@@ -345,6 +346,8 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     else:
         res, summary = few_shot(*args)
         res.extra["few_shot"] = summary
+    if res.test and "confusion" in res.test:  # in the result, so --json and metrics.json say the same
+        res.test["most_confused"] = most_confused(res.test["confusion"], classes)
     if folder is not None:
         folder.write_config(
             spec.record(
@@ -366,5 +369,5 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
         }
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
-        write_mistakes(folder, res.head, feats, layer, spec.train)
+        write_mistakes(folder, res.head, feats, layer, spec.train, splits)
     return res

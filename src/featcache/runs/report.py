@@ -1,7 +1,9 @@
-"""Reports: learning curves, confusion matrices and plain-text tables."""
+"""Reports: learning curves, confusion matrices, the most confused classes, the top losses and plain-text
+tables."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +221,95 @@ def plot_scatter(
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def most_confused(
+    confusion: Sequence[Sequence[int]], classes: Sequence[str], min_count: int = 1
+) -> list[dict[str, Any]]:
+    """The (true, predicted) class pairs the model confuses, most often first, as fastai's
+    ``ClassificationInterpretation.most_confused(min_val)``: every off-diagonal cell of the confusion
+    matrix (true class in rows) with at least ``min_count`` images; ties in class order.
+
+    Example:
+        >>> pairs = most_confused([[5, 2, 0], [0, 6, 1], [3, 0, 4]], ["cat", "dog", "fox"])
+        >>> [(p["true"], p["predicted"], p["count"]) for p in pairs]
+        [('fox', 'cat', 3), ('cat', 'dog', 2), ('dog', 'fox', 1)]
+    """
+    cells = [
+        (-int(n), i, j)
+        for i, row in enumerate(confusion)
+        for j, n in enumerate(row)
+        if i != j and int(n) >= min_count
+    ]
+    return [{"true": classes[i], "predicted": classes[j], "count": -n} for n, i, j in sorted(cells)]
+
+
+def _shown(name: str, width: int = 16) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _tail(name: str, width: int) -> str:
+    """The end of an id (a path's file name matters most)."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def plot_top_losses(
+    rows: Sequence[dict[str, Any]],
+    load: Any,
+    path: str | Path,
+    total: int | None = None,
+    k: int = 16,
+) -> Path:
+    """fastai's ``plot_top_losses``: the ``k`` misclassified images with the highest loss in a grid, each
+    titled with its true class, the predicted class with its probability, and the probability the model
+    gave the true class.
+
+    Args:
+        rows: ``misclassified.csv``'s rows, highest loss first (``id``, ``true``, ``predicted``,
+            ``p_predicted``, ``p_true``, ``loss``, ``split``).
+        load: ``load(id)`` -> a PIL image, read through the dataset's own loader.
+        path: the PNG to write.
+        total: how many images of the split were misclassified (default: ``len(rows)``).
+        k: at most this many images.
+
+    Example:
+        >>> plot_top_losses(rows, lambda i: samples.load(index[i]), "top_losses.png")  # doctest: +SKIP
+    """
+    shown = list(rows[:k])
+    cols = min(4, max(1, len(shown)))
+    lines = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(lines, cols, figsize=(2.6 * cols, 3.3 * lines + 0.6), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, shown):
+        try:
+            img = load(r["id"])
+            grey = img.mode in ("L", "I", "I;16", "F", "1")
+            pixels = np.asarray(img.convert("L" if grey else "RGB"))
+            small = max(pixels.shape[:2]) < 64  # digits at 8 px: blocks, not a blur
+            smooth = "nearest" if small else "antialiased"
+            ax.imshow(pixels, cmap="gray" if grey else None, interpolation=smooth)
+        except (OSError, ValueError, KeyError) as exc:  # gone or changed since: the others still show
+            ax.text(0.5, 0.5, f"cannot read\n{type(exc).__name__}", ha="center", va="center", fontsize=8)
+        title = (
+            f"true {_shown(str(r['true']), 24)}\n"
+            f"pred {_shown(str(r['predicted']), 24)} ({float(r['p_predicted']):.2f})\n"
+            f"p(true) {float(r['p_true']):.2f}, loss {float(r['loss']):.2f}\n"
+            f"{_tail(str(r['id']), 34)}"
+        )
+        ax.set_title(title, fontsize=8, loc="left")
+    split = shown[0]["split"] if shown else "test"
+    n = total if total is not None else len(rows)
+    height = fig.get_size_inches()[1]
+    fig.suptitle(
+        f"top losses: {len(shown)} of {n} misclassified {split} images, highest loss first\n"
+        "each: true class, predicted class (its probability), probability of the true class and loss, id",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / height))  # room for the two-line title above the grid
     fig.savefig(path)
     plt.close(fig)
     return Path(path)

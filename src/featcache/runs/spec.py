@@ -20,6 +20,7 @@ from ..extract.config import ExtractConfig, Views, parse_layers
 from ..extract.extractor import resolved_cfg
 from ..train.config import TrainConfig
 from .folder import RunFolder, RunRecord
+from .logger import check_logger
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class RunSpec:
         progress: show progress bars.
         resume: continue the interrupted run in ``out``.
         overwrite: replace the run in ``out``.
+        logger: none, or tensorboard: each epoch's row of history.csv also as TensorBoard scalars, live,
+            in the run folder's tensorboard/ (needs featcache[tensorboard]).
 
     Example:
         >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/mnist",
@@ -61,10 +64,12 @@ class RunSpec:
     progress: bool = True
     resume: bool = False
     overwrite: bool = False
+    logger: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):  # a bare dataset spec is the common case from Python
             object.__setattr__(self, "data", DataConfig(self.data))
+        check_logger(self.logger)  # an unknown one, or tensorboard not installed: before any work
 
     @classmethod
     def from_run(cls, out: str | Path, **given: Any) -> tuple[RunSpec, RunRecord]:
@@ -89,6 +94,7 @@ class RunSpec:
             Views(int(ex["views"]), ex["augment"]) if ex.get("views") else None,
             cache_dir=record.cache_dir,
             resume=True,
+            logger=str(record.verb.get("logger", "none")),  # a resumed run goes on logging as it did
         )
         return replace(spec, **given), record
 
@@ -210,7 +216,7 @@ class RunSpec:
             cache_keys={k: v.key for k, v in feats.items()},
             split_keys={k: v.split_key for k, v in feats.items()},
             view_keys=tuple(v.key for v in views),
-            verb=verb,
+            verb={**verb, **({"logger": self.logger} if self.logger != "none" else {})},
             cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
             task=feats["train"].task if "train" in feats else "classify",
             **typed,

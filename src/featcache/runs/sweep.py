@@ -38,6 +38,7 @@ from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
 from .folder import RunFolder, RunRecord
+from .logger import epoch_log
 from .report import plot_sweep
 from .spec import RunSpec, skipped_rows
 from .train import train_on_cache, write_mistakes
@@ -173,7 +174,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
         out = (spec.resume and _finished_row(child, record, key)) or _train_one(
-            child, record, feats, views, sweep.head, cfg, key
+            child, record, feats, views, sweep.head, cfg, key, spec.logger, splits
         )
         reused += bool(out.pop("reused", False))
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
@@ -239,19 +240,25 @@ def _train_one(
     head_spec: HeadSpec,
     cfg: TrainConfig,
     key: str = "val_acc",
+    logger: str = "none",
+    splits: DatasetSplits | None = None,
 ) -> dict[str, Any]:
-    """One combination of a sweep as a run folder; its row of the sweep table (chosen on ``key``)."""
+    """One combination of a sweep as a run folder (its own log with ``logger``); its row of the sweep
+    table (chosen on ``key``)."""
     folder.write_config(record)
     layer = str(record.layer)
     try:
-        head, info, result, metrics = train_on_cache(feats, layer, head_spec, cfg, False, views=views)
+        with epoch_log(logger, folder.path) as on_epoch:
+            head, info, result, metrics = train_on_cache(
+                feats, layer, head_spec, cfg, False, views=views, on_epoch=on_epoch
+            )
     except TrainingDiverged as exc:  # one bad setting (say, a too high lr) must not end the sweep
         log.warning("%s: %s", folder.path.name, exc)
         return {"diverged": str(exc), "run": folder.path.name}
     folder.save_head(head, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
-    write_mistakes(folder, head, feats, layer, cfg)
+    write_mistakes(folder, head, feats, layer, cfg, splits)
     if not result.finished:
         raise TrainingInterrupted(
             result,

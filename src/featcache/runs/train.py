@@ -30,6 +30,8 @@ from ..train.heads import Head, HeadInfo, HeadSpec, TargetScale, build_head, fit
 from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
+from .logger import EpochHook, epoch_log
+from .report import most_confused
 from .spec import RunSpec, skipped_rows
 
 
@@ -39,10 +41,11 @@ def evaluate_splits(
     sources: Mapping[str, Any],
     num_classes: int,
     info: HeadInfo | None = None,
-    names: list[str] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """metrics.json content: the fit's history and timings, and val/test metrics of the best model (for
-    the task of ``info``, at its multi-label threshold; ``names``: the classes or targets)."""
+    the task of ``info``, at its multi-label threshold; ``names``: the classes or targets, and with them
+    each classification split's ``most_confused`` class pairs)."""
     task = info.task if info is not None else "classify"
     threshold = info.threshold if info is not None and info.threshold is not None else 0.5
     metrics: dict[str, Any] = {
@@ -67,16 +70,24 @@ def evaluate_splits(
                 front_once=result.extra.get("fast_paths", True),
                 task=task,
                 threshold=threshold,
-                names=names,
+                names=None if names is None else list(names),
             )
+            if task == "classify" and names is not None and "confusion" in metrics[split]:
+                metrics[split]["most_confused"] = most_confused(metrics[split]["confusion"], names)
     return metrics
 
 
 def write_mistakes(
-    folder: RunFolder, head: nn.Module, feats: Mapping[str, CachedFeatures], layer: str, config: TrainConfig
+    folder: RunFolder,
+    head: nn.Module,
+    feats: Mapping[str, CachedFeatures],
+    layer: str,
+    config: TrainConfig,
+    splits: DatasetSplits | None = None,
 ) -> None:
-    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids; for the
-    other tasks, the per-label AP chart or the predicted-vs-true scatter of the test split."""
+    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids (with the
+    dataset's ``splits``, ``top_losses.png`` of its images too); for the other tasks, the per-label AP
+    chart or the predicted-vs-true scatter of the test split."""
     split = next((s for s in ("test", "val") if s in feats), None)
     if split is not None and feats[split].task != "classify":
         cached = feats[split]
@@ -87,7 +98,9 @@ def write_mistakes(
     elif split is not None:
         cached = feats[split]
         data = source_for(cached, layer, resolve_device(config.device), config.ram_budget_gb)
-        folder.write_misclassified(split, cached.ids, data.y, predict_logits(head, data), cached.classes)
+        samples = dict(splits.items()).get(split) if splits is not None else None
+        logits = predict_logits(head, data)
+        folder.write_misclassified(split, cached.ids, data.y, logits, cached.classes, samples)
 
 
 def train_on_cache(
@@ -99,11 +112,13 @@ def train_on_cache(
     checkpoint: Path | None = None,
     resume: bool = False,
     views: Sequence[CachedFeatures] = (),
+    on_epoch: EpochHook | None = None,
 ) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
 
     With ``views`` (cached augmented views of the train split, :func:`~featcache.extract.build.extract_views`)
     epoch ``e`` trains on view ``e mod K``; standardisation statistics still come from the plain split.
+    ``on_epoch`` gets the history after each epoch, and once more at the end (``--logger``).
 
     Example:
         >>> out = train_on_cache(feats, "penultimate", HeadSpec(), TrainConfig())  # doctest: +SKIP
@@ -137,9 +152,11 @@ def train_on_cache(
         # the outputs back in the targets' units once it has trained.
         with _standardised(scale, train, val):
             args = (len(classes), config, progress, checkpoint, resume)
-            result = fit(head, train, val, *args, task=task)
+            result = fit(head, train, val, *args, task=task, on_epoch=on_epoch)
     except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
         result = stop.result
+    if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
+        on_epoch(result.history)
     if scale is not None:
         head.target = scale.to(device)
     threshold = None
@@ -220,9 +237,10 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
     spec.note_skipped(folder, skipped_rows(feats))
-    trained, info, result, metrics = train_on_cache(
-        feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
-    )
+    with epoch_log(spec.logger, folder.path) as on_epoch:
+        trained, info, result, metrics = train_on_cache(
+            feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views, on_epoch
+        )
     metrics["extract_seconds"] = extract_seconds
     named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
     metrics["cache_hit"] = {k: v.hit for k, v in named.items()}
@@ -232,7 +250,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")
-    write_mistakes(folder, trained, feats, layer, train)
+    write_mistakes(folder, trained, feats, layer, train, splits)
     run = Run(folder.path, record, metrics, trained, info)
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("train"))

@@ -232,6 +232,7 @@ def fit(
     param_groups: list[dict[str, Any]] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     task: str = "classify",
+    on_epoch: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> FitResult:
     """Train ``head`` in place on cached features; the best state (by ``monitor``) is loaded at the end.
 
@@ -250,6 +251,7 @@ def fit(
         train_mode: puts the model in training mode each epoch (default ``head.train()``); fine-tuning
             uses it to keep frozen parts and frozen BatchNorm layers in eval mode.
         task: ``classify``, ``multilabel`` or ``regress`` (:mod:`featcache.train.objectives`).
+        on_epoch: called after each epoch with the history so far (``--logger``'s live log).
 
     Example:
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
@@ -289,9 +291,7 @@ def fit(
                 row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
                 row.update(_validate(paths, num_classes, task))
                 run.end_epoch(epoch + 1, row, losses, head, config.monitor)
-                val_shown = {"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
-                # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", **val_shown, refresh=False)
+                _report_epoch(bar, row, run.history, on_epoch)
                 if ckpt is not None:
                     run.save(ckpt, head, opt, sched, gen, device, config)
                 if run.stopped_early(config):
@@ -319,6 +319,21 @@ def fit(
     if interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _report_epoch(
+    bar: Any,
+    row: dict[str, float],
+    history: list[dict[str, float]],
+    on_epoch: Callable[[list[dict[str, float]]], None] | None,
+) -> None:
+    """An epoch's loss (and the task's val metric) on the progress bar, and the history so far to
+    ``on_epoch``."""
+    val_shown = {k: f"{row[k]:.3f}" for k in ("val_acc", "val_map", "val_r2") if k in row}
+    # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}", **val_shown, refresh=False)
+    if on_epoch is not None:
+        on_epoch(history)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -6,8 +6,10 @@ import argparse
 import sys
 
 from ..backbones.registry import load_backbone
-from ..cache.store import CachedFeatures
+from ..cache.housekeeping import cache_root
+from ..cache.store import DIGEST_MEMO, CachedFeatures
 from ..data.config import DataConfig
+from ..data.digests import DigestMemo
 from ..extract.build import extract_splits
 from ..extract.config import ExtractConfig, parse_layers
 from ..extract.distributed import ranks_from_env
@@ -19,7 +21,7 @@ def cmd_extract(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
-    splits = data.load()
+    splits = data.load(DigestMemo(cache_root(a.cache_dir) / DIGEST_MEMO))  # the split reads digests
     layers = parse_layers(a.layers, bb)  # @blocks: every block
     feats = extract_splits(
         bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks

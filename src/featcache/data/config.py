@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .._checks import check_number
 from .._util import FeatcacheError, flag
 from .datasets import DatasetSplits, load_dataset
+from .digests import DigestMemo
 from .samples import DEFAULT_MAX_PIXELS
 
 
@@ -18,7 +19,8 @@ class DataConfig:
         spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces.
         val_fraction: share of the training images held out for validation (when there is no val/).
         test_fraction: share held out for testing (when there is no test/).
-        seed: seed of the stratified split (and of --limit's sample).
+        seed: seed of the split (each image placed by a hash of the seed and its content) and of
+            --limit's sample.
         limit: keep at most N samples, stratified.
         download: let torchvision:NAME:ROOT datasets download.
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
@@ -50,8 +52,12 @@ class DataConfig:
         check_number("limit", self.limit, 1, integer=True, none="no limit")
         check_number("max_image_pixels", self.max_image_pixels, 1, integer=True, none="off")
 
-    def load(self) -> DatasetSplits:
-        """The train/val/test splits of a dataset a classifier can learn: two classes or more."""
+    def load(self, memo: DigestMemo | None = None) -> DatasetSplits:
+        """The train/val/test splits of a dataset a classifier can learn: two classes or more.
+
+        ``memo`` (a cache's digest memo) spares re-reading the files whose content digest it knows: the
+        seeded split places each image by its digest.
+        """
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -60,6 +66,7 @@ class DataConfig:
             self.download,
             self.limit,
             max_image_pixels=self.max_image_pixels,
+            memo=memo,
         )
         if len(splits.classes) < 2:
             found = f"one class, {splits.classes[0]!r}" if splits.classes else "no classes"

@@ -281,9 +281,10 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     folder = spec.folder("finetune")
     device = resolve_device(spec.train.device)
     backbone = spec.backbone()
-    splits = spec.data.load()
+    splits = spec.load_data()
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
+    spec.record_splits(folder, splits)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(

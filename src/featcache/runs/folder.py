@@ -10,6 +10,7 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import functools
@@ -59,6 +60,9 @@ RUN_FILES = (
     "skipped.csv",
     "sweep.json",
     "sweep.png",
+    "splits.csv",
+    "folds.json",
+    "oof.csv",
 )
 
 
@@ -534,6 +538,23 @@ class RunFolder:
         if out:
             self._write_csv("skipped.csv", out, ["split", "id", "reason"])
         return out
+
+    @_writes("splits.csv")
+    def write_splits(self, rows: Sequence[Mapping[str, str]]) -> dict[str, str]:
+        """``splits.csv``: every image of the run with its split, one ``{id, digest, split, label}`` row
+        each (:meth:`DatasetSplits.membership`). Returns the ``{digest: split}`` the folder recorded
+        before (empty when none), so a run can say how many images changed split.
+
+        Example:
+            >>> folder.write_splits(splits.membership())  # doctest: +SKIP
+            {}
+        """
+        before: dict[str, str] = {}
+        path = self.path / "splits.csv"
+        with contextlib.suppress(OSError, csv.Error, KeyError), path.open(newline="") as f:
+            before = {r["digest"]: r["split"] for r in csv.DictReader(f)}
+        self._write_csv("splits.csv", rows, ["id", "digest", "split", "label"])
+        return before
 
     @_writes("a CSV file")
     def _write_csv(

@@ -176,7 +176,7 @@ def folds_run(
         >>> res, feats = folds_run(spec, "penultimate", 5, HeadSpec())  # doctest: +SKIP
     """
     backbone = spec.backbone()
-    feats, _ = spec.extract_all(backbone, spec.data.load(), [layer])
+    feats, _ = spec.extract_all(backbone, spec.load_data(), [layer])
     t0 = time.perf_counter()
     if isinstance(head, HeadSpec):
         res = folds_train(feats, layer, head, spec.train, k, spec.data.seed, spec.progress)

@@ -305,11 +305,12 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.data.load()
+    splits = spec.load_data()
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
     spec.note_skipped(folder, skipped_rows(feats))
+    spec.record_splits(folder, splits)
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "

@@ -12,9 +12,11 @@ from typing import Any
 from .._config import from_json, to_json
 from .._util import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
-from ..cache.store import CachedFeatures
+from ..cache.housekeeping import cache_root, dataset_name, swap_split_log
+from ..cache.store import DIGEST_MEMO, CachedFeatures
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
+from ..data.digests import DigestMemo
 from ..extract.build import extract_splits, extract_views
 from ..extract.config import ExtractConfig, Views, parse_layers
 from ..extract.extractor import resolved_cfg
@@ -150,6 +152,37 @@ class RunSpec:
         if self.resume:
             raise FeatcacheError(f"{verb} does not resume; run it again (with --overwrite) instead")
 
+    def load_data(self) -> DatasetSplits:
+        """The dataset's splits, digests read through the cache's memo (the seeded split places each
+        image by its content digest, which extraction needs next anyway)."""
+        return self.data.load(DigestMemo(cache_root(self.cache_dir) / DIGEST_MEMO))
+
+    def record_splits(self, folder: RunFolder | None, splits: DatasetSplits) -> None:
+        """Write ``splits.csv`` in the run folder, remember the membership in the cache for this data
+        source, and say in one line how many images changed split since the folder's own ``splits.csv``
+        or else since the last run on this data source in this cache."""
+        rows = splits.membership()
+        now = {r["digest"]: r["split"] for r in rows}
+        before = folder.write_splits(rows) if folder is not None else {}
+        record = {"seed": self.data.seed, "fractions": [self.data.val_fraction, self.data.test_fraction]}
+        last = swap_split_log(
+            cache_root(self.cache_dir), dataset_name(splits.spec), {**record, "splits": now}
+        )
+        for old, where in (
+            (before, "this run folder's splits.csv"),
+            ((last or {}).get("splits", {}), f"the last run on {splits.spec} in this cache"),
+        ):
+            common = [d for d in now if d in old]
+            moved = sum(now[d] != old[d] for d in common)
+            if moved:
+                settings = _setting_change(last, record) if old is not before and last else ""
+                print(  # even with -q: test figures before and after are on different images
+                    f"note: {moved} of {len(common)} images changed split since {where}{settings} (the "
+                    "seeded split places images by content: README 'Splits that stay put')",
+                    file=sys.stderr,
+                )
+                return
+
     def extract_all(
         self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]
     ) -> tuple[dict[str, CachedFeatures], list[CachedFeatures]]:
@@ -213,6 +246,12 @@ class RunSpec:
             cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
             **typed,
         )
+
+
+def _setting_change(last: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """`` (seed 0 -> 1)``: the split settings that differ from the last run's, or nothing."""
+    diff = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
+    return f" ({', '.join(diff)})" if diff else ""
 
 
 def skipped_rows(feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:

@@ -129,7 +129,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
-    splits = spec.data.load()
+    splits = spec.load_data()
     if splits.val is None or not len(splits.val):
         raise FeatcacheError(
             "a sweep chooses on the validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) "
@@ -142,6 +142,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
     spec.note_skipped(folder, skipped_rows(feats))
+    spec.record_splits(folder, splits)
+    membership = splits.membership()
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)
@@ -164,6 +166,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
         )
         child = folder.child(name)
+        child.write_splits(membership)  # every run folder says which images it trained and tested on
         record = spec.record(
             "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
             train=to_json(cfg), sweep=str(folder.path),

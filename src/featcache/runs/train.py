@@ -129,7 +129,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder = spec.folder("train")
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "train")
-    splits = spec.data.load()
+    splits = spec.load_data()
     train = spec.train.resolved(len(splits.train))
     spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
     _check_head_fits(spec, backbone, splits, layer, head)
@@ -144,6 +144,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
     spec.note_skipped(folder, skipped_rows(feats))
+    spec.record_splits(folder, splits)
     trained, info, result, metrics = train_on_cache(
         feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
     )

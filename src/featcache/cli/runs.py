@@ -15,6 +15,7 @@ from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import RunRecord
 from ..runs.folds import folds_run
+from ..runs.knn import KnnConfig, knn_run
 from ..runs.probe import ProbeConfig, probe_run
 from ..runs.spec import RunSpec
 from ..runs.sweep import SweepGrid, sweep_run
@@ -167,6 +168,15 @@ def cmd_probe(a: argparse.Namespace) -> None:
             print(f"test accuracy {res.test['acc']:.4f}  balanced accuracy {res.test['balanced_acc']:.4f}")
     if a.out:
         print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")
+
+
+def cmd_knn(a: argparse.Namespace) -> None:
+    res = knn_run(run_spec(a), a.layer, from_args(KnnConfig, a))
+    if a.json:
+        print_json({"metrics": res.metrics, **res.extra})
+        return
+    print(format_table(res.rows()))
+    print(f"bank: {res.extra['bank_rows']} train rows of {res.extra['layer']}; {res.extra['seconds']:.2f}s")
 
 
 def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:

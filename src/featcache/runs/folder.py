@@ -526,6 +526,41 @@ class RunFolder:
         self._write_csv("misclassified.csv", rows, fields)
         return len(rows)
 
+    @_writes("oof.csv")
+    def write_oof(
+        self,
+        ids: Sequence[str],
+        digests: Sequence[str],
+        folds: Sequence[int] | torch.Tensor,
+        labels: Sequence[int] | torch.Tensor,
+        logits: torch.Tensor,
+        classes: list[str],
+    ) -> None:
+        """``oof.csv``: every train+val image's out-of-fold prediction — its id, digest, fold, given label,
+        the prediction of the head that did not train on it, the probability that head gives the given
+        label, and the loss.
+
+        Example:
+            >>> folder.write_oof(pool.ids, pool.digests, fold, pool.labels, oof, classes)  # doctest: +SKIP
+        """
+        probs = torch.softmax(logits.double(), 1)
+        y = torch.as_tensor(labels).long()
+        p_label = probs.gather(1, y[:, None])[:, 0]
+        pred = probs.argmax(1)
+        rows = [
+            {
+                "id": ids[i],
+                "digest": digests[i],
+                "fold": int(folds[i]),
+                "label": classes[int(y[i])],
+                "predicted": classes[int(pred[i])],
+                "p_label": round(float(p_label[i]), 6),
+                "loss": round(float(-torch.log(p_label[i].clamp_min(1e-300))), 6),
+            }
+            for i in range(len(ids))
+        ]
+        self._write_csv("oof.csv", rows, ["id", "digest", "fold", "label", "predicted", "p_label", "loss"])
+
     @_writes("skipped.csv")
     def write_skipped(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
         """``skipped.csv``: the images left out as unreadable (``--on-bad-image skip``), one ``{split,

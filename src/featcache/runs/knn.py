@@ -85,12 +85,20 @@ def _block(rows: Rows | torch.Tensor, start: int, stop: int, device: torch.devic
     return F.normalize(t.to(device=device, dtype=torch.float32).flatten(1), dim=1)
 
 
+def _similarities(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``q @ b.T``; on the CPU through numpy's BLAS, which multiplies these float32 shapes about a
+    quarter faster than torch's CPU kernel (measured on MNIST-5k Lite0 rows, 2 cores)."""
+    if q.device.type == "cpu":
+        return torch.from_numpy(q.numpy() @ b.numpy().T)
+    return q @ b.T
+
+
 def nearest(
     bank: Rows | torch.Tensor,
     queries: Rows | torch.Tensor,
     k: int,
     chunk_rows: int = 8192,
-    query_rows: int = 1024,
+    query_rows: int = 4096,
     device: str = "cpu",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,15 +124,16 @@ def nearest(
     bar = tqdm(total=n, desc="kNN", unit="row", delay=1, disable=not progress)
     for b0 in range(0, n, chunk_rows):
         b = _block(bank, b0, min(b0 + chunk_rows, n), dev)
-        ids = torch.arange(b0, b0 + len(b), device=dev)
         for q0 in starts:
             q = kept.get(q0)
             if q is None:
                 q = _block(queries, q0, min(q0 + query_rows, m), dev)
                 if keep:
                     kept[q0] = q
-            sims = torch.cat([top_s[q0 : q0 + len(q)], q @ b.T], 1)
-            cand = torch.cat([top_i[q0 : q0 + len(q)], ids.expand(len(q), -1)], 1)
+            # the chunk's own top-k first, then a merge of 2k candidates: nothing chunk-sized is copied
+            cv, cj = _similarities(q, b).topk(min(k, len(b)), dim=1)
+            sims = torch.cat([top_s[q0 : q0 + len(q)], cv], 1)
+            cand = torch.cat([top_i[q0 : q0 + len(q)], cj + b0], 1)
             v, j = sims.topk(k, dim=1)
             top_s[q0 : q0 + len(q)], top_i[q0 : q0 + len(q)] = v, cand.gather(1, j)
         bar.update(len(b))

@@ -164,8 +164,9 @@ def test_train_folds_write_a_run_whose_out_of_fold_mistakes_find_a_planted_misla
     assert "5-fold cross-validation accuracy" in printed and "refitted on train+val" in printed
     for name in ("config.json", "metrics.json", "folds.json", "oof.csv", "misclassified.csv", "splits.csv"):
         assert (out / name).is_file(), name
-    for i in range(5):  # a run folder per fold: metrics, curves, head
-        assert all((out / f"fold-{i}" / f).is_file() for f in ("metrics.json", "curves.png", "head.json"))
+    for i in range(5):  # a run folder per fold: metrics, curves, head, the run's splits
+        files = ("metrics.json", "curves.png", "head.json", "splits.csv")
+        assert all((out / f"fold-{i}" / f).is_file() for f in files)
     with (out / "oof.csv").open(newline="") as f:
         oof = list(csv.DictReader(f))
     splits = {r["id"]: r["split"] for r in csv.DictReader((out / "splits.csv").open(newline=""))}

@@ -377,9 +377,12 @@ class RunFolder:
                 shutil.rmtree(child)
 
     def child(self, name: str) -> RunFolder:
-        """A run folder inside this one (a sweep's runs), created fresh; ``name`` is one path component."""
+        """A run folder inside this one (a sweep's runs, folds), created fresh with this one's
+        ``splits.csv`` (the same images in the same splits); ``name`` is one path component."""
         folder = RunFolder(self.path / check_name(name, "run folder name"))
         folder.path.mkdir(parents=True, exist_ok=True)
+        if (self.path / "splits.csv").is_file():
+            shutil.copyfile(self.path / "splits.csv", folder._out("splits.csv"))
         return folder
 
     # ---------------------------------------------------------------- config.json

@@ -111,9 +111,8 @@ def _fold_head(
     """One fold's head: trained (and written to its run folder ``child``), or read back from ``child``
     when a resumed run finished it with the same settings."""
     if child is not None and record is not None:
-        done = child.read_metrics()
-        same = (child.path / "config.json").is_file() and child.read_config().to_json() == record.to_json()
-        if done.get("finished", False) and same and (child.path / "head.json").is_file():
+        done = child.read_metrics()  # written after the fold's config and head: both are there
+        if done.get("finished", False) and child.read_config().to_json() == record.to_json():
             head, info = child.load_head()
             return head, info, done
         child.write_config(record)
@@ -254,7 +253,7 @@ def folds_run(
     layer = spec.one_layer(backbone, layer, verb)
     splits = spec.load_data()
     feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.record_splits(folder, splits)
+    spec.note_data(folder, splits, feats)
     part: dict[str, Any] = (
         {"head": head.to_dict(), "train": to_json(spec.train)}
         if isinstance(head, HeadSpec)

@@ -23,7 +23,7 @@ from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.sources import FeatureSource, source_for
 from .logistic import SoftmaxRegression, Solution, small_problem_threads
-from .spec import RunSpec, skipped_rows
+from .spec import RunSpec
 from .train import write_mistakes
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
@@ -309,8 +309,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.note_skipped(folder, skipped_rows(feats))
-    spec.record_splits(folder, splits)
+    spec.note_data(folder, splits, feats)
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "

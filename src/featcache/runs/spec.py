@@ -157,10 +157,17 @@ class RunSpec:
         image by its content digest, which extraction needs next anyway)."""
         return self.data.load(DigestMemo(cache_root(self.cache_dir) / DIGEST_MEMO))
 
-    def record_splits(self, folder: RunFolder | None, splits: DatasetSplits) -> None:
+    def note_data(
+        self, folder: RunFolder | None, splits: DatasetSplits, feats: Mapping[str, CachedFeatures]
+    ) -> None:
+        """:meth:`note_skipped` and :meth:`record_splits`: what a run says, and writes, about its data."""
+        self.note_skipped(folder, skipped_rows(feats))
+        self.record_splits(folder, splits)
+
+    def record_splits(self, folder: RunFolder | None, splits: DatasetSplits) -> list[dict[str, str]]:
         """Write ``splits.csv`` in the run folder, remember the membership in the cache for this data
         source, and say in one line how many images changed split since the folder's own ``splits.csv``
-        or else since the last run on this data source in this cache."""
+        or else since the last run on this data source in this cache. Returns the rows written."""
         rows = splits.membership()
         now = {r["digest"]: r["split"] for r in rows}
         before = folder.write_splits(rows) if folder is not None else {}
@@ -181,7 +188,8 @@ class RunSpec:
                     "seeded split places images by content: README 'Splits that stay put')",
                     file=sys.stderr,
                 )
-                return
+                break
+        return rows
 
     def extract_all(
         self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]

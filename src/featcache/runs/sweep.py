@@ -37,7 +37,7 @@ from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadInfo, HeadSpec, build_head
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
-from .spec import RunSpec, skipped_rows
+from .spec import RunSpec
 from .train import train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
-    spec.note_skipped(folder, skipped_rows(feats))
-    spec.record_splits(folder, splits)
-    membership = splits.membership()
+    spec.note_data(folder, splits, feats)
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)
@@ -166,7 +164,6 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
         )
         child = folder.child(name)
-        child.write_splits(membership)  # every run folder says which images it trained and tested on
         record = spec.record(
             "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
             train=to_json(cfg), sweep=str(folder.path),

@@ -26,7 +26,7 @@ from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_l
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
-from .spec import RunSpec, skipped_rows
+from .spec import RunSpec
 
 
 def evaluate_splits(
@@ -143,8 +143,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
-    spec.note_skipped(folder, skipped_rows(feats))
-    spec.record_splits(folder, splits)
+    spec.note_data(folder, splits, feats)
     trained, info, result, metrics = train_on_cache(
         feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views
     )

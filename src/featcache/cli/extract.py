@@ -6,10 +6,8 @@ import argparse
 import sys
 
 from ..backbones.registry import load_backbone
-from ..cache.housekeeping import cache_root
-from ..cache.store import DIGEST_MEMO, CachedFeatures
+from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
-from ..data.digests import DigestMemo
 from ..extract.build import extract_splits
 from ..extract.config import ExtractConfig, parse_layers
 from ..extract.distributed import ranks_from_env
@@ -21,7 +19,7 @@ def cmd_extract(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
-    splits = data.load(DigestMemo(cache_root(a.cache_dir) / DIGEST_MEMO))  # the split reads digests
+    splits = data.load(a.cache_dir)
     layers = parse_layers(a.layers, bb)  # @blocks: every block
     feats = extract_splits(
         bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks

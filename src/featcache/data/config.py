@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .._checks import check_number
 from .._util import FeatcacheError, flag
+from ..cache.housekeeping import cache_root
+from ..cache.store import DIGEST_MEMO
 from .datasets import DatasetSplits, load_dataset
 from .digests import DigestMemo
 from .samples import DEFAULT_MAX_PIXELS
@@ -16,7 +18,9 @@ class DataConfig:
     """A dataset spec and how it is split.
 
     Attributes:
-        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces.
+        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces;
+            WebDataset shards (NAME-{000000..000099}.tar, one .tar, a folder of them); a Hugging Face
+            dataset (a save_to_disk folder, or hf-dataset:REPO[:CONFIG] from the hub).
         val_fraction: share of the training images held out for validation (when there is no val/).
         test_fraction: share held out for testing (when there is no test/).
         seed: seed of the split (each image placed by a hash of the seed and its content) and of
@@ -26,6 +30,10 @@ class DataConfig:
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
             bad image (--on-bad-image decides), never decoded: a guard against decompression bombs;
             off: no limit. The default is Pillow's own.
+        image_column: the image column of a Hugging Face dataset (default: its one Image feature); for
+            WebDataset shards, the image member's extension (jpg, png, webp ...).
+        label_column: the label column of a Hugging Face dataset (default: its one ClassLabel feature);
+            for WebDataset shards, the label member's extension (cls, txt or json).
 
     Example:
         >>> DataConfig("mnist-5k", val_fraction=0.2).load().classes[:3]  # doctest: +SKIP
@@ -39,6 +47,8 @@ class DataConfig:
     limit: int | None = None
     download: bool = False
     max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    image_column: str | None = None
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
@@ -52,12 +62,10 @@ class DataConfig:
         check_number("limit", self.limit, 1, integer=True, none="no limit")
         check_number("max_image_pixels", self.max_image_pixels, 1, integer=True, none="off")
 
-    def load(self, memo: DigestMemo | None = None) -> DatasetSplits:
-        """The train/val/test splits of a dataset a classifier can learn: two classes or more.
-
-        ``memo`` (a cache's digest memo) spares re-reading the files whose content digest it knows: the
-        seeded split places each image by its digest.
-        """
+    def load(self, cache_dir: str | None = None) -> DatasetSplits:
+        """The train/val/test splits of a dataset a classifier can learn: two classes or more (the memos
+        of WebDataset shards and of file digests read from ``cache_dir``'s root: the seeded split places
+        each image by its content digest, which extraction needs next anyway)."""
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -66,7 +74,10 @@ class DataConfig:
             self.download,
             self.limit,
             max_image_pixels=self.max_image_pixels,
-            memo=memo,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            cache_dir=cache_dir,
+            memo=DigestMemo(cache_root(cache_dir) / DIGEST_MEMO),
         )
         if len(splits.classes) < 2:
             found = f"one class, {splits.classes[0]!r}" if splits.classes else "no classes"

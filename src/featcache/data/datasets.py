@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError, flag, unknown
+from ..cache.housekeeping import cache_root
 from .digests import DigestMemo
+from .hf_datasets import HUB, hf_sets, is_hf_dataset, is_saved_dataset
 from .samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -26,6 +28,8 @@ from .samples import (
     SampleSet,
     TorchvisionSamples,
 )
+from .versions import VersionMemo
+from .webdataset import is_shard_folder, is_shard_spec, shard_sets
 
 BUILTIN = ("mnist-5k", "digits", "faces")
 
@@ -435,7 +439,7 @@ def builtin_samples(name: str) -> ArraySamples:
 
 
 def load_dataset(
-    spec: str,
+    spec: str | Any,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -443,20 +447,30 @@ def load_dataset(
     limit: int | None = None,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    cache_dir: str | None = None,
     memo: DigestMemo | None = None,
 ) -> DatasetSplits:
     """Resolve a dataset spec to train/val/test splits (seeded by content where split here: an image's
     split follows from the seed and its content digest alone, :func:`hash_split`).
 
     Args:
-        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT`` or a built-in name.
+        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT``, a built-in name,
+            WebDataset shards (``shards-{000000..000099}.tar``, one ``.tar``, a folder of them), a
+            Hugging Face dataset (a ``save_to_disk`` folder, ``hf-dataset:REPO[:CONFIG]``, or a
+            ``datasets.Dataset``/``DatasetDict`` object).
         val_fraction: share of each class held out for validation when the source has no val split.
         test_fraction: share held out for testing when the source has no test split.
         seed: split seed.
         download: let torchvision datasets download (needs internet).
         limit: keep at most this many samples (stratified), for quick runs.
         max_image_pixels: image files with more pixels are bad images (None: no limit).
-        memo: the digest memo of a cache (spares re-reading files whose digest it knows).
+        image_column: the image column of a Hugging Face dataset (the image extension of shards).
+        label_column: the label column of a Hugging Face dataset (``cls``/``txt``/``json`` of shards).
+        cache_dir: the cache root whose memo spares re-reading unchanged shards.
+        memo: the digest memo of a cache (spares re-reading files whose digest it knows: the seeded
+            split places each image by its content digest).
 
     Example:
         >>> splits = load_dataset("digits", seed=0)
@@ -465,6 +479,30 @@ def load_dataset(
     """
     if limit is not None and limit < 1:
         raise FeatcacheError(f"--limit {limit}: keep at least one sample per class, or leave --limit out")
+    spec = str(spec) if isinstance(spec, Path) else spec
+    columns: dict[str, Any] = {"image_column": image_column, "label_column": label_column}
+    if is_hf_dataset(spec) or not isinstance(spec, str):
+        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, "datasets", memo), limit, seed)
+    path = Path(spec)
+    if spec.startswith(HUB) or (path.is_dir() and is_saved_dataset(path)):
+        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec, memo), limit, seed)
+    if is_shard_spec(spec) or (path.is_dir() and is_shard_folder(path)):
+        versions = VersionMemo.under(cache_root(cache_dir))
+        sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=versions)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec, memo), limit, seed)
+    if spec.startswith("hf:") and not path.exists():
+        raise FeatcacheError(
+            f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
+            f"'{HUB}{spec[3:]}' (or a folder written by save_to_disk)"
+        )
+    given = [flag(k, v) for k, v in columns.items() if v is not None]
+    if given:  # a folder's or a manifest's labels come from its structure: the option would be ignored
+        raise FeatcacheError(
+            f"{' and '.join(given)}: columns are chosen in Hugging Face datasets and WebDataset shards only, "
+            f"not in {spec!r}; leave the option out"
+        )
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
         if limit and limit < len(samples):
@@ -479,11 +517,11 @@ def load_dataset(
             )
         tv = torchvision_dataset(parts[1], parts[2], download, val_fraction, seed, memo)
         return _limited(tv, limit, seed)
-    path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
             f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
-            f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
+            f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
+            f"or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
         splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels, memo)
@@ -491,7 +529,28 @@ def load_dataset(
     if path.suffix in (".csv", ".jsonl"):
         splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels, memo)
         return _limited(splits, limit, seed)
-    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
+    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest, nor a .tar shard")
+
+
+def _assembled(
+    found: tuple[dict[str, SampleSet], list[str]],
+    val: float,
+    test: float,
+    seed: int,
+    spec: str,
+    memo: DigestMemo | None = None,
+) -> DatasetSplits:
+    """Splits from a source's own (``train``, ``val``, ``test``; val held out of train when missing, as
+    for a folder) or, for one set (``all``), the seeded split by content (:func:`hash_split`)."""
+    sets, classes = found
+    if "all" in sets:
+        return _split(sets["all"], val, test, seed, spec, memo)
+    train, valid = sets["train"], sets.get("val")
+    if valid is None and val > 0:
+        tr, va, _ = hash_split(train.digests(memo, memo is not None), train.labels, val, 0.0, seed)
+        if len(va):
+            train, valid = train.subset(tr, "train"), train.subset(va, "val")
+    return DatasetSplits(train, valid, sets.get("test"), classes, spec)
 
 
 def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:

@@ -13,10 +13,9 @@ from .._config import from_json, to_json
 from .._util import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.housekeeping import cache_root, dataset_name, swap_split_log
-from ..cache.store import DIGEST_MEMO, CachedFeatures
+from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo
 from ..extract.build import extract_splits, extract_views
 from ..extract.config import ExtractConfig, Views, parse_layers
 from ..extract.extractor import resolved_cfg
@@ -155,7 +154,7 @@ class RunSpec:
     def load_data(self) -> DatasetSplits:
         """The dataset's splits, digests read through the cache's memo (the seeded split places each
         image by its content digest, which extraction needs next anyway)."""
-        return self.data.load(DigestMemo(cache_root(self.cache_dir) / DIGEST_MEMO))
+        return self.data.load(self.cache_dir)
 
     def note_data(
         self, folder: RunFolder | None, splits: DatasetSplits, feats: Mapping[str, CachedFeatures]

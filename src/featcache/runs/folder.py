@@ -381,7 +381,8 @@ class RunFolder:
         ``splits.csv`` (the same images in the same splits); ``name`` is one path component."""
         folder = RunFolder(self.path / check_name(name, "run folder name"))
         folder.path.mkdir(parents=True, exist_ok=True)
-        if (self.path / "splits.csv").is_file():
+        # a resumed sweep's finished runs keep theirs (the splits are the same: resume checks split_keys)
+        if (self.path / "splits.csv").is_file() and not (folder.path / "splits.csv").exists():
             shutil.copyfile(self.path / "splits.csv", folder._out("splits.csv"))
         return folder
 

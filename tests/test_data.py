@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import struct
@@ -23,6 +24,12 @@ from featcache.data.preprocess import PreprocessedView, to_model_input
 from featcache.data.samples import ArraySamples, BadImageError, image_paths, read_image
 
 
+def _drawn_split(digest: str, val: float, test: float, seed: int) -> str:
+    """The split README's rule gives an image: its draw u = SHA-256(split:SEED:DIGEST)[:8] / 2**64."""
+    u = int.from_bytes(hashlib.sha256(f"split:{seed}:{digest}".encode()).digest()[:8], "big") / 2.0**64
+    return "test" if u < test else "val" if u >= 1 - val else "train"
+
+
 def _ids(s) -> list[str]:
     return list(s.ids) if s is not None else []
 
@@ -40,13 +47,12 @@ def test_image_folder_without_split_folders(tmp_path: Path) -> None:
     every = _ids(splits.train) + _ids(splits.val) + _ids(splits.test)
     assert sorted(every) == sorted(f.relative_to(tmp_path / "tree").as_posix() for f in files)
     assert len(set(every)) == len(every)  # disjoint
-    for s in (splits.train, splits.val, splits.test):
+    for name, s in splits.items():
         for i, sid in enumerate(s.ids):
             assert splits.classes[s.labels[i]] == sid.split("/")[0]
-        # stratified: every class in every split, 7 / 1 / 2 of each 10
-        counts = np.bincount(s.labels, minlength=3)
-        assert len(set(counts.tolist())) == 1
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (21, 3, 6)
+            # each image where its own draw puts it: SHA-256 of the seed and the file's bytes
+            data = (tmp_path / "tree" / sid).read_bytes()
+            assert _drawn_split(hashlib.sha256(data).hexdigest(), 0.1, 0.2, seed=0) == name, sid
 
 
 def test_image_folder_images_decode_to_the_written_pixels(tmp_path: Path) -> None:
@@ -86,7 +92,7 @@ def test_image_folder_with_split_folders(tmp_path: Path) -> None:
     assert [n for n, _ in splits.items()] == ["train", "val", "test"]
     # only a train folder
     write_tree(tmp_path / "only" / "train", per_class=2)
-    only = load_dataset(str(tmp_path / "only"))
+    only = load_dataset(str(tmp_path / "only"), val_fraction=0)
     assert only.val is None and only.test is None and [n for n, _ in only.items()] == ["train"]
     # a test class that train/ lacks is named, not dropped
     write_tree(root / "test", classes=("fox",), per_class=2, seed=3)
@@ -155,7 +161,10 @@ def test_csv_manifest(tmp_path: Path) -> None:
     splits = load_dataset(str(tmp_path / "labels.csv"), val_fraction=0.0, test_fraction=0.5)
     assert splits.classes == ["x", "y"]
     assert sorted(splits.train.ids + splits.test.ids) == sorted(r["path"] for r in rows)
-    assert len(splits.test) == 6 and np.bincount(splits.test.labels).tolist() == [3, 3]
+    for name, s in splits.items():  # each image where its draw puts it
+        for sid in s.ids:
+            digest = hashlib.sha256((tmp_path / sid).read_bytes()).hexdigest()
+            assert _drawn_split(digest, 0.0, 0.5, seed=0) == name
     i = 0
     with Image.open(tmp_path / splits.train.ids[i]) as ref:
         assert np.array_equal(np.asarray(splits.train.load(i)), np.asarray(ref))
@@ -297,7 +306,9 @@ def test_torchvision_mnist_found_on_disk(tmp_path: Path) -> None:
     _write_idx(raw / "t10k-images-idx3-ubyte", x_test)
     _write_idx(raw / "t10k-labels-idx1-ubyte", y_test)
     splits = load_dataset(f"torchvision:MNIST:{tmp_path}", val_fraction=0.2)
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 10, 20)
+    assert len(splits.train) + len(splits.val) == 50 and len(splits.test) == 20
+    for name, s in (("train", splits.train), ("val", splits.val)):  # val drawn from train by content
+        assert [_drawn_split(d, 0.2, 0.0, seed=0) for d in s.digests()] == [name] * len(s)
     assert splits.classes[3] == "3 - three"
     assert np.array_equal(splits.test.labels, y_test)
     assert np.array_equal(np.asarray(splits.test.load(4)), x_test[4])
@@ -342,7 +353,10 @@ def test_relative_folder_spec_and_val_split_from_train(tmp_path, monkeypatch) ->
     write_tree(tmp_path / "pets" / "test", per_class=2)
     monkeypatch.chdir(tmp_path)
     splits = load_dataset("pets", val_fraction=0.2)
-    assert splits.val is not None and len(splits.val) == 6 and len(splits.train) == 24
+    assert splits.val is not None and len(splits.val) + len(splits.train) == 30
+    for sid in splits.val.ids:  # each val image drew val: SHA-256 of the seed and its bytes
+        digest = hashlib.sha256((tmp_path / "pets" / "train" / sid).read_bytes()).hexdigest()
+        assert _drawn_split(digest, 0.2, 0.0, seed=0) == "val"
     assert set(splits.val.ids).isdisjoint(splits.train.ids)
     assert splits.train.load(0).size == (48, 40)  # relative spec: files resolve
     assert splits.test is not None and len(splits.test) == 6

@@ -126,3 +126,72 @@ def test_cli_folds(
     assert "test accuracy of the head refitted on train+val: " in out and "test accuracy: " not in out
     assert main(["train", *base, "-q", "--out", str(tmp_path / "x"), "--folds", "1"]) == 2
     assert "at least 2 folds" in capsys.readouterr().err
+
+
+def _digit_tree(root: Path, per_class: int = 30) -> list[Path]:
+    """Bundled digits 0, 1 and 7 as an ImageFolder of 32 px PNGs (``per_class`` each)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    files = []
+    for c in (0, 1, 7):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for j, i in enumerate(np.flatnonzero(d.target == c)[:per_class]):
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+            files.append(root / str(c) / f"{j:02d}.png")
+            img.save(files[-1])
+    return files
+
+
+def test_train_folds_write_a_run_whose_out_of_fold_mistakes_find_a_planted_mislabel(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csv
+
+    from featcache.export.predict import load_predictor
+    from featcache.runs.folder import RunFolder
+
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "digits"
+    _digit_tree(root)
+    (root / "0" / "05.png").rename(root / "1" / "planted.png")  # a 0 filed under 1
+    out = tmp_path / "folds"
+    base = ["torchvision:resnet18", str(root), "--weights", "none", "--input-size", "32", "32", "-q"]
+    flags = ["--epochs", "15", "--lr", "0.01", "--standardize", "--folds", "5", "--out", str(out)]
+    assert main(["train", *base, *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "5-fold cross-validation accuracy" in printed and "refitted on train+val" in printed
+    for name in ("config.json", "metrics.json", "folds.json", "oof.csv", "misclassified.csv", "splits.csv"):
+        assert (out / name).is_file(), name
+    for i in range(5):  # a run folder per fold: metrics, curves, head, the run's splits
+        files = ("metrics.json", "curves.png", "head.json", "splits.csv")
+        assert all((out / f"fold-{i}" / f).is_file() for f in files)
+    with (out / "oof.csv").open(newline="") as f:
+        oof = list(csv.DictReader(f))
+    splits = {r["id"]: r["split"] for r in csv.DictReader((out / "splits.csv").open(newline=""))}
+    assert sorted(r["id"] for r in oof) == sorted(i for i, s in splits.items() if s in ("train", "val"))
+    planted = next(r for r in oof if r["id"] == "1/planted.png")
+    assert planted["label"] == "1" and float(planted["p_label"]) < 0.5
+    with (out / "misclassified.csv").open(newline="") as f:
+        ranked = list(csv.DictReader(f))
+    assert "1/planted.png" in [r["id"] for r in ranked[:3]], ranked[:5]
+    assert ranked[0]["split"] == "out-of-fold"
+    losses = [float(r["loss"]) for r in ranked]
+    assert losses == sorted(losses, reverse=True)
+    # export takes the folds folder (its head: the one refitted on train+val), predict agrees with it
+    assert main(["export", str(out), "--format", "safetensors", "--out", str(tmp_path / "m.st"), "-q"]) == 0
+    head, _ = RunFolder(out).load_head()
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    data = DataConfig(str(root)).load()
+    feats = extract_splits(bb, data, ["penultimate"], ExtractConfig(input_size=(32, 32)), progress=False)
+    test = data.test
+    assert test is not None
+    with torch.no_grad():
+        want = head(feats["test"].tensor("penultimate").float()).argmax(1)
+    predictor = load_predictor(tmp_path / "m.st", device="cpu")
+    got = predictor.logits([test.load(i) for i in range(len(test))]).argmax(1)
+    assert got.tolist() == want.tolist()
+    # The run resumes: every fold is finished, so none trains again and the files stay.
+    assert main(["train", "--resume", "--out", str(out), "-q"]) == 0
+    assert "5-fold cross-validation accuracy" in capsys.readouterr().out

@@ -277,7 +277,7 @@ def test_a_rerun_over_a_saved_dataset_hashes_no_image(
     items = digit_pngs(60)
     saved = str(write_hf(tmp_path / "hf", items))
     memo = DigestMemo(tmp_path / "c" / DIGEST_MEMO)  # the version memo lives beside it
-    first = load_dataset(saved).train.digests(memo)
+    first = load_dataset(saved, memo=memo).train.digests(memo)  # the seeded split reads them: one memo
     hashed: list[int] = []
     real = hfd.HFSamples._hash_stored
 
@@ -286,8 +286,9 @@ def test_a_rerun_over_a_saved_dataset_hashes_no_image(
         return real(self, progress)  # type: ignore[arg-type]
 
     monkeypatch.setattr(hfd.HFSamples, "_hash_stored", counted)
-    assert load_dataset(saved).train.digests(memo) == first and hashed == []
-    assert load_dataset(saved).train.digests(DigestMemo(tmp_path / "other" / DIGEST_MEMO)) == first
+    assert load_dataset(saved, memo=memo).train.digests(memo) == first and hashed == []
+    other = DigestMemo(tmp_path / "other" / DIGEST_MEMO)
+    assert load_dataset(saved, memo=other).train.digests(other) == first
     assert hashed == [1]  # another cache root has no memo: hashed again, to the same digests
 
 

@@ -40,6 +40,9 @@ _HOMES = {
     "extract": "extract",
     "extract_splits": "extract",
     "FinetuneConfig": "runs",
+    "KnnConfig": "runs",
+    "knn_eval": "runs",
+    "knn_run": "runs",
     "ProbeConfig": "runs",
     "RunSpec": "runs",
     "SweepGrid": "runs",
@@ -77,10 +80,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ i
     from .extract import ExtractConfig, FeatureExtractor, Views, extract, extract_splits  # noqa: F401
     from .runs import (  # noqa: F401
         FinetuneConfig,
+        KnnConfig,
         ProbeConfig,
         RunSpec,
         SweepGrid,
         finetune_run,
+        knn_eval,
+        knn_run,
         load_run,
         probe_run,
         sweep_run,

@@ -196,6 +196,33 @@ def record_use(table: Path, dataset: str) -> None:
             os.replace(tmp, f)
 
 
+#: the folder under the cache root remembering the split membership each dataset's last run used: a
+#: view over rows (like ``uses/``), never part of a key; a dot folder, so ``cache ls`` passes it by
+SPLIT_LOG = ".splits"
+
+
+def swap_split_log(root: Path, dataset: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """Remember ``record`` (``{"seed", "fractions", "splits": {digest: split}}``) as the split membership
+    of ``dataset``'s latest run in the cache at ``root``; return the one it replaces (None when there is
+    none or it is unreadable). A read-only cache keeps what it has.
+
+    Example:
+        >>> swap_split_log(Path("/tmp/fc"), "digits", {"seed": 0, "splits": {}})  # doctest: +SKIP
+    """
+    f = root / SPLIT_LOG / f"{hashlib.sha256(dataset.encode()).hexdigest()[:24]}.json"
+    previous = None
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads(f.read_text())
+        if isinstance(old, dict) and old.get("dataset") == dataset and isinstance(old.get("splits"), dict):
+            previous = old
+    with contextlib.suppress(OSError):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"dataset": dataset, **record}, separators=(",", ":")) + "\n")
+        os.replace(tmp, f)
+    return previous
+
+
 def datasets_used(table: Path) -> dict[str, float]:
     """``{dataset: last use (Unix time)}`` of the datasets read from ``table``, most recent first;
     unreadable records are left out (they name no dataset)."""

@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": "runs:cmd_finetune",
     "sweep": "runs:cmd_sweep",
     "probe": "runs:cmd_probe",
+    "knn": "runs:cmd_knn",
     "export": "output:cmd_export",
     "predict": "output:cmd_predict",
     "demo": "output:cmd_demo",

@@ -32,6 +32,8 @@ EXAMPLES = {
     "sweep": "featcache sweep efficientnet-lite0 mnist-5k --layers blocks.4,blocks.5,penultimate "
     "--lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep",
     "probe": "featcache probe efficientnet-lite0 mnist-5k --layer penultimate --input-size 64 64",
+    "knn": "featcache knn efficientnet-lite0 mnist-5k --layer penultimate --k 10,20,100,200 "
+    "--input-size 64 64",
     "finetune": "featcache finetune efficientnet-lite0 mnist-5k --train last:1 --epochs 5 --input-size 64 64 "
     "--out runs/ft",
     "export": "featcache export runs/mnist   |   featcache export runs/mnist --format onnx --out mnist.onnx",
@@ -273,6 +275,19 @@ def _probe(p: argparse.ArgumentParser) -> None:
     _json(p)
 
 
+def _knn(p: argparse.ArgumentParser) -> None:
+    from ..runs.knn import KnnConfig, knn_run
+
+    _model_args(p)
+    _data_args(p)
+    layer = _arg_default(knn_run, "layer")
+    p.add_argument("--layer", default=layer, help=f"the layer whose rows are compared (default: {layer})")
+    _extract_args(p)
+    add_config(p, KnnConfig)
+    p.set_defaults(out=None)  # nothing to write: the job prints (or --json) its table
+    _json(p)
+
+
 def _finetune(p: argparse.ArgumentParser) -> None:
     from ..runs.finetune import FinetuneConfig
 
@@ -348,6 +363,7 @@ VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "train": ("train a head on cached features and write a run folder", _train),
     "sweep": ("one extraction of several layers, a head per layer and setting, chosen on val", _sweep),
     "probe": ("linear-probe protocol: L2 strength chosen on val, refit on train+val, test once", _probe),
+    "knn": ("weighted kNN evaluation (DINO's protocol) of cached rows: val and test against train", _knn),
     "finetune": (
         "freeze/unfreeze and fine-tune; the frozen prefix comes from the cache when valid",
         _finetune,

@@ -11,11 +11,13 @@ from .._checks import check_number
 from .._config import from_json
 from .._format import format_table
 from .._util import FeatcacheError
+from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import RunFolder, RunRecord
-from ..runs.folds import folds_run
+from ..runs.folds import FoldsResult, folds_run
+from ..runs.knn import KnnConfig, knn_run
 from ..runs.probe import ProbeConfig, probe_run
 from ..runs.spec import RunSpec
 from ..runs.sweep import SweepGrid, sweep_run
@@ -87,7 +89,11 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.resume:
         spec, record = resumed(a)
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
-        run = train_run(spec, a.layer if "layer" in a._given else str(record.layer), head)
+        layer = a.layer if "layer" in a._given else str(record.layer)
+        if record.verb.get("folds"):  # a folds folder: finished folds are reused, the others trained
+            _print_folds(a, *folds_run(spec, layer, int(record.verb["folds"]), head))
+            return
+        run = train_run(spec, layer, head)
     else:
         run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
     m = run.metrics
@@ -202,9 +208,21 @@ def run_line(path: str | Path, what: str = "run folder") -> str:
     return f"{what}: {path}" + (f"  ({files})" if files else "")
 
 
+def cmd_knn(a: argparse.Namespace) -> None:
+    res = knn_run(run_spec(a), a.layer, from_args(KnnConfig, a))
+    if a.json:
+        print_json({"metrics": res.metrics, **res.extra})
+        return
+    print(format_table(res.rows()))
+    print(f"bank: {res.extra['bank_rows']} train rows of {res.extra['layer']}; {res.extra['seconds']:.2f}s")
+
+
 def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:
     """`train|probe --folds K`: a head per fold on the cached train+val rows, mean +- std."""
-    res, feats = folds_run(run_spec(a), a.layer, a.folds, head)
+    _print_folds(a, *folds_run(run_spec(a), a.layer, a.folds, head))
+
+
+def _print_folds(a: argparse.Namespace, res: FoldsResult, feats: dict[str, CachedFeatures]) -> None:
     if getattr(a, "json", False):
         print_json(res.to_dict())
         return
@@ -220,3 +238,10 @@ def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:
     elif res.test_acc:  # train: each fold's head on the test split
         summary = res.to_dict()
         print(f"test accuracy: {summary['test_mean']:.4f} +- {summary['test_std']:.4f} (the folds' heads)")
+        if "refit_test_acc" in res.extra:
+            print(f"test accuracy of the head refitted on train+val: {res.extra['refit_test_acc']:.4f}")
+    if a.out:
+        print(
+            f"run folder: {a.out}  (oof.csv, misclassified.csv: out-of-fold predictions of every train+val "
+            f"image; the refitted head: `featcache export {a.out}`)"
+        )

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from .._checks import check_number
 from .._util import FeatcacheError, flag
+from ..cache.housekeeping import cache_root
+from ..cache.store import DIGEST_MEMO
 from .datasets import DatasetSplits, load_dataset
+from .digests import DigestMemo
 from .samples import DEFAULT_MAX_PIXELS
 from .tasks import AUTO, check_task
 
@@ -21,7 +24,8 @@ class DataConfig:
             dataset (a save_to_disk folder, or hf-dataset:REPO[:CONFIG] from the hub).
         val_fraction: share of the training images held out for validation (when there is no val/).
         test_fraction: share held out for testing (when there is no test/).
-        seed: seed of the stratified split (and of --limit's sample).
+        seed: seed of the split (each image placed by a hash of the seed and its content) and of
+            --limit's sample.
         limit: keep at most N samples, stratified.
         download: let torchvision:NAME:ROOT datasets download.
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
@@ -74,8 +78,9 @@ class DataConfig:
 
     def load(self, cache_dir: str | None = None) -> DatasetSplits:
         """The train/val/test splits of a dataset its task can learn: for a classifier, two classes or
-        more; for multi-label, a class with images on the training split (the memo of WebDataset shards
-        read from ``cache_dir``'s root)."""
+        more; for multi-label, a class with images on the training split (the memos of WebDataset shards
+        and of file digests read from ``cache_dir``'s root: the seeded split places each image by its
+        content digest, which extraction needs next anyway)."""
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -89,6 +94,7 @@ class DataConfig:
             cache_dir=cache_dir,
             task=self.task,
             targets=self.targets,
+            memo=DigestMemo(cache_root(cache_dir) / DIGEST_MEMO),
         )
         if splits.task == "multilabel" and not splits.train.labels.any():
             raise FeatcacheError(

@@ -5,6 +5,7 @@ the bundled sets.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torchvision.datasets as tvd
 
 from .._util import FeatcacheError, flag, unknown
 from ..cache.housekeeping import cache_root
+from .digests import DigestMemo
 from .hf_datasets import HUB, hf_sets, is_hf_dataset, is_saved_dataset
 from .samples import (
     DEFAULT_MAX_PIXELS,
@@ -59,21 +61,43 @@ class DatasetSplits:
             if s is not None
         ]
 
+    def membership(self, memo: DigestMemo | None = None) -> list[dict[str, str]]:
+        """One ``{id, digest, split, label}`` row per image of every split (what ``splits.csv`` holds):
+        the class; for multi-label sets the labels joined by ``;``; for regression the targets' values.
+
+        Example:
+            >>> load_dataset("faces").membership()[0]["split"] in ("train", "val", "test")
+            True
+        """
+        return [
+            {"id": i, "digest": d, "split": name, "label": _label_text(self.task, s.classes, y)}
+            for name, s in self.items()
+            for i, d, y in zip(s.ids, s.digests(memo), s.labels.tolist(), strict=True)
+        ]
+
+
+def _label_text(task: str, classes: Sequence[str], y: Any) -> str:
+    """One image's label as ``splits.csv`` writes it, for any task."""
+    if task == "multilabel":
+        return ";".join(c for c, on in zip(classes, y) if on)
+    if task == "regress":
+        return ";".join(f"{float(v):.9g}" for v in y)
+    return classes[int(y)]
+
 
 def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded split keeping each class's proportion; returns sorted (train, val, test) indices.
+    """Seeded sample keeping each class's proportion exactly; returns sorted (train, val, test) indices.
+
+    ``--limit`` samples with it; the train/val/test split is :func:`hash_split`, which stays put.
 
     Example:
         >>> tr, va, te = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, 0.2)
         >>> len(tr), len(va), len(te)
         (12, 4, 4)
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise FeatcacheError(
-            f"fractions val={val_fraction} test={test_fraction} must be >= 0 and sum below 1"
-        )
+    _check_fractions(val_fraction, test_fraction)
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[], [], []]
     for c in np.unique(labels):
@@ -86,8 +110,64 @@ def stratified_split(
     return tr, va, te
 
 
-def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) -> DatasetSplits:
-    tr, va, te = stratified_split(samples.strata(), val, test, seed)
+def split_draw(digest: str, seed: int = 0) -> float:
+    """An image's draw in [0, 1): the first 8 bytes of SHA-256(``split:SEED:DIGEST``) over 2**64 — a
+    function of the image's own content and the seed, never of the other images.
+
+    Example:
+        >>> 0 <= split_draw("ab" * 32, seed=0) < 1
+        True
+    """
+    h = hashlib.sha256(f"split:{seed}:{digest}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def hash_split(
+    digests: Sequence[str], labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seeded split that stays put: sorted (train, val, test) indices, each image placed by its own
+    draw (:func:`split_draw`) — test when it is below ``test_fraction``, val when it is at least
+    ``1 - val_fraction``, train otherwise — so adding or removing images never moves another one, and
+    copies of one image (one digest) share a split. Each class keeps its fractions in expectation (a
+    binomial count per class, as hash-based splits in TFDS and ``tf.data`` do). One exception keeps a
+    class trainable: a class none of whose images drew train (a class of 1 image does so with
+    probability ``val + test``) has its image with the lowest draw put in train; that image returns to
+    its drawn split once the class has a train image of its own, the only way an addition can move
+    an existing image.
+
+    Example:
+        >>> tr, va, te = hash_split([f"{i:064x}" for i in range(1000)], np.zeros(1000, int), 0.1, 0.2)
+        >>> abs(len(te) - 200) < 50 and abs(len(va) - 100) < 40
+        True
+    """
+    _check_fractions(val_fraction, test_fraction)
+    labels = np.asarray(labels)
+    if len(digests) != len(labels):
+        raise FeatcacheError(f"{len(digests)} digests for {len(labels)} labels: one digest per image")
+    draw = np.array([split_draw(d, seed) for d in digests], dtype=np.float64)
+    part = np.where(draw < test_fraction, 2, np.where(draw >= 1.0 - val_fraction, 1, 0))
+    for c in np.unique(labels):
+        mine = np.flatnonzero(labels == c)
+        if len(mine) and not (part[mine] == 0).any():
+            rescued = digests[int(mine[np.argmin(draw[mine])])]
+            part[[i for i, d in enumerate(digests) if d == rescued]] = 0  # every copy: no leak
+    tr, va, te = (np.flatnonzero(part == k).astype(np.int64) for k in (0, 1, 2))
+    return tr, va, te
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise FeatcacheError(
+            f"fractions val={val_fraction} test={test_fraction} must be >= 0 and sum below 1"
+        )
+
+
+def _split(
+    samples: SampleSet, val: float, test: float, seed: int, spec: str, memo: DigestMemo | None
+) -> DatasetSplits:
+    tr, va, te = hash_split(
+        samples.digests(memo, progress=memo is not None), samples.strata(), val, test, seed
+    )
     return DatasetSplits(
         train=samples.subset(tr, "train"),
         val=samples.subset(va, "val") if len(va) else None,
@@ -139,8 +219,10 @@ def image_folder(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    memo: DigestMemo | None = None,
 ) -> DatasetSplits:
-    """An ImageFolder tree; uses ``train/ val/ test/`` subfolders when present, else a stratified split.
+    """An ImageFolder tree; uses ``train/ val/ test/`` subfolders when present, else a seeded split
+    (:func:`hash_split`; ``memo`` spares re-reading files whose digest it knows).
 
     Example:
         >>> splits = image_folder("data/pets")  # doctest: +SKIP
@@ -153,13 +235,15 @@ def image_folder(
             for n in ("val", "test")
         }
         val: SampleSet | None = parts["val"]
-        if val is None and val_fraction > 0:  # no val/ folder: hold out part of train/, stratified
-            tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
+        if val is None and val_fraction > 0:  # no val/ folder: hold out part of train/, by content
+            tr, va, _ = hash_split(
+                train.digests(memo, memo is not None), train.labels, val_fraction, 0.0, seed
+            )
             if len(va):
                 train, val = train.subset(tr, "train"), train.subset(va, "val")
         return DatasetSplits(train, val, parts["test"], train.classes, str(root))
     return _split(
-        _scan_folder(root, max_pixels=max_image_pixels), val_fraction, test_fraction, seed, str(root)
+        _scan_folder(root, max_pixels=max_image_pixels), val_fraction, test_fraction, seed, str(root), memo
     )
 
 
@@ -171,6 +255,7 @@ def manifest_file(
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     task: str = AUTO,
     targets: Sequence[str] = (),
+    memo: DigestMemo | None = None,
 ) -> DatasetSplits:
     """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths relative to it.
 
@@ -194,14 +279,15 @@ def manifest_file(
         if sub["train"] is None:
             raise FeatcacheError(f"manifest {str(path)!r} has a split column but no 'train' rows")
         return DatasetSplits(sub["train"], sub["val"], sub["test"], names, str(path), found.task)  # type: ignore[arg-type]
-    out = _split(samples, val_fraction, test_fraction, seed, str(path))
+    out = _split(samples, val_fraction, test_fraction, seed, str(path), memo)
     for name, share, got in (("val", val_fraction, out.val), ("test", test_fraction, out.test)):
-        if share > 0 and got is None:  # a split drawn per class, each too small to give it a row
+        if share > 0 and got is None:  # each image draws its split from its digest: too few images drew it
             raise FeatcacheError(
-                f"manifest {str(path)!r}: --{name}-fraction {share:g} left the {name} split "
-                f"empty ({len(names)} "
-                f"classes for {len(samples)} images: no class has enough images to give it one). Give the "
-                f"classes more images, pass --{name}-fraction 0, or, if the labels are values, --task regress"
+                f"manifest {str(path)!r}: --{name}-fraction {share:g} left the {name} split empty "
+                f"({len(samples)} images, {len(names)} classes; each image's split is drawn from its "
+                f"content digest and none drew {name}). Add images, raise --{name}-fraction, pass "
+                f"--{name}-fraction 0, give the manifest a 'split' column, or, if the labels are values, "
+                "--task regress"
             )
     return out
 
@@ -352,7 +438,12 @@ _TV_SPLIT_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def torchvision_dataset(
-    name: str, root: str | Path, download: bool = False, val_fraction: float = 0.1, seed: int = 0
+    name: str,
+    root: str | Path,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    memo: DigestMemo | None = None,
 ) -> DatasetSplits:
     """A torchvision dataset on disk (``download=False`` unless asked); val is split from train."""
 
@@ -371,7 +462,7 @@ def torchvision_dataset(
             f"{name} not found under {str(root)!r} ({exc}). Put the dataset files there (as torchvision's "
             f"{name} expects them), or pass --download on a machine with internet."
         ) from exc
-    tr, va, _ = stratified_split(train.labels, val_fraction, 0.0, seed)
+    tr, va, _ = hash_split(train.digests(memo, memo is not None), train.labels, val_fraction, 0.0, seed)
     return DatasetSplits(
         train.subset(tr, "train"), train.subset(va, "val"), test, train.classes, f"torchvision:{name}"
     )
@@ -420,8 +511,10 @@ def load_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     cache_dir: str | None = None,
+    memo: DigestMemo | None = None,
 ) -> DatasetSplits:
-    """Resolve a dataset spec to train/val/test splits (seeded and stratified where split here).
+    """Resolve a dataset spec to train/val/test splits (seeded by content where split here: an image's
+    split follows from the seed and its content digest alone, :func:`hash_split`).
 
     Args:
         spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT``, a built-in name,
@@ -440,6 +533,8 @@ def load_dataset(
         image_column: the image column of a Hugging Face dataset (the image extension of shards).
         label_column: the label column of a Hugging Face dataset (``cls``/``txt``/``json`` of shards).
         cache_dir: the cache root whose memo spares re-reading unchanged shards.
+        memo: the digest memo of a cache (spares re-reading files whose digest it knows: the seeded
+            split places each image by its content digest).
 
     Example:
         >>> splits = load_dataset("digits", seed=0)
@@ -464,15 +559,15 @@ def load_dataset(
     columns: dict[str, Any] = {"image_column": image_column, "label_column": label_column}
     if is_hf_dataset(spec) or not isinstance(spec, str):
         sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
-        return _limited(_assembled(sets, val_fraction, test_fraction, seed, "datasets"), limit, seed)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, "datasets", memo), limit, seed)
     path = Path(spec)
     if spec.startswith(HUB) or (path.is_dir() and is_saved_dataset(path)):
         sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
-        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec, memo), limit, seed)
     if is_shard_spec(spec) or (path.is_dir() and is_shard_folder(path)):
-        memo = VersionMemo.under(cache_root(cache_dir))
-        sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=memo)
-        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+        versions = VersionMemo.under(cache_root(cache_dir))
+        sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=versions)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec, memo), limit, seed)
     if spec.startswith("hf:") and not path.exists():
         raise FeatcacheError(
             f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
@@ -489,14 +584,15 @@ def load_dataset(
         if limit and limit < len(samples):
             keep, _, _ = stratified_split(samples.strata(), 0.0, 1 - limit / len(samples), seed)
             samples = samples.subset(keep, spec)
-        return _split(samples, val_fraction, test_fraction, seed, spec)
+        return _split(samples, val_fraction, test_fraction, seed, spec, memo)
     if spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
         if len(parts) != 3:
             raise FeatcacheError(
                 f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data"
             )
-        return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
+        tv = torchvision_dataset(parts[1], parts[2], download, val_fraction, seed, memo)
+        return _limited(tv, limit, seed)
     if not path.exists():
         raise FileNotFoundError(
             f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
@@ -504,25 +600,30 @@ def load_dataset(
             f"or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
-        splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels)
+        splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels, memo)
         return _limited(splits, limit, seed)
     if path.suffix in (".csv", ".jsonl"):
-        splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels, task, targets)
+        splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels, task, targets, memo)
         return _limited(splits, limit, seed)
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest, nor a .tar shard")
 
 
 def _assembled(
-    found: tuple[dict[str, SampleSet], list[str]], val: float, test: float, seed: int, spec: str
+    found: tuple[dict[str, SampleSet], list[str]],
+    val: float,
+    test: float,
+    seed: int,
+    spec: str,
+    memo: DigestMemo | None = None,
 ) -> DatasetSplits:
     """Splits from a source's own (``train``, ``val``, ``test``; val held out of train when missing, as
-    for a folder) or, for one set (``all``), the seeded stratified split."""
+    for a folder) or, for one set (``all``), the seeded split by content (:func:`hash_split`)."""
     sets, classes = found
     if "all" in sets:
-        return _split(sets["all"], val, test, seed, spec)
+        return _split(sets["all"], val, test, seed, spec, memo)
     train, valid = sets["train"], sets.get("val")
     if valid is None and val > 0:
-        tr, va, _ = stratified_split(train.labels, val, 0.0, seed)
+        tr, va, _ = hash_split(train.digests(memo, memo is not None), train.labels, val, 0.0, seed)
         if len(va):
             train, valid = train.subset(tr, "train"), train.subset(va, "val")
     return DatasetSplits(train, valid, sets.get("test"), classes, spec)

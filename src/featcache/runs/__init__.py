@@ -2,6 +2,7 @@
 
 from .finetune import FinetuneConfig, finetune_run
 from .folder import Run, RunFolder, RunRecord, load_run
+from .knn import KnnConfig, knn_eval, knn_run
 from .probe import ProbeConfig, probe_run
 from .spec import RunSpec
 from .sweep import SweepGrid, SweepResult, sweep_run
@@ -9,6 +10,7 @@ from .train import train_run
 
 __all__ = [
     "FinetuneConfig",
+    "KnnConfig",
     "ProbeConfig",
     "Run",
     "RunFolder",
@@ -17,6 +19,8 @@ __all__ = [
     "SweepGrid",
     "SweepResult",
     "finetune_run",
+    "knn_eval",
+    "knn_run",
     "load_run",
     "probe_run",
     "sweep_run",

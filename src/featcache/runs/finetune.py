@@ -292,7 +292,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     folder = spec.folder("finetune")
     device = resolve_device(spec.train.device)
     backbone = spec.backbone()
-    splits = spec.data.load(spec.cache_dir)
+    splits = spec.load_data()
     if splits.task != "classify":  # the network's own classifier is replaced by a softmax head
         raise FeatcacheError(
             f"finetune trains a classifier; this dataset's task is {splits.task}: train a head on the cached "
@@ -300,6 +300,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         )
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
+    spec.record_splits(folder, splits)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(

@@ -12,6 +12,7 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import functools
@@ -66,6 +67,9 @@ RUN_FILES = (
     "label_ap.png",
     "scatter.png",
     "predictions.csv",
+    "splits.csv",
+    "folds.json",
+    "oof.csv",
 )
 
 
@@ -388,9 +392,13 @@ class RunFolder:
                 shutil.rmtree(child)
 
     def child(self, name: str) -> RunFolder:
-        """A run folder inside this one (a sweep's runs), created fresh; ``name`` is one path component."""
+        """A run folder inside this one (a sweep's runs, folds), created fresh with this one's
+        ``splits.csv`` (the same images in the same splits); ``name`` is one path component."""
         folder = RunFolder(self.path / check_name(name, "run folder name"))
         folder.path.mkdir(parents=True, exist_ok=True)
+        # a resumed sweep's finished runs keep theirs (the splits are the same: resume checks split_keys)
+        if (self.path / "splits.csv").is_file() and not (folder.path / "splits.csv").exists():
+            shutil.copyfile(self.path / "splits.csv", folder._out("splits.csv"))
         return folder
 
     # ---------------------------------------------------------------- config.json
@@ -601,6 +609,41 @@ class RunFolder:
         shown += [n + ("/" if n == "tensorboard" else "") for n in names if (self.path / n).exists()]
         return ", ".join(shown)
 
+    @_writes("oof.csv")
+    def write_oof(
+        self,
+        ids: Sequence[str],
+        digests: Sequence[str],
+        folds: Sequence[int] | torch.Tensor,
+        labels: Sequence[int] | torch.Tensor,
+        logits: torch.Tensor,
+        classes: list[str],
+    ) -> None:
+        """``oof.csv``: every train+val image's out-of-fold prediction — its id, digest, fold, given label,
+        the prediction of the head that did not train on it, the probability that head gives the given
+        label, and the loss.
+
+        Example:
+            >>> folder.write_oof(pool.ids, pool.digests, fold, pool.labels, oof, classes)  # doctest: +SKIP
+        """
+        probs = torch.softmax(logits.double(), 1)
+        y = torch.as_tensor(labels).long()
+        p_label = probs.gather(1, y[:, None])[:, 0]
+        pred = probs.argmax(1)
+        rows = [
+            {
+                "id": ids[i],
+                "digest": digests[i],
+                "fold": int(folds[i]),
+                "label": classes[int(y[i])],
+                "predicted": classes[int(pred[i])],
+                "p_label": round(float(p_label[i]), 6),
+                "loss": round(float(-torch.log(p_label[i].clamp_min(1e-300))), 6),
+            }
+            for i in range(len(ids))
+        ]
+        self._write_csv("oof.csv", rows, ["id", "digest", "fold", "label", "predicted", "p_label", "loss"])
+
     @_writes("skipped.csv")
     def write_skipped(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
         """``skipped.csv``: the images left out as unreadable (``--on-bad-image skip``), one ``{split,
@@ -613,6 +656,23 @@ class RunFolder:
         if out:
             self._write_csv("skipped.csv", out, ["split", "id", "reason"])
         return out
+
+    @_writes("splits.csv")
+    def write_splits(self, rows: Sequence[Mapping[str, str]]) -> dict[str, str]:
+        """``splits.csv``: every image of the run with its split, one ``{id, digest, split, label}`` row
+        each (:meth:`DatasetSplits.membership`). Returns the ``{digest: split}`` the folder recorded
+        before (empty when none), so a run can say how many images changed split.
+
+        Example:
+            >>> folder.write_splits(splits.membership())  # doctest: +SKIP
+            {}
+        """
+        before: dict[str, str] = {}
+        path = self.path / "splits.csv"
+        with contextlib.suppress(OSError, csv.Error, KeyError), path.open(newline="") as f:
+            before = {r["digest"]: r["split"] for r in csv.DictReader(f)}
+        self._write_csv("splits.csv", rows, ["id", "digest", "split", "label"])
+        return before
 
     @_writes("a CSV file")
     def _write_csv(

@@ -6,6 +6,10 @@ together, so no image is both trained on and held out. Fold ``i`` trains a head 
 and is scored on fold ``i``; the report is the mean and standard deviation of those K accuracies (and
 of each fold head's test accuracy, when there is a test split). Every fold is a view of the feature
 table: nothing is extracted again.
+
+Each pooled image is scored by the one head that did not train on it: its out-of-fold prediction.
+Ranked by loss, those are where to look for mislabelled images over the whole train+val set. The
+run's own head is refitted on every train+val row, so ``export`` and ``predict`` take a folds folder.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import hashlib
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,10 +28,10 @@ from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..cache.store import CachedFeatures, join_splits
 from ..train.config import TrainConfig
-from ..train.fit import evaluate
-from ..train.heads import HeadSpec
+from ..train.fit import TrainingInterrupted, evaluate, predict_logits
+from ..train.heads import Head, HeadInfo, HeadSpec
 from ..train.sources import source_for
-from .folder import RunFolder
+from .folder import RunFolder, RunRecord
 from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
 from .train import train_on_cache
@@ -63,13 +67,15 @@ def assign_folds(digests: Sequence[str], labels: np.ndarray, k: int, seed: int =
 
 @dataclass
 class FoldsResult:
-    """Per-fold held-out accuracies (and test accuracies of each fold's head), their mean and std."""
+    """Per-fold held-out accuracies (and test accuracies of each fold's head), their mean and std; the
+    out-of-fold logits of every pooled (train+val) row, in the pool's order."""
 
     folds: int
     acc: list[float]
     test_acc: list[float] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    oof: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def mean(self) -> float:
@@ -81,7 +87,7 @@ class FoldsResult:
         return statistics.pstdev(self.acc)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "oof"}
         d.update(mean=self.mean, std=self.std)
         if self.test_acc:
             d.update(test_mean=statistics.fmean(self.test_acc), test_std=statistics.pstdev(self.test_acc))
@@ -93,6 +99,38 @@ def _pool_and_folds(feats: dict[str, CachedFeatures], k: int, seed: int) -> tupl
     return pool, assign_folds(pool.digests, pool.labels, k, seed)
 
 
+def _fold_head(
+    parts: dict[str, CachedFeatures],
+    layer: str,
+    head_spec: HeadSpec,
+    config: TrainConfig,
+    progress: bool,
+    child: RunFolder | None,
+    record: RunRecord | None,
+) -> tuple[Head, HeadInfo, dict[str, Any]]:
+    """One fold's head: trained (and written to its run folder ``child``), or read back from ``child``
+    when a resumed run finished it with the same settings."""
+    if child is not None and record is not None:
+        done = child.read_metrics()  # written after the fold's config and head: both are there
+        if done.get("finished", False) and child.read_config().to_json() == record.to_json():
+            head, info = child.load_head()
+            return head, info, done
+        child.write_config(record)
+    head, info, result, metrics = train_on_cache(
+        parts, layer, head_spec, config, progress, child.checkpoint if child else None
+    )
+    if not result.finished:
+        raise TrainingInterrupted(result, child.unfinished("train") if child else "fold interrupted")
+    metrics["fold"] = metrics.pop("test")  # the held-out fold, scored once after the last epoch
+    if child is not None:
+        child.save_head(head, info)
+        child.write_metrics(metrics)
+        child.write_report(
+            {k: v for k, v in metrics.items() if k != "test"}, parts["train"].classes, child.path.name
+        )
+    return head, info, metrics
+
+
 def folds_train(
     feats: dict[str, CachedFeatures],
     layer: str,
@@ -101,8 +139,13 @@ def folds_train(
     k: int,
     seed: int = 0,
     progress: bool = False,
+    folder: RunFolder | None = None,
+    record: RunRecord | None = None,
 ) -> FoldsResult:
-    """Train a head per fold for ``config.epochs`` (no epoch is chosen on the held-out fold) and score it.
+    """Train a head per fold for ``config.epochs`` (no epoch is chosen on the held-out fold) and score it;
+    every pooled row's out-of-fold logits land in ``result.oof``. With ``folder`` (and the run's
+    ``record``), fold ``i`` is the run folder ``fold-i`` in it (config, metrics, curves, head), and a
+    resumed run reuses the folds it finished.
 
     Example:
         >>> res = folds_train(feats, "penultimate", HeadSpec(), TrainConfig(epochs=9), k=5)  # doctest: +SKIP
@@ -110,20 +153,24 @@ def folds_train(
     """
     pool, fold = _pool_and_folds(feats, k, seed)
     out = FoldsResult(k, [])
+    dev = resolve_device(config.device)
+    oof = torch.zeros((len(pool), len(pool.classes)))
     for i in range(k):
-        train, held = (
-            pool.subset(np.flatnonzero(fold != i), f"fold{i}-train"),
-            pool.subset(np.flatnonzero(fold == i), f"fold{i}"),
+        rows = np.flatnonzero(fold == i)
+        train, held = pool.subset(np.flatnonzero(fold != i), f"fold{i}-train"), pool.subset(rows, f"fold{i}")
+        child = folder.child(f"fold-{i}") if folder is not None else None
+        mine = replace(record, verb={**record.verb, "fold": i}) if record is not None else None
+        head, info, metrics = _fold_head(
+            {"train": train, "test": held}, layer, head_spec, config, progress, child, mine
         )
-        head, info, _, metrics = train_on_cache(
-            {"train": train, "test": held}, layer, head_spec, config, progress
-        )
-        out.acc.append(float(metrics["test"]["acc"]))
+        held_src = source_for(held, layer, dev, config.ram_budget_gb)
+        oof[torch.as_tensor(rows)] = predict_logits(head.to(dev), held_src)
+        out.acc.append(float(metrics["fold"]["acc"]))
         out.rows.append(len(held))
         if "test" in feats:
-            dev = resolve_device(config.device)
             test = evaluate(head.to(dev), source_for(feats["test"], layer, dev), info.num_classes)
             out.test_acc.append(float(test["acc"]))
+    out.oof = oof
     return out
 
 
@@ -136,8 +183,8 @@ def folds_probe(
     device: str = "auto",
 ) -> FoldsResult:
     """The linear probe with K-fold cross-validation choosing the L2 strength (best mean held-out
-    accuracy); the fold accuracies reported are those at that strength. The refit on every pooled row
-    is scored once on test.
+    accuracy); the fold accuracies reported, and the out-of-fold logits in ``result.oof``, are those at
+    that strength. The refit on every pooled row is scored once on test (``result.extra["head"]``).
 
     Example:
         >>> res = folds_probe(feats, "penultimate", ProbeConfig(), k=5)  # doctest: +SKIP
@@ -149,30 +196,53 @@ def folds_probe(
         raise FeatcacheError("the L-BFGS probe needs the features in memory; use `featcache train --folds`")
     n = len(pool.classes)
     by_strength: dict[float, list[float]] = {}
+    oof: dict[float, torch.Tensor] = {}
     for s in config.strengths:
+        oof[s] = torch.zeros((len(pool), n))
         for i in range(k):
             tr, ho = np.flatnonzero(fold != i), np.flatnonzero(fold == i)
             rows = torch.as_tensor(tr, device=dev)
             head = fit_logistic(src.x[rows], src.y[rows], n, s, config.max_iter, config.standardize)
             held = source_for(pool.subset(ho, f"fold{i}"), layer, dev)
             by_strength.setdefault(s, []).append(float(evaluate(head, held, n)["acc"]))
+            oof[s][torch.as_tensor(ho)] = predict_logits(head, held)
     best = max(config.strengths, key=lambda s: statistics.fmean(by_strength[s]))
-    out = FoldsResult(k, by_strength[best], rows=[int((fold == i).sum()) for i in range(k)])
+    out = FoldsResult(k, by_strength[best], rows=[int((fold == i).sum()) for i in range(k)], oof=oof[best])
     out.extra = {"strength": best, "cv_by_strength": {str(s): v for s, v in by_strength.items()}}
+    head = fit_logistic(src.x, src.y, n, best, config.max_iter, config.standardize)
+    out.extra["head"] = (
+        head,
+        HeadInfo(HeadSpec("linear"), tuple(src.x.shape[1:]), n, standardize=config.standardize),
+    )
     if "test" in feats:
-        head = fit_logistic(src.x, src.y, n, best, config.max_iter, config.standardize)
         out.test_acc = [float(evaluate(head, source_for(feats["test"], layer, dev), n)["acc"])]
     return out
+
+
+def _refit(
+    spec: RunSpec, feats: dict[str, CachedFeatures], pool: CachedFeatures, layer: str, head: HeadSpec
+) -> tuple[Head, HeadInfo, dict[str, Any]]:
+    """The final head of ``train --folds``: trained on every train+val row for ``spec.train.epochs``
+    (nothing held out to choose an epoch on), scored on test."""
+    parts = {"train": pool, **({"test": feats["test"]} if "test" in feats else {})}
+    trained, info, result, metrics = train_on_cache(parts, layer, head, spec.train, spec.progress)
+    if not result.finished:
+        raise TrainingInterrupted(result, f"`featcache train --resume --out {spec.out}` refits it")
+    return trained, info, metrics
 
 
 def folds_run(
     spec: RunSpec, layer: str, k: int, head: HeadSpec | ProbeConfig
 ) -> tuple[FoldsResult, dict[str, CachedFeatures]]:
-    """``featcache train|probe --folds K``: extract (or read the cache), then K folds; writes
-    ``folds.json`` in ``spec.out`` when given. Returns the result and the splits read.
+    """``featcache train|probe --folds K``: extract (or read the cache), then K folds, then a final head
+    refitted on all of train+val. With ``spec.out`` the folder is a run that ``export``, ``predict`` and
+    ``load_run`` take (its head is the refitted one): ``config.json`` (``train --resume`` continues it),
+    ``metrics.json`` (folds and the refit's test), ``folds.json``, ``oof.csv`` (every train+val image's
+    out-of-fold prediction), ``misclassified.csv`` (the out-of-fold mistakes, highest loss first),
+    ``splits.csv``, and for ``train`` a run folder per fold (``fold-0`` ...: metrics, curves, head).
 
     Example:
-        >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), extract=ExtractConfig())
+        >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/folds")
         >>> res, feats = folds_run(spec, "penultimate", 5, HeadSpec())  # doctest: +SKIP
     """
     if spec.logger != "none":  # a head per fold, no run folder each: nothing would be logged
@@ -180,26 +250,77 @@ def folds_run(
             f"--logger {spec.logger} logs the epochs of a train, finetune or sweep run; --folds trains a "
             "head per fold without one: leave out --logger, or train without --folds"
         )
+    verb = "train" if isinstance(head, HeadSpec) else "probe"
+    if verb == "probe":
+        spec.no_resume("probe --folds")
+    folder = spec.folder(verb) if spec.out is not None else None
     backbone = spec.backbone()
-    splits = spec.data.load(spec.cache_dir)
+    layer = spec.one_layer(backbone, layer, verb)
+    splits = spec.load_data()
     if splits.task != "classify":  # the folds are dealt per class, and score accuracy
         raise FeatcacheError(
             f"--folds cross-validates classifiers; this dataset's task is {splits.task}: run `train` or "
-            "`probe` "
-            "without --folds (they choose on the validation split)"
+            "`probe` without --folds (they choose on the validation split)"
         )
     feats, _ = spec.extract_all(backbone, splits, [layer])
+    spec.note_data(folder, splits, feats)
+    part: dict[str, Any] = (
+        {"head": head.to_dict(), "train": to_json(spec.train)}
+        if isinstance(head, HeadSpec)
+        else {"head": HeadSpec("linear").to_dict(), "probe": to_json(head)}
+    )
+    record = spec.record(verb, backbone, feats, [layer], layer=layer, folds=k, **part)
+    if folder is not None:
+        if spec.resume:
+            folder.check_resume(
+                record, ("cache_keys", "split_keys", "train", "head", "folds"), "these settings"
+            )
+        folder.write_config(record)
     t0 = time.perf_counter()
+    pool = join_splits([feats[s] for s in ("train", "val") if s in feats], "train+val")
     if isinstance(head, HeadSpec):
-        res = folds_train(feats, layer, head, spec.train, k, spec.data.seed, spec.progress)
+        res = folds_train(feats, layer, head, spec.train, k, spec.data.seed, spec.progress, folder, record)
+        final, info, metrics = _refit(spec, feats, pool, layer, head)
+        if "test" in metrics:
+            res.extra["refit_test_acc"] = float(metrics["test"]["acc"])
     else:
         res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device)
+        final, info = res.extra.pop("head")
+        dev = resolve_device(spec.train.device)
+        metrics = (
+            {"test": evaluate(final, source_for(feats["test"], layer, dev), info.num_classes)}
+            if "test" in feats
+            else {}
+        )
     res.extra["seconds"] = round(time.perf_counter() - t0, 3)
     res.extra["cache_rows"] = {
         s: {"rows": f.rows, "from_cache": f.from_cache, "extracted": f.extracted} for s, f in feats.items()
     }
-    if spec.out is not None:
-        folder = RunFolder(spec.out)
-        folder.path.mkdir(parents=True, exist_ok=True)
-        folder.write_json("folds.json", {"layer": layer, "data": to_json(spec.data), **res.to_dict()})
+    if folder is not None:
+        _write_folds(folder, spec, res, pool, (final, info, metrics), layer, f"{backbone.cfg.spec} · {layer}")
     return res, feats
+
+
+def _write_folds(
+    folder: RunFolder,
+    spec: RunSpec,
+    res: FoldsResult,
+    pool: CachedFeatures,
+    refit: tuple[Head, HeadInfo, dict[str, Any]],
+    layer: str,
+    title: str,
+) -> None:
+    """The folds folder's files (see :func:`folds_run`); the refitted head is the run's head."""
+    final, info, metrics = refit
+    summary = {"layer": layer, "data": to_json(spec.data), **res.to_dict()}
+    folder.save_head(final, info)
+    folder.write_metrics({**metrics, "folds": summary, "refit_on": "train+val", "finished": True})
+    folder.write_report(metrics, pool.classes, f"{title} · refitted on train+val")
+    folder.write_json("folds.json", summary)
+    if res.oof is not None:
+        fold = assign_folds(pool.digests, pool.labels, res.folds, spec.data.seed)
+        folds, labels = torch.as_tensor(fold), torch.as_tensor(pool.labels)
+        folder.write_oof(pool.ids, pool.digests, folds, labels, res.oof, pool.classes)
+        folder.write_misclassified(
+            "out-of-fold", pool.ids, torch.as_tensor(pool.labels), res.oof, pool.classes
+        )

@@ -25,7 +25,7 @@ from ..train.objectives import metric_key
 from ..train.sources import FeatureSource, source_for
 from .logistic import SoftmaxRegression, Solution, small_problem_threads
 from .report import most_confused
-from .spec import RunSpec, skipped_rows
+from .spec import RunSpec
 from .target_probes import probe_task
 from .train import write_mistakes
 
@@ -320,11 +320,11 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.data.load(spec.cache_dir)
+    splits = spec.load_data()
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.note_skipped(folder, skipped_rows(feats))
+    spec.note_data(folder, splits, feats)
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "

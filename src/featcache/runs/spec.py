@@ -12,6 +12,7 @@ from typing import Any
 from .._config import from_json, to_json
 from .._util import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
+from ..cache.housekeeping import cache_root, dataset_name, swap_split_log
 from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits
@@ -157,6 +158,45 @@ class RunSpec:
         if self.resume:
             raise FeatcacheError(f"{verb} does not resume; run it again (with --overwrite) instead")
 
+    def load_data(self) -> DatasetSplits:
+        """The dataset's splits, digests read through the cache's memo (the seeded split places each
+        image by its content digest, which extraction needs next anyway)."""
+        return self.data.load(self.cache_dir)
+
+    def note_data(
+        self, folder: RunFolder | None, splits: DatasetSplits, feats: Mapping[str, CachedFeatures]
+    ) -> None:
+        """:meth:`note_skipped` and :meth:`record_splits`: what a run says, and writes, about its data."""
+        self.note_skipped(folder, skipped_rows(feats))
+        self.record_splits(folder, splits)
+
+    def record_splits(self, folder: RunFolder | None, splits: DatasetSplits) -> list[dict[str, str]]:
+        """Write ``splits.csv`` in the run folder, remember the membership in the cache for this data
+        source, and say in one line how many images changed split since the folder's own ``splits.csv``
+        or else since the last run on this data source in this cache. Returns the rows written."""
+        rows = splits.membership()
+        now = {r["digest"]: r["split"] for r in rows}
+        before = folder.write_splits(rows) if folder is not None else {}
+        record = {"seed": self.data.seed, "fractions": [self.data.val_fraction, self.data.test_fraction]}
+        last = swap_split_log(
+            cache_root(self.cache_dir), dataset_name(splits.spec), {**record, "splits": now}
+        )
+        for old, where in (
+            (before, "this run folder's splits.csv"),
+            ((last or {}).get("splits", {}), f"the last run on {splits.spec} in this cache"),
+        ):
+            common = [d for d in now if d in old]
+            moved = sum(now[d] != old[d] for d in common)
+            if moved:
+                settings = _setting_change(last, record) if old is not before and last else ""
+                print(  # even with -q: test figures before and after are on different images
+                    f"note: {moved} of {len(common)} images changed split since {where}{settings} (the "
+                    "seeded split places images by content: README 'Splits that stay put')",
+                    file=sys.stderr,
+                )
+                break
+        return rows
+
     def extract_all(
         self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]
     ) -> tuple[dict[str, CachedFeatures], list[CachedFeatures]]:
@@ -225,6 +265,12 @@ class RunSpec:
 
 #: what a task's classes are, in the start-of-run line
 _NOUNS = {"multilabel": "labels", "regress": "targets"}
+
+
+def _setting_change(last: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """`` (seed 0 -> 1)``: the split settings that differ from the last run's, or nothing."""
+    diff = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
+    return f" ({', '.join(diff)})" if diff else ""
 
 
 def skipped_rows(feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:

@@ -40,7 +40,7 @@ from ..train.objectives import metric_key
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .report import plot_sweep
-from .spec import RunSpec, skipped_rows
+from .spec import RunSpec
 from .train import train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
-    splits = spec.data.load(spec.cache_dir)
+    splits = spec.load_data()
     key = _chosen_on(splits, sweep)
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
@@ -146,7 +146,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
-    spec.note_skipped(folder, skipped_rows(feats))
+    spec.note_data(folder, splits, feats)
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)

@@ -32,7 +32,7 @@ from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
 from .logger import EpochHook, epoch_log
 from .report import most_confused
-from .spec import RunSpec, skipped_rows
+from .spec import RunSpec
 
 
 def evaluate_splits(
@@ -222,7 +222,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder = spec.folder("train")
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "train")
-    splits = spec.data.load(spec.cache_dir)
+    splits = spec.load_data()
     train = spec.train.resolved(len(splits.train))
     spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
     _check_head_fits(spec, backbone, splits, layer, head)
@@ -236,7 +236,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
-    spec.note_skipped(folder, skipped_rows(feats))
+    spec.note_data(folder, splits, feats)
     with epoch_log(spec.logger, folder.path) as on_epoch:
         trained, info, result, metrics = train_on_cache(
             feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views, on_epoch

@@ -39,6 +39,7 @@ from ..extract.config import ExtractConfig
 from ..extract.extractor import Extractor, resolved_cfg
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import environment
+from ..runs.knn import KnnConfig, knn_eval
 from ..runs.probe import ProbeConfig, linear_probe
 from ..runs.report import format_table
 from ..runs.spec import RunSpec
@@ -508,6 +509,49 @@ class _Bench:
         row["pass"] = bool(row["pass"]) and accs["featcache"] >= accs["sklearn"] - 0.003
         return row
 
+    def knn(self) -> dict[str, Any]:
+        """``knn_eval`` vs scikit-learn's ``KNeighborsClassifier(metric="cosine")`` (brute force, fit +
+        predict), same features (MNIST-5k, Lite0 ``penultimate``), same k (20), uniform votes as
+        scikit-learn's default: test accuracy within 1 point and at least as fast."""
+        from sklearn.neighbors import KNeighborsClassifier
+
+        splits = load_dataset(
+            "mnist-5k", 0.1, 0.2, seed=0, limit=self.cfg.limit if self.cfg == QUICK else None
+        )
+        cache = self.fresh_cache()
+        feats = extract_splits(self.bb, splits, ["penultimate"], self.ecfg, cache_dir=cache, progress=False)
+        (xtr, ytr), (xte, yte) = (
+            (np.asarray(feats[s].features["penultimate"], np.float32), feats[s].labels)
+            for s in ("train", "test")
+        )
+        k, accs = 20, {}
+
+        def ours() -> float:
+            t0 = time.perf_counter()
+            m, _ = knn_eval(xtr, ytr, xte, yte, len(splits.classes), KnnConfig(k=(k,), weighting="uniform"))
+            accs["featcache"] = m[k]["acc"]
+            return time.perf_counter() - t0
+
+        def sklearn() -> float:
+            t0 = time.perf_counter()
+            clf = KNeighborsClassifier(k, metric="cosine", algorithm="brute").fit(xtr, ytr)
+            accs["sklearn"] = float((clf.predict(xte) == yte).mean())
+            return time.perf_counter() - t0
+
+        ours(), sklearn()  # warm-up
+        f, b = _interleaved(ours, sklearn, self.repeats)
+        detail = f"test acc {accs['featcache']:.4f} vs {accs['sklearn']:.4f} (k={k}, {len(xtr)} train rows)"
+        row = _row(
+            "kNN vs scikit-learn, mnist-5k (Lite0 penultimate)",
+            f,
+            b,
+            1.0,
+            ("featcache", "sklearn"),
+            detail=detail,
+        )
+        row["pass"] = bool(row["pass"]) and abs(accs["featcache"] - accs["sklearn"]) <= 0.01
+        return row
+
     def _png_folder(self) -> tuple[Path, list[Path]]:
         """``store_images`` MNIST-5k digits as an ImageFolder of PNGs (written once, dated an hour back: an
         existing dataset, not files written this second, see :data:`featcache.data.digests.RACY_NS`),
@@ -682,6 +726,7 @@ BENCHMARKS = (
     "finetune",
     "cache_hit",
     "probe",
+    "knn",
     "relabel_rerun",
     "added_images",
     "content_digests",

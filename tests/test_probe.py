@@ -183,24 +183,21 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
     from featcache.data.config import DataConfig
     from featcache.extract.build import extract_splits
     from featcache.extract.config import ExtractConfig
-    from featcache.train.heads import Standardize
 
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
     seen: dict[str, list[torch.Tensor]] = {"standardised": [], "solved": []}
 
-    class Spy(Standardize):
-        @classmethod
-        def fit(cls, x, *args, **kw):  # type: ignore[no-untyped-def,override]
-            seen["standardised"].append(x)
-            return Standardize.fit(x, *args, **kw)
+    real_problem, real_fit = probe_mod._problem, probe_mod.fit_standardize_rows
 
-    real_problem = probe_mod._problem
+    def spy(blocks):  # type: ignore[no-untyped-def]
+        seen["standardised"].append(blocks[0 : len(blocks)])  # the rows it reads (not standardised)
+        return real_fit(blocks)
 
     def problem(z, y, *args, **kw):  # type: ignore[no-untyped-def]
-        seen["solved"].append(z)
+        seen["solved"].append(z.standardized(None)[0 : len(z)])  # the rows it solves on, as read
         return real_problem(z, y, *args, **kw)
 
-    monkeypatch.setattr(probe_mod, "Standardize", Spy)
+    monkeypatch.setattr(probe_mod, "fit_standardize_rows", spy)
     monkeypatch.setattr(probe_mod, "_problem", problem)
     model = ["torchvision:resnet18", "mnist-5k", "--weights", "none", "--input-size", "32", "32", "-q"]
     few = ["--shots", "5", "--shot-seeds", "5", "--strengths", "0.01,1"]

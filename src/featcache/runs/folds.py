@@ -28,6 +28,7 @@ from ..train.fit import evaluate
 from ..train.heads import HeadSpec
 from ..train.sources import source_for
 from .folder import RunFolder
+from .logistic import Part, RowBlocks
 from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
 from .train import train_on_cache
@@ -134,33 +135,36 @@ def folds_probe(
     k: int,
     seed: int = 0,
     device: str = "auto",
+    ram_budget_gb: float = 8.0,
 ) -> FoldsResult:
     """The linear probe with K-fold cross-validation choosing the L2 strength (best mean held-out
     accuracy); the fold accuracies reported are those at that strength. The refit on every pooled row
-    is scored once on test.
+    is scored once on test. A fold's training rows are read from the pooled rows by index (no copy);
+    pooled rows over ``ram_budget_gb`` (as float32) are streamed from the memory maps.
 
     Example:
         >>> res = folds_probe(feats, "penultimate", ProbeConfig(), k=5)  # doctest: +SKIP
     """
     pool, fold = _pool_and_folds(feats, k, seed)
     dev = resolve_device(device)
-    src = source_for(pool, layer, dev)
-    if src.x is None:
-        raise FeatcacheError("the L-BFGS probe needs the features in memory; use `featcache train --folds`")
+    src = source_for(pool, layer, dev, ram_budget_gb)
+    # each fold's training rows are a view of the pooled rows (in memory, or streamed over the budget)
+    part = Part(src.x, "float32") if src.x is not None else Part(src.raw, src.dtype)
     n = len(pool.classes)
     by_strength: dict[float, list[float]] = {}
     for s in config.strengths:
         for i in range(k):
             tr, ho = np.flatnonzero(fold != i), np.flatnonzero(fold == i)
             rows = torch.as_tensor(tr, device=dev)
-            head = fit_logistic(src.x[rows], src.y[rows], n, s, config.max_iter, config.standardize)
-            held = source_for(pool.subset(ho, f"fold{i}"), layer, dev)
+            blocks = RowBlocks([Part(part.data, part.dtype, rows)], dev)
+            head = fit_logistic(blocks, src.y[rows], n, s, config.max_iter, config.standardize)
+            held = source_for(pool.subset(ho, f"fold{i}"), layer, dev, ram_budget_gb)
             by_strength.setdefault(s, []).append(float(evaluate(head, held, n)["acc"]))
     best = max(config.strengths, key=lambda s: statistics.fmean(by_strength[s]))
     out = FoldsResult(k, by_strength[best], rows=[int((fold == i).sum()) for i in range(k)])
     out.extra = {"strength": best, "cv_by_strength": {str(s): v for s, v in by_strength.items()}}
     if "test" in feats:
-        head = fit_logistic(src.x, src.y, n, best, config.max_iter, config.standardize)
+        head = fit_logistic(RowBlocks([part], dev), src.y, n, best, config.max_iter, config.standardize)
         out.test_acc = [float(evaluate(head, source_for(feats["test"], layer, dev), n)["acc"])]
     return out
 
@@ -181,7 +185,7 @@ def folds_run(
     if isinstance(head, HeadSpec):
         res = folds_train(feats, layer, head, spec.train, k, spec.data.seed, spec.progress)
     else:
-        res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device)
+        res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device, spec.train.ram_budget_gb)
     res.extra["seconds"] = round(time.perf_counter() - t0, 3)
     res.extra["cache_rows"] = {
         s: {"rows": f.rows, "from_cache": f.from_cache, "extracted": f.extracted} for s, f in feats.items()

@@ -125,7 +125,8 @@ class Standardize(nn.Module):
             shape = tuple(int(x.shape[i]) if i == axis else 1 for i in range(ndim))
         else:
             dims, shape = (0,), (1, *row)
-        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        # rows given as an array-like that reads tensors (the probe's row blocks) say where they live
+        device = x.device if isinstance(x, torch.Tensor) else torch.device(str(getattr(x, "device", "cpu")))
         total = torch.zeros(shape, dtype=torch.float64, device=device)
         sq = torch.zeros(shape, dtype=torch.float64, device=device)
         count = 0

@@ -25,6 +25,7 @@ from .._util import FeatcacheError
 from ..cache.rows import Rows
 from ..cache.writer import to_torch
 from ..train.heads import Standardize
+from ..train.sources import release_pages
 
 #: rows x features x classes up to which a fit on the CPU runs with numpy in float64
 SMALL_PROBLEM = 2_000_000
@@ -136,8 +137,14 @@ class RowBlocks:
             if out is not None and p.data.dtype == torch.float32 and p.data.device == self.device:
                 return torch.index_select(p.data, 0, p.index[lo:hi], out=out[: hi - lo])
             return p.data.index_select(0, p.index[lo:hi]).to(self.device, torch.float32)
-        rows = p.data[lo:hi] if p.index is None else p.data[p.index[lo:hi].cpu().numpy()]
-        return to_torch(np.asarray(rows), p.dtype).to(self.device, torch.float32)
+        if p.index is None:
+            rows = to_torch(np.asarray(p.data[lo:hi]), p.dtype)
+            release_pages(p.data, lo, hi)
+        else:
+            at = p.index[lo:hi].cpu().numpy()
+            rows = to_torch(np.asarray(p.data[at]), p.dtype)
+            release_pages(p.data, int(at.min()), int(at.max()) + 1)
+        return rows.to(self.device, torch.float32)
 
     def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, chunk)``: every row once, in order, ``rows`` at a time (a chunk never spans two

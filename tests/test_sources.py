@@ -127,10 +127,12 @@ def test_a_pooled_front_reads_the_channel_means_and_never_loads_the_maps(tmp_pat
         assert out is not None and out.from_channel_means, name
         assert not src.loaded, name  # the maps were never read into memory
         torch.testing.assert_close(out.x, front(maps), rtol=1e-5, atol=1e-5, msg=name)
-    # A front that does not start by pooling (a flatten-first head) must read the maps.
+    # A front that does not start by pooling (a flatten-first head) must read the maps: by chunks from
+    # the memory map, never holding them whole beside the mapped rows.
     src = FeatureSource(_memmap(tmp_path / "m.npy", maps), torch.zeros(60), channel_mean=means.numpy())
     flat = src.mapped(nn.Sequential(std, nn.Flatten()))
-    assert flat is not None and not flat.from_channel_means and src.loaded
+    assert flat is not None and not flat.from_channel_means and not src.loaded
+    torch.testing.assert_close(flat.x, std(maps).flatten(1))
     with pytest.raises(FeatcacheError, match=r"channel means of shape \(60, 2\)"):
         FeatureSource(maps, torch.zeros(60), channel_mean=means[:, :2])
     # Means given as a tensor, in any dtype, work as the cache's arrays do.

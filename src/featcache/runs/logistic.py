@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from .._util import FeatcacheError
-from ..cache.rows import Rows
+from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
 from ..train.heads import Standardize
-from ..train.sources import release_pages
 
 #: rows x features x classes up to which a fit on the CPU runs with numpy in float64
 SMALL_PROBLEM = 2_000_000

@@ -17,7 +17,7 @@ from torch import nn
 from .._checks import check_number
 from .._config import from_json, to_json
 from .._util import FeatcacheError, unknown
-from ..cache.rows import Rows
+from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 
@@ -132,7 +132,11 @@ class Standardize(nn.Module):
         count = 0
         for i in range(0, len(x), chunk):
             rows = x[i : i + chunk]
-            part = (rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)).double()
+            if isinstance(rows, torch.Tensor):
+                part = rows.double()
+            else:
+                part = to_torch(np.asarray(rows), dtype).double()
+                release_pages(x, i, i + chunk)  # the rows are read: the map's pages need not stay resident
             total += part.sum(dims, keepdim=True)
             sq += (part * part).sum(dims, keepdim=True)
             count += part.numel() // total.numel()  # values per statistic

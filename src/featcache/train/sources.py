@@ -8,8 +8,6 @@ spatial map reads the cache's per-row channel means instead of the map (:meth:`F
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -19,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, resolve_device
-from ..cache.rows import Rows, RowView
+from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
 from .heads import Standardize
 
@@ -98,9 +96,9 @@ class FeatureSource:
 
     A :class:`BatchSource`; the one that runs a head's frozen front once (:meth:`mapped`).
 
-    Shuffled batches of in-memory features are slices of one buffer that the next epoch overwrites:
-    use a batch within its epoch (clone it to keep it). Features given as an array are loaded on first
-    use, so a source whose head only needs ``channel_mean`` never reads the maps.
+    Shuffled batches of in-memory features are slices of one buffer that later batches overwrite: use a
+    batch before asking for the next (clone it to keep it). Features given as an array are loaded on
+    first use, so a source whose head only needs ``channel_mean`` never reads the maps.
 
     Args:
         x: (N, ...) features: a tensor, or an array (memory-mapped, or a cache table's
@@ -114,6 +112,8 @@ class FeatureSource:
 
     #: bytes of the chunks a streamed source reads, shuffles within, and yields batches from
     CHUNK_BYTES = 256 << 20
+    #: bytes of the shuffled rows of an in-memory source gathered at a time (the batches' buffer)
+    SHUFFLE_BYTES = 64 << 20
 
     def __init__(
         self,
@@ -179,8 +179,8 @@ class FeatureSource:
         return self._x is not None
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
-        if self.x is not None:
-            return self.x[start:stop]
+        if self._x is not None:
+            return self._x[start:stop]
         rows = to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
         release_pages(self.raw, start, stop)
         return rows
@@ -191,9 +191,11 @@ class FeatureSource:
 
     def prepare(self, front: nn.Module | None = None, epochs: Iterable[int] = ()) -> None:
         """Load the features now (say, before a clock starts), unless ``front`` will read the channel
-        means instead or the source is streamed. ``epochs`` (the ones about to run) matters to
-        :class:`ViewCycle` only."""
-        if not self.reads_channel_means(front):
+        means instead, the source is streamed, or ``front`` is given and the rows are not loaded yet: the
+        trainer then runs ``front`` once over them (:meth:`mapped`), which reads the stored rows by chunks,
+        so the split is never held both as read and as mapped. ``epochs`` (the ones about to run) matters
+        to :class:`ViewCycle` only."""
+        if front is None or (self.loaded and not self.reads_channel_means(front)):
             _ = self.x
 
     def set_epoch(self, epoch: int) -> None:
@@ -228,7 +230,7 @@ class FeatureSource:
             return t.to(self.device, torch.float32)[:, :, None, None]
 
         in_row = 4 * self.row_shape[0] if from_means else self._row_bytes()
-        held = 0 if self.streamed or (from_means and not self.loaded) else self._row_bytes() * n
+        held = self._row_bytes() * n if self.loaded else 0  # rows not loaded are read by chunks
         with torch.no_grad():
             first = fn(rows(0, 1)).float()
             out_row = first.numel() * 4
@@ -256,16 +258,23 @@ class FeatureSource:
         n = len(self)
         if self.x is not None and self.chunk_row_bytes is None:
             if gen is None:
-                xs, ys = self.x, self.y
-            else:
-                perm = torch.randperm(n, generator=gen).to(self.device)
-                if self._shuffled is None:  # reused every epoch: a fresh buffer costs page faults each time
-                    self._shuffled = (torch.empty_like(self.x), torch.empty_like(self.y))
-                xs, ys = self._shuffled
-                torch.index_select(self.x, 0, perm, out=xs)
-                torch.index_select(self.y, 0, perm, out=ys)
-            for i in range(0, n, batch_size):
-                yield xs[i : i + batch_size], ys[i : i + batch_size]
+                for i in range(0, n, batch_size):
+                    yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+                return
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            # The permuted rows are gathered ~SHUFFLE_BYTES at a time (whole batches) into one buffer
+            # reused every epoch: the batches of a whole permuted copy, without holding that copy.
+            step = max(1, self.SHUFFLE_BYTES // (self._row_bytes() * batch_size)) * batch_size
+            if self._shuffled is None or len(self._shuffled[0]) < min(n, step):
+                rows = min(n, step)
+                self._shuffled = (self.x.new_empty((rows, *self.x.shape[1:])), self.y.new_empty(rows))
+            bx, by = self._shuffled
+            for s in range(0, n, step):
+                part = perm[s : s + step]
+                xs = torch.index_select(self.x, 0, part, out=bx[: len(part)])
+                ys = torch.index_select(self.y, 0, part, out=by[: len(part)])
+                for i in range(0, len(part), batch_size):
+                    yield xs[i : i + batch_size], ys[i : i + batch_size]
             return
         # Streamed (or mapped from a streamed source): shuffle the chunk order, then within each chunk.
         row_bytes = self.chunk_row_bytes or self._row_bytes()
@@ -280,30 +289,6 @@ class FeatureSource:
                 xs, ys = xs.index_select(0, perm), ys.index_select(0, perm)
             for i in range(0, len(ys), batch_size):
                 yield xs[i : i + batch_size], ys[i : i + batch_size]
-
-
-def release_pages(rows: Any, start: int, stop: int) -> None:
-    """Unmap from this process the memory-map pages rows ``start:stop`` of ``rows`` were read from (an
-    ``np.memmap``, or a :class:`~featcache.cache.rows.RowView` over shards' maps), once they are copied.
-
-    The kernel's page cache keeps the pages (reading them again costs no disk I/O); what this drops is
-    their count in the process's resident set, which otherwise grows by the whole split as a stream or a
-    chunked load passes over it (a 1.28M x 2048 float16 split: 5.2 GB of RSS for rows already
-    converted). Read-only and shared writable maps only: a copy-on-write map's pages are its own.
-
-    Example:
-        >>> release_pages(np.load("x.npy", mmap_mode="r"), 0, 1000)  # doctest: +SKIP
-    """
-    if isinstance(rows, RowView):
-        shards = [rows.parts[int(i)] for i in np.unique(rows.part[start:stop])]
-    else:
-        shards = [rows]
-    for shard in shards:
-        arr = getattr(shard, "arr", shard)  # a CheckedShard's map
-        mm = getattr(arr, "_mmap", None)
-        if isinstance(arr, np.memmap) and arr.mode in ("r", "r+") and mm is not None:
-            with contextlib.suppress(OSError, ValueError):  # madvise is advice: a refusal changes no row
-                mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _pools_first(fn: nn.Module) -> bool:

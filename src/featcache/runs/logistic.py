@@ -87,6 +87,7 @@ class RowBlocks:
             raise FeatcacheError("a fit needs rows: got no parts")
         first = parts[0].data
         self.parts, self.std = list(parts), std
+        self._held: torch.Tensor | None = None  # all rows as one standardised chunk, when they fit one
         self.device = device or (first.device if isinstance(first, torch.Tensor) else torch.device("cpu"))
         self.row_shape = tuple(int(d) for d in first.shape[1:])
         for p in self.parts:
@@ -111,6 +112,12 @@ class RowBlocks:
     def standardized(self, std: Standardize | None) -> RowBlocks:
         """The same rows read through ``std`` (a view: nothing is copied)."""
         return RowBlocks(self.parts, self.device, std)
+
+    def _chunk_of_all(self) -> torch.Tensor:
+        """Every row, standardised and flattened, in one new buffer (never a view of a part's rows)."""
+        z = self[0 : len(self)]
+        z = self.std(z) if self.std is not None else z.clone()
+        return z.reshape(len(self), self.features)
 
     def __getitem__(self, key: slice) -> torch.Tensor:
         """Rows ``key`` (a slice, step 1) as float32 on the device, not standardised (what
@@ -149,6 +156,13 @@ class RowBlocks:
         """``(offset, chunk)``: every row once, in order, ``rows`` at a time (a chunk never spans two
         parts), standardised and flattened to (n, features) float32. A chunk is a view of the rows or a
         buffer the next chunk overwrites: use it before asking for the next."""
+        if len(self) <= rows and (self.std is not None or any(p.index is not None for p in self.parts)):
+            # Every row fits one chunk: it is read and standardised once and kept for the next passes
+            # (a small problem's L-BFGS makes hundreds; the chunk buffer is held either way).
+            if self._held is None or len(self._held) != len(self):
+                self._held = self._chunk_of_all()
+            yield 0, self._held
+            return
         buf: torch.Tensor | None = None
         offset = 0
         for p in self.parts:

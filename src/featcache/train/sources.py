@@ -268,7 +268,10 @@ class FeatureSource:
             step = max(1, self.SHUFFLE_BYTES // (self._row_bytes() * batch_size)) * batch_size
             if self._shuffled is None or len(self._shuffled[0]) < min(n, step):
                 rows = min(n, step)
-                self._shuffled = (self.x.new_empty((rows, *self.x.shape[1:])), self.y.new_empty(rows))
+                self._shuffled = (
+                    self.x.new_empty((rows, *self.x.shape[1:])),
+                    self.y.new_empty((rows, *self.y.shape[1:])),  # targets may be (N, K): multilabel
+                )
             bx, by = self._shuffled
             for s in range(0, n, step):
                 part = perm[s : s + step]

@@ -99,6 +99,13 @@ def test_probe_folds_choose_the_strength_by_cross_validation(tmp_path: Path) -> 
     )
     assert cv[1e2] < cv[1e-4]  # an absurd strength loses on every fold
     assert len(res.test_acc) == 1 and 0 <= res.test_acc[0] <= 1
+    # Pooled rows over the RAM budget: each fold's rows streamed from the table's maps by index, the
+    # same folds and (to float32 rounding of the solver) the same accuracies as in memory.
+    cfg = ProbeConfig(strengths=(1e-4, 1e2))
+    streamed = folds_probe(feats, "penultimate", cfg, k=3, device="cpu", ram_budget_gb=1e-9)
+    assert streamed.extra["strength"] == res.extra["strength"] and streamed.rows == res.rows
+    np.testing.assert_allclose(streamed.acc, res.acc, atol=0.02)
+    np.testing.assert_allclose(streamed.test_acc, res.test_acc, atol=0.02)
     # The views' rows in the table are the splits' own.
     for split in ("train", "val"):
         torch.testing.assert_close(

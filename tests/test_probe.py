@@ -183,24 +183,21 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
     from featcache.data.config import DataConfig
     from featcache.extract.build import extract_splits
     from featcache.extract.config import ExtractConfig
-    from featcache.train.heads import Standardize
 
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
     seen: dict[str, list[torch.Tensor]] = {"standardised": [], "solved": []}
 
-    class Spy(Standardize):
-        @classmethod
-        def fit(cls, x, *args, **kw):  # type: ignore[no-untyped-def,override]
-            seen["standardised"].append(x)
-            return Standardize.fit(x, *args, **kw)
+    real_problem, real_fit = probe_mod._problem, probe_mod.fit_standardize_rows
 
-    real_problem = probe_mod._problem
+    def spy(blocks):  # type: ignore[no-untyped-def]
+        seen["standardised"].append(blocks[0 : len(blocks)])  # the rows it reads (not standardised)
+        return real_fit(blocks)
 
     def problem(z, y, *args, **kw):  # type: ignore[no-untyped-def]
-        seen["solved"].append(z)
+        seen["solved"].append(z.standardized(None)[0 : len(z)])  # the rows it solves on, as read
         return real_problem(z, y, *args, **kw)
 
-    monkeypatch.setattr(probe_mod, "Standardize", Spy)
+    monkeypatch.setattr(probe_mod, "fit_standardize_rows", spy)
     monkeypatch.setattr(probe_mod, "_problem", problem)
     model = ["torchvision:resnet18", "mnist-5k", "--weights", "none", "--input-size", "32", "32", "-q"]
     few = ["--shots", "5", "--shot-seeds", "5", "--strengths", "0.01,1"]
@@ -230,3 +227,71 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
         assert len(x) == 5 * 10
         got = {r.tobytes() for r in x.cpu().numpy().astype(np.float32)}
         assert len(got) == 50 and got <= rows["train"] and not got & (rows["val"] | rows["test"])
+
+
+def test_the_chunked_objective_reads_parts_standardised_by_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch objective over two parts (some rows of a tensor, a float16 memory map streamed), read
+    7 rows at a time and standardised on the fly, against autograd on the concatenated copy."""
+    import torch.nn.functional as F
+
+    import featcache.runs.logistic as logistic
+    from featcache.train.heads import Standardize
+
+    monkeypatch.setattr(logistic, "SMALL_PROBLEM", 0)
+    monkeypatch.setattr(logistic, "chunk_rows", lambda features, classes, chunk_bytes=0: 7)
+    x, y = _data(60, 5)
+    x = x * 3 + 5  # far from standardised: the statistics matter
+    pick = torch.tensor([3, 0, 9, 4, 17, 11, 2, 30, 25, 8, 41])
+    np.save(tmp_path / "m.npy", x[40:].half().numpy())
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    blocks = logistic.RowBlocks([logistic.Part(x, index=pick), logistic.Part(mapped, "float16")])
+    rows = torch.cat([x[pick], torch.from_numpy(np.array(mapped)).float()])
+    labels = torch.cat([y[pick], y[40:]])
+    std = logistic.fit_standardize_rows(blocks)
+    ref_std = Standardize.fit(rows)
+    torch.testing.assert_close(std.mean, ref_std.mean)
+    torch.testing.assert_close(std.std, ref_std.std)
+    problem = logistic.SoftmaxRegression(blocks.standardized(std), labels, 4, torch.tensor([0.5, 1, 2, 3]))
+    assert not problem.numpy
+    w = torch.randn(
+        4, 21, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
+    z = ref_std(rows).double()
+    ref = F.cross_entropy(z @ w[:, :20].T + w[:, 20], labels, weight=torch.tensor([0.5, 1, 2, 3]).double())
+    ref = ref + 0.05 * w[:, :20].pow(2).sum()
+    ref.backward()
+    loss, grad = problem.objective(0.1)(torch.cat([w[:, :20].reshape(-1), w[:, 20]]).detach().float())
+    want = torch.cat([w.grad[:, :20].reshape(-1), w.grad[:, 20]])  # type: ignore[index]
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-5)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_streamed_probe_matches_the_in_memory_one_and_sklearn(tmp_path: Path) -> None:
+    """Splits over the RAM budget are solved from their float16 memory maps (full-batch L-BFGS by
+    chunks) instead of refused: the same strength and, within float32 rounding, the same head as the
+    in-memory float64 solver, and scikit-learn's protocol's accuracy (within 1 %)."""
+    from featcache.tools.baselines import sklearn_probe
+
+    splits = {"train": _data(1500, 1), "val": _data(500, 2), "test": _data(800, 3)}
+    arrays = {}
+    for name, (x, y) in splits.items():
+        np.save(tmp_path / f"{name}.npy", x.half().numpy())
+        arrays[name] = (np.load(tmp_path / f"{name}.npy", mmap_mode="r"), y.numpy())
+    cfg = ProbeConfig(strengths=(1e-4, 1e-2, 1.0), max_iter=300)
+    res = {}
+    for budget in (8.0, 1e-9):
+        src = {k: FeatureSource(a, y, "float16", ram_budget_gb=budget) for k, (a, y) in arrays.items()}
+        assert all(s.streamed == (budget < 1) for s in src.values())
+        res[budget] = linear_probe(src["train"], src["val"], src["test"], 4, cfg, progress=False)
+    streamed, in_memory = res[1e-9], res[8.0]
+    assert streamed.strength == in_memory.strength
+    xs = torch.from_numpy(np.array(arrays["test"][0])).float()
+    with torch.no_grad():
+        p_streamed, p_memory = torch.softmax(streamed.head(xs), 1), torch.softmax(in_memory.head(xs), 1)
+    torch.testing.assert_close(p_streamed, p_memory, atol=2e-3, rtol=0)
+    assert streamed.test is not None and in_memory.test is not None
+    assert abs(streamed.test["acc"] - in_memory.test["acc"]) <= 2 / 800
+    ref = sklearn_probe([(np.asarray(a, np.float32), y) for a, y in arrays.values()], cfg.strengths)
+    assert abs(streamed.test["acc"] - ref) <= 0.01

@@ -127,10 +127,12 @@ def test_a_pooled_front_reads_the_channel_means_and_never_loads_the_maps(tmp_pat
         assert out is not None and out.from_channel_means, name
         assert not src.loaded, name  # the maps were never read into memory
         torch.testing.assert_close(out.x, front(maps), rtol=1e-5, atol=1e-5, msg=name)
-    # A front that does not start by pooling (a flatten-first head) must read the maps.
+    # A front that does not start by pooling (a flatten-first head) must read the maps: by chunks from
+    # the memory map, never holding them whole beside the mapped rows.
     src = FeatureSource(_memmap(tmp_path / "m.npy", maps), torch.zeros(60), channel_mean=means.numpy())
     flat = src.mapped(nn.Sequential(std, nn.Flatten()))
-    assert flat is not None and not flat.from_channel_means and src.loaded
+    assert flat is not None and not flat.from_channel_means and not src.loaded
+    torch.testing.assert_close(flat.x, std(maps).flatten(1))
     with pytest.raises(FeatcacheError, match=r"channel means of shape \(60, 2\)"):
         FeatureSource(maps, torch.zeros(60), channel_mean=means[:, :2])
     # Means given as a tensor, in any dtype, work as the cache's arrays do.
@@ -253,3 +255,16 @@ def test_a_source_implementing_only_the_protocol_trains() -> None:
     np.testing.assert_allclose(fast_result.step_losses, ref_losses, rtol=1e-5, atol=1e-6)
     for a, b in zip(fast.state_dict().values(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("error")  # a buffer of the wrong shape is resized by torch with a warning
+def test_shuffled_batches_of_multilabel_targets_keep_each_rows_targets() -> None:
+    """The 64 MB shuffle buffer holds (N, K) targets as they are (not flattened to one per row)."""
+    x = torch.arange(300, dtype=torch.float32)[:, None].repeat(1, 4)
+    y = (torch.rand(300, 3, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    src = FeatureSource(x, y)
+    src.SHUFFLE_BYTES = 16 * 40  # several gathers per epoch
+    batches = list((xb.clone(), yb.clone()) for xb, yb in src.batches(32, torch.Generator().manual_seed(1)))
+    rows = torch.cat([xb[:, 0] for xb, _ in batches]).long()
+    assert sorted(rows.tolist()) == list(range(300))
+    torch.testing.assert_close(torch.cat([yb for _, yb in batches]), y[rows])

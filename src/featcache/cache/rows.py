@@ -3,6 +3,8 @@ maps."""
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -144,3 +146,27 @@ class RowView:
 
 #: what a split's layer (or channel statistic) may be: an array, or rows read from a table on demand
 Rows: TypeAlias = "np.ndarray | RowView"
+
+
+def release_pages(rows: Any, start: int, stop: int) -> None:
+    """Unmap from this process the memory-map pages rows ``start:stop`` of ``rows`` were read from (an
+    ``np.memmap``, or a :class:`RowView` over shards' maps), once they are copied.
+
+    The kernel's page cache keeps the pages (reading them again costs no disk I/O); what this drops is
+    their count in the process's resident set, which otherwise grows by the whole split as a stream or a
+    chunked load passes over it (a 1.28M x 2048 float16 split: 5.2 GB of RSS for rows already
+    converted). Read-only and shared writable maps only: a copy-on-write map's pages are its own.
+
+    Example:
+        >>> release_pages(np.load("x.npy", mmap_mode="r"), 0, 1000)  # doctest: +SKIP
+    """
+    if isinstance(rows, RowView):
+        shards = [rows.parts[int(i)] for i in np.unique(rows.part[start:stop])]
+    else:
+        shards = [rows]
+    for shard in shards:
+        arr = getattr(shard, "arr", shard)  # a CheckedShard's map
+        mm = getattr(arr, "_mmap", None)
+        if isinstance(arr, np.memmap) and arr.mode in ("r", "r+") and mm is not None:
+            with contextlib.suppress(OSError, ValueError):  # madvise is advice: a refusal changes no row
+                mm.madvise(mmap.MADV_DONTNEED)

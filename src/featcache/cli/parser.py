@@ -267,6 +267,9 @@ def _probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=layer, help=f"the layer to probe (default: {layer})")
     _extract_args(p)
     add_config(p, ProbeConfig)
+    from ..train.config import TrainConfig
+
+    add_config(p, TrainConfig, only=["ram_budget_gb"])  # over it, splits are streamed from their maps
     _folds(p, "choose the L2 strength by K-fold cross-validation on train+val")
     p.add_argument(
         "--out", default=None, help="run folder, exportable like a train run's (default: none, no folder)"

@@ -45,7 +45,10 @@ def run_spec(a: argparse.Namespace, **given: Any) -> RunSpec:
     parts: dict[str, Any] = {
         "data": from_args(DataConfig, a),
         "extract": from_args(ExtractConfig, a),
-        "train": from_args(TrainConfig, a) if TrainConfig in fields else TrainConfig(device=a.device),
+        # a verb with some of TrainConfig's flags (probe: --ram-budget-gb) still runs on --device
+        "train": from_args(
+            TrainConfig, a, **({} if "device" in fields.get(TrainConfig, {}) else {"device": a.device})
+        ),
         "views": Views.parse(a.views, a.augment) if "views" in a else None,
         "progress": not a.quiet,
     }

@@ -32,6 +32,7 @@ from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec
 from ..train.sources import source_for
 from .folder import RunFolder, RunRecord
+from .logistic import Part, RowBlocks
 from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
 from .train import train_on_cache
@@ -181,19 +182,22 @@ def folds_probe(
     k: int,
     seed: int = 0,
     device: str = "auto",
+    ram_budget_gb: float = 8.0,
 ) -> FoldsResult:
     """The linear probe with K-fold cross-validation choosing the L2 strength (best mean held-out
     accuracy); the fold accuracies reported, and the out-of-fold logits in ``result.oof``, are those at
-    that strength. The refit on every pooled row is scored once on test (``result.extra["head"]``).
+    that strength. The refit on every pooled row is scored once on test (``result.extra["head"]``). A
+    fold's training rows are read from the pooled rows by index (no copy); pooled rows over
+    ``ram_budget_gb`` (as float32) are streamed from the memory maps.
 
     Example:
         >>> res = folds_probe(feats, "penultimate", ProbeConfig(), k=5)  # doctest: +SKIP
     """
     pool, fold = _pool_and_folds(feats, k, seed)
     dev = resolve_device(device)
-    src = source_for(pool, layer, dev)
-    if src.x is None:
-        raise FeatcacheError("the L-BFGS probe needs the features in memory; use `featcache train --folds`")
+    src = source_for(pool, layer, dev, ram_budget_gb)
+    # each fold's training rows are a view of the pooled rows (in memory, or streamed over the budget)
+    part = Part(src.x, "float32") if src.x is not None else Part(src.raw, src.dtype)
     n = len(pool.classes)
     by_strength: dict[float, list[float]] = {}
     oof: dict[float, torch.Tensor] = {}
@@ -202,18 +206,17 @@ def folds_probe(
         for i in range(k):
             tr, ho = np.flatnonzero(fold != i), np.flatnonzero(fold == i)
             rows = torch.as_tensor(tr, device=dev)
-            head = fit_logistic(src.x[rows], src.y[rows], n, s, config.max_iter, config.standardize)
-            held = source_for(pool.subset(ho, f"fold{i}"), layer, dev)
+            blocks = RowBlocks([Part(part.data, part.dtype, rows)], dev)
+            head = fit_logistic(blocks, src.y[rows], n, s, config.max_iter, config.standardize)
+            held = source_for(pool.subset(ho, f"fold{i}"), layer, dev, ram_budget_gb)
             by_strength.setdefault(s, []).append(float(evaluate(head, held, n)["acc"]))
             oof[s][torch.as_tensor(ho)] = predict_logits(head, held)
     best = max(config.strengths, key=lambda s: statistics.fmean(by_strength[s]))
     out = FoldsResult(k, by_strength[best], rows=[int((fold == i).sum()) for i in range(k)], oof=oof[best])
     out.extra = {"strength": best, "cv_by_strength": {str(s): v for s, v in by_strength.items()}}
-    head = fit_logistic(src.x, src.y, n, best, config.max_iter, config.standardize)
-    out.extra["head"] = (
-        head,
-        HeadInfo(HeadSpec("linear"), tuple(src.x.shape[1:]), n, standardize=config.standardize),
-    )
+    head = fit_logistic(RowBlocks([part], dev), src.y, n, best, config.max_iter, config.standardize)
+    shape = tuple(pool.features[layer].shape[1:])
+    out.extra["head"] = (head, HeadInfo(HeadSpec("linear"), shape, n, standardize=config.standardize))
     if "test" in feats:
         out.test_acc = [float(evaluate(head, source_for(feats["test"], layer, dev), n)["acc"])]
     return out
@@ -284,7 +287,7 @@ def folds_run(
         if "test" in metrics:
             res.extra["refit_test_acc"] = float(metrics["test"]["acc"])
     else:
-        res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device)
+        res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device, spec.train.ram_budget_gb)
         final, info = res.extra.pop("head")
         dev = resolve_device(spec.train.device)
         metrics = (

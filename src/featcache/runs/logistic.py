@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._util import FeatcacheError
+from ..cache.rows import Rows, release_pages
+from ..cache.writer import to_torch
+from ..train.heads import Standardize
 
 #: rows x features x classes up to which a fit on the CPU runs with numpy in float64
 SMALL_PROBLEM = 2_000_000
@@ -34,18 +39,161 @@ class Solution:
     iterations: int
 
 
-def on_numpy(x: torch.Tensor, num_classes: int) -> bool:
-    """Whether a fit on rows ``x`` runs with numpy in float64 (small, on the CPU) or torch in float32.
+def on_numpy(x: torch.Tensor | RowBlocks, num_classes: int) -> bool:
+    """Whether a fit on rows ``x`` runs with numpy in float64 (small, in memory on the CPU) or torch in
+    float32 (by chunks, in memory or streamed from memory maps).
 
     Example:
         >>> on_numpy(torch.zeros(100, 8), 3), on_numpy(torch.zeros(5000, 1280), 10)
         (True, False)
     """
-    return x.device.type == "cpu" and math.prod(x.shape) * num_classes <= SMALL_PROBLEM
+    in_memory = isinstance(x, torch.Tensor) or x.in_memory
+    return in_memory and x.device.type == "cpu" and math.prod(x.shape) * num_classes <= SMALL_PROBLEM
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a :class:`RowBlocks`: rows in memory (a tensor) or read from a memory map (an array
+    in the storage ``dtype``), all of them or those at ``index``."""
+
+    data: torch.Tensor | Rows
+    dtype: str = "float32"
+    index: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.data) if self.index is None else len(self.index)
+
+
+class RowBlocks:
+    """The rows of a fit, never copied whole: one or more parts (a split in memory, a split streamed from
+    its memory maps, some rows of either), read a chunk at a time as float32 on ``device``, through the
+    standardisation ``std`` when given.
+
+    The probe's solver reads its rows only through :meth:`chunks`, so standardised features, the train +
+    val rows of a refit and a fold's training rows are views, not copies: what a fit holds beyond its
+    rows is one chunk (and the chunk's logits).
+
+    Example:
+        >>> x = torch.randn(10, 4)
+        >>> blocks = RowBlocks([Part(x), Part(x, index=torch.tensor([0, 2]))])
+        >>> len(blocks), torch.equal(torch.cat([c for _, c in blocks.chunks(3)]), torch.cat([x, x[[0, 2]]]))
+        (12, True)
+    """
+
+    def __init__(
+        self, parts: Sequence[Part], device: torch.device | None = None, std: Standardize | None = None
+    ) -> None:
+        if not parts:
+            raise FeatcacheError("a fit needs rows: got no parts")
+        first = parts[0].data
+        self.parts, self.std = list(parts), std
+        self._held: torch.Tensor | None = None  # all rows as one standardised chunk, when they fit one
+        self.device = device or (first.device if isinstance(first, torch.Tensor) else torch.device("cpu"))
+        self.row_shape = tuple(int(d) for d in first.shape[1:])
+        for p in self.parts:
+            if tuple(int(d) for d in p.data.shape[1:]) != self.row_shape:
+                raise FeatcacheError(
+                    f"rows of shape {tuple(p.data.shape[1:])} and {self.row_shape} in one fit"
+                )
+        self.features = math.prod(self.row_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.row_shape)
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether every part is a tensor in memory (none is read from a memory map)."""
+        return all(isinstance(p.data, torch.Tensor) for p in self.parts)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def standardized(self, std: Standardize | None) -> RowBlocks:
+        """The same rows read through ``std`` (a view: nothing is copied)."""
+        return RowBlocks(self.parts, self.device, std)
+
+    def _chunk_of_all(self) -> torch.Tensor:
+        """Every row, standardised and flattened, in one new buffer (never a view of a part's rows)."""
+        z = self[0 : len(self)]
+        z = self.std(z) if self.std is not None else z.clone()
+        return z.reshape(len(self), self.features)
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        """Rows ``key`` (a slice, step 1) as float32 on the device, not standardised (what
+        :meth:`Standardize.fit` reads)."""
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise FeatcacheError(f"RowBlocks reads slices of step 1, got step {step}")
+        pieces, offset = [], 0
+        for p in self.parts:
+            lo, hi = max(start - offset, 0), min(stop - offset, len(p))
+            if lo < hi:
+                pieces.append(self._read(p, lo, hi))
+            offset += len(p)
+        if not pieces:
+            return torch.empty((0, *self.row_shape), device=self.device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _read(self, p: Part, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``lo:hi`` of part ``p`` as float32 on the device (into ``out`` for an indexed tensor)."""
+        if isinstance(p.data, torch.Tensor):
+            if p.index is None:
+                return p.data[lo:hi].to(self.device, torch.float32)
+            if out is not None and p.data.dtype == torch.float32 and p.data.device == self.device:
+                return torch.index_select(p.data, 0, p.index[lo:hi], out=out[: hi - lo])
+            return p.data.index_select(0, p.index[lo:hi]).to(self.device, torch.float32)
+        if p.index is None:
+            rows = to_torch(np.asarray(p.data[lo:hi]), p.dtype)
+            release_pages(p.data, lo, hi)
+        else:
+            at = p.index[lo:hi].cpu().numpy()
+            rows = to_torch(np.asarray(p.data[at]), p.dtype)
+            release_pages(p.data, int(at.min()), int(at.max()) + 1)
+        return rows.to(self.device, torch.float32)
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, chunk)``: every row once, in order, ``rows`` at a time (a chunk never spans two
+        parts), standardised and flattened to (n, features) float32. A chunk is a view of the rows or a
+        buffer the next chunk overwrites: use it before asking for the next."""
+        if len(self) <= rows and (self.std is not None or any(p.index is not None for p in self.parts)):
+            # Every row fits one chunk: it is read and standardised once and kept for the next passes
+            # (a small problem's L-BFGS makes hundreds; the chunk buffer is held either way).
+            if self._held is None or len(self._held) != len(self):
+                self._held = self._chunk_of_all()
+            yield 0, self._held
+            return
+        buf: torch.Tensor | None = None
+        offset = 0
+        for p in self.parts:
+            for lo in range(0, len(p), rows):
+                hi = min(lo + rows, len(p))
+                if buf is None and (self.std is not None or p.index is not None):
+                    buf = torch.empty((min(rows, len(self)), *self.row_shape), device=self.device)
+                z = self._read(p, lo, hi, buf)
+                if self.std is not None and buf is not None:
+                    z = torch.sub(z, self.std.mean, out=buf[: hi - lo]).div_(self.std.std)
+                yield offset + lo, z.reshape(hi - lo, self.features)
+            offset += len(p)
+
+
+def fit_standardize_rows(blocks: RowBlocks) -> Standardize:
+    """Standardisation statistics of ``blocks``' rows (all parts together), read by chunks.
+
+    Example:
+        >>> x = torch.randn(50, 4)
+        >>> s = fit_standardize_rows(RowBlocks([Part(x[:20]), Part(x[20:])]))
+        >>> torch.allclose(s.mean, Standardize.fit(x).mean)
+        True
+    """
+    if len(blocks.parts) == 1 and blocks.parts[0].index is None:
+        p = blocks.parts[0]
+        return Standardize.fit(p.data, dtype=p.dtype)  # the one-part statistics, exactly as before
+    return Standardize.fit(blocks)  # type: ignore[arg-type]  # RowBlocks slices as Standardize.fit reads
 
 
 @contextlib.contextmanager
-def small_problem_threads(x: torch.Tensor, num_classes: int) -> Iterator[None]:
+def small_problem_threads(x: torch.Tensor | RowBlocks, num_classes: int) -> Iterator[None]:
     """One torch thread while a small problem (:func:`on_numpy`) is solved: its tensor operations are
     microseconds long, and handing each to a second thread costs more than it saves (on a busy machine
     many times more: a probe on 140 rows took 0.2 s with two threads and 0.02 s with one).
@@ -78,28 +226,43 @@ def _row_shares(y: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Ten
     return rows / rows.sum()
 
 
+def chunk_rows(features: int, num_classes: int, chunk_bytes: int = 64 << 20) -> int:
+    """Rows per chunk of a fit: a chunk's features and its logits within about ``chunk_bytes``."""
+    return max(256, chunk_bytes // (4 * (features + 2 * num_classes)))
+
+
 def _torch_objective(
-    x: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, num_classes: int, strength: float
+    blocks: RowBlocks, rows: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float
 ) -> Objective:
-    d = x.shape[1]
-    split = num_classes * d
+    """The objective over ``blocks`` by chunks: labels as integers, the gradient by a scatter (no one-hot
+    target), the loss summed in float64."""
+    d = blocks.features
+    split, step = num_classes * d, chunk_rows(d, num_classes)
 
     def f(w: torch.Tensor) -> tuple[float, torch.Tensor]:
         weight, bias = w[:split].view(num_classes, d), w[split:]
-        logits = torch.addmm(bias, x, weight.t())
-        lse = torch.logsumexp(logits, 1)
-        loss = float(rows @ lse - (target * logits).sum() + 0.5 * strength * weight.pow(2).sum())
-        g = torch.exp(logits - lse[:, None]).mul_(rows[:, None]).sub_(target)  # d loss / d logits
-        grad_w = torch.addmm(weight, g.t(), x, beta=strength) if strength else g.t() @ x
-        return loss, torch.cat([grad_w.reshape(-1), g.sum(0)])
+        grad_w, grad_b, loss = torch.zeros_like(weight), torch.zeros_like(bias), 0.0
+        for start, z in blocks.chunks(step):
+            r, t = rows[start : start + len(z)], y[start : start + len(z), None]
+            logits = torch.addmm(bias, z, weight.t())
+            lse = torch.logsumexp(logits, 1, keepdim=True)
+            loss += float(r @ (lse[:, 0] - logits.gather(1, t)[:, 0]))
+            g = logits.sub_(lse).exp_().mul_(r[:, None]).scatter_add_(1, t, -r[:, None])  # d loss / d logits
+            grad_w.addmm_(g.t(), z)
+            grad_b += g.sum(0)
+        loss += 0.5 * strength * float(weight.pow(2).sum())
+        if strength:
+            grad_w.add_(weight, alpha=strength)
+        return loss, torch.cat([grad_w.reshape(-1), grad_b])
 
     return f
 
 
 def _numpy_objective(
-    x: np.ndarray, xt: np.ndarray, rows: np.ndarray, target: np.ndarray, num_classes: int, strength: float
+    x: np.ndarray, xt: np.ndarray, rows: np.ndarray, y: np.ndarray, num_classes: int, strength: float
 ) -> Objective:
     split = num_classes * x.shape[1]
+    at = np.arange(len(y))
 
     def f(w: np.ndarray) -> tuple[float, np.ndarray]:
         weight = w[:split].reshape(num_classes, -1)
@@ -108,8 +271,9 @@ def _numpy_objective(
         e = np.exp(logits - top)
         total = e.sum(1, keepdims=True)
         lse = np.log(total[:, 0]) + top[:, 0]
-        loss = float(rows @ lse - (target * logits).sum() + 0.5 * strength * (weight * weight).sum())
-        g = e * (rows[:, None] / total) - target  # d loss / d logits
+        loss = float(rows @ (lse - logits[at, y]) + 0.5 * strength * (weight * weight).sum())
+        g = e * (rows[:, None] / total)  # d loss / d logits: softmax minus the (weighted) one-hot label
+        g[at, y] -= rows
         grad_w = g.T @ x + strength * weight
         return loss, np.concatenate([grad_w.ravel(), g.sum(0)])
 
@@ -122,8 +286,10 @@ class SoftmaxRegression:
 
     The objective is the (class-weighted) mean cross-entropy of ``x @ W.T + b`` plus
     ``strength / 2 * |W|^2``, as ``F.cross_entropy(..., weight=class_weight)`` computes it (a weighted
-    mean: the weights' sum divides). Small problems on the CPU are solved with numpy in float64, others
-    with torch in float32 on ``x``'s device (:func:`on_numpy`).
+    mean: the weights' sum divides). Small problems in memory on the CPU are solved with numpy in
+    float64; others with torch in float32 on ``x``'s device (:func:`on_numpy`), reading the rows a chunk
+    at a time (:class:`RowBlocks`: standardised on the fly, in memory or streamed from memory maps), so
+    a fit holds the rows once, integer labels, and one chunk's logits.
 
     Example:
         >>> problem = SoftmaxRegression(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3)
@@ -134,29 +300,34 @@ class SoftmaxRegression:
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, class_weight: torch.Tensor | None = None
+        self,
+        x: torch.Tensor | RowBlocks,
+        y: torch.Tensor,
+        num_classes: int,
+        class_weight: torch.Tensor | None = None,
     ) -> None:
-        x = x.flatten(1)
-        self.rows, self.features, self.num_classes, self.device = len(x), x.shape[1], num_classes, x.device
-        self.numpy = on_numpy(x, num_classes)
+        blocks = x if isinstance(x, RowBlocks) else RowBlocks([Part(x.flatten(1))])
+        if len(y) != len(blocks):
+            raise FeatcacheError(f"{len(blocks)} feature rows but {len(y)} labels")
+        self.rows, self.features, self.num_classes = len(blocks), blocks.features, num_classes
+        self.device = blocks.device
+        self.numpy = on_numpy(blocks, num_classes)
         shares = _row_shares(y, class_weight)
-        target = torch.zeros(len(x), num_classes, dtype=torch.float64)
-        target[torch.arange(len(x)), y.cpu()] = shares
         if self.numpy:
-            self.x_np = x.double().cpu().numpy()
+            self.x_np = np.concatenate([z.double().numpy() for _, z in blocks.chunks(max(1, len(blocks)))])
             self.xt_np = np.ascontiguousarray(self.x_np.T)
-            self.shares_np, self.target_np = shares.numpy(), target.numpy()
+            self.shares_np, self.y_np = shares.numpy(), y.cpu().numpy()
         else:
-            self.x = x.float()
-            self.shares, self.target = shares.to(x.device, torch.float32), target.to(x.device, torch.float32)
+            self.blocks = blocks
+            self.shares, self.y = shares.to(self.device, torch.float32), y.to(self.device, torch.long)
 
     def objective(self, strength: float) -> Objective:
         """``w -> (loss, gradient)`` for flat ``w = [W.ravel(), b]`` (numpy or torch, as this problem)."""
         if self.numpy:
             return _numpy_objective(
-                self.x_np, self.xt_np, self.shares_np, self.target_np, self.num_classes, strength
+                self.x_np, self.xt_np, self.shares_np, self.y_np, self.num_classes, strength
             )
-        return _torch_objective(self.x, self.shares, self.target, self.num_classes, strength)
+        return _torch_objective(self.blocks, self.shares, self.y, self.num_classes, strength)
 
     def fit(self, strength: float, max_iter: int, tol: float, start: Solution | None = None) -> Solution:
         """The solution for ``strength`` from ``start`` (a warm start) or zero, float32 on ``x``'s device."""
@@ -164,9 +335,9 @@ class SoftmaxRegression:
         w: Vector
         if start is not None:
             w = torch.cat([start.weight.reshape(-1), start.bias]).detach()
-            w = w.double().cpu().numpy() if self.numpy else w.to(self.x)
+            w = w.double().cpu().numpy() if self.numpy else w.to(self.device, torch.float32)
         else:
-            w = np.zeros(c * (d + 1)) if self.numpy else self.x.new_zeros(c * (d + 1))
+            w = np.zeros(c * (d + 1)) if self.numpy else torch.zeros(c * (d + 1), device=self.device)
         w, it = minimize_lbfgs(self.objective(strength), w, max_iter, tol)
         w = torch.from_numpy(w).to(self.device) if self.numpy else w
         return Solution(w[: c * d].view(c, d).float().contiguous(), w[c * d :].float().contiguous(), it)

@@ -19,11 +19,20 @@ from tqdm.auto import tqdm
 from .._checks import check_number, check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device, unknown
+from ..cache.writer import to_torch
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
 from ..train.objectives import metric_key
 from ..train.sources import FeatureSource, source_for
-from .logistic import SoftmaxRegression, Solution, small_problem_threads
+from .logistic import (
+    Part,
+    RowBlocks,
+    SoftmaxRegression,
+    Solution,
+    chunk_rows,
+    fit_standardize_rows,
+    small_problem_threads,
+)
 from .report import most_confused
 from .spec import RunSpec
 from .target_probes import probe_task
@@ -113,7 +122,9 @@ class ProbeResult:
         return f"ProbeResult(strength={self.strength:g}, strengths tried={len(self.sweep)}{test})"
 
 
-def _problem(z: torch.Tensor, y: torch.Tensor, num_classes: int, config: ProbeConfig) -> SoftmaxRegression:
+def _problem(
+    z: torch.Tensor | RowBlocks, y: torch.Tensor, num_classes: int, config: ProbeConfig
+) -> SoftmaxRegression:
     """The rows of one fit or path, prepared once (:class:`~featcache.runs.logistic.SoftmaxRegression`)."""
     return SoftmaxRegression(z, y, num_classes, class_weights(y, num_classes, config.class_weight))
 
@@ -134,7 +145,7 @@ def _lbfgs(
 
 
 def fit_logistic(
-    x: torch.Tensor,
+    x: torch.Tensor | RowBlocks,
     y: torch.Tensor,
     num_classes: int,
     strength: float,
@@ -144,29 +155,48 @@ def fit_logistic(
 ) -> Head:
     """One L2-regularised logistic regression as a ``linear`` head (standardisation folded in front).
 
-    Solved tighter (``tol``) than the probe's path, whose strengths only need ranking on val.
+    Solved tighter (``tol``) than the probe's path, whose strengths only need ranking on val. ``x`` may
+    be :class:`~featcache.runs.logistic.RowBlocks` (some rows of a split, or a split streamed from its
+    memory maps): the rows are read by chunks and never copied.
 
     Example:
         >>> head = fit_logistic(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, 1e-3)
     """
-    x = x.float()
-    std = Standardize.fit(x) if standardize else None
+    blocks = x if isinstance(x, RowBlocks) else RowBlocks([Part(x)])
+    std = fit_standardize_rows(blocks) if standardize else None
     config = ProbeConfig(max_iter=max_iter, tol=tol)
-    with small_problem_threads(x, num_classes):
-        fit = _lbfgs(_problem(std(x) if std is not None else x, y, num_classes, config), strength, config)
-    return _head(fit, std, tuple(x.shape[1:]), num_classes)
+    with small_problem_threads(blocks, num_classes):
+        fit = _lbfgs(_problem(blocks.standardized(std), y, num_classes, config), strength, config)
+    return _head(fit, std, blocks.row_shape, num_classes)
 
 
-def _scores(fit: Solution, z: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Validation loss, accuracy and balanced accuracy of one solution (no head built)."""
+def _scores(
+    fit: Solution, z: torch.Tensor | RowBlocks, y: torch.Tensor, num_classes: int
+) -> dict[str, float]:
+    """Validation loss, accuracy and balanced accuracy of one solution (no head built), by chunks."""
+    blocks = z if isinstance(z, RowBlocks) else RowBlocks([Part(z)])
+    loss = torch.zeros((), dtype=torch.float64, device=blocks.device)
+    hit = torch.zeros(len(blocks), device=blocks.device)
     with torch.no_grad():
-        logits = F.linear(z.flatten(1).float(), fit.weight, fit.bias)
-        hit = (logits.argmax(1) == y).float()
+        for start, zc in blocks.chunks(chunk_rows(blocks.features, num_classes)):
+            t = y[start : start + len(zc)]
+            logits = F.linear(zc, fit.weight, fit.bias)
+            loss += F.cross_entropy(logits, t, reduction="sum").double()
+            hit[start : start + len(zc)] = (logits.argmax(1) == t).float()
         seen = torch.bincount(y, minlength=num_classes)
         recall = torch.bincount(y, hit, minlength=num_classes)[seen > 0] / seen[seen > 0]
         # one transfer for the three numbers: on a small problem each sync costs more than the maths
-        loss, acc, balanced = torch.stack([F.cross_entropy(logits, y), hit.mean(), recall.mean()]).tolist()
-        return {"val_loss": loss, "val_acc": acc, "val_balanced_acc": balanced}
+        mean = torch.stack([loss / max(1, len(y)), hit.mean().double(), recall.mean().double()])
+        val_loss, acc, balanced = mean.tolist()
+        return {"val_loss": val_loss, "val_acc": acc, "val_balanced_acc": balanced}
+
+
+def _rows_of(source: FeatureSource) -> RowBlocks:
+    """A source's rows for the solver: its tensor in memory, or its memory map streamed (over the RAM
+    budget)."""
+    if source.x is not None:
+        return RowBlocks([Part(source.x)])
+    return RowBlocks([Part(source.raw, source.dtype)], source.device)
 
 
 def _head(fit: Solution, std: Standardize | None, in_shape: tuple[int, ...], num_classes: int) -> Head:
@@ -202,11 +232,7 @@ def linear_probe(
         raise FeatcacheError(
             "the linear probe needs a validation split to choose the strength (--val-fraction > 0)"
         )
-    if train.x is None or val.x is None:
-        raise FeatcacheError(
-            "the L-BFGS probe needs the features in memory; use `featcache train` for larger caches"
-        )
-    with small_problem_threads(train.x, num_classes):
+    with small_problem_threads(_rows_of(train), num_classes):
         return _probe(train, val, test, num_classes, config, progress, refit)
 
 
@@ -219,12 +245,15 @@ def _probe(
     progress: bool,
     refit: bool,
 ) -> ProbeResult:
-    """:func:`linear_probe` once its inputs are checked."""
-    if train.x is None or val.x is None:  # sources built by linear_probe always hold their rows
-        raise FeatcacheError("the linear probe needs the train and val rows in memory (FeatureSource.x)")
-    x, xv = train.x.float(), val.x.float()
-    std = Standardize.fit(x) if config.standardize else None
-    z, zv = (std(x), std(xv)) if std is not None else (x, xv)
+    """:func:`linear_probe` once its inputs are checked.
+
+    The rows are read through :class:`~featcache.runs.logistic.RowBlocks`: standardised on the fly, the
+    refit's train + val rows as two parts of one problem, a split over the RAM budget streamed from its
+    memory maps by the same full-batch L-BFGS (each function evaluation one pass over the rows).
+    """
+    x, xv = _rows_of(train), _rows_of(val)
+    std = fit_standardize_rows(x) if config.standardize else None
+    z, zv = x.standardized(std), xv.standardized(std)
     sweep, fits, start = [], {}, None
     path = _problem(z, train.y, num_classes, config)
     for s in tqdm(sorted(config.strengths, reverse=True), desc="probe path", disable=not progress):
@@ -232,17 +261,19 @@ def _probe(
         sweep.append(
             {"strength": s, **_scores(start, zv, val.y, num_classes), "iterations": start.iterations}
         )
+    del path  # its float64 copy of a small problem's rows
     sweep.sort(key=lambda r: r["strength"])
     key = "val_" + config.score
     best = max(sweep, key=lambda r: (r[key], -r["val_loss"]))
     final, final_std = fits[best["strength"]], std
     if refit:
-        both_x, both_y = torch.cat([x, xv]), torch.cat([train.y, val.y])
-        final_std = Standardize.fit(both_x) if config.standardize else None
-        z_all = final_std(both_x) if final_std is not None else both_x
-        final = _lbfgs(_problem(z_all, both_y, num_classes, config), best["strength"], config, final)
-    head = _head(final, final_std, tuple(x.shape[1:]), num_classes)
-    info = HeadInfo(HeadSpec("linear"), tuple(x.shape[1:]), num_classes, standardize=config.standardize)
+        both_x = RowBlocks(x.parts + xv.parts, x.device)
+        both_y = torch.cat([train.y, val.y])
+        final_std = fit_standardize_rows(both_x) if config.standardize else None
+        problem = _problem(both_x.standardized(final_std), both_y, num_classes, config)
+        final = _lbfgs(problem, best["strength"], config, final)
+    head = _head(final, final_std, x.row_shape, num_classes)
+    info = HeadInfo(HeadSpec("linear"), x.row_shape, num_classes, standardize=config.standardize)
     test_metrics = evaluate(head, test, num_classes) if test is not None else None
     iterations = sum(r["iterations"] for r in sweep) + (final.iterations if refit else 0)
     extra = {"iterations": iterations, "chosen_on": key, "refit_on": "train+val" if refit else "train"}
@@ -267,8 +298,8 @@ def few_shot(
         >>> first, summary = few_shot(tr, va, te, 10, ProbeConfig(shots=5))  # doctest: +SKIP
         >>> summary["test_mean"], summary["test_std"]  # doctest: +SKIP
     """
-    if train.x is None or config.shots is None:
-        raise FeatcacheError("a few-shot probe needs --shots K and the training features in memory")
+    if config.shots is None:
+        raise FeatcacheError("a few-shot probe needs --shots K")
     y = train.y.cpu().numpy()
     short = [c for c in range(num_classes) if (y == c).sum() < config.shots]
     if short:
@@ -283,8 +314,14 @@ def few_shot(
                 [rng.choice(np.flatnonzero(y == c), config.shots, replace=False) for c in range(num_classes)]
             )
         )
-        picked = torch.as_tensor(rows, device=train.x.device)
-        subset = FeatureSource(train.x.index_select(0, picked), train.y.index_select(0, picked))
+        picked = torch.as_tensor(rows, device=train.device)
+        # K rows per class: gathered, from memory or (a streamed split) from the memory map
+        xs = (
+            train.x.index_select(0, picked)
+            if train.x is not None
+            else to_torch(np.asarray(train.raw[rows]), train.dtype).to(train.device, torch.float32)
+        )
+        subset = FeatureSource(xs, train.y.index_select(0, picked))
         results.append(linear_probe(subset, val, test, num_classes, config, progress=False, refit=False))
     key = config.score
     scores = [r.test[key] for r in results if r.test] or [
@@ -331,7 +368,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
             "val/ folder"
         )
     dev = resolve_device(spec.train.device)
-    src = {k: source_for(v, layer, dev) for k, v in feats.items()}
+    src = {k: source_for(v, layer, dev, spec.train.ram_budget_gb) for k, v in feats.items()}
     classes, task = feats["train"].classes, feats["train"].task
     args = (src["train"], src["val"], src.get("test"), len(classes), config, spec.progress)
     config.score_for(task)  # a metric of another task is refused before anything is fitted

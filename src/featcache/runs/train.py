@@ -137,7 +137,10 @@ def train_on_cache(
     if config.standardize:
         # A map's cached channel statistics, else the training features in memory (maybe on the GPU),
         # else (views) the memory map by chunks.
-        held = train.x if stats is None and isinstance(train, FeatureSource) else None
+        # (Rows not loaded on the CPU are read from the map by chunks: the trainer may never load them
+        # whole, running the head's standardisation once over the stored rows instead.)
+        loaded = isinstance(train, FeatureSource) and (train.loaded or train.device.type != "cpu")
+        held = train.x if stats is None and loaded and isinstance(train, FeatureSource) else None
         rows = held if held is not None else plain.features[layer]
         mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
         std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype, layout=layout)

@@ -17,7 +17,7 @@ from torch import nn
 from .._checks import check_number
 from .._config import from_json, to_json
 from .._util import FeatcacheError, unknown
-from ..cache.rows import Rows
+from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 
@@ -125,13 +125,18 @@ class Standardize(nn.Module):
             shape = tuple(int(x.shape[i]) if i == axis else 1 for i in range(ndim))
         else:
             dims, shape = (0,), (1, *row)
-        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        # rows given as an array-like that reads tensors (the probe's row blocks) say where they live
+        device = x.device if isinstance(x, torch.Tensor) else torch.device(str(getattr(x, "device", "cpu")))
         total = torch.zeros(shape, dtype=torch.float64, device=device)
         sq = torch.zeros(shape, dtype=torch.float64, device=device)
         count = 0
         for i in range(0, len(x), chunk):
             rows = x[i : i + chunk]
-            part = (rows if isinstance(rows, torch.Tensor) else to_torch(np.asarray(rows), dtype)).double()
+            if isinstance(rows, torch.Tensor):
+                part = rows.double()
+            else:
+                part = to_torch(np.asarray(rows), dtype).double()
+                release_pages(x, i, i + chunk)  # the rows are read: the map's pages need not stay resident
             total += part.sum(dims, keepdim=True)
             sq += (part * part).sum(dims, keepdim=True)
             count += part.numel() // total.numel()  # values per statistic

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, resolve_device
-from ..cache.rows import Rows
+from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
 from .heads import Standardize
 
@@ -96,9 +96,9 @@ class FeatureSource:
 
     A :class:`BatchSource`; the one that runs a head's frozen front once (:meth:`mapped`).
 
-    Shuffled batches of in-memory features are slices of one buffer that the next epoch overwrites:
-    use a batch within its epoch (clone it to keep it). Features given as an array are loaded on first
-    use, so a source whose head only needs ``channel_mean`` never reads the maps.
+    Shuffled batches of in-memory features are slices of one buffer that later batches overwrite: use a
+    batch before asking for the next (clone it to keep it). Features given as an array are loaded on
+    first use, so a source whose head only needs ``channel_mean`` never reads the maps.
 
     Args:
         x: (N, ...) features: a tensor, or an array (memory-mapped, or a cache table's
@@ -112,6 +112,8 @@ class FeatureSource:
 
     #: bytes of the chunks a streamed source reads, shuffles within, and yields batches from
     CHUNK_BYTES = 256 << 20
+    #: bytes of the shuffled rows of an in-memory source gathered at a time (the batches' buffer)
+    SHUFFLE_BYTES = 64 << 20
 
     def __init__(
         self,
@@ -155,8 +157,22 @@ class FeatureSource:
     def x(self) -> torch.Tensor | None:
         """All features in RAM or on the device as float32 (loaded on first use); None when streamed."""
         if self._x is None and not self.streamed:
-            self._x = to_torch(np.asarray(self.raw), self.dtype).to(self.device, torch.float32)
+            self._x = self._load()
         return self._x
+
+    def _load(self) -> torch.Tensor:
+        """Every row as float32 on the device, converted ~64 MB at a time into one buffer: the stored
+        rows are never held whole beside it (a float16 split gathered whole, then converted, would
+        peak at 1.5x its float32 size, plus the pages of its memory map)."""
+        raw = self.raw
+        if isinstance(raw, np.ndarray) and not isinstance(raw, np.memmap) and raw.flags.writeable:
+            return to_torch(raw, self.dtype).to(self.device, torch.float32)  # no copy when float32 already
+        x = torch.empty((len(raw), *self.row_shape), dtype=torch.float32, device=self.device)
+        step = max(1, (64 << 20) // self._row_bytes())
+        for s in range(0, len(raw), step):
+            x[s : s + step] = to_torch(np.asarray(raw[s : s + step]), self.dtype).to(self.device)
+            release_pages(raw, s, s + step)
+        return x
 
     @property
     def loaded(self) -> bool:
@@ -164,9 +180,11 @@ class FeatureSource:
         return self._x is not None
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
-        if self.x is not None:
-            return self.x[start:stop]
-        return to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
+        if self._x is not None:
+            return self._x[start:stop]
+        rows = to_torch(np.asarray(self.raw[start:stop]), self.dtype).to(self.device, torch.float32)
+        release_pages(self.raw, start, stop)
+        return rows
 
     def reads_channel_means(self, fn: nn.Module | None) -> bool:
         """Whether :meth:`mapped` runs ``fn`` on the channel means instead of the maps."""
@@ -174,9 +192,11 @@ class FeatureSource:
 
     def prepare(self, front: nn.Module | None = None, epochs: Iterable[int] = ()) -> None:
         """Load the features now (say, before a clock starts), unless ``front`` will read the channel
-        means instead or the source is streamed. ``epochs`` (the ones about to run) matters to
-        :class:`ViewCycle` only."""
-        if not self.reads_channel_means(front):
+        means instead, the source is streamed, or ``front`` is given and the rows are not loaded yet: the
+        trainer then runs ``front`` once over them (:meth:`mapped`), which reads the stored rows by chunks,
+        so the split is never held both as read and as mapped. ``epochs`` (the ones about to run) matters
+        to :class:`ViewCycle` only."""
+        if front is None or (self.loaded and not self.reads_channel_means(front)):
             _ = self.x
 
     def set_epoch(self, epoch: int) -> None:
@@ -211,7 +231,7 @@ class FeatureSource:
             return t.to(self.device, torch.float32)[:, :, None, None]
 
         in_row = 4 * self.row_shape[0] if from_means else self._row_bytes()
-        held = 0 if self.streamed or (from_means and not self.loaded) else self._row_bytes() * n
+        held = self._row_bytes() * n if self.loaded else 0  # rows not loaded are read by chunks
         with torch.no_grad():
             first = fn(rows(0, 1)).float()
             out_row = first.numel() * 4
@@ -239,16 +259,26 @@ class FeatureSource:
         n = len(self)
         if self.x is not None and self.chunk_row_bytes is None:
             if gen is None:
-                xs, ys = self.x, self.y
-            else:
-                perm = torch.randperm(n, generator=gen).to(self.device)
-                if self._shuffled is None:  # reused every epoch: a fresh buffer costs page faults each time
-                    self._shuffled = (torch.empty_like(self.x), torch.empty_like(self.y))
-                xs, ys = self._shuffled
-                torch.index_select(self.x, 0, perm, out=xs)
-                torch.index_select(self.y, 0, perm, out=ys)
-            for i in range(0, n, batch_size):
-                yield xs[i : i + batch_size], ys[i : i + batch_size]
+                for i in range(0, n, batch_size):
+                    yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+                return
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            # The permuted rows are gathered ~SHUFFLE_BYTES at a time (whole batches) into one buffer
+            # reused every epoch: the batches of a whole permuted copy, without holding that copy.
+            step = max(1, self.SHUFFLE_BYTES // (self._row_bytes() * batch_size)) * batch_size
+            if self._shuffled is None or len(self._shuffled[0]) < min(n, step):
+                rows = min(n, step)
+                self._shuffled = (
+                    self.x.new_empty((rows, *self.x.shape[1:])),
+                    self.y.new_empty((rows, *self.y.shape[1:])),  # targets may be (N, K): multilabel
+                )
+            bx, by = self._shuffled
+            for s in range(0, n, step):
+                part = perm[s : s + step]
+                xs = torch.index_select(self.x, 0, part, out=bx[: len(part)])
+                ys = torch.index_select(self.y, 0, part, out=by[: len(part)])
+                for i in range(0, len(part), batch_size):
+                    yield xs[i : i + batch_size], ys[i : i + batch_size]
             return
         # Streamed (or mapped from a streamed source): shuffle the chunk order, then within each chunk.
         row_bytes = self.chunk_row_bytes or self._row_bytes()

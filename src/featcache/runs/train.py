@@ -25,8 +25,9 @@ from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
-from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_logits
-from ..train.heads import Head, HeadInfo, HeadSpec, TargetScale, build_head, fit_standardize
+from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit, predict_logits
+from ..train.grid import fit_grid, grid_not_covered
+from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, TargetScale, build_head, fit_standardize
 from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
@@ -133,17 +134,7 @@ def train_on_cache(
         if views
         else source_for(plain, layer, device, budget)
     )
-    std, stats = None, plain.channel_stats.get(layer)
-    if config.standardize:
-        # A map's cached channel statistics, else the training features in memory (maybe on the GPU),
-        # else (views) the memory map by chunks.
-        # (Rows not loaded on the CPU are read from the map by chunks: the trainer may never load them
-        # whole, running the head's standardisation once over the stored rows instead.)
-        loaded = isinstance(train, FeatureSource) and (train.loaded or train.device.type != "cpu")
-        held = train.x if stats is None and loaded and isinstance(train, FeatureSource) else None
-        rows = held if held is not None else plain.features[layer]
-        mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
-        std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype, layout=layout)
+    std = _standardizer(plain, layer, head_spec, config, train) if config.standardize else None
     head = build_head(head_spec, shape, len(classes), std, seed=config.seed, layout=layout)
     sources: dict[str, FeatureSource] = {
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
@@ -162,6 +153,23 @@ def train_on_cache(
         on_epoch(result.history)
     if scale is not None:
         head.target = scale.to(device)
+    return head, *_evaluated(head, result, head_spec, plain, layer, sources, val, std is not None)
+
+
+def _evaluated(
+    head: Head,
+    result: FitResult,
+    head_spec: HeadSpec,
+    plain: CachedFeatures,
+    layer: str,
+    sources: dict[str, FeatureSource],
+    val: BatchSource | None,
+    standardize: bool,
+) -> tuple[HeadInfo, FitResult, dict[str, Any]]:
+    """A trained head's :class:`HeadInfo` (with its multi-label threshold, chosen on val), the fit's
+    result and the metrics of every split (what :func:`train_on_cache` returns after the head)."""
+    shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
+    classes, task = plain.classes, plain.task
     threshold = None
     if task == "multilabel":  # the probability that best separates labels on val (0.5 without val)
         threshold = (
@@ -171,12 +179,71 @@ def train_on_cache(
         head_spec,
         shape,
         len(classes),
-        standardize=std is not None,
+        standardize=standardize,
         layout=layout,
         task=task,
         threshold=threshold,
     )
-    return head, info, result, evaluate_splits(head, result, sources, len(classes), info, classes)
+    return info, result, evaluate_splits(head, result, sources, len(classes), info, classes)
+
+
+def _standardizer(
+    plain: CachedFeatures, layer: str, head_spec: HeadSpec, config: TrainConfig, train: BatchSource
+) -> Standardize:
+    """The head's frozen standardisation, from the train split's statistics."""
+    stats, layout = plain.channel_stats.get(layer), plain.layout(layer)
+    # A map's cached channel statistics, else the training features in memory (maybe on the GPU),
+    # else (views) the memory map by chunks.
+    # (Rows not loaded on the CPU are read from the map by chunks: the trainer may never load them
+    # whole, running the head's standardisation once over the stored rows instead.)
+    loaded = isinstance(train, FeatureSource) and (train.loaded or train.device.type != "cpu")
+    held = train.x if stats is None and loaded and isinstance(train, FeatureSource) else None
+    rows = held if held is not None else plain.features[layer]
+    mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
+    return fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype, layout=layout)
+
+
+def train_grid_on_cache(
+    feats: dict[str, CachedFeatures],
+    layer: str,
+    head_spec: HeadSpec,
+    configs: list[TrainConfig],
+    progress: bool = True,
+    on_epochs: list[EpochHook | None] | None = None,
+) -> list[tuple[Head, HeadInfo, FitResult, dict[str, Any]] | TrainingDiverged] | None:
+    """:func:`train_on_cache` of one head per config, trained as one grid (:mod:`featcache.train.grid`):
+    per config what ``train_on_cache`` returns, to float rounding, or the :class:`TrainingDiverged` it
+    raises; None (nothing trained) where the grid does not cover them (:func:`grid_not_covered`).
+
+    Example:
+        >>> cfgs = [TrainConfig(lr=lr, weight_decay=wd) for lr in (1e-3, 1e-2) for wd in (0, 1e-4)]
+        >>> outs = train_grid_on_cache(feats, "penultimate", HeadSpec(), cfgs)  # doctest: +SKIP
+    """
+    plain, config = feats["train"], configs[0]
+    if grid_not_covered(head_spec, configs, plain.task) is not None:
+        return None
+    device, budget = resolve_device(config.device), config.ram_budget_gb
+    shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
+    train = source_for(plain, layer, device, budget)
+    std = _standardizer(plain, layer, head_spec, config, train) if config.standardize else None
+    heads = [
+        build_head(head_spec, shape, len(plain.classes), std, seed=config.seed, layout=layout)
+        for _ in configs
+    ]
+    sources = {k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats}
+    val = sources.get("val")
+    results = fit_grid(heads, train, val, len(plain.classes), configs, progress, on_epochs)
+    if results is None:
+        return None
+    out: list[tuple[Head, HeadInfo, FitResult, dict[str, Any]] | TrainingDiverged] = []
+    for head, result, hook in zip(heads, results, on_epochs or [None] * len(heads), strict=True):
+        if isinstance(result, TrainingDiverged):
+            out.append(result)
+            continue
+        if hook is not None:
+            hook(result.history)
+        out.append((head, *_evaluated(head, result, head_spec, plain, layer, sources, val, std is not None)))
+    return out
 
 
 def _probs(head: nn.Module, data: BatchSource) -> np.ndarray:

@@ -157,11 +157,19 @@ class LinearStep:
                 loss, grads = self._grads(xb, yb, w, b)
         else:
             loss, grads = self._grads(xb, yb, w, b)
+        self.update(grads)
+        return loss
+
+    def update(self, grads: list[torch.Tensor]) -> None:
+        """One optimizer step of the parameters with the gradients ``grads`` (weight, then bias): the
+        fused kernel on the optimizer's own state, or ``opt.step()`` (the grid of heads in
+        :mod:`featcache.train.grid` computes the gradients of many heads at once and updates each here)."""
         if self._fused is None:
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
             self.opt.step()
-            return loss
+            return
+        data = [p.detach() for p in self.params]
         state = self._state
         if state is None or state[0][0] is not self.opt.state[self.params[0]].get("exp_avg"):
             state = self._init_state()  # first step, or the optimizer's state was loaded anew
@@ -183,7 +191,6 @@ class LinearStep:
             eps=group["eps"],
             maximize=False,
         )
-        return loss
 
     def _init_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The optimizer's exp_avg / exp_avg_sq / step tensors, made as ``Adam(fused=True)`` makes them."""

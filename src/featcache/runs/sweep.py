@@ -17,6 +17,7 @@ from the cache), and the table is the one an uninterrupted sweep writes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -34,14 +35,15 @@ from ..cache.store import CachedFeatures
 from ..data.datasets import DatasetSplits
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
-from ..train.fit import TrainingDiverged, TrainingInterrupted
-from ..train.heads import HeadInfo, HeadSpec, build_head
+from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted
+from ..train.grid import grid_not_covered
+from ..train.heads import Head, HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .report import plot_sweep
 from .spec import RunSpec
-from .train import train_on_cache, write_mistakes
+from .train import train_grid_on_cache, train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
 
@@ -162,30 +164,37 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     at_last: list[bool] = []  # per trained run: was its best epoch the last one?
     reused = 0  # finished runs of an interrupted sweep, read back (--resume)
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
-    for layer, cfg in itertools.product(layers, configs):
-        settings = {k: getattr(cfg, k) for k in axes}
-        name = "-".join(
-            [f"{len(rows):02d}", layer.replace(":", "_").replace("/", "_")]
-            + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
-        )
-        child = folder.child(name)
-        record = spec.record(
-            "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
-            train=to_json(cfg), sweep=str(folder.path),
-        )  # fmt: skip
-        out = (spec.resume and _finished_row(child, record, key)) or _train_one(
-            child, record, feats, views, sweep.head, cfg, key, spec.logger, splits
-        )
-        reused += bool(out.pop("reused", False))
-        in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
-        rows.append({"layer": layer, **in_shape, **settings, **out})
-        if "best_epoch" in out:
-            at_last.append(out["best_epoch"] == cfg.epochs)
-        trained = _trained(rows)
-        if trained:
-            best = best_on_val(trained, key)
-            bar.set_postfix(best=f"{best['layer']} {best[key]:.3f}")
-        bar.update()
+    why_not = grid_not_covered(sweep.head, configs, splits.task, len(views))
+    if why_not is not None and len(configs) > 1:
+        spec.say(f"sweep: each of the {len(configs)} settings trains on its own, not as one grid: {why_not}")
+    for li, layer in enumerate(layers):
+        runs = []
+        for ci, cfg in enumerate(configs):
+            settings = {k: getattr(cfg, k) for k in axes}
+            name = "-".join(
+                [f"{li * len(configs) + ci:02d}", layer.replace(":", "_").replace("/", "_")]
+                + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
+            )
+            record = spec.record(
+                "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
+                train=to_json(cfg), sweep=str(folder.path),
+            )  # fmt: skip
+            runs.append((folder.child(name), record, cfg, settings))
+        done = [(spec.resume and _finished_row(child, record, key)) or None for child, record, _, _ in runs]
+        if why_not is None:
+            done = _train_grid(runs, done, feats, sweep.head, key, spec, splits)
+        for (child, record, cfg, settings), out in zip(runs, done, strict=True):
+            out = out or _train_one(child, record, feats, views, sweep.head, cfg, key, spec.logger, splits)
+            reused += bool(out.pop("reused", False))
+            in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
+            rows.append({"layer": layer, **in_shape, **settings, **out})
+            if "best_epoch" in out:
+                at_last.append(out["best_epoch"] == cfg.epochs)
+            trained = _trained(rows)
+            if trained:
+                best = best_on_val(trained, key)
+                bar.set_postfix(best=f"{best['layer']} {best[key]:.3f}")
+            bar.update()
     bar.close()
     if reused == len(rows):
         spec.say(f"{folder.path} is finished: all {reused} runs reused from it, none trained")
@@ -255,17 +264,81 @@ def _train_one(
     except TrainingDiverged as exc:  # one bad setting (say, a too high lr) must not end the sweep
         log.warning("%s: %s", folder.path.name, exc)
         return {"diverged": str(exc), "run": folder.path.name}
+    row = _write_run(folder, record, head, info, metrics, feats, cfg, splits, key)
+    if not result.finished:
+        raise _interrupted(folder, result)
+    return row
+
+
+def _write_run(
+    folder: RunFolder,
+    record: RunRecord,
+    head: Head,
+    info: HeadInfo,
+    metrics: dict[str, Any],
+    feats: dict[str, CachedFeatures],
+    cfg: TrainConfig,
+    splits: DatasetSplits | None,
+    key: str,
+) -> dict[str, Any]:
+    """A trained combination's run folder (head, metrics, report, mistakes); its row of the table."""
+    layer = str(record.layer)
     folder.save_head(head, info)
     folder.write_metrics(metrics)
-    folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {head_spec.kind}")
+    folder.write_report(metrics, list(record.classes), f"{record.model} · {layer} · {info.spec.kind}")
     write_mistakes(folder, head, feats, layer, cfg, splits)
-    if not result.finished:
-        raise TrainingInterrupted(
-            result,
-            f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); "
-            f"`featcache sweep --resume --out {folder.path.parent}` finishes it, reusing the finished runs",
-        )
     return _row(folder, info, metrics, key)
+
+
+def _interrupted(folder: RunFolder, result: FitResult) -> TrainingInterrupted:
+    """The Ctrl-C of a sweep whose run in ``folder`` did not finish, with the command that resumes it."""
+    return TrainingInterrupted(
+        result,
+        f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); "
+        f"`featcache sweep --resume --out {folder.path.parent}` finishes it, reusing the finished runs",
+    )
+
+
+def _train_grid(
+    runs: list[tuple[RunFolder, RunRecord, TrainConfig, dict[str, Any]]],
+    done: list[dict[str, Any] | None],
+    feats: dict[str, CachedFeatures],
+    head_spec: HeadSpec,
+    key: str,
+    spec: RunSpec,
+    splits: DatasetSplits,
+) -> list[dict[str, Any] | None]:
+    """The rows of one layer's runs with those not ``done`` trained as one grid
+    (:func:`~featcache.runs.train.train_grid_on_cache`), each written to its folder as
+    :func:`_train_one` writes it; None for a run left to train one by one (grid not applicable)."""
+    todo = [i for i, out in enumerate(done) if out is None]
+    if len(todo) < 2:
+        return done
+    layer = str(runs[0][1].layer)
+    with contextlib.ExitStack() as stack:
+        hooks = []
+        for i in todo:
+            runs[i][0].write_config(runs[i][1])
+            hooks.append(stack.enter_context(epoch_log(spec.logger, runs[i][0].path)))
+        cfgs = [runs[i][2] for i in todo]
+        outs = train_grid_on_cache(feats, layer, head_spec, cfgs, False, hooks)
+    if outs is None:
+        return done
+    done = list(done)
+    stop: TrainingInterrupted | None = None
+    for i, out in zip(todo, outs, strict=True):
+        child = runs[i][0]
+        if isinstance(out, TrainingDiverged):  # as _train_one: the other settings go on
+            log.warning("%s: %s", child.path.name, out)
+            done[i] = {"diverged": str(out), "run": child.path.name}
+            continue
+        head, info, result, metrics = out
+        done[i] = _write_run(child, runs[i][1], head, info, metrics, feats, runs[i][2], splits, key)
+        if not result.finished and stop is None:
+            stop = _interrupted(child, result)
+    if stop is not None:
+        raise stop
+    return done
 
 
 def _write_record(spec: RunSpec, folder: RunFolder, record: RunRecord) -> None:

@@ -162,8 +162,8 @@ def _evaluated(
     head_spec: HeadSpec,
     plain: CachedFeatures,
     layer: str,
-    sources: dict[str, FeatureSource],
-    val: BatchSource | None,
+    sources: Mapping[str, FeatureSource],
+    val: FeatureSource | None,
     standardize: bool,
 ) -> tuple[HeadInfo, FitResult, dict[str, Any]]:
     """A trained head's :class:`HeadInfo` (with its multi-label threshold, chosen on val), the fit's
@@ -230,7 +230,9 @@ def train_grid_on_cache(
         build_head(head_spec, shape, len(plain.classes), std, seed=config.seed, layout=layout)
         for _ in configs
     ]
-    sources = {k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats}
+    sources: dict[str, FeatureSource] = {
+        k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
+    }
     val = sources.get("val")
     results = fit_grid(heads, train, val, len(plain.classes), configs, progress, on_epochs)
     if results is None:

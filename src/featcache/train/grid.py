@@ -22,11 +22,13 @@ caller trains those one by one.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -143,7 +145,7 @@ class _GridStep:
 
 
 def fit_grid(
-    heads: list[nn.Module],
+    heads: Sequence[nn.Module],
     train: BatchSource,
     val: BatchSource | None,
     num_classes: int,
@@ -218,8 +220,11 @@ def _epochs(
             te = time.perf_counter()
             for h in active:
                 h.head.train()
-            step, scheds = _GridStep(active, amp), _Schedules(active)
-            losses = _train_epoch(train, step, scheds, gen, first, epoch, progress and train.streamed)  # type: ignore[arg-type]
+            step, scheds = _GridStep(active, amp), cast(LambdaLR, _Schedules(active))
+            # one row per step, a loss per active head
+            losses: list[Any] = _train_epoch(
+                train, step, scheds, gen, first, epoch, progress and train.streamed
+            )
             seconds = (time.perf_counter() - te) / len(active)  # each head's share of the epoch
             for k, h in enumerate(active):
                 _end_epoch(h, epoch, [row[k] for row in losses], seconds, num_classes, on_epochs, grid)
@@ -254,7 +259,7 @@ def _end_epoch(
 
 
 def _build(
-    heads: list[nn.Module],
+    heads: Sequence[nn.Module],
     train: BatchSource,
     val: BatchSource | None,
     configs: list[TrainConfig],

@@ -262,7 +262,11 @@ def test_an_interrupted_sweep_resumes_from_its_folder_alone_and_reuses_its_finis
         return validate(*args)
 
     cut = tmp_path / "cut"
+    # layer3's two settings train as one grid (tests/test_grid.py): the 2nd head's last epoch is cut
     monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_the_second_run)
+    monkeypatch.setattr(
+        importlib.import_module("featcache.train.grid"), "_validate", ctrl_c_in_the_second_run
+    )
     assert main([*argv, "--out", str(cut)]) == 130
     assert f"featcache sweep --resume --out {cut}" in capsys.readouterr().err
     monkeypatch.undo()
@@ -274,16 +278,22 @@ def test_an_interrupted_sweep_resumes_from_its_folder_alone_and_reuses_its_finis
     assert json.loads((first / "metrics.json").read_text())["finished"] is True
     stamps = {f.name: f.stat().st_mtime_ns for f in first.iterdir()}
     trained: list[str] = []
-    train_on_cache = sweep_mod.train_on_cache
+    train_on_cache, train_grid_on_cache = sweep_mod.train_on_cache, sweep_mod.train_grid_on_cache
 
     def spy(feats: Any, layer: str, *args: Any, **kwargs: Any) -> Any:
         trained.append(layer)
         return train_on_cache(feats, layer, *args, **kwargs)
 
+    def grid_spy(feats: Any, layer: str, head: Any, configs: Any, *args: Any) -> Any:
+        trained.extend([f"{layer} (grid)"] * len(configs))
+        return train_grid_on_cache(feats, layer, head, configs, *args)
+
     monkeypatch.setattr(sweep_mod, "train_on_cache", spy)
+    monkeypatch.setattr(sweep_mod, "train_grid_on_cache", grid_spy)
     assert main(["sweep", "--resume", "--out", str(cut), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert trained == ["layer3", "penultimate", "penultimate"]  # the 1st run reused, the 2nd retrained
+    # the 1st run reused, the 2nd retrained (alone), penultimate's two as one grid
+    assert trained == ["layer3", "penultimate (grid)", "penultimate (grid)"]
     assert {f.name: f.stat().st_mtime_ns for f in first.iterdir()} == stamps  # not rewritten
 
     def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

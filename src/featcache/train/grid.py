@@ -188,12 +188,14 @@ def fit_grid(
             out.append(h.error)
             continue
         h.run.restore_best(h.head, None, device)
+        # Ctrl-C: a head whose epochs had all run (or that had stopped early) is finished all the same
+        finished = not interrupted or h.done or len(h.run.history) == h.config.epochs
         extra = {**h.paths.record.as_dict(), "grid": len(grid)}
         bs = h.config.batch_for(len(train))
         out.append(
             FitResult(
                 h.run.history, h.run.step_losses, int(h.run.best_epoch), h.run.stopped_early(h.config),
-                seconds / len(grid), len(h.paths.train), extra=extra, batch_size=bs, finished=not interrupted,
+                seconds / len(grid), len(h.paths.train), extra=extra, batch_size=bs, finished=finished,
             )
         )  # fmt: skip
     return out

@@ -43,6 +43,7 @@ from ..runs.knn import KnnConfig, knn_eval
 from ..runs.probe import ProbeConfig, linear_probe
 from ..runs.report import format_table
 from ..runs.spec import RunSpec
+from ..runs.train import train_grid_on_cache, train_on_cache
 from ..train.config import TrainConfig
 from ..train.fit import fit, make_optimizer
 from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_layer
@@ -552,6 +553,45 @@ class _Bench:
         row["pass"] = bool(row["pass"]) and abs(accs["featcache"] - accs["sklearn"]) <= 0.01
         return row
 
+    def linear_sweep(self) -> dict[str, Any]:
+        """A sweep's 4 learning rates x 2 weight decays of a linear head on one layer (MNIST-5k, Lite0
+        ``penultimate``, standardised, automatic batch size): the 8 heads as one grid (one pass, one
+        product per batch) vs one by one (``train_on_cache`` each), as ``sweep`` trains them. The
+        heads are the same to float rounding (``tests/test_grid.py``); checked here on the best val
+        accuracy."""
+        splits = load_dataset("mnist-5k", 0.1, 0.2, seed=0, limit=self.cfg.limit)
+        cache = self.fresh_cache()
+        feats = extract_splits(self.bb, splits, self.layers, self.ecfg, cache_dir=cache, progress=False)
+        base = replace(self.tcfg, batch_size=None, standardize=True)
+        configs = [
+            replace(base, lr=lr, weight_decay=wd) for lr in (1e-3, 3e-3, 1e-2, 3e-2) for wd in (0.0, 1e-2)
+        ]
+        head, accs = HeadSpec("linear"), {}
+
+        def one_pass() -> float:
+            t0 = time.perf_counter()
+            outs = train_grid_on_cache(feats, "penultimate", head, configs, progress=False) or []
+            accs["grid"] = max(o[3]["val"]["acc"] for o in outs if isinstance(o, tuple))
+            return time.perf_counter() - t0
+
+        def one_by_one() -> float:
+            t0 = time.perf_counter()
+            outs = [train_on_cache(feats, "penultimate", head, c, progress=False) for c in configs]
+            accs["alone"] = max(o[3]["val"]["acc"] for o in outs)
+            return time.perf_counter() - t0
+
+        one_pass(), one_by_one()  # warm-up
+        f, b = _interleaved(one_pass, one_by_one, self.repeats)
+        rows = len(feats["train"].labels)
+        detail = (
+            f"{rows} train rows, {base.epochs} epochs; best val acc {accs['grid']:.4f} vs {accs['alone']:.4f}"
+        )
+        row = _row(
+            "linear sweep 4x2: one pass vs one by one", f, b, 1.0, ("one pass", "one by one"), detail=detail
+        )
+        row["pass"] = bool(row["pass"]) and accs["grid"] == accs["alone"]
+        return row
+
     def _png_folder(self) -> tuple[Path, list[Path]]:
         """``store_images`` MNIST-5k digits as an ImageFolder of PNGs (written once, dated an hour back: an
         existing dataset, not files written this second, see :data:`featcache.data.digests.RACY_NS`),
@@ -731,6 +771,7 @@ BENCHMARKS = (
     "added_images",
     "content_digests",
     "startup",
+    "linear_sweep",
     "gpu",
 )
 

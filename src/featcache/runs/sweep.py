@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .._checks import check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
+from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures
 from ..data.datasets import DatasetSplits
 from ..extract.config import parse_layers
@@ -168,18 +169,12 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     if why_not is not None and len(configs) > 1:
         spec.say(f"sweep: each of the {len(configs)} settings trains on its own, not as one grid: {why_not}")
     for li, layer in enumerate(layers):
-        runs = []
-        for ci, cfg in enumerate(configs):
-            settings = {k: getattr(cfg, k) for k in axes}
-            name = "-".join(
-                [f"{li * len(configs) + ci:02d}", layer.replace(":", "_").replace("/", "_")]
-                + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
+        runs = [
+            _run_of(
+                spec, folder, backbone, feats, views, sweep.head, layer, cfg, axes, li * len(configs) + ci
             )
-            record = spec.record(
-                "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
-                train=to_json(cfg), sweep=str(folder.path),
-            )  # fmt: skip
-            runs.append((folder.child(name), record, cfg, settings))
+            for ci, cfg in enumerate(configs)
+        ]
         done = [(spec.resume and _finished_row(child, record, key)) or None for child, record, _, _ in runs]
         if why_not is None:
             done = _train_grid(runs, done, feats, sweep.head, key, spec, splits)
@@ -297,6 +292,32 @@ def _interrupted(folder: RunFolder, result: FitResult) -> TrainingInterrupted:
         f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); "
         f"`featcache sweep --resume --out {folder.path.parent}` finishes it, reusing the finished runs",
     )
+
+
+def _run_of(
+    spec: RunSpec,
+    folder: RunFolder,
+    backbone: Backbone,
+    feats: dict[str, CachedFeatures],
+    views: list[CachedFeatures],
+    head: HeadSpec,
+    layer: str,
+    cfg: TrainConfig,
+    axes: list[str],
+    index: int,
+) -> tuple[RunFolder, RunRecord, TrainConfig, dict[str, Any]]:
+    """The ``index``-th combination of a sweep: its run folder (named by number, layer and the varied
+    settings), its record, its trainer settings and the values of the sweep's axes."""
+    settings = {k: getattr(cfg, k) for k in axes}
+    name = "-".join(
+        [f"{index:02d}", layer.replace(":", "_").replace("/", "_")]
+        + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
+    )
+    record = spec.record(
+        "sweep", backbone, feats, [layer], views, layer=layer, head=head.to_dict(),
+        train=to_json(cfg), sweep=str(folder.path),
+    )  # fmt: skip
+    return folder.child(name), record, cfg, settings
 
 
 def _train_grid(

@@ -8,6 +8,10 @@ choice is made on the validation split; the test accuracy is reported, never use
     featcache sweep efficientnet-lite0 mnist-5k --layers blocks.3,blocks.4,blocks.5,penultimate \\
         --lrs 1e-3,3e-3 --input-size 64 64 --out runs/sweep
 
+A linear head's settings on one layer train as one grid, in one pass over the batches
+(:mod:`featcache.train.grid`; each head equal to training it alone, to float rounding); what the grid
+does not cover (other heads and tasks, views, class weights) trains one by one, and the sweep says why.
+
 Every combination is a run folder (``load_run``, ``export`` and ``predict`` take it); ``sweep.json``
 holds the table and the chosen one, ``sweep.png`` plots validation accuracy per layer. The sweep
 folder's own ``config.json`` holds the grid, so ``featcache sweep --resume --out runs/sweep`` finishes

@@ -168,10 +168,10 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     rows: list[dict[str, Any]] = []
     at_last: list[bool] = []  # per trained run: was its best epoch the last one?
     reused = 0  # finished runs of an interrupted sweep, read back (--resume)
-    bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     why_not = grid_not_covered(sweep.head, configs, splits.task, len(views))
-    if why_not is not None and len(configs) > 1:
+    if why_not is not None and len(configs) > 1:  # said before the bar starts
         spec.say(f"sweep: each of the {len(configs)} settings trains on its own, not as one grid: {why_not}")
+    bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     for li, layer in enumerate(layers):
         runs = [
             _run_of(

@@ -231,18 +231,20 @@ def _print_folds(a: argparse.Namespace, res: FoldsResult, feats: dict[str, Cache
         return
     for split, f in feats.items():
         print(f"{split}: {count_text(f)}")
+    name = {"acc": "accuracy", "map": "mAP", "map_micro": "micro mAP", "r2": "R2"}.get(res.metric, res.metric)
     for i, (acc, n) in enumerate(zip(res.acc, res.rows, strict=True)):
-        print(f"fold {i}: {n} held-out rows, accuracy {acc:.4f}")
+        print(f"fold {i}: {n} held-out rows, {name} {acc:.4f}")
     chosen = f" at L2 strength {res.extra['strength']:g}" if "strength" in res.extra else ""
     score = f"{res.mean:.4f} +- {res.std:.4f} (std over folds)"
-    print(f"{res.folds}-fold cross-validation accuracy{chosen}: {score}")
+    print(f"{res.folds}-fold cross-validation {name}{chosen}: {score}")
+    refit = f"test {name} of the head refitted on train+val"
     if len(res.test_acc) == 1:  # the probe: one head, refitted on train+val with the chosen strength
-        print(f"test accuracy of the head refitted on train+val: {res.test_acc[0]:.4f}")
+        print(f"{refit}: {res.test_acc[0]:.4f}")
     elif res.test_acc:  # train: each fold's head on the test split
         summary = res.to_dict()
-        print(f"test accuracy: {summary['test_mean']:.4f} +- {summary['test_std']:.4f} (the folds' heads)")
-        if "refit_test_acc" in res.extra:
-            print(f"test accuracy of the head refitted on train+val: {res.extra['refit_test_acc']:.4f}")
+        print(f"test {name}: {summary['test_mean']:.4f} +- {summary['test_std']:.4f} (the folds' heads)")
+        if f"refit_test_{res.metric}" in res.extra:
+            print(f"{refit}: {res.extra[f'refit_test_{res.metric}']:.4f}")
     if a.out:
         print(
             f"run folder: {a.out}  (oof.csv, misclassified.csv: out-of-fold predictions of every train+val "

@@ -349,7 +349,6 @@ def test_sweep_chooses_on_the_tasks_metric(
 @pytest.mark.parametrize(
     ("verb", "flags", "wanted"),
     [
-        ("train", ["--folds", "3"], "--folds cross-validates classifiers; this dataset's task is regress"),
         ("finetune", [], "finetune trains a classifier; this dataset's task is regress"),
     ],
 )

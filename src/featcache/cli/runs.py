@@ -143,7 +143,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     m = run.metrics
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
     if "test" in m:
-        print(f"test accuracy {m['test']['acc']:.4f}  loss {m['test']['loss']:.4f}")
+        print(test_line(m["test"]))
     print(run_line(run.dir))
 
 

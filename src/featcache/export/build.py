@@ -343,15 +343,35 @@ def _build_finetuned(
         storage_dtype="float32",
         classes=record.classes,
         preprocessing=pre,
-        head={"finetune": finetune, "classifier": record.verb["plan"]["classifier"]},
+        head={
+            "finetune": finetune,
+            "classifier": record.verb["plan"]["classifier"],
+            "task": record.task,
+            **({"threshold": _finetuned_threshold(folder)} if record.task == "multilabel" else {}),
+        },
         method="full",
         return_nodes=None,
         truncated=False,
         run=str(run_dir),
-        notes=(f"fine-tuned run ({finetune}): the whole network is exported",),
+        notes=(f"fine-tuned run ({finetune}): the whole network is exported", *_task_notes(record)),
         weights_sha256=hash_tensors(model.state_dict()),
     )
     return model, info
+
+
+def _finetuned_threshold(folder: RunFolder) -> float:
+    """A multi-label fine-tuned run's threshold, chosen on val after training (metrics.json)."""
+    return float(folder.read_metrics().get("threshold", 0.5))
+
+
+def _task_notes(record: RunRecord) -> tuple[str, ...]:
+    """What the outputs of a fine-tuned multi-label or regression network are."""
+    if record.task == "multilabel":
+        return ("multi-label: an output per class is a logit; a class is predicted where its sigmoid "
+                "reaches head.threshold (chosen on val)",)  # fmt: skip
+    if record.task == "regress":
+        return (f"regression: the outputs are the values of {', '.join(record.classes)}, in their units",)
+    return ()
 
 
 def rebuild_model(info: ExportInfo, backbone: ModuleArg = None) -> ExportedModel:

@@ -42,11 +42,13 @@ from ..train.freeze import (
     prefix_layer,
     replace_classifier,
 )
+from ..train.heads import TargetScale
+from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .spec import RunSpec
-from .train import evaluate_splits
+from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,9 @@ class ImageSource:
             workers,
             augment,
         )
-        self.labels = torch.as_tensor(samples.labels)
+        labels = torch.as_tensor(samples.labels)
+        # multi-hot sets and regression targets are float (N, K), as the cached sources hold them
+        self.labels = labels.float() if labels.dim() == 2 else labels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,6 +89,11 @@ class ImageSource:
     @property
     def y(self) -> torch.Tensor:
         return self.labels
+
+    @y.setter
+    def y(self, value: torch.Tensor) -> None:
+        """New targets (a regression's standardised ones while it trains); the next batch reads them."""
+        self.labels = value.cpu()
 
     @property
     def streamed(self) -> bool:
@@ -293,10 +302,11 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     device = resolve_device(spec.train.device)
     backbone = spec.backbone()
     splits = spec.load_data()
-    if splits.task != "classify":  # the network's own classifier is replaced by a softmax head
+    task = splits.task
+    if task == "regress" and ft.init_head:  # a trained regression head outputs values, not z-scores
         raise FeatcacheError(
-            f"finetune trains a classifier; this dataset's task is {splits.task}: train a head on the cached "
-            "features with `featcache train` (or `probe`), which take multi-label and regression sets"
+            f"--init-head {ft.init_head}: a regression network trains its new classifier on standardised "
+            "targets, which a trained regression head's weights do not predict; leave out --init-head"
         )
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
@@ -323,6 +333,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
         finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
     )  # fmt: skip
+    record = replace(record, task=task)
     if spec.resume:
         what = "the data, frozen set, BN policy, mode or trainer settings"
         folder.check_resume(record, ("plan", "train", "data", "extract", "finetune", "mode"), what)
@@ -333,40 +344,87 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+    # A regression network learns standardised targets, as `train`'s heads do; the scale is folded
+    # into its new classifier afterwards, so the network (and its export) outputs the targets' units.
+    scale = TargetScale.fit(torch.as_tensor(src["train"].y).float().cpu()) if task == "regress" else None
     with epoch_log(spec.logger, folder.path) as on_epoch:
         try:
-            result = fit(
-                trained,
-                src["train"],
-                src.get("val"),
-                len(splits.classes),
-                spec.train,
-                spec.progress,
-                folder.checkpoint,
-                spec.resume,
-                param_groups=opt_groups,
-                train_mode=mode_fn,
-                on_epoch=on_epoch,
-            )
+            with standardised_targets(scale, src["train"], src.get("val")):
+                result = fit(
+                    trained,
+                    src["train"],
+                    src.get("val"),
+                    len(splits.classes),
+                    spec.train,
+                    spec.progress,
+                    folder.checkpoint,
+                    spec.resume,
+                    param_groups=opt_groups,
+                    train_mode=mode_fn,
+                    on_epoch=on_epoch,
+                    task=task,
+                )
         except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
             result = stop.result
         if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
             on_epoch(result.history)
+    if scale is not None:
+        fold_target_scale(net.get_submodule(plan.classifier), scale)
+    threshold = _threshold(trained, src.get("val")) if task == "multilabel" else None
     metrics = {
-        **evaluate_splits(trained, result, src, len(splits.classes), names=splits.classes),
+        **evaluate_splits(
+            trained, result, src, len(splits.classes), names=splits.classes, task=task, threshold=threshold
+        ),
         "mode": mode,
+        **({"threshold": threshold} if threshold is not None else {}),
     }
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
-    test = next(((n, s) for n, s in (("test", splits.test), ("val", splits.val)) if s is not None), None)
-    if test is not None:
-        logits = predict_logits(trained, src[test[0]])
-        labels = torch.as_tensor(test[1].labels)
-        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes, test[1])
+    _write_mistakes(folder, trained, src, splits)
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
+
+
+def fold_target_scale(classifier: nn.Module, scale: TargetScale) -> None:
+    """Fold ``z * std + mean`` into the new classifier (an ``nn.Linear`` ending the network): its outputs
+    become the targets' values. Applied once, after training (a resumed finished run reloads the
+    trained, unfolded weights first).
+
+    Example:
+        >>> fc = nn.Linear(3, 1)
+        >>> fold_target_scale(fc, TargetScale(torch.tensor([5.0]), torch.tensor([2.0])))
+    """
+    if not isinstance(classifier, nn.Linear):
+        raise FeatcacheError(f"the new classifier is a {type(classifier).__name__}, not nn.Linear")
+    with torch.no_grad():
+        std, mean = scale.std.to(classifier.weight), scale.mean.to(classifier.weight)
+        classifier.weight.mul_(std[:, None])
+        classifier.bias.mul_(std).add_(mean)
+
+
+def _threshold(trained: nn.Module, val: BatchSource | None) -> float:
+    """A multi-label network's probability threshold: the best micro F1 on val (0.5 without val)."""
+    if val is None or not len(val) or val.y is None:
+        return 0.5
+    return best_threshold(sigmoid_probs(trained, val), val.y.cpu().numpy())
+
+
+def _write_mistakes(
+    folder: RunFolder, trained: nn.Module, src: dict[str, BatchSource], splits: DatasetSplits
+) -> None:
+    """``misclassified.csv`` (and ``top_losses.png``) of the test split, else val; for a multi-label or
+    regression set its ``predictions.csv`` (and scatter plot), as ``train`` writes them."""
+    test = next(((n, s) for n, s in (("test", splits.test), ("val", splits.val)) if s is not None), None)
+    if test is None:
+        return
+    out = predict_logits(trained, src[test[0]])
+    labels = torch.as_tensor(test[1].labels)
+    if splits.task != "classify":
+        folder.write_task_report(splits.task, test[0], test[1].ids, labels, out, splits.classes)
+    else:
+        folder.write_misclassified(test[0], test[1].ids, labels, out, splits.classes, test[1])
 
 
 def _warn_ignored(extract_config: ExtractConfig) -> None:

@@ -42,12 +42,17 @@ def evaluate_splits(
     num_classes: int,
     info: HeadInfo | None = None,
     names: Sequence[str] | None = None,
+    task: str | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """metrics.json content: the fit's history and timings, and val/test metrics of the best model (for
     the task of ``info``, at its multi-label threshold; ``names``: the classes or targets, and with them
-    each classification split's ``most_confused`` class pairs)."""
-    task = info.task if info is not None else "classify"
-    threshold = info.threshold if info is not None and info.threshold is not None else 0.5
+    each classification split's ``most_confused`` class pairs). A network without a HeadInfo (finetune)
+    gives its ``task`` and ``threshold`` instead."""
+    if info is not None:
+        task, threshold = info.task, info.threshold
+    task = task or "classify"
+    threshold = threshold if threshold is not None else 0.5
     metrics: dict[str, Any] = {
         "task": task,
         "history": result.history,
@@ -153,7 +158,7 @@ def train_on_cache(
     try:
         # A regression head learns standardised targets (train and val alike); its TargetScale puts
         # the outputs back in the targets' units once it has trained.
-        with _standardised(scale, train, val):
+        with standardised_targets(scale, train, val):
             args = (len(classes), config, progress, checkpoint, resume)
             result = fit(head, train, val, *args, task=task, on_epoch=on_epoch)
     except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
@@ -165,7 +170,9 @@ def train_on_cache(
     threshold = None
     if task == "multilabel":  # the probability that best separates labels on val (0.5 without val)
         threshold = (
-            best_threshold(_probs(head, val), val.y.cpu().numpy()) if val is not None and len(val) else 0.5
+            best_threshold(sigmoid_probs(head, val), val.y.cpu().numpy())
+            if val is not None and len(val)
+            else 0.5
         )
     info = HeadInfo(
         head_spec,
@@ -179,14 +186,24 @@ def train_on_cache(
     return head, info, result, evaluate_splits(head, result, sources, len(classes), info, classes)
 
 
-def _probs(head: nn.Module, data: BatchSource) -> np.ndarray:
-    """A multi-label head's probabilities on every row of ``data``."""
+def sigmoid_probs(head: nn.Module, data: BatchSource) -> np.ndarray:
+    """A multi-label head's (or network's) probabilities on every row of ``data``.
+
+    Example:
+        >>> threshold = best_threshold(sigmoid_probs(head, val), val.y.numpy())  # doctest: +SKIP
+    """
     return torch.sigmoid(predict_logits(head, data)).numpy()
 
 
 @contextlib.contextmanager
-def _standardised(scale: TargetScale | None, *sources: BatchSource | None) -> Iterator[None]:
-    """Inside, the sources' targets are standardised with ``scale`` (their own afterwards)."""
+def standardised_targets(scale: TargetScale | None, *sources: BatchSource | None) -> Iterator[None]:
+    """Inside, the sources' targets are standardised with ``scale`` (their own afterwards); with
+    ``scale`` None, nothing changes.
+
+    Example:
+        >>> with standardised_targets(TargetScale.fit(train.y), train, val):  # doctest: +SKIP
+        ...     fit(head, train, val, 1, TrainConfig(), task="regress")
+    """
     if scale is None:
         yield
         return

@@ -3,6 +3,10 @@
 Cached-prefix mode (default when valid) takes the frozen prefix's output at the split point from the
 feature cache and trains only the suffix: the same training, with the prefix computed once. With
 random augmentation, or when nothing is frozen, it runs the live loop and says why.
+
+Every task trains: the new classifier learns with the task's loss (softmax cross-entropy, sigmoid BCE,
+MSE/Huber on standardised targets whose scale is folded into it after training), and the run is
+scored and reported as ``train``'s runs are.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from ..train.freeze import (
     replace_classifier,
 )
 from ..train.heads import TargetScale
-from ..train.objectives import best_threshold
+from ..train.objectives import METRIC, best_threshold
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
@@ -203,7 +207,8 @@ class FinetuneRun:
     model: nn.Module
 
     def __repr__(self) -> str:
-        test = f", test_acc={self.metrics['test']['acc']:.4g}" if "test" in self.metrics else ""
+        key = METRIC[self.metrics.get("task", "classify")]  # acc, map or r2
+        test = f", test_{key}={self.metrics['test'][key]:.4g}" if "test" in self.metrics else ""
         return (
             f"FinetuneRun({str(self.dir)!r}, train={self.config['finetune']['train']!r}, "
             f"mode={self.metrics.get('mode')!r}, epochs={len(self.metrics.get('history', []))}{test})"

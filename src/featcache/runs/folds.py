@@ -1,10 +1,11 @@
 """K-fold cross-validation on cached rows: one head per fold, no backbone pass after the first extraction.
 
-The train and val splits are pooled and dealt into K folds stratified by class, by content digest: an
-image lands in the same fold whatever the dataset's order, and copies of one image (one digest) land
-together, so no image is both trained on and held out. Fold ``i`` trains a head on the other folds
-and is scored on fold ``i``; the report is the mean and standard deviation of those K accuracies (and
-of each fold head's test accuracy, when there is a test split). Every fold is a view of the feature
+The train and val splits are pooled and dealt into K folds stratified by class (a multi-label or
+regression set: one stratum), by content digest: an image lands in the same fold whatever the
+dataset's order, and copies of one image (one digest) land together, so no image is both trained on
+and held out. Fold ``i`` trains a head on the other folds and is scored on fold ``i`` by the task's
+metric (accuracy, mAP, R²); the report is the mean and standard deviation of those K scores (and of
+each fold head's test score, when there is a test split). Every fold is a view of the feature
 table: nothing is extracted again.
 
 Each pooled image is scored by the one head that did not train on it: its out-of-fold prediction.

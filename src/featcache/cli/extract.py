@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..backbones.registry import load_backbone
-from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
-from ..extract.build import extract_splits
 from ..extract.config import ExtractConfig, parse_layers
-from ..extract.distributed import ranks_from_env
 from .flags import from_args
 from .show import print_json
+
+if TYPE_CHECKING:
+    from ..cache.store import CachedFeatures
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
+    # torch loads from here on, once every setting is checked
+    from ..backbones.registry import load_backbone
+    from ..extract.build import extract_splits
+    from ..extract.distributed import ranks_from_env
+
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     splits = data.load()

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import runs as jobs  # the jobs load torch when first called, after every setting is checked
 from .._checks import check_number
 from .._config import from_json
 from .._format import format_table
 from .._util import FeatcacheError
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
-from ..runs.finetune import FinetuneConfig, finetune_run
-from ..runs.folder import RunRecord
-from ..runs.folds import folds_run
-from ..runs.probe import ProbeConfig, probe_run
+from ..runs.config import FinetuneConfig, ProbeConfig, SweepGrid
 from ..runs.spec import RunSpec
-from ..runs.sweep import SweepGrid, sweep_run
-from ..runs.train import train_run
-from ..train.config import TrainConfig
-from ..train.heads import HeadSpec
+from ..train.config import HeadSpec, TrainConfig
 from .extract import count_text
 from .flags import from_args
 from .show import print_json
+
+if TYPE_CHECKING:
+    from ..runs.folder import RunRecord
 
 T = TypeVar("T")
 
@@ -86,9 +84,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.resume:
         spec, record = resumed(a)
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
-        run = train_run(spec, a.layer if "layer" in a._given else str(record.layer), head)
+        run = jobs.train_run(spec, a.layer if "layer" in a._given else str(record.layer), head)
     else:
-        run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
+        spec, head = run_spec(a), from_args(HeadSpec, a)  # every setting checked before torch loads
+        run = jobs.train_run(spec, a.layer, head)
     m = run.metrics
     for split, c in m["cache_rows"].items():
         print(f"{split}: {c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted")
@@ -107,9 +106,10 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     if a.resume:
         spec, record = resumed(a)
         ft = replace(from_json(FinetuneConfig, record.verb["finetune"]), **written(FinetuneConfig, a))
-        run = finetune_run(spec, ft)
+        run = jobs.finetune_run(spec, ft)
     else:
-        run = finetune_run(run_spec(a), from_args(FinetuneConfig, a))
+        spec, ft = run_spec(a), from_args(FinetuneConfig, a)  # every setting checked before torch loads
+        run = jobs.finetune_run(spec, ft)
     m = run.metrics
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
     if "test" in m:
@@ -122,14 +122,15 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         spec, record = resumed(a)
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
         grid = replace(from_json(SweepGrid, record.verb["grid"]), head=head, **written(SweepGrid, a))
-        res = sweep_run(spec, grid)
+        res = jobs.sweep_run(spec, grid)
     elif a.layers is None:
         raise FeatcacheError(
             "sweep needs --layers (the layers to try: blocks.4,penultimate or @blocks), or "
             "--resume --out DIR to continue the sweep there from its config.json"
         )
     else:
-        res = sweep_run(run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a)))
+        spec, grid = run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a))  # checked first
+        res = jobs.sweep_run(spec, grid)
     if a.json:
         print_json({"best": res.best, "rows": res.rows})
         return
@@ -148,7 +149,8 @@ def cmd_probe(a: argparse.Namespace) -> None:
     if a.folds:
         _folds(a, config)
         return
-    res = probe_run(run_spec(a), a.layer, config)
+    spec = run_spec(a)  # every setting checked before torch loads
+    res = jobs.probe_run(spec, a.layer, config)
     if a.json:
         print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test, **res.extra})
         return
@@ -171,7 +173,8 @@ def cmd_probe(a: argparse.Namespace) -> None:
 
 def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:
     """`train|probe --folds K`: a head per fold on the cached train+val rows, mean +- std."""
-    res, feats = folds_run(run_spec(a), a.layer, a.folds, head)
+    spec = run_spec(a)  # every setting checked before torch loads
+    res, feats = jobs.folds_run(spec, a.layer, a.folds, head)
     if getattr(a, "json", False):
         print_json(res.to_dict())
         return

@@ -16,8 +16,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError
 from ..backbones.preprocessing import Preprocessing
+from .config import AUGMENTS, normalize_augment  # noqa: F401  (defined there, without torch)
 from .digests import SampleChangedError
 from .samples import SampleSet
 
@@ -174,28 +175,9 @@ def view_seed(digest: str, view: int) -> int:
     return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:8], 16)
 
 
-AUGMENTS = ("flip", "crop")
 #: Bumped when an augmentation's parameters or the per-(digest, view) seeding change: part of the
 #: key of every augmented view, so older views are rebuilt rather than reused.
 AUGMENT_VERSION = 2
-
-
-def normalize_augment(spec: str | None) -> str | None:
-    """``spec`` with blanks and repeats dropped (``" flip,,flip"`` -> ``"flip"``); unknown names raise.
-
-    Example:
-        >>> normalize_augment("flip, crop,flip")
-        'flip,crop'
-    """
-    if spec is None:
-        return None
-    parts = list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
-    for p in parts:
-        if p not in AUGMENTS:
-            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
-    if not parts:
-        raise FeatcacheError(f"--augment {spec!r} names no augmentation; use flip, crop or flip,crop")
-    return ",".join(parts)
 
 
 def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:

@@ -33,7 +33,7 @@ from ..data.digests import DigestMemo
 from ..data.preprocess import AUGMENT_VERSION, PixelBatch, PreprocessedView, make_augment, normalize_pixels
 from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
-from .config import ExtractConfig, View, Views, parse_layers
+from .config import DEFAULT_LAYER, ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
 from .nodes import defining_method
@@ -82,7 +82,7 @@ def _reading(backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -
 def extract(
     backbone: Backbone,
     samples: SampleSet,
-    layers: str | Sequence[str] = ("penultimate",),
+    layers: str | Sequence[str] = (DEFAULT_LAYER,),
     config: ExtractConfig | None = None,
     *,
     cache_dir: str | None = None,
@@ -370,7 +370,7 @@ def _run(
 def extract_splits(
     backbone: Backbone,
     splits: DatasetSplits,
-    layers: str | Sequence[str] = ("penultimate",),
+    layers: str | Sequence[str] = (DEFAULT_LAYER,),
     config: ExtractConfig | None = None,
     *,
     cache_dir: str | None = None,

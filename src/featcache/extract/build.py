@@ -320,7 +320,7 @@ def _run(
     loader = torch.utils.data.DataLoader(
         PreprocessedView(job.samples, pre, indices, augment, view.index if view else None, pending, True),
         batch_size=config.batch_size,
-        num_workers=decode_workers(config.workers, ex.device, len(pending)),
+        num_workers=decode_workers(config.workers, ex.device),
         collate_fn=PixelBatch(pre),
         pin_memory=ex.device.type == "cuda",
         persistent_workers=False,

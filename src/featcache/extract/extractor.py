@@ -29,7 +29,7 @@ def resolved_cfg(backbone: Backbone, config: ExtractConfig) -> BackboneCfg:
     return backbone.cfg.with_input_size(*config.input_size) if config.input_size else backbone.cfg
 
 
-def decode_workers(workers: int | None, device: torch.device, images: int | None = None) -> int:
+def decode_workers(workers: int | None, device: torch.device) -> int:
     """DataLoader workers for decoding: ``workers`` when given, else the automatic choice above.
 
     Example:

@@ -173,7 +173,9 @@ def _extract(
         "rows_by_process": done.by_process,
         "method": done.method or _table_method(cache.open(key)),
     }
-    out = cache.open_split(key, names, digests, samples.ids, samples.labels, samples.classes, info)
+    out = cache.open_split(
+        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
+    )
     new = set(done.digests)
     out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
     out.hit = not new

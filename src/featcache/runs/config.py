@@ -19,7 +19,8 @@ from ..extract.config import parse_layers
 from ..train.config import HeadSpec, TrainableSpec, TrainConfig
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
-METRICS = ("acc", "balanced-acc")
+#: auto: the task's own (acc, map, r2); balanced-acc (classify), map-micro (multilabel), pearson (regress)
+METRICS = ("auto", "acc", "balanced-acc", "map", "map-micro", "r2", "pearson")
 CLASS_WEIGHTS = ("none", "balanced")
 MODES = ("auto", "cached", "live")
 
@@ -34,8 +35,9 @@ class ProbeConfig:
         max_iter: L-BFGS iterations per fit at most.
         tol: stop a fit when the largest gradient entry is below this (scikit-learn's default, 1e-4).
         standardize: standardise features with train statistics (train+val for the refit).
-        metric: what chooses the strength on val and is reported: acc or balanced-acc (the mean of the
-            per-class recalls, for imbalanced sets).
+        metric: what chooses the strength on val and is reported: auto (the task's: acc, map for
+            multilabel, r2 for regress), balanced-acc (the mean of the per-class recalls, for imbalanced
+            sets), map-micro (multilabel), pearson (regress).
         class_weight: none, or balanced (each class weighs as much in the loss, whatever its size).
         shots: few-shot probe: K training images per class, drawn from the training split only.
         shot_seeds: how many draws of the few-shot training set (the report is their mean and std).
@@ -48,7 +50,7 @@ class ProbeConfig:
     max_iter: int = 200
     tol: float = 1e-4
     standardize: bool = True
-    metric: str = "acc"
+    metric: str = "auto"
     class_weight: str = "none"
     shots: int | None = None
     shot_seeds: int = 5
@@ -59,7 +61,7 @@ class ProbeConfig:
             raise FeatcacheError("--strengths must be one or more values >= 0, got none")
         check_numbers("strengths", self.strengths, 0, why="L2 strengths")
         if self.metric not in METRICS:
-            raise unknown("probe metric", self.metric, METRICS, "Use --metric acc|balanced-acc.")
+            raise unknown("probe metric", self.metric, METRICS, "Use --metric " + "|".join(METRICS) + ".")
         if self.class_weight not in CLASS_WEIGHTS:
             raise unknown(
                 "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
@@ -71,8 +73,19 @@ class ProbeConfig:
 
     @property
     def score(self) -> str:
-        """The metrics key the strength is chosen on."""
-        return "balanced_acc" if self.metric == "balanced-acc" else "acc"
+        """The metrics key the strength of a classifier's probe is chosen on."""
+        return self.score_for("classify")
+
+    def score_for(self, task: str) -> str:
+        """The metrics key the strength is chosen on for ``task``; a metric of another task is refused.
+
+        Example:
+            >>> ProbeConfig().score_for("regress"), ProbeConfig(metric="balanced-acc").score
+            ('r2', 'balanced_acc')
+        """
+        from ..train.objectives import metric_key  # here: this module is read before torch is imported
+
+        return metric_key(task, self.metric)
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,8 @@ class SweepGrid:
         head: the head trained on each layer.
         lrs: learning rates to try (empty: the spec's ``train.lr``).
         weight_decays: weight decays to try (empty: the spec's ``train.weight_decay``).
+        metric: what chooses on val: auto (the task's: acc, map for multilabel, r2 for regress),
+            balanced-acc, map-micro, f1, pearson.
 
     Example:
         >>> SweepGrid(("blocks.4", "penultimate"), lrs=(1e-3, 3e-3)).layers
@@ -147,8 +162,11 @@ class SweepGrid:
     head: HeadSpec = field(default_factory=HeadSpec)
     lrs: tuple[float, ...] = field(default=(), metadata={"shown": "--lr's value alone"})
     weight_decays: tuple[float, ...] = field(default=(), metadata={"shown": "--weight-decay's value alone"})
+    metric: str | None = field(default=None, metadata={"none": "auto", "shown": "auto"})
 
     def __post_init__(self) -> None:
+        if self.metric == "auto":  # None in configs: sweeps recorded before the field read the same
+            object.__setattr__(self, "metric", None)
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
         object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))

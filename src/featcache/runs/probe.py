@@ -25,6 +25,7 @@ from ..train.sources import FeatureSource, source_for
 from .config import CLASS_WEIGHTS, DEFAULT_STRENGTHS, METRICS, ProbeConfig  # noqa: F401  (no torch)
 from .logistic import SoftmaxRegression, Solution, small_problem_threads
 from .spec import RunSpec, skipped_rows
+from .target_probes import probe_task
 from .train import write_mistakes
 
 
@@ -40,7 +41,8 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        test = f", test_acc={self.test['acc']:.4g}" if self.test else ""
+        key = next((k for k in ("acc", "map", "r2") if k in (self.test or {})), None)
+        test = f", test_{key}={self.test[key]:.4g}" if self.test and key else ""
         return f"ProbeResult(strength={self.strength:g}, strengths tried={len(self.sweep)}{test})"
 
 
@@ -224,7 +226,7 @@ def few_shot(
     summary = {
         "shots": config.shots,
         "seeds": config.shot_seeds,
-        "metric": config.metric,
+        "metric": key.replace("_", "-"),
         "on": "test" if results[0].test else "val",
         "per_seed": scores,
         "test_mean": float(np.mean(scores)),
@@ -251,7 +253,7 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
@@ -263,9 +265,16 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
         )
     dev = resolve_device(spec.train.device)
     src = {k: source_for(v, layer, dev) for k, v in feats.items()}
-    classes = feats["train"].classes
+    classes, task = feats["train"].classes, feats["train"].task
     args = (src["train"], src["val"], src.get("test"), len(classes), config, spec.progress)
-    if config.shots is None:
+    config.score_for(task)  # a metric of another task is refused before anything is fitted
+    if task != "classify":
+        if config.shots is not None or config.class_weight != "none":
+            raise FeatcacheError(
+                f"--shots and --class-weight are for classifiers; this {task} set takes neither"
+            )
+        res = probe_task(task, src["train"], src["val"], src.get("test"), classes, config, spec.progress)
+    elif config.shots is None:
         res = linear_probe(*args)
     else:
         res, summary = few_shot(*args)

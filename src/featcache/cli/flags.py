@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,18 @@ def field_help(cls: type) -> dict[str, str]:
             out[name] += " " + line.strip()
     # reStructuredText markup reads badly in a terminal: ``x`` -> x, :mod:`a.b` -> a.b
     return {k: re.sub(r":\w+:`~?([^`]*)`", r"\1", v).replace("``", "") for k, v in out.items()}
+
+
+def _field_types(cls: type, names: Sequence[str]) -> dict[str, Any]:
+    """The types of the fields ``names`` of ``cls``. Only these are evaluated (their annotations are
+    strings, evaluated as :func:`typing.get_type_hints` does in the class's module): ``RunSpec.model``
+    names the ``Backbone`` class, which the parser does not import, since it loads torch."""
+    where = vars(sys.modules[cls.__module__])
+    return {
+        f.name: eval(f.type, where) if isinstance(f.type, str) else f.type
+        for f in dataclasses.fields(cls)
+        if f.name in names
+    }
 
 
 def _whole(text: str) -> int:
@@ -153,7 +166,11 @@ def add_config(
         >>> from_args(TrainConfig, p.parse_args(["--lr", "0.01"])).lr
         0.01
     """
-    rename, hints, helps = rename or {}, typing.get_type_hints(cls), field_help(cls)
+    rename, helps = rename or {}, field_help(cls)
+    hints = _field_types(
+        cls,
+        [f.name for f in dataclasses.fields(cls) if f.name not in skip and (only is None or f.name in only)],
+    )
     mapping: dict[type, dict[str, str]] = p.get_default("_config_fields") or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only):

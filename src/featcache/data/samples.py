@@ -30,13 +30,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, flag
+from .config import BAD_IMAGE_POLICIES, DEFAULT_MAX_PIXELS  # noqa: F401  (defined there, without torch)
 from .digests import DigestMemo, SampleChangedError, bytes_digest, digests_of, pixels_digest
 from .tasks import label_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-BAD_IMAGE_POLICIES = ("error", "skip")
-#: Pillow's own default limit (a 1/4 GiB 24-bit image): more pixels than this is a bad image
-DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 _PIL_LIMIT_LOCK = threading.Lock()
 #: in the reason recorded for an image refused by the pixel limit: a higher limit retries it
 TOO_LARGE = "(a decompression bomb?)"

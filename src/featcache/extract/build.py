@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._disk import disk_errors
-from .._util import FeatcacheError, flag, resolve_device
+from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
@@ -30,10 +30,10 @@ from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo
-from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
+from ..data.preprocess import AUGMENT_VERSION, PixelBatch, PreprocessedView, make_augment, normalize_pixels
 from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
-from .config import ExtractConfig, View, Views, parse_layers
+from .config import DEFAULT_LAYER, ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
 from .nodes import defining_method
@@ -82,7 +82,7 @@ def _reading(backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -
 def extract(
     backbone: Backbone,
     samples: SampleSet,
-    layers: str | Sequence[str] = ("penultimate",),
+    layers: str | Sequence[str] = (DEFAULT_LAYER,),
     config: ExtractConfig | None = None,
     *,
     cache_dir: str | None = None,
@@ -110,6 +110,10 @@ def extract(
         The split's rows in its order, read from the table; ``.extracted`` of them went through the
         backbone in this call, ``.from_cache`` did not.
 
+    Raises:
+        BadImageError: with ``on_bad_image="error"``, naming every unreadable image of the split in one
+            message, after the readable ones are committed (a re-run extracts none of them again).
+
     Example:
         >>> from featcache import load_backbone, load_dataset
         >>> bb = load_backbone("efficientnet-lite0")
@@ -119,7 +123,27 @@ def extract(
         >>> feats.tensor("penultimate").shape  # doctest: +SKIP
         torch.Size([3500, 1280])
     """
-    config, names = config or ExtractConfig(), parse_layers(layers, backbone)
+    config = config or ExtractConfig()
+    out = _extract(backbone, samples, layers, config, cache_dir, split, progress, ranks, view)
+    if config.on_bad_image == "error":
+        _raise_bad({split: (samples, out)})
+    return out
+
+
+def _extract(
+    backbone: Backbone,
+    samples: SampleSet,
+    layers: str | Sequence[str],
+    config: ExtractConfig,
+    cache_dir: str | None,
+    split: str,
+    progress: bool,
+    ranks: Ranks | None,
+    view: View | None,
+) -> CachedFeatures:
+    """:func:`extract` up to the bad-image error: an unreadable image is recorded in its shard's segment
+    and left out of the split's rows under either policy."""
+    names = parse_layers(layers, backbone)
     if len(samples) == 0:
         msg = (
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
@@ -152,13 +176,6 @@ def extract(
     out = cache.open_split(
         key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
     )
-    if out.manifest["skipped"] and config.on_bad_image == "error":  # recorded by an earlier skipping run
-        first = out.manifest["skipped"][0]
-        raise BadImageError(
-            f"cannot read image {samples.describe(samples.ids.index(first['id']))!r}: {first['reason']} "
-            f"(recorded when it was first read; {len(out.manifest['skipped'])} such images in this split). "
-            f"Fix or remove the file, or pass {flag('on_bad_image', 'skip')}"
-        )
     new = set(done.digests)
     out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
     out.hit = not new
@@ -258,12 +275,6 @@ def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | No
     first: dict[str, int] = {}
     for i, d in enumerate(job.digests):
         first.setdefault(d, i)  # a duplicated image is read from its first file
-    # Every unreadable image of the split named at once, before the backbone runs (memoised: free after
-    # extract_splits' look over all splits).
-    progress = job.progress and (ranks is None or ranks.is_main)
-    bad = _decided(ranks, lambda: job.samples.problems([first[d] for d in missing], progress))
-    if bad and job.config.on_bad_image == "error":
-        raise bad_images_error({job.split: (job.samples, bad)})
     ex = Extractor(job.backbone, table.layers, job.config)
     rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
     shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
@@ -305,12 +316,14 @@ def _run(
     """The batch loop: forward each batch, keep its rows on the device, commit a segment per shard."""
     cfg, config, view = resolved_cfg(job.backbone, job.config), job.config, job.view
     augment = make_augment(view.augment, cfg.input_size) if view else None
+    pre = cfg.preprocessing
+    # Each new file is read once (hashed, checked and decoded from the same bytes); its pixels are resized
+    # per batch of one size and normalised on the device (uint8 moves there, a quarter of the bytes).
     loader = torch.utils.data.DataLoader(
-        PreprocessedView(
-            job.samples, cfg.preprocessing, indices, augment, view.index if view else None, pending
-        ),
+        PreprocessedView(job.samples, pre, indices, augment, view.index if view else None, pending, True),
         batch_size=config.batch_size,
         num_workers=decode_workers(config.workers, ex.device),
+        collate_fn=PixelBatch(pre),
         pin_memory=ex.device.type == "cuda",
         persistent_workers=False,
     )
@@ -325,17 +338,13 @@ def _run(
     desc = f"extract {job.split}" + (f" (rank 0 of {ranks.world})" if ranks else "")
     shown = job.progress and (ranks is None or ranks.is_main)
     with tqdm(total=len(pending), unit="img", desc=desc, disable=not shown, dynamic_ncols=True) as bar:
-        for x, idx, errors in loader:
+        for pixels, idx, errors in loader:
+            x = normalize_pixels(pixels.to(ex.device, non_blocking=True), pre)
             feats = {k: ex.cast(v) for k, v in ex(x).items()}
             batch = pending[done : done + len(idx)]
+            # An unreadable image is recorded with its shard, under either policy (what its bytes are does
+            # not depend on it): --on-bad-image error names them all once the readable ones are committed.
             bad = [j for j, e in enumerate(errors) if e]
-            if bad and config.on_bad_image == "error":
-                raise BadImageError(
-                    f"cannot read image {job.samples.describe(int(idx[bad[0]]))!r}: {errors[bad[0]]}. Fix or "
-                    f"remove the file, or pass {flag('on_bad_image', 'skip')} (skipped images are listed in "
-                    "the split's manifest). Rows committed so far are kept: the next run extracts only the "
-                    "rest."
-                )
             skipped.update((batch[j], errors[j]) for j in bad)
             good = [j for j in range(len(idx)) if not errors[j]]
             keep = torch.tensor(good, dtype=torch.long, device=ex.device) if len(good) < len(idx) else None
@@ -363,7 +372,7 @@ def _run(
 def extract_splits(
     backbone: Backbone,
     splits: DatasetSplits,
-    layers: str | Sequence[str] = ("penultimate",),
+    layers: str | Sequence[str] = (DEFAULT_LAYER,),
     config: ExtractConfig | None = None,
     *,
     cache_dir: str | None = None,
@@ -377,39 +386,24 @@ def extract_splits(
         >>> feats = extract_splits(bb, splits, ["layer3"], ExtractConfig())  # doctest: +SKIP
     """
     config, names = config or ExtractConfig(), parse_layers(layers, backbone)
-    if ranks is None and config.on_bad_image == "error":
-        _check_images(backbone, splits, names, config, cache_dir, progress)
-    return {
-        name: extract(
-            backbone, s, names, config, cache_dir=cache_dir, split=name, progress=progress, ranks=ranks
-        )
+    out = {
+        name: _extract(backbone, s, names, config, cache_dir, name, progress, ranks, None)
         for name, s in splits.items()
     }
+    if config.on_bad_image == "error":  # every unreadable image of every split in one error
+        _raise_bad({name: (s, out[name]) for name, s in splits.items()})
+    return out
 
 
-def _check_images(
-    backbone: Backbone,
-    splits: DatasetSplits,
-    layers: Sequence[str],
-    config: ExtractConfig,
-    cache_dir: str | None,
-    progress: bool,
-) -> None:
-    """Every unreadable image among those no table holds yet, in every split, named in one error before
-    any backbone runs (a cheap look at each file's header: :meth:`SampleSet.problems`)."""
-    cache = FeatureCache(cache_dir)
-    record = cache_record(backbone, layers, config)
-    memo = DigestMemo(cache.root / DIGEST_MEMO)
-    tables = {t.key: t for t in cache.tables()}
+def _raise_bad(served: dict[str, tuple[SampleSet, CachedFeatures]]) -> None:
+    """Raise :func:`bad_images_error` for the unreadable images of these splits (``{split: (samples, rows
+    read)}``): those found in this run and those the table recorded when they were first read."""
     found: dict[str, tuple[SampleSet, dict[int, str]]] = {}
-    for name, samples in splits.items():
-        digests = samples.digests(memo, progress)
-        table = tables.get(cache.choose(record, digests))
-        todo = table.index().missing(digests) if table is not None else list(dict.fromkeys(digests))
-        first = {d: i for i, d in reversed(list(enumerate(digests)))}
-        bad = samples.problems([first[d] for d in todo], progress)
-        if bad:
-            found[name] = (samples, bad)
+    for split, (samples, feats) in served.items():
+        skipped = feats.manifest["skipped"]
+        if skipped:
+            where = {id_: i for i, id_ in enumerate(samples.ids)}
+            found[split] = (samples, {where[s["id"]]: s["reason"] for s in skipped})
     if found:
         raise bad_images_error(found)
 
@@ -429,7 +423,8 @@ def bad_images_error(found: dict[str, tuple[SampleSet, dict[int, str]]], shown: 
     return BadImageError(
         f"{len(lines)} image(s) cannot be read:\n  {listed}{more}\nFix or remove these files, or pass "
         "--on-bad-image skip (ExtractConfig(on_bad_image='skip')) to leave them out; skipped images are "
-        "listed in the split's manifest and in a run folder's skipped.csv"
+        "listed in the split's manifest and in a run folder's skipped.csv. The readable images are in the "
+        "cache: the next run reads only the files that changed"
     )
 
 

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._checks import check_number
 from .._config import to_json
-from .._util import FeatcacheError, flag, resolve_device, unknown
+from .._util import FeatcacheError, flag, resolve_device
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
@@ -43,14 +42,13 @@ from ..train.freeze import (
     replace_classifier,
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
+from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .spec import RunSpec
 from .train import evaluate_splits
 
 log = logging.getLogger(__name__)
-
-MODES = ("auto", "cached", "live")
 
 
 class ImageSource:
@@ -142,45 +140,6 @@ def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None
         {"split": n, "id": s.ids[i], "reason": why} for n, (s, bad) in found.items() for i, why in bad.items()
     ]
     spec.note_skipped(folder, rows)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
-
-    Attributes:
-        train: what trains: head | last:N | from:LAYER | all | modules:a,b.
-        bn: BatchNorm policy: frozen (eval, statistics fixed) | train.
-        lr_decay: each earlier group of trained blocks trains at lr x decay^k.
-        augment: random augmentation: flip, crop or flip,crop (the live loop, unless views).
-        mode: auto (the cached prefix when it is valid) | cached | live.
-        init_head: start the classifier from a `train --head linear` run folder.
-        views: cache K augmented views of the frozen prefix's output (needs augment) and train epoch
-            e on view e mod K: augmentation with the cached prefix, not live.
-
-    Example:
-        >>> FinetuneConfig(train="last:1", lr_decay=0.5, augment="flip", views=4).views
-        4
-    """
-
-    train: str = "head"
-    bn: str = "frozen"
-    lr_decay: float = 1.0
-    augment: str | None = None
-    mode: str = "auto"
-    init_head: str | None = None
-    views: int = 0
-
-    def __post_init__(self) -> None:
-        check_number("views", self.views, 0, integer=True, why="0: no views")
-        check_number(
-            "lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k"
-        )
-        if self.views and not self.augment:
-            raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
-        if self.mode not in MODES:
-            raise unknown("fine-tuning mode", self.mode, MODES, "Use --mode auto|cached|live.")
-        TrainableSpec.parse(self.train)
 
 
 @dataclass

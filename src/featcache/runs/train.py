@@ -23,6 +23,7 @@ from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures, FeatureCache
 from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
+from ..extract.config import DEFAULT_LAYER
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_logits
@@ -208,7 +209,7 @@ def _set_y(source: BatchSource, y: torch.Tensor) -> None:
             s._shuffled = None  # type: ignore[attr-defined]
 
 
-def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None = None) -> Run:
+def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None = None) -> Run:
     """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
 
     Args:

@@ -422,27 +422,38 @@ class _Bench:
 
     def startup(self) -> list[dict[str, Any]]:
         """Seconds to start ``featcache --help`` (the parser alone), ``featcache cache ls`` on a cache of 20
-        tables and ``featcache models`` (its listing memoised), each in a new process, beside Python itself;
-        none of them imports torch, and each should start in under a second."""
+        tables, ``featcache models`` (its listing memoised) and a usage error (``train --lr -1``, exit 2),
+        each in a new process, beside Python itself; none of them imports torch, and each should take
+        under a second."""
         src = str(Path(__file__).resolve().parents[2])  # this featcache, not another one on the path
         home = self.tmp / "startup-cache"
         _synthetic_tables(home, 20, rows=self.cfg.limit)
         env = {**os.environ, "PYTHONPATH": src, "FEATCACHE_HOME": str(home)}
 
-        def timed(*args: str) -> Callable[[], float]:
+        def timed(*args: str, code: int = 0) -> Callable[[], float]:
             def run() -> float:
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, *args], env=env, capture_output=True, check=True)
+                done = subprocess.run([sys.executable, *args], env=env, capture_output=True)
+                if done.returncode != code:
+                    raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]!r}")
                 return time.perf_counter() - t0
 
             return run
 
         timed("-m", "featcache", "models")()  # memoises the listing (this one imports the sources)
         rows = []
-        for argv in (("--help",), ("cache", "ls"), ("models",)):
-            cmd, ref = _interleaved(timed("-m", "featcache", *argv), timed("-c", "pass"), self.repeats)
-            what = " on 20 tables" if argv[0] == "cache" else ""
-            name = f"start-up: featcache {' '.join(argv)}{what} (baseline: python -c pass)"
+        # a usage error (here a value TrainConfig refuses) exits 2 before torch is imported
+        usage = ("train", "--lr", "-1", "resnet18", "digits", "--out", str(self.tmp / "startup-run"))
+        cases = (
+            (("--help",), 0, ""),
+            (("cache", "ls"), 0, " on 20 tables"),
+            (("models",), 0, ""),
+            (usage, 2, " (a usage error: exit 2)"),
+        )
+        for argv, code, what in cases:
+            run = timed("-m", "featcache", *argv, code=code)
+            cmd, ref = _interleaved(run, timed("-c", "pass"), self.repeats)
+            name = f"start-up: featcache {' '.join(argv[:5])}{what} (baseline: python -c pass)"
             row = _row(name, cmd, ref, None, ("featcache", "python -c pass"), target_text="< 1 s")
             row["pass"] = statistics.median(cmd) < 1.0
             rows.append(row)

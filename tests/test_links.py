@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import write_tree
 from featcache._errors import FeatcacheError
 from featcache.cache.housekeeping import USES, datasets_used
 from featcache.cache.store import FeatureCache
 from featcache.cache.writer import write_segment
 from featcache.cli.main import main
+from featcache.data.datasets import image_folder, load_dataset
 from test_store import make_table
 
 
@@ -190,3 +193,67 @@ def test_rm_of_a_table_holding_links_removes_the_links_not_their_targets(tmp_pat
     before = snapshot(elsewhere)
     cache.rm(key)
     assert not cache.path(key).exists() and snapshot(elsewhere) == before
+
+
+# ------------------------------------------------------------------ datasets: manifests, ImageFolders
+
+
+def _manifest_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """``data/`` with two images of two classes, and a secret image outside it in ``elsewhere/``."""
+    data = tmp_path / "data"
+    write_tree(data, classes=("a", "b"), per_class=2, formats=("png",))
+    secret = outside(tmp_path) / "secret.png"
+    write_tree(tmp_path / "tmp-secret", classes=("s",), per_class=1, formats=("png",))[0].rename(secret)
+    return data, secret
+
+
+@pytest.mark.parametrize("row", ["../elsewhere/secret.png", "a/../../elsewhere/secret.png", "link.png"])
+def test_a_manifest_row_outside_its_folder_is_refused_with_its_line(tmp_path: Path, row: str) -> None:
+    data, secret = _manifest_dir(tmp_path)
+    (data / "link.png").symlink_to(secret)  # inside the folder, leading out of it
+    manifest = data / "labels.csv"
+    manifest.write_text(f"path,label\na/00.png,a\n{row},b\nb/00.png,b\n")
+    how = "a symbolic link on its way leads" if row == "link.png" else "it lies"
+    with pytest.raises(
+        FeatcacheError, match=re.escape(f"line 3: {row!r} is outside the manifest's folder")
+    ) as e:
+        load_dataset(str(manifest))
+    assert (
+        how in str(e.value)
+        and str(secret.resolve()) in str(e.value)
+        and "move the manifest up" in str(e.value)
+    )
+
+
+def test_manifest_paths_that_stay_inside_are_read_links_too(tmp_path: Path) -> None:
+    data, _ = _manifest_dir(tmp_path)
+    (data / "inner.png").symlink_to(data / "b" / "01.png")
+    manifest = data / "labels.csv"
+    manifest.write_text("path,label\na/00.png,a\nb/../a/01.png,a\ninner.png,b\nb/00.png,b\n")
+    splits = load_dataset(str(manifest), val_fraction=0.0, test_fraction=0.0)
+    digests = dict(zip(splits.train.ids, splits.train.digests()))
+    assert digests["inner.png"] == hashlib.sha256((data / "b" / "01.png").read_bytes()).hexdigest()
+    assert set(digests) == {"a/00.png", "b/../a/01.png", "inner.png", "b/00.png"}
+
+
+@pytest.mark.parametrize("planted", ["file", "class folder", "deeper folder"])
+def test_an_image_folder_with_a_link_leading_outside_is_refused(tmp_path: Path, planted: str) -> None:
+    data, secret = _manifest_dir(tmp_path)
+    link = {"file": data / "a" / "zz.png", "class folder": data / "c", "deeper folder": data / "b" / "more"}
+    link[planted].symlink_to(secret if planted == "file" else secret.parent)
+    with pytest.raises(FeatcacheError, match="symbolic links that lead outside it") as e:
+        image_folder(data)
+    assert f"{link[planted].relative_to(data)} -> {link[planted].readlink()}" in str(e.value)
+    assert "copy those files in, or pass the folder they lead to" in str(e.value)
+
+
+def test_image_folder_links_inside_it_are_followed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    files = write_tree(data / "train", classes=("a", "b"), per_class=2, formats=("png",))
+    write_tree(data / "val", classes=("a", "b"), per_class=1, formats=("png",), seed=1)
+    (data / "train" / "a" / "copy.png").symlink_to(data / "val" / "b" / "00.png")  # inside the dataset
+    splits = image_folder(data)
+    assert splits.train.ids == ["a/00.png", "a/01.png", "a/copy.png", "b/00.png", "b/01.png"]
+    got = dict(zip(splits.train.ids, splits.train.digests()))
+    assert got["a/copy.png"] == hashlib.sha256((data / "val" / "b" / "00.png").read_bytes()).hexdigest()
+    assert got["a/00.png"] == hashlib.sha256(files[0].read_bytes()).hexdigest()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError, is_inside, unknown
 from .samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -88,8 +89,46 @@ def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) ->
     )
 
 
+def _image_files(folder: Path, top: Path, outside: list[str]) -> list[Path]:
+    """The image files under ``folder`` (any depth), found by ``os.scandir`` (no stat per regular file).
+
+    A symbolic link to a file is used when it leads inside ``top`` (the dataset's folder); one that
+    leads outside it, to a file or a folder, is added to ``outside`` (``link -> target``) and not used;
+    a linked folder inside ``top`` is not descended into (its files are found where they are).
+    """
+    found: list[Path] = []
+    todo = [folder]
+    while todo:
+        with os.scandir(todo.pop()) as it:
+            for e in it:
+                if e.is_symlink():
+                    if not is_inside(top, e.path):
+                        outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
+                    elif e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                        found.append(Path(e.path))
+                elif e.is_dir():
+                    todo.append(Path(e.path))
+                elif e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(Path(e.path))
+    return sorted(found)
+
+
+def _refuse_links_out(top: Path, outside: list[str]) -> None:
+    """Refuse a dataset folder whose tree holds symbolic links leading outside it (see the README)."""
+    if outside:
+        shown = "; ".join(outside[:3]) + (f" (and {len(outside) - 3} more)" if len(outside) > 3 else "")
+        raise FeatcacheError(
+            f"dataset folder {str(top)!r} holds {len(outside)} symbolic links that lead outside it: {shown}. "
+            "featcache reads only inside the dataset's folder: copy those files in, or pass the folder "
+            "they lead to as the dataset (links that stay inside the folder are followed)"
+        )
+
+
 def _scan_folder(
-    root: Path, classes: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    root: Path,
+    classes: Sequence[str] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    top: Path | None = None,
 ) -> FileSamples:
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown_classes = [c for c in found if classes is not None and c not in classes]
@@ -100,14 +139,19 @@ def _scan_folder(
         )
     given, classes = classes, list(classes) if classes is not None else found
     paths, labels = [], []
+    top = top or root
+    outside: list[str] = []
     for ci, cname in enumerate(classes):
         folder = root / cname
         if not folder.is_dir():
             continue
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(p.relative_to(root))
-                labels.append(ci)
+        if folder.is_symlink() and not is_inside(top, folder):
+            outside.append(f"{os.path.relpath(folder, top)} -> {os.readlink(folder)}")
+            continue
+        for p in _image_files(folder, top, outside):
+            paths.append(p.relative_to(root))
+            labels.append(ci)
+    _refuse_links_out(top, outside)
     present = set(labels)
     empty = [c for ci, c in enumerate(classes) if ci not in present] if paths and given is None else []
     if empty:  # a class without images would still get an output of the head (as torchvision refuses too)
@@ -137,9 +181,9 @@ def image_folder(
     """
     root = Path(root).resolve()
     if (root / "train").is_dir():
-        train: SampleSet = _scan_folder(root / "train", max_pixels=max_image_pixels)
+        train: SampleSet = _scan_folder(root / "train", max_pixels=max_image_pixels, top=root)
         parts = {
-            n: _scan_folder(root / n, train.classes, max_image_pixels) if (root / n).is_dir() else None
+            n: _scan_folder(root / n, train.classes, max_image_pixels, root) if (root / n).is_dir() else None
             for n in ("val", "test")
         }
         val: SampleSet | None = parts["val"]
@@ -287,10 +331,15 @@ def _checked_row(where: str, folder: Path, n: int, row: dict[str, Any], with_spl
             f"{at}: split {split!r} of {p!r}; where a manifest has splits, every row needs one of "
             f"{', '.join(SPLITS)}"
         )
-    if Path(p).is_absolute() and not Path(p).resolve().is_relative_to(folder.resolve()):
+    if not is_inside(folder, folder / p):  # relative ones too ('../x.png'), and through links
+        base = os.path.abspath(folder)
+        lexical = os.path.normpath(os.path.join(base, p))  # where it is before links are followed
+        how = "a symbolic link on its way leads" if os.path.commonpath([base, lexical]) == base else "it lies"
         raise FeatcacheError(
-            f"{at}: {p!r} is outside the manifest's folder; write paths relative to the manifest (an "
-            "image's id in the cache and in run folders is that relative path)"
+            f"{at}: {p!r} is outside the manifest's folder {str(folder.resolve())!r} ({how} to "
+            f"{os.path.realpath(folder / p)!r}); featcache reads only inside the manifest's folder: move the "
+            "manifest up to a folder that holds the images, or copy the image in (an image's id in the "
+            "cache and in run folders is its path relative to the manifest)"
         )
     return ManifestRow(n, p, str(label), split if with_split else None)
 

@@ -36,7 +36,10 @@ class DataConfig:
     seed: int = 0
     limit: int | None = None
     download: bool = False
-    max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    max_image_pixels: int | None = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata={"none": "off", "shown": f"{DEFAULT_MAX_PIXELS:,}, Pillow's limit"},
+    )
 
     def __post_init__(self) -> None:
         check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
-from .._util import FeatcacheError, is_inside, unknown
+from .._util import FeatcacheError, closest, is_inside, unknown
 from .samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -76,6 +76,39 @@ def stratified_split(
         parts[0] += idx[n_test + n_val :].tolist()
     tr, va, te = (np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
     return tr, va, te
+
+
+def stratified_take(labels: np.ndarray, n: int, seed: int = 0, every_class: bool = True) -> np.ndarray:
+    """Sorted indices of exactly ``n`` samples (all of them when there are fewer), seeded, each class's
+    share of ``n`` by its share of ``labels`` (largest remainders get the rounding), with
+    ``every_class`` at least one per class (``n`` below the number of classes then raises).
+
+    Example:
+        >>> len(stratified_take(np.array([0] * 90 + [1] * 10), 15))
+        15
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    n = min(int(n), len(labels))
+    if every_class and n < len(classes):
+        raise FeatcacheError(f"{n} samples cannot hold one of each of {len(classes)} classes")
+    share = counts * n / max(1, counts.sum())
+    quota = np.floor(share).astype(np.int64)
+    if every_class:
+        quota = np.maximum(quota, 1)
+    for i in np.argsort(-(share - np.floor(share)), kind="stable"):  # the rest, largest remainder first
+        if quota.sum() >= n:
+            break
+        quota[i] += quota[i] < counts[i]
+    while quota.sum() > n:  # the ones that every class needs came from the largest classes
+        quota[int(np.argmax(np.where(quota > 1, quota - share, -np.inf)))] -= 1
+    while quota.sum() < n:  # a class without enough images: the others make up for it
+        quota[int(np.argmax(np.where(quota < counts, share - quota, -np.inf)))] += 1
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for c, q in zip(classes, quota):  # the same draws as stratified_split: a limit keeps its images
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        keep += idx[len(idx) - int(q) :].tolist() if q else []
+    return np.sort(np.asarray(keep, dtype=np.int64))
 
 
 def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) -> DatasetSplits:
@@ -436,8 +469,8 @@ def load_dataset(
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
         if limit and limit < len(samples):
-            keep, _, _ = stratified_split(samples.labels, 0.0, 1 - limit / len(samples), seed)
-            samples = samples.subset(keep, spec)
+            _check_limit(limit, len(np.unique(samples.labels)), limit, spec)
+            samples = samples.subset(stratified_take(samples.labels, limit, seed), spec)
         return _split(samples, val_fraction, test_fraction, seed, spec)
     if spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
@@ -448,8 +481,10 @@ def load_dataset(
         return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
     path = Path(spec)
     if not path.exists():
+        near = closest(spec, BUILTIN) if "/" not in spec else []  # a typo of a bundled set's name
+        hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
         raise FileNotFoundError(
-            f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
+            f"dataset {spec!r} not found.{hint} Pass an existing folder, a .csv/.jsonl manifest, "
             f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
@@ -461,15 +496,32 @@ def load_dataset(
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
 
 
+def _check_limit(limit: int, classes: int, train_share: int, spec: str, need: int | None = None) -> None:
+    """Refuse a ``--limit`` whose training share cannot hold one image of each class."""
+    if train_share < classes:
+        raise FeatcacheError(
+            f"--limit {limit} keeps {train_share} {'training ' if need else ''}images of {spec!r}, fewer "
+            f"than its {classes} classes: every class needs at least one; use --limit {need or classes} or "
+            "more, or leave "
+            "--limit out"
+        )
+
+
 def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:
-    """Each split cut (stratified) to its share of ``limit`` samples in all."""
-    total = sum(len(s) for _, s in splits.items())
+    """``limit`` samples in all (about: each split's share, stratified), every class in training."""
+    parts = [(n, s) for n, s in splits.items()]
+    total = sum(len(s) for _, s in parts)
     if not limit or limit >= total:
         return splits
-
-    def cut(s: SampleSet) -> SampleSet:
-        keep, _, _ = stratified_split(s.labels, 0.0, 1 - limit / total, seed)
-        return s.subset(keep, s.name)
-
-    val, test = (cut(s) if s is not None else None for s in (splits.val, splits.test))
-    return DatasetSplits(cut(splits.train), val, test, splits.classes, splits.spec)
+    share = np.array([len(s) * limit / total for _, s in parts])
+    quota = np.floor(share).astype(np.int64)
+    for i in np.argsort(-(share - quota), kind="stable")[: limit - int(quota.sum())]:
+        quota[i] += 1
+    classes = len(np.unique(splits.train.labels))
+    need = int(np.ceil(classes * total / len(splits.train)))
+    _check_limit(limit, classes, int(quota[0]), splits.spec, need)
+    cut = {
+        n: s.subset(stratified_take(s.labels, int(q), seed, every_class=n == "train"), s.name) if q else None
+        for (n, s), q in zip(parts, quota)
+    }
+    return DatasetSplits(cut["train"], cut.get("val"), cut.get("test"), splits.classes, splits.spec)  # type: ignore[arg-type]

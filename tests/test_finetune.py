@@ -296,8 +296,9 @@ def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("verb", ["finetune", "train"])
 def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The run resumed on other data would mix two datasets in one history: refused, naming the change
     (as ``train --resume`` refuses it), exit 2 at the command line."""
@@ -308,12 +309,13 @@ def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
     write_tree(data / "train", classes=("a", "b"), per_class=5, formats=("png",))
     write_tree(data / "val", classes=("a", "b"), per_class=2, formats=("png",), seed=1)
     out, cache = str(tmp_path / "run"), str(tmp_path / "c")
-    flags = ["--weights", "none", "--input-size", "32", "32", "--epochs", "1", "--train", "last:1", "-q"]
-    argv = ["finetune", "torchvision:resnet18", str(data), *flags, "--out", out, "--cache-dir", cache]
+    flags = ["--weights", "none", "--input-size", "32", "32", "--epochs", "1", "-q"]
+    flags += ["--train", "last:1"] if verb == "finetune" else []
+    argv = [verb, "torchvision:resnet18", str(data), *flags, "--out", out, "--cache-dir", cache]
     assert main(argv) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert set(config["split_keys"]) == set(config["split_contents"]) == {"train", "val"}
-    resume = ["finetune", "--resume", "--out", out, "--epochs", "1", "-q"]
+    resume = [verb, "--resume", "--out", out, "--epochs", "1", "-q"]
     assert main(resume) == 0  # the same data: fine
     capsys.readouterr()
 

@@ -7,8 +7,6 @@ random augmentation, or when nothing is frozen, it runs the live loop and says w
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -23,10 +21,7 @@ from .._checks import check_number
 from .._config import to_json
 from .._util import FeatcacheError, flag, resolve_device, unknown
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
-from ..cache.housekeeping import cache_root
-from ..cache.store import DIGEST_MEMO
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
 from ..extract.build import bad_images_error, extract, extract_views
@@ -47,6 +42,7 @@ from ..train.freeze import (
     replace_classifier,
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
+from .contents import check_same_data, split_contents
 from .folder import RunFolder, RunRecord
 from .spec import RunSpec
 from .train import evaluate_splits
@@ -351,70 +347,6 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
-
-
-def split_contents(
-    splits: DatasetSplits, cache_dir: str | None = None, progress: bool = False
-) -> dict[str, dict[str, Any]]:
-    """Each split's content as a fine-tuning run records it: its image count and SHA-256 keys of its
-    images (the content digests, as a set), of its labels (each digest with its class name) and of the
-    whole split in order (``key``, the run's ``split_keys``). A resume compares them
-    (:func:`check_same_data`): a label fix or an added image is named, never trained on silently.
-
-    Example:
-        >>> split_contents(load_dataset("digits", seed=0))["train"]["images"]  # doctest: +SKIP
-        1258
-    """
-    memo = DigestMemo(cache_root(cache_dir) / DIGEST_MEMO)
-    out: dict[str, dict[str, Any]] = {}
-    for name, samples in splits.items():
-        digests = samples.digests(memo, progress)
-        named = [f"{d} {json.dumps(splits.classes[int(y)])}" for d, y in zip(digests, samples.labels)]
-        out[name] = {
-            "images": len(digests),
-            "images_key": _sha("\n".join(sorted(set(digests)))),
-            "labels_key": _sha("\n".join(sorted(set(named)))),
-            "key": _sha(json.dumps(list(splits.classes)) + "\n" + "\n".join(named)),
-        }
-    return out
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def check_same_data(run_dir: Path, contents: dict[str, dict[str, Any]]) -> None:
-    """Refuse to resume the fine-tuning run in ``run_dir`` on data other than it trained on, naming what
-    changed per split (images added or removed, labels changed, the order); a run from before
-    featcache recorded split contents is refused too (its data cannot be checked).
-
-    Example:
-        >>> check_same_data(Path("runs/ft"), split_contents(splits))  # doctest: +SKIP
-    """
-    old = json.loads((run_dir / "config.json").read_text()).get("split_contents")
-    fix = "resume with the data the run was made with, or start a new run (another --out, or --overwrite)"
-    if not isinstance(old, dict):
-        raise FeatcacheError(
-            f"--resume {run_dir}: its config.json records no split contents (written by an older "
-            f"featcache), so the data it trained on cannot be checked; {fix}"
-        )
-    changes = []
-    for name in sorted(set(old) | set(contents)):
-        a, b = old.get(name), contents.get(name)
-        if not isinstance(a, dict) or b is None:
-            changes.append(f"the {name} split {'is new' if b is not None else 'is gone'}")
-        elif a.get("images_key") != b["images_key"]:
-            changes.append(
-                f"{name}: other images ({a.get('images')} -> {b['images']}; added, removed or edited)"
-            )
-        elif a.get("labels_key") != b["labels_key"]:
-            changes.append(f"{name}: the same {b['images']} images with other labels (a label fix?)")
-        elif a.get("key") != b["key"]:
-            changes.append(f"{name}: the same images and labels in another order, or other class names")
-    if changes:
-        raise FeatcacheError(
-            f"--resume {run_dir}: the data changed since the run started: {'; '.join(changes)}; {fix}"
-        )
 
 
 def _warn_ignored(extract_config: ExtractConfig) -> None:

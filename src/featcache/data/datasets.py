@@ -151,7 +151,7 @@ def _refuse_links_out(top: Path, outside: list[str]) -> None:
     if outside:
         shown = "; ".join(outside[:3]) + (f" (and {len(outside) - 3} more)" if len(outside) > 3 else "")
         raise FeatcacheError(
-            f"dataset folder {str(top)!r} holds {len(outside)} symbolic links that lead outside it: {shown}. "
+            f"dataset folder {str(top)!r} holds {len(outside)} symbolic link(s) leading outside it: {shown}. "
             "featcache reads only inside the dataset's folder: copy those files in, or pass the folder "
             "they lead to as the dataset (links that stay inside the folder are followed)"
         )
@@ -367,9 +367,10 @@ def _checked_row(where: str, folder: Path, n: int, row: dict[str, Any], with_spl
     if not is_inside(folder, folder / p):  # relative ones too ('../x.png'), and through links
         base = os.path.abspath(folder)
         lexical = os.path.normpath(os.path.join(base, p))  # where it is before links are followed
-        how = "a symbolic link on its way leads" if os.path.commonpath([base, lexical]) == base else "it lies"
+        linked = os.path.commonpath([base, lexical]) == base
+        how = "a symbolic link on its way leads to" if linked else "it resolves to"
         raise FeatcacheError(
-            f"{at}: {p!r} is outside the manifest's folder {str(folder.resolve())!r} ({how} to "
+            f"{at}: {p!r} is outside the manifest's folder {str(folder.resolve())!r} ({how} "
             f"{os.path.realpath(folder / p)!r}); featcache reads only inside the manifest's folder: move the "
             "manifest up to a folder that holds the images, or copy the image in (an image's id in the "
             "cache and in run folders is its path relative to the manifest)"

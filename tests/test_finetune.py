@@ -314,7 +314,8 @@ def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
     argv = [verb, "torchvision:resnet18", str(data), *flags, "--out", out, "--cache-dir", cache]
     assert main(argv) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert set(config["split_keys"]) == set(config["split_contents"]) == {"train", "val"}
+    assert set(config["split_contents"]) == {"dataset", "train", "val"}
+    assert set(config["split_keys"]) == {"train", "val"}
     resume = [verb, "--resume", "--out", out, "--epochs", "1", "-q"]
     assert main(resume) == 0  # the same data: fine
     capsys.readouterr()
@@ -322,7 +323,10 @@ def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
     (data / "train" / "a" / "00.png").rename(data / "train" / "b" / "99.png")  # a label fix
     assert main(resume) == 2
     err = capsys.readouterr().err
-    assert "the data changed since the run started: train: the same 10 images with other labels" in err
+    assert (
+        "the data changed since the run started: dataset: the same 14 images with other labels (a label "
+        "fix?); train: the same 10 images with other labels (a label fix?); resume with the data" in err
+    )
     assert "start a new run" in err and "Traceback" not in err
 
     (data / "train" / "b" / "99.png").rename(data / "train" / "a" / "00.png")  # undone: resumable again
@@ -331,4 +335,5 @@ def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
     (data / "train" / "a" / "00.png").rename(data / "train" / "a" / "new.png")
     (data / "train" / "a" / "00.png").write_bytes(keep)  # an added image
     assert main(resume) == 2
-    assert "train: other images (10 -> 11; added, removed or edited)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dataset: other images (14 -> 15; added, removed or edited); train: other images (10 -> 11" in err

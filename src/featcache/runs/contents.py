@@ -29,16 +29,29 @@ def split_contents(
     """
     memo = DigestMemo(cache_root(cache_dir) / DIGEST_MEMO)
     out: dict[str, dict[str, Any]] = {}
+    every: tuple[list[str], list[str]] = ([], [])
     for name, samples in splits.items():
         digests = samples.digests(memo, progress)
         named = [f"{d} {json.dumps(splits.classes[int(y)])}" for d, y in zip(digests, samples.labels)]
-        out[name] = {
-            "images": len(digests),
-            "images_key": _sha("\n".join(sorted(set(digests)))),
-            "labels_key": _sha("\n".join(sorted(set(named)))),
-            "key": _sha(json.dumps(list(splits.classes)) + "\n" + "\n".join(named)),
-        }
-    return out
+        out[name] = _content(digests, named, splits.classes)
+        every[0].extend(digests)
+        every[1].extend(named)
+    # the whole dataset too: a label fix that a stratified split answers by moving images between the
+    # splits is named as what it is
+    return {DATASET: _content(*every, splits.classes), **out}
+
+
+#: the entry of :func:`split_contents` for all splits together (not a split: never in ``split_keys``)
+DATASET = "dataset"
+
+
+def _content(digests: list[str], named: list[str], classes: list[str]) -> dict[str, Any]:
+    return {
+        "images": len(digests),
+        "images_key": _sha("\n".join(sorted(set(digests)))),
+        "labels_key": _sha("\n".join(sorted(set(named)))),
+        "key": _sha(json.dumps(list(classes)) + "\n" + "\n".join(named)),
+    }
 
 
 def _sha(text: str) -> str:
@@ -64,7 +77,7 @@ def check_same_data(run_dir: Path, contents: dict[str, dict[str, Any]], required
             f"featcache), so the data it trained on cannot be checked; {fix}"
         )
     changes = []
-    for name in sorted(set(old) | set(contents)):
+    for name in sorted(set(old) | set(contents), key=lambda n: (n != DATASET, n)):
         a, b = old.get(name), contents.get(name)
         if not isinstance(a, dict) or b is None:
             changes.append(f"the {name} split {'is new' if b is not None else 'is gone'}")

@@ -42,7 +42,7 @@ from ..train.freeze import (
     replace_classifier,
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
-from .contents import check_same_data, split_contents
+from .contents import DATASET, check_same_data, split_contents
 from .folder import RunFolder, RunRecord
 from .spec import RunSpec
 from .train import evaluate_splits
@@ -308,7 +308,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
         finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,
     )  # fmt: skip
-    record = replace(record, split_keys={k: v["key"] for k, v in contents.items()})
+    record = replace(record, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})
     if spec.resume:
         check_same_data(folder.path, contents)
         what = "the data, frozen set, BN policy, mode or trainer settings"

@@ -257,3 +257,21 @@ def test_image_folder_links_inside_it_are_followed(tmp_path: Path) -> None:
     got = dict(zip(splits.train.ids, splits.train.digests()))
     assert got["a/copy.png"] == hashlib.sha256((data / "val" / "b" / "00.png").read_bytes()).hexdigest()
     assert got["a/00.png"] == hashlib.sha256(files[0].read_bytes()).hexdigest()
+
+
+def test_a_table_file_linked_out_is_damaged_and_not_read(tmp_path: Path) -> None:
+    elsewhere = outside(tmp_path)
+    cache = FeatureCache(tmp_path / "cache")
+    key = make_table(cache, "m:a", "digits")
+    table_json = cache.path(key) / "table.json"
+    table_json.rename(elsewhere / "table.json")
+    table_json.symlink_to(elsewhere / "table.json")
+    (entry,) = FeatureCache(tmp_path / "cache").ls()
+    assert (
+        entry["status"] == "damaged"
+        and entry["reason"] == "table.json leads outside the table (a symbolic link?)"
+    )
+    assert FeatureCache(tmp_path / "cache").gc()["old_format"] == []  # damaged, kept for `cache rm`
+    before = snapshot(elsewhere)
+    FeatureCache(tmp_path / "cache").rm(key)
+    assert snapshot(elsewhere) == before and not os.path.lexists(cache.path(key))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError, check_name, no_follow_open
+from .._util import FeatcacheError, check_name, inside, no_follow_open
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .rows import Rows, RowView
@@ -287,9 +287,11 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
 def _reason(path: Path, exc: BaseException) -> str:
     """A few words on why the entry at ``path`` cannot be read (``cache ls`` shows ``damaged: ...``)."""
     try:
-        doc = json.loads((path / TABLE_FILE).read_text())
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
     except FileNotFoundError:
         return f"{TABLE_FILE} is missing"
+    except FeatcacheError:
+        return f"{TABLE_FILE} leads outside the table (a symbolic link?)"
     except (OSError, ValueError):
         return f"{TABLE_FILE} is truncated or unreadable"
     record = doc.get("record") if isinstance(doc, dict) else None

@@ -61,7 +61,8 @@ class Segment:
 def old_format(path: Path) -> bool:
     """Whether ``path`` is an entry of an older cache format (no table file, or another version)."""
     try:
-        return bool(json.loads((path / TABLE_FILE).read_text()).get("cache_version") != CACHE_VERSION)
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
+        return bool(doc.get("cache_version") != CACHE_VERSION)
     except FileNotFoundError:
         return True
     except (OSError, ValueError, AttributeError):

@@ -13,6 +13,7 @@ from ..cache.housekeeping import cache_root
 from ..cache.store import DIGEST_MEMO
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo
+from .folder import RunFolder
 
 
 def split_contents(
@@ -67,7 +68,7 @@ def check_same_data(run_dir: Path, contents: dict[str, dict[str, Any]], required
     Example:
         >>> check_same_data(Path("runs/ft"), split_contents(splits))  # doctest: +SKIP
     """
-    old = json.loads((run_dir / "config.json").read_text()).get("split_contents")
+    old = RunFolder(run_dir).read_config().verb.get("split_contents")
     fix = "resume with the data the run was made with, or start a new run (another --out, or --overwrite)"
     if not isinstance(old, dict) and not required:
         return  # the run's split_keys still catch a change, without naming it

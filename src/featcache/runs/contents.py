@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._util import FeatcacheError
 from ..cache.housekeeping import cache_root
 from ..cache.store import DIGEST_MEMO
@@ -33,13 +35,20 @@ def split_contents(
     every: tuple[list[str], list[str]] = ([], [])
     for name, samples in splits.items():
         digests = samples.digests(memo, progress)
-        named = [f"{d} {json.dumps(splits.classes[int(y)])}" for d, y in zip(digests, samples.labels)]
+        named = [f"{d} {_label(splits, y)}" for d, y in zip(digests, samples.labels)]
         out[name] = _content(digests, named, splits.classes)
         every[0].extend(digests)
         every[1].extend(named)
     # the whole dataset too: a label fix that a stratified split answers by moving images between the
     # splits is named as what it is
     return {DATASET: _content(*every, splits.classes), **out}
+
+
+def _label(splits: DatasetSplits, y: Any) -> str:
+    """A label as text: a class's name (a renumbering shows), else the label set's or targets' values."""
+    if splits.task == "classify":
+        return json.dumps(splits.classes[int(y)])
+    return json.dumps(np.asarray(y, dtype=np.float64).tolist())
 
 
 #: the entry of :func:`split_contents` for all splits together (not a split: never in ``split_keys``)

@@ -570,9 +570,8 @@ def load_dataset(
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
         if limit and limit < len(samples):
-            strata = samples.strata()
-            _check_limit(limit, len(np.unique(strata)) if samples.task == "classify" else 1, limit, spec)
-            samples = samples.subset(stratified_take(strata, limit, seed), spec)
+            _check_limit(limit, len(samples.classes), limit, spec)  # the bundled sets are classify
+            samples = samples.subset(stratified_take(samples.strata(), limit, seed), spec)
         return _split(samples, val_fraction, test_fraction, seed, spec)
     if spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
@@ -582,13 +581,7 @@ def load_dataset(
             )
         return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
     if not path.exists():
-        near = closest(spec, BUILTIN) if "/" not in spec else []  # a typo of a bundled set's name
-        hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-        raise FileNotFoundError(
-            f"dataset {spec!r} not found.{hint} Pass an existing folder, a .csv/.jsonl manifest, "
-            f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
-            f"or one of {', '.join(BUILTIN)}"
-        )
+        raise _not_found(spec)
     if path.is_dir():
         splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels)
         return _limited(splits, limit, seed)
@@ -612,6 +605,17 @@ def _assembled(
         if len(va):
             train, valid = train.subset(tr, "train"), train.subset(va, "val")
     return DatasetSplits(train, valid, sets.get("test"), classes, spec)
+
+
+def _not_found(spec: str) -> FileNotFoundError:
+    """The error for a dataset spec that names nothing, with the bundled set it may misspell."""
+    near = closest(spec, BUILTIN) if "/" not in spec else []
+    hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return FileNotFoundError(
+        f"dataset {spec!r} not found.{hint} Pass an existing folder, a .csv/.jsonl manifest, "
+        f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
+        f"or one of {', '.join(BUILTIN)}"
+    )
 
 
 def _check_limit(limit: int, classes: int, train_share: int, spec: str, need: int | None = None) -> None:

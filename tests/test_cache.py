@@ -434,6 +434,7 @@ def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
         "leftovers": [str(a.path / "shards" / "x.npy.tmp-999")],
         "unused": [],
         "over_size": [],
+        "not_removed": [],
     }
     assert cache.verify(a.key) == [] and set(cache.entries()) == {a.key, b.key}
     t = time.time() - 10 * 86400
@@ -542,6 +543,7 @@ def test_gc_spares_a_table_being_appended_to(resnet18: Backbone, tmp_path: Path)
             "leftovers": [],
             "unused": [],
             "over_size": [],
+            "not_removed": [],
         }
         assert (table.path / "shards").exists()
     removed = cache.gc(empty_older_than_s=3600)

@@ -9,6 +9,7 @@ and removes tables. A file lock per table serialises appends; reads take no lock
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError, check_name, label_array
+from .._util import FeatcacheError, check_name, inside, label_array, no_follow_open
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .rows import Rows, RowView
@@ -34,6 +35,7 @@ from .table import (
     cache_key,
     folder_bytes,
     last_used,
+    linked_entry,
     old_format,
     read_segment,
     remove,
@@ -309,9 +311,11 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
 def _reason(path: Path, exc: BaseException) -> str:
     """A few words on why the entry at ``path`` cannot be read (``cache ls`` shows ``damaged: ...``)."""
     try:
-        doc = json.loads((path / TABLE_FILE).read_text())
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
     except FileNotFoundError:
         return f"{TABLE_FILE} is missing"
+    except FeatcacheError:
+        return f"{TABLE_FILE} leads outside the table (a symbolic link?)"
     except (OSError, ValueError):
         return f"{TABLE_FILE} is truncated or unreadable"
     record = doc.get("record") if isinstance(doc, dict) else None
@@ -372,7 +376,7 @@ class FeatureCache:
                 f"{key!r} is not a cache key or key prefix (lower-case hex); "
                 "run `featcache cache ls` to list them"
             )
-        if KEY_NAME.match(key) and (self.root / key).is_dir():
+        if KEY_NAME.match(key) and ((self.root / key).is_dir() or (self.root / key).is_symlink()):
             return key
         found = [k for k in self.entries() if k.startswith(key)]
         if len(found) == 1:
@@ -391,8 +395,21 @@ class FeatureCache:
         live in ``<root>/.locks/`` and outlive the table, so ``rm`` never pulls a lock from under a waiter.
         """
         locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{check_name(key, 'cache key')}.lock", "a") as f:
+        file = locks / f"{check_name(key, 'cache key')}.lock"
+        try:
+            if locks.is_symlink():  # a lock file is created: never through a link out of the cache root
+                raise OSError(f"{str(locks)!r} is a symbolic link (to {os.readlink(locks)!r})")
+            locks.mkdir(parents=True, exist_ok=True)
+            f = no_follow_open(file, "a")
+        except OSError as exc:
+            if exc.errno not in (None, errno.ELOOP):
+                raise
+            raise FeatcacheError(
+                f"cannot take the lock {str(file)!r}: it or its folder is a symbolic link "
+                f"({exc.strerror or exc}); featcache creates its lock files only inside the cache root, "
+                "never through a symbolic link: remove the link (featcache makes it again)"
+            ) from exc
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -414,7 +431,12 @@ class FeatureCache:
     def _folders(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # a symbolic link is listed too (never read through): `cache ls` shows it, `cache rm` removes it
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p.is_dir() or p.is_symlink()) and not p.name.startswith(".")
+        )
 
     def open(self, key: str) -> FeatureTable:
         """The table ``key`` (a unique prefix will do); an old-format or foreign folder raises."""
@@ -557,6 +579,8 @@ class FeatureCache:
         """
         key = self.resolve(key)
         path = self.path(key)
+        if path.is_symlink():  # never read through: its target is outside the cache, or may be
+            return self._link_info(key)
         used = last_used(path)
         base = {
             "key": key,
@@ -573,6 +597,24 @@ class FeatureCache:
             if _old_format(path):
                 return {**base, "status": "old format", "problem": str(exc)}
             return {**base, "status": "damaged", "reason": _reason(path, exc), "problem": str(exc)}
+
+    def _link_info(self, key: str) -> dict[str, Any]:
+        """``info`` of an entry that is a symbolic link: nothing behind it is read or counted."""
+        path = self.path(key)
+        used = path.lstat().st_mtime
+        target = os.readlink(path)
+        return {
+            "key": key,
+            "bytes": 0,
+            "path": str(path),
+            "datasets": [],
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
+            "last_used_unix": used,
+            "status": "damaged",
+            "reason": f"a symbolic link to {target!r} (never read; `cache rm` removes the link, not its "
+            "target)",
+            "problem": str(linked_entry(path)),
+        }
 
     def scan(self, selection: Selection | None = None) -> CacheScan:
         """Every entry (those passing ``selection`` when given), most recently used first, and the folders
@@ -622,11 +664,24 @@ class FeatureCache:
         return self.open(key).verify()
 
     def rm(self, key: str) -> None:
-        """Remove one table (waits for an append to it to finish)."""
+        """Remove one table (waits for an append to it to finish). An entry that is a symbolic link is
+        removed as a link: what it points to is left as it is. Raises naming what is left when the
+        entry could not be removed in full (nothing is reported as removed that was not).
+
+        Example:
+            >>> FeatureCache().rm("3fa2c1")  # doctest: +SKIP
+        """
         key = self.resolve(key)
+        path = self.path(key)
         with self.lock(key):
-            remove([self.path(key)])
+            remove([path])
         self._tables.pop(key, None)
+        if os.path.lexists(path):
+            left = sum(len(files) for _, _, files in os.walk(path))
+            raise FeatcacheError(
+                f"cache entry {str(path)!r} could not be removed in full ({left} files are left: no "
+                "permission, or in use on this file system); remove it by hand"
+            )
 
     def compact(self, key: str) -> tuple[int, int]:
         """Rewrite a fragmented table into few large segments (under its lock); (segments before, after).
@@ -655,10 +710,22 @@ class FeatureCache:
             >>> FeatureCache().gc(unused_for_s=30 * 86400, max_bytes=10 << 30)["unused"]  # doctest: +SKIP
             ['/home/me/.cache/featcache/9c1d...']
         """
-        removed: dict[str, list[str]] = {"old_format": [], "leftovers": [], "unused": [], "over_size": []}
+        removed: dict[str, list[str]] = {
+            "old_format": [],
+            "leftovers": [],
+            "unused": [],
+            "over_size": [],
+            "not_removed": [],  # "path: why": links gc neither follows nor deletes
+        }
         now = time.time()
         for key in self.entries():
             path = self.path(key)
+            if path.is_symlink():
+                removed["not_removed"].append(
+                    f"{path} -> {os.readlink(path)}: an entry that is a symbolic link; gc never follows or "
+                    f"removes links (`featcache cache rm {key[:12]}` removes the link, not its target)"
+                )
+                continue
             with self.lock(key, blocking=False) as taken:
                 if not taken:  # an extraction is appending to this table right now
                     continue
@@ -677,9 +744,15 @@ class FeatureCache:
                 if (not index.segments and idle > empty_older_than_s) or (
                     unused_for_s is not None and idle > unused_for_s
                 ):
-                    remove([path])
+                    remove([path])  # the links inside go as links: their targets stay
                     self._tables.pop(key, None)
                     removed["unused"].append(str(path))
+                    continue
+                removed["not_removed"] += [
+                    f"{link}: a symbolic link in table {key[:12]}; gc never follows or deletes links (remove "
+                    f"it, or the table with `featcache cache rm {key[:12]}`)"
+                    for link in table.links()
+                ]
         if max_bytes is not None:
             removed["over_size"] = self._fit(max_bytes)
         return removed
@@ -691,6 +764,8 @@ class FeatureCache:
         for e in reversed(entries):
             if total <= max_bytes:
                 break
+            if Path(e["path"]).is_symlink():  # frees nothing; gc never removes links
+                continue
             with self.lock(e["key"], blocking=False) as taken:
                 if not taken:  # being appended to: its size is about to change anyway
                     continue

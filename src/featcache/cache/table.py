@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._util import FeatcacheError, inside, stable_hash, write_json
+from .._util import FeatcacheError, inside, links_under, stable_hash, write_json
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
 from .rows import RowView, Shard
 from .writer import (
@@ -61,7 +61,8 @@ class Segment:
 def old_format(path: Path) -> bool:
     """Whether ``path`` is an entry of an older cache format (no table file, or another version)."""
     try:
-        return bool(json.loads((path / TABLE_FILE).read_text()).get("cache_version") != CACHE_VERSION)
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
+        return bool(doc.get("cache_version") != CACHE_VERSION)
     except FileNotFoundError:
         return True
     except (OSError, ValueError, AttributeError):
@@ -284,6 +285,8 @@ class FeatureTable:
         Example:
             >>> table = FeatureTable.open(cache.root / key)  # doctest: +SKIP
         """
+        if path.is_symlink():
+            raise linked_entry(path)
         try:
             doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())
             if not isinstance(doc, dict):
@@ -328,6 +331,8 @@ class FeatureTable:
     @classmethod
     def create(cls, path: Path, record: dict[str, Any], verify: bool = True) -> FeatureTable:
         """The table of ``record`` at ``path``, created (atomically) if it does not exist."""
+        if path.is_symlink():
+            raise linked_entry(path)
         if not (path / TABLE_FILE).is_file():
             path.mkdir(parents=True, exist_ok=True)
             doc = {
@@ -483,28 +488,51 @@ class FeatureTable:
                         problems.append(f"{name}: {path.stat().st_size} bytes, expected {want['bytes']}")
                     elif sha256_file(path) != want["sha256"]:
                         problems.append(f"{name}: checksum mismatch")
+        shards = {shard_file(seg.name, self.layers.index(k), kind) for seg in segments for k, m in
+                  seg.layers.items() for kind in m["files"]}  # fmt: skip
+        shards |= {f"segments/{f.name}" for f in self.segment_files()}  # read_segment named those
+        problems += [  # the links no shard check above named: housekeeping leaves them, never follows them
+            f"{name}: a symbolic link (to {target!r}); featcache never reads, writes or deletes through a "
+            "link in a table: remove the link"
+            for name, target in links_under(self.path)
+            if name not in shards
+        ]
         return problems
 
     def leftovers(self, index: TableIndex) -> list[Path]:
-        """Files no committed segment references: shards of a killed append, temporary files."""
+        """Files no committed segment references: shards of a killed append, temporary files. Only
+        regular files inside the table: a symbolic link is never listed, nor anything a linked folder
+        leads to (:meth:`links` names them; ``cache gc`` reports them as not removed)."""
         live = {s.name for s in index.segments}
-        out = [p for p in self.path.rglob("*.tmp-*")]
-        if (self.path / "shards").is_dir():
-            out += [
-                p
-                for p in (self.path / "shards").iterdir()
-                if ".tmp-" not in p.name and p.name.split(".")[0] not in live
-            ]
-        return out
+        out = []
+        for d, _, files in os.walk(self.path):  # os.walk does not descend into linked folders
+            shards = os.path.relpath(d, self.path) == "shards"
+            for name in files:
+                p = Path(d) / name
+                if p.is_symlink():
+                    continue
+                if ".tmp-" in name or (shards and name.split(".")[0] not in live):
+                    out.append(p)
+        return sorted(out)
+
+    def links(self) -> list[str]:
+        """Every symbolic link inside the table, as ``path -> target``: housekeeping never follows or
+        deletes one (``cache rm`` of the whole table removes the links themselves, never their targets)."""
+        return [f"{self.path / name} -> {target}" for name, target in links_under(self.path)]
 
     def extract_seconds(self) -> float:
         """Seconds the backbone loop took for the rows the table holds, as its segments recorded them."""
         return float(sum(s.info.get("seconds", 0.0) for s in self.index().segments))
 
     def touch(self) -> None:
-        """Record a use (``cache gc`` removes tables unused for long); a read-only cache stays as it is."""
+        """Record a use (``cache gc`` removes tables unused for long); a read-only cache stays as it is.
+        A symbolic link at ``last_used`` gets its own time set: no file outside the table is touched."""
+        f = self.path / "last_used"
         with contextlib.suppress(OSError):
-            (self.path / "last_used").touch()
+            try:
+                os.utime(f, follow_symlinks=False)
+            except FileNotFoundError:
+                os.close(os.open(f, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666))
 
     def last_used(self) -> float:
         return last_used(self.path)
@@ -542,10 +570,23 @@ class FeatureTable:
         return len(before), len(self.segment_files())
 
 
+def linked_entry(path: Path) -> FeatcacheError:
+    """The error for a cache entry that is a symbolic link: never read or written through."""
+    target = os.readlink(path) if path.is_symlink() else "?"
+    return FeatcacheError(
+        f"cache entry {str(path)!r} is a symbolic link (to {target!r}): featcache reads and writes only "
+        f"inside the cache root, never through a link; `featcache cache rm {path.name[:12]}` removes the "
+        "link (never what it points to)"
+    )
+
+
 def remove(paths: Sequence[Path]) -> None:
-    """Delete files and folders (already gone is fine)."""
+    """Delete files and folders (already gone is fine); a symbolic link is removed itself, never what it
+    points to (``shutil.rmtree`` removes the links inside a folder, not their targets)."""
     for p in paths:
-        if p.is_dir():
+        if p.is_symlink():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
@@ -553,13 +594,21 @@ def remove(paths: Sequence[Path]) -> None:
 
 def last_used(path: Path) -> float:
     """When a split was last read from the table at ``path`` (Unix time): its ``last_used`` file, else its
-    creation; readable for a damaged table too."""
+    creation; readable for a damaged table too. No link is followed (a link's own time is read)."""
     for name in ("last_used", TABLE_FILE):
         with contextlib.suppress(OSError):
-            return (path / name).stat().st_mtime
-    return path.stat().st_mtime
+            return (path / name).lstat().st_mtime
+    return path.lstat().st_mtime
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of every file under ``path``."""
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    """Bytes of every file under ``path``; what a symbolic link points to is not counted (nor is a
+    ``path`` that is a link: removing it frees nothing)."""
+    if path.is_symlink():
+        return 0
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, f)).st_size
+    return total

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` sta
     import torch
 
 from .._disk import disk_errors, ensure_space
-from .._util import FeatcacheError, stable_hash, write_json
+from .._util import FeatcacheError, is_inside, no_follow_open, stable_hash, write_json
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
 
@@ -65,7 +65,7 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     """Write ``array`` via a temporary name + fsync + rename; return the file's SHA-256 and size."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:  # plain writes, never a memory map: a full disk is an OSError here, not a SIGBUS later
-        with tmp.open("wb") as f:
+        with no_follow_open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array))
             f.flush()
             os.fsync(f.fileno())
@@ -158,8 +158,10 @@ def write_segment(
             return _write_segment(table, name, layers, arrays, digests, skipped, dtype, info, stats, layouts)
     except BaseException:
         # this shard's files: no segment refers to them, and they would hold the space a retry needs
-        if not (table / "segments" / f"{name}.json").exists():  # never those of a committed segment
-            for f in (table / "shards").glob(f"{name}.*"):
+        shards = table / "shards"
+        committed = (table / "segments" / f"{name}.json").exists()  # never those of a committed segment
+        if not committed and not shards.is_symlink():  # nor anything a linked folder leads to
+            for f in shards.glob(f"{name}.*"):
                 f.unlink(missing_ok=True)
         raise
 
@@ -195,8 +197,16 @@ def _write_segment(
     stats: dict[str, dict[str, np.ndarray]] | None,
     layouts: dict[str, str | None] | None,
 ) -> str:
-    (table / "shards").mkdir(parents=True, exist_ok=True)
-    (table / "segments").mkdir(parents=True, exist_ok=True)
+    for sub in ("shards", "segments"):
+        folder = table / sub
+        if folder.is_symlink() or not is_inside(table, folder):  # never write through a planted link
+            target = os.readlink(folder) if folder.is_symlink() else os.path.realpath(folder)
+            raise FeatcacheError(
+                f"{str(folder)!r} leads outside its table (to {target!r}; a symbolic link?): "
+                "featcache writes only inside the cache; remove the table with `featcache cache rm "
+                f"{table.name[:12]}` (its rows are extracted again)"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {}
     for pos, layer in enumerate(layers if digests else ()):
         arr = arrays[layer]

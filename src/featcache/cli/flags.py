@@ -76,9 +76,15 @@ def _tristate(text: str) -> bool | None:
 def _comma(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     def parse(text: str) -> tuple[Any, ...]:
         try:
-            return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+            values = tuple(item(v.strip()) for v in text.split(",") if v.strip())
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list ({exc})") from exc
+        if not values:  # `--lrs ''` from a script's empty variable: not silently the default
+            raise argparse.ArgumentTypeError(
+                f"{text!r} holds no value; give one or more, comma-separated, or leave the option out for "
+                "its default"
+            )
+        return values
 
     parse.__name__ = f"comma-separated {item.__name__}"
     return parse
@@ -138,7 +144,8 @@ def _kwargs(tp: Any, default: Any, none_word: str | None = None) -> dict[str, An
             return {"nargs": "+", "type": _whole, "metavar": "N", "action": _Size}
         return {"type": _comma(items[0]), "metavar": "A,B,..."}
     if base in (int, float) and optional and none_word:
-        return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", "shown": none_word}
+        shown = {"shown": none_word} if default is None else {}  # a set default shows itself
+        return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", **shown}
     if base in (int, float, str):
         return {"type": base}
     raise TypeError(f"no command-line form for a field of type {tp!r}")

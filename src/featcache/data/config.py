@@ -75,7 +75,10 @@ class DataConfig:
     seed: int = 0
     limit: int | None = None
     download: bool = False
-    max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    max_image_pixels: int | None = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata={"none": "off", "shown": f"{DEFAULT_MAX_PIXELS:,}, Pillow's limit"},
+    )
     image_column: str | None = None
     label_column: str | None = None
     task: str = AUTO

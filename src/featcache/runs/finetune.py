@@ -43,6 +43,7 @@ from ..train.freeze import (
 )
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
+from .contents import DATASET, check_same_data, split_contents
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .spec import RunSpec
@@ -260,6 +261,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
     spec.record_splits(folder, splits)
+    contents = split_contents(splits, spec.cache_dir, spec.progress)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(
@@ -280,9 +282,11 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     record = spec.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
-        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
+        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,
     )  # fmt: skip
+    record = replace(record, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})
     if spec.resume:
+        check_same_data(folder.path, contents)
         what = "the data, frozen set, BN policy, mode or trainer settings"
         folder.check_resume(record, ("plan", "train", "data", "extract", "finetune", "mode"), what)
     if suffix is not None:

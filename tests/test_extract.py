@@ -496,14 +496,16 @@ def test_a_file_changed_or_vanished_during_the_run_is_named_and_committed_rows_s
     build_mod = importlib.import_module("featcache.extract.build")  # `featcache.extract` is the function
     files = write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=8)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    real_write = build_mod.write_segment
+    real_digests, seeds = build_mod.DigestMemo.file_digests, iter(range(5, 100))
 
     def then_change(*args, **kw):  # type: ignore[no-untyped-def]
-        real_write(*args, **kw)
-        if files[-1].exists():  # after the first commit, the last image is rewritten
-            random_image(np.random.default_rng(5)).save(files[-1])
+        out = real_digests(*args, **kw)
+        # right after each hashing, the last image is rewritten: the mismatch found when it is decoded
+        # makes the run hash it once more (#22), and it changes again
+        random_image(np.random.default_rng(next(seeds))).save(files[-1])
+        return out
 
-    monkeypatch.setattr(build_mod, "write_segment", then_change)
+    monkeypatch.setattr(build_mod.DigestMemo, "file_digests", then_change)
     cfg = _config(shard_rows=4, on_bad_image="skip")  # not a bad image: skipping does not hide it
     with pytest.raises(SampleChangedError, match=f"{files[-1]}.*changed during this run"):
         extract(resnet18, train, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)
@@ -520,7 +522,8 @@ def test_a_file_changed_or_vanished_during_the_run_is_named_and_committed_rows_s
     hashed = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     hashed.digests()
     files[-1].rename(tmp_path / "away.png")
-    with pytest.raises(SampleChangedError, match=f"{files[-1]}.*vanished"):
+    # the decode finds it gone; hashed once more (#22), it is named as missing from the listed dataset
+    with pytest.raises(FileNotFoundError, match=f"{files[-1]}.*listed in the dataset is missing"):
         extract(resnet18, hashed, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)
     (tmp_path / "away.png").rename(files[-1])
     # The next run lists the folder anew and extracts only what no segment holds.

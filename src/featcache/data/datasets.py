@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,22 @@ def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) ->
     )
 
 
+def _image_files(root: str, relative: str) -> list[str]:
+    """The image files under ``root/relative`` as relative paths, in the order of their path parts (as
+    ``sorted(Path.rglob("*"))``): one ``os.scandir`` per folder, names as strings, no per-file Path
+    object. Links to files are followed, links to folders are not (as ``rglob``)."""
+    out: list[str] = []
+    with os.scandir(os.path.join(root, relative)) as it:
+        entries = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file()) for e in it)
+    for name, is_dir, is_file in entries:
+        rel = f"{relative}/{name}"
+        if is_dir:
+            out += _image_files(root, rel)
+        elif is_file and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            out.append(rel)
+    return out
+
+
 def _scan_folder(
     root: Path, classes: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> FileSamples:
@@ -99,15 +116,14 @@ def _scan_folder(
             "or remove them (a head can only predict the classes it was trained on)"
         )
     given, classes = classes, list(classes) if classes is not None else found
-    paths, labels = [], []
+    paths: list[str] = []
+    labels: list[int] = []
     for ci, cname in enumerate(classes):
-        folder = root / cname
-        if not folder.is_dir():
+        if not (root / cname).is_dir():
             continue
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(p.relative_to(root))
-                labels.append(ci)
+        found_here = _image_files(str(root), cname)
+        paths += found_here
+        labels += [ci] * len(found_here)
     present = set(labels)
     empty = [c for ci, c in enumerate(classes) if ci not in present] if paths and given is None else []
     if empty:  # a class without images would still get an output of the head (as torchvision refuses too)

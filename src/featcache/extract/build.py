@@ -29,7 +29,7 @@ from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo
+from ..data.digests import DigestMemo, SampleChangedError
 from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
 from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
@@ -131,13 +131,20 @@ def extract(
         ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables
     memo = DigestMemo(cache.root / DIGEST_MEMO)
     main = ranks is None or ranks.is_main
-    digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
-    key: str = _decided(ranks, lambda: cache.choose(record, digests))
-    job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
     t0 = time.perf_counter()
-    # its folders, lock and table files: a full, read-only or foreign cache is one named error
-    with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
-        done = _append(job, ranks)
+    for attempt in range(2):
+        digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
+        key: str = _decided(ranks, lambda d=digests: cache.choose(record, d))  # type: ignore[misc]
+        job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
+        try:
+            # its folders, lock and table files: a full, read-only or foreign cache is one named error
+            with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
+                done = _append(job, ranks)
+            break
+        except SampleChangedError:
+            if attempt or ranks is not None:
+                raise
+            _forget_unserved(job, memo)  # a memoised digest the bytes disagree with: hashed once more
     info = {
         "split": split,
         "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
@@ -161,6 +168,18 @@ def extract(
     out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
     out.hit = not new
     return out
+
+
+def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
+    """Drop the memo's entries of the files whose rows the table lacks (those the loader read, one of
+    which did not hash to its memoised digest), so that they are hashed again."""
+    try:
+        index = job.cache.open(job.key).index()
+        lacking = [i for i, d in enumerate(job.digests) if d not in index.where and d not in index.bad]
+    except FeatcacheError:
+        lacking = list(range(len(job.digests)))
+    memo.forget([p for p in map(job.samples.file_path, lacking) if p is not None])
+    job.samples.forget_digests()
 
 
 @dataclass

@@ -111,3 +111,42 @@ def test_a_memo_planted_as_a_link_is_one_named_error_at_the_command_line(
     err = capsys.readouterr().err
     assert code == 2 and "digest memo is damaged" in err and "symbolic link" in err and "Traceback" not in err
     assert outside.read_bytes() == b""
+
+
+def test_a_shard_is_hashed_once_per_file_version_across_processes(
+    resnet18: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import featcache.cache.table as table_module
+
+    _tree(tmp_path / "tree")
+    first = _run(resnet18, tmp_path / "tree", tmp_path / "c")
+    t = time.time() - 3600  # shards written an hour ago: not racily close to their check
+    shards = sorted((first.path / "shards").iterdir())
+    for f in shards:
+        os.utime(f, (t, t))
+    time.sleep(2 * CTIME_TICK_NS / 1e9)
+    hashed: list[int] = []
+    real = table_module.hashlib.sha256
+
+    class Counting:
+        @staticmethod
+        def sha256(data: bytes) -> object:
+            hashed.append(len(data))
+            return real(data)
+
+    monkeypatch.setattr(table_module, "hashlib", Counting)
+
+    def new_process_reads() -> None:
+        table_module._VERIFIED.clear()  # what this process checked: gone, as in a new process
+        f = _run(resnet18, tmp_path / "tree", tmp_path / "c")
+        assert f.hit
+        f.check()
+
+    new_process_reads()
+    assert len(hashed) == len(shards)  # each shard once
+    new_process_reads()
+    assert len(hashed) == len(shards)  # checked by an earlier process, same file version: not again
+    os.utime(shards[0], (t, t))  # its ctime changes: another version as far as a stat can tell
+    time.sleep(2 * CTIME_TICK_NS / 1e9)
+    new_process_reads()
+    assert len(hashed) == len(shards) + 1

@@ -26,6 +26,7 @@ from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .rows import Rows, RowView
 from .table import (
+    DIGEST_MEMO,
     TABLE_FILE,
     CheckedShard,
     FeatureTable,
@@ -44,9 +45,6 @@ if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start 
     import torch
 
 __all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
-
-#: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
-DIGEST_MEMO = ".digests.sqlite3"
 
 
 @dataclass(frozen=True)

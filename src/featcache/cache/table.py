@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +35,10 @@ from .writer import (
     write_segment,
 )
 
+if TYPE_CHECKING:  # data/ imports torch: `cache ls` starts without it, so the memo is imported on use
+    from ..data.digests import DigestMemo, StatKey
+
+log = logging.getLogger(__name__)
 TABLE_FILE = "table.json"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 #: the files of one layer in a segment: its rows, and a map's channel statistics
@@ -213,6 +218,9 @@ def _disagreement(segments: Sequence[Segment]) -> str:
 
 #: shards whose SHA-256 this process has checked: (real path, inode, size, mtime) -> the checked digest
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
+#: the per-file digest memo under the cache root (:class:`~featcache.data.digests.DigestMemo`); it also
+#: keeps which shard files were checked, by their stat data: a shard is hashed once per file version
+DIGEST_MEMO = ".digests.sqlite3"
 
 
 class CheckedShard:
@@ -226,9 +234,9 @@ class CheckedShard:
 
     def __init__(self, arr: np.ndarray, path: str, sha256: str, table: FeatureTable) -> None:
         self.arr, self.path, self.sha256, self.table = arr, path, sha256, table
-        st = os.stat(path)
+        st = self.stat = os.stat(path)
         self.stamp = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-        self.checked = _VERIFIED.get(self.stamp) == sha256
+        self.checked = _VERIFIED.get(self.stamp) == sha256 or table.checked_before(path, st, sha256)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -257,6 +265,7 @@ class CheckedShard:
             raise self.table.damaged(self.path, "its SHA-256 differs from the one its segment recorded")
         _VERIFIED[self.stamp] = got
         self.checked = True
+        self.table.record_check(self.path, self.stat, got)
 
 
 class FeatureTable:
@@ -274,6 +283,29 @@ class FeatureTable:
         self.layers: list[str] = list(record["layers"])
         self._segments: dict[str, Segment] = {}  # parsed once per object
         self._index: tuple[list[str], TableIndex] | None = None  # the last index and its segment names
+        self._checks: dict[str, tuple[StatKey, str]] | None = None  # shards checked by any process
+
+    def _memo(self) -> DigestMemo:
+        from ..data.digests import DigestMemo
+
+        return DigestMemo(self.path.parent / DIGEST_MEMO)
+
+    def checked_before(self, path: str, st: os.stat_result, sha256: str) -> bool:
+        """Whether a process checked this version of the shard file (same stat data as git's index
+        keys on, not racily close to the check) against ``sha256``; the memo is read once per table."""
+        if self._checks is None:
+            try:
+                self._checks = self._memo().checked(self.path)
+            except (FeatcacheError, OSError) as exc:  # a damaged memo: hash, as if it held nothing
+                log.warning("shard checks are not remembered: %s", exc)
+                self._checks = {}
+        from ..data.digests import stat_key
+
+        return self._checks.get(str(path)) == (stat_key(st), sha256)
+
+    def record_check(self, path: str, st: os.stat_result, sha256: str) -> None:
+        """Remember that this version of a shard file hashed to ``sha256`` (for every later process)."""
+        self._memo().record_checks([(str(path), st, time.time_ns(), sha256)])
 
     @classmethod
     def open(cls, path: Path, verify: bool = True) -> FeatureTable:

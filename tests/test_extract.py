@@ -598,7 +598,7 @@ def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tm
     )
     assert other.hit and torch.equal(other.tensor("layer3"), a[[5, 0]])
     # View 0 (no augmentation) keeps the key it had before views existed: no "augment" in its record.
-    assert "augment" not in cache_record(resnet18, LAYERS, cfg)
+    assert "augment" not in cache_record(resnet18, LAYERS, cfg).to_json()
     assert (
         plain.key
         == extract(resnet18, train, LAYERS, _config(), cache_dir=str(tmp_path / "c"), progress=False).key

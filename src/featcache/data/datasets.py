@@ -95,14 +95,17 @@ def _image_files(root: str, relative: str) -> list[str]:
     object. Links to files are followed, links to folders are not (as ``rglob``)."""
     out: list[str] = []
     with os.scandir(os.path.join(root, relative)) as it:
-        entries = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file()) for e in it)
-    for name, is_dir, is_file in entries:
-        rel = f"{relative}/{name}"
-        if is_dir:
-            out += _image_files(root, rel)
-        elif is_file and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-            out.append(rel)
+        entries = sorted((e.name, e) for e in it)
+    for name, e in entries:
+        dot = name.rfind(".")
+        if dot > 0 and name[dot:].lower() in _EXTENSIONS and e.is_file():
+            out.append(f"{relative}/{name}")
+        elif e.is_dir(follow_symlinks=False):
+            out += _image_files(root, f"{relative}/{name}")
     return out
+
+
+_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
 
 
 def _scan_folder(

@@ -347,8 +347,9 @@ class DigestMemo:
         """
         groups: dict[str, tuple[list[int], list[str]]] = {}
         for i, p in enumerate(paths):
-            name = os.fspath(p)
-            folder, base = _split(name if os.path.isabs(name) else os.path.abspath(name))
+            name = p if type(p) is str else os.fspath(p)
+            folder, _, base = (name if name[:1] == os.sep else os.path.abspath(name)).rpartition(os.sep)
+            folder = folder or os.sep
             g = groups.get(folder)
             if g is None:
                 g = groups[folder] = ([], [])
@@ -363,9 +364,22 @@ class DigestMemo:
                 todo += [(i, folder, n) for i, n in zip(idx, names)]
                 continue
             recs, digests = row.stats.tolist(), row.digests
+            top = folder.rstrip(os.sep) + os.sep
             for i, n, at in zip(idx, names, row.positions(names)):
-                st = _stat(os.path.join(folder, n))
-                if at >= 0 and trusted(stat_key(st), recs[at], recs[at][5]):
+                try:
+                    st = os.stat(top + n)
+                except FileNotFoundError:
+                    _stat(top + n)  # raises naming the file
+                    raise
+                # trusted(), written out: this loop is a hit's cost, one pass per file
+                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                rec = recs[at] if at >= 0 else None
+                if (
+                    rec is not None
+                    and key == rec[:5]
+                    and key[1] < rec[5] - RACY_NS
+                    and key[2] < rec[5] - CTIME_TICK_NS
+                ):
                     out[i] = digests[32 * at : 32 * at + 32].hex()
                 else:
                     todo.append((i, folder, n))

@@ -228,9 +228,9 @@ class FileSamples(SampleSet):
         self.root = Path(root)
         self.max_pixels = max_pixels  # travels with the object into DataLoader workers: no global
         # Names as strings, not a Path object per file: a million-image folder lists in about its stats.
-        top = str(self.root)
-        ids = [p if isinstance(p, str) and not os.path.isabs(p) else self._relative(Path(p)) for p in paths]
-        self._files = [os.path.join(top, i) for i in ids]  # absolute path of each sample, as a string
+        top = str(self.root).rstrip(os.sep) + os.sep
+        ids = [p if type(p) is str and p[:1] != os.sep else self._relative(Path(p)) for p in paths]
+        self._files = [top + i for i in ids]  # absolute path of each sample, as a string
         super().__init__(ids, labels, classes, name=str(root))
 
     def _relative(self, p: Path) -> str:

@@ -25,6 +25,7 @@ from .._disk import disk_errors
 from .._util import FeatcacheError, flag, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
+from ..cache.identity import TableRecord
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
@@ -44,39 +45,37 @@ T = TypeVar("T")
 
 def cache_record(
     backbone: Backbone, layers: Sequence[str], config: ExtractConfig, view: View | None = None
-) -> dict[str, Any]:
-    """The explicit record whose hash is a feature table's key: everything that decides a row's values,
+) -> TableRecord:
+    """The typed record whose hash is a feature table's key: everything that decides a row's values,
     and nothing else (no labels, splits, dataset names, paths or row order).
+
+    How the layers are read is part of it where that decides values: the method whose values the
+    arrays are (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the
+    version of the rules that infer each layer's layout (the layout decides pooling and channel
+    statistics; it is a function of the architecture, the input size and these rules).
 
     Example:
         >>> record = cache_record(bb, ["layer3"], ExtractConfig())  # doctest: +SKIP
+        >>> record.key() == cache_key(record)  # doctest: +SKIP
+        True
     """
     device = resolve_device(config.device)
-    augmented = {"augment": view.augment, "augment_version": AUGMENT_VERSION} if view else {}
-    return {
-        "backbone": backbone.cfg.spec,
-        "weights_id": backbone.cfg.weights_id,
-        "preprocessing": resolved_cfg(backbone, config).preprocessing.key_record(),
-        "layers": sorted(layers),
-        "pool": config.pool,
-        "dtype": config.dtype,
-        "amp_bf16": use_amp(config, device),
-        "view": view.index if view else 0,
-        **augmented,
-        **_reading(backbone, layers, config),
-    }
-
-
-def _reading(backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
-    """How the layers are read, where that decides values: the method whose values the arrays are
-    (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the version of the
-    rules that infer each layer's layout (the layout decides pooling and channel statistics; it is a
-    function of the architecture, the input size and these rules, so no forward pass is needed here).
-    """
-    return {
-        "method": defining_method(backbone.model, layers, config.method),
-        "layout_rules": LAYOUT_RULES,
-    }
+    return TableRecord(
+        backbone=backbone.cfg.spec,
+        weights_id=backbone.cfg.weights_id,
+        preprocessing=TableRecord.from_json_preprocessing(
+            resolved_cfg(backbone, config).preprocessing.key_record()
+        ),
+        layers=tuple(sorted(layers)),
+        pool=config.pool,
+        dtype=config.dtype,
+        amp_bf16=use_amp(config, device),
+        view=view.index if view else 0,
+        method=defining_method(backbone.model, layers, config.method),
+        layout_rules=LAYOUT_RULES,
+        augment=view.augment if view else None,
+        augment_version=AUGMENT_VERSION if view else None,
+    )
 
 
 def extract(
@@ -125,7 +124,7 @@ def extract(
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    cache = FeatureCache(cache_dir, verify=config.verify)
+    cache = FeatureCache.shared(cache_dir, verify=config.verify)
     record = cache_record(backbone, names, config, view)
     if ranks is not None:
         ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables
@@ -192,7 +191,7 @@ class _Job:
     config: ExtractConfig
     cache: FeatureCache
     key: str
-    record: dict[str, Any]
+    record: TableRecord
     split: str
     progress: bool
     view: View | None = None
@@ -242,7 +241,7 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
         if own and not (cache.path(job.key) / TABLE_FILE).is_file():
             # A layer that is unknown, or cannot be pooled as asked, is refused before its table exists
             # (not left behind as an empty entry); the extractor's checks are memoised for _build.
-            Extractor(job.backbone, job.record["layers"], job.config)
+            Extractor(job.backbone, job.record.layers, job.config)
             return cache.create(job.record)
         return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 
@@ -414,7 +413,7 @@ def _check_images(
 ) -> None:
     """Every unreadable image among those no table holds yet, in every split, named in one error before
     any backbone runs (a cheap look at each file's header: :meth:`SampleSet.problems`)."""
-    cache = FeatureCache(cache_dir)
+    cache = FeatureCache.shared(cache_dir, verify=config.verify)
     record = cache_record(backbone, layers, config)
     memo = DigestMemo(cache.root / DIGEST_MEMO)
     tables = {t.key: t for t in cache.tables()}

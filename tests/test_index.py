@@ -90,3 +90,25 @@ def test_the_table_record_is_typed_round_trips_and_compares_by_setting(resnet18:
         TableRecord.from_json({**one.to_json(), "view": "0"})
     with pytest.raises(ValueError, match="unknown fields"):
         TableRecord.from_json({**one.to_json(), "dataset": "digits"})
+
+
+def test_a_table_fed_a_few_images_at_a_time_merges_its_small_segments(
+    resnet18: Backbone, tmp_path: Path
+) -> None:
+    from featcache.cache.table import MERGE_COUNT
+
+    cache_dir, images = tmp_path / "c", _samples(2 * (MERGE_COUNT + 3))
+    cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=2, shard_rows=2)
+    counts, before = [], {}
+    for run in range(MERGE_COUNT + 3):  # each run adds two new images: one small segment
+        part = images.subset(range(2 * run + 2), "daily")
+        feats = extract(resnet18, part, ["penultimate"], cfg, cache_dir=str(cache_dir), progress=False)
+        table = FeatureCache(cache_dir).open(feats.key)
+        counts.append(len(table.index().segments))
+        if run == MERGE_COUNT - 2:
+            before = table.row_bytes()  # every row before the merge
+    assert max(counts) == MERGE_COUNT - 1 and counts[MERGE_COUNT - 1] == 1  # merged: one segment
+    after = FeatureCache(cache_dir).open(feats.key)
+    rows = after.row_bytes()
+    assert all(rows[d] == b for d, b in before.items())  # copied, not recomputed
+    assert len(rows) == len(images) and after.verify() == []

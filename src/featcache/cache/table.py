@@ -44,6 +44,10 @@ if TYPE_CHECKING:  # data/ imports torch: `cache ls` starts without it, so the m
 
 log = logging.getLogger(__name__)
 TABLE_FILE = "table.json"
+#: merged segments hold about this many bytes of rows, and segments under a quarter of it are merged ...
+MERGE_BYTES = 1 << 30
+#: ... once this many have accumulated (an incremental run adds up to 8)
+MERGE_COUNT = 16
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 #: the files of one layer in a segment: its rows, and a map's channel statistics
 FILE_KINDS = ("rows", *CHANNEL_STATS)
@@ -612,19 +616,23 @@ class FeatureTable:
     def last_used(self) -> float:
         return last_used(self.path)
 
-    def compact(self, chunk_bytes: int = 1 << 30) -> tuple[int, int]:
-        """Rewrite the table's rows into as few segments as ``chunk_bytes`` allows (the caller holds its
-        lock); returns (segments before, after). Rows are copied, not recomputed: every digest keeps its
-        bytes. The new segments are committed before the old ones are removed, so a crash leaves a
-        readable table (a digest in two segments is read from the first)."""
+    def compact(self, chunk_bytes: int = 1 << 30, only: Sequence[Segment] | None = None) -> tuple[int, int]:
+        """Rewrite the table's rows (those of the segments ``only`` when given) into as few segments as
+        ``chunk_bytes`` allows (the caller holds its lock); returns (segments before, after). Rows are
+        copied, not recomputed: every digest keeps its bytes. The new segments are committed before the
+        old ones are removed, so a crash leaves a readable table (a digest in two segments is read from
+        the first)."""
         index = self.index()
-        before = index.segments
-        if len(before) <= 1 and not self.leftovers(index):
-            return len(before), len(before)  # nothing to gain
-        digests = self.digests(index)
+        before = index.segments if only is None else list(only)
+        if only is None and len(before) <= 1 and not self.leftovers(index):
+            return len(index.segments), len(index.segments)  # nothing to gain
+        digests = list(dict.fromkeys(d for seg in before for d in seg.digests))
+        bad = {d: why for seg in before for d, why in seg.skipped.items() if d not in index.where}
         meta = {layer: index.row_meta(layer) for layer in self.layers}
         row_bytes = sum(int(np.prod(m[0])) * np.dtype(m[1]).itemsize for m in meta.values() if m) or 1
         step = max(1, chunk_bytes // row_bytes)
+        info = {"compacted_from": len(before), "layer_layouts": index.layer_layouts()}
+        method = next((s.info["method"] for s in index.segments if s.rows and "method" in s.info), None)
         for i in range(0, max(len(digests), 1), step):
             part = digests[i : i + step]
             feats, stats = self.view(index, part, self.layers)
@@ -633,16 +641,37 @@ class FeatureTable:
                 self.layers,
                 {k: np.asarray(v) for k, v in feats.items()},
                 part,
-                index.bad if i == 0 else {},
+                bad if i == 0 else {},
                 self.record["dtype"],
-                {"compacted_from": len(before), "layer_layouts": index.layer_layouts()},
+                info | ({"method": method} if method else {}),
                 stats={k: {s: np.asarray(v) for s, v in d.items()} for k, d in stats.items()},
                 layouts={layer: index.layout(layer) for layer in self.layers},
             )
         for seg in before:  # the index first, then the shards it pointed to
             (self.path / "segments" / f"{seg.name}.json").unlink()
         remove(self.leftovers(self.index()))
-        return len(before), len(self.segment_files())
+        return len(index.segments), len(self.segment_files())
+
+    def merge_small(self, target_bytes: int = MERGE_BYTES, at_least: int = MERGE_COUNT) -> tuple[int, int]:
+        """Merge the table's small segments (rows under a quarter of ``target_bytes``) into segments of
+        about ``target_bytes`` once ``at_least`` of them have accumulated (the caller holds the lock),
+        as a log-structured store does: a table fed a few images a day stays O(size / target) segments
+        without `cache compact`. Returns (segments before, after).
+
+        Example:
+            >>> table.merge_small()  # doctest: +SKIP
+            (11, 4)
+        """
+        index = self.index()
+        small = [s for s in index.segments if _segment_bytes(s) < target_bytes // 4]
+        if len(small) < at_least:
+            return len(index.segments), len(index.segments)
+        return self.compact(target_bytes, small)
+
+
+def _segment_bytes(seg: Segment) -> int:
+    """Bytes of a segment's rows files (every layer)."""
+    return sum(int(m["files"]["rows"]["bytes"]) for m in seg.layers.values())
 
 
 def _stamp(file: Path) -> str:

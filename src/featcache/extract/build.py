@@ -252,7 +252,10 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
         missing = _decided(ranks, lambda: _missing(job, table()))
         if not missing:
             return _Appended()
-        return _build(job, table() if main else cache.open(job.key), missing, ranks)
+        done = _build(job, table() if main else cache.open(job.key), missing, ranks)
+        if main:  # under the lock: small incremental segments merged before they pile up
+            cache.open(job.key).merge_small()
+        return done
 
 
 def _missing(job: _Job, table: FeatureTable) -> list[str]:

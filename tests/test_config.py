@@ -105,6 +105,8 @@ def test_to_json_writes_plain_values() -> None:
         "num_classes": 10,
         "standardize": False,
         "layout": None,
+        "task": "classify",
+        "threshold": None,
     }
     cfg = to_json(CASES["backbone"])
     assert cfg["preprocessing"]["input_size"] == [48, 40] and cfg["classes"] == ["cat", "dog"]

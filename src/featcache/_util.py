@@ -18,14 +18,31 @@ from ._checks import check_device
 from ._errors import FeatcacheError, closest, flag, unknown  # noqa: F401
 
 
-def best_on_val(rows: Iterable[Mapping[str, Any]]) -> Any:
-    """The row chosen on the validation split: highest ``val_acc``, ties broken by lower ``val_loss``.
+def label_array(labels: Any, task: str) -> Any:
+    """``labels`` as the array a task keeps (:mod:`featcache.data.tasks`): int64 class indices for
+    ``classify``, else float32 ``(N, K)`` label sets or targets. Here (numpy only) for the cache's views.
+
+    Example:
+        >>> label_array([1.0, 2.0], "regress").shape
+        (2, 1)
+    """
+    import numpy as np
+
+    if task == "classify":
+        return np.asarray(labels, dtype=np.int64)
+    a = np.asarray(labels, dtype=np.float32)
+    return a.reshape(len(a), -1) if a.ndim != 2 else a
+
+
+def best_on_val(rows: Iterable[Mapping[str, Any]], key: str = "val_acc") -> Any:
+    """The row chosen on the validation split: highest ``key`` (``val_acc``; ``val_map``, ``val_r2`` for
+    the other tasks), ties broken by lower ``val_loss``.
 
     Example:
         >>> best_on_val([{"val_acc": 0.9, "val_loss": 0.3}, {"val_acc": 0.9, "val_loss": 0.2}])["val_loss"]
         0.2
     """
-    return max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    return max(rows, key=lambda r: (r[key], -r["val_loss"]))
 
 
 def stable_hash(record: Mapping[str, Any]) -> str:

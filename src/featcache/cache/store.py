@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError, check_name
+from .._util import FeatcacheError, check_name, label_array
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .identity import TableRecord
@@ -74,14 +74,15 @@ class CachedFeatures:
         path: the table's folder.
         features: ``{layer: RowView}``, rows in split order, read on demand (``np.asarray`` gathers
             them; bfloat16 is raw uint16: use :meth:`tensor`).
-        labels: int64 labels, one per row.
+        labels: one per row: int64 classes, or float32 (N, K) label sets / targets (``task``).
         ids: sample ids, one per row.
-        classes: class names.
+        classes: class names (regress: the targets' names).
         manifest: what was read and how: the table ``record``, ``split``, ``split_key``, the counts,
             ``skipped`` images (id and reason), extraction timings.
         hit: True when no image went through the backbone in the call that returned it.
         channel_stats: :class:`ChannelStats` of each spatial-map layer.
         digests: the content digest of each row.
+        task: ``classify``, ``multilabel`` or ``regress``: what ``labels`` hold (a view, never a key).
 
     :meth:`layout` gives each stored array's layout (:mod:`featcache.layout`).
     """
@@ -96,6 +97,7 @@ class CachedFeatures:
     hit: bool = False
     channel_stats: dict[str, ChannelStats] = field(default_factory=dict)
     digests: list[str] = field(default_factory=list)
+    task: str = "classify"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -236,15 +238,24 @@ def join_splits(
         "split_key": split_key(first.key, digests, labels, first.classes),
     }
     return CachedFeatures(
-        first.key, first.path, feats, labels, ids, first.classes, manifest, True, stats, digests
+        first.key, first.path, feats, labels, ids, first.classes, manifest, True, stats, digests, first.task
     )
 
 
 def split_key(table: str, digests: Sequence[str], labels: np.ndarray, classes: Sequence[str]) -> str:
-    """SHA-256 of a split view: its table, its rows' digests in order, their labels, the class names."""
+    """SHA-256 of a split view: its table, its rows' digests in order, their labels, the class names.
+
+    Class indices hash as int64 (the keys of classifier runs are unchanged); label sets and targets hash
+    with their dtype and shape, so a relabelled or re-tasked split is another view.
+    """
     h = hashlib.sha256(f"{table}|{json.dumps(list(classes))}|".encode())
     h.update("\n".join(digests).encode())
-    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iub":
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    else:
+        h.update(f"|{labels.dtype.str}{labels.shape[1:]}|".encode())
+        h.update(np.ascontiguousarray(labels).tobytes())
     return h.hexdigest()
 
 
@@ -478,6 +489,7 @@ class FeatureCache:
         labels: np.ndarray,
         classes: Sequence[str],
         info: dict[str, Any] | None = None,
+        task: str = "classify",
     ) -> CachedFeatures:
         """A split's rows from table ``key``, in the split's order; images recorded as undecodable are
         left out (listed in ``manifest["skipped"]``).
@@ -508,7 +520,7 @@ class FeatureCache:
         table.touch()
         if (info or {}).get("dataset"):
             record_use(table.path, str((info or {})["dataset"]))
-        kept, y = [digests[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]
+        kept, y = [digests[i] for i in keep], label_array(labels, task)[keep]
         skipped = [
             {"id": ids[i], "reason": index.bad[d]} for i, d in enumerate(digests) if d not in index.where
         ]
@@ -527,7 +539,16 @@ class FeatureCache:
         channel = {k: ChannelStats(v["mean"], v["var"]) for k, v in stats.items()}
         ids_kept = [ids[i] for i in keep]
         return CachedFeatures(
-            key, table.path, feats, y, ids_kept, list(classes), manifest, channel_stats=channel, digests=kept
+            key,
+            table.path,
+            feats,
+            y,
+            ids_kept,
+            list(classes),
+            manifest,
+            channel_stats=channel,
+            digests=kept,
+            task=task,
         )
 
     def info(self, key: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def cmd_extract(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
-    splits = data.load()
+    splits = data.load(a.cache_dir)
     layers = parse_layers(a.layers, bb)  # @blocks: every block
     feats = extract_splits(
         bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet, ranks=ranks

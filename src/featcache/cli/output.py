@@ -50,6 +50,12 @@ def cmd_predict(a: argparse.Namespace) -> None:
         for r in results:
             if "error" in r:
                 print(f"{r['path']}: ERROR {r['error']}")
+            elif predictor.task == "regress":
+                print(f"{r['path']}: " + ", ".join(f"{t['target']} {t['value']:.4g}" for t in r["top"]))
+            elif predictor.task == "multilabel":
+                labels = ";".join(t["class"] for t in r["top"]) or "(no label)"
+                probs = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+                print(f"{r['path']}: {labels}" + (f"  ({probs})" if probs else ""))
             else:
                 print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
     bad = [r for r in results if "error" in r]

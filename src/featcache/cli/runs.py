@@ -96,11 +96,31 @@ def cmd_train(a: argparse.Namespace) -> None:
         f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s"
     )
     if "test" in m:
-        top5 = f"  top-5 {m['test']['top5']:.4f}" if "top5" in m["test"] else ""
-        print(f"test accuracy {m['test']['acc']:.4f}{top5}  loss {m['test']['loss']:.4f}")
+        print(test_line(m["test"]))
     else:
         print("no test split: nothing was held out for testing (--test-fraction, or a larger --limit)")
     print(f"run folder: {run.dir}")
+
+
+def test_line(test: dict[str, Any]) -> str:
+    """The test split's headline numbers for the run's task.
+
+    Example:
+        >>> test_line({"loss": 0.1, "mae": 0.5, "rmse": 0.7, "r2": 0.81, "pearson": 0.9})
+        'test R2 0.8100  MAE 0.5000  RMSE 0.7000  Pearson r 0.9000'
+    """
+    if "r2" in test:
+        return (
+            f"test R2 {test['r2']:.4f}  MAE {test['mae']:.4f}  RMSE {test['rmse']:.4f}  Pearson r "
+            f"{test['pearson']:.4f}"
+        )
+    if "map" in test:
+        return (
+            f"test mAP {test['map']:.4f} (micro {test['map_micro']:.4f})  F1 {test['f1']:.4f} at threshold "
+            f"{test['threshold']:g} (chosen on val)  loss {test['loss']:.4f}"
+        )
+    top5 = f"  top-5 {test['top5']:.4f}" if "top5" in test else ""
+    return f"test accuracy {test['acc']:.4f}{top5}  loss {test['loss']:.4f}"
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -134,10 +154,11 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         print_json({"best": res.best, "rows": res.rows})
         return
     b = res.best
+    key = next(k for k in b if k.startswith("val_") and k != "val_loss")  # val_acc, val_map, val_r2...
     columns = [k for k in b if k != "val_loss"]  # a diverged row shows "diverged" as its val_acc
-    print(format_table([{**r, "val_acc": r.get("val_acc", "diverged")} for r in res.rows], columns))
-    test = f", test {b['test_acc']:.4f}" if "test_acc" in b else ""
-    print(f"chosen on val: {b['layer']} {b['run']} (val {b['val_acc']:.4f}{test})")
+    print(format_table([{**r, key: r.get(key, "diverged")} for r in res.rows], columns))
+    test = f", test {b['test_' + key[4:]]:.4f}" if "test_" + key[4:] in b else ""
+    print(f"chosen on val {key[4:]}: {b['layer']} {b['run']} (val {b[key]:.4f}{test})")
     n = len({r["layer"] for r in res.rows})
     print(f"one extraction for {n} layers: {res.extract_seconds:.1f}s; sweep folder: {res.out}")
 
@@ -162,9 +183,13 @@ def cmd_probe(a: argparse.Namespace) -> None:
         )
     else:
         print(format_table(res.sweep))
-        print(f"chosen L2 strength {res.strength:g} on val {config.metric}; refit on train+val")
-        if res.test:
+        edge = {max(config.strengths): "strongest", min(config.strengths): "weakest"}.get(res.strength)
+        hint = f" (the {edge} tried: widen --strengths)" if edge and len(config.strengths) > 1 else ""
+        print(f"chosen L2 strength {res.strength:g}{hint} on {res.extra['chosen_on']}; refit on train+val")
+        if res.test and "acc" in res.test:
             print(f"test accuracy {res.test['acc']:.4f}  balanced accuracy {res.test['balanced_acc']:.4f}")
+        elif res.test:
+            print(test_line(res.test))
     if a.out:
         print(f"run folder: {a.out}  (export it with `featcache export {a.out}`)")
 

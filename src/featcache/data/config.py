@@ -8,6 +8,7 @@ from .._checks import check_number
 from .._util import FeatcacheError, flag
 from .datasets import DatasetSplits, load_dataset
 from .samples import DEFAULT_MAX_PIXELS
+from .tasks import AUTO, check_task
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,9 @@ class DataConfig:
     """A dataset spec and how it is split.
 
     Attributes:
-        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces.
+        spec: folder, .csv/.jsonl manifest, torchvision:NAME:ROOT, mnist-5k, digits or faces;
+            WebDataset shards (NAME-{000000..000099}.tar, one .tar, a folder of them); a Hugging Face
+            dataset (a save_to_disk folder, or hf-dataset:REPO[:CONFIG] from the hub).
         val_fraction: share of the training images held out for validation (when there is no val/).
         test_fraction: share held out for testing (when there is no test/).
         seed: seed of the stratified split (and of --limit's sample).
@@ -24,6 +27,14 @@ class DataConfig:
         max_image_pixels: an image file with more pixels (width x height, read from its header) is a
             bad image (--on-bad-image decides), never decoded: a guard against decompression bombs;
             off: no limit. The default is Pillow's own.
+        image_column: the image column of a Hugging Face dataset (default: its one Image feature); for
+            WebDataset shards, the image member's extension (jpg, png, webp ...).
+        label_column: the label column of a Hugging Face dataset (default: its one ClassLabel feature);
+            for WebDataset shards, the label member's extension (cls, txt or json).
+        task: what the labels are: auto (a manifest's columns say: label classify, labels multilabel,
+            target regress; folders and built-in sets classify), classify, multilabel (a set of classes
+            per image) or regress (float targets). Recorded with the run, never in a cache key.
+        targets: a manifest's columns of float targets to regress on (implies --task regress).
 
     Example:
         >>> DataConfig("mnist-5k", val_fraction=0.2).load().classes[:3]  # doctest: +SKIP
@@ -37,8 +48,19 @@ class DataConfig:
     limit: int | None = None
     download: bool = False
     max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    image_column: str | None = None
+    label_column: str | None = None
+    task: str = AUTO
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_task(self.task)
+        object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+        if self.targets and self.task not in (AUTO, "regress"):
+            raise FeatcacheError(
+                f"--targets {','.join(self.targets)} regresses on those columns; it does not go with "
+                f"--task {self.task}: leave one out"
+            )
         check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         check_number("test_fraction", self.test_fraction, 0, 1, high_open=True)
         if self.val_fraction + self.test_fraction >= 1:
@@ -50,8 +72,10 @@ class DataConfig:
         check_number("limit", self.limit, 1, integer=True, none="no limit")
         check_number("max_image_pixels", self.max_image_pixels, 1, integer=True, none="off")
 
-    def load(self) -> DatasetSplits:
-        """The train/val/test splits of a dataset a classifier can learn: two classes or more."""
+    def load(self, cache_dir: str | None = None) -> DatasetSplits:
+        """The train/val/test splits of a dataset its task can learn: for a classifier, two classes or
+        more; for multi-label, a class with images on the training split (the memo of WebDataset shards
+        read from ``cache_dir``'s root)."""
         splits = load_dataset(
             self.spec,
             self.val_fraction,
@@ -60,7 +84,20 @@ class DataConfig:
             self.download,
             self.limit,
             max_image_pixels=self.max_image_pixels,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            cache_dir=cache_dir,
+            task=self.task,
+            targets=self.targets,
         )
+        if splits.task == "multilabel" and not splits.train.labels.any():
+            raise FeatcacheError(
+                f"no image of the training split of {self.spec!r} has any of its "
+                f"{len(splits.classes)} labels: "
+                "nothing to learn; check the 'labels' column"
+            )
+        if splits.task != "classify":
+            return splits
         if len(splits.classes) < 2:
             found = f"one class, {splits.classes[0]!r}" if splits.classes else "no classes"
             raise FeatcacheError(

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError, flag, unknown
+from ..cache.housekeeping import cache_root
+from .hf_datasets import HUB, hf_sets, is_hf_dataset, is_saved_dataset
 from .samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -25,6 +27,9 @@ from .samples import (
     SampleSet,
     TorchvisionSamples,
 )
+from .tasks import AUTO, Targets, check_task, choose_columns, manifest_targets
+from .versions import VersionMemo
+from .webdataset import is_shard_folder, is_shard_spec, shard_sets
 
 BUILTIN = ("mnist-5k", "digits", "faces")
 
@@ -38,10 +43,14 @@ class DatasetSplits:
     test: SampleSet | None
     classes: list[str]
     spec: str
+    task: str = (
+        "classify"  #: what the labels are (:mod:`featcache.data.tasks`); classes name targets in regress
+    )
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{n}={len(s)}" for n, s in self.items())
-        return f"DatasetSplits({self.spec!r}, {sizes}, classes={len(self.classes)})"
+        task = "" if self.task == "classify" else f", task={self.task!r}"
+        return f"DatasetSplits({self.spec!r}, {sizes}, classes={len(self.classes)}{task})"
 
     def items(self) -> list[tuple[str, SampleSet]]:
         """The splits that exist, as (name, samples)."""
@@ -79,13 +88,14 @@ def stratified_split(
 
 
 def _split(samples: SampleSet, val: float, test: float, seed: int, spec: str) -> DatasetSplits:
-    tr, va, te = stratified_split(samples.labels, val, test, seed)
+    tr, va, te = stratified_split(samples.strata(), val, test, seed)
     return DatasetSplits(
         train=samples.subset(tr, "train"),
         val=samples.subset(va, "val") if len(va) else None,
         test=samples.subset(te, "test") if len(te) else None,
         classes=samples.classes,
         spec=spec,
+        task=samples.task,
     )
 
 
@@ -178,32 +188,41 @@ def manifest_file(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    task: str = AUTO,
+    targets: Sequence[str] = (),
 ) -> DatasetSplits:
     """A CSV (``path,label`` header) or JSONL (``{"path":…, "label":…}``) manifest; paths relative to it.
 
-    Every row is checked (:func:`manifest_rows`): an error names the file, the line and the fix.
+    Its columns state the task (:mod:`featcache.data.tasks`): ``label`` (classify), ``labels``
+    (multilabel: a JSON list, or ``a;b`` in a CSV cell), ``target`` or ``targets`` columns (regress);
+    ``task`` overrides. Every row is checked (:func:`manifest_rows`): an error names the file, the line
+    and the fix.
 
     Example:
         >>> splits = manifest_file("data/labels.csv")  # doctest: +SKIP
     """
     path = Path(path)
-    rows = manifest_rows(path)
-    names = sorted({r.label for r in rows})
-    index = {n: i for i, n in enumerate(names)}
+    rows, found = manifest_targets_of(path, task, targets)
+    names = found.classes
     samples = FileSamples(
-        path.parent,
-        [Path(r.path) for r in rows],
-        np.asarray([index[r.label] for r in rows]),
-        names,
-        max_image_pixels,
+        path.parent, [Path(r.path) for r in rows], found.labels, names, max_image_pixels, found.task
     )
     if any(r.split is not None for r in rows):
         splits = {s: np.flatnonzero([r.split == s for r in rows]) for s in SPLITS}
         sub = {s: samples.subset(i, s) if len(i) else None for s, i in splits.items()}
         if sub["train"] is None:
             raise FeatcacheError(f"manifest {str(path)!r} has a split column but no 'train' rows")
-        return DatasetSplits(sub["train"], sub["val"], sub["test"], names, str(path))  # type: ignore[arg-type]
-    return _split(samples, val_fraction, test_fraction, seed, str(path))
+        return DatasetSplits(sub["train"], sub["val"], sub["test"], names, str(path), found.task)  # type: ignore[arg-type]
+    out = _split(samples, val_fraction, test_fraction, seed, str(path))
+    for name, share, got in (("val", val_fraction, out.val), ("test", test_fraction, out.test)):
+        if share > 0 and got is None:  # a split drawn per class, each too small to give it a row
+            raise FeatcacheError(
+                f"manifest {str(path)!r}: --{name}-fraction {share:g} left the {name} split "
+                f"empty ({len(names)} "
+                f"classes for {len(samples)} images: no class has enough images to give it one). Give the "
+                f"classes more images, pass --{name}-fraction 0, or, if the labels are values, --task regress"
+            )
+    return out
 
 
 SPLITS = ("train", "val", "test")
@@ -219,7 +238,7 @@ class ManifestRow:
     split: str | None
 
 
-def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _raw_rows(path: Path, columns: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(line, row)`` of a CSV or JSONL manifest, as read (lines counted from 1, the CSV header is 1)."""
     where = f"manifest {str(path)!r}"
     try:
@@ -246,11 +265,13 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             out.append((n, row))
         return out
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+    if not reader.fieldnames or "path" not in reader.fieldnames:
         raise FeatcacheError(
             f"{where} needs a header line with 'path' and 'label' columns (got {reader.fieldnames}); "
             "e.g. path,label then cats/1.jpg,cat"
         )
+    if columns is not None:
+        columns += reader.fieldnames
     out = []
     for row in reader:
         if None in row:  # DictReader files the cells beyond the header under None
@@ -264,20 +285,42 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def manifest_rows(path: str | Path) -> list[ManifestRow]:
     """The rows of a manifest, each checked: a path (a non-empty string, inside the manifest's folder
-    unless absolute there), a label (a non-empty string, or an integer in JSONL), and, where any row has
-    a split, one of train/val/test on every row. An error names the file, the line and the fix.
+    unless absolute there), a label (a non-empty string, or an integer in JSONL; for the other tasks,
+    what :func:`~featcache.data.tasks.manifest_targets` takes), and, where any row has a split, one of
+    train/val/test on every row. An error names the file, the line and the fix.
 
     Example:
         >>> manifest_rows("labels.csv")[0]  # doctest: +SKIP
         ManifestRow(line=2, path='cats/1.jpg', label='cat', split=None)
     """
+    return manifest_targets_of(path)[0]
+
+
+def manifest_targets_of(
+    path: str | Path, task: str = AUTO, targets: Sequence[str] = ()
+) -> tuple[list[ManifestRow], Targets]:
+    """:func:`manifest_rows` and the labels as arrays for the task its columns (or ``task``) state.
+
+    Example:
+        >>> rows, found = manifest_targets_of("values.csv", task="regress")  # doctest: +SKIP
+        >>> found.task, found.labels.shape  # doctest: +SKIP
+        ('regress', (405, 1))
+    """
     path = Path(path)
     where = f"manifest {str(path)!r}"
-    raw = _raw_rows(path)
+    header: list[str] = []
+    raw = _raw_rows(path, header)
+    columns = header if path.suffix != ".jsonl" else list(dict.fromkeys(k for _, r in raw for k in r))
+    chosen, read = (
+        choose_columns(where, columns, task, targets) if raw or task != AUTO else ("classify", ["label"])
+    )
     if not raw:
         raise FeatcacheError(f"{where} has no rows; add one line per image (path and label)")
     with_split = any(r.get("split") not in (None, "") for _, r in raw)
-    rows = [_checked_row(where, path.parent, n, r, with_split) for n, r in raw]
+    rows = [
+        _checked_row(where, path.parent, n, r, with_split, read[0] if chosen == "classify" else None)
+        for n, r in raw
+    ]
     missing = [r for r in rows if not (path.parent / r.path).is_file()]
     if missing:
         shown = "; ".join(f"line {r.line}: {r.path!r}" for r in missing[:5])
@@ -286,20 +329,27 @@ def manifest_rows(path: str | Path) -> list[ManifestRow]:
             f"{where}: {len(missing)} listed images are not files: {shown}{more}. Paths are relative to "
             f"the manifest's folder {str(path.parent.resolve())!r}; fix them or remove those rows"
         )
-    return rows
+    lines, cells = [n for n, _ in raw], [r for _, r in raw]
+    return rows, manifest_targets(where, lines, cells, chosen, read, path.suffix != ".jsonl", task == AUTO)
 
 
-def _checked_row(where: str, folder: Path, n: int, row: dict[str, Any], with_split: bool) -> ManifestRow:
+def _checked_row(
+    where: str, folder: Path, n: int, row: dict[str, Any], with_split: bool, column: str | None = "label"
+) -> ManifestRow:
+    """One row's path and split checked, and its class label when ``column`` names it (other tasks'
+    cells are checked by :func:`~featcache.data.tasks.manifest_targets`)."""
     at = f"{where}, line {n}"
-    p, label, split = row.get("path"), row.get("label"), row.get("split")
+    p, label, split = row.get("path"), row.get(column or "label"), row.get("split")
     if not isinstance(p, str) or not p.strip():
         raise FeatcacheError(f"{at}: no image path (got {p!r}); give each row the image's path")
-    if label is None or label == "" or (isinstance(label, str) and not label.strip()):
+    if column is None:
+        label = ""
+    elif label is None or label == "" or (isinstance(label, str) and not label.strip()):
         raise FeatcacheError(f"{at}: image {p!r} has no label; give every row a label, or remove the row")
-    if isinstance(label, bool) or not isinstance(label, (str, int)):
+    elif isinstance(label, bool) or not isinstance(label, (str, int, float)):
         raise FeatcacheError(
             f"{at}: the label of {p!r} is a {type(label).__name__} ({label!r}); labels are strings "
-            '(or integers), e.g. "cat"'
+            '(or integers), e.g. "cat"; a set of classes per image goes in a "labels" column'
         )
     if with_split and split not in SPLITS:
         raise FeatcacheError(
@@ -376,7 +426,7 @@ def builtin_samples(name: str) -> ArraySamples:
 
 
 def load_dataset(
-    spec: str,
+    spec: str | Any,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -384,17 +434,31 @@ def load_dataset(
     limit: int | None = None,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    task: str = AUTO,
+    targets: Sequence[str] = (),
+    image_column: str | None = None,
+    label_column: str | None = None,
+    cache_dir: str | None = None,
 ) -> DatasetSplits:
     """Resolve a dataset spec to train/val/test splits (seeded and stratified where split here).
 
     Args:
-        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT`` or a built-in name.
+        spec: a folder, a ``.csv``/``.jsonl`` manifest, ``torchvision:NAME:ROOT``, a built-in name,
+            WebDataset shards (``shards-{000000..000099}.tar``, one ``.tar``, a folder of them), a
+            Hugging Face dataset (a ``save_to_disk`` folder, ``hf-dataset:REPO[:CONFIG]``, or a
+            ``datasets.Dataset``/``DatasetDict`` object).
         val_fraction: share of each class held out for validation when the source has no val split.
         test_fraction: share held out for testing when the source has no test split.
         seed: split seed.
         download: let torchvision datasets download (needs internet).
         limit: keep at most this many samples (stratified), for quick runs.
         max_image_pixels: image files with more pixels are bad images (None: no limit).
+        task: ``auto`` (what a manifest's columns say; folders and sets are ``classify``),
+            ``classify``, ``multilabel`` or ``regress`` (:mod:`featcache.data.tasks`).
+        targets: a manifest's float columns to regress on.
+        image_column: the image column of a Hugging Face dataset (the image extension of shards).
+        label_column: the label column of a Hugging Face dataset (``cls``/``txt``/``json`` of shards).
+        cache_dir: the cache root whose memo spares re-reading unchanged shards.
 
     Example:
         >>> splits = load_dataset("digits", seed=0)
@@ -403,10 +467,46 @@ def load_dataset(
     """
     if limit is not None and limit < 1:
         raise FeatcacheError(f"--limit {limit}: keep at least one sample per class, or leave --limit out")
+    check_task(task)
+    manifest = (
+        isinstance(spec, (str, Path)) and Path(spec).suffix in (".csv", ".jsonl") and Path(spec).is_file()
+    )
+    if not manifest and (task not in (AUTO, "classify") or targets):
+        asked = f"--task {task}" if task != AUTO else "--targets"
+        name = spec if isinstance(spec, (str, Path)) else type(spec).__name__
+        raise FeatcacheError(
+            f"{asked}: dataset {str(name)!r} is not a CSV/JSONL manifest, and the labels of folders, shards, "
+            "Hugging Face, torchvision and built-in sets are classes (classify). Write a manifest with a "
+            "'labels' (a set of classes) or 'target' (numbers) column for the other tasks"
+        )
+    spec = str(spec) if isinstance(spec, Path) else spec
+    columns: dict[str, Any] = {"image_column": image_column, "label_column": label_column}
+    if is_hf_dataset(spec) or not isinstance(spec, str):
+        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, "datasets"), limit, seed)
+    path = Path(spec)
+    if spec.startswith(HUB) or (path.is_dir() and is_saved_dataset(path)):
+        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+    if is_shard_spec(spec) or (path.is_dir() and is_shard_folder(path)):
+        memo = VersionMemo.under(cache_root(cache_dir))
+        sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=memo)
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec), limit, seed)
+    if spec.startswith("hf:") and not path.exists():
+        raise FeatcacheError(
+            f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
+            f"'{HUB}{spec[3:]}' (or a folder written by save_to_disk)"
+        )
+    given = [flag(k, v) for k, v in columns.items() if v is not None]
+    if given:  # a folder's or a manifest's labels come from its structure: the option would be ignored
+        raise FeatcacheError(
+            f"{' and '.join(given)}: columns are chosen in Hugging Face datasets and WebDataset shards only, "
+            f"not in {spec!r}; leave the option out"
+        )
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
         if limit and limit < len(samples):
-            keep, _, _ = stratified_split(samples.labels, 0.0, 1 - limit / len(samples), seed)
+            keep, _, _ = stratified_split(samples.strata(), 0.0, 1 - limit / len(samples), seed)
             samples = samples.subset(keep, spec)
         return _split(samples, val_fraction, test_fraction, seed, spec)
     if spec.startswith("torchvision:"):
@@ -416,19 +516,35 @@ def load_dataset(
                 f"dataset spec {spec!r} must be torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data"
             )
         return _limited(torchvision_dataset(parts[1], parts[2], download, val_fraction, seed), limit, seed)
-    path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
             f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
-            f"torchvision:NAME:ROOT, or one of {', '.join(BUILTIN)}"
+            f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
+            f"or one of {', '.join(BUILTIN)}"
         )
     if path.is_dir():
         splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels)
         return _limited(splits, limit, seed)
     if path.suffix in (".csv", ".jsonl"):
-        splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels)
+        splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels, task, targets)
         return _limited(splits, limit, seed)
-    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest")
+    raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest, nor a .tar shard")
+
+
+def _assembled(
+    found: tuple[dict[str, SampleSet], list[str]], val: float, test: float, seed: int, spec: str
+) -> DatasetSplits:
+    """Splits from a source's own (``train``, ``val``, ``test``; val held out of train when missing, as
+    for a folder) or, for one set (``all``), the seeded stratified split."""
+    sets, classes = found
+    if "all" in sets:
+        return _split(sets["all"], val, test, seed, spec)
+    train, valid = sets["train"], sets.get("val")
+    if valid is None and val > 0:
+        tr, va, _ = stratified_split(train.labels, val, 0.0, seed)
+        if len(va):
+            train, valid = train.subset(tr, "train"), train.subset(va, "val")
+    return DatasetSplits(train, valid, sets.get("test"), classes, spec)
 
 
 def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:
@@ -438,8 +554,8 @@ def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSpli
         return splits
 
     def cut(s: SampleSet) -> SampleSet:
-        keep, _, _ = stratified_split(s.labels, 0.0, 1 - limit / total, seed)
+        keep, _, _ = stratified_split(s.strata(), 0.0, 1 - limit / total, seed)
         return s.subset(keep, s.name)
 
     val, test = (cut(s) if s is not None else None for s in (splits.val, splits.test))
-    return DatasetSplits(cut(splits.train), val, test, splits.classes, splits.spec)
+    return DatasetSplits(cut(splits.train), val, test, splits.classes, splits.spec, splits.task)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, flag
 from .digests import DigestMemo, SampleChangedError, bytes_digest, digests_of, pixels_digest
+from .tasks import label_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -52,12 +53,22 @@ class SampleSet(abc.ABC):
     :meth:`_fingerprint_rows`.
     """
 
-    def __init__(self, ids: Sequence[str], labels: np.ndarray, classes: Sequence[str], name: str) -> None:
+    def __init__(
+        self,
+        ids: Sequence[str],
+        labels: np.ndarray,
+        classes: Sequence[str],
+        name: str,
+        task: str = "classify",
+    ) -> None:
         if len(ids) != len(labels):
             raise FeatcacheError(f"{name}: {len(ids)} ids but {len(labels)} labels")
         self.ids = list(ids)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.classes = list(classes)
+        #: ``classify``, ``multilabel`` or ``regress`` (:mod:`featcache.data.tasks`)
+        self.task = task
+        # int64 class indices, or float32 (N, K) multi-hot rows / targets
+        self.labels = label_array(labels, task)
+        self.classes = list(classes)  # class names, or the names of the regression targets
         self.name = name
 
     def __len__(self) -> int:
@@ -148,6 +159,16 @@ class SampleSet(abc.ABC):
         """
         return self.load(index)
 
+    def strata(self) -> np.ndarray:
+        """What a seeded split keeps the proportions of: the class of each image; one group for the other
+        tasks (a plain seeded split).
+
+        Example:
+            >>> ArraySamples(np.zeros((3, 2, 2), np.uint8), [0, 1, 1]).strata().tolist()
+            [0, 1, 1]
+        """
+        return self.labels if self.task == "classify" else np.zeros(len(self), dtype=np.int64)
+
     def subset(self, indices: Sequence[int] | np.ndarray, name: str) -> SampleSet:
         """A view on some rows (used for splits)."""
         return _Subset(self, np.asarray(indices, dtype=np.int64), name)
@@ -176,7 +197,8 @@ class SampleSet(abc.ABC):
 
 class _Subset(SampleSet):
     def __init__(self, parent: SampleSet, indices: np.ndarray, name: str) -> None:
-        super().__init__([parent.ids[i] for i in indices], parent.labels[indices], parent.classes, name)
+        ids, labels = [parent.ids[i] for i in indices], parent.labels[indices]
+        super().__init__(ids, labels, parent.classes, name, parent.task)
         self.parent, self.indices = parent, indices
 
     @property
@@ -224,6 +246,7 @@ class FileSamples(SampleSet):
         labels: np.ndarray,
         classes: Sequence[str],
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        task: str = "classify",
     ) -> None:
         self.root = Path(root)
         self.max_pixels = max_pixels  # travels with the object into DataLoader workers: no global
@@ -231,7 +254,7 @@ class FileSamples(SampleSet):
         top = str(self.root).rstrip(os.sep) + os.sep
         ids = [p if type(p) is str and p[:1] != os.sep else self._relative(Path(p)) for p in paths]
         self._files = [top + i for i in ids]  # absolute path of each sample, as a string
-        super().__init__(ids, labels, classes, name=str(root))
+        super().__init__(ids, labels, classes, name=str(root), task=task)
 
     def _relative(self, p: Path) -> str:
         return p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()

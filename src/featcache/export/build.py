@@ -219,6 +219,14 @@ def _build_head_run(folder: RunFolder, weights: str | None) -> tuple[ExportedMod
     on_gpu = bool(record.environment.get("cuda")) and extract.get("device") != "cpu"
     if extract.get("amp") or (extract.get("amp") is None and on_gpu):
         notes.append("features were extracted under bf16 autocast; the exported model runs in float32")
+    if head_info.task == "multilabel":
+        notes.append(
+            f"multi-label: an output per class is a logit; a class is predicted where its sigmoid reaches "
+            f"{head_info.threshold if head_info.threshold is not None else 0.5:g} "
+            "(head.threshold, chosen on val)"
+        )
+    elif head_info.task == "regress":
+        notes.append(f"regression: the outputs are the values of {', '.join(record.classes)}, in their units")
     info = ExportInfo(
         format="memory",
         model=record.model,

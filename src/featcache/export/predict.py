@@ -185,13 +185,38 @@ class Predictor:
             x = torch.stack([prepare_fixed(img.cpu().numpy(), self.info.preprocessing) for img in x])
         return self._run(x).float().cpu()
 
+    @property
+    def task(self) -> str:
+        """What the model predicts: ``classify``, ``multilabel`` or ``regress`` (its head's task)."""
+        return str(self.info.head.get("task", "classify"))
+
+    @property
+    def threshold(self) -> float:
+        """A multi-label model's probability threshold (chosen on val when it trained; else 0.5)."""
+        value = self.info.head.get("threshold")
+        return float(value) if value is not None else 0.5
+
     def top(self, logits: torch.Tensor, top_k: int = 5) -> list[list[dict[str, Any]]]:
-        """Per row, the ``top_k`` classes by softmax probability: ``[{"class": name, "prob": p}, ...]``."""
+        """Per row, the ``top_k`` classes by softmax probability: ``[{"class": name, "prob": p}, ...]``;
+        for a multi-label model the classes whose sigmoid probability reaches :attr:`threshold` (the
+        label set, most probable first, ``top_k`` ignored), for a regression model every target's value
+        (``[{"target": name, "value": v}, ...]``, in the targets' units)."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        names = self.info.classes
+        if self.task == "regress":
+            return [[{"target": n, "value": float(v)} for n, v in zip(names, row)] for row in logits.tolist()]
+        if self.task == "multilabel":
+            probs = torch.sigmoid(logits.double())
+            return [
+                sorted(
+                    ({"class": names[k], "prob": float(p)} for k, p in enumerate(row) if p >= self.threshold),
+                    key=lambda t: -t["prob"],
+                )
+                for row in probs.tolist()
+            ]
         probs = torch.softmax(logits.double(), dim=1)
         values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        names = self.info.classes
         return [
             [{"class": names[int(i)], "prob": float(v)} for v, i in zip(vs, ix)]
             for vs, ix in zip(values.tolist(), indices.tolist())

@@ -155,7 +155,9 @@ def extract(
         "rows_by_process": done.by_process,
         "method": done.method or _table_method(cache.open(key)),
     }
-    out = cache.open_split(key, names, digests, samples.ids, samples.labels, samples.classes, info)
+    out = cache.open_split(
+        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
+    )
     if out.manifest["skipped"] and config.on_bad_image == "error":  # recorded by an earlier skipping run
         first = out.manifest["skipped"][0]
         raise BadImageError(

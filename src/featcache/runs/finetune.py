@@ -281,7 +281,12 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     folder = spec.folder("finetune")
     device = resolve_device(spec.train.device)
     backbone = spec.backbone()
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
+    if splits.task != "classify":  # the network's own classifier is replaced by a softmax head
+        raise FeatcacheError(
+            f"finetune trains a classifier; this dataset's task is {splits.task}: train a head on the cached "
+            "features with `featcache train` (or `probe`), which take multi-label and regression sets"
+        )
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with

@@ -38,7 +38,7 @@ from ..extract.config import ExtractConfig
 from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
-from .report import plot_confusion, plot_curves
+from .report import plot_confusion, plot_curves, plot_label_ap, plot_scatter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ RUN_FILES = (
     "skipped.csv",
     "sweep.json",
     "sweep.png",
+    "label_ap.png",
+    "scatter.png",
+    "predictions.csv",
 )
 
 
@@ -87,7 +90,8 @@ class RunRecord:
         data: the :class:`~featcache.data.DataConfig` as a dict.
         extract: the :class:`~featcache.extract.ExtractConfig` as a dict, with the run's ``layers``,
             ``augment`` and ``views``.
-        classes: class names, in label order.
+        classes: class names, in label order (regress: the targets' names).
+        task: what the run learnt: ``classify``, ``multilabel`` or ``regress`` (never part of a cache key).
         weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
         layer: the layer a head trained on (None for a fine-tuned network); ``layer_layout``: its
             layout (what pooling averaged over; export pools the same way).
@@ -123,6 +127,7 @@ class RunRecord:
     verb: dict[str, Any] = field(default_factory=dict)
     featcache_version: str = __version__
     environment: dict[str, Any] = field(default_factory=environment)
+    task: str = "classify"
 
     def __repr__(self) -> str:
         return (
@@ -214,7 +219,11 @@ class Run:
         dev = resolve_device(device)
         data = source_for(cached, self.layer, dev)
         check_input(self.head_info.in_shape, data.row_shape)
-        return evaluate(self.head.to(dev), data, self.head_info.num_classes)
+        info = self.head_info
+        threshold = info.threshold if info.threshold is not None else 0.5
+        return evaluate(
+            self.head.to(dev), data, info.num_classes, task=info.task, threshold=threshold, names=self.classes
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -279,9 +288,10 @@ class RunFolder:
                 f"`featcache sweep --resume --out {folder.path}` finishes it, or pass one of its run folders"
             )
         best = json.loads(sweep.read_text())["best"]
+        key = next((k for k in best if k.startswith("val_") and k != "val_loss"), "val_acc")
         note = (
-            f"{folder.path} is a sweep: using its chosen run {best['run']} (layer {best['layer']}, val acc "
-            f"{best['val_acc']:.4g}, chosen on the validation split)"
+            f"{folder.path} is a sweep: using its chosen run {best['run']} (layer {best['layer']}, val "
+            f"{key[4:].replace('_', ' ')} {best[key]:.4g}, chosen on the validation split)"
         )
         return cls(folder.path / best["run"]), note
 
@@ -483,8 +493,41 @@ class RunFolder:
         if "history" in metrics:
             plot_curves(dict(metrics), self._out("curves.png"), title)
             self._write_csv("history.csv", list(metrics["history"]))
-        if "test" in metrics:
+        if "test" in metrics and "confusion" in metrics["test"]:
             plot_confusion(metrics["test"]["confusion"], classes, self._out("confusion.png"))
+        if "test" in metrics and "per_label_ap" in metrics["test"]:
+            plot_label_ap(
+                metrics["test"]["per_label_ap"], classes, self._out("label_ap.png"), f"{title} · test"
+            )
+
+    @_writes("predictions.csv and scatter.png")
+    def write_task_report(
+        self, task: str, split: str, ids: list[str], y: torch.Tensor, out: torch.Tensor, classes: list[str]
+    ) -> None:
+        """``predictions.csv`` of ``split`` for a multi-label or regression head (``out``: its outputs:
+        logits, or values in the targets' units) beside the truth ``y``; ``scatter.png`` of a regression.
+
+        Example:
+            >>> folder.write_task_report("regress", "test", ids, y, head_outputs, ["age"])  # doctest: +SKIP
+        """
+        if len(ids) != len(out):  # rows dropped on the way (skipped bad images): ids would not match
+            return
+        truth, pred = y.float().cpu().numpy(), out.float().cpu().numpy()
+        if task == "regress":
+            plot_scatter(pred, truth, classes, self._out("scatter.png"), f"{split}: predicted vs true")
+            rows = [
+                {"split": split, "id": i, **{f"true_{c}": float(t[k]) for k, c in enumerate(classes)},
+                 **{f"predicted_{c}": float(p[k]) for k, c in enumerate(classes)}}
+                for i, t, p in zip(ids, truth, pred, strict=True)
+            ]  # fmt: skip
+        else:
+            probs = torch.sigmoid(out.float().cpu()).numpy()
+            rows = [
+                {"split": split, "id": i, "true": ";".join(c for c, v in zip(classes, t, strict=True) if v > 0.5),  # noqa: E501
+                 **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, p, strict=True)}}
+                for i, t, p in zip(ids, truth, probs, strict=True)
+            ]  # fmt: skip
+        self._write_csv("predictions.csv", rows)
 
     @_writes("misclassified.csv")
     def write_misclassified(
@@ -576,9 +619,11 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
 
 def _scores(metrics: Mapping[str, Any]) -> str:
     """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics."""
-    return "".join(
-        f", {split}_acc={metrics[split]['acc']:.4g}" for split in ("val", "test") if split in metrics
-    )
+    out = ""
+    for split in ("val", "test"):
+        key = next((k for k in ("acc", "map", "r2") if k in metrics.get(split, {})), None)
+        out += f", {split}_{key}={metrics[split][key]:.4g}" if key else ""
+    return out
 
 
 def load_run(run_dir: str | Path) -> Run:

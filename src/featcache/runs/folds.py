@@ -176,7 +176,14 @@ def folds_run(
         >>> res, feats = folds_run(spec, "penultimate", 5, HeadSpec())  # doctest: +SKIP
     """
     backbone = spec.backbone()
-    feats, _ = spec.extract_all(backbone, spec.data.load(), [layer])
+    splits = spec.data.load(spec.cache_dir)
+    if splits.task != "classify":  # the folds are dealt per class, and score accuracy
+        raise FeatcacheError(
+            f"--folds cross-validates classifiers; this dataset's task is {splits.task}: run `train` or "
+            "`probe` "
+            "without --folds (they choose on the validation split)"
+        )
+    feats, _ = spec.extract_all(backbone, splits, [layer])
     t0 = time.perf_counter()
     if isinstance(head, HeadSpec):
         res = folds_train(feats, layer, head, spec.train, k, spec.data.seed, spec.progress)

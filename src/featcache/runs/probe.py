@@ -21,13 +21,16 @@ from .._config import to_json
 from .._util import FeatcacheError, resolve_device, unknown
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
+from ..train.objectives import metric_key
 from ..train.sources import FeatureSource, source_for
 from .logistic import SoftmaxRegression, Solution, small_problem_threads
 from .spec import RunSpec, skipped_rows
+from .target_probes import probe_task
 from .train import write_mistakes
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
-METRICS = ("acc", "balanced-acc")
+#: auto: the task's own (acc, map, r2); balanced-acc (classify), map-micro (multilabel), pearson (regress)
+METRICS = ("auto", "acc", "balanced-acc", "map", "map-micro", "r2", "pearson")
 CLASS_WEIGHTS = ("none", "balanced")
 
 
@@ -41,8 +44,9 @@ class ProbeConfig:
         max_iter: L-BFGS iterations per fit at most.
         tol: stop a fit when the largest gradient entry is below this (scikit-learn's default, 1e-4).
         standardize: standardise features with train statistics (train+val for the refit).
-        metric: what chooses the strength on val and is reported: acc or balanced-acc (the mean of the
-            per-class recalls, for imbalanced sets).
+        metric: what chooses the strength on val and is reported: auto (the task's: acc, map for
+            multilabel, r2 for regress), balanced-acc (the mean of the per-class recalls, for imbalanced
+            sets), map-micro (multilabel), pearson (regress).
         class_weight: none, or balanced (each class weighs as much in the loss, whatever its size).
         shots: few-shot probe: K training images per class, drawn from the training split only.
         shot_seeds: how many draws of the few-shot training set (the report is their mean and std).
@@ -55,7 +59,7 @@ class ProbeConfig:
     max_iter: int = 200
     tol: float = 1e-4
     standardize: bool = True
-    metric: str = "acc"
+    metric: str = "auto"
     class_weight: str = "none"
     shots: int | None = None
     shot_seeds: int = 5
@@ -66,7 +70,7 @@ class ProbeConfig:
             raise FeatcacheError("--strengths must be one or more values >= 0, got none")
         check_numbers("strengths", self.strengths, 0, why="L2 strengths")
         if self.metric not in METRICS:
-            raise unknown("probe metric", self.metric, METRICS, "Use --metric acc|balanced-acc.")
+            raise unknown("probe metric", self.metric, METRICS, "Use --metric " + "|".join(METRICS) + ".")
         if self.class_weight not in CLASS_WEIGHTS:
             raise unknown(
                 "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
@@ -78,8 +82,17 @@ class ProbeConfig:
 
     @property
     def score(self) -> str:
-        """The metrics key the strength is chosen on."""
-        return "balanced_acc" if self.metric == "balanced-acc" else "acc"
+        """The metrics key the strength of a classifier's probe is chosen on."""
+        return self.score_for("classify")
+
+    def score_for(self, task: str) -> str:
+        """The metrics key the strength is chosen on for ``task``; a metric of another task is refused.
+
+        Example:
+            >>> ProbeConfig().score_for("regress"), ProbeConfig(metric="balanced-acc").score
+            ('r2', 'balanced_acc')
+        """
+        return metric_key(task, self.metric)
 
 
 @dataclass
@@ -94,7 +107,8 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        test = f", test_acc={self.test['acc']:.4g}" if self.test else ""
+        key = next((k for k in ("acc", "map", "r2") if k in (self.test or {})), None)
+        test = f", test_{key}={self.test[key]:.4g}" if self.test and key else ""
         return f"ProbeResult(strength={self.strength:g}, strengths tried={len(self.sweep)}{test})"
 
 
@@ -278,7 +292,7 @@ def few_shot(
     summary = {
         "shots": config.shots,
         "seeds": config.shot_seeds,
-        "metric": config.metric,
+        "metric": key.replace("_", "-"),
         "on": "test" if results[0].test else "val",
         "per_seed": scores,
         "test_mean": float(np.mean(scores)),
@@ -305,7 +319,7 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
     folder = spec.folder("probe") if spec.out is not None else None
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
     spec.announce("probe", backbone, splits, what, None)
     feats, _ = spec.extract_all(backbone, splits, [layer])
@@ -317,9 +331,16 @@ def probe_run(spec: RunSpec, layer: str = "penultimate", config: ProbeConfig | N
         )
     dev = resolve_device(spec.train.device)
     src = {k: source_for(v, layer, dev) for k, v in feats.items()}
-    classes = feats["train"].classes
+    classes, task = feats["train"].classes, feats["train"].task
     args = (src["train"], src["val"], src.get("test"), len(classes), config, spec.progress)
-    if config.shots is None:
+    config.score_for(task)  # a metric of another task is refused before anything is fitted
+    if task != "classify":
+        if config.shots is not None or config.class_weight != "none":
+            raise FeatcacheError(
+                f"--shots and --class-weight are for classifiers; this {task} set takes neither"
+            )
+        res = probe_task(task, src["train"], src["val"], src.get("test"), classes, config, spec.progress)
+    elif config.shots is None:
         res = linear_probe(*args)
     else:
         res, summary = few_shot(*args)

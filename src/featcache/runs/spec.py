@@ -135,7 +135,8 @@ class RunSpec:
         sizes = " / ".join(f"{len(s)} {n}" for n, s in splits.items())
         line = (
             f"{verb}: {backbone.cfg.spec} (weights {backbone.cfg.weights}), input {h}x{w}: "
-            f"{pre.describe()}; {what}; {splits.spec}: {sizes} images, {len(splits.classes)} classes"
+            f"{pre.describe()}; {what}; {splits.spec}: {sizes} images, {len(splits.classes)} "
+            + ("classes" if splits.task == "classify" else f"{_NOUNS[splits.task]} ({splits.task})")
         )
         if train is not None:
             rows = len(splits.train)
@@ -211,8 +212,13 @@ class RunSpec:
             view_keys=tuple(v.key for v in views),
             verb=verb,
             cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
+            task=feats["train"].task if "train" in feats else "classify",
             **typed,
         )
+
+
+#: what a task's classes are, in the start-of-run line
+_NOUNS = {"multilabel": "labels", "regress": "targets"}
 
 
 def skipped_rows(feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:

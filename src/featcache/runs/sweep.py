@@ -31,10 +31,12 @@ from .._checks import check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..cache.store import CachedFeatures
+from ..data.datasets import DatasetSplits
 from ..extract.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import TrainingDiverged, TrainingInterrupted
 from ..train.heads import HeadInfo, HeadSpec, build_head
+from ..train.objectives import metric_key
 from .folder import RunFolder, RunRecord
 from .report import plot_sweep
 from .spec import RunSpec, skipped_rows
@@ -70,7 +72,8 @@ class SweepResult:
         b = self.best
         return (
             f"SweepResult({str(self.out)!r}, {len(self.rows)} runs, best={b['layer']!r} ({b['run']}) "
-            f"val_acc={b['val_acc']:.4g})"
+            + ", ".join(f"{k}={v:.4g}" for k, v in b.items() if k.startswith("val_") and k != "val_loss")
+            + ")"
         )
 
 
@@ -89,6 +92,8 @@ class SweepGrid:
         head: the head trained on each layer.
         lrs: learning rates to try (empty: the spec's ``train.lr``).
         weight_decays: weight decays to try (empty: the spec's ``train.weight_decay``).
+        metric: what chooses on val: auto (the task's: acc, map for multilabel, r2 for regress),
+            balanced-acc, map-micro, f1, pearson.
 
     Example:
         >>> SweepGrid(("blocks.4", "penultimate"), lrs=(1e-3, 3e-3)).layers
@@ -99,8 +104,11 @@ class SweepGrid:
     head: HeadSpec = field(default_factory=HeadSpec)
     lrs: tuple[float, ...] = field(default=(), metadata={"shown": "--lr's value alone"})
     weight_decays: tuple[float, ...] = field(default=(), metadata={"shown": "--weight-decay's value alone"})
+    metric: str | None = field(default=None, metadata={"none": "auto", "shown": "auto"})
 
     def __post_init__(self) -> None:
+        if self.metric == "auto":  # None in configs: sweeps recorded before the field read the same
+            object.__setattr__(self, "metric", None)
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
         object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
@@ -129,12 +137,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     folder = spec.folder("sweep")
     backbone = spec.backbone()
     layers = list(parse_layers(sweep.layers, backbone))
-    splits = spec.data.load()
-    if splits.val is None or not len(splits.val):
-        raise FeatcacheError(
-            "a sweep chooses on the validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) "
-            "or a val/ folder"
-        )
+    splits = spec.data.load(spec.cache_dir)
+    key = _chosen_on(splits, sweep)
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
     spec.announce("sweep", backbone, splits, what, spec.train)
@@ -168,8 +172,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             "sweep", backbone, feats, [layer], views, layer=layer, head=sweep.head.to_dict(),
             train=to_json(cfg), sweep=str(folder.path),
         )  # fmt: skip
-        out = (spec.resume and _finished_row(child, record)) or _train_one(
-            child, record, feats, views, sweep.head, cfg
+        out = (spec.resume and _finished_row(child, record, key)) or _train_one(
+            child, record, feats, views, sweep.head, cfg, key
         )
         reused += bool(out.pop("reused", False))
         in_shape = {"shape": out.pop("shape")} if "shape" in out else {}
@@ -178,8 +182,8 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             at_last.append(out["best_epoch"] == cfg.epochs)
         trained = _trained(rows)
         if trained:
-            best = best_on_val(trained)
-            bar.set_postfix(best=f"{best['layer']} {best['val_acc']:.3f}")
+            best = best_on_val(trained, key)
+            bar.set_postfix(best=f"{best['layer']} {best[key]:.3f}")
         bar.update()
     bar.close()
     if reused == len(rows):
@@ -188,7 +192,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         spec.say(f"resumed {folder.path}: {reused} finished runs reused, {len(rows) - reused} trained")
     if not _trained(rows):
         raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
-    best = best_on_val(_trained(rows))
+    best = best_on_val(_trained(rows), key)
     warnings = []
     if at_last and all(at_last):
         warnings.append(
@@ -204,15 +208,27 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         "cache_keys": {k: v.key for k, v in feats.items()},
         **({"view_keys": [v.key for v in views]} if views else {}),
         "extract_seconds": extract_seconds,
-        "chosen_on": "val_acc (ties: val_loss)",
+        "chosen_on": f"{key} (ties: val_loss)",
         "best": best,
         "rows": rows,
         "warnings": warnings,
     }
     folder.write_json("sweep.json", summary)
     title = f"{backbone.cfg.spec}: {sweep.head.kind} head per layer"
-    plot_sweep(_trained(rows), best, list(layers), axes, folder.path / "sweep.png", title)
+    plot_sweep(_trained(rows), best, list(layers), axes, folder.path / "sweep.png", title, key[4:])
     return SweepResult(rows, best, extract_seconds, folder.path)
+
+
+def _chosen_on(splits: DatasetSplits, sweep: SweepGrid) -> str:
+    """The history key a sweep chooses on (``val_acc``, ``val_map``, ``val_r2``...), and a validation
+    split to choose on; a metric of another task, or no val split, is refused before any extraction."""
+    key = "val_" + metric_key(splits.task, sweep.metric)
+    if splits.val is None or not len(splits.val):
+        raise FeatcacheError(
+            "a sweep chooses on the validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) "
+            "or a val/ folder"
+        )
+    return key
 
 
 def _train_one(
@@ -222,8 +238,9 @@ def _train_one(
     views: list[CachedFeatures],
     head_spec: HeadSpec,
     cfg: TrainConfig,
+    key: str = "val_acc",
 ) -> dict[str, Any]:
-    """One combination of a sweep as a run folder; its row of the sweep table."""
+    """One combination of a sweep as a run folder; its row of the sweep table (chosen on ``key``)."""
     folder.write_config(record)
     layer = str(record.layer)
     try:
@@ -241,7 +258,7 @@ def _train_one(
             f"sweep interrupted in {folder.path} (kept, unfinished, with the runs before it); "
             f"`featcache sweep --resume --out {folder.path.parent}` finishes it, reusing the finished runs",
         )
-    return _row(folder, info, metrics)
+    return _row(folder, info, metrics, key)
 
 
 def _write_record(spec: RunSpec, folder: RunFolder, record: RunRecord) -> None:
@@ -254,7 +271,7 @@ def _write_record(spec: RunSpec, folder: RunFolder, record: RunRecord) -> None:
     folder.write_config(record)
 
 
-def _finished_row(folder: RunFolder, record: RunRecord) -> dict[str, Any] | None:
+def _finished_row(folder: RunFolder, record: RunRecord, key: str = "val_acc") -> dict[str, Any] | None:
     """The row of a sweep's run that finished before the sweep was interrupted, read back from its folder
     (None, so it trains again: a run that is absent, unfinished, diverged or made with other settings)."""
     metrics = folder.read_metrics()
@@ -263,16 +280,18 @@ def _finished_row(folder: RunFolder, record: RunRecord) -> dict[str, Any] | None
     old, new = folder.read_config().to_json(), record.to_json()
     if any(old.get(k) != new.get(k) for k in ("layer", "head", "train", "cache_keys", "split_keys")):
         return None
-    return {**_row(folder, folder.load_head()[1], metrics), "reused": True}
+    return {**_row(folder, folder.load_head()[1], metrics, key), "reused": True}
 
 
-def _row(folder: RunFolder, info: HeadInfo, metrics: dict[str, Any]) -> dict[str, Any]:
-    """A finished run's row of the sweep table, from its metrics (as written to its metrics.json)."""
+def _row(folder: RunFolder, info: HeadInfo, metrics: dict[str, Any], key: str = "val_acc") -> dict[str, Any]:
+    """A finished run's row of the sweep table, from its metrics (as written to its metrics.json): the
+    val and test values of the metric ``key`` chooses on (``val_acc``, ``val_map``, ``val_r2``, ...)."""
+    name = key[4:]
     return {
         "shape": list(info.in_shape),
-        "val_acc": metrics["val"]["acc"],
+        key: metrics["val"][name],
         "val_loss": metrics["val"]["loss"],
-        **({"test_acc": metrics["test"]["acc"]} if "test" in metrics else {}),
+        **({f"test_{name}": metrics["test"][name]} if "test" in metrics else {}),
         "best_epoch": metrics["best_epoch"],
         "train_seconds": round(metrics["train_seconds"], 3),
         "run": folder.path.name,

@@ -6,12 +6,15 @@ cached layer, fitted on the train split (or its cached augmented views), evaluat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from .._config import to_json
@@ -23,17 +26,27 @@ from ..extract.build import cache_record
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_logits
-from ..train.heads import Head, HeadInfo, HeadSpec, build_head, fit_standardize
+from ..train.heads import Head, HeadInfo, HeadSpec, TargetScale, build_head, fit_standardize
+from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .folder import Run, RunFolder
 from .spec import RunSpec, skipped_rows
 
 
 def evaluate_splits(
-    model: nn.Module, result: FitResult, sources: Mapping[str, Any], num_classes: int
+    model: nn.Module,
+    result: FitResult,
+    sources: Mapping[str, Any],
+    num_classes: int,
+    info: HeadInfo | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json content: the fit's history and timings, and val/test metrics of the best model."""
+    """metrics.json content: the fit's history and timings, and val/test metrics of the best model (for
+    the task of ``info``, at its multi-label threshold; ``names``: the classes or targets)."""
+    task = info.task if info is not None else "classify"
+    threshold = info.threshold if info is not None and info.threshold is not None else 0.5
     metrics: dict[str, Any] = {
+        "task": task,
         "history": result.history,
         "step_losses": result.step_losses,
         "examples_per_epoch": result.examples_per_epoch,
@@ -48,7 +61,13 @@ def evaluate_splits(
     for split in ("val", "test"):
         if sources.get(split) is not None:
             metrics[split] = evaluate(
-                model, sources[split], num_classes, front_once=result.extra.get("fast_paths", True)
+                model,
+                sources[split],
+                num_classes,
+                front_once=result.extra.get("fast_paths", True),
+                task=task,
+                threshold=threshold,
+                names=names,
             )
     return metrics
 
@@ -56,9 +75,16 @@ def evaluate_splits(
 def write_mistakes(
     folder: RunFolder, head: nn.Module, feats: Mapping[str, CachedFeatures], layer: str, config: TrainConfig
 ) -> None:
-    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids."""
+    """``misclassified.csv`` of the test split (else val), from the cached rows and their ids; for the
+    other tasks, the per-label AP chart or the predicted-vs-true scatter of the test split."""
     split = next((s for s in ("test", "val") if s in feats), None)
-    if split is not None:
+    if split is not None and feats[split].task != "classify":
+        cached = feats[split]
+        data = source_for(cached, layer, resolve_device(config.device), config.ram_budget_gb)
+        folder.write_task_report(
+            cached.task, split, cached.ids, data.y, predict_logits(head, data), cached.classes
+        )
+    elif split is not None:
         cached = feats[split]
         data = source_for(cached, layer, resolve_device(config.device), config.ram_budget_gb)
         folder.write_misclassified(split, cached.ids, data.y, predict_logits(head, data), cached.classes)
@@ -85,7 +111,7 @@ def train_on_cache(
     """
     device, budget, plain = resolve_device(config.device), config.ram_budget_gb, feats["train"]
     shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
-    classes = plain.classes
+    classes, task = plain.classes, plain.task
     # With views the plain split only gives the statistics, read from the memory map by chunks.
     train: BatchSource = (
         ViewCycle([source_for(v, layer, device, budget / len(views)) for v in views])
@@ -100,16 +126,66 @@ def train_on_cache(
         rows = held if held is not None else plain.features[layer]
         mean, var = (stats.mean, stats.var) if stats is not None else (None, None)
         std = fit_standardize(head_spec.kind, rows, mean, var, dtype=plain.dtype, layout=layout)
-    info = HeadInfo(head_spec, shape, len(classes), standardize=std is not None, layout=layout)
     head = build_head(head_spec, shape, len(classes), std, seed=config.seed, layout=layout)
     sources: dict[str, FeatureSource] = {
         k: source_for(feats[k], layer, device, budget) for k in ("val", "test") if k in feats
     }
+    scale = TargetScale.fit(torch.as_tensor(plain.labels)) if task == "regress" else None
+    val = sources.get("val")
     try:
-        result = fit(head, train, sources.get("val"), len(classes), config, progress, checkpoint, resume)
+        # A regression head learns standardised targets (train and val alike); its TargetScale puts
+        # the outputs back in the targets' units once it has trained.
+        with _standardised(scale, train, val):
+            args = (len(classes), config, progress, checkpoint, resume)
+            result = fit(head, train, val, *args, task=task)
     except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
         result = stop.result
-    return head, info, result, evaluate_splits(head, result, sources, len(classes))
+    if scale is not None:
+        head.target = scale.to(device)
+    threshold = None
+    if task == "multilabel":  # the probability that best separates labels on val (0.5 without val)
+        threshold = (
+            best_threshold(_probs(head, val), val.y.cpu().numpy()) if val is not None and len(val) else 0.5
+        )
+    info = HeadInfo(
+        head_spec,
+        shape,
+        len(classes),
+        standardize=std is not None,
+        layout=layout,
+        task=task,
+        threshold=threshold,
+    )
+    return head, info, result, evaluate_splits(head, result, sources, len(classes), info, classes)
+
+
+def _probs(head: nn.Module, data: BatchSource) -> np.ndarray:
+    """A multi-label head's probabilities on every row of ``data``."""
+    return torch.sigmoid(predict_logits(head, data)).numpy()
+
+
+@contextlib.contextmanager
+def _standardised(scale: TargetScale | None, *sources: BatchSource | None) -> Iterator[None]:
+    """Inside, the sources' targets are standardised with ``scale`` (their own afterwards)."""
+    if scale is None:
+        yield
+        return
+    held = [(s, s.y) for s in sources if s is not None and s.y is not None]
+    try:
+        for s, y in held:
+            _set_y(s, (y - scale.mean.to(y.device)) / scale.std.to(y.device))
+        yield
+    finally:
+        for s, y in held:
+            _set_y(s, y)
+
+
+def _set_y(source: BatchSource, y: torch.Tensor) -> None:
+    """Give a source (and the views of a cycle) the targets ``y``; the next epoch draws with them."""
+    for s in (source, *getattr(source, "views", ())):
+        s.y = y  # type: ignore[misc]
+        if getattr(s, "_shuffled", None) is not None:
+            s._shuffled = None  # type: ignore[attr-defined]
 
 
 def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None = None) -> Run:
@@ -129,7 +205,7 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     folder = spec.folder("train")
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, "train")
-    splits = spec.data.load()
+    splits = spec.data.load(spec.cache_dir)
     train = spec.train.resolved(len(splits.train))
     spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
     _check_head_fits(spec, backbone, splits, layer, head)

@@ -10,7 +10,10 @@ from .._util import unknown
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
-MONITORS = ("val_loss", "val_acc")
+MONITORS = ("val_loss", "val_acc", "val_map", "val_r2")
+#: the losses (auto: the task's first; :mod:`featcache.train.objectives`) and multi-label positive weights
+LOSSES = ("auto", "cross-entropy", "bce", "mse", "huber")
+POS_WEIGHTS = ("none", "balanced")
 CLASS_WEIGHTS = ("none", "balanced")
 #: the automatic batch size gives an epoch at least this many steps, within [MIN_BATCH, MAX_BATCH]
 STEPS_PER_EPOCH = 20
@@ -48,7 +51,8 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         standardize: standardise features with train-split statistics.
         patience: stop after this many epochs without improvement of ``monitor`` (None: never).
-        monitor: ``val_loss`` or ``val_acc`` (selects the best checkpoint).
+        monitor: val_loss, or the task's metric: val_acc (classify), val_map (multilabel), val_r2
+            (regress); selects the best checkpoint and drives --patience.
         seed: seeds the head init, the batch order and dropout.
         device: ``auto``, ``cpu`` or ``cuda``.
         ram_budget_gb: features larger than this (as float32) are streamed from the memory map.
@@ -58,6 +62,9 @@ class TrainConfig:
             on the whole head every step. Same training either way, to float rounding.
         class_weight: none, or balanced: each class weighs as much in the training loss, whatever its
             size (n / (classes x n_c), as scikit-learn's; trains with autograd).
+        loss: auto (the task's: cross-entropy, bce for multilabel, mse for regress), or huber (regress).
+        pos_weight: multilabel: none, or balanced (each class's positives weigh negatives / positives,
+            so a rare label counts as much as its absence).
 
     Example:
         >>> cfg = TrainConfig(epochs=30, lr=1e-3, batch_size=256)
@@ -81,8 +88,20 @@ class TrainConfig:
     amp: bool | None = None
     fast_paths: bool = True
     class_weight: str = "none"
+    loss: str | None = field(default=None, metadata={"none": "auto", "shown": "auto"})
+    pos_weight: str | None = field(default=None, metadata={"shown": "none"})
 
     def __post_init__(self) -> None:
+        # The words of the command line's defaults are None here: configs written before these fields
+        # existed read the same.
+        if self.loss == "auto":
+            object.__setattr__(self, "loss", None)
+        if self.pos_weight == "none":
+            object.__setattr__(self, "pos_weight", None)
+        if self.loss is not None and self.loss not in LOSSES:
+            raise unknown("loss", self.loss, LOSSES, "Use --loss auto|cross-entropy|bce|mse|huber.")
+        if self.pos_weight is not None and self.pos_weight not in POS_WEIGHTS:
+            raise unknown("pos weight", self.pos_weight, POS_WEIGHTS, "Use --pos-weight none|balanced.")
         if self.class_weight not in CLASS_WEIGHTS:
             raise unknown(
                 "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
@@ -92,7 +111,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise unknown("schedule", self.schedule, SCHEDULES, "Use --schedule cosine|constant.")
         if self.monitor not in MONITORS:
-            raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc.")
+            raise unknown("monitor", self.monitor, MONITORS, "Use --monitor val_loss|val_acc|val_map|val_r2.")
         self._check_numbers()
         check_device(self.device)
 

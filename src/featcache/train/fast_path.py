@@ -255,6 +255,7 @@ def take_fast_paths(
     config: TrainConfig,
     amp: bool,
     progress: bool = False,
+    closed_form: bool = True,
 ) -> FastPaths:
     """The fast paths that apply to ``head`` trained on ``train`` (validated on ``val``) by ``opt``.
 
@@ -273,10 +274,10 @@ def take_fast_paths(
         return FastPaths(head, train, None, head, val, FastPathRecord(enabled=False))
     t0 = time.perf_counter()
     model, train, val, from_means = _front_once(head, train, val, progress)
-    # The closed form covers unweighted cross-entropy; class-weighted training takes autograd.
-    step = (
-        LinearStep.build(model, opt, config.label_smoothing, amp) if config.class_weight == "none" else None
-    )
+    # The closed form covers unweighted cross-entropy; class-weighted training, and the losses of the
+    # other tasks (``closed_form`` False), take autograd.
+    covered = closed_form and config.class_weight == "none"
+    step = LinearStep.build(model, opt, config.label_smoothing, amp) if covered else None
     front_seconds = time.perf_counter() - t0 if model is not head else 0.0
     # Validation reads a pooled head's channel means once per run, not once per epoch (e.g. with views).
     val_model, val = on_channel_means(model, val) if val is not None else (model, val)

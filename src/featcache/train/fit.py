@@ -29,6 +29,7 @@ from .._errors import flag
 from .._util import FeatcacheError
 from .config import TrainConfig
 from .fast_path import FastPaths, on_channel_means, prepare_sources, take_fast_paths
+from .objectives import METRIC, loss_name, make_loss, multilabel_metrics, pos_weights, regress_metrics
 from .sources import BatchSource
 
 
@@ -88,9 +89,18 @@ def make_schedule(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epo
 
 @torch.no_grad()
 def evaluate(
-    head: nn.Module, data: BatchSource, num_classes: int, batch_size: int = 1024, front_once: bool = True
+    head: nn.Module,
+    data: BatchSource,
+    num_classes: int,
+    batch_size: int = 1024,
+    front_once: bool = True,
+    task: str = "classify",
+    threshold: float = 0.5,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Loss, top-1, top-5 (when there are >= 5 classes), per-class accuracy and the confusion matrix.
+    """Loss, top-1, top-5 (when there are >= 5 classes), per-class accuracy and the confusion matrix;
+    for the other tasks their metrics (:mod:`featcache.train.objectives`): mAP, per-label AP and F1 at
+    ``threshold`` (multilabel), MAE, RMSE, R², Pearson r (regress, in the units of the head's outputs).
 
     With ``front_once`` a pooled head on cached maps reads their channel means instead of the maps
     (the same numbers; see :meth:`~featcache.train.sources.FeatureSource.mapped`).
@@ -99,6 +109,8 @@ def evaluate(
         >>> m = evaluate(head, FeatureSource(x, y), num_classes=10)  # doctest: +SKIP
         >>> m["acc"], m["confusion"][0][:3]  # doctest: +SKIP
     """
+    if task != "classify":
+        return _evaluate_task(head, data, task, batch_size, front_once, threshold, names)
     was = head.training
     head.eval()
     model, data = on_channel_means(head, data) if front_once else (head, data)
@@ -130,6 +142,32 @@ def evaluate(
     if num_classes >= 5:
         out["top5"] = correct5 / n
     return out
+
+
+def _evaluate_task(
+    head: nn.Module,
+    data: BatchSource,
+    task: str,
+    batch_size: int,
+    front_once: bool,
+    threshold: float,
+    names: list[str] | None,
+) -> dict[str, Any]:
+    """:func:`evaluate` of a multi-label or regression head: every output, then the task's metrics."""
+    was = head.training
+    head.eval()
+    model, data = on_channel_means(head, data) if front_once else (head, data)
+    outs, ys = [], []
+    for xb, yb in data.batches(batch_size, None):
+        outs.append(model(xb).float().cpu())
+        ys.append(yb.float().cpu())
+    head.train(was)
+    out = torch.cat(outs) if outs else torch.zeros(0, 0)
+    y = torch.cat(ys) if ys else torch.zeros(0, 0)
+    loss = float(make_loss(task, None)(out, y)) if len(y) else float("nan")
+    if task == "multilabel":
+        return {"loss": loss, **multilabel_metrics(out.numpy(), y.numpy(), threshold)}
+    return {"loss": loss, **regress_metrics(out.numpy(), y.numpy(), names)}
 
 
 def class_weights(y: torch.Tensor | None, num_classes: int, mode: str) -> torch.Tensor | None:
@@ -193,6 +231,7 @@ def fit(
     stop_after_epochs: int | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
+    task: str = "classify",
 ) -> FitResult:
     """Train ``head`` in place on cached features; the best state (by ``monitor``) is loaded at the end.
 
@@ -210,11 +249,12 @@ def fit(
             parameters of ``head`` that require grad, at ``config.lr``.
         train_mode: puts the model in training mode each epoch (default ``head.train()``); fine-tuning
             uses it to keep frozen parts and frozen BatchNorm layers in eval mode.
+        task: ``classify``, ``multilabel`` or ``regress`` (:mod:`featcache.train.objectives`).
 
     Example:
         >>> result = fit(head, FeatureSource(x, y), None, 10, TrainConfig(epochs=5))  # doctest: +SKIP
     """
-    _check_labels(train, val, num_classes)
+    _check_task(train, val, num_classes, task, config)
     config = config.resolved(len(train))  # an automatic batch size, decided by the split's size
     device = train.device
     head.to(device)
@@ -231,9 +271,8 @@ def fit(
     # Read cached features into memory before the clock starts.
     prepare_sources(head, (train, val), config.fast_paths, range(start_epoch, config.epochs))
     t0 = time.perf_counter()
-    paths = take_fast_paths(head, train, val, opt, config, amp, progress)
-    weight = class_weights(train.y, num_classes, config.class_weight)
-    step = paths.step or _AutogradStep(paths.model, opt, config, amp, device, weight)
+    paths = take_fast_paths(head, train, val, opt, config, amp, progress, closed_form=task == "classify")
+    step = paths.step or _autograd_step(paths.model, opt, config, amp, train, num_classes, task)
     # A run that early stopping already ended stays ended when resumed.
     end = start_epoch if run.stopped_early(config) else config.epochs
     with _seeded_rng(config.seed, device, run):
@@ -248,7 +287,7 @@ def fit(
                     paths.train, step, sched, gen, config, epoch, progress and paths.train.streamed
                 )
                 row = _epoch_row(epoch, losses, sched, time.perf_counter() - te, config)
-                row.update(_validate(paths, num_classes))
+                row.update(_validate(paths, num_classes, task))
                 run.end_epoch(epoch + 1, row, losses, head, config.monitor)
                 val_shown = {"val_acc": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}
                 # no redraw of its own: tqdm's iterator counts epochs between redraws (0/N shown otherwise)
@@ -293,6 +332,40 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class TrainingDiverged(FeatcacheError):
     """The training loss became NaN or infinite (checkpoints of the epochs before are kept)."""
+
+
+def _check_task(
+    train: BatchSource, val: BatchSource | None, num_classes: int, task: str, config: TrainConfig
+) -> None:
+    """The labels fit ``task`` and the head, and ``config``'s loss and monitor fit ``task``: before a step."""
+    if task == "classify":
+        if config.loss not in (None, "cross-entropy") or config.pos_weight is not None:
+            raise FeatcacheError(
+                f"a classifier trains with cross-entropy: --loss {config.loss} / --pos-weight "
+                f"{config.pos_weight} are for multilabel and regress tasks (DataConfig.task)"
+            )
+        _check_labels(train, val, num_classes)
+    else:
+        loss_name(task, config.loss)
+        if config.pos_weight is not None and task != "multilabel":
+            raise FeatcacheError(
+                f"--pos-weight {config.pos_weight} weighs multi-label positives; this task is {task}"
+            )
+        for name, src in (("train", train), ("val", val)):
+            y = src.y if src is not None else None
+            if y is not None and (
+                y.dim() != 2 or y.shape[1] != num_classes or y.is_floating_point() is False
+            ):
+                raise FeatcacheError(
+                    f"{name} labels of shape {tuple(y.shape)} do not fit a {task} head of "
+                    f"{num_classes} outputs: "
+                    "build the head from the same dataset"
+                )
+    wanted = ("val_loss", f"val_{METRIC[task]}")
+    if config.monitor not in wanted:
+        raise FeatcacheError(
+            f"--monitor {config.monitor} is not a metric of a {task} task: use {' or '.join(wanted)}"
+        )
 
 
 def _check_labels(train: BatchSource, val: BatchSource | None, num_classes: int) -> None:
@@ -376,7 +449,7 @@ class _Progress:
         self.step_losses += losses
         self.history.append(row)
         self.epoch = epoch
-        sign = -1.0 if monitor == "val_acc" else 1.0
+        sign = 1.0 if monitor == "val_loss" else -1.0  # every other monitor is better higher
         if monitor not in row:  # no validation: the last epoch is the best, nothing to keep
             self.best_epoch, self.best_score, self.best_state, self.bad_epochs = epoch, None, None, 0
         elif self.best_score is None or sign * row[monitor] < self.best_score:
@@ -433,6 +506,24 @@ def _seeded_rng(seed: int, device: torch.device, run: _Progress) -> Iterator[Non
         yield
 
 
+def _autograd_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    config: TrainConfig,
+    amp: bool,
+    train: BatchSource,
+    num_classes: int,
+    task: str,
+) -> _AutogradStep:
+    """The autograd step with the task's loss: weighted cross-entropy, BCE (with ``config.pos_weight``
+    from the training labels), or MSE / Huber on (standardised) targets."""
+    if task == "classify":
+        weight = class_weights(train.y, num_classes, config.class_weight)
+        return _AutogradStep(model, opt, config, amp, train.device, weight)
+    pos = pos_weights(train.y, config.pos_weight) if task == "multilabel" and train.y is not None else None
+    return _AutogradStep(model, opt, config, amp, train.device, None, make_loss(task, config.loss, pos))
+
+
 class _AutogradStep:
     """One training step of ``model`` with autograd and ``opt.step()``: the step without a closed form."""
 
@@ -444,15 +535,20 @@ class _AutogradStep:
         amp: bool,
         device: torch.device,
         weight: torch.Tensor | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.model, self.opt, self.amp, self.device_type = model, opt, amp, device.type
         self.smoothing = config.label_smoothing
         self.weight = weight
+        self.loss_fn = loss_fn  # multilabel / regress (None: cross-entropy)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(xb)
-        loss = F.cross_entropy(logits.float(), yb, weight=self.weight, label_smoothing=self.smoothing)
+        if self.loss_fn is not None:
+            loss = self.loss_fn(logits.float(), yb)
+        else:
+            loss = F.cross_entropy(logits.float(), yb, weight=self.weight, label_smoothing=self.smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -488,18 +584,19 @@ def _train_epoch(
     return torch.stack(losses).float().cpu().tolist()
 
 
-def _validate(paths: FastPaths, num_classes: int) -> dict[str, float]:
-    """``val_loss`` and ``val_acc`` of the epoch's model, as the fast paths validate it; none without rows."""
+def _validate(paths: FastPaths, num_classes: int, task: str = "classify") -> dict[str, float]:
+    """``val_loss`` and the task's metric (``val_acc``, ``val_map``, ``val_r2``) of the epoch's model, as
+    the fast paths validate it; none without rows."""
     if paths.val is None or not len(paths.val):
         return {}
-    m = evaluate(paths.val_model, paths.val, num_classes, front_once=False)
+    m = evaluate(paths.val_model, paths.val, num_classes, front_once=False, task=task)
     if not math.isfinite(m["loss"]):  # it would choose the best epoch and stop early on nothing
         raise TrainingDiverged(
             f"the validation loss is {m['loss']} while the training loss is finite: a validation feature "
             "row holds non-finite values (check the cache with `featcache cache verify KEY`), or the "
             "head's outputs overflow (lower --lr)"
         )
-    return {"val_loss": m["loss"], "val_acc": m["acc"]}
+    return {"val_loss": m["loss"], f"val_{METRIC[task]}": m[METRIC[task]]}
 
 
 def _epoch_row(

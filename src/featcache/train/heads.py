@@ -240,16 +240,45 @@ def _pooled(
     return torch.cat(parts) if parts else torch.zeros(0, channels(layout, tuple(x.shape[1:])))
 
 
+class TargetScale(nn.Module):
+    """Fixed ``z * std + mean``: a regression head trains on targets standardised with the training
+    split's statistics, and this puts its outputs back in the targets' units (exported models too)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
+
+    @classmethod
+    def fit(cls, y: torch.Tensor) -> TargetScale:
+        """Each target's mean and deviation over the training rows (a constant target keeps 1).
+
+        Example:
+            >>> TargetScale.fit(torch.tensor([[1.0], [3.0]])).std.tolist()
+            [1.0]
+        """
+        y = y.double()
+        std = y.std(0, unbiased=False)
+        return cls(y.mean(0).float(), torch.where(std > 0, std, torch.ones_like(std)).float())
+
+
 class Head(nn.Module):
-    """An optional :class:`Standardize` followed by the classifier body."""
+    """An optional :class:`Standardize`, the body, and (regression) a :class:`TargetScale`."""
 
     def __init__(self, body: nn.Module, standardize: Standardize | None = None) -> None:
         super().__init__()
         self.standardize = standardize if standardize is not None else nn.Identity()
         self.body = body
+        self.target: nn.Module = nn.Identity()  # TargetScale once a regression head is trained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.standardize(x))
+        return self.target(self.body(self.standardize(x)))
 
 
 def _need_map(spec: HeadSpec, in_shape: tuple[int, ...], layout: str) -> list[nn.Module]:
@@ -349,6 +378,8 @@ class HeadInfo:
     num_classes: int
     standardize: bool = False
     layout: str | None = None  # the rows' layout (None: heads from before layouts, maps NCHW)
+    task: str = "classify"  # multilabel: a sigmoid per output; regress: outputs in the targets' units
+    threshold: float | None = None  # multilabel: the probability above which a label is predicted
 
     def to_dict(self) -> dict[str, Any]:
         return dict(to_json(self))
@@ -363,4 +394,7 @@ class HeadInfo:
         if self.standardize:
             shape = stat_shape(head_layout(self.in_shape, self.layout), self.in_shape)
             std = Standardize(torch.zeros(shape), torch.ones(shape))
-        return build_head(self.spec, self.in_shape, self.num_classes, std, seed=None, layout=self.layout)
+        head = build_head(self.spec, self.in_shape, self.num_classes, std, seed=None, layout=self.layout)
+        if self.task == "regress":
+            head.target = TargetScale(torch.zeros(self.num_classes), torch.ones(self.num_classes))
+        return head

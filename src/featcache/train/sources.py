@@ -103,7 +103,7 @@ class FeatureSource:
     Args:
         x: (N, ...) features: a tensor, or an array (memory-mapped, or a cache table's
             :class:`~featcache.cache.rows.RowView`) in the storage ``dtype``.
-        y: (N,) labels.
+        y: (N,) class labels, or (N, K) float label sets / targets.
         dtype: storage dtype of an array ``x`` (``bfloat16`` arrays hold raw uint16).
         device: where batches live.
         ram_budget_gb: arrays larger than this are streamed in chunks instead of loaded.
@@ -124,8 +124,9 @@ class FeatureSource:
     ) -> None:
         self.device = device or torch.device("cpu")
         self.ram_budget_gb = ram_budget_gb
-        self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
-        self.y = self.y.to(self.device)
+        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        # class indices as int64; label sets and targets (N, K) as float32 (featcache.data.tasks)
+        self.y = y.to(self.device, torch.float32 if y.dim() == 2 else torch.long)
         n_bytes = int(np.prod(x.shape)) * 4
         self.streamed = not isinstance(x, torch.Tensor) and n_bytes > ram_budget_gb * 2**30
         self.raw, self.dtype = x, dtype

@@ -20,7 +20,7 @@ from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone
 from featcache.cache.store import CachedFeatures, FeatureCache
 from featcache.data.datasets import load_dataset
-from featcache.data.digests import SampleChangedError
+from featcache.data.digests import CTIME_TICK_NS, SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError
 from featcache.extract import extractor as extractor_module
 from featcache.extract.build import extract, extract_splits
@@ -83,6 +83,9 @@ def _backdate(root: Path, seconds: float = 3600) -> None:
     t = time.time() - seconds
     for f in root.rglob("*"):
         os.utime(f, (t, t))
+    # utime sets the ctime to now: a file whose status changed within a timestamp tick of its hashing
+    # is hashed again next time (digests.CTIME_TICK_NS), so let a tick pass
+    time.sleep(2 * CTIME_TICK_NS / 1e9)
 
 
 # --------------------------------------------------------------------------- config and pooling

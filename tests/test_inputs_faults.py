@@ -380,7 +380,7 @@ def test_enospc_mid_shard_keeps_what_was_committed_and_the_retry_is_identical(
 
     def fills_up(path: Path, array: np.ndarray) -> dict[str, Any]:
         calls["n"] += 1
-        if calls["n"] == 4:  # the second file of the third shard: the disk fills up
+        if calls["n"] == 5:  # the second file of the second shard (3 files each: 2 layers, digests)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save(path, array)
 
@@ -391,7 +391,7 @@ def test_enospc_mid_shard_keeps_what_was_committed_and_the_retry_is_identical(
     assert "MiB needed with a 1.0 MiB margin" in str(exc.value)
     segments = list((tmp_path / "c").glob("*/segments/*.json"))
     shards = list((tmp_path / "c").glob("*/shards/*"))
-    assert len(segments) == 1 and len(shards) == 2  # the committed shard; nothing of the failed one
+    assert len(segments) == 1 and len(shards) == 3  # the committed shard; nothing of the failed one
     monkeypatch.setattr(writer, "save_npy", real_save)
     again = extract(resnet18, samples, layers, ECFG, cache_dir=str(tmp_path / "c"), progress=False)
     whole = extract(resnet18, samples, layers, ECFG, cache_dir=str(tmp_path / "u"), progress=False)

@@ -25,8 +25,10 @@ import numpy as np
 from .._util import FeatcacheError, check_name, inside, label_array, no_follow_open
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
+from .identity import TableRecord
 from .rows import Rows, RowView
 from .table import (
+    DIGEST_MEMO,
     TABLE_FILE,
     CheckedShard,
     FeatureTable,
@@ -48,9 +50,6 @@ if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start 
     from .dataset import FeatureDataset
 
 __all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
-
-#: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
-DIGEST_MEMO = ".digests.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -275,12 +274,10 @@ def split_key(table: str, digests: Sequence[str], labels: np.ndarray, classes: S
     return h.hexdigest()
 
 
-def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two records differ at most in their layers (JSON-normalised: tuples are lists on disk)."""
-    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
-    a.pop("layers", None)
-    b.pop("layers", None)
-    return bool(a == b)
+def _same_setting(table: FeatureTable, record: TableRecord) -> bool:
+    """Whether a table was made as ``record`` says, at most with other layers (typed records)."""
+    mine = table.identity
+    return mine is not None and mine.same_setting(record)
 
 
 def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
@@ -291,8 +288,9 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
     created = None
     with contextlib.suppress(OSError, ValueError, AttributeError):
         created = json.loads((table.path / TABLE_FILE).read_text()).get("created")
+    rows = sum(seg.rows for seg in index.segments)  # a digest in two segments (a cut-short compaction) twice
     return {
-        "status": "ok" if index.where or index.bad else "empty",
+        "status": "ok" if rows or index.bad else "empty",
         "model": rec.get("backbone"),
         "input_size": [int(v) for v in size] if size else None,
         "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
@@ -301,7 +299,7 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
         "pool": rec.get("pool"),
         "view": rec.get("view", 0),
         "augment": rec.get("augment"),
-        "rows": len(index.where),
+        "rows": rows,
         "skipped": len(index.bad),
         "segments": len(index.segments),
         "created": created,
@@ -330,7 +328,7 @@ def _reason(path: Path, exc: BaseException) -> str:
     folder = path / "segments"
     for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         try:
-            read_segment(f, list(record.get("layers") or []))
+            read_segment(f, list(record.get("layers") or []), digests=False)
         except FeatcacheError as bad:
             why = bad.why if isinstance(bad, SegmentError) else _short(bad.__cause__ or bad)
             return f"segments/{f.name} is unreadable ({why})"
@@ -340,13 +338,17 @@ def _reason(path: Path, exc: BaseException) -> str:
 def _old_format(path: Path) -> bool:
     """An entry of an older format (``gc`` removes it); a table of this one that lost its table.json is
     damaged instead (``cache rm`` removes it)."""
-    return old_format(path) and not (path / "segments").is_dir()
+    return old_format(path)
 
 
 def _short(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return f"field {exc.args[0]!r} is missing"
     return str(exc)[:100]
+
+
+#: one FeatureCache per (root, verify) in this process: :meth:`FeatureCache.shared`
+_SHARED: dict[tuple[str, bool], FeatureCache] = {}
 
 
 class FeatureCache:
@@ -364,6 +366,20 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.root)!r})"
+
+    @classmethod
+    def shared(cls, root: str | os.PathLike[str] | None = None, verify: bool = True) -> FeatureCache:
+        """This process's one object for a cache root: every table's index is parsed once per process
+        (again only when a segment comes or goes), whichever split or step reads it.
+
+        Example:
+            >>> FeatureCache.shared("/tmp/c") is FeatureCache.shared("/tmp/c")
+            True
+        """
+        where = (str(cache_root(root)), verify)
+        if where not in _SHARED:
+            _SHARED[where] = cls(root, verify)
+        return _SHARED[where]
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -441,14 +457,16 @@ class FeatureCache:
     def open(self, key: str) -> FeatureTable:
         """The table ``key`` (a unique prefix will do); an old-format or foreign folder raises."""
         key = self.resolve(key)
-        if key not in self._tables:
+        known = self._tables.get(key)
+        if known is None or not (known.path / TABLE_FILE).is_file():  # removed by another object since
             self._tables[key] = FeatureTable.open(self.path(key), self.verify_reads)
         return self._tables[key]
 
-    def create(self, record: dict[str, Any]) -> FeatureTable:
+    def create(self, record: TableRecord | dict[str, Any]) -> FeatureTable:
         """The table of ``record``, created if it does not exist (under its lock: ``gc`` keeps off)."""
         key = cache_key(record)
-        if key not in self._tables:
+        known = self._tables.get(key)
+        if known is None or not (known.path / TABLE_FILE).is_file():
             with self.lock(key):
                 self._tables[key] = FeatureTable.create(self.path(key), record, self.verify_reads)
         return self._tables[key]
@@ -461,7 +479,7 @@ class FeatureCache:
                 out.append(self.open(key))
         return out
 
-    def choose(self, record: dict[str, Any], digests: Sequence[str]) -> str:
+    def choose(self, record: TableRecord, digests: Sequence[str]) -> str:
         """The key of the table to serve ``record`` for these images: among its own table and those made
         the same way with more layers, the one holding most of ``digests`` (a layer extracted with
         others is not extracted again); its own key when none holds any.
@@ -470,27 +488,27 @@ class FeatureCache:
             >>> FeatureCache().choose(cache_record(bb, ["layer3"], cfg), train.digests())  # doctest: +SKIP
             '9c1d...'
         """
-        own, layers = cache_key(record), set(record["layers"])
+        own, layers = cache_key(record), set(record.layers)
         wanted = set(digests)
         held: dict[str, int] = {}
         for t in self.tables():
-            if t.key == own or (layers <= set(t.layers) and _same_setting(t.record, record)):
+            if t.key == own or (layers <= set(t.layers) and _same_setting(t, record)):
                 try:
                     index = t.index()
                 except FeatcacheError:
                     if t.key == own:
                         raise
                     continue  # a damaged table with more layers is not chosen; this one's rows are made
-                held[t.key] = sum(1 for d in wanted if d in index.where or d in index.bad)
+                held[t.key] = len(wanted) - len(wanted.difference(index.where, index.bad))
         if not held or max(held.values()) == 0:
             return own
         return max(held, key=lambda k: (held[k], k == own, -len(self.open(k).layers), k))
 
-    def row_shape(self, record: dict[str, Any], layer: str) -> tuple[tuple[int, ...], str | None] | None:
+    def row_shape(self, record: TableRecord, layer: str) -> tuple[tuple[int, ...], str | None] | None:
         """``layer``'s stored row shape and layout in a table made as ``record`` is (any layers); None if
         none has rows."""
         for t in self.tables():
-            if layer in t.layers and _same_setting(t.record, record):
+            if layer in t.layers and _same_setting(t, record):
                 index = t.index()
                 meta = index.row_meta(layer)
                 if meta is not None:
@@ -592,7 +610,7 @@ class FeatureCache:
         }
         try:
             table = self.open(key)
-            return {**base, **_describe(table, table.index())}
+            return {**base, **_describe(table, table.counts())}
         except (FeatcacheError, OSError, KeyError, TypeError, ValueError) as exc:  # damage on disk
             if _old_format(path):
                 return {**base, "status": "old format", "problem": str(exc)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .._checks import check_device, check_number
@@ -13,7 +14,7 @@ from ..export.build import read_info
 from ..export.predict import load_predictor
 from ..export.save import export_run, load_hint
 from ..runs.folder import RunFolder
-from ..tools.bench import run_bench
+from ..tools.bench import QUICK, BenchConfig, run_bench
 from ..tools.demo import run_demo
 from .show import print_json
 
@@ -74,4 +75,5 @@ def cmd_bench(a: argparse.Namespace) -> None:
         repeats=a.repeats,
         only=a.only.split(",") if a.only else None,
         progress=not a.quiet,
+        config=replace(QUICK if a.quick else BenchConfig(), scale_rows=a.rows),
     )

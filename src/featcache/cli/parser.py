@@ -332,7 +332,7 @@ def _demo(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
-    from ..tools.bench import BENCHMARKS
+    from ..tools.bench import BENCHMARKS, BenchConfig
 
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -340,6 +340,12 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs (default: 3)")
     p.add_argument(
         "--only", default=None, help=f"comma-separated benchmarks: {', '.join(BENCHMARKS)} (default: all)"
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=BenchConfig.scale_rows,
+        help=f"images of the scale benchmark's folder and table (default: {BenchConfig.scale_rows})",
     )
 
 

@@ -212,28 +212,34 @@ def _split(
     )
 
 
-def _image_files(folder: Path, top: Path, outside: list[str]) -> list[Path]:
-    """The image files under ``folder`` (any depth), found by ``os.scandir`` (no stat per regular file).
+def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list[str]:
+    """The image files under ``root/relative`` as relative paths, in the order of their path parts (as
+    ``sorted(Path.rglob("*"))``): one ``os.scandir`` per folder, names as strings, no per-file Path
+    object or ``stat``.
 
     A symbolic link to a file is used when it leads inside ``top`` (the dataset's folder); one that
     leads outside it, to a file or a folder, is added to ``outside`` (``link -> target``) and not used;
     a linked folder inside ``top`` is not descended into (its files are found where they are).
     """
-    found: list[Path] = []
-    todo = [folder]
-    while todo:
-        with os.scandir(todo.pop()) as it:
-            for e in it:
-                if e.is_symlink():
-                    if not is_inside(top, e.path):
-                        outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
-                    elif e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
-                        found.append(Path(e.path))
-                elif e.is_dir():
-                    todo.append(Path(e.path))
-                elif e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(Path(e.path))
-    return sorted(found)
+    out: list[str] = []
+    with os.scandir(os.path.join(root, relative)) as it:
+        entries = sorted((e.name, e) for e in it)
+    for name, e in entries:
+        dot = name.rfind(".")
+        image = dot > 0 and name[dot:].lower() in _EXTENSIONS
+        if e.is_symlink():
+            if not is_inside(top, e.path):
+                outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
+            elif image and e.is_file():
+                out.append(f"{relative}/{name}")
+        elif image and e.is_file():
+            out.append(f"{relative}/{name}")
+        elif e.is_dir(follow_symlinks=False):
+            out += _image_files(root, f"{relative}/{name}", top, outside)
+    return out
+
+
+_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
 
 
 def _refuse_links_out(top: Path, outside: list[str]) -> None:
@@ -261,19 +267,20 @@ def _scan_folder(
             "or remove them (a head can only predict the classes it was trained on)"
         )
     given, classes = classes, list(classes) if classes is not None else found
-    paths, labels = [], []
+    paths: list[str] = []
+    labels: list[int] = []
     top = top or root
     outside: list[str] = []
     for ci, cname in enumerate(classes):
-        folder = root / cname
-        if not folder.is_dir():
+        if not (root / cname).is_dir():
             continue
+        folder = root / cname
         if folder.is_symlink() and not is_inside(top, folder):
             outside.append(f"{os.path.relpath(folder, top)} -> {os.readlink(folder)}")
             continue
-        for p in _image_files(folder, top, outside):
-            paths.append(p.relative_to(root))
-            labels.append(ci)
+        found_here = _image_files(str(root), cname, str(top), outside)
+        paths += found_here
+        labels += [ci] * len(found_here)
     _refuse_links_out(top, outside)
     present = set(labels)
     empty = [c for ci, c in enumerate(classes) if ci not in present] if paths and given is None else []

@@ -138,6 +138,14 @@ class SampleSet(abc.ABC):
         """The content digest of sample ``index`` (see :meth:`digests`)."""
         return self.digests()[index]
 
+    def forget_digests(self) -> None:
+        """Drop the digests computed so far (a file was found to differ from its memoised digest)."""
+        self.__dict__.pop("_digest_list", None)
+
+    def file_path(self, index: int) -> str | None:
+        """The file sample ``index`` is read from (None for in-memory samples)."""
+        return None
+
     @abc.abstractmethod
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
         """Compute the digest of every sample."""
@@ -208,6 +216,13 @@ class _Subset(SampleSet):
     def load_checked(self, index: int, digest: str) -> Image.Image:
         return self.parent.load_checked(int(self.indices[index]), digest)
 
+    def forget_digests(self) -> None:
+        super().forget_digests()
+        self.parent.forget_digests()
+
+    def file_path(self, index: int) -> str | None:
+        return self.parent.file_path(int(self.indices[index]))
+
     def problems(self, indices: Sequence[int], progress: bool = False) -> dict[int, str]:
         mine = [int(self.indices[i]) for i in indices]  # the parent's memo serves every split
         found = self.parent.problems(mine, progress)
@@ -225,21 +240,33 @@ class FileSamples(SampleSet):
     def __init__(
         self,
         root: Path,
-        paths: Sequence[Path],
+        paths: Sequence[Path | str],
         labels: np.ndarray,
         classes: Sequence[str],
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         task: str = "classify",
     ) -> None:
         self.root = Path(root)
-        self.paths = [Path(p) for p in paths]
         self.max_pixels = max_pixels  # travels with the object into DataLoader workers: no global
-        ids = [p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix() for p in self.paths]
+        # Names as strings, not a Path object per file: a million-image folder lists in about its stats.
+        top = str(self.root).rstrip(os.sep) + os.sep
+        ids = [p if type(p) is str and p[:1] != os.sep else self._relative(Path(p)) for p in paths]
+        self._files = [top + i for i in ids]  # absolute path of each sample, as a string
         super().__init__(ids, labels, classes, name=str(root), task=task)
 
+    def _relative(self, p: Path) -> str:
+        return p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
+
+    @property
+    def paths(self) -> list[Path]:
+        """Each sample's path relative to ``root``."""
+        return [Path(i) for i in self.ids]
+
     def _abs(self, index: int) -> Path:
-        p = self.paths[index]
-        return p if p.is_absolute() else self.root / p
+        return Path(self._files[index])
+
+    def file_path(self, index: int) -> str | None:
+        return self._files[index]
 
     def load(self, index: int) -> Image.Image:
         path = self._abs(index)
@@ -267,7 +294,7 @@ class FileSamples(SampleSet):
         return ""
 
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
-        return (memo or DigestMemo(None)).file_digests([self._abs(i) for i in range(len(self))], progress)
+        return (memo or DigestMemo(None)).file_digests(self._files, progress)
 
     def load_checked(self, index: int, digest: str) -> Image.Image:
         """Decode the very bytes that hash to ``digest`` (read once), or raise naming the file."""

@@ -25,11 +25,12 @@ from .._disk import disk_errors
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
+from ..cache.identity import TableRecord
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo
+from ..data.digests import DigestMemo, SampleChangedError
 from ..data.preprocess import AUGMENT_VERSION, PixelBatch, PreprocessedView, make_augment, normalize_pixels
 from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
@@ -44,39 +45,37 @@ T = TypeVar("T")
 
 def cache_record(
     backbone: Backbone, layers: Sequence[str], config: ExtractConfig, view: View | None = None
-) -> dict[str, Any]:
-    """The explicit record whose hash is a feature table's key: everything that decides a row's values,
+) -> TableRecord:
+    """The typed record whose hash is a feature table's key: everything that decides a row's values,
     and nothing else (no labels, splits, dataset names, paths or row order).
+
+    How the layers are read is part of it where that decides values: the method whose values the
+    arrays are (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the
+    version of the rules that infer each layer's layout (the layout decides pooling and channel
+    statistics; it is a function of the architecture, the input size and these rules).
 
     Example:
         >>> record = cache_record(bb, ["layer3"], ExtractConfig())  # doctest: +SKIP
+        >>> record.key() == cache_key(record)  # doctest: +SKIP
+        True
     """
     device = resolve_device(config.device)
-    augmented = {"augment": view.augment, "augment_version": AUGMENT_VERSION} if view else {}
-    return {
-        "backbone": backbone.cfg.spec,
-        "weights_id": backbone.cfg.weights_id,
-        "preprocessing": resolved_cfg(backbone, config).preprocessing.key_record(),
-        "layers": sorted(layers),
-        "pool": config.pool,
-        "dtype": config.dtype,
-        "amp_bf16": use_amp(config, device),
-        "view": view.index if view else 0,
-        **augmented,
-        **_reading(backbone, layers, config),
-    }
-
-
-def _reading(backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
-    """How the layers are read, where that decides values: the method whose values the arrays are
-    (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the version of the
-    rules that infer each layer's layout (the layout decides pooling and channel statistics; it is a
-    function of the architecture, the input size and these rules, so no forward pass is needed here).
-    """
-    return {
-        "method": defining_method(backbone.model, layers, config.method),
-        "layout_rules": LAYOUT_RULES,
-    }
+    return TableRecord(
+        backbone=backbone.cfg.spec,
+        weights_id=backbone.cfg.weights_id,
+        preprocessing=TableRecord.from_json_preprocessing(
+            resolved_cfg(backbone, config).preprocessing.key_record()
+        ),
+        layers=tuple(sorted(layers)),
+        pool=config.pool,
+        dtype=config.dtype,
+        amp_bf16=use_amp(config, device),
+        view=view.index if view else 0,
+        method=defining_method(backbone.model, layers, config.method),
+        layout_rules=LAYOUT_RULES,
+        augment=view.augment if view else None,
+        augment_version=AUGMENT_VERSION if view else None,
+    )
 
 
 def extract(
@@ -149,19 +148,26 @@ def _extract(
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    cache = FeatureCache(cache_dir, verify=config.verify)
+    cache = FeatureCache.shared(cache_dir, verify=config.verify)
     record = cache_record(backbone, names, config, view)
     if ranks is not None:
         ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables
     memo = DigestMemo(cache.root / DIGEST_MEMO)
     main = ranks is None or ranks.is_main
-    digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
-    key: str = _decided(ranks, lambda: cache.choose(record, digests))
-    job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
     t0 = time.perf_counter()
-    # its folders, lock and table files: a full, read-only or foreign cache is one named error
-    with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
-        done = _append(job, ranks)
+    for attempt in range(2):
+        digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
+        key: str = _decided(ranks, lambda d=digests: cache.choose(record, d))  # type: ignore[misc]
+        job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
+        try:
+            # its folders, lock and table files: a full, read-only or foreign cache is one named error
+            with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
+                done = _append(job, ranks)
+            break
+        except SampleChangedError:
+            if attempt or ranks is not None:
+                raise
+            _forget_unserved(job, memo)  # a memoised digest the bytes disagree with: hashed once more
     info = {
         "split": split,
         "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
@@ -182,6 +188,18 @@ def _extract(
     return out
 
 
+def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
+    """Drop the memo's entries of the files whose rows the table lacks (those the loader read, one of
+    which did not hash to its memoised digest), so that they are hashed again."""
+    try:
+        index = job.cache.open(job.key).index()
+        lacking = [i for i, d in enumerate(job.digests) if d not in index.where and d not in index.bad]
+    except FeatcacheError:
+        lacking = list(range(len(job.digests)))
+    memo.forget([p for p in map(job.samples.file_path, lacking) if p is not None])
+    job.samples.forget_digests()
+
+
 @dataclass
 class _Job:
     """One split to serve from a table: what to extract, from what, and where."""
@@ -192,7 +210,7 @@ class _Job:
     config: ExtractConfig
     cache: FeatureCache
     key: str
-    record: dict[str, Any]
+    record: TableRecord
     split: str
     progress: bool
     view: View | None = None
@@ -242,7 +260,7 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
         if own and not (cache.path(job.key) / TABLE_FILE).is_file():
             # A layer that is unknown, or cannot be pooled as asked, is refused before its table exists
             # (not left behind as an empty entry); the extractor's checks are memoised for _build.
-            Extractor(job.backbone, job.record["layers"], job.config)
+            Extractor(job.backbone, job.record.layers, job.config)
             return cache.create(job.record)
         return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 
@@ -253,7 +271,10 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
         missing = _decided(ranks, lambda: _missing(job, table()))
         if not missing:
             return _Appended()
-        return _build(job, table() if main else cache.open(job.key), missing, ranks)
+        done = _build(job, table() if main else cache.open(job.key), missing, ranks)
+        if main:  # under the lock: small incremental segments merged before they pile up
+            cache.open(job.key).merge_small()
+        return done
 
 
 def _missing(job: _Job, table: FeatureTable) -> list[str]:

@@ -73,6 +73,8 @@ class BenchConfig:
     map_layer: str = "blocks.2"
     map_input_size: tuple[int, int] = (224, 224)
     store_images: int = 2000
+    #: images of the ``scale`` benchmark's folder and table (``bench --only scale --rows N``)
+    scale_rows: int = 200_000
 
 
 QUICK = BenchConfig(
@@ -459,6 +461,13 @@ class _Bench:
             rows.append(row)
         return rows
 
+    def scale(self) -> list[dict[str, Any]]:
+        """A hit, 1 % added, ``cache ls``, the index parse and a train epoch on a ``scale_rows``-image
+        folder and table, as ratios to their floors (:mod:`featcache.tools.scale`)."""
+        from .scale import scale_rows
+
+        return scale_rows(self.cfg.scale_rows, self.tmp / "scale", self.progress)
+
     def cache_hit(self) -> dict[str, Any]:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""
         cache_dir = self.fresh_cache()
@@ -743,7 +752,10 @@ BENCHMARKS = (
     "content_digests",
     "startup",
     "gpu",
+    "scale",
 )
+#: run only when named (--only): they build large folders or need a GPU
+_ON_REQUEST = ("gpu", "scale")
 
 
 def run_bench(
@@ -767,7 +779,9 @@ def run_bench(
     for name in only or ():
         if name not in BENCHMARKS:
             raise unknown("benchmark", name, BENCHMARKS, f"--only takes names of {', '.join(BENCHMARKS)}.")
-    names = list(only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"])
+    names = list(
+        only or [b for b in BENCHMARKS if b not in _ON_REQUEST or (b == "gpu" and dev.type == "cuda")]
+    )
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
         bench = _Bench(cfg, dev, 1 if quick else repeats, progress, Path(tmp))

@@ -338,6 +338,12 @@ print(json.dumps({"code": code, "torch": "torch" in sys.modules, "err": err.getv
         (["extract", "resnet18"], "required: data"),
         (["layers", "resnet18", "--input-size", "0", "3"], "--input-size 0"),
         (["trian", "resnet18", "digits"], "Did you mean 'train'?"),
+        (["export", "{tmp}", "--format", "onxx"], "unknown export format 'onxx'"),
+        (["bench", "--only", "prob"], "unknown benchmark 'prob'"),
+        (["bench", "--repeats", "0"], "--repeats 0"),
+        (["knn", "resnet18", "digits", "--k", "0"], "--k 0"),
+        (["embed", "resnet18", "digits", "--out", "{tmp}.txt"], "the format comes from the suffix"),
+        (["predict", "{tmp}", "x.png", "--top-k", "0"], "--top-k 0"),
     ],
 )
 def test_usage_errors_are_reported_before_torch_is_imported(

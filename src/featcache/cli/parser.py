@@ -297,7 +297,7 @@ def _finetune(p: argparse.ArgumentParser) -> None:
 
 
 def _export(p: argparse.ArgumentParser) -> None:
-    from ..export.build import FORMATS
+    from ..export.config import FORMATS
 
     p.add_argument("run", help="run folder (train, finetune, probe --out), or a sweep folder: its chosen run")
     p.add_argument(
@@ -332,7 +332,7 @@ def _demo(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
-    from ..tools.bench import BENCHMARKS, BenchConfig
+    from ..tools.config import BENCHMARKS, BenchConfig
 
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")

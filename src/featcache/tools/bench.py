@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._checks import check_number
-from .._util import resolve_device, unknown, write_json
+from .._util import resolve_device, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import FeatureCache
@@ -49,43 +48,7 @@ from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_laye
 from ..train.heads import HeadSpec, build_head
 from ..train.sources import FeatureSource, source_for
 from .baselines import dataloader_epoch, naive_epoch, sklearn_probe
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Sizes of the benchmark workload.
-
-    ``map_layer`` at ``map_input_size`` is the spatial map the reference ``SimpleClassifier`` setting of
-    the trainer benchmark trains on (``blocks.2`` of EfficientNet-Lite0: 40x28x28 at 224 px).
-
-    Example:
-        >>> BenchConfig().epochs
-        10
-    """
-
-    model: str = "efficientnet-lite0"
-    limit: int = 2000
-    input_size: tuple[int, int] = (64, 64)
-    epochs: int = 10
-    batch_size: int = 256
-    files: int = 512
-    bare_batches: int = 8
-    map_layer: str = "blocks.2"
-    map_input_size: tuple[int, int] = (224, 224)
-    store_images: int = 2000
-    #: images of the ``scale`` benchmark's folder and table (``bench --only scale --rows N``)
-    scale_rows: int = 200_000
-
-
-QUICK = BenchConfig(
-    limit=300,
-    input_size=(32, 32),
-    epochs=3,
-    files=64,
-    bare_batches=2,
-    map_input_size=(64, 64),
-    store_images=200,
-)
+from .config import _ON_REQUEST, BENCHMARKS, QUICK, BenchConfig, check_bench_options
 
 
 def _interleaved(
@@ -738,26 +701,6 @@ class _Predigested(FileSamples):
         return self.load(index)
 
 
-BENCHMARKS = (
-    "e2e",
-    "extract_vs_bare",
-    "files_vs_tensors",
-    "trainer",
-    "finetune",
-    "cache_hit",
-    "probe",
-    "knn",
-    "relabel_rerun",
-    "added_images",
-    "content_digests",
-    "startup",
-    "gpu",
-    "scale",
-)
-#: run only when named (--only): they build large folders or need a GPU
-_ON_REQUEST = ("gpu", "scale")
-
-
 def run_bench(
     quick: bool = False,
     device: str = "auto",
@@ -775,10 +718,7 @@ def run_bench(
     """
     cfg = config or (QUICK if quick else BenchConfig())
     dev = resolve_device(device)
-    check_number("repeats", repeats, 1, integer=True)
-    for name in only or ():
-        if name not in BENCHMARKS:
-            raise unknown("benchmark", name, BENCHMARKS, f"--only takes names of {', '.join(BENCHMARKS)}.")
+    check_bench_options(only, repeats)
     names = list(
         only or [b for b in BENCHMARKS if b not in _ON_REQUEST or (b == "gpu" and dev.type == "cuda")]
     )

@@ -306,12 +306,7 @@ class FileSamples(SampleSet):
                 f"image {str(path)!r} vanished during this run; run the command again to list the dataset "
                 "anew (rows extracted so far are kept)"
             ) from exc
-        if bytes_digest(data) != digest:
-            raise SampleChangedError(
-                f"image {str(path)!r} changed during this run (its bytes no longer hash to the digest read "
-                "at the start); run the command again once it is stable (rows extracted so far are kept)"
-            )
-        return decode_image(io.BytesIO(data), self.max_pixels, str(path))
+        return decode_checked(data, digest, str(path), self.max_pixels)
 
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         for i in range(len(self)) if rows is None else rows.tolist():
@@ -458,6 +453,23 @@ def _too_large(where: str, size: str, max_pixels: int | None) -> BadImageError:
         f"image {where!r} is {size}, more than the limit of {limit} pixels {TOO_LARGE}, so it "
         f"is not decoded. If it is a real image, raise the limit: {raise_to}, or --max-image-pixels off"
     )
+
+
+def decode_checked(
+    data: bytes, digest: str, where: str, max_pixels: int | None, why: str = ""
+) -> Image.Image:
+    """Decode the very bytes that hash to ``digest`` (a sample's row key), or raise
+    :class:`SampleChangedError` naming ``where`` (``why``: what changed it, for the message).
+
+    Example:
+        >>> decode_checked(png_bytes, bytes_digest(png_bytes), "a.png", None)  # doctest: +SKIP
+    """
+    if bytes_digest(data) != digest:
+        raise SampleChangedError(
+            f"image {where!r} changed during this run (its bytes no longer hash to the digest read at the "
+            f"start{why}); run the command again once it is stable (rows extracted so far are kept)"
+        )
+    return decode_image(io.BytesIO(data), max_pixels, where)
 
 
 def decode_image(src: str | os.PathLike[str] | IO[bytes], max_pixels: int | None, where: str) -> Image.Image:

@@ -8,10 +8,11 @@ The exported model takes raw images and returns logits. Its input (see :data:`IN
 - ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
 
 Formats (:data:`~featcache.export.config.FORMATS`): ``torchscript`` (the default) and ``pt2``
-(``torch.export``) load with torch alone, ``onnx`` with ONNX Runtime alone (the uint8 convention
-only); ``pt2`` takes images already resized to the input size (its program has fixed height and
-width); ``safetensors`` is featcache's own (the truncated weights + a JSON sidecar; loading rebuilds the
-structure with featcache, no pickle). Every file gets a sidecar ``<file>.json`` with the class names, preprocessing, layer, pooling and versions.
+(``torch.export``) load with torch alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only);
+``pt2`` takes images already resized to the input size (its program has fixed height and width);
+``safetensors`` is featcache's own (the truncated weights + a JSON sidecar; loading rebuilds the
+structure with featcache, no pickle). Every file gets a sidecar ``<file>.json`` with the class names,
+preprocessing, layer, pooling and versions.
 """
 
 from __future__ import annotations

@@ -372,7 +372,10 @@ VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         _finetune,
     ),
     "export": ("export backbone (truncated at the run's layer) + head as one model for raw images", _export),
-    "predict": ("predict classes of image files with an exported model or a run folder", _predict),
+    "predict": (
+        "predict classes (label sets, values) of image files with an exported model or a run folder",
+        _predict,
+    ),
     "demo": ("the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings", _demo),
     "bench": ("measure every performance claim side by side, as ratios", _bench),
 }

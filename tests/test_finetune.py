@@ -361,3 +361,46 @@ def test_finetune_a_regression_outputs_values_in_the_targets_units(
     assert code == 0, err
     again = json.loads((out / "metrics.json").read_text())
     assert again["test"]["r2"] == pytest.approx(metrics["test"]["r2"], abs=1e-6)
+
+
+@pytest.mark.parametrize("verb", ["finetune", "train"])
+def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run resumed on other data would mix two datasets in one history: refused, naming the change
+    (as ``train --resume`` refuses it), exit 2 at the command line."""
+    from conftest import write_tree
+    from featcache.cli.main import main
+
+    data = tmp_path / "data"
+    write_tree(data / "train", classes=("a", "b"), per_class=5, formats=("png",))
+    write_tree(data / "val", classes=("a", "b"), per_class=2, formats=("png",), seed=1)
+    out, cache = str(tmp_path / "run"), str(tmp_path / "c")
+    flags = ["--weights", "none", "--input-size", "32", "32", "--epochs", "1", "-q"]
+    flags += ["--train", "last:1"] if verb == "finetune" else []
+    argv = [verb, "torchvision:resnet18", str(data), *flags, "--out", out, "--cache-dir", cache]
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert set(config["split_contents"]) == {"dataset", "train", "val"}
+    assert set(config["split_keys"]) == {"train", "val"}
+    resume = [verb, "--resume", "--out", out, "--epochs", "1", "-q"]
+    assert main(resume) == 0  # the same data: fine
+    capsys.readouterr()
+
+    (data / "train" / "a" / "00.png").rename(data / "train" / "b" / "99.png")  # a label fix
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the data changed since the run started: dataset: the same 14 images with other labels (a label "
+        "fix?); train: the same 10 images with other labels (a label fix?); resume with the data" in err
+    )
+    assert "start a new run" in err and "Traceback" not in err
+
+    (data / "train" / "b" / "99.png").rename(data / "train" / "a" / "00.png")  # undone: resumable again
+    keep = (data / "train" / "a" / "00.png").read_bytes()
+    write_tree(data / "train", classes=("a",), per_class=1, formats=("png",), seed=7)  # a new a/00.png
+    (data / "train" / "a" / "00.png").rename(data / "train" / "a" / "new.png")
+    (data / "train" / "a" / "00.png").write_bytes(keep)  # an added image
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "dataset: other images (14 -> 15; added, removed or edited); train: other images (10 -> 11" in err

@@ -7,11 +7,12 @@ The exported model takes raw images and returns logits. Its input (see :data:`IN
   fixed-point uint8 kernel, emulated bit for bit), then scaled and normalised;
 - ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
 
-Formats (:data:`FORMATS`): ``torchscript`` (the default) and ``pt2`` (``torch.export``) load with torch
-alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only); ``pt2`` takes images already resized
-to the input size (its program has fixed height and width); ``safetensors`` is featcache's own (the
-truncated weights + a JSON sidecar; loading rebuilds the structure with featcache, no pickle). Every file
-gets a sidecar ``<file>.json`` with the class names, preprocessing, layer, pooling and versions.
+Formats (:data:`~featcache.export.config.FORMATS`): ``torchscript`` (the default) and ``pt2``
+(``torch.export``) load with torch alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only);
+``pt2`` takes images already resized to the input size (its program has fixed height and width);
+``safetensors`` is featcache's own (the truncated weights + a JSON sidecar; loading rebuilds the
+structure with featcache, no pickle). Every file gets a sidecar ``<file>.json`` with the class names,
+preprocessing, layer, pooling and versions.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 #: export formats, the default first: files that load with torch alone (TorchScript, torch.export),
 #: ONNX Runtime, and featcache's own (safetensors weights, rebuilt by featcache without pickle)
-FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
 SUFFIXES = {"torchscript": ".ts", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 INPUT_CONVENTION = (
     "uint8 (N, H, W, C) RGB 0-255 or float32 (N, C, H, W) in [0, 1], any H and W; returns logits (N, classes)"

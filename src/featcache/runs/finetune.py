@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._checks import check_number
 from .._config import to_json
-from .._util import FeatcacheError, flag, resolve_device, unknown
+from .._util import FeatcacheError, flag, resolve_device
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
@@ -49,14 +48,14 @@ from ..train.freeze import (
 from ..train.heads import TargetScale
 from ..train.objectives import METRIC, best_threshold
 from ..train.sources import BatchSource, ViewCycle, source_for
+from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
+from .contents import DATASET, check_same_data, split_contents
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
 log = logging.getLogger(__name__)
-
-MODES = ("auto", "cached", "live")
 
 
 class ImageSource:
@@ -155,45 +154,6 @@ def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None
         {"split": n, "id": s.ids[i], "reason": why} for n, (s, bad) in found.items() for i, why in bad.items()
     ]
     spec.note_skipped(folder, rows)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
-
-    Attributes:
-        train: what trains: head | last:N | from:LAYER | all | modules:a,b.
-        bn: BatchNorm policy: frozen (eval, statistics fixed) | train.
-        lr_decay: each earlier group of trained blocks trains at lr x decay^k.
-        augment: random augmentation: flip, crop or flip,crop (the live loop, unless views).
-        mode: auto (the cached prefix when it is valid) | cached | live.
-        init_head: start the classifier from a `train --head linear` run folder.
-        views: cache K augmented views of the frozen prefix's output (needs augment) and train epoch
-            e on view e mod K: augmentation with the cached prefix, not live.
-
-    Example:
-        >>> FinetuneConfig(train="last:1", lr_decay=0.5, augment="flip", views=4).views
-        4
-    """
-
-    train: str = "head"
-    bn: str = "frozen"
-    lr_decay: float = 1.0
-    augment: str | None = None
-    mode: str = "auto"
-    init_head: str | None = None
-    views: int = 0
-
-    def __post_init__(self) -> None:
-        check_number("views", self.views, 0, integer=True, why="0: no views")
-        check_number(
-            "lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k"
-        )
-        if self.views and not self.augment:
-            raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
-        if self.mode not in MODES:
-            raise unknown("fine-tuning mode", self.mode, MODES, "Use --mode auto|cached|live.")
-        TrainableSpec.parse(self.train)
 
 
 @dataclass
@@ -316,6 +276,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
     spec.record_splits(folder, splits)
+    contents = split_contents(splits, spec.cache_dir, spec.progress)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(
@@ -336,10 +297,11 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     record = spec.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
-        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
+        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,
     )  # fmt: skip
-    record = replace(record, task=task)
+    record = replace(record, task=task, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})
     if spec.resume:
+        check_same_data(folder.path, contents)
         what = "the data, frozen set, BN policy, mode or trainer settings"
         folder.check_resume(record, ("plan", "train", "data", "extract", "finetune", "mode"), what)
     if suffix is not None:

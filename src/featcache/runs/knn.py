@@ -23,49 +23,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._checks import check_number, check_numbers
-from .._util import FeatcacheError, resolve_device, unknown
+from .._util import FeatcacheError, resolve_device
 from ..cache.rows import Rows
 from ..train.objectives import regress_metrics
+from .config import KnnConfig
 from .spec import RunSpec
 
-WEIGHTS = ("exp", "uniform")
 #: normalised query rows kept in memory between bank chunks up to this many bytes (else re-read)
 QUERY_CACHE_BYTES = 2 << 30
-
-
-@dataclass(frozen=True)
-class KnnConfig:
-    """Settings of the kNN evaluation.
-
-    Attributes:
-        k: the numbers of neighbours, all evaluated in one pass over the bank (DINO reports 10, 20,
-            100, 200; 20 is its headline).
-        temperature: T of the weights exp(similarity / T) (DINO: 0.07).
-        weighting: exp (DINO's temperature-weighted votes) or uniform (one vote per neighbour, as
-            scikit-learn's KNeighborsClassifier).
-        chunk_rows: bank (training) rows read and compared at a time: the memory of a pass is about
-            chunk_rows x (queries in a block + features) floats, whatever the split's size.
-
-    Example:
-        >>> KnnConfig(k=(20,), temperature=0.07).k
-        (20,)
-    """
-
-    k: tuple[int, ...] = (10, 20, 100, 200)
-    temperature: float = 0.07
-    weighting: str = "exp"
-    chunk_rows: int = 8192
-
-    def __post_init__(self) -> None:
-        if not self.k:
-            raise FeatcacheError("--k needs one or more neighbour counts, e.g. --k 10,20,100,200")
-        check_numbers("k", self.k, 1, integer=True, why="neighbour counts")
-        object.__setattr__(self, "k", tuple(sorted({int(v) for v in self.k})))
-        check_number("temperature", self.temperature, 0, low_open=True)
-        if self.weighting not in WEIGHTS:
-            raise unknown("kNN weighting", self.weighting, WEIGHTS, "Use --weighting exp|uniform.")
-        check_number("chunk_rows", self.chunk_rows, 1, integer=True)
 
 
 @dataclass

@@ -23,12 +23,14 @@ from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures, FeatureCache
 from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
+from ..extract.config import DEFAULT_LAYER
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingInterrupted, evaluate, fit, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec, TargetScale, build_head, fit_standardize
 from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
+from .contents import check_same_data, split_contents
 from .folder import Run, RunFolder
 from .logger import EpochHook, epoch_log
 from .report import most_confused
@@ -225,7 +227,7 @@ def _set_y(source: BatchSource, y: torch.Tensor) -> None:
             s._shuffled = None  # type: ignore[attr-defined]
 
 
-def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None = None) -> Run:
+def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None = None) -> Run:
     """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
 
     Args:
@@ -249,10 +251,13 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, [layer])
     extract_seconds = time.perf_counter() - t0
+    contents = split_contents(splits, spec.cache_dir)  # the digests extraction computed: no re-hashing
     record = spec.record(
-        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train)
-    )
+        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train),
+        split_contents=contents,
+    )  # fmt: skip
     if spec.resume:
+        check_same_data(folder.path, contents, required=False)  # names what changed, before split_keys
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)

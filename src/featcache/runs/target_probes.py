@@ -11,7 +11,7 @@ train + val and tested once.
 * ``multilabel``: a logistic regression per label (sigmoid, mean binary cross-entropy + lambda/2
   |w|^2), every label's problem in one L-BFGS run (the objective is their sum, which separates, so the
   minimiser is each label's own); warm starts along the path. Per label, one L-BFGS run each, is the
-  alternative (``joint=False``); ``tests/test_target_probes.py`` checks both give the same weights, and
+  alternative (``joint=False``); ``tests/test_tasks.py`` checks both give the same weights, and
   the README gives the timing of each.
 """
 

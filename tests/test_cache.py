@@ -18,6 +18,7 @@ import torch
 from conftest import REPO, direct_features, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone, load_backbone
+from featcache.cache.identity import TableRecord
 from featcache.cache.rows import RowView
 from featcache.cache.store import FeatureCache, cache_key, cache_root
 from featcache.cache.table import CheckedShard
@@ -147,6 +148,7 @@ def test_table_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
         [
             "last_used",
             f"segments/{s}.json",
+            f"shards/{s}.digests.npy",  # the rows' digests, raw 32-byte records
             f"shards/{s}.0.mean.npy",  # layer3, a map: its channel statistics beside it
             f"shards/{s}.0.npy",
             f"shards/{s}.0.var.npy",
@@ -161,7 +163,13 @@ def test_table_holds_no_pickles(resnet18: Backbone, cache_dir: Path) -> None:
     assert doc["cache_version"] == CACHE_VERSION and cache_key(doc["record"]) == cached.key
     assert doc["record"]["layers"] == ["layer3", "penultimate"]
     seg = json.loads((cached.path / "segments" / f"{s}.json").read_text())
-    assert seg["digests"] == _samples(6).digests() and seg["rows"] == 6
+    digests = np.load(cached.path / "shards" / f"{s}.digests.npy", allow_pickle=False)
+    assert digests.dtype == np.uint8 and digests.shape == (6, 32) and seg["rows"] == 6
+    assert [bytes(r).hex() for r in digests] == _samples(6).digests()  # the records, in row order
+    assert (
+        seg["digests"]["sha256"]
+        == hashlib.sha256((cached.path / "shards" / f"{s}.digests.npy").read_bytes()).hexdigest()
+    )  # the index file's checksum is in the segment, whose own checksum covers it
 
 
 # --------------------------------------------------------------------------- keys
@@ -220,20 +228,20 @@ def test_key_changes_with_everything_that_changes_the_numbers_and_nothing_else(
     assert len(set(changed.values())) == len(changed)
     # The data is not part of the key: its rows are keyed by content, splits and labels are views.
     record = cache_record(resnet18, LAYERS, _config())
-    assert not {"dataset", "dataset_fingerprint", "split", "labels", "ids"} & set(record)
+    assert not {"dataset", "dataset_fingerprint", "split", "labels", "ids"} & set(record.to_json())
 
 
 def test_the_key_holds_the_method_whose_values_the_arrays_are(resnet18: Backbone) -> None:
     """Module names give their forward hooks' values whichever path runs (FX is checked against them);
     a graph node only torch.fx gives is another kind of value: its entry is not served to hooks."""
 
-    def record(layers: tuple[str, ...], method: str) -> dict:
+    def record(layers: tuple[str, ...], method: str) -> TableRecord:
         return cache_record(resnet18, layers, _config(method=method))
 
-    assert record(("layer3",), "fx")["method"] == record(("layer3",), "hooks")["method"] == "hooks"
-    assert record(("flatten", "layer3"), "auto")["method"] == "fx"
+    assert record(("layer3",), "fx").method == record(("layer3",), "hooks").method == "hooks"
+    assert record(("flatten", "layer3"), "auto").method == "fx"
     assert cache_key(record(("layer3",), "fx")) == cache_key(record(("layer3",), "auto"))
-    assert "layout_rules" in record(("layer3",), "auto") and CACHE_VERSION >= 2
+    assert "layout_rules" in record(("layer3",), "auto").to_json() and CACHE_VERSION >= 2
 
 
 def test_cache_key_includes_the_version_and_refuses_unhashable_records() -> None:
@@ -371,14 +379,14 @@ def test_a_shard_without_its_segment_is_not_read(resnet18: Backbone, cache_dir: 
     )
     seg = table.segment_files()[0]
     seg.unlink()  # the commit never happened
-    assert table.index().segments == [] and len(table.leftovers(table.index())) == 2
+    assert table.index().segments == [] and len(table.leftovers(table.index())) == 3  # 2 layers, digests
     assert cache.info(table.key)["status"] == "empty"
     cached = _extract(resnet18, samples, cache_dir)
     assert cached.extracted == 8 and cached.key == table.key
     ref = direct_features(resnet18, _images(samples), SIZE, LAYERS)
     assert np.abs(cached.features["layer3"] - ref["layer3"]).max() <= 1e-5  # not the zeros
     removed = FeatureCache(cache_dir).gc()
-    assert len(removed["leftovers"]) == 2 and FeatureCache(cache_dir).verify(table.key) == []
+    assert len(removed["leftovers"]) == 3 and FeatureCache(cache_dir).verify(table.key) == []
 
 
 def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
@@ -419,7 +427,7 @@ def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
     assert list(after) == list(before) and all(
         np.array_equal(after[d][k], v) for d, rows in before.items() for k, v in rows.items()
     )
-    assert cache.verify(b.key) == [] and len(list((b.path / "shards").iterdir())) == 2
+    assert cache.verify(b.key) == [] and len(list((b.path / "shards").iterdir())) == 3  # 2 layers, digests
     again = _extract(resnet18, _samples(7, seed=2), cache_dir, dtype="float16")
     assert again.hit and np.array_equal(again.features["layer3"], b2.features["layer3"])
 
@@ -434,6 +442,7 @@ def test_ls_info_rm_gc_compact(resnet18: Backbone, cache_dir: Path) -> None:
         "leftovers": [str(a.path / "shards" / "x.npy.tmp-999")],
         "unused": [],
         "over_size": [],
+        "not_removed": [],
     }
     assert cache.verify(a.key) == [] and set(cache.entries()) == {a.key, b.key}
     t = time.time() - 10 * 86400
@@ -454,14 +463,16 @@ def test_old_format_entries_are_not_read(resnet18: Backbone, cache_dir: Path) ->
     record = cache_record(resnet18, LAYERS, _config())
     key = cache_key(record)
     (cache_dir / key).mkdir()
-    (cache_dir / key / "table.json").write_text(json.dumps({"record": record, "cache_version": 1}))
+    (cache_dir / key / "table.json").write_text(json.dumps({"record": record.to_json(), "cache_version": 1}))
     cache = FeatureCache(cache_dir)
     assert cache.info(key)["status"] == "old format"
     with pytest.raises(FeatcacheError, match="cache version 1"):
         cache.open(key)
     forged = cache_dir / ("e" * 64)
     forged.mkdir()
-    (forged / "table.json").write_text(json.dumps({"record": record, "cache_version": CACHE_VERSION}))
+    (forged / "table.json").write_text(
+        json.dumps({"record": record.to_json(), "cache_version": CACHE_VERSION})
+    )
     with pytest.raises(FeatcacheError, match="does not hash to its name"):
         cache.open(forged.name)
     assert set(cache.gc()["old_format"]) == {str(cache_dir / key)}  # a forged table stays for `rm`
@@ -542,6 +553,7 @@ def test_gc_spares_a_table_being_appended_to(resnet18: Backbone, tmp_path: Path)
             "leftovers": [],
             "unused": [],
             "over_size": [],
+            "not_removed": [],
         }
         assert (table.path / "shards").exists()
     removed = cache.gc(empty_older_than_s=3600)

@@ -54,7 +54,7 @@ def test_verify_without_a_key_checks_every_entry(capsys: pytest.CaptureFixture[s
     cache = FeatureCache(tmp_path)
     good = make_table(cache, "m:good", "d")
     bad = make_table(cache, "m:bad", "d")
-    shard = next((cache.path(bad) / "shards").glob("*.npy"))
+    shard = next((cache.path(bad) / "shards").glob("*.[0-9].npy"))  # rows, not the digests file
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -309,6 +309,81 @@ def test_the_command_line_starts_without_what_it_does_not_need(
     assert loaded == allowed
 
 
+USAGE_ERROR = r"""
+import contextlib, io, json, sys
+from featcache.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(json.loads(sys.argv[1]))
+print(json.dumps({"code": code, "torch": "torch" in sys.modules, "err": err.getvalue()}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["train", "--lr", "-1", "resnet18", "digits"], "required: --out"),
+        (["train", "--lr", "-1", "resnet18", "digits", "--out", "{tmp}"], "--lr -1 (lr=-1.0) must be"),
+        (["train", "resnet18", "digits", "--out", "{tmp}", "--epochs", "0"], "--epochs 0"),
+        (["train", "resnet18", "digits", "--out", "{tmp}", "--standardise"], "did you mean --standardize"),
+        (["train", "resnet18", "digits", "--out", "{tmp}", "--head", "lin"], "unknown head 'lin'"),
+        (["train", "resnet18", "digits", "--out", "{tmp}", "--folds", "1"], "at least 2 folds"),
+        (["train", "resnet18", "digits", "--out", "{tmp}", "--val-fraction", "1.5"], "--val-fraction 1.5"),
+        (["sweep", "resnet18", "digits", "--layers", "a", "--lrs", "-1", "--out", "{tmp}"], "--lrs -1"),
+        (["probe", "resnet18", "digits", "--max-iter", "0"], "--max-iter 0"),
+        (["probe", "resnet18", "digits", "--metric", "f1"], "unknown probe metric 'f1'"),
+        (["finetune", "resnet18", "digits", "--train", "lst:1", "--out", "{tmp}"], "'lst:1'"),
+        (["extract", "resnet18", "digits", "--pool", "mean"], "Did you mean: 'avg'"),
+        (["extract", "resnet18", "digits", "--extract-batch-size", "8"], "unrecognized arguments"),
+        (["extract", "resnet18"], "required: data"),
+        (["layers", "resnet18", "--input-size", "0", "3"], "--input-size 0"),
+        (["trian", "resnet18", "digits"], "Did you mean 'train'?"),
+        (["export", "{tmp}", "--format", "onxx"], "unknown export format 'onxx'"),
+        (["bench", "--only", "prob"], "unknown benchmark 'prob'"),
+        (["bench", "--repeats", "0"], "--repeats 0"),
+        (["knn", "resnet18", "digits", "--k", "0"], "--k 0"),
+        (["embed", "resnet18", "digits", "--out", "{tmp}.txt"], "the format comes from the suffix"),
+        (["predict", "{tmp}", "x.png", "--top-k", "0"], "--top-k 0"),
+    ],
+)
+def test_usage_errors_are_reported_before_torch_is_imported(
+    argv: list[str], said: str, tmp_path: Path
+) -> None:
+    """Every usage error (an unknown verb or option, a missing argument, a value a config refuses) exits 2
+    with its message before torch loads: the configs' modules import no torch."""
+    argv = [a.format(tmp=tmp_path / "run") for a in argv]
+    out = json.loads(run_python(USAGE_ERROR, json.dumps(argv)).stdout.splitlines()[-1])
+    assert out["code"] == 2 and said in out["err"] and "Traceback" not in out["err"]
+    assert not out["torch"]
+    assert not (tmp_path / "run").exists()
+
+
+SOURCES_LOADED = r"""
+import json, sys
+from featcache.backbones import load_backbone
+bb = load_backbone(sys.argv[1], weights="none")
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"timm", "transformers"})))
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "loaded"),
+    [("torchvision:resnet18", []), ("resnet18", []), ("timm:resnet18", ["timm"])],
+)
+def test_a_backbone_spec_imports_only_its_own_source(spec: str, loaded: list[str]) -> None:
+    assert json.loads(run_python(SOURCES_LOADED, spec).stdout.splitlines()[-1]) == loaded
+
+
+def test_the_sources_are_named_without_importing_them() -> None:
+    code = (
+        "import sys\n"
+        "from featcache.backbones import list_sources\n"
+        "print(list_sources(), 'timm' in sys.modules, 'torchvision' in sys.modules)"
+    )
+    out = run_python(code).stdout.strip()
+    assert out == "['efficientnet-lite', 'hf', 'timm', 'torchvision'] False False"
+
+
 def test_every_public_name_imports_from_the_lazy_package() -> None:
     code = (
         "import sys, featcache; assert 'torch' not in sys.modules\n"

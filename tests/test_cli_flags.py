@@ -153,3 +153,21 @@ def test_sweep_help_names_what_an_empty_grid_axis_means(capsys: pytest.CaptureFi
         build_parser(["sweep"]).parse_args(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: --lr's value alone)" in text and "(default: --weight-decay's value alone)" in text
+
+
+def test_max_image_pixels_help_states_pillows_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    with pytest.raises(SystemExit):
+        build_parser(["extract"]).parse_args(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {Image.MAX_IMAGE_PIXELS:,}, Pillow's limit)" in text and "(default: off)" not in text
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_comma_list_is_refused_not_taken_as_the_default(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sweep", "m", "d", "--out", "o", "--layers", "a", "--lrs", value]
+    assert main(argv) == 2
+    assert f"argument --lrs: {value!r} holds no value" in capsys.readouterr().err

@@ -393,3 +393,28 @@ def test_a_class_folder_without_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "nested").mkdir(parents=True)
     with pytest.raises(FeatcacheError, match=r"without images.*\['empty'\]"):
         image_folder(tmp_path)
+
+
+def test_limit_keeps_exactly_n_images_with_every_class_or_is_refused(tmp_path: Path) -> None:
+    """``--limit N`` is N images (about, per split, for a folder with its own splits), stratified, every
+    class in training; fewer than the classes is refused naming the smallest limit that works."""
+    labels = builtin_samples("digits").labels
+    for n in (10, 15, 37):
+        s = load_dataset("digits", limit=n, val_fraction=0.0, test_fraction=0.0)
+        counts = np.bincount(s.train.labels, minlength=10)
+        want = np.bincount(labels) * n / len(labels)  # each class's share, as sklearn's stratify rounds
+        assert len(s.train) == n and counts.min() >= 1 and np.abs(counts - want).max() < 1 + 1e-9
+    with pytest.raises(FeatcacheError, match=r"--limit 5 keeps 5 images of 'digits', fewer than its 10 "):
+        load_dataset("digits", limit=5)
+    root = tmp_path / "tree"
+    write_tree(root / "train", classes=("a", "b", "c"), per_class=2, seed=0)
+    write_tree(root / "test", classes=("a", "b", "c"), per_class=6, seed=1)
+    with pytest.raises(FeatcacheError, match=r"keeps 1 training images .* use --limit 12 or more"):
+        load_dataset(str(root), val_fraction=0.0, limit=5)
+    cut = load_dataset(str(root), val_fraction=0.0, limit=12)
+    assert (len(cut.train), len(cut.test)) == (3, 9) and set(cut.train.labels.tolist()) == {0, 1, 2}
+
+
+def test_a_misspelt_bundled_dataset_gets_a_did_you_mean() -> None:
+    with pytest.raises(FileNotFoundError, match=r"dataset 'digitz' not found\. Did you mean 'digits'\?"):
+        load_dataset("digitz")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -13,9 +14,16 @@ import pytest
 
 import featcache.data.digests as digests_mod
 from conftest import write_tree
-from featcache._util import FeatcacheError
 from featcache.data.datasets import load_dataset
-from featcache.data.digests import RACY_NS, DigestMemo, SampleChangedError, pixels_digest
+from featcache.data.digests import (
+    CTIME_TICK_NS,
+    MEMO_SCHEMA,
+    RACY_NS,
+    DigestMemo,
+    MemoDamagedError,
+    SampleChangedError,
+    pixels_digest,
+)
 from featcache.data.samples import ArraySamples
 
 
@@ -131,8 +139,107 @@ def test_a_damaged_memo_is_named_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "memo.sqlite3").write_bytes(b"this is not a database" * 100)
     f = tmp_path / "x.bin"
     f.write_bytes(b"x")
-    with pytest.raises(FeatcacheError, match=r"memo.sqlite3.*damaged.*delete it"):
+    with pytest.raises(
+        MemoDamagedError, match=r"digest memo is damaged: .*memo.sqlite3.*remove .*to rebuild"
+    ):
         DigestMemo(tmp_path / "memo.sqlite3").file_digests([f])
+
+
+def _plant_columns(memo: Path) -> None:
+    """A memo of this schema whose folder table has other columns (an edit, another program)."""
+    db = sqlite3.connect(memo)
+    db.execute("CREATE TABLE dirs (path TEXT PRIMARY KEY, digest TEXT)")
+    db.execute(f"PRAGMA user_version = {MEMO_SCHEMA}")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("plant", ["columns", "folder", "link", "journal link"])
+def test_a_planted_memo_is_one_named_error_and_nothing_is_written_through_it(
+    tmp_path: Path, plant: str
+) -> None:
+    memo, outside = tmp_path / "cache" / ".digests.sqlite3", tmp_path / "outside.db"
+    memo.parent.mkdir()
+    outside.write_bytes(b"")
+    if plant == "columns":
+        _plant_columns(memo)
+    elif plant == "folder":
+        memo.mkdir()
+    elif plant == "link":
+        memo.symlink_to(outside)
+    else:  # SQLite's rollback journal, written beside the database on every write
+        Path(f"{memo}-journal").symlink_to(outside)
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"x")
+    backdate([f])
+    with pytest.raises(MemoDamagedError, match=r"digest memo is damaged: .*\.digests\.sqlite3.*remove"):
+        DigestMemo(memo).file_digests([f])
+    assert outside.read_bytes() == b""  # nothing written through a link
+
+
+def test_a_memo_of_the_older_per_file_schema_is_rebuilt(tmp_path: Path, reads: list[str]) -> None:
+    memo = tmp_path / "memo.sqlite3"
+    db = sqlite3.connect(memo)  # the (path, size, mtime_ns) memo of an older featcache
+    db.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, digest TEXT)")
+    db.commit()
+    db.close()
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"x")
+    backdate([f])
+    assert DigestMemo(memo).file_digests([f]) == [hashlib.sha256(b"x").hexdigest()]
+    assert DigestMemo(memo).file_digests([f]) == [hashlib.sha256(b"x").hexdigest()] and len(reads) == 1
+
+
+def test_a_same_size_same_mtime_rewrite_is_hashed_again(tmp_path: Path, reads: list[str]) -> None:
+    """``cp -p`` / ``rsync -t`` / ``touch -r``: other bytes, the same size, the old mtime put back."""
+    files = [tmp_path / f"{n}.bin" for n in "abc"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 64)
+    backdate(files)
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    first = memo.file_digests(files)
+    time.sleep(CTIME_TICK_NS / 1e9)
+    old = files[0].stat()
+    files[0].write_bytes(b"\xff" * 64)  # same size
+    os.utime(files[0], ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert files[0].stat().st_mtime_ns == old.st_mtime_ns and files[0].stat().st_size == old.st_size
+    reads.clear()
+    again = memo.file_digests(files)
+    assert again[0] == hashlib.sha256(b"\xff" * 64).hexdigest() and again[1:] == first[1:]
+    assert reads == [str(files[0])]
+
+
+def test_a_swap_of_two_same_size_files_keeping_their_mtimes_is_hashed_again(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"A" * 64)
+    b.write_bytes(b"B" * 64)
+    backdate([a, b])
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    first = memo.file_digests([a, b])
+    ta, tb = a.stat().st_mtime_ns, b.stat().st_mtime_ns
+    tmp = tmp_path / "t"
+    os.rename(a, tmp)
+    os.rename(b, a)
+    os.rename(tmp, b)
+    os.utime(a, ns=(ta, ta))  # each path keeps its mtime
+    os.utime(b, ns=(tb, tb))
+    reads.clear()
+    assert memo.file_digests([a, b]) == first[::-1] and sorted(reads) == [str(a), str(b)]
+
+
+def test_forget_drops_a_row_so_the_file_is_hashed_again(tmp_path: Path, reads: list[str]) -> None:
+    files = [tmp_path / f"{n}.bin" for n in "ab"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 8)
+    backdate(files)
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    memo.file_digests(files)
+    memo.forget([files[1]])
+    reads.clear()
+    memo.file_digests(files)
+    assert reads == [str(files[1])]
 
 
 def test_a_file_changed_after_hashing_is_refused_when_decoded(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ outside the cache or rows used silently."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -197,6 +198,8 @@ def test_a_shard_that_links_outside_the_table_is_refused(
     [
         "swap-digests",
         "digest-of-another-image",
+        "duplicate-digest",
+        "digests-not-records",
         "rows-count",
         "shape-string",
         "dtype-unknown",
@@ -210,30 +213,44 @@ def test_a_shard_that_links_outside_the_table_is_refused(
 def test_malformed_or_planted_segments_are_named_errors(
     backbone: Backbone, pristine: dict[str, Any], tmp_path: Path, edit: str
 ) -> None:
-    """Damaged index segments (checksum kept stale) and planted ones (checksum recomputed): each is a
-    named error on open and in `cache verify`, never a KeyError or rows under the wrong image."""
+    """Damaged index segments and digests files (checksums kept stale) and planted ones (checksums
+    recomputed): each is a named error on open and in `cache verify`, never a KeyError or rows under
+    the wrong image."""
     root, entry = _copy(pristine, tmp_path)
     seg = _segment_files(entry)[1]
-    meta = json.loads(seg.read_text())
-    edits = {
-        "swap-digests": lambda m: m["digests"].__setitem__(slice(0, 2), m["digests"][1::-1]),
-        "digest-of-another-image": lambda m: m["digests"].__setitem__(0, "f" * 64),
-        "rows-count": lambda m: m.__setitem__("rows", 5),
-        "shape-string": lambda m: m["layers"]["penultimate"].__setitem__("shape", "512"),
-        "dtype-unknown": lambda m: m["layers"]["penultimate"].__setitem__("dtype", "object"),
-        "layer-missing": lambda m: m["layers"].pop("penultimate"),
-        "extra-layer-on-empty": lambda m: m.update(rows=0, digests=[], layers={"../../x": {}}),
-        "bytes-missing": lambda m: m["layers"]["layer3"]["files"]["rows"].pop("bytes"),
-        "rows-missing": lambda m: m.pop("rows"),
+    index_file = entry / "shards" / f"{seg.stem}.digests.npy"
+    meta, records = json.loads(seg.read_text()), np.load(index_file)
+
+    def swap(m: dict[str, Any], r: np.ndarray) -> None:
+        r[[0, 1]] = r[[1, 0]]
+
+    edits: dict[str, Any] = {  # (segment fields, digest records) -> edited in place
+        "swap-digests": swap,
+        "digest-of-another-image": lambda m, r: r.__setitem__(0, 0xFF),
+        "duplicate-digest": lambda m, r: r.__setitem__(1, r[0]),
+        "digests-not-records": "float",
+        "rows-count": lambda m, r: m.__setitem__("rows", 5),
+        "shape-string": lambda m, r: m["layers"]["penultimate"].__setitem__("shape", "512"),
+        "dtype-unknown": lambda m, r: m["layers"]["penultimate"].__setitem__("dtype", "object"),
+        "layer-missing": lambda m, r: m["layers"].pop("penultimate"),
+        "extra-layer-on-empty": lambda m, r: m.update(rows=0, layers={"../../x": {}}),
+        "bytes-missing": lambda m, r: m["layers"]["layer3"]["files"]["rows"].pop("bytes"),
+        "rows-missing": lambda m, r: m.pop("rows"),
         "not-an-object": None,
     }
     for planted in (False, True):
         if edits[edit] is None:
             seg.write_text("[1, 2, 3]\n")
         else:
-            damaged = json.loads(json.dumps(meta))
-            edits[edit](damaged)
-            if planted:
+            damaged, rec = json.loads(json.dumps(meta)), records.copy()
+            if edits[edit] == "float":
+                np.save(index_file, rec.astype(np.float64))
+            else:
+                edits[edit](damaged, rec)
+                np.save(index_file, rec)
+            if planted:  # the digests file's record and the segment's checksum made to match
+                data = index_file.read_bytes()
+                damaged["digests"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                 damaged["checksum"] = segment_checksum(damaged)
             seg.write_text(json.dumps(damaged))
         if edit == "swap-digests" and planted:
@@ -262,6 +279,7 @@ _KINDS = {
     "mean": lambda e: e / "shards" / f"{_segment_files(e)[0].stem}.0.mean.npy",
     "var": lambda e: e / "shards" / f"{_segment_files(e)[2].stem}.0.var.npy",
     "segment": lambda e: _segment_files(e)[1],
+    "digests": lambda e: e / "shards" / f"{_segment_files(e)[1].stem}.digests.npy",
     "table.json": lambda e: e / "table.json",
 }
 

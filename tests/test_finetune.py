@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, r2_score
 from torch import nn
 
+import test_tasks
 from featcache.backbones.registry import load_backbone
 from featcache.cache.store import FeatureCache
 from featcache.data.config import DataConfig
@@ -31,6 +34,9 @@ from featcache.train.freeze import (
     prefix_layer,
 )
 from featcache.train.heads import HeadSpec
+from test_tasks import LITE, cli
+
+digits_sets = test_tasks.digits_sets  # the digits as manifests (multi-label, values), a module fixture
 
 SMALL = ExtractConfig(input_size=(32, 32))
 
@@ -294,3 +300,107 @@ def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
             FinetuneConfig(train="all", augment="flip", views=2),
             SEEDS_CFG,
         )
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_finetune_a_multilabel_set_trains_sigmoid_bce_and_predicts_label_sets(
+    digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ml"
+    argv = [*LITE, str(digits_sets["parity"]), "--cache-dir", str(digits_sets["cache"]), "--train", "last:1"]
+    code, text, err = cli(capsys, "finetune", *argv, "--epochs", "5", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["task"] == "multilabel"
+    assert metrics["task"] == "multilabel" and metrics["test"]["map"] >= 0.9 and "test mAP" in text
+    assert 0 < metrics["threshold"] < 1 and metrics["test"]["threshold"] == metrics["threshold"]
+    rows = _rows(out / "predictions.csv")
+    classes = ["big", "even", "odd"]
+    y = np.array([[c in r["true"].split(";") for c in classes] for r in rows], dtype=float)
+    p = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    aps = [average_precision_score(y[:, k], p[:, k]) for k in range(3)]
+    assert metrics["test"]["per_label_ap"] == pytest.approx(aps, abs=1e-4)
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()  # sigmoid BCE, not softmax cross-entropy
+    assert metrics["test"]["loss"] == pytest.approx(bce, rel=1e-3)
+    exported = tmp_path / "ml.safetensors"
+    assert cli(capsys, "export", str(out), "--out", str(exported))[0] == 0
+    for model in (out, exported):
+        code, text, err = cli(capsys, "predict", str(model), str(digits_sets["root"] / "0005.png"), "-q")
+        assert code == 0, err
+        assert set(text.split(": ")[1].split()[0].split(";")) == {"odd", "big"}  # digit 5: a set
+
+
+def test_finetune_a_regression_outputs_values_in_the_targets_units(
+    digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "reg"
+    spec = str(digits_sets["value"])
+    argv = [*LITE, spec, "--task", "regress", "--cache-dir", str(digits_sets["cache"]), "--train", "last:1"]
+    code, text, err = cli(capsys, "finetune", *argv, "--epochs", "8", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "regress" and metrics["test"]["r2"] >= 0.5 and "test R2" in text
+    rows = _rows(out / "predictions.csv")
+    true = np.array([float(r["true_label"]) for r in rows])
+    pred = np.array([float(r["predicted_label"]) for r in rows])
+    assert metrics["test"]["r2"] == pytest.approx(r2_score(true, pred), abs=1e-5)
+    # trained on standardised targets (losses near those of z-scores), evaluated in the digits' units
+    assert metrics["history"][-1]["train_loss"] < 1 and metrics["test"]["mae"] < 2
+    exported = tmp_path / "reg.safetensors"
+    assert cli(capsys, "export", str(out), "--out", str(exported))[0] == 0
+    for model in (out, exported):
+        code, text, err = cli(capsys, "predict", str(model), str(digits_sets["root"] / rows[0]["id"]), "-q")
+        assert code == 0, err
+        assert float(text.split("label ")[1]) == pytest.approx(float(rows[0]["predicted_label"]), abs=1e-2)
+    # a resumed finished run folds the scale into the reloaded weights once: the same numbers
+    code, _, err = cli(capsys, "finetune", *argv, "--epochs", "8", "--out", str(out), "--resume")
+    assert code == 0, err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["test"]["r2"] == pytest.approx(metrics["test"]["r2"], abs=1e-6)
+
+
+@pytest.mark.parametrize("verb", ["finetune", "train"])
+def test_resume_after_a_label_fix_or_an_added_image_is_a_named_refusal(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run resumed on other data would mix two datasets in one history: refused, naming the change
+    (as ``train --resume`` refuses it), exit 2 at the command line."""
+    from conftest import write_tree
+    from featcache.cli.main import main
+
+    data = tmp_path / "data"
+    write_tree(data / "train", classes=("a", "b"), per_class=5, formats=("png",))
+    write_tree(data / "val", classes=("a", "b"), per_class=2, formats=("png",), seed=1)
+    out, cache = str(tmp_path / "run"), str(tmp_path / "c")
+    flags = ["--weights", "none", "--input-size", "32", "32", "--epochs", "1", "-q"]
+    flags += ["--train", "last:1"] if verb == "finetune" else []
+    argv = [verb, "torchvision:resnet18", str(data), *flags, "--out", out, "--cache-dir", cache]
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert set(config["split_contents"]) == {"dataset", "train", "val"}
+    assert set(config["split_keys"]) == {"train", "val"}
+    resume = [verb, "--resume", "--out", out, "--epochs", "1", "-q"]
+    assert main(resume) == 0  # the same data: fine
+    capsys.readouterr()
+
+    (data / "train" / "a" / "00.png").rename(data / "train" / "b" / "99.png")  # a label fix
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the data changed since the run started: dataset: the same 14 images with other labels (a label "
+        "fix?); train: the same 10 images with other labels (a label fix?); resume with the data" in err
+    )
+    assert "start a new run" in err and "Traceback" not in err
+
+    (data / "train" / "b" / "99.png").rename(data / "train" / "a" / "00.png")  # undone: resumable again
+    keep = (data / "train" / "a" / "00.png").read_bytes()
+    write_tree(data / "train", classes=("a",), per_class=1, formats=("png",), seed=7)  # a new a/00.png
+    (data / "train" / "a" / "00.png").rename(data / "train" / "a" / "new.png")
+    (data / "train" / "a" / "00.png").write_bytes(keep)  # an added image
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "dataset: other images (14 -> 15; added, removed or edited); train: other images (10 -> 11" in err

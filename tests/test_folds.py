@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, r2_score
 
+import test_tasks
 from conftest import tiny_resnet_on_digits
 from featcache.backbones.registry import load_backbone
 from featcache.cli.main import main
@@ -21,9 +24,11 @@ from featcache.runs.probe import ProbeConfig
 from featcache.runs.train import train_on_cache
 from featcache.train.config import TrainConfig
 from featcache.train.heads import HeadSpec
+from test_tasks import LITE, cli
 
 ECFG = ExtractConfig(input_size=(32, 32), batch_size=32, device="cpu")
 DATA = DataConfig("digits", limit=200)
+digits_sets = test_tasks.digits_sets  # the digits as manifests (multi-label, values), a module fixture
 
 
 def _digests(n: int, seed: int = 0) -> list[str]:
@@ -202,3 +207,67 @@ def test_train_folds_write_a_run_whose_out_of_fold_mistakes_find_a_planted_misla
     # The run resumes: every fold is finished, so none trains again and the files stay.
     assert main(["train", "--resume", "--out", str(out), "-q"]) == 0
     assert "5-fold cross-validation accuracy" in capsys.readouterr().out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_folds_of_a_multilabel_set_score_map_and_rank_the_worst_sets(
+    digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*LITE, str(digits_sets["parity"]), "--cache-dir", str(digits_sets["cache"]), "--folds", "3"]
+    for verb, extra in (("train", ["--epochs", "10"]), ("probe", [])):
+        out = tmp_path / verb
+        code, text, err = cli(capsys, verb, *argv, *extra, "--out", str(out))
+        assert code == 0, err
+        summary = json.loads((out / "folds.json").read_text())
+        assert summary["metric"] == "map" and "cross-validation mAP" in text
+        rows = _read_csv(out / "oof.csv")
+        classes = ["big", "even", "odd"]
+        y = np.array([[c in r["labels"].split(";") for c in classes] for r in rows], dtype=float)
+        p = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+        fold = np.array([int(r["fold"]) for r in rows])
+        for i in range(3):  # each fold's score: scikit-learn's macro AP of its out-of-fold probabilities
+            want = np.mean([average_precision_score(y[fold == i, k], p[fold == i, k]) for k in range(3)])
+            assert summary["acc"][i] == pytest.approx(want, abs=1e-4)
+        assert statistics.fmean(summary["acc"]) >= 0.9
+        loss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)  # the mean BCE per image
+        assert [float(r["loss"]) for r in rows] == pytest.approx(loss, abs=1e-3)
+        worst = _read_csv(out / "misclassified.csv")
+        assert worst and all(w["labels"] != w["predicted"] for w in worst)
+        assert [float(w["loss"]) for w in worst] == sorted((float(w["loss"]) for w in worst), reverse=True)
+        head = json.loads((out / "head.json").read_text())
+        assert head["task"] == "multilabel" and 0 < head["threshold"] < 1
+        code, text, err = cli(capsys, "predict", str(out), str(digits_sets["root"] / "0005.png"), "-q")
+        assert code == 0, err
+        assert set(text.split(": ")[1].split()[0].split(";")) == {"odd", "big"}
+
+
+def test_folds_of_a_regression_score_r2_and_rank_the_worst_fits(
+    digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*LITE, str(digits_sets["value"]), "--task", "regress", "--cache-dir", str(digits_sets["cache"])]
+    for verb, extra in (("probe", []), ("train", ["--epochs", "20"])):
+        out = tmp_path / verb
+        code, text, err = cli(capsys, verb, *argv, "--folds", "3", *extra, "--out", str(out))
+        assert code == 0, err
+        summary = json.loads((out / "folds.json").read_text())
+        assert summary["metric"] == "r2" and "cross-validation R2" in text
+        rows = _read_csv(out / "oof.csv")
+        true = np.array([float(r["true_label"]) for r in rows])
+        pred = np.array([float(r["predicted_label"]) for r in rows])
+        fold = np.array([int(r["fold"]) for r in rows])
+        assert sorted(set(fold.tolist())) == [0, 1, 2] and len(rows) == sum(summary["rows"])
+        for i in range(3):
+            assert summary["acc"][i] == pytest.approx(r2_score(true[fold == i], pred[fold == i]), abs=1e-4)
+        assert statistics.fmean(summary["acc"]) >= 0.5
+        assert [float(r["loss"]) for r in rows] == pytest.approx((pred - true) ** 2, rel=1e-4, abs=1e-4)
+        worst = _read_csv(out / "misclassified.csv")
+        assert len(worst) == len(rows) and worst[0]["id"] == rows[int(np.argmax((pred - true) ** 2))]["id"]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["test"]["r2"] >= 0.5
+        code, text, err = cli(capsys, "predict", str(out), str(digits_sets["root"] / "0005.png"), "-q")
+        assert code == 0, err
+        assert abs(float(text.split("label ")[1]) - 5) < 2.5

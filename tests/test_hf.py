@@ -114,3 +114,34 @@ def test_hf_run_exports_in_every_format(tiny_vit: tuple[Path, torch.nn.Module], 
     for fmt in ("safetensors", "torchscript", "onnx"):
         got = load_predictor(export_run(tmp_path / "run", fmt), device="cpu").logits(images)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=fmt)
+
+
+class _RunsCode:
+    """A pickle that would run ``print`` when unpickled without restriction."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("a pickle ran",))
+
+
+def test_pickle_weights_are_refused_with_featcaches_own_message(
+    tiny_vit: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``pytorch_model.bin`` holding more than tensors: torch's weights-only unpickler refuses it (no
+    code runs), and featcache says so in its own words, never advising ``weights_only=False``."""
+    from featcache._util import FeatcacheError
+    from featcache.cli.main import main
+
+    _, ref = tiny_vit
+    folder = tmp_path / "pickled"
+    ref.config.save_pretrained(folder)  # transformers 5 no longer writes pickles: torch.save does
+    torch.save({**ref.state_dict(), "extra": _RunsCode()}, folder / "pytorch_model.bin")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    with pytest.raises(FeatcacheError, match=r"its pickle weights .* hold more than tensors") as exc:
+        load_backbone(f"hf:{folder}")
+    message = str(exc.value)
+    assert "GLOBAL print" in message and "safetensors" in message
+    assert "weights_only" not in message and "safe_globals" not in message and exc.value.__cause__ is None
+    assert main(["layers", f"hf:{folder}"]) == 2
+    out = capsys.readouterr()
+    assert "a pickle ran" not in out.out + out.err and "weights_only" not in out.err
+    assert load_backbone(f"hf:{folder}", weights="none").cfg.weights == "none"  # no weights: no pickle

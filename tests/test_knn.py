@@ -10,10 +10,14 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.neighbors import KNeighborsClassifier
 
+import test_tasks
 from conftest import tiny_resnet_on_digits
 from featcache.cache.rows import RowView
 from featcache.cli.main import main
 from featcache.runs.knn import KnnConfig, knn_eval, knn_scores
+from test_tasks import LITE
+
+digits_sets = test_tasks.digits_sets  # the digits as manifests (multi-label, values), a module fixture
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -109,3 +113,52 @@ def test_cli_knn_reads_the_cache_and_matches_scikit_learn(
     assert "split" in out and "test" in out and "bank:" in out
     assert main(["knn", *base, "--k", "0"]) == 2
     assert "--k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regress"])
+def test_cli_knn_of_multilabel_and_regression_sets_is_scikit_learns(
+    digits_sets: dict[str, Path], capsys: pytest.CaptureFixture[str], task: str
+) -> None:
+    from sklearn.metrics import average_precision_score, r2_score
+    from sklearn.neighbors import KNeighborsRegressor, NearestNeighbors
+
+    from featcache.backbones.registry import load_backbone
+    from featcache.data.config import DataConfig
+    from featcache.extract.build import extract_splits
+    from featcache.extract.config import ExtractConfig
+
+    spec = str(digits_sets["parity" if task == "multilabel" else "value"])
+    cache = str(digits_sets["cache"])
+    argv = ["knn", *LITE, spec, "--task", task, "--cache-dir", cache, "--k", "5,20", "--weighting", "uniform"]
+    assert main([*argv, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["metrics"]["test"]
+    data = DataConfig(spec, task=task).load()
+    feats = extract_splits(
+        load_backbone("efficientnet-lite0"), data, ["penultimate"], ExtractConfig(input_size=(64, 64)),
+        cache_dir=cache, progress=False,
+    )  # fmt: skip
+    tr, te = (np.asarray(feats[s].features["penultimate"], np.float32) for s in ("train", "test"))
+    ytr, yte = np.asarray(feats["train"].labels, float), np.asarray(feats["test"].labels, float)
+    for k in (5, 20):
+        if task == "regress":  # uniform votes: the plain mean of the k cosine-nearest targets
+            ref = KNeighborsRegressor(k, weights="uniform", metric="cosine", algorithm="brute").fit(tr, ytr)
+            assert got[str(k)]["r2"] == pytest.approx(r2_score(yte, ref.predict(te)), abs=1e-4)
+            continue
+        idx = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(tr).kneighbors(te)[1]
+        scores = ytr[idx].mean(1)  # each label's share of the k nearest neighbours
+        present = [j for j in range(yte.shape[1]) if yte[:, j].any()]
+        macro = np.mean([average_precision_score(yte[:, j], scores[:, j]) for j in present])
+        assert got[str(k)]["map"] == pytest.approx(macro, abs=1e-4)
+        assert got[str(k)]["map_micro"] == pytest.approx(
+            average_precision_score(yte.ravel(), scores.ravel()), abs=1e-4
+        )
+    # the exp-weighted scores the CLI ranks are the library's knn_scores on the same cached rows
+    assert main([*argv[:-2], "--json"]) == 0
+    exp = json.loads(capsys.readouterr().out)["metrics"]["test"]
+    scores = knn_scores(tr, ytr, te, KnnConfig(k=(20,)))[20]
+    if task == "multilabel":
+        present = [j for j in range(yte.shape[1]) if yte[:, j].any()]
+        macro = np.mean([average_precision_score(yte[:, j], scores[:, j]) for j in present])
+        assert exp["20"]["map"] == pytest.approx(macro, abs=1e-4) and macro >= 0.9
+    else:
+        assert exp["20"]["r2"] == pytest.approx(r2_score(yte, scores), abs=1e-4)

@@ -98,3 +98,57 @@ def test_a_cached_view_draws_its_augmentation_from_the_image_content() -> None:
         PreprocessedView(samples, cfg.preprocessing, [0], aug, 1)
     with pytest.raises(FeatcacheError, match="1 digests for 2 samples"):
         PreprocessedView(samples, cfg.preprocessing, [0, 1], aug, 1, [d[0]])
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        BackboneCfg("m", Preprocessing(input_size=(48, 40), resize_size=56)),
+        BackboneCfg("m", Preprocessing(interpolation="bicubic")).with_input_size(32, 40),
+        BackboneCfg("m", Preprocessing(channels=1, mean=(0.5,), std=(0.25,))).with_input_size(24, 24),
+    ],
+    ids=["crop", "bicubic", "one-channel"],
+)
+def test_batched_pixels_equal_the_per_image_pipeline(cfg: BackboneCfg) -> None:
+    """What extraction feeds the backbone (uint8 pixels decoded per image, resized per batch of one size,
+    normalised on the batch) equals, bit for bit, the per-image pipeline written with torchvision's
+    functions (convert, to tensor, resize, [0, 1], normalise), and torchvision's transforms to rounding."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from featcache.data.preprocess import PixelBatch, PreprocessedView, normalize_pixels
+    from featcache.data.samples import ArraySamples
+
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8)),  # grey, as MNIST
+        Image.fromarray(rng.integers(0, 256, (33, 50, 4), dtype=np.uint8)),  # RGBA
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).convert("P"),  # palette
+        Image.fromarray(rng.integers(0, 256, (33, 50), dtype=np.uint8)),
+    ]
+
+    class Images(ArraySamples):
+        def load(self, index: int) -> Image.Image:
+            return images[index]
+
+    samples = Images(np.zeros((len(images), 2, 2), np.uint8), list(range(len(images))))
+    view = PreprocessedView(samples, cfg.preprocessing, pixels=True)
+    pixels, index, errors = PixelBatch(cfg.preprocessing)([view[i] for i in range(len(images))])
+    x = normalize_pixels(pixels, cfg.preprocessing)
+    assert index.tolist() == list(range(len(images))) and errors == [""] * len(images)
+
+    interp = TF.InterpolationMode(cfg.interpolation)
+    mode = "L" if cfg.channels == 1 else "RGB"
+    for img, got in zip(images, x, strict=True):
+        t = TF.pil_to_tensor(img.convert(mode))  # the per-image pipeline extraction used before
+        if cfg.resize_size:
+            t = TF.center_crop(TF.resize(t, [cfg.resize_size], interp, antialias=True), list(cfg.input_size))
+        else:
+            t = TF.resize(t, list(cfg.input_size), interp, antialias=True)
+        want = TF.normalize(t.float().div_(255.0), list(cfg.mean), list(cfg.std))
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert torch.equal(got, to_model_input(img, cfg.preprocessing))
+    if cfg.channels == 3:
+        _, reference = _reference_pipelines(cfg)
+        ref = torch.stack([reference(img.convert("RGB")) for img in images])
+        assert (x - ref).abs().max().item() <= 1e-5

@@ -109,7 +109,7 @@ def test_one_record_drives_the_key_the_extraction_and_the_export(tmp_path: Path)
 
     # The cache key: the record's preprocessing is CUSTOM's key form, and it is the key the run used.
     record = cache_record(backbone, ["penultimate"], run.extract_config())
-    assert record["preprocessing"] == CUSTOM.key_record()
+    assert record.to_json()["preprocessing"] == CUSTOM.key_record()
     assert cache_key(record) == run.config["cache_keys"]["train"]
     assert BackboneCfg.from_dict(run.config["backbone_cfg"]).preprocessing == CUSTOM
 

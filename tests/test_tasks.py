@@ -346,17 +346,11 @@ def test_sweep_chooses_on_the_tasks_metric(
     )
 
 
-@pytest.mark.parametrize(
-    ("verb", "flags", "wanted"),
-    [
-        ("train", ["--folds", "3"], "--folds cross-validates classifiers; this dataset's task is regress"),
-        ("finetune", [], "finetune trains a classifier; this dataset's task is regress"),
-    ],
-)
-def test_the_verbs_for_classifiers_refuse_other_tasks_with_the_alternative(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str, flags: list[str], wanted: str
+def test_finetune_of_a_regression_refuses_a_trained_head_to_start_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = _small_manifest(tmp_path, "path,target", [f"{i / 10}" for i in range(30)])
-    argv = [verb, "torchvision:resnet18", spec, "--weights", "none", "--out", str(tmp_path / "r"), *flags]
-    code, _, err = cli(capsys, *argv)
+    argv = ["finetune", "torchvision:resnet18", spec, "--weights", "none", "--out", str(tmp_path / "r")]
+    code, _, err = cli(capsys, *argv, "--init-head", str(tmp_path))
+    wanted = "a regression network trains its new classifier on standardised targets"
     assert code == 2 and wanted in err and "Traceback" not in err and not (tmp_path / "r").exists()

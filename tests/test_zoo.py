@@ -276,3 +276,74 @@ def test_every_listed_layer_extracts_equal_to_hooks_or_is_refused(spec: str, zoo
         f"{spec}: {len(listed)} listed, {len(ok)} extracted, {sum(v is not None for v in layouts.values())} "
         f"pooled, {len(refused)} refused, fx on {len(fx_names or [])}, {time.perf_counter() - t0:.1f}s"
     )
+
+
+class _WithMHA(nn.Module):
+    """A token model whose attention is an ``nn.MultiheadAttention`` (a leaf of torch.fx returning a
+    tuple: its output and its attention weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t)[0]
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("spec", "layer", "method"),
+    [
+        ("torchvision:vit_b_16", "encoder.layers.encoder_layer_0.self_attention", "fx"),
+        ("mha", "attn", "fx"),
+        ("timm:hiera_tiny_224", "blocks.1", "hooks"),  # its traced graph fails to run: hooks, said once
+    ],
+)
+def test_fx_on_a_tuple_returning_module_or_a_graph_that_fails_gives_the_hooks_arrays(
+    spec: str, layer: str, method: str, zoo_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``method="fx"`` takes a tuple's first tensor, as hooks do (ViT's ``self_attention`` and any
+    ``nn.MultiheadAttention``), and a traced graph that raises when run (timm's Hiera) falls back to
+    forward hooks with a one-line note: never a raw exception, always the plain hooks' arrays."""
+    from featcache.extract.nodes import FeatureExtractor
+
+    if spec == "mha":
+        torch.manual_seed(0)
+        bb = None
+        model: nn.Module = _WithMHA().eval()
+        x = torch.rand(3, 3, 32, 32)
+    else:
+        if spec.startswith("timm:hiera") and "hiera_tiny_224" not in __import__("timm").list_models("hiera*"):
+            pytest.skip("this timm has no hiera_tiny_224")
+        bb = load_backbone(spec, weights="none")
+        model = bb.model
+        rng = np.random.default_rng(0)
+        images = np.stack([np.asarray(random_image(rng, (224, 224))) for _ in range(IMAGES)])
+        samples = ArraySamples(images, np.arange(IMAGES) % 2, ["a", "b"], name="fx-224")
+        cfg = bb.cfg.with_input_size(224, 224)
+        x = torch.stack([to_model_input(samples.load(i), cfg) for i in range(IMAGES)])
+    want: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, _i: Any, o: Any) -> None:  # plain forward hooks: a module's first tensor
+        want.setdefault(layer, _first(o).detach().clone())  # type: ignore[union-attr]
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+
+    caplog.set_level("WARNING", logger="featcache")
+    ext = FeatureExtractor(model, [layer], "fx", spec=spec)
+    with torch.inference_mode():
+        got = ext(x)[layer]
+    assert ext.method == method and _rel(got.numpy(), want[layer]) <= 1e-5
+    notes = [r.getMessage() for r in caplog.records if "forward hooks" in r.getMessage()]
+    assert len(notes) == (method == "hooks"), notes
+    if method == "hooks":
+        assert "into a graph that fails to run (AttributeError" in notes[0] and "\n" not in notes[0]
+    if bb is not None:  # the library's path: extraction with method="fx" into a cache
+        feats = _extract(bb, samples, [layer], zoo_cache, size=(224, 224), pool="none", method="fx")
+        assert feats.manifest["method"] == method and _rel(feats.features[layer], want[layer]) <= 1e-5

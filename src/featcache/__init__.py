@@ -114,7 +114,9 @@ class _Package(types.ModuleType):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "extract" and isinstance(value, types.ModuleType):
-            value = value.extract
+            # left to __getattr__, which finds the function when it is first asked for: resolving it here
+            # would load the extractor (and torch) with any module of the subpackage, its config too
+            return
         super().__setattr__(name, value)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the command line's cache verbs start without it
     import torch
@@ -110,11 +111,28 @@ def atomic_write_text(path: os.PathLike[str] | str, text: str) -> None:
     """Write a text file through a temporary name in the same folder, fsync, then rename."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with no_follow_open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def no_follow_open(path: os.PathLike[str] | str, mode: str = "wb") -> IO[Any]:
+    """Open ``path`` for writing (``w``/``wb``, truncating) or appending (``a``/``ab``), creating it, but
+    never through a symbolic link at ``path`` itself (``O_NOFOLLOW``: a planted link is an ``OSError``,
+    ``ELOOP``, and nothing outside is written); the folders above are the caller's to check
+    (:func:`inside`).
+
+    Example:
+        >>> with no_follow_open("/tmp/featcache-doc.txt", "w") as f:  # doctest: +SKIP
+        ...     f.write("x")
+    """
+    if mode not in ("w", "wb", "a", "ab"):
+        raise ValueError(f"mode {mode!r}: no_follow_open writes (w, wb) or appends (a, ab)")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, 0o666)
+    return os.fdopen(fd, mode)
 
 
 def write_json(path: os.PathLike[str] | str, obj: Any) -> None:
@@ -178,3 +196,33 @@ def inside(folder: os.PathLike[str] | str, relative: str) -> str:
             "inside it; the folder was tampered with or damaged: remove it"
         )
     return path
+
+
+def is_inside(folder: os.PathLike[str] | str, path: os.PathLike[str] | str) -> bool:
+    """Whether ``path`` lies inside ``folder`` once symbolic links and ``..`` are resolved (``folder``
+    itself counts as inside).
+
+    Example:
+        >>> is_inside("/tmp/entry", "/tmp/entry/shards/../uses")
+        True
+    """
+    base = os.path.realpath(folder)
+    return os.path.commonpath([base, os.path.realpath(path)]) == base
+
+
+def links_under(folder: os.PathLike[str] | str) -> list[tuple[str, str]]:
+    """``(relative path, target)`` of every symbolic link under ``folder``, never following one (what
+    housekeeping reports and leaves alone).
+
+    Example:
+        >>> links_under("/tmp/entry")  # doctest: +SKIP
+        [('shards', '/elsewhere')]
+    """
+    out = []
+    for d, dirs, files in os.walk(folder):  # os.walk does not descend into linked folders
+        for name in sorted(dirs + files):
+            p = os.path.join(d, name)
+            if os.path.islink(p):
+                with contextlib.suppress(OSError):
+                    out.append((os.path.relpath(p, folder), os.readlink(p)))
+    return out

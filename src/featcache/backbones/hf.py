@@ -6,6 +6,8 @@ and the weights. Preprocessing comes from the image processor; classes from ``id
 
 from __future__ import annotations
 
+import pickle
+import re
 from typing import Any
 
 import torch
@@ -46,6 +48,20 @@ def _tensor_forward(model: nn.Module) -> nn.Module:
     return model
 
 
+def pickle_refused(name: str, exc: pickle.UnpicklingError) -> FeatcacheError:
+    """featcache's error for pickle weights that are more than tensors: torch's weights-only unpickler
+    (what transformers loads ``pytorch_model.bin`` with) refused them, so nothing in them ran; torch's
+    own message advises loading the file unrestricted, which featcache never suggests."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+    why = found.group(1).split(". ")[0][:160] if found else type(exc).__name__  # not torch's advice
+    return FeatcacheError(
+        f"hf:{name}: its pickle weights (pytorch_model.bin or the like) hold more than tensors ({why}), "
+        "and featcache loads weights only as tensors: no code from a weights file ever runs. Use a copy "
+        "of the model saved as safetensors (model.safetensors), or --weights none for its architecture "
+        "alone"
+    )
+
+
 @register_source("hf", lister=lambda: [])
 def _hf(name: str, weights: str | None) -> Backbone:
     try:
@@ -63,6 +79,8 @@ def _hf(name: str, weights: str | None) -> Backbone:
         else:
             model = auto.from_pretrained(name)
         proc = AutoImageProcessor.from_pretrained(name)
+    except pickle.UnpicklingError as exc:
+        raise pickle_refused(name, exc) from None  # torch's advice in the chain would be printed too
     except OSError as exc:
         raise FeatcacheError(
             f"cannot load Hugging Face model {name!r} ({exc}). Pass a hub id (with internet) or a local "

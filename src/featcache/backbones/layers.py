@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,11 @@ def count_macs(backbone: Backbone, input_size: tuple[int, int] | None = None) ->
 
 
 def timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
-    """timm's registered no-trace modules and functions (padding helpers, ...), if timm is installed."""
+    """timm's registered no-trace modules and functions (padding helpers, ...), if timm is loaded: a
+    model can hold timm's modules and call its functions only once timm is imported, so a torchvision
+    model's trace does not import it (nor do its node names change when timm is loaded later)."""
+    if "timm" not in sys.modules:
+        return (), ()
     try:
         import timm.models  # noqa: F401  (importing registers them)
         from timm.layers._fx import get_notrace_functions, get_notrace_modules

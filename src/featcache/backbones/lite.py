@@ -9,7 +9,6 @@ import importlib.util
 from collections import OrderedDict
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
@@ -68,6 +67,8 @@ def _efficientnet_lite(name: str, weights: str | None) -> Backbone:
     name = name if name.startswith("efficientnet-") else f"efficientnet-{name}"
     if name not in _LITE:
         raise unknown("EfficientNet-Lite model", name, list(_LITE), "Choose efficientnet-lite0, 1 or 2.")
+    import timm  # here, not above: a bare name asks this source first, and resnet18 needs no timm
+
     model = seeded_init(lambda: timm.create_model(f"tf_{name.replace('-', '_')}", pretrained=False))
     pretrained = weights is None or weights.upper() == "DEFAULT"
     label = "none"

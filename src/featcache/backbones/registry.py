@@ -13,6 +13,7 @@ A bare name is looked up in the built-in models, then torchvision, then timm.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -122,6 +123,17 @@ _SIZED: dict[str, SizedFn] = {}
 _OFFLINE: dict[str, Callable[[], set[str]]] = {}
 # Who owns a bare name (no ``source:``): timm also has ``resnet18``, torchvision's is meant.
 BARE_NAME_ORDER = ("efficientnet-lite", "torchvision", "timm")
+#: The sources featcache ships, by the module of this package that registers each. A source's module is
+#: imported when the source is first asked for, so ``torchvision:resnet18`` loads neither timm nor
+#: transformers, and the names are known without importing any.
+BUILTIN_SOURCES = {"efficientnet-lite": "lite", "hf": "hf", "timm": "timm", "torchvision": "torchvision"}
+
+
+def _loaded(source: str) -> bool:
+    """Whether ``source`` is registered, importing its module first if it is one featcache ships."""
+    if source not in _SOURCES and source in BUILTIN_SOURCES:
+        importlib.import_module(f".{BUILTIN_SOURCES[source]}", __package__)
+    return source in _SOURCES
 
 
 def register_source(
@@ -183,8 +195,9 @@ def register_source(
 
 
 def list_sources() -> list[str]:
-    """Registered source prefixes, e.g. ``['efficientnet-lite', 'hf', 'timm', 'torchvision']``."""
-    return sorted(_SOURCES)
+    """Registered source prefixes, e.g. ``['efficientnet-lite', 'hf', 'timm', 'torchvision']`` (the
+    shipped ones named without importing them)."""
+    return sorted({*_SOURCES, *BUILTIN_SOURCES})
 
 
 def _spec(source: str, name: str) -> str:
@@ -193,9 +206,9 @@ def _spec(source: str, name: str) -> str:
 
 def _sources(source: str | None) -> list[str]:
     for src in [source] if source else []:
-        if src not in _LISTERS:
+        if not _loaded(src):
             raise unknown("backbone source", src, list_sources(), "Use one of the sources listed.")
-    return [source] if source else list_sources()
+    return [source] if source else [src for src in list_sources() if _loaded(src)]
 
 
 def list_models(filter: str = "*", source: str | None = None, offline: bool = False) -> list[str]:
@@ -296,13 +309,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """
     source, sep, name = spec.partition(":")
     if sep:
-        if source not in _SOURCES:
+        if not _loaded(source):
             raise unknown("backbone source", source, list_sources(), "Write the spec as SOURCE:NAME.")
         return source, name
-    claimants = [src for src in BARE_NAME_ORDER if src in _CLAIMS]
-    for src in claimants:
-        if _CLAIMS[src](spec):
+    for src in BARE_NAME_ORDER:  # in order, each source loaded only if the ones before do not claim it
+        if _loaded(src) and src in _CLAIMS and _CLAIMS[src](spec):
             return src, spec
+    claimants = [src for src in BARE_NAME_ORDER if src in _CLAIMS]
     everything = [n for src in claimants for n in _LISTERS[src]()]
     fix = "Run `featcache models '*name*'` to list models."
     if os.path.exists(spec):  # `featcache train photos efficientnet-lite0`: the two swapped

@@ -3,15 +3,17 @@
 Design
 ------
 **Tables.** A *feature table* holds the rows of one extraction setting. Its key is the SHA-256 of a
-record of everything that decides a row's values and nothing else (:func:`featcache.extract.build.
-cache_record`): backbone spec and weights digest, resolved preprocessing, layers, pooling, storage
-dtype, AMP, the augmented view's index and augmentation, and :data:`CACHE_VERSION`. Labels, split
-membership, dataset names, paths and row order are not part of it.
+typed record of everything that decides a row's values and nothing else (:class:`~featcache.cache.
+identity.TableRecord`, built by :func:`featcache.extract.build.cache_record`): backbone spec and
+weights digest, resolved preprocessing, layers, pooling, storage dtype, AMP, the augmented view's
+index and augmentation, and :data:`CACHE_VERSION`. Labels, split membership, dataset names, paths
+and row order are not part of it.
 
 **Rows.** A row is keyed by its image's content digest (:mod:`featcache.data.digests`): SHA-256 of the
 file's bytes, or of the pixels and shape for in-memory sets. Two files with the same bytes are one row.
-Paths only memoise digests: ``<root>/.digests.sqlite3`` maps (path, size, mtime_ns) to the digest, so an
-unchanged file is not read twice. An augmented view seeds its randomness with (digest, view index),
+Paths only memoise digests: ``<root>/.digests.sqlite3`` keeps, per folder, each file's stat data as
+git's index keys it (size, mtime, ctime, inode, device) and its digest, so an unchanged file is not
+read twice. An augmented view seeds its randomness with (digest, view index),
 so a view's row is reusable across datasets too.
 
 **Splits are views.** A dataset split is an ordered list of digests plus labels. Extraction computes the
@@ -57,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 # name -> the module of this package that defines it
 _HOMES = {
-    "CACHE_VERSION": "writer",
+    "CACHE_VERSION": "identity",
     "CacheScan": "housekeeping",
     "CachedFeatures": "store",
     "ChannelStats": "store",
@@ -79,10 +81,10 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .dataset import FeatureDataset  # noqa: F401
     from .embed import EmbedConfig, write_embeddings  # noqa: F401
     from .housekeeping import CacheScan, GcLimits, Selection, cache_root  # noqa: F401
+    from .identity import CACHE_VERSION  # noqa: F401
     from .rows import RowView  # noqa: F401
     from .store import CachedFeatures, ChannelStats, FeatureCache  # noqa: F401
     from .table import FeatureTable, cache_key  # noqa: F401
-    from .writer import CACHE_VERSION  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

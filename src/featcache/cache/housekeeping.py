@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import FeatcacheError, flag
+from .._util import is_inside, no_follow_open
 
 #: the folder of a table that records the datasets read from it
 USES = "uses"
@@ -182,18 +183,26 @@ def dataset_name(name: str) -> str:
 
 
 def record_use(table: Path, dataset: str) -> None:
-    """Record that a split of ``dataset`` was read from ``table`` now; a read-only cache stays as it is."""
+    """Record that a split of ``dataset`` was read from ``table`` now; a read-only cache stays as it is.
+
+    No symbolic link is followed: a ``uses`` folder that leads outside the table is left alone (``cache
+    verify`` names it), and a link planted at the record's name is replaced by the record, never
+    written or touched through.
+    """
     folder = table / USES
     # The file name is a hash of the dataset's name: no name becomes a path.
     f = folder / f"{hashlib.sha256(dataset.encode()).hexdigest()[:24]}.json"
     with contextlib.suppress(OSError):
-        if f.is_file():
-            os.utime(f)
+        if folder.is_symlink() or not is_inside(table, folder):
+            return
+        if f.is_file() and not f.is_symlink():
+            os.utime(f, follow_symlinks=False)
         else:
             folder.mkdir(exist_ok=True)
             tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"dataset": dataset}) + "\n")
-            os.replace(tmp, f)
+            with no_follow_open(tmp, "w") as out:
+                out.write(json.dumps({"dataset": dataset}) + "\n")
+            os.replace(tmp, f)  # a rename replaces a link at ``f``; it never writes through it
 
 
 #: the folder under the cache root remembering the split membership each dataset's last run used: a
@@ -228,7 +237,11 @@ def datasets_used(table: Path) -> dict[str, float]:
     unreadable records are left out (they name no dataset)."""
     out: dict[str, float] = {}
     folder = table / USES
-    for f in folder.glob("*.json") if folder.is_dir() else ():
+    if folder.is_symlink() or not folder.is_dir():
+        return out  # a linked folder leads outside the table: nothing is read through it
+    for f in folder.glob("*.json"):
+        if f.is_symlink():
+            continue
         with contextlib.suppress(OSError, ValueError, AttributeError):
             name = json.loads(f.read_text()).get("dataset")
             if isinstance(name, str):

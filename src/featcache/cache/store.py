@@ -9,6 +9,7 @@ and removes tables. A file lock per table serialises appends; reads take no lock
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError, check_name, label_array
+from .._util import FeatcacheError, check_name, inside, label_array, no_follow_open
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
+from .identity import TableRecord
 from .rows import Rows, RowView
 from .table import (
+    DIGEST_MEMO,
     TABLE_FILE,
     CheckedShard,
     FeatureTable,
@@ -34,6 +37,7 @@ from .table import (
     cache_key,
     folder_bytes,
     last_used,
+    linked_entry,
     old_format,
     read_segment,
     remove,
@@ -46,9 +50,6 @@ if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start 
     from .dataset import FeatureDataset
 
 __all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
-
-#: the per-file digest memo (:class:`~featcache.data.digests.DigestMemo`) under the cache root
-DIGEST_MEMO = ".digests.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -273,12 +274,10 @@ def split_key(table: str, digests: Sequence[str], labels: np.ndarray, classes: S
     return h.hexdigest()
 
 
-def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two records differ at most in their layers (JSON-normalised: tuples are lists on disk)."""
-    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
-    a.pop("layers", None)
-    b.pop("layers", None)
-    return bool(a == b)
+def _same_setting(table: FeatureTable, record: TableRecord) -> bool:
+    """Whether a table was made as ``record`` says, at most with other layers (typed records)."""
+    mine = table.identity
+    return mine is not None and mine.same_setting(record)
 
 
 def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
@@ -289,8 +288,9 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
     created = None
     with contextlib.suppress(OSError, ValueError, AttributeError):
         created = json.loads((table.path / TABLE_FILE).read_text()).get("created")
+    rows = sum(seg.rows for seg in index.segments)  # a digest in two segments (a cut-short compaction) twice
     return {
-        "status": "ok" if index.where or index.bad else "empty",
+        "status": "ok" if rows or index.bad else "empty",
         "model": rec.get("backbone"),
         "input_size": [int(v) for v in size] if size else None,
         "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
@@ -299,7 +299,7 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
         "pool": rec.get("pool"),
         "view": rec.get("view", 0),
         "augment": rec.get("augment"),
-        "rows": len(index.where),
+        "rows": rows,
         "skipped": len(index.bad),
         "segments": len(index.segments),
         "created": created,
@@ -309,9 +309,11 @@ def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
 def _reason(path: Path, exc: BaseException) -> str:
     """A few words on why the entry at ``path`` cannot be read (``cache ls`` shows ``damaged: ...``)."""
     try:
-        doc = json.loads((path / TABLE_FILE).read_text())
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
     except FileNotFoundError:
         return f"{TABLE_FILE} is missing"
+    except FeatcacheError:
+        return f"{TABLE_FILE} leads outside the table (a symbolic link?)"
     except (OSError, ValueError):
         return f"{TABLE_FILE} is truncated or unreadable"
     record = doc.get("record") if isinstance(doc, dict) else None
@@ -326,7 +328,7 @@ def _reason(path: Path, exc: BaseException) -> str:
     folder = path / "segments"
     for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         try:
-            read_segment(f, list(record.get("layers") or []))
+            read_segment(f, list(record.get("layers") or []), digests=False)
         except FeatcacheError as bad:
             why = bad.why if isinstance(bad, SegmentError) else _short(bad.__cause__ or bad)
             return f"segments/{f.name} is unreadable ({why})"
@@ -336,13 +338,17 @@ def _reason(path: Path, exc: BaseException) -> str:
 def _old_format(path: Path) -> bool:
     """An entry of an older format (``gc`` removes it); a table of this one that lost its table.json is
     damaged instead (``cache rm`` removes it)."""
-    return old_format(path) and not (path / "segments").is_dir()
+    return old_format(path)
 
 
 def _short(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return f"field {exc.args[0]!r} is missing"
     return str(exc)[:100]
+
+
+#: one FeatureCache per (root, verify) in this process: :meth:`FeatureCache.shared`
+_SHARED: dict[tuple[str, bool], FeatureCache] = {}
 
 
 class FeatureCache:
@@ -361,6 +367,20 @@ class FeatureCache:
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.root)!r})"
 
+    @classmethod
+    def shared(cls, root: str | os.PathLike[str] | None = None, verify: bool = True) -> FeatureCache:
+        """This process's one object for a cache root: every table's index is parsed once per process
+        (again only when a segment comes or goes), whichever split or step reads it.
+
+        Example:
+            >>> FeatureCache.shared("/tmp/c") is FeatureCache.shared("/tmp/c")
+            True
+        """
+        where = (str(cache_root(root)), verify)
+        if where not in _SHARED:
+            _SHARED[where] = cls(root, verify)
+        return _SHARED[where]
+
     def path(self, key: str) -> Path:
         return self.root / key
 
@@ -372,7 +392,7 @@ class FeatureCache:
                 f"{key!r} is not a cache key or key prefix (lower-case hex); "
                 "run `featcache cache ls` to list them"
             )
-        if KEY_NAME.match(key) and (self.root / key).is_dir():
+        if KEY_NAME.match(key) and ((self.root / key).is_dir() or (self.root / key).is_symlink()):
             return key
         found = [k for k in self.entries() if k.startswith(key)]
         if len(found) == 1:
@@ -391,8 +411,21 @@ class FeatureCache:
         live in ``<root>/.locks/`` and outlive the table, so ``rm`` never pulls a lock from under a waiter.
         """
         locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{check_name(key, 'cache key')}.lock", "a") as f:
+        file = locks / f"{check_name(key, 'cache key')}.lock"
+        try:
+            if locks.is_symlink():  # a lock file is created: never through a link out of the cache root
+                raise OSError(f"{str(locks)!r} is a symbolic link (to {os.readlink(locks)!r})")
+            locks.mkdir(parents=True, exist_ok=True)
+            f = no_follow_open(file, "a")
+        except OSError as exc:
+            if exc.errno not in (None, errno.ELOOP):
+                raise
+            raise FeatcacheError(
+                f"cannot take the lock {str(file)!r}: it or its folder is a symbolic link "
+                f"({exc.strerror or exc}); featcache creates its lock files only inside the cache root, "
+                "never through a symbolic link: remove the link (featcache makes it again)"
+            ) from exc
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -414,19 +447,26 @@ class FeatureCache:
     def _folders(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # a symbolic link is listed too (never read through): `cache ls` shows it, `cache rm` removes it
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p.is_dir() or p.is_symlink()) and not p.name.startswith(".")
+        )
 
     def open(self, key: str) -> FeatureTable:
         """The table ``key`` (a unique prefix will do); an old-format or foreign folder raises."""
         key = self.resolve(key)
-        if key not in self._tables:
+        known = self._tables.get(key)
+        if known is None or not (known.path / TABLE_FILE).is_file():  # removed by another object since
             self._tables[key] = FeatureTable.open(self.path(key), self.verify_reads)
         return self._tables[key]
 
-    def create(self, record: dict[str, Any]) -> FeatureTable:
+    def create(self, record: TableRecord | dict[str, Any]) -> FeatureTable:
         """The table of ``record``, created if it does not exist (under its lock: ``gc`` keeps off)."""
         key = cache_key(record)
-        if key not in self._tables:
+        known = self._tables.get(key)
+        if known is None or not (known.path / TABLE_FILE).is_file():
             with self.lock(key):
                 self._tables[key] = FeatureTable.create(self.path(key), record, self.verify_reads)
         return self._tables[key]
@@ -439,7 +479,7 @@ class FeatureCache:
                 out.append(self.open(key))
         return out
 
-    def choose(self, record: dict[str, Any], digests: Sequence[str]) -> str:
+    def choose(self, record: TableRecord, digests: Sequence[str]) -> str:
         """The key of the table to serve ``record`` for these images: among its own table and those made
         the same way with more layers, the one holding most of ``digests`` (a layer extracted with
         others is not extracted again); its own key when none holds any.
@@ -448,27 +488,27 @@ class FeatureCache:
             >>> FeatureCache().choose(cache_record(bb, ["layer3"], cfg), train.digests())  # doctest: +SKIP
             '9c1d...'
         """
-        own, layers = cache_key(record), set(record["layers"])
+        own, layers = cache_key(record), set(record.layers)
         wanted = set(digests)
         held: dict[str, int] = {}
         for t in self.tables():
-            if t.key == own or (layers <= set(t.layers) and _same_setting(t.record, record)):
+            if t.key == own or (layers <= set(t.layers) and _same_setting(t, record)):
                 try:
                     index = t.index()
                 except FeatcacheError:
                     if t.key == own:
                         raise
                     continue  # a damaged table with more layers is not chosen; this one's rows are made
-                held[t.key] = sum(1 for d in wanted if d in index.where or d in index.bad)
+                held[t.key] = len(wanted) - len(wanted.difference(index.where, index.bad))
         if not held or max(held.values()) == 0:
             return own
         return max(held, key=lambda k: (held[k], k == own, -len(self.open(k).layers), k))
 
-    def row_shape(self, record: dict[str, Any], layer: str) -> tuple[tuple[int, ...], str | None] | None:
+    def row_shape(self, record: TableRecord, layer: str) -> tuple[tuple[int, ...], str | None] | None:
         """``layer``'s stored row shape and layout in a table made as ``record`` is (any layers); None if
         none has rows."""
         for t in self.tables():
-            if layer in t.layers and _same_setting(t.record, record):
+            if layer in t.layers and _same_setting(t, record):
                 index = t.index()
                 meta = index.row_meta(layer)
                 if meta is not None:
@@ -557,6 +597,8 @@ class FeatureCache:
         """
         key = self.resolve(key)
         path = self.path(key)
+        if path.is_symlink():  # never read through: its target is outside the cache, or may be
+            return self._link_info(key)
         used = last_used(path)
         base = {
             "key": key,
@@ -568,11 +610,29 @@ class FeatureCache:
         }
         try:
             table = self.open(key)
-            return {**base, **_describe(table, table.index())}
+            return {**base, **_describe(table, table.counts())}
         except (FeatcacheError, OSError, KeyError, TypeError, ValueError) as exc:  # damage on disk
             if _old_format(path):
                 return {**base, "status": "old format", "problem": str(exc)}
             return {**base, "status": "damaged", "reason": _reason(path, exc), "problem": str(exc)}
+
+    def _link_info(self, key: str) -> dict[str, Any]:
+        """``info`` of an entry that is a symbolic link: nothing behind it is read or counted."""
+        path = self.path(key)
+        used = path.lstat().st_mtime
+        target = os.readlink(path)
+        return {
+            "key": key,
+            "bytes": 0,
+            "path": str(path),
+            "datasets": [],
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
+            "last_used_unix": used,
+            "status": "damaged",
+            "reason": f"a symbolic link to {target!r} (never read; `cache rm` removes the link, not its "
+            "target)",
+            "problem": str(linked_entry(path)),
+        }
 
     def scan(self, selection: Selection | None = None) -> CacheScan:
         """Every entry (those passing ``selection`` when given), most recently used first, and the folders
@@ -622,11 +682,24 @@ class FeatureCache:
         return self.open(key).verify()
 
     def rm(self, key: str) -> None:
-        """Remove one table (waits for an append to it to finish)."""
+        """Remove one table (waits for an append to it to finish). An entry that is a symbolic link is
+        removed as a link: what it points to is left as it is. Raises naming what is left when the
+        entry could not be removed in full (nothing is reported as removed that was not).
+
+        Example:
+            >>> FeatureCache().rm("3fa2c1")  # doctest: +SKIP
+        """
         key = self.resolve(key)
+        path = self.path(key)
         with self.lock(key):
-            remove([self.path(key)])
+            remove([path])
         self._tables.pop(key, None)
+        if os.path.lexists(path):
+            left = sum(len(files) for _, _, files in os.walk(path))
+            raise FeatcacheError(
+                f"cache entry {str(path)!r} could not be removed in full ({left} files are left: no "
+                "permission, or in use on this file system); remove it by hand"
+            )
 
     def compact(self, key: str) -> tuple[int, int]:
         """Rewrite a fragmented table into few large segments (under its lock); (segments before, after).
@@ -655,10 +728,22 @@ class FeatureCache:
             >>> FeatureCache().gc(unused_for_s=30 * 86400, max_bytes=10 << 30)["unused"]  # doctest: +SKIP
             ['/home/me/.cache/featcache/9c1d...']
         """
-        removed: dict[str, list[str]] = {"old_format": [], "leftovers": [], "unused": [], "over_size": []}
+        removed: dict[str, list[str]] = {
+            "old_format": [],
+            "leftovers": [],
+            "unused": [],
+            "over_size": [],
+            "not_removed": [],  # "path: why": links gc neither follows nor deletes
+        }
         now = time.time()
         for key in self.entries():
             path = self.path(key)
+            if path.is_symlink():
+                removed["not_removed"].append(
+                    f"{path} -> {os.readlink(path)}: an entry that is a symbolic link; gc never follows or "
+                    f"removes links (`featcache cache rm {key[:12]}` removes the link, not its target)"
+                )
+                continue
             with self.lock(key, blocking=False) as taken:
                 if not taken:  # an extraction is appending to this table right now
                     continue
@@ -677,9 +762,15 @@ class FeatureCache:
                 if (not index.segments and idle > empty_older_than_s) or (
                     unused_for_s is not None and idle > unused_for_s
                 ):
-                    remove([path])
+                    remove([path])  # the links inside go as links: their targets stay
                     self._tables.pop(key, None)
                     removed["unused"].append(str(path))
+                    continue
+                removed["not_removed"] += [
+                    f"{link}: a symbolic link in table {key[:12]}; gc never follows or deletes links (remove "
+                    f"it, or the table with `featcache cache rm {key[:12]}`)"
+                    for link in table.links()
+                ]
         if max_bytes is not None:
             removed["over_size"] = self._fit(max_bytes)
         return removed
@@ -691,6 +782,8 @@ class FeatureCache:
         for e in reversed(entries):
             if total <= max_bytes:
                 break
+            if Path(e["path"]).is_symlink():  # frees nothing; gc never removes links
+                continue
             with self.lock(e["key"], blocking=False) as taken:
                 if not taken:  # being appended to: its size is about to change anyway
                     continue

@@ -8,42 +8,55 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from hashlib import sha256 as _index_sha256
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError, inside, stable_hash, write_json
+from .._util import FeatcacheError, inside, links_under, write_json
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
+from .identity import TableRecord, table_key
 from .rows import RowView, Shard
 from .writer import (
     CACHE_VERSION,
     CHANNEL_STATS,
     SEGMENT_NAME,
     STORAGE_DTYPES,
+    digests_file,
     segment_checksum,
     sha256_file,
     shard_file,
     write_segment,
 )
 
+if TYPE_CHECKING:  # data/ imports torch: `cache ls` starts without it, so the memo is imported on use
+    from ..data.digests import DigestMemo, StatKey
+
+log = logging.getLogger(__name__)
 TABLE_FILE = "table.json"
+#: merged segments hold about this many bytes of rows, and segments under a quarter of it are merged ...
+MERGE_BYTES = 1 << 30
+#: ... once this many have accumulated (an incremental run adds up to 8)
+MERGE_COUNT = 16
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 #: the files of one layer in a segment: its rows, and a map's channel statistics
 FILE_KINDS = ("rows", *CHANNEL_STATS)
 _STORED = {np.dtype(t).name for t in STORAGE_DTYPES.values()}
 
 
-def cache_key(record: dict[str, Any]) -> str:
-    """The key of a table record: SHA-256 of its sorted JSON including ``CACHE_VERSION``."""
-    return stable_hash({**record, "cache_version": CACHE_VERSION})
+def cache_key(record: dict[str, Any] | TableRecord) -> str:
+    """The key of a table record (typed or as stored): :func:`featcache.cache.identity.table_key`."""
+    return table_key(record)
 
 
 @dataclass(frozen=True)
@@ -52,18 +65,20 @@ class Segment:
 
     name: str
     rows: int
-    digests: list[str]
+    digests: list[str]  # empty when read for the counts only (``read_segment(..., digests=False)``)
     skipped: dict[str, str]
     layers: dict[str, dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
 
 
 def old_format(path: Path) -> bool:
-    """Whether ``path`` is an entry of an older cache format (no table file, or another version)."""
+    """Whether ``path`` is an entry of an older cache format: a table file of another version (never
+    read: ``cache gc`` removes it), or no table file and no segments (formats before tables)."""
     try:
-        return bool(json.loads((path / TABLE_FILE).read_text()).get("cache_version") != CACHE_VERSION)
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
+        return bool(doc.get("cache_version") != CACHE_VERSION)
     except FileNotFoundError:
-        return True
+        return not (path / "segments").is_dir()  # segments without table.json: a damaged table
     except (OSError, ValueError, AttributeError):
         return False  # a damaged table file: for `cache verify` / `cache rm`, not for gc
 
@@ -86,9 +101,11 @@ def _unreadable(file: Path, why: object) -> SegmentError:
     )
 
 
-def read_segment(file: Path, layers: Sequence[str]) -> Segment:
-    """Parse and check one index segment (its checksum, every field's type, the table's layers); an
-    unreadable, damaged or inconsistent one raises naming the file, never a ``KeyError``.
+def read_segment(file: Path, layers: Sequence[str], digests: bool = True) -> Segment:
+    """Parse and check one index segment (its checksum, every field's type, the table's layers) and,
+    with ``digests``, its digests file (size, SHA-256, distinct records); an unreadable, damaged or
+    inconsistent one raises naming the file, never a ``KeyError``. Without ``digests`` it costs the
+    segment's small JSON alone: the counts of ``cache ls``.
 
     Example:
         >>> seg = read_segment(table.path / "segments" / f"{name}.json", table.layers)  # doctest: +SKIP
@@ -106,7 +123,39 @@ def read_segment(file: Path, layers: Sequence[str]) -> Segment:
         raise _unreadable(file, f"missing field {exc}" if isinstance(exc, KeyError) else exc) from exc
     info = {k: v for k, v in meta.items() if k not in ("rows", "digests", "skipped", "layers")}
     skipped = {str(k): str(v) for k, v in meta["skipped"].items()}
-    return Segment(file.stem, meta["rows"], list(meta["digests"]), skipped, meta["layers"], info)
+    rows = _read_digests(file, meta["rows"], meta["digests"]) if digests else []
+    return Segment(file.stem, meta["rows"], rows, skipped, meta["layers"], info)
+
+
+def _read_digests(file: Path, rows: int, want: dict[str, Any]) -> list[str]:
+    """The hex digests of a segment's rows from its digests file, checked against the segment's record
+    of it (size, SHA-256) and for distinct records."""
+    name = digests_file(file.stem)
+    try:
+        path = inside(file.parent.parent, name)
+    except FeatcacheError as exc:
+        raise _unreadable(file, f"its digests file {name} leads outside the table: a symbolic link?") from exc
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise _unreadable(file, f"its digests file {name}: {exc}") from exc
+    # checked on every parse (32 bytes a row, unlike a shard's rows): the index is what names the rows
+    if len(data) != want["bytes"] or _index_sha256(data).hexdigest() != want["sha256"]:
+        raise _unreadable(file, f"its digests file {name} does not match its size and SHA-256")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # a damaged .npy header raises ValueError, SyntaxError...
+        raise _unreadable(file, f"its digests file {name}: {type(exc).__name__}: {exc}") from exc
+    if arr.dtype != np.uint8 or arr.shape != (rows, 32):
+        raise _unreadable(
+            file, f"its digests file {name} holds {arr.shape} {arr.dtype}, not ({rows}, 32) uint8"
+        )
+    flat = np.ascontiguousarray(arr).tobytes().hex()
+    out = [flat[i : i + 64] for i in range(0, len(flat), 64)]
+    if len(set(out)) != rows:
+        raise _unreadable(file, f"{len(set(out))} distinct digests for {rows} rows")
+    return out
 
 
 def _check_segment(meta: Any, layers: Sequence[str]) -> None:
@@ -114,15 +163,16 @@ def _check_segment(meta: Any, layers: Sequence[str]) -> None:
     if not isinstance(meta, dict):
         raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
     rows, digests, skipped, per_layer = meta["rows"], meta["digests"], meta["skipped"], meta["layers"]
+    if meta.get("cache_version") != CACHE_VERSION:
+        raise ValueError(f"cache version {meta.get('cache_version')!r}, this featcache reads {CACHE_VERSION}")
     if type(rows) is not int or rows < 0:
         raise ValueError(f"rows {rows!r} is not a count")
-    if not isinstance(digests, list) or not isinstance(skipped, dict) or not isinstance(per_layer, dict):
-        raise TypeError("digests must be a list, skipped and layers objects")
-    for d in (*digests, *skipped):
+    if not isinstance(digests, dict) or not isinstance(skipped, dict) or not isinstance(per_layer, dict):
+        raise TypeError("digests, skipped and layers must be objects")
+    _check_file_record(digests)
+    for d in skipped:
         if not isinstance(d, str) or not _DIGEST.match(d):
             raise ValueError(f"{d!r} is not a digest")
-    if len(digests) != rows or len(set(digests)) != rows:
-        raise ValueError(f"{len(set(digests))} distinct digests for {rows} rows")
     if not all(isinstance(v, str) for v in skipped.values()):
         raise TypeError("a skipped image's reason is not a string")
     if sorted(per_layer) != (sorted(layers) if rows else []):
@@ -151,8 +201,15 @@ def _check_layer(m: Any) -> None:
     if has_positions(layout) and set(CHANNEL_STATS) - set(files):
         raise ValueError("a map's channel statistics are missing")
     for want in files.values():
-        if not _DIGEST.match(str(want["sha256"])) or type(want["bytes"]) is not int or want["bytes"] < 0:
-            raise ValueError(f"file record {want!r} holds no SHA-256 and size")
+        _check_file_record(want)
+
+
+def _check_file_record(want: Any) -> None:
+    """Raise unless ``want`` records a file's SHA-256 and size."""
+    if not isinstance(want, dict):
+        raise TypeError(f"file record {want!r} is not an object")
+    if not _DIGEST.match(str(want["sha256"])) or type(want["bytes"]) is not int or want["bytes"] < 0:
+        raise ValueError(f"file record {want!r} holds no SHA-256 and size")
 
 
 @dataclass
@@ -213,6 +270,9 @@ def _disagreement(segments: Sequence[Segment]) -> str:
 
 #: shards whose SHA-256 this process has checked: (real path, inode, size, mtime) -> the checked digest
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
+#: the per-file digest memo under the cache root (:class:`~featcache.data.digests.DigestMemo`); it also
+#: keeps which shard files were checked, by their stat data: a shard is hashed once per file version
+DIGEST_MEMO = ".digests.sqlite3"
 
 
 class CheckedShard:
@@ -226,9 +286,9 @@ class CheckedShard:
 
     def __init__(self, arr: np.ndarray, path: str, sha256: str, table: FeatureTable) -> None:
         self.arr, self.path, self.sha256, self.table = arr, path, sha256, table
-        st = os.stat(path)
+        st = self.stat = os.stat(path)
         self.stamp = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-        self.checked = _VERIFIED.get(self.stamp) == sha256
+        self.checked = _VERIFIED.get(self.stamp) == sha256 or table.checked_before(path, st, sha256)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -257,6 +317,7 @@ class CheckedShard:
             raise self.table.damaged(self.path, "its SHA-256 differs from the one its segment recorded")
         _VERIFIED[self.stamp] = got
         self.checked = True
+        self.table.record_check(self.path, self.stat, got)
 
 
 class FeatureTable:
@@ -272,8 +333,31 @@ class FeatureTable:
         self.path, self.record, self.verify_reads = path, record, verify
         self.key = path.name
         self.layers: list[str] = list(record["layers"])
-        self._segments: dict[str, Segment] = {}  # parsed once per object
-        self._index: tuple[list[str], TableIndex] | None = None  # the last index and its segment names
+        self._segments: dict[str, Segment] = {}  # parsed once per object and segment file version
+        self._index: tuple[list[str], TableIndex] | None = None  # the last index and its segments' stamps
+        self._checks: dict[str, tuple[StatKey, str]] | None = None  # shards checked by any process
+
+    def _memo(self) -> DigestMemo:
+        from ..data.digests import DigestMemo
+
+        return DigestMemo(self.path.parent / DIGEST_MEMO)
+
+    def checked_before(self, path: str, st: os.stat_result, sha256: str) -> bool:
+        """Whether a process checked this version of the shard file (same stat data as git's index
+        keys on, not racily close to the check) against ``sha256``; the memo is read once per table."""
+        if self._checks is None:
+            try:
+                self._checks = self._memo().checked(self.path)
+            except (FeatcacheError, OSError) as exc:  # a damaged memo: hash, as if it held nothing
+                log.warning("shard checks are not remembered: %s", exc)
+                self._checks = {}
+        from ..data.digests import stat_key
+
+        return self._checks.get(str(path)) == (stat_key(st), sha256)
+
+    def record_check(self, path: str, st: os.stat_result, sha256: str) -> None:
+        """Remember that this version of a shard file hashed to ``sha256`` (for every later process)."""
+        self._memo().record_checks([(str(path), st, time.time_ns(), sha256)])
 
     @classmethod
     def open(cls, path: Path, verify: bool = True) -> FeatureTable:
@@ -284,6 +368,8 @@ class FeatureTable:
         Example:
             >>> table = FeatureTable.open(cache.root / key)  # doctest: +SKIP
         """
+        if path.is_symlink():
+            raise linked_entry(path)
         try:
             doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())
             if not isinstance(doc, dict):
@@ -325,9 +411,22 @@ class FeatureTable:
             )
         return cls(path, record, verify)
 
+    @property
+    def identity(self) -> TableRecord | None:
+        """The table's record, typed; None for a record this featcache does not write (never chosen
+        to serve an extraction by comparison, only by its key)."""
+        try:
+            return TableRecord.from_json(self.record)
+        except (TypeError, KeyError, ValueError):
+            return None
+
     @classmethod
-    def create(cls, path: Path, record: dict[str, Any], verify: bool = True) -> FeatureTable:
+    def create(cls, path: Path, record: dict[str, Any] | TableRecord, verify: bool = True) -> FeatureTable:
         """The table of ``record`` at ``path``, created (atomically) if it does not exist."""
+        if path.is_symlink():
+            raise linked_entry(path)
+        if isinstance(record, TableRecord):
+            record = record.to_json()
         if not (path / TABLE_FILE).is_file():
             path.mkdir(parents=True, exist_ok=True)
             doc = {
@@ -345,17 +444,18 @@ class FeatureTable:
         return [folder / n for n in names if SEGMENT_NAME.match(n[: -len(".json")])]
 
     def index(self) -> TableIndex:
-        """Read the committed segments (new ones only, on a table object read before)."""
+        """Read the committed segments (new or changed ones only, on a table object read before: a
+        segment is known by its name and stat data, so a damaged or replaced one is read again)."""
         files = self.segment_files()
-        names = [f.stem for f in files]
+        names = [_stamp(f) for f in files]
         if self._index is not None and self._index[0] == names:
-            return self._index[1]  # no segment came or went since
+            return self._index[1]  # no segment came, went or changed since
         current = set(names)
         self._segments = {k: v for k, v in self._segments.items() if k in current}
-        for f in files:
-            if f.stem not in self._segments:
-                self._segments[f.stem] = read_segment(f, self.layers)
-        segments = [self._segments[f.stem] for f in files]
+        for f, stamp in zip(files, names):
+            if stamp not in self._segments:
+                self._segments[stamp] = read_segment(f, self.layers)
+        segments = [self._segments[stamp] for stamp in names]
         disagree = _disagreement(segments)
         if disagree:
             raise FeatcacheError(
@@ -371,6 +471,18 @@ class FeatureTable:
                 bad.setdefault(d, why)
         self._index = (names, TableIndex(segments, where, bad))
         return self._index[1]
+
+    def counts(self) -> TableIndex:
+        """The committed segments read for their counts, shapes and skipped images only (no digests
+        file is read: O(segments), what ``cache ls`` and ``cache info`` need); ``where`` is empty.
+
+        Example:
+            >>> sum(s.rows for s in FeatureCache().open("3fa2c1").counts().segments)  # doctest: +SKIP
+            4000
+        """
+        segments = [read_segment(f, self.layers, digests=False) for f in self.segment_files()]
+        bad = {d: why for seg in segments for d, why in seg.skipped.items()}
+        return TableIndex(segments, {}, bad)
 
     def digests(self, index: TableIndex | None = None) -> list[str]:
         """Every digest the table holds a row of, in commit order."""
@@ -483,45 +595,72 @@ class FeatureTable:
                         problems.append(f"{name}: {path.stat().st_size} bytes, expected {want['bytes']}")
                     elif sha256_file(path) != want["sha256"]:
                         problems.append(f"{name}: checksum mismatch")
+        shards = {shard_file(seg.name, self.layers.index(k), kind) for seg in segments for k, m in
+                  seg.layers.items() for kind in m["files"]}  # fmt: skip
+        shards |= {f"segments/{f.name}" for f in self.segment_files()}  # read_segment named those
+        problems += [  # the links no shard check above named: housekeeping leaves them, never follows them
+            f"{name}: a symbolic link (to {target!r}); featcache never reads, writes or deletes through a "
+            "link in a table: remove the link"
+            for name, target in links_under(self.path)
+            if name not in shards
+        ]
         return problems
 
     def leftovers(self, index: TableIndex) -> list[Path]:
-        """Files no committed segment references: shards of a killed append, temporary files."""
+        """Files no committed segment references: shards of a killed append, temporary files. Only
+        regular files inside the table: a symbolic link is never listed, nor anything a linked folder
+        leads to (:meth:`links` names them; ``cache gc`` reports them as not removed)."""
         live = {s.name for s in index.segments}
-        out = [p for p in self.path.rglob("*.tmp-*")]
-        if (self.path / "shards").is_dir():
-            out += [
-                p
-                for p in (self.path / "shards").iterdir()
-                if ".tmp-" not in p.name and p.name.split(".")[0] not in live
-            ]
-        return out
+        out = []
+        for d, _, files in os.walk(self.path):  # os.walk does not descend into linked folders
+            shards = os.path.relpath(d, self.path) == "shards"
+            for name in files:
+                p = Path(d) / name
+                if p.is_symlink():
+                    continue
+                if ".tmp-" in name or (shards and name.split(".")[0] not in live):
+                    out.append(p)
+        return sorted(out)
+
+    def links(self) -> list[str]:
+        """Every symbolic link inside the table, as ``path -> target``: housekeeping never follows or
+        deletes one (``cache rm`` of the whole table removes the links themselves, never their targets)."""
+        return [f"{self.path / name} -> {target}" for name, target in links_under(self.path)]
 
     def extract_seconds(self) -> float:
         """Seconds the backbone loop took for the rows the table holds, as its segments recorded them."""
         return float(sum(s.info.get("seconds", 0.0) for s in self.index().segments))
 
     def touch(self) -> None:
-        """Record a use (``cache gc`` removes tables unused for long); a read-only cache stays as it is."""
+        """Record a use (``cache gc`` removes tables unused for long); a read-only cache stays as it is.
+        A symbolic link at ``last_used`` gets its own time set: no file outside the table is touched."""
+        f = self.path / "last_used"
         with contextlib.suppress(OSError):
-            (self.path / "last_used").touch()
+            try:
+                os.utime(f, follow_symlinks=False)
+            except FileNotFoundError:
+                os.close(os.open(f, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666))
 
     def last_used(self) -> float:
         return last_used(self.path)
 
-    def compact(self, chunk_bytes: int = 1 << 30) -> tuple[int, int]:
-        """Rewrite the table's rows into as few segments as ``chunk_bytes`` allows (the caller holds its
-        lock); returns (segments before, after). Rows are copied, not recomputed: every digest keeps its
-        bytes. The new segments are committed before the old ones are removed, so a crash leaves a
-        readable table (a digest in two segments is read from the first)."""
+    def compact(self, chunk_bytes: int = 1 << 30, only: Sequence[Segment] | None = None) -> tuple[int, int]:
+        """Rewrite the table's rows (those of the segments ``only`` when given) into as few segments as
+        ``chunk_bytes`` allows (the caller holds its lock); returns (segments before, after). Rows are
+        copied, not recomputed: every digest keeps its bytes. The new segments are committed before the
+        old ones are removed, so a crash leaves a readable table (a digest in two segments is read from
+        the first)."""
         index = self.index()
-        before = index.segments
-        if len(before) <= 1 and not self.leftovers(index):
-            return len(before), len(before)  # nothing to gain
-        digests = self.digests(index)
+        before = index.segments if only is None else list(only)
+        if only is None and len(before) <= 1 and not self.leftovers(index):
+            return len(index.segments), len(index.segments)  # nothing to gain
+        digests = list(dict.fromkeys(d for seg in before for d in seg.digests))
+        bad = {d: why for seg in before for d, why in seg.skipped.items() if d not in index.where}
         meta = {layer: index.row_meta(layer) for layer in self.layers}
         row_bytes = sum(int(np.prod(m[0])) * np.dtype(m[1]).itemsize for m in meta.values() if m) or 1
         step = max(1, chunk_bytes // row_bytes)
+        info = {"compacted_from": len(before), "layer_layouts": index.layer_layouts()}
+        method = next((s.info["method"] for s in index.segments if s.rows and "method" in s.info), None)
         for i in range(0, max(len(digests), 1), step):
             part = digests[i : i + step]
             feats, stats = self.view(index, part, self.layers)
@@ -530,22 +669,65 @@ class FeatureTable:
                 self.layers,
                 {k: np.asarray(v) for k, v in feats.items()},
                 part,
-                index.bad if i == 0 else {},
+                bad if i == 0 else {},
                 self.record["dtype"],
-                {"compacted_from": len(before), "layer_layouts": index.layer_layouts()},
+                info | ({"method": method} if method else {}),
                 stats={k: {s: np.asarray(v) for s, v in d.items()} for k, d in stats.items()},
                 layouts={layer: index.layout(layer) for layer in self.layers},
             )
         for seg in before:  # the index first, then the shards it pointed to
             (self.path / "segments" / f"{seg.name}.json").unlink()
         remove(self.leftovers(self.index()))
-        return len(before), len(self.segment_files())
+        return len(index.segments), len(self.segment_files())
+
+    def merge_small(self, target_bytes: int = MERGE_BYTES, at_least: int = MERGE_COUNT) -> tuple[int, int]:
+        """Merge the table's small segments (rows under a quarter of ``target_bytes``) into segments of
+        about ``target_bytes`` once ``at_least`` of them have accumulated (the caller holds the lock),
+        as a log-structured store does: a table fed a few images a day stays O(size / target) segments
+        without `cache compact`. Returns (segments before, after).
+
+        Example:
+            >>> table.merge_small()  # doctest: +SKIP
+            (11, 4)
+        """
+        index = self.index()
+        small = [s for s in index.segments if _segment_bytes(s) < target_bytes // 4]
+        if len(small) < at_least:
+            return len(index.segments), len(index.segments)
+        return self.compact(target_bytes, small)
+
+
+def _segment_bytes(seg: Segment) -> int:
+    """Bytes of a segment's rows files (every layer)."""
+    return sum(int(m["files"]["rows"]["bytes"]) for m in seg.layers.values())
+
+
+def _stamp(file: Path) -> str:
+    """A segment file's name and stat data: what its parsed form is memoised by."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return file.name  # gone: reading it names the problem
+    return f"{file.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def linked_entry(path: Path) -> FeatcacheError:
+    """The error for a cache entry that is a symbolic link: never read or written through."""
+    target = os.readlink(path) if path.is_symlink() else "?"
+    return FeatcacheError(
+        f"cache entry {str(path)!r} is a symbolic link (to {target!r}): featcache reads and writes only "
+        f"inside the cache root, never through a link; `featcache cache rm {path.name[:12]}` removes the "
+        "link (never what it points to)"
+    )
 
 
 def remove(paths: Sequence[Path]) -> None:
-    """Delete files and folders (already gone is fine)."""
+    """Delete files and folders (already gone is fine); a symbolic link is removed itself, never what it
+    points to (``shutil.rmtree`` removes the links inside a folder, not their targets)."""
     for p in paths:
-        if p.is_dir():
+        if p.is_symlink():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
@@ -553,13 +735,21 @@ def remove(paths: Sequence[Path]) -> None:
 
 def last_used(path: Path) -> float:
     """When a split was last read from the table at ``path`` (Unix time): its ``last_used`` file, else its
-    creation; readable for a damaged table too."""
+    creation; readable for a damaged table too. No link is followed (a link's own time is read)."""
     for name in ("last_used", TABLE_FILE):
         with contextlib.suppress(OSError):
-            return (path / name).stat().st_mtime
-    return path.stat().st_mtime
+            return (path / name).lstat().st_mtime
+    return path.lstat().st_mtime
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of every file under ``path``."""
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    """Bytes of every file under ``path``; what a symbolic link points to is not counted (nor is a
+    ``path`` that is a link: removing it frees nothing)."""
+    if path.is_symlink():
+        return 0
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, f)).st_size
+    return total

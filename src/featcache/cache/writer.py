@@ -7,10 +7,12 @@ Layout of one table, ``<root>/<key>/`` (no pickle anywhere)::
     shards/<seg>.<i>.npy       the rows of layer ``i`` (its position in the record's sorted layers)
     shards/<seg>.<i>.mean.npy  per-row channel mean and variance of a spatial map layer, (n, C) float32:
     shards/<seg>.<i>.var.npy   pooled heads and standardisation read them, not the map
-    segments/<seg>.json        the index segment: the content digest of each row, the images that could
-                               not be decoded, SHA-256 and size of each shard file, and the SHA-256 of
-                               the segment itself (``checksum``). Written last: its presence commits
-                               the shard's rows
+    shards/<seg>.digests.npy   the content digest of each row: raw 32-byte SHA-256s, (n, 32) uint8 (the
+                               binary part of the index: no per-row JSON to parse)
+    segments/<seg>.json        the index segment: the row count, the images that could not be decoded,
+                               SHA-256 and size of each shard file and of the digests file, and the
+                               SHA-256 of the segment itself (``checksum``). Written last: its presence
+                               commits the shard's rows. Counts (``cache ls``) read these files only
     last_used                  touched whenever a split is read from the table (``cache gc``)
 
 Every file is written to a temporary name in the same folder, fsynced and renamed. A process killed
@@ -35,13 +37,12 @@ if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` sta
     import torch
 
 from .._disk import disk_errors, ensure_space
-from .._util import FeatcacheError, stable_hash, write_json
+from .._util import FeatcacheError, is_inside, no_follow_open, stable_hash, write_json
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
+from .identity import CACHE_VERSION
 
-#: Bumped whenever the stored format or the meaning of the stored numbers changes: part of every key.
-#: 3: segments carry their own checksum.
-CACHE_VERSION = 3
+__all__ = ["CACHE_VERSION", "write_segment"]  # CACHE_VERSION lives with the table record (identity.py)
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CHANNEL_STATS = ("mean", "var")
 #: segment names: commit time (ns) and a random tag, so sorting them sorts by commit time
@@ -65,7 +66,7 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     """Write ``array`` via a temporary name + fsync + rename; return the file's SHA-256 and size."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:  # plain writes, never a memory map: a full disk is an OSError here, not a SIGBUS later
-        with tmp.open("wb") as f:
+        with no_follow_open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array))
             f.flush()
             os.fsync(f.fileno())
@@ -114,6 +115,22 @@ def shard_file(segment: str, layer_pos: int, kind: str = "rows") -> str:
     )
 
 
+def digests_file(segment: str) -> str:
+    """The digests file of a segment, inside the table (made from a validated name)."""
+    return f"shards/{segment}.digests.npy"
+
+
+def digest_records(digests: Sequence[str]) -> np.ndarray:
+    """Hex digests as raw 32-byte records, (n, 32) uint8.
+
+    Example:
+        >>> digest_records(["00" * 31 + "ff"]).shape
+        (1, 32)
+    """
+    raw = bytes.fromhex("".join(digests))
+    return np.frombuffer(raw, np.uint8).reshape(len(digests), 32)
+
+
 def write_segment(
     table: Path,
     layers: Sequence[str],
@@ -158,8 +175,10 @@ def write_segment(
             return _write_segment(table, name, layers, arrays, digests, skipped, dtype, info, stats, layouts)
     except BaseException:
         # this shard's files: no segment refers to them, and they would hold the space a retry needs
-        if not (table / "segments" / f"{name}.json").exists():  # never those of a committed segment
-            for f in (table / "shards").glob(f"{name}.*"):
+        shards = table / "shards"
+        committed = (table / "segments" / f"{name}.json").exists()  # never those of a committed segment
+        if not committed and not shards.is_symlink():  # nor anything a linked folder leads to
+            for f in shards.glob(f"{name}.*"):
                 f.unlink(missing_ok=True)
         raise
 
@@ -175,12 +194,12 @@ def segment_bytes(arrays: dict[str, np.ndarray], digests: Sequence[str]) -> int:
 
     Example:
         >>> segment_bytes({"a": np.zeros((10, 4), np.float32)}, ["d"] * 10)
-        67696
+        66016
     """
     if not digests:
         return 65536
     rows = sum(int(a.nbytes) + (8 * len(a) * max(a.shape[1:]) if a.ndim >= 3 else 0) for a in arrays.values())
-    return rows + 200 * len(digests) + 65536
+    return rows + 32 * len(digests) + 65536
 
 
 def _write_segment(
@@ -195,8 +214,16 @@ def _write_segment(
     stats: dict[str, dict[str, np.ndarray]] | None,
     layouts: dict[str, str | None] | None,
 ) -> str:
-    (table / "shards").mkdir(parents=True, exist_ok=True)
-    (table / "segments").mkdir(parents=True, exist_ok=True)
+    for sub in ("shards", "segments"):
+        folder = table / sub
+        if folder.is_symlink() or not is_inside(table, folder):  # never write through a planted link
+            target = os.readlink(folder) if folder.is_symlink() else os.path.realpath(folder)
+            raise FeatcacheError(
+                f"{str(folder)!r} leads outside its table (to {target!r}; a symbolic link?): "
+                "featcache writes only inside the cache; remove the table with `featcache cache rm "
+                f"{table.name[:12]}` (its rows are extracted again)"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {}
     for pos, layer in enumerate(layers if digests else ()):
         arr = arrays[layer]
@@ -216,7 +243,7 @@ def _write_segment(
     segment = {
         "cache_version": CACHE_VERSION,
         "rows": len(digests),
-        "digests": list(digests),
+        "digests": save_npy(table / digests_file(name), digest_records(digests)),
         "skipped": dict(skipped),
         "layers": meta,
         **info,

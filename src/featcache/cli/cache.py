@@ -149,18 +149,26 @@ def _verify(cache: FeatureCache, keys: list[str], quiet: bool) -> None:
 
 def _rm(cache: FeatureCache, keys: list[str], selection: Selection, dry_run: bool) -> None:
     chosen = cache.select(keys, selection)
-    freed = sum(int(e["bytes"]) for e in chosen)
     verb = "would remove" if dry_run else "removed"
+    done, failed = [], []
     for e in chosen:
         if not dry_run:
-            cache.rm(e["key"])
+            try:
+                cache.rm(e["key"])
+            except FeatcacheError as exc:  # reported, never counted as removed
+                failed.append(e["key"][:16])
+                print(f"not removed {e['key'][:16]}: {exc}")
+                continue
+        done.append(e)
         what = e.get("model") or _status(e)
         print(f"{verb} {e['key'][:16]}  {what}  {human_bytes(e['bytes'])}")
-    n = len(chosen)
+    n, freed = len(done), sum(int(e["bytes"]) for e in done)
     tail = " (dry run: nothing was removed)" if dry_run else ""
     print(f"{verb} {n} {'entry' if n == 1 else 'entries'}, {human_bytes(freed)} freed{tail}")
     if not chosen and not keys:  # `--model lite0` is a glob over whole names: show what there is to match
         _print_names(cache.scan().entries, selection)
+    if failed:
+        raise FeatcacheError(f"{len(failed)} entries could not be removed in full: {', '.join(failed)}")
 
 
 def _print_names(entries: list[dict[str, Any]], selection: Selection) -> None:
@@ -180,9 +188,9 @@ def _print_names(entries: list[dict[str, Any]], selection: Selection) -> None:
 def _gc(cache: FeatureCache, limits: GcLimits) -> None:
     before = cache.scan().bytes
     removed = cache.gc(unused_for_s=limits.unused_s, max_bytes=limits.max_bytes)
-    for paths in removed.values():
+    for kind, paths in removed.items():
         for r in paths:
-            print(f"removed {r}")
+            print(f"not removed {r}" if kind == "not_removed" else f"removed {r}")
     extra = ""
     if limits.unused_days is not None:
         extra += f"; {len(removed['unused'])} tables unused for {limits.unused_days:g} days"

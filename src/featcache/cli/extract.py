@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .._errors import FeatcacheError
-from ..backbones.registry import load_backbone
-from ..cache.embed import EmbedConfig, write_embeddings
-from ..cache.store import CachedFeatures
+from ..cache.embed import EmbedConfig
 from ..data.config import DataConfig
-from ..extract.build import extract_splits
 from ..extract.config import ExtractConfig, parse_layers
-from ..extract.distributed import ranks_from_env
 from .flags import from_args
 from .show import print_json
+
+if TYPE_CHECKING:
+    from ..cache.store import CachedFeatures
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
+    # torch loads from here on, once every setting is checked
+    from ..backbones.registry import load_backbone
+    from ..extract.build import extract_splits
+    from ..extract.distributed import ranks_from_env
+
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     splits = data.load(a.cache_dir)
@@ -58,13 +63,18 @@ def cmd_extract(a: argparse.Namespace) -> None:
 def cmd_embed(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     embed = from_args(EmbedConfig, a)
+    # torch loads from here on, once every setting is checked
+    from ..backbones.registry import load_backbone
+    from ..cache.embed import write_embeddings
+    from ..extract.build import extract_splits
+
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     layers = parse_layers(embed.layer, bb)
     if len(layers) != 1:
         raise FeatcacheError(
             f"embed writes one layer, but {embed.layer!r} names {len(layers)}; run it once per layer"
         )
-    splits = data.load()
+    splits = data.load(a.cache_dir)
     feats = extract_splits(bb, splits, layers, config, cache_dir=a.cache_dir, progress=not a.quiet)
     for split, f in feats.items():
         print(f"{split:5s} {f.key[:16]}  {count_text(f)}", file=sys.stderr)

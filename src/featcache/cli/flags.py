@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,18 @@ def field_help(cls: type) -> dict[str, str]:
     return {k: re.sub(r":\w+:`~?([^`]*)`", r"\1", v).replace("``", "") for k, v in out.items()}
 
 
+def _field_types(cls: type, names: Sequence[str]) -> dict[str, Any]:
+    """The types of the fields ``names`` of ``cls``. Only these are evaluated (their annotations are
+    strings, evaluated as :func:`typing.get_type_hints` does in the class's module): ``RunSpec.model``
+    names the ``Backbone`` class, which the parser does not import, since it loads torch."""
+    where = vars(sys.modules[cls.__module__])
+    return {
+        f.name: eval(f.type, where) if isinstance(f.type, str) else f.type
+        for f in dataclasses.fields(cls)
+        if f.name in names
+    }
+
+
 def _whole(text: str) -> int:
     try:
         return int(text)
@@ -63,9 +76,15 @@ def _tristate(text: str) -> bool | None:
 def _comma(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     def parse(text: str) -> tuple[Any, ...]:
         try:
-            return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+            values = tuple(item(v.strip()) for v in text.split(",") if v.strip())
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list ({exc})") from exc
+        if not values:  # `--lrs ''` from a script's empty variable: not silently the default
+            raise argparse.ArgumentTypeError(
+                f"{text!r} holds no value; give one or more, comma-separated, or leave the option out for "
+                "its default"
+            )
+        return values
 
     parse.__name__ = f"comma-separated {item.__name__}"
     return parse
@@ -125,7 +144,8 @@ def _kwargs(tp: Any, default: Any, none_word: str | None = None) -> dict[str, An
             return {"nargs": "+", "type": _whole, "metavar": "N", "action": _Size}
         return {"type": _comma(items[0]), "metavar": "A,B,..."}
     if base in (int, float) and optional and none_word:
-        return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", "shown": none_word}
+        shown = {"shown": none_word} if default is None else {}  # a set default shows itself
+        return {"type": _or_word(base, none_word), "metavar": f"N|{none_word}", **shown}
     if base in (int, float, str):
         return {"type": base}
     raise TypeError(f"no command-line form for a field of type {tp!r}")
@@ -153,7 +173,11 @@ def add_config(
         >>> from_args(TrainConfig, p.parse_args(["--lr", "0.01"])).lr
         0.01
     """
-    rename, hints, helps = rename or {}, typing.get_type_hints(cls), field_help(cls)
+    rename, helps = rename or {}, field_help(cls)
+    hints = _field_types(
+        cls,
+        [f.name for f in dataclasses.fields(cls) if f.name not in skip and (only is None or f.name in only)],
+    )
     mapping: dict[type, dict[str, str]] = p.get_default("_config_fields") or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only):

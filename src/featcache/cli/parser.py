@@ -2,14 +2,14 @@
 
 A verb's flags are made from the library's config dataclasses, imported when that verb is parsed
 (:func:`build_parser` with ``verbs``): ``featcache --help`` and ``--version`` import neither torch nor
-the configs.
+the configs, and the configs' modules import no torch, so every usage error of a verb (an unknown option,
+a missing argument, a value its config refuses) is reported before torch loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -57,11 +57,6 @@ def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     return p
 
 
-def _arg_default(fn: Callable[..., Any], name: str) -> Any:
-    """A job function's own default (``train_run``'s ``layer``): its signature is the one place."""
-    return inspect.signature(fn).parameters[name].default
-
-
 # Each verb's flags import the configs they are made from: only the verb being parsed loads them.
 
 
@@ -100,7 +95,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
-    from ..train.heads import HeadSpec
+    from ..train.config import HeadSpec
 
     add_config(p, HeadSpec, rename={"kind": "--head"})
 
@@ -162,7 +157,7 @@ def _layers(p: argparse.ArgumentParser, depth: int | None = None) -> None:
     )
     p.add_argument("--depth", type=int, default=depth, help=f"{text} (default: {depth or 'all'})")
     if depth is not None:  # summary
-        from ..runs.finetune import FinetuneConfig
+        from ..runs.config import FinetuneConfig
 
         what = field_help(FinetuneConfig)["train"]
         p.add_argument(
@@ -172,13 +167,13 @@ def _layers(p: argparse.ArgumentParser, depth: int | None = None) -> None:
 
 
 def _extract(p: argparse.ArgumentParser) -> None:
-    from ..extract.build import extract
+    from ..extract.config import DEFAULT_LAYER
 
     _model_args(p)
     _data_args(p)
     p.add_argument(
         "--layers",
-        default=",".join(_arg_default(extract, "layers")),
+        default=DEFAULT_LAYER,
         help="comma-separated layer names (featcache layers MODEL), or @blocks for every block and the "
         "classifier's input (default: penultimate)",
     )
@@ -225,9 +220,8 @@ def _cache(p: argparse.ArgumentParser) -> None:
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    from ..runs.train import train_run
+    from ..extract.config import DEFAULT_LAYER as layer
 
-    layer = _arg_default(train_run, "layer")
     _model_args(p, resumable=True)
     _data_args(p, resumable=True)
     p.add_argument("--layer", default=layer, help=f"the layer the head trains on (default: {layer})")
@@ -244,7 +238,7 @@ def _folds(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def _sweep(p: argparse.ArgumentParser) -> None:
-    from ..runs.sweep import SweepGrid
+    from ..runs.config import SweepGrid
 
     _model_args(p, resumable=True)
     _data_args(p, resumable=True)
@@ -258,12 +252,12 @@ def _sweep(p: argparse.ArgumentParser) -> None:
 
 
 def _probe(p: argparse.ArgumentParser) -> None:
-    from ..runs.probe import ProbeConfig, probe_run
+    from ..extract.config import DEFAULT_LAYER as layer
+    from ..runs.config import ProbeConfig
     from ..runs.spec import RunSpec
 
     _model_args(p)
     _data_args(p)
-    layer = _arg_default(probe_run, "layer")
     p.add_argument("--layer", default=layer, help=f"the layer to probe (default: {layer})")
     _extract_args(p)
     add_config(p, ProbeConfig)
@@ -279,11 +273,11 @@ def _probe(p: argparse.ArgumentParser) -> None:
 
 
 def _knn(p: argparse.ArgumentParser) -> None:
-    from ..runs.knn import KnnConfig, knn_run
+    from ..extract.config import DEFAULT_LAYER as layer
+    from ..runs.config import KnnConfig
 
     _model_args(p)
     _data_args(p)
-    layer = _arg_default(knn_run, "layer")
     p.add_argument("--layer", default=layer, help=f"the layer whose rows are compared (default: {layer})")
     _extract_args(p)
     add_config(p, KnnConfig)
@@ -292,7 +286,7 @@ def _knn(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune(p: argparse.ArgumentParser) -> None:
-    from ..runs.finetune import FinetuneConfig
+    from ..runs.config import FinetuneConfig
 
     _model_args(p, resumable=True)
     _data_args(p, resumable=True)
@@ -303,7 +297,7 @@ def _finetune(p: argparse.ArgumentParser) -> None:
 
 
 def _export(p: argparse.ArgumentParser) -> None:
-    from ..export.build import FORMATS
+    from ..export.config import FORMATS
 
     p.add_argument("run", help="run folder (train, finetune, probe --out), or a sweep folder: its chosen run")
     p.add_argument(
@@ -338,7 +332,7 @@ def _demo(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
-    from ..tools.bench import BENCHMARKS
+    from ..tools.config import BENCHMARKS, BenchConfig
 
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -346,6 +340,12 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs (default: 3)")
     p.add_argument(
         "--only", default=None, help=f"comma-separated benchmarks: {', '.join(BENCHMARKS)} (default: all)"
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=BenchConfig.scale_rows,
+        help=f"images of the scale benchmark's folder and table (default: {BenchConfig.scale_rows})",
     )
 
 
@@ -372,7 +372,10 @@ VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         _finetune,
     ),
     "export": ("export backbone (truncated at the run's layer) + head as one model for raw images", _export),
-    "predict": ("predict classes of image files with an exported model or a run folder", _predict),
+    "predict": (
+        "predict classes (label sets, values) of image files with an exported model or a run folder",
+        _predict,
+    ),
     "demo": ("the main job on the embedded default: EfficientNet-Lite0 + MNIST-5k, with timings", _demo),
     "bench": ("measure every performance claim side by side, as ratios", _bench),
 }

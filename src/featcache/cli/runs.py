@@ -5,28 +5,26 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import runs as jobs  # the jobs load torch when first called, after every setting is checked
 from .._checks import check_number
 from .._config import from_json
 from .._format import format_table
 from .._util import FeatcacheError
-from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
 from ..extract.config import ExtractConfig, Views
-from ..runs.finetune import FinetuneConfig, finetune_run
-from ..runs.folder import RunFolder, RunRecord
-from ..runs.folds import FoldsResult, folds_run
-from ..runs.knn import KnnConfig, knn_run
-from ..runs.probe import ProbeConfig, probe_run
+from ..runs.config import FinetuneConfig, KnnConfig, ProbeConfig, SweepGrid
 from ..runs.spec import RunSpec
-from ..runs.sweep import SweepGrid, sweep_run
-from ..runs.train import train_run
-from ..train.config import TrainConfig
-from ..train.heads import HeadSpec
+from ..train.config import HeadSpec, TrainConfig
 from .extract import count_text
 from .flags import from_args
 from .show import print_json
+
+if TYPE_CHECKING:
+    from ..cache.store import CachedFeatures
+    from ..runs.folder import RunRecord
+    from ..runs.folds import FoldsResult
 
 T = TypeVar("T")
 
@@ -94,11 +92,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
         layer = a.layer if "layer" in a._given else str(record.layer)
         if record.verb.get("folds"):  # a folds folder: finished folds are reused, the others trained
-            _print_folds(a, *folds_run(spec, layer, int(record.verb["folds"]), head))
+            _print_folds(a, *jobs.folds_run(spec, layer, int(record.verb["folds"]), head))
             return
-        run = train_run(spec, layer, head)
+        run = jobs.train_run(spec, layer, head)
     else:
-        run = train_run(run_spec(a), a.layer, from_args(HeadSpec, a))
+        spec, head = run_spec(a), from_args(HeadSpec, a)  # every setting checked before torch loads
+        run = jobs.train_run(spec, a.layer, head)
     m = run.metrics
     for split, c in m["cache_rows"].items():
         print(f"{split}: {c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted")
@@ -137,13 +136,14 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     if a.resume:
         spec, record = resumed(a)
         ft = replace(from_json(FinetuneConfig, record.verb["finetune"]), **written(FinetuneConfig, a))
-        run = finetune_run(spec, ft)
+        run = jobs.finetune_run(spec, ft)
     else:
-        run = finetune_run(run_spec(a), from_args(FinetuneConfig, a))
+        spec, ft = run_spec(a), from_args(FinetuneConfig, a)  # every setting checked before torch loads
+        run = jobs.finetune_run(spec, ft)
     m = run.metrics
     print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
     if "test" in m:
-        print(f"test accuracy {m['test']['acc']:.4f}  loss {m['test']['loss']:.4f}")
+        print(test_line(m["test"]))
     print(run_line(run.dir))
 
 
@@ -152,14 +152,15 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         spec, record = resumed(a)
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
         grid = replace(from_json(SweepGrid, record.verb["grid"]), head=head, **written(SweepGrid, a))
-        res = sweep_run(spec, grid)
+        res = jobs.sweep_run(spec, grid)
     elif a.layers is None:
         raise FeatcacheError(
             "sweep needs --layers (the layers to try: blocks.4,penultimate or @blocks), or "
             "--resume --out DIR to continue the sweep there from its config.json"
         )
     else:
-        res = sweep_run(run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a)))
+        spec, grid = run_spec(a), from_args(SweepGrid, a, head=from_args(HeadSpec, a))  # checked first
+        res = jobs.sweep_run(spec, grid)
     if a.json:
         print_json({"best": res.best, "rows": res.rows})
         return
@@ -180,7 +181,8 @@ def cmd_probe(a: argparse.Namespace) -> None:
     if a.folds:
         _folds(a, config)
         return
-    res = probe_run(run_spec(a), a.layer, config)
+    spec = run_spec(a)  # every setting checked before torch loads
+    res = jobs.probe_run(spec, a.layer, config)
     if a.json:
         print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test, **res.extra})
         return
@@ -207,12 +209,15 @@ def cmd_probe(a: argparse.Namespace) -> None:
 
 def run_line(path: str | Path, what: str = "run folder") -> str:
     """A run's last line: its folder and what it wrote to look at (misclassified.csv, the pictures)."""
+    from ..runs.folder import RunFolder  # the run has finished: torch is loaded
+
     files = RunFolder(path).outputs()
     return f"{what}: {path}" + (f"  ({files})" if files else "")
 
 
 def cmd_knn(a: argparse.Namespace) -> None:
-    res = knn_run(run_spec(a), a.layer, from_args(KnnConfig, a))
+    spec, config = run_spec(a), from_args(KnnConfig, a)  # every setting checked before torch loads
+    res = jobs.knn_run(spec, a.layer, config)
     if a.json:
         print_json({"metrics": res.metrics, **res.extra})
         return
@@ -222,7 +227,8 @@ def cmd_knn(a: argparse.Namespace) -> None:
 
 def _folds(a: argparse.Namespace, head: HeadSpec | ProbeConfig) -> None:
     """`train|probe --folds K`: a head per fold on the cached train+val rows, mean +- std."""
-    _print_folds(a, *folds_run(run_spec(a), a.layer, a.folds, head))
+    spec = run_spec(a)  # every setting checked before torch loads
+    _print_folds(a, *jobs.folds_run(spec, a.layer, a.folds, head))
 
 
 def _print_folds(a: argparse.Namespace, res: FoldsResult, feats: dict[str, CachedFeatures]) -> None:
@@ -231,18 +237,20 @@ def _print_folds(a: argparse.Namespace, res: FoldsResult, feats: dict[str, Cache
         return
     for split, f in feats.items():
         print(f"{split}: {count_text(f)}")
+    name = {"acc": "accuracy", "map": "mAP", "map_micro": "micro mAP", "r2": "R2"}.get(res.metric, res.metric)
     for i, (acc, n) in enumerate(zip(res.acc, res.rows, strict=True)):
-        print(f"fold {i}: {n} held-out rows, accuracy {acc:.4f}")
+        print(f"fold {i}: {n} held-out rows, {name} {acc:.4f}")
     chosen = f" at L2 strength {res.extra['strength']:g}" if "strength" in res.extra else ""
     score = f"{res.mean:.4f} +- {res.std:.4f} (std over folds)"
-    print(f"{res.folds}-fold cross-validation accuracy{chosen}: {score}")
+    print(f"{res.folds}-fold cross-validation {name}{chosen}: {score}")
+    refit = f"test {name} of the head refitted on train+val"
     if len(res.test_acc) == 1:  # the probe: one head, refitted on train+val with the chosen strength
-        print(f"test accuracy of the head refitted on train+val: {res.test_acc[0]:.4f}")
+        print(f"{refit}: {res.test_acc[0]:.4f}")
     elif res.test_acc:  # train: each fold's head on the test split
         summary = res.to_dict()
-        print(f"test accuracy: {summary['test_mean']:.4f} +- {summary['test_std']:.4f} (the folds' heads)")
-        if "refit_test_acc" in res.extra:
-            print(f"test accuracy of the head refitted on train+val: {res.extra['refit_test_acc']:.4f}")
+        print(f"test {name}: {summary['test_mean']:.4f} +- {summary['test_std']:.4f} (the folds' heads)")
+        if f"refit_test_{res.metric}" in res.extra:
+            print(f"{refit}: {res.extra[f'refit_test_{res.metric}']:.4f}")
     if a.out:
         print(
             f"run folder: {a.out}  (oof.csv, misclassified.csv: out-of-fold predictions of every train+val "

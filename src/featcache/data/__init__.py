@@ -1,19 +1,40 @@
-"""Data: dataset specs resolved to train/val/test sample sets, and the backbone's preprocessing."""
+"""Data: dataset specs resolved to train/val/test sample sets, and the backbone's preprocessing.
 
-from .config import DataConfig
-from .datasets import BUILTIN, DatasetSplits, load_dataset
-from .digests import DigestMemo, SampleChangedError
-from .samples import BadImageError, SampleSet, image_paths, read_image
+The names below are imported on first use (PEP 562): ``DataConfig`` comes without torch.
+"""
 
-__all__ = [
-    "BUILTIN",
-    "BadImageError",
-    "DataConfig",
-    "DatasetSplits",
-    "DigestMemo",
-    "SampleChangedError",
-    "SampleSet",
-    "image_paths",
-    "load_dataset",
-    "read_image",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import attribute
+
+# name -> the module of this package that defines it
+_HOMES = {
+    "BUILTIN": "datasets",
+    "BadImageError": "samples",
+    "DataConfig": "config",
+    "DatasetSplits": "datasets",
+    "DigestMemo": "digests",
+    "SampleChangedError": "digests",
+    "SampleSet": "samples",
+    "image_paths": "samples",
+    "load_dataset": "datasets",
+    "read_image": "samples",
+}
+
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from .config import DataConfig  # noqa: F401
+    from .datasets import BUILTIN, DatasetSplits, load_dataset  # noqa: F401
+    from .digests import DigestMemo, SampleChangedError  # noqa: F401
+    from .samples import BadImageError, SampleSet, image_paths, read_image  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    return attribute(__name__, _HOMES, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .._checks import check_number
-from .._util import FeatcacheError, flag
-from ..cache.housekeeping import cache_root
-from ..cache.store import DIGEST_MEMO
-from .datasets import DatasetSplits, load_dataset
-from .digests import DigestMemo
-from .samples import DEFAULT_MAX_PIXELS
+from .._errors import FeatcacheError, flag, unknown
 from .tasks import AUTO, check_task
+
+if TYPE_CHECKING:
+    from .datasets import DatasetSplits
+
+# This module imports no torch: the command line checks these settings before loading any model.
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+#: Pillow's own default limit (a 1/4 GiB 24-bit image): more pixels than this is a bad image
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+AUGMENTS = ("flip", "crop")
+
+
+def normalize_augment(spec: str | None) -> str | None:
+    """``spec`` with blanks and repeats dropped (``" flip,,flip"`` -> ``"flip"``); unknown names raise.
+
+    Example:
+        >>> normalize_augment("flip, crop,flip")
+        'flip,crop'
+    """
+    if spec is None:
+        return None
+    parts = list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
+    for p in parts:
+        if p not in AUGMENTS:
+            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
+    if not parts:
+        raise FeatcacheError(f"--augment {spec!r} names no augmentation; use flip, crop or flip,crop")
+    return ",".join(parts)
 
 
 @dataclass(frozen=True)
@@ -51,7 +75,10 @@ class DataConfig:
     seed: int = 0
     limit: int | None = None
     download: bool = False
-    max_image_pixels: int | None = field(default=DEFAULT_MAX_PIXELS, metadata={"none": "off"})
+    max_image_pixels: int | None = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata={"none": "off", "shown": f"{DEFAULT_MAX_PIXELS:,}, Pillow's limit"},
+    )
     image_column: str | None = None
     label_column: str | None = None
     task: str = AUTO
@@ -81,6 +108,12 @@ class DataConfig:
         more; for multi-label, a class with images on the training split (the memos of WebDataset shards
         and of file digests read from ``cache_dir``'s root: the seeded split places each image by its
         content digest, which extraction needs next anyway)."""
+        # here, not at the top: the config is read before torch is imported
+        from ..cache.housekeeping import cache_root
+        from ..cache.store import DIGEST_MEMO
+        from .datasets import load_dataset
+        from .digests import DigestMemo
+
         splits = load_dataset(
             self.spec,
             self.val_fraction,

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
-from .._util import FeatcacheError, flag, unknown
+from .._util import FeatcacheError, closest, flag, is_inside, unknown
 from ..cache.housekeeping import cache_root
 from .digests import DigestMemo
 from .hf_datasets import HUB, hf_sets, is_hf_dataset, is_saved_dataset
@@ -110,6 +111,39 @@ def stratified_split(
     return tr, va, te
 
 
+def stratified_take(labels: np.ndarray, n: int, seed: int = 0, every_class: bool = True) -> np.ndarray:
+    """Sorted indices of exactly ``n`` samples (all of them when there are fewer), seeded, each class's
+    share of ``n`` by its share of ``labels`` (largest remainders get the rounding), with
+    ``every_class`` at least one per class (``n`` below the number of classes then raises).
+
+    Example:
+        >>> len(stratified_take(np.array([0] * 90 + [1] * 10), 15))
+        15
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    n = min(int(n), len(labels))
+    if every_class and n < len(classes):
+        raise FeatcacheError(f"{n} samples cannot hold one of each of {len(classes)} classes")
+    share = counts * n / max(1, counts.sum())
+    quota = np.floor(share).astype(np.int64)
+    if every_class:
+        quota = np.maximum(quota, 1)
+    for i in np.argsort(-(share - np.floor(share)), kind="stable"):  # the rest, largest remainder first
+        if quota.sum() >= n:
+            break
+        quota[i] += quota[i] < counts[i]
+    while quota.sum() > n:  # the ones that every class needs came from the largest classes
+        quota[int(np.argmax(np.where(quota > 1, quota - share, -np.inf)))] -= 1
+    while quota.sum() < n:  # a class without enough images: the others make up for it
+        quota[int(np.argmax(np.where(quota < counts, share - quota, -np.inf)))] += 1
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for c, q in zip(classes, quota):  # the same draws as stratified_split: a limit keeps its images
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        keep += idx[len(idx) - int(q) :].tolist() if q else []
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
 def split_draw(digest: str, seed: int = 0) -> float:
     """An image's draw in [0, 1): the first 8 bytes of SHA-256(``split:SEED:DIGEST``) over 2**64 — a
     function of the image's own content and the seed, never of the other images.
@@ -178,8 +212,52 @@ def _split(
     )
 
 
+def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list[str]:
+    """The image files under ``root/relative`` as relative paths, in the order of their path parts (as
+    ``sorted(Path.rglob("*"))``): one ``os.scandir`` per folder, names as strings, no per-file Path
+    object or ``stat``.
+
+    A symbolic link to a file is used when it leads inside ``top`` (the dataset's folder); one that
+    leads outside it, to a file or a folder, is added to ``outside`` (``link -> target``) and not used;
+    a linked folder inside ``top`` is not descended into (its files are found where they are).
+    """
+    out: list[str] = []
+    with os.scandir(os.path.join(root, relative)) as it:
+        entries = sorted((e.name, e) for e in it)
+    for name, e in entries:
+        dot = name.rfind(".")
+        image = dot > 0 and name[dot:].lower() in _EXTENSIONS
+        if e.is_symlink():
+            if not is_inside(top, e.path):
+                outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
+            elif image and e.is_file():
+                out.append(f"{relative}/{name}")
+        elif image and e.is_file():
+            out.append(f"{relative}/{name}")
+        elif e.is_dir(follow_symlinks=False):
+            out += _image_files(root, f"{relative}/{name}", top, outside)
+    return out
+
+
+_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
+
+
+def _refuse_links_out(top: Path, outside: list[str]) -> None:
+    """Refuse a dataset folder whose tree holds symbolic links leading outside it (see the README)."""
+    if outside:
+        shown = "; ".join(outside[:3]) + (f" (and {len(outside) - 3} more)" if len(outside) > 3 else "")
+        raise FeatcacheError(
+            f"dataset folder {str(top)!r} holds {len(outside)} symbolic link(s) leading outside it: {shown}. "
+            "featcache reads only inside the dataset's folder: copy those files in, or pass the folder "
+            "they lead to as the dataset (links that stay inside the folder are followed)"
+        )
+
+
 def _scan_folder(
-    root: Path, classes: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    root: Path,
+    classes: Sequence[str] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    top: Path | None = None,
 ) -> FileSamples:
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown_classes = [c for c in found if classes is not None and c not in classes]
@@ -189,15 +267,21 @@ def _scan_folder(
             "or remove them (a head can only predict the classes it was trained on)"
         )
     given, classes = classes, list(classes) if classes is not None else found
-    paths, labels = [], []
+    paths: list[str] = []
+    labels: list[int] = []
+    top = top or root
+    outside: list[str] = []
     for ci, cname in enumerate(classes):
-        folder = root / cname
-        if not folder.is_dir():
+        if not (root / cname).is_dir():
             continue
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(p.relative_to(root))
-                labels.append(ci)
+        folder = root / cname
+        if folder.is_symlink() and not is_inside(top, folder):
+            outside.append(f"{os.path.relpath(folder, top)} -> {os.readlink(folder)}")
+            continue
+        found_here = _image_files(str(root), cname, str(top), outside)
+        paths += found_here
+        labels += [ci] * len(found_here)
+    _refuse_links_out(top, outside)
     present = set(labels)
     empty = [c for ci, c in enumerate(classes) if ci not in present] if paths and given is None else []
     if empty:  # a class without images would still get an output of the head (as torchvision refuses too)
@@ -229,9 +313,9 @@ def image_folder(
     """
     root = Path(root).resolve()
     if (root / "train").is_dir():
-        train: SampleSet = _scan_folder(root / "train", max_pixels=max_image_pixels)
+        train: SampleSet = _scan_folder(root / "train", max_pixels=max_image_pixels, top=root)
         parts = {
-            n: _scan_folder(root / n, train.classes, max_image_pixels) if (root / n).is_dir() else None
+            n: _scan_folder(root / n, train.classes, max_image_pixels, root) if (root / n).is_dir() else None
             for n in ("val", "test")
         }
         val: SampleSet | None = parts["val"]
@@ -423,10 +507,16 @@ def _checked_row(
             f"{at}: split {split!r} of {p!r}; where a manifest has splits, every row needs one of "
             f"{', '.join(SPLITS)}"
         )
-    if Path(p).is_absolute() and not Path(p).resolve().is_relative_to(folder.resolve()):
+    if not is_inside(folder, folder / p):  # relative ones too ('../x.png'), and through links
+        base = os.path.abspath(folder)
+        lexical = os.path.normpath(os.path.join(base, p))  # where it is before links are followed
+        linked = os.path.commonpath([base, lexical]) == base
+        how = "a symbolic link on its way leads to" if linked else "it resolves to"
         raise FeatcacheError(
-            f"{at}: {p!r} is outside the manifest's folder; write paths relative to the manifest (an "
-            "image's id in the cache and in run folders is that relative path)"
+            f"{at}: {p!r} is outside the manifest's folder {str(folder.resolve())!r} ({how} "
+            f"{os.path.realpath(folder / p)!r}); featcache reads only inside the manifest's folder: move the "
+            "manifest up to a folder that holds the images, or copy the image in (an image's id in the "
+            "cache and in run folders is its path relative to the manifest)"
         )
     return ManifestRow(n, p, str(label), split if with_split else None)
 
@@ -582,8 +672,8 @@ def load_dataset(
     if spec in BUILTIN:
         samples: SampleSet = builtin_samples(spec)
         if limit and limit < len(samples):
-            keep, _, _ = stratified_split(samples.strata(), 0.0, 1 - limit / len(samples), seed)
-            samples = samples.subset(keep, spec)
+            _check_limit(limit, len(samples.classes), limit, spec)  # the bundled sets are classify
+            samples = samples.subset(stratified_take(samples.strata(), limit, seed), spec)
         return _split(samples, val_fraction, test_fraction, seed, spec, memo)
     if spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
@@ -594,11 +684,7 @@ def load_dataset(
         tv = torchvision_dataset(parts[1], parts[2], download, val_fraction, seed, memo)
         return _limited(tv, limit, seed)
     if not path.exists():
-        raise FileNotFoundError(
-            f"dataset {spec!r} not found: pass an existing folder, a .csv/.jsonl manifest, "
-            f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
-            f"or one of {', '.join(BUILTIN)}"
-        )
+        raise _not_found(spec)
     if path.is_dir():
         splits = image_folder(path, val_fraction, test_fraction, seed, max_image_pixels, memo)
         return _limited(splits, limit, seed)
@@ -629,15 +715,48 @@ def _assembled(
     return DatasetSplits(train, valid, sets.get("test"), classes, spec)
 
 
+def _not_found(spec: str) -> FileNotFoundError:
+    """The error for a dataset spec that names nothing, with the bundled set it may misspell."""
+    near = closest(spec, BUILTIN) if "/" not in spec else []
+    hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return FileNotFoundError(
+        f"dataset {spec!r} not found.{hint} Pass an existing folder, a .csv/.jsonl manifest, "
+        f"torchvision:NAME:ROOT, WebDataset shards (NAME-{{000000..000009}}.tar), {HUB}NAME, "
+        f"or one of {', '.join(BUILTIN)}"
+    )
+
+
+def _check_limit(limit: int, classes: int, train_share: int, spec: str, need: int | None = None) -> None:
+    """Refuse a ``--limit`` whose training share cannot hold one image of each class."""
+    if train_share < classes:
+        raise FeatcacheError(
+            f"--limit {limit} keeps {train_share} {'training ' if need else ''}images of {spec!r}, fewer "
+            f"than its {classes} classes: every class needs at least one; use --limit {need or classes} or "
+            "more, or leave "
+            "--limit out"
+        )
+
+
 def _limited(splits: DatasetSplits, limit: int | None, seed: int) -> DatasetSplits:
-    """Each split cut (stratified) to its share of ``limit`` samples in all."""
-    total = sum(len(s) for _, s in splits.items())
+    """``limit`` samples in all (about: each split's share, stratified), every class in training."""
+    parts = [(n, s) for n, s in splits.items()]
+    total = sum(len(s) for _, s in parts)
     if not limit or limit >= total:
         return splits
-
-    def cut(s: SampleSet) -> SampleSet:
-        keep, _, _ = stratified_split(s.strata(), 0.0, 1 - limit / total, seed)
-        return s.subset(keep, s.name)
-
-    val, test = (cut(s) if s is not None else None for s in (splits.val, splits.test))
-    return DatasetSplits(cut(splits.train), val, test, splits.classes, splits.spec, splits.task)
+    share = np.array([len(s) * limit / total for _, s in parts])
+    quota = np.floor(share).astype(np.int64)
+    for i in np.argsort(-(share - quota), kind="stable")[: limit - int(quota.sum())]:
+        quota[i] += 1
+    classes = len(np.unique(splits.train.strata())) if splits.task == "classify" else 1
+    need = int(np.ceil(classes * total / len(splits.train)))
+    _check_limit(limit, classes, int(quota[0]), splits.spec, need)
+    cut = {
+        n: s.subset(stratified_take(s.strata(), int(q), seed, every_class=n == "train"), s.name)
+        if q
+        else None
+        for (n, s), q in zip(parts, quota)
+    }
+    train = cut["train"]
+    if train is None:  # _check_limit gave training a share of one at least
+        raise FeatcacheError(f"--limit {limit} leaves no training images of {splits.spec!r}")
+    return DatasetSplits(train, cut.get("val"), cut.get("test"), splits.classes, splits.spec, splits.task)

@@ -1,23 +1,34 @@
 """Content digests of samples: what the feature cache keys a row by.
 
 A file's digest is the SHA-256 of its bytes; an in-memory image's is the SHA-256 of its pixel bytes,
-dtype and shape. Paths and modification times are never part of a digest: they only memoise it.
-:class:`DigestMemo` keeps ``(path, size, mtime_ns) -> digest`` in a small SQLite database under the
-cache root, so a re-run over an unchanged folder stats its files and reads none of their bytes.
+dtype and shape. Paths and stat data are never part of a digest: they only memoise it.
+:class:`DigestMemo` keeps, in a small SQLite database under the cache root, one row per folder: the
+names of its files seen so far, each file's stat data as git's index keys it (size, mtime, ctime,
+inode, device) and its digest (32 raw bytes). A re-run over an unchanged folder costs one ``stat``
+per file and one memo query, and reads no file's bytes.
 
-A file whose size or mtime changed is hashed again. A file modified within :data:`RACY_NS` of being
-hashed is hashed again on the next run too (git's "racily clean" rule): a write in the same
-timestamp tick as the hashing cannot hide behind an unchanged stat.
+A file is trusted to hold its memoised digest only when all five stat fields are unchanged: ``cp -p``,
+``rsync -t``, ``touch -r`` or ``tar x`` put the old mtime back but cannot set the ctime, and a swap
+of two files changes their inodes. A file modified within :data:`RACY_NS` of being hashed is hashed
+again on the next run too (git's "racily clean" rule), as is one whose ctime lies within
+:data:`CTIME_TICK_NS` of its hashing: a write in the same timestamp tick cannot hide behind an
+unchanged stat.
+
+The same database keeps which cache shard files had their SHA-256 checked, keyed by the same stat
+fields (:meth:`DigestMemo.checked` / :meth:`DigestMemo.record_checks`): a shard is hashed once per
+file version, across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
+import stat as stat_mod
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,10 +41,35 @@ log = logging.getLogger(__name__)
 
 #: a memoised digest is trusted only for files last modified this long before they were hashed
 RACY_NS = 2_000_000_000
+#: ... and whose status last changed (ctime) this long before they were hashed: a timestamp tick
+CTIME_TICK_NS = 20_000_000
+#: the memo's schema (SQLite ``user_version``); a memo of another schema is rebuilt or refused
+MEMO_SCHEMA = 2
+#: one record of stat data per file: what git's index keys on, and when the file was hashed
+STAT_DTYPE = np.dtype(
+    [("size", "<i8"), ("mtime", "<i8"), ("ctime", "<i8"), ("ino", "<u8"), ("dev", "<u8"), ("hashed", "<i8")]
+)
+_TABLES = {
+    "dirs": ["path", "names", "stats", "digests"],
+    "shards": ["path", "size", "mtime", "ctime", "ino", "dev", "checked", "sha256"],
+}
+_CREATE = (
+    "CREATE TABLE IF NOT EXISTS dirs (path TEXT PRIMARY KEY, names BLOB, stats BLOB, digests BLOB) "
+    "WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, ctime INTEGER, "
+    "ino TEXT, dev TEXT, checked INTEGER, sha256 TEXT) WITHOUT ROWID",
+)
+
+StatKey = tuple[int, int, int, int, int]
+_NOT_UPDATED = "could not update the digest memo %s (%s); files will be hashed again"
 
 
 class SampleChangedError(FeatcacheError):
     """A sample's content changed while featcache was using it; the message names the file."""
+
+
+class MemoDamagedError(FeatcacheError):
+    """The digest memo cannot be used as it is; the message names the file and the fix."""
 
 
 def pixels_digest(pixels: np.ndarray) -> str:
@@ -54,6 +90,17 @@ def bytes_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def stat_key(st: os.stat_result) -> StatKey:
+    """What the memo keys a file version on: size, mtime, ctime, inode, device (as git's index)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def trusted(key: StatKey, memo: tuple[int, ...], hashed_ns: int) -> bool:
+    """Whether a file with stat ``key`` still holds the digest memoised with stat ``memo`` at
+    ``hashed_ns``: every field equal, and neither its mtime nor its ctime racily close to the hashing."""
+    return key == memo[:5] and key[1] < hashed_ns - RACY_NS and key[2] < hashed_ns - CTIME_TICK_NS
+
+
 def _nearest(path: Path) -> Path:
     """``path``'s nearest existing parent."""
     while not path.exists() and path.parent != path:
@@ -71,8 +118,9 @@ def _stat(path: str) -> os.stat_result:
         ) from exc
 
 
-def hash_file(path: str) -> tuple[str, os.stat_result]:
-    """The SHA-256 of a file's bytes and its stat, checked unchanged across the read."""
+def hash_file(path: str) -> tuple[str, os.stat_result, int]:
+    """The SHA-256 of a file's bytes, its stat and the time of that stat, checked unchanged across the
+    read."""
     before = _stat(path)
     h = hashlib.sha256()
     try:
@@ -83,16 +131,76 @@ def hash_file(path: str) -> tuple[str, os.stat_result]:
         _stat(path)  # raises the message naming the file
         raise
     after = _stat(path)
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+    seen = time.time_ns()
+    if (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino) != (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+        after.st_ino,
+    ):
         raise SampleChangedError(
             f"image {path!r} changed while featcache was hashing it; run the command again once the "
             "file is no longer being written"
         )
-    return h.hexdigest(), after
+    return h.hexdigest(), after, seen
+
+
+class _DirRow:
+    """One folder's memo row: file names, their stat records and digests (32 raw bytes each)."""
+
+    def __init__(self, names: list[str], stats: np.ndarray, digests: bytes) -> None:
+        self.names, self.stats, self.digests = names, stats, digests
+        self._pos: dict[str, int] | None = None
+
+    @classmethod
+    def decode(cls, names: bytes, stats: bytes, digests: bytes) -> _DirRow:
+        listed = names.decode("utf-8", "surrogateescape").split("\0") if names else []
+        arr = np.frombuffer(stats, STAT_DTYPE)
+        if len(arr) != len(listed) or len(digests) != 32 * len(listed):
+            raise ValueError(
+                f"a folder row of {len(listed)} names, {len(arr)} stats, {len(digests)} digest bytes"
+            )
+        return cls(listed, arr, digests)
+
+    def encode(self) -> tuple[bytes, bytes, bytes]:
+        return "\0".join(self.names).encode("utf-8", "surrogateescape"), self.stats.tobytes(), self.digests
+
+    def positions(self, names: list[str]) -> list[int]:
+        """Each name's position in the row (-1: not there); one list comparison for an unchanged folder."""
+        if names == self.names:
+            return list(range(len(names)))
+        if self._pos is None:
+            self._pos = {n: i for i, n in enumerate(self.names)}
+        return [self._pos.get(n, -1) for n in names]
+
+    def updated(self, changes: dict[str, tuple[tuple[int, ...], bytes]]) -> _DirRow:
+        """The row with ``{name: (stat record, digest)}`` replaced or added."""
+        if self._pos is None:
+            self._pos = {n: i for i, n in enumerate(self.names)}
+        stats, digests = self.stats.copy(), bytearray(self.digests)
+        new = [n for n in changes if n not in self._pos]
+        for n, (rec, d) in changes.items():
+            i = self._pos.get(n)
+            if i is not None:
+                stats[i] = rec
+                digests[32 * i : 32 * i + 32] = d
+        added = np.array([changes[n][0] for n in new], STAT_DTYPE)
+        return _DirRow(
+            self.names + new,
+            np.concatenate([stats, added]),
+            bytes(digests) + b"".join(changes[n][1] for n in new),
+        )
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(folder, file name) of an absolute path."""
+    folder, _, base = name.rpartition(os.sep)
+    return folder or os.sep, base
 
 
 class DigestMemo:
-    """``(path, size, mtime_ns) -> digest`` of files, shared by processes (SQLite, one file).
+    """The content digest of files by their stat data (as git's index), shared by processes (SQLite,
+    one file under the cache root), and the shard files whose SHA-256 was checked.
 
     Args:
         path: the database file (created on first use); None keeps nothing between calls.
@@ -106,98 +214,240 @@ class DigestMemo:
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
 
-    def _connect(self) -> sqlite3.Connection:
+    def damaged(self, why: object) -> MemoDamagedError:
+        """The one error for a memo that cannot be used: what is wrong, and the fix."""
+        return MemoDamagedError(
+            f"digest memo is damaged: {str(self.path)!r} {why} (remove {str(self.path)!r} to rebuild it, "
+            "or choose another cache root with --cache-dir / $FEATCACHE_HOME); it only spares re-reading "
+            "unchanged files, no feature row is lost"
+        )
+
+    def _check_file(self) -> None:
+        """Refuse a memo (or its journal) that is not a regular file: a link would be written through."""
+        path = self.path
+        for f in (path, *(Path(f"{path}{s}") for s in ("-journal", "-wal", "-shm"))) if path else ():
+            try:
+                mode = os.lstat(f).st_mode
+            except FileNotFoundError:
+                continue
+            if stat_mod.S_ISLNK(mode):
+                raise self.damaged(f"{'' if f == path else f'(its file {f.name!r}) '}is a symbolic link")
+            if not stat_mod.S_ISREG(mode):
+                raise self.damaged(f"{'' if f == path else f'(its file {f.name!r}) '}is not a regular file")
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection to the memo, its schema checked (or created); every SQLite error is the named
+        :meth:`damaged` error."""
         path = self.path
         if path is None:
             raise FeatcacheError("this digest memo keeps nothing on disk")
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=120)
+        self._check_file()
         try:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
-                "hashed_ns INTEGER, digest TEXT) WITHOUT ROWID"
-            )
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise FeatcacheError(
-                f"the digest memo {str(path)!r} is damaged ({exc}); delete it (it only saves "
-                "re-reading unchanged files) and run the command again"
-            ) from exc
-        return db
-
-    def _lookup(self, paths: Sequence[str]) -> dict[str, tuple[int, int, int, str]]:
-        if self.path is None or not paths:
-            return {}
-        found: dict[str, tuple[int, int, int, str]] = {}
-        if not self.path.exists() and not os.access(_nearest(self.path), os.W_OK):
-            return found  # a cache that cannot be written (yet) has no memo: hash every file
-        db = self._connect()
+            db = sqlite3.connect(path, timeout=120)
+        except sqlite3.Error as exc:
+            raise self.damaged(f"cannot be opened ({exc})") from exc
         try:
-            for i in range(0, len(paths), 500):
-                chunk = list(paths[i : i + 500])
-                marks = ",".join("?" * len(chunk))
-                rows = db.execute(
-                    f"SELECT path, size, mtime_ns, hashed_ns, digest FROM files WHERE path IN ({marks})",
-                    chunk,
-                )
-                for p, size, mtime, hashed, digest in rows:
-                    found[p] = (size, mtime, hashed, digest)
+            self._schema(db)
+            yield db
+        except sqlite3.Error as exc:
+            raise self.damaged(f"cannot be read ({type(exc).__name__}: {exc})") from exc
         finally:
             db.close()
+
+    def _schema(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:  # new, or the per-file memo of an older featcache: rebuilt (it only saves hashing)
+            with db:
+                db.execute("DROP TABLE IF EXISTS files")
+                for sql in _CREATE:
+                    db.execute(sql)
+                db.execute(f"PRAGMA user_version = {MEMO_SCHEMA}")
+        elif version != MEMO_SCHEMA:
+            raise self.damaged(f"has schema {version}; this featcache writes schema {MEMO_SCHEMA}")
+        for table, columns in _TABLES.items():
+            got = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+            if got != columns:
+                raise self.damaged(f"holds a table {table!r} with columns {got}, expected {columns}")
+
+    def _usable(self) -> bool:
+        """Whether there is a memo to read or create (a cache that cannot be written yet has none)."""
+        if self.path is None:
+            return False
+        return os.path.lexists(self.path) or os.access(_nearest(self.path), os.W_OK)
+
+    def _rows(self, folders: Sequence[str]) -> dict[str, _DirRow]:
+        found: dict[str, _DirRow] = {}
+        if not folders or not self._usable():
+            return found
+        with self._db() as db:
+            for i in range(0, len(folders), 500):
+                chunk = list(folders[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT path, names, stats, digests FROM dirs WHERE path IN ({marks})"
+                for folder, names, stats, digests in db.execute(sql, chunk):
+                    try:
+                        found[folder] = _DirRow.decode(names, stats, digests)
+                    except (ValueError, TypeError, AttributeError, UnicodeError) as exc:
+                        raise self.damaged(f"holds an unreadable row for {folder!r} ({exc})") from exc
         return found
 
-    def _store(self, rows: list[tuple[str, int, int, int, str]]) -> None:
+    def _store(self, rows: dict[str, _DirRow]) -> None:
         if self.path is None or not rows:
             return
         try:
-            db = self._connect()
-            try:
-                with db:
-                    db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
-            finally:
-                db.close()
-        except (sqlite3.OperationalError, OSError) as exc:  # a read-only or full cache folder: hashing works
+            with self._db() as db, db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dirs VALUES (?, ?, ?, ?)",
+                    [(folder, *row.encode()) for folder, row in rows.items()],
+                )
+        except MemoDamagedError as exc:
+            if isinstance(exc.__cause__, sqlite3.OperationalError) and "readonly" in str(exc.__cause__):
+                log.warning(
+                    "could not update the digest memo %s (%s); files will be hashed again", self.path, exc
+                )
+                return
+            raise
+        except OSError as exc:  # a read-only or full cache folder: hashing works
             log.warning(
                 "could not update the digest memo %s (%s); files will be hashed again", self.path, exc
             )
 
+    def forget(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        """Drop the memo's entries of these files (a digest found wrong while reading): they are hashed
+        again on the next call.
+
+        Example:
+            >>> DigestMemo("/tmp/memo.sqlite3").forget(["/data/cat/1.png"])  # doctest: +SKIP
+        """
+        if self.path is None or not paths or not os.path.lexists(self.path):
+            return
+        by_folder: dict[str, set[str]] = {}
+        for p in paths:
+            folder, base = _split(os.path.abspath(p))
+            by_folder.setdefault(folder, set()).add(base)
+        rows = self._rows(list(by_folder))
+        kept = {}
+        for folder, row in rows.items():
+            keep = [i for i, n in enumerate(row.names) if n not in by_folder[folder]]
+            digests = b"".join(row.digests[32 * i : 32 * i + 32] for i in keep)
+            kept[folder] = _DirRow([row.names[i] for i in keep], row.stats[keep], digests)
+        self._store(kept)
+
     def file_digests(
         self, paths: Sequence[str | os.PathLike[str]], progress: bool = False, threads: int | None = None
     ) -> list[str]:
-        """The digest of each file, reading only files the memo does not know in their current state.
+        """The digest of each file, reading only files the memo cannot vouch for in their current state
+        (one memo query per 500 folders, one ``stat`` per file).
 
         Example:
             >>> DigestMemo("/tmp/memo.sqlite3").file_digests(["a.png", "b.png"])  # doctest: +SKIP
             ['9f86d0...', '60303a...']
         """
-        names = [os.path.abspath(p) for p in paths]
-        known = self._lookup(names)
-        out: list[str | None] = [None] * len(names)
-        todo = []
-        for i, name in enumerate(names):
-            st, memo = _stat(name), known.get(name)
-            fresh = memo is not None and memo[:2] == (st.st_size, st.st_mtime_ns)
-            if memo is not None and fresh and st.st_mtime_ns < memo[2] - RACY_NS:
-                out[i] = memo[3]
-            else:
-                todo.append(i)
+        groups: dict[str, tuple[list[int], list[str]]] = {}
+        for i, p in enumerate(paths):
+            name = p if type(p) is str else os.fspath(p)
+            folder, _, base = (name if name[:1] == os.sep else os.path.abspath(name)).rpartition(os.sep)
+            folder = folder or os.sep
+            g = groups.get(folder)
+            if g is None:
+                g = groups[folder] = ([], [])
+            g[0].append(i)
+            g[1].append(base)
+        known = self._rows(list(groups))
+        out: list[str] = [""] * len(paths)
+        todo: list[tuple[int, str, str]] = []  # (index, folder, name)
+        for folder, (idx, names) in groups.items():
+            row = known.get(folder)
+            if row is None:
+                todo += [(i, folder, n) for i, n in zip(idx, names)]
+                continue
+            recs, digests = row.stats.tolist(), row.digests
+            top = folder.rstrip(os.sep) + os.sep
+            for i, n, at in zip(idx, names, row.positions(names)):
+                try:
+                    st = os.stat(top + n)
+                except FileNotFoundError:
+                    _stat(top + n)  # raises naming the file
+                    raise
+                # trusted(), written out: this loop is a hit's cost, one pass per file
+                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                rec = recs[at] if at >= 0 else None
+                if (
+                    rec is not None
+                    and key == rec[:5]
+                    and key[1] < rec[5] - RACY_NS
+                    and key[2] < rec[5] - CTIME_TICK_NS
+                ):
+                    out[i] = digests[32 * at : 32 * at + 32].hex()
+                else:
+                    todo.append((i, folder, n))
         if todo:
-            self._hash(names, todo, out, progress, threads)
-        return [d for d in out if d is not None]
+            self._hash(todo, out, known, progress, threads)
+        return out
 
     def _hash(
-        self, names: list[str], todo: list[int], out: list[str | None], progress: bool, threads: int | None
+        self,
+        todo: list[tuple[int, str, str]],
+        out: list[str],
+        known: dict[str, _DirRow],
+        progress: bool,
+        threads: int | None,
     ) -> None:
-        rows = []
+        changes: dict[str, dict[str, tuple[tuple[int, ...], bytes]]] = {}
         workers = threads or (min(8, os.cpu_count() or 1) if len(todo) > 64 else 1)
         bar = tqdm(total=len(todo), desc="hash files", unit="file", delay=1, disable=not progress)
-        hashed_ns = time.time_ns()
+        names = (os.path.join(folder, n) for _, folder, n in todo)
         with bar, ThreadPoolExecutor(workers) as pool:
-            for i, (digest, st) in zip(todo, pool.map(hash_file, (names[i] for i in todo))):
+            for (i, folder, n), (digest, st, seen) in zip(todo, pool.map(hash_file, names)):
                 out[i] = digest
-                rows.append((names[i], st.st_size, st.st_mtime_ns, hashed_ns, digest))
+                changes.setdefault(folder, {})[n] = ((*stat_key(st), seen), bytes.fromhex(digest))
                 bar.update()
-        self._store(rows)
+        empty = _DirRow([], np.empty(0, STAT_DTYPE), b"")
+        self._store({f: known.get(f, empty).updated(c) for f, c in changes.items()})
+
+    def checked(self, folder: str | os.PathLike[str]) -> dict[str, tuple[StatKey, str]]:
+        """The shard files under ``folder`` whose SHA-256 was checked: ``{path: (stat key, sha256)}``
+        (empty when there is no memo to read).
+
+        Example:
+            >>> DigestMemo(cache.root / DIGEST_MEMO).checked(table.path)  # doctest: +SKIP
+        """
+        if self.path is None or not os.path.lexists(self.path):
+            return {}
+        prefix = os.path.join(os.fspath(folder), "")
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT path, size, mtime, ctime, ino, dev, checked, sha256 FROM shards "
+                "WHERE path >= ? AND path < ?",
+                (prefix, prefix[:-1] + chr(ord(os.sep) + 1)),
+            ).fetchall()
+        out = {}
+        for path, size, mtime, ctime, ino, dev, when, sha in rows:
+            key = (int(size), int(mtime), int(ctime), int(ino), int(dev))
+            if trusted(key, key, int(when)):  # racily close to its check: hashed again
+                out[str(path)] = (key, str(sha))
+        return out
+
+    def record_checks(self, checks: Sequence[tuple[str, os.stat_result, int, str]]) -> None:
+        """Remember shard files whose SHA-256 matched: ``(path, stat, checked at ns, sha256)``; a memo
+        that cannot be written only means they are hashed again.
+
+        Example:
+            >>> memo.record_checks([(path, os.stat(path), time.time_ns(), sha)])  # doctest: +SKIP
+        """
+        if not checks or not self._usable():
+            return
+        rows = [
+            (p, st.st_size, st.st_mtime_ns, st.st_ctime_ns, str(st.st_ino), str(st.st_dev), when, sha)
+            for p, st, when, sha in checks
+        ]
+        try:
+            with self._db() as db, db:
+                db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except (MemoDamagedError, OSError) as exc:
+            log.warning("could not record checked shards in %s (%s)", self.path, exc)
 
 
 def digests_of(count: int, digest: Callable[[int], str], progress: bool = False, what: str = "") -> list[str]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, flag
 from .digests import DigestMemo, SampleChangedError, bytes_digest
-from .samples import DEFAULT_MAX_PIXELS, SampleSet, decode_image
+from .samples import DEFAULT_MAX_PIXELS, SampleSet, decode_checked, decode_image
 from .versions import VersionMemo, file_version
 from .webdataset import bytes_problem, class_names
 
@@ -191,13 +191,7 @@ class HFSamples(SampleSet):
 
     def load_checked(self, index: int, digest: str) -> Image.Image:
         """Decode the image's bytes if they still hash to ``digest``."""
-        data = self._bytes(index)
-        if bytes_digest(data) != digest:
-            raise SampleChangedError(
-                f"image {self.describe(index)!r} changed during this run (its bytes no longer hash to the "
-                "digest read at the start); run the command again once it is stable"
-            )
-        return decode_image(io.BytesIO(data), self.max_pixels, self.describe(index))
+        return decode_checked(self._bytes(index), digest, self.describe(index), self.max_pixels)
 
     def _problem(self, index: int) -> str:
         return bytes_problem(self._bytes(index), self.max_pixels, self.describe(index))

@@ -16,8 +16,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError
 from ..backbones.preprocessing import Preprocessing
+from .config import AUGMENTS, normalize_augment  # noqa: F401  (defined there, without torch)
 from .digests import SampleChangedError
 from .samples import SampleSet
 
@@ -37,26 +38,83 @@ def to_model_input(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
         >>> tuple(x.shape)
         (3, 32, 32)
     """
-    img = img.convert("L" if pre.channels == 1 else "RGB")
+    return normalize_pixels(resize_pixels(to_pixels(img, pre), pre), pre)
+
+
+def to_pixels(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
+    """The image's uint8 CHW pixels in the backbone's mode, at their own size. A grey image for a colour
+    backbone keeps its one channel: Pillow's L -> RGB copies it into all three, which
+    :func:`resize_pixels` does after resizing (a third of the work, the same values).
+
+    Example:
+        >>> tuple(to_pixels(Image.new("L", (28, 20)), Preprocessing()).shape)
+        (1, 20, 28)
+    """
+    if not (img.mode == "L" and pre.channels == 3):
+        img = img.convert("L" if pre.channels == 1 else "RGB")
+    return TF.pil_to_tensor(img)
+
+
+def resize_pixels(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """Resize (+ centre crop) uint8 pixels, one image (CHW) or a batch of one size (NCHW), to the
+    backbone's input size with torch's uint8 kernel (a batch gives each image's own result, bit for bit);
+    one grey channel becomes the backbone's three."""
     interp = INTERPOLATION[pre.interpolation]
-    t = TF.pil_to_tensor(img)
     if pre.resize_size:
-        t = TF.resize(t, [pre.resize_size], interpolation=interp, antialias=True)
-        t = TF.center_crop(t, list(pre.input_size))
+        x = TF.resize(x, [pre.resize_size], interpolation=interp, antialias=True)
+        x = TF.center_crop(x, list(pre.input_size))
     else:
-        t = TF.resize(t, list(pre.input_size), interpolation=interp, antialias=True)
-    t = t.float().div_(255.0)
-    return TF.normalize(t, list(pre.mean), list(pre.std))
+        x = TF.resize(x, list(pre.input_size), interpolation=interp, antialias=True)
+    channel = x.dim() - 3
+    if x.shape[channel] != pre.channels:
+        x = x.expand(*x.shape[:channel], pre.channels, *x.shape[channel + 1 :]).contiguous()
+    return x
+
+
+def normalize_pixels(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 pixels at the input size, one image (CHW) or a batch (NCHW, on any device), as the float32
+    the backbone takes: [0, 1], then normalised by the backbone's mean and std. Per image or on a batch,
+    the arithmetic is the same, element by element.
+
+    Example:
+        >>> pre = Preprocessing().with_input_size(2, 2)
+        >>> normalize_pixels(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), pre).shape
+        torch.Size([1, 3, 2, 2])
+    """
+    return TF.normalize(x.float().div_(255.0), list(pre.mean), list(pre.std))
+
+
+class PixelBatch:
+    """``collate_fn`` of a :class:`PreprocessedView` made with ``pixels=True``: each group of images of
+    one size resized (+ cropped) as one batch, stacked in their order as a uint8 NCHW batch; normalise it
+    with :func:`normalize_pixels` (on the device, a quarter of the bytes to move)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+
+    def __call__(
+        self, items: Sequence[tuple[torch.Tensor, int, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, (t, _, _) in enumerate(items):
+            groups.setdefault(tuple(t.shape), []).append(j)
+        h, w = self.pre.input_size
+        out = torch.empty(len(items), self.pre.channels, h, w, dtype=torch.uint8)
+        for rows in groups.values():
+            out[rows] = resize_pixels(torch.stack([items[j][0] for j in rows]), self.pre)
+        return out, torch.tensor([i for _, i, _ in items], dtype=torch.long), [e for _, _, e in items]
 
 
 class PreprocessedView(torch.utils.data.Dataset):
     """``(tensor, index, error)`` per sample for a DataLoader; a bad image gives zeros and its error text.
 
     With ``digests`` (the content digest of each of ``indices``), a sample is decoded from bytes that
-    hash to its digest, else :class:`~featcache.data.digests.SampleChangedError` stops the run. With
-    ``augment``, each sample is randomly augmented; with ``view`` too, deterministically per (content
-    digest, view), so a cached augmented view is the same in any process and for any dataset that
-    holds the image.
+    hash to its digest (read once: the hash, the header check and the decode share them), else
+    :class:`~featcache.data.digests.SampleChangedError` stops the run. With ``augment``, each sample is
+    randomly augmented; with ``view`` too, deterministically per (content digest, view), so a cached
+    augmented view is the same in any process and for any dataset that holds the image. With ``pixels``,
+    the tensor is the decoded uint8 image at its own size (:func:`to_pixels`), for :class:`PixelBatch` to
+    resize per batch and :func:`normalize_pixels` to normalise; else :func:`to_model_input`'s.
     """
 
     def __init__(
@@ -67,10 +125,12 @@ class PreprocessedView(torch.utils.data.Dataset):
         augment: Callable[[Image.Image], Image.Image] | None = None,
         view: int | None = None,
         digests: Sequence[str] | None = None,
+        pixels: bool = False,
     ) -> None:
         self.samples, self.pre, self.augment, self.view = samples, pre, augment, view
         self.indices = list(range(len(samples))) if indices is None else list(indices)
         self.digests = list(digests) if digests is not None else None
+        self.pixels = pixels
         if self.digests is not None and len(self.digests) != len(self.indices):
             raise FeatcacheError(f"{len(self.digests)} digests for {len(self.indices)} samples")
         if view is not None and self.digests is None:
@@ -96,12 +156,13 @@ class PreprocessedView(torch.utils.data.Dataset):
                     img = self.augment(img)
             elif self.augment is not None:
                 img = self.augment(img)
-            return to_model_input(img, self.pre), index, ""
+            return (to_pixels(img, self.pre) if self.pixels else to_model_input(img, self.pre)), index, ""
         except SampleChangedError:
             raise  # not a bad image: the run stops, naming the file
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's for bad files
             h, w = self.pre.input_size
-            return torch.zeros(self.pre.channels, h, w), index, f"{type(exc).__name__}: {exc}"
+            dtype = torch.uint8 if self.pixels else torch.float32
+            return torch.zeros(self.pre.channels, h, w, dtype=dtype), index, f"{type(exc).__name__}: {exc}"
 
 
 def view_seed(digest: str, view: int) -> int:
@@ -114,28 +175,9 @@ def view_seed(digest: str, view: int) -> int:
     return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:8], 16)
 
 
-AUGMENTS = ("flip", "crop")
 #: Bumped when an augmentation's parameters or the per-(digest, view) seeding change: part of the
 #: key of every augmented view, so older views are rebuilt rather than reused.
 AUGMENT_VERSION = 2
-
-
-def normalize_augment(spec: str | None) -> str | None:
-    """``spec`` with blanks and repeats dropped (``" flip,,flip"`` -> ``"flip"``); unknown names raise.
-
-    Example:
-        >>> normalize_augment("flip, crop,flip")
-        'flip,crop'
-    """
-    if spec is None:
-        return None
-    parts = list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
-    for p in parts:
-        if p not in AUGMENTS:
-            raise unknown("augmentation", p, AUGMENTS, "Use --augment flip,crop.")
-    if not parts:
-        raise FeatcacheError(f"--augment {spec!r} names no augmentation; use flip, crop or flip,crop")
-    return ",".join(parts)
 
 
 def make_augment(spec: str | None, size: tuple[int, int]) -> v2.Compose | None:

@@ -30,13 +30,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, flag
+from .config import BAD_IMAGE_POLICIES, DEFAULT_MAX_PIXELS  # noqa: F401  (defined there, without torch)
 from .digests import DigestMemo, SampleChangedError, bytes_digest, digests_of, pixels_digest
 from .tasks import label_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-BAD_IMAGE_POLICIES = ("error", "skip")
-#: Pillow's own default limit (a 1/4 GiB 24-bit image): more pixels than this is a bad image
-DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 _PIL_LIMIT_LOCK = threading.Lock()
 #: in the reason recorded for an image refused by the pixel limit: a higher limit retries it
 TOO_LARGE = "(a decompression bomb?)"
@@ -140,6 +138,14 @@ class SampleSet(abc.ABC):
         """The content digest of sample ``index`` (see :meth:`digests`)."""
         return self.digests()[index]
 
+    def forget_digests(self) -> None:
+        """Drop the digests computed so far (a file was found to differ from its memoised digest)."""
+        self.__dict__.pop("_digest_list", None)
+
+    def file_path(self, index: int) -> str | None:
+        """The file sample ``index`` is read from (None for in-memory samples)."""
+        return None
+
     @abc.abstractmethod
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
         """Compute the digest of every sample."""
@@ -210,6 +216,13 @@ class _Subset(SampleSet):
     def load_checked(self, index: int, digest: str) -> Image.Image:
         return self.parent.load_checked(int(self.indices[index]), digest)
 
+    def forget_digests(self) -> None:
+        super().forget_digests()
+        self.parent.forget_digests()
+
+    def file_path(self, index: int) -> str | None:
+        return self.parent.file_path(int(self.indices[index]))
+
     def problems(self, indices: Sequence[int], progress: bool = False) -> dict[int, str]:
         mine = [int(self.indices[i]) for i in indices]  # the parent's memo serves every split
         found = self.parent.problems(mine, progress)
@@ -227,21 +240,33 @@ class FileSamples(SampleSet):
     def __init__(
         self,
         root: Path,
-        paths: Sequence[Path],
+        paths: Sequence[Path | str],
         labels: np.ndarray,
         classes: Sequence[str],
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         task: str = "classify",
     ) -> None:
         self.root = Path(root)
-        self.paths = [Path(p) for p in paths]
         self.max_pixels = max_pixels  # travels with the object into DataLoader workers: no global
-        ids = [p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix() for p in self.paths]
+        # Names as strings, not a Path object per file: a million-image folder lists in about its stats.
+        top = str(self.root).rstrip(os.sep) + os.sep
+        ids = [p if type(p) is str and p[:1] != os.sep else self._relative(Path(p)) for p in paths]
+        self._files = [top + i for i in ids]  # absolute path of each sample, as a string
         super().__init__(ids, labels, classes, name=str(root), task=task)
 
+    def _relative(self, p: Path) -> str:
+        return p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
+
+    @property
+    def paths(self) -> list[Path]:
+        """Each sample's path relative to ``root``."""
+        return [Path(i) for i in self.ids]
+
     def _abs(self, index: int) -> Path:
-        p = self.paths[index]
-        return p if p.is_absolute() else self.root / p
+        return Path(self._files[index])
+
+    def file_path(self, index: int) -> str | None:
+        return self._files[index]
 
     def load(self, index: int) -> Image.Image:
         path = self._abs(index)
@@ -269,7 +294,7 @@ class FileSamples(SampleSet):
         return ""
 
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
-        return (memo or DigestMemo(None)).file_digests([self._abs(i) for i in range(len(self))], progress)
+        return (memo or DigestMemo(None)).file_digests(self._files, progress)
 
     def load_checked(self, index: int, digest: str) -> Image.Image:
         """Decode the very bytes that hash to ``digest`` (read once), or raise naming the file."""
@@ -281,12 +306,7 @@ class FileSamples(SampleSet):
                 f"image {str(path)!r} vanished during this run; run the command again to list the dataset "
                 "anew (rows extracted so far are kept)"
             ) from exc
-        if bytes_digest(data) != digest:
-            raise SampleChangedError(
-                f"image {str(path)!r} changed during this run (its bytes no longer hash to the digest read "
-                "at the start); run the command again once it is stable (rows extracted so far are kept)"
-            )
-        return decode_image(io.BytesIO(data), self.max_pixels, str(path))
+        return decode_checked(data, digest, str(path), self.max_pixels)
 
     def _fingerprint_rows(self, h: Any, rows: np.ndarray | None = None) -> None:
         for i in range(len(self)) if rows is None else rows.tolist():
@@ -433,6 +453,23 @@ def _too_large(where: str, size: str, max_pixels: int | None) -> BadImageError:
         f"image {where!r} is {size}, more than the limit of {limit} pixels {TOO_LARGE}, so it "
         f"is not decoded. If it is a real image, raise the limit: {raise_to}, or --max-image-pixels off"
     )
+
+
+def decode_checked(
+    data: bytes, digest: str, where: str, max_pixels: int | None, why: str = ""
+) -> Image.Image:
+    """Decode the very bytes that hash to ``digest`` (a sample's row key), or raise
+    :class:`SampleChangedError` naming ``where`` (``why``: what changed it, for the message).
+
+    Example:
+        >>> decode_checked(png_bytes, bytes_digest(png_bytes), "a.png", None)  # doctest: +SKIP
+    """
+    if bytes_digest(data) != digest:
+        raise SampleChangedError(
+            f"image {where!r} changed during this run (its bytes no longer hash to the digest read at the "
+            f"start{why}); run the command again once it is stable (rows extracted so far are kept)"
+        )
+    return decode_image(io.BytesIO(data), max_pixels, where)
 
 
 def decode_image(src: str | os.PathLike[str] | IO[bytes], max_pixels: int | None, where: str) -> Image.Image:

@@ -38,13 +38,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, flag
-from .digests import SampleChangedError, bytes_digest
+from .digests import SampleChangedError
 from .samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     BadImageError,
     SampleSet,
     check_pixels,
+    decode_checked,
     decode_image,
     pixel_limit,
 )
@@ -254,14 +255,8 @@ class ShardSamples(SampleSet):
 
     def load_checked(self, index: int, digest: str) -> Image.Image:
         """Decode the member's bytes, read again at its offset, if they still hash to ``digest``."""
-        data = self._bytes(index)
-        if bytes_digest(data) != digest:
-            raise SampleChangedError(
-                f"image {self.describe(index)!r} changed during this run (its bytes no longer hash to the "
-                "digest read at the start: the shard was rewritten); run the command again once it is "
-                "stable (rows extracted so far are kept)"
-            )
-        return decode_image(io.BytesIO(data), self.max_pixels, self.describe(index))
+        why = ": the shard was rewritten"
+        return decode_checked(self._bytes(index), digest, self.describe(index), self.max_pixels, why)
 
     def _problem(self, index: int) -> str:
         return bytes_problem(self._bytes(index), self.max_pixels, self.describe(index))

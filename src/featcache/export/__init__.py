@@ -1,18 +1,39 @@
-"""Export: the backbone (cut at the trained layer) and the head as one model for raw images, and predict."""
+"""Export: the backbone (cut at the trained layer) and the head as one model for raw images, and predict.
 
-from ..backbones.preprocessing import Preprocessing
-from .build import ExportInfo, build_model
-from .model import ExportedModel
-from .predict import Predictor, load_predictor
-from .save import export_run, load_hint
+The names below are imported on first use (PEP 562).
+"""
 
-__all__ = [
-    "ExportInfo",
-    "ExportedModel",
-    "Predictor",
-    "Preprocessing",
-    "build_model",
-    "export_run",
-    "load_hint",
-    "load_predictor",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import attribute
+
+# name -> the module that defines it (relative to this package)
+_HOMES = {
+    "ExportInfo": "build",
+    "ExportedModel": "model",
+    "Predictor": "predict",
+    "Preprocessing": ".backbones.preprocessing",  # featcache.backbones.preprocessing
+    "build_model": "build",
+    "export_run": "save",
+    "load_hint": "save",
+    "load_predictor": "predict",
+}
+
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from ..backbones.preprocessing import Preprocessing  # noqa: F401
+    from .build import ExportInfo, build_model  # noqa: F401
+    from .model import ExportedModel  # noqa: F401
+    from .predict import Predictor, load_predictor  # noqa: F401
+    from .save import export_run, load_hint  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    return attribute(__name__, _HOMES, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

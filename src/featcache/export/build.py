@@ -7,11 +7,12 @@ The exported model takes raw images and returns logits. Its input (see :data:`IN
   fixed-point uint8 kernel, emulated bit for bit), then scaled and normalised;
 - ``float`` images ``(N, C, H, W)`` in ``[0, 1]``: resized as ``interpolate(antialias=True)``, normalised.
 
-Formats (:data:`FORMATS`): ``torchscript`` (the default) and ``pt2`` (``torch.export``) load with torch
-alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only); ``pt2`` takes images already resized
-to the input size (its program has fixed height and width); ``safetensors`` is featcache's own (the
-truncated weights + a JSON sidecar; loading rebuilds the structure with featcache, no pickle). Every file
-gets a sidecar ``<file>.json`` with the class names, preprocessing, layer, pooling and versions.
+Formats (:data:`~featcache.export.config.FORMATS`): ``torchscript`` (the default) and ``pt2``
+(``torch.export``) load with torch alone, ``onnx`` with ONNX Runtime alone (the uint8 convention only);
+``pt2`` takes images already resized to the input size (its program has fixed height and width);
+``safetensors`` is featcache's own (the truncated weights + a JSON sidecar; loading rebuilds the
+structure with featcache, no pickle). Every file gets a sidecar ``<file>.json`` with the class names,
+preprocessing, layer, pooling and versions.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 #: export formats, the default first: files that load with torch alone (TorchScript, torch.export),
 #: ONNX Runtime, and featcache's own (safetensors weights, rebuilt by featcache without pickle)
-FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
 SUFFIXES = {"torchscript": ".ts", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 INPUT_CONVENTION = (
     "uint8 (N, H, W, C) RGB 0-255 or float32 (N, C, H, W) in [0, 1], any H and W; returns logits (N, classes)"
@@ -343,15 +343,35 @@ def _build_finetuned(
         storage_dtype="float32",
         classes=record.classes,
         preprocessing=pre,
-        head={"finetune": finetune, "classifier": record.verb["plan"]["classifier"]},
+        head={
+            "finetune": finetune,
+            "classifier": record.verb["plan"]["classifier"],
+            "task": record.task,
+            **({"threshold": _finetuned_threshold(folder)} if record.task == "multilabel" else {}),
+        },
         method="full",
         return_nodes=None,
         truncated=False,
         run=str(run_dir),
-        notes=(f"fine-tuned run ({finetune}): the whole network is exported",),
+        notes=(f"fine-tuned run ({finetune}): the whole network is exported", *_task_notes(record)),
         weights_sha256=hash_tensors(model.state_dict()),
     )
     return model, info
+
+
+def _finetuned_threshold(folder: RunFolder) -> float:
+    """A multi-label fine-tuned run's threshold, chosen on val after training (metrics.json)."""
+    return float(folder.read_metrics().get("threshold", 0.5))
+
+
+def _task_notes(record: RunRecord) -> tuple[str, ...]:
+    """What the outputs of a fine-tuned multi-label or regression network are."""
+    if record.task == "multilabel":
+        return ("multi-label: an output per class is a logit; a class is predicted where its sigmoid "
+                "reaches head.threshold (chosen on val)",)  # fmt: skip
+    if record.task == "regress":
+        return (f"regression: the outputs are the values of {', '.join(record.classes)}, in their units",)
+    return ()
 
 
 def rebuild_model(info: ExportInfo, backbone: ModuleArg = None) -> ExportedModel:

@@ -28,7 +28,8 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.preprocessing import Preprocessing
 from ..data.preprocess import INTERPOLATION
 from ..data.samples import BadImageError, read_image
-from .build import FORMATS, ExportInfo, ModuleArg, build_model, load_safetensors, read_info, sidecar_path
+from .build import ExportInfo, ModuleArg, build_model, load_safetensors, read_info, sidecar_path
+from .config import FORMATS
 
 if TYPE_CHECKING:
     from .build import ExportInfo
@@ -393,7 +394,7 @@ def load_predictor(
 
 
 def _sniff(path: Path) -> str:
-    """One of :data:`~featcache.export.build.FORMATS`: from the sidecar, else the file's bytes (an older
+    """One of :data:`~featcache.export.config.FORMATS`: from the sidecar, else the file's bytes (an older
     version's ``pt`` is ``safetensors``)."""
     side = Path(f"{path}.json")
     if side.is_file():

@@ -16,7 +16,6 @@ from .._util import FeatcacheError, default_mode, unknown, write_json
 from ..backbones.preprocessing import Preprocessing
 from ..runs.folder import RunFolder
 from .build import (
-    FORMATS,
     INPUT_CONVENTION,
     ONNX_INPUT_CONVENTION,
     PT2_INPUT_CONVENTION,
@@ -28,6 +27,7 @@ from .build import (
     build_model,
     sidecar_path,
 )
+from .config import FORMATS
 from .model import ExportedModel, Preprocess
 from .predict import load_predictor
 

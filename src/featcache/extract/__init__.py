@@ -1,17 +1,38 @@
-"""Extraction: several named layers in one forward pass (hooks or torch.fx), pooled, into the cache."""
+"""Extraction: several named layers in one forward pass (hooks or torch.fx), pooled, into the cache.
 
-from .build import extract, extract_splits, extract_views
-from .config import POOLS, ExtractConfig, View, Views, parse_layers
-from .nodes import FeatureExtractor
+The names below are imported on first use (PEP 562): ``ExtractConfig`` comes without torch.
+"""
 
-__all__ = [
-    "POOLS",
-    "ExtractConfig",
-    "FeatureExtractor",
-    "View",
-    "Views",
-    "extract",
-    "extract_splits",
-    "extract_views",
-    "parse_layers",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import attribute
+
+# name -> the module of this package that defines it
+_HOMES = {
+    "POOLS": "config",
+    "ExtractConfig": "config",
+    "FeatureExtractor": "nodes",
+    "View": "config",
+    "Views": "config",
+    "extract": "build",
+    "extract_splits": "build",
+    "extract_views": "build",
+    "parse_layers": "config",
+}
+
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from .build import extract, extract_splits, extract_views  # noqa: F401
+    from .config import POOLS, ExtractConfig, View, Views, parse_layers  # noqa: F401
+    from .nodes import FeatureExtractor  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    return attribute(__name__, _HOMES, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -22,18 +22,19 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._disk import disk_errors
-from .._util import FeatcacheError, flag, resolve_device
+from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
+from ..cache.identity import TableRecord
 from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo
-from ..data.preprocess import AUGMENT_VERSION, PreprocessedView, make_augment
+from ..data.digests import DigestMemo, SampleChangedError
+from ..data.preprocess import AUGMENT_VERSION, PixelBatch, PreprocessedView, make_augment, normalize_pixels
 from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
-from .config import ExtractConfig, View, Views, parse_layers
+from .config import DEFAULT_LAYER, ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
 from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
 from .nodes import defining_method
@@ -44,45 +45,43 @@ T = TypeVar("T")
 
 def cache_record(
     backbone: Backbone, layers: Sequence[str], config: ExtractConfig, view: View | None = None
-) -> dict[str, Any]:
-    """The explicit record whose hash is a feature table's key: everything that decides a row's values,
+) -> TableRecord:
+    """The typed record whose hash is a feature table's key: everything that decides a row's values,
     and nothing else (no labels, splits, dataset names, paths or row order).
+
+    How the layers are read is part of it where that decides values: the method whose values the
+    arrays are (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the
+    version of the rules that infer each layer's layout (the layout decides pooling and channel
+    statistics; it is a function of the architecture, the input size and these rules).
 
     Example:
         >>> record = cache_record(bb, ["layer3"], ExtractConfig())  # doctest: +SKIP
+        >>> record.key() == cache_key(record)  # doctest: +SKIP
+        True
     """
     device = resolve_device(config.device)
-    augmented = {"augment": view.augment, "augment_version": AUGMENT_VERSION} if view else {}
-    return {
-        "backbone": backbone.cfg.spec,
-        "weights_id": backbone.cfg.weights_id,
-        "preprocessing": resolved_cfg(backbone, config).preprocessing.key_record(),
-        "layers": sorted(layers),
-        "pool": config.pool,
-        "dtype": config.dtype,
-        "amp_bf16": use_amp(config, device),
-        "view": view.index if view else 0,
-        **augmented,
-        **_reading(backbone, layers, config),
-    }
-
-
-def _reading(backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -> dict[str, Any]:
-    """How the layers are read, where that decides values: the method whose values the arrays are
-    (torch.fx only for graph nodes; elsewhere FX is checked against the hooks) and the version of the
-    rules that infer each layer's layout (the layout decides pooling and channel statistics; it is a
-    function of the architecture, the input size and these rules, so no forward pass is needed here).
-    """
-    return {
-        "method": defining_method(backbone.model, layers, config.method),
-        "layout_rules": LAYOUT_RULES,
-    }
+    return TableRecord(
+        backbone=backbone.cfg.spec,
+        weights_id=backbone.cfg.weights_id,
+        preprocessing=TableRecord.from_json_preprocessing(
+            resolved_cfg(backbone, config).preprocessing.key_record()
+        ),
+        layers=tuple(sorted(layers)),
+        pool=config.pool,
+        dtype=config.dtype,
+        amp_bf16=use_amp(config, device),
+        view=view.index if view else 0,
+        method=defining_method(backbone.model, layers, config.method),
+        layout_rules=LAYOUT_RULES,
+        augment=view.augment if view else None,
+        augment_version=AUGMENT_VERSION if view else None,
+    )
 
 
 def extract(
     backbone: Backbone,
     samples: SampleSet,
-    layers: str | Sequence[str] = ("penultimate",),
+    layers: str | Sequence[str] = (DEFAULT_LAYER,),
     config: ExtractConfig | None = None,
     *,
     cache_dir: str | None = None,
@@ -110,6 +109,10 @@ def extract(
         The split's rows in its order, read from the table; ``.extracted`` of them went through the
         backbone in this call, ``.from_cache`` did not.
 
+    Raises:
+        BadImageError: with ``on_bad_image="error"``, naming every unreadable image of the split in one
+            message, after the readable ones are committed (a re-run extracts none of them again).
+
     Example:
         >>> from featcache import load_backbone, load_dataset
         >>> bb = load_backbone("efficientnet-lite0")
@@ -119,25 +122,52 @@ def extract(
         >>> feats.tensor("penultimate").shape  # doctest: +SKIP
         torch.Size([3500, 1280])
     """
-    config, names = config or ExtractConfig(), parse_layers(layers, backbone)
+    config = config or ExtractConfig()
+    out = _extract(backbone, samples, layers, config, cache_dir, split, progress, ranks, view)
+    if config.on_bad_image == "error":
+        _raise_bad({split: (samples, out)})
+    return out
+
+
+def _extract(
+    backbone: Backbone,
+    samples: SampleSet,
+    layers: str | Sequence[str],
+    config: ExtractConfig,
+    cache_dir: str | None,
+    split: str,
+    progress: bool,
+    ranks: Ranks | None,
+    view: View | None,
+) -> CachedFeatures:
+    """:func:`extract` up to the bad-image error: an unreadable image is recorded in its shard's segment
+    and left out of the split's rows under either policy."""
+    names = parse_layers(layers, backbone)
     if len(samples) == 0:
         msg = (
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    cache = FeatureCache(cache_dir, verify=config.verify)
+    cache = FeatureCache.shared(cache_dir, verify=config.verify)
     record = cache_record(backbone, names, config, view)
     if ranks is not None:
         ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables
     memo = DigestMemo(cache.root / DIGEST_MEMO)
     main = ranks is None or ranks.is_main
-    digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
-    key: str = _decided(ranks, lambda: cache.choose(record, digests))
-    job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
     t0 = time.perf_counter()
-    # its folders, lock and table files: a full, read-only or foreign cache is one named error
-    with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
-        done = _append(job, ranks)
+    for attempt in range(2):
+        digests: list[str] = _decided(ranks, lambda: samples.digests(memo, progress and main))
+        key: str = _decided(ranks, lambda d=digests: cache.choose(record, d))  # type: ignore[misc]
+        job = _Job(backbone, samples, digests, config, cache, key, record, split, progress, view)
+        try:
+            # its folders, lock and table files: a full, read-only or foreign cache is one named error
+            with disk_errors(cache.root, None, "the feature cache", FIX, FREE_UP):
+                done = _append(job, ranks)
+            break
+        except SampleChangedError:
+            if attempt or ranks is not None:
+                raise
+            _forget_unserved(job, memo)  # a memoised digest the bytes disagree with: hashed once more
     info = {
         "split": split,
         "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
@@ -152,17 +182,22 @@ def extract(
     out = cache.open_split(
         key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
     )
-    if out.manifest["skipped"] and config.on_bad_image == "error":  # recorded by an earlier skipping run
-        first = out.manifest["skipped"][0]
-        raise BadImageError(
-            f"cannot read image {samples.describe(samples.ids.index(first['id']))!r}: {first['reason']} "
-            f"(recorded when it was first read; {len(out.manifest['skipped'])} such images in this split). "
-            f"Fix or remove the file, or pass {flag('on_bad_image', 'skip')}"
-        )
     new = set(done.digests)
     out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
     out.hit = not new
     return out
+
+
+def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
+    """Drop the memo's entries of the files whose rows the table lacks (those the loader read, one of
+    which did not hash to its memoised digest), so that they are hashed again."""
+    try:
+        index = job.cache.open(job.key).index()
+        lacking = [i for i, d in enumerate(job.digests) if d not in index.where and d not in index.bad]
+    except FeatcacheError:
+        lacking = list(range(len(job.digests)))
+    memo.forget([p for p in map(job.samples.file_path, lacking) if p is not None])
+    job.samples.forget_digests()
 
 
 @dataclass
@@ -175,7 +210,7 @@ class _Job:
     config: ExtractConfig
     cache: FeatureCache
     key: str
-    record: dict[str, Any]
+    record: TableRecord
     split: str
     progress: bool
     view: View | None = None
@@ -225,7 +260,7 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
         if own and not (cache.path(job.key) / TABLE_FILE).is_file():
             # A layer that is unknown, or cannot be pooled as asked, is refused before its table exists
             # (not left behind as an empty entry); the extractor's checks are memoised for _build.
-            Extractor(job.backbone, job.record["layers"], job.config)
+            Extractor(job.backbone, job.record.layers, job.config)
             return cache.create(job.record)
         return cache.open(job.key)  # no lock and no write: a read-only cache serves its hits
 
@@ -236,7 +271,10 @@ def _append(job: _Job, ranks: Ranks | None) -> _Appended:
         missing = _decided(ranks, lambda: _missing(job, table()))
         if not missing:
             return _Appended()
-        return _build(job, table() if main else cache.open(job.key), missing, ranks)
+        done = _build(job, table() if main else cache.open(job.key), missing, ranks)
+        if main:  # under the lock: small incremental segments merged before they pile up
+            cache.open(job.key).merge_small()
+        return done
 
 
 def _missing(job: _Job, table: FeatureTable) -> list[str]:
@@ -258,12 +296,6 @@ def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | No
     first: dict[str, int] = {}
     for i, d in enumerate(job.digests):
         first.setdefault(d, i)  # a duplicated image is read from its first file
-    # Every unreadable image of the split named at once, before the backbone runs (memoised: free after
-    # extract_splits' look over all splits).
-    progress = job.progress and (ranks is None or ranks.is_main)
-    bad = _decided(ranks, lambda: job.samples.problems([first[d] for d in missing], progress))
-    if bad and job.config.on_bad_image == "error":
-        raise bad_images_error({job.split: (job.samples, bad)})
     ex = Extractor(job.backbone, table.layers, job.config)
     rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
     shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
@@ -305,12 +337,14 @@ def _run(
     """The batch loop: forward each batch, keep its rows on the device, commit a segment per shard."""
     cfg, config, view = resolved_cfg(job.backbone, job.config), job.config, job.view
     augment = make_augment(view.augment, cfg.input_size) if view else None
+    pre = cfg.preprocessing
+    # Each new file is read once (hashed, checked and decoded from the same bytes); its pixels are resized
+    # per batch of one size and normalised on the device (uint8 moves there, a quarter of the bytes).
     loader = torch.utils.data.DataLoader(
-        PreprocessedView(
-            job.samples, cfg.preprocessing, indices, augment, view.index if view else None, pending
-        ),
+        PreprocessedView(job.samples, pre, indices, augment, view.index if view else None, pending, True),
         batch_size=config.batch_size,
         num_workers=decode_workers(config.workers, ex.device),
+        collate_fn=PixelBatch(pre),
         pin_memory=ex.device.type == "cuda",
         persistent_workers=False,
     )
@@ -325,17 +359,13 @@ def _run(
     desc = f"extract {job.split}" + (f" (rank 0 of {ranks.world})" if ranks else "")
     shown = job.progress and (ranks is None or ranks.is_main)
     with tqdm(total=len(pending), unit="img", desc=desc, disable=not shown, dynamic_ncols=True) as bar:
-        for x, idx, errors in loader:
+        for pixels, idx, errors in loader:
+            x = normalize_pixels(pixels.to(ex.device, non_blocking=True), pre)
             feats = {k: ex.cast(v) for k, v in ex(x).items()}
             batch = pending[done : done + len(idx)]
+            # An unreadable image is recorded with its shard, under either policy (what its bytes are does
+            # not depend on it): --on-bad-image error names them all once the readable ones are committed.
             bad = [j for j, e in enumerate(errors) if e]
-            if bad and config.on_bad_image == "error":
-                raise BadImageError(
-                    f"cannot read image {job.samples.describe(int(idx[bad[0]]))!r}: {errors[bad[0]]}. Fix or "
-                    f"remove the file, or pass {flag('on_bad_image', 'skip')} (skipped images are listed in "
-                    "the split's manifest). Rows committed so far are kept: the next run extracts only the "
-                    "rest."
-                )
             skipped.update((batch[j], errors[j]) for j in bad)
             good = [j for j in range(len(idx)) if not errors[j]]
             keep = torch.tensor(good, dtype=torch.long, device=ex.device) if len(good) < len(idx) else None
@@ -363,7 +393,7 @@ def _run(
 def extract_splits(
     backbone: Backbone,
     splits: DatasetSplits,
-    layers: str | Sequence[str] = ("penultimate",),
+    layers: str | Sequence[str] = (DEFAULT_LAYER,),
     config: ExtractConfig | None = None,
     *,
     cache_dir: str | None = None,
@@ -377,39 +407,24 @@ def extract_splits(
         >>> feats = extract_splits(bb, splits, ["layer3"], ExtractConfig())  # doctest: +SKIP
     """
     config, names = config or ExtractConfig(), parse_layers(layers, backbone)
-    if ranks is None and config.on_bad_image == "error":
-        _check_images(backbone, splits, names, config, cache_dir, progress)
-    return {
-        name: extract(
-            backbone, s, names, config, cache_dir=cache_dir, split=name, progress=progress, ranks=ranks
-        )
+    out = {
+        name: _extract(backbone, s, names, config, cache_dir, name, progress, ranks, None)
         for name, s in splits.items()
     }
+    if config.on_bad_image == "error":  # every unreadable image of every split in one error
+        _raise_bad({name: (s, out[name]) for name, s in splits.items()})
+    return out
 
 
-def _check_images(
-    backbone: Backbone,
-    splits: DatasetSplits,
-    layers: Sequence[str],
-    config: ExtractConfig,
-    cache_dir: str | None,
-    progress: bool,
-) -> None:
-    """Every unreadable image among those no table holds yet, in every split, named in one error before
-    any backbone runs (a cheap look at each file's header: :meth:`SampleSet.problems`)."""
-    cache = FeatureCache(cache_dir)
-    record = cache_record(backbone, layers, config)
-    memo = DigestMemo(cache.root / DIGEST_MEMO)
-    tables = {t.key: t for t in cache.tables()}
+def _raise_bad(served: dict[str, tuple[SampleSet, CachedFeatures]]) -> None:
+    """Raise :func:`bad_images_error` for the unreadable images of these splits (``{split: (samples, rows
+    read)}``): those found in this run and those the table recorded when they were first read."""
     found: dict[str, tuple[SampleSet, dict[int, str]]] = {}
-    for name, samples in splits.items():
-        digests = samples.digests(memo, progress)
-        table = tables.get(cache.choose(record, digests))
-        todo = table.index().missing(digests) if table is not None else list(dict.fromkeys(digests))
-        first = {d: i for i, d in reversed(list(enumerate(digests)))}
-        bad = samples.problems([first[d] for d in todo], progress)
-        if bad:
-            found[name] = (samples, bad)
+    for split, (samples, feats) in served.items():
+        skipped = feats.manifest["skipped"]
+        if skipped:
+            where = {id_: i for i, id_ in enumerate(samples.ids)}
+            found[split] = (samples, {where[s["id"]]: s["reason"] for s in skipped})
     if found:
         raise bad_images_error(found)
 
@@ -429,7 +444,8 @@ def bad_images_error(found: dict[str, tuple[SampleSet, dict[int, str]]], shown: 
     return BadImageError(
         f"{len(lines)} image(s) cannot be read:\n  {listed}{more}\nFix or remove these files, or pass "
         "--on-bad-image skip (ExtractConfig(on_bad_image='skip')) to leave them out; skipped images are "
-        "listed in the split's manifest and in a run folder's skipped.csv"
+        "listed in the split's manifest and in a run folder's skipped.csv. The readable images are in the "
+        "cache: the next run reads only the files that changed"
     )
 
 

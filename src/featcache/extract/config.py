@@ -6,15 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .._checks import check_device, check_input_side, check_number
-from .._util import FeatcacheError, unknown
-from ..backbones.layers import expand_layers
-from ..backbones.registry import Backbone
+from .._errors import FeatcacheError, unknown
 from ..cache.writer import STORAGE_DTYPES
-from ..data.preprocess import normalize_augment
-from ..data.samples import BAD_IMAGE_POLICIES
+from ..data.config import BAD_IMAGE_POLICIES, normalize_augment
 from ..layout import TOKEN_POOLS
+
+if TYPE_CHECKING:
+    from ..backbones.registry import Backbone
+
+# This module imports no torch: the command line checks these settings before loading any model.
+
+#: the layer a job reads when none is named: the classifier's input (``backbones.layers.PENULTIMATE``)
+DEFAULT_LAYER = "penultimate"
 
 POOLS = ("avg", "max", "none", "flatten", *TOKEN_POOLS)
 #: other names for the pools, as other libraries spell them
@@ -122,7 +128,11 @@ def parse_layers(layers: str | Sequence[str], backbone: Backbone | None = None) 
     names = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
     if not names:
         raise FeatcacheError(f"no layers named in {layers!r}; run `featcache layers MODEL` to list them")
-    return tuple(expand_layers(backbone, names)) if backbone is not None else names
+    if backbone is None:
+        return names
+    from ..backbones.layers import expand_layers  # here: the configs are read before torch is imported
+
+    return tuple(expand_layers(backbone, names))
 
 
 @dataclass(frozen=True)

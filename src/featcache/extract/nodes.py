@@ -4,6 +4,8 @@ without copying the model.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +20,7 @@ from ..backbones.hooks import (
     LOGITS,
     PENULTIMATE,
     SHORTHANDS,
+    first_tensor,
     hooked_forward,
     module_names,
 )
@@ -228,7 +231,15 @@ class FeatureExtractor(nn.Module):
         if self.verified or self._fx is None:
             return []
         self.verified = True
-        got = self._fx_forward(x)
+        try:  # torch.fx prints the failing graph's code to stderr: the one-line note below says it
+            with contextlib.redirect_stderr(io.StringIO()):
+                got = self._fx_forward(x)
+        except FeatcacheError:
+            raise
+        except Exception as exc:  # a traced graph that does not run (timm's Hiera): as a failed check
+            why = f"{type(exc).__name__}: {str(exc)[:120]}"
+            self._fall_back(f"torch.fx traced {self.spec} into a graph that fails to run ({why})", exc)
+            return list(self.layers)
         checkable = [n for n in self.layers if n not in self.graph_nodes]
         want = self._hooked_forward(x, checkable) if checkable else {}
         differ = [n for n in checkable if max_rel_diff(got[n], want[n]) > tolerance]
@@ -248,6 +259,17 @@ class FeatureExtractor(nn.Module):
             self._fx, self._node_of, self.method = None, {}, "hooks"
         return differ
 
+    def _fall_back(self, why: str, exc: Exception) -> None:
+        """Extract every layer with forward hooks from now on, saying why in one line; a graph node only
+        torch.fx gives cannot fall back: that raises, naming the layers and the fix."""
+        if self.graph_nodes:
+            raise FeatcacheError(
+                f"{why}; graph nodes {self.graph_nodes} need torch.fx: name modules instead (`featcache "
+                f"layers {self.spec}` lists them) to extract with forward hooks"
+            ) from exc
+        log.warning("%s; extracting %s with forward hooks", why, self.layers)
+        self._fx, self._node_of, self.method = None, {}, "hooks"
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._fx is not None and not self.verified:
             self.verify(x)
@@ -260,7 +282,14 @@ class FeatureExtractor(nn.Module):
             raise FeatcacheError("the FX path is not in use")
         self._fx.train(self.model.training)
         out = self._fx(x)
-        return {n: out[self._node_of[n]] for n in self.layers}
+        got = {n: first_tensor(out[self._node_of[n]]) for n in self.layers}  # as hooks take a module's
+        odd = [n for n, t in got.items() if t is None]  # output: a tuple's (MultiheadAttention) first tensor
+        if odd:
+            raise FeatcacheError(
+                f"the graph nodes of {odd} hold no tensor in {self.spec}; extract modules instead "
+                f"(`featcache layers {self.spec}` lists them)"
+            )
+        return got  # type: ignore[return-value]
 
     def _hooked_forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}

@@ -1,28 +1,52 @@
-"""Runs: the jobs behind ``featcache train | finetune | sweep | probe`` and their run folders."""
+"""Runs: the jobs behind ``featcache train | finetune | sweep | probe`` and their run folders.
 
-from .finetune import FinetuneConfig, finetune_run
-from .folder import Run, RunFolder, RunRecord, load_run
-from .knn import KnnConfig, knn_eval, knn_run
-from .probe import ProbeConfig, probe_run
-from .spec import RunSpec
-from .sweep import SweepGrid, SweepResult, sweep_run
-from .train import train_run
+The names below are imported on first use (PEP 562): the jobs' configs come without torch.
+"""
 
-__all__ = [
-    "FinetuneConfig",
-    "KnnConfig",
-    "ProbeConfig",
-    "Run",
-    "RunFolder",
-    "RunRecord",
-    "RunSpec",
-    "SweepGrid",
-    "SweepResult",
-    "finetune_run",
-    "knn_eval",
-    "knn_run",
-    "load_run",
-    "probe_run",
-    "sweep_run",
-    "train_run",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import attribute
+
+# name -> the module of this package that defines it
+_HOMES = {
+    "FinetuneConfig": "config",
+    "KnnConfig": "config",
+    "ProbeConfig": "config",
+    "Run": "folder",
+    "RunFolder": "folder",
+    "RunRecord": "folder",
+    "RunSpec": "spec",
+    "SweepGrid": "config",
+    "SweepResult": "sweep",
+    "finetune_run": "finetune",
+    "folds_run": "folds",
+    "knn_eval": "knn",
+    "knn_run": "knn",
+    "load_run": "folder",
+    "probe_run": "probe",
+    "sweep_run": "sweep",
+    "train_run": "train",
+}
+
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from .config import FinetuneConfig, KnnConfig, ProbeConfig, SweepGrid  # noqa: F401
+    from .finetune import finetune_run  # noqa: F401
+    from .folder import Run, RunFolder, RunRecord, load_run  # noqa: F401
+    from .folds import folds_run  # noqa: F401
+    from .knn import knn_eval, knn_run  # noqa: F401
+    from .probe import probe_run  # noqa: F401
+    from .spec import RunSpec  # noqa: F401
+    from .sweep import SweepResult, sweep_run  # noqa: F401
+    from .train import train_run  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    return attribute(__name__, _HOMES, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

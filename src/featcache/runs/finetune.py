@@ -3,6 +3,10 @@
 Cached-prefix mode (default when valid) takes the frozen prefix's output at the split point from the
 feature cache and trains only the suffix: the same training, with the prefix computed once. With
 random augmentation, or when nothing is frozen, it runs the live loop and says why.
+
+Every task trains: the new classifier learns with the task's loss (softmax cross-entropy, sigmoid BCE,
+MSE/Huber on standardised targets whose scale is folded into it after training), and the run is
+scored and reported as ``train``'s runs are.
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._checks import check_number
 from .._config import to_json
-from .._util import FeatcacheError, flag, resolve_device, unknown
+from .._util import FeatcacheError, flag, resolve_device
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
@@ -42,15 +45,17 @@ from ..train.freeze import (
     prefix_layer,
     replace_classifier,
 )
+from ..train.heads import TargetScale
+from ..train.objectives import METRIC, best_threshold
 from ..train.sources import BatchSource, ViewCycle, source_for
+from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
+from .contents import DATASET, check_same_data, split_contents
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .spec import RunSpec
-from .train import evaluate_splits
+from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
 log = logging.getLogger(__name__)
-
-MODES = ("auto", "cached", "live")
 
 
 class ImageSource:
@@ -77,7 +82,9 @@ class ImageSource:
             workers,
             augment,
         )
-        self.labels = torch.as_tensor(samples.labels)
+        labels = torch.as_tensor(samples.labels)
+        # multi-hot sets and regression targets are float (N, K), as the cached sources hold them
+        self.labels = labels.float() if labels.dim() == 2 else labels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,6 +92,11 @@ class ImageSource:
     @property
     def y(self) -> torch.Tensor:
         return self.labels
+
+    @y.setter
+    def y(self, value: torch.Tensor) -> None:
+        """New targets (a regression's standardised ones while it trains); the next batch reads them."""
+        self.labels = value.cpu()
 
     @property
     def streamed(self) -> bool:
@@ -144,45 +156,6 @@ def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None
     spec.note_skipped(folder, rows)
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """What ``featcache finetune`` does beyond the trainer's hyper-parameters.
-
-    Attributes:
-        train: what trains: head | last:N | from:LAYER | all | modules:a,b.
-        bn: BatchNorm policy: frozen (eval, statistics fixed) | train.
-        lr_decay: each earlier group of trained blocks trains at lr x decay^k.
-        augment: random augmentation: flip, crop or flip,crop (the live loop, unless views).
-        mode: auto (the cached prefix when it is valid) | cached | live.
-        init_head: start the classifier from a `train --head linear` run folder.
-        views: cache K augmented views of the frozen prefix's output (needs augment) and train epoch
-            e on view e mod K: augmentation with the cached prefix, not live.
-
-    Example:
-        >>> FinetuneConfig(train="last:1", lr_decay=0.5, augment="flip", views=4).views
-        4
-    """
-
-    train: str = "head"
-    bn: str = "frozen"
-    lr_decay: float = 1.0
-    augment: str | None = None
-    mode: str = "auto"
-    init_head: str | None = None
-    views: int = 0
-
-    def __post_init__(self) -> None:
-        check_number("views", self.views, 0, integer=True, why="0: no views")
-        check_number(
-            "lr_decay", self.lr_decay, 0, 1, low_open=True, why="earlier blocks train at lr x decay^k"
-        )
-        if self.views and not self.augment:
-            raise FeatcacheError(f"--views {self.views} needs --augment (what varies between the views)")
-        if self.mode not in MODES:
-            raise unknown("fine-tuning mode", self.mode, MODES, "Use --mode auto|cached|live.")
-        TrainableSpec.parse(self.train)
-
-
 @dataclass
 class FinetuneRun:
     """A finished fine-tuning run: folder, config, metrics, the plan and the model."""
@@ -194,7 +167,8 @@ class FinetuneRun:
     model: nn.Module
 
     def __repr__(self) -> str:
-        test = f", test_acc={self.metrics['test']['acc']:.4g}" if "test" in self.metrics else ""
+        key = METRIC[self.metrics.get("task", "classify")]  # acc, map or r2
+        test = f", test_{key}={self.metrics['test'][key]:.4g}" if "test" in self.metrics else ""
         return (
             f"FinetuneRun({str(self.dir)!r}, train={self.config['finetune']['train']!r}, "
             f"mode={self.metrics.get('mode')!r}, epochs={len(self.metrics.get('history', []))}{test})"
@@ -293,14 +267,16 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     device = resolve_device(spec.train.device)
     backbone = spec.backbone()
     splits = spec.load_data()
-    if splits.task != "classify":  # the network's own classifier is replaced by a softmax head
+    task = splits.task
+    if task == "regress" and ft.init_head:  # a trained regression head outputs values, not z-scores
         raise FeatcacheError(
-            f"finetune trains a classifier; this dataset's task is {splits.task}: train a head on the cached "
-            "features with `featcache train` (or `probe`), which take multi-label and regression sets"
+            f"--init-head {ft.init_head}: a regression network trains its new classifier on standardised "
+            "targets, which a trained regression head's weights do not predict; leave out --init-head"
         )
     spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
     _bad_images(spec, folder, splits)
     spec.record_splits(folder, splits)
+    contents = split_contents(splits, spec.cache_dir, spec.progress)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
     pre = resolved_cfg(backbone, spec.extract)
     plan = plan_freeze(
@@ -321,9 +297,11 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     record = spec.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
-        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason,
+        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,
     )  # fmt: skip
+    record = replace(record, task=task, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})
     if spec.resume:
+        check_same_data(folder.path, contents)
         what = "the data, frozen set, BN policy, mode or trainer settings"
         folder.check_resume(record, ("plan", "train", "data", "extract", "finetune", "mode"), what)
     if suffix is not None:
@@ -333,40 +311,87 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
     opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+    # A regression network learns standardised targets, as `train`'s heads do; the scale is folded
+    # into its new classifier afterwards, so the network (and its export) outputs the targets' units.
+    scale = TargetScale.fit(torch.as_tensor(src["train"].y).float().cpu()) if task == "regress" else None
     with epoch_log(spec.logger, folder.path) as on_epoch:
         try:
-            result = fit(
-                trained,
-                src["train"],
-                src.get("val"),
-                len(splits.classes),
-                spec.train,
-                spec.progress,
-                folder.checkpoint,
-                spec.resume,
-                param_groups=opt_groups,
-                train_mode=mode_fn,
-                on_epoch=on_epoch,
-            )
+            with standardised_targets(scale, src["train"], src.get("val")):
+                result = fit(
+                    trained,
+                    src["train"],
+                    src.get("val"),
+                    len(splits.classes),
+                    spec.train,
+                    spec.progress,
+                    folder.checkpoint,
+                    spec.resume,
+                    param_groups=opt_groups,
+                    train_mode=mode_fn,
+                    on_epoch=on_epoch,
+                    task=task,
+                )
         except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
             result = stop.result
         if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
             on_epoch(result.history)
+    if scale is not None:
+        fold_target_scale(net.get_submodule(plan.classifier), scale)
+    threshold = _threshold(trained, src.get("val")) if task == "multilabel" else None
     metrics = {
-        **evaluate_splits(trained, result, src, len(splits.classes), names=splits.classes),
+        **evaluate_splits(
+            trained, result, src, len(splits.classes), names=splits.classes, task=task, threshold=threshold
+        ),
         "mode": mode,
+        **({"threshold": threshold} if threshold is not None else {}),
     }
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
-    test = next(((n, s) for n, s in (("test", splits.test), ("val", splits.val)) if s is not None), None)
-    if test is not None:
-        logits = predict_logits(trained, src[test[0]])
-        labels = torch.as_tensor(test[1].labels)
-        folder.write_misclassified(test[0], test[1].ids, labels, logits, splits.classes, test[1])
+    _write_mistakes(folder, trained, src, splits)
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
+
+
+def fold_target_scale(classifier: nn.Module, scale: TargetScale) -> None:
+    """Fold ``z * std + mean`` into the new classifier (an ``nn.Linear`` ending the network): its outputs
+    become the targets' values. Applied once, after training (a resumed finished run reloads the
+    trained, unfolded weights first).
+
+    Example:
+        >>> fc = nn.Linear(3, 1)
+        >>> fold_target_scale(fc, TargetScale(torch.tensor([5.0]), torch.tensor([2.0])))
+    """
+    if not isinstance(classifier, nn.Linear):
+        raise FeatcacheError(f"the new classifier is a {type(classifier).__name__}, not nn.Linear")
+    with torch.no_grad():
+        std, mean = scale.std.to(classifier.weight), scale.mean.to(classifier.weight)
+        classifier.weight.mul_(std[:, None])
+        classifier.bias.mul_(std).add_(mean)
+
+
+def _threshold(trained: nn.Module, val: BatchSource | None) -> float:
+    """A multi-label network's probability threshold: the best micro F1 on val (0.5 without val)."""
+    if val is None or not len(val) or val.y is None:
+        return 0.5
+    return best_threshold(sigmoid_probs(trained, val), val.y.cpu().numpy())
+
+
+def _write_mistakes(
+    folder: RunFolder, trained: nn.Module, src: dict[str, BatchSource], splits: DatasetSplits
+) -> None:
+    """``misclassified.csv`` (and ``top_losses.png``) of the test split, else val; for a multi-label or
+    regression set its ``predictions.csv`` (and scatter plot), as ``train`` writes them."""
+    test = next(((n, s) for n, s in (("test", splits.test), ("val", splits.val)) if s is not None), None)
+    if test is None:
+        return
+    out = predict_logits(trained, src[test[0]])
+    labels = torch.as_tensor(test[1].labels)
+    if splits.task != "classify":
+        folder.write_task_report(splits.task, test[0], test[1].ids, labels, out, splits.classes)
+    else:
+        folder.write_misclassified(test[0], test[1].ids, labels, out, splits.classes, test[1])
 
 
 def _warn_ignored(extract_config: ExtractConfig) -> None:

@@ -644,6 +644,17 @@ class RunFolder:
         ]
         self._write_csv("oof.csv", rows, ["id", "digest", "fold", "label", "predicted", "p_label", "loss"])
 
+    @_writes("a CSV file")
+    def write_csv(
+        self, name: str, rows: Sequence[Mapping[str, Any]], fields: list[str] | None = None
+    ) -> None:
+        """A CSV file ``name`` of the run (a header, then a line per row), written atomically.
+
+        Example:
+            >>> folder.write_csv("oof.csv", [{"id": "a.png", "loss": 0.1}])  # doctest: +SKIP
+        """
+        self._write_csv(name, rows, fields)
+
     @_writes("skipped.csv")
     def write_skipped(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
         """``skipped.csv``: the images left out as unreadable (``--on-bad-image skip``), one ``{split,

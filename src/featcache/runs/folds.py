@@ -1,10 +1,11 @@
 """K-fold cross-validation on cached rows: one head per fold, no backbone pass after the first extraction.
 
-The train and val splits are pooled and dealt into K folds stratified by class, by content digest: an
-image lands in the same fold whatever the dataset's order, and copies of one image (one digest) land
-together, so no image is both trained on and held out. Fold ``i`` trains a head on the other folds
-and is scored on fold ``i``; the report is the mean and standard deviation of those K accuracies (and
-of each fold head's test accuracy, when there is a test split). Every fold is a view of the feature
+The train and val splits are pooled and dealt into K folds stratified by class (a multi-label or
+regression set: one stratum), by content digest: an image lands in the same fold whatever the
+dataset's order, and copies of one image (one digest) land together, so no image is both trained on
+and held out. Fold ``i`` trains a head on the other folds and is scored on fold ``i`` by the task's
+metric (accuracy, mAP, R²); the report is the mean and standard deviation of those K scores (and of
+each fold head's test score, when there is a test split). Every fold is a view of the feature
 table: nothing is extracted again.
 
 Each pooled image is scored by the one head that did not train on it: its out-of-fold prediction.
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
@@ -30,11 +33,13 @@ from ..cache.store import CachedFeatures, join_splits
 from ..train.config import TrainConfig
 from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec
-from ..train.sources import source_for
+from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
+from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
 from .logistic import Part, RowBlocks
 from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
+from .target_probes import path_outputs, refit_probe
 from .train import train_on_cache
 
 
@@ -68,8 +73,9 @@ def assign_folds(digests: Sequence[str], labels: np.ndarray, k: int, seed: int =
 
 @dataclass
 class FoldsResult:
-    """Per-fold held-out accuracies (and test accuracies of each fold's head), their mean and std; the
-    out-of-fold logits of every pooled (train+val) row, in the pool's order."""
+    """Per-fold held-out scores (and test scores of each fold's head), their mean and std; the
+    out-of-fold outputs of every pooled (train+val) row, in the pool's order. The score is ``metric``:
+    the task's (accuracy, mAP or R²), kept under the field names ``acc`` and ``test_acc``."""
 
     folds: int
     acc: list[float]
@@ -77,6 +83,7 @@ class FoldsResult:
     rows: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     oof: torch.Tensor | None = field(default=None, repr=False)
+    metric: str = "acc"
 
     @property
     def mean(self) -> float:
@@ -95,9 +102,15 @@ class FoldsResult:
         return d
 
 
+def _strata(pool: CachedFeatures) -> np.ndarray:
+    """What the folds are stratified by: the class of a classification set; one stratum (every row
+    0) for a multi-label or regression set, whose rows have no single class."""
+    return np.asarray(pool.labels) if pool.task == "classify" else np.zeros(len(pool), dtype=np.int64)
+
+
 def _pool_and_folds(feats: dict[str, CachedFeatures], k: int, seed: int) -> tuple[CachedFeatures, np.ndarray]:
     pool = join_splits([feats[s] for s in ("train", "val") if s in feats], "train+val")
-    return pool, assign_folds(pool.digests, pool.labels, k, seed)
+    return pool, assign_folds(pool.digests, _strata(pool), k, seed)
 
 
 def _fold_head(
@@ -153,7 +166,8 @@ def folds_train(
         >>> f"{res.mean:.3f} +- {res.std:.3f}"  # doctest: +SKIP
     """
     pool, fold = _pool_and_folds(feats, k, seed)
-    out = FoldsResult(k, [])
+    key = METRIC[pool.task]
+    out = FoldsResult(k, [], metric=key)
     dev = resolve_device(config.device)
     oof = torch.zeros((len(pool), len(pool.classes)))
     for i in range(k):
@@ -166,11 +180,11 @@ def folds_train(
         )
         held_src = source_for(held, layer, dev, config.ram_budget_gb)
         oof[torch.as_tensor(rows)] = predict_logits(head.to(dev), held_src)
-        out.acc.append(float(metrics["fold"]["acc"]))
+        out.acc.append(float(metrics["fold"][key]))
         out.rows.append(len(held))
         if "test" in feats:
-            test = evaluate(head.to(dev), source_for(feats["test"], layer, dev), info.num_classes)
-            out.test_acc.append(float(test["acc"]))
+            test = _score(head.to(dev), source_for(feats["test"], layer, dev), info)
+            out.test_acc.append(float(test[key]))
     out.oof = oof
     return out
 
@@ -196,6 +210,8 @@ def folds_probe(
     pool, fold = _pool_and_folds(feats, k, seed)
     dev = resolve_device(device)
     src = source_for(pool, layer, dev, ram_budget_gb)
+    if pool.task != "classify":
+        return _folds_probe_task(feats, pool, fold, layer, config, src, dev)
     # each fold's training rows are a view of the pooled rows (in memory, or streamed over the budget)
     part = Part(src.x, "float32") if src.x is not None else Part(src.raw, src.dtype)
     n = len(pool.classes)
@@ -219,6 +235,65 @@ def folds_probe(
     out.extra["head"] = (head, HeadInfo(HeadSpec("linear"), shape, n, standardize=config.standardize))
     if "test" in feats:
         out.test_acc = [float(evaluate(head, source_for(feats["test"], layer, dev), n)["acc"])]
+    return out
+
+
+def _score(head: Head, data: FeatureSource, info: HeadInfo, names: list[str] | None = None) -> dict[str, Any]:
+    """The metrics of ``head`` on ``data`` for its task (at its multi-label threshold)."""
+    threshold = info.threshold if info.threshold is not None else 0.5
+    return evaluate(head, data, info.num_classes, task=info.task, threshold=threshold, names=names)
+
+
+def _task_score(task: str, key: str, out: torch.Tensor, y: torch.Tensor) -> float:
+    """One fold's held-out ``key`` (map, map_micro, f1 at 0.5; r2, pearson) from its outputs."""
+    if task == "multilabel":
+        return float(multilabel_metrics(out.numpy(), y.numpy())[key])
+    return float(regress_metrics(out.numpy(), y.numpy())[key])
+
+
+def _folds_probe_task(
+    feats: dict[str, CachedFeatures],
+    pool: CachedFeatures,
+    fold: np.ndarray,
+    layer: str,
+    config: ProbeConfig,
+    src: FeatureSource,
+    dev: torch.device,
+) -> FoldsResult:
+    """:func:`folds_probe` of a multi-label or regression set: the per-label logistic (or ridge) path
+    fitted on each fold's training rows and scored on the fold by the task's metric; the strength with
+    the best mean is refitted on every pooled row. A multi-label head's threshold is the best one on
+    the out-of-fold probabilities (nothing else is held out)."""
+    task, names = pool.task, pool.classes
+    key = config.score_for(task)
+    if src.x is None or src.y is None:
+        raise FeatcacheError(
+            f"the {task} probe needs the features in memory; raise --ram-budget-gb, or use `featcache "
+            "train --folds` for caches larger than it"
+        )
+    x, y = src.x.double().flatten(1).cpu(), src.y.float().cpu()
+    strengths = sorted(config.strengths, reverse=True)
+    oof = {s: torch.zeros((len(pool), len(names)), dtype=torch.float64) for s in strengths}
+    k = int(fold.max()) + 1
+    for i in tqdm(range(k), desc="folds", unit="fold", delay=1):
+        tr, ho = torch.as_tensor(fold != i), torch.as_tensor(fold == i)
+        for lam, held in path_outputs(task, x[tr], y[tr], x[ho], strengths, config).items():
+            oof[lam][ho] = held
+    by_strength = {
+        s: [_task_score(task, key, oof[s][torch.as_tensor(fold == i)], y[fold == i]) for i in range(k)]
+        for s in strengths
+    }
+    best = max(strengths, key=lambda s: statistics.fmean(by_strength[s]))
+    rows = [int((fold == i).sum()) for i in range(k)]
+    out = FoldsResult(k, by_strength[best], rows=rows, oof=oof[best].float(), metric=key)
+    out.extra = {"strength": best, "cv_by_strength": {str(s): v for s, v in by_strength.items()}}
+    threshold = best_threshold(torch.sigmoid(oof[best]).numpy(), y.numpy()) if task == "multilabel" else None
+    head = refit_probe(task, x, y, best, config).to(dev)
+    shape = tuple(pool.features[layer].shape[1:])
+    info = HeadInfo(HeadSpec("linear"), shape, len(names), config.standardize, task=task, threshold=threshold)
+    out.extra["head"] = (head, info)
+    if "test" in feats:
+        out.test_acc = [float(_score(head, source_for(feats["test"], layer, dev), info)[key])]
     return out
 
 
@@ -260,11 +335,6 @@ def folds_run(
     backbone = spec.backbone()
     layer = spec.one_layer(backbone, layer, verb)
     splits = spec.load_data()
-    if splits.task != "classify":  # the folds are dealt per class, and score accuracy
-        raise FeatcacheError(
-            f"--folds cross-validates classifiers; this dataset's task is {splits.task}: run `train` or "
-            "`probe` without --folds (they choose on the validation split)"
-        )
     feats, _ = spec.extract_all(backbone, splits, [layer])
     spec.note_data(folder, splits, feats)
     part: dict[str, Any] = (
@@ -284,17 +354,24 @@ def folds_run(
     if isinstance(head, HeadSpec):
         res = folds_train(feats, layer, head, spec.train, k, spec.data.seed, spec.progress, folder, record)
         final, info, metrics = _refit(spec, feats, pool, layer, head)
+        if pool.task == "multilabel" and res.oof is not None:
+            # nothing of train+val is held out from the refit: its threshold is the best one on the
+            # out-of-fold probabilities, and its test metrics are taken at that threshold
+            y = np.asarray(pool.labels)
+            info = replace(info, threshold=best_threshold(torch.sigmoid(res.oof).numpy(), y))
+            if "test" in feats:
+                test = source_for(feats["test"], layer, resolve_device(spec.train.device))
+                metrics["test"] = _score(final, test, info, pool.classes)
         if "test" in metrics:
-            res.extra["refit_test_acc"] = float(metrics["test"]["acc"])
+            res.extra[f"refit_test_{res.metric}"] = float(metrics["test"][res.metric])
     else:
         res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device, spec.train.ram_budget_gb)
         final, info = res.extra.pop("head")
         dev = resolve_device(spec.train.device)
-        metrics = (
-            {"test": evaluate(final, source_for(feats["test"], layer, dev), info.num_classes)}
-            if "test" in feats
-            else {}
-        )
+        names = pool.classes if pool.task != "classify" else None
+        metrics = {"task": pool.task}
+        if "test" in feats:
+            metrics["test"] = _score(final, source_for(feats["test"], layer, dev), info, names)
     res.extra["seconds"] = round(time.perf_counter() - t0, 3)
     res.extra["cache_rows"] = {
         s: {"rows": f.rows, "from_cache": f.from_cache, "extracted": f.extracted} for s, f in feats.items()
@@ -320,10 +397,62 @@ def _write_folds(
     folder.write_metrics({**metrics, "folds": summary, "refit_on": "train+val", "finished": True})
     folder.write_report(metrics, pool.classes, f"{title} · refitted on train+val")
     folder.write_json("folds.json", summary)
-    if res.oof is not None:
+    if res.oof is not None and pool.task != "classify":
+        fold = assign_folds(pool.digests, _strata(pool), res.folds, spec.data.seed)
+        oof, worst = task_oof_rows(pool, fold, res.oof, info.threshold)
+        folder.write_csv("oof.csv", oof)
+        folder.write_csv("misclassified.csv", worst)
+    elif res.oof is not None:
         fold = assign_folds(pool.digests, pool.labels, res.folds, spec.data.seed)
         folds, labels = torch.as_tensor(fold), torch.as_tensor(pool.labels)
         folder.write_oof(pool.ids, pool.digests, folds, labels, res.oof, pool.classes)
         folder.write_misclassified(
             "out-of-fold", pool.ids, torch.as_tensor(pool.labels), res.oof, pool.classes
         )
+
+
+def task_oof_rows(
+    pool: CachedFeatures, fold: np.ndarray, oof: torch.Tensor, threshold: float | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``oof.csv`` and ``misclassified.csv`` rows of a multi-label or regression set, in that order.
+
+    Multilabel: the given label set, the predicted one (probability >= ``threshold``), each label's
+    out-of-fold probability (``p_<label>``), and the mean binary cross-entropy over them as ``loss``;
+    the misclassified rows are those whose predicted set is not the given one. Regress: each target's
+    true and predicted value, and the squared error (mean over targets) as ``loss``; every row is a
+    misfit, ranked. Both rankings put the highest loss first.
+
+    Example:
+        >>> oof_rows, worst = task_oof_rows(pool, fold, res.oof, 0.5)  # doctest: +SKIP
+    """
+    names, y, out = pool.classes, torch.as_tensor(np.asarray(pool.labels)).double(), oof.double()
+    base = [
+        {"id": i, "digest": d, "fold": int(f)} for i, d, f in zip(pool.ids, pool.digests, fold, strict=True)
+    ]
+    if pool.task == "multilabel":
+        probs = torch.sigmoid(out)
+        loss = F.binary_cross_entropy_with_logits(out, y, reduction="none").mean(1)
+        given, pred = y > 0.5, probs >= (0.5 if threshold is None else threshold)
+        wrong = (given != pred).any(1)
+        rows = [
+            {**b, "labels": _set(names, given[i]), "predicted": _set(names, pred[i]),
+             **{f"p_{c}": round(float(probs[i, j]), 6) for j, c in enumerate(names)},
+             "loss": round(float(loss[i]), 6)}
+            for i, b in enumerate(base)
+        ]  # fmt: skip
+    else:
+        loss = ((out - y) ** 2).mean(1)
+        wrong = torch.ones(len(out), dtype=torch.bool)
+        rows = [
+            {**b, **{f"true_{c}": float(y[i, j]) for j, c in enumerate(names)},
+             **{f"predicted_{c}": round(float(out[i, j]), 6) for j, c in enumerate(names)},
+             "loss": round(float(loss[i]), 6)}
+            for i, b in enumerate(base)
+        ]  # fmt: skip
+    order = sorted(torch.nonzero(wrong)[:, 0].tolist(), key=lambda i: -float(loss[i]))
+    worst = [{"rank": r, "split": "out-of-fold", **rows[i]} for r, i in enumerate(order, 1)]
+    return rows, worst
+
+
+def _set(names: list[str], on: torch.Tensor) -> str:
+    return ";".join(c for c, v in zip(names, on.tolist(), strict=True) if v)

@@ -7,7 +7,9 @@ so each bank row is read once whatever the number of queries or of ``k``. A quer
 the votes of its ``k`` nearest bank rows, each weighing ``exp(similarity / T)`` (DINO: k = 20,
 T = 0.07) or 1 (``weighting="uniform"``, scikit-learn's ``KNeighborsClassifier``); the prediction is the
 class with the most votes (ties: the first class). The same votes over multi-hot targets give per-label
-scores for a multi-label set (``knn_scores``); the ``knn`` job evaluates classification.
+scores for a multi-label set (``knn_scores``; the ``knn`` job reports their mAP, macro over the labels
+with a positive and micro, as scikit-learn's ``average_precision_score``), and over float targets the
+weighted mean of the neighbours' values for a regression set (reported as R², MAE, RMSE, Pearson r).
 """
 
 from __future__ import annotations
@@ -21,53 +23,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._checks import check_number, check_numbers
-from .._util import FeatcacheError, resolve_device, unknown
+from .._util import FeatcacheError, resolve_device
 from ..cache.rows import Rows
+from ..train.objectives import regress_metrics
+from .config import KnnConfig
 from .spec import RunSpec
 
-WEIGHTS = ("exp", "uniform")
 #: normalised query rows kept in memory between bank chunks up to this many bytes (else re-read)
 QUERY_CACHE_BYTES = 2 << 30
 
 
-@dataclass(frozen=True)
-class KnnConfig:
-    """Settings of the kNN evaluation.
-
-    Attributes:
-        k: the numbers of neighbours, all evaluated in one pass over the bank (DINO reports 10, 20,
-            100, 200; 20 is its headline).
-        temperature: T of the weights exp(similarity / T) (DINO: 0.07).
-        weighting: exp (DINO's temperature-weighted votes) or uniform (one vote per neighbour, as
-            scikit-learn's KNeighborsClassifier).
-        chunk_rows: bank (training) rows read and compared at a time: the memory of a pass is about
-            chunk_rows x (queries in a block + features) floats, whatever the split's size.
-
-    Example:
-        >>> KnnConfig(k=(20,), temperature=0.07).k
-        (20,)
-    """
-
-    k: tuple[int, ...] = (10, 20, 100, 200)
-    temperature: float = 0.07
-    weighting: str = "exp"
-    chunk_rows: int = 8192
-
-    def __post_init__(self) -> None:
-        if not self.k:
-            raise FeatcacheError("--k needs one or more neighbour counts, e.g. --k 10,20,100,200")
-        check_numbers("k", self.k, 1, integer=True, why="neighbour counts")
-        object.__setattr__(self, "k", tuple(sorted({int(v) for v in self.k})))
-        check_number("temperature", self.temperature, 0, low_open=True)
-        if self.weighting not in WEIGHTS:
-            raise unknown("kNN weighting", self.weighting, WEIGHTS, "Use --weighting exp|uniform.")
-        check_number("chunk_rows", self.chunk_rows, 1, integer=True)
-
-
 @dataclass
 class KnnResult:
-    """Per query split and k: accuracy (and top-5 accuracy with more than 5 classes); the predictions."""
+    """Per query split and k: accuracy (and top-5 accuracy with more than 5 classes), mAP (multilabel)
+    or R² (regress); the predictions (class indices, per-label scores, or values)."""
 
     metrics: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     predictions: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
@@ -200,7 +169,8 @@ def knn_eval(
 
 def knn_run(spec: RunSpec, layer: str = "penultimate", config: KnnConfig | None = None) -> KnnResult:
     """The ``featcache knn`` job: cache (build or reuse) the layer, then kNN on val and test with the
-    training split as the bank (no head is trained; nothing is written).
+    training split as the bank (no head is trained; nothing is written): accuracy, multi-label mAP or
+    regression R² (:func:`task_scores`) by the dataset's task.
 
     Example:
         >>> spec = RunSpec("efficientnet-lite0", "mnist-5k", extract=ExtractConfig(input_size=(64, 64)))
@@ -227,6 +197,13 @@ def knn_run(spec: RunSpec, layer: str = "penultimate", config: KnnConfig | None 
     t0 = time.perf_counter()
     for s in queries:
         q = feats[s]
+        if bank.task != "classify":
+            out.predictions[s] = knn_scores(
+                bank.features[layer], np.asarray(bank.labels), q.features[layer], config, spec.train.device
+            )
+            y = np.asarray(q.labels, dtype=np.float64)
+            out.metrics[s] = {k: task_scores(bank.task, p, y) for k, p in out.predictions[s].items()}
+            continue
         out.metrics[s], out.predictions[s] = knn_eval(
             bank.features[layer], bank.labels, q.features[layer], q.labels, len(bank.classes), config,
             spec.train.device, spec.progress,
@@ -251,7 +228,8 @@ def knn_scores(
     device: str = "cpu",
 ) -> dict[int, np.ndarray]:
     """Per-label kNN scores of multi-label queries: ``{k: (queries, labels)}``, each label's weighted
-    share of the ``k`` neighbours carrying it (rank them for average precision).
+    share of the ``k`` neighbours carrying it (rank them for average precision). With float targets
+    (regression) the same weighted mean is the prediction of each target.
 
     Example:
         >>> scores = knn_scores(train_x, train_multi_hot, test_x, KnnConfig(k=(20,)))  # doctest: +SKIP
@@ -259,7 +237,33 @@ def knn_scores(
     config = config or KnnConfig()
     targets = np.asarray(bank_targets)
     if targets.ndim != 2 or len(targets) != len(bank):
-        raise FeatcacheError(f"multi-label targets must be (bank rows, labels), got {targets.shape}")
+        raise FeatcacheError(
+            f"multi-label or regression targets must be (bank rows, labels or targets), got {targets.shape}"
+        )
     sims, idx = nearest(bank, queries, max(config.k), config.chunk_rows, device=device)
     y = torch.as_tensor(targets, device=sims.device)[idx]
     return {k: vote(sims, y, k, targets.shape[1], config).cpu().numpy() for k in config.k}
+
+
+def task_scores(task: str, scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The metrics of kNN scores of ``task``: multilabel mAP (macro over the labels with a positive among
+    the queries, and micro: scikit-learn's ``average_precision_score``); regress R², MAE, RMSE, Pearson r.
+
+    Example:
+        >>> task_scores("regress", np.array([[1.0], [2.0]]), np.array([[1.0], [2.0]]))["r2"]
+        1.0
+    """
+    if task == "regress":
+        m = regress_metrics(scores, y)
+        return {key: float(m[key]) for key in ("r2", "mae", "rmse", "pearson")}
+    from sklearn.metrics import average_precision_score
+
+    true = y > 0.5
+    present = np.flatnonzero(true.any(0))
+    if not len(present):
+        return {"map": float("nan"), "map_micro": float("nan")}
+    aps = [average_precision_score(true[:, j], scores[:, j]) for j in present]
+    return {
+        "map": float(np.mean(aps)),
+        "map_micro": float(average_precision_score(true.ravel(), scores.ravel())),
+    }

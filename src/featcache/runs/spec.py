@@ -7,21 +7,23 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._config import from_json, to_json
-from .._util import FeatcacheError
-from ..backbones.registry import Backbone, load_backbone
+from .._errors import FeatcacheError
 from ..cache.housekeeping import cache_root, dataset_name, swap_split_log
-from ..cache.store import CachedFeatures
 from ..data.config import DataConfig
-from ..data.datasets import DatasetSplits
-from ..extract.build import extract_splits, extract_views
 from ..extract.config import ExtractConfig, Views, parse_layers
-from ..extract.extractor import resolved_cfg
 from ..train.config import TrainConfig
-from .folder import RunFolder, RunRecord
 from .logger import check_logger
+
+# No torch at import: the command line builds and checks a RunSpec before loading any model; the
+# methods that run jobs import what they use.
+if TYPE_CHECKING:
+    from ..backbones.registry import Backbone
+    from ..cache.store import CachedFeatures
+    from ..data.datasets import DatasetSplits
+    from .folder import RunFolder, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class RunSpec:
             >>> spec, record = RunSpec.from_run("runs/mnist")  # doctest: +SKIP
             >>> run = train_run(spec, record.layer, HeadSpec(**record.head))  # doctest: +SKIP
         """
+        from .folder import RunFolder
+
         record = RunFolder(out).read_config()
         ex = record.extract
         spec = cls(
@@ -101,6 +105,8 @@ class RunSpec:
 
     def backbone(self) -> Backbone:
         """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
+        from ..backbones.registry import Backbone, load_backbone
+
         if isinstance(self.model, Backbone):
             return self.model
         # models built for one input size (timm ViT, Swin) are built for this one
@@ -108,6 +114,8 @@ class RunSpec:
 
     def folder(self, verb: str) -> RunFolder:
         """The run folder, prepared under the resume/overwrite rules every verb shares."""
+        from .folder import RunFolder
+
         if self.out is None:
             raise FeatcacheError(f"{verb} needs a run folder: pass --out DIR (RunSpec(out=...))")
         return RunFolder.prepare(
@@ -137,6 +145,8 @@ class RunSpec:
     ) -> None:
         """The start-of-run line: model, input size and preprocessing, what trains, images and classes,
         and ``train``'s batch size with its steps per epoch (an automatic one decided for the split)."""
+        from ..extract.extractor import resolved_cfg
+
         pre = resolved_cfg(backbone, self.extract).preprocessing
         h, w = pre.input_size
         sizes = " / ".join(f"{len(s)} {n}" for n, s in splits.items())
@@ -201,6 +211,8 @@ class RunSpec:
         self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]
     ) -> tuple[dict[str, CachedFeatures], list[CachedFeatures]]:
         """Every split's ``layers`` in one pass (a cache hit runs none), and the training split's views."""
+        from ..extract.build import extract_splits, extract_views
+
         kw: dict[str, Any] = {"cache_dir": self.cache_dir, "progress": self.progress}
         feats = extract_splits(backbone, splits, layers, self.extract, **kw)
         views = (
@@ -235,6 +247,8 @@ class RunSpec:
         ``verb`` may set ``layer``, ``head`` and ``train`` (typed fields of the record) and any key of
         the verb's own (``finetune``, ``plan``, ``probe``, ``sweep``, ...).
         """
+        from .folder import RunRecord
+
         typed: dict[str, Any] = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
         classes = typed.pop("classes", None) or feats["train"].classes
         if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way

@@ -22,17 +22,15 @@ from the cache), and the table is the one an uninterrupted sweep writes.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .._checks import check_numbers
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..backbones.registry import Backbone
@@ -44,6 +42,7 @@ from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted
 from ..train.grid import grid_not_covered
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
+from .config import SweepGrid, grid  # noqa: F401  (defined there, without torch)
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
 from .report import plot_sweep
@@ -51,20 +50,6 @@ from .spec import RunSpec
 from .train import train_grid_on_cache, train_on_cache, write_mistakes
 
 log = logging.getLogger(__name__)
-
-
-def grid(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfig]:
-    """Every combination of the given :class:`TrainConfig` fields, the others as in ``base``.
-
-    Example:
-        >>> [c.lr for c in grid(TrainConfig(), lr=[1e-3, 1e-2], weight_decay=[0.0])]
-        [0.001, 0.01]
-    """
-    keys = [k for k, v in values.items() if v]
-    return [
-        replace(base, **dict(zip(keys, combo, strict=True)))
-        for combo in itertools.product(*(values[k] for k in keys))
-    ]
 
 
 @dataclass
@@ -89,44 +74,6 @@ def _varied(configs: Sequence[TrainConfig]) -> list[str]:
     """The TrainConfig fields that differ between the configs (the sweep's axes)."""
     dicts = [asdict(c) for c in configs]
     return [k for k in dicts[0] if len({repr(d[k]) for d in dicts}) > 1]
-
-
-@dataclass(frozen=True)
-class SweepGrid:
-    """What a sweep varies: the layers (from one backbone pass), and trainer settings per layer.
-
-    Attributes:
-        layers: layer names; ``@blocks`` is every block and the classifier's input.
-        head: the head trained on each layer.
-        lrs: learning rates to try (empty: the spec's ``train.lr``).
-        weight_decays: weight decays to try (empty: the spec's ``train.weight_decay``).
-        metric: what chooses on val: auto (the task's: acc, map for multilabel, r2 for regress),
-            balanced-acc, map-micro, f1, pearson.
-
-    Example:
-        >>> SweepGrid(("blocks.4", "penultimate"), lrs=(1e-3, 3e-3)).layers
-        ('blocks.4', 'penultimate')
-    """
-
-    layers: tuple[str, ...] = field(metadata={"shown": "required; with --resume: the sweep's"})
-    head: HeadSpec = field(default_factory=HeadSpec)
-    lrs: tuple[float, ...] = field(default=(), metadata={"shown": "--lr's value alone"})
-    weight_decays: tuple[float, ...] = field(default=(), metadata={"shown": "--weight-decay's value alone"})
-    metric: str | None = field(default=None, metadata={"none": "auto", "shown": "auto"})
-
-    def __post_init__(self) -> None:
-        if self.metric == "auto":  # None in configs: sweeps recorded before the field read the same
-            object.__setattr__(self, "metric", None)
-        object.__setattr__(self, "layers", parse_layers(self.layers))
-        object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
-        object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
-        # the rules of TrainConfig's lr and weight_decay, checked before any extraction
-        check_numbers("lrs", self.lrs, 0, high=10, low_open=True, why="each a peak learning rate")
-        check_numbers("weight_decays", self.weight_decays, 0, high=10)
-
-    def configs(self, base: TrainConfig) -> list[TrainConfig]:
-        """The trainer settings of the grid, the others as in ``base``."""
-        return grid(base, lr=self.lrs, weight_decay=self.weight_decays)
 
 
 def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:

@@ -11,7 +11,7 @@ train + val and tested once.
 * ``multilabel``: a logistic regression per label (sigmoid, mean binary cross-entropy + lambda/2
   |w|^2), every label's problem in one L-BFGS run (the objective is their sum, which separates, so the
   minimiser is each label's own); warm starts along the path. Per label, one L-BFGS run each, is the
-  alternative (``joint=False``); ``tests/test_target_probes.py`` checks both give the same weights, and
+  alternative (``joint=False``); ``tests/test_tasks.py`` checks both give the same weights, and
   the README gives the timing of each.
 """
 
@@ -205,7 +205,9 @@ def probe_task(
     if task == "multilabel":  # chosen on val with the train-only model, as the trainer's heads are
         w, b = fits[lam]
         threshold = best_threshold(torch.sigmoid(zv @ w.T + b).numpy(), val.y.cpu().numpy())
-    head = _refit(task, torch.cat([x, xv]), torch.cat([train.y.cpu(), val.y.cpu()]), lam, config, fits[lam])
+    head = refit_probe(
+        task, torch.cat([x, xv]), torch.cat([train.y.cpu(), val.y.cpu()]), lam, config, fits[lam]
+    )
     info = HeadInfo(HeadSpec("linear"), in_shape, k, config.standardize, task=task, threshold=threshold)
     test_metrics = _test(head, test, info, names) if test is not None else None
     extra = {
@@ -221,15 +223,20 @@ def _bce(logits: np.ndarray, y: torch.Tensor) -> float:
     return float(F.binary_cross_entropy_with_logits(torch.as_tensor(logits), y.cpu().double()))
 
 
-def _refit(
+def refit_probe(
     task: str,
     x: torch.Tensor,
     y: torch.Tensor,
     lam: float,
     config: Any,
-    start: tuple[torch.Tensor, torch.Tensor],
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Head:
-    """The chosen strength refitted on train + val (standardisation refitted too) as a linear head."""
+    """The chosen strength refitted on these rows (standardisation refitted too) as a linear head (a
+    regression head with its :class:`~featcache.train.heads.TargetScale`).
+
+    Example:
+        >>> head = refit_probe("regress", x, y, 1e-3, ProbeConfig())  # doctest: +SKIP
+    """
     std, z = _standardizer(x, config.standardize)
     in_shape, k = tuple(x.shape[1:]), y.shape[1]
     if task == "regress":
@@ -240,6 +247,28 @@ def _refit(
         return head
     w, b, _ = sigmoid_path(z, y, [lam], config.max_iter, config.tol, start=start)[lam]
     return _linear_head(w, b, std, in_shape, k)
+
+
+def path_outputs(
+    task: str, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, strengths: list[float], config: Any
+) -> dict[float, torch.Tensor]:
+    """``{strength: outputs on xq}`` of the probe's path fitted on (``x``, ``y``), its standardisation
+    fitted on ``x``: a regression's values in the targets' units, a multi-label set's logits (float64).
+    :func:`probe_task` chooses on val this way; ``--folds`` on each held-out fold.
+
+    Example:
+        >>> out = path_outputs("regress", x, y, x_fold, [1e-3, 1e-1], ProbeConfig())  # doctest: +SKIP
+    """
+    std, z = _standardizer(x.double().flatten(1), config.standardize)
+    xq = xq.double().flatten(1)
+    zq = std(xq.float()).double() if std is not None else xq
+    if task == "regress":
+        scale = TargetScale.fit(y.float())
+        mean, sd = scale.mean.double(), scale.std.double()
+        path = ridge_path(z, (y.double() - mean) / sd, strengths)
+        return {lam: (zq @ w.T + b) * sd + mean for lam, (w, b) in path.items()}
+    fits = sigmoid_path(z, y, strengths, config.max_iter, config.tol)
+    return {lam: zq @ w.T + b for lam, (w, b, _) in fits.items()}
 
 
 def _test(head: Head, test: FeatureSource, info: HeadInfo, names: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures, FeatureCache
 from ..data.datasets import DatasetSplits
 from ..extract.build import cache_record
+from ..extract.config import DEFAULT_LAYER
 from ..extract.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit, predict_logits
@@ -30,6 +31,7 @@ from ..train.grid import fit_grid, grid_not_covered
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, TargetScale, build_head, fit_standardize
 from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
+from .contents import check_same_data, split_contents
 from .folder import Run, RunFolder
 from .logger import EpochHook, epoch_log
 from .report import most_confused
@@ -43,12 +45,17 @@ def evaluate_splits(
     num_classes: int,
     info: HeadInfo | None = None,
     names: Sequence[str] | None = None,
+    task: str | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """metrics.json content: the fit's history and timings, and val/test metrics of the best model (for
     the task of ``info``, at its multi-label threshold; ``names``: the classes or targets, and with them
-    each classification split's ``most_confused`` class pairs)."""
-    task = info.task if info is not None else "classify"
-    threshold = info.threshold if info is not None and info.threshold is not None else 0.5
+    each classification split's ``most_confused`` class pairs). A network without a HeadInfo (finetune)
+    gives its ``task`` and ``threshold`` instead."""
+    if info is not None:
+        task, threshold = info.task, info.threshold
+    task = task or "classify"
+    threshold = threshold if threshold is not None else 0.5
     metrics: dict[str, Any] = {
         "task": task,
         "history": result.history,
@@ -144,7 +151,7 @@ def train_on_cache(
     try:
         # A regression head learns standardised targets (train and val alike); its TargetScale puts
         # the outputs back in the targets' units once it has trained.
-        with _standardised(scale, train, val):
+        with standardised_targets(scale, train, val):
             args = (len(classes), config, progress, checkpoint, resume)
             result = fit(head, train, val, *args, task=task, on_epoch=on_epoch)
     except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
@@ -173,7 +180,9 @@ def _evaluated(
     threshold = None
     if task == "multilabel":  # the probability that best separates labels on val (0.5 without val)
         threshold = (
-            best_threshold(_probs(head, val), val.y.cpu().numpy()) if val is not None and len(val) else 0.5
+            best_threshold(sigmoid_probs(head, val), val.y.cpu().numpy())
+            if val is not None and len(val)
+            else 0.5
         )
     info = HeadInfo(
         head_spec,
@@ -248,14 +257,24 @@ def train_grid_on_cache(
     return out
 
 
-def _probs(head: nn.Module, data: BatchSource) -> np.ndarray:
-    """A multi-label head's probabilities on every row of ``data``."""
+def sigmoid_probs(head: nn.Module, data: BatchSource) -> np.ndarray:
+    """A multi-label head's (or network's) probabilities on every row of ``data``.
+
+    Example:
+        >>> threshold = best_threshold(sigmoid_probs(head, val), val.y.numpy())  # doctest: +SKIP
+    """
     return torch.sigmoid(predict_logits(head, data)).numpy()
 
 
 @contextlib.contextmanager
-def _standardised(scale: TargetScale | None, *sources: BatchSource | None) -> Iterator[None]:
-    """Inside, the sources' targets are standardised with ``scale`` (their own afterwards)."""
+def standardised_targets(scale: TargetScale | None, *sources: BatchSource | None) -> Iterator[None]:
+    """Inside, the sources' targets are standardised with ``scale`` (their own afterwards); with
+    ``scale`` None, nothing changes.
+
+    Example:
+        >>> with standardised_targets(TargetScale.fit(train.y), train, val):  # doctest: +SKIP
+        ...     fit(head, train, val, 1, TrainConfig(), task="regress")
+    """
     if scale is None:
         yield
         return
@@ -277,7 +296,7 @@ def _set_y(source: BatchSource, y: torch.Tensor) -> None:
             s._shuffled = None  # type: ignore[attr-defined]
 
 
-def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None = None) -> Run:
+def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None = None) -> Run:
     """The ``featcache train`` job: cache (build or reuse), train, evaluate, write the run folder.
 
     Args:
@@ -301,10 +320,13 @@ def train_run(spec: RunSpec, layer: str = "penultimate", head: HeadSpec | None =
     t0 = time.perf_counter()
     feats, views = spec.extract_all(backbone, splits, [layer])
     extract_seconds = time.perf_counter() - t0
+    contents = split_contents(splits, spec.cache_dir)  # the digests extraction computed: no re-hashing
     record = spec.record(
-        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train)
-    )
+        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train),
+        split_contents=contents,
+    )  # fmt: skip
     if spec.resume:
+        check_same_data(folder.path, contents, required=False)  # names what changed, before split_keys
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._checks import check_number
-from .._util import resolve_device, unknown, write_json
+from .._util import resolve_device, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import FeatureCache
@@ -50,41 +49,7 @@ from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_laye
 from ..train.heads import HeadSpec, build_head
 from ..train.sources import FeatureSource, source_for
 from .baselines import dataloader_epoch, naive_epoch, sklearn_probe
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Sizes of the benchmark workload.
-
-    ``map_layer`` at ``map_input_size`` is the spatial map the reference ``SimpleClassifier`` setting of
-    the trainer benchmark trains on (``blocks.2`` of EfficientNet-Lite0: 40x28x28 at 224 px).
-
-    Example:
-        >>> BenchConfig().epochs
-        10
-    """
-
-    model: str = "efficientnet-lite0"
-    limit: int = 2000
-    input_size: tuple[int, int] = (64, 64)
-    epochs: int = 10
-    batch_size: int = 256
-    files: int = 512
-    bare_batches: int = 8
-    map_layer: str = "blocks.2"
-    map_input_size: tuple[int, int] = (224, 224)
-    store_images: int = 2000
-
-
-QUICK = BenchConfig(
-    limit=300,
-    input_size=(32, 32),
-    epochs=3,
-    files=64,
-    bare_batches=2,
-    map_input_size=(64, 64),
-    store_images=200,
-)
+from .config import _ON_REQUEST, BENCHMARKS, QUICK, BenchConfig, check_bench_options
 
 
 def _interleaved(
@@ -423,31 +388,49 @@ class _Bench:
 
     def startup(self) -> list[dict[str, Any]]:
         """Seconds to start ``featcache --help`` (the parser alone), ``featcache cache ls`` on a cache of 20
-        tables and ``featcache models`` (its listing memoised), each in a new process, beside Python itself;
-        none of them imports torch, and each should start in under a second."""
+        tables, ``featcache models`` (its listing memoised) and a usage error (``train --lr -1``, exit 2),
+        each in a new process, beside Python itself; none of them imports torch, and each should take
+        under a second."""
         src = str(Path(__file__).resolve().parents[2])  # this featcache, not another one on the path
         home = self.tmp / "startup-cache"
         _synthetic_tables(home, 20, rows=self.cfg.limit)
         env = {**os.environ, "PYTHONPATH": src, "FEATCACHE_HOME": str(home)}
 
-        def timed(*args: str) -> Callable[[], float]:
+        def timed(*args: str, code: int = 0) -> Callable[[], float]:
             def run() -> float:
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, *args], env=env, capture_output=True, check=True)
+                done = subprocess.run([sys.executable, *args], env=env, capture_output=True)
+                if done.returncode != code:
+                    raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]!r}")
                 return time.perf_counter() - t0
 
             return run
 
         timed("-m", "featcache", "models")()  # memoises the listing (this one imports the sources)
         rows = []
-        for argv in (("--help",), ("cache", "ls"), ("models",)):
-            cmd, ref = _interleaved(timed("-m", "featcache", *argv), timed("-c", "pass"), self.repeats)
-            what = " on 20 tables" if argv[0] == "cache" else ""
-            name = f"start-up: featcache {' '.join(argv)}{what} (baseline: python -c pass)"
+        # a usage error (here a value TrainConfig refuses) exits 2 before torch is imported
+        usage = ("train", "--lr", "-1", "resnet18", "digits", "--out", str(self.tmp / "startup-run"))
+        cases = (
+            (("--help",), 0, ""),
+            (("cache", "ls"), 0, " on 20 tables"),
+            (("models",), 0, ""),
+            (usage, 2, " (a usage error: exit 2)"),
+        )
+        for argv, code, what in cases:
+            run = timed("-m", "featcache", *argv, code=code)
+            cmd, ref = _interleaved(run, timed("-c", "pass"), self.repeats)
+            name = f"start-up: featcache {' '.join(argv[:5])}{what} (baseline: python -c pass)"
             row = _row(name, cmd, ref, None, ("featcache", "python -c pass"), target_text="< 1 s")
             row["pass"] = statistics.median(cmd) < 1.0
             rows.append(row)
         return rows
+
+    def scale(self) -> list[dict[str, Any]]:
+        """A hit, 1 % added, ``cache ls``, the index parse and a train epoch on a ``scale_rows``-image
+        folder and table, as ratios to their floors (:mod:`featcache.tools.scale`)."""
+        from .scale import scale_rows
+
+        return scale_rows(self.cfg.scale_rows, self.tmp / "scale", self.progress)
 
     def cache_hit(self) -> dict[str, Any]:
         """Open a cache hit + one training epoch vs the first extraction of the same split."""
@@ -758,24 +741,6 @@ class _Predigested(FileSamples):
         return self.load(index)
 
 
-BENCHMARKS = (
-    "e2e",
-    "extract_vs_bare",
-    "files_vs_tensors",
-    "trainer",
-    "finetune",
-    "cache_hit",
-    "probe",
-    "knn",
-    "relabel_rerun",
-    "added_images",
-    "content_digests",
-    "startup",
-    "linear_sweep",
-    "gpu",
-)
-
-
 def run_bench(
     quick: bool = False,
     device: str = "auto",
@@ -793,11 +758,10 @@ def run_bench(
     """
     cfg = config or (QUICK if quick else BenchConfig())
     dev = resolve_device(device)
-    check_number("repeats", repeats, 1, integer=True)
-    for name in only or ():
-        if name not in BENCHMARKS:
-            raise unknown("benchmark", name, BENCHMARKS, f"--only takes names of {', '.join(BENCHMARKS)}.")
-    names = list(only or [b for b in BENCHMARKS if b != "gpu" or dev.type == "cuda"])
+    check_bench_options(only, repeats)
+    names = list(
+        only or [b for b in BENCHMARKS if b not in _ON_REQUEST or (b == "gpu" and dev.type == "cuda")]
+    )
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
         bench = _Bench(cfg, dev, 1 if quick else repeats, progress, Path(tmp))

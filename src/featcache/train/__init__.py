@@ -1,18 +1,39 @@
-"""Training on cached features: heads, the fast trainer, and freezing plans for fine-tuning."""
+"""Training on cached features: heads, the fast trainer, and freezing plans for fine-tuning.
 
-from .config import TrainConfig
-from .fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit
-from .heads import Head, HeadInfo, HeadSpec, build_head
+The names below are imported on first use (PEP 562): the configs come without torch.
+"""
 
-__all__ = [
-    "FitResult",
-    "Head",
-    "HeadInfo",
-    "HeadSpec",
-    "TrainConfig",
-    "TrainingDiverged",
-    "TrainingInterrupted",
-    "build_head",
-    "evaluate",
-    "fit",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import attribute
+
+# name -> the module of this package that defines it
+_HOMES = {
+    "FitResult": "fit",
+    "Head": "heads",
+    "HeadInfo": "heads",
+    "HeadSpec": "config",
+    "TrainConfig": "config",
+    "TrainingDiverged": "fit",
+    "TrainingInterrupted": "fit",
+    "build_head": "heads",
+    "evaluate": "fit",
+    "fit": "fit",
+}
+
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
+    from .config import HeadSpec, TrainConfig  # noqa: F401
+    from .fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit  # noqa: F401
+    from .heads import Head, HeadInfo, build_head  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    return attribute(__name__, _HOMES, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -1,13 +1,20 @@
-"""``TrainConfig``: the settings of head training (and of the fine-tuning loop), with their choices."""
+"""``TrainConfig``: the settings of head training (and of the fine-tuning loop), with their choices;
+``HeadSpec``, the head to build; ``TrainableSpec``, what a fine-tuning run trains.
+
+This module imports no torch: the command line checks these settings before loading any model.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .._checks import check_device, check_number
+from .._config import to_json
 from .._util import unknown
 
+HEADS = ("linear", "pooled-linear", "mlp", "conv")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 MONITORS = ("val_loss", "val_acc", "val_map", "val_r2")
@@ -144,3 +151,75 @@ class TrainConfig:
     def steps_per_epoch(self, rows: int) -> int:
         """Optimiser steps in one epoch over ``rows`` training rows."""
         return math.ceil(rows / self.batch_for(rows))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Which head to build.
+
+    Attributes:
+        kind: ``linear`` (flatten + Linear), ``pooled-linear`` (the reference loop's SimpleClassifier:
+            AdaptiveAvgPool2d(1) + Flatten + Linear on a map), ``mlp`` or ``conv`` (a new
+            3x3 conv + BN + ReLU on a map, then pooling and Linear).
+        hidden: hidden sizes of the MLP.
+        dropout: dropout before each Linear of the MLP (and the conv head's classifier).
+        conv_channels: output channels of the conv head's new convolution.
+
+    Example:
+        >>> head = build_head(HeadSpec("mlp", hidden=(256,)), (512,), num_classes=10)
+    """
+
+    kind: str = "linear"
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.0
+    conv_channels: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEADS:
+            raise unknown("head", self.kind, HEADS, "Use --head linear|pooled-linear|mlp|conv.")
+        for h in self.hidden:
+            check_number("hidden", h, 1, integer=True, why="each hidden layer's width")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_number("conv_channels", self.conv_channels, 1, integer=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(to_json(self))
+
+
+@dataclass(frozen=True)
+class TrainableSpec:
+    """A parsed ``--train`` spec.
+
+    Example:
+        >>> TrainableSpec.parse("last:2")
+        TrainableSpec(kind='last', n=2, names=())
+    """
+
+    kind: str
+    n: int = 0
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> TrainableSpec:
+        """Parse ``head``, ``all``, ``last:N``, ``from:LAYER`` or ``modules:a,b``."""
+        kind, _, arg = text.partition(":")
+        if kind in ("head", "all") and not arg:
+            return cls(kind)
+        if kind == "last" and arg.isdigit() and int(arg) > 0:
+            return cls(kind, n=int(arg))
+        if kind == "from" and arg:
+            return cls(kind, names=(arg,))
+        if kind == "modules" and arg:
+            return cls(kind, names=tuple(a for a in arg.split(",") if a))
+        raise unknown(
+            "trainable-part spec",
+            text,
+            ["head", "last:N", "from:LAYER", "all", "modules:a,b"],
+            "See `featcache finetune --help`.",
+        )
+
+    def __str__(self) -> str:
+        if self.kind in ("head", "all"):
+            return self.kind
+        return f"last:{self.n}" if self.kind == "last" else f"{self.kind}:{','.join(self.names)}"

@@ -24,48 +24,11 @@ from torch import fx, nn
 from .._util import FeatcacheError, unknown
 from ..backbones.layers import INPUT_PREFIX, block_names, dummy_input, timm_notrace
 from ..backbones.registry import Backbone
+from .config import TrainableSpec
 from .heads import Head, Standardize
 
 BN_POLICIES = ("frozen", "train")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-@dataclass(frozen=True)
-class TrainableSpec:
-    """A parsed ``--train`` spec.
-
-    Example:
-        >>> TrainableSpec.parse("last:2")
-        TrainableSpec(kind='last', n=2, names=())
-    """
-
-    kind: str
-    n: int = 0
-    names: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> TrainableSpec:
-        """Parse ``head``, ``all``, ``last:N``, ``from:LAYER`` or ``modules:a,b``."""
-        kind, _, arg = text.partition(":")
-        if kind in ("head", "all") and not arg:
-            return cls(kind)
-        if kind == "last" and arg.isdigit() and int(arg) > 0:
-            return cls(kind, n=int(arg))
-        if kind == "from" and arg:
-            return cls(kind, names=(arg,))
-        if kind == "modules" and arg:
-            return cls(kind, names=tuple(a for a in arg.split(",") if a))
-        raise unknown(
-            "trainable-part spec",
-            text,
-            ["head", "last:N", "from:LAYER", "all", "modules:a,b"],
-            "See `featcache finetune --help`.",
-        )
-
-    def __str__(self) -> str:
-        if self.kind in ("head", "all"):
-            return self.kind
-        return f"last:{self.n}" if self.kind == "last" else f"{self.kind}:{','.join(self.names)}"
 
 
 def execution_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:

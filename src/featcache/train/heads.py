@@ -14,53 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_number
 from .._config import from_json, to_json
-from .._util import FeatcacheError, unknown
+from .._util import FeatcacheError
 from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
+from .config import HEADS, HeadSpec  # noqa: F401  (defined there, without torch)
 
-HEADS = ("linear", "pooled-linear", "mlp", "conv")
 #: a feature's deviation is floored at this fraction of the RMS deviation of all features (or channels).
 #: At 0.1, rare-firing features were still amplified enough to be memorised: a linear head on
 #: EfficientNet-Lite0 penultimate features of MNIST-5k (Adam, lr 1e-2, 5 seeds) scored 0.919 standardised
 #: against 0.930 raw; at 0.5 it scores 0.930 (and 0.927 against 0.921 raw at lr 1e-3).
 STD_FLOOR = 0.5
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """Which head to build.
-
-    Attributes:
-        kind: ``linear`` (flatten + Linear), ``pooled-linear`` (the reference loop's SimpleClassifier:
-            AdaptiveAvgPool2d(1) + Flatten + Linear on a map), ``mlp`` or ``conv`` (a new
-            3x3 conv + BN + ReLU on a map, then pooling and Linear).
-        hidden: hidden sizes of the MLP.
-        dropout: dropout before each Linear of the MLP (and the conv head's classifier).
-        conv_channels: output channels of the conv head's new convolution.
-
-    Example:
-        >>> head = build_head(HeadSpec("mlp", hidden=(256,)), (512,), num_classes=10)
-    """
-
-    kind: str = "linear"
-    hidden: tuple[int, ...] = (512,)
-    dropout: float = 0.0
-    conv_channels: int = 256
-
-    def __post_init__(self) -> None:
-        if self.kind not in HEADS:
-            raise unknown("head", self.kind, HEADS, "Use --head linear|pooled-linear|mlp|conv.")
-        for h in self.hidden:
-            check_number("hidden", h, 1, integer=True, why="each hidden layer's width")
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        check_number("dropout", self.dropout, 0, 1, high_open=True)
-        check_number("conv_channels", self.conv_channels, 1, integer=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(to_json(self))
 
 
 def head_layout(in_shape: tuple[int, ...], layout: str | None) -> str:

@@ -1,0 +1,32 @@
+"""An ImageFolder listed with ``os.scandir`` (names as strings): the same files, in the same order, as
+``sorted(Path.rglob("*"))`` listed them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featcache.data.datasets import load_dataset
+from featcache.data.samples import IMAGE_EXTENSIONS
+
+
+def test_the_listing_equals_sorted_rglob(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    names = ["a.png", "a/b.png", "a.b/c.jpg", "b.PNG", "a-/x.bmp", ".hidden.png", "z/.png", "z/y/x.ppm",
+             "notes.txt", "dir.png/inner.png"]  # fmt: skip
+    for cls in ("cat", "dog"):
+        for n in names:
+            f = root / cls / n
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(f"{cls}/{n}".encode())
+    (root / "dog" / "linked").symlink_to(root / "cat" / "a", target_is_directory=True)  # not followed
+    (root / "dog" / "file-link.png").symlink_to(root / "cat" / "b.PNG")  # a link to a file is listed
+    got = load_dataset(str(root), val_fraction=0.0, test_fraction=0.0).train
+    want = [
+        p.relative_to(root).as_posix()
+        for c in ("cat", "dog")
+        for p in sorted((root / c).rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    assert sorted(got.ids) == sorted(want) and "dog/file-link.png" in want and "dog/linked/b.png" not in want
+    by_class = [i for i in got.ids if i.startswith("cat/")]
+    assert by_class == [w for w in want if w.startswith("cat/")]  # the order within a class

@@ -633,31 +633,14 @@ def load_dataset(
     """
     if limit is not None and limit < 1:
         raise FeatcacheError(f"--limit {limit}: keep at least one sample per class, or leave --limit out")
-    check_task(task)
-    manifest = (
-        isinstance(spec, (str, Path)) and Path(spec).suffix in (".csv", ".jsonl") and Path(spec).is_file()
-    )
-    if not manifest and (task not in (AUTO, "classify") or targets):
-        asked = f"--task {task}" if task != AUTO else "--targets"
-        name = spec if isinstance(spec, (str, Path)) else type(spec).__name__
-        raise FeatcacheError(
-            f"{asked}: dataset {str(name)!r} is not a CSV/JSONL manifest, and the labels of folders, shards, "
-            "Hugging Face, torchvision and built-in sets are classes (classify). Write a manifest with a "
-            "'labels' (a set of classes) or 'target' (numbers) column for the other tasks"
-        )
+    _check_task_source(spec, task, targets)
     spec = str(spec) if isinstance(spec, Path) else spec
     columns: dict[str, Any] = {"image_column": image_column, "label_column": label_column}
-    if is_hf_dataset(spec) or not isinstance(spec, str):
-        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
-        return _limited(_assembled(sets, val_fraction, test_fraction, seed, "datasets", memo), limit, seed)
+    sets = _ecosystem_sets(spec, columns, max_image_pixels, cache_dir)
+    if sets is not None:
+        name = spec if isinstance(spec, str) else "datasets"
+        return _limited(_assembled(sets, val_fraction, test_fraction, seed, name, memo), limit, seed)
     path = Path(spec)
-    if spec.startswith(HUB) or (path.is_dir() and is_saved_dataset(path)):
-        sets = hf_sets(spec, **columns, max_pixels=max_image_pixels)
-        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec, memo), limit, seed)
-    if is_shard_spec(spec) or (path.is_dir() and is_shard_folder(path)):
-        versions = VersionMemo.under(cache_root(cache_dir))
-        sets = shard_sets(spec, **columns, max_pixels=max_image_pixels, memo=versions)
-        return _limited(_assembled(sets, val_fraction, test_fraction, seed, spec, memo), limit, seed)
     if spec.startswith("hf:") and not path.exists():
         raise FeatcacheError(
             f"dataset {spec!r}: 'hf:' names Hugging Face models; a Hugging Face dataset is "
@@ -692,6 +675,38 @@ def load_dataset(
         splits = manifest_file(path, val_fraction, test_fraction, seed, max_image_pixels, task, targets, memo)
         return _limited(splits, limit, seed)
     raise FeatcacheError(f"dataset {spec!r} is a file but not a .csv or .jsonl manifest, nor a .tar shard")
+
+
+def _check_task_source(spec: str | Any, task: str, targets: Sequence[str]) -> None:
+    """Refuse another task than classify for a source whose labels are classes (all but manifests)."""
+    check_task(task)
+    manifest = (
+        isinstance(spec, (str, Path)) and Path(spec).suffix in (".csv", ".jsonl") and Path(spec).is_file()
+    )
+    if not manifest and (task not in (AUTO, "classify") or targets):
+        asked = f"--task {task}" if task != AUTO else "--targets"
+        name = spec if isinstance(spec, (str, Path)) else type(spec).__name__
+        raise FeatcacheError(
+            f"{asked}: dataset {str(name)!r} is not a CSV/JSONL manifest, and the labels of folders, shards, "
+            "Hugging Face, torchvision and built-in sets are classes (classify). Write a manifest with a "
+            "'labels' (a set of classes) or 'target' (numbers) column for the other tasks"
+        )
+
+
+def _ecosystem_sets(
+    spec: str | Any, columns: dict[str, Any], max_pixels: int | None, cache_dir: str | None
+) -> tuple[dict[str, SampleSet], list[str]] | None:
+    """The sample sets of a Hugging Face dataset (an object, a hub id, a ``save_to_disk`` folder) or of
+    WebDataset shards, with their own splits; None for every other spec."""
+    if is_hf_dataset(spec) or not isinstance(spec, str):
+        return hf_sets(spec, **columns, max_pixels=max_pixels)
+    path = Path(spec)
+    if spec.startswith(HUB) or (path.is_dir() and is_saved_dataset(path)):
+        return hf_sets(spec, **columns, max_pixels=max_pixels)
+    if is_shard_spec(spec) or (path.is_dir() and is_shard_folder(path)):
+        versions = VersionMemo.under(cache_root(cache_dir))
+        return shard_sets(spec, **columns, max_pixels=max_pixels, memo=versions)
+    return None
 
 
 def _assembled(

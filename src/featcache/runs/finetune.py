@@ -31,7 +31,7 @@ from ..data.samples import SampleSet
 from ..extract.build import bad_images_error, extract, extract_views
 from ..extract.config import ExtractConfig, Views
 from ..extract.extractor import decode_workers, resolved_cfg
-from ..train.fit import TrainingInterrupted, fit, predict_logits
+from ..train.fit import FitResult, TrainingInterrupted, fit, predict_logits
 from ..train.freeze import (
     FreezePlan,
     Suffix,
@@ -310,31 +310,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     else:
         src, trained, mode_fn = _live(spec, splits, net, plan, pre, ft, device)
     folder.write_config(record)
-    opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-    # A regression network learns standardised targets, as `train`'s heads do; the scale is folded
-    # into its new classifier afterwards, so the network (and its export) outputs the targets' units.
-    scale = TargetScale.fit(torch.as_tensor(src["train"].y).float().cpu()) if task == "regress" else None
-    with epoch_log(spec.logger, folder.path) as on_epoch:
-        try:
-            with standardised_targets(scale, src["train"], src.get("val")):
-                result = fit(
-                    trained,
-                    src["train"],
-                    src.get("val"),
-                    len(splits.classes),
-                    spec.train,
-                    spec.progress,
-                    folder.checkpoint,
-                    spec.resume,
-                    param_groups=opt_groups,
-                    train_mode=mode_fn,
-                    on_epoch=on_epoch,
-                    task=task,
-                )
-        except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
-            result = stop.result
-        if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
-            on_epoch(result.history)
+    result, scale = _fit_network(spec, folder, trained, src, groups, mode_fn, len(splits.classes), task)
     if scale is not None:
         fold_target_scale(net.get_submodule(plan.classifier), scale)
     threshold = _threshold(trained, src.get("val")) if task == "multilabel" else None
@@ -352,6 +328,46 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
     return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
+
+
+def _fit_network(
+    spec: RunSpec,
+    folder: RunFolder,
+    trained: nn.Module,
+    src: dict[str, Any],
+    groups: list[dict[str, Any]],
+    mode_fn: Callable[[nn.Module], None],
+    num_classes: int,
+    task: str,
+) -> tuple[FitResult, TargetScale | None]:
+    """Train the network with ``--logger``'s live log (Ctrl-C keeps the finished epochs); a regression
+    network learns standardised targets, as ``train``'s heads do, and the scale is returned so that it
+    is folded into the new classifier afterwards (the network and its export then output the targets'
+    units)."""
+    opt_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+    scale = TargetScale.fit(torch.as_tensor(src["train"].y).float().cpu()) if task == "regress" else None
+    with epoch_log(spec.logger, folder.path) as on_epoch:
+        try:
+            with standardised_targets(scale, src["train"], src.get("val")):
+                result = fit(
+                    trained,
+                    src["train"],
+                    src.get("val"),
+                    num_classes,
+                    spec.train,
+                    spec.progress,
+                    folder.checkpoint,
+                    spec.resume,
+                    param_groups=opt_groups,
+                    train_mode=mode_fn,
+                    on_epoch=on_epoch,
+                    task=task,
+                )
+        except TrainingInterrupted as stop:  # Ctrl-C: the finished epochs still make a (unfinished) run
+            result = stop.result
+        if on_epoch is not None:  # a resumed run that had finished trains no epoch: its log is written here
+            on_epoch(result.history)
+    return result, scale
 
 
 def fold_target_scale(classifier: nn.Module, scale: TargetScale) -> None:

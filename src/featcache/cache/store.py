@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import FeatcacheError, check_name, inside, label_array, no_follow_open
+from .._util import FeatcacheError, check_name, inside, label_array, links_under, no_follow_open
 from ..layout import legacy_layout
 from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
 from .identity import TableRecord
@@ -349,6 +349,15 @@ def _short(exc: BaseException) -> str:
 
 #: one FeatureCache per (root, verify) in this process: :meth:`FeatureCache.shared`
 _SHARED: dict[tuple[str, bool], FeatureCache] = {}
+
+
+def _links_kept(path: Path, key: str) -> list[str]:
+    """``gc``'s note for each symbolic link inside a table: never followed, never deleted."""
+    return [
+        f"{path / name} -> {target}: a symbolic link in table {key[:12]}; gc never follows or deletes links "
+        f"(remove it, or the table with `featcache cache rm {key[:12]}`)"
+        for name, target in links_under(path)
+    ]
 
 
 class FeatureCache:
@@ -754,7 +763,9 @@ class FeatureCache:
                     if _old_format(path):
                         remove([path])
                         removed["old_format"].append(str(path))
-                    continue  # a damaged table stays for `cache verify` / `cache rm`
+                    else:  # a damaged table stays for `cache verify` / `cache rm`; its links are named
+                        removed["not_removed"] += _links_kept(path, key)
+                    continue
                 junk = table.leftovers(index)
                 remove(junk)
                 removed["leftovers"] += [str(p) for p in junk]
@@ -766,11 +777,7 @@ class FeatureCache:
                     self._tables.pop(key, None)
                     removed["unused"].append(str(path))
                     continue
-                removed["not_removed"] += [
-                    f"{link}: a symbolic link in table {key[:12]}; gc never follows or deletes links (remove "
-                    f"it, or the table with `featcache cache rm {key[:12]}`)"
-                    for link in table.links()
-                ]
+                removed["not_removed"] += _links_kept(path, key)
         if max_bytes is not None:
             removed["over_size"] = self._fit(max_bytes)
         return removed

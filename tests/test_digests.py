@@ -28,10 +28,13 @@ from featcache.data.samples import ArraySamples
 
 
 def backdate(files: list[Path], seconds: float = 3600) -> None:
-    """Make files look written ``seconds`` ago (a dataset folder that is not brand new)."""
+    """Make files look written ``seconds`` ago (a dataset folder that is not brand new). Setting the mtime
+    sets the ctime to now, which no call can set back: a tick passes before anything is hashed, or the
+    memo's ctime rule (``CTIME_TICK_NS``) would rightly hash the files again next time."""
     t = time.time() - seconds
     for f in files:
         os.utime(f, (t, t))
+    time.sleep(2 * CTIME_TICK_NS / 1e9)
 
 
 @pytest.fixture

@@ -38,8 +38,8 @@ def run_extract(cache_dir: str, rows: int, batch_size: int, shard_rows: int | No
 
     from featcache.backbones.registry import load_backbone
     from featcache.data.datasets import load_dataset
-    from featcache.extract.build import extract
-    from featcache.extract.config import ExtractConfig
+    from featcache.extraction.build import extract
+    from featcache.extraction.config import ExtractConfig
 
     torch.set_num_threads(1)  # the same arithmetic in every child
     backbone = load_backbone("torchvision:resnet18", weights="none")
@@ -55,7 +55,7 @@ def warm_up(rows: int) -> None:
     so no OpenMP pool exists to be forked."""
     import torch
 
-    import featcache.extract.build  # noqa: F401
+    import featcache.extraction.build  # noqa: F401
     from featcache.data.datasets import load_dataset
 
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ import torch
 from sklearn.linear_model import Ridge
 
 from featcache import DataConfig, ExtractConfig, load_backbone
-from featcache.extract.build import extract_splits
+from featcache.extraction.build import extract_splits
 from featcache.runs.target_probes import ridge_path, sigmoid_path
 from featcache.train.heads import Standardize
 

@@ -25,8 +25,8 @@ from featcache.cache.table import CheckedShard
 from featcache.cache.writer import CACHE_VERSION, write_segment
 from featcache.data.datasets import load_dataset
 from featcache.data.samples import ArraySamples
-from featcache.extract.build import cache_record, extract
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import cache_record, extract
+from featcache.extraction.config import ExtractConfig
 
 SIZE = (32, 32)
 LAYERS = ("layer3", "penultimate")
@@ -179,7 +179,7 @@ KEY_SCRIPT = """
 import hashlib, sys
 from featcache import ExtractConfig, load_backbone, load_dataset
 from featcache.cache.store import cache_key
-from featcache.extract.build import cache_record
+from featcache.extraction.build import cache_record
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset(sys.argv[1], val_fraction=0.0).train
 cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=8)

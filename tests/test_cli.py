@@ -388,7 +388,7 @@ def test_every_public_name_imports_from_the_lazy_package() -> None:
     code = (
         "import sys, featcache; assert 'torch' not in sys.modules\n"
         "from featcache import *  # noqa\n"
-        "from featcache.extract.build import extract as the_function  # the subpackage is loaded now\n"
+        "from featcache.extraction.build import extract as the_function  # the subpackage is loaded now\n"
         "assert featcache.extract is the_function  # and featcache.extract is still the function\n"
         "print(sorted(n for n in featcache.__all__ if getattr(featcache, n) is None))"
     )

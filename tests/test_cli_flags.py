@@ -11,7 +11,7 @@ from featcache.cli.flags import add_config, field_help, from_args
 from featcache.cli.main import main
 from featcache.cli.parser import build_parser
 from featcache.data.config import DataConfig
-from featcache.extract.config import ExtractConfig, Views
+from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.finetune import FinetuneConfig
 from featcache.runs.probe import ProbeConfig
 from featcache.runs.spec import RunSpec

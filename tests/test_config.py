@@ -16,7 +16,7 @@ from featcache.backbones.preprocessing import Preprocessing
 from featcache.backbones.registry import BackboneCfg
 from featcache.data.config import DataConfig
 from featcache.export.build import ExportInfo
-from featcache.extract.config import ExtractConfig, Views
+from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.sweep import SweepGrid
 from featcache.train.config import TrainConfig
 from featcache.train.heads import HeadInfo, HeadSpec

@@ -21,7 +21,7 @@ from featcache.cli.main import main
 from featcache.data.config import DataConfig
 from featcache.export.predict import load_predictor
 from featcache.export.save import export_run
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.spec import RunSpec
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig

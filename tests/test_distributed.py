@@ -16,7 +16,7 @@ from conftest import REPO, tiny_resnet_on_digits
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
 from featcache.cache.store import FeatureCache
 
-extract_mod = importlib.import_module("featcache.extract.build")
+extract_mod = importlib.import_module("featcache.extraction.build")
 
 LAYERS = ("layer2", "penultimate")
 BASE = [
@@ -82,7 +82,7 @@ def test_two_processes_write_the_entry_one_process_would(tmp_path: Path) -> None
 RESUME = """
 import json, sys
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
-from featcache.extract.distributed import ranks_from_env
+from featcache.extraction.distributed import ranks_from_env
 ranks = ranks_from_env()
 bb = load_backbone("torchvision:resnet18", weights="none")
 train = load_dataset("digits", limit=150).train
@@ -120,7 +120,7 @@ def test_sharded_run_resumes_a_partial_entry(tmp_path: Path, monkeypatch: pytest
 DISAGREE = """
 import sys
 from featcache import ExtractConfig, extract, load_backbone, load_dataset
-from featcache.extract.distributed import ranks_from_env
+from featcache.extraction.distributed import ranks_from_env
 ranks = ranks_from_env()
 size = 32 if ranks.is_main else 40  # a flag that differs between ranks changes the key
 cfg = ExtractConfig(input_size=(size, size), device="cpu")

@@ -20,8 +20,8 @@ from featcache.cache.embed import EmbedConfig, write_embeddings
 from featcache.cache.store import CachedFeatures
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
-from featcache.extract.build import extract_splits
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import extract_splits
+from featcache.extraction.config import ExtractConfig
 
 LAYER = "avgpool"
 

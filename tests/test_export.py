@@ -42,8 +42,8 @@ from featcache.export.build import build_model, read_info
 from featcache.export.model import Preprocess
 from featcache.export.predict import load_predictor, prepare_image
 from featcache.export.save import export_run
-from featcache.extract.build import extract
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import extract
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.folder import Run, load_run
 from featcache.runs.probe import ProbeConfig, probe_run
 from featcache.runs.spec import RunSpec

@@ -22,11 +22,11 @@ from featcache.cache.store import CachedFeatures, FeatureCache
 from featcache.data.datasets import load_dataset
 from featcache.data.digests import CTIME_TICK_NS, SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError
-from featcache.extract import extractor as extractor_module
-from featcache.extract.build import extract, extract_splits
-from featcache.extract.config import ExtractConfig, View, Views, parse_layers
-from featcache.extract.extractor import Extractor
-from featcache.extract.pooling import pool_features
+from featcache.extraction import extractor as extractor_module
+from featcache.extraction.build import extract, extract_splits
+from featcache.extraction.config import ExtractConfig, View, Views, parse_layers
+from featcache.extraction.extractor import Extractor
+from featcache.extraction.pooling import pool_features
 
 SIZE = (32, 32)
 LAYERS = ("layer3", "penultimate")
@@ -497,7 +497,7 @@ def test_a_shard_of_only_bad_images(resnet18: Backbone, tmp_path: Path) -> None:
 def test_a_file_changed_or_vanished_during_the_run_is_named_and_committed_rows_stay(
     resnet18: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    build_mod = importlib.import_module("featcache.extract.build")  # `featcache.extract` is the function
+    build_mod = importlib.import_module("featcache.extraction.build")
     files = write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=8)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
     real_digests, seeds = build_mod.DigestMemo.file_digests, iter(range(5, 100))
@@ -546,7 +546,7 @@ def test_a_file_changed_or_vanished_during_the_run_is_named_and_committed_rows_s
 def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from featcache.extract.extractor import decode_workers
+    from featcache.extraction.extractor import decode_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
     assert decode_workers(None, cpu) == 0 and decode_workers(3, cpu) == 3 and decode_workers(0, cuda) == 0
@@ -559,7 +559,7 @@ def test_decode_workers_default_to_none_on_cpu_and_share_the_cores_on_cuda(
 
 
 def test_augmented_views_are_deterministic_cached_entries(resnet18: Backbone, tmp_path: Path) -> None:
-    from featcache.extract.build import cache_record, extract_views
+    from featcache.extraction.build import cache_record, extract_views
 
     write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=6)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train

@@ -29,8 +29,8 @@ from featcache.cache.table import CheckedShard, FeatureTable, cache_key
 from featcache.cache.writer import segment_checksum, write_segment
 from featcache.cli.main import main
 from featcache.data.samples import ArraySamples
-from featcache.extract.build import cache_record, extract
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import cache_record, extract
+from featcache.extraction.config import ExtractConfig
 
 LAYERS = ("layer3", "penultimate")  # a map (rows + channel statistics) and a vector
 

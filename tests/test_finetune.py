@@ -17,8 +17,8 @@ import test_tasks
 from featcache.backbones.registry import load_backbone
 from featcache.cache.store import FeatureCache
 from featcache.data.config import DataConfig
-from featcache.extract.config import ExtractConfig
-from featcache.extract.nodes import FeatureExtractor
+from featcache.extraction.config import ExtractConfig
+from featcache.extraction.nodes import FeatureExtractor
 from featcache.runs.finetune import FinetuneConfig, FinetuneRun, finetune_run
 from featcache.runs.folder import load_run
 from featcache.runs.spec import RunSpec

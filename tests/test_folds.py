@@ -17,8 +17,8 @@ from conftest import tiny_resnet_on_digits
 from featcache.backbones.registry import load_backbone
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
-from featcache.extract.build import extract, extract_splits
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import extract, extract_splits
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.folds import assign_folds, folds_probe, folds_train
 from featcache.runs.probe import ProbeConfig
 from featcache.runs.train import train_on_cache

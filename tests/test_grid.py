@@ -15,8 +15,8 @@ import torch
 from featcache.backbones.registry import load_backbone
 from featcache.cache.store import CachedFeatures
 from featcache.data.config import DataConfig
-from featcache.extract.build import extract_splits
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import extract_splits
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, grid, sweep_run
 from featcache.runs.train import train_grid_on_cache, train_on_cache

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from featcache.backbones.layers import list_layers  # noqa: E402
 from featcache.backbones.registry import load_backbone  # noqa: E402
-from featcache.extract.nodes import FeatureExtractor  # noqa: E402
+from featcache.extraction.nodes import FeatureExtractor  # noqa: E402
 from featcache.runs.spec import RunSpec  # noqa: E402
 from featcache.train.freeze import TrainableSpec, block_names, plan_freeze  # noqa: E402
 

@@ -75,7 +75,7 @@ def test_a_segment_of_another_version_inside_a_table_is_refused(resnet18: Backbo
 
 def test_the_table_record_is_typed_round_trips_and_compares_by_setting(resnet18: Backbone) -> None:
     from featcache.cache.identity import TableRecord, table_key
-    from featcache.extract.build import cache_record
+    from featcache.extraction.build import cache_record
 
     cfg = ExtractConfig(input_size=(32, 32), device="cpu")
     one, two = cache_record(resnet18, ["layer3"], cfg), cache_record(resnet18, ["layer3", "layer4"], cfg)

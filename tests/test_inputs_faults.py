@@ -33,8 +33,8 @@ from featcache.cli.show import print_json
 from featcache.data.config import DataConfig
 from featcache.data.datasets import load_dataset
 from featcache.data.samples import DEFAULT_MAX_PIXELS, BadImageError, decode_image, pixel_limit
-from featcache.extract.build import extract, extract_splits
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import extract, extract_splits
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.finetune import FinetuneConfig
 from featcache.runs.folder import RunFolder
 from featcache.runs.probe import ProbeConfig

@@ -95,8 +95,8 @@ def test_cli_knn_reads_the_cache_and_matches_scikit_learn(
     got = json.loads(capsys.readouterr().out)
     from featcache.backbones.registry import load_backbone
     from featcache.data.config import DataConfig
-    from featcache.extract.build import extract_splits
-    from featcache.extract.config import ExtractConfig
+    from featcache.extraction.build import extract_splits
+    from featcache.extraction.config import ExtractConfig
 
     bb = load_backbone("torchvision:resnet18", weights="none")
     feats = extract_splits(
@@ -124,8 +124,8 @@ def test_cli_knn_of_multilabel_and_regression_sets_is_scikit_learns(
 
     from featcache.backbones.registry import load_backbone
     from featcache.data.config import DataConfig
-    from featcache.extract.build import extract_splits
-    from featcache.extract.config import ExtractConfig
+    from featcache.extraction.build import extract_splits
+    from featcache.extraction.config import ExtractConfig
 
     spec = str(digits_sets["parity" if task == "multilabel" else "value"])
     cache = str(digits_sets["cache"])

@@ -18,8 +18,8 @@ from featcache._util import FeatcacheError
 from featcache.backbones.layers import count_macs, list_layers
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.cli import main
-from featcache.extract.config import parse_layers
-from featcache.extract.nodes import FeatureExtractor
+from featcache.extraction.config import parse_layers
+from featcache.extraction.nodes import FeatureExtractor
 
 # spec -> (layers to extract together, classifier module)
 MODELS = {

@@ -21,9 +21,9 @@ from featcache.backbones.tokens import model_tokens
 from featcache.cache.store import cache_key
 from featcache.data.preprocess import to_model_input
 from featcache.data.samples import ArraySamples
-from featcache.extract.build import cache_record, extract
-from featcache.extract.config import ExtractConfig
-from featcache.extract.extractor import Extractor
+from featcache.extraction.build import cache_record, extract
+from featcache.extraction.config import ExtractConfig
+from featcache.extraction.extractor import Extractor
 
 SIZE = (32, 32)
 

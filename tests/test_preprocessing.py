@@ -28,8 +28,8 @@ from featcache.data.config import DataConfig
 from featcache.data.preprocess import to_model_input
 from featcache.export.build import load_safetensors, read_info
 from featcache.export.save import export_run
-from featcache.extract.build import cache_record, extract
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import cache_record, extract
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.spec import RunSpec
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig

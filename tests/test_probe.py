@@ -129,7 +129,7 @@ def test_the_solvers_objective_is_weighted_cross_entropy(
     """Loss and gradient of both solver backends against autograd through ``F.cross_entropy``."""
     import torch.nn.functional as F
 
-    import featcache.runs.logistic as logistic
+    import featcache.train.logistic as logistic
 
     monkeypatch.setattr(logistic, "SMALL_PROBLEM", 10**9 if backend == "numpy" else 0)
     x, y = _data(50, 7)
@@ -157,7 +157,7 @@ def test_both_solver_backends_match_sklearn(monkeypatch: pytest.MonkeyPatch) -> 
     """The float32 torch path (large problems, GPUs) reaches scikit-learn's solution as the numpy one does."""
     from sklearn.linear_model import LogisticRegression
 
-    import featcache.runs.logistic as logistic
+    import featcache.train.logistic as logistic
 
     x, y = _data(400, 1)
     lam = 1e-2
@@ -181,8 +181,8 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
     from featcache.backbones.registry import load_backbone
     from featcache.cli import main
     from featcache.data.config import DataConfig
-    from featcache.extract.build import extract_splits
-    from featcache.extract.config import ExtractConfig
+    from featcache.extraction.build import extract_splits
+    from featcache.extraction.config import ExtractConfig
 
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "cache"))
     seen: dict[str, list[torch.Tensor]] = {"standardised": [], "solved": []}
@@ -236,7 +236,7 @@ def test_the_chunked_objective_reads_parts_standardised_by_chunks(
     7 rows at a time and standardised on the fly, against autograd on the concatenated copy."""
     import torch.nn.functional as F
 
-    import featcache.runs.logistic as logistic
+    import featcache.train.logistic as logistic
     from featcache.train.heads import Standardize
 
     monkeypatch.setattr(logistic, "SMALL_PROBLEM", 0)

@@ -21,8 +21,8 @@ from featcache.cli import main
 from featcache.data.config import DataConfig
 from featcache.export.predict import load_predictor
 from featcache.export.save import export_run
-from featcache.extract.build import extract
-from featcache.extract.config import ExtractConfig, Views
+from featcache.extraction.build import extract
+from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
 from featcache.runs.probe import ProbeConfig, probe_run
 from featcache.runs.report import curves_figure

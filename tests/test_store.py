@@ -19,8 +19,8 @@ from featcache.cache.store import FeatureCache
 from featcache.cache.table import cache_key
 from featcache.cache.writer import write_segment
 from featcache.data.config import DataConfig
-from featcache.extract.build import extract_splits
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.build import extract_splits
+from featcache.extraction.config import ExtractConfig
 
 DAY = 86400.0
 

@@ -18,7 +18,7 @@ from featcache.backbones.registry import Backbone, load_backbone
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
 from featcache.export.predict import load_predictor
-from featcache.extract.config import ExtractConfig
+from featcache.extraction.config import ExtractConfig
 from featcache.runs.folder import load_run
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, grid, sweep_run

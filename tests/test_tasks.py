@@ -24,7 +24,7 @@ from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone
 from featcache.cli.main import main
 from featcache.data.datasets import load_dataset
-from featcache.extract.build import extract_splits
+from featcache.extraction.build import extract_splits
 from featcache.runs.target_probes import ridge_path, sigmoid_path
 from featcache.train.config import TrainConfig
 from featcache.train.fit import fit

@@ -31,7 +31,7 @@ from featcache.backbones.layers import list_layers, tracer_kwargs
 from featcache.backbones.registry import Backbone, load_backbone
 from featcache.data.preprocess import to_model_input
 from featcache.data.samples import ArraySamples
-from featcache.extract import ExtractConfig, extract
+from featcache.extraction import ExtractConfig, extract
 
 pytestmark = pytest.mark.slow
 
@@ -308,7 +308,7 @@ def test_fx_on_a_tuple_returning_module_or_a_graph_that_fails_gives_the_hooks_ar
     """``method="fx"`` takes a tuple's first tensor, as hooks do (ViT's ``self_attention`` and any
     ``nn.MultiheadAttention``), and a traced graph that raises when run (timm's Hiera) falls back to
     forward hooks with a one-line note: never a raw exception, always the plain hooks' arrays."""
-    from featcache.extract.nodes import FeatureExtractor
+    from featcache.extraction.nodes import FeatureExtractor
 
     if spec == "mha":
         torch.manual_seed(0)

@@ -7,8 +7,6 @@ The names below are imported on first use (PEP 562), so ``featcache --help`` sta
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__  # noqa: F401  (in __all__)
@@ -34,11 +32,11 @@ _HOMES = {
     "load_dataset": "data",
     "export_run": "export",
     "load_predictor": "export",
-    "ExtractConfig": "extract",
-    "FeatureExtractor": "extract",
-    "Views": "extract",
-    "extract": "extract",
-    "extract_splits": "extract",
+    "ExtractConfig": "extraction",
+    "FeatureExtractor": "extraction",
+    "Views": "extraction",
+    "extract": "extraction",
+    "extract_splits": "extraction",
     "FinetuneConfig": "runs",
     "KnnConfig": "runs",
     "knn_eval": "runs",
@@ -77,7 +75,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ i
     )
     from .data import DataConfig, DatasetSplits, SampleSet, load_dataset  # noqa: F401
     from .export import export_run, load_predictor  # noqa: F401
-    from .extract import ExtractConfig, FeatureExtractor, Views, extract, extract_splits  # noqa: F401
+    from .extraction import ExtractConfig, FeatureExtractor, Views, extract, extract_splits  # noqa: F401
     from .runs import (  # noqa: F401
         FinetuneConfig,
         KnnConfig,
@@ -106,18 +104,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_HOMES})
-
-
-class _Package(types.ModuleType):
-    """``featcache.extract`` is the function, as ``from featcache import extract`` promises: importing the
-    subpackage of the same name (which the import system then sets on its parent) does not replace it."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "extract" and isinstance(value, types.ModuleType):
-            # left to __getattr__, which finds the function when it is first asked for: resolving it here
-            # would load the extractor (and torch) with any module of the subpackage, its config too
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -11,7 +11,7 @@ A layer's output is one of
 Pooling averages (or takes the max) over the positions, channel statistics are per channel over the
 positions, and heads that need a map see it channels first (:func:`channels_first`). These are pure
 functions of a tensor and its layout: the backbones stage infers the layout
-(:mod:`featcache.backbones.probe`), the extractor records it in the cache manifest, and every later
+(:mod:`featcache.backbones.shapes`), the extractor records it in the cache manifest, and every later
 stage reads it from there.
 """
 

@@ -32,8 +32,8 @@ from .hooks import (  # noqa: F401  (re-exported: where these names have always 
     heads,
     module_names,
 )
-from .probe import probe_layers
 from .registry import Backbone
+from .shapes import layer_shapes
 
 #: names for sets of layers; the ``@`` keeps them apart from any module name
 LAYER_SETS = {"@blocks": "every block (see block_names) and the classifier's input"}
@@ -58,7 +58,7 @@ class LayerInfo:
 
 def list_layers(backbone: Backbone, input_size: tuple[int, int] | None = None) -> list[LayerInfo]:
     """Every named module with its output shape and layout for one image at ``input_size``, its
-    parameters, and why it cannot be extracted where it cannot (:func:`.probe.probe_layers`).
+    parameters, and why it cannot be extracted where it cannot (:func:`.probe.layer_shapes`).
 
     Example:
         >>> from featcache.backbones import load_backbone
@@ -67,7 +67,7 @@ def list_layers(backbone: Backbone, input_size: tuple[int, int] | None = None) -
         ((1, 256, 4, 4), 'NCHW')
     """
     model = backbone.model
-    probes = probe_layers(backbone, None, input_size)
+    probes = layer_shapes(backbone, None, input_size)
     rows = []
     for name, mod in model.named_modules():
         if not name:

@@ -4,7 +4,7 @@ Design
 ------
 **Tables.** A *feature table* holds the rows of one extraction setting. Its key is the SHA-256 of a
 typed record of everything that decides a row's values and nothing else (:class:`~featcache.cache.
-identity.TableRecord`, built by :func:`featcache.extract.build.cache_record`): backbone spec and
+identity.TableRecord`, built by :func:`featcache.extraction.build.cache_record`): backbone spec and
 weights digest, resolved preprocessing, layers, pooling, storage dtype, AMP, the augmented view's
 index and augmentation, and :data:`CACHE_VERSION`. Labels, split membership, dataset names, paths
 and row order are not part of it.

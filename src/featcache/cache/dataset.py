@@ -24,7 +24,7 @@ class FeatureDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     layer), labels)`` gives, without loading the split into memory.
 
     Args:
-        cached: the split's rows (:func:`~featcache.extract.build.extract` or ``extract_splits``).
+        cached: the split's rows (:func:`~featcache.extraction.build.extract` or ``extract_splits``).
         layer: the layer to serve; may be left out when the rows hold one layer.
         dtype: cast the features to this dtype (default: as stored; bfloat16 rows as ``torch.bfloat16``).
 

@@ -175,7 +175,7 @@ def write_embeddings(
     with one chunk in memory.
 
     Args:
-        feats: the splits of :func:`~featcache.extract.build.extract_splits` (or one split's rows).
+        feats: the splits of :func:`~featcache.extraction.build.extract_splits` (or one split's rows).
         layer: the layer to write.
         out: the output file, ``.npy`` or ``.parquet``.
         split: ``train``, ``val``, ``test`` or ``all`` (one after the other).

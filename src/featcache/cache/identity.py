@@ -1,7 +1,7 @@
 """A feature table's identity: the typed record of everything that decides a row's values, its key,
 and the cache format's version (one module for both, as Hugging Face datasets' ``fingerprint.py``).
 
-Extraction builds a :class:`TableRecord` (:func:`featcache.extract.build.cache_record`); the store
+Extraction builds a :class:`TableRecord` (:func:`featcache.extraction.build.cache_record`); the store
 compares records typed (:meth:`TableRecord.same_setting`) and keys a table by :meth:`TableRecord.key`:
 the SHA-256 of the record's canonical JSON and :data:`CACHE_VERSION`. Labels, splits, dataset names,
 paths and row order are never part of it.

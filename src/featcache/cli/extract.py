@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .._errors import FeatcacheError
 from ..cache.embed import EmbedConfig
 from ..data.config import DataConfig
-from ..extract.config import ExtractConfig, parse_layers
+from ..extraction.config import ExtractConfig, parse_layers
 from .flags import from_args
 from .show import print_json
 
@@ -22,8 +22,8 @@ def cmd_extract(a: argparse.Namespace) -> None:
     data, config = from_args(DataConfig, a), from_args(ExtractConfig, a)  # refused before any loading
     # torch loads from here on, once every setting is checked
     from ..backbones.registry import load_backbone
-    from ..extract.build import extract_splits
-    from ..extract.distributed import ranks_from_env
+    from ..extraction.build import extract_splits
+    from ..extraction.distributed import ranks_from_env
 
     ranks = ranks_from_env()  # several processes under torchrun: each extracts a share of the shards
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
@@ -66,7 +66,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
     # torch loads from here on, once every setting is checked
     from ..backbones.registry import load_backbone
     from ..cache.embed import write_embeddings
-    from ..extract.build import extract_splits
+    from ..extraction.build import extract_splits
 
     bb = load_backbone(a.model, a.weights, input_size=a.input_size)
     layers = parse_layers(embed.layer, bb)

@@ -81,7 +81,7 @@ def _data_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
 
 
 def _extract_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
-    from ..extract.config import ExtractConfig
+    from ..extraction.config import ExtractConfig
     from ..runs.spec import RunSpec
 
     add_config(p, ExtractConfig, rename={"batch_size": batch_flag})
@@ -101,7 +101,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 
 
 def _input_size(p: argparse.ArgumentParser) -> None:
-    from ..extract.config import ExtractConfig
+    from ..extraction.config import ExtractConfig
 
     add_config(p, ExtractConfig, only=["input_size"])
 
@@ -122,7 +122,7 @@ def _run_args(p: argparse.ArgumentParser, out_help: str, resume: bool = True) ->
 
 
 def _views_args(p: argparse.ArgumentParser) -> None:
-    from ..extract.config import Views
+    from ..extraction.config import Views
 
     helps = field_help(Views)
     p.add_argument("--views", type=int, default=0, help=f"{helps['count']} (default: 0, no views)")
@@ -167,7 +167,7 @@ def _layers(p: argparse.ArgumentParser, depth: int | None = None) -> None:
 
 
 def _extract(p: argparse.ArgumentParser) -> None:
-    from ..extract.config import DEFAULT_LAYER
+    from ..extraction.config import DEFAULT_LAYER
 
     _model_args(p)
     _data_args(p)
@@ -220,7 +220,7 @@ def _cache(p: argparse.ArgumentParser) -> None:
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    from ..extract.config import DEFAULT_LAYER as layer
+    from ..extraction.config import DEFAULT_LAYER as layer
 
     _model_args(p, resumable=True)
     _data_args(p, resumable=True)
@@ -252,7 +252,7 @@ def _sweep(p: argparse.ArgumentParser) -> None:
 
 
 def _probe(p: argparse.ArgumentParser) -> None:
-    from ..extract.config import DEFAULT_LAYER as layer
+    from ..extraction.config import DEFAULT_LAYER as layer
     from ..runs.config import ProbeConfig
     from ..runs.spec import RunSpec
 
@@ -273,7 +273,7 @@ def _probe(p: argparse.ArgumentParser) -> None:
 
 
 def _knn(p: argparse.ArgumentParser) -> None:
-    from ..extract.config import DEFAULT_LAYER as layer
+    from ..extraction.config import DEFAULT_LAYER as layer
     from ..runs.config import KnnConfig
 
     _model_args(p)

@@ -13,7 +13,7 @@ from .._config import from_json
 from .._format import format_table
 from .._util import FeatcacheError
 from ..data.config import DataConfig
-from ..extract.config import ExtractConfig, Views
+from ..extraction.config import ExtractConfig, Views
 from ..runs.config import FinetuneConfig, KnnConfig, ProbeConfig, SweepGrid
 from ..runs.spec import RunSpec
 from ..train.config import HeadSpec, TrainConfig

@@ -36,8 +36,8 @@ from ..backbones.layers import LOGITS
 from ..backbones.preprocessing import Preprocessing
 from ..backbones.registry import Backbone, BackboneCfg, load_backbone, parse_spec
 from ..backbones.tokens import pool_prefix
-from ..extract.nodes import FeatureExtractor
-from ..extract.truncate import truncate
+from ..extraction.nodes import FeatureExtractor
+from ..extraction.truncate import truncate
 from ..runs.finetune import load_finetuned
 from ..runs.folder import RunFolder, RunRecord
 from ..train.heads import HeadInfo

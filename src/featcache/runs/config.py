@@ -15,7 +15,7 @@ import numpy as np
 
 from .._checks import check_number, check_numbers
 from .._errors import FeatcacheError, unknown
-from ..extract.config import parse_layers
+from ..extraction.config import parse_layers
 from ..train.config import HeadSpec, TrainableSpec, TrainConfig
 
 DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))

@@ -28,9 +28,9 @@ from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
-from ..extract.build import bad_images_error, extract, extract_views
-from ..extract.config import ExtractConfig, Views
-from ..extract.extractor import decode_workers, resolved_cfg
+from ..extraction.build import bad_images_error, extract, extract_views
+from ..extraction.config import ExtractConfig, Views
+from ..extraction.extractor import decode_workers, resolved_cfg
 from ..train.fit import FitResult, TrainingInterrupted, fit, predict_logits
 from ..train.freeze import (
     FreezePlan,

@@ -38,7 +38,7 @@ from .._version import __version__
 from ..backbones.registry import BackboneCfg
 from ..cache.store import CachedFeatures
 from ..data.samples import SampleSet
-from ..extract.config import ExtractConfig
+from ..extraction.config import ExtractConfig
 from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
@@ -96,7 +96,7 @@ class RunRecord:
         model: the backbone spec as resolved (``torchvision:resnet18``).
         backbone_cfg: :meth:`BackboneCfg.to_dict` of the backbone (preprocessing, weights id, ...).
         data: the :class:`~featcache.data.DataConfig` as a dict.
-        extract: the :class:`~featcache.extract.ExtractConfig` as a dict, with the run's ``layers``,
+        extract: the :class:`~featcache.extraction.ExtractConfig` as a dict, with the run's ``layers``,
             ``augment`` and ``views``.
         classes: class names, in label order (regress: the targets' names).
         task: what the run learnt: ``classify``, ``multilabel`` or ``regress`` (never part of a cache key).

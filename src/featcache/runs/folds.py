@@ -33,10 +33,10 @@ from ..cache.store import CachedFeatures, join_splits
 from ..train.config import TrainConfig
 from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec
+from ..train.logistic import Part, RowBlocks
 from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
-from .logistic import Part, RowBlocks
 from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
 from .target_probes import path_outputs, refit_probe

@@ -19,12 +19,10 @@ from tqdm.auto import tqdm
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..cache.writer import to_torch
-from ..extract.config import DEFAULT_LAYER
+from ..extraction.config import DEFAULT_LAYER
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
-from ..train.sources import FeatureSource, source_for
-from .config import CLASS_WEIGHTS, DEFAULT_STRENGTHS, METRICS, ProbeConfig  # noqa: F401  (no torch)
-from .logistic import (
+from ..train.logistic import (
     Part,
     RowBlocks,
     SoftmaxRegression,
@@ -33,6 +31,8 @@ from .logistic import (
     fit_standardize_rows,
     small_problem_threads,
 )
+from ..train.sources import FeatureSource, source_for
+from .config import CLASS_WEIGHTS, DEFAULT_STRENGTHS, METRICS, ProbeConfig  # noqa: F401  (no torch)
 from .report import most_confused
 from .spec import RunSpec
 from .target_probes import probe_task
@@ -59,7 +59,7 @@ class ProbeResult:
 def _problem(
     z: torch.Tensor | RowBlocks, y: torch.Tensor, num_classes: int, config: ProbeConfig
 ) -> SoftmaxRegression:
-    """The rows of one fit or path, prepared once (:class:`~featcache.runs.logistic.SoftmaxRegression`)."""
+    """The rows of one fit or path, prepared once (:class:`~featcache.train.logistic.SoftmaxRegression`)."""
     return SoftmaxRegression(z, y, num_classes, class_weights(y, num_classes, config.class_weight))
 
 
@@ -90,7 +90,7 @@ def fit_logistic(
     """One L2-regularised logistic regression as a ``linear`` head (standardisation folded in front).
 
     Solved tighter (``tol``) than the probe's path, whose strengths only need ranking on val. ``x`` may
-    be :class:`~featcache.runs.logistic.RowBlocks` (some rows of a split, or a split streamed from its
+    be :class:`~featcache.train.logistic.RowBlocks` (some rows of a split, or a split streamed from its
     memory maps): the rows are read by chunks and never copied.
 
     Example:
@@ -181,7 +181,7 @@ def _probe(
 ) -> ProbeResult:
     """:func:`linear_probe` once its inputs are checked.
 
-    The rows are read through :class:`~featcache.runs.logistic.RowBlocks`: standardised on the fly, the
+    The rows are read through :class:`~featcache.train.logistic.RowBlocks`: standardised on the fly, the
     refit's train + val rows as two parts of one problem, a split over the RAM budget streamed from its
     memory maps by the same full-batch L-BFGS (each function evaluation one pass over the rows).
     """

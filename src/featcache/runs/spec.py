@@ -13,7 +13,7 @@ from .._config import from_json, to_json
 from .._errors import FeatcacheError
 from ..cache.housekeeping import cache_root, dataset_name, swap_split_log
 from ..data.config import DataConfig
-from ..extract.config import ExtractConfig, Views, parse_layers
+from ..extraction.config import ExtractConfig, Views, parse_layers
 from ..train.config import TrainConfig
 from .logger import check_logger
 
@@ -145,7 +145,7 @@ class RunSpec:
     ) -> None:
         """The start-of-run line: model, input size and preprocessing, what trains, images and classes,
         and ``train``'s batch size with its steps per epoch (an automatic one decided for the split)."""
-        from ..extract.extractor import resolved_cfg
+        from ..extraction.extractor import resolved_cfg
 
         pre = resolved_cfg(backbone, self.extract).preprocessing
         h, w = pre.input_size
@@ -211,7 +211,7 @@ class RunSpec:
         self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]
     ) -> tuple[dict[str, CachedFeatures], list[CachedFeatures]]:
         """Every split's ``layers`` in one pass (a cache hit runs none), and the training split's views."""
-        from ..extract.build import extract_splits, extract_views
+        from ..extraction.build import extract_splits, extract_views
 
         kw: dict[str, Any] = {"cache_dir": self.cache_dir, "progress": self.progress}
         feats = extract_splits(backbone, splits, layers, self.extract, **kw)

@@ -36,7 +36,7 @@ from .._util import FeatcacheError, best_on_val
 from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures
 from ..data.datasets import DatasetSplits
-from ..extract.config import parse_layers
+from ..extraction.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted
 from ..train.grid import grid_not_covered

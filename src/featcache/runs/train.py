@@ -22,9 +22,9 @@ from .._util import resolve_device
 from ..backbones.registry import Backbone
 from ..cache.store import CachedFeatures, FeatureCache
 from ..data.datasets import DatasetSplits
-from ..extract.build import cache_record
-from ..extract.config import DEFAULT_LAYER
-from ..extract.extractor import Extractor
+from ..extraction.build import cache_record
+from ..extraction.config import DEFAULT_LAYER
+from ..extraction.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit, predict_logits
 from ..train.grid import fit_grid, grid_not_covered
@@ -124,7 +124,8 @@ def train_on_cache(
 ) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
 
-    With ``views`` (cached augmented views of the train split, :func:`~featcache.extract.build.extract_views`)
+    With ``views`` (cached augmented views of the train split,
+    :func:`~featcache.extraction.build.extract_views`)
     epoch ``e`` trains on view ``e mod K``; standardisation statistics still come from the plain split.
     ``on_epoch`` gets the history after each epoch, and once more at the end (``--logger``).
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..backbones.registry import BackboneCfg
 from ..data.preprocess import PreprocessedView
 from ..data.samples import SampleSet
-from ..extract.extractor import Extractor, decode_workers
+from ..extraction.extractor import Extractor, decode_workers
 
 
 def dataloader_epoch(

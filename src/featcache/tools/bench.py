@@ -33,9 +33,9 @@ from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits, builtin_samples, image_folder, load_dataset
 from ..data.preprocess import to_model_input
 from ..data.samples import FileSamples
-from ..extract.build import extract, extract_splits
-from ..extract.config import ExtractConfig
-from ..extract.extractor import Extractor, resolved_cfg
+from ..extraction.build import extract, extract_splits
+from ..extraction.config import ExtractConfig
+from ..extraction.extractor import Extractor, resolved_cfg
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import environment
 from ..runs.knn import KnnConfig, knn_eval

@@ -20,8 +20,8 @@ from ..backbones.layers import list_layers
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import FeatureCache
 from ..data.config import DataConfig
-from ..extract.config import ExtractConfig
-from ..extract.extractor import Extractor, resolved_cfg
+from ..extraction.config import ExtractConfig
+from ..extraction.extractor import Extractor, resolved_cfg
 from ..runs.folder import Run, environment
 from ..runs.report import format_table
 from ..runs.spec import RunSpec

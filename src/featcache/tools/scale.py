@@ -65,7 +65,7 @@ def _scale_backbone(name: str, weights: str | None) -> Any:
 
 
 def _config() -> Any:
-    from ..extract.config import ExtractConfig
+    from ..extraction.config import ExtractConfig
 
     return ExtractConfig(input_size=(SIDE, SIDE), device="cpu", dtype="float16", batch_size=256)
 
@@ -102,8 +102,8 @@ def fill_table(tree: Path, cache: Path) -> str:
     from ..cache.writer import write_segment
     from ..data.datasets import load_dataset
     from ..data.digests import DigestMemo
-    from ..extract.build import cache_record
-    from ..extract.extractor import Extractor, shard_rows
+    from ..extraction.build import cache_record
+    from ..extraction.extractor import Extractor, shard_rows
 
     register_scale_backbone()
     bb, cfg = load_backbone(SCALE_MODEL, "none"), _config()
@@ -163,7 +163,7 @@ def _op_extract(tree: str, cache: str) -> dict[str, Any]:
     and check the shards of rows from the cache."""
     from ..backbones.registry import load_backbone
     from ..data.datasets import load_dataset
-    from ..extract.build import extract_splits
+    from ..extraction.build import extract_splits
 
     register_scale_backbone()
     bb = load_backbone(SCALE_MODEL, "none")
@@ -205,7 +205,7 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
 
     from ..backbones.registry import load_backbone
     from ..data.datasets import load_dataset
-    from ..extract.build import extract
+    from ..extraction.build import extract
     from ..train.config import TrainConfig
     from ..train.fit import fit
     from ..train.heads import HeadSpec, build_head

@@ -57,12 +57,12 @@ class ExtractConfig:
         shard_mb: target size of one shard (the unit of commit and resume).
         shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it). Shards hold whole
             batches: both are rounded up to a multiple of ``batch_size``.
-        method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.extract.nodes.FeatureExtractor`).
+        method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.extraction.nodes.FeatureExtractor`).
         verify: check each cached shard's SHA-256 the first time this process reads it (once per
             file; a damaged table is an error naming ``featcache cache rm``). Index segments are checked
             on every open either way; not part of the cache key.
 
-    The layers are not part of it: they are an argument of :func:`~featcache.extract.extract`, as
+    The layers are not part of it: they are an argument of :func:`~featcache.extraction.extract`, as
     torchvision's ``return_nodes`` are.
 
     Example:

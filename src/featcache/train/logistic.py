@@ -24,7 +24,7 @@ import torch
 from .._util import FeatcacheError
 from ..cache.rows import Rows, release_pages
 from ..cache.writer import to_torch
-from ..train.heads import Standardize
+from .heads import Standardize
 
 #: rows x features x classes up to which a fit on the CPU runs with numpy in float64
 SMALL_PROBLEM = 2_000_000

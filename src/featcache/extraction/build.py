@@ -102,7 +102,7 @@ def extract(
         split: the split's name (recorded, not part of any key).
         progress: show progress bars (hashing, extraction).
         ranks: extract as one of several ``torchrun`` processes, each taking a share of the missing
-            rows (:func:`featcache.extract.distributed.ranks_from_env`); every rank must call this alike.
+            rows (:func:`featcache.extraction.distributed.ranks_from_env`); every rank must call this alike.
         view: None for the images as they are, else one augmented view (:class:`View`).
 
     Returns:

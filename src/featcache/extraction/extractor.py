@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .._util import FeatcacheError, resolve_device
-from ..backbones.probe import LayerProbe, probe_layers, probe_outputs
 from ..backbones.registry import Backbone, BackboneCfg
+from ..backbones.shapes import LayerShape, layer_shapes, output_shapes
 from ..backbones.tokens import Tokens, model_tokens, pool_prefix
 from ..cache.writer import STORAGE_DTYPES
 from ..layout import NC, NLD, TOKEN_POOLS, pool, pooled_layout, position_axes
@@ -51,7 +51,7 @@ def use_amp(config: ExtractConfig, device: torch.device) -> bool:
 class Extractor:
     """A prepared extraction: the truncated backbone on its device, ready to run batches.
 
-    Preparing it probes the layers (:func:`~featcache.backbones.probe.probe_layers`): a layer whose
+    Preparing it probes the layers (:func:`~featcache.backbones.shapes.layer_shapes`): a layer whose
     first axis is not the batch is refused, and so is pooling a layer whose layout is unknown; an FX
     path is checked against forward hooks on a random batch before any image is extracted.
 
@@ -154,12 +154,12 @@ def check_layers(
     spec, graph = backbone.cfg.spec, net.graph_nodes
     tokens = model_tokens(backbone.model) if pool_ in TOKEN_POOLS else None
     patch = [tokens.patch_module] if tokens is not None and tokens.patch_module else []
-    probes = probe_layers(backbone, [*(n for n in net.layers if n not in graph), *patch], input_size)
+    probes = layer_shapes(backbone, [*(n for n in net.layers if n not in graph), *patch], input_size)
     patches = _positions(probes[patch[0]]) if patch else None
     if graph:
         param = next(backbone.model.parameters(), None)
         device = param.device if param is not None else None
-        probes.update(probe_outputs(net, graph, backbone.cfg.channels, input_size, device))
+        probes.update(output_shapes(net, graph, backbone.cfg.channels, input_size, device))
     probes = {n: probes[n] for n in net.layers}
     for name, p in probes.items():
         if p.shape is None:
@@ -180,7 +180,7 @@ def check_layers(
     return {n: p.layout for n, p in probes.items()}
 
 
-def _positions(p: LayerProbe) -> int | None:
+def _positions(p: LayerShape) -> int | None:
     """The number of patches a patch embedding outputs for one image: its map's positions, or its tokens
     (timm's ``PatchEmbed`` gives (1, L, D) that no probe source can tell from (1, C, L))."""
     if p.shape is None or p.layout == NC:
@@ -191,7 +191,7 @@ def _positions(p: LayerProbe) -> int | None:
 
 
 def _check_tokens(
-    spec: str, probes: dict[str, LayerProbe], how: str, tokens: Tokens | None, patches: int | None
+    spec: str, probes: dict[str, LayerShape], how: str, tokens: Tokens | None, patches: int | None
 ) -> None:
     """Refuse ``--pool cls|avg-tokens`` where it would not read what it says: a layer that is not tokens,
     a model whose prefix tokens featcache does not know, ``cls`` without a class token, or a layer whose

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LayerProbe:
+class LayerShape:
     """What the probe learnt about one layer.
 
     Attributes:
@@ -48,8 +48,8 @@ class LayerProbe:
 
     Example:
         >>> swin = load_backbone("torchvision:swin_t", weights="none")  # doctest: +SKIP
-        >>> probe_layers(swin, ["features.5"], (64, 64))["features.5"]  # doctest: +SKIP
-        LayerProbe(shape=(1, 4, 4, 384), layout='NHWC', how='input-size probe', refused=None)
+        >>> layer_shapes(swin, ["features.5"], (64, 64))["features.5"]  # doctest: +SKIP
+        LayerShape(shape=(1, 4, 4, 384), layout='NHWC', how='input-size probe', refused=None)
     """
 
     shape: tuple[int, ...] | None
@@ -196,10 +196,10 @@ class _Decider:
                 return self.decided[cand], f"inherited from {cand}"
         return None
 
-    def decide(self, name: str) -> LayerProbe:
+    def decide(self, name: str) -> LayerShape:
         shape = self.one.shapes.get(name)
         if shape is None:
-            return LayerProbe(None, None, "not called", "it is not called during the forward pass")
+            return LayerShape(None, None, "not called", "it is not called during the forward pass")
         refused = self.refusal(name, shape)
         layout: str | None
         if len(shape) <= 2:
@@ -219,7 +219,7 @@ class _Decider:
                 )
         if layout is not None and refused is None:
             self.decided[name] = layout
-        return LayerProbe(shape, layout, how, refused)
+        return LayerShape(shape, layout, how, refused)
 
     def refusal(self, name: str, shape: tuple[int, ...]) -> str | None:
         """Why the layer is not one value per image (None when it is)."""
@@ -235,19 +235,19 @@ class _Decider:
         )
 
 
-def probe_outputs(
+def output_shapes(
     run: nn.Module,
     names: Sequence[str],
     channels: int,
     input_size: tuple[int, int],
     device: torch.device | None = None,
-) -> dict[str, LayerProbe]:
-    """:func:`probe_layers` for values no hook reaches (torch.fx graph nodes): ``run(x)`` returns them
+) -> dict[str, LayerShape]:
+    """:func:`layer_shapes` for values no hook reaches (torch.fx graph nodes): ``run(x)`` returns them
     as a dict; the input-size probe alone decides the layout.
 
     Example:
-        >>> probe_outputs(FeatureExtractor(model, ["flatten"]), ["flatten"], 3, (64, 64))  # doctest: +SKIP
-        {'flatten': LayerProbe(shape=(1, 512), layout='NC', how='vectors', refused=None)}
+        >>> output_shapes(FeatureExtractor(model, ["flatten"]), ["flatten"], 3, (64, 64))  # doctest: +SKIP
+        {'flatten': LayerShape(shape=(1, 512), layout='NC', how='vectors', refused=None)}
     """
     h, w = input_size
 
@@ -282,9 +282,9 @@ def _run_or_explain(backbone: Backbone, names: Sequence[str], size: tuple[int, i
         ) from exc
 
 
-def probe_layers(
+def layer_shapes(
     backbone: Backbone, names: Sequence[str] | None = None, input_size: tuple[int, int] | None = None
-) -> dict[str, LayerProbe]:
+) -> dict[str, LayerShape]:
     """Shape, layout and batch-axis check of ``names`` (default: every module, ``penultimate``, ``logits``).
 
     Runs the model on zeros: one image at ``input_size`` and two at twice the size (two at the size
@@ -292,7 +292,7 @@ def probe_layers(
 
     Example:
         >>> bb = load_backbone("torchvision:resnet18", weights="none")  # doctest: +SKIP
-        >>> probe_layers(bb, ["layer3"], (64, 64))["layer3"].layout  # doctest: +SKIP
+        >>> layer_shapes(bb, ["layer3"], (64, 64))["layer3"].layout  # doctest: +SKIP
         'NCHW'
     """
     h, w = input_size or backbone.cfg.input_size

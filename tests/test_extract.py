@@ -26,7 +26,7 @@ from featcache.extraction import extractor as extractor_module
 from featcache.extraction.build import extract, extract_splits
 from featcache.extraction.config import ExtractConfig, View, Views, parse_layers
 from featcache.extraction.extractor import Extractor
-from featcache.extraction.pooling import pool_features
+from featcache.layout import pool_features
 
 SIZE = (32, 32)
 LAYERS = ("layer3", "penultimate")

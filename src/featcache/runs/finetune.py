@@ -30,7 +30,7 @@ from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
 from ..extraction.build import bad_images_error, extract, extract_views
 from ..extraction.config import ExtractConfig, Views
-from ..extraction.extractor import decode_workers, resolved_cfg
+from ..extraction.extractor import decode_workers
 from ..train.fit import FitResult, TrainingInterrupted, fit, predict_logits
 from ..train.freeze import (
     FreezePlan,
@@ -228,7 +228,9 @@ def load_finetuned(
     size = record.extract.get("input_size")
     if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
         module = backbone.model if isinstance(backbone, Backbone) else backbone
-        backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
+        backbone = load_backbone(
+            copy.deepcopy(module), cfg=record.backbone, input_size=tuple(size) if size else None
+        )
         weights_arg = "the module passed"
     else:
         backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
@@ -278,7 +280,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     spec.record_splits(folder, splits)
     contents = split_contents(splits, spec.cache_dir, spec.progress)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
-    pre = resolved_cfg(backbone, spec.extract)
+    pre = backbone.cfg
     plan = plan_freeze(
         backbone,
         TrainableSpec.parse(ft.train),

@@ -107,8 +107,8 @@ class RunSpec:
         """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
         from ..backbones.registry import Backbone, load_backbone
 
-        if isinstance(self.model, Backbone):
-            return self.model
+        if isinstance(self.model, Backbone):  # resolved for the input size, the same model object
+            return self.model.at_input_size(self.extract.input_size)
         # models built for one input size (timm ViT, Swin) are built for this one
         return load_backbone(self.model, self.weights, input_size=self.extract.input_size)
 
@@ -145,9 +145,7 @@ class RunSpec:
     ) -> None:
         """The start-of-run line: model, input size and preprocessing, what trains, images and classes,
         and ``train``'s batch size with its steps per epoch (an automatic one decided for the split)."""
-        from ..extraction.extractor import resolved_cfg
-
-        pre = resolved_cfg(backbone, self.extract).preprocessing
+        pre = backbone.cfg.preprocessing
         h, w = pre.input_size
         sizes = " / ".join(f"{len(s)} {n}" for n, s in splits.items())
         line = (

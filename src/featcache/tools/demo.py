@@ -171,7 +171,7 @@ def run_demo(
 
 def _naive_epochs(cfg: DemoConfig, bb: Backbone, spec: RunSpec, run: Run, head_spec: HeadSpec) -> list[float]:
     """Seconds of each measured epoch of the naive loop (the backbone runs on every image)."""
-    splits, tcfg = spec.load_data(), spec.train
+    splits, tcfg = spec.data.load(spec.cache_dir), spec.train
     ex = Extractor(bb, [cfg.layer], spec.extract)
     info = run.head_info
     head = build_head(

@@ -12,6 +12,7 @@ from .._lazy import lazy_names
 # name -> the module of this package that defines it
 _HOMES = {
     "FinetuneConfig": "config",
+    "Job": "job",
     "KnnConfig": "config",
     "ProbeConfig": "config",
     "Run": "folder",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .finetune import finetune_run  # noqa: F401
     from .folder import Run, RunFolder, RunRecord, load_run  # noqa: F401
     from .folds import folds_run  # noqa: F401
+    from .job import Job  # noqa: F401
     from .knn import knn_eval, knn_run  # noqa: F401
     from .probe import probe_run  # noqa: F401
     from .spec import RunSpec  # noqa: F401

@@ -21,6 +21,7 @@ from featcache._util import FeatcacheError
 from featcache.backbones.registry import load_backbone
 from featcache.cache.store import FeatureCache
 from featcache.cli import main
+from featcache.extraction.build import extract_table
 from featcache.extraction.config import ExtractConfig
 from featcache.runs.job import Job
 from featcache.runs.spec import RunSpec
@@ -109,3 +110,16 @@ def test_run_spec_holds_settings_only() -> None:
     methods = {n for n, v in vars(RunSpec).items() if callable(v) and not n.startswith("_")}
     assert methods <= {"no_resume", "from_run"}, methods
     assert isinstance(vars(RunSpec)["from_run"], classmethod)
+
+
+def test_extract_table_refuses_a_record_of_another_extraction(tmp_path: Path) -> None:
+    ecfg = ExtractConfig(input_size=(32, 32), device="cpu")
+    spec = RunSpec("torchvision:resnet18", "digits", weights="none", extract=ecfg, cache_dir=str(tmp_path))
+    job = Job.open(spec, "knn", "layer4", folder=False, one_layer=True)
+    other = job.table(["layer3"])
+    with pytest.raises(ValueError, match=r"layers \('layer3',\) \(expected \('layer4',\)\)"):
+        extract_table(job.backbone, job.splits, job.layers, ecfg, other, job.cache, progress=False)
+    bigger = dataclasses.replace(ecfg, input_size=(48, 48))
+    with pytest.raises(ValueError, match="preprocessing"):
+        extract_table(job.backbone, job.splits, job.layers, bigger, job.table(), job.cache, progress=False)
+    assert not list(tmp_path.rglob("table.json"))  # refused before any table is made

@@ -437,6 +437,7 @@ def extract_table(
         >>> record, cache = cache_record(bb, names, cfg), FeatureCache.shared()  # doctest: +SKIP
         >>> feats = extract_table(bb, splits, names, cfg, record, cache)  # doctest: +SKIP
     """
+    backbone = backbone.at_input_size(config.input_size)  # itself when resolved already
     _check_record(record, backbone, names, config)
     out = {
         name: _extract(backbone, s, names, config, cache, record, name, progress, ranks, None)

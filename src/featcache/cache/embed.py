@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._errors import FeatcacheError, unknown
-from .store import CachedFeatures
+from .splits import CachedFeatures
 
 #: what ``--split`` takes: one split, or every split one after the other
 EMBED_SPLITS = ("train", "val", "test", "all")

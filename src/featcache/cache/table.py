@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,13 +24,13 @@ import numpy as np
 
 from .._util import FeatcacheError, inside, links_under, write_json
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
-from .identity import TableRecord, table_key
-from .rows import RowView, Shard
+from .housekeeping import last_used, linked_entry, remove
+from .identity import TABLE_FILE, TableRecord, table_key
+from .rows import STORAGE_DTYPES, RowView, Shard
 from .writer import (
     CACHE_VERSION,
     CHANNEL_STATS,
     SEGMENT_NAME,
-    STORAGE_DTYPES,
     digests_file,
     segment_checksum,
     sha256_file,
@@ -43,7 +42,6 @@ if TYPE_CHECKING:  # data/ imports torch: `cache ls` starts without it, so the m
     from ..data.digests import DigestMemo, StatKey
 
 log = logging.getLogger(__name__)
-TABLE_FILE = "table.json"
 #: merged segments hold about this many bytes of rows, and segments under a quarter of it are merged ...
 MERGE_BYTES = 1 << 30
 #: ... once this many have accumulated (an incremental run adds up to 8)
@@ -69,18 +67,6 @@ class Segment:
     skipped: dict[str, str]
     layers: dict[str, dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def old_format(path: Path) -> bool:
-    """Whether ``path`` is an entry of an older cache format: a table file of another version (never
-    read: ``cache gc`` removes it), or no table file and no segments (formats before tables)."""
-    try:
-        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
-        return bool(doc.get("cache_version") != CACHE_VERSION)
-    except FileNotFoundError:
-        return not (path / "segments").is_dir()  # segments without table.json: a damaged table
-    except (OSError, ValueError, AttributeError):
-        return False  # a damaged table file: for `cache verify` / `cache rm`, not for gc
 
 
 class SegmentError(FeatcacheError):
@@ -709,47 +695,3 @@ def _stamp(file: Path) -> str:
     except OSError:
         return file.name  # gone: reading it names the problem
     return f"{file.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-
-
-def linked_entry(path: Path) -> FeatcacheError:
-    """The error for a cache entry that is a symbolic link: never read or written through."""
-    target = os.readlink(path) if path.is_symlink() else "?"
-    return FeatcacheError(
-        f"cache entry {str(path)!r} is a symbolic link (to {target!r}): featcache reads and writes only "
-        f"inside the cache root, never through a link; `featcache cache rm {path.name[:12]}` removes the "
-        "link (never what it points to)"
-    )
-
-
-def remove(paths: Sequence[Path]) -> None:
-    """Delete files and folders (already gone is fine); a symbolic link is removed itself, never what it
-    points to (``shutil.rmtree`` removes the links inside a folder, not their targets)."""
-    for p in paths:
-        if p.is_symlink():
-            p.unlink(missing_ok=True)
-        elif p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def last_used(path: Path) -> float:
-    """When a split was last read from the table at ``path`` (Unix time): its ``last_used`` file, else its
-    creation; readable for a damaged table too. No link is followed (a link's own time is read)."""
-    for name in ("last_used", TABLE_FILE):
-        with contextlib.suppress(OSError):
-            return (path / name).lstat().st_mtime
-    return path.lstat().st_mtime
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of every file under ``path``; what a symbolic link points to is not counted (nor is a
-    ``path`` that is a link: removing it frees nothing)."""
-    if path.is_symlink():
-        return 0
-    total = 0
-    for d, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(d, f)).st_size
-    return total

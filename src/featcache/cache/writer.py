@@ -29,21 +29,18 @@ import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` starts without it
-    import torch
 
 from .._disk import disk_errors, ensure_space
 from .._util import FeatcacheError, is_inside, no_follow_open, stable_hash, write_json
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
 from .identity import CACHE_VERSION
+from .rows import to_torch
 
 __all__ = ["CACHE_VERSION", "write_segment"]  # CACHE_VERSION lives with the table record (identity.py)
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CHANNEL_STATS = ("mean", "var")
 #: segment names: commit time (ns) and a random tag, so sorting them sorts by commit time
 SEGMENT_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{8}$")
@@ -76,15 +73,6 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     meta = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
     os.replace(tmp, path)
     return meta
-
-
-def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
-    import torch
-
-    a = np.ascontiguousarray(array)
-    t = torch.from_numpy(a if a.flags.writeable else a.copy())
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def channel_stats(maps: np.ndarray, dtype: str = "float32", layout: str = "NCHW") -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from .flags import from_args
 from .show import print_json
 
 if TYPE_CHECKING:
-    from ..cache.store import CachedFeatures
+    from ..cache.splits import CachedFeatures
 
 
 def cmd_extract(a: argparse.Namespace) -> None:

@@ -26,7 +26,8 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.identity import TableRecord
-from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
+from ..cache.splits import CachedFeatures
+from ..cache.store import DIGEST_MEMO, FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .._checks import check_device, check_input_side, check_number
 from .._errors import FeatcacheError, unknown
-from ..cache.writer import STORAGE_DTYPES
+from ..cache.rows import STORAGE_DTYPES
 from ..data.config import BAD_IMAGE_POLICIES, normalize_augment
 from ..layout import TOKEN_POOLS
 

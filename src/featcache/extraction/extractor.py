@@ -18,7 +18,7 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone, BackboneCfg
 from ..backbones.shapes import LayerShape, layer_shapes, output_shapes
 from ..backbones.tokens import Tokens, model_tokens, pool_prefix
-from ..cache.writer import STORAGE_DTYPES
+from ..cache.rows import STORAGE_DTYPES
 from ..layout import NC, NLD, TOKEN_POOLS, pool, pooled_layout, position_axes
 from .config import ExtractConfig
 from .nodes import FeatureExtractor

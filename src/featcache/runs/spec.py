@@ -21,7 +21,7 @@ from .logger import check_logger
 # methods that run jobs import what they use.
 if TYPE_CHECKING:
     from ..backbones.registry import Backbone
-    from ..cache.store import CachedFeatures
+    from ..cache.splits import CachedFeatures
     from ..data.datasets import DatasetSplits
     from .folder import RunFolder, RunRecord
 

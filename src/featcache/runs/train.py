@@ -20,7 +20,8 @@ from torch import nn
 from .._config import to_json
 from .._util import resolve_device
 from ..backbones.registry import Backbone
-from ..cache.store import CachedFeatures, FeatureCache
+from ..cache.splits import CachedFeatures
+from ..cache.store import FeatureCache
 from ..data.datasets import DatasetSplits
 from ..extraction.build import cache_record
 from ..extraction.config import DEFAULT_LAYER

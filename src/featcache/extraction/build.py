@@ -28,7 +28,7 @@ from ..cache.housekeeping import dataset_name
 from ..cache.identity import TableRecord
 from ..cache.splits import CachedFeatures
 from ..cache.store import DIGEST_MEMO, FeatureCache, cache_key
-from ..cache.table import TABLE_FILE, FeatureTable
+from ..cache.table import TABLE_FILE, FeatureTable, new_run
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo, SampleChangedError
@@ -299,13 +299,14 @@ def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | No
         first.setdefault(d, i)  # a duplicated image is read from its first file
     ex = Extractor(job.backbone, table.layers, job.config)
     rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
+    run: str = _decided(ranks, new_run)  # every rank's segments are one run (the merge policy's unit)
     shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
     world = 1 if ranks is None else ranks.world
     mine = [d for j, s in enumerate(shards) if ranks is None or ranks.owns(j) for d in s]
     if (ranks is None or ranks.is_main) and len(missing) < len(set(job.digests)):
         log.info("table %s: %d of %d images to extract", table.key[:12], len(missing), len(set(job.digests)))
     if mine:
-        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, ranks)
+        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, run, ranks)
     if ranks is not None:
         ranks.barrier()  # every rank's segments are committed
     by_process = {str(r): sum(len(s) for s in shards[r::world]) for r in range(world)}
@@ -333,6 +334,7 @@ def _run(
     pending: Sequence[str],
     indices: Sequence[int],
     rows_per: int,
+    run: str,
     ranks: Ranks | None = None,
 ) -> None:
     """The batch loop: forward each batch, keep its rows on the device, commit a segment per shard."""
@@ -350,7 +352,12 @@ def _run(
         persistent_workers=False,
     )
     # the layers' own layouts (what pooling averaged over) travel with every segment
-    info = {"process": ranks.rank if ranks else 0, "method": ex.net.method, "layer_layouts": ex.layouts}
+    info = {
+        "process": ranks.rank if ranks else 0,
+        "method": ex.net.method,
+        "layer_layouts": ex.layouts,
+        "run": run,
+    }
     stored = ex.stored_layouts()
     # A shard's rows stay on the device until the shard closes: one host transfer per shard, not per batch.
     buf: dict[str, list[torch.Tensor]] = {layer: [] for layer in table.layers}

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._util import FeatcacheError
-from ..layout import legacy_layout
+from .identity import TableRecord
 from .rows import Rows, RowView, to_torch
 from .table import CheckedShard
 
@@ -28,7 +28,15 @@ if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start 
 
     from .dataset import FeatureDataset
 
-__all__ = ["CachedFeatures", "ChannelStats", "join_splits", "split_key"]
+__all__ = [
+    "CachedFeatures",
+    "ChannelStats",
+    "ExtractionInfo",
+    "LayerMeta",
+    "SplitResult",
+    "join_splits",
+    "split_key",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,123 @@ class ChannelStats:
     var: Rows
 
 
+@dataclass(frozen=True)
+class LayerMeta:
+    """One stored layer of a split: its rows' shape (rows first) and stored layout (None: unknown).
+
+    Example:
+        >>> LayerMeta((10, 256, 14, 14), "NCHW").to_json()
+        {'shape': [10, 256, 14, 14], 'layout': 'NCHW'}
+    """
+
+    shape: tuple[int, ...]
+    layout: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "layout": self.layout}
+
+
+@dataclass(frozen=True)
+class ExtractionInfo:
+    """What the extraction that served a split did, in the call that returned it.
+
+    Attributes:
+        dataset: the dataset read (a folder's absolute path, a built-in name), recorded beside the table.
+        images_extracted: distinct images that went through the backbone (every split of the table).
+        extract_seconds: wall seconds of the call, hashing and extraction included.
+        extract_config: the :class:`~featcache.extraction.config.ExtractConfig` as JSON, with the layers
+            and the augmentation.
+        backbone_cfg: the backbone's resolved configuration as JSON.
+        processes: processes that extracted (``torchrun`` ranks).
+        rows_by_process: rows dealt to each rank.
+        method: how the layers were read (``hooks``, ``fx``).
+    """
+
+    dataset: str | None
+    images_extracted: int
+    extract_seconds: float
+    extract_config: dict[str, Any]
+    backbone_cfg: dict[str, Any]
+    processes: int = 1
+    rows_by_process: dict[str, int] = field(default_factory=dict)
+    method: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "images_extracted": self.images_extracted,
+            "extract_seconds": self.extract_seconds,
+            "extract_config": self.extract_config,
+            "backbone_cfg": self.backbone_cfg,
+            "processes": self.processes,
+            "rows_by_process": self.rows_by_process,
+            "method": self.method,
+        }
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """What was read for one split and how, built once when the split is opened (typed: the manifest
+    :attr:`CachedFeatures.manifest` prints is made from it).
+
+    Attributes:
+        table: the table's key.
+        split: the split's name (None for a view opened without one).
+        split_key: the view's identity (:func:`split_key`).
+        rows: rows of the split (skipped images are not rows).
+        extracted: rows whose image went through the backbone in the call that returned the split.
+        skipped: ``(id, reason)`` of each image of the split that could not be decoded.
+        record: the table's :class:`~featcache.cache.identity.TableRecord` (None for a record this
+            featcache does not write: such a table is only ever chosen by its key).
+        stored_record: the record as ``table.json`` stores it.
+        layers: each layer's :class:`LayerMeta`.
+        layer_layouts: the layers' own layouts before pooling, as extraction recorded them.
+        dataset: the dataset the split was read as (recorded beside the table), if named.
+        extraction: what the extraction did (None for a view read without one: a join, a subset).
+
+    Example:
+        >>> cached.result.extracted, cached.result.skipped  # doctest: +SKIP
+        (0, (('b/x1.png', 'OSError: truncated'),))
+    """
+
+    table: str
+    split: str | None
+    split_key: str
+    rows: int
+    extracted: int
+    skipped: tuple[tuple[str, str], ...]
+    record: TableRecord | None
+    stored_record: dict[str, Any]
+    layers: dict[str, LayerMeta]
+    layer_layouts: dict[str, str | None]
+    dataset: str | None = None
+    extraction: ExtractionInfo | None = None
+
+    @property
+    def dtype(self) -> str:
+        """The rows' storage dtype."""
+        return self.record.dtype if self.record is not None else str(self.stored_record["dtype"])
+
+    def manifest(self) -> dict[str, Any]:
+        """The result as the JSON manifest featcache prints and tests read (a fresh dict each call)."""
+        out: dict[str, Any] = {
+            "record": self.stored_record,
+            "table": self.table,
+            "rows": self.rows,
+            "layers": {k: m.to_json() for k, m in self.layers.items()},
+            "layer_layouts": dict(self.layer_layouts),
+            "skipped": [{"id": i, "reason": why} for i, why in self.skipped],
+            "split_key": self.split_key,
+        }
+        if self.split is not None:
+            out["split"] = self.split
+        if self.dataset is not None:
+            out["dataset"] = self.dataset
+        if self.extraction is not None:
+            out |= self.extraction.to_json() | {"rows_extracted_this_run": self.extracted}
+        return out | {"extracted": self.extracted}
+
+
 @dataclass
 class CachedFeatures:
     """One split's rows, read from a feature table in the split's order.
@@ -60,8 +185,8 @@ class CachedFeatures:
         labels: one per row: int64 classes, or float32 (N, K) label sets / targets (``task``).
         ids: sample ids, one per row.
         classes: class names (regress: the targets' names).
-        manifest: what was read and how: the table ``record``, ``split``, ``split_key``, the counts,
-            ``skipped`` images (id and reason), extraction timings.
+        result: what was read and how (:class:`SplitResult`): the table's record, the split's name and
+            key, the counts, the skipped images (id and reason), the extraction's timings.
         hit: True when no image went through the backbone in the call that returned it.
         channel_stats: :class:`ChannelStats` of each spatial-map layer.
         digests: the content digest of each row.
@@ -76,7 +201,7 @@ class CachedFeatures:
     labels: np.ndarray
     ids: list[str]
     classes: list[str]
-    manifest: dict[str, Any]
+    result: SplitResult
     hit: bool = False
     channel_stats: dict[str, ChannelStats] = field(default_factory=dict)
     digests: list[str] = field(default_factory=list)
@@ -88,7 +213,7 @@ class CachedFeatures:
     def __repr__(self) -> str:
         # A notebook prints this: counts and shapes, never the rows, ids or class names.
         layers = {k: tuple(v.shape[1:]) for k, v in self.features.items()}
-        split = self.manifest.get("split")
+        split = self.result.split
         return (
             f"CachedFeatures(split={split!r}, rows={len(self)}, layers={layers}, dtype={self.dtype!r}, "
             f"classes={len(self.classes)}, key='{self.key[:12]}…')"
@@ -96,7 +221,12 @@ class CachedFeatures:
 
     @property
     def dtype(self) -> str:
-        return str(self.manifest["record"]["dtype"])
+        return self.result.dtype
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """:attr:`result` as JSON: what ``featcache extract`` and run folders record (a fresh dict)."""
+        return self.result.manifest()
 
     @property
     def layouts(self) -> dict[str, str | None]:
@@ -110,10 +240,8 @@ class CachedFeatures:
         return {k: self.layout(k) for k in self.features}
 
     def layout(self, layer: str) -> str | None:
-        """The stored layout of ``layer`` (entries from before layouts were recorded: maps NCHW, (L, D)
-        rows tokens)."""
-        meta = self.manifest["layers"][layer]
-        return meta["layout"] if "layout" in meta else legacy_layout(tuple(meta["shape"]))
+        """The stored layout of ``layer`` (as the table's segments record it)."""
+        return self.result.layers[layer].layout
 
     @property
     def rows(self) -> int:
@@ -123,7 +251,7 @@ class CachedFeatures:
     @property
     def extracted(self) -> int:
         """Rows whose image went through the backbone in the call that returned this split."""
-        return int(self.manifest.get("extracted", 0))
+        return self.result.extracted
 
     @property
     def from_cache(self) -> int:
@@ -133,7 +261,7 @@ class CachedFeatures:
     @property
     def split_key(self) -> str:
         """The view's identity: the table key, the rows' digests in order, labels and classes."""
-        return str(self.manifest["split_key"])
+        return self.result.split_key
 
     def tensor(
         self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -220,19 +348,19 @@ def join_splits(
     ids = [i for p in parts for i in p.ids]
     digests = [d for p in parts for d in p.digests]
     ids, digests = [ids[i] for i in sel], [digests[i] for i in sel]
-    manifest = {
-        "record": first.manifest["record"],
-        "table": first.key,
-        "layers": first.manifest["layers"],
-        "layer_layouts": first.manifest.get("layer_layouts", {}),
-        "split": split,
-        "rows": len(sel),
-        "skipped": [],
-        "extracted": 0,
-        "split_key": split_key(first.key, digests, labels, first.classes),
-    }
+    result = replace(
+        first.result,
+        split=split,
+        split_key=split_key(first.key, digests, labels, first.classes),
+        rows=len(sel),
+        extracted=0,
+        skipped=(),
+        layers={k: replace(m, shape=(len(sel), *m.shape[1:])) for k, m in first.result.layers.items()},
+        dataset=None,
+        extraction=None,
+    )
     return CachedFeatures(
-        first.key, first.path, feats, labels, ids, first.classes, manifest, True, stats, digests, first.task
+        first.key, first.path, feats, labels, ids, first.classes, result, True, stats, digests, first.task
     )
 
 

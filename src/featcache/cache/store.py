@@ -14,7 +14,7 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from .housekeeping import (
     remove,
 )
 from .identity import TABLE_FILE, TableRecord
-from .splits import CachedFeatures, ChannelStats, split_key
+from .splits import CachedFeatures, ChannelStats, ExtractionInfo, LayerMeta, SplitResult, split_key
 from .table import DIGEST_MEMO, FeatureTable, cache_key, read_segment
 
 __all__ = ["DIGEST_MEMO", "FeatureCache", "cache_key", "cache_root"]
@@ -224,11 +224,17 @@ class FeatureCache:
         ids: Sequence[str],
         labels: np.ndarray,
         classes: Sequence[str],
-        info: dict[str, Any] | None = None,
+        extraction: ExtractionInfo | None = None,
         task: str = "classify",
+        *,
+        split: str | None = None,
+        dataset: str | None = None,
+        new: Collection[str] = (),
     ) -> CachedFeatures:
         """A split's rows from table ``key``, in the split's order; images recorded as undecodable are
-        left out (listed in ``manifest["skipped"]``).
+        left out (listed in ``result.skipped``). ``extraction`` is what the extraction that served it
+        did, ``new`` the digests it extracted (the rows counted as extracted); ``dataset`` (or the
+        extraction's) is recorded beside the table.
 
         Example:
             >>> t = train  # doctest: +SKIP
@@ -254,24 +260,25 @@ class FeatureCache:
                         f"{key[:12]}` lists what else is, `featcache cache rm {key[:12]}` removes the table"
                     ) from exc
         table.touch()
-        if (info or {}).get("dataset"):
-            record_use(table.path, str((info or {})["dataset"]))
+        dataset = dataset or (extraction.dataset if extraction else None)
+        if dataset:
+            record_use(table.path, dataset)
         kept, y = [digests[i] for i in keep], label_array(labels, task)[keep]
-        skipped = [
-            {"id": ids[i], "reason": index.bad[d]} for i, d in enumerate(digests) if d not in index.where
-        ]
-        manifest = {
-            "record": table.record,
-            "table": key,
-            "rows": len(keep),
-            "layers": {
-                layer: {"shape": list(v.shape), "layout": index.layout(layer)} for layer, v in feats.items()
-            },
-            "layer_layouts": index.layer_layouts(),
-            "skipped": skipped,
-            "split_key": split_key(key, kept, y, classes),
-            **(info or {}),
-        }
+        fresh = set(new)
+        result = SplitResult(
+            table=key,
+            split=split,
+            split_key=split_key(key, kept, y, classes),
+            rows=len(keep),
+            extracted=sum(d in fresh for d in kept) if fresh else 0,
+            skipped=tuple((ids[i], index.bad[d]) for i, d in enumerate(digests) if d not in index.where),
+            record=table.identity,
+            stored_record=table.record,
+            layers={layer: LayerMeta(tuple(v.shape), index.layout(layer)) for layer, v in feats.items()},
+            layer_layouts=index.layer_layouts(),
+            dataset=dataset,
+            extraction=extraction,
+        )
         channel = {k: ChannelStats(v["mean"], v["var"]) for k, v in stats.items()}
         ids_kept = [ids[i] for i in keep]
         return CachedFeatures(
@@ -281,7 +288,8 @@ class FeatureCache:
             y,
             ids_kept,
             list(classes),
-            manifest,
+            result,
+            hit=not fresh,
             channel_stats=channel,
             digests=kept,
             task=task,

@@ -26,7 +26,7 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.identity import TableRecord
-from ..cache.splits import CachedFeatures
+from ..cache.splits import CachedFeatures, ExtractionInfo
 from ..cache.store import DIGEST_MEMO, FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable, new_run
 from ..cache.writer import FIX, FREE_UP, write_segment
@@ -169,24 +169,21 @@ def _extract(
             if attempt or ranks is not None:
                 raise
             _forget_unserved(job, memo)  # a memoised digest the bytes disagree with: hashed once more
-    info = {
-        "split": split,
-        "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
-        "images_extracted": len(done.digests),
-        "extract_seconds": round(time.perf_counter() - t0, 3),
-        "extract_config": _jsonable(config, names, view),
-        "backbone_cfg": resolved_cfg(backbone, config).to_dict(),
-        "processes": 1 if ranks is None else ranks.world,
-        "rows_by_process": done.by_process,
-        "method": done.method or _table_method(cache.open(key)),
-    }
-    out = cache.open_split(
-        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
+    info = ExtractionInfo(
+        dataset=dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
+        images_extracted=len(done.digests),
+        extract_seconds=round(time.perf_counter() - t0, 3),
+        extract_config=_jsonable(config, names, view),
+        backbone_cfg=resolved_cfg(backbone, config).to_dict(),
+        processes=1 if ranks is None else ranks.world,
+        rows_by_process=done.by_process,
+        method=done.method or _table_method(cache.open(key)),
     )
-    new = set(done.digests)
-    out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
-    out.hit = not new
-    return out
+    # the split's result is built once, filled: the rows extracted in this call counted as they are read
+    return cache.open_split(
+        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task,
+        split=split, new=done.digests,
+    )  # fmt: skip
 
 
 def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
@@ -429,10 +426,10 @@ def _raise_bad(served: dict[str, tuple[SampleSet, CachedFeatures]]) -> None:
     read)}``): those found in this run and those the table recorded when they were first read."""
     found: dict[str, tuple[SampleSet, dict[int, str]]] = {}
     for split, (samples, feats) in served.items():
-        skipped = feats.manifest["skipped"]
+        skipped = feats.result.skipped
         if skipped:
             where = {id_: i for i, id_ in enumerate(samples.ids)}
-            found[split] = (samples, {where[s["id"]]: s["reason"] for s in skipped})
+            found[split] = (samples, {where[id_]: why for id_, why in skipped})
     if found:
         raise bad_images_error(found)
 

@@ -70,6 +70,7 @@ _HOMES = {
     "GcLimits": "housekeeping",
     "RowView": "rows",
     "Selection": "housekeeping",
+    "SplitResult": "splits",
     "cache_key": "table",
     "cache_root": "housekeeping",
     "write_embeddings": "embed",
@@ -83,7 +84,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .housekeeping import CacheScan, GcLimits, Selection, cache_root  # noqa: F401
     from .identity import CACHE_VERSION  # noqa: F401
     from .rows import RowView  # noqa: F401
-    from .splits import CachedFeatures, ChannelStats  # noqa: F401
+    from .splits import CachedFeatures, ChannelStats, SplitResult  # noqa: F401
     from .store import FeatureCache  # noqa: F401
     from .table import FeatureTable, cache_key  # noqa: F401
 

@@ -1,4 +1,5 @@
-"""Choosing cache entries to list, remove or collect, and remembering which datasets read each table.
+"""Choosing cache entries to list, remove or collect, what ``cache ls/info`` show of an entry (damaged
+and old-format ones too), ``cache gc``, and remembering which datasets read each table.
 
 The filters (:class:`Selection`) and limits (:class:`GcLimits`) are the ``cache ls/rm/gc`` flags
 (:mod:`featcache.cli.flags` builds them from these fields); nothing here imports numpy or torch, so

@@ -54,8 +54,9 @@ The names below are imported on first use (PEP 562): the command line's ``cache`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 # name -> the module of this package that defines it
 _HOMES = {
@@ -88,14 +89,4 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .store import FeatureCache  # noqa: F401
     from .table import FeatureTable, cache_key  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'featcache.cache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

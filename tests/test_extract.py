@@ -18,7 +18,8 @@ import torch
 from conftest import direct_features, png_header, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone
-from featcache.cache.store import CachedFeatures, FeatureCache
+from featcache.cache.splits import CachedFeatures
+from featcache.cache.store import FeatureCache
 from featcache.data.datasets import load_dataset
 from featcache.data.digests import CTIME_TICK_NS, SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError

@@ -26,8 +26,9 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.identity import TableRecord
-from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
-from ..cache.table import TABLE_FILE, FeatureTable
+from ..cache.splits import CachedFeatures, ExtractionInfo
+from ..cache.store import DIGEST_MEMO, FeatureCache, cache_key
+from ..cache.table import TABLE_FILE, FeatureTable, new_run
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo, SampleChangedError
@@ -170,24 +171,21 @@ def _extract(
             if attempt or ranks is not None:
                 raise
             _forget_unserved(job, memo)  # a memoised digest the bytes disagree with: hashed once more
-    info = {
-        "split": split,
-        "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
-        "images_extracted": len(done.digests),
-        "extract_seconds": round(time.perf_counter() - t0, 3),
-        "extract_config": _jsonable(config, names, view),
-        "backbone_cfg": backbone.cfg.to_dict(),
-        "processes": 1 if ranks is None else ranks.world,
-        "rows_by_process": done.by_process,
-        "method": done.method or _table_method(cache.open(key)),
-    }
-    out = cache.open_split(
-        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
+    info = ExtractionInfo(
+        dataset=dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
+        images_extracted=len(done.digests),
+        extract_seconds=round(time.perf_counter() - t0, 3),
+        extract_config=_jsonable(config, names, view),
+        backbone_cfg=backbone.cfg.to_dict(),
+        processes=1 if ranks is None else ranks.world,
+        rows_by_process=done.by_process,
+        method=done.method or _table_method(cache.open(key)),
     )
-    new = set(done.digests)
-    out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
-    out.hit = not new
-    return out
+    # the split's result is built once, filled: the rows extracted in this call counted as they are read
+    return cache.open_split(
+        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task,
+        split=split, new=done.digests,
+    )  # fmt: skip
 
 
 def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
@@ -300,13 +298,14 @@ def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | No
         first.setdefault(d, i)  # a duplicated image is read from its first file
     ex = Extractor(job.backbone, table.layers, job.config)
     rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
+    run: str = _decided(ranks, new_run)  # every rank's segments are one run (the merge policy's unit)
     shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
     world = 1 if ranks is None else ranks.world
     mine = [d for j, s in enumerate(shards) if ranks is None or ranks.owns(j) for d in s]
     if (ranks is None or ranks.is_main) and len(missing) < len(set(job.digests)):
         log.info("table %s: %d of %d images to extract", table.key[:12], len(missing), len(set(job.digests)))
     if mine:
-        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, ranks)
+        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, run, ranks)
     if ranks is not None:
         ranks.barrier()  # every rank's segments are committed
     by_process = {str(r): sum(len(s) for s in shards[r::world]) for r in range(world)}
@@ -334,6 +333,7 @@ def _run(
     pending: Sequence[str],
     indices: Sequence[int],
     rows_per: int,
+    run: str,
     ranks: Ranks | None = None,
 ) -> None:
     """The batch loop: forward each batch, keep its rows on the device, commit a segment per shard."""
@@ -351,7 +351,12 @@ def _run(
         persistent_workers=False,
     )
     # the layers' own layouts (what pooling averaged over) travel with every segment
-    info = {"process": ranks.rank if ranks else 0, "method": ex.net.method, "layer_layouts": ex.layouts}
+    info = {
+        "process": ranks.rank if ranks else 0,
+        "method": ex.net.method,
+        "layer_layouts": ex.layouts,
+        "run": run,
+    }
     stored = ex.stored_layouts()
     # A shard's rows stay on the device until the shard closes: one host transfer per shard, not per batch.
     buf: dict[str, list[torch.Tensor]] = {layer: [] for layer in table.layers}
@@ -476,10 +481,10 @@ def _raise_bad(served: dict[str, tuple[SampleSet, CachedFeatures]]) -> None:
     read)}``): those found in this run and those the table recorded when they were first read."""
     found: dict[str, tuple[SampleSet, dict[int, str]]] = {}
     for split, (samples, feats) in served.items():
-        skipped = feats.manifest["skipped"]
+        skipped = feats.result.skipped
         if skipped:
             where = {id_: i for i, id_ in enumerate(samples.ids)}
-            found[split] = (samples, {where[s["id"]]: s["reason"] for s in skipped})
+            found[split] = (samples, {where[id_]: why for id_, why in skipped})
     if found:
         raise bad_images_error(found)
 

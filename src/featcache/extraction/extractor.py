@@ -18,7 +18,8 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..backbones.shapes import LayerShape, layer_shapes, output_shapes
 from ..backbones.tokens import Tokens, model_tokens, pool_prefix
-from ..cache.writer import STORAGE_DTYPES
+from ..cache.rows import STORAGE_DTYPES
+from ..cache.writer import shard_plan
 from ..layout import NC, NLD, TOKEN_POOLS, pool, pooled_layout, position_axes
 from .config import ExtractConfig
 from .nodes import FeatureExtractor
@@ -232,7 +233,4 @@ def shard_rows(ex: Extractor, n: int) -> int:
         return ex.config.shard_rows
     itemsize = np.dtype(STORAGE_DTYPES[ex.config.dtype]).itemsize
     row_bytes = sum(math.prod(shape) for shape in ex.row_shapes().values()) * itemsize
-    rows = max(ex.config.batch_size, (ex.config.shard_mb << 20) // max(row_bytes, 1))
-    # >= 8 shards when batches allow: an interruption loses at most about an eighth of the split.
-    rows = min(rows, max(ex.config.batch_size, math.ceil(n / 8)))
-    return int(min(rows, max(n, 1)))
+    return shard_plan(row_bytes, n, ex.config.batch_size, ex.config.shard_mb)

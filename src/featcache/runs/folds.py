@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
-from ..cache.store import CachedFeatures, join_splits
+from ..cache.splits import CachedFeatures, join_splits
 from ..train.config import TrainConfig
 from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec

@@ -21,7 +21,8 @@ from .._errors import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.housekeeping import dataset_name, swap_split_log
 from ..cache.identity import TableRecord
-from ..cache.store import CachedFeatures, FeatureCache
+from ..cache.splits import CachedFeatures
+from ..cache.store import FeatureCache
 from ..data.datasets import DatasetSplits
 from ..extraction.build import cache_record, extract_table, extract_views
 from ..extraction.config import parse_layers
@@ -237,7 +238,7 @@ class Job:
         typed: dict[str, Any] = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
         classes = typed.pop("classes", None) or feats["train"].classes
         if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way
-            typed["layer_layout"] = feats["train"].manifest.get("layer_layouts", {}).get(typed["layer"])
+            typed["layer_layout"] = feats["train"].result.layer_layouts.get(typed["layer"])
         return RunRecord(
             kind=kind,
             model=backbone.cfg.spec,
@@ -315,7 +316,7 @@ def skipped_rows(feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:
         [{'split': 'train', 'id': 'cats/broken.jpg', 'reason': 'OSError: ...'}]
     """
     return [
-        {"split": split, "id": str(s["id"]), "reason": str(s["reason"])}
+        {"split": split, "id": sample_id, "reason": reason}
         for split, f in feats.items()
-        for s in f.manifest.get("skipped", [])
+        for sample_id, reason in f.result.skipped
     ]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
-from ..cache.writer import to_torch
+from ..cache.rows import to_torch
 from ..extraction.config import DEFAULT_LAYER
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head

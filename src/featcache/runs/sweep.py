@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..backbones.registry import Backbone
-from ..cache.store import CachedFeatures
+from ..cache.splits import CachedFeatures
 from ..data.datasets import DatasetSplits
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted

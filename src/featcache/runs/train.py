@@ -19,7 +19,7 @@ from torch import nn
 
 from .._config import to_json
 from .._util import resolve_device
-from ..cache.store import CachedFeatures
+from ..cache.splits import CachedFeatures
 from ..data.datasets import DatasetSplits
 from ..extraction.config import DEFAULT_LAYER
 from ..train.config import TrainConfig

@@ -598,7 +598,9 @@ class _Bench:
         t0 = time.perf_counter()
         splits = image_folder(root, **split)
         feats = extract_splits(self.bb, splits, self.layers, self.ecfg, cache_dir=cache_dir, progress=False)
-        return time.perf_counter() - t0, sum(f.manifest["images_extracted"] for f in feats.values())
+        return time.perf_counter() - t0, sum(
+            f.result.extraction.images_extracted for f in feats.values() if f.result.extraction
+        )
 
     def relabel_rerun(self) -> dict[str, Any]:
         """A relabel (one file moved to another class folder), another val fraction and another split seed,

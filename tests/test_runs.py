@@ -25,6 +25,7 @@ from featcache.extraction.build import extract
 from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
 from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.record import RUN_FORMAT, TrainPart
 from featcache.runs.report import curves_figure
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, sweep_run
@@ -235,22 +236,20 @@ def test_every_verb_keeps_a_finished_run_unless_told_and_an_overwrite_forgets_th
         RunFolder.prepare(tmp_path / "p", resume=True)
 
 
-def test_a_run_record_round_trips_and_reads_configs_of_older_runs(tmp_path: Path) -> None:
+def test_a_run_record_round_trips_and_refuses_another_part(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     data, cfg = DataConfig("digits", limit=60), TrainConfig(epochs=1, device="cpu")
     run = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
     folder = RunFolder(run.dir)
     record = folder.read_config()
     assert record == run.record and record.kind == "train" and record.layer == "layer3"
+    assert isinstance(record.part, TrainPart) and set(record.part.split_contents) >= {"train", "test"}
     assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
-    old = {k: v for k, v in record.to_json().items() if k != "kind"}  # written before runs had a kind
-    assert RunRecord.from_json(old).kind == "train"
-    assert RunRecord.from_json({**old, "finetune": {"train": "all"}}).verb == {
-        "finetune": {"train": "all"},
-        "split_contents": record.verb["split_contents"],  # train's own verb part: what it trained on
-    }
+    # a key of another verb's part is no train run's part: refused, naming the parts a train run holds
+    with pytest.raises(FeatcacheError, match=r"no train run's part \(TrainPart: split_contents; FoldsPart"):
+        RunRecord.from_json({**record.to_json(), "finetune": {"train": "all"}})
     with pytest.raises(FeatcacheError, match="lacks"):
-        RunRecord.from_json({"model": "x"})
+        RunRecord.from_json({"format": RUN_FORMAT, "model": "x"})
     with pytest.raises(FileNotFoundError, match="not a featcache run folder"):
         RunFolder(tmp_path).read_config()
 
@@ -381,20 +380,24 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
     assert rand.metrics["test"]["acc"] <= pre.metrics["test"]["acc"] - 0.05
 
 
-def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Path) -> None:
-    old = {"extract": {"pool": "avg"}, "train": {"lr": 0.1}}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-
+def test_resume_check_names_each_setting_that_differs(tmp_path: Path) -> None:
     def record(extract: dict, train: dict) -> RunRecord:
-        return RunRecord("train", "m", {}, {}, extract, (), train=train)
+        return RunRecord("train", "m", {}, {}, extract, (), TrainPart({}), train=train)
 
     same = record({"pool": "avg", "augment": None, "views": 0}, {"lr": 0.1, "fast_paths": False})
     folder = RunFolder(tmp_path)
-    folder.check_resume(same, ("extract", "train"), "settings")  # new, off settings: the same run
-    with pytest.raises(ValueError, match=r"differ .*\(extract\.views: None -> 2\)"):
+    folder.write_config(same)
+    folder.check_resume(
+        replace(same, train={"lr": 0.1, "fast_paths": True}), ("extract", "train"), "settings"
+    )
+    with pytest.raises(ValueError, match=r"differ .*\(extract\.views: 0 -> 2\)"):
         folder.check_resume(
-            replace(same, extract={"pool": "avg", "views": 2}), ("extract", "train"), "settings"
+            replace(same, extract={"pool": "avg", "augment": None, "views": 2}),
+            ("extract", "train"),
+            "settings",
         )
+    with pytest.raises(ValueError, match=r"extract\.augment: None -> '\(none\)'"):  # a field gone is a change
+        folder.check_resume(replace(same, extract={"pool": "avg", "views": 0}), ("extract",), "settings")
 
 
 def test_reprs_are_short_and_name_what_a_notebook_user_looks_for(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ from .show import print_json
 
 if TYPE_CHECKING:
     from ..cache.store import CachedFeatures
-    from ..runs.folder import RunRecord
     from ..runs.folds import FoldsResult
+    from ..runs.record import RunRecord
 
 T = TypeVar("T")
 
@@ -89,10 +89,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         return
     if a.resume:
         spec, record = resumed(a)
+        from ..runs.record import FoldsPart  # the run's record was read: torch is loaded
+
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
         layer = a.layer if "layer" in a._given else str(record.layer)
-        if record.verb.get("folds"):  # a folds folder: finished folds are reused, the others trained
-            _print_folds(a, *jobs.folds_run(spec, layer, int(record.verb["folds"]), head))
+        if isinstance(record.part, FoldsPart):  # a folds folder: finished folds reused, the others trained
+            _print_folds(a, *jobs.folds_run(spec, layer, record.part.folds, head))
             return
         run = jobs.train_run(spec, layer, head)
     else:
@@ -135,7 +137,9 @@ def test_line(test: dict[str, Any]) -> str:
 def cmd_finetune(a: argparse.Namespace) -> None:
     if a.resume:
         spec, record = resumed(a)
-        ft = replace(from_json(FinetuneConfig, record.verb["finetune"]), **written(FinetuneConfig, a))
+        from ..runs.record import FinetunePart  # the run's record was read: torch is loaded
+
+        ft = replace(record.part_as(FinetunePart, "finetune --resume").finetune, **written(FinetuneConfig, a))
         run = jobs.finetune_run(spec, ft)
     else:
         spec, ft = run_spec(a), from_args(FinetuneConfig, a)  # every setting checked before torch loads
@@ -150,8 +154,10 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 def cmd_sweep(a: argparse.Namespace) -> None:
     if a.resume:  # the grid and head from the sweep's config.json, flags written on top (checked there)
         spec, record = resumed(a)
+        from ..runs.record import SweepPart  # the run's record was read: torch is loaded
+
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
-        grid = replace(from_json(SweepGrid, record.verb["grid"]), head=head, **written(SweepGrid, a))
+        grid = replace(record.part_as(SweepPart, "sweep --resume").grid, head=head, **written(SweepGrid, a))
         res = jobs.sweep_run(spec, grid)
     elif a.layers is None:
         raise FeatcacheError(

@@ -52,6 +52,7 @@ from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without
 from .contents import DATASET, check_same_data, split_contents
 from .folder import RunFolder, RunRecord
 from .logger import epoch_log
+from .record import FinetunePart
 from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
@@ -225,19 +226,20 @@ def load_finetuned(
     if record.kind != "finetune":
         raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
     weights_arg = weights if weights is not None else record.weights_arg
-    size = record.extract.get("input_size")
+    size = record.extract_config().input_size
     if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
         module = backbone.model if isinstance(backbone, Backbone) else backbone
         backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
         weights_arg = "the module passed"
     else:
-        backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
+        backbone = load_backbone(record.model, weights_arg, input_size=size)
     if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
         raise FeatcacheError(
             f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
             f"{str(folder.path)!r} was fine-tuned from; pass the weights tag or file it used"
         )
-    replace_classifier(backbone.model, record.verb["plan"]["classifier"], len(record.classes))
+    plan = record.part_as(FinetunePart, "a fine-tuned network").plan
+    replace_classifier(backbone.model, plan.classifier, len(record.classes))
     result = backbone.model.load_state_dict(folder.load_trainable(), strict=False)
     if result.unexpected_keys:
         raise FeatcacheError(
@@ -297,7 +299,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     record = spec.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
-        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,
+        part=FinetunePart(ft, plan, mode, reason, contents),  # type: ignore[arg-type]
     )  # fmt: skip
     record = replace(record, task=task, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})
     if spec.resume:

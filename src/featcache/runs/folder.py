@@ -19,22 +19,18 @@ import functools
 import json
 import logging
 import os
-import platform
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._config import from_json
 from .._disk import disk_error, disk_errors, ensure_space
 from .._util import FeatcacheError, check_name, default_mode, resolve_device, write_json
-from .._version import __version__
 from ..backbones.registry import BackboneCfg
 from ..cache.store import CachedFeatures
 from ..data.samples import SampleSet
@@ -42,11 +38,11 @@ from ..extraction.config import ExtractConfig
 from ..train.fit import evaluate
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.sources import source_for
+from .record import RunFormatError, RunRecord, SweepPart, environment  # noqa: F401  (re-exported)
 from .report import plot_confusion, plot_curves, plot_label_ap, plot_scatter, plot_top_losses
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "finetune", "probe", "sweep")
 # Files a run writes; an --overwrite removes them all before the new run writes anything, so a killed
 # overwrite can never be resumed as a mix of two runs.
 RUN_FILES = (
@@ -71,118 +67,6 @@ RUN_FILES = (
     "folds.json",
     "oof.csv",
 )
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware, recorded with every run and benchmark."""
-    return {
-        "featcache": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What ``config.json`` holds: the shared part of every run, typed, and the verb's own part.
-
-    Attributes:
-        kind: ``train``, ``finetune``, ``probe`` or ``sweep`` (one run of a sweep, or the sweep's own
-            folder: that one's verb part holds its ``grid``).
-        model: the backbone spec as resolved (``torchvision:resnet18``).
-        backbone_cfg: :meth:`BackboneCfg.to_dict` of the backbone (preprocessing, weights id, ...).
-        data: the :class:`~featcache.data.DataConfig` as a dict.
-        extract: the :class:`~featcache.extraction.ExtractConfig` as a dict, with the run's ``layers``,
-            ``augment`` and ``views``.
-        classes: class names, in label order (regress: the targets' names).
-        task: what the run learnt: ``classify``, ``multilabel`` or ``regress`` (never part of a cache key).
-        weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
-        layer: the layer a head trained on (None for a fine-tuned network); ``layer_layout``: its
-            layout (what pooling averaged over; export pools the same way).
-        cache_keys / view_keys: the feature tables the run read; ``split_keys``: each split as read
-            (the table, the rows' content digests in order, labels and classes).
-        cache_dir: the cache root given to the run (None: the default one).
-        head / train: the head spec and trainer settings as dicts.
-        verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
-            at the top level of ``config.json``.
-
-    Example:
-        >>> record = RunFolder("runs/mnist").read_config()  # doctest: +SKIP
-        >>> record.kind, record.layer  # doctest: +SKIP
-        ('train', 'penultimate')
-    """
-
-    kind: str
-    model: str
-    backbone_cfg: dict[str, Any]
-    data: dict[str, Any]
-    extract: dict[str, Any]
-    classes: tuple[str, ...]
-    weights: str | None = None
-    weights_arg: str | None = None
-    layer: str | None = None
-    layer_layout: str | None = None
-    cache_keys: dict[str, str] = field(default_factory=dict)
-    split_keys: dict[str, str] = field(default_factory=dict)
-    view_keys: tuple[str, ...] = ()
-    cache_dir: str | None = None
-    head: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    verb: dict[str, Any] = field(default_factory=dict)
-    featcache_version: str = __version__
-    environment: dict[str, Any] = field(default_factory=environment)
-    task: str = "classify"
-
-    def __repr__(self) -> str:
-        return (
-            f"RunRecord(kind={self.kind!r}, model={self.model!r}, layer={self.layer!r}, "
-            f"classes={len(self.classes)}, cache_keys={len(self.cache_keys)})"
-        )
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise FeatcacheError(f"unknown run kind {self.kind!r}: one of {', '.join(KINDS)}")
-        object.__setattr__(self, "classes", tuple(self.classes))
-        object.__setattr__(self, "view_keys", tuple(self.view_keys))
-        # The dict parts as config.json holds them (tuples as lists), so a record equals its reread self.
-        dicts = ("backbone_cfg", "data", "extract", "cache_keys", "split_keys", "head", "train", "verb")
-        for name in (*dicts, "environment"):
-            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
-
-    @property
-    def backbone(self) -> BackboneCfg:
-        """The backbone config the run was made with."""
-        return BackboneCfg.from_dict(self.backbone_cfg)
-
-    def extract_config(self) -> ExtractConfig:
-        """The extraction settings of the run (its layers and views are the run's, not the settings')."""
-        return from_json(
-            ExtractConfig, {k: v for k, v in self.extract.items() if k not in ("layers", "augment", "views")}
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object of ``config.json`` (the verb's part at the top level)."""
-        d = asdict(self)
-        d.pop("verb")
-        d["classes"], d["view_keys"] = list(self.classes), list(self.view_keys)
-        if not self.view_keys:
-            d.pop("view_keys")
-        return {**d, **self.verb}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
-        """Read ``config.json``; keys that are not fields are the verb's part."""
-        names = {f.name for f in fields(cls)} - {"verb"}
-        known = {k: v for k, v in d.items() if k in names}
-        missing = [k for k in ("model", "backbone_cfg", "data", "extract", "classes") if k not in known]
-        if missing:
-            raise FeatcacheError(f"a run's config.json lacks {missing}: not written by featcache")
-        known.setdefault("kind", "train")  # configs written before runs recorded their kind
-        return cls(**known, verb={k: v for k, v in d.items() if k not in names})
 
 
 @dataclass
@@ -304,15 +188,11 @@ class RunFolder:
         return cls(folder.path / best["run"]), note
 
     def is_sweep(self) -> bool:
-        """Whether this is a sweep's folder (a run folder per combination), not a run: its config.json
-        holds a grid (a sweep before those records: a ``sweep.json`` and no config.json)."""
-        file = self.path / "config.json"
-        if not file.is_file():
-            return (self.path / "sweep.json").is_file()
-        try:
-            return "grid" in json.loads(file.read_text())
-        except json.JSONDecodeError:
+        """Whether this is a sweep's folder (a run folder per combination), not a run: its record's part
+        is a :class:`~featcache.runs.record.SweepPart` (its grid)."""
+        if not (self.path / "config.json").is_file():
             return False
+        return isinstance(self.read_config().part, SweepPart)
 
     @property
     def checkpoint(self) -> Path:
@@ -425,15 +305,14 @@ class RunFolder:
             )
         try:
             return RunRecord.from_json(json.loads(file.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+        except RunFormatError as exc:  # the folder first: which of the user's runs it is
+            raise RunFormatError(f"{str(self.path)!r} holds a run of {exc}") from None
+        except (json.JSONDecodeError, TypeError, FeatcacheError) as exc:
             raise FeatcacheError(f"{str(file)!r} is not a readable run config ({exc})") from exc
 
     def check_resume(self, record: RunRecord, keys: Iterable[str], what: str) -> None:
         """Refuse to resume a run whose saved ``keys`` of config.json differ from ``record``'s."""
-        old, new = (
-            json.loads((self.path / "config.json").read_text()),
-            json.loads(json.dumps(record.to_json())),
-        )
+        old, new = self.read_config().to_json(), json.loads(json.dumps(record.to_json()))
         diffs = [d for k in keys for d in _differences(k, old.get(k), new.get(k))]
         if diffs:
             raise FeatcacheError(
@@ -708,20 +587,16 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
     """``key: old -> new`` lines where a saved setting differs from this command's.
 
     The fast paths and reading the cache with or without checksums (``verify``) change the speed, not
-    the training; a setting an older config lacks did not exist then, so it was off: absent equals
-    None / 0 / False.
+    the training. Both sides are records of one run format (``read_config`` checks it), so they hold
+    the same fields.
     """
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
-    off = (None, 0, False)
-    out = []
-    for f in sorted(set(a) | set(b)):
-        if f in ("fast_paths", "verify"):
-            continue
-        same = a[f] == b[f] if f in a and f in b else (a if f in a else b)[f] in off
-        if not same:
-            out.append(f"{key}.{f}: {a.get(f)!r} -> {b.get(f)!r}")
-    return out
+    return [
+        f"{key}.{f}: {a.get(f, '(none)')!r} -> {b.get(f, '(none)')!r}"
+        for f in sorted(set(a) | set(b))
+        if f not in ("fast_paths", "verify") and (f not in a or f not in b or a[f] != b[f])
+    ]
 
 
 def _scores(metrics: Mapping[str, Any]) -> str:

@@ -38,6 +38,7 @@ from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regre
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
 from .probe import ProbeConfig, fit_logistic
+from .record import FoldsPart
 from .spec import RunSpec
 from .target_probes import path_outputs, refit_probe
 from .train import train_on_cache
@@ -174,7 +175,7 @@ def folds_train(
         rows = np.flatnonzero(fold == i)
         train, held = pool.subset(np.flatnonzero(fold != i), f"fold{i}-train"), pool.subset(rows, f"fold{i}")
         child = folder.child(f"fold-{i}") if folder is not None else None
-        mine = replace(record, verb={**record.verb, "fold": i}) if record is not None else None
+        mine = replace(record, part=FoldsPart(k, fold=i)) if record is not None else None
         head, info, metrics = _fold_head(
             {"train": train, "test": held}, layer, head_spec, config, progress, child, mine
         )
@@ -337,12 +338,12 @@ def folds_run(
     splits = spec.load_data()
     feats, _ = spec.extract_all(backbone, splits, [layer])
     spec.note_data(folder, splits, feats)
-    part: dict[str, Any] = (
-        {"head": head.to_dict(), "train": to_json(spec.train)}
+    shared: dict[str, Any] = (
+        {"head": head.to_dict(), "train": to_json(spec.train), "part": FoldsPart(k)}
         if isinstance(head, HeadSpec)
-        else {"head": HeadSpec("linear").to_dict(), "probe": to_json(head)}
+        else {"head": HeadSpec("linear").to_dict(), "part": FoldsPart(k, probe=head)}
     )
-    record = spec.record(verb, backbone, feats, [layer], layer=layer, folds=k, **part)
+    record = spec.record(verb, backbone, feats, [layer], layer=layer, **shared)
     if folder is not None:
         if spec.resume:
             folder.check_resume(

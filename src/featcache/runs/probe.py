@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..cache.writer import to_torch
 from ..extraction.config import DEFAULT_LAYER
@@ -33,6 +32,7 @@ from ..train.logistic import (
 )
 from ..train.sources import FeatureSource, source_for
 from .config import CLASS_WEIGHTS, DEFAULT_STRENGTHS, METRICS, ProbeConfig  # noqa: F401  (no torch)
+from .record import ProbePart
 from .report import most_confused
 from .spec import RunSpec
 from .target_probes import probe_task
@@ -328,7 +328,7 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
                 [layer],
                 layer=layer,
                 head=res.info.spec.to_dict(),
-                probe=to_json(config),
+                part=ProbePart(config),
             )
         )
         folder.save_head(res.head, res.info)  # with --shots: the first draw's head

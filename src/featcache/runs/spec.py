@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from ..backbones.registry import Backbone
     from ..cache.store import CachedFeatures
     from ..data.datasets import DatasetSplits
-    from .folder import RunFolder, RunRecord
+    from .folder import RunFolder
+    from .record import RunPart, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,10 @@ class RunSpec:
             record.weights_arg,
             record.extract_config(),
             from_json(TrainConfig, record.train or {}),
-            Views(int(ex["views"]), ex["augment"]) if ex.get("views") else None,
+            Views(int(ex["views"]), ex["augment"]) if ex["views"] else None,
             cache_dir=record.cache_dir,
             resume=True,
-            logger=str(record.verb.get("logger", "none")),  # a resumed run goes on logging as it did
+            logger=record.logger,  # a resumed run goes on logging as it did
         )
         return replace(spec, **given), record
 
@@ -240,16 +241,16 @@ class RunSpec:
         feats: Mapping[str, CachedFeatures],
         layers: Sequence[str],
         views: Sequence[CachedFeatures] = (),
-        **verb: Any,
+        *,
+        part: RunPart,
+        **typed: Any,
     ) -> RunRecord:
-        """The run's ``config.json`` record: the shared part from this spec, plus the verb's part.
+        """The run's ``config.json`` record: the shared part from this spec, plus the verb's ``part``.
 
-        ``verb`` may set ``layer``, ``head`` and ``train`` (typed fields of the record) and any key of
-        the verb's own (``finetune``, ``plan``, ``probe``, ``sweep``, ...).
+        ``typed`` may set ``layer``, ``head``, ``train`` and ``classes`` (fields of the record).
         """
-        from .folder import RunRecord
+        from .record import RunRecord
 
-        typed: dict[str, Any] = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
         classes = typed.pop("classes", None) or feats["train"].classes
         if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way
             typed["layer_layout"] = feats["train"].manifest.get("layer_layouts", {}).get(typed["layer"])
@@ -270,7 +271,8 @@ class RunSpec:
             cache_keys={k: v.key for k, v in feats.items()},
             split_keys={k: v.split_key for k, v in feats.items()},
             view_keys=tuple(v.key for v in views),
-            verb={**verb, **({"logger": self.logger} if self.logger != "none" else {})},
+            part=part,
+            logger=self.logger,
             cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
             task=feats["train"].task if "train" in feats else "classify",
             **typed,

@@ -43,8 +43,9 @@ from ..train.grid import grid_not_covered
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
 from .config import SweepGrid, grid  # noqa: F401  (defined there, without torch)
-from .folder import RunFolder, RunRecord
+from .folder import RunFolder
 from .logger import epoch_log
+from .record import RunRecord, SweepPart, SweepRunPart
 from .report import plot_sweep
 from .spec import RunSpec
 from .train import train_grid_on_cache, train_on_cache, write_mistakes
@@ -109,7 +110,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     _write_record(spec, folder, spec.record(
         "sweep", backbone, feats, layers, views, head=sweep.head.to_dict(), train=to_json(spec.train),
-        grid={k: v for k, v in to_json(sweep).items() if k != "head"},
+        part=SweepPart(sweep),
     ))  # fmt: skip
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
@@ -266,7 +267,7 @@ def _run_of(
     )
     record = spec.record(
         "sweep", backbone, feats, [layer], views, layer=layer, head=head.to_dict(),
-        train=to_json(cfg), sweep=str(folder.path),
+        train=to_json(cfg), part=SweepRunPart(str(folder.path)),
     )  # fmt: skip
     return folder.child(name), record, cfg, settings
 

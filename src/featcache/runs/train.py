@@ -34,6 +34,7 @@ from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .contents import check_same_data, split_contents
 from .folder import Run, RunFolder
 from .logger import EpochHook, epoch_log
+from .record import TrainPart
 from .report import most_confused
 from .spec import RunSpec
 
@@ -324,10 +325,10 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
     contents = split_contents(splits, spec.cache_dir)  # the digests extraction computed: no re-hashing
     record = spec.record(
         "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train),
-        split_contents=contents,
+        part=TrainPart(contents),
     )  # fmt: skip
     if spec.resume:
-        check_same_data(folder.path, contents, required=False)  # names what changed, before split_keys
+        check_same_data(folder.path, contents)  # names what changed, before split_keys
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)

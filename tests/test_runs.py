@@ -24,6 +24,7 @@ from featcache.export.save import export_run
 from featcache.extraction.build import extract
 from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
+from featcache.runs.metrics import Metrics
 from featcache.runs.probe import ProbeConfig, probe_run
 from featcache.runs.record import RUN_FORMAT, TrainPart
 from featcache.runs.report import curves_figure
@@ -80,12 +81,12 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
     data = DataConfig("digits", limit=300)
     cfg = TrainConfig(epochs=3, lr=1e-2, device="cpu")
     first = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r1")
-    assert not any(first.metrics["cache_hit"].values())
+    assert not any(first.metrics.cache_hit.values())
     calls = _count_forwards(bb.model)
     second = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r2")
     assert calls["n"] == 0
-    assert all(second.metrics["cache_hit"].values())
-    assert second.metrics["test"]["acc"] == first.metrics["test"]["acc"]
+    assert all(second.metrics.cache_hit.values())
+    assert second.metrics.test.acc == first.metrics.test.acc
 
     out = tmp_path / "r1"
     config = json.loads((out / "config.json").read_text())
@@ -134,7 +135,7 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
     cfg = TrainConfig(epochs=3, lr=1e-2, standardize=True, device="cpu")
     maps_loaded = maps_read
 
-    def run(fast: bool) -> dict:
+    def run(fast: bool) -> Metrics:
         return _train(
             bb,
             data,
@@ -146,15 +147,15 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
         ).metrics
 
     fast = run(True)
-    assert fast["fast_paths"]["front_from_channel_means"]
+    assert fast.fast_paths["front_from_channel_means"]
     assert maps_loaded == []  # standardisation, training, validation and test: no map read
     plain = run(False)
-    assert not plain["fast_paths"]["front_once"] and len(maps_loaded) == 3  # train, val, test maps
-    for a, b in zip(fast["history"], plain["history"], strict=True):
+    assert not plain.fast_paths["front_once"] and len(maps_loaded) == 3  # train, val, test maps
+    for a, b in zip(fast.history, plain.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_acc"] == b["val_acc"]
-    assert fast["test"]["acc"] == plain["test"]["acc"]
-    assert fast["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-5)
+    assert fast.test.acc == plain.test.acc
+    assert fast.test.loss == pytest.approx(plain.test.loss, rel=1e-5)
 
 
 def test_a_pooled_head_on_maps_trains_as_a_linear_head_on_the_pooled_cache(tmp_path: Path) -> None:
@@ -169,10 +170,10 @@ def test_a_pooled_head_on_maps_trains_as_a_linear_head_on_the_pooled_cache(tmp_p
         bb, data, "layer2", HeadSpec("pooled-linear"), cfg, replace(SMALL, pool="none"), tmp_path / "m"
     )
     vecs = _train(bb, data, "layer2", HeadSpec("linear"), cfg, replace(SMALL, pool="avg"), tmp_path / "v")
-    for a, b in zip(maps.metrics["history"], vecs.metrics["history"], strict=True):
+    for a, b in zip(maps.metrics.history, vecs.metrics.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_acc"] == b["val_acc"]
-    assert maps.metrics["test"]["acc"] == vecs.metrics["test"]["acc"]
+    assert maps.metrics.test.acc == vecs.metrics.test.acc
 
 
 def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means(
@@ -191,7 +192,7 @@ def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means
         tmp_path / "r",
         views=Views(2, "flip"),
     )
-    train_rows = run.metrics["examples_per_epoch"]
+    train_rows = run.metrics.examples_per_epoch
     assert maps_read == [train_rows, train_rows]  # the two training views; val and test: channel means only
 
 
@@ -296,8 +297,8 @@ def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     )
     assert feats.hit
     m = again.evaluate(feats, device="cpu")
-    assert m["acc"] == pytest.approx(run.metrics["test"]["acc"])
-    assert m["loss"] == pytest.approx(run.metrics["test"]["loss"], rel=1e-5)
+    assert m.acc == pytest.approx(run.metrics.test.acc)
+    assert m.loss == pytest.approx(run.metrics.test.loss, rel=1e-5)
 
 
 def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,7 +323,7 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
         tmp_path / "cut",
         resume=True,
     )  # resumed with plain autograd: the fast paths change speed, not the training
-    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
+    np.testing.assert_allclose(resumed.metrics.step_losses, full.metrics.step_losses, rtol=1e-5)
     for a, b in zip(resumed.head.state_dict().values(), full.head.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -375,9 +376,9 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
         tmp_path / "random",
         weights="none",
     )
-    print(f"imagenet {pre.metrics['test']['acc']:.4f}  random-init {rand.metrics['test']['acc']:.4f}")
-    assert pre.metrics["test"]["acc"] >= 0.90
-    assert rand.metrics["test"]["acc"] <= pre.metrics["test"]["acc"] - 0.05
+    print(f"imagenet {pre.metrics.test.acc:.4f}  random-init {rand.metrics.test.acc:.4f}")
+    assert pre.metrics.test.acc >= 0.90
+    assert rand.metrics.test.acc <= pre.metrics.test.acc - 0.05
 
 
 def test_resume_check_names_each_setting_that_differs(tmp_path: Path) -> None:
@@ -442,7 +443,7 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
     with (tmp_path / "r" / "history.csv").open(newline="") as f:
         history = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
-    for row, want in zip(history, run.metrics["history"]):
+    for row, want in zip(history, run.metrics.history):
         assert {k: pytest.approx(float(v)) for k, v in row.items()} == want
     with (tmp_path / "r" / "misclassified.csv").open(newline="") as f:
         wrong = list(csv.DictReader(f))
@@ -456,7 +457,7 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
     truth = torch.as_tensor(feats.labels)
     missed = {feats.ids[i] for i in torch.nonzero(probs.argmax(1) != truth)[:, 0].tolist()}
     assert {r["id"] for r in wrong} == missed
-    assert len(wrong) == len(test) - round(run.metrics["test"]["acc"] * len(test))
+    assert len(wrong) == len(test) - round(run.metrics.test.acc * len(test))
     assert all((tmp_path / "tree" / r["id"]).is_file() and r["split"] == "test" for r in wrong)  # file names
     losses = [float(r["loss"]) for r in wrong]
     assert losses == sorted(losses, reverse=True)
@@ -466,9 +467,9 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
         assert float(r["loss"]) == pytest.approx(-float(torch.log(probs[i, truth[i]])), rel=1e-4)
     fig = curves_figure(run.metrics)
     marks = [line for line in fig.axes[0].lines if line.get_label().startswith("best epoch")]
-    per_epoch = run.metrics["examples_per_epoch"]
-    assert len(marks) == 1 and marks[0].get_xdata()[0] == run.metrics["best_epoch"] * per_epoch
-    accs = [h["val_acc"] for h in run.metrics["history"]] + [run.metrics["test"]["acc"]]
+    per_epoch = run.metrics.examples_per_epoch
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == run.metrics.best_epoch * per_epoch
+    accs = [h["val_acc"] for h in run.metrics.history] + [run.metrics.test.acc]
     low, high = fig.axes[1].get_ylim()
     assert low <= min(accs) and high >= max(accs) and (low > 0 or min(accs) < 0.05)
 
@@ -510,8 +511,8 @@ def test_ctrl_c_leaves_a_usable_unfinished_run_that_resume_finishes(
         export_run(cut, "safetensors", tmp_path / "m.safetensors")
     assert "unfinished (interrupted after epoch 2 of 4)" in caplog.text and "--resume" in caplog.text
     resumed = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, cut, resume=True, weights="none")
-    assert resumed.metrics["finished"] is True and json.loads((cut / "metrics.json").read_text())["finished"]
-    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
+    assert resumed.metrics.finished is True and json.loads((cut / "metrics.json").read_text())["finished"]
+    np.testing.assert_allclose(resumed.metrics.step_losses, full.metrics.step_losses, rtol=1e-5)
     calls["n"] = 0
     monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "c"))

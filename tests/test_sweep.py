@@ -66,8 +66,8 @@ def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_pa
     row = res.rows[3]  # layer3 at lr 1e-2, against `featcache train` of that layer alone
     alone = train_run(replace(spec(tmp_path / "alone"), train=configs[1]), "layer3", HeadSpec("linear"))
     swept = load_run(tmp_path / "s" / row["run"])
-    assert swept.metrics["val"]["acc"] == row["val_acc"] == alone.metrics["val"]["acc"]
-    assert swept.metrics["test"]["acc"] == alone.metrics["test"]["acc"]
+    assert swept.metrics.val.acc == row["val_acc"] == alone.metrics.val.acc
+    assert swept.metrics.test.acc == alone.metrics.test.acc
     for a, b in zip(swept.head.state_dict().values(), alone.head.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -363,7 +363,13 @@ def _build_finetuned(
 
 def _finetuned_threshold(folder: RunFolder) -> float:
     """A multi-label fine-tuned run's threshold, chosen on val after training (metrics.json)."""
-    return float(folder.read_metrics().get("threshold", 0.5))
+    metrics = folder.read_metrics()
+    if metrics is None or metrics.threshold is None:
+        raise FeatcacheError(
+            f"{str(folder.path)!r}: a multi-label fine-tuned run whose metrics.json holds no threshold (it "
+            "did not finish training): `featcache finetune --resume --out DIR` finishes it"
+        )
+    return metrics.threshold
 
 
 def _task_notes(record: RunRecord) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,13 @@ from ..train.freeze import (
     replace_classifier,
 )
 from ..train.heads import TargetScale
-from ..train.objectives import METRIC, best_threshold
+from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
 from .contents import DATASET, check_same_data, split_contents
-from .folder import RunFolder, RunRecord
+from .folder import Run, RunFolder
 from .logger import epoch_log
-from .record import FinetunePart
+from .record import FinetunePart, RunRecord
 from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
@@ -157,29 +157,6 @@ def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None
     spec.note_skipped(folder, rows)
 
 
-@dataclass
-class FinetuneRun:
-    """A finished fine-tuning run: folder, config, metrics, the plan and the model."""
-
-    dir: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    plan: FreezePlan
-    model: nn.Module
-
-    def __repr__(self) -> str:
-        key = METRIC[self.metrics.get("task", "classify")]  # acc, map or r2
-        test = f", test_{key}={self.metrics['test'][key]:.4g}" if "test" in self.metrics else ""
-        return (
-            f"FinetuneRun({str(self.dir)!r}, train={self.config['finetune']['train']!r}, "
-            f"mode={self.metrics.get('mode')!r}, epochs={len(self.metrics.get('history', []))}{test})"
-        )
-
-    def history_rows(self) -> list[dict[str, float]]:
-        """Per-epoch rows of the training history."""
-        return list(self.metrics["history"])
-
-
 def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
     head, _ = RunFolder(run_dir).load_head()
     w, b = fold_linear_head(head)
@@ -250,7 +227,7 @@ def load_finetuned(
     return backbone, record
 
 
-def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun:
+def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> Run:
     """Freeze per ``ft.train``, train (cached prefix or live), evaluate, and write the run folder.
 
     Example:
@@ -316,20 +293,20 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     if scale is not None:
         fold_target_scale(net.get_submodule(plan.classifier), scale)
     threshold = _threshold(trained, src.get("val")) if task == "multilabel" else None
-    metrics = {
-        **evaluate_splits(
+    metrics = replace(
+        evaluate_splits(
             trained, result, src, len(splits.classes), names=splits.classes, task=task, threshold=threshold
         ),
-        "mode": mode,
-        **({"threshold": threshold} if threshold is not None else {}),
-    }
+        mode=mode,
+        threshold=threshold,
+    )
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
     _write_mistakes(folder, trained, src, splits)
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
-    return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
+    return Run(folder.path, record, metrics, net)
 
 
 def _fit_network(

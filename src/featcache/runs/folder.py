@@ -36,9 +36,12 @@ from ..cache.store import CachedFeatures
 from ..data.samples import SampleSet
 from ..extraction.config import ExtractConfig
 from ..train.fit import evaluate
+from ..train.freeze import FreezePlan
 from ..train.heads import Head, HeadInfo, check_input
+from ..train.objectives import METRIC
 from ..train.sources import source_for
-from .record import RunFormatError, RunRecord, SweepPart, environment  # noqa: F401  (re-exported)
+from .metrics import ClassifyScores, Metrics, MultilabelScores, Scores, scores_of
+from .record import FinetunePart, RunFormatError, RunRecord, SweepPart, environment  # noqa: F401  (re-exported)
 from .report import plot_confusion, plot_curves, plot_label_ap, plot_scatter, plot_top_losses
 
 log = logging.getLogger(__name__)
@@ -71,19 +74,66 @@ RUN_FILES = (
 
 @dataclass
 class Run:
-    """A finished (or loaded) run: its folder, record, metrics and trained head."""
+    """A finished (or loaded) run of any verb that trains: its folder, record, typed metrics and what
+    it trained: a head (``train``, ``probe``, a sweep's run, a folds folder's refit) with its
+    :class:`HeadInfo`, or a fine-tuned network (``finetune``).
 
-    dir: Path
+    Attributes:
+        dir: the run folder (None: a probe run without ``--out``).
+        record: what ``config.json`` holds (:class:`RunRecord`, its verb's part included).
+        metrics: what ``metrics.json`` holds (:class:`~featcache.runs.metrics.Metrics`).
+        trained: the trained head, or the fine-tuned network; :attr:`head` and :attr:`model` name it.
+        info: how to rebuild the head (None for a fine-tuned network).
+
+    Example:
+        >>> run = train_run(spec, "penultimate")  # doctest: +SKIP
+        >>> run.metrics.test.acc, run.head_info.spec.kind  # doctest: +SKIP
+        (0.951, 'linear')
+    """
+
+    dir: Path | None
     record: RunRecord
-    metrics: dict[str, Any]
-    head: Head
-    head_info: HeadInfo
+    metrics: Metrics
+    trained: nn.Module
+    info: HeadInfo | None = None
 
     def __repr__(self) -> str:
+        what = f"head={self.info.spec.kind!r}" if self.info is not None else "network"
+        where = str(self.dir) if self.dir is not None else None
         return (
-            f"Run({str(self.dir)!r}, kind={self.record.kind!r}, layer={self.record.layer!r}, "
-            f"head={self.head_info.spec.kind!r}, classes={len(self.record.classes)}{_scores(self.metrics)})"
+            f"Run({where!r}, kind={self.record.kind!r}, layer={self.record.layer!r}, {what}, "
+            f"classes={len(self.record.classes)}{_scores(self.metrics)})"
         )
+
+    @property
+    def head(self) -> Head:
+        """The trained head (a run of a fine-tuned network has none: :attr:`model`)."""
+        if not isinstance(self.trained, Head):
+            raise FeatcacheError(f"this {self.record.kind} run trained a network, not a head: use run.model")
+        return self.trained
+
+    @property
+    def head_info(self) -> HeadInfo:
+        """How the head was built (its spec, input shape, classes, task, threshold)."""
+        if self.info is None:
+            raise FeatcacheError(f"this {self.record.kind} run trained a network, not a head: use run.model")
+        return self.info
+
+    @property
+    def model(self) -> nn.Module:
+        """The fine-tuned network of a ``finetune`` run (a head run's is :attr:`head`)."""
+        if isinstance(self.trained, Head):
+            raise FeatcacheError(f"this {self.record.kind} run trained a head: use run.head")
+        return self.trained
+
+    @property
+    def plan(self) -> FreezePlan:
+        """What a ``finetune`` run trained (its record's :class:`FinetunePart`)."""
+        return self.record.part_as(FinetunePart, "run.plan").plan
+
+    def history_rows(self) -> list[dict[str, Any]]:
+        """Per-epoch rows of the training history (none for a run that did not train by epochs)."""
+        return list(self.metrics.history or ())
 
     @property
     def config(self) -> dict[str, Any]:
@@ -106,16 +156,22 @@ class Run:
         """The extraction settings the head was trained on."""
         return self.record.extract_config()
 
-    def evaluate(self, cached: CachedFeatures, device: str = "auto") -> dict[str, Any]:
-        """Evaluate the trained head on cached features of the same layer (e.g. another split)."""
+    def evaluate(self, cached: CachedFeatures, device: str = "auto") -> Scores:
+        """Evaluate the trained head on cached features of the same layer (e.g. another split).
+
+        Example:
+            >>> run.evaluate(extract(backbone, other, [run.layer])).acc  # doctest: +SKIP
+            0.93
+        """
         dev = resolve_device(device)
         data = source_for(cached, self.layer, dev)
         check_input(self.head_info.in_shape, data.row_shape)
         info = self.head_info
         threshold = info.threshold if info.threshold is not None else 0.5
-        return evaluate(
+        scores = evaluate(
             self.head.to(dev), data, info.num_classes, task=info.task, threshold=threshold, names=self.classes
         )
+        return scores_of(info.task, scores)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -323,13 +379,19 @@ class RunFolder:
     # ---------------------------------------------------------------- metrics, weights, report
 
     @_writes("metrics.json")
-    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
-        write_json(self._out("metrics.json"), dict(metrics))
+    def write_metrics(self, metrics: Metrics) -> None:
+        """Write ``metrics.json``: the typed record, through the JSON codec."""
+        write_json(self._out("metrics.json"), metrics.to_json())
 
-    def read_metrics(self) -> dict[str, Any]:
-        """``metrics.json``, or ``{}`` for a run that has not finished."""
+    def read_metrics(self) -> Metrics | None:
+        """The run's metrics (``metrics.json``), or None for a run that has not trained an epoch."""
         file = self.path / "metrics.json"
-        return dict(json.loads(file.read_text())) if file.exists() else {}
+        if not file.exists():
+            return None
+        try:
+            return Metrics.from_json(json.loads(file.read_text()))
+        except (json.JSONDecodeError, FeatcacheError) as exc:
+            raise FeatcacheError(f"{str(file)!r} is not a readable run's metrics ({exc})") from exc
 
     @_writes("the head's weights")
     def save_head(self, head: nn.Module, info: HeadInfo) -> None:
@@ -367,30 +429,28 @@ class RunFolder:
             'runs/mnist is unfinished (interrupted after epoch 3 of 30) ...'
         """
         metrics = self.read_metrics()
-        if metrics.get("finished", True):
+        if metrics is None or metrics.finished:
             return ""
         record = self.read_config()
         verb = verb or record.kind
-        epochs = (record.train or {}).get("epochs", "?")
+        epochs = record.train["epochs"] if record.train is not None else "?"
         return (
-            f"{self.path} is unfinished (interrupted after epoch {len(metrics.get('history', []))} of "
+            f"{self.path} is unfinished (interrupted after epoch {len(metrics.history or ())} of "
             f"{epochs}): it holds the best {'head' if record.kind != 'finetune' else 'weights'} of the "
             f"finished epochs; `featcache {verb} --resume --out {self.path}` finishes it"
         )
 
     @_writes("the report (curves, confusion matrix)")
-    def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
-        """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
-        there is a test split)."""
-        if "history" in metrics:
-            plot_curves(dict(metrics), self._out("curves.png"), title)
-            self._write_csv("history.csv", list(metrics["history"]))
-        if "test" in metrics and "confusion" in metrics["test"]:
-            plot_confusion(metrics["test"]["confusion"], classes, self._out("confusion.png"))
-        if "test" in metrics and "per_label_ap" in metrics["test"]:
-            plot_label_ap(
-                metrics["test"]["per_label_ap"], classes, self._out("label_ap.png"), f"{title} · test"
-            )
+    def write_report(self, metrics: Metrics, classes: list[str], title: str) -> None:
+        """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` or
+        ``label_ap.png`` (when there is a test split)."""
+        if metrics.history is not None:
+            plot_curves(metrics, self._out("curves.png"), title)
+            self._write_csv("history.csv", list(metrics.history))
+        if isinstance(metrics.test, ClassifyScores):
+            plot_confusion(metrics.test.confusion, classes, self._out("confusion.png"))
+        if isinstance(metrics.test, MultilabelScores):
+            plot_label_ap(metrics.test.per_label_ap, classes, self._out("label_ap.png"), f"{title} · test")
 
     @_writes("predictions.csv and scatter.png")
     def write_task_report(
@@ -599,13 +659,16 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
     ]
 
 
-def _scores(metrics: Mapping[str, Any]) -> str:
-    """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics."""
-    out = ""
-    for split in ("val", "test"):
-        key = next((k for k in ("acc", "map", "r2") if k in metrics.get(split, {})), None)
-        out += f", {split}_{key}={metrics[split][key]:.4g}" if key else ""
-    return out
+def _scores(metrics: Metrics) -> str:
+    """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics (and a
+    probe's chosen strength)."""
+    key = METRIC[metrics.task]
+    strength = f", strength={metrics.strength:g}" if metrics.strength is not None else ""
+    return strength + "".join(
+        f", {split}_{key}={s.headline:.4g}"
+        for split, s in (("val", metrics.val), ("test", metrics.test))
+        if s is not None and s.headline is not None
+    )
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -613,10 +676,16 @@ def load_run(run_dir: str | Path) -> Run:
 
     Example:
         >>> run = load_run("runs/mnist")  # doctest: +SKIP
-        >>> run.metrics["test"]["acc"]  # doctest: +SKIP
+        >>> run.metrics.test.acc  # doctest: +SKIP
     """
     folder, note = RunFolder.resolve(run_dir)
     if note:
         log.info(note)
     head, info = folder.load_head()
-    return Run(folder.path, folder.read_config(), folder.read_metrics(), head, info)
+    metrics = folder.read_metrics()
+    if metrics is None:
+        raise FileNotFoundError(
+            f"{str(folder.path)!r} holds no metrics.json: its run stopped before its first epoch ended; "
+            "run it again (--overwrite)"
+        )
+    return Run(folder.path, folder.read_config(), metrics, head, info)

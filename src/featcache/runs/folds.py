@@ -37,6 +37,7 @@ from ..train.logistic import Part, RowBlocks
 from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
+from .metrics import Metrics, scores_of
 from .probe import ProbeConfig, fit_logistic
 from .record import FoldsPart
 from .spec import RunSpec
@@ -122,12 +123,12 @@ def _fold_head(
     progress: bool,
     child: RunFolder | None,
     record: RunRecord | None,
-) -> tuple[Head, HeadInfo, dict[str, Any]]:
+) -> tuple[Head, HeadInfo, Metrics]:
     """One fold's head: trained (and written to its run folder ``child``), or read back from ``child``
     when a resumed run finished it with the same settings."""
     if child is not None and record is not None:
         done = child.read_metrics()  # written after the fold's config and head: both are there
-        if done.get("finished", False) and child.read_config().to_json() == record.to_json():
+        if done is not None and done.finished and child.read_config() == record:
             head, info = child.load_head()
             return head, info, done
         child.write_config(record)
@@ -136,13 +137,11 @@ def _fold_head(
     )
     if not result.finished:
         raise TrainingInterrupted(result, child.unfinished("train") if child else "fold interrupted")
-    metrics["fold"] = metrics.pop("test")  # the held-out fold, scored once after the last epoch
+    metrics = replace(metrics, fold=metrics.test, test=None)  # the held-out fold, scored after the last epoch
     if child is not None:
         child.save_head(head, info)
         child.write_metrics(metrics)
-        child.write_report(
-            {k: v for k, v in metrics.items() if k != "test"}, parts["train"].classes, child.path.name
-        )
+        child.write_report(metrics, parts["train"].classes, child.path.name)
     return head, info, metrics
 
 
@@ -181,7 +180,7 @@ def folds_train(
         )
         held_src = source_for(held, layer, dev, config.ram_budget_gb)
         oof[torch.as_tensor(rows)] = predict_logits(head.to(dev), held_src)
-        out.acc.append(float(metrics["fold"][key]))
+        out.acc.append(_held_out(metrics, key))
         out.rows.append(len(held))
         if "test" in feats:
             test = _score(head.to(dev), source_for(feats["test"], layer, dev), info)
@@ -237,6 +236,12 @@ def folds_probe(
     if "test" in feats:
         out.test_acc = [float(evaluate(head, source_for(feats["test"], layer, dev), n)["acc"])]
     return out
+
+
+def _held_out(metrics: Metrics, key: str) -> float:
+    """A fold's held-out score ``key`` (NaN where it is not defined, as the mean over folds takes it)."""
+    value = metrics.fold.score(key) if metrics.fold is not None else None
+    return float("nan") if value is None else value
 
 
 def _score(head: Head, data: FeatureSource, info: HeadInfo, names: list[str] | None = None) -> dict[str, Any]:
@@ -300,7 +305,7 @@ def _folds_probe_task(
 
 def _refit(
     spec: RunSpec, feats: dict[str, CachedFeatures], pool: CachedFeatures, layer: str, head: HeadSpec
-) -> tuple[Head, HeadInfo, dict[str, Any]]:
+) -> tuple[Head, HeadInfo, Metrics]:
     """The final head of ``train --folds``: trained on every train+val row for ``spec.train.epochs``
     (nothing held out to choose an epoch on), scored on test."""
     parts = {"train": pool, **({"test": feats["test"]} if "test" in feats else {})}
@@ -362,17 +367,19 @@ def folds_run(
             info = replace(info, threshold=best_threshold(torch.sigmoid(res.oof).numpy(), y))
             if "test" in feats:
                 test = source_for(feats["test"], layer, resolve_device(spec.train.device))
-                metrics["test"] = _score(final, test, info, pool.classes)
-        if "test" in metrics:
-            res.extra[f"refit_test_{res.metric}"] = float(metrics["test"][res.metric])
+                metrics = replace(metrics, test=scores_of(pool.task, _score(final, test, info, pool.classes)))
+        refit_test = metrics.test.score(res.metric) if metrics.test is not None else None
+        if refit_test is not None:
+            res.extra[f"refit_test_{res.metric}"] = refit_test
     else:
         res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device, spec.train.ram_budget_gb)
         final, info = res.extra.pop("head")
         dev = resolve_device(spec.train.device)
         names = pool.classes if pool.task != "classify" else None
-        metrics = {"task": pool.task}
+        metrics = Metrics(pool.task)
         if "test" in feats:
-            metrics["test"] = _score(final, source_for(feats["test"], layer, dev), info, names)
+            test_scores = _score(final, source_for(feats["test"], layer, dev), info, names)
+            metrics = replace(metrics, test=scores_of(pool.task, test_scores))
     res.extra["seconds"] = round(time.perf_counter() - t0, 3)
     res.extra["cache_rows"] = {
         s: {"rows": f.rows, "from_cache": f.from_cache, "extracted": f.extracted} for s, f in feats.items()
@@ -387,7 +394,7 @@ def _write_folds(
     spec: RunSpec,
     res: FoldsResult,
     pool: CachedFeatures,
-    refit: tuple[Head, HeadInfo, dict[str, Any]],
+    refit: tuple[Head, HeadInfo, Metrics],
     layer: str,
     title: str,
 ) -> None:
@@ -395,7 +402,7 @@ def _write_folds(
     final, info, metrics = refit
     summary = {"layer": layer, "data": to_json(spec.data), **res.to_dict()}
     folder.save_head(final, info)
-    folder.write_metrics({**metrics, "folds": summary, "refit_on": "train+val", "finished": True})
+    folder.write_metrics(replace(metrics, folds=summary, refit_on="train+val", finished=True))
     folder.write_report(metrics, pool.classes, f"{title} · refitted on train+val")
     folder.write_json("folds.json", summary)
     if res.oof is not None and pool.task != "classify":

@@ -10,6 +10,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .contents import check_same_data, split_contents
 from .folder import Run, RunFolder
 from .logger import EpochHook, epoch_log
+from .metrics import CacheRows, Metrics
 from .record import TrainPart
 from .report import most_confused
 from .spec import RunSpec
@@ -48,7 +50,7 @@ def evaluate_splits(
     names: Sequence[str] | None = None,
     task: str | None = None,
     threshold: float | None = None,
-) -> dict[str, Any]:
+) -> Metrics:
     """metrics.json content: the fit's history and timings, and val/test metrics of the best model (for
     the task of ``info``, at its multi-label threshold; ``names``: the classes or targets, and with them
     each classification split's ``most_confused`` class pairs). A network without a HeadInfo (finetune)
@@ -83,7 +85,12 @@ def evaluate_splits(
             )
             if task == "classify" and names is not None and "confusion" in metrics[split]:
                 metrics[split]["most_confused"] = most_confused(metrics[split]["confusion"], names)
-    return metrics
+    return Metrics.from_json(metrics)
+
+
+def cache_rows(feats: Mapping[str, CachedFeatures]) -> dict[str, CacheRows]:
+    """Each split's rows as the run read them: how many, from the cache, extracted now."""
+    return {k: CacheRows(v.rows, v.from_cache, v.extracted) for k, v in feats.items()}
 
 
 def write_mistakes(
@@ -122,7 +129,7 @@ def train_on_cache(
     resume: bool = False,
     views: Sequence[CachedFeatures] = (),
     on_epoch: EpochHook | None = None,
-) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
+) -> tuple[Head, HeadInfo, FitResult, Metrics]:
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
 
     With ``views`` (cached augmented views of the train split,
@@ -174,7 +181,7 @@ def _evaluated(
     sources: Mapping[str, FeatureSource],
     val: FeatureSource | None,
     standardize: bool,
-) -> tuple[HeadInfo, FitResult, dict[str, Any]]:
+) -> tuple[HeadInfo, FitResult, Metrics]:
     """A trained head's :class:`HeadInfo` (with its multi-label threshold, chosen on val), the fit's
     result and the metrics of every split (what :func:`train_on_cache` returns after the head)."""
     shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
@@ -221,7 +228,7 @@ def train_grid_on_cache(
     configs: list[TrainConfig],
     progress: bool = True,
     on_epochs: list[EpochHook | None] | None = None,
-) -> list[tuple[Head, HeadInfo, FitResult, dict[str, Any]] | TrainingDiverged] | None:
+) -> list[tuple[Head, HeadInfo, FitResult, Metrics] | TrainingDiverged] | None:
     """:func:`train_on_cache` of one head per config, trained as one grid (:mod:`featcache.train.grid`):
     per config what ``train_on_cache`` returns, to float rounding, or the :class:`TrainingDiverged` it
     raises; None (nothing trained) where the grid does not cover them (:func:`grid_not_covered`).
@@ -248,7 +255,7 @@ def train_grid_on_cache(
     results = fit_grid(heads, train, val, len(plain.classes), configs, progress, on_epochs)
     if results is None:
         return None
-    out: list[tuple[Head, HeadInfo, FitResult, dict[str, Any]] | TrainingDiverged] = []
+    out: list[tuple[Head, HeadInfo, FitResult, Metrics] | TrainingDiverged] = []
     for head, result, hook in zip(heads, results, on_epochs or [None] * len(heads), strict=True):
         if isinstance(result, TrainingDiverged):
             out.append(result)
@@ -337,12 +344,13 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
         trained, info, result, metrics = train_on_cache(
             feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views, on_epoch
         )
-    metrics["extract_seconds"] = extract_seconds
     named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
-    metrics["cache_hit"] = {k: v.hit for k, v in named.items()}
-    metrics["cache_rows"] = {
-        k: {"rows": v.rows, "from_cache": v.from_cache, "extracted": v.extracted} for k, v in named.items()
-    }
+    metrics = replace(
+        metrics,
+        extract_seconds=extract_seconds,
+        cache_hit={k: v.hit for k, v in named.items()},
+        cache_rows=cache_rows(named),
+    )
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")

@@ -275,3 +275,20 @@ def test_a_run_folder_of_another_format_is_refused_naming_the_folder_and_the_fix
         RunFormatError, match=rf"run format {RUN_FORMAT + 1}, which this featcache .* does not know"
     ):
         RunFolder(old).read_config()
+
+
+def test_export_reads_runs_through_the_run_folder_and_imports_no_job_module() -> None:
+    """A fine-tuned network is rebuilt by RunFolder.load_finetuned: export/ imports runs' folder and
+    records, never a job (train, finetune, probe, sweep, folds, knn)."""
+    import ast
+
+    import featcache.export
+
+    jobs = {"train", "finetune", "probe", "sweep", "folds", "knn", "target_probes"}
+    seen = set()
+    for path in Path(featcache.export.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("runs."):
+                seen.add(node.module.split(".")[1])
+    assert seen and not seen & jobs, seen
+    assert callable(RunFolder.load_finetuned)

@@ -20,6 +20,7 @@ from featcache.data.config import DataConfig
 from featcache.export.predict import load_predictor
 from featcache.extraction.config import ExtractConfig
 from featcache.runs.folder import load_run
+from featcache.runs.record import SweepRunPart
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, grid, sweep_run
 from featcache.runs.train import train_run
@@ -57,6 +58,9 @@ def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_pa
     summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert summary["best"] == res.best and summary["axes"] == ["lr"]
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 20_000
+    chosen = res.chosen()  # the chosen run, loaded: its typed record and metrics
+    assert chosen.dir == tmp_path / "s" / res.best["run"] and chosen.metrics.val.acc == res.best["val_acc"]
+    assert isinstance(chosen.record.part, SweepRunPart) and chosen.record.layer == res.best["layer"]
 
     batches.clear()
     again = sweep_run(spec(tmp_path / "s2"), SweepGrid(tuple(LAYERS), HeadSpec("linear"), lrs=(1e-3,)))

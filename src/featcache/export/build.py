@@ -38,7 +38,6 @@ from ..backbones.registry import Backbone, BackboneCfg, load_backbone, parse_spe
 from ..backbones.tokens import pool_prefix
 from ..extraction.nodes import FeatureExtractor
 from ..extraction.truncate import truncate
-from ..runs.finetune import load_finetuned
 from ..runs.folder import RunFolder
 from ..runs.record import FinetunePart, RunRecord
 from ..train.heads import HeadInfo
@@ -325,7 +324,7 @@ def _build_finetuned(
     python_only = from_python_only(record.model, str(run_dir)) if given is None else ""
     if python_only:
         raise FeatcacheError(python_only)
-    backbone, record = load_finetuned(run_dir, weights, given)
+    backbone, record = folder.load_finetuned(weights, given)
     part = record.part_as(FinetunePart, "export of a fine-tuned run")
     size = record.extract_config().input_size
     finetune = part.finetune.train

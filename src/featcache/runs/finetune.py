@@ -11,11 +11,9 @@ scored and reported as ``train``'s runs are.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .._config import to_json
 from .._util import FeatcacheError, flag, resolve_device
-from ..backbones.registry import Backbone, BackboneCfg, load_backbone
+from ..backbones.registry import Backbone, BackboneCfg
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
@@ -43,7 +41,6 @@ from ..train.freeze import (
     param_groups,
     plan_freeze,
     prefix_layer,
-    replace_classifier,
 )
 from ..train.heads import TargetScale
 from ..train.objectives import best_threshold
@@ -52,7 +49,7 @@ from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without
 from .contents import DATASET, check_same_data, split_contents
 from .folder import Run, RunFolder
 from .logger import epoch_log
-from .record import FinetunePart, RunRecord
+from .record import FinetunePart
 from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
@@ -181,50 +178,6 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tenso
         for k, v in model.state_dict().items()
         if k.startswith(prefixes) or (plan.split is None)
     }
-
-
-def load_finetuned(
-    run_dir: str | Path, weights: str | None = None, backbone: nn.Module | Backbone | None = None
-) -> tuple[Backbone, RunRecord]:
-    """Rebuild a fine-tuned network from its run folder: base weights + new classifier + trained part.
-
-    Args:
-        run_dir: a folder written by :func:`finetune_run`.
-        weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
-        backbone: for a run made from a module passed from Python (``module:Name``), a module with the
-            base weights the run started from; a copy of it is fine-tuned (the module passed is unchanged).
-
-    Example:
-        >>> backbone, record = load_finetuned("runs/ft")  # doctest: +SKIP
-        >>> backbone.model(x).shape  # doctest: +SKIP
-    """
-    folder = RunFolder(run_dir)
-    record = folder.read_config()
-    if record.kind != "finetune":
-        raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
-    weights_arg = weights if weights is not None else record.weights_arg
-    size = record.extract_config().input_size
-    if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
-        module = backbone.model if isinstance(backbone, Backbone) else backbone
-        backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
-        weights_arg = "the module passed"
-    else:
-        backbone = load_backbone(record.model, weights_arg, input_size=size)
-    if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
-        raise FeatcacheError(
-            f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
-            f"{str(folder.path)!r} was fine-tuned from; pass the weights tag or file it used"
-        )
-    plan = record.part_as(FinetunePart, "a fine-tuned network").plan
-    replace_classifier(backbone.model, plan.classifier, len(record.classes))
-    result = backbone.model.load_state_dict(folder.load_trainable(), strict=False)
-    if result.unexpected_keys:
-        raise FeatcacheError(
-            f"trainable.safetensors of {str(folder.path)!r} does not fit {record.model}: "
-            f"{result.unexpected_keys[:5]}"
-        )
-    backbone.model.eval().requires_grad_(False)
-    return backbone, record
 
 
 def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> Run:

@@ -13,6 +13,7 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import functools
@@ -31,12 +32,12 @@ from torch import nn
 
 from .._disk import disk_error, disk_errors, ensure_space
 from .._util import FeatcacheError, check_name, default_mode, resolve_device, write_json
-from ..backbones.registry import BackboneCfg
+from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..cache.store import CachedFeatures
 from ..data.samples import SampleSet
 from ..extraction.config import ExtractConfig
 from ..train.fit import evaluate
-from ..train.freeze import FreezePlan
+from ..train.freeze import FreezePlan, replace_classifier
 from ..train.heads import Head, HeadInfo, check_input
 from ..train.objectives import METRIC
 from ..train.sources import source_for
@@ -414,6 +415,47 @@ class RunFolder:
 
     def load_trainable(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / "trainable.safetensors"))
+
+    def load_finetuned(
+        self, weights: str | None = None, backbone: nn.Module | Backbone | None = None
+    ) -> tuple[Backbone, RunRecord]:
+        """Rebuild the fine-tuned network of this ``finetune`` run: base weights + new classifier + the
+        trained tensors (``trainable.safetensors``).
+
+        Args:
+            weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
+            backbone: for a run made from a module passed from Python (``module:Name``), a module with the
+                base weights the run started from; a copy of it is fine-tuned (the module passed is
+                unchanged).
+
+        Example:
+            >>> backbone, record = RunFolder("runs/ft").load_finetuned()  # doctest: +SKIP
+            >>> backbone.model(x).shape  # doctest: +SKIP
+        """
+        record = self.read_config()
+        if not isinstance(record.part, FinetunePart):
+            raise FeatcacheError(f"{str(self.path)!r} is a {record.kind} run, not a fine-tuned network")
+        weights_arg = weights if weights is not None else record.weights_arg
+        if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
+            module = backbone.model if isinstance(backbone, Backbone) else backbone
+            backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
+            weights_arg = "the module passed"
+        else:
+            backbone = load_backbone(record.model, weights_arg, input_size=record.extract_config().input_size)
+        if backbone.cfg.weights_id != record.backbone.weights_id:
+            raise FeatcacheError(
+                f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
+                f"{str(self.path)!r} was fine-tuned from; pass the weights tag or file it used"
+            )
+        replace_classifier(backbone.model, record.part.plan.classifier, len(record.classes))
+        result = backbone.model.load_state_dict(self.load_trainable(), strict=False)
+        if result.unexpected_keys:
+            raise FeatcacheError(
+                f"trainable.safetensors of {str(self.path)!r} does not fit {record.model}: "
+                f"{result.unexpected_keys[:5]}"
+            )
+        backbone.model.eval().requires_grad_(False)
+        return backbone, record
 
     @_writes("weights")
     def _save_tensors(self, name: str, state: Mapping[str, torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ from ..train.grid import grid_not_covered
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
 from .config import SweepGrid, grid  # noqa: F401  (defined there, without torch)
-from .folder import RunFolder
+from .folder import Run, RunFolder, load_run
 from .logger import epoch_log
 from .metrics import Metrics
 from .record import RunRecord, SweepPart, SweepRunPart
@@ -62,6 +62,15 @@ class SweepResult:
     best: dict[str, Any]
     extract_seconds: float
     out: Path
+
+    def chosen(self) -> Run:
+        """The chosen run (:attr:`best`), loaded: its record, typed metrics and head.
+
+        Example:
+            >>> sweep_run(spec, grid).chosen().metrics.test.acc  # doctest: +SKIP
+            0.948
+        """
+        return load_run(self.out / self.best["run"])
 
     def __repr__(self) -> str:
         b = self.best
@@ -331,8 +340,10 @@ def _finished_row(folder: RunFolder, record: RunRecord, key: str = "val_acc") ->
     metrics = folder.read_metrics()
     if metrics is None or not metrics.finished or not (folder.path / "head.json").is_file():
         return None
-    old, new = folder.read_config().to_json(), record.to_json()
-    if any(old.get(k) != new.get(k) for k in ("layer", "head", "train", "cache_keys", "split_keys")):
+    old = folder.read_config()
+    if any(
+        getattr(old, k) != getattr(record, k) for k in ("layer", "head", "train", "cache_keys", "split_keys")
+    ):
         return None
     return {**_row(folder, folder.load_head()[1], metrics, key), "reused": True}
 

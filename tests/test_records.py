@@ -292,3 +292,21 @@ def test_export_reads_runs_through_the_run_folder_and_imports_no_job_module() ->
                 seen.add(node.module.split(".")[1])
     assert seen and not seen & jobs, seen
     assert callable(RunFolder.load_finetuned)
+
+
+def test_one_run_type_names_its_head_or_its_network() -> None:
+    import torch
+
+    from featcache.train.heads import HeadInfo, build_head
+
+    network = Run(None, KINDS["finetune"][0], Metrics("multilabel"), torch.nn.Linear(2, 2))
+    assert isinstance(network.model, torch.nn.Linear) and network.plan == PLAN
+    with pytest.raises(FeatcacheError, match=r"finetune run trained a network, not a head: use run\.model"):
+        _ = network.head
+    head, info = build_head(HeadSpec("linear"), (4,), 2), HeadInfo(HeadSpec("linear"), (4,), 2)
+    run = Run(None, KINDS["train"][0], Metrics(test=CLASSIFY), head, info)
+    assert run.head is head and run.head_info.in_shape == (4,) and "test_acc=0.9" in repr(run)
+    with pytest.raises(FeatcacheError, match=r"this train run trained a head: use run\.head"):
+        _ = run.model
+    with pytest.raises(FeatcacheError, match=r"run\.plan needs a run whose record holds a FinetunePart"):
+        _ = run.plan

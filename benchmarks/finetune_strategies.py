@@ -41,10 +41,10 @@ def main() -> None:
             {
                 "train": spec,
                 "weights": "random init" if weights else "ImageNet",
-                "test acc": run.metrics["test"]["acc"],
+                "test acc": run.metrics.score("test", "acc"),
                 "trainable": run.plan.trainable_params,
-                "mode": run.metrics["mode"],
-                "s/epoch": statistics.median(h["train_seconds"] for h in run.metrics["history"]),
+                "mode": run.metrics.mode,
+                "s/epoch": statistics.median(h["train_seconds"] for h in run.history_rows()),
                 "total s": time.perf_counter() - t0,
             }
         )

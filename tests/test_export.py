@@ -127,7 +127,8 @@ def test_a_probe_run_folder_exports_and_predicts_like_the_probe(runs: dict[str, 
                    cache_dir=runs["cache"], progress=False)  # fmt: skip
     res = probe_run(spec, "penultimate", ProbeConfig(strengths=(1e-3, 1e-1)))
     run = load_run(out)
-    assert run.metrics["strength"] == res.strength and run.config["probe"]["strengths"] == [1e-3, 1e-1]
+    assert run.metrics.strength == res.metrics.strength and run.config["probe"]["strengths"] == [1e-3, 1e-1]
+    assert run.record == res.record and run.dir == res.dir == out
     test = runs["data"].load().test
     bb = load_backbone("torchvision:resnet18", weights="none")
     want = pipeline_logits(run, bb, test, runs["cache"])
@@ -407,7 +408,7 @@ def test_real_mnist_predictions_match_the_run(tmp_path: Path) -> None:
     labels = test.labels[picked]
     acc, cached_acc = float(np.mean(predicted == labels)), float(np.mean(cached == labels))
     assert abs(acc - cached_acc) <= 0.02  # the run's accuracy on these very images
-    assert abs(acc - run.metrics["test"]["acc"]) <= 0.15  # and roughly its accuracy on the whole test split
+    assert abs(acc - run.metrics.test.acc) <= 0.15  # and roughly its accuracy on the whole test split
     assert acc > 0.3  # far above chance (0.1): the head and the real weights travelled together
     assert read_info(model).method == "fx"  # timm's EfficientNet truncates with timm's FX leaf modules
 

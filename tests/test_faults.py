@@ -509,17 +509,19 @@ def test_a_damaged_table_with_more_layers_is_passed_over(
 
 
 def test_resuming_with_or_without_verify_is_the_same_run(tmp_path: Path) -> None:
-    """--no-verify changes how fast the cache is read, not the training: a run resumes across it (and
-    a config.json from before the option existed, which lacks it, resumes too)."""
-    from featcache.runs.folder import RunFolder, RunRecord
+    """--no-verify changes how fast the cache is read, not the training: a run resumes across it."""
+    from featcache.runs.folder import RunFolder
+    from featcache.runs.record import RunRecord, TrainPart
 
-    (tmp_path / "config.json").write_text(json.dumps({"extract": {"pool": "avg"}}))
+    def record(extract: dict) -> RunRecord:
+        return RunRecord("train", "m", {}, {}, extract, (), TrainPart({}))
+
     folder = RunFolder(tmp_path)
+    folder.write_config(record({"pool": "avg", "verify": True}))
     for verify in (True, False):
-        record = RunRecord("finetune", "m", {}, {}, {"pool": "avg", "verify": verify}, ())
-        folder.check_resume(record, ("extract",), "settings")
+        folder.check_resume(record({"pool": "avg", "verify": verify}), ("extract",), "settings")
     with pytest.raises(FeatcacheError, match=r"extract\.pool"):  # the check itself still works
-        folder.check_resume(RunRecord("finetune", "m", {}, {}, {"pool": "max"}, ()), ("extract",), "settings")
+        folder.check_resume(record({"pool": "max", "verify": True}), ("extract",), "settings")
 
 
 @pytest.mark.parametrize("which", ["segment", "table.json"])

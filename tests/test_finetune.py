@@ -19,8 +19,8 @@ from featcache.cache.store import FeatureCache
 from featcache.data.config import DataConfig
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.nodes import FeatureExtractor
-from featcache.runs.finetune import FinetuneConfig, FinetuneRun, finetune_run
-from featcache.runs.folder import load_run
+from featcache.runs.finetune import FinetuneConfig, finetune_run
+from featcache.runs.folder import Run, load_run
 from featcache.runs.spec import RunSpec
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
@@ -49,7 +49,7 @@ def _ft(
     cfg: TrainConfig,
     progress: bool = False,
     resume: bool = False,
-) -> FinetuneRun:
+) -> Run:
     """A random-init resnet18 fine-tuned at 32 px into ``tmp_path / name``, sharing one cache folder."""
     spec = RunSpec(
         "torchvision:resnet18",
@@ -162,9 +162,9 @@ def test_cached_prefix_equals_live_loop(tmp_path: Path) -> None:
             FinetuneConfig(train="last:1", bn="train", mode=mode),
             SEEDS_CFG,
         )
-    assert runs["cached"].metrics["mode"] == "cached-prefix" and runs["live"].metrics["mode"] == "live"
+    assert runs["cached"].metrics.mode == "cached-prefix" and runs["live"].metrics.mode == "live"
     np.testing.assert_allclose(
-        runs["cached"].metrics["step_losses"], runs["live"].metrics["step_losses"], rtol=1e-4, atol=1e-5
+        runs["cached"].metrics.step_losses, runs["live"].metrics.step_losses, rtol=1e-4, atol=1e-5
     )
     a, b = runs["cached"].model.state_dict(), runs["live"].model.state_dict()
     for k in a:
@@ -184,7 +184,7 @@ def test_live_fallback_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[st
         SEEDS_CFG,
         progress=True,
     )
-    assert run.metrics["mode"] == "live" and "augmentation" in run.config["mode_reason"]
+    assert run.metrics.mode == "live" and "augmentation" in run.config["mode_reason"]
     assert "live because random augmentation" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mode cached is not possible"):
         _ft(
@@ -249,8 +249,8 @@ def test_init_head_starts_from_the_trained_linear_head(tmp_path: Path) -> None:
         TrainConfig(epochs=1, lr=1e-12, device="cpu"),
     )
     # With a negligible learning rate the fine-tuned model still predicts what the probe head does.
-    assert run.metrics["test"]["acc"] == pytest.approx(load_run(tmp_path / "probe").metrics["test"]["acc"])
-    assert run.metrics["test"]["loss"] == pytest.approx(probe.metrics["test"]["loss"], rel=1e-4)
+    assert run.metrics.test.acc == pytest.approx(load_run(tmp_path / "probe").metrics.test.acc)
+    assert run.metrics.test.loss == pytest.approx(probe.metrics.test.loss, rel=1e-4)
 
 
 def test_resume_reapplies_the_same_plan(tmp_path: Path) -> None:
@@ -284,8 +284,8 @@ def test_fine_tuned_run_exports_whole(tmp_path: Path, fmt: str) -> None:
 def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
     ft = FinetuneConfig(train="last:1", augment="flip", views=2)
     run = _ft(tmp_path, "views", DataConfig("digits", limit=120), ft, SEEDS_CFG)
-    assert run.metrics["mode"] == "cached-prefix" and run.config["mode_reason"] is None
-    assert len(run.config["view_keys"]) == 2 and len(run.metrics["history"]) == SEEDS_CFG.epochs
+    assert run.metrics.mode == "cached-prefix" and run.config["mode_reason"] is None
+    assert len(run.config["view_keys"]) == 2 and len(run.metrics.history) == SEEDS_CFG.epochs
     cache = FeatureCache(tmp_path / "c")
     for key in run.config["view_keys"]:
         info = cache.info(key)

@@ -89,7 +89,7 @@ def test_each_fold_trains_as_a_run_on_those_rows_would_with_no_backbone_pass(tmp
     }
     assert calls == []  # every row is in the table already
     _, _, _, metrics = train_on_cache(parts, "layer3", HeadSpec("linear"), cfg, progress=False)
-    assert res.acc[1] == pytest.approx(metrics["test"]["acc"])
+    assert res.acc[1] == pytest.approx(metrics.test.acc)
     assert res.rows[1] == int((fold == 1).sum())
     hook.remove()
 

@@ -157,8 +157,8 @@ def test_train_on_shards_and_a_dataset_is_the_folders_run_and_a_cache_hit(tmp_pa
             "avgpool",
             HeadSpec("linear"),
         )
-        acc[name] = run.metrics["test"]["acc"]
-        extracted[name] = sum(v["extracted"] for v in run.metrics["cache_rows"].values())
+        acc[name] = run.metrics.test.acc
+        extracted[name] = sum(v.extracted for v in run.metrics.cache_rows.values())
     assert extracted["folder"] == len(items)
     assert {k: v for k, v in extracted.items() if k != "folder"} == dict.fromkeys(list(acc)[1:], 0)
     assert len(set(acc.values())) == 1, acc

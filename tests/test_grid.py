@@ -86,9 +86,9 @@ def _same_as_alone(out: Any, alone: Any) -> None:
         torch.tensor(result.step_losses), torch.tensor(result1.step_losses), rtol=RTOL, atol=ATOL
     )
     for split in ("val", "test"):
-        assert metrics[split]["acc"] == metrics1[split]["acc"]
-        assert metrics[split]["confusion"] == metrics1[split]["confusion"]
-        assert metrics[split]["loss"] == pytest.approx(metrics1[split]["loss"], rel=RTOL, abs=ATOL)
+        ours, theirs = getattr(metrics, split), getattr(metrics1, split)
+        assert ours.acc == theirs.acc and ours.confusion == theirs.confusion
+        assert ours.loss == pytest.approx(theirs.loss, rel=RTOL, abs=ATOL)
 
 
 @pytest.mark.parametrize(("layer", "kind"), [("penultimate", "linear"), ("layer3", "pooled-linear")])
@@ -169,8 +169,8 @@ def test_a_sweep_of_linear_heads_trains_each_layer_in_one_pass_with_a_run_folder
     _, _, _, metrics1 = train_on_cache(feats, "penultimate", HeadSpec("linear"), cfg, progress=False)
     metrics = json.loads((tmp_path / "s" / row["run"] / "metrics.json").read_text())
     assert metrics["fast_paths"]["grid"] == 8 and metrics["finished"]
-    assert row["val_acc"] == metrics["val"]["acc"] == metrics1["val"]["acc"]
-    assert row["test_acc"] == metrics["test"]["acc"] == metrics1["test"]["acc"]
+    assert row["val_acc"] == metrics["val"]["acc"] == metrics1.val.acc
+    assert row["test_acc"] == metrics["test"]["acc"] == metrics1.test.acc
     assert (tmp_path / "s" / row["run"] / "history.csv").is_file()
 
     alone.clear()  # an mlp head trains one by one, and the sweep says why in one line

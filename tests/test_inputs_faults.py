@@ -291,7 +291,7 @@ def test_skipped_images_are_listed_in_the_run_folder_and_said(
     }
     assert "skipped 4 unreadable image(s)" in capsys.readouterr().err
     test_rows = sum(1 for _ in (bad_tree / "test").rglob("*.png")) - 1
-    assert sum(run.metrics["test"]["confusion"][0]) + sum(run.metrics["test"]["confusion"][1]) == test_rows
+    assert sum(run.metrics.test.confusion[0]) + sum(run.metrics.test.confusion[1]) == test_rows
 
 
 def test_the_pixel_limit_is_configurable_and_a_raised_limit_retries(

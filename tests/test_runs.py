@@ -24,7 +24,9 @@ from featcache.export.save import export_run
 from featcache.extraction.build import extract
 from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
+from featcache.runs.metrics import Metrics
 from featcache.runs.probe import ProbeConfig, probe_run
+from featcache.runs.record import RUN_FORMAT, TrainPart
 from featcache.runs.report import curves_figure
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, sweep_run
@@ -79,12 +81,12 @@ def test_train_twice_hits_the_cache_and_writes_a_report(tmp_path: Path) -> None:
     data = DataConfig("digits", limit=300)
     cfg = TrainConfig(epochs=3, lr=1e-2, device="cpu")
     first = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r1")
-    assert not any(first.metrics["cache_hit"].values())
+    assert not any(first.metrics.cache_hit.values())
     calls = _count_forwards(bb.model)
     second = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r2")
     assert calls["n"] == 0
-    assert all(second.metrics["cache_hit"].values())
-    assert second.metrics["test"]["acc"] == first.metrics["test"]["acc"]
+    assert all(second.metrics.cache_hit.values())
+    assert second.metrics.test.acc == first.metrics.test.acc
 
     out = tmp_path / "r1"
     config = json.loads((out / "config.json").read_text())
@@ -133,7 +135,7 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
     cfg = TrainConfig(epochs=3, lr=1e-2, standardize=True, device="cpu")
     maps_loaded = maps_read
 
-    def run(fast: bool) -> dict:
+    def run(fast: bool) -> Metrics:
         return _train(
             bb,
             data,
@@ -145,15 +147,15 @@ def test_a_pooled_head_on_maps_trains_from_the_channel_statistics_as_on_the_maps
         ).metrics
 
     fast = run(True)
-    assert fast["fast_paths"]["front_from_channel_means"]
+    assert fast.fast_paths["front_from_channel_means"]
     assert maps_loaded == []  # standardisation, training, validation and test: no map read
     plain = run(False)
-    assert not plain["fast_paths"]["front_once"] and len(maps_loaded) == 3  # train, val, test maps
-    for a, b in zip(fast["history"], plain["history"], strict=True):
+    assert not plain.fast_paths["front_once"] and len(maps_loaded) == 3  # train, val, test maps
+    for a, b in zip(fast.history, plain.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_acc"] == b["val_acc"]
-    assert fast["test"]["acc"] == plain["test"]["acc"]
-    assert fast["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-5)
+    assert fast.test.acc == plain.test.acc
+    assert fast.test.loss == pytest.approx(plain.test.loss, rel=1e-5)
 
 
 def test_a_pooled_head_on_maps_trains_as_a_linear_head_on_the_pooled_cache(tmp_path: Path) -> None:
@@ -168,10 +170,10 @@ def test_a_pooled_head_on_maps_trains_as_a_linear_head_on_the_pooled_cache(tmp_p
         bb, data, "layer2", HeadSpec("pooled-linear"), cfg, replace(SMALL, pool="none"), tmp_path / "m"
     )
     vecs = _train(bb, data, "layer2", HeadSpec("linear"), cfg, replace(SMALL, pool="avg"), tmp_path / "v")
-    for a, b in zip(maps.metrics["history"], vecs.metrics["history"], strict=True):
+    for a, b in zip(maps.metrics.history, vecs.metrics.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_acc"] == b["val_acc"]
-    assert maps.metrics["test"]["acc"] == vecs.metrics["test"]["acc"]
+    assert maps.metrics.test.acc == vecs.metrics.test.acc
 
 
 def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means(
@@ -190,7 +192,7 @@ def test_with_views_a_pooled_head_still_validates_and_tests_on_the_channel_means
         tmp_path / "r",
         views=Views(2, "flip"),
     )
-    train_rows = run.metrics["examples_per_epoch"]
+    train_rows = run.metrics.examples_per_epoch
     assert maps_read == [train_rows, train_rows]  # the two training views; val and test: channel means only
 
 
@@ -235,22 +237,20 @@ def test_every_verb_keeps_a_finished_run_unless_told_and_an_overwrite_forgets_th
         RunFolder.prepare(tmp_path / "p", resume=True)
 
 
-def test_a_run_record_round_trips_and_reads_configs_of_older_runs(tmp_path: Path) -> None:
+def test_a_run_record_round_trips_and_refuses_another_part(tmp_path: Path) -> None:
     bb = load_backbone("torchvision:resnet18", weights="none")
     data, cfg = DataConfig("digits", limit=60), TrainConfig(epochs=1, device="cpu")
     run = _train(bb, data, "layer3", HeadSpec("linear"), cfg, SMALL, tmp_path / "r")
     folder = RunFolder(run.dir)
     record = folder.read_config()
     assert record == run.record and record.kind == "train" and record.layer == "layer3"
+    assert isinstance(record.part, TrainPart) and set(record.part.split_contents) >= {"train", "test"}
     assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
-    old = {k: v for k, v in record.to_json().items() if k != "kind"}  # written before runs had a kind
-    assert RunRecord.from_json(old).kind == "train"
-    assert RunRecord.from_json({**old, "finetune": {"train": "all"}}).verb == {
-        "finetune": {"train": "all"},
-        "split_contents": record.verb["split_contents"],  # train's own verb part: what it trained on
-    }
+    # a key of another verb's part is no train run's part: refused, naming the parts a train run holds
+    with pytest.raises(FeatcacheError, match=r"no train run's part \(TrainPart: split_contents; FoldsPart"):
+        RunRecord.from_json({**record.to_json(), "finetune": {"train": "all"}})
     with pytest.raises(FeatcacheError, match="lacks"):
-        RunRecord.from_json({"model": "x"})
+        RunRecord.from_json({"format": RUN_FORMAT, "model": "x"})
     with pytest.raises(FileNotFoundError, match="not a featcache run folder"):
         RunFolder(tmp_path).read_config()
 
@@ -297,8 +297,8 @@ def test_reloaded_run_evaluates_the_same(tmp_path: Path) -> None:
     )
     assert feats.hit
     m = again.evaluate(feats, device="cpu")
-    assert m["acc"] == pytest.approx(run.metrics["test"]["acc"])
-    assert m["loss"] == pytest.approx(run.metrics["test"]["loss"], rel=1e-5)
+    assert m.acc == pytest.approx(run.metrics.test.acc)
+    assert m.loss == pytest.approx(run.metrics.test.loss, rel=1e-5)
 
 
 def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,7 +323,7 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
         tmp_path / "cut",
         resume=True,
     )  # resumed with plain autograd: the fast paths change speed, not the training
-    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
+    np.testing.assert_allclose(resumed.metrics.step_losses, full.metrics.step_losses, rtol=1e-5)
     for a, b in zip(resumed.head.state_dict().values(), full.head.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -376,25 +376,29 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
         tmp_path / "random",
         weights="none",
     )
-    print(f"imagenet {pre.metrics['test']['acc']:.4f}  random-init {rand.metrics['test']['acc']:.4f}")
-    assert pre.metrics["test"]["acc"] >= 0.90
-    assert rand.metrics["test"]["acc"] <= pre.metrics["test"]["acc"] - 0.05
+    print(f"imagenet {pre.metrics.test.acc:.4f}  random-init {rand.metrics.test.acc:.4f}")
+    assert pre.metrics.test.acc >= 0.90
+    assert rand.metrics.test.acc <= pre.metrics.test.acc - 0.05
 
 
-def test_resume_check_treats_settings_an_older_config_lacks_as_off(tmp_path: Path) -> None:
-    old = {"extract": {"pool": "avg"}, "train": {"lr": 0.1}}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-
+def test_resume_check_names_each_setting_that_differs(tmp_path: Path) -> None:
     def record(extract: dict, train: dict) -> RunRecord:
-        return RunRecord("train", "m", {}, {}, extract, (), train=train)
+        return RunRecord("train", "m", {}, {}, extract, (), TrainPart({}), train=train)
 
     same = record({"pool": "avg", "augment": None, "views": 0}, {"lr": 0.1, "fast_paths": False})
     folder = RunFolder(tmp_path)
-    folder.check_resume(same, ("extract", "train"), "settings")  # new, off settings: the same run
-    with pytest.raises(ValueError, match=r"differ .*\(extract\.views: None -> 2\)"):
+    folder.write_config(same)
+    folder.check_resume(
+        replace(same, train={"lr": 0.1, "fast_paths": True}), ("extract", "train"), "settings"
+    )
+    with pytest.raises(ValueError, match=r"differ .*\(extract\.views: 0 -> 2\)"):
         folder.check_resume(
-            replace(same, extract={"pool": "avg", "views": 2}), ("extract", "train"), "settings"
+            replace(same, extract={"pool": "avg", "augment": None, "views": 2}),
+            ("extract", "train"),
+            "settings",
         )
+    with pytest.raises(ValueError, match=r"extract\.augment: None -> '\(none\)'"):  # a field gone is a change
+        folder.check_resume(replace(same, extract={"pool": "avg", "views": 0}), ("extract",), "settings")
 
 
 def test_reprs_are_short_and_name_what_a_notebook_user_looks_for(tmp_path: Path) -> None:
@@ -439,7 +443,7 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
     with (tmp_path / "r" / "history.csv").open(newline="") as f:
         history = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
-    for row, want in zip(history, run.metrics["history"]):
+    for row, want in zip(history, run.metrics.history):
         assert {k: pytest.approx(float(v)) for k, v in row.items()} == want
     with (tmp_path / "r" / "misclassified.csv").open(newline="") as f:
         wrong = list(csv.DictReader(f))
@@ -453,7 +457,7 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
     truth = torch.as_tensor(feats.labels)
     missed = {feats.ids[i] for i in torch.nonzero(probs.argmax(1) != truth)[:, 0].tolist()}
     assert {r["id"] for r in wrong} == missed
-    assert len(wrong) == len(test) - round(run.metrics["test"]["acc"] * len(test))
+    assert len(wrong) == len(test) - round(run.metrics.test.acc * len(test))
     assert all((tmp_path / "tree" / r["id"]).is_file() and r["split"] == "test" for r in wrong)  # file names
     losses = [float(r["loss"]) for r in wrong]
     assert losses == sorted(losses, reverse=True)
@@ -463,9 +467,9 @@ def test_a_run_writes_its_history_and_its_mistakes_as_csv(
         assert float(r["loss"]) == pytest.approx(-float(torch.log(probs[i, truth[i]])), rel=1e-4)
     fig = curves_figure(run.metrics)
     marks = [line for line in fig.axes[0].lines if line.get_label().startswith("best epoch")]
-    per_epoch = run.metrics["examples_per_epoch"]
-    assert len(marks) == 1 and marks[0].get_xdata()[0] == run.metrics["best_epoch"] * per_epoch
-    accs = [h["val_acc"] for h in run.metrics["history"]] + [run.metrics["test"]["acc"]]
+    per_epoch = run.metrics.examples_per_epoch
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == run.metrics.best_epoch * per_epoch
+    accs = [h["val_acc"] for h in run.metrics.history] + [run.metrics.test.acc]
     low, high = fig.axes[1].get_ylim()
     assert low <= min(accs) and high >= max(accs) and (low > 0 or min(accs) < 0.05)
 
@@ -507,8 +511,8 @@ def test_ctrl_c_leaves_a_usable_unfinished_run_that_resume_finishes(
         export_run(cut, "safetensors", tmp_path / "m.safetensors")
     assert "unfinished (interrupted after epoch 2 of 4)" in caplog.text and "--resume" in caplog.text
     resumed = _train(bb, data, "layer2", HeadSpec("linear"), cfg, SMALL, cut, resume=True, weights="none")
-    assert resumed.metrics["finished"] is True and json.loads((cut / "metrics.json").read_text())["finished"]
-    np.testing.assert_allclose(resumed.metrics["step_losses"], full.metrics["step_losses"], rtol=1e-5)
+    assert resumed.metrics.finished is True and json.loads((cut / "metrics.json").read_text())["finished"]
+    np.testing.assert_allclose(resumed.metrics.step_losses, full.metrics.step_losses, rtol=1e-5)
     calls["n"] = 0
     monkeypatch.setattr(fit_mod, "_validate", ctrl_c_in_epoch_3)
     monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "c"))

@@ -21,6 +21,7 @@ from featcache.export.predict import load_predictor
 from featcache.extraction.config import ExtractConfig
 from featcache.runs.folder import load_run
 from featcache.runs.job import Job
+from featcache.runs.record import SweepRunPart
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, grid, sweep_run
 from featcache.runs.train import train_run
@@ -58,6 +59,9 @@ def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_pa
     summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert summary["best"] == res.best and summary["axes"] == ["lr"]
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 20_000
+    chosen = res.chosen()  # the chosen run, loaded: its typed record and metrics
+    assert chosen.dir == tmp_path / "s" / res.best["run"] and chosen.metrics.val.acc == res.best["val_acc"]
+    assert isinstance(chosen.record.part, SweepRunPart) and chosen.record.layer == res.best["layer"]
 
     batches.clear()
     again = sweep_run(spec(tmp_path / "s2"), SweepGrid(tuple(LAYERS), HeadSpec("linear"), lrs=(1e-3,)))
@@ -67,8 +71,8 @@ def test_sweep_runs_the_backbone_once_and_each_row_is_that_layers_own_run(tmp_pa
     row = res.rows[3]  # layer3 at lr 1e-2, against `featcache train` of that layer alone
     alone = train_run(replace(spec(tmp_path / "alone"), train=configs[1]), "layer3", HeadSpec("linear"))
     swept = load_run(tmp_path / "s" / row["run"])
-    assert swept.metrics["val"]["acc"] == row["val_acc"] == alone.metrics["val"]["acc"]
-    assert swept.metrics["test"]["acc"] == alone.metrics["test"]["acc"]
+    assert swept.metrics.val.acc == row["val_acc"] == alone.metrics.val.acc
+    assert swept.metrics.test.acc == alone.metrics.test.acc
     for a, b in zip(swept.head.state_dict().values(), alone.head.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -19,8 +19,12 @@ from ._util import FeatcacheError, unknown
 T = TypeVar("T")
 
 
-def to_json(obj: Any) -> Any:
+def to_json(obj: Any, omit_none: bool = False) -> Any:
     """``obj`` as JSON values: dataclasses as dicts of their fields, tuples as lists.
+
+    With ``omit_none``, a dataclass field that holds None and defaults to None is left out (a record
+    with many optional parts, such as a run's metrics, keeps only those it has); :func:`from_json`
+    reads the missing field back as its default.
 
     Example:
         >>> from featcache.train.heads import HeadSpec
@@ -28,11 +32,15 @@ def to_json(obj: Any) -> Any:
         {'kind': 'mlp', 'hidden': [64], 'dropout': 0.0, 'conv_channels': 256}
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return {
+            f.name: to_json(getattr(obj, f.name), omit_none)
+            for f in dataclasses.fields(obj)
+            if f.init and not (omit_none and f.default is None and getattr(obj, f.name) is None)
+        }
     if isinstance(obj, (tuple, list)):
-        return [to_json(v) for v in obj]
+        return [to_json(v, omit_none) for v in obj]
     if isinstance(obj, Mapping):
-        return {str(k): to_json(v) for k, v in obj.items()}
+        return {str(k): to_json(v, omit_none) for k, v in obj.items()}
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     raise FeatcacheError(

@@ -23,8 +23,9 @@ from .show import print_json
 
 if TYPE_CHECKING:
     from ..cache.splits import CachedFeatures
-    from ..runs.folder import RunRecord
     from ..runs.folds import FoldsResult
+    from ..runs.metrics import Scores
+    from ..runs.record import RunRecord
 
 T = TypeVar("T")
 
@@ -89,69 +90,84 @@ def cmd_train(a: argparse.Namespace) -> None:
         return
     if a.resume:
         spec, record = resumed(a)
+        from ..runs.record import FoldsPart  # the run's record was read: torch is loaded
+
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
         layer = a.layer if "layer" in a._given else str(record.layer)
-        if record.verb.get("folds"):  # a folds folder: finished folds are reused, the others trained
-            _print_folds(a, *jobs.folds_run(spec, layer, int(record.verb["folds"]), head))
+        if isinstance(record.part, FoldsPart):  # a folds folder: finished folds reused, the others trained
+            _print_folds(a, *jobs.folds_run(spec, layer, record.part.folds, head))
             return
         run = jobs.train_run(spec, layer, head)
     else:
         spec, head = run_spec(a), from_args(HeadSpec, a)  # every setting checked before torch loads
         run = jobs.train_run(spec, a.layer, head)
     m = run.metrics
-    for split, c in m["cache_rows"].items():
-        print(f"{split}: {c['rows']} rows: {c['from_cache']} from the cache, {c['extracted']} extracted")
+    for split, c in (m.cache_rows or {}).items():
+        print(f"{split}: {c.rows} rows: {c.from_cache} from the cache, {c.extracted} extracted")
     print(
-        f"best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s  extract {m['extract_seconds']:.2f}s"
+        f"best epoch {m.best_epoch}  train {_num(m.train_seconds, '.2f')}s  extract "
+        f"{_num(m.extract_seconds, '.2f')}s"
     )
-    if "test" in m:
-        print(test_line(m["test"]))
+    if m.test is not None:
+        print(test_line(m.test))
     else:
         print("no test split: nothing was held out for testing (--test-fraction, or a larger --limit)")
-    print(run_line(run.dir))
+    print(run_line(str(run.dir)))
 
 
-def test_line(test: dict[str, Any]) -> str:
+def _num(value: float | None, spec: str = ".4f") -> str:
+    """A score as the run line shows it; ``nan`` for one that is not defined (None in the metrics)."""
+    return "nan" if value is None else format(value, spec)
+
+
+def test_line(test: Scores) -> str:
     """The test split's headline numbers for the run's task.
 
     Example:
-        >>> test_line({"loss": 0.1, "mae": 0.5, "rmse": 0.7, "r2": 0.81, "pearson": 0.9})
+        >>> from featcache.runs.metrics import RegressScores
+        >>> test_line(RegressScores(loss=0.1, mae=0.5, rmse=0.7, r2=0.81, pearson=0.9, per_target={}, n=9))
         'test R2 0.8100  MAE 0.5000  RMSE 0.7000  Pearson r 0.9000'
     """
-    if "r2" in test:
+    from ..runs.metrics import MultilabelScores, RegressScores  # the run has finished: torch is loaded
+
+    if isinstance(test, RegressScores):
         return (
-            f"test R2 {test['r2']:.4f}  MAE {test['mae']:.4f}  RMSE {test['rmse']:.4f}  Pearson r "
-            f"{test['pearson']:.4f}"
+            f"test R2 {_num(test.r2)}  MAE {_num(test.mae)}  RMSE {_num(test.rmse)}  Pearson r "
+            f"{_num(test.pearson)}"
         )
-    if "map" in test:
+    if isinstance(test, MultilabelScores):
         return (
-            f"test mAP {test['map']:.4f} (micro {test['map_micro']:.4f})  F1 {test['f1']:.4f} at threshold "
-            f"{test['threshold']:g} (chosen on val)  loss {test['loss']:.4f}"
+            f"test mAP {_num(test.map)} (micro {_num(test.map_micro)})  F1 {test.f1:.4f} at threshold "
+            f"{test.threshold:g} (chosen on val)  loss {_num(test.loss)}"
         )
-    top5 = f"  top-5 {test['top5']:.4f}" if "top5" in test else ""
-    return f"test accuracy {test['acc']:.4f}{top5}  loss {test['loss']:.4f}"
+    top5 = f"  top-5 {test.top5:.4f}" if test.top5 is not None else ""
+    return f"test accuracy {test.acc:.4f}{top5}  loss {test.loss:.4f}"
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
     if a.resume:
         spec, record = resumed(a)
-        ft = replace(from_json(FinetuneConfig, record.verb["finetune"]), **written(FinetuneConfig, a))
+        from ..runs.record import FinetunePart  # the run's record was read: torch is loaded
+
+        ft = replace(record.part_as(FinetunePart, "finetune --resume").finetune, **written(FinetuneConfig, a))
         run = jobs.finetune_run(spec, ft)
     else:
         spec, ft = run_spec(a), from_args(FinetuneConfig, a)  # every setting checked before torch loads
         run = jobs.finetune_run(spec, ft)
     m = run.metrics
-    print(f"{m['mode']}: best epoch {m['best_epoch']}  train {m['train_seconds']:.2f}s")
-    if "test" in m:
-        print(test_line(m["test"]))
-    print(run_line(run.dir))
+    print(f"{m.mode}: best epoch {m.best_epoch}  train {_num(m.train_seconds, '.2f')}s")
+    if m.test is not None:
+        print(test_line(m.test))
+    print(run_line(str(run.dir)))
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
     if a.resume:  # the grid and head from the sweep's config.json, flags written on top (checked there)
         spec, record = resumed(a)
+        from ..runs.record import SweepPart  # the run's record was read: torch is loaded
+
         head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
-        grid = replace(from_json(SweepGrid, record.verb["grid"]), head=head, **written(SweepGrid, a))
+        grid = replace(record.part_as(SweepPart, "sweep --resume").grid, head=head, **written(SweepGrid, a))
         res = jobs.sweep_run(spec, grid)
     elif a.layers is None:
         raise FeatcacheError(
@@ -182,27 +198,29 @@ def cmd_probe(a: argparse.Namespace) -> None:
         _folds(a, config)
         return
     spec = run_spec(a)  # every setting checked before torch loads
-    res = jobs.probe_run(spec, a.layer, config)
+    m = jobs.probe_run(spec, a.layer, config).metrics
     if a.json:
-        print_json({"strength": res.strength, "sweep": res.sweep, "test": res.test, **res.extra})
+        print_json(m.to_json())
         return
-    few = res.extra.get("few_shot")
-    if few:
+    from ..runs.metrics import ClassifyScores  # the probe has run: torch is loaded
+
+    few = m.few_shot
+    if few is not None:
         print(
-            f"{few['shots']}-shot {few['metric']} on {few['on']} over {few['seeds']} draws of the training "
-            f"split: {few['test_mean']:.4f} ± {few['test_std']:.4f} (per draw: "
-            + ", ".join(f"{v:.3f}" for v in few["per_seed"])
+            f"{few.shots}-shot {few.metric} on {few.on} over {few.seeds} draws of the training "
+            f"split: {few.test_mean:.4f} ± {few.test_std:.4f} (per draw: "
+            + ", ".join(f"{v:.3f}" for v in few.per_seed)
             + ")"
         )
     else:
-        print(format_table(res.sweep))
-        edge = {max(config.strengths): "strongest", min(config.strengths): "weakest"}.get(res.strength)
+        print(format_table(list(m.sweep or ())))
+        edge = {max(config.strengths): "strongest", min(config.strengths): "weakest"}.get(m.strength or 0.0)
         hint = f" (the {edge} tried: widen --strengths)" if edge and len(config.strengths) > 1 else ""
-        print(f"chosen L2 strength {res.strength:g}{hint} on {res.extra['chosen_on']}; refit on train+val")
-        if res.test and "acc" in res.test:
-            print(f"test accuracy {res.test['acc']:.4f}  balanced accuracy {res.test['balanced_acc']:.4f}")
-        elif res.test:
-            print(test_line(res.test))
+        print(f"chosen L2 strength {m.strength:g}{hint} on {m.chosen_on}; refit on train+val")
+        if isinstance(m.test, ClassifyScores):
+            print(f"test accuracy {m.test.acc:.4f}  balanced accuracy {m.test.balanced_acc:.4f}")
+        elif m.test is not None:
+            print(test_line(m.test))
     if a.out:
         print(f"{run_line(a.out)}; export it with `featcache export {a.out}`")
 

@@ -38,8 +38,8 @@ from ..backbones.registry import Backbone, BackboneCfg, load_backbone, parse_spe
 from ..backbones.tokens import pool_prefix
 from ..extraction.nodes import FeatureExtractor
 from ..extraction.truncate import truncate
-from ..runs.finetune import load_finetuned
-from ..runs.folder import RunFolder, RunRecord
+from ..runs.folder import RunFolder
+from ..runs.record import FinetunePart, RunRecord
 from ..train.heads import HeadInfo
 from .model import ExportedModel, Network, Preprocess
 
@@ -241,8 +241,8 @@ def _rebuilt_backbone(
         raise FeatcacheError(python_only)
     weights_arg = weights if weights is not None else record.weights_arg
     try:
-        size = record.extract.get("input_size")
-        rebuilt = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
+        size = record.extract_config().input_size
+        rebuilt = load_backbone(record.model, weights_arg, input_size=size)
     except (FeatcacheError, FileNotFoundError) as exc:
         raise FeatcacheError(
             f"cannot rebuild the backbone of run {str(folder.path)!r} ({record.model}, weights="
@@ -269,23 +269,21 @@ def _build_head_run(
         raise FeatcacheError(f"run config of {str(run_dir)!r} names no layer; export needs a head run")
     run_cfg = record.backbone
     backbone = _rebuilt_backbone(folder, record, weights, given)
-    extract = record.extract
-    # runs recorded before the backbone carried its input size hold the source's own preprocessing
-    cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
+    extract = record.extract_config()
+    cfg = run_cfg.with_input_size(*extract.input_size) if extract.input_size else run_cfg
     backbone = Backbone(backbone.model, replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier))
-    layer, pool = record.layer, str(extract.get("pool", "avg"))
-    dtype = str(extract.get("dtype", "float32"))
+    layer, pool, dtype = record.layer, extract.pool, extract.dtype
     net, key, method, nodes, notes = truncate(backbone, layer)
     head, head_info = folder.load_head()
     pre = cfg.preprocessing
-    layout = record.layer_layout  # None in runs from before layouts were recorded
+    layout = record.layer_layout
     model = ExportedModel(
         Preprocess(pre),
         Network(net, key, pool, dtype, head, layout, pool_prefix(backbone.model, pool)),
         list(record.classes),
     ).eval()
-    on_gpu = bool(record.environment.get("cuda")) and extract.get("device") != "cpu"
-    if extract.get("amp") or (extract.get("amp") is None and on_gpu):
+    on_gpu = bool(record.environment["cuda"]) and extract.device != "cpu"
+    if extract.amp or (extract.amp is None and on_gpu):
         notes.append("features were extracted under bf16 autocast; the exported model runs in float32")
     if head_info.task == "multilabel":
         notes.append(
@@ -326,8 +324,9 @@ def _build_finetuned(
     python_only = from_python_only(record.model, str(run_dir)) if given is None else ""
     if python_only:
         raise FeatcacheError(python_only)
-    backbone, record = load_finetuned(run_dir, weights, given)
-    finetune = record.verb["finetune"]["train"]
+    backbone, record = folder.load_finetuned(weights, given)
+    part = record.part_as(FinetunePart, "export of a fine-tuned run")
+    finetune = part.finetune.train
     pre = backbone.cfg.preprocessing  # load_finetuned built it for the run's input size
     net = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, backbone.cfg.spec)
     model = ExportedModel(
@@ -345,7 +344,7 @@ def _build_finetuned(
         preprocessing=pre,
         head={
             "finetune": finetune,
-            "classifier": record.verb["plan"]["classifier"],
+            "classifier": part.plan.classifier,
             "task": record.task,
             **({"threshold": _finetuned_threshold(folder)} if record.task == "multilabel" else {}),
         },
@@ -361,7 +360,13 @@ def _build_finetuned(
 
 def _finetuned_threshold(folder: RunFolder) -> float:
     """A multi-label fine-tuned run's threshold, chosen on val after training (metrics.json)."""
-    return float(folder.read_metrics().get("threshold", 0.5))
+    metrics = folder.read_metrics()
+    if metrics is None or metrics.threshold is None:
+        raise FeatcacheError(
+            f"{str(folder.path)!r}: a multi-label fine-tuned run whose metrics.json holds no threshold (it "
+            "did not finish training): `featcache finetune --resume --out DIR` finishes it"
+        )
+    return metrics.threshold
 
 
 def _task_notes(record: RunRecord) -> tuple[str, ...]:

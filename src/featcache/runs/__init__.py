@@ -14,10 +14,11 @@ _HOMES = {
     "FinetuneConfig": "config",
     "Job": "job",
     "KnnConfig": "config",
+    "Metrics": "metrics",
     "ProbeConfig": "config",
     "Run": "folder",
     "RunFolder": "folder",
-    "RunRecord": "folder",
+    "RunRecord": "record",
     "RunSpec": "spec",
     "SweepGrid": "config",
     "SweepResult": "sweep",
@@ -36,11 +37,13 @@ __all__ = sorted(_HOMES)
 if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on demand
     from .config import FinetuneConfig, KnnConfig, ProbeConfig, SweepGrid  # noqa: F401
     from .finetune import finetune_run  # noqa: F401
-    from .folder import Run, RunFolder, RunRecord, load_run  # noqa: F401
+    from .folder import Run, RunFolder, load_run  # noqa: F401
     from .folds import folds_run  # noqa: F401
     from .job import Job  # noqa: F401
     from .knn import knn_eval, knn_run  # noqa: F401
+    from .metrics import Metrics  # noqa: F401
     from .probe import probe_run  # noqa: F401
+    from .record import RunRecord  # noqa: F401
     from .spec import RunSpec  # noqa: F401
     from .sweep import SweepResult, sweep_run  # noqa: F401
     from .train import train_run  # noqa: F401

@@ -16,6 +16,7 @@ from ..cache.store import DIGEST_MEMO
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo
 from .folder import RunFolder
+from .record import FinetunePart, TrainPart
 
 
 def split_contents(
@@ -68,24 +69,19 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_same_data(run_dir: Path, contents: dict[str, dict[str, Any]], required: bool = True) -> None:
-    """Refuse to resume the run in ``run_dir`` on data other than it trained on, naming what changed per
-    split (images added or removed, labels changed, the order). A run from before featcache recorded
-    split contents is refused too when ``required`` (fine-tuning: its data cannot be checked otherwise;
-    ``train`` still has its ``split_keys``).
+def check_same_data(run_dir: Path, contents: dict[str, dict[str, Any]]) -> None:
+    """Refuse to resume the run in ``run_dir`` (a ``train`` or ``finetune`` run, whose part records its
+    split contents) on data other than it trained on, naming what changed per split (images added or
+    removed, labels changed, the order).
 
     Example:
         >>> check_same_data(Path("runs/ft"), split_contents(splits))  # doctest: +SKIP
     """
-    old = RunFolder(run_dir).read_config().verb.get("split_contents")
+    part = RunFolder(run_dir).read_config().part
     fix = "resume with the data the run was made with, or start a new run (another --out, or --overwrite)"
-    if not isinstance(old, dict) and not required:
-        return  # the run's split_keys still catch a change, without naming it
-    if not isinstance(old, dict):
-        raise FeatcacheError(
-            f"--resume {run_dir}: its config.json records no split contents (written by an older "
-            f"featcache), so the data it trained on cannot be checked; {fix}"
-        )
+    if not isinstance(part, (TrainPart, FinetunePart)):
+        raise FeatcacheError(f"--resume {run_dir}: it is not a train or finetune run; {fix}")
+    old = part.split_contents
     changes = []
     for name in sorted(set(old) | set(contents), key=lambda n: (n != DATASET, n)):
         a, b = old.get(name), contents.get(name)

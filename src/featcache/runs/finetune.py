@@ -11,11 +11,9 @@ scored and reported as ``train``'s runs are.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .._config import to_json
 from .._util import FeatcacheError, flag, resolve_device
-from ..backbones.registry import Backbone, BackboneCfg, load_backbone
+from ..backbones.registry import Backbone, BackboneCfg
 from ..data.datasets import DatasetSplits
 from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
@@ -43,16 +41,16 @@ from ..train.freeze import (
     param_groups,
     plan_freeze,
     prefix_layer,
-    replace_classifier,
 )
 from ..train.heads import TargetScale
-from ..train.objectives import METRIC, best_threshold
+from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, ViewCycle, source_for
 from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
 from .contents import DATASET, check_same_data, split_contents
-from .folder import RunFolder, RunRecord
+from .folder import Run, RunFolder
 from .job import Job
 from .logger import epoch_log
+from .record import FinetunePart
 from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
@@ -158,29 +156,6 @@ def _bad_images(job: Job) -> None:
     job.note_skipped(rows)
 
 
-@dataclass
-class FinetuneRun:
-    """A finished fine-tuning run: folder, config, metrics, the plan and the model."""
-
-    dir: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    plan: FreezePlan
-    model: nn.Module
-
-    def __repr__(self) -> str:
-        key = METRIC[self.metrics.get("task", "classify")]  # acc, map or r2
-        test = f", test_{key}={self.metrics['test'][key]:.4g}" if "test" in self.metrics else ""
-        return (
-            f"FinetuneRun({str(self.dir)!r}, train={self.config['finetune']['train']!r}, "
-            f"mode={self.metrics.get('mode')!r}, epochs={len(self.metrics.get('history', []))}{test})"
-        )
-
-    def history_rows(self) -> list[dict[str, float]]:
-        """Per-epoch rows of the training history."""
-        return list(self.metrics["history"])
-
-
 def _init_classifier(model: nn.Module, plan: FreezePlan, run_dir: str) -> None:
     head, _ = RunFolder(run_dir).load_head()
     w, b = fold_linear_head(head)
@@ -207,52 +182,7 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tenso
     }
 
 
-def load_finetuned(
-    run_dir: str | Path, weights: str | None = None, backbone: nn.Module | Backbone | None = None
-) -> tuple[Backbone, RunRecord]:
-    """Rebuild a fine-tuned network from its run folder: base weights + new classifier + trained part.
-
-    Args:
-        run_dir: a folder written by :func:`finetune_run`.
-        weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
-        backbone: for a run made from a module passed from Python (``module:Name``), a module with the
-            base weights the run started from; a copy of it is fine-tuned (the module passed is unchanged).
-
-    Example:
-        >>> backbone, record = load_finetuned("runs/ft")  # doctest: +SKIP
-        >>> backbone.model(x).shape  # doctest: +SKIP
-    """
-    folder = RunFolder(run_dir)
-    record = folder.read_config()
-    if record.kind != "finetune":
-        raise FeatcacheError(f"{str(folder.path)!r} is a {record.kind} run, not a fine-tuned network")
-    weights_arg = weights if weights is not None else record.weights_arg
-    size = record.extract.get("input_size")
-    if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
-        module = backbone.model if isinstance(backbone, Backbone) else backbone
-        backbone = load_backbone(
-            copy.deepcopy(module), cfg=record.backbone, input_size=tuple(size) if size else None
-        )
-        weights_arg = "the module passed"
-    else:
-        backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
-    if backbone.cfg.weights_id != record.backbone_cfg["weights_id"]:
-        raise FeatcacheError(
-            f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
-            f"{str(folder.path)!r} was fine-tuned from; pass the weights tag or file it used"
-        )
-    replace_classifier(backbone.model, record.verb["plan"]["classifier"], len(record.classes))
-    result = backbone.model.load_state_dict(folder.load_trainable(), strict=False)
-    if result.unexpected_keys:
-        raise FeatcacheError(
-            f"trainable.safetensors of {str(folder.path)!r} does not fit {record.model}: "
-            f"{result.unexpected_keys[:5]}"
-        )
-    backbone.model.eval().requires_grad_(False)
-    return backbone, record
-
-
-def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun:
+def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> Run:
     """Freeze per ``ft.train``, train (cached prefix or live), evaluate, and write the run folder.
 
     Example:
@@ -300,7 +230,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     record = job.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
-        finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,
+        part=FinetunePart(ft, plan, mode, reason, contents),  # type: ignore[arg-type]
     )  # fmt: skip
     record = replace(record, task=task, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})
     if spec.resume:
@@ -317,20 +247,20 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     if scale is not None:
         fold_target_scale(net.get_submodule(plan.classifier), scale)
     threshold = _threshold(trained, src.get("val")) if task == "multilabel" else None
-    metrics = {
-        **evaluate_splits(
+    metrics = replace(
+        evaluate_splits(
             trained, result, src, len(splits.classes), names=splits.classes, task=task, threshold=threshold
         ),
-        "mode": mode,
-        **({"threshold": threshold} if threshold is not None else {}),
-    }
+        mode=mode,
+        threshold=threshold,
+    )
     folder.save_trainable(trainable_state(net, plan))
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {ft.train} · {mode}")
     _write_mistakes(folder, trained, src, splits)
     if not result.finished:
         raise TrainingInterrupted(result, folder.unfinished("finetune"))
-    return FinetuneRun(folder.path, record.to_json(), metrics, plan, net)
+    return Run(folder.path, record, metrics, net)
 
 
 def _fit_network(

@@ -13,40 +13,40 @@ and predict read runs only through it. No pickle: heads rebuild from JSON + safe
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import functools
 import json
 import logging
 import os
-import platform
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._config import from_json
 from .._disk import disk_error, disk_errors, ensure_space
 from .._util import FeatcacheError, check_name, default_mode, resolve_device, write_json
-from .._version import __version__
-from ..backbones.registry import BackboneCfg
+from ..backbones.registry import Backbone, BackboneCfg, load_backbone
 from ..cache.splits import CachedFeatures
 from ..data.samples import SampleSet
 from ..extraction.config import ExtractConfig
 from ..train.fit import evaluate
+from ..train.freeze import FreezePlan, replace_classifier
 from ..train.heads import Head, HeadInfo, check_input
+from ..train.objectives import METRIC
 from ..train.sources import source_for
+from .metrics import ClassifyScores, Metrics, MultilabelScores, Scores, scores_of
+from .record import FinetunePart, RunFormatError, RunRecord, SweepPart, environment  # noqa: F401  (re-exported)
 from .report import plot_confusion, plot_curves, plot_label_ap, plot_scatter, plot_top_losses
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "finetune", "probe", "sweep")
 # Files a run writes; an --overwrite removes them all before the new run writes anything, so a killed
 # overwrite can never be resumed as a mix of two runs.
 RUN_FILES = (
@@ -73,133 +73,68 @@ RUN_FILES = (
 )
 
 
-def environment() -> dict[str, Any]:
-    """Versions and hardware, recorded with every run and benchmark."""
-    return {
-        "featcache": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What ``config.json`` holds: the shared part of every run, typed, and the verb's own part.
-
-    Attributes:
-        kind: ``train``, ``finetune``, ``probe`` or ``sweep`` (one run of a sweep, or the sweep's own
-            folder: that one's verb part holds its ``grid``).
-        model: the backbone spec as resolved (``torchvision:resnet18``).
-        backbone_cfg: :meth:`BackboneCfg.to_dict` of the backbone (preprocessing, weights id, ...).
-        data: the :class:`~featcache.data.DataConfig` as a dict.
-        extract: the :class:`~featcache.extraction.ExtractConfig` as a dict, with the run's ``layers``,
-            ``augment`` and ``views``.
-        classes: class names, in label order (regress: the targets' names).
-        task: what the run learnt: ``classify``, ``multilabel`` or ``regress`` (never part of a cache key).
-        weights: the weights' name; ``weights_arg``: what was passed (to rebuild the backbone).
-        layer: the layer a head trained on (None for a fine-tuned network); ``layer_layout``: its
-            layout (what pooling averaged over; export pools the same way).
-        cache_keys / view_keys: the feature tables the run read; ``split_keys``: each split as read
-            (the table, the rows' content digests in order, labels and classes).
-        cache_dir: the cache root given to the run (None: the default one).
-        head / train: the head spec and trainer settings as dicts.
-        verb: the verb's own part (``finetune``, ``plan``, ``mode``, ``probe``, ``sweep``, ...), written
-            at the top level of ``config.json``.
-
-    Example:
-        >>> record = RunFolder("runs/mnist").read_config()  # doctest: +SKIP
-        >>> record.kind, record.layer  # doctest: +SKIP
-        ('train', 'penultimate')
-    """
-
-    kind: str
-    model: str
-    backbone_cfg: dict[str, Any]
-    data: dict[str, Any]
-    extract: dict[str, Any]
-    classes: tuple[str, ...]
-    weights: str | None = None
-    weights_arg: str | None = None
-    layer: str | None = None
-    layer_layout: str | None = None
-    cache_keys: dict[str, str] = field(default_factory=dict)
-    split_keys: dict[str, str] = field(default_factory=dict)
-    view_keys: tuple[str, ...] = ()
-    cache_dir: str | None = None
-    head: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    verb: dict[str, Any] = field(default_factory=dict)
-    featcache_version: str = __version__
-    environment: dict[str, Any] = field(default_factory=environment)
-    task: str = "classify"
-
-    def __repr__(self) -> str:
-        return (
-            f"RunRecord(kind={self.kind!r}, model={self.model!r}, layer={self.layer!r}, "
-            f"classes={len(self.classes)}, cache_keys={len(self.cache_keys)})"
-        )
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise FeatcacheError(f"unknown run kind {self.kind!r}: one of {', '.join(KINDS)}")
-        object.__setattr__(self, "classes", tuple(self.classes))
-        object.__setattr__(self, "view_keys", tuple(self.view_keys))
-        # The dict parts as config.json holds them (tuples as lists), so a record equals its reread self.
-        dicts = ("backbone_cfg", "data", "extract", "cache_keys", "split_keys", "head", "train", "verb")
-        for name in (*dicts, "environment"):
-            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
-
-    @property
-    def backbone(self) -> BackboneCfg:
-        """The backbone config the run was made with."""
-        return BackboneCfg.from_dict(self.backbone_cfg)
-
-    def extract_config(self) -> ExtractConfig:
-        """The extraction settings of the run (its layers and views are the run's, not the settings')."""
-        return from_json(
-            ExtractConfig, {k: v for k, v in self.extract.items() if k not in ("layers", "augment", "views")}
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object of ``config.json`` (the verb's part at the top level)."""
-        d = asdict(self)
-        d.pop("verb")
-        d["classes"], d["view_keys"] = list(self.classes), list(self.view_keys)
-        if not self.view_keys:
-            d.pop("view_keys")
-        return {**d, **self.verb}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
-        """Read ``config.json``; keys that are not fields are the verb's part."""
-        names = {f.name for f in fields(cls)} - {"verb"}
-        known = {k: v for k, v in d.items() if k in names}
-        missing = [k for k in ("model", "backbone_cfg", "data", "extract", "classes") if k not in known]
-        if missing:
-            raise FeatcacheError(f"a run's config.json lacks {missing}: not written by featcache")
-        known.setdefault("kind", "train")  # configs written before runs recorded their kind
-        return cls(**known, verb={k: v for k, v in d.items() if k not in names})
-
-
 @dataclass
 class Run:
-    """A finished (or loaded) run: its folder, record, metrics and trained head."""
+    """A finished (or loaded) run of any verb that trains: its folder, record, typed metrics and what
+    it trained: a head (``train``, ``probe``, a sweep's run, a folds folder's refit) with its
+    :class:`HeadInfo`, or a fine-tuned network (``finetune``).
 
-    dir: Path
+    Attributes:
+        dir: the run folder (None: a probe run without ``--out``).
+        record: what ``config.json`` holds (:class:`RunRecord`, its verb's part included).
+        metrics: what ``metrics.json`` holds (:class:`~featcache.runs.metrics.Metrics`).
+        trained: the trained head, or the fine-tuned network; :attr:`head` and :attr:`model` name it.
+        info: how to rebuild the head (None for a fine-tuned network).
+
+    Example:
+        >>> run = train_run(spec, "penultimate")  # doctest: +SKIP
+        >>> run.metrics.test.acc, run.head_info.spec.kind  # doctest: +SKIP
+        (0.951, 'linear')
+    """
+
+    dir: Path | None
     record: RunRecord
-    metrics: dict[str, Any]
-    head: Head
-    head_info: HeadInfo
+    metrics: Metrics
+    trained: nn.Module
+    info: HeadInfo | None = None
 
     def __repr__(self) -> str:
+        what = f"head={self.info.spec.kind!r}" if self.info is not None else "network"
+        where = str(self.dir) if self.dir is not None else None
         return (
-            f"Run({str(self.dir)!r}, kind={self.record.kind!r}, layer={self.record.layer!r}, "
-            f"head={self.head_info.spec.kind!r}, classes={len(self.record.classes)}{_scores(self.metrics)})"
+            f"Run({where!r}, kind={self.record.kind!r}, layer={self.record.layer!r}, {what}, "
+            f"classes={len(self.record.classes)}{_scores(self.metrics)})"
         )
+
+    @property
+    def head(self) -> Head:
+        """The trained head (a run of a fine-tuned network has none: :attr:`model`)."""
+        if not isinstance(self.trained, Head):
+            raise FeatcacheError(f"this {self.record.kind} run trained a network, not a head: use run.model")
+        return self.trained
+
+    @property
+    def head_info(self) -> HeadInfo:
+        """How the head was built (its spec, input shape, classes, task, threshold)."""
+        if self.info is None:
+            raise FeatcacheError(f"this {self.record.kind} run trained a network, not a head: use run.model")
+        return self.info
+
+    @property
+    def model(self) -> nn.Module:
+        """The fine-tuned network of a ``finetune`` run (a head run's is :attr:`head`)."""
+        if isinstance(self.trained, Head):
+            raise FeatcacheError(f"this {self.record.kind} run trained a head: use run.head")
+        return self.trained
+
+    @property
+    def plan(self) -> FreezePlan:
+        """What a ``finetune`` run trained (its record's :class:`FinetunePart`)."""
+        return self.record.part_as(FinetunePart, "run.plan").plan
+
+    def history_rows(self) -> list[dict[str, Any]]:
+        """Per-epoch rows of the training history (none for a run that did not train by epochs)."""
+        return list(self.metrics.history or ())
 
     @property
     def config(self) -> dict[str, Any]:
@@ -222,16 +157,22 @@ class Run:
         """The extraction settings the head was trained on."""
         return self.record.extract_config()
 
-    def evaluate(self, cached: CachedFeatures, device: str = "auto") -> dict[str, Any]:
-        """Evaluate the trained head on cached features of the same layer (e.g. another split)."""
+    def evaluate(self, cached: CachedFeatures, device: str = "auto") -> Scores:
+        """Evaluate the trained head on cached features of the same layer (e.g. another split).
+
+        Example:
+            >>> run.evaluate(extract(backbone, other, [run.layer])).acc  # doctest: +SKIP
+            0.93
+        """
         dev = resolve_device(device)
         data = source_for(cached, self.layer, dev)
         check_input(self.head_info.in_shape, data.row_shape)
         info = self.head_info
         threshold = info.threshold if info.threshold is not None else 0.5
-        return evaluate(
+        scores = evaluate(
             self.head.to(dev), data, info.num_classes, task=info.task, threshold=threshold, names=self.classes
         )
+        return scores_of(info.task, scores)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -304,15 +245,11 @@ class RunFolder:
         return cls(folder.path / best["run"]), note
 
     def is_sweep(self) -> bool:
-        """Whether this is a sweep's folder (a run folder per combination), not a run: its config.json
-        holds a grid (a sweep before those records: a ``sweep.json`` and no config.json)."""
-        file = self.path / "config.json"
-        if not file.is_file():
-            return (self.path / "sweep.json").is_file()
-        try:
-            return "grid" in json.loads(file.read_text())
-        except json.JSONDecodeError:
+        """Whether this is a sweep's folder (a run folder per combination), not a run: its record's part
+        is a :class:`~featcache.runs.record.SweepPart` (its grid)."""
+        if not (self.path / "config.json").is_file():
             return False
+        return isinstance(self.read_config().part, SweepPart)
 
     @property
     def checkpoint(self) -> Path:
@@ -425,15 +362,14 @@ class RunFolder:
             )
         try:
             return RunRecord.from_json(json.loads(file.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+        except RunFormatError as exc:  # the folder first: which of the user's runs it is
+            raise RunFormatError(f"{str(self.path)!r} holds a run of {exc}") from None
+        except (json.JSONDecodeError, TypeError, FeatcacheError) as exc:
             raise FeatcacheError(f"{str(file)!r} is not a readable run config ({exc})") from exc
 
     def check_resume(self, record: RunRecord, keys: Iterable[str], what: str) -> None:
         """Refuse to resume a run whose saved ``keys`` of config.json differ from ``record``'s."""
-        old, new = (
-            json.loads((self.path / "config.json").read_text()),
-            json.loads(json.dumps(record.to_json())),
-        )
+        old, new = self.read_config().to_json(), json.loads(json.dumps(record.to_json()))
         diffs = [d for k in keys for d in _differences(k, old.get(k), new.get(k))]
         if diffs:
             raise FeatcacheError(
@@ -444,13 +380,19 @@ class RunFolder:
     # ---------------------------------------------------------------- metrics, weights, report
 
     @_writes("metrics.json")
-    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
-        write_json(self._out("metrics.json"), dict(metrics))
+    def write_metrics(self, metrics: Metrics) -> None:
+        """Write ``metrics.json``: the typed record, through the JSON codec."""
+        write_json(self._out("metrics.json"), metrics.to_json())
 
-    def read_metrics(self) -> dict[str, Any]:
-        """``metrics.json``, or ``{}`` for a run that has not finished."""
+    def read_metrics(self) -> Metrics | None:
+        """The run's metrics (``metrics.json``), or None for a run that has not trained an epoch."""
         file = self.path / "metrics.json"
-        return dict(json.loads(file.read_text())) if file.exists() else {}
+        if not file.exists():
+            return None
+        try:
+            return Metrics.from_json(json.loads(file.read_text()))
+        except (json.JSONDecodeError, FeatcacheError) as exc:
+            raise FeatcacheError(f"{str(file)!r} is not a readable run's metrics ({exc})") from exc
 
     @_writes("the head's weights")
     def save_head(self, head: nn.Module, info: HeadInfo) -> None:
@@ -474,6 +416,48 @@ class RunFolder:
     def load_trainable(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / "trainable.safetensors"))
 
+    def load_finetuned(
+        self, weights: str | None = None, backbone: nn.Module | Backbone | None = None
+    ) -> tuple[Backbone, RunRecord]:
+        """Rebuild the fine-tuned network of this ``finetune`` run: base weights + new classifier + the
+        trained tensors (``trainable.safetensors``).
+
+        Args:
+            weights: the base weights (tag or file) when the run's own ``weights_arg`` cannot rebuild them.
+            backbone: for a run made from a module passed from Python (``module:Name``), a module with the
+                base weights the run started from; a copy of it is fine-tuned (the module passed is
+                unchanged).
+
+        Example:
+            >>> backbone, record = RunFolder("runs/ft").load_finetuned()  # doctest: +SKIP
+            >>> backbone.model(x).shape  # doctest: +SKIP
+        """
+        record = self.read_config()
+        if not isinstance(record.part, FinetunePart):
+            raise FeatcacheError(f"{str(self.path)!r} is a {record.kind} run, not a fine-tuned network")
+        weights_arg = weights if weights is not None else record.weights_arg
+        size = record.extract_config().input_size
+        if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
+            module = backbone.model if isinstance(backbone, Backbone) else backbone
+            backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone, input_size=size)
+            weights_arg = "the module passed"
+        else:
+            backbone = load_backbone(record.model, weights_arg, input_size=size)
+        if backbone.cfg.weights_id != record.backbone.weights_id:
+            raise FeatcacheError(
+                f"{record.model} rebuilt with weights={weights_arg!r} is not the base that run "
+                f"{str(self.path)!r} was fine-tuned from; pass the weights tag or file it used"
+            )
+        replace_classifier(backbone.model, record.part.plan.classifier, len(record.classes))
+        result = backbone.model.load_state_dict(self.load_trainable(), strict=False)
+        if result.unexpected_keys:
+            raise FeatcacheError(
+                f"trainable.safetensors of {str(self.path)!r} does not fit {record.model}: "
+                f"{result.unexpected_keys[:5]}"
+            )
+        backbone.model.eval().requires_grad_(False)
+        return backbone, record
+
     @_writes("weights")
     def _save_tensors(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self._out(name)))
@@ -488,30 +472,28 @@ class RunFolder:
             'runs/mnist is unfinished (interrupted after epoch 3 of 30) ...'
         """
         metrics = self.read_metrics()
-        if metrics.get("finished", True):
+        if metrics is None or metrics.finished:
             return ""
         record = self.read_config()
         verb = verb or record.kind
-        epochs = (record.train or {}).get("epochs", "?")
+        epochs = record.train["epochs"] if record.train is not None else "?"
         return (
-            f"{self.path} is unfinished (interrupted after epoch {len(metrics.get('history', []))} of "
+            f"{self.path} is unfinished (interrupted after epoch {len(metrics.history or ())} of "
             f"{epochs}): it holds the best {'head' if record.kind != 'finetune' else 'weights'} of the "
             f"finished epochs; `featcache {verb} --resume --out {self.path}` finishes it"
         )
 
     @_writes("the report (curves, confusion matrix)")
-    def write_report(self, metrics: Mapping[str, Any], classes: list[str], title: str) -> None:
-        """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` (when
-        there is a test split)."""
-        if "history" in metrics:
-            plot_curves(dict(metrics), self._out("curves.png"), title)
-            self._write_csv("history.csv", list(metrics["history"]))
-        if "test" in metrics and "confusion" in metrics["test"]:
-            plot_confusion(metrics["test"]["confusion"], classes, self._out("confusion.png"))
-        if "test" in metrics and "per_label_ap" in metrics["test"]:
-            plot_label_ap(
-                metrics["test"]["per_label_ap"], classes, self._out("label_ap.png"), f"{title} · test"
-            )
+    def write_report(self, metrics: Metrics, classes: list[str], title: str) -> None:
+        """``curves.png`` and ``history.csv`` (runs that trained by epochs), and ``confusion.png`` or
+        ``label_ap.png`` (when there is a test split)."""
+        if metrics.history is not None:
+            plot_curves(metrics, self._out("curves.png"), title)
+            self._write_csv("history.csv", list(metrics.history))
+        if isinstance(metrics.test, ClassifyScores):
+            plot_confusion(metrics.test.confusion, classes, self._out("confusion.png"))
+        if isinstance(metrics.test, MultilabelScores):
+            plot_label_ap(metrics.test.per_label_ap, classes, self._out("label_ap.png"), f"{title} · test")
 
     @_writes("predictions.csv and scatter.png")
     def write_task_report(
@@ -708,29 +690,28 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
     """``key: old -> new`` lines where a saved setting differs from this command's.
 
     The fast paths and reading the cache with or without checksums (``verify``) change the speed, not
-    the training; a setting an older config lacks did not exist then, so it was off: absent equals
-    None / 0 / False.
+    the training. Both sides are records of one run format (``read_config`` checks it), so they hold
+    the same fields.
     """
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
-    off = (None, 0, False)
-    out = []
-    for f in sorted(set(a) | set(b)):
-        if f in ("fast_paths", "verify"):
-            continue
-        same = a[f] == b[f] if f in a and f in b else (a if f in a else b)[f] in off
-        if not same:
-            out.append(f"{key}.{f}: {a.get(f)!r} -> {b.get(f)!r}")
-    return out
+    return [
+        f"{key}.{f}: {a.get(f, '(none)')!r} -> {b.get(f, '(none)')!r}"
+        for f in sorted(set(a) | set(b))
+        if f not in ("fast_paths", "verify") and (f not in a or f not in b or a[f] != b[f])
+    ]
 
 
-def _scores(metrics: Mapping[str, Any]) -> str:
-    """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics."""
-    out = ""
-    for split in ("val", "test"):
-        key = next((k for k in ("acc", "map", "r2") if k in metrics.get(split, {})), None)
-        out += f", {split}_{key}={metrics[split][key]:.4g}" if key else ""
-    return out
+def _scores(metrics: Metrics) -> str:
+    """``, val_acc=0.93, test_acc=0.92`` for a repr: the headline numbers of a run's metrics (and a
+    probe's chosen strength)."""
+    key = METRIC[metrics.task]
+    strength = f", strength={metrics.strength:g}" if metrics.strength is not None else ""
+    return strength + "".join(
+        f", {split}_{key}={s.headline:.4g}"
+        for split, s in (("val", metrics.val), ("test", metrics.test))
+        if s is not None and s.headline is not None
+    )
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -738,10 +719,16 @@ def load_run(run_dir: str | Path) -> Run:
 
     Example:
         >>> run = load_run("runs/mnist")  # doctest: +SKIP
-        >>> run.metrics["test"]["acc"]  # doctest: +SKIP
+        >>> run.metrics.test.acc  # doctest: +SKIP
     """
     folder, note = RunFolder.resolve(run_dir)
     if note:
         log.info(note)
     head, info = folder.load_head()
-    return Run(folder.path, folder.read_config(), folder.read_metrics(), head, info)
+    metrics = folder.read_metrics()
+    if metrics is None:
+        raise FileNotFoundError(
+            f"{str(folder.path)!r} holds no metrics.json: its run stopped before its first epoch ended; "
+            "run it again (--overwrite)"
+        )
+    return Run(folder.path, folder.read_config(), metrics, head, info)

@@ -38,7 +38,9 @@ from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regre
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
 from .job import Job
+from .metrics import Metrics, scores_of
 from .probe import ProbeConfig, fit_logistic
+from .record import FoldsPart
 from .spec import RunSpec
 from .target_probes import path_outputs, refit_probe
 from .train import train_on_cache
@@ -122,12 +124,12 @@ def _fold_head(
     progress: bool,
     child: RunFolder | None,
     record: RunRecord | None,
-) -> tuple[Head, HeadInfo, dict[str, Any]]:
+) -> tuple[Head, HeadInfo, Metrics]:
     """One fold's head: trained (and written to its run folder ``child``), or read back from ``child``
     when a resumed run finished it with the same settings."""
     if child is not None and record is not None:
         done = child.read_metrics()  # written after the fold's config and head: both are there
-        if done.get("finished", False) and child.read_config().to_json() == record.to_json():
+        if done is not None and done.finished and child.read_config() == record:
             head, info = child.load_head()
             return head, info, done
         child.write_config(record)
@@ -136,13 +138,11 @@ def _fold_head(
     )
     if not result.finished:
         raise TrainingInterrupted(result, child.unfinished("train") if child else "fold interrupted")
-    metrics["fold"] = metrics.pop("test")  # the held-out fold, scored once after the last epoch
+    metrics = replace(metrics, fold=metrics.test, test=None)  # the held-out fold, scored after the last epoch
     if child is not None:
         child.save_head(head, info)
         child.write_metrics(metrics)
-        child.write_report(
-            {k: v for k, v in metrics.items() if k != "test"}, parts["train"].classes, child.path.name
-        )
+        child.write_report(metrics, parts["train"].classes, child.path.name)
     return head, info, metrics
 
 
@@ -175,13 +175,13 @@ def folds_train(
         rows = np.flatnonzero(fold == i)
         train, held = pool.subset(np.flatnonzero(fold != i), f"fold{i}-train"), pool.subset(rows, f"fold{i}")
         child = folder.child(f"fold-{i}") if folder is not None else None
-        mine = replace(record, verb={**record.verb, "fold": i}) if record is not None else None
+        mine = replace(record, part=FoldsPart(k, fold=i)) if record is not None else None
         head, info, metrics = _fold_head(
             {"train": train, "test": held}, layer, head_spec, config, progress, child, mine
         )
         held_src = source_for(held, layer, dev, config.ram_budget_gb)
         oof[torch.as_tensor(rows)] = predict_logits(head.to(dev), held_src)
-        out.acc.append(float(metrics["fold"][key]))
+        out.acc.append(_held_out(metrics, key))
         out.rows.append(len(held))
         if "test" in feats:
             test = _score(head.to(dev), source_for(feats["test"], layer, dev), info)
@@ -237,6 +237,12 @@ def folds_probe(
     if "test" in feats:
         out.test_acc = [float(evaluate(head, source_for(feats["test"], layer, dev), n)["acc"])]
     return out
+
+
+def _held_out(metrics: Metrics, key: str) -> float:
+    """A fold's held-out score ``key`` (NaN where it is not defined, as the mean over folds takes it)."""
+    value = metrics.fold.score(key) if metrics.fold is not None else None
+    return float("nan") if value is None else value
 
 
 def _score(head: Head, data: FeatureSource, info: HeadInfo, names: list[str] | None = None) -> dict[str, Any]:
@@ -300,7 +306,7 @@ def _folds_probe_task(
 
 def _refit(
     spec: RunSpec, feats: dict[str, CachedFeatures], pool: CachedFeatures, layer: str, head: HeadSpec
-) -> tuple[Head, HeadInfo, dict[str, Any]]:
+) -> tuple[Head, HeadInfo, Metrics]:
     """The final head of ``train --folds``: trained on every train+val row for ``spec.train.epochs``
     (nothing held out to choose an epoch on), scored on test."""
     parts = {"train": pool, **({"test": feats["test"]} if "test" in feats else {})}
@@ -336,12 +342,12 @@ def folds_run(
     folder, backbone, layer = job.folder, job.backbone, job.layer
     feats, _ = job.extract_all()
     job.note_data(feats)
-    part: dict[str, Any] = (
-        {"head": head.to_dict(), "train": to_json(spec.train)}
+    shared: dict[str, Any] = (
+        {"head": head.to_dict(), "train": to_json(spec.train), "part": FoldsPart(k)}
         if isinstance(head, HeadSpec)
-        else {"head": HeadSpec("linear").to_dict(), "probe": to_json(head)}
+        else {"head": HeadSpec("linear").to_dict(), "part": FoldsPart(k, probe=head)}
     )
-    record = job.record(verb, backbone, feats, [layer], layer=layer, folds=k, **part)
+    record = job.record(verb, backbone, feats, [layer], layer=layer, **shared)
     if folder is not None:
         if spec.resume:
             folder.check_resume(
@@ -360,17 +366,19 @@ def folds_run(
             info = replace(info, threshold=best_threshold(torch.sigmoid(res.oof).numpy(), y))
             if "test" in feats:
                 test = source_for(feats["test"], layer, resolve_device(spec.train.device))
-                metrics["test"] = _score(final, test, info, pool.classes)
-        if "test" in metrics:
-            res.extra[f"refit_test_{res.metric}"] = float(metrics["test"][res.metric])
+                metrics = replace(metrics, test=scores_of(pool.task, _score(final, test, info, pool.classes)))
+        refit_test = metrics.test.score(res.metric) if metrics.test is not None else None
+        if refit_test is not None:
+            res.extra[f"refit_test_{res.metric}"] = refit_test
     else:
         res = folds_probe(feats, layer, head, k, spec.data.seed, spec.train.device, spec.train.ram_budget_gb)
         final, info = res.extra.pop("head")
         dev = resolve_device(spec.train.device)
         names = pool.classes if pool.task != "classify" else None
-        metrics = {"task": pool.task}
+        metrics = Metrics(pool.task)
         if "test" in feats:
-            metrics["test"] = _score(final, source_for(feats["test"], layer, dev), info, names)
+            test_scores = _score(final, source_for(feats["test"], layer, dev), info, names)
+            metrics = replace(metrics, test=scores_of(pool.task, test_scores))
     res.extra["seconds"] = round(time.perf_counter() - t0, 3)
     res.extra["cache_rows"] = {
         s: {"rows": f.rows, "from_cache": f.from_cache, "extracted": f.extracted} for s, f in feats.items()
@@ -385,7 +393,7 @@ def _write_folds(
     spec: RunSpec,
     res: FoldsResult,
     pool: CachedFeatures,
-    refit: tuple[Head, HeadInfo, dict[str, Any]],
+    refit: tuple[Head, HeadInfo, Metrics],
     layer: str,
     title: str,
 ) -> None:
@@ -393,7 +401,7 @@ def _write_folds(
     final, info, metrics = refit
     summary = {"layer": layer, "data": to_json(spec.data), **res.to_dict()}
     folder.save_head(final, info)
-    folder.write_metrics({**metrics, "folds": summary, "refit_on": "train+val", "finished": True})
+    folder.write_metrics(replace(metrics, folds=summary, refit_on="train+val", finished=True))
     folder.write_report(metrics, pool.classes, f"{title} · refitted on train+val")
     folder.write_json("folds.json", summary)
     if res.oof is not None and pool.task != "classify":

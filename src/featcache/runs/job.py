@@ -28,7 +28,8 @@ from ..extraction.build import cache_record, extract_table, extract_views
 from ..extraction.config import parse_layers
 from ..extraction.extractor import Extractor
 from ..train.config import TrainConfig
-from .folder import RunFolder, RunRecord
+from .folder import RunFolder
+from .record import RunPart, RunRecord
 from .spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -227,15 +228,15 @@ class Job:
         feats: Mapping[str, CachedFeatures],
         layers: Sequence[str],
         views: Sequence[CachedFeatures] = (),
-        **verb: Any,
+        *,
+        part: RunPart,
+        **typed: Any,
     ) -> RunRecord:
-        """The run's ``config.json`` record: the shared part from the spec, plus the verb's part.
+        """The run's ``config.json`` record: the shared part from the spec, plus the verb's ``part``.
 
-        ``verb`` may set ``layer``, ``head`` and ``train`` (typed fields of the record) and any key of
-        the verb's own (``finetune``, ``plan``, ``probe``, ``sweep``, ...).
+        ``typed`` may set ``layer``, ``head``, ``train`` and ``classes`` (fields of the record).
         """
         spec = self.spec
-        typed: dict[str, Any] = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
         classes = typed.pop("classes", None) or feats["train"].classes
         if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way
             typed["layer_layout"] = feats["train"].result.layer_layouts.get(typed["layer"])
@@ -256,7 +257,8 @@ class Job:
             cache_keys={k: v.key for k, v in feats.items()},
             split_keys={k: v.split_key for k, v in feats.items()},
             view_keys=tuple(v.key for v in views),
-            verb={**verb, **({"logger": spec.logger} if spec.logger != "none" else {})},
+            part=part,
+            logger=spec.logger,
             cache_dir=str(Path(spec.cache_dir).resolve()) if spec.cache_dir else None,
             task=feats["train"].task if "train" in feats else "classify",
             **typed,

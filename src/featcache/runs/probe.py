@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..cache.rows import to_torch
 from ..extraction.config import DEFAULT_LAYER
@@ -33,7 +32,10 @@ from ..train.logistic import (
 )
 from ..train.sources import FeatureSource, source_for
 from .config import CLASS_WEIGHTS, DEFAULT_STRENGTHS, METRICS, ProbeConfig  # noqa: F401  (no torch)
+from .folder import Run
 from .job import Job
+from .metrics import Metrics
+from .record import ProbePart
 from .report import most_confused
 from .spec import RunSpec
 from .target_probes import probe_task
@@ -274,18 +276,19 @@ def few_shot(
     return results[0], summary
 
 
-def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | None = None) -> ProbeResult:
+def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | None = None) -> Run:
     """The ``featcache probe`` job: cache (build or reuse), probe, and write a run folder if ``spec.out``.
 
-    The folder is a run like ``featcache train``'s (``config.json``, ``metrics.json`` with the sweep,
+    The folder is a run like ``featcache train``'s (``config.json``, ``metrics.json`` with the path,
     ``head.safetensors``, ``confusion.png``), so :func:`~featcache.runs.load_run`, ``export`` and
-    ``predict`` take it. The probe runs on ``spec.train.device``.
+    ``predict`` take it; the :class:`~featcache.runs.folder.Run` returned is what ``load_run`` reads
+    back (``dir`` None without ``spec.out``). The probe runs on ``spec.train.device``.
 
     Example:
         >>> spec = RunSpec("efficientnet-lite0", DataConfig("mnist-5k"), out="runs/probe",
         ...                extract=ExtractConfig(input_size=(64, 64)))
-        >>> res = probe_run(spec, "penultimate")  # doctest: +SKIP
-        >>> res.strength, res.test["acc"]  # doctest: +SKIP
+        >>> run = probe_run(spec, "penultimate")  # doctest: +SKIP
+        >>> run.metrics.strength, run.metrics.test.acc  # doctest: +SKIP
     """
     config = config or ProbeConfig()
     spec.no_resume("probe")
@@ -318,26 +321,17 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
         res.extra["few_shot"] = summary
     if res.test and "confusion" in res.test:  # in the result, so --json and metrics.json say the same
         res.test["most_confused"] = most_confused(res.test["confusion"], classes)
+    record = job.record(
+        "probe", backbone, feats, [layer], layer=layer, head=res.info.spec.to_dict(), part=ProbePart(config)
+    )
+    metrics = Metrics.from_json(
+        {"task": task, "strength": res.strength, "sweep": res.sweep, **res.extra}
+        | ({"test": res.test} if res.test else {})
+    )
     if folder is not None:
-        folder.write_config(
-            job.record(
-                "probe",
-                backbone,
-                feats,
-                [layer],
-                layer=layer,
-                head=res.info.spec.to_dict(),
-                probe=to_json(config),
-            )
-        )
+        folder.write_config(record)
         folder.save_head(res.head, res.info)  # with --shots: the first draw's head
-        metrics = {
-            "strength": res.strength,
-            "sweep": res.sweep,
-            **res.extra,
-            **({"test": res.test} if res.test else {}),
-        }
         folder.write_metrics(metrics)
         folder.write_report(metrics, classes, f"{backbone.cfg.spec} · {layer} · probe")
         write_mistakes(folder, res.head, feats, layer, spec.train, splits)
-    return res
+    return Run(folder.path if folder is not None else None, record, metrics, res.head, res.info)

@@ -11,18 +11,19 @@ from typing import Any
 import matplotlib
 
 from .._format import format_table  # noqa: F401  (the plain-text tables live without matplotlib)
+from .metrics import Metrics
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 import numpy as np
 
 
-def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcache training") -> Path:
+def plot_curves(metrics: Metrics, path: str | Path, title: str = "featcache training") -> Path:
     """Train loss per step and validation accuracy per epoch vs examples seen (accuracy on a second axis,
     scaled to the accuracies shown), the best epoch marked.
 
     Example:
-        >>> plot_curves(json.load(open("run/metrics.json")), "run/curves.png")  # doctest: +SKIP
+        >>> plot_curves(load_run("run").metrics, "run/curves.png")  # doctest: +SKIP
     """
     fig = curves_figure(metrics, title)
     fig.savefig(path)
@@ -30,11 +31,14 @@ def plot_curves(metrics: dict[str, Any], path: str | Path, title: str = "featcac
     return Path(path)
 
 
-def curves_figure(metrics: dict[str, Any], title: str = "featcache training") -> Any:
-    """The figure :func:`plot_curves` saves (a matplotlib ``Figure``)."""
-    history = metrics["history"]
-    per_epoch = int(metrics["examples_per_epoch"])
-    steps = metrics["step_losses"]
+def curves_figure(metrics: Metrics, title: str = "featcache training") -> Any:
+    """The figure :func:`plot_curves` saves (a matplotlib ``Figure``) of a run that trained by epochs."""
+    if metrics.history is None or metrics.examples_per_epoch is None:
+        raise ValueError("curves need a run that trained by epochs: these metrics hold no history")
+    # a loss or score that was not finite is None in the metrics: a gap in the curve, as NaN draws it
+    history = [{k: np.nan if v is None else v for k, v in h.items()} for h in metrics.history]
+    per_epoch = metrics.examples_per_epoch
+    steps = [np.nan if s is None else s for s in metrics.step_losses or ()]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if steps:
         epochs_done = len(history)
@@ -46,11 +50,11 @@ def curves_figure(metrics: dict[str, Any], title: str = "featcache training") ->
     )
     if history and "val_loss" in history[0]:
         ax.plot(ex, [h["val_loss"] for h in history], color="tab:orange", marker="o", ms=3, label="val loss")
-    best = metrics.get("best_epoch")
+    best = metrics.best_epoch
     if best:
         ax.axvline(best * per_epoch, color="grey", ls=":", lw=1.2, label=f"best epoch ({best})")
     ax.set_xlabel("examples seen")
-    task = metrics.get("task", "classify")
+    task = metrics.task
     ax.set_ylabel({"multilabel": "binary cross-entropy", "regress": "loss (standardised targets)"}.get(
         task, "cross-entropy loss"))  # fmt: skip
     ax.grid(alpha=0.3)
@@ -67,7 +71,7 @@ def curves_figure(metrics: dict[str, Any], title: str = "featcache training") ->
         ax2 = ax.twinx()
         values = [h[f"val_{key}"] for h in history]
         ax2.plot(ex, values, color="tab:green", marker="s", ms=3, label=f"val {name}")
-        test = metrics.get("test", {}).get(key)
+        test = metrics.test.score(key) if metrics.test is not None else None
         if test is not None:
             ax2.axhline(test, color="tab:red", ls="--", lw=1, label=f"test {name} {test:.3f}")
         ax2.set_ylabel(name)

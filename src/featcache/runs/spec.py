@@ -20,7 +20,7 @@ from .logger import check_logger
 # No torch at import: the command line builds and checks a RunSpec before loading any model.
 if TYPE_CHECKING:
     from ..backbones.registry import Backbone
-    from .folder import RunRecord
+    from .record import RunRecord
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,10 @@ class RunSpec:
             record.weights_arg,
             record.extract_config(),
             from_json(TrainConfig, record.train or {}),
-            Views(int(ex["views"]), ex["augment"]) if ex.get("views") else None,
+            Views(int(ex["views"]), ex["augment"]) if ex["views"] else None,
             cache_dir=record.cache_dir,
             resume=True,
-            logger=str(record.verb.get("logger", "none")),  # a resumed run goes on logging as it did
+            logger=record.logger,  # a resumed run goes on logging as it did
         )
         return replace(spec, **given), record
 

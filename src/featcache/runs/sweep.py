@@ -42,9 +42,11 @@ from ..train.grid import grid_not_covered
 from ..train.heads import Head, HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
 from .config import SweepGrid, grid  # noqa: F401  (defined there, without torch)
-from .folder import RunFolder, RunRecord
+from .folder import Run, RunFolder, load_run
 from .job import Job
 from .logger import epoch_log
+from .metrics import Metrics
+from .record import RunRecord, SweepPart, SweepRunPart
 from .report import plot_sweep
 from .spec import RunSpec
 from .train import train_grid_on_cache, train_on_cache, write_mistakes
@@ -60,6 +62,15 @@ class SweepResult:
     best: dict[str, Any]
     extract_seconds: float
     out: Path
+
+    def chosen(self) -> Run:
+        """The chosen run (:attr:`best`), loaded: its record, typed metrics and head.
+
+        Example:
+            >>> sweep_run(spec, grid).chosen().metrics.test.acc  # doctest: +SKIP
+            0.948
+        """
+        return load_run(self.out / self.best["run"])
 
     def __repr__(self) -> str:
         b = self.best
@@ -107,7 +118,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     _write_record(spec, folder, job.record(
         "sweep", backbone, feats, layers, views, head=sweep.head.to_dict(), train=to_json(spec.train),
-        grid={k: v for k, v in to_json(sweep).items() if k != "head"},
+        part=SweepPart(sweep),
     ))  # fmt: skip
     axes = _varied(configs)
     rows: list[dict[str, Any]] = []
@@ -217,7 +228,7 @@ def _write_run(
     record: RunRecord,
     head: Head,
     info: HeadInfo,
-    metrics: dict[str, Any],
+    metrics: Metrics,
     feats: dict[str, CachedFeatures],
     cfg: TrainConfig,
     splits: DatasetSplits | None,
@@ -262,7 +273,7 @@ def _run_of(
     )
     record = job.record(
         "sweep", backbone, feats, [layer], views, layer=layer, head=head.to_dict(),
-        train=to_json(cfg), sweep=str(folder.path),
+        train=to_json(cfg), part=SweepRunPart(str(folder.path)),
     )  # fmt: skip
     return folder.child(name), record, cfg, settings
 
@@ -323,25 +334,29 @@ def _finished_row(folder: RunFolder, record: RunRecord, key: str = "val_acc") ->
     """The row of a sweep's run that finished before the sweep was interrupted, read back from its folder
     (None, so it trains again: a run that is absent, unfinished, diverged or made with other settings)."""
     metrics = folder.read_metrics()
-    if not metrics.get("finished", False) or not (folder.path / "head.json").is_file():
+    if metrics is None or not metrics.finished or not (folder.path / "head.json").is_file():
         return None
-    old, new = folder.read_config().to_json(), record.to_json()
-    if any(old.get(k) != new.get(k) for k in ("layer", "head", "train", "cache_keys", "split_keys")):
+    old = folder.read_config()
+    if any(
+        getattr(old, k) != getattr(record, k) for k in ("layer", "head", "train", "cache_keys", "split_keys")
+    ):
         return None
     return {**_row(folder, folder.load_head()[1], metrics, key), "reused": True}
 
 
-def _row(folder: RunFolder, info: HeadInfo, metrics: dict[str, Any], key: str = "val_acc") -> dict[str, Any]:
+def _row(folder: RunFolder, info: HeadInfo, metrics: Metrics, key: str = "val_acc") -> dict[str, Any]:
     """A finished run's row of the sweep table, from its metrics (as written to its metrics.json): the
     val and test values of the metric ``key`` chooses on (``val_acc``, ``val_map``, ``val_r2``, ...)."""
-    name = key[4:]
+    name, val, test = key[4:], metrics.val, metrics.test
+    if val is None or metrics.train_seconds is None:  # _chosen_on refused a sweep without val
+        raise FeatcacheError(f"{folder.path}: a sweep's run has no validation scores to choose on")
     return {
         "shape": list(info.in_shape),
-        key: metrics["val"][name],
-        "val_loss": metrics["val"]["loss"],
-        **({f"test_{name}": metrics["test"][name]} if "test" in metrics else {}),
-        "best_epoch": metrics["best_epoch"],
-        "train_seconds": round(metrics["train_seconds"], 3),
+        key: val.score(name),
+        "val_loss": val.loss,
+        **({f"test_{name}": test.score(name)} if test is not None else {}),
+        "best_epoch": metrics.best_epoch,
+        "train_seconds": round(metrics.train_seconds, 3),
         "run": folder.path.name,
     }
 

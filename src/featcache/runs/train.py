@@ -10,6 +10,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from .contents import check_same_data, split_contents
 from .folder import Run, RunFolder
 from .job import Job
 from .logger import EpochHook, epoch_log
+from .metrics import CacheRows, Metrics
+from .record import TrainPart
 from .report import most_confused
 from .spec import RunSpec
 
@@ -45,7 +48,7 @@ def evaluate_splits(
     names: Sequence[str] | None = None,
     task: str | None = None,
     threshold: float | None = None,
-) -> dict[str, Any]:
+) -> Metrics:
     """metrics.json content: the fit's history and timings, and val/test metrics of the best model (for
     the task of ``info``, at its multi-label threshold; ``names``: the classes or targets, and with them
     each classification split's ``most_confused`` class pairs). A network without a HeadInfo (finetune)
@@ -80,7 +83,12 @@ def evaluate_splits(
             )
             if task == "classify" and names is not None and "confusion" in metrics[split]:
                 metrics[split]["most_confused"] = most_confused(metrics[split]["confusion"], names)
-    return metrics
+    return Metrics.from_json(metrics)
+
+
+def cache_rows(feats: Mapping[str, CachedFeatures]) -> dict[str, CacheRows]:
+    """Each split's rows as the run read them: how many, from the cache, extracted now."""
+    return {k: CacheRows(v.rows, v.from_cache, v.extracted) for k, v in feats.items()}
 
 
 def write_mistakes(
@@ -119,7 +127,7 @@ def train_on_cache(
     resume: bool = False,
     views: Sequence[CachedFeatures] = (),
     on_epoch: EpochHook | None = None,
-) -> tuple[Head, HeadInfo, FitResult, dict[str, Any]]:
+) -> tuple[Head, HeadInfo, FitResult, Metrics]:
     """Build a head for ``layer``, fit it on the train split, evaluate on test (and val).
 
     With ``views`` (cached augmented views of the train split,
@@ -171,7 +179,7 @@ def _evaluated(
     sources: Mapping[str, FeatureSource],
     val: FeatureSource | None,
     standardize: bool,
-) -> tuple[HeadInfo, FitResult, dict[str, Any]]:
+) -> tuple[HeadInfo, FitResult, Metrics]:
     """A trained head's :class:`HeadInfo` (with its multi-label threshold, chosen on val), the fit's
     result and the metrics of every split (what :func:`train_on_cache` returns after the head)."""
     shape, layout = tuple(plain.features[layer].shape[1:]), plain.layout(layer)
@@ -218,7 +226,7 @@ def train_grid_on_cache(
     configs: list[TrainConfig],
     progress: bool = True,
     on_epochs: list[EpochHook | None] | None = None,
-) -> list[tuple[Head, HeadInfo, FitResult, dict[str, Any]] | TrainingDiverged] | None:
+) -> list[tuple[Head, HeadInfo, FitResult, Metrics] | TrainingDiverged] | None:
     """:func:`train_on_cache` of one head per config, trained as one grid (:mod:`featcache.train.grid`):
     per config what ``train_on_cache`` returns, to float rounding, or the :class:`TrainingDiverged` it
     raises; None (nothing trained) where the grid does not cover them (:func:`grid_not_covered`).
@@ -245,7 +253,7 @@ def train_grid_on_cache(
     results = fit_grid(heads, train, val, len(plain.classes), configs, progress, on_epochs)
     if results is None:
         return None
-    out: list[tuple[Head, HeadInfo, FitResult, dict[str, Any]] | TrainingDiverged] = []
+    out: list[tuple[Head, HeadInfo, FitResult, Metrics] | TrainingDiverged] = []
     for head, result, hook in zip(heads, results, on_epochs or [None] * len(heads), strict=True):
         if isinstance(result, TrainingDiverged):
             out.append(result)
@@ -320,10 +328,10 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
     contents = split_contents(splits, spec.cache_dir)  # the digests extraction computed: no re-hashing
     record = job.record(
         "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train),
-        split_contents=contents,
+        part=TrainPart(contents),
     )  # fmt: skip
     if spec.resume:
-        check_same_data(folder.path, contents, required=False)  # names what changed, before split_keys
+        check_same_data(folder.path, contents)  # names what changed, before split_keys
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
@@ -332,12 +340,13 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
         trained, info, result, metrics = train_on_cache(
             feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views, on_epoch
         )
-    metrics["extract_seconds"] = extract_seconds
     named = {**feats, **{f"train@view{i}": v for i, v in enumerate(views, 1)}}
-    metrics["cache_hit"] = {k: v.hit for k, v in named.items()}
-    metrics["cache_rows"] = {
-        k: {"rows": v.rows, "from_cache": v.from_cache, "extracted": v.extracted} for k, v in named.items()
-    }
+    metrics = replace(
+        metrics,
+        extract_seconds=extract_seconds,
+        cache_hit={k: v.hit for k, v in named.items()},
+        cache_rows=cache_rows(named),
+    )
     folder.save_head(trained, info)
     folder.write_metrics(metrics)
     folder.write_report(metrics, splits.classes, f"{backbone.cfg.spec} · {layer} · {head.kind}")

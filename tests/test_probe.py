@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.runs.probe import ProbeConfig, fit_logistic, linear_probe
 from featcache.train.fit import evaluate
+from featcache.train.probe import ProbeConfig, fit_logistic, linear_probe
 from featcache.train.sources import FeatureSource
 
 
@@ -67,7 +67,7 @@ def test_the_path_converges_in_few_iterations_and_warm_starts_help() -> None:
 
 
 def test_few_shot_trains_on_k_training_rows_per_class_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import featcache.runs.probe as probe_mod
+    import featcache.train.probe as probe_mod
 
     (xt, yt), (xv, yv), (xs, ys) = _data(300, 1), _data(120, 2), _data(200, 3)
     fitted: list[int] = []
@@ -93,7 +93,7 @@ def test_few_shot_trains_on_k_training_rows_per_class_only(monkeypatch: pytest.M
 
 
 def test_balanced_class_weight_and_metric_on_imbalanced_data() -> None:
-    from featcache.runs.probe import class_weights
+    from featcache.train.probe import class_weights
 
     x, y = _data(800, 4, noise=3.0)
     keep = (y != 3) | (torch.arange(len(y)) % 10 == 0)  # class 3 ten times rarer
@@ -177,7 +177,7 @@ def test_cli_five_shot_five_seed_probe_on_mnist_trains_on_training_rows_only(
     5 rows per class of the training split; no validation or test row is ever trained on or
     standardised with: every row the solver and the standardisation see is compared with the cached
     rows of each split (the solver's own input is compared with --no-standardize, where it is raw)."""
-    import featcache.runs.probe as probe_mod
+    import featcache.train.probe as probe_mod
     from featcache.backbones.registry import load_backbone
     from featcache.cli import main
     from featcache.data.config import DataConfig

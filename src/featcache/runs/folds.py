@@ -35,9 +35,9 @@ from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec
 from ..train.logistic import Part, RowBlocks
 from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
+from ..train.probe import ProbeConfig, fit_logistic
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
-from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
 from .target_probes import path_outputs, refit_probe
 from .train import train_on_cache

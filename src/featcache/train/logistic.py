@@ -87,7 +87,7 @@ class RowBlocks:
             raise FeatcacheError("a fit needs rows: got no parts")
         first = parts[0].data
         self.parts, self.std = list(parts), std
-        self._held: torch.Tensor | None = None  # all rows as one standardised chunk, when they fit one
+        self._held: torch.Tensor | None = None  # gathered rows, when they fit one chunk
         self.device = device or (first.device if isinstance(first, torch.Tensor) else torch.device("cpu"))
         self.row_shape = tuple(int(d) for d in first.shape[1:])
         for p in self.parts:
@@ -113,11 +113,34 @@ class RowBlocks:
         """The same rows read through ``std`` (a view: nothing is copied)."""
         return RowBlocks(self.parts, self.device, std)
 
-    def _chunk_of_all(self) -> torch.Tensor:
-        """Every row, standardised and flattened, in one new buffer (never a view of a part's rows)."""
-        z = self[0 : len(self)]
-        z = self.std(z) if self.std is not None else z.clone()
-        return z.reshape(len(self), self.features)
+    def rows(self, index: torch.Tensor) -> RowBlocks:
+        """Rows ``index`` (positions in these rows, ascending) as a view: each part keeps the positions that
+        fall in it, so a memory map is read only where a chosen row lives."""
+        parts, offset = [], 0
+        for p in self.parts:
+            lo, hi = torch.searchsorted(index, torch.tensor([offset, offset + len(p)])).tolist()
+            if lo < hi:
+                local = index[lo:hi] - offset
+                at = local if p.index is None else p.index.index_select(0, local.to(p.index.device))
+                parts.append(Part(p.data, p.dtype, at))
+            offset += len(p)
+        return RowBlocks(parts, self.device, self.std)
+
+    def load(self) -> torch.Tensor:
+        """Every row, not standardised, as one (n, features) float32 tensor on the device, filled a chunk at
+        a time (a float16 map is never held whole beside its float32 copy)."""
+        out = torch.empty((len(self), self.features), device=self.device)
+        for start, z in self.raw_chunks(chunk_rows(self.features, 0)):
+            out[start : start + len(z)] = z
+        return out
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The standardisation as flat (features,) mean and deviation, or None without one."""
+        if self.std is None:
+            return None
+        shape = (1, *self.row_shape)
+        mean = torch.broadcast_to(self.std.mean, shape).reshape(-1).to(self.device, torch.float32)
+        return mean, torch.broadcast_to(self.std.std, shape).reshape(-1).to(self.device, torch.float32)
 
     def __getitem__(self, key: slice) -> torch.Tensor:
         """Rows ``key`` (a slice, step 1) as float32 on the device, not standardised (what
@@ -152,15 +175,17 @@ class RowBlocks:
             release_pages(p.data, int(at.min()), int(at.max()) + 1)
         return rows.to(self.device, torch.float32)
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def raw_chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, chunk)``: every row once, in order, ``rows`` at a time (a chunk never spans two
-        parts), standardised and flattened to (n, features) float32. A chunk is a view of the rows or a
-        buffer the next chunk overwrites: use it before asking for the next."""
-        if len(self) <= rows and (self.std is not None or any(p.index is not None for p in self.parts)):
-            # Every row fits one chunk: it is read and standardised once and kept for the next passes
-            # (a small problem's L-BFGS makes hundreds; the chunk buffer is held either way).
+        parts), flattened to (n, features) float32 and *not* standardised: the solver folds the
+        standardisation into its weights (:func:`fold`), so a split in memory is read as views of its
+        own rows, with no copy at all. A chunk may be a buffer the next chunk overwrites: use it before
+        asking for the next."""
+        if len(self) <= rows and any(p.index is not None for p in self.parts):
+            # Every row fits one chunk: gathered once and kept for the next passes (a small problem's
+            # L-BFGS makes hundreds; the chunk buffer is held either way).
             if self._held is None or len(self._held) != len(self):
-                self._held = self._chunk_of_all()
+                self._held = self[0 : len(self)].reshape(len(self), self.features)
             yield 0, self._held
             return
         buf: torch.Tensor | None = None
@@ -168,13 +193,41 @@ class RowBlocks:
         for p in self.parts:
             for lo in range(0, len(p), rows):
                 hi = min(lo + rows, len(p))
-                if buf is None and (self.std is not None or p.index is not None):
+                if buf is None and p.index is not None:
                     buf = torch.empty((min(rows, len(self)), *self.row_shape), device=self.device)
-                z = self._read(p, lo, hi, buf)
-                if self.std is not None and buf is not None:
-                    z = torch.sub(z, self.std.mean, out=buf[: hi - lo]).div_(self.std.std)
-                yield offset + lo, z.reshape(hi - lo, self.features)
+                yield offset + lo, self._read(p, lo, hi, buf).reshape(hi - lo, self.features)
             offset += len(p)
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """As :meth:`raw_chunks`, standardised through ``std`` (into a buffer the next chunk overwrites)."""
+        stats = self.stats()
+        buf: torch.Tensor | None = None
+        for start, z in self.raw_chunks(rows):
+            if stats is None:
+                yield start, z
+                continue
+            if buf is None:
+                buf = torch.empty((min(rows, len(self)), self.features), device=self.device)
+            yield start, torch.sub(z, stats[0], out=buf[: len(z)]).div_(stats[1])
+
+
+def fold(
+    weight: torch.Tensor, bias: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias on raw rows equal to ``weight``, ``bias`` on rows standardised by ``stats``:
+    ``W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)``, so no standardised copy of the rows is made.
+
+    Example:
+        >>> w, b, x = torch.randn(3, 4), torch.randn(3), torch.randn(5, 4)
+        >>> m, s = torch.randn(4), torch.rand(4) + 0.5
+        >>> wf, bf = fold(w, b, (m, s))
+        >>> torch.allclose(x @ wf.T + bf, ((x - m) / s) @ w.T + b, atol=1e-5)
+        True
+    """
+    if stats is None:
+        return weight, bias
+    scaled = weight / stats[1]
+    return scaled, bias - scaled @ stats[0]
 
 
 def fit_standardize_rows(blocks: RowBlocks) -> Standardize:
@@ -235,21 +288,26 @@ def _torch_objective(
     blocks: RowBlocks, rows: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float
 ) -> Objective:
     """The objective over ``blocks`` by chunks: labels as integers, the gradient by a scatter (no one-hot
-    target), the loss summed in float64."""
+    target), the loss summed in float64, the standardisation folded into the weights (:func:`fold`): the
+    chunks are the rows as stored (views of a split in memory), never a standardised copy."""
     d = blocks.features
     split, step = num_classes * d, chunk_rows(d, num_classes)
+    stats = blocks.stats()
 
     def f(w: torch.Tensor) -> tuple[float, torch.Tensor]:
         weight, bias = w[:split].view(num_classes, d), w[split:]
+        raw_w, raw_b = fold(weight, bias, stats)
         grad_w, grad_b, loss = torch.zeros_like(weight), torch.zeros_like(bias), 0.0
-        for start, z in blocks.chunks(step):
-            r, t = rows[start : start + len(z)], y[start : start + len(z), None]
-            logits = torch.addmm(bias, z, weight.t())
+        for start, x in blocks.raw_chunks(step):
+            r, t = rows[start : start + len(x)], y[start : start + len(x), None]
+            logits = torch.addmm(raw_b, x, raw_w.t())
             lse = torch.logsumexp(logits, 1, keepdim=True)
             loss += float(r @ (lse[:, 0] - logits.gather(1, t)[:, 0]))
             g = logits.sub_(lse).exp_().mul_(r[:, None]).scatter_add_(1, t, -r[:, None])  # d loss / d logits
-            grad_w.addmm_(g.t(), z)
+            grad_w.addmm_(g.t(), x)
             grad_b += g.sum(0)
+        if stats is not None:  # back through the fold: d/dW of (W / s) x + b - (W / s) m
+            grad_w.sub_(grad_b[:, None] * stats[0]).div_(stats[1])
         loss += 0.5 * strength * float(weight.pow(2).sum())
         if strength:
             grad_w.add_(weight, alpha=strength)

@@ -31,6 +31,7 @@ from .logistic import (
     Solution,
     chunk_rows,
     fit_standardize_rows,
+    fold,
     small_problem_threads,
 )
 from .sources import FeatureSource
@@ -108,12 +109,13 @@ def _scores(
     blocks = z if isinstance(z, RowBlocks) else RowBlocks([Part(z)])
     loss = torch.zeros((), dtype=torch.float64, device=blocks.device)
     hit = torch.zeros(len(blocks), device=blocks.device)
+    weight, bias = fold(fit.weight, fit.bias, blocks.stats())  # the raw rows, read as views
     with torch.no_grad():
-        for start, zc in blocks.chunks(chunk_rows(blocks.features, num_classes)):
-            t = y[start : start + len(zc)]
-            logits = F.linear(zc, fit.weight, fit.bias)
+        for start, xc in blocks.raw_chunks(chunk_rows(blocks.features, num_classes)):
+            t = y[start : start + len(xc)]
+            logits = F.linear(xc, weight, bias)
             loss += F.cross_entropy(logits, t, reduction="sum").double()
-            hit[start : start + len(zc)] = (logits.argmax(1) == t).float()
+            hit[start : start + len(xc)] = (logits.argmax(1) == t).float()
         seen = torch.bincount(y, minlength=num_classes)
         recall = torch.bincount(y, hit, minlength=num_classes)[seen > 0] / seen[seen > 0]
         # one transfer for the three numbers: on a small problem each sync costs more than the maths

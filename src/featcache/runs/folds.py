@@ -223,14 +223,24 @@ def folds_probe(
             tr, ho = np.flatnonzero(fold != i), np.flatnonzero(fold == i)
             rows = torch.as_tensor(tr, device=dev)
             blocks = RowBlocks([Part(part.data, part.dtype, rows)], dev)
-            head = fit_logistic(blocks, src.y[rows], n, s, config.max_iter, config.standardize)
+            head = fit_logistic(
+                blocks, src.y[rows], n, s, config.max_iter, config.standardize, ram_budget_gb=ram_budget_gb
+            )
             held = source_for(pool.subset(ho, f"fold{i}"), layer, dev, ram_budget_gb)
             by_strength.setdefault(s, []).append(float(evaluate(head, held, n)["acc"]))
             oof[s][torch.as_tensor(ho)] = predict_logits(head, held)
     best = max(config.strengths, key=lambda s: statistics.fmean(by_strength[s]))
     out = FoldsResult(k, by_strength[best], rows=[int((fold == i).sum()) for i in range(k)], oof=oof[best])
     out.extra = {"strength": best, "cv_by_strength": {str(s): v for s, v in by_strength.items()}}
-    head = fit_logistic(RowBlocks([part], dev), src.y, n, best, config.max_iter, config.standardize)
+    head = fit_logistic(
+        RowBlocks([part], dev),
+        src.y,
+        n,
+        best,
+        config.max_iter,
+        config.standardize,
+        ram_budget_gb=ram_budget_gb,
+    )
     shape = tuple(pool.features[layer].shape[1:])
     out.extra["head"] = (head, HeadInfo(HeadSpec("linear"), shape, n, standardize=config.standardize))
     if "test" in feats:

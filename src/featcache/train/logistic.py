@@ -32,11 +32,13 @@ SMALL_PROBLEM = 2_000_000
 
 @dataclass
 class Solution:
-    """One solution: weights (classes, features), bias (classes) and the L-BFGS iterations it took."""
+    """One solution: weights (classes, features), bias (classes), the L-BFGS iterations it took and, for
+    a streamed fit (:class:`StreamedSoftmaxRegression`), the epochs over the blocks it kept (0 otherwise)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     iterations: int
+    epochs: int = 0
 
 
 def on_numpy(x: torch.Tensor | RowBlocks, num_classes: int) -> bool:
@@ -127,11 +129,12 @@ class RowBlocks:
         return RowBlocks(parts, self.device, self.std)
 
     def load(self) -> torch.Tensor:
-        """Every row, not standardised, as one (n, features) float32 tensor on the device, filled a chunk at
-        a time (a float16 map is never held whole beside its float32 copy)."""
-        out = torch.empty((len(self), self.features), device=self.device)
+        """Every row, not standardised, as one (n, *row_shape) float32 tensor on the device, filled a chunk
+        at a time (a float16 map is never held whole beside its float32 copy)."""
+        out = torch.empty((len(self), *self.row_shape), device=self.device)
+        flat = out.view(len(self), self.features)
         for start, z in self.raw_chunks(chunk_rows(self.features, 0)):
-            out[start : start + len(z)] = z
+            flat[start : start + len(z)] = z
         return out
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -387,8 +390,17 @@ class SoftmaxRegression:
             )
         return _torch_objective(self.blocks, self.shares, self.y, self.num_classes, strength)
 
-    def fit(self, strength: float, max_iter: int, tol: float, start: Solution | None = None) -> Solution:
-        """The solution for ``strength`` from ``start`` (a warm start) or zero, float32 on ``x``'s device."""
+    def fit(
+        self,
+        strength: float,
+        max_iter: int,
+        tol: float,
+        start: Solution | None = None,
+        monitor: Callable[[Solution], float] | None = None,
+        epochs: int | None = None,
+    ) -> Solution:
+        """The solution for ``strength`` from ``start`` (a warm start) or zero, float32 on ``x``'s device
+        (``monitor`` and ``epochs`` are a streamed fit's: all rows are in every iteration here)."""
         c, d = self.num_classes, self.features
         w: Vector
         if start is not None:
@@ -399,6 +411,113 @@ class SoftmaxRegression:
         w, it = minimize_lbfgs(self.objective(strength), w, max_iter, tol)
         w = torch.from_numpy(w).to(self.device) if self.numpy else w
         return Solution(w[: c * d].view(c, d).float().contiguous(), w[c * d :].float().contiguous(), it)
+
+
+#: a streamed fit's L-BFGS iterations on each block per epoch (the history restarts with each block)
+BLOCK_ITERATIONS = 10
+#: a streamed fit's epochs at most (fewer when ``max_iter`` allows fewer, or the val loss stops falling)
+MAX_EPOCHS = 20
+#: a streamed fit's blocks hold at least this many rows, however small the RAM budget
+MIN_BLOCK_ROWS = 4096
+
+
+def block_rows(features: int, ram_budget_gb: float) -> int:
+    """Rows per block of a streamed fit: half the RAM budget of float32 rows (the other half for the
+    chunks, the logits and what the process holds besides), at least :data:`MIN_BLOCK_ROWS`.
+
+    Example:
+        >>> block_rows(2048, 16.0)  # ImageNet's 2048-d features in a 16 GB budget: 8 GB blocks
+        1048576
+    """
+    return max(MIN_BLOCK_ROWS, int(ram_budget_gb * 2**29) // (4 * features))
+
+
+class StreamedSoftmaxRegression:
+    """The same objective as :class:`SoftmaxRegression` for rows over the RAM budget, solved by L-BFGS on
+    large fixed blocks: each epoch draws the rows into blocks of :func:`block_rows` (a seeded shuffle,
+    each block read from the memory maps in row order, so a split stored class by class still gives each
+    block every class), runs :data:`BLOCK_ITERATIONS` L-BFGS iterations on each block from the current
+    solution, and averages the block solutions (Polyak averaging: the average is far less noisy than the
+    last block's). With ``monitor`` (the val loss of a solution) it stops when an epoch does not lower
+    it and keeps the best epoch: the early stop of a streamed path. RAM holds one block.
+
+    Example:
+        >>> rows = RowBlocks([Part(np.random.randn(500, 8).astype("float32"))])  # a memory-mapped split
+        >>> problem = StreamedSoftmaxRegression(rows, torch.randint(0, 3, (500,)), 3, ram_budget_gb=1e-6)
+        >>> fit = problem.fit(1e-3, max_iter=20, tol=1e-4)
+        >>> fit.epochs
+        2
+    """
+
+    def __init__(
+        self,
+        x: RowBlocks,
+        y: torch.Tensor,
+        num_classes: int,
+        class_weight: torch.Tensor | None = None,
+        ram_budget_gb: float = 8.0,
+        seed: int = 0,
+    ) -> None:
+        if len(y) != len(x):
+            raise FeatcacheError(f"{len(x)} feature rows but {len(y)} labels")
+        self.blocks, self.y, self.num_classes, self.class_weight = x, y.cpu(), num_classes, class_weight
+        self.rows, self.features, self.device, self.seed = len(x), x.features, x.device, seed
+        self.block_rows = min(len(x), block_rows(x.features, ram_budget_gb))
+
+    def fit(
+        self,
+        strength: float,
+        max_iter: int,
+        tol: float,
+        start: Solution | None = None,
+        monitor: Callable[[Solution], float] | None = None,
+        epochs: int | None = None,
+    ) -> Solution:
+        """The solution for ``strength`` from ``start`` or zero: ``epochs`` epochs (default: as many as
+        ``max_iter`` iterations per block allow, at most :data:`MAX_EPOCHS`, fewer when ``monitor``'s val
+        loss stops falling or no block moves)."""
+        inner = min(max_iter, BLOCK_ITERATIONS)
+        cap = epochs or max(1, min(MAX_EPOCHS, max_iter // inner))
+        c, d = self.num_classes, self.features
+        current = start or Solution(
+            torch.zeros(c, d, device=self.device), torch.zeros(c, device=self.device), 0
+        )
+        best, best_loss, best_epoch, total = current, math.inf, 0, 0
+        gen = torch.Generator().manual_seed(self.seed)
+        for epoch in range(cap):
+            current, iterations = self._epoch(strength, inner, tol, current, gen)
+            total += iterations
+            loss = monitor(current) if monitor is not None else -float(epoch)
+            if epoch and loss >= best_loss - 1e-4 * abs(best_loss):
+                break  # the val loss stopped falling: keep the best epoch's solution
+            best, best_loss, best_epoch = current, loss, epoch + 1
+            if not iterations:
+                break  # no block moved: converged at this tolerance
+        return Solution(best.weight, best.bias, total, best_epoch)
+
+    def _epoch(
+        self, strength: float, inner: int, tol: float, start: Solution, gen: torch.Generator
+    ) -> tuple[Solution, int]:
+        """One pass over the blocks: the average of the block solutions, and the iterations taken."""
+        order = torch.randperm(self.rows, generator=gen)
+        weight, bias, iterations = torch.zeros_like(start.weight), torch.zeros_like(start.bias), 0
+        current = start
+        for count, lo in enumerate(range(0, self.rows, self.block_rows), 1):
+            at = order[lo : lo + self.block_rows].sort().values
+            part = self.blocks.rows(at)
+            x = part.load()  # the block in RAM, as stored (the standardisation stays folded)
+            problem = SoftmaxRegression(
+                RowBlocks([Part(x)], self.device, self.blocks.std),
+                self.y[at],
+                self.num_classes,
+                self.class_weight,
+            )
+            current = problem.fit(strength, inner, tol, current)
+            del problem, x
+            iterations += current.iterations
+            weight += (current.weight - weight) / count  # running means of the block solutions
+            bias += (current.bias - bias) / count
+        return Solution(weight, bias, iterations), iterations
 
 
 def minimize_lbfgs(

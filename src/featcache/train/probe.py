@@ -11,6 +11,7 @@ writes the run folder is :func:`featcache.runs.probe.probe_run`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from .logistic import (
     RowBlocks,
     SoftmaxRegression,
     Solution,
+    StreamedSoftmaxRegression,
     chunk_rows,
     fit_standardize_rows,
     fold,
@@ -55,25 +57,41 @@ class ProbeResult:
 
 
 def _problem(
-    z: torch.Tensor | RowBlocks, y: torch.Tensor, num_classes: int, config: ProbeConfig
-) -> SoftmaxRegression:
-    """The rows of one fit or path, prepared once (:class:`~featcache.train.logistic.SoftmaxRegression`)."""
-    return SoftmaxRegression(z, y, num_classes, class_weights(y, num_classes, config.class_weight))
+    z: torch.Tensor | RowBlocks,
+    y: torch.Tensor,
+    num_classes: int,
+    config: ProbeConfig,
+    ram_budget_gb: float = 8.0,
+) -> SoftmaxRegression | StreamedSoftmaxRegression:
+    """The rows of one fit or path, prepared once: in memory, full-batch L-BFGS
+    (:class:`~featcache.train.logistic.SoftmaxRegression`); read from memory maps (a split over the RAM
+    budget), L-BFGS on blocks of half the budget
+    (:class:`~featcache.train.logistic.StreamedSoftmaxRegression`)."""
+    weights = class_weights(y, num_classes, config.class_weight)
+    if isinstance(z, RowBlocks) and not z.in_memory:
+        return StreamedSoftmaxRegression(z, y, num_classes, weights, ram_budget_gb)
+    return SoftmaxRegression(z, y, num_classes, weights)
 
 
 def _lbfgs(
-    problem: SoftmaxRegression, strength: float, config: ProbeConfig, start: Solution | None = None
+    problem: SoftmaxRegression | StreamedSoftmaxRegression,
+    strength: float,
+    config: ProbeConfig,
+    start: Solution | None = None,
+    monitor: Callable[[Solution], float] | None = None,
+    epochs: int | None = None,
 ) -> Solution:
-    """Full-batch L-BFGS for mean cross-entropy + ``strength``/2 |W|^2 on the problem's rows.
+    """L-BFGS for mean cross-entropy + ``strength``/2 |W|^2 on the problem's rows.
 
     It stops when the largest gradient entry is below ``config.tol`` or the loss stops changing, as
-    scikit-learn's ``lbfgs`` solver does, from ``start`` (a warm start along the path) or from zero.
+    scikit-learn's ``lbfgs`` solver does, from ``start`` (a warm start along the path) or from zero; a
+    streamed problem also when ``monitor``'s val loss stops falling, or after ``epochs``.
 
     Example:
         >>> rows = _problem(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, ProbeConfig())
         >>> fit = _lbfgs(rows, 1e-3, ProbeConfig())
     """
-    return problem.fit(strength, config.max_iter, config.tol, start)
+    return problem.fit(strength, config.max_iter, config.tol, start, monitor, epochs)
 
 
 def fit_logistic(
@@ -84,12 +102,15 @@ def fit_logistic(
     max_iter: int = 200,
     standardize: bool = True,
     tol: float = 1e-6,
+    ram_budget_gb: float = 8.0,
 ) -> Head:
     """One L2-regularised logistic regression as a ``linear`` head (standardisation folded in front).
 
     Solved tighter (``tol``) than the probe's path, whose strengths only need ranking on val. ``x`` may
     be :class:`~featcache.train.logistic.RowBlocks` (some rows of a split, or a split streamed from its
-    memory maps): the rows are read by chunks and never copied.
+    memory maps): the rows are read by chunks and never copied; rows read from memory maps are solved
+    by blocks of ``ram_budget_gb`` / 2 (no val split to stop on: :data:`~featcache.train.logistic.MAX_EPOCHS`
+    epochs at most).
 
     Example:
         >>> head = fit_logistic(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, 1e-3)
@@ -98,7 +119,8 @@ def fit_logistic(
     std = fit_standardize_rows(blocks) if standardize else None
     config = ProbeConfig(max_iter=max_iter, tol=tol)
     with small_problem_threads(blocks, num_classes):
-        fit = _lbfgs(_problem(blocks.standardized(std), y, num_classes, config), strength, config)
+        problem = _problem(blocks.standardized(std), y, num_classes, config, ram_budget_gb)
+        fit = _lbfgs(problem, strength, config)
     return _head(fit, std, blocks.row_shape, num_classes)
 
 
@@ -185,14 +207,19 @@ def _probe(
     memory maps by the same full-batch L-BFGS (each function evaluation one pass over the rows).
     """
     x, xv = _rows_of(train), _rows_of(val)
+    budget = train.ram_budget_gb
     std = fit_standardize_rows(x) if config.standardize else None
     z, zv = x.standardized(std), xv.standardized(std)
     sweep, fits, start = [], {}, None
-    path = _problem(z, train.y, num_classes, config)
+    path = _problem(z, train.y, num_classes, config, budget)
+    streamed = isinstance(path, StreamedSoftmaxRegression)
+    path_rows = path.block_rows if isinstance(path, StreamedSoftmaxRegression) else len(x)
+    monitor = (lambda fit: _scores(fit, zv, val.y, num_classes)["val_loss"]) if streamed else None
     for s in tqdm(sorted(config.strengths, reverse=True), desc="probe path", disable=not progress):
-        start = fits[s] = _lbfgs(path, s, config, start)
+        start = fits[s] = _lbfgs(path, s, config, start, monitor)
         sweep.append(
             {"strength": s, **_scores(start, zv, val.y, num_classes), "iterations": start.iterations}
+            | ({"epochs": start.epochs} if streamed else {})
         )
     del path  # its float64 copy of a small problem's rows
     sweep.sort(key=lambda r: r["strength"])
@@ -203,13 +230,16 @@ def _probe(
         both_x = RowBlocks(x.parts + xv.parts, x.device)
         both_y = torch.cat([train.y, val.y])
         final_std = fit_standardize_rows(both_x) if config.standardize else None
-        problem = _problem(both_x.standardized(final_std), both_y, num_classes, config)
-        final = _lbfgs(problem, best["strength"], config, final)
+        problem = _problem(both_x.standardized(final_std), both_y, num_classes, config, budget)
+        # a streamed refit runs the epochs the path kept for this strength (val is in its rows now)
+        final = _lbfgs(problem, best["strength"], config, final, epochs=final.epochs or None)
     head = _head(final, final_std, x.row_shape, num_classes)
     info = HeadInfo(HeadSpec("linear"), x.row_shape, num_classes, standardize=config.standardize)
     test_metrics = evaluate(head, test, num_classes) if test is not None else None
     iterations = sum(r["iterations"] for r in sweep) + (final.iterations if refit else 0)
     extra = {"iterations": iterations, "chosen_on": key, "refit_on": "train+val" if refit else "train"}
+    if streamed:  # how the rows over the RAM budget were solved
+        extra["solver"] = f"block L-BFGS, blocks of {path_rows} rows"
     return ProbeResult(best["strength"], sweep, test_metrics, head, info, extra)
 
 

@@ -242,10 +242,13 @@ def fit_standardize_rows(blocks: RowBlocks) -> Standardize:
         >>> torch.allclose(s.mean, Standardize.fit(x).mean)
         True
     """
+    # 16 MB of float64 rows at a time: the statistics' transient copies (the rows and their squares in
+    # float64) stay small beside the rows themselves
+    chunk = max(1, (16 << 20) // (8 * blocks.features))
     if len(blocks.parts) == 1 and blocks.parts[0].index is None:
         p = blocks.parts[0]
-        return Standardize.fit(p.data, dtype=p.dtype)  # the one-part statistics, exactly as before
-    return Standardize.fit(blocks)  # type: ignore[arg-type]  # RowBlocks slices as Standardize.fit reads
+        return Standardize.fit(p.data, chunk, dtype=p.dtype)  # the one-part statistics, exactly as before
+    return Standardize.fit(blocks, chunk)  # type: ignore[arg-type]  # RowBlocks slices as Standardize.fit reads
 
 
 @contextlib.contextmanager

@@ -165,14 +165,14 @@ class FeatureSource:
         return self._x
 
     def _load(self) -> torch.Tensor:
-        """Every row as float32 on the device, converted ~64 MB at a time into one buffer: the stored
+        """Every row as float32 on the device, converted ~16 MB at a time into one buffer: the stored
         rows are never held whole beside it (a float16 split gathered whole, then converted, would
         peak at 1.5x its float32 size, plus the pages of its memory map)."""
         raw = self.raw
         if isinstance(raw, np.ndarray) and not isinstance(raw, np.memmap) and raw.flags.writeable:
             return to_torch(raw, self.dtype).to(self.device, torch.float32)  # no copy when float32 already
         x = torch.empty((len(raw), *self.row_shape), dtype=torch.float32, device=self.device)
-        step = max(1, (64 << 20) // self._row_bytes())
+        step = max(1, (16 << 20) // self._row_bytes())  # the chunk and its stored copy: small beside x
         for s in range(0, len(raw), step):
             x[s : s + step] = to_torch(np.asarray(raw[s : s + step]), self.dtype).to(self.device)
             release_pages(raw, s, s + step)

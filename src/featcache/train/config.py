@@ -237,7 +237,8 @@ class ProbeConfig:
     Attributes:
         strengths: L2 strengths (lambda, on the mean loss) tried on the validation split, fitted as one
             regularisation path: strongest first, each fit starting from the previous solution.
-        max_iter: L-BFGS iterations per fit at most.
+        max_iter: L-BFGS iterations per fit at most (a split over the RAM budget, solved by blocks: up
+            to 10 per block and epoch, and at most max_iter / 10 epochs, 20 at most).
         tol: stop a fit when the largest gradient entry is below this (scikit-learn's default, 1e-4).
         standardize: standardise features with train statistics (train+val for the refit).
         metric: what chooses the strength on val and is reported: auto (the task's: acc, map for

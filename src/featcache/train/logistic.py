@@ -71,9 +71,10 @@ class RowBlocks:
     its memory maps, some rows of either), read a chunk at a time as float32 on ``device``, through the
     standardisation ``std`` when given.
 
-    The probe's solver reads its rows only through :meth:`chunks`, so standardised features, the train +
-    val rows of a refit and a fold's training rows are views, not copies: what a fit holds beyond its
-    rows is one chunk (and the chunk's logits).
+    The probe's solver reads its rows only through :meth:`raw_chunks` (the standardisation folded into
+    its weights: :func:`fold`), so standardised features, the train + val rows of a refit and a fold's
+    training rows are views, not copies: what a fit holds beyond its rows is one chunk's logits (and, for
+    rows gathered by index or read from a map, the chunk).
 
     Example:
         >>> x = torch.randn(10, 4)
@@ -352,8 +353,8 @@ class SoftmaxRegression:
     ``strength / 2 * |W|^2``, as ``F.cross_entropy(..., weight=class_weight)`` computes it (a weighted
     mean: the weights' sum divides). Small problems in memory on the CPU are solved with numpy in
     float64; others with torch in float32 on ``x``'s device (:func:`on_numpy`), reading the rows a chunk
-    at a time (:class:`RowBlocks`: standardised on the fly, in memory or streamed from memory maps), so
-    a fit holds the rows once, integer labels, and one chunk's logits.
+    at a time (:class:`RowBlocks`: the standardisation folded into the weights, in memory or read from
+    memory maps), so a fit holds the rows once, integer labels, and one chunk's logits.
 
     Example:
         >>> problem = SoftmaxRegression(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3)

@@ -202,9 +202,10 @@ def _probe(
 ) -> ProbeResult:
     """:func:`linear_probe` once its inputs are checked.
 
-    The rows are read through :class:`~featcache.train.logistic.RowBlocks`: standardised on the fly, the
-    refit's train + val rows as two parts of one problem, a split over the RAM budget streamed from its
-    memory maps by the same full-batch L-BFGS (each function evaluation one pass over the rows).
+    The rows are read through :class:`~featcache.train.logistic.RowBlocks` (the standardisation folded
+    into the weights, the refit's train + val rows as two parts of one problem). A training split over
+    the RAM budget is solved from its memory maps by L-BFGS on blocks of half the budget, each strength
+    stopped early on the val loss; its refit runs the epochs kept for the chosen strength.
     """
     x, xv = _rows_of(train), _rows_of(val)
     budget = train.ram_budget_gb
@@ -213,7 +214,11 @@ def _probe(
     sweep, fits, start = [], {}, None
     path = _problem(z, train.y, num_classes, config, budget)
     streamed = isinstance(path, StreamedSoftmaxRegression)
-    path_rows = path.block_rows if isinstance(path, StreamedSoftmaxRegression) else len(x)
+    solver = (
+        f"block L-BFGS, blocks of {path.block_rows} rows"
+        if isinstance(path, StreamedSoftmaxRegression)
+        else None
+    )
     monitor = (lambda fit: _scores(fit, zv, val.y, num_classes)["val_loss"]) if streamed else None
     for s in tqdm(sorted(config.strengths, reverse=True), desc="probe path", disable=not progress):
         start = fits[s] = _lbfgs(path, s, config, start, monitor)
@@ -238,8 +243,8 @@ def _probe(
     test_metrics = evaluate(head, test, num_classes) if test is not None else None
     iterations = sum(r["iterations"] for r in sweep) + (final.iterations if refit else 0)
     extra = {"iterations": iterations, "chosen_on": key, "refit_on": "train+val" if refit else "train"}
-    if streamed:  # how the rows over the RAM budget were solved
-        extra["solver"] = f"block L-BFGS, blocks of {path_rows} rows"
+    if solver is not None:  # how the rows over the RAM budget were solved
+        extra["solver"] = solver
     return ProbeResult(best["strength"], sweep, test_metrics, head, info, extra)
 
 

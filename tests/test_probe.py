@@ -327,3 +327,30 @@ def test_the_ram_budget_decides_the_solver(tmp_path: Path) -> None:
         assert isinstance(problem, logistic.StreamedSoftmaxRegression) == streamed
     fit = problem.fit(1e-3, max_iter=30, tol=1e-4)
     assert fit.epochs == 3 and fit.iterations > 0  # 30 iterations: 3 epochs of 10 per block
+
+
+def test_a_split_in_memory_is_one_block_of_views_and_the_fit_is_the_standardised_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows in memory that fit one chunk are read as the split's own storage (no standardised copy, no
+    held copy): the standardisation is folded into the weights, and the fitted head equals scikit-learn's
+    on the standardised rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    import featcache.train.logistic as logistic
+    from featcache.train.heads import Standardize
+
+    monkeypatch.setattr(logistic, "SMALL_PROBLEM", 0)  # the torch path, which reads chunks
+    x, y = _data(400, 1)
+    x = x * 3 + 5
+    std = Standardize.fit(x)
+    blocks = logistic.RowBlocks([logistic.Part(x)]).standardized(std)
+    chunks = list(blocks.raw_chunks(logistic.chunk_rows(blocks.features, 4)))
+    assert len(chunks) == 1 and chunks[0][1].data_ptr() == x.data_ptr()  # a view of the split
+    lam = 1e-2
+    head = fit_logistic(x, y, 4, lam, max_iter=500, tol=1e-5)
+    z = std(x).numpy()
+    ref = LogisticRegression(C=1 / (len(x) * lam), max_iter=5000, tol=1e-10).fit(z, y.numpy())
+    with torch.no_grad():
+        ours = torch.softmax(head(x), 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(z), atol=2e-3)

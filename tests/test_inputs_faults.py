@@ -37,8 +37,9 @@ from featcache.extraction.build import extract, extract_splits
 from featcache.extraction.config import ExtractConfig
 from featcache.runs.finetune import FinetuneConfig
 from featcache.runs.folder import RunFolder
+from featcache.runs.job import skipped_rows
 from featcache.runs.probe import ProbeConfig
-from featcache.runs.spec import RunSpec, skipped_rows
+from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig

@@ -11,6 +11,7 @@ from ..extraction.config import DEFAULT_LAYER
 from ..train.probe import ProbeResult, few_shot, linear_probe
 from ..train.sources import source_for
 from .config import ProbeConfig
+from .job import Job
 from .report import most_confused
 from .spec import RunSpec
 from .target_probes import probe_task
@@ -32,14 +33,12 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
     """
     config = config or ProbeConfig()
     spec.no_resume("probe")
-    folder = spec.folder("probe") if spec.out is not None else None
-    backbone = spec.backbone()
-    layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.load_data()
+    job = Job.open(spec, "probe", layer, folder=None, one_layer=True)
+    folder, backbone, layer, splits = job.folder, job.backbone, job.layer, job.splits
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
-    spec.announce("probe", backbone, splits, what, None)
-    feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.note_data(folder, splits, feats)
+    job.announce(what, None)
+    feats, _ = job.extract_all()
+    job.note_data(feats)
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "
@@ -65,7 +64,7 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
         res.test["most_confused"] = most_confused(res.test["confusion"], classes)
     if folder is not None:
         folder.write_config(
-            spec.record(
+            job.record(
                 "probe",
                 backbone,
                 feats,

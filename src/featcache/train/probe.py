@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError
-from ..cache.writer import to_torch
+from ..cache.rows import to_torch
 from .config import ProbeConfig
 from .fit import class_weights, evaluate
 from .heads import Head, HeadInfo, HeadSpec, Standardize, build_head

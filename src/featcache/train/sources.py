@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, flag, resolve_device
 from ..backbones.registry import BackboneCfg
-from ..cache.rows import Rows, release_pages
-from ..cache.writer import to_torch
+from ..cache.rows import Rows, release_pages, to_torch
 from ..data.preprocess import PreprocessedView
 from ..data.samples import SampleSet
 from .heads import Standardize

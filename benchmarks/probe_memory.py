@@ -60,7 +60,7 @@ def main() -> None:
 
     import torch
 
-    from featcache.runs.probe import ProbeConfig, linear_probe
+    from featcache.train.probe import ProbeConfig, linear_probe
     from featcache.train.sources import FeatureSource
 
     torch.manual_seed(0)

@@ -175,7 +175,7 @@ def test_a_sweep_of_linear_heads_trains_each_layer_in_one_pass_with_a_run_folder
 
     alone.clear()  # an mlp head trains one by one, and the sweep says why in one line
     spec = RunSpec(bb, DATA, tmp_path / "m", extract=ECFG, train=base, cache_dir=cache, progress=False)
-    with caplog.at_level("INFO", logger="featcache.runs.spec"):
+    with caplog.at_level("INFO", logger="featcache.runs.job"):
         sweep_run(spec, SweepGrid(("penultimate",), HeadSpec("mlp"), lrs=LRS[:2]))
     assert len(alone) == 2
     assert "each of the 2 settings trains on its own, not as one grid: an 'mlp' head" in caplog.text

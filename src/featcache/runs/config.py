@@ -11,81 +11,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from .._checks import check_number, check_numbers
 from .._errors import FeatcacheError, unknown
 from ..extraction.config import parse_layers
-from ..train.config import HeadSpec, TrainableSpec, TrainConfig
+from ..train.config import (  # noqa: F401  (ProbeConfig and its choices: the probe trainer's, read here too)
+    CLASS_WEIGHTS,
+    DEFAULT_STRENGTHS,
+    METRICS,
+    HeadSpec,
+    ProbeConfig,
+    TrainableSpec,
+    TrainConfig,
+)
 
-DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
-#: auto: the task's own (acc, map, r2); balanced-acc (classify), map-micro (multilabel), pearson (regress)
-METRICS = ("auto", "acc", "balanced-acc", "map", "map-micro", "r2", "pearson")
-CLASS_WEIGHTS = ("none", "balanced")
 MODES = ("auto", "cached", "live")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Settings of the probe.
-
-    Attributes:
-        strengths: L2 strengths (lambda, on the mean loss) tried on the validation split, fitted as one
-            regularisation path: strongest first, each fit starting from the previous solution.
-        max_iter: L-BFGS iterations per fit at most.
-        tol: stop a fit when the largest gradient entry is below this (scikit-learn's default, 1e-4).
-        standardize: standardise features with train statistics (train+val for the refit).
-        metric: what chooses the strength on val and is reported: auto (the task's: acc, map for
-            multilabel, r2 for regress), balanced-acc (the mean of the per-class recalls, for imbalanced
-            sets), map-micro (multilabel), pearson (regress).
-        class_weight: none, or balanced (each class weighs as much in the loss, whatever its size).
-        shots: few-shot probe: K training images per class, drawn from the training split only.
-        shot_seeds: how many draws of the few-shot training set (the report is their mean and std).
-
-    Example:
-        >>> cfg = ProbeConfig(strengths=(1e-4, 1e-3, 1e-2), shots=5)
-    """
-
-    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
-    max_iter: int = 200
-    tol: float = 1e-4
-    standardize: bool = True
-    metric: str = "auto"
-    class_weight: str = "none"
-    shots: int | None = None
-    shot_seeds: int = 5
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "strengths", tuple(float(v) for v in self.strengths))
-        if not self.strengths:
-            raise FeatcacheError("--strengths must be one or more values >= 0, got none")
-        check_numbers("strengths", self.strengths, 0, why="L2 strengths")
-        if self.metric not in METRICS:
-            raise unknown("probe metric", self.metric, METRICS, "Use --metric " + "|".join(METRICS) + ".")
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise unknown(
-                "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
-            )
-        check_number("max_iter", self.max_iter, 1, integer=True)
-        check_number("tol", self.tol, 0, low_open=True)
-        check_number("shots", self.shots, 1, integer=True, none="all images", why="images per class")
-        check_number("shot_seeds", self.shot_seeds, 1, integer=True)
-
-    @property
-    def score(self) -> str:
-        """The metrics key the strength of a classifier's probe is chosen on."""
-        return self.score_for("classify")
-
-    def score_for(self, task: str) -> str:
-        """The metrics key the strength is chosen on for ``task``; a metric of another task is refused.
-
-        Example:
-            >>> ProbeConfig().score_for("regress"), ProbeConfig(metric="balanced-acc").score
-            ('r2', 'balanced_acc')
-        """
-        from ..train.objectives import metric_key  # here: this module is read before torch is imported
-
-        return metric_key(task, self.metric)
 
 
 @dataclass(frozen=True)

@@ -12,20 +12,18 @@ scored and reported as ``train``'s runs are.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .._config import to_json
-from .._util import FeatcacheError, flag, resolve_device
+from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone, BackboneCfg
 from ..data.datasets import DatasetSplits
-from ..data.preprocess import PreprocessedView, make_augment
-from ..data.samples import SampleSet
+from ..data.preprocess import make_augment
 from ..extraction.build import bad_images_error, extract, extract_views
 from ..extraction.config import ExtractConfig, Views
 from ..extraction.extractor import decode_workers
@@ -44,7 +42,7 @@ from ..train.freeze import (
 )
 from ..train.heads import TargetScale
 from ..train.objectives import best_threshold
-from ..train.sources import BatchSource, ViewCycle, source_for
+from ..train.sources import BatchSource, ImageSource, ViewCycle, source_for
 from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
 from .contents import DATASET, check_same_data, split_contents
 from .folder import Run, RunFolder
@@ -55,90 +53,6 @@ from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
 
 log = logging.getLogger(__name__)
-
-
-class ImageSource:
-    """Images decoded and preprocessed on the fly, batched in the same order a seeded generator gives.
-
-    A :class:`~featcache.train.sources.BatchSource` that takes none of the trainer's fast paths: it holds
-    no rows to read ahead or to run a head's front over once.
-    """
-
-    def __init__(
-        self,
-        samples: SampleSet,
-        cfg: BackboneCfg,
-        device: torch.device,
-        workers: int = 0,
-        augment: Any = None,
-        on_bad_image: str = "error",
-    ) -> None:
-        self.on_bad_image = on_bad_image
-        self.samples, self.cfg, self.device, self.workers, self.augment = (
-            samples,
-            cfg,
-            device,
-            workers,
-            augment,
-        )
-        labels = torch.as_tensor(samples.labels)
-        # multi-hot sets and regression targets are float (N, K), as the cached sources hold them
-        self.labels = labels.float() if labels.dim() == 2 else labels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def y(self) -> torch.Tensor:
-        return self.labels
-
-    @y.setter
-    def y(self, value: torch.Tensor) -> None:
-        """New targets (a regression's standardised ones while it trains); the next batch reads them."""
-        self.labels = value.cpu()
-
-    @property
-    def streamed(self) -> bool:
-        """True: every epoch decodes the images again (a slow epoch, with its own progress bar)."""
-        return True
-
-    def prepare(self, front: nn.Module | None, epochs: Iterable[int]) -> None:
-        """Nothing to read ahead: images are decoded batch by batch."""
-
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: every epoch reads the same images."""
-
-    def reads_channel_means(self, front: nn.Module | None) -> bool:
-        return False
-
-    def mapped(self, front: nn.Module, progress: bool = False) -> None:
-        """None: there are no cached rows to run ``front`` over once."""
-        return None
-
-    def batches(
-        self, batch_size: int, gen: torch.Generator | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self), generator=gen).tolist() if gen is not None else None
-        view = PreprocessedView(self.samples, self.cfg.preprocessing, order, self.augment)
-        loader = DataLoader(
-            view, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
-        )
-        for x, idx, errors in loader:
-            bad = [j for j, e in enumerate(errors) if e]
-            if bad and self.on_bad_image == "error":
-                raise FeatcacheError(
-                    f"bad image during fine-tuning: {self.samples.describe(int(idx[bad[0]]))}: "
-                    f"{errors[bad[0]]}; fix or remove it, or pass {flag('on_bad_image', 'skip')}"
-                )
-            if bad:  # skip: drop those rows, as extraction does
-                keep = torch.as_tensor([j for j in range(len(errors)) if not errors[j]], dtype=torch.long)
-                if not len(keep):
-                    continue
-                x, idx = x.index_select(0, keep), idx.index_select(0, keep)
-            x = x.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
-            yield x, self.labels[idx].to(self.device)
 
 
 def _bad_images(job: Job) -> None:

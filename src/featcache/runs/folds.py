@@ -35,11 +35,11 @@ from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec
 from ..train.logistic import Part, RowBlocks
 from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
+from ..train.probe import ProbeConfig, fit_logistic
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
 from .job import Job
 from .metrics import Metrics, scores_of
-from .probe import ProbeConfig, fit_logistic
 from .record import FoldsPart
 from .spec import RunSpec
 from .target_probes import path_outputs, refit_probe
@@ -224,14 +224,24 @@ def folds_probe(
             tr, ho = np.flatnonzero(fold != i), np.flatnonzero(fold == i)
             rows = torch.as_tensor(tr, device=dev)
             blocks = RowBlocks([Part(part.data, part.dtype, rows)], dev)
-            head = fit_logistic(blocks, src.y[rows], n, s, config.max_iter, config.standardize)
+            head = fit_logistic(
+                blocks, src.y[rows], n, s, config.max_iter, config.standardize, ram_budget_gb=ram_budget_gb
+            )
             held = source_for(pool.subset(ho, f"fold{i}"), layer, dev, ram_budget_gb)
             by_strength.setdefault(s, []).append(float(evaluate(head, held, n)["acc"]))
             oof[s][torch.as_tensor(ho)] = predict_logits(head, held)
     best = max(config.strengths, key=lambda s: statistics.fmean(by_strength[s]))
     out = FoldsResult(k, by_strength[best], rows=[int((fold == i).sum()) for i in range(k)], oof=oof[best])
     out.extra = {"strength": best, "cv_by_strength": {str(s): v for s, v in by_strength.items()}}
-    head = fit_logistic(RowBlocks([part], dev), src.y, n, best, config.max_iter, config.standardize)
+    head = fit_logistic(
+        RowBlocks([part], dev),
+        src.y,
+        n,
+        best,
+        config.max_iter,
+        config.standardize,
+        ram_budget_gb=ram_budget_gb,
+    )
     shape = tuple(pool.features[layer].shape[1:])
     out.extra["head"] = (head, HeadInfo(HeadSpec("linear"), shape, n, standardize=config.standardize))
     if "test" in feats:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .._util import FeatcacheError
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, TargetScale, build_head
 from ..train.objectives import best_threshold, multilabel_metrics, regress_metrics
+from ..train.probe import ProbeResult
 from ..train.sources import FeatureSource
 
 
@@ -161,13 +162,12 @@ def probe_task(
     progress: bool = True,
 ) -> Any:
     """The probe of a ``regress`` or ``multilabel`` set: the path on train, the strength chosen on val
-    by ``config``'s metric, refit on train + val, test once; a ProbeResult (:mod:`featcache.runs.probe`).
+    by ``config``'s metric, refit on train + val, test once; a ProbeResult (:mod:`featcache.train.probe`).
 
     Example:
         >>> res = probe_task("regress", tr, va, te, ["age"], ProbeConfig())  # doctest: +SKIP
         >>> res.strength, res.test["r2"]  # doctest: +SKIP
     """
-    from .probe import ProbeResult
 
     if not len(val):
         raise FeatcacheError("the probe needs a validation split to choose the strength (--val-fraction > 0)")

@@ -40,7 +40,6 @@ from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import environment
 from ..runs.knn import KnnConfig, knn_eval
 from ..runs.metrics import Metrics
-from ..runs.probe import ProbeConfig, linear_probe
 from ..runs.report import format_table
 from ..runs.spec import RunSpec
 from ..runs.train import train_grid_on_cache, train_on_cache
@@ -48,6 +47,7 @@ from ..train.config import TrainConfig
 from ..train.fit import fit, make_optimizer
 from ..train.freeze import TrainableSpec, build_suffix, plan_freeze, prefix_layer
 from ..train.heads import HeadSpec, build_head
+from ..train.probe import ProbeConfig, linear_probe
 from ..train.sources import FeatureSource, source_for
 from .baselines import dataloader_epoch, naive_epoch, sklearn_probe
 from .config import _ON_REQUEST, BENCHMARKS, QUICK, BenchConfig, check_bench_options

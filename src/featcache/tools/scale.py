@@ -16,7 +16,7 @@ command would, and reports its CPU seconds and peak RSS:
 - **train epoch**: a linear head's epoch over the split, against the matmul floor.
 - peak RSS per row of a hit.
 
-The probe's row (probe peak RSS / table size) is :func:`probe_row`, a hook its owner fills.
+- **probe**: the linear probe's peak RSS over the table's float32 size (:func:`probe_row`).
 """
 
 from __future__ import annotations
@@ -231,12 +231,52 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
     return {"epoch_s": res.seconds / cfg.epochs, "matmul_s": time.perf_counter() - t0}
 
 
+def _rss() -> int:
+    """This process's resident bytes now (``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _op_probe(tree: str, cache: str) -> dict[str, Any]:
+    """``featcache probe``'s work on the table: the splits (80/10/10) read from the cache, the
+    regularisation path (capped iterations: the memory, not the fit, is measured), the refit, test. The
+    peak is reset once the splits are open (``clear_refs``), so the probe's own peak is its own."""
+    import torch
+
+    from ..backbones.registry import load_backbone
+    from ..data.datasets import load_dataset
+    from ..extraction.build import extract_splits
+    from ..train.probe import ProbeConfig, linear_probe
+    from ..train.sources import source_for
+
+    register_scale_backbone()
+    torch.set_num_threads(1)
+    bb = load_backbone(SCALE_MODEL, "none")
+    _imported()
+    splits = load_dataset(tree, val_fraction=0.1, test_fraction=0.1)
+    feats = extract_splits(bb, splits, ["penultimate"], _config(), cache_dir=cache, progress=False)
+    src = {k: source_for(v, "penultimate", torch.device("cpu")) for k, v in feats.items()}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM: what follows is the probe's peak
+    before = _rss()
+    cfg = ProbeConfig(strengths=(1e-4, 1e-2), max_iter=5)
+    res = linear_probe(src["train"], src["val"], src["test"], CLASSES, cfg, progress=False)
+    rows = sum(len(v) for v in src.values())
+    return {
+        "rows": rows,
+        "table_f32": rows * WIDTH * 4,
+        "rss_before": before,
+        "iterations": res.extra["iterations"],
+    }
+
+
 _OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "floor": _op_floor,
     "extract": _op_extract,
     "ls": _op_ls,
     "index": _op_index,
     "train": _op_train,
+    "probe": _op_probe,
 }
 
 
@@ -270,9 +310,22 @@ def _run(op: str, *args: str) -> dict[str, Any]:
 
 
 def probe_row(tree: Path, cache: Path, key: str, rows: int) -> dict[str, Any] | None:
-    """Hook for the probe's row: probe peak RSS / the table's size (filled by the probe's owner); None
-    leaves the row out."""
-    return None
+    """The probe's row: its own peak RSS (from the splits opened to the head tested, above what the process
+    held before: imports, the opened splits) over the table's float32 size (target <= 1.5x: the rows in
+    RAM once, as float32, plus the solver's chunks)."""
+    probe = _run("probe", str(tree), str(cache))
+    own = probe["peak_rss"] - probe["rss_before"]
+    return _ratio_row(
+        "scale: probe's own peak RSS / table float32 size",
+        own / 2**30,
+        probe["table_f32"] / 2**30,
+        1.5,
+        f"{probe['rows']} rows x {WIDTH} float16, {CLASSES} classes, {probe['iterations']} L-BFGS "
+        "iterations; "
+        f"peak {probe['peak_rss'] / 2**20:.0f} MB of which {probe['rss_before'] / 2**20:.0f} MB held before "
+        f"the probe (imports, the opened splits), table {probe['table_f32'] / 2**20:.0f} MB as float32; "
+        f"whole process: {probe['peak_rss'] / probe['table_f32']:.2f}x the table",
+    )
 
 
 def _ratio_row(name: str, value: float, floor: float, target: float | None, detail: str) -> dict[str, Any]:

@@ -10,9 +10,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .._checks import check_device, check_number
+import numpy as np
+
+from .._checks import check_device, check_number, check_numbers
 from .._config import to_json
-from .._util import unknown
+from .._util import FeatcacheError, unknown
 
 HEADS = ("linear", "pooled-linear", "mlp", "conv")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -22,6 +24,9 @@ MONITORS = ("val_loss", "val_acc", "val_map", "val_r2")
 LOSSES = ("auto", "cross-entropy", "bce", "mse", "huber")
 POS_WEIGHTS = ("none", "balanced")
 CLASS_WEIGHTS = ("none", "balanced")
+DEFAULT_STRENGTHS = tuple(float(x) for x in np.logspace(-6, 0, 7))
+#: auto: the task's own (acc, map, r2); balanced-acc (classify), map-micro (multilabel), pearson (regress)
+METRICS = ("auto", "acc", "balanced-acc", "map", "map-micro", "r2", "pearson")
 #: the automatic batch size gives an epoch at least this many steps, within [MIN_BATCH, MAX_BATCH]
 STEPS_PER_EPOCH = 20
 MIN_BATCH, MAX_BATCH = 16, 256
@@ -223,3 +228,67 @@ class TrainableSpec:
         if self.kind in ("head", "all"):
             return self.kind
         return f"last:{self.n}" if self.kind == "last" else f"{self.kind}:{','.join(self.names)}"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Settings of the probe.
+
+    Attributes:
+        strengths: L2 strengths (lambda, on the mean loss) tried on the validation split, fitted as one
+            regularisation path: strongest first, each fit starting from the previous solution.
+        max_iter: L-BFGS iterations per fit at most (a split over the RAM budget, solved by blocks: up
+            to 10 per block and epoch, and at most max_iter / 10 epochs, 20 at most).
+        tol: stop a fit when the largest gradient entry is below this (scikit-learn's default, 1e-4).
+        standardize: standardise features with train statistics (train+val for the refit).
+        metric: what chooses the strength on val and is reported: auto (the task's: acc, map for
+            multilabel, r2 for regress), balanced-acc (the mean of the per-class recalls, for imbalanced
+            sets), map-micro (multilabel), pearson (regress).
+        class_weight: none, or balanced (each class weighs as much in the loss, whatever its size).
+        shots: few-shot probe: K training images per class, drawn from the training split only.
+        shot_seeds: how many draws of the few-shot training set (the report is their mean and std).
+
+    Example:
+        >>> cfg = ProbeConfig(strengths=(1e-4, 1e-3, 1e-2), shots=5)
+    """
+
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    max_iter: int = 200
+    tol: float = 1e-4
+    standardize: bool = True
+    metric: str = "auto"
+    class_weight: str = "none"
+    shots: int | None = None
+    shot_seeds: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strengths", tuple(float(v) for v in self.strengths))
+        if not self.strengths:
+            raise FeatcacheError("--strengths must be one or more values >= 0, got none")
+        check_numbers("strengths", self.strengths, 0, why="L2 strengths")
+        if self.metric not in METRICS:
+            raise unknown("probe metric", self.metric, METRICS, "Use --metric " + "|".join(METRICS) + ".")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise unknown(
+                "class weight", self.class_weight, CLASS_WEIGHTS, "Use --class-weight none|balanced."
+            )
+        check_number("max_iter", self.max_iter, 1, integer=True)
+        check_number("tol", self.tol, 0, low_open=True)
+        check_number("shots", self.shots, 1, integer=True, none="all images", why="images per class")
+        check_number("shot_seeds", self.shot_seeds, 1, integer=True)
+
+    @property
+    def score(self) -> str:
+        """The metrics key the strength of a classifier's probe is chosen on."""
+        return self.score_for("classify")
+
+    def score_for(self, task: str) -> str:
+        """The metrics key the strength is chosen on for ``task``; a metric of another task is refused.
+
+        Example:
+            >>> ProbeConfig().score_for("regress"), ProbeConfig(metric="balanced-acc").score
+            ('r2', 'balanced_acc')
+        """
+        from .objectives import metric_key  # here: this module is read before torch is imported
+
+        return metric_key(task, self.metric)

@@ -31,11 +31,13 @@ SMALL_PROBLEM = 2_000_000
 
 @dataclass
 class Solution:
-    """One solution: weights (classes, features), bias (classes) and the L-BFGS iterations it took."""
+    """One solution: weights (classes, features), bias (classes), the L-BFGS iterations it took and, for
+    a streamed fit (:class:`StreamedSoftmaxRegression`), the epochs over the blocks it kept (0 otherwise)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     iterations: int
+    epochs: int = 0
 
 
 def on_numpy(x: torch.Tensor | RowBlocks, num_classes: int) -> bool:
@@ -68,9 +70,10 @@ class RowBlocks:
     its memory maps, some rows of either), read a chunk at a time as float32 on ``device``, through the
     standardisation ``std`` when given.
 
-    The probe's solver reads its rows only through :meth:`chunks`, so standardised features, the train +
-    val rows of a refit and a fold's training rows are views, not copies: what a fit holds beyond its
-    rows is one chunk (and the chunk's logits).
+    The probe's solver reads its rows only through :meth:`raw_chunks` (the standardisation folded into
+    its weights: :func:`fold`), so standardised features, the train + val rows of a refit and a fold's
+    training rows are views, not copies: what a fit holds beyond its rows is one chunk's logits (and, for
+    rows gathered by index or read from a map, the chunk).
 
     Example:
         >>> x = torch.randn(10, 4)
@@ -86,7 +89,7 @@ class RowBlocks:
             raise FeatcacheError("a fit needs rows: got no parts")
         first = parts[0].data
         self.parts, self.std = list(parts), std
-        self._held: torch.Tensor | None = None  # all rows as one standardised chunk, when they fit one
+        self._held: torch.Tensor | None = None  # gathered rows, when they fit one chunk
         self.device = device or (first.device if isinstance(first, torch.Tensor) else torch.device("cpu"))
         self.row_shape = tuple(int(d) for d in first.shape[1:])
         for p in self.parts:
@@ -112,11 +115,35 @@ class RowBlocks:
         """The same rows read through ``std`` (a view: nothing is copied)."""
         return RowBlocks(self.parts, self.device, std)
 
-    def _chunk_of_all(self) -> torch.Tensor:
-        """Every row, standardised and flattened, in one new buffer (never a view of a part's rows)."""
-        z = self[0 : len(self)]
-        z = self.std(z) if self.std is not None else z.clone()
-        return z.reshape(len(self), self.features)
+    def rows(self, index: torch.Tensor) -> RowBlocks:
+        """Rows ``index`` (positions in these rows, ascending) as a view: each part keeps the positions that
+        fall in it, so a memory map is read only where a chosen row lives."""
+        parts, offset = [], 0
+        for p in self.parts:
+            lo, hi = torch.searchsorted(index, torch.tensor([offset, offset + len(p)])).tolist()
+            if lo < hi:
+                local = index[lo:hi] - offset
+                at = local if p.index is None else p.index.index_select(0, local.to(p.index.device))
+                parts.append(Part(p.data, p.dtype, at))
+            offset += len(p)
+        return RowBlocks(parts, self.device, self.std)
+
+    def load(self) -> torch.Tensor:
+        """Every row, not standardised, as one (n, *row_shape) float32 tensor on the device, filled a chunk
+        at a time (a float16 map is never held whole beside its float32 copy)."""
+        out = torch.empty((len(self), *self.row_shape), device=self.device)
+        flat = out.view(len(self), self.features)
+        for start, z in self.raw_chunks(chunk_rows(self.features, 0)):
+            flat[start : start + len(z)] = z
+        return out
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The standardisation as flat (features,) mean and deviation, or None without one."""
+        if self.std is None:
+            return None
+        shape = (1, *self.row_shape)
+        mean = torch.broadcast_to(self.std.mean, shape).reshape(-1).to(self.device, torch.float32)
+        return mean, torch.broadcast_to(self.std.std, shape).reshape(-1).to(self.device, torch.float32)
 
     def __getitem__(self, key: slice) -> torch.Tensor:
         """Rows ``key`` (a slice, step 1) as float32 on the device, not standardised (what
@@ -151,15 +178,17 @@ class RowBlocks:
             release_pages(p.data, int(at.min()), int(at.max()) + 1)
         return rows.to(self.device, torch.float32)
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def raw_chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, chunk)``: every row once, in order, ``rows`` at a time (a chunk never spans two
-        parts), standardised and flattened to (n, features) float32. A chunk is a view of the rows or a
-        buffer the next chunk overwrites: use it before asking for the next."""
-        if len(self) <= rows and (self.std is not None or any(p.index is not None for p in self.parts)):
-            # Every row fits one chunk: it is read and standardised once and kept for the next passes
-            # (a small problem's L-BFGS makes hundreds; the chunk buffer is held either way).
+        parts), flattened to (n, features) float32 and *not* standardised: the solver folds the
+        standardisation into its weights (:func:`fold`), so a split in memory is read as views of its
+        own rows, with no copy at all. A chunk may be a buffer the next chunk overwrites: use it before
+        asking for the next."""
+        if len(self) <= rows and any(p.index is not None for p in self.parts):
+            # Every row fits one chunk: gathered once and kept for the next passes (a small problem's
+            # L-BFGS makes hundreds; the chunk buffer is held either way).
             if self._held is None or len(self._held) != len(self):
-                self._held = self._chunk_of_all()
+                self._held = self[0 : len(self)].reshape(len(self), self.features)
             yield 0, self._held
             return
         buf: torch.Tensor | None = None
@@ -167,13 +196,41 @@ class RowBlocks:
         for p in self.parts:
             for lo in range(0, len(p), rows):
                 hi = min(lo + rows, len(p))
-                if buf is None and (self.std is not None or p.index is not None):
+                if buf is None and p.index is not None:
                     buf = torch.empty((min(rows, len(self)), *self.row_shape), device=self.device)
-                z = self._read(p, lo, hi, buf)
-                if self.std is not None and buf is not None:
-                    z = torch.sub(z, self.std.mean, out=buf[: hi - lo]).div_(self.std.std)
-                yield offset + lo, z.reshape(hi - lo, self.features)
+                yield offset + lo, self._read(p, lo, hi, buf).reshape(hi - lo, self.features)
             offset += len(p)
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """As :meth:`raw_chunks`, standardised through ``std`` (into a buffer the next chunk overwrites)."""
+        stats = self.stats()
+        buf: torch.Tensor | None = None
+        for start, z in self.raw_chunks(rows):
+            if stats is None:
+                yield start, z
+                continue
+            if buf is None:
+                buf = torch.empty((min(rows, len(self)), self.features), device=self.device)
+            yield start, torch.sub(z, stats[0], out=buf[: len(z)]).div_(stats[1])
+
+
+def fold(
+    weight: torch.Tensor, bias: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias on raw rows equal to ``weight``, ``bias`` on rows standardised by ``stats``:
+    ``W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)``, so no standardised copy of the rows is made.
+
+    Example:
+        >>> w, b, x = torch.randn(3, 4), torch.randn(3), torch.randn(5, 4)
+        >>> m, s = torch.randn(4), torch.rand(4) + 0.5
+        >>> wf, bf = fold(w, b, (m, s))
+        >>> torch.allclose(x @ wf.T + bf, ((x - m) / s) @ w.T + b, atol=1e-5)
+        True
+    """
+    if stats is None:
+        return weight, bias
+    scaled = weight / stats[1]
+    return scaled, bias - scaled @ stats[0]
 
 
 def fit_standardize_rows(blocks: RowBlocks) -> Standardize:
@@ -185,10 +242,13 @@ def fit_standardize_rows(blocks: RowBlocks) -> Standardize:
         >>> torch.allclose(s.mean, Standardize.fit(x).mean)
         True
     """
+    # 16 MB of float64 rows at a time: the statistics' transient copies (the rows and their squares in
+    # float64) stay small beside the rows themselves
+    chunk = max(1, (16 << 20) // (8 * blocks.features))
     if len(blocks.parts) == 1 and blocks.parts[0].index is None:
         p = blocks.parts[0]
-        return Standardize.fit(p.data, dtype=p.dtype)  # the one-part statistics, exactly as before
-    return Standardize.fit(blocks)  # type: ignore[arg-type]  # RowBlocks slices as Standardize.fit reads
+        return Standardize.fit(p.data, chunk, dtype=p.dtype)  # the one-part statistics, exactly as before
+    return Standardize.fit(blocks, chunk)  # type: ignore[arg-type]  # RowBlocks slices as Standardize.fit reads
 
 
 @contextlib.contextmanager
@@ -234,21 +294,26 @@ def _torch_objective(
     blocks: RowBlocks, rows: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float
 ) -> Objective:
     """The objective over ``blocks`` by chunks: labels as integers, the gradient by a scatter (no one-hot
-    target), the loss summed in float64."""
+    target), the loss summed in float64, the standardisation folded into the weights (:func:`fold`): the
+    chunks are the rows as stored (views of a split in memory), never a standardised copy."""
     d = blocks.features
     split, step = num_classes * d, chunk_rows(d, num_classes)
+    stats = blocks.stats()
 
     def f(w: torch.Tensor) -> tuple[float, torch.Tensor]:
         weight, bias = w[:split].view(num_classes, d), w[split:]
+        raw_w, raw_b = fold(weight, bias, stats)
         grad_w, grad_b, loss = torch.zeros_like(weight), torch.zeros_like(bias), 0.0
-        for start, z in blocks.chunks(step):
-            r, t = rows[start : start + len(z)], y[start : start + len(z), None]
-            logits = torch.addmm(bias, z, weight.t())
+        for start, x in blocks.raw_chunks(step):
+            r, t = rows[start : start + len(x)], y[start : start + len(x), None]
+            logits = torch.addmm(raw_b, x, raw_w.t())
             lse = torch.logsumexp(logits, 1, keepdim=True)
             loss += float(r @ (lse[:, 0] - logits.gather(1, t)[:, 0]))
             g = logits.sub_(lse).exp_().mul_(r[:, None]).scatter_add_(1, t, -r[:, None])  # d loss / d logits
-            grad_w.addmm_(g.t(), z)
+            grad_w.addmm_(g.t(), x)
             grad_b += g.sum(0)
+        if stats is not None:  # back through the fold: d/dW of (W / s) x + b - (W / s) m
+            grad_w.sub_(grad_b[:, None] * stats[0]).div_(stats[1])
         loss += 0.5 * strength * float(weight.pow(2).sum())
         if strength:
             grad_w.add_(weight, alpha=strength)
@@ -287,8 +352,8 @@ class SoftmaxRegression:
     ``strength / 2 * |W|^2``, as ``F.cross_entropy(..., weight=class_weight)`` computes it (a weighted
     mean: the weights' sum divides). Small problems in memory on the CPU are solved with numpy in
     float64; others with torch in float32 on ``x``'s device (:func:`on_numpy`), reading the rows a chunk
-    at a time (:class:`RowBlocks`: standardised on the fly, in memory or streamed from memory maps), so
-    a fit holds the rows once, integer labels, and one chunk's logits.
+    at a time (:class:`RowBlocks`: the standardisation folded into the weights, in memory or read from
+    memory maps), so a fit holds the rows once, integer labels, and one chunk's logits.
 
     Example:
         >>> problem = SoftmaxRegression(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3)
@@ -328,8 +393,17 @@ class SoftmaxRegression:
             )
         return _torch_objective(self.blocks, self.shares, self.y, self.num_classes, strength)
 
-    def fit(self, strength: float, max_iter: int, tol: float, start: Solution | None = None) -> Solution:
-        """The solution for ``strength`` from ``start`` (a warm start) or zero, float32 on ``x``'s device."""
+    def fit(
+        self,
+        strength: float,
+        max_iter: int,
+        tol: float,
+        start: Solution | None = None,
+        monitor: Callable[[Solution], float] | None = None,
+        epochs: int | None = None,
+    ) -> Solution:
+        """The solution for ``strength`` from ``start`` (a warm start) or zero, float32 on ``x``'s device
+        (``monitor`` and ``epochs`` are a streamed fit's: all rows are in every iteration here)."""
         c, d = self.num_classes, self.features
         w: Vector
         if start is not None:
@@ -340,6 +414,113 @@ class SoftmaxRegression:
         w, it = minimize_lbfgs(self.objective(strength), w, max_iter, tol)
         w = torch.from_numpy(w).to(self.device) if self.numpy else w
         return Solution(w[: c * d].view(c, d).float().contiguous(), w[c * d :].float().contiguous(), it)
+
+
+#: a streamed fit's L-BFGS iterations on each block per epoch (the history restarts with each block)
+BLOCK_ITERATIONS = 10
+#: a streamed fit's epochs at most (fewer when ``max_iter`` allows fewer, or the val loss stops falling)
+MAX_EPOCHS = 20
+#: a streamed fit's blocks hold at least this many rows, however small the RAM budget
+MIN_BLOCK_ROWS = 4096
+
+
+def block_rows(features: int, ram_budget_gb: float) -> int:
+    """Rows per block of a streamed fit: half the RAM budget of float32 rows (the other half for the
+    chunks, the logits and what the process holds besides), at least :data:`MIN_BLOCK_ROWS`.
+
+    Example:
+        >>> block_rows(2048, 16.0)  # ImageNet's 2048-d features in a 16 GB budget: 8 GB blocks
+        1048576
+    """
+    return max(MIN_BLOCK_ROWS, int(ram_budget_gb * 2**29) // (4 * features))
+
+
+class StreamedSoftmaxRegression:
+    """The same objective as :class:`SoftmaxRegression` for rows over the RAM budget, solved by L-BFGS on
+    large fixed blocks: each epoch draws the rows into blocks of :func:`block_rows` (a seeded shuffle,
+    each block read from the memory maps in row order, so a split stored class by class still gives each
+    block every class), runs :data:`BLOCK_ITERATIONS` L-BFGS iterations on each block from the current
+    solution, and averages the block solutions (Polyak averaging: the average is far less noisy than the
+    last block's). With ``monitor`` (the val loss of a solution) it stops when an epoch does not lower
+    it and keeps the best epoch: the early stop of a streamed path. RAM holds one block.
+
+    Example:
+        >>> rows = RowBlocks([Part(np.random.randn(500, 8).astype("float32"))])  # a memory-mapped split
+        >>> problem = StreamedSoftmaxRegression(rows, torch.randint(0, 3, (500,)), 3, ram_budget_gb=1e-6)
+        >>> fit = problem.fit(1e-3, max_iter=20, tol=1e-4)
+        >>> fit.epochs
+        2
+    """
+
+    def __init__(
+        self,
+        x: RowBlocks,
+        y: torch.Tensor,
+        num_classes: int,
+        class_weight: torch.Tensor | None = None,
+        ram_budget_gb: float = 8.0,
+        seed: int = 0,
+    ) -> None:
+        if len(y) != len(x):
+            raise FeatcacheError(f"{len(x)} feature rows but {len(y)} labels")
+        self.blocks, self.y, self.num_classes, self.class_weight = x, y.cpu(), num_classes, class_weight
+        self.rows, self.features, self.device, self.seed = len(x), x.features, x.device, seed
+        self.block_rows = min(len(x), block_rows(x.features, ram_budget_gb))
+
+    def fit(
+        self,
+        strength: float,
+        max_iter: int,
+        tol: float,
+        start: Solution | None = None,
+        monitor: Callable[[Solution], float] | None = None,
+        epochs: int | None = None,
+    ) -> Solution:
+        """The solution for ``strength`` from ``start`` or zero: ``epochs`` epochs (default: as many as
+        ``max_iter`` iterations per block allow, at most :data:`MAX_EPOCHS`, fewer when ``monitor``'s val
+        loss stops falling or no block moves)."""
+        inner = min(max_iter, BLOCK_ITERATIONS)
+        cap = epochs or max(1, min(MAX_EPOCHS, max_iter // inner))
+        c, d = self.num_classes, self.features
+        current = start or Solution(
+            torch.zeros(c, d, device=self.device), torch.zeros(c, device=self.device), 0
+        )
+        best, best_loss, best_epoch, total = current, math.inf, 0, 0
+        gen = torch.Generator().manual_seed(self.seed)
+        for epoch in range(cap):
+            current, iterations = self._epoch(strength, inner, tol, current, gen)
+            total += iterations
+            loss = monitor(current) if monitor is not None else -float(epoch)
+            if epoch and loss >= best_loss - 1e-4 * abs(best_loss):
+                break  # the val loss stopped falling: keep the best epoch's solution
+            best, best_loss, best_epoch = current, loss, epoch + 1
+            if not iterations:
+                break  # no block moved: converged at this tolerance
+        return Solution(best.weight, best.bias, total, best_epoch)
+
+    def _epoch(
+        self, strength: float, inner: int, tol: float, start: Solution, gen: torch.Generator
+    ) -> tuple[Solution, int]:
+        """One pass over the blocks: the average of the block solutions, and the iterations taken."""
+        order = torch.randperm(self.rows, generator=gen)
+        weight, bias, iterations = torch.zeros_like(start.weight), torch.zeros_like(start.bias), 0
+        current = start
+        for count, lo in enumerate(range(0, self.rows, self.block_rows), 1):
+            at = order[lo : lo + self.block_rows].sort().values
+            part = self.blocks.rows(at)
+            x = part.load()  # the block in RAM, as stored (the standardisation stays folded)
+            problem = SoftmaxRegression(
+                RowBlocks([Part(x)], self.device, self.blocks.std),
+                self.y[at],
+                self.num_classes,
+                self.class_weight,
+            )
+            current = problem.fit(strength, inner, tol, current)
+            del problem, x
+            iterations += current.iterations
+            weight += (current.weight - weight) / count  # running means of the block solutions
+            bias += (current.bias - bias) / count
+        return Solution(weight, bias, iterations), iterations
 
 
 def minimize_lbfgs(

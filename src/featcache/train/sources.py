@@ -14,10 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .._util import FeatcacheError, resolve_device
+from .._util import FeatcacheError, flag, resolve_device
+from ..backbones.registry import BackboneCfg
 from ..cache.rows import Rows, release_pages, to_torch
+from ..data.preprocess import PreprocessedView
+from ..data.samples import SampleSet
 from .heads import Standardize
 
 
@@ -26,7 +30,7 @@ class BatchSource(Protocol):
 
     Every member is required: a source that cannot do something says so through the member (``mapped``
     returns None, ``prepare`` and ``set_epoch`` do nothing), so the trainer never probes for attributes.
-    :class:`FeatureSource`, :class:`ViewCycle` and fine-tuning's live ``ImageSource`` implement it;
+    :class:`FeatureSource`, :class:`ViewCycle` and fine-tuning's live :class:`ImageSource` implement it;
     which fast paths the trainer takes over a source is decided in :mod:`featcache.train.fast_path`.
 
     Example:
@@ -160,14 +164,14 @@ class FeatureSource:
         return self._x
 
     def _load(self) -> torch.Tensor:
-        """Every row as float32 on the device, converted ~64 MB at a time into one buffer: the stored
+        """Every row as float32 on the device, converted ~16 MB at a time into one buffer: the stored
         rows are never held whole beside it (a float16 split gathered whole, then converted, would
         peak at 1.5x its float32 size, plus the pages of its memory map)."""
         raw = self.raw
         if isinstance(raw, np.ndarray) and not isinstance(raw, np.memmap) and raw.flags.writeable:
             return to_torch(raw, self.dtype).to(self.device, torch.float32)  # no copy when float32 already
         x = torch.empty((len(raw), *self.row_shape), dtype=torch.float32, device=self.device)
-        step = max(1, (64 << 20) // self._row_bytes())
+        step = max(1, (16 << 20) // self._row_bytes())  # the chunk and its stored copy: small beside x
         for s in range(0, len(raw), step):
             x[s : s + step] = to_torch(np.asarray(raw[s : s + step]), self.dtype).to(self.device)
             release_pages(raw, s, s + step)
@@ -385,3 +389,87 @@ def source_for(
     # have their statistics too, but their heads start by permuting, which it does not know).
     means = stats.mean if stats is not None and cached.layout(layer) == "NCHW" else None
     return FeatureSource(cached.features[layer], cached.labels, cached.dtype, dev, ram_budget_gb, means)
+
+
+class ImageSource:
+    """Images decoded and preprocessed on the fly, batched in the same order a seeded generator gives.
+
+    A :class:`~featcache.train.sources.BatchSource` that takes none of the trainer's fast paths: it holds
+    no rows to read ahead or to run a head's front over once.
+    """
+
+    def __init__(
+        self,
+        samples: SampleSet,
+        cfg: BackboneCfg,
+        device: torch.device,
+        workers: int = 0,
+        augment: Any = None,
+        on_bad_image: str = "error",
+    ) -> None:
+        self.on_bad_image = on_bad_image
+        self.samples, self.cfg, self.device, self.workers, self.augment = (
+            samples,
+            cfg,
+            device,
+            workers,
+            augment,
+        )
+        labels = torch.as_tensor(samples.labels)
+        # multi-hot sets and regression targets are float (N, K), as the cached sources hold them
+        self.labels = labels.float() if labels.dim() == 2 else labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.labels
+
+    @y.setter
+    def y(self, value: torch.Tensor) -> None:
+        """New targets (a regression's standardised ones while it trains); the next batch reads them."""
+        self.labels = value.cpu()
+
+    @property
+    def streamed(self) -> bool:
+        """True: every epoch decodes the images again (a slow epoch, with its own progress bar)."""
+        return True
+
+    def prepare(self, front: nn.Module | None, epochs: Iterable[int]) -> None:
+        """Nothing to read ahead: images are decoded batch by batch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: every epoch reads the same images."""
+
+    def reads_channel_means(self, front: nn.Module | None) -> bool:
+        return False
+
+    def mapped(self, front: nn.Module, progress: bool = False) -> None:
+        """None: there are no cached rows to run ``front`` over once."""
+        return None
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=gen).tolist() if gen is not None else None
+        view = PreprocessedView(self.samples, self.cfg.preprocessing, order, self.augment)
+        loader = DataLoader(
+            view, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
+        )
+        for x, idx, errors in loader:
+            bad = [j for j, e in enumerate(errors) if e]
+            if bad and self.on_bad_image == "error":
+                raise FeatcacheError(
+                    f"bad image during fine-tuning: {self.samples.describe(int(idx[bad[0]]))}: "
+                    f"{errors[bad[0]]}; fix or remove it, or pass {flag('on_bad_image', 'skip')}"
+                )
+            if bad:  # skip: drop those rows, as extraction does
+                keep = torch.as_tensor([j for j in range(len(errors)) if not errors[j]], dtype=torch.long)
+                if not len(keep):
+                    continue
+                x, idx = x.index_select(0, keep), idx.index_select(0, keep)
+            x = x.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            yield x, self.labels[idx].to(self.device)

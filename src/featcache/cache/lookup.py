@@ -132,6 +132,9 @@ class RowMap(Mapping[str, tuple[int, int]]):
         self.index = DigestIndex(raw)
         self._segment = np.asarray(segment, np.int64)
         self._row = np.asarray(row, np.int64)
+        # the last batch asked and its answer: a run asks for one split's digests several times (choose
+        # the table, what is missing, the rows); kept as a list copy, compared element by element
+        self._last: tuple[list[str], np.ndarray] | None = None
 
     @classmethod
     def empty(cls) -> RowMap:
@@ -139,13 +142,24 @@ class RowMap(Mapping[str, tuple[int, int]]):
         none = np.empty(0, np.int64)
         return cls(np.empty((0, 32), np.uint8), none, none)
 
+    def positions(self, digests: Sequence[str]) -> np.ndarray:
+        """Each digest's commit position (its first row over all segments in commit order), -1 for
+        those not held (read-only: the answer is kept for the next call with equal digests)."""
+        last = self._last
+        if last is not None and last[0] == digests:
+            return last[1]
+        at = self.index.find(raw_digests(digests))
+        at.flags.writeable = False
+        self._last = (list(digests), at)
+        return at
+
     def locate(self, digests: Sequence[str]) -> np.ndarray:
         """(n, 2) int64: each digest's (segment position, row), (-1, -1) for those not held.
 
         Example:
             >>> table.index().where.locate(train.digests())  # doctest: +SKIP
         """
-        at = self.index.find(raw_digests(digests))
+        at = self.positions(digests)
         out = np.full((len(at), 2), -1, np.int64)
         held = at >= 0
         out[held, 0], out[held, 1] = self._segment[at[held]], self._row[at[held]]
@@ -153,7 +167,7 @@ class RowMap(Mapping[str, tuple[int, int]]):
 
     def held(self, digests: Sequence[str]) -> np.ndarray:
         """Whether each digest has a row (bool array)."""
-        return self.index.find(raw_digests(digests)) >= 0
+        return self.positions(digests) >= 0
 
     def __getitem__(self, digest: str) -> tuple[int, int]:
         try:

@@ -26,7 +26,7 @@ import numpy as np
 from .._util import FeatcacheError, inside, links_under, write_json
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
 from .identity import TableRecord, table_key
-from .lookup import RowMap, hex_digests, raw_digests
+from .lookup import RowMap, hex_digests
 from .rows import RowView, Shard
 from .writer import (
     CACHE_VERSION,
@@ -248,9 +248,11 @@ class TableIndex:
 
     def count_held(self, digests: Sequence[str]) -> int:
         """How many distinct digests of ``digests`` the table holds a row or a bad-image record of."""
-        at = self.where.index.find(raw_digests(digests))
+        at = self.where.positions(digests)
+        rows = np.zeros(len(self.where.index.raw), bool)
+        rows[at[at >= 0]] = True
         lacking = {digests[i] for i in np.flatnonzero(at < 0).tolist()}
-        return len(np.unique(at[at >= 0])) + sum(d in self.bad for d in lacking)
+        return int(rows.sum()) + sum(d in self.bad for d in lacking)
 
     def row_meta(self, layer: str) -> tuple[tuple[int, ...], str] | None:
         """(row shape, stored dtype) of ``layer``, from any segment with rows; None in an empty table."""

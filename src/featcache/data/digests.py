@@ -165,13 +165,14 @@ class _DirRow:
     def encode(self) -> tuple[bytes, bytes, bytes]:
         return "\0".join(self.names).encode("utf-8", "surrogateescape"), self.stats.tobytes(), self.digests
 
-    def positions(self, names: list[str]) -> list[int]:
+    def positions(self, names: list[str]) -> np.ndarray:
         """Each name's position in the row (-1: not there); one list comparison for an unchanged folder."""
         if names == self.names:
-            return list(range(len(names)))
+            return np.arange(len(names))
         if self._pos is None:
             self._pos = {n: i for i, n in enumerate(self.names)}
-        return [self._pos.get(n, -1) for n in names]
+        get = self._pos.get
+        return np.fromiter((get(n, -1) for n in names), np.int64, len(names))
 
     def updated(self, changes: dict[str, tuple[tuple[int, ...], bytes]]) -> _DirRow:
         """The row with ``{name: (stat record, digest)}`` replaced or added."""
@@ -196,6 +197,53 @@ def _split(name: str) -> tuple[str, str]:
     """(folder, file name) of an absolute path."""
     folder, _, base = name.rpartition(os.sep)
     return folder or os.sep, base
+
+
+def _by_folder(paths: Sequence[str | os.PathLike[str]]) -> dict[str, tuple[list[int], list[str]]]:
+    """The paths grouped by absolute folder: ``{folder: (indices, file names)}``."""
+    groups: dict[str, tuple[list[int], list[str]]] = {}
+    for i, p in enumerate(paths):
+        name = p if type(p) is str else os.fspath(p)
+        folder, _, base = (name if name[:1] == os.sep else os.path.abspath(name)).rpartition(os.sep)
+        folder = folder or os.sep
+        g = groups.get(folder)
+        if g is None:
+            g = groups[folder] = ([], [])
+        g[0].append(i)
+        g[1].append(base)
+    return groups
+
+
+#: the stat fields a memo record is compared on (STAT_DTYPE without the time of hashing)
+_KEY_FIELDS = ("size", "mtime", "ctime", "ino", "dev")
+_KEY_DTYPE = np.dtype([(f, STAT_DTYPE.fields[f][0]) for f in _KEY_FIELDS])  # type: ignore[index]
+
+
+def _stat_records(paths: list[str]) -> np.ndarray:
+    """One ``stat`` per file (the floor of a run over a known folder) as records of ``_KEY_DTYPE``; a
+    missing file raises naming it."""
+    try:
+        return np.fromiter(
+            ((s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino, s.st_dev) for s in map(os.stat, paths)),
+            _KEY_DTYPE,
+            len(paths),
+        )
+    except FileNotFoundError:
+        for p in paths:
+            _stat(p)  # raises naming the first missing file
+        raise
+
+
+def _vouched(fresh: np.ndarray, memo: np.ndarray) -> np.ndarray:
+    """Which files' memoised digests still hold (bool per file): :func:`trusted` as one vector
+    comparison of their fresh stat records against the memo's (all five fields equal, neither the mtime
+    nor the ctime racily close to the hashing)."""
+    ok = np.ones(len(fresh), bool)
+    for f in _KEY_FIELDS:
+        ok &= fresh[f] == memo[f]
+    ok &= fresh["mtime"] < memo["hashed"] - RACY_NS
+    ok &= fresh["ctime"] < memo["hashed"] - CTIME_TICK_NS
+    return ok
 
 
 class DigestMemo:
@@ -345,46 +393,39 @@ class DigestMemo:
             >>> DigestMemo("/tmp/memo.sqlite3").file_digests(["a.png", "b.png"])  # doctest: +SKIP
             ['9f86d0...', '60303a...']
         """
-        groups: dict[str, tuple[list[int], list[str]]] = {}
-        for i, p in enumerate(paths):
-            name = p if type(p) is str else os.fspath(p)
-            folder, _, base = (name if name[:1] == os.sep else os.path.abspath(name)).rpartition(os.sep)
-            folder = folder or os.sep
-            g = groups.get(folder)
-            if g is None:
-                g = groups[folder] = ([], [])
-            g[0].append(i)
-            g[1].append(base)
+        groups = _by_folder(paths)
         known = self._rows(list(groups))
         out: list[str] = [""] * len(paths)
-        todo: list[tuple[int, str, str]] = []  # (index, folder, name)
-        for folder, (idx, names) in groups.items():
+        todo: list[tuple[int, str, str]] = []  # (index, folder, name): to hash
+        # Files the memo has a row for, gathered over all folders for one vector comparison: their
+        # indices, paths, memo records and memo digests.
+        idx: list[int] = []
+        full: list[str] = []
+        recs: list[np.ndarray] = []
+        digests: list[np.ndarray] = []
+        for folder, (group, names) in groups.items():
             row = known.get(folder)
-            if row is None:
-                todo += [(i, folder, n) for i, n in zip(idx, names)]
+            at = row.positions(names) if row is not None else np.full(len(names), -1)
+            if row is None or (at < 0).any():
+                todo += [(group[j], folder, names[j]) for j in np.flatnonzero(at < 0).tolist()]
+                keep = np.flatnonzero(at >= 0).tolist()
+                group, names, at = [group[j] for j in keep], [names[j] for j in keep], at[keep]
+            if row is None or not names:
                 continue
-            recs, digests = row.stats.tolist(), row.digests
             top = folder.rstrip(os.sep) + os.sep
-            for i, n, at in zip(idx, names, row.positions(names)):
-                try:
-                    st = os.stat(top + n)
-                except FileNotFoundError:
-                    _stat(top + n)  # raises naming the file
-                    raise
-                # trusted(), written out: this loop is a hit's cost, one pass per file
-                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                rec = recs[at] if at >= 0 else None
-                if (
-                    rec is not None
-                    and key == rec[:5]
-                    and key[1] < rec[5] - RACY_NS
-                    and key[2] < rec[5] - CTIME_TICK_NS
-                ):
-                    out[i] = digests[32 * at : 32 * at + 32].hex()
-                else:
-                    todo.append((i, folder, n))
+            idx += group
+            full += [top + n for n in names]
+            recs.append(row.stats[at])
+            digests.append(np.frombuffer(row.digests, np.uint8).reshape(-1, 32)[at])
+        if full:
+            ok = _vouched(_stat_records(full), np.concatenate(recs))
+            good = np.flatnonzero(ok).tolist()
+            flat = np.concatenate(digests)[ok].tobytes().hex()
+            for k, j in enumerate(good):
+                out[idx[j]] = flat[64 * k : 64 * k + 64]
+            todo += [(idx[j], *_split(full[j])) for j in np.flatnonzero(~ok).tolist()]
         if todo:
-            self._hash(todo, out, known, progress, threads)
+            self._hash(sorted(todo), out, known, progress, threads)
         return out
 
     def _hash(

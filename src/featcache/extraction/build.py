@@ -183,7 +183,8 @@ def _extract(
         key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
     )
     new = set(done.digests)
-    out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = sum(d in new for d in out.digests)
+    extracted = sum(d in new for d in out.digests) if new else 0  # a hit: no pass over the split
+    out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = extracted
     out.hit = not new
     return out
 

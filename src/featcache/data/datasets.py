@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,7 @@ def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list
                 plain.append(e.name)
             else:
                 other.append(e)
-    images = [n for n in plain if _is_image(n)]
+    images = list(filter(_IMAGE_NAME.match, plain))
     if not other:
         images.sort()
         return [f"{relative}/{n}" for n in images]
@@ -247,7 +248,7 @@ def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list
         if e.is_symlink():
             if not is_inside(top, e.path):
                 outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
-            elif _is_image(e.name) and e.is_file():
+            elif _IMAGE_NAME.match(e.name) and e.is_file():
                 found.append((e.name, [f"{relative}/{e.name}"]))
         elif e.is_dir(follow_symlinks=False):
             found.append((e.name, _image_files(root, f"{relative}/{e.name}", top, outside)))
@@ -255,13 +256,11 @@ def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list
     return [p for _, paths in found for p in paths]
 
 
-def _is_image(name: str) -> bool:
-    """Whether a file name has an image extension (and more than the extension)."""
-    dot = name.rfind(".")
-    return dot > 0 and name[dot:].lower() in _EXTENSIONS
-
-
-_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
+#: a file name with an image extension (any case, ASCII as ``str.lower`` folds it) after a non-empty stem:
+#: the last dot is not the first character, ``.png`` alone is a hidden file
+_IMAGE_NAME = re.compile(
+    r"(?s).+\.(?:" + "|".join(e.lstrip(".") for e in IMAGE_EXTENSIONS) + r")\Z", re.IGNORECASE | re.ASCII
+)
 
 
 def _refuse_links_out(top: Path, outside: list[str]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import operator
 import os
 import sqlite3
 import stat as stat_mod
@@ -219,15 +220,14 @@ _KEY_FIELDS = ("size", "mtime", "ctime", "ino", "dev")
 _KEY_DTYPE = np.dtype([(f, STAT_DTYPE.fields[f][0]) for f in _KEY_FIELDS])  # type: ignore[index]
 
 
+_KEY_OF = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+
+
 def _stat_records(paths: list[str]) -> np.ndarray:
     """One ``stat`` per file (the floor of a run over a known folder) as records of ``_KEY_DTYPE``; a
     missing file raises naming it."""
     try:
-        return np.fromiter(
-            ((s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino, s.st_dev) for s in map(os.stat, paths)),
-            _KEY_DTYPE,
-            len(paths),
-        )
+        return np.fromiter(map(_KEY_OF, map(os.stat, paths)), _KEY_DTYPE, len(paths))
     except FileNotFoundError:
         for p in paths:
             _stat(p)  # raises naming the first missing file

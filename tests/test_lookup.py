@@ -96,3 +96,17 @@ def test_distinct_counts_as_a_set_does() -> None:
     planted = [table[0][:16] + d[16:] for d in _digests(3, seed=8)]
     for digests in (table, table + table[:7], table + planted, []):
         assert _distinct(raw_digests(digests)) == len(set(digests))
+
+
+def test_a_kept_answer_is_used_only_for_equal_digests() -> None:
+    """The last batch's answer is kept for the next call with equal digests, never for other ones."""
+    table = _digests(50)
+    where = RowMap(raw_digests(table), np.zeros(50, np.int64), np.arange(50))
+    asked = table[10:20] + _digests(3, seed=11)
+    first = where.locate(asked)
+    assert table[0] in where and where[table[49]] == (0, 49)  # single questions in between
+    assert where.locate(list(asked)).tolist() == first.tolist()
+    changed = list(asked)
+    changed[0] = table[30]
+    assert where.locate(changed)[0].tolist() == [0, 30]
+    assert where.locate(tuple(asked)).tolist() == first.tolist()

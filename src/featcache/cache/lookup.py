@@ -146,7 +146,7 @@ class RowMap(Mapping[str, tuple[int, int]]):
         """Each digest's commit position (its first row over all segments in commit order), -1 for
         those not held (read-only: the answer is kept for the next call with equal digests)."""
         last = self._last
-        if last is not None and last[0] == digests:
+        if last is not None and type(digests) is list and last[0] == digests:
             return last[1]
         at = self.index.find(raw_digests(digests))
         at.flags.writeable = False
@@ -169,22 +169,24 @@ class RowMap(Mapping[str, tuple[int, int]]):
         """Whether each digest has a row (bool array)."""
         return self.positions(digests) >= 0
 
-    def __getitem__(self, digest: str) -> tuple[int, int]:
+    def _one(self, digest: object) -> int:
+        """One digest's commit position, -1 when not held or not a digest (a single question leaves the
+        kept batch alone)."""
+        if not isinstance(digest, str):
+            return -1
         try:
-            s, r = self.locate([digest])[0].tolist()
+            return int(self.index.find(raw_digests([digest]))[0])
         except ValueError:
-            raise KeyError(digest) from None
-        if s < 0:
+            return -1
+
+    def __getitem__(self, digest: str) -> tuple[int, int]:
+        at = self._one(digest)
+        if at < 0:
             raise KeyError(digest)
-        return s, r
+        return int(self._segment[at]), int(self._row[at])
 
     def __contains__(self, digest: object) -> bool:
-        if not isinstance(digest, str):
-            return False
-        try:
-            return bool(self.held([digest])[0])
-        except ValueError:
-            return False
+        return self._one(digest) >= 0
 
     def __len__(self) -> int:
         return len(self.index)

@@ -223,14 +223,14 @@ _KEY_DTYPE = np.dtype([(f, STAT_DTYPE.fields[f][0]) for f in _KEY_FIELDS])  # ty
 _KEY_OF = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 
 
-def _stat_records(paths: list[str]) -> np.ndarray:
-    """One ``stat`` per file (the floor of a run over a known folder) as records of ``_KEY_DTYPE``; a
-    missing file raises naming it."""
+def _stat_records(top: str, names: list[str]) -> np.ndarray:
+    """One ``stat`` per file of folder ``top`` (the floor of a run over a known folder) as records of
+    ``_KEY_DTYPE``, no Python frame per file; a missing file raises naming it."""
     try:
-        return np.fromiter(map(_KEY_OF, map(os.stat, paths)), _KEY_DTYPE, len(paths))
+        return np.fromiter(map(_KEY_OF, map(os.stat, map(top.__add__, names))), _KEY_DTYPE, len(names))
     except FileNotFoundError:
-        for p in paths:
-            _stat(p)  # raises naming the first missing file
+        for n in names:
+            _stat(top + n)  # raises naming the first missing file
         raise
 
 
@@ -397,12 +397,9 @@ class DigestMemo:
         known = self._rows(list(groups))
         out: list[str] = [""] * len(paths)
         todo: list[tuple[int, str, str]] = []  # (index, folder, name): to hash
-        # Files the memo has a row for, gathered over all folders for one vector comparison: their
-        # indices, paths, memo records and memo digests.
-        idx: list[int] = []
-        full: list[str] = []
-        recs: list[np.ndarray] = []
-        digests: list[np.ndarray] = []
+        # The files of the folders the memo has a row for: (folder, their indices, names, positions in
+        # the row, the row); their stat records are compared with the memo's as one vector.
+        known_files: list[tuple[str, list[int], list[str], np.ndarray, _DirRow]] = []
         for folder, (group, names) in groups.items():
             row = known.get(folder)
             at = row.positions(names) if row is not None else np.full(len(names), -1)
@@ -410,23 +407,34 @@ class DigestMemo:
                 todo += [(group[j], folder, names[j]) for j in np.flatnonzero(at < 0).tolist()]
                 keep = np.flatnonzero(at >= 0).tolist()
                 group, names, at = [group[j] for j in keep], [names[j] for j in keep], at[keep]
-            if row is None or not names:
-                continue
-            top = folder.rstrip(os.sep) + os.sep
-            idx += group
-            full += [top + n for n in names]
-            recs.append(row.stats[at])
-            digests.append(np.frombuffer(row.digests, np.uint8).reshape(-1, 32)[at])
-        if full:
-            ok = _vouched(_stat_records(full), np.concatenate(recs))
-            good = np.flatnonzero(ok).tolist()
-            flat = np.concatenate(digests)[ok].tobytes().hex()
+            if row is not None and names:
+                known_files.append((folder, group, names, at, row))
+        ok = self._vouched_files(known_files)
+        o = 0
+        for folder, group, names, at, row in known_files:
+            mine, o = ok[o : o + len(names)], o + len(names)
+            good = np.flatnonzero(mine).tolist()
+            flat = np.frombuffer(row.digests, np.uint8).reshape(-1, 32)[at[good]].tobytes().hex()
             for k, j in enumerate(good):
-                out[idx[j]] = flat[64 * k : 64 * k + 64]
-            todo += [(idx[j], *_split(full[j])) for j in np.flatnonzero(~ok).tolist()]
+                out[group[j]] = flat[64 * k : 64 * k + 64]
+            todo += [(group[j], folder, names[j]) for j in np.flatnonzero(~mine).tolist()]
         if todo:
             self._hash(sorted(todo), out, known, progress, threads)
         return out
+
+    @staticmethod
+    def _vouched_files(known: list[tuple[str, list[int], list[str], np.ndarray, _DirRow]]) -> np.ndarray:
+        """Which of these files (folder by folder) the memo vouches for: one ``stat`` each, then
+        :func:`_vouched` over all of them at once."""
+        total = sum(len(names) for _, _, names, _, _ in known)
+        fresh, memo = np.empty(total, _KEY_DTYPE), np.empty(total, STAT_DTYPE)
+        o = 0
+        for folder, _, names, at, row in known:
+            top = folder.rstrip(os.sep) + os.sep
+            fresh[o : o + len(names)] = _stat_records(top, names)
+            memo[o : o + len(names)] = row.stats[at]
+            o += len(names)
+        return _vouched(fresh, memo)
 
     def _hash(
         self,

@@ -149,25 +149,41 @@ def hash_file(path: str) -> tuple[str, os.stat_result, int]:
 class _DirRow:
     """One folder's memo row: file names, their stat records and digests (32 raw bytes each)."""
 
-    def __init__(self, names: list[str], stats: np.ndarray, digests: bytes) -> None:
-        self.names, self.stats, self.digests = names, stats, digests
+    def __init__(self, names: list[str] | None, stats: np.ndarray, digests: bytes, blob: bytes = b"") -> None:
+        # ``names`` None: the names are ``blob`` (as stored, NUL-separated), split only when asked for;
+        # a folder listed as the memo has it is recognised from the blob alone (no string per file)
+        self._names, self._blob, self.stats, self.digests = names, blob, stats, digests
         self._pos: dict[str, int] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The file names, in the row's order."""
+        if self._names is None:
+            self._names = self._blob.decode("utf-8", "surrogateescape").split("\0") if self._blob else []
+        return self._names
 
     @classmethod
     def decode(cls, names: bytes, stats: bytes, digests: bytes) -> _DirRow:
-        listed = names.decode("utf-8", "surrogateescape").split("\0") if names else []
+        if names is not None and not isinstance(names, bytes):
+            raise TypeError(f"names stored as {type(names).__name__}, not bytes")
+        count = names.count(b"\0") + 1 if names else 0
         arr = np.frombuffer(stats, STAT_DTYPE)
-        if len(arr) != len(listed) or len(digests) != 32 * len(listed):
-            raise ValueError(
-                f"a folder row of {len(listed)} names, {len(arr)} stats, {len(digests)} digest bytes"
-            )
-        return cls(listed, arr, digests)
+        if len(arr) != count or len(digests) != 32 * count:
+            raise ValueError(f"a folder row of {count} names, {len(arr)} stats, {len(digests)} digest bytes")
+        return cls(None, arr, digests, names or b"")
 
     def encode(self) -> tuple[bytes, bytes, bytes]:
-        return "\0".join(self.names).encode("utf-8", "surrogateescape"), self.stats.tobytes(), self.digests
+        joined = None if self._names is None else "\0".join(self._names)
+        blob = self._blob if joined is None else joined.encode("utf-8", "surrogateescape")
+        return blob, self.stats.tobytes(), self.digests
 
     def positions(self, names: list[str]) -> np.ndarray:
-        """Each name's position in the row (-1: not there); one list comparison for an unchanged folder."""
+        """Each name's position in the row (-1: not there); for an unchanged folder one comparison of the
+        joined names with the stored ones."""
+        if self._names is None and len(names) == len(self.stats):  # (no file's name holds a NUL)
+            with contextlib.suppress(UnicodeEncodeError):  # a name no listing made: compared as strings
+                if "\0".join(names).encode("utf-8", "surrogateescape") == self._blob:
+                    return np.arange(len(names))
         if names == self.names:
             return np.arange(len(names))
         if self._pos is None:

@@ -286,3 +286,20 @@ def test_folders_checked_at_once_serve_each_file_its_own_digest(
     got = memo.file_digests(asked)
     assert got == [hashlib.sha256(f.read_bytes()).hexdigest() for f in order]
     assert sorted(reads) == sorted(str(f) for f in [*files[100:], files[3], files[10], *added])
+
+
+def test_a_memo_row_finds_names_from_its_stored_blob() -> None:
+    """A folder row read from the memo keeps its names as stored; the same listing is recognised from
+    them, another listing (reordered, a name added, a name no listing makes) is matched name by name."""
+    from featcache.data.digests import STAT_DTYPE, _DirRow
+
+    names = ["a.png", "b\udcff.png", "c.png"]  # an undecodable byte, as os.scandir gives it
+    row = _DirRow(names, np.zeros(3, STAT_DTYPE), bytes(96))
+    stored = _DirRow.decode(*row.encode())
+    assert stored.positions(list(names)).tolist() == [0, 1, 2]
+    assert stored.positions(["c.png", "a.png"]).tolist() == [2, 0]
+    assert stored.positions(["a.png", "new.png", "b\udcff.png"]).tolist() == [0, -1, 1]
+    assert stored.positions(["a.png", "\ud800.png", "c.png"]).tolist() == [0, -1, 2]
+    assert stored.names == names and stored.encode() == row.encode()
+    with pytest.raises(ValueError, match="2 names, 3 stats"):
+        _DirRow.decode(b"a\0b", np.zeros(3, STAT_DTYPE).tobytes(), bytes(96))

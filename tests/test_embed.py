@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import tiny_resnet_on_digits
 from featcache.backbones.registry import load_backbone
 from featcache.cache.embed import EmbedConfig, write_embeddings
-from featcache.cache.store import CachedFeatures
+from featcache.cache.splits import CachedFeatures
 from featcache.cli.main import main
 from featcache.data.config import DataConfig
 from featcache.extraction.build import extract_splits

@@ -18,7 +18,8 @@ import torch
 from conftest import direct_features, png_header, random_image, run_python, write_tree
 from featcache._util import FeatcacheError
 from featcache.backbones.registry import Backbone
-from featcache.cache.store import CachedFeatures, FeatureCache
+from featcache.cache.splits import CachedFeatures
+from featcache.cache.store import FeatureCache
 from featcache.data.datasets import load_dataset
 from featcache.data.digests import CTIME_TICK_NS, SampleChangedError
 from featcache.data.samples import ArraySamples, BadImageError
@@ -26,7 +27,7 @@ from featcache.extraction import extractor as extractor_module
 from featcache.extraction.build import extract, extract_splits
 from featcache.extraction.config import ExtractConfig, View, Views, parse_layers
 from featcache.extraction.extractor import Extractor
-from featcache.extraction.pooling import pool_features
+from featcache.layout import pool_features
 
 SIZE = (32, 32)
 LAYERS = ("layer3", "penultimate")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from featcache.backbones.registry import load_backbone
-from featcache.cache.store import CachedFeatures
+from featcache.cache.splits import CachedFeatures
 from featcache.data.config import DataConfig
 from featcache.extraction.build import extract_splits
 from featcache.extraction.config import ExtractConfig

@@ -4,6 +4,7 @@ O(segments), tables of older versions never read and removed by ``cache gc``."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -95,19 +96,28 @@ def test_the_table_record_is_typed_round_trips_and_compares_by_setting(resnet18:
 def test_a_table_fed_a_few_images_at_a_time_merges_its_small_segments(
     resnet18: Backbone, tmp_path: Path
 ) -> None:
-    from featcache.cache.table import MERGE_COUNT
+    from featcache.cache.table import MERGE_COUNT, run_of
 
-    cache_dir, images = tmp_path / "c", _samples(2 * (MERGE_COUNT + 3))
+    runs = MERGE_COUNT**2 + 1
+    cache_dir, images = tmp_path / "c", _samples(2 * runs)
     cfg = ExtractConfig(input_size=(32, 32), device="cpu", batch_size=2, shard_rows=2)
     counts, before = [], {}
-    for run in range(MERGE_COUNT + 3):  # each run adds two new images: one small segment
+    for run in range(runs):  # each run adds two new images: one small segment, one run
         part = images.subset(range(2 * run + 2), "daily")
         feats = extract(resnet18, part, ["penultimate"], cfg, cache_dir=str(cache_dir), progress=False)
         table = FeatureCache(cache_dir).open(feats.key)
-        counts.append(len(table.index().segments))
+        index = table.index()
+        counts.append(len(index.segments))
+        assert len({run_of(s) for s in index.segments}) == len(index.segments)  # a merge is one segment
         if run == MERGE_COUNT - 2:
-            before = table.row_bytes()  # every row before the merge
-    assert max(counts) == MERGE_COUNT - 1 and counts[MERGE_COUNT - 1] == 1  # merged: one segment
+            before = table.row_bytes()  # every row before the first merge
+    # a merge came each time a tier filled: the table never held more than MERGE_COUNT - 1 runs of a tier
+    tiers = 1 + math.ceil(math.log(runs, MERGE_COUNT))
+    assert (
+        counts[MERGE_COUNT - 1] == 1
+        and max(counts) <= (MERGE_COUNT - 1) * tiers
+        and counts[-1] < 2 * MERGE_COUNT
+    )
     after = FeatureCache(cache_dir).open(feats.key)
     rows = after.row_bytes()
     assert all(rows[d] == b for d, b in before.items())  # copied, not recomputed

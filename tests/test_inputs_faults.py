@@ -37,8 +37,9 @@ from featcache.extraction.build import extract, extract_splits
 from featcache.extraction.config import ExtractConfig
 from featcache.runs.finetune import FinetuneConfig
 from featcache.runs.folder import RunFolder
+from featcache.runs.job import skipped_rows
 from featcache.runs.probe import ProbeConfig
-from featcache.runs.spec import RunSpec, skipped_rows
+from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid
 from featcache.runs.train import train_run
 from featcache.train.config import TrainConfig
@@ -536,12 +537,10 @@ def test_a_real_full_filesystem_ends_in_the_named_error_and_resumes_when_freed(
 
 
 def test_skipped_csv_keeps_reasons_with_commas_and_quotes(tmp_path: Path) -> None:
-    """skipped.csv rows come from the split manifests; a reason with a comma or quotes stays one cell."""
+    """skipped.csv rows come from the splits' results; a reason with a comma or quotes stays one cell."""
     folder = RunFolder(tmp_path / "r")
 
-    feats = SimpleNamespace(
-        manifest={"skipped": [{"id": "a/b.png", "reason": 'OSError: truncated, "quoted"'}]}
-    )
+    feats = SimpleNamespace(result=SimpleNamespace(skipped=(("a/b.png", 'OSError: truncated, "quoted"'),)))
     rows = folder.write_skipped(skipped_rows({"train": feats}))  # type: ignore[dict-item]
     assert rows == [{"split": "train", "id": "a/b.png", "reason": 'OSError: truncated, "quoted"'}]
     assert json.dumps(rows) and (tmp_path / "r" / "skipped.csv").read_text().count("\n") == 2

@@ -53,7 +53,7 @@ def read_split(cache: FeatureCache, key: str, dataset: str = "digits") -> None:
     digests = table.digests()
     ids = [f"{i}.png" for i in range(len(digests))]
     labels = np.zeros(len(digests))
-    cache.open_split(key, table.layers, digests, ids, labels, ["a"], {"dataset": dataset})
+    cache.open_split(key, table.layers, digests, ids, labels, ["a"], dataset=dataset)
 
 
 def test_a_linked_shards_folder_is_never_cleaned_nor_written_through(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 from conftest import random_image, write_tree
 from featcache import ExtractConfig, extract, load_dataset
 from featcache.backbones.registry import Backbone
-from featcache.cache.store import DIGEST_MEMO, CachedFeatures
+from featcache.cache.splits import CachedFeatures
+from featcache.cache.store import DIGEST_MEMO
 from featcache.cli.main import main
 from featcache.data.digests import CTIME_TICK_NS, DigestMemo, _DirRow
 

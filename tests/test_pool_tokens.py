@@ -184,6 +184,7 @@ def test_a_probe_on_avg_tokens_exports_with_the_same_pooling(tmp_path: Path) -> 
     run's images are the head's on the cached rows."""
     from featcache.data.config import DataConfig
     from featcache.export.build import build_model
+    from featcache.runs.job import Job
     from featcache.runs.probe import ProbeConfig, probe_run
     from featcache.runs.spec import RunSpec
     from featcache.train.fit import predict_logits
@@ -201,9 +202,9 @@ def test_a_probe_on_avg_tokens_exports_with_the_same_pooling(tmp_path: Path) -> 
     res = probe_run(spec, "norm", ProbeConfig(strengths=(1e-2,)))
     model, info = build_model(tmp_path / "run")
     assert info.pool == "avg-tokens" and model.network.prefix == 1
-    backbone = spec.backbone()
-    splits = spec.data.load()
-    feats, _ = spec.extract_all(backbone, splits, ["norm"])
+    job = Job.open(spec, "probe", "norm", folder=False)
+    backbone, splits = job.backbone, job.splits
+    feats, _ = job.extract_all()
     test = feats["test"]
     want = predict_logits(res.head, source_for(test, "norm"))
     pre = backbone.cfg.with_input_size(*SIZE).preprocessing

@@ -131,3 +131,31 @@ def test_one_record_drives_the_key_the_extraction_and_the_export(tmp_path: Path)
     for img, want in zip(images, x, strict=True):
         raw = torch.from_numpy(np.array(img.convert("RGB")))[None]  # uint8 NHWC, 37x53
         assert torch.equal(model.preprocess(raw)[0], want)
+
+
+# Keys of resnet18 (weights none) tables, layer3, computed by the code of main at 6f810b7 (before the
+# backbone carried its input size, when each stage applied ExtractConfig.input_size itself).
+KEYS_BEFORE = {
+    ((32, 32), "avg"): "2b415d7590f665618c172688a40ce587c2343d15829d6b5f58f6ba4567142e68",
+    (None, "avg"): "fc9d5b4a38d295eddddfe870085e7684f632d3aa9fd9bf7da6e74baa6800f107",
+    ((48, 40), "none"): "0062dfcce3500dc3a7d3d23f780a5d78ad14be1f4a8d71fcd989325e1e2d6659",
+}
+
+
+def test_a_backbone_loaded_for_an_input_size_carries_it_and_keys_tables_as_before() -> None:
+    plain = load_backbone("torchvision:resnet18", "none")
+    for (size, pool), before in KEYS_BEFORE.items():
+        config = ExtractConfig(input_size=size, pool=pool, device="cpu")
+        sized = load_backbone("torchvision:resnet18", "none", input_size=size)
+        expected = plain.cfg.with_input_size(*size) if size else plain.cfg
+        assert sized.cfg == expected  # resolved once, at load: later stages read it as is
+        assert sized.at_input_size(size) is sized
+        # the same table, whether the backbone or only the config carries the size
+        assert cache_record(sized, ["layer3"], config) == cache_record(plain, ["layer3"], config)
+        assert cache_key(cache_record(sized, ["layer3"], config)) == before
+    small = plain.at_input_size((32, 32))
+    assert small.model is plain.model and plain.cfg.input_size == (224, 224)  # the given one unchanged
+    # a backbone loaded for 32x32 with a config that names no size keeps its own (not the source's)
+    assert cache_record(small, ["layer3"], ExtractConfig(device="cpu")).preprocessing == (
+        cache_record(plain, ["layer3"], ExtractConfig(input_size=(32, 32), device="cpu")).preprocessing
+    )

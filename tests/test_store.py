@@ -52,7 +52,7 @@ def make_table(
     write_segment(table.path, table.layers, {k: values for k in layers}, digests, {}, "float32", {},
                   layouts={k: "NC" for k in layers})  # fmt: skip
     ids = [f"{i}.png" for i in range(rows)]
-    cache.open_split(table.key, list(layers), digests, ids, np.zeros(rows), ["a"], {"dataset": dataset})
+    cache.open_split(table.key, list(layers), digests, ids, np.zeros(rows), ["a"], dataset=dataset)
     when = time.time() - age_days * DAY
     for f in [table.path / "last_used", *(table.path / "uses").iterdir()]:
         os.utime(f, (when, when))
@@ -78,7 +78,7 @@ def test_ls_lists_model_dataset_input_size_rows_size_and_last_use_most_recent_fi
     # A second dataset over the same table: listed beside the first, the key unchanged.
     record = cache.open(old).record
     digests = cache.open(old).digests()
-    cache.open_split(old, ["penultimate"], digests, list("abcde"), np.zeros(5), ["a"], {"dataset": "mine"})
+    cache.open_split(old, ["penultimate"], digests, list("abcde"), np.zeros(5), ["a"], dataset="mine")
     assert cache_key(record) == old and cache.info(old)["datasets"] == ["mine", "digits"]
 
 

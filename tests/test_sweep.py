@@ -20,6 +20,7 @@ from featcache.data.config import DataConfig
 from featcache.export.predict import load_predictor
 from featcache.extraction.config import ExtractConfig
 from featcache.runs.folder import load_run
+from featcache.runs.job import Job
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, grid, sweep_run
 from featcache.runs.train import train_run
@@ -167,7 +168,9 @@ def test_on_a_small_training_split_the_sweep_chooses_a_layer_as_good_as_the_best
                    cache_dir=str(tmp_path / "c"), progress=False)  # fmt: skip
     res = sweep_run(spec, SweepGrid(("@blocks",)))  # the default trainer settings, batch size included
     layers = sorted({r["layer"] for r in res.rows})
-    feats = spec.extract_all(lite0, spec.data.load(), layers)[0]  # the splits as the sweep read them
+    feats = Job.open(spec, "sweep", layers, folder=False).extract_all()[
+        0
+    ]  # the splits as the sweep read them
     assert all(f.hit for f in feats.values())  # the sweep's own rows: no backbone pass
     assert len(feats["train"]) == 256 and len(feats["test"]) > 200
     reference = {}

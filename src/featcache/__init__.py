@@ -6,9 +6,9 @@ The names below are imported on first use (PEP 562), so ``featcache --help`` sta
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from ._version import __version__  # noqa: F401  (in __all__)
 
 # name -> the subpackage that defines it
@@ -92,15 +92,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ i
     )
     from .train import HeadSpec, TrainConfig  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's subpackage on first use (PEP 562)."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'featcache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -125,6 +125,20 @@ def pool(t: torch.Tensor, how: str, layout: str | None, prefix: int = 0) -> torc
     return t.mean(axes) if how == "avg" else t.amax(axes)
 
 
+def pool_features(t: torch.Tensor, how: str, layout: str | None = None, prefix: int = 0) -> torch.Tensor:
+    """:func:`pool` for a layer read back from a run: without a recorded ``layout`` (runs made before
+    layouts were recorded), the layout those runs assumed (:func:`legacy_layout`): (N, C, H, W) maps and
+    (N, L, D) tokens.
+
+    Example:
+        >>> pool_features(torch.ones(2, 8, 4, 4), "avg").shape
+        torch.Size([2, 8])
+        >>> pool_features(torch.ones(2, 4, 4, 8), "avg", "NHWC").shape
+        torch.Size([2, 8])
+    """
+    return pool(t, how, layout or legacy_layout(tuple(t.shape[1:])), prefix)
+
+
 def channel_stats(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row and channel: the mean and population variance over the positions, each (N, C) float32.
 

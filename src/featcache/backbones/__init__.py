@@ -8,9 +8,9 @@ neither timm nor transformers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .._lazy import attribute
+from .._lazy import lazy_names
 
 # name -> the module of this package that defines it
 _HOMES = {
@@ -54,10 +54,4 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
         register_source,
     )
 
-
-def __getattr__(name: str) -> Any:
-    return attribute(__name__, _HOMES, name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

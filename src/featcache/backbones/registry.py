@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,22 @@ class Backbone:
 
     model: nn.Module
     cfg: BackboneCfg
+
+    def at_input_size(self, size: Sequence[int] | None) -> Backbone:
+        """This backbone with its preprocessing resolved for ``size`` (resized straight to it, no crop),
+        the same model object; itself when ``size`` is None or already resolved. ``load_backbone(...,
+        input_size=)`` returns one so resolved: every later stage reads ``backbone.cfg`` as is.
+
+        Example:
+            >>> bb = load_backbone("torchvision:resnet18", weights="none")
+            >>> small = bb.at_input_size((32, 32))
+            >>> small.cfg.input_size, small.cfg.resize_size, small.model is bb.model
+            ((32, 32), 0, True)
+        """
+        if size is None:
+            return self
+        cfg = self.cfg.with_input_size(*size)
+        return self if cfg == self.cfg else Backbone(self.model, cfg)
 
     def __repr__(self) -> str:
         h, w = self.cfg.input_size
@@ -336,20 +352,24 @@ def load_backbone(
         weights: ``None`` for the source's default pretrained weights, ``"none"`` for random
             init (seeded, so reproducible), an enum/tag name, or a path to a state dict.
         cfg: config to use for an ``nn.Module`` (defaults to ImageNet preprocessing at 224).
-        input_size: (H, W) the model will see, for models built for one input size: timm builds
-            those (``fixed_input_size``) with ``img_size=`` (pretrained position tables resampled);
-            other models take any size and ignore it.
+        input_size: (H, W) the model will see (``ExtractConfig.input_size``): the returned config's
+            preprocessing resizes straight to it, no crop (:meth:`Backbone.at_input_size`), so every
+            later stage reads it from ``backbone.cfg``. Models built for one input size are built for
+            this one: timm builds those (``fixed_input_size``) with ``img_size=`` (pretrained position
+            tables resampled).
 
     Example:
         >>> bb = load_backbone("torchvision:resnet18", weights="none")
         >>> bb.cfg.input_size, bb.model.training
         ((224, 224), False)
+        >>> load_backbone("torchvision:resnet18", weights="none", input_size=(32, 32)).cfg.input_size
+        (32, 32)
     """
     if isinstance(spec, nn.Module):
         base = cfg or BackboneCfg(spec=f"module:{type(spec).__name__}")
         if base.classifier is None:
             base = replace(base, classifier=last_linear(spec))
-        return finish(spec, base)
+        return finish(spec, base).at_input_size(input_size)
     source, name = parse_spec(spec)
     sized = _SIZED.get(source) if input_size is not None else None
     if sized is not None and input_size is not None:
@@ -358,4 +378,4 @@ def load_backbone(
         backbone = _SOURCES[source](name, weights)
     if cfg is not None:
         backbone.cfg = replace(cfg, weights_id=backbone.cfg.weights_id, spec=backbone.cfg.spec)
-    return backbone
+    return backbone.at_input_size(input_size)

@@ -18,7 +18,7 @@ so a view's row is reusable across datasets too.
 
 **Splits are views.** A dataset split is an ordered list of digests plus labels. Extraction computes the
 digests, looks them up, runs the backbone only on the digests the table lacks, and appends them; the
-split is then read as :class:`CachedFeatures` whose ``features[layer]`` is a
+split is then read as :class:`~featcache.cache.splits.CachedFeatures` whose ``features[layer]`` is a
 :class:`~featcache.cache.rows.RowView` (rows gathered through the shards' memory maps on demand).
 Relabelling, redrawing a split, k folds, or a second dataset over the same images cost no forward pass.
 
@@ -54,15 +54,16 @@ The names below are imported on first use (PEP 562): the command line's ``cache`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 # name -> the module of this package that defines it
 _HOMES = {
     "CACHE_VERSION": "identity",
     "CacheScan": "housekeeping",
-    "CachedFeatures": "store",
-    "ChannelStats": "store",
+    "CachedFeatures": "splits",
+    "ChannelStats": "splits",
     "EmbedConfig": "embed",
     "FeatureDataset": "dataset",
     "FeatureCache": "store",
@@ -70,6 +71,7 @@ _HOMES = {
     "GcLimits": "housekeeping",
     "RowView": "rows",
     "Selection": "housekeeping",
+    "SplitResult": "splits",
     "cache_key": "table",
     "cache_root": "housekeeping",
     "write_embeddings": "embed",
@@ -83,17 +85,8 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .housekeeping import CacheScan, GcLimits, Selection, cache_root  # noqa: F401
     from .identity import CACHE_VERSION  # noqa: F401
     from .rows import RowView  # noqa: F401
-    from .store import CachedFeatures, ChannelStats, FeatureCache  # noqa: F401
+    from .splits import CachedFeatures, ChannelStats, SplitResult  # noqa: F401
+    from .store import FeatureCache  # noqa: F401
     from .table import FeatureTable, cache_key  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'featcache.cache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .._errors import FeatcacheError
-from .store import CachedFeatures
-from .writer import to_torch
+from .rows import to_torch
+from .splits import CachedFeatures
 
 
 class FeatureDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):

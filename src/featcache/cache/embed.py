@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._errors import FeatcacheError, unknown
-from .store import CachedFeatures
+from .splits import CachedFeatures
 
 #: what ``--split`` takes: one split, or every split one after the other
 EMBED_SPLITS = ("train", "val", "test", "all")
@@ -92,7 +92,7 @@ def choose_splits(
 ) -> list[tuple[str, CachedFeatures]]:
     """The ``(name, rows)`` parts ``split`` names, in order; a split the dataset lacks is an error."""
     if isinstance(feats, CachedFeatures):
-        return [(str(feats.manifest.get("split") or split), feats)]
+        return [(feats.result.split or split, feats)]
     parts = [(name, f) for name, f in feats.items() if split in ("all", name)]
     if not parts:
         raise FeatcacheError(
@@ -212,7 +212,7 @@ def _metadata(
         "shape": list(row_shape),
         "layout": first.layout(layer),
         "stored_dtype": stored,
-        "model": first.manifest.get("record", {}).get("backbone"),
+        "model": first.result.stored_record.get("backbone"),
         "table": first.key,
         "splits": [name for name, _ in parts],
         "classes": list(first.classes),

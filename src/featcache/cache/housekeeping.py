@@ -1,4 +1,5 @@
-"""Choosing cache entries to list, remove or collect, and remembering which datasets read each table.
+"""Choosing cache entries to list, remove or collect, what ``cache ls/info`` show of an entry (damaged
+and old-format ones too), ``cache gc``, and remembering which datasets read each table.
 
 The filters (:class:`Selection`) and limits (:class:`GcLimits`) are the ``cache ls/rm/gc`` flags
 (:mod:`featcache.cli.flags` builds them from these fields); nothing here imports numpy or torch, so
@@ -18,13 +19,20 @@ import json
 import math
 import os
 import re
+import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import FeatcacheError, flag
-from .._util import is_inside, no_follow_open
+from .._util import inside, is_inside, links_under, no_follow_open
+from .identity import CACHE_VERSION, TABLE_FILE, table_key
+
+if TYPE_CHECKING:  # tables are passed in, never opened here: this module imports no numpy
+    from .store import FeatureCache
+    from .table import FeatureTable, TableIndex
 
 #: the folder of a table that records the datasets read from it
 USES = "uses"
@@ -247,3 +255,251 @@ def datasets_used(table: Path) -> dict[str, float]:
             if isinstance(name, str):
                 out[name] = max(out.get(name, 0.0), f.stat().st_mtime)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# Entries on disk: what `cache ls/info` show of one, and what `cache gc/rm` remove. Plain file system
+# work on folders and JSON: nothing here reads a row (tables are passed in, opened by the store).
+
+
+def old_format(path: Path) -> bool:
+    """Whether ``path`` is an entry of an older cache format: a table file of another version (never
+    read: ``cache gc`` removes it), or no table file and no segments (formats before tables); a table
+    of this format that lost its table file is damaged instead (``cache rm`` removes it)."""
+    try:
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
+        return bool(doc.get("cache_version") != CACHE_VERSION)
+    except FileNotFoundError:
+        return not (path / "segments").is_dir()  # segments without table.json: a damaged table
+    except (OSError, ValueError, AttributeError):
+        return False  # a damaged table file: for `cache verify` / `cache rm`, not for gc
+
+
+def linked_entry(path: Path) -> FeatcacheError:
+    """The error for a cache entry that is a symbolic link: never read or written through."""
+    target = os.readlink(path) if path.is_symlink() else "?"
+    return FeatcacheError(
+        f"cache entry {str(path)!r} is a symbolic link (to {target!r}): featcache reads and writes only "
+        f"inside the cache root, never through a link; `featcache cache rm {path.name[:12]}` removes the "
+        "link (never what it points to)"
+    )
+
+
+def remove(paths: Sequence[Path]) -> None:
+    """Delete files and folders (already gone is fine); a symbolic link is removed itself, never what it
+    points to (``shutil.rmtree`` removes the links inside a folder, not their targets)."""
+    for p in paths:
+        if p.is_symlink():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def last_used(path: Path) -> float:
+    """When a split was last read from the table at ``path`` (Unix time): its ``last_used`` file, else its
+    creation; readable for a damaged table too. No link is followed (a link's own time is read)."""
+    for name in ("last_used", TABLE_FILE):
+        with contextlib.suppress(OSError):
+            return (path / name).lstat().st_mtime
+    return path.lstat().st_mtime
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under ``path``; what a symbolic link points to is not counted (nor is a
+    ``path`` that is a link: removing it frees nothing)."""
+    if path.is_symlink():
+        return 0
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, f)).st_size
+    return total
+
+
+def entry_base(path: Path) -> dict[str, Any]:
+    """The fields ``cache ls/info`` show of any entry, readable or not: key, bytes, datasets, last use."""
+    used = last_used(path)
+    return {
+        "key": path.name,
+        "bytes": folder_bytes(path),
+        "path": str(path),
+        "datasets": list(datasets_used(path)),
+        "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
+        "last_used_unix": used,
+    }
+
+
+def link_info(path: Path) -> dict[str, Any]:
+    """``info`` of an entry that is a symbolic link: nothing behind it is read or counted."""
+    used = path.lstat().st_mtime
+    target = os.readlink(path)
+    return {
+        "key": path.name,
+        "bytes": 0,
+        "path": str(path),
+        "datasets": [],
+        "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
+        "last_used_unix": used,
+        "status": "damaged",
+        "reason": f"a symbolic link to {target!r} (never read; `cache rm` removes the link, not its target)",
+        "problem": str(linked_entry(path)),
+    }
+
+
+def describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
+    """The fields of a readable table that ``cache ls/info`` show (its segments read for counts only).
+
+    Example:
+        >>> describe(table, table.counts())["rows"]  # doctest: +SKIP
+        4000
+    """
+    rec = table.record
+    shapes = {layer: index.row_meta(layer) for layer in table.layers}
+    size = (rec.get("preprocessing") or {}).get("input_size")
+    created = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        created = json.loads((table.path / TABLE_FILE).read_text()).get("created")
+    rows = sum(seg.rows for seg in index.segments)  # a digest in two segments (a cut-short compaction) twice
+    return {
+        "status": "ok" if rows or index.bad else "empty",
+        "model": rec.get("backbone"),
+        "input_size": [int(v) for v in size] if size else None,
+        "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
+        "channel_stats": [k for k, v in shapes.items() if v and len(v[0]) == 3],
+        "dtype": rec.get("dtype"),
+        "pool": rec.get("pool"),
+        "view": rec.get("view", 0),
+        "augment": rec.get("augment"),
+        "rows": rows,
+        "skipped": len(index.bad),
+        "segments": len(index.segments),
+        "created": created,
+    }
+
+
+def damage_reason(path: Path, exc: BaseException, read_segment: Callable[..., object]) -> str:
+    """A few words on why the entry at ``path`` cannot be read (``cache ls`` shows ``damaged: ...``):
+    its table file, its record, then the first segment ``read_segment(file, layers, digests=False)``
+    refuses (:func:`featcache.cache.table.read_segment`, passed in: this module reads no rows).
+
+    Example:
+        >>> damage_reason(cache.root / key, exc, read_segment)  # doctest: +SKIP
+        'segments/0179...json is unreadable (missing field ...)'
+    """
+    try:
+        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
+    except FileNotFoundError:
+        return f"{TABLE_FILE} is missing"
+    except FeatcacheError:
+        return f"{TABLE_FILE} leads outside the table (a symbolic link?)"
+    except (OSError, ValueError):
+        return f"{TABLE_FILE} is truncated or unreadable"
+    record = doc.get("record") if isinstance(doc, dict) else None
+    if not isinstance(record, dict):
+        return f"{TABLE_FILE} holds no record"
+    try:
+        trusted = table_key(record) == path.name
+    except FeatcacheError:
+        trusted = False
+    if not trusted:
+        return "its record does not hash to its key"
+    folder = path / "segments"
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            read_segment(f, list(record.get("layers") or []), digests=False)
+        except FeatcacheError as bad:
+            why = getattr(bad, "why", None) or _short(bad.__cause__ or bad)
+            return f"segments/{f.name} is unreadable ({why})"
+    return _short(exc)
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"field {exc.args[0]!r} is missing"
+    return str(exc)[:100]
+
+
+def links_kept(path: Path, key: str) -> list[str]:
+    """``gc``'s note for each symbolic link inside a table: never followed, never deleted."""
+    return [
+        f"{path / name} -> {target}: a symbolic link in table {key[:12]}; gc never follows or deletes links "
+        f"(remove it, or the table with `featcache cache rm {key[:12]}`)"
+        for name, target in links_under(path)
+    ]
+
+
+def collect(
+    cache: FeatureCache, unused_for_s: float | None, empty_older_than_s: float, max_bytes: int | None
+) -> dict[str, list[str]]:
+    """``cache gc`` (:meth:`FeatureCache.gc <featcache.cache.store.FeatureCache.gc>` documents it): what
+    was removed, by kind, and the links left alone (``not_removed``).
+
+    Example:
+        >>> collect(FeatureCache(), None, 86400.0, None)["leftovers"]  # doctest: +SKIP
+        []
+    """
+    removed: dict[str, list[str]] = {
+        "old_format": [],
+        "leftovers": [],
+        "unused": [],
+        "over_size": [],
+        "not_removed": [],  # "path: why": links gc neither follows nor deletes
+    }
+    now = time.time()
+    for key in cache.entries():
+        path = cache.path(key)
+        if path.is_symlink():
+            removed["not_removed"].append(
+                f"{path} -> {os.readlink(path)}: an entry that is a symbolic link; gc never follows or "
+                f"removes links (`featcache cache rm {key[:12]}` removes the link, not its target)"
+            )
+            continue
+        with cache.lock(key, blocking=False) as taken:
+            if not taken:  # an extraction is appending to this table right now
+                continue
+            try:
+                table = cache.open(key)
+                index = table.index()
+            except FeatcacheError:
+                if old_format(path):
+                    remove([path])
+                    removed["old_format"].append(str(path))
+                else:  # a damaged table stays for `cache verify` / `cache rm`; its links are named
+                    removed["not_removed"] += links_kept(path, key)
+                continue
+            junk = table.leftovers(index)
+            remove(junk)
+            removed["leftovers"] += [str(p) for p in junk]
+            idle = now - table.last_used()
+            if (not index.segments and idle > empty_older_than_s) or (
+                unused_for_s is not None and idle > unused_for_s
+            ):
+                remove([path])  # the links inside go as links: their targets stay
+                cache.forget(key)
+                removed["unused"].append(str(path))
+                continue
+            removed["not_removed"] += links_kept(path, key)
+    if max_bytes is not None:
+        removed["over_size"] = _fit(cache, max_bytes)
+    return removed
+
+
+def _fit(cache: FeatureCache, max_bytes: int) -> list[str]:
+    """Remove the least recently used entries until the entries' bytes are at most ``max_bytes``."""
+    entries = cache.scan().entries  # most recently used first
+    total, out = sum(int(e["bytes"]) for e in entries), []
+    for e in reversed(entries):
+        if total <= max_bytes:
+            break
+        if Path(e["path"]).is_symlink():  # frees nothing; gc never removes links
+            continue
+        with cache.lock(e["key"], blocking=False) as taken:
+            if not taken:  # being appended to: its size is about to change anyway
+                continue
+            remove([Path(e["path"])])
+        cache.forget(e["key"])
+        total -= int(e["bytes"])
+        out.append(e["path"])
+    return out

@@ -19,6 +19,8 @@ from .._util import stable_hash
 #: 3: segments carry their own checksum. 4: digests as raw 32-byte records in ``<seg>.digests.npy``,
 #: counts readable without them. Tables of another version are never read (``cache gc`` removes them).
 CACHE_VERSION = 4
+#: the file in a table's folder that holds its record and version (written once, when it is created)
+TABLE_FILE = "table.json"
 
 
 def _frozen(value: Any) -> Any:

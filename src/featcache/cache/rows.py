@@ -1,14 +1,20 @@
-"""``RowView``: one layer's rows of a split, in the split's order, read through a table's shard memory
-maps."""
+"""The rows as stored: ``RowView`` (one layer's rows of a split, in the split's order, read through a
+table's shard memory maps), the storage dtypes and :func:`to_torch` (a stored array as a tensor)."""
 
 from __future__ import annotations
 
 import contextlib
 import mmap
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` starts without it
+    import torch
+
+#: the numpy dtype each storage dtype is stored as (bfloat16 as raw uint16: numpy has no bfloat16)
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 class Shard(Protocol):
@@ -170,3 +176,12 @@ def release_pages(rows: Any, start: int, stop: int) -> None:
         if isinstance(arr, np.memmap) and arr.mode in ("r", "r+") and mm is not None:
             with contextlib.suppress(OSError, ValueError):  # madvise is advice: a refusal changes no row
                 mm.madvise(mmap.MADV_DONTNEED)
+
+
+def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
+    import torch
+
+    a = np.ascontiguousarray(array)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t

@@ -1,9 +1,10 @@
-"""The cache root: tables by key, the split views read from them, locks and housekeeping.
+"""The store: a cache root holding feature tables by key. It chooses the table that serves an
+extraction, opens a split's rows from it (:class:`~featcache.cache.splits.CachedFeatures`), and takes
+a file lock per table, which serialises appends (reads take no lock).
 
 A table is written by :func:`~featcache.cache.writer.write_segment` (its module documents the layout)
-and read by :class:`~featcache.cache.table.FeatureTable`; this module chooses the table that serves an
-extraction, opens a split's rows from it as :class:`CachedFeatures`, and lists, verifies, compacts
-and removes tables. A file lock per table serialises appends; reads take no lock.
+and read by :class:`~featcache.cache.table.FeatureTable`; listing, verifying, compacting and removing
+entries are :mod:`~featcache.cache.housekeeping`'s, reached through this object's methods.
 """
 
 from __future__ import annotations
@@ -11,267 +12,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
-import json
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .._util import FeatcacheError, check_name, inside, label_array, links_under, no_follow_open
-from ..layout import legacy_layout
-from .housekeeping import KEY_NAME, CacheScan, Selection, cache_root, datasets_used, record_use
-from .identity import TableRecord
-from .rows import Rows, RowView
-from .table import (
-    DIGEST_MEMO,
-    TABLE_FILE,
-    CheckedShard,
-    FeatureTable,
-    SegmentError,
-    TableIndex,
-    cache_key,
-    folder_bytes,
-    last_used,
-    linked_entry,
+from .._util import FeatcacheError, check_name, label_array, no_follow_open
+from .housekeeping import (
+    KEY_NAME,
+    CacheScan,
+    Selection,
+    cache_root,
+    collect,
+    damage_reason,
+    describe,
+    entry_base,
+    link_info,
     old_format,
-    read_segment,
+    record_use,
     remove,
 )
-from .writer import to_torch
+from .identity import TABLE_FILE, TableRecord
+from .splits import CachedFeatures, ChannelStats, ExtractionInfo, LayerMeta, SplitResult, split_key
+from .table import DIGEST_MEMO, FeatureTable, cache_key, read_segment
 
-if TYPE_CHECKING:  # imported by tensor() alone: listing and housekeeping start without torch
-    import torch
-
-    from .dataset import FeatureDataset
-
-__all__ = ["DIGEST_MEMO", "CachedFeatures", "ChannelStats", "FeatureCache", "cache_key", "cache_root"]
-
-
-@dataclass(frozen=True)
-class ChannelStats:
-    """Per-row channel statistics of a cached spatial map, each (N, C) float32, read from the table.
-
-    Attributes:
-        mean: the mean of each channel over its H x W positions (= global average pooling).
-        var: the population variance of each channel over its H x W positions.
-
-    Example:
-        >>> stats = cached.channel_stats["layer3"]  # doctest: +SKIP
-        >>> pooled = np.asarray(stats.mean)  # (N, C): what AdaptiveAvgPool2d(1) gives  # doctest: +SKIP
-    """
-
-    mean: Rows
-    var: Rows
-
-
-@dataclass
-class CachedFeatures:
-    """One split's rows, read from a feature table in the split's order.
-
-    Attributes:
-        key: the table's key (``featcache cache info KEY``).
-        path: the table's folder.
-        features: ``{layer: RowView}``, rows in split order, read on demand (``np.asarray`` gathers
-            them; bfloat16 is raw uint16: use :meth:`tensor`).
-        labels: one per row: int64 classes, or float32 (N, K) label sets / targets (``task``).
-        ids: sample ids, one per row.
-        classes: class names (regress: the targets' names).
-        manifest: what was read and how: the table ``record``, ``split``, ``split_key``, the counts,
-            ``skipped`` images (id and reason), extraction timings.
-        hit: True when no image went through the backbone in the call that returned it.
-        channel_stats: :class:`ChannelStats` of each spatial-map layer.
-        digests: the content digest of each row.
-        task: ``classify``, ``multilabel`` or ``regress``: what ``labels`` hold (a view, never a key).
-
-    :meth:`layout` gives each stored array's layout (:mod:`featcache.layout`).
-    """
-
-    key: str
-    path: Path
-    features: dict[str, RowView]
-    labels: np.ndarray
-    ids: list[str]
-    classes: list[str]
-    manifest: dict[str, Any]
-    hit: bool = False
-    channel_stats: dict[str, ChannelStats] = field(default_factory=dict)
-    digests: list[str] = field(default_factory=list)
-    task: str = "classify"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __repr__(self) -> str:
-        # A notebook prints this: counts and shapes, never the rows, ids or class names.
-        layers = {k: tuple(v.shape[1:]) for k, v in self.features.items()}
-        split = self.manifest.get("split")
-        return (
-            f"CachedFeatures(split={split!r}, rows={len(self)}, layers={layers}, dtype={self.dtype!r}, "
-            f"classes={len(self.classes)}, key='{self.key[:12]}…')"
-        )
-
-    @property
-    def dtype(self) -> str:
-        return str(self.manifest["record"]["dtype"])
-
-    @property
-    def layouts(self) -> dict[str, str | None]:
-        """Each layer's stored layout: ``NC`` vectors, ``NCHW``/``NHWC`` maps, ``NLD`` tokens, ``NCL``;
-        None where it is unknown (stored as is, no pooling heads).
-
-        Example:
-            >>> cached.layouts  # doctest: +SKIP
-            {'features.5': 'NHWC'}
-        """
-        return {k: self.layout(k) for k in self.features}
-
-    def layout(self, layer: str) -> str | None:
-        """The stored layout of ``layer`` (entries from before layouts were recorded: maps NCHW, (L, D)
-        rows tokens)."""
-        meta = self.manifest["layers"][layer]
-        return meta["layout"] if "layout" in meta else legacy_layout(tuple(meta["shape"]))
-
-    @property
-    def rows(self) -> int:
-        """Rows of the split (images that could not be decoded and were skipped are not rows)."""
-        return len(self)
-
-    @property
-    def extracted(self) -> int:
-        """Rows whose image went through the backbone in the call that returned this split."""
-        return int(self.manifest.get("extracted", 0))
-
-    @property
-    def from_cache(self) -> int:
-        """Rows read from the table without a forward pass."""
-        return self.rows - self.extracted
-
-    @property
-    def split_key(self) -> str:
-        """The view's identity: the table key, the rows' digests in order, labels and classes."""
-        return str(self.manifest["split_key"])
-
-    def tensor(
-        self, layer: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
-        """Load one layer into memory (optionally onto a device and cast).
-
-        Example:
-            >>> x = cached.tensor("penultimate", device="cuda", dtype=torch.float32)  # doctest: +SKIP
-        """
-        if layer not in self.features:
-            raise FeatcacheError(
-                f"layer {layer!r} is not in cache {self.key[:12]}; it holds {list(self.features)}"
-            )
-        t = to_torch(np.asarray(self.features[layer]), self.dtype)
-        return t.to(device=device, dtype=dtype or t.dtype)
-
-    def to_dataset(self, layer: str | None = None, dtype: torch.dtype | None = None) -> FeatureDataset:
-        """This split as a torch ``Dataset`` of ``(features, label)`` for any ``DataLoader``; rows are read
-        from the memory maps as they are indexed (:class:`~featcache.cache.dataset.FeatureDataset`).
-
-        Example:
-            >>> loader = DataLoader(cached.to_dataset("penultimate"), batch_size=256)  # doctest: +SKIP
-        """
-        from .dataset import FeatureDataset
-
-        return FeatureDataset(self, layer, dtype)
-
-    def check(self) -> None:
-        """Hash now every shard the split's rows live in (each file once per process, as a first read
-        would): a damaged shard is the table's named error here rather than at a later read. Without
-        ``verify`` (``--no-verify``) the shards are plain memory maps and nothing is hashed.
-
-        Example:
-            >>> cached.check()  # doctest: +SKIP
-        """
-        views: list[Any] = list(self.features.values())
-        views += [v for s in self.channel_stats.values() for v in (s.mean, s.var)]
-        while views:
-            view = views.pop()
-            for part in getattr(view, "parts", ()):
-                if isinstance(part, CheckedShard):
-                    if not part.checked:
-                        part.check()
-                else:
-                    views.append(part)  # a view joined from several splits' views
-
-    def subset(self, indices: Sequence[int] | np.ndarray, split: str) -> CachedFeatures:
-        """Some of the rows, in the given order: a view of the same table (nothing is read or extracted).
-
-        Example:
-            >>> first_ten = cached.subset(range(10), "head")  # doctest: +SKIP
-        """
-        return join_splits([self], split, np.asarray(indices, dtype=np.int64))
-
-
-def join_splits(
-    parts: Sequence[CachedFeatures], split: str, indices: np.ndarray | None = None
-) -> CachedFeatures:
-    """The rows of several splits of one table, one after the other (``indices`` of them when given):
-    a view, nothing is read. The counts say every row came from the cache.
-
-    Example:
-        >>> pool = join_splits([feats["train"], feats["val"]], "train+val")  # doctest: +SKIP
-    """
-    first = parts[0]
-    if any(p.key != first.key or list(p.features) != list(first.features) for p in parts):
-        raise FeatcacheError("only splits of one table, with the same layers, can be joined")
-    sel = np.arange(sum(len(p) for p in parts)) if indices is None else indices
-
-    def joined(get: Any) -> RowView:
-        views = [get(p) for p in parts]
-        if not all(isinstance(v, RowView) for v in views):
-            raise FeatcacheError("only splits read from a table (RowView rows) can be joined")
-        return RowView.concat(views).select(sel)
-
-    feats = {k: joined(lambda p, k=k: p.features[k]) for k in first.features}
-    stats = {
-        k: ChannelStats(
-            joined(lambda p, k=k: p.channel_stats[k].mean), joined(lambda p, k=k: p.channel_stats[k].var)
-        )
-        for k in first.channel_stats
-    }
-    labels = np.concatenate([p.labels for p in parts])[sel]
-    ids = [i for p in parts for i in p.ids]
-    digests = [d for p in parts for d in p.digests]
-    ids, digests = [ids[i] for i in sel], [digests[i] for i in sel]
-    manifest = {
-        "record": first.manifest["record"],
-        "table": first.key,
-        "layers": first.manifest["layers"],
-        "layer_layouts": first.manifest.get("layer_layouts", {}),
-        "split": split,
-        "rows": len(sel),
-        "skipped": [],
-        "extracted": 0,
-        "split_key": split_key(first.key, digests, labels, first.classes),
-    }
-    return CachedFeatures(
-        first.key, first.path, feats, labels, ids, first.classes, manifest, True, stats, digests, first.task
-    )
-
-
-def split_key(table: str, digests: Sequence[str], labels: np.ndarray, classes: Sequence[str]) -> str:
-    """SHA-256 of a split view: its table, its rows' digests in order, their labels, the class names.
-
-    Class indices hash as int64 (the keys of classifier runs are unchanged); label sets and targets hash
-    with their dtype and shape, so a relabelled or re-tasked split is another view.
-    """
-    h = hashlib.sha256(f"{table}|{json.dumps(list(classes))}|".encode())
-    h.update("\n".join(digests).encode())
-    labels = np.asarray(labels)
-    if labels.dtype.kind in "iub":
-        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    else:
-        h.update(f"|{labels.dtype.str}{labels.shape[1:]}|".encode())
-        h.update(np.ascontiguousarray(labels).tobytes())
-    return h.hexdigest()
+__all__ = ["DIGEST_MEMO", "FeatureCache", "cache_key", "cache_root"]
 
 
 def _same_setting(table: FeatureTable, record: TableRecord) -> bool:
@@ -280,84 +48,8 @@ def _same_setting(table: FeatureTable, record: TableRecord) -> bool:
     return mine is not None and mine.same_setting(record)
 
 
-def _describe(table: FeatureTable, index: TableIndex) -> dict[str, Any]:
-    """The fields of a readable table that ``cache ls/info`` show."""
-    rec = table.record
-    shapes = {layer: index.row_meta(layer) for layer in table.layers}
-    size = (rec.get("preprocessing") or {}).get("input_size")
-    created = None
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        created = json.loads((table.path / TABLE_FILE).read_text()).get("created")
-    rows = sum(seg.rows for seg in index.segments)  # a digest in two segments (a cut-short compaction) twice
-    return {
-        "status": "ok" if rows or index.bad else "empty",
-        "model": rec.get("backbone"),
-        "input_size": [int(v) for v in size] if size else None,
-        "layers": {k: list(v[0]) if v else None for k, v in shapes.items()},
-        "channel_stats": [k for k, v in shapes.items() if v and len(v[0]) == 3],
-        "dtype": rec.get("dtype"),
-        "pool": rec.get("pool"),
-        "view": rec.get("view", 0),
-        "augment": rec.get("augment"),
-        "rows": rows,
-        "skipped": len(index.bad),
-        "segments": len(index.segments),
-        "created": created,
-    }
-
-
-def _reason(path: Path, exc: BaseException) -> str:
-    """A few words on why the entry at ``path`` cannot be read (``cache ls`` shows ``damaged: ...``)."""
-    try:
-        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
-    except FileNotFoundError:
-        return f"{TABLE_FILE} is missing"
-    except FeatcacheError:
-        return f"{TABLE_FILE} leads outside the table (a symbolic link?)"
-    except (OSError, ValueError):
-        return f"{TABLE_FILE} is truncated or unreadable"
-    record = doc.get("record") if isinstance(doc, dict) else None
-    if not isinstance(record, dict):
-        return f"{TABLE_FILE} holds no record"
-    try:
-        trusted = cache_key(record) == path.name
-    except FeatcacheError:
-        trusted = False
-    if not trusted:
-        return "its record does not hash to its key"
-    folder = path / "segments"
-    for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
-        try:
-            read_segment(f, list(record.get("layers") or []), digests=False)
-        except FeatcacheError as bad:
-            why = bad.why if isinstance(bad, SegmentError) else _short(bad.__cause__ or bad)
-            return f"segments/{f.name} is unreadable ({why})"
-    return _short(exc)
-
-
-def _old_format(path: Path) -> bool:
-    """An entry of an older format (``gc`` removes it); a table of this one that lost its table.json is
-    damaged instead (``cache rm`` removes it)."""
-    return old_format(path)
-
-
-def _short(exc: BaseException) -> str:
-    if isinstance(exc, KeyError):
-        return f"field {exc.args[0]!r} is missing"
-    return str(exc)[:100]
-
-
 #: one FeatureCache per (root, verify) in this process: :meth:`FeatureCache.shared`
 _SHARED: dict[tuple[str, bool], FeatureCache] = {}
-
-
-def _links_kept(path: Path, key: str) -> list[str]:
-    """``gc``'s note for each symbolic link inside a table: never followed, never deleted."""
-    return [
-        f"{path / name} -> {target}: a symbolic link in table {key[:12]}; gc never follows or deletes links "
-        f"(remove it, or the table with `featcache cache rm {key[:12]}`)"
-        for name, target in links_under(path)
-    ]
 
 
 class FeatureCache:
@@ -531,11 +223,17 @@ class FeatureCache:
         ids: Sequence[str],
         labels: np.ndarray,
         classes: Sequence[str],
-        info: dict[str, Any] | None = None,
+        extraction: ExtractionInfo | None = None,
         task: str = "classify",
+        *,
+        split: str | None = None,
+        dataset: str | None = None,
+        new: Collection[str] = (),
     ) -> CachedFeatures:
         """A split's rows from table ``key``, in the split's order; images recorded as undecodable are
-        left out (listed in ``manifest["skipped"]``).
+        left out (listed in ``result.skipped``). ``extraction`` is what the extraction that served it
+        did, ``new`` the digests it extracted (the rows counted as extracted); ``dataset`` (or the
+        extraction's) is recorded beside the table.
 
         Example:
             >>> t = train  # doctest: +SKIP
@@ -563,22 +261,25 @@ class FeatureCache:
                         f"{key[:12]}` lists what else is, `featcache cache rm {key[:12]}` removes the table"
                     ) from exc
         table.touch()
-        if (info or {}).get("dataset"):
-            record_use(table.path, str((info or {})["dataset"]))
+        dataset = dataset or (extraction.dataset if extraction else None)
+        if dataset:
+            record_use(table.path, dataset)
         kept, y = [digests[i] for i in keep], label_array(labels, task)[keep]
-        skipped = [{"id": ids[i], "reason": index.bad[digests[i]]} for i in absent]
-        manifest = {
-            "record": table.record,
-            "table": key,
-            "rows": len(keep),
-            "layers": {
-                layer: {"shape": list(v.shape), "layout": index.layout(layer)} for layer, v in feats.items()
-            },
-            "layer_layouts": index.layer_layouts(),
-            "skipped": skipped,
-            "split_key": split_key(key, kept, y, classes),
-            **(info or {}),
-        }
+        fresh = set(new)
+        result = SplitResult(
+            table=key,
+            split=split,
+            split_key=split_key(key, kept, y, classes),
+            rows=len(keep),
+            extracted=sum(d in fresh for d in kept) if fresh else 0,
+            skipped=tuple((ids[i], index.bad[digests[i]]) for i in absent),
+            record=table.identity,
+            stored_record=table.record,
+            layers={layer: LayerMeta(tuple(v.shape), index.layout(layer)) for layer, v in feats.items()},
+            layer_layouts=index.layer_layouts(),
+            dataset=dataset,
+            extraction=extraction,
+        )
         channel = {k: ChannelStats(v["mean"], v["var"]) for k, v in stats.items()}
         ids_kept = [ids[i] for i in keep]
         return CachedFeatures(
@@ -588,7 +289,8 @@ class FeatureCache:
             y,
             ids_kept,
             list(classes),
-            manifest,
+            result,
+            hit=not fresh,
             channel_stats=channel,
             digests=kept,
             task=task,
@@ -606,41 +308,16 @@ class FeatureCache:
         key = self.resolve(key)
         path = self.path(key)
         if path.is_symlink():  # never read through: its target is outside the cache, or may be
-            return self._link_info(key)
-        used = last_used(path)
-        base = {
-            "key": key,
-            "bytes": folder_bytes(path),
-            "path": str(path),
-            "datasets": list(datasets_used(path)),
-            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
-            "last_used_unix": used,
-        }
+            return link_info(path)
+        base = entry_base(path)
         try:
             table = self.open(key)
-            return {**base, **_describe(table, table.counts())}
+            return {**base, **describe(table, table.counts())}
         except (FeatcacheError, OSError, KeyError, TypeError, ValueError) as exc:  # damage on disk
-            if _old_format(path):
+            if old_format(path):
                 return {**base, "status": "old format", "problem": str(exc)}
-            return {**base, "status": "damaged", "reason": _reason(path, exc), "problem": str(exc)}
-
-    def _link_info(self, key: str) -> dict[str, Any]:
-        """``info`` of an entry that is a symbolic link: nothing behind it is read or counted."""
-        path = self.path(key)
-        used = path.lstat().st_mtime
-        target = os.readlink(path)
-        return {
-            "key": key,
-            "bytes": 0,
-            "path": str(path),
-            "datasets": [],
-            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(used)),
-            "last_used_unix": used,
-            "status": "damaged",
-            "reason": f"a symbolic link to {target!r} (never read; `cache rm` removes the link, not its "
-            "target)",
-            "problem": str(linked_entry(path)),
-        }
+            reason = damage_reason(path, exc, read_segment)
+            return {**base, "status": "damaged", "reason": reason, "problem": str(exc)}
 
     def scan(self, selection: Selection | None = None) -> CacheScan:
         """Every entry (those passing ``selection`` when given), most recently used first, and the folders
@@ -736,65 +413,8 @@ class FeatureCache:
             >>> FeatureCache().gc(unused_for_s=30 * 86400, max_bytes=10 << 30)["unused"]  # doctest: +SKIP
             ['/home/me/.cache/featcache/9c1d...']
         """
-        removed: dict[str, list[str]] = {
-            "old_format": [],
-            "leftovers": [],
-            "unused": [],
-            "over_size": [],
-            "not_removed": [],  # "path: why": links gc neither follows nor deletes
-        }
-        now = time.time()
-        for key in self.entries():
-            path = self.path(key)
-            if path.is_symlink():
-                removed["not_removed"].append(
-                    f"{path} -> {os.readlink(path)}: an entry that is a symbolic link; gc never follows or "
-                    f"removes links (`featcache cache rm {key[:12]}` removes the link, not its target)"
-                )
-                continue
-            with self.lock(key, blocking=False) as taken:
-                if not taken:  # an extraction is appending to this table right now
-                    continue
-                try:
-                    table = self.open(key)
-                    index = table.index()
-                except FeatcacheError:
-                    if _old_format(path):
-                        remove([path])
-                        removed["old_format"].append(str(path))
-                    else:  # a damaged table stays for `cache verify` / `cache rm`; its links are named
-                        removed["not_removed"] += _links_kept(path, key)
-                    continue
-                junk = table.leftovers(index)
-                remove(junk)
-                removed["leftovers"] += [str(p) for p in junk]
-                idle = now - table.last_used()
-                if (not index.segments and idle > empty_older_than_s) or (
-                    unused_for_s is not None and idle > unused_for_s
-                ):
-                    remove([path])  # the links inside go as links: their targets stay
-                    self._tables.pop(key, None)
-                    removed["unused"].append(str(path))
-                    continue
-                removed["not_removed"] += _links_kept(path, key)
-        if max_bytes is not None:
-            removed["over_size"] = self._fit(max_bytes)
-        return removed
+        return collect(self, unused_for_s, empty_older_than_s, max_bytes)
 
-    def _fit(self, max_bytes: int) -> list[str]:
-        """Remove the least recently used entries until the entries' bytes are at most ``max_bytes``."""
-        entries = self.scan().entries  # most recently used first
-        total, out = sum(int(e["bytes"]) for e in entries), []
-        for e in reversed(entries):
-            if total <= max_bytes:
-                break
-            if Path(e["path"]).is_symlink():  # frees nothing; gc never removes links
-                continue
-            with self.lock(e["key"], blocking=False) as taken:
-                if not taken:  # being appended to: its size is about to change anyway
-                    continue
-                remove([Path(e["path"])])
-            self._tables.pop(e["key"], None)
-            total -= int(e["bytes"])
-            out.append(e["path"])
-        return out
+    def forget(self, key: str) -> None:
+        """Drop this object's open table ``key`` (removed from disk: the next ``open`` reads again)."""
+        self._tables.pop(key, None)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-import shutil
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,14 +25,14 @@ import numpy as np
 
 from .._util import FeatcacheError, inside, links_under, write_json
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
-from .identity import TableRecord, table_key
+from .housekeeping import last_used, linked_entry, remove
+from .identity import TABLE_FILE, TableRecord, table_key
 from .lookup import RowMap, hex_digests
-from .rows import RowView, Shard
+from .rows import STORAGE_DTYPES, RowView, Shard
 from .writer import (
     CACHE_VERSION,
     CHANNEL_STATS,
     SEGMENT_NAME,
-    STORAGE_DTYPES,
     digests_file,
     segment_checksum,
     sha256_file,
@@ -44,11 +44,10 @@ if TYPE_CHECKING:  # data/ imports torch: `cache ls` starts without it, so the m
     from ..data.digests import DigestMemo, StatKey
 
 log = logging.getLogger(__name__)
-TABLE_FILE = "table.json"
-#: merged segments hold about this many bytes of rows, and segments under a quarter of it are merged ...
+#: merged runs are cut into segments of about this many bytes of rows; a run this big is never merged
 MERGE_BYTES = 1 << 30
-#: ... once this many have accumulated (an incremental run adds up to 8)
-MERGE_COUNT = 16
+#: size tiers: a run's tier is floor(log_MERGE_COUNT(its bytes)); this many runs of one tier merge
+MERGE_COUNT = 4
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 #: the files of one layer in a segment: its rows, and a map's channel statistics
 FILE_KINDS = ("rows", *CHANNEL_STATS)
@@ -77,18 +76,6 @@ class Segment:
     def digests(self) -> list[str]:
         """Each row's digest as hex (made on demand: a table's index keeps the raw records)."""
         return hex_digests(self.raw)
-
-
-def old_format(path: Path) -> bool:
-    """Whether ``path`` is an entry of an older cache format: a table file of another version (never
-    read: ``cache gc`` removes it), or no table file and no segments (formats before tables)."""
-    try:
-        doc = json.loads(Path(inside(path, TABLE_FILE)).read_text())  # never read through a link out
-        return bool(doc.get("cache_version") != CACHE_VERSION)
-    except FileNotFoundError:
-        return not (path / "segments").is_dir()  # segments without table.json: a damaged table
-    except (OSError, ValueError, AttributeError):
-        return False  # a damaged table file: for `cache verify` / `cache rm`, not for gc
 
 
 class SegmentError(FeatcacheError):
@@ -683,10 +670,10 @@ class FeatureTable:
 
     def compact(self, chunk_bytes: int = 1 << 30, only: Sequence[Segment] | None = None) -> tuple[int, int]:
         """Rewrite the table's rows (those of the segments ``only`` when given) into as few segments as
-        ``chunk_bytes`` allows (the caller holds its lock); returns (segments before, after). Rows are
-        copied, not recomputed: every digest keeps its bytes. The new segments are committed before the
-        old ones are removed, so a crash leaves a readable table (a digest in two segments is read from
-        the first)."""
+        ``chunk_bytes`` allows, one run (the caller holds its lock); returns (segments before, after).
+        Rows are copied, not recomputed: every digest keeps its bytes. The new segments are committed
+        before the old ones are removed, so a crash leaves a readable table (a digest in two segments is
+        read from the first)."""
         index = self.index()
         before = index.segments if only is None else list(only)
         if only is None and len(before) <= 1 and not self.leftovers(index):
@@ -696,7 +683,7 @@ class FeatureTable:
         meta = {layer: index.row_meta(layer) for layer in self.layers}
         row_bytes = sum(int(np.prod(m[0])) * np.dtype(m[1]).itemsize for m in meta.values() if m) or 1
         step = max(1, chunk_bytes // row_bytes)
-        info = {"compacted_from": len(before), "layer_layouts": index.layer_layouts()}
+        info = {"compacted_from": len(before), "layer_layouts": index.layer_layouts(), "run": new_run()}
         method = next((s.info["method"] for s in index.segments if s.rows and "method" in s.info), None)
         for i in range(0, max(len(digests), 1), step):
             part = digests[i : i + step]
@@ -718,20 +705,91 @@ class FeatureTable:
         return len(index.segments), len(self.segment_files())
 
     def merge_small(self, target_bytes: int = MERGE_BYTES, at_least: int = MERGE_COUNT) -> tuple[int, int]:
-        """Merge the table's small segments (rows under a quarter of ``target_bytes``) into segments of
-        about ``target_bytes`` once ``at_least`` of them have accumulated (the caller holds the lock),
-        as a log-structured store does: a table fed a few images a day stays O(size / target) segments
-        without `cache compact`. Returns (segments before, after).
+        """Merge the table's small runs by size tier (the caller holds the lock), as a size-tiered
+        log-structured store does: once ``at_least`` runs of one tier (:func:`merge_plan`) have
+        accumulated they become one run, in segments of about ``target_bytes``; runs of
+        ``target_bytes`` or more are never rewritten. A merge at least multiplies a row's run size by
+        ``at_least``, so each row is rewritten O(log(table / first run)) times over the table's life,
+        the table holds O(log) small runs, and one small add never rewrites a bigger run. Each merge
+        commits its new segments before it removes the old ones (:meth:`compact`). Returns (segments
+        before, after).
 
         Example:
             >>> table.merge_small()  # doctest: +SKIP
             (11, 4)
         """
+        first = len(self.index().segments)
+        self._drop_shadowed()
+        while True:
+            index = self.index()
+            runs: dict[str, list[Segment]] = {}
+            for seg in index.segments:
+                runs.setdefault(run_of(seg), []).append(seg)
+            sizes = {run: sum(_segment_bytes(s) for s in segs) for run, segs in runs.items()}
+            groups = merge_plan(sizes, at_least, target_bytes)
+            if not groups:
+                return first, len(index.segments)
+            self.compact(target_bytes, [s for run in groups[0] for s in runs[run]])
+
+    def _drop_shadowed(self) -> None:
+        """Remove the segments none of whose rows is read (every digest served by an earlier segment, no
+        unreadable-image record of their own): what a merge cut short between its commit and the old
+        segments' removal leaves. The segment file goes first, then its unreferenced shards."""
         index = self.index()
-        small = [s for s in index.segments if _segment_bytes(s) < target_bytes // 4]
-        if len(small) < at_least:
-            return len(index.segments), len(index.segments)
-        return self.compact(target_bytes, small)
+        elsewhere = [
+            seg
+            for pos, seg in enumerate(index.segments)
+            if seg.rows
+            and all(index.where[d][0] != pos for d in seg.digests)
+            and all(any(d in o.skipped for o in index.segments if o is not seg) for d in seg.skipped)
+        ]
+        for seg in elsewhere:
+            (self.path / "segments" / f"{seg.name}.json").unlink()
+        if elsewhere:
+            remove(self.leftovers(self.index()))
+
+
+def new_run() -> str:
+    """A fresh run id: the segments one extraction (or one merge) commits share it."""
+    return secrets.token_hex(8)
+
+
+def run_of(seg: Segment) -> str:
+    """The run a segment belongs to: the extraction or merge that committed it (segments from before
+    runs were recorded are each a run of their own)."""
+    run = seg.info.get("run")
+    return run if isinstance(run, str) else seg.name
+
+
+def tier(size: int, fanout: int) -> int:
+    """A run's size tier: floor(log_fanout(size)), so merging ``fanout`` runs of one tier lands a tier
+    higher at least.
+
+    Example:
+        >>> tier(4**5, 4), tier(4**5 - 1, 4)
+        (5, 4)
+    """
+    t, size = 0, max(int(size), 1)
+    while size >= fanout:
+        size //= fanout
+        t += 1
+    return t
+
+
+def merge_plan(sizes: dict[str, int], fanout: int, final_bytes: int) -> list[list[str]]:
+    """Which runs to merge (``sizes``: each run's bytes of rows, in commit order): every tier holding at
+    least ``fanout`` runs under ``final_bytes``, smallest tier first, each as one group (nothing is
+    read or written: the plan alone).
+
+    Example:
+        >>> merge_plan({"a": 1 << 30, "b": 9, "c": 10, "d": 11, "e": 12, "f": 100}, 4, 1 << 30)
+        [['b', 'c', 'd', 'e']]
+    """
+    tiers: dict[int, list[str]] = {}
+    for run, size in sizes.items():
+        if size < final_bytes:
+            tiers.setdefault(tier(size, fanout), []).append(run)
+    return [group for _, group in sorted(tiers.items()) if len(group) >= fanout]
 
 
 def _segment_bytes(seg: Segment) -> int:
@@ -746,47 +804,3 @@ def _stamp(file: Path) -> str:
     except OSError:
         return file.name  # gone: reading it names the problem
     return f"{file.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-
-
-def linked_entry(path: Path) -> FeatcacheError:
-    """The error for a cache entry that is a symbolic link: never read or written through."""
-    target = os.readlink(path) if path.is_symlink() else "?"
-    return FeatcacheError(
-        f"cache entry {str(path)!r} is a symbolic link (to {target!r}): featcache reads and writes only "
-        f"inside the cache root, never through a link; `featcache cache rm {path.name[:12]}` removes the "
-        "link (never what it points to)"
-    )
-
-
-def remove(paths: Sequence[Path]) -> None:
-    """Delete files and folders (already gone is fine); a symbolic link is removed itself, never what it
-    points to (``shutil.rmtree`` removes the links inside a folder, not their targets)."""
-    for p in paths:
-        if p.is_symlink():
-            p.unlink(missing_ok=True)
-        elif p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def last_used(path: Path) -> float:
-    """When a split was last read from the table at ``path`` (Unix time): its ``last_used`` file, else its
-    creation; readable for a damaged table too. No link is followed (a link's own time is read)."""
-    for name in ("last_used", TABLE_FILE):
-        with contextlib.suppress(OSError):
-            return (path / name).lstat().st_mtime
-    return path.lstat().st_mtime
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of every file under ``path``; what a symbolic link points to is not counted (nor is a
-    ``path`` that is a link: removing it frees nothing)."""
-    if path.is_symlink():
-        return 0
-    total = 0
-    for d, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(d, f)).st_size
-    return total

@@ -29,21 +29,18 @@ import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # torch is imported where rows become tensors: `cache ls` starts without it
-    import torch
 
 from .._disk import disk_errors, ensure_space
 from .._util import FeatcacheError, is_inside, no_follow_open, stable_hash, write_json
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
 from .identity import CACHE_VERSION
+from .rows import to_torch
 
 __all__ = ["CACHE_VERSION", "write_segment"]  # CACHE_VERSION lives with the table record (identity.py)
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 CHANNEL_STATS = ("mean", "var")
 #: segment names: commit time (ns) and a random tag, so sorting them sorts by commit time
 SEGMENT_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{8}$")
@@ -78,15 +75,6 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     return meta
 
 
-def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A tensor over a stored array (bfloat16 is stored as raw uint16 and viewed back)."""
-    import torch
-
-    a = np.ascontiguousarray(array)
-    t = torch.from_numpy(a if a.flags.writeable else a.copy())
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
 def channel_stats(maps: np.ndarray, dtype: str = "float32", layout: str = "NCHW") -> dict[str, np.ndarray]:
     """Per row and channel of a map or token layer in the storage ``dtype``: the mean and (population)
     variance over its positions (:func:`featcache.layout.channel_stats`) of the stored (rounded)
@@ -106,6 +94,29 @@ def channel_stats(maps: np.ndarray, dtype: str = "float32", layout: str = "NCHW"
         out["mean"][s : s + len(t)] = mean.numpy()
         out["var"][s : s + len(t)] = var.numpy()
     return out
+
+
+#: a shard holds about this many bytes of rows at most (``shard_mb``'s default): an ImageNet-scale map
+#: table (1.28M rows of 256 x 14 x 14 float16, 128 GB) is ~128 shards, not thousands of files
+SHARD_MB = 1024
+#: ... and a split is cut into at least this many shards where its batches allow: an interruption loses
+#: at most about this fraction of the split's extraction
+MIN_SHARDS = 8
+
+
+def shard_plan(row_bytes: int, rows: int, batch_size: int, shard_mb: int = SHARD_MB) -> int:
+    """Rows per shard for appending ``rows`` rows of ``row_bytes`` bytes each (every layer): about
+    ``shard_mb`` MB, at least :data:`MIN_SHARDS` shards where the batches allow, always whole batches
+    (a multiple of ``batch_size``), so a resumed append, which starts at the first uncommitted shard,
+    forms the same batches as an uninterrupted one and stores the same bytes. Nothing is written.
+
+    Example:
+        >>> shard_plan(256 * 14 * 14 * 2, 1_281_167, 256)  # an ImageNet-scale map table: 1 GB shards
+        10752
+    """
+    per = max(1, (shard_mb << 20) // max(row_bytes, 1))
+    per = min(per, max(1, -(-rows // MIN_SHARDS)))
+    return max(1, -(-per // batch_size)) * batch_size
 
 
 def shard_file(segment: str, layer_pos: int, kind: str = "rows") -> str:

@@ -15,7 +15,7 @@ from .flags import from_args
 from .show import print_json
 
 if TYPE_CHECKING:
-    from ..cache.store import CachedFeatures
+    from ..cache.splits import CachedFeatures
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
@@ -50,9 +50,9 @@ def cmd_extract(a: argparse.Namespace) -> None:
         print(f"{split:5s} {f.key[:16]}  {count_text(f)}  {shapes}  [{status}]")
     tables = sorted({str(f.path) for f in feats.values()})  # the splits usually share one table
     print(f"cache table{'s' if len(tables) > 1 else ''}: {', '.join(tables)}")
-    skipped = [(split, s) for split, f in feats.items() for s in f.manifest["skipped"]]
-    for split, s in skipped[:5]:  # all of them are in each split's manifest (`cache info`)
-        print(f"skipped ({split}): {s['id']}: {s['reason']}", file=sys.stderr)
+    skipped = [(split, s) for split, f in feats.items() for s in f.result.skipped]
+    for split, (id_, why) in skipped[:5]:  # all of them are in each split's manifest (`cache info`)
+        print(f"skipped ({split}): {id_}: {why}", file=sys.stderr)
     if len(skipped) > 5:
         print(
             f"... and {len(skipped) - 5} more skipped images (each split's manifest lists them)",
@@ -90,7 +90,7 @@ def counts(f: CachedFeatures) -> dict[str, int]:
         "rows": f.rows,
         "from_cache": f.from_cache,
         "extracted": f.extracted,
-        "skipped": len(f.manifest["skipped"]),
+        "skipped": len(f.result.skipped),
     }
 
 

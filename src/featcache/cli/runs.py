@@ -22,7 +22,7 @@ from .flags import from_args
 from .show import print_json
 
 if TYPE_CHECKING:
-    from ..cache.store import CachedFeatures
+    from ..cache.splits import CachedFeatures
     from ..runs.folder import RunRecord
     from ..runs.folds import FoldsResult
 

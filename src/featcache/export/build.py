@@ -270,6 +270,7 @@ def _build_head_run(
     run_cfg = record.backbone
     backbone = _rebuilt_backbone(folder, record, weights, given)
     extract = record.extract
+    # runs recorded before the backbone carried its input size hold the source's own preprocessing
     cfg = run_cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else run_cfg
     backbone = Backbone(backbone.model, replace(cfg, classifier=cfg.classifier or backbone.cfg.classifier))
     layer, pool = record.layer, str(extract.get("pool", "avg"))
@@ -326,9 +327,8 @@ def _build_finetuned(
     if python_only:
         raise FeatcacheError(python_only)
     backbone, record = load_finetuned(run_dir, weights, given)
-    extract, finetune = record.extract, record.verb["finetune"]["train"]
-    cfg = backbone.cfg.with_input_size(*extract["input_size"]) if extract.get("input_size") else backbone.cfg
-    pre = cfg.preprocessing
+    finetune = record.verb["finetune"]["train"]
+    pre = backbone.cfg.preprocessing  # load_finetuned built it for the run's input size
     net = FeatureExtractor(backbone.model, [LOGITS], "hooks", None, backbone.cfg.spec)
     model = ExportedModel(
         Preprocess(pre), Network(net, LOGITS, "none", "float32", nn.Identity()), list(record.classes)

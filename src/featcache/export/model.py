@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.preprocessing import Preprocessing
-from ..extraction.pooling import pool_features
+from ..layout import pool_features
 
 
 def _kernel(x: Tensor, mode: str) -> Tensor:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -26,8 +27,9 @@ from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.identity import TableRecord
-from ..cache.store import DIGEST_MEMO, CachedFeatures, FeatureCache, cache_key
-from ..cache.table import TABLE_FILE, FeatureTable
+from ..cache.splits import CachedFeatures, ExtractionInfo
+from ..cache.store import DIGEST_MEMO, FeatureCache, cache_key
+from ..cache.table import TABLE_FILE, FeatureTable, new_run
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
 from ..data.digests import DigestMemo, SampleChangedError
@@ -36,7 +38,7 @@ from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES
 from .config import DEFAULT_LAYER, ExtractConfig, View, Views, parse_layers
 from .distributed import Ranks
-from .extractor import Extractor, decode_workers, resolved_cfg, shard_rows, use_amp
+from .extractor import Extractor, decode_workers, shard_rows, use_amp
 from .nodes import defining_method
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def cache_record(
         backbone=backbone.cfg.spec,
         weights_id=backbone.cfg.weights_id,
         preprocessing=TableRecord.from_json_preprocessing(
-            resolved_cfg(backbone, config).preprocessing.key_record()
+            backbone.at_input_size(config.input_size).cfg.preprocessing.key_record()
         ),
         layers=tuple(sorted(layers)),
         pool=config.pool,
@@ -123,7 +125,10 @@ def extract(
         torch.Size([3500, 1280])
     """
     config = config or ExtractConfig()
-    out = _extract(backbone, samples, layers, config, cache_dir, split, progress, ranks, view)
+    backbone = backbone.at_input_size(config.input_size)  # itself when loaded for that size
+    names = parse_layers(layers, backbone)
+    cache, record = FeatureCache.shared(cache_dir, config.verify), cache_record(backbone, names, config, view)
+    out = _extract(backbone, samples, names, config, cache, record, split, progress, ranks, view)
     if config.on_bad_image == "error":
         _raise_bad({split: (samples, out)})
     return out
@@ -132,24 +137,23 @@ def extract(
 def _extract(
     backbone: Backbone,
     samples: SampleSet,
-    layers: str | Sequence[str],
+    names: Sequence[str],
     config: ExtractConfig,
-    cache_dir: str | None,
+    cache: FeatureCache,
+    record: TableRecord,
     split: str,
     progress: bool,
     ranks: Ranks | None,
     view: View | None,
 ) -> CachedFeatures:
     """:func:`extract` up to the bad-image error: an unreadable image is recorded in its shard's segment
-    and left out of the split's rows under either policy."""
-    names = parse_layers(layers, backbone)
+    and left out of the split's rows under either policy. ``backbone`` is at the config's input size,
+    ``names`` are parsed, ``record`` is the table's."""
     if len(samples) == 0:
         msg = (
             "nothing to extract (a --limit below the number of classes, or split fractions leaving it empty?)"
         )
         raise FeatcacheError(f"the {split} split of {samples.name!r} holds no samples: {msg}")
-    cache = FeatureCache.shared(cache_dir, verify=config.verify)
-    record = cache_record(backbone, names, config, view)
     if ranks is not None:
         ranks.agree(cache_key(record)[:16], "cache key")  # else they would append to different tables
     memo = DigestMemo(cache.root / DIGEST_MEMO)
@@ -168,25 +172,21 @@ def _extract(
             if attempt or ranks is not None:
                 raise
             _forget_unserved(job, memo)  # a memoised digest the bytes disagree with: hashed once more
-    info = {
-        "split": split,
-        "dataset": dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
-        "images_extracted": len(done.digests),
-        "extract_seconds": round(time.perf_counter() - t0, 3),
-        "extract_config": _jsonable(config, names, view),
-        "backbone_cfg": resolved_cfg(backbone, config).to_dict(),
-        "processes": 1 if ranks is None else ranks.world,
-        "rows_by_process": done.by_process,
-        "method": done.method or _table_method(cache.open(key)),
-    }
-    out = cache.open_split(
-        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task
+    info = ExtractionInfo(
+        dataset=dataset_name(samples.source),  # recorded beside the table (`cache ls`), not in its key
+        images_extracted=len(done.digests),
+        extract_seconds=round(time.perf_counter() - t0, 3),
+        extract_config=_jsonable(config, names, view),
+        backbone_cfg=backbone.cfg.to_dict(),
+        processes=1 if ranks is None else ranks.world,
+        rows_by_process=done.by_process,
+        method=done.method or _table_method(cache.open(key)),
     )
-    new = set(done.digests)
-    extracted = sum(d in new for d in out.digests) if new else 0  # a hit: no pass over the split
-    out.manifest["extracted"] = out.manifest["rows_extracted_this_run"] = extracted
-    out.hit = not new
-    return out
+    # the split's result is built once, filled: the rows extracted in this call counted as they are read
+    return cache.open_split(
+        key, names, digests, samples.ids, samples.labels, samples.classes, info, samples.task,
+        split=split, new=done.digests,
+    )  # fmt: skip
 
 
 def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
@@ -194,7 +194,8 @@ def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
     which did not hash to its memoised digest), so that they are hashed again."""
     try:
         index = job.cache.open(job.key).index()
-        lacking = [i for i, d in enumerate(job.digests) if d not in index.where and d not in index.bad]
+        absent = np.flatnonzero(~index.where.held(job.digests)).tolist()
+        lacking = [i for i in absent if job.digests[i] not in index.bad]
     except FeatcacheError:
         lacking = list(range(len(job.digests)))
     memo.forget([p for p in map(job.samples.file_path, lacking) if p is not None])
@@ -299,13 +300,14 @@ def _build(job: _Job, table: FeatureTable, missing: list[str], ranks: Ranks | No
         first.setdefault(d, i)  # a duplicated image is read from its first file
     ex = Extractor(job.backbone, table.layers, job.config)
     rows_per: int = _decided(ranks, lambda: _shard_rows(ex, len(missing), ranks))
+    run: str = _decided(ranks, new_run)  # every rank's segments are one run (the merge policy's unit)
     shards = [missing[i : i + rows_per] for i in range(0, len(missing), rows_per)]
     world = 1 if ranks is None else ranks.world
     mine = [d for j, s in enumerate(shards) if ranks is None or ranks.owns(j) for d in s]
     if (ranks is None or ranks.is_main) and len(missing) < len(set(job.digests)):
         log.info("table %s: %d of %d images to extract", table.key[:12], len(missing), len(set(job.digests)))
     if mine:
-        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, ranks)
+        _run(ex, job, table, mine, [first[d] for d in mine], rows_per, run, ranks)
     if ranks is not None:
         ranks.barrier()  # every rank's segments are committed
     by_process = {str(r): sum(len(s) for s in shards[r::world]) for r in range(world)}
@@ -333,10 +335,11 @@ def _run(
     pending: Sequence[str],
     indices: Sequence[int],
     rows_per: int,
+    run: str,
     ranks: Ranks | None = None,
 ) -> None:
     """The batch loop: forward each batch, keep its rows on the device, commit a segment per shard."""
-    cfg, config, view = resolved_cfg(job.backbone, job.config), job.config, job.view
+    cfg, config, view = job.backbone.cfg, job.config, job.view
     augment = make_augment(view.augment, cfg.input_size) if view else None
     pre = cfg.preprocessing
     # Each new file is read once (hashed, checked and decoded from the same bytes); its pixels are resized
@@ -350,7 +353,12 @@ def _run(
         persistent_workers=False,
     )
     # the layers' own layouts (what pooling averaged over) travel with every segment
-    info = {"process": ranks.rank if ranks else 0, "method": ex.net.method, "layer_layouts": ex.layouts}
+    info = {
+        "process": ranks.rank if ranks else 0,
+        "method": ex.net.method,
+        "layer_layouts": ex.layouts,
+        "run": run,
+    }
     stored = ex.stored_layouts()
     # A shard's rows stay on the device until the shard closes: one host transfer per shard, not per batch.
     buf: dict[str, list[torch.Tensor]] = {layer: [] for layer in table.layers}
@@ -407,9 +415,39 @@ def extract_splits(
         >>> splits = load_dataset("digits")
         >>> feats = extract_splits(bb, splits, ["layer3"], ExtractConfig())  # doctest: +SKIP
     """
-    config, names = config or ExtractConfig(), parse_layers(layers, backbone)
+    config = config or ExtractConfig()
+    backbone = backbone.at_input_size(config.input_size)  # itself when loaded for that size
+    names = parse_layers(layers, backbone)
+    cache, record = FeatureCache.shared(cache_dir, config.verify), cache_record(backbone, names, config)
+    return extract_table(backbone, splits, names, config, record, cache, progress=progress, ranks=ranks)
+
+
+def extract_table(
+    backbone: Backbone,
+    splits: DatasetSplits,
+    names: Sequence[str],
+    config: ExtractConfig,
+    record: TableRecord,
+    cache: FeatureCache,
+    *,
+    progress: bool = True,
+    ranks: Ranks | None = None,
+) -> dict[str, CachedFeatures]:
+    """:func:`extract_splits` for a caller that has resolved its parts once (a run's
+    :class:`~featcache.runs.job.Job`): ``backbone`` at the config's input size
+    (:meth:`~featcache.backbones.Backbone.at_input_size`), ``names`` as :func:`parse_layers` gave them,
+    ``record`` the table's :func:`cache_record` for them, ``cache`` the open cache. A record made for
+    another backbone, layers or setting is refused: the rows would be filed under another table.
+
+    Example:
+        >>> names = parse_layers("layer3", bb)  # doctest: +SKIP
+        >>> record, cache = cache_record(bb, names, cfg), FeatureCache.shared()  # doctest: +SKIP
+        >>> feats = extract_table(bb, splits, names, cfg, record, cache)  # doctest: +SKIP
+    """
+    backbone = backbone.at_input_size(config.input_size)  # itself when resolved already
+    _check_record(record, backbone, names, config)
     out = {
-        name: _extract(backbone, s, names, config, cache_dir, name, progress, ranks, None)
+        name: _extract(backbone, s, names, config, cache, record, name, progress, ranks, None)
         for name, s in splits.items()
     }
     if config.on_bad_image == "error":  # every unreadable image of every split in one error
@@ -417,15 +455,38 @@ def extract_splits(
     return out
 
 
+def _check_record(
+    record: TableRecord, backbone: Backbone, names: Sequence[str], config: ExtractConfig
+) -> None:
+    """Refuse a table record that does not describe these layers of this backbone under ``config``."""
+    expected = {
+        "backbone": backbone.cfg.spec,
+        "weights_id": backbone.cfg.weights_id,
+        "preprocessing": TableRecord.from_json_preprocessing(backbone.cfg.preprocessing.key_record()),
+        "layers": tuple(sorted(names)),
+        "pool": config.pool,
+        "dtype": config.dtype,
+        "view": 0,
+    }
+    wrong = [
+        f"{k} {getattr(record, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(record, k) != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"the table record does not describe this extraction: {'; '.join(wrong)}; build it with "
+            "cache_record(backbone, layers, config) for the same backbone, layers and config"
+        )
+
+
 def _raise_bad(served: dict[str, tuple[SampleSet, CachedFeatures]]) -> None:
     """Raise :func:`bad_images_error` for the unreadable images of these splits (``{split: (samples, rows
     read)}``): those found in this run and those the table recorded when they were first read."""
     found: dict[str, tuple[SampleSet, dict[int, str]]] = {}
     for split, (samples, feats) in served.items():
-        skipped = feats.manifest["skipped"]
+        skipped = feats.result.skipped
         if skipped:
             where = {id_: i for i, id_ in enumerate(samples.ids)}
-            found[split] = (samples, {where[s["id"]]: s["reason"] for s in skipped})
+            found[split] = (samples, {where[id_]: why for id_, why in skipped})
     if found:
         raise bad_images_error(found)
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from .._checks import check_device, check_input_side, check_number
 from .._errors import FeatcacheError, unknown
-from ..cache.writer import STORAGE_DTYPES
+from ..cache.rows import STORAGE_DTYPES
+from ..cache.writer import SHARD_MB
 from ..data.config import BAD_IMAGE_POLICIES, normalize_augment
 from ..layout import TOKEN_POOLS
 
@@ -54,7 +55,8 @@ class ExtractConfig:
         on_bad_image: ``error`` stops naming the file; ``skip`` records it in the manifest.
         amp: bf16 autocast; auto (``None``) means on for CUDA, off on CPU.
         channels_last: NHWC memory format; auto (``None``) means on for CUDA.
-        shard_mb: target size of one shard (the unit of commit and resume).
+        shard_mb: target size of one shard (the unit of commit and resume; at least 8 shards per
+            split where its batches allow): :func:`~featcache.cache.writer.shard_plan`.
         shard_rows: fixed rows per shard (overrides ``shard_mb``; tests use it). Shards hold whole
             batches: both are rounded up to a multiple of ``batch_size``.
         method: ``auto``, ``hooks`` or ``fx`` (see :class:`~featcache.extraction.nodes.FeatureExtractor`).
@@ -78,7 +80,7 @@ class ExtractConfig:
     on_bad_image: str = "error"
     amp: bool | None = None
     channels_last: bool | None = None
-    shard_mb: int = 64
+    shard_mb: int = SHARD_MB
     shard_rows: int | None = None
     method: str = "auto"
     verify: bool = True

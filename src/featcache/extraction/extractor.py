@@ -15,18 +15,14 @@ import torch
 from torch import nn
 
 from .._util import FeatcacheError, resolve_device
-from ..backbones.registry import Backbone, BackboneCfg
+from ..backbones.registry import Backbone
 from ..backbones.shapes import LayerShape, layer_shapes, output_shapes
 from ..backbones.tokens import Tokens, model_tokens, pool_prefix
-from ..cache.writer import STORAGE_DTYPES
+from ..cache.rows import STORAGE_DTYPES
+from ..cache.writer import shard_plan
 from ..layout import NC, NLD, TOKEN_POOLS, pool, pooled_layout, position_axes
 from .config import ExtractConfig
 from .nodes import FeatureExtractor
-
-
-def resolved_cfg(backbone: Backbone, config: ExtractConfig) -> BackboneCfg:
-    """The backbone's preprocessing with the config's input-size override applied."""
-    return backbone.cfg.with_input_size(*config.input_size) if config.input_size else backbone.cfg
 
 
 def decode_workers(workers: int | None, device: torch.device) -> int:
@@ -61,6 +57,7 @@ class Extractor:
     """
 
     def __init__(self, backbone: Backbone, layers: Sequence[str], config: ExtractConfig) -> None:
+        backbone = backbone.at_input_size(config.input_size)  # itself when loaded for that size
         self.backbone, self.layers, self.config = backbone, tuple(layers), config
         self.device = resolve_device(config.device)
         self.amp = use_amp(config, self.device)
@@ -72,7 +69,7 @@ class Extractor:
         self.net = FeatureExtractor(
             backbone.model, self.layers, config.method, backbone.cfg.classifier, backbone.cfg.spec
         )
-        cfg = resolved_cfg(backbone, config)
+        cfg = backbone.cfg
         key = (self.layers, self.net.method, config.pool, cfg.input_size, cfg.channels, str(self.device), cl)
         self.checked = _checks_of(backbone.model, key)
         if "layouts" not in self.checked:  # first extractor of this model, layers and settings
@@ -100,7 +97,7 @@ class Extractor:
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each layer's cached row shape (pooling applied), from one blank image."""
         if "row_shapes" not in self.checked:  # one forward, memoised with the checks
-            cfg = resolved_cfg(self.backbone, self.config)
+            cfg = self.backbone.cfg
             out = self(torch.zeros(1, cfg.channels, *cfg.input_size))
             self.checked["row_shapes"] = {k: tuple(v.shape[1:]) for k, v in out.items()}
         return dict(self.checked["row_shapes"])
@@ -236,7 +233,4 @@ def shard_rows(ex: Extractor, n: int) -> int:
         return ex.config.shard_rows
     itemsize = np.dtype(STORAGE_DTYPES[ex.config.dtype]).itemsize
     row_bytes = sum(math.prod(shape) for shape in ex.row_shapes().values()) * itemsize
-    rows = max(ex.config.batch_size, (ex.config.shard_mb << 20) // max(row_bytes, 1))
-    # >= 8 shards when batches allow: an interruption loses at most about an eighth of the split.
-    rows = min(rows, max(ex.config.batch_size, math.ceil(n / 8)))
-    return int(min(rows, max(n, 1)))
+    return shard_plan(row_bytes, n, ex.config.batch_size, ex.config.shard_mb)

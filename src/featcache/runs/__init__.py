@@ -5,13 +5,14 @@ The names below are imported on first use (PEP 562): the jobs' configs come with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .._lazy import attribute
+from .._lazy import lazy_names
 
 # name -> the module of this package that defines it
 _HOMES = {
     "FinetuneConfig": "config",
+    "Job": "job",
     "KnnConfig": "config",
     "ProbeConfig": "config",
     "Run": "folder",
@@ -37,16 +38,11 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .finetune import finetune_run  # noqa: F401
     from .folder import Run, RunFolder, RunRecord, load_run  # noqa: F401
     from .folds import folds_run  # noqa: F401
+    from .job import Job  # noqa: F401
     from .knn import knn_eval, knn_run  # noqa: F401
     from .probe import probe_run  # noqa: F401
     from .spec import RunSpec  # noqa: F401
     from .sweep import SweepResult, sweep_run  # noqa: F401
     from .train import train_run  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    return attribute(__name__, _HOMES, name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

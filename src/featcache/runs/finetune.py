@@ -30,7 +30,7 @@ from ..data.preprocess import PreprocessedView, make_augment
 from ..data.samples import SampleSet
 from ..extraction.build import bad_images_error, extract, extract_views
 from ..extraction.config import ExtractConfig, Views
-from ..extraction.extractor import decode_workers, resolved_cfg
+from ..extraction.extractor import decode_workers
 from ..train.fit import FitResult, TrainingInterrupted, fit, predict_logits
 from ..train.freeze import (
     FreezePlan,
@@ -51,6 +51,7 @@ from ..train.sources import BatchSource, ViewCycle, source_for
 from .config import MODES, FinetuneConfig  # noqa: F401  (defined there, without torch)
 from .contents import DATASET, check_same_data, split_contents
 from .folder import RunFolder, RunRecord
+from .job import Job
 from .logger import epoch_log
 from .spec import RunSpec
 from .train import evaluate_splits, sigmoid_probs, standardised_targets
@@ -142,18 +143,19 @@ class ImageSource:
             yield x, self.labels[idx].to(self.device)
 
 
-def _bad_images(spec: RunSpec, folder: RunFolder, splits: DatasetSplits) -> None:
+def _bad_images(job: Job) -> None:
     """Every unreadable image, found by one look at the headers before any training: named in one
     error (``--on-bad-image error``), or said and listed in ``skipped.csv`` (``skip``: the loop leaves
     them out)."""
-    found = {n: (s, s.problems(range(len(s)), spec.progress)) for n, s in splits.items()}
+    spec = job.spec
+    found = {n: (s, s.problems(range(len(s)), spec.progress)) for n, s in job.splits.items()}
     found = {n: v for n, v in found.items() if v[1]}
     if found and spec.extract.on_bad_image == "error":
         raise bad_images_error(found)
     rows = [
         {"split": n, "id": s.ids[i], "reason": why} for n, (s, bad) in found.items() for i, why in bad.items()
     ]
-    spec.note_skipped(folder, rows)
+    job.note_skipped(rows)
 
 
 @dataclass
@@ -228,7 +230,9 @@ def load_finetuned(
     size = record.extract.get("input_size")
     if backbone is not None:  # a copy: the classifier is replaced and the trained tensors loaded into it
         module = backbone.model if isinstance(backbone, Backbone) else backbone
-        backbone = load_backbone(copy.deepcopy(module), cfg=record.backbone)
+        backbone = load_backbone(
+            copy.deepcopy(module), cfg=record.backbone, input_size=tuple(size) if size else None
+        )
         weights_arg = "the module passed"
     else:
         backbone = load_backbone(record.model, weights_arg, input_size=tuple(size) if size else None)
@@ -263,22 +267,21 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
             "(--views K --augment ...), not RunSpec.views"
         )
     _warn_ignored(spec.extract)
-    folder = spec.folder("finetune")
     device = resolve_device(spec.train.device)
-    backbone = spec.backbone()
-    splits = spec.load_data()
+    job = Job.open(spec, "finetune")
+    folder, backbone, splits = job.run_folder, job.backbone, job.splits
     task = splits.task
     if task == "regress" and ft.init_head:  # a trained regression head outputs values, not z-scores
         raise FeatcacheError(
             f"--init-head {ft.init_head}: a regression network trains its new classifier on standardised "
             "targets, which a trained regression head's weights do not predict; leave out --init-head"
         )
-    spec.announce("finetune", backbone, splits, f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
-    _bad_images(spec, folder, splits)
-    spec.record_splits(folder, splits)
+    job.announce(f"trains {ft.train}, BatchNorm {ft.bn}", spec.train)
+    _bad_images(job)
+    job.record_splits()
     contents = split_contents(splits, spec.cache_dir, spec.progress)
     spec = replace(spec, train=spec.train.resolved(len(splits.train)))  # the batch size it trains with
-    pre = resolved_cfg(backbone, spec.extract)
+    pre = backbone.cfg
     plan = plan_freeze(
         backbone,
         TrainableSpec.parse(ft.train),
@@ -294,7 +297,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> FinetuneRun
     suffix, mode, reason = _choose_mode(plan, net, ft)
     groups = param_groups(net, plan, spec.train.lr)
     _say_plan(plan, groups, mode, reason, ft, spec.progress)
-    record = spec.record(
+    record = job.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
         ["penultimate"], classes=splits.classes, train=to_json(spec.train),
         finetune=to_json(ft), plan=plan.to_dict(), mode=mode, mode_reason=reason, split_contents=contents,

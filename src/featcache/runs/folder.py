@@ -36,7 +36,7 @@ from .._disk import disk_error, disk_errors, ensure_space
 from .._util import FeatcacheError, check_name, default_mode, resolve_device, write_json
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
-from ..cache.store import CachedFeatures
+from ..cache.splits import CachedFeatures
 from ..data.samples import SampleSet
 from ..extraction.config import ExtractConfig
 from ..train.fit import evaluate

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
-from ..cache.store import CachedFeatures, join_splits
+from ..cache.splits import CachedFeatures, join_splits
 from ..train.config import TrainConfig
 from ..train.fit import TrainingInterrupted, evaluate, predict_logits
 from ..train.heads import Head, HeadInfo, HeadSpec
@@ -37,6 +37,7 @@ from ..train.logistic import Part, RowBlocks
 from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
 from ..train.sources import FeatureSource, source_for
 from .folder import RunFolder, RunRecord
+from .job import Job
 from .probe import ProbeConfig, fit_logistic
 from .spec import RunSpec
 from .target_probes import path_outputs, refit_probe
@@ -331,18 +332,16 @@ def folds_run(
     verb = "train" if isinstance(head, HeadSpec) else "probe"
     if verb == "probe":
         spec.no_resume("probe --folds")
-    folder = spec.folder(verb) if spec.out is not None else None
-    backbone = spec.backbone()
-    layer = spec.one_layer(backbone, layer, verb)
-    splits = spec.load_data()
-    feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.note_data(folder, splits, feats)
+    job = Job.open(spec, verb, layer, folder=None, one_layer=True)
+    folder, backbone, layer = job.folder, job.backbone, job.layer
+    feats, _ = job.extract_all()
+    job.note_data(feats)
     part: dict[str, Any] = (
         {"head": head.to_dict(), "train": to_json(spec.train)}
         if isinstance(head, HeadSpec)
         else {"head": HeadSpec("linear").to_dict(), "probe": to_json(head)}
     )
-    record = spec.record(verb, backbone, feats, [layer], layer=layer, folds=k, **part)
+    record = job.record(verb, backbone, feats, [layer], layer=layer, folds=k, **part)
     if folder is not None:
         if spec.resume:
             folder.check_resume(

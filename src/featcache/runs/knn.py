@@ -27,6 +27,7 @@ from .._util import FeatcacheError, resolve_device
 from ..cache.rows import Rows
 from ..train.objectives import regress_metrics
 from .config import KnnConfig
+from .job import Job
 from .spec import RunSpec
 
 #: normalised query rows kept in memory between bank chunks up to this many bytes (else re-read)
@@ -179,13 +180,12 @@ def knn_run(spec: RunSpec, layer: str = "penultimate", config: KnnConfig | None 
     """
     config = config or KnnConfig()
     spec.no_resume("knn")
-    backbone = spec.backbone()
-    layer = spec.one_layer(backbone, layer, "knn")
-    splits = spec.load_data()
+    job = Job.open(spec, "knn", layer, folder=False, one_layer=True)
+    layer = job.layer
     ks = ",".join(map(str, config.k))
     what = f"layer {layer}, k {ks}, {config.weighting} weights (T={config.temperature:g})"
-    spec.announce("knn", backbone, splits, what, None)
-    feats, _ = spec.extract_all(backbone, splits, [layer])
+    job.announce(what, None)
+    feats, _ = job.extract_all()
     queries = [s for s in ("val", "test") if s in feats]
     if not queries:
         raise FeatcacheError(

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .._config import to_json
 from .._util import FeatcacheError, resolve_device
-from ..cache.writer import to_torch
+from ..cache.rows import to_torch
 from ..extraction.config import DEFAULT_LAYER
 from ..train.fit import class_weights, evaluate
 from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, build_head
@@ -33,6 +33,7 @@ from ..train.logistic import (
 )
 from ..train.sources import FeatureSource, source_for
 from .config import CLASS_WEIGHTS, DEFAULT_STRENGTHS, METRICS, ProbeConfig  # noqa: F401  (no torch)
+from .job import Job
 from .report import most_confused
 from .spec import RunSpec
 from .target_probes import probe_task
@@ -288,14 +289,12 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
     """
     config = config or ProbeConfig()
     spec.no_resume("probe")
-    folder = spec.folder("probe") if spec.out is not None else None
-    backbone = spec.backbone()
-    layer = spec.one_layer(backbone, layer, "probe")
-    splits = spec.load_data()
+    job = Job.open(spec, "probe", layer, folder=None, one_layer=True)
+    folder, backbone, layer, splits = job.folder, job.backbone, job.layer, job.splits
     what = f"layer {layer}, L2 strengths {', '.join(f'{s:g}' for s in config.strengths)} (L-BFGS, full batch)"
-    spec.announce("probe", backbone, splits, what, None)
-    feats, _ = spec.extract_all(backbone, splits, [layer])
-    spec.note_data(folder, splits, feats)
+    job.announce(what, None)
+    feats, _ = job.extract_all()
+    job.note_data(feats)
     if "val" not in feats:
         raise FeatcacheError(
             "the probe needs a validation split: use --val-fraction > 0 (DataConfig(val_fraction=...)) or a "
@@ -321,7 +320,7 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
         res.test["most_confused"] = most_confused(res.test["confusion"], classes)
     if folder is not None:
         folder.write_config(
-            spec.record(
+            job.record(
                 "probe",
                 backbone,
                 feats,

@@ -1,31 +1,26 @@
-"""``RunSpec``: the settings every job shares (model, data, extraction, training, output), given once."""
+"""``RunSpec``: the settings every job shares (model, data, extraction, training, output), given once.
+
+Settings only: a run opens its parts (folder, backbone, splits, cache, layers) once from the spec as a
+:class:`~featcache.runs.job.Job`.
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._config import from_json, to_json
+from .._config import from_json
 from .._errors import FeatcacheError
-from ..cache.housekeeping import cache_root, dataset_name, swap_split_log
 from ..data.config import DataConfig
-from ..extraction.config import ExtractConfig, Views, parse_layers
+from ..extraction.config import ExtractConfig, Views
 from ..train.config import TrainConfig
 from .logger import check_logger
 
-# No torch at import: the command line builds and checks a RunSpec before loading any model; the
-# methods that run jobs import what they use.
+# No torch at import: the command line builds and checks a RunSpec before loading any model.
 if TYPE_CHECKING:
     from ..backbones.registry import Backbone
-    from ..cache.store import CachedFeatures
-    from ..data.datasets import DatasetSplits
-    from .folder import RunFolder, RunRecord
-
-log = logging.getLogger(__name__)
+    from .folder import RunRecord
 
 
 @dataclass(frozen=True)
@@ -103,200 +98,7 @@ class RunSpec:
         )
         return replace(spec, **given), record
 
-    def backbone(self) -> Backbone:
-        """The frozen backbone (loaded once per call; a given :class:`Backbone` is used as is)."""
-        from ..backbones.registry import Backbone, load_backbone
-
-        if isinstance(self.model, Backbone):
-            return self.model
-        # models built for one input size (timm ViT, Swin) are built for this one
-        return load_backbone(self.model, self.weights, input_size=self.extract.input_size)
-
-    def folder(self, verb: str) -> RunFolder:
-        """The run folder, prepared under the resume/overwrite rules every verb shares."""
-        from .folder import RunFolder
-
-        if self.out is None:
-            raise FeatcacheError(f"{verb} needs a run folder: pass --out DIR (RunSpec(out=...))")
-        return RunFolder.prepare(
-            self.out, self.resume, self.overwrite, resumable=verb in ("train", "finetune", "sweep")
-        )
-
-    def one_layer(self, backbone: Backbone, layer: str, verb: str) -> str:
-        """The single layer a ``train`` or ``probe`` job trains on (a set like ``@blocks`` is refused)."""
-        names = parse_layers(layer, backbone)
-        if len(names) != 1:
-            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            raise FeatcacheError(
-                f"{verb} trains on one layer, but {layer!r} names {len(names)} ({shown}); "
-                f"`featcache sweep --layers {layer}` trains a head on each and chooses on val"
-            )
-        return names[0]
-
-    def say(self, text: str) -> None:
-        """A line for the user: on stderr (stdout stays the results') with progress, else logged."""
-        if self.progress:
-            print(text, file=sys.stderr, flush=True)
-        else:
-            log.info(text)
-
-    def announce(
-        self, verb: str, backbone: Backbone, splits: DatasetSplits, what: str, train: TrainConfig | None
-    ) -> None:
-        """The start-of-run line: model, input size and preprocessing, what trains, images and classes,
-        and ``train``'s batch size with its steps per epoch (an automatic one decided for the split)."""
-        from ..extraction.extractor import resolved_cfg
-
-        pre = resolved_cfg(backbone, self.extract).preprocessing
-        h, w = pre.input_size
-        sizes = " / ".join(f"{len(s)} {n}" for n, s in splits.items())
-        line = (
-            f"{verb}: {backbone.cfg.spec} (weights {backbone.cfg.weights}), input {h}x{w}: "
-            f"{pre.describe()}; {what}; {splits.spec}: {sizes} images, {len(splits.classes)} "
-            + ("classes" if splits.task == "classify" else f"{_NOUNS[splits.task]} ({splits.task})")
-        )
-        if train is not None:
-            rows = len(splits.train)
-            auto = " (auto)" if train.batch_size is None else ""
-            line += (
-                f"; batch size {train.batch_for(rows)}{auto}, {train.steps_per_epoch(rows)} steps per epoch"
-            )
-        self.say(line)
-
     def no_resume(self, verb: str) -> None:
         """Verbs that restart from scratch refuse ``resume`` instead of ignoring it."""
         if self.resume:
             raise FeatcacheError(f"{verb} does not resume; run it again (with --overwrite) instead")
-
-    def load_data(self) -> DatasetSplits:
-        """The dataset's splits, digests read through the cache's memo (the seeded split places each
-        image by its content digest, which extraction needs next anyway)."""
-        return self.data.load(self.cache_dir)
-
-    def note_data(
-        self, folder: RunFolder | None, splits: DatasetSplits, feats: Mapping[str, CachedFeatures]
-    ) -> None:
-        """:meth:`note_skipped` and :meth:`record_splits`: what a run says, and writes, about its data."""
-        self.note_skipped(folder, skipped_rows(feats))
-        self.record_splits(folder, splits)
-
-    def record_splits(self, folder: RunFolder | None, splits: DatasetSplits) -> list[dict[str, str]]:
-        """Write ``splits.csv`` in the run folder, remember the membership in the cache for this data
-        source, and say in one line how many images changed split since the folder's own ``splits.csv``
-        or else since the last run on this data source in this cache. Returns the rows written."""
-        rows = splits.membership()
-        now = {r["digest"]: r["split"] for r in rows}
-        before = folder.write_splits(rows) if folder is not None else {}
-        record = {"seed": self.data.seed, "fractions": [self.data.val_fraction, self.data.test_fraction]}
-        last = swap_split_log(
-            cache_root(self.cache_dir), dataset_name(splits.spec), {**record, "splits": now}
-        )
-        for old, where in (
-            (before, "this run folder's splits.csv"),
-            ((last or {}).get("splits", {}), f"the last run on {splits.spec} in this cache"),
-        ):
-            common = [d for d in now if d in old]
-            moved = sum(now[d] != old[d] for d in common)
-            if moved:
-                settings = _setting_change(last, record) if old is not before and last else ""
-                print(  # even with -q: test figures before and after are on different images
-                    f"note: {moved} of {len(common)} images changed split since {where}{settings} (the "
-                    "seeded split places images by content: README 'Splits that stay put')",
-                    file=sys.stderr,
-                )
-                break
-        return rows
-
-    def extract_all(
-        self, backbone: Backbone, splits: DatasetSplits, layers: Sequence[str]
-    ) -> tuple[dict[str, CachedFeatures], list[CachedFeatures]]:
-        """Every split's ``layers`` in one pass (a cache hit runs none), and the training split's views."""
-        from ..extraction.build import extract_splits, extract_views
-
-        kw: dict[str, Any] = {"cache_dir": self.cache_dir, "progress": self.progress}
-        feats = extract_splits(backbone, splits, layers, self.extract, **kw)
-        views = (
-            extract_views(backbone, splits.train, layers, self.views, self.extract, **kw)
-            if self.views
-            else []
-        )
-        return feats, views
-
-    def note_skipped(self, folder: RunFolder | None, skipped: Sequence[Mapping[str, str]]) -> None:
-        """Say how many images were skipped as unreadable (``{split, id, reason}`` rows, as
-        :func:`skipped_rows` makes them) and the first few, and list them all in the run folder's
-        ``skipped.csv`` (nothing when none were)."""
-        rows = folder.write_skipped(skipped) if folder is not None else list(skipped)
-        if rows:
-            shown = ", ".join(f"{r['id']} ({r['split']})" for r in rows[:5])
-            more = f", ... ({len(rows) - 5} more)" if len(rows) > 5 else ""
-            where = f"; all listed in {folder.path / 'skipped.csv'}" if folder is not None else ""
-            self.say(f"skipped {len(rows)} unreadable image(s): {shown}{more}{where}")
-
-    def record(
-        self,
-        kind: str,
-        backbone: Backbone,
-        feats: Mapping[str, CachedFeatures],
-        layers: Sequence[str],
-        views: Sequence[CachedFeatures] = (),
-        **verb: Any,
-    ) -> RunRecord:
-        """The run's ``config.json`` record: the shared part from this spec, plus the verb's part.
-
-        ``verb`` may set ``layer``, ``head`` and ``train`` (typed fields of the record) and any key of
-        the verb's own (``finetune``, ``plan``, ``probe``, ``sweep``, ...).
-        """
-        from .folder import RunRecord
-
-        typed: dict[str, Any] = {k: verb.pop(k) for k in ("layer", "head", "train", "classes") if k in verb}
-        classes = typed.pop("classes", None) or feats["train"].classes
-        if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way
-            typed["layer_layout"] = feats["train"].manifest.get("layer_layouts", {}).get(typed["layer"])
-        return RunRecord(
-            kind=kind,
-            model=backbone.cfg.spec,
-            backbone_cfg=backbone.cfg.to_dict(),
-            data=to_json(self.data),
-            extract={
-                **to_json(self.extract),
-                "layers": list(layers),
-                "augment": self.views.augment if self.views else None,
-                "views": self.views.count if self.views else 0,
-            },
-            classes=tuple(classes),
-            weights=backbone.cfg.weights,
-            weights_arg=self.weights,
-            cache_keys={k: v.key for k, v in feats.items()},
-            split_keys={k: v.split_key for k, v in feats.items()},
-            view_keys=tuple(v.key for v in views),
-            verb={**verb, **({"logger": self.logger} if self.logger != "none" else {})},
-            cache_dir=str(Path(self.cache_dir).resolve()) if self.cache_dir else None,
-            task=feats["train"].task if "train" in feats else "classify",
-            **typed,
-        )
-
-
-#: what a task's classes are, in the start-of-run line
-_NOUNS = {"multilabel": "labels", "regress": "targets"}
-
-
-def _setting_change(last: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    """`` (seed 0 -> 1)``: the split settings that differ from the last run's, or nothing."""
-    diff = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
-    return f" ({', '.join(diff)})" if diff else ""
-
-
-def skipped_rows(feats: Mapping[str, CachedFeatures]) -> list[dict[str, str]]:
-    """The images each split left out as unreadable (its manifest's ``skipped``), as ``{split, id,
-    reason}`` rows.
-
-    Example:
-        >>> skipped_rows(feats)  # doctest: +SKIP
-        [{'split': 'train', 'id': 'cats/broken.jpg', 'reason': 'OSError: ...'}]
-    """
-    return [
-        {"split": split, "id": str(s["id"]), "reason": str(s["reason"])}
-        for split, f in feats.items()
-        for s in f.manifest.get("skipped", [])
-    ]

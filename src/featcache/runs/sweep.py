@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..backbones.registry import Backbone
-from ..cache.store import CachedFeatures
+from ..cache.splits import CachedFeatures
 from ..data.datasets import DatasetSplits
-from ..extraction.config import parse_layers
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted
 from ..train.grid import grid_not_covered
@@ -44,6 +43,7 @@ from ..train.heads import Head, HeadInfo, HeadSpec, build_head
 from ..train.objectives import metric_key
 from .config import SweepGrid, grid  # noqa: F401  (defined there, without torch)
 from .folder import RunFolder, RunRecord
+from .job import Job
 from .logger import epoch_log
 from .report import plot_sweep
 from .spec import RunSpec
@@ -89,25 +89,23 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         >>> res = sweep_run(spec, SweepGrid(("blocks.5", "penultimate"), lrs=(1e-3, 3e-3)))  # doctest: +SKIP
         >>> res.best["layer"], res.best["val_acc"]  # doctest: +SKIP
     """
-    folder = spec.folder("sweep")
-    backbone = spec.backbone()
-    layers = list(parse_layers(sweep.layers, backbone))
-    splits = spec.load_data()
+    job = Job.open(spec, "sweep", sweep.layers)
+    folder, backbone, layers, splits = job.run_folder, job.backbone, list(job.layers), job.splits
     key = _chosen_on(splits, sweep)
     configs = sweep.configs(spec.train.resolved(len(splits.train)))
     what = f"{len(layers)} layers x {len(configs)} settings, {sweep.head.kind} head"
-    spec.announce("sweep", backbone, splits, what, spec.train)
+    job.announce(what, spec.train)
     t0 = time.perf_counter()
-    feats, views = spec.extract_all(backbone, splits, layers)  # one pass for every layer
+    feats, views = job.extract_all()  # one pass for every layer
     extract_seconds = time.perf_counter() - t0
-    spec.note_data(folder, splits, feats)
+    job.note_data(feats)
     for layer in layers:  # a head that cannot take some layer fails now, not after hours of others
         try:
             shape, layout = tuple(feats["train"].features[layer].shape[1:]), feats["train"].layout(layer)
             build_head(sweep.head, shape, len(splits.classes), layout=layout)
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
-    _write_record(spec, folder, spec.record(
+    _write_record(spec, folder, job.record(
         "sweep", backbone, feats, layers, views, head=sweep.head.to_dict(), train=to_json(spec.train),
         grid={k: v for k, v in to_json(sweep).items() if k != "head"},
     ))  # fmt: skip
@@ -117,13 +115,11 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
     reused = 0  # finished runs of an interrupted sweep, read back (--resume)
     why_not = grid_not_covered(sweep.head, configs, splits.task, len(views))
     if why_not is not None and len(configs) > 1:  # said before the bar starts
-        spec.say(f"sweep: each of the {len(configs)} settings trains on its own, not as one grid: {why_not}")
+        job.say(f"sweep: each of the {len(configs)} settings trains on its own, not as one grid: {why_not}")
     bar = tqdm(total=len(layers) * len(configs), desc="sweep", unit="run", disable=not spec.progress)
     for li, layer in enumerate(layers):
         runs = [
-            _run_of(
-                spec, folder, backbone, feats, views, sweep.head, layer, cfg, axes, li * len(configs) + ci
-            )
+            _run_of(job, folder, backbone, feats, views, sweep.head, layer, cfg, axes, li * len(configs) + ci)
             for ci, cfg in enumerate(configs)
         ]
         done = [(spec.resume and _finished_row(child, record, key)) or None for child, record, _, _ in runs]
@@ -143,9 +139,9 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
             bar.update()
     bar.close()
     if reused == len(rows):
-        spec.say(f"{folder.path} is finished: all {reused} runs reused from it, none trained")
+        job.say(f"{folder.path} is finished: all {reused} runs reused from it, none trained")
     elif reused:
-        spec.say(f"resumed {folder.path}: {reused} finished runs reused, {len(rows) - reused} trained")
+        job.say(f"resumed {folder.path}: {reused} finished runs reused, {len(rows) - reused} trained")
     if not _trained(rows):
         raise FeatcacheError(f"every combination of the sweep diverged; see {folder.path}/*/ and lower --lrs")
     best = best_on_val(_trained(rows), key)
@@ -246,7 +242,7 @@ def _interrupted(folder: RunFolder, result: FitResult) -> TrainingInterrupted:
 
 
 def _run_of(
-    spec: RunSpec,
+    job: Job,
     folder: RunFolder,
     backbone: Backbone,
     feats: dict[str, CachedFeatures],
@@ -264,7 +260,7 @@ def _run_of(
         [f"{index:02d}", layer.replace(":", "_").replace("/", "_")]
         + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
     )
-    record = spec.record(
+    record = job.record(
         "sweep", backbone, feats, [layer], views, layer=layer, head=head.to_dict(),
         train=to_json(cfg), sweep=str(folder.path),
     )  # fmt: skip

@@ -19,12 +19,9 @@ from torch import nn
 
 from .._config import to_json
 from .._util import resolve_device
-from ..backbones.registry import Backbone
-from ..cache.store import CachedFeatures, FeatureCache
+from ..cache.splits import CachedFeatures
 from ..data.datasets import DatasetSplits
-from ..extraction.build import cache_record
 from ..extraction.config import DEFAULT_LAYER
-from ..extraction.extractor import Extractor
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit, predict_logits
 from ..train.grid import fit_grid, grid_not_covered
@@ -33,6 +30,7 @@ from ..train.objectives import best_threshold
 from ..train.sources import BatchSource, FeatureSource, ViewCycle, source_for
 from .contents import check_same_data, split_contents
 from .folder import Run, RunFolder
+from .job import Job
 from .logger import EpochHook, epoch_log
 from .report import most_confused
 from .spec import RunSpec
@@ -311,18 +309,16 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
         >>> run = train_run(spec, "penultimate", HeadSpec("linear"))  # doctest: +SKIP
     """
     head = head or HeadSpec()
-    folder = spec.folder("train")
-    backbone = spec.backbone()
-    layer = spec.one_layer(backbone, layer, "train")
-    splits = spec.load_data()
+    job = Job.open(spec, "train", layer, one_layer=True)
+    folder, backbone, layer, splits = job.run_folder, job.backbone, job.layer, job.splits
     train = spec.train.resolved(len(splits.train))
-    spec.announce("train", backbone, splits, f"layer {layer}, {head.kind} head", spec.train)
-    _check_head_fits(spec, backbone, splits, layer, head)
+    job.announce(f"layer {layer}, {head.kind} head", spec.train)
+    _check_head_fits(job, head)
     t0 = time.perf_counter()
-    feats, views = spec.extract_all(backbone, splits, [layer])
+    feats, views = job.extract_all()
     extract_seconds = time.perf_counter() - t0
     contents = split_contents(splits, spec.cache_dir)  # the digests extraction computed: no re-hashing
-    record = spec.record(
+    record = job.record(
         "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train),
         split_contents=contents,
     )  # fmt: skip
@@ -331,7 +327,7 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
         keys = ("cache_keys", "split_keys", "view_keys", "train", "head")
         folder.check_resume(record, keys, "this command's settings")
     folder.write_config(record)
-    spec.note_data(folder, splits, feats)
+    job.note_data(feats)
     with epoch_log(spec.logger, folder.path) as on_epoch:
         trained, info, result, metrics = train_on_cache(
             feats, layer, head, train, spec.progress, folder.checkpoint, spec.resume, views, on_epoch
@@ -352,14 +348,9 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
     return run
 
 
-def _check_head_fits(
-    spec: RunSpec, backbone: Backbone, splits: DatasetSplits, layer: str, head: HeadSpec
-) -> None:
+def _check_head_fits(job: Job, head: HeadSpec) -> None:
     """Before an extraction runs, whether ``head`` can take the layer: a wrong pairing fails in a second,
     not after the extraction. The row shape comes from a table that holds the layer, else from one
-    blank image through the backbone."""
-    cached = FeatureCache(spec.cache_dir).row_shape(cache_record(backbone, [layer], spec.extract), layer)
-    if cached is None:
-        ex = Extractor(backbone, [layer], spec.extract)
-        cached = ex.row_shapes()[layer], ex.stored_layouts()[layer]
-    build_head(head, cached[0], len(splits.classes), layout=cached[1])
+    blank image through the backbone (:meth:`Job.row_shape`)."""
+    shape, layout = job.row_shape(job.layer)
+    build_head(head, shape, len(job.splits.classes), layout=layout)

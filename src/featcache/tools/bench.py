@@ -35,7 +35,7 @@ from ..data.preprocess import to_model_input
 from ..data.samples import FileSamples
 from ..extraction.build import extract, extract_splits
 from ..extraction.config import ExtractConfig
-from ..extraction.extractor import Extractor, resolved_cfg
+from ..extraction.extractor import Extractor
 from ..runs.finetune import FinetuneConfig, finetune_run
 from ..runs.folder import environment
 from ..runs.knn import KnnConfig, knn_eval
@@ -118,7 +118,7 @@ class _Bench:
         self, cfg: BenchConfig, device: torch.device, repeats: int, progress: bool, tmp: Path
     ) -> None:
         self.cfg, self.device, self.repeats, self.progress, self.tmp = cfg, device, repeats, progress, tmp
-        self.bb: Backbone = load_backbone(cfg.model)
+        self.bb: Backbone = load_backbone(cfg.model, input_size=cfg.input_size)
         self.ecfg = ExtractConfig(input_size=cfg.input_size, device=str(device), batch_size=128)
         self.layers = ("penultimate",)
         self.splits: DatasetSplits = load_dataset("mnist-5k", 0.1, 0.2, seed=0, limit=cfg.limit)
@@ -155,7 +155,7 @@ class _Bench:
             ex = Extractor(self.bb, self.layers, self.ecfg)
             head = build_head(HeadSpec("linear"), (1280,), 10).to(self.device)
             opt = make_optimizer(head.parameters(), self.tcfg)
-            pre = resolved_cfg(self.bb, self.ecfg)
+            pre = self.bb.cfg
             return sum(
                 naive_epoch(ex, "penultimate", head, splits.train, splits.val, pre, cfg.batch_size, opt)[0]
                 for _ in range(e)
@@ -173,7 +173,7 @@ class _Bench:
         )
 
     def _decoded_batches(self) -> list[torch.Tensor]:
-        pre = resolved_cfg(self.bb, self.ecfg).preprocessing
+        pre = self.bb.cfg.preprocessing
         bs = self.ecfg.batch_size
         train = self.splits.train
         n = (
@@ -224,7 +224,7 @@ class _Bench:
             (root / str(label)).mkdir(parents=True, exist_ok=True)
             self.splits.train.load(i).save(root / str(label) / f"{i:05d}.png")
         files = image_folder(root, 0.0, 0.0).train
-        pre = resolved_cfg(self.bb, self.ecfg).preprocessing
+        pre = self.bb.cfg.preprocessing
         decoded = torch.stack([to_model_input(files.load(i), pre) for i in range(len(files))])
         ex = Extractor(self.bb, self.layers, self.ecfg)
         bs = self.ecfg.batch_size
@@ -598,7 +598,9 @@ class _Bench:
         t0 = time.perf_counter()
         splits = image_folder(root, **split)
         feats = extract_splits(self.bb, splits, self.layers, self.ecfg, cache_dir=cache_dir, progress=False)
-        return time.perf_counter() - t0, sum(f.manifest["images_extracted"] for f in feats.values())
+        return time.perf_counter() - t0, sum(
+            f.result.extraction.images_extracted for f in feats.values() if f.result.extraction
+        )
 
     def relabel_rerun(self) -> dict[str, Any]:
         """A relabel (one file moved to another class folder), another val fraction and another split seed,

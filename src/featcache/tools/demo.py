@@ -21,7 +21,7 @@ from ..backbones.registry import Backbone, load_backbone
 from ..cache.store import FeatureCache
 from ..data.config import DataConfig
 from ..extraction.config import ExtractConfig
-from ..extraction.extractor import Extractor, resolved_cfg
+from ..extraction.extractor import Extractor
 from ..runs.folder import Run, environment
 from ..runs.report import format_table
 from ..runs.spec import RunSpec
@@ -70,7 +70,7 @@ def _introduce(cfg: DemoConfig, dev: torch.device, total: int) -> Backbone:
         total,
         f"The layer the head trains on: '{cfg.layer}' (the classifier's input), near the top of the net.",
     )
-    bb = load_backbone(cfg.model)
+    bb = load_backbone(cfg.model, input_size=cfg.input_size)
     rows = [
         {"layer": r.name, "type": r.type, "output shape": str(list(r.shape or ()))}
         for r in list_layers(bb, cfg.input_size)[-5:]
@@ -171,7 +171,7 @@ def run_demo(
 
 def _naive_epochs(cfg: DemoConfig, bb: Backbone, spec: RunSpec, run: Run, head_spec: HeadSpec) -> list[float]:
     """Seconds of each measured epoch of the naive loop (the backbone runs on every image)."""
-    splits, tcfg = spec.load_data(), spec.train
+    splits, tcfg = spec.data.load(spec.cache_dir), spec.train
     ex = Extractor(bb, [cfg.layer], spec.extract)
     info = run.head_info
     head = build_head(
@@ -179,7 +179,7 @@ def _naive_epochs(cfg: DemoConfig, bb: Backbone, spec: RunSpec, run: Run, head_s
     )
     head = head.to(ex.device)
     opt = make_optimizer(head.parameters(), tcfg)
-    pre = resolved_cfg(bb, spec.extract)
+    pre = bb.cfg
     naive = []
     for _ in range(cfg.naive_epochs):
         seconds, acc = naive_epoch(ex, cfg.layer, head, splits.train, splits.val, pre, cfg.batch_size, opt)

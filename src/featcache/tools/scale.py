@@ -114,7 +114,8 @@ def fill_table(tree: Path, cache: Path) -> str:
     ex = Extractor(bb, table.layers, cfg)
     per = shard_rows(ex, len(digests))
     rng = np.random.default_rng(0)
-    info = {"process": 0, "method": ex.net.method, "layer_layouts": ex.layouts, "seconds": 0.0}
+    # one run, as one extraction commits it (the merge policy's unit: cache.table.merge_plan)
+    info = {"process": 0, "method": ex.net.method, "layer_layouts": ex.layouts, "seconds": 0.0, "run": "fill"}
     for s in range(0, len(digests), per):
         part = digests[s : s + per]
         rows = rng.standard_normal((len(part), WIDTH), dtype=np.float32).astype(np.float16)

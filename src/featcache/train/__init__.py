@@ -5,9 +5,9 @@ The names below are imported on first use (PEP 562): the configs come without to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .._lazy import attribute
+from .._lazy import lazy_names
 
 # name -> the module of this package that defines it
 _HOMES = {
@@ -30,10 +30,4 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ imports on
     from .fit import FitResult, TrainingDiverged, TrainingInterrupted, evaluate, fit  # noqa: F401
     from .heads import Head, HeadInfo, build_head  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    return attribute(__name__, _HOMES, name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -16,8 +16,7 @@ from torch import nn
 
 from .._config import from_json, to_json
 from .._util import FeatcacheError
-from ..cache.rows import Rows, release_pages
-from ..cache.writer import to_torch
+from ..cache.rows import Rows, release_pages, to_torch
 from ..layout import NC, NCHW, NHWC, channel_axis, channels, channels_first, has_positions, pool, stat_shape
 from .config import HEADS, HeadSpec  # noqa: F401  (defined there, without torch)
 

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from .._util import FeatcacheError
-from ..cache.rows import Rows, release_pages
-from ..cache.writer import to_torch
+from ..cache.rows import Rows, release_pages, to_torch
 from .heads import Standardize
 
 #: rows x features x classes up to which a fit on the CPU runs with numpy in float64

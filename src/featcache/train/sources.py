@@ -17,8 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError, resolve_device
-from ..cache.rows import Rows, release_pages
-from ..cache.writer import to_torch
+from ..cache.rows import Rows, release_pages, to_torch
 from .heads import Standardize
 
 

@@ -256,3 +256,50 @@ def test_a_file_changed_after_hashing_is_refused_when_decoded(tmp_path: Path) ->
     files[0].unlink()
     with pytest.raises(SampleChangedError, match=f"{files[0]}.*vanished"):
         train.load_checked(0, digests[0])
+
+
+def test_folders_checked_at_once_serve_each_file_its_own_digest(
+    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memo's records of many folders are compared as one vector: interleaved folders, a folder the
+    memo has never seen, relative paths and changed files each get their own file's SHA-256, and only
+    the files the memo cannot vouch for are read."""
+    files = [tmp_path / f"d{i % 7}" / f"{i:03d}.bin" for i in range(140)]
+    for i, f in enumerate(files):
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(i.to_bytes(2, "little") * (10 + i % 3))
+    backdate(files)
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    memo.file_digests(files[:100])  # d0..d6, the last 40 files unknown to the memo
+    fresh = tmp_path / "new"
+    fresh.mkdir()
+    added = [fresh / "a.bin", fresh / "b.bin"]
+    for f in added:
+        f.write_bytes(f.name.encode() * 5)
+    files[3].write_bytes(b"changed, other size")
+    os.utime(files[10], ns=(files[10].stat().st_atime_ns, files[10].stat().st_mtime_ns))  # ctime only
+    backdate([files[3], *added], 60)
+    reads.clear()
+    monkeypatch.chdir(tmp_path)
+    order = [files[i] for i in np.random.default_rng(0).permutation(len(files))] + added
+    asked = [os.path.relpath(f) if i % 5 == 0 else f for i, f in enumerate(order)]
+    got = memo.file_digests(asked)
+    assert got == [hashlib.sha256(f.read_bytes()).hexdigest() for f in order]
+    assert sorted(reads) == sorted(str(f) for f in [*files[100:], files[3], files[10], *added])
+
+
+def test_a_memo_row_finds_names_from_its_stored_blob() -> None:
+    """A folder row read from the memo keeps its names as stored; the same listing is recognised from
+    them, another listing (reordered, a name added, a name no listing makes) is matched name by name."""
+    from featcache.data.digests import STAT_DTYPE, _DirRow
+
+    names = ["a.png", "b\udcff.png", "c.png"]  # an undecodable byte, as os.scandir gives it
+    row = _DirRow(names, np.zeros(3, STAT_DTYPE), bytes(96))
+    stored = _DirRow.decode(*row.encode())
+    assert stored.positions(list(names)).tolist() == [0, 1, 2]
+    assert stored.positions(["c.png", "a.png"]).tolist() == [2, 0]
+    assert stored.positions(["a.png", "new.png", "b\udcff.png"]).tolist() == [0, -1, 1]
+    assert stored.positions(["a.png", "\ud800.png", "c.png"]).tolist() == [0, -1, 2]
+    assert stored.names == names and stored.encode() == row.encode()
+    with pytest.raises(ValueError, match="2 names, 3 stats"):
+        _DirRow.decode(b"a\0b", np.zeros(3, STAT_DTYPE).tobytes(), bytes(96))

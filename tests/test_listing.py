@@ -30,3 +30,18 @@ def test_the_listing_equals_sorted_rglob(tmp_path: Path) -> None:
     assert sorted(got.ids) == sorted(want) and "dog/file-link.png" in want and "dog/linked/b.png" not in want
     by_class = [i for i in got.ids if i.startswith("cat/")]
     assert by_class == [w for w in want if w.startswith("cat/")]  # the order within a class
+
+
+def test_image_names_are_those_whose_last_suffix_is_an_image_extension() -> None:
+    """The listing's name filter against the rule it stands for: the text after the last dot, lower-cased,
+    is an image extension, and the dot is not the name's first character."""
+    from featcache.data.datasets import _IMAGE_NAME
+    from featcache.data.samples import IMAGE_EXTENSIONS
+
+    names = [".png", "a.png", "a.PNG", "a.Jpeg", "..png", ".x.png", "a.png.txt", "a.txt.png", "png", "a.",
+             "a.pn", "a.pngx", "a\n.png", "a.png\n", "x.\u0130f", "x.g\u0130f", "x.jpg ", "\u00e9.webp",
+             "a.TIFF", "a.tif.bak", "x.ppm", "x.PGM", "x.gif"]  # fmt: skip
+    for name in names:
+        dot = name.rfind(".")
+        want = dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+        assert bool(_IMAGE_NAME.match(name)) == want, name

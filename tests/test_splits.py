@@ -98,3 +98,13 @@ def test_runs_write_splits_csv_and_say_when_splits_changed(
     with (tmp_path / "t" / "splits.csv").open(newline="") as f:
         moved = sum(now[r["id"]] != r["split"] for r in csv.DictReader(f))
     assert f"note: {moved} of 31 images changed split since the last run on" in err and "seed 0 -> 1" in err
+
+
+def test_the_batched_draws_equal_split_draw_per_image() -> None:
+    """hash_split draws every image at once; each draw is split_draw's float for that image alone."""
+    from featcache.data.datasets import _draws, split_draw
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3000)] + ["0" * 64, "f" * 64]
+    for seed in (0, 7):
+        assert _draws(digests, seed).tolist() == [split_draw(d, seed) for d in digests]
+    assert _draws([], 0).shape == (0,)

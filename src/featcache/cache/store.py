@@ -190,7 +190,6 @@ class FeatureCache:
             '9c1d...'
         """
         own, layers = cache_key(record), set(record.layers)
-        wanted = set(digests)
         held: dict[str, int] = {}
         for t in self.tables():
             if t.key == own or (layers <= set(t.layers) and _same_setting(t, record)):
@@ -200,7 +199,7 @@ class FeatureCache:
                     if t.key == own:
                         raise
                     continue  # a damaged table with more layers is not chosen; this one's rows are made
-                held[t.key] = len(wanted) - len(wanted.difference(index.where, index.bad))
+                held[t.key] = index.count_held(digests)
         if not held or max(held.values()) == 0:
             return own
         return max(held, key=lambda k: (held[k], k == own, -len(self.open(k).layers), k))
@@ -243,15 +242,17 @@ class FeatureCache:
         table = self.open(key)
         for attempt in range(2):
             index = table.index()
-            lost = [i for i, d in enumerate(digests) if d not in index.where and d not in index.bad]
+            at = index.where.locate(digests)
+            absent = np.flatnonzero(at[:, 0] < 0).tolist()  # images with no row: bad ones, or lost
+            lost = [i for i in absent if digests[i] not in index.bad]
             if lost:
                 raise FeatcacheError(
                     f"table {key[:12]} holds no row for {len(lost)} of these {len(digests)} images (first: "
                     f"{ids[lost[0]]!r}); run the extraction to add them"
                 )
-            keep = [i for i, d in enumerate(digests) if d in index.where]
+            keep = np.flatnonzero(at[:, 0] >= 0).tolist()
             try:
-                feats, stats = table.view(index, [digests[i] for i in keep], layers)
+                feats, stats = table.view(index, [digests[i] for i in keep], layers, at[keep])
                 break
             except FileNotFoundError as exc:  # a compaction replaced a shard between index and mapping
                 if attempt:
@@ -271,7 +272,7 @@ class FeatureCache:
             split_key=split_key(key, kept, y, classes),
             rows=len(keep),
             extracted=sum(d in fresh for d in kept) if fresh else 0,
-            skipped=tuple((ids[i], index.bad[d]) for i, d in enumerate(digests) if d not in index.where),
+            skipped=tuple((ids[i], index.bad[digests[i]]) for i in absent),
             record=table.identity,
             stored_record=table.record,
             layers={layer: LayerMeta(tuple(v.shape), index.layout(layer)) for layer, v in feats.items()},

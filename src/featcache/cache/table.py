@@ -27,6 +27,7 @@ from .._util import FeatcacheError, inside, links_under, write_json
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
 from .housekeeping import last_used, linked_entry, remove
 from .identity import TABLE_FILE, TableRecord, table_key
+from .lookup import RowMap, hex_digests
 from .rows import STORAGE_DTYPES, RowView, Shard
 from .writer import (
     CACHE_VERSION,
@@ -64,10 +65,17 @@ class Segment:
 
     name: str
     rows: int
-    digests: list[str]  # empty when read for the counts only (``read_segment(..., digests=False)``)
+    #: (rows, 32) uint8, each row's digest as the digests file stores it; no rows when read for the
+    #: counts only (``read_segment(..., digests=False)``)
+    raw: np.ndarray
     skipped: dict[str, str]
     layers: dict[str, dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digests(self) -> list[str]:
+        """Each row's digest as hex (made on demand: a table's index keeps the raw records)."""
+        return hex_digests(self.raw)
 
 
 class SegmentError(FeatcacheError):
@@ -110,13 +118,13 @@ def read_segment(file: Path, layers: Sequence[str], digests: bool = True) -> Seg
         raise _unreadable(file, f"missing field {exc}" if isinstance(exc, KeyError) else exc) from exc
     info = {k: v for k, v in meta.items() if k not in ("rows", "digests", "skipped", "layers")}
     skipped = {str(k): str(v) for k, v in meta["skipped"].items()}
-    rows = _read_digests(file, meta["rows"], meta["digests"]) if digests else []
+    rows = _read_digests(file, meta["rows"], meta["digests"]) if digests else np.empty((0, 32), np.uint8)
     return Segment(file.stem, meta["rows"], rows, skipped, meta["layers"], info)
 
 
-def _read_digests(file: Path, rows: int, want: dict[str, Any]) -> list[str]:
-    """The hex digests of a segment's rows from its digests file, checked against the segment's record
-    of it (size, SHA-256) and for distinct records."""
+def _read_digests(file: Path, rows: int, want: dict[str, Any]) -> np.ndarray:
+    """The digests of a segment's rows ((rows, 32) uint8) from its digests file, checked against the
+    segment's record of it (size, SHA-256) and for distinct records."""
     name = digests_file(file.stem)
     try:
         path = inside(file.parent.parent, name)
@@ -138,11 +146,22 @@ def _read_digests(file: Path, rows: int, want: dict[str, Any]) -> list[str]:
         raise _unreadable(
             file, f"its digests file {name} holds {arr.shape} {arr.dtype}, not ({rows}, 32) uint8"
         )
-    flat = np.ascontiguousarray(arr).tobytes().hex()
-    out = [flat[i : i + 64] for i in range(0, len(flat), 64)]
-    if len(set(out)) != rows:
-        raise _unreadable(file, f"{len(set(out))} distinct digests for {rows} rows")
+    out = np.ascontiguousarray(arr)
+    distinct = _distinct(out)
+    if distinct != rows:
+        raise _unreadable(file, f"{distinct} distinct digests for {rows} rows")
     return out
+
+
+def _distinct(raw: np.ndarray) -> int:
+    """How many distinct digests ``raw`` ((n, 32) uint8) holds: sorted by their first 8 bytes, all 32
+    compared only where those agree."""
+    if len(raw) < 2:
+        return len(raw)
+    prefix = np.ndarray((len(raw),), ">u8", raw, 0, (32,)).astype(np.uint64)
+    if (np.diff(np.sort(prefix)) != 0).all():
+        return len(raw)
+    return len(np.unique(raw.view("S32").reshape(-1)))
 
 
 def _check_segment(meta: Any, layers: Sequence[str]) -> None:
@@ -206,12 +225,21 @@ class TableIndex:
     is read from the first."""
 
     segments: list[Segment]
-    where: dict[str, tuple[int, int]]
+    where: RowMap
     bad: dict[str, str]
 
     def missing(self, digests: Sequence[str]) -> list[str]:
         """The distinct digests of ``digests`` the table holds no row (nor bad-image record) of, in order."""
-        return [d for d in dict.fromkeys(digests) if d not in self.where and d not in self.bad]
+        lacking = np.flatnonzero(~self.where.held(digests)).tolist()
+        return [d for d in dict.fromkeys(digests[i] for i in lacking) if d not in self.bad]
+
+    def count_held(self, digests: Sequence[str]) -> int:
+        """How many distinct digests of ``digests`` the table holds a row or a bad-image record of."""
+        at = self.where.positions(digests)
+        rows = np.zeros(len(self.where.index.raw), bool)
+        rows[at[at >= 0]] = True
+        lacking = {digests[i] for i in np.flatnonzero(at < 0).tolist()}
+        return int(rows.sum()) + sum(d in self.bad for d in lacking)
 
     def row_meta(self, layer: str) -> tuple[tuple[int, ...], str] | None:
         """(row shape, stored dtype) of ``layer``, from any segment with rows; None in an empty table."""
@@ -449,13 +477,15 @@ class FeatureTable:
                 f"cache table {self.key[:12]} is damaged: {disagree}; `featcache cache rm {self.key[:12]}` "
                 "removes it"
             )
-        where: dict[str, tuple[int, int]] = {}
         bad: dict[str, str] = {}
-        for s, seg in enumerate(segments):
-            for r, d in enumerate(seg.digests):
-                where.setdefault(d, (s, r))
+        for seg in segments:
             for d, why in seg.skipped.items():
                 bad.setdefault(d, why)
+        where = RowMap(
+            np.concatenate([seg.raw for seg in segments] or [np.empty((0, 32), np.uint8)]),
+            np.repeat(np.arange(len(segments)), [seg.rows for seg in segments]),
+            np.concatenate([np.arange(seg.rows) for seg in segments] or [np.empty(0, np.int64)]),
+        )
         self._index = (names, TableIndex(segments, where, bad))
         return self._index[1]
 
@@ -469,7 +499,7 @@ class FeatureTable:
         """
         segments = [read_segment(f, self.layers, digests=False) for f in self.segment_files()]
         bad = {d: why for seg in segments for d, why in seg.skipped.items()}
-        return TableIndex(segments, {}, bad)
+        return TableIndex(segments, RowMap.empty(), bad)
 
     def digests(self, index: TableIndex | None = None) -> list[str]:
         """Every digest the table holds a row of, in commit order."""
@@ -525,14 +555,21 @@ class FeatureTable:
         return CheckedShard(arr, f, want["sha256"], self) if self.verify_reads else arr
 
     def view(
-        self, index: TableIndex, digests: Sequence[str], layers: Sequence[str]
+        self,
+        index: TableIndex,
+        digests: Sequence[str],
+        layers: Sequence[str],
+        located: np.ndarray | None = None,
     ) -> tuple[dict[str, RowView], dict[str, dict[str, RowView]]]:
         """The rows of ``digests`` (all held by the table), in that order: ``{layer: RowView}`` and each
         map layer's ``{"mean": RowView, "var": RowView}`` of per-row channel statistics. Every shard the
         rows live in is memory-mapped now, so a compaction afterwards does not pull it away; with
-        ``verify_reads``, each shard's SHA-256 is checked when its first row is read.
+        ``verify_reads``, each shard's SHA-256 is checked when its first row is read. ``located``: the
+        digests' ``index.where.locate(digests)`` when the caller has it.
         """
-        at = np.array([index.where[d] for d in digests], dtype=np.int64).reshape(-1, 2)
+        at = index.where.locate(digests) if located is None else located
+        if len(at) and at.min() < 0:
+            raise KeyError(digests[int(np.flatnonzero(at[:, 0] < 0)[0])])
         used, part = np.unique(at[:, 0], return_inverse=True)
         segs = [index.segments[int(s)] for s in used]
         features: dict[str, RowView] = {}

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,14 @@ def split_draw(digest: str, seed: int = 0) -> float:
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
+def _draws(digests: Sequence[str], seed: int) -> np.ndarray:
+    """:func:`split_draw` of every digest (the same float64 values: the first 8 bytes read big-endian
+    over 2**64), one SHA-256 per image and no Python number per image."""
+    prefix, sha256 = f"split:{seed}:".encode(), hashlib.sha256
+    first = b"".join([sha256(prefix + d.encode()).digest()[:8] for d in digests])
+    return np.frombuffer(first, ">u8").astype(np.float64) / 2.0**64
+
+
 def hash_split(
     digests: Sequence[str], labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -178,7 +187,7 @@ def hash_split(
     labels = np.asarray(labels)
     if len(digests) != len(labels):
         raise FeatcacheError(f"{len(digests)} digests for {len(labels)} labels: one digest per image")
-    draw = np.array([split_draw(d, seed) for d in digests], dtype=np.float64)
+    draw = _draws(digests, seed)
     part = np.where(draw < test_fraction, 2, np.where(draw >= 1.0 - val_fraction, 1, 0))
     for c in np.unique(labels):
         mine = np.flatnonzero(labels == c)
@@ -221,25 +230,37 @@ def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list
     leads outside it, to a file or a folder, is added to ``outside`` (``link -> target``) and not used;
     a linked folder inside ``top`` is not descended into (its files are found where they are).
     """
-    out: list[str] = []
+    plain: list[str] = []  # regular files (no link): the whole of a class folder, as a rule
+    other: list[os.DirEntry[str]] = []  # folders, links and the rest
     with os.scandir(os.path.join(root, relative)) as it:
-        entries = sorted((e.name, e) for e in it)
-    for name, e in entries:
-        dot = name.rfind(".")
-        image = dot > 0 and name[dot:].lower() in _EXTENSIONS
+        for e in it:
+            if e.is_file(follow_symlinks=False):
+                plain.append(e.name)
+            else:
+                other.append(e)
+    images = list(filter(_IMAGE_NAME.match, plain))
+    if not other:
+        images.sort()
+        return [f"{relative}/{n}" for n in images]
+    found: list[tuple[str, list[str]]] = [(n, [f"{relative}/{n}"]) for n in images]
+    other.sort(key=lambda e: e.name)  # links named and folders walked in the order of their names
+    for e in other:
         if e.is_symlink():
             if not is_inside(top, e.path):
                 outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
-            elif image and e.is_file():
-                out.append(f"{relative}/{name}")
-        elif image and e.is_file():
-            out.append(f"{relative}/{name}")
+            elif _IMAGE_NAME.match(e.name) and e.is_file():
+                found.append((e.name, [f"{relative}/{e.name}"]))
         elif e.is_dir(follow_symlinks=False):
-            out += _image_files(root, f"{relative}/{name}", top, outside)
-    return out
+            found.append((e.name, _image_files(root, f"{relative}/{e.name}", top, outside)))
+    found.sort(key=lambda f: f[0])
+    return [p for _, paths in found for p in paths]
 
 
-_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
+#: a file name with an image extension (any case, ASCII as ``str.lower`` folds it) after a non-empty stem:
+#: the last dot is not the first character, ``.png`` alone is a hidden file
+_IMAGE_NAME = re.compile(
+    r"(?s).+\.(?:" + "|".join(e.lstrip(".") for e in IMAGE_EXTENSIONS) + r")\Z", re.IGNORECASE | re.ASCII
+)
 
 
 def _refuse_links_out(top: Path, outside: list[str]) -> None:

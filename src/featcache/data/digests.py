@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import operator
 import os
 import sqlite3
 import stat as stat_mod
@@ -148,30 +149,47 @@ def hash_file(path: str) -> tuple[str, os.stat_result, int]:
 class _DirRow:
     """One folder's memo row: file names, their stat records and digests (32 raw bytes each)."""
 
-    def __init__(self, names: list[str], stats: np.ndarray, digests: bytes) -> None:
-        self.names, self.stats, self.digests = names, stats, digests
+    def __init__(self, names: list[str] | None, stats: np.ndarray, digests: bytes, blob: bytes = b"") -> None:
+        # ``names`` None: the names are ``blob`` (as stored, NUL-separated), split only when asked for;
+        # a folder listed as the memo has it is recognised from the blob alone (no string per file)
+        self._names, self._blob, self.stats, self.digests = names, blob, stats, digests
         self._pos: dict[str, int] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The file names, in the row's order."""
+        if self._names is None:
+            self._names = self._blob.decode("utf-8", "surrogateescape").split("\0") if self._blob else []
+        return self._names
 
     @classmethod
     def decode(cls, names: bytes, stats: bytes, digests: bytes) -> _DirRow:
-        listed = names.decode("utf-8", "surrogateescape").split("\0") if names else []
+        if names is not None and not isinstance(names, bytes):
+            raise TypeError(f"names stored as {type(names).__name__}, not bytes")
+        count = names.count(b"\0") + 1 if names else 0
         arr = np.frombuffer(stats, STAT_DTYPE)
-        if len(arr) != len(listed) or len(digests) != 32 * len(listed):
-            raise ValueError(
-                f"a folder row of {len(listed)} names, {len(arr)} stats, {len(digests)} digest bytes"
-            )
-        return cls(listed, arr, digests)
+        if len(arr) != count or len(digests) != 32 * count:
+            raise ValueError(f"a folder row of {count} names, {len(arr)} stats, {len(digests)} digest bytes")
+        return cls(None, arr, digests, names or b"")
 
     def encode(self) -> tuple[bytes, bytes, bytes]:
-        return "\0".join(self.names).encode("utf-8", "surrogateescape"), self.stats.tobytes(), self.digests
+        joined = None if self._names is None else "\0".join(self._names)
+        blob = self._blob if joined is None else joined.encode("utf-8", "surrogateescape")
+        return blob, self.stats.tobytes(), self.digests
 
-    def positions(self, names: list[str]) -> list[int]:
-        """Each name's position in the row (-1: not there); one list comparison for an unchanged folder."""
+    def positions(self, names: list[str]) -> np.ndarray:
+        """Each name's position in the row (-1: not there); for an unchanged folder one comparison of the
+        joined names with the stored ones."""
+        if self._names is None and len(names) == len(self.stats):  # (no file's name holds a NUL)
+            with contextlib.suppress(UnicodeEncodeError):  # a name no listing made: compared as strings
+                if "\0".join(names).encode("utf-8", "surrogateescape") == self._blob:
+                    return np.arange(len(names))
         if names == self.names:
-            return list(range(len(names)))
+            return np.arange(len(names))
         if self._pos is None:
             self._pos = {n: i for i, n in enumerate(self.names)}
-        return [self._pos.get(n, -1) for n in names]
+        get = self._pos.get
+        return np.fromiter((get(n, -1) for n in names), np.int64, len(names))
 
     def updated(self, changes: dict[str, tuple[tuple[int, ...], bytes]]) -> _DirRow:
         """The row with ``{name: (stat record, digest)}`` replaced or added."""
@@ -196,6 +214,52 @@ def _split(name: str) -> tuple[str, str]:
     """(folder, file name) of an absolute path."""
     folder, _, base = name.rpartition(os.sep)
     return folder or os.sep, base
+
+
+def _by_folder(paths: Sequence[str | os.PathLike[str]]) -> dict[str, tuple[list[int], list[str]]]:
+    """The paths grouped by absolute folder: ``{folder: (indices, file names)}``."""
+    groups: dict[str, tuple[list[int], list[str]]] = {}
+    for i, p in enumerate(paths):
+        name = p if type(p) is str else os.fspath(p)
+        folder, _, base = (name if name[:1] == os.sep else os.path.abspath(name)).rpartition(os.sep)
+        folder = folder or os.sep
+        g = groups.get(folder)
+        if g is None:
+            g = groups[folder] = ([], [])
+        g[0].append(i)
+        g[1].append(base)
+    return groups
+
+
+#: the stat fields a memo record is compared on (STAT_DTYPE without the time of hashing)
+_KEY_FIELDS = ("size", "mtime", "ctime", "ino", "dev")
+_KEY_DTYPE = np.dtype([(f, STAT_DTYPE.fields[f][0]) for f in _KEY_FIELDS])  # type: ignore[index]
+
+
+_KEY_OF = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+
+
+def _stat_records(top: str, names: list[str]) -> np.ndarray:
+    """One ``stat`` per file of folder ``top`` (the floor of a run over a known folder) as records of
+    ``_KEY_DTYPE``, no Python frame per file; a missing file raises naming it."""
+    try:
+        return np.fromiter(map(_KEY_OF, map(os.stat, map(top.__add__, names))), _KEY_DTYPE, len(names))
+    except FileNotFoundError:
+        for n in names:
+            _stat(top + n)  # raises naming the first missing file
+        raise
+
+
+def _vouched(fresh: np.ndarray, memo: np.ndarray) -> np.ndarray:
+    """Which files' memoised digests still hold (bool per file): :func:`trusted` as one vector
+    comparison of their fresh stat records against the memo's (all five fields equal, neither the mtime
+    nor the ctime racily close to the hashing)."""
+    ok = np.ones(len(fresh), bool)
+    for f in _KEY_FIELDS:
+        ok &= fresh[f] == memo[f]
+    ok &= fresh["mtime"] < memo["hashed"] - RACY_NS
+    ok &= fresh["ctime"] < memo["hashed"] - CTIME_TICK_NS
+    return ok
 
 
 class DigestMemo:
@@ -345,47 +409,48 @@ class DigestMemo:
             >>> DigestMemo("/tmp/memo.sqlite3").file_digests(["a.png", "b.png"])  # doctest: +SKIP
             ['9f86d0...', '60303a...']
         """
-        groups: dict[str, tuple[list[int], list[str]]] = {}
-        for i, p in enumerate(paths):
-            name = p if type(p) is str else os.fspath(p)
-            folder, _, base = (name if name[:1] == os.sep else os.path.abspath(name)).rpartition(os.sep)
-            folder = folder or os.sep
-            g = groups.get(folder)
-            if g is None:
-                g = groups[folder] = ([], [])
-            g[0].append(i)
-            g[1].append(base)
+        groups = _by_folder(paths)
         known = self._rows(list(groups))
         out: list[str] = [""] * len(paths)
-        todo: list[tuple[int, str, str]] = []  # (index, folder, name)
-        for folder, (idx, names) in groups.items():
+        todo: list[tuple[int, str, str]] = []  # (index, folder, name): to hash
+        # The files of the folders the memo has a row for: (folder, their indices, names, positions in
+        # the row, the row); their stat records are compared with the memo's as one vector.
+        known_files: list[tuple[str, list[int], list[str], np.ndarray, _DirRow]] = []
+        for folder, (group, names) in groups.items():
             row = known.get(folder)
-            if row is None:
-                todo += [(i, folder, n) for i, n in zip(idx, names)]
-                continue
-            recs, digests = row.stats.tolist(), row.digests
-            top = folder.rstrip(os.sep) + os.sep
-            for i, n, at in zip(idx, names, row.positions(names)):
-                try:
-                    st = os.stat(top + n)
-                except FileNotFoundError:
-                    _stat(top + n)  # raises naming the file
-                    raise
-                # trusted(), written out: this loop is a hit's cost, one pass per file
-                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                rec = recs[at] if at >= 0 else None
-                if (
-                    rec is not None
-                    and key == rec[:5]
-                    and key[1] < rec[5] - RACY_NS
-                    and key[2] < rec[5] - CTIME_TICK_NS
-                ):
-                    out[i] = digests[32 * at : 32 * at + 32].hex()
-                else:
-                    todo.append((i, folder, n))
+            at = row.positions(names) if row is not None else np.full(len(names), -1)
+            if row is None or (at < 0).any():
+                todo += [(group[j], folder, names[j]) for j in np.flatnonzero(at < 0).tolist()]
+                keep = np.flatnonzero(at >= 0).tolist()
+                group, names, at = [group[j] for j in keep], [names[j] for j in keep], at[keep]
+            if row is not None and names:
+                known_files.append((folder, group, names, at, row))
+        ok = self._vouched_files(known_files)
+        o = 0
+        for folder, group, names, at, row in known_files:
+            mine, o = ok[o : o + len(names)], o + len(names)
+            good = np.flatnonzero(mine).tolist()
+            flat = np.frombuffer(row.digests, np.uint8).reshape(-1, 32)[at[good]].tobytes().hex()
+            for k, j in enumerate(good):
+                out[group[j]] = flat[64 * k : 64 * k + 64]
+            todo += [(group[j], folder, names[j]) for j in np.flatnonzero(~mine).tolist()]
         if todo:
-            self._hash(todo, out, known, progress, threads)
+            self._hash(sorted(todo), out, known, progress, threads)
         return out
+
+    @staticmethod
+    def _vouched_files(known: list[tuple[str, list[int], list[str], np.ndarray, _DirRow]]) -> np.ndarray:
+        """Which of these files (folder by folder) the memo vouches for: one ``stat`` each, then
+        :func:`_vouched` over all of them at once."""
+        total = sum(len(names) for _, _, names, _, _ in known)
+        fresh, memo = np.empty(total, _KEY_DTYPE), np.empty(total, STAT_DTYPE)
+        o = 0
+        for folder, _, names, at, row in known:
+            top = folder.rstrip(os.sep) + os.sep
+            fresh[o : o + len(names)] = _stat_records(top, names)
+            memo[o : o + len(names)] = row.stats[at]
+            o += len(names)
+        return _vouched(fresh, memo)
 
     def _hash(
         self,

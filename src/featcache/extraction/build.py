@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -193,7 +194,8 @@ def _forget_unserved(job: _Job, memo: DigestMemo) -> None:
     which did not hash to its memoised digest), so that they are hashed again."""
     try:
         index = job.cache.open(job.key).index()
-        lacking = [i for i, d in enumerate(job.digests) if d not in index.where and d not in index.bad]
+        absent = np.flatnonzero(~index.where.held(job.digests)).tolist()
+        lacking = [i for i in absent if job.digests[i] not in index.bad]
     except FeatcacheError:
         lacking = list(range(len(job.digests)))
     memo.forget([p for p in map(job.samples.file_path, lacking) if p is not None])

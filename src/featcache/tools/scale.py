@@ -163,13 +163,17 @@ def _op_extract(tree: str, cache: str) -> dict[str, Any]:
     """What ``featcache extract`` does: list, digests, choose, append what is missing, read the split,
     and check the shards of rows from the cache."""
     from ..backbones.registry import load_backbone
+    from ..cache.store import DIGEST_MEMO
     from ..data.datasets import load_dataset
+    from ..data.digests import DigestMemo
     from ..extraction.build import extract_splits
 
     register_scale_backbone()
     bb = load_backbone(SCALE_MODEL, "none")
     _imported()
-    splits = load_dataset(tree, val_fraction=0.0, test_fraction=0.0)
+    # the cache's memo, as the CLI's DataConfig.load passes it: the seeded split needs the digests
+    memo = DigestMemo(os.path.join(cache, DIGEST_MEMO))
+    splits = load_dataset(tree, val_fraction=0.0, test_fraction=0.0, memo=memo)
     feats = extract_splits(bb, splits, ["penultimate"], _config(), cache_dir=cache, progress=False)
     for f in feats.values():
         if f.from_cache:
@@ -205,7 +209,9 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
     import torch
 
     from ..backbones.registry import load_backbone
+    from ..cache.store import DIGEST_MEMO
     from ..data.datasets import load_dataset
+    from ..data.digests import DigestMemo
     from ..extraction.build import extract
     from ..train.config import TrainConfig
     from ..train.fit import fit
@@ -216,7 +222,8 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     bb = load_backbone(SCALE_MODEL, "none")
     _imported()
-    train = load_dataset(tree, val_fraction=0.0, test_fraction=0.0).train
+    memo = DigestMemo(os.path.join(cache, DIGEST_MEMO))
+    train = load_dataset(tree, val_fraction=0.0, test_fraction=0.0, memo=memo).train
     feats = extract(bb, train, ["penultimate"], _config(), cache_dir=cache, progress=False)
     x, y = feats.tensor("penultimate", dtype=torch.float32), torch.as_tensor(feats.labels)
     bs = 1024

@@ -18,8 +18,8 @@ from sklearn.linear_model import Ridge
 
 from featcache import DataConfig, ExtractConfig, load_backbone
 from featcache.extraction.build import extract_splits
-from featcache.runs.target_probes import ridge_path, sigmoid_path
 from featcache.train.heads import Standardize
+from featcache.train.target_probes import ridge_path, sigmoid_path
 
 
 def timed(fn):  # type: ignore[no-untyped-def]

@@ -59,6 +59,31 @@ def test_no_import_cycles_between_modules() -> None:
     assert cycles == []
 
 
+#: each stage's rank along the pipeline: a module imports only from its own stage or a lower rank
+STAGES = {
+    "backbones": 0, "data": 1, "cache": 2, "extraction": 3, "train": 3, "runs": 4, "export": 5, "tools": 6,
+    "cli": 7,
+}  # fmt: skip
+
+
+def test_imports_run_only_down_the_pipeline() -> None:
+    """No stage imports a later one (cache never imports extraction, train never imports runs), also
+    inside functions: the folder listing reads as the data path."""
+    up = []
+    for name, (path, tree) in _modules().items():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[1] not in STAGES:
+            continue
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                target = package[: len(package) - (node.level - 1)] + (node.module or "").split(".")
+                stage = target[1] if len(target) > 1 else None
+                if stage in STAGES and STAGES[stage] > STAGES[parts[1]]:
+                    up.append(f"{name}:{node.lineno} imports {'.'.join(target)}")
+    assert up == []
+
+
 def test_no_function_is_longer_than_100_lines() -> None:
     long = [
         f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"

@@ -284,7 +284,7 @@ def test_export_reads_runs_through_the_run_folder_and_imports_no_job_module() ->
 
     import featcache.export
 
-    jobs = {"train", "finetune", "probe", "sweep", "folds", "knn", "target_probes"}
+    jobs = {"train", "finetune", "probe", "sweep", "folds", "knn"}
     seen = set()
     for path in Path(featcache.export.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

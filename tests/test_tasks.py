@@ -25,12 +25,12 @@ from featcache.backbones.registry import Backbone
 from featcache.cli.main import main
 from featcache.data.datasets import load_dataset
 from featcache.extraction.build import extract_splits
-from featcache.runs.target_probes import ridge_path, sigmoid_path
 from featcache.train.config import TrainConfig
 from featcache.train.fit import fit
 from featcache.train.heads import HeadSpec, build_head
 from featcache.train.objectives import make_loss, multilabel_metrics, pos_weights, regress_metrics
 from featcache.train.sources import FeatureSource
+from featcache.train.target_probes import ridge_path, sigmoid_path
 
 N_IMAGES = 400
 LITE = ["efficientnet-lite0", "--input-size", "64", "64", "-q"]

@@ -134,3 +134,13 @@ def disk_errors(
         if err is None:
             raise
         raise err from exc
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("FEATCACHE_HOME"):
+        return Path(os.environ["FEATCACHE_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "featcache"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._disk import cache_root  # noqa: F401  (where the cache lives: shared with data/)
 from .._errors import FeatcacheError, flag
 from .._util import inside, is_inside, links_under, no_follow_open
 from .identity import CACHE_VERSION, TABLE_FILE, table_key
@@ -168,16 +169,6 @@ class CacheScan:
     @property
     def damaged(self) -> list[dict[str, Any]]:
         return [e for e in self.entries if e["status"] == "damaged"]
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$FEATCACHE_HOME``, else ``$XDG_CACHE_HOME/featcache`` (``~/.cache/...``)."""
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("FEATCACHE_HOME"):
-        return Path(os.environ["FEATCACHE_HOME"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "featcache"
 
 
 def dataset_name(name: str) -> str:

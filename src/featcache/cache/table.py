@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256 as _index_sha256
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._util import FeatcacheError, inside, links_under, write_json
+from ..data.digests import DIGEST_MEMO, DigestMemo, StatKey
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
 from .housekeeping import last_used, linked_entry, remove
 from .identity import TABLE_FILE, TableRecord, table_key
@@ -39,9 +40,6 @@ from .writer import (
     shard_file,
     write_segment,
 )
-
-if TYPE_CHECKING:  # data/ imports torch: `cache ls` starts without it, so the memo is imported on use
-    from ..data.digests import DigestMemo, StatKey
 
 log = logging.getLogger(__name__)
 #: merged runs are cut into segments of about this many bytes of rows; a run this big is never merged
@@ -285,9 +283,6 @@ def _disagreement(segments: Sequence[Segment]) -> str:
 
 #: shards whose SHA-256 this process has checked: (real path, inode, size, mtime) -> the checked digest
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
-#: the per-file digest memo under the cache root (:class:`~featcache.data.digests.DigestMemo`); it also
-#: keeps which shard files were checked, by their stat data: a shard is hashed once per file version
-DIGEST_MEMO = ".digests.sqlite3"
 
 
 class CheckedShard:
@@ -353,8 +348,6 @@ class FeatureTable:
         self._checks: dict[str, tuple[StatKey, str]] | None = None  # shards checked by any process
 
     def _memo(self) -> DigestMemo:
-        from ..data.digests import DigestMemo
-
         return DigestMemo(self.path.parent / DIGEST_MEMO)
 
     def checked_before(self, path: str, st: os.stat_result, sha256: str) -> bool:

@@ -109,10 +109,9 @@ class DataConfig:
         and of file digests read from ``cache_dir``'s root: the seeded split places each image by its
         content digest, which extraction needs next anyway)."""
         # here, not at the top: the config is read before torch is imported
-        from ..cache.housekeeping import cache_root
-        from ..cache.store import DIGEST_MEMO
+        from .._disk import cache_root
         from .datasets import load_dataset
-        from .digests import DigestMemo
+        from .digests import DIGEST_MEMO, DigestMemo
 
         splits = load_dataset(
             self.spec,

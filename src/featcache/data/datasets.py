@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torchvision.datasets as tvd
 
+from .._disk import cache_root
 from .._util import FeatcacheError, closest, flag, is_inside, unknown
-from ..cache.housekeeping import cache_root
 from .digests import DigestMemo
 from .hf_datasets import HUB, hf_sets, is_hf_dataset, is_saved_dataset
 from .samples import (

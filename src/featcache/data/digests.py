@@ -38,6 +38,10 @@ from tqdm.auto import tqdm
 
 from .._util import FeatcacheError
 
+#: the per-file digest memo under the cache root; it also keeps which shard files of the cache were
+#: checked, by their stat data: a shard is hashed once per file version
+DIGEST_MEMO = ".digests.sqlite3"
+
 log = logging.getLogger(__name__)
 
 #: a memoised digest is trusted only for files last modified this long before they were hashed

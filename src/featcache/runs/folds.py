@@ -37,12 +37,12 @@ from ..train.logistic import Part, RowBlocks
 from ..train.objectives import METRIC, best_threshold, multilabel_metrics, regress_metrics
 from ..train.probe import ProbeConfig, fit_logistic
 from ..train.sources import FeatureSource, source_for
+from ..train.target_probes import path_outputs, refit_probe
 from .folder import RunFolder, RunRecord
 from .job import Job
 from .metrics import Metrics, scores_of
 from .record import FoldsPart
 from .spec import RunSpec
-from .target_probes import path_outputs, refit_probe
 from .train import train_on_cache
 
 

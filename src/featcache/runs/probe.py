@@ -9,6 +9,7 @@ from .._util import FeatcacheError, resolve_device
 from ..extraction.config import DEFAULT_LAYER
 from ..train.probe import few_shot, linear_probe
 from ..train.sources import source_for
+from ..train.target_probes import probe_task
 from .config import ProbeConfig
 from .folder import Run
 from .job import Job
@@ -16,7 +17,6 @@ from .metrics import Metrics
 from .record import ProbePart
 from .report import most_confused
 from .spec import RunSpec
-from .target_probes import probe_task
 from .train import write_mistakes
 
 

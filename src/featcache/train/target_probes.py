@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._util import FeatcacheError
-from ..train.heads import Head, HeadInfo, HeadSpec, Standardize, TargetScale, build_head
-from ..train.objectives import best_threshold, multilabel_metrics, regress_metrics
-from ..train.probe import ProbeResult
-from ..train.sources import FeatureSource
+from .fit import evaluate
+from .heads import Head, HeadInfo, HeadSpec, Standardize, TargetScale, build_head
+from .objectives import best_threshold, multilabel_metrics, regress_metrics
+from .probe import ProbeResult
+from .sources import FeatureSource
 
 
 def ridge_path(
@@ -272,7 +273,5 @@ def path_outputs(
 
 
 def _test(head: Head, test: FeatureSource, info: HeadInfo, names: list[str]) -> dict[str, Any]:
-    from ..train.fit import evaluate
-
     threshold = info.threshold if info.threshold is not None else 0.5
     return evaluate(head, test, info.num_classes, task=info.task, threshold=threshold, names=names)

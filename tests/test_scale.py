@@ -10,7 +10,7 @@ from featcache.tools.scale import scale_rows
 
 
 def test_the_scale_bench_runs_every_operation_on_a_small_tree(tmp_path: Path) -> None:
-    # a row's name without its figures: "scale: add 1 % / (hit + its extraction) (100 new)" -> "scale: add 1 %"
+    # a row's name without its figures: "scale: add 1 % / (hit + its extraction) (100 new)"
     rows = {re.sub(r" /? ?\(.*", "", r["name"]): r for r in scale_rows(10_000, tmp_path)}
     assert set(rows) == {
         "scale: hit / scandir+stat",

@@ -328,6 +328,51 @@ def _jsonable(config: ExtractConfig, layers: Sequence[str], view: View | None) -
     return {"layers": list(layers), **to_json(config), "augment": view.augment if view else None}
 
 
+#: rows a shard keeps on the device before they move into its host array (one transfer per ~64 MB)
+_DEVICE_BYTES = 64 << 20
+
+
+class _ShardBuffer:
+    """A shard's rows on their way to disk. Batches wait on the device until ~64 MB of them are there,
+    then move in one transfer into the shard's host array (allocated once, at the shard's size: pages
+    are touched only as rows arrive), so a 1 GB shard costs 1 GB of host RAM and 64 MB of device memory,
+    not twice the shard on each (a concatenation on the device, then its copy)."""
+
+    def __init__(self, ex: Extractor, layers: Sequence[str], capacity: int) -> None:
+        self.ex, self.layers, self.capacity = ex, list(layers), capacity
+        self.waiting: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
+        self.host: dict[str, np.ndarray] = {}
+        self.waiting_bytes = self.filled = 0
+
+    def add(self, feats: dict[str, torch.Tensor]) -> None:
+        """One batch's rows of every layer (the same rows in each)."""
+        for layer, t in feats.items():
+            self.waiting[layer].append(t)
+            self.waiting_bytes += t.numel() * t.element_size()
+        if self.waiting_bytes >= _DEVICE_BYTES:
+            self._to_host()
+
+    def _to_host(self) -> None:
+        moved = 0
+        for layer, parts in self.waiting.items():
+            if not parts:
+                continue
+            rows = self.ex.to_numpy(torch.cat(parts))
+            if layer not in self.host:
+                self.host[layer] = np.empty((self.capacity, *rows.shape[1:]), rows.dtype)
+            self.host[layer][self.filled : self.filled + len(rows)] = rows
+            moved = len(rows)
+        self.filled += moved
+        self.waiting, self.waiting_bytes = {k: [] for k in self.layers}, 0
+
+    def take(self) -> dict[str, np.ndarray]:
+        """Every layer's rows added since the last take, in order; the buffer starts the next shard."""
+        self._to_host()
+        out = {k: v[: self.filled] for k, v in self.host.items()}
+        self.host, self.filled = {}, 0
+        return out
+
+
 def _run(
     ex: Extractor,
     job: _Job,
@@ -360,8 +405,7 @@ def _run(
         "run": run,
     }
     stored = ex.stored_layouts()
-    # A shard's rows stay on the device until the shard closes: one host transfer per shard, not per batch.
-    buf: dict[str, list[torch.Tensor]] = {layer: [] for layer in table.layers}
+    buf = _ShardBuffer(ex, table.layers, rows_per)
     rows: list[str] = []
     skipped: dict[str, str] = {}
     done, t0 = 0, time.perf_counter()
@@ -378,13 +422,14 @@ def _run(
             skipped.update((batch[j], errors[j]) for j in bad)
             good = [j for j in range(len(idx)) if not errors[j]]
             keep = torch.tensor(good, dtype=torch.long, device=ex.device) if len(good) < len(idx) else None
-            for layer, t in feats.items():
-                buf[layer].append(t if keep is None else t.index_select(0, keep))
+            buf.add({layer: t if keep is None else t.index_select(0, keep) for layer, t in feats.items()})
             rows.extend(batch[j] for j in good)
             done += len(idx)
             bar.update(len(idx))
             if done % rows_per == 0 or done == len(pending):  # shards are whole batches
-                arrays = {k: ex.to_numpy(torch.cat(v)) for k, v in buf.items()} if rows else {}
+                arrays = buf.take()
+                if not rows:  # every image of the shard was unreadable: no rows to store
+                    arrays = {}
                 seconds = round(time.perf_counter() - t0, 4)
                 write_segment(
                     table.path,
@@ -396,7 +441,7 @@ def _run(
                     info | {"seconds": seconds},
                     layouts=stored,
                 )
-                buf, rows, skipped, t0 = {layer: [] for layer in table.layers}, [], {}, time.perf_counter()
+                rows, skipped, t0 = [], {}, time.perf_counter()
 
 
 def extract_splits(

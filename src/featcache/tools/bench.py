@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._disk import cache_root
 from .._util import resolve_device, write_json
 from ..backbones.layers import count_macs
 from ..backbones.registry import Backbone, load_backbone
@@ -31,6 +32,7 @@ from ..cache.store import FeatureCache
 from ..cache.writer import write_segment
 from ..data.config import DataConfig
 from ..data.datasets import DatasetSplits, builtin_samples, image_folder, load_dataset
+from ..data.digests import DIGEST_MEMO, DigestMemo
 from ..data.preprocess import to_model_input
 from ..data.samples import FileSamples
 from ..extraction.build import extract, extract_splits
@@ -603,7 +605,10 @@ class _Bench:
     def _folder_run(self, root: Path, cache_dir: str, **split: Any) -> tuple[float, int]:
         """Seconds to load the folder and serve every split from the cache; images extracted."""
         t0 = time.perf_counter()
-        splits = image_folder(root, **split)
+        # digests through the cache's memo, as `DataConfig.load` reads them: the seeded split places
+        # images by content, and without the memo it would hash every file on every run
+        memo = DigestMemo(cache_root(cache_dir) / DIGEST_MEMO)
+        splits = image_folder(root, memo=memo, **split)
         feats = extract_splits(self.bb, splits, self.layers, self.ecfg, cache_dir=cache_dir, progress=False)
         return time.perf_counter() - t0, sum(
             f.result.extraction.images_extracted for f in feats.values() if f.result.extraction

@@ -10,6 +10,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -748,3 +749,25 @@ def test_a_refused_pool_leaves_no_empty_table_behind(resnet18: Backbone, tmp_pat
     with pytest.raises(FeatcacheError, match="token layers"):
         extract(resnet18, samples, ["layer3"], cfg, cache_dir=str(tmp_path / "c"), progress=False)
     assert FeatureCache(tmp_path / "c").entries() == []
+
+
+def test_a_shard_buffer_gives_the_rows_in_order_and_moves_them_to_the_host_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a shard writes is the concatenation of its batches, every layer alike, whichever batches
+    waited on the device; at most ~_DEVICE_BYTES wait there before moving into the shard's host array."""
+    build_mod = importlib.import_module("featcache.extraction.build")
+    batch_bytes = 4 * 8 * 4 + 4 * 6 * 4  # 4 float32 rows of an 8-wide and a 2x3 layer
+    monkeypatch.setattr(build_mod, "_DEVICE_BYTES", 2 * batch_bytes)  # two batches wait, then move
+    ex = SimpleNamespace(to_numpy=lambda t: t.numpy())
+    buf = build_mod._ShardBuffer(ex, ["a", "b"], capacity=40)
+    batches = [{"a": torch.randn(4, 8), "b": torch.randn(4, 2, 3)} for _ in range(7)]
+    waited = []
+    for batch in batches:
+        buf.add(batch)
+        waited.append(sum(len(v) for v in buf.waiting["a"]))
+    assert max(waited) == 4 and buf.filled == 24  # three moves of two batches; the seventh still waits
+    out = buf.take()
+    for layer in ("a", "b"):
+        assert np.array_equal(out[layer], torch.cat([b[layer] for b in batches]).numpy())
+    assert buf.filled == 0 and buf.take() == {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from featcache.train.freeze import (
     prefix_layer,
 )
 from featcache.train.heads import HeadSpec
-from test_tasks import LITE, cli
+from test_tasks import LITE, cli, read_csv
 
 digits_sets = test_tasks.digits_sets  # the digits as manifests (multi-label, values), a module fixture
 
@@ -302,11 +301,6 @@ def test_augmented_views_keep_the_cached_prefix(tmp_path: Path) -> None:
         )
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_finetune_a_multilabel_set_trains_sigmoid_bce_and_predicts_label_sets(
     digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -318,7 +312,7 @@ def test_finetune_a_multilabel_set_trains_sigmoid_bce_and_predicts_label_sets(
     assert json.loads((out / "config.json").read_text())["task"] == "multilabel"
     assert metrics["task"] == "multilabel" and metrics["test"]["map"] >= 0.9 and "test mAP" in text
     assert 0 < metrics["threshold"] < 1 and metrics["test"]["threshold"] == metrics["threshold"]
-    rows = _rows(out / "predictions.csv")
+    rows = read_csv(out / "predictions.csv")
     classes = ["big", "even", "odd"]
     y = np.array([[c in r["true"].split(";") for c in classes] for r in rows], dtype=float)
     p = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
@@ -344,7 +338,7 @@ def test_finetune_a_regression_outputs_values_in_the_targets_units(
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "regress" and metrics["test"]["r2"] >= 0.5 and "test R2" in text
-    rows = _rows(out / "predictions.csv")
+    rows = read_csv(out / "predictions.csv")
     true = np.array([float(r["true_label"]) for r in rows])
     pred = np.array([float(r["predicted_label"]) for r in rows])
     assert metrics["test"]["r2"] == pytest.approx(r2_score(true, pred), abs=1e-5)

@@ -24,7 +24,7 @@ from featcache.runs.probe import ProbeConfig
 from featcache.runs.train import train_on_cache
 from featcache.train.config import TrainConfig
 from featcache.train.heads import HeadSpec
-from test_tasks import LITE, cli
+from test_tasks import LITE, cli, read_csv
 
 ECFG = ExtractConfig(input_size=(32, 32), batch_size=32, device="cpu")
 DATA = DataConfig("digits", limit=200)
@@ -159,7 +159,6 @@ def _digit_tree(root: Path, per_class: int = 30) -> list[Path]:
 def test_train_folds_write_a_run_whose_out_of_fold_mistakes_find_a_planted_mislabel(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import csv
 
     from featcache.export.predict import load_predictor
     from featcache.runs.folder import RunFolder
@@ -209,11 +208,6 @@ def test_train_folds_write_a_run_whose_out_of_fold_mistakes_find_a_planted_misla
     assert "5-fold cross-validation accuracy" in capsys.readouterr().out
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_folds_of_a_multilabel_set_score_map_and_rank_the_worst_sets(
     digits_sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -224,7 +218,7 @@ def test_folds_of_a_multilabel_set_score_map_and_rank_the_worst_sets(
         assert code == 0, err
         summary = json.loads((out / "folds.json").read_text())
         assert summary["metric"] == "map" and "cross-validation mAP" in text
-        rows = _read_csv(out / "oof.csv")
+        rows = read_csv(out / "oof.csv")
         classes = ["big", "even", "odd"]
         y = np.array([[c in r["labels"].split(";") for c in classes] for r in rows], dtype=float)
         p = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
@@ -235,7 +229,7 @@ def test_folds_of_a_multilabel_set_score_map_and_rank_the_worst_sets(
         assert statistics.fmean(summary["acc"]) >= 0.9
         loss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)  # the mean BCE per image
         assert [float(r["loss"]) for r in rows] == pytest.approx(loss, abs=1e-3)
-        worst = _read_csv(out / "misclassified.csv")
+        worst = read_csv(out / "misclassified.csv")
         assert worst and all(w["labels"] != w["predicted"] for w in worst)
         assert [float(w["loss"]) for w in worst] == sorted((float(w["loss"]) for w in worst), reverse=True)
         head = json.loads((out / "head.json").read_text())
@@ -255,7 +249,7 @@ def test_folds_of_a_regression_score_r2_and_rank_the_worst_fits(
         assert code == 0, err
         summary = json.loads((out / "folds.json").read_text())
         assert summary["metric"] == "r2" and "cross-validation R2" in text
-        rows = _read_csv(out / "oof.csv")
+        rows = read_csv(out / "oof.csv")
         true = np.array([float(r["true_label"]) for r in rows])
         pred = np.array([float(r["predicted_label"]) for r in rows])
         fold = np.array([int(r["fold"]) for r in rows])
@@ -264,7 +258,7 @@ def test_folds_of_a_regression_score_r2_and_rank_the_worst_fits(
             assert summary["acc"][i] == pytest.approx(r2_score(true[fold == i], pred[fold == i]), abs=1e-4)
         assert statistics.fmean(summary["acc"]) >= 0.5
         assert [float(r["loss"]) for r in rows] == pytest.approx((pred - true) ** 2, rel=1e-4, abs=1e-4)
-        worst = _read_csv(out / "misclassified.csv")
+        worst = read_csv(out / "misclassified.csv")
         assert len(worst) == len(rows) and worst[0]["id"] == rows[int(np.argmax((pred - true) ** 2))]["id"]
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["test"]["r2"] >= 0.5

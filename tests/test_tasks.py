@@ -229,7 +229,8 @@ def test_balanced_positive_weights_are_the_weighted_binary_cross_entropy() -> No
 # --------------------------------------------------------------------------- every verb, per task
 
 
-def _csv(path: Path) -> list[dict[str, str]]:
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """A CSV a run wrote, as its rows (test_finetune and test_folds read them with it too)."""
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
@@ -249,7 +250,7 @@ def test_regress_train_probe_predict_and_the_refusal(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "regress" and json.loads((out / "config.json").read_text())["task"] == "regress"
     assert metrics["test"]["r2"] >= 0.5 and f"test R2 {metrics['test']['r2']:.4f}" in text
-    rows = _csv(out / "predictions.csv")  # the test split, in the targets' units
+    rows = read_csv(out / "predictions.csv")  # the test split, in the targets' units
     true = np.array([float(r["true_label"]) for r in rows])
     pred = np.array([float(r["predicted_label"]) for r in rows])
     assert set(true) <= set(range(10)) and len(rows) == metrics["test"]["n"]
@@ -279,7 +280,7 @@ def test_multilabel_train_probe_predict(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "multilabel" and metrics["test"]["map"] >= 0.9 and "test mAP" in text
     assert "val_map" in metrics["history"][0] and (out / "label_ap.png").stat().st_size > 0
-    rows = _csv(out / "predictions.csv")
+    rows = read_csv(out / "predictions.csv")
     classes = ["big", "even", "odd"]
     y = np.array([[c in r["true"].split(";") for c in classes] for r in rows], dtype=float)
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])

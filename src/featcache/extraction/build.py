@@ -28,11 +28,11 @@ from ..backbones.registry import Backbone
 from ..cache.housekeeping import dataset_name
 from ..cache.identity import TableRecord
 from ..cache.splits import CachedFeatures, ExtractionInfo
-from ..cache.store import DIGEST_MEMO, FeatureCache, cache_key
+from ..cache.store import FeatureCache, cache_key
 from ..cache.table import TABLE_FILE, FeatureTable, new_run
 from ..cache.writer import FIX, FREE_UP, write_segment
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo, SampleChangedError
+from ..data.digests import DIGEST_MEMO, DigestMemo, SampleChangedError
 from ..data.preprocess import AUGMENT_VERSION, PixelBatch, PreprocessedView, make_augment, normalize_pixels
 from ..data.samples import TOO_LARGE, BadImageError, SampleSet
 from ..layout import LAYOUT_RULES

@@ -12,9 +12,8 @@ import numpy as np
 
 from .._util import FeatcacheError
 from ..cache.housekeeping import cache_root
-from ..cache.store import DIGEST_MEMO
 from ..data.datasets import DatasetSplits
-from ..data.digests import DigestMemo
+from ..data.digests import DIGEST_MEMO, DigestMemo
 from .folder import RunFolder
 from .record import FinetunePart, TrainPart
 

@@ -98,10 +98,10 @@ def fill_table(tree: Path, cache: Path) -> str:
     """The table of ``tree`` for :data:`SCALE_MODEL`, its rows written through the real writer in the
     shards extraction cuts (random float16 values: a hit never looks at them); returns its key."""
     from ..backbones.registry import load_backbone
-    from ..cache.store import DIGEST_MEMO, FeatureCache
+    from ..cache.store import FeatureCache
     from ..cache.writer import write_segment
     from ..data.datasets import load_dataset
-    from ..data.digests import DigestMemo
+    from ..data.digests import DIGEST_MEMO, DigestMemo
     from ..extraction.build import cache_record
     from ..extraction.extractor import Extractor, shard_rows
 
@@ -163,9 +163,8 @@ def _op_extract(tree: str, cache: str) -> dict[str, Any]:
     """What ``featcache extract`` does: list, digests, choose, append what is missing, read the split,
     and check the shards of rows from the cache."""
     from ..backbones.registry import load_backbone
-    from ..cache.store import DIGEST_MEMO
     from ..data.datasets import load_dataset
-    from ..data.digests import DigestMemo
+    from ..data.digests import DIGEST_MEMO, DigestMemo
     from ..extraction.build import extract_splits
 
     register_scale_backbone()
@@ -197,9 +196,8 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
     import torch
 
     from ..backbones.registry import load_backbone
-    from ..cache.store import DIGEST_MEMO
     from ..data.datasets import load_dataset
-    from ..data.digests import DigestMemo
+    from ..data.digests import DIGEST_MEMO, DigestMemo
     from ..extraction.build import extract
     from ..train.config import TrainConfig
     from ..train.fit import fit

@@ -256,8 +256,10 @@ def _suffix_graph(model: nn.Module, split: str) -> fx.GraphModule:
     if len(split_node.args) != 1 or split_node.kwargs:
         raise FeatcacheError(f"module {split!r} takes more than one input")
     (x_in,) = split_node.args
+    if not isinstance(x_in, fx.Node):  # a constant: nothing computed before the split reaches it
+        raise FeatcacheError(f"module {split!r} takes a constant, not the output of an earlier layer")
     new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {x_in: new.placeholder("x")}  # type: ignore[dict-item]
+    env: dict[fx.Node, fx.Node] = {x_in: new.placeholder("x")}
     for node in nodes[at:]:
         for arg in node.all_input_nodes:
             if arg in before and arg is not x_in and arg.op != "get_attr":

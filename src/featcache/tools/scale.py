@@ -26,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -304,19 +305,20 @@ def _run(op: str, *args: str) -> dict[str, Any]:
 def _command(*argv: str) -> dict[str, Any]:
     """``featcache ARGV`` as a user runs it, in a fresh process: its wall and CPU seconds (``os.wait4``:
     that child's own; its ``ru_maxrss`` would keep this process's peak across the fork, so no RSS)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "featcache", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise RuntimeError(f"featcache {' '.join(argv)} failed:\n{err[-2000:]}")
-    if proc.stderr:
-        proc.stderr.close()
+    # stderr to a file, not a pipe: nobody reads a pipe while wait4 waits, so a chatty child would block
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "featcache", *argv], stdout=subprocess.DEVNULL, stderr=err,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace")
+            raise RuntimeError(f"featcache {' '.join(argv)} failed:\n{text[-2000:]}")
     return {"seconds": seconds, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 

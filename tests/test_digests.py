@@ -303,3 +303,37 @@ def test_a_memo_row_finds_names_from_its_stored_blob() -> None:
     assert stored.names == names and stored.encode() == row.encode()
     with pytest.raises(ValueError, match="2 names, 3 stats"):
         _DirRow.decode(b"a\0b", np.zeros(3, STAT_DTYPE).tobytes(), bytes(96))
+
+
+def test_folder_listings_serve_the_digests_file_paths_get(
+    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``folder_digests`` (a scan's (folder, names) groups, a folder coming twice, a relative folder)
+    gives what ``file_digests`` gives for the same paths, each file its own SHA-256, and reads only
+    the files the memo cannot vouch for."""
+    files = [tmp_path / f"d{i % 3}" / f"{i:03d}.bin" for i in range(30)]
+    for i, f in enumerate(files):
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(i.to_bytes(2, "little") * (5 + i % 4))
+    backdate(files)
+    monkeypatch.chdir(tmp_path)
+    listing = [
+        (str(tmp_path / "d1"), [f.name for f in files[1:15:3]]),
+        ("d0", [f.name for f in files[0:30:3]]),  # relative to the working folder
+        (str(tmp_path / "d1"), [f.name for f in files[16:30:3]]),  # d1 again, after d0
+        (str(tmp_path / "d2"), []),
+    ]
+    paths = [Path(folder).resolve() / n for folder, names in listing for n in names]
+    want = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    assert DigestMemo(None).file_digests(paths) == want
+    reads.clear()
+    assert memo.folder_digests(listing) == want
+    assert sorted(reads) == sorted(map(str, paths))
+    reads.clear()
+    files[4].write_bytes(b"another content")  # in d1's first group
+    backdate([files[4]], 60)
+    want[paths.index(files[4])] = hashlib.sha256(b"another content").hexdigest()
+    assert memo.folder_digests(listing) == want
+    assert reads == [str(files[4])]
+    assert memo.folder_digests([]) == []

@@ -502,16 +502,20 @@ def test_a_file_changed_or_vanished_during_the_run_is_named_and_committed_rows_s
     build_mod = importlib.import_module("featcache.extraction.build")
     files = write_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=8)
     train = load_dataset(str(tmp_path / "tree"), val_fraction=0.0).train
-    real_digests, seeds = build_mod.DigestMemo.file_digests, iter(range(5, 100))
+    seeds = iter(range(5, 100))
 
-    def then_change(*args, **kw):  # type: ignore[no-untyped-def]
-        out = real_digests(*args, **kw)
-        # right after each hashing, the last image is rewritten: the mismatch found when it is decoded
-        # makes the run hash it once more (#22), and it changes again
-        random_image(np.random.default_rng(next(seeds))).save(files[-1])
-        return out
+    def then_change(real):  # type: ignore[no-untyped-def]
+        def hashed(*args, **kw):  # type: ignore[no-untyped-def]
+            out = real(*args, **kw)
+            # right after each hashing, the last image is rewritten: the mismatch found when it is
+            # decoded makes the run hash it once more (#22), and it changes again
+            random_image(np.random.default_rng(next(seeds))).save(files[-1])
+            return out
 
-    monkeypatch.setattr(build_mod.DigestMemo, "file_digests", then_change)
+        return hashed
+
+    for name in ("file_digests", "folder_digests"):  # a scan's listing first, the paths when hashed again
+        monkeypatch.setattr(build_mod.DigestMemo, name, then_change(getattr(build_mod.DigestMemo, name)))
     cfg = _config(shard_rows=4, on_bad_image="skip")  # not a bad image: skipping does not hide it
     with pytest.raises(SampleChangedError, match=f"{files[-1]}.*changed during this run"):
         extract(resnet18, train, LAYERS, cfg, cache_dir=str(tmp_path / "c"), progress=False)

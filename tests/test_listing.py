@@ -45,3 +45,32 @@ def test_image_names_are_those_whose_last_suffix_is_an_image_extension() -> None
         dot = name.rfind(".")
         want = dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
         assert bool(_IMAGE_NAME.match(name)) == want, name
+
+
+def test_a_scans_digests_are_each_files_own_with_files_between_subfolders(tmp_path: Path) -> None:
+    """A class folder whose files sort between its subfolders is hashed as groups of one folder coming
+    back; each id gets the SHA-256 of its own file, first hashed and then vouched for by the memo, and
+    the ids come in sorted(rglob) order, class by class."""
+    import hashlib
+
+    from featcache.data.digests import DigestMemo
+
+    root = tmp_path / "tree"
+    for n in [
+        "cat/a.png",
+        "cat/b/x.png",
+        "cat/c.png",
+        "cat/d/e/f.png",
+        "cat/d/g.png",
+        "cat/z.png",
+        "dog/m.png",
+    ]:
+        f = root / n
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(n.encode() * 3)
+    want = [p.relative_to(root).as_posix() for c in ("cat", "dog") for p in sorted((root / c).rglob("*.png"))]
+    memo = DigestMemo(tmp_path / "memo.sqlite3")
+    for _ in range(2):  # hashed, then from the memo
+        got = load_dataset(str(root), val_fraction=0.0, test_fraction=0.0, memo=memo).train
+        assert got.ids == want
+        assert got.digests() == [hashlib.sha256((root / i).read_bytes()).hexdigest() for i in want]

@@ -110,3 +110,18 @@ def test_a_kept_answer_is_used_only_for_equal_digests() -> None:
     changed[0] = table[30]
     assert where.locate(changed)[0].tolist() == [0, 30]
     assert where.locate(tuple(asked)).tolist() == first.tolist()
+
+
+def test_a_run_of_rows_in_commit_order_is_found_as_the_search_finds_it() -> None:
+    """A split read back from the table it was extracted into is a run of the rows in commit order
+    (answered without a search): whole, a middle run and a one-row run agree with the dict; a run with
+    one digest swapped, one running past the end, one reversed, and any query in a table holding a
+    digest twice take the search and still agree."""
+    table = _digests(300)
+    swapped = table[50:150]
+    swapped[40] = _digests(1, seed=9)[0]
+    for queries in (table, table[120:260], table[7:8], swapped, table[250:] + table[:10], table[::-1]):
+        _check(table, queries)
+    twice = table[:200] + table[100:150] + _digests(20, seed=8)
+    for queries in (twice[200:250], twice[180:260], twice):
+        _check(twice, queries)  # the second copies are found at their first rows

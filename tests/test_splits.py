@@ -108,3 +108,35 @@ def test_the_batched_draws_equal_split_draw_per_image() -> None:
     for seed in (0, 7):
         assert _draws(digests, seed).tolist() == [split_draw(d, seed) for d in digests]
     assert _draws([], 0).shape == (0,)
+
+
+def _reference_split(
+    digests: list[str], labels: np.ndarray, val: float, test: float, seed: int
+) -> list[list[int]]:
+    """The split rule written plainly: each image by its own draw, then, class by class in sorted order,
+    a class with no train image gets its lowest-drawn image (every copy of it) put in train."""
+    from featcache.data.datasets import split_draw
+
+    draw = [split_draw(d, seed) for d in digests]
+    part = [2 if x < test else 1 if x >= 1.0 - val else 0 for x in draw]
+    for c in sorted(set(labels.tolist())):
+        mine = [i for i in range(len(digests)) if labels[i] == c]
+        if not any(part[i] == 0 for i in mine):
+            rescued = digests[min(mine, key=lambda i: draw[i])]
+            for i, d in enumerate(digests):
+                if d == rescued:
+                    part[i] = 0
+    return [[i for i, p in enumerate(part) if p == k] for k in (0, 1, 2)]
+
+
+def test_hash_split_equals_the_rule_written_plainly() -> None:
+    """Many classes of one to three images (most need the rescue), copies of one image under two
+    classes (a rescue for one class gives the other its train image): the vectorised split equals the
+    plain rule."""
+    rng = np.random.default_rng(3)
+    base = _digests(120, seed=5)
+    digests = base + [base[i] for i in rng.integers(0, 120, 30)]  # 30 copies, some under another class
+    labels = np.concatenate([rng.integers(0, 60, 120), rng.integers(0, 60, 30)])
+    for val, test, seed in ((0.3, 0.4, 0), (0.45, 0.45, 1), (0.0, 0.0, 2), (0.1, 0.2, 7)):
+        got = [a.tolist() for a in hash_split(digests, labels, val, test, seed)]
+        assert got == _reference_split(digests, labels, val, test, seed)

@@ -85,6 +85,8 @@ class DigestIndex:
         self._order = order
         self._keys = sorted_keys
         self._full = full[order]
+        #: no digest held twice: each row's commit position is its own (what a run of rows can use)
+        self._distinct = len(order) == len(self.raw)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -100,11 +102,27 @@ class DigestIndex:
         out = np.full(len(full), -1, np.int64)
         if not len(self._order) or not len(full):
             return out
+        run = self._run(raw)
+        if run is not None:
+            return run
         keys = full if self.exact else _prefix(raw)
         order = np.argsort(keys, kind="stable")  # sorted queries: searchsorted walks the table once
         at = np.minimum(np.searchsorted(self._keys, keys[order]), len(self._keys) - 1)
         out[order] = np.where(self._full[at] == full[order], self._order[at], -1)
         return out
+
+    def _run(self, raw: np.ndarray) -> np.ndarray | None:
+        """The positions of ``raw`` when it is a run of the table's rows in commit order (a split
+        extracted in one go and read back: the usual hit), found by one comparison instead of a sort and
+        a search; None otherwise. Only in a table holding no digest twice, where a row's commit position
+        is the answer."""
+        n = len(raw)
+        if not self._distinct or n < 2 or n > len(self.raw):
+            return None
+        start = int(self.find(raw[:1])[0])  # one digest: the search (n < 2 takes no run)
+        if start < 0 or start + n > len(self.raw) or not np.array_equal(self.raw[start : start + n], raw):
+            return None
+        return np.arange(start, start + n, dtype=np.int64)
 
     def first_positions(self) -> np.ndarray:
         """The commit positions of the distinct digests, in commit order."""
@@ -113,8 +131,8 @@ class DigestIndex:
 
 def hex_digests(raw: np.ndarray) -> list[str]:
     """(n, 32) uint8 digests as hex strings."""
-    flat = np.ascontiguousarray(raw, np.uint8).tobytes().hex()
-    return [flat[i : i + 64] for i in range(0, len(flat), 64)]
+    flat = np.ascontiguousarray(raw, np.uint8).tobytes()
+    return flat.hex("\n", 32).split("\n") if flat else []  # a separator every 32 bytes
 
 
 class RowMap(Mapping[str, tuple[int, int]]):

@@ -250,9 +250,10 @@ class FeatureCache:
                     f"table {key[:12]} holds no row for {len(lost)} of these {len(digests)} images (first: "
                     f"{ids[lost[0]]!r}); run the extraction to add them"
                 )
-            keep = np.flatnonzero(at[:, 0] >= 0).tolist()
+            keep = np.flatnonzero(at[:, 0] >= 0).tolist() if absent else None  # None: every image
+            kept = list(digests) if keep is None else [digests[i] for i in keep]
             try:
-                feats, stats = table.view(index, [digests[i] for i in keep], layers, at[keep])
+                feats, stats = table.view(index, kept, layers, at if keep is None else at[keep])
                 break
             except FileNotFoundError as exc:  # a compaction replaced a shard between index and mapping
                 if attempt:
@@ -264,13 +265,14 @@ class FeatureCache:
         dataset = dataset or (extraction.dataset if extraction else None)
         if dataset:
             record_use(table.path, dataset)
-        kept, y = [digests[i] for i in keep], label_array(labels, task)[keep]
+        y = label_array(labels, task)
+        y = y.copy() if keep is None else y[keep]  # the split's own array, as the indexed copy was
         fresh = set(new)
         result = SplitResult(
             table=key,
             split=split,
             split_key=split_key(key, kept, y, classes),
-            rows=len(keep),
+            rows=len(kept),
             extracted=sum(d in fresh for d in kept) if fresh else 0,
             skipped=tuple((ids[i], index.bad[digests[i]]) for i in absent),
             record=table.identity,
@@ -281,7 +283,7 @@ class FeatureCache:
             extraction=extraction,
         )
         channel = {k: ChannelStats(v["mean"], v["var"]) for k, v in stats.items()}
-        ids_kept = [ids[i] for i in keep]
+        ids_kept = list(ids) if keep is None else [ids[i] for i in keep]
         return CachedFeatures(
             key,
             table.path,

@@ -160,9 +160,14 @@ def split_draw(digest: str, seed: int = 0) -> float:
 def _draws(digests: Sequence[str], seed: int) -> np.ndarray:
     """:func:`split_draw` of every digest (the same float64 values: the first 8 bytes read big-endian
     over 2**64), one SHA-256 per image and no Python number per image."""
-    prefix, sha256 = f"split:{seed}:".encode(), hashlib.sha256
-    first = b"".join([sha256(prefix + d.encode()).digest()[:8] for d in digests])
-    return np.frombuffer(first, ">u8").astype(np.float64) / 2.0**64
+    copy = hashlib.sha256(f"split:{seed}:".encode()).copy  # the prefix hashed once, then copied
+    first: list[bytes] = []
+    keep = first.append
+    for d in digests:
+        h = copy()
+        h.update(d.encode())
+        keep(h.digest())
+    return np.frombuffer(b"".join(first), ">u8")[::4].astype(np.float64) / 2.0**64  # first 8 bytes each
 
 
 def hash_split(
@@ -189,9 +194,11 @@ def hash_split(
         raise FeatcacheError(f"{len(digests)} digests for {len(labels)} labels: one digest per image")
     draw = _draws(digests, seed)
     part = np.where(draw < test_fraction, 2, np.where(draw >= 1.0 - val_fraction, 1, 0))
-    for c in np.unique(labels):
-        mine = np.flatnonzero(labels == c)
-        if len(mine) and not (part[mine] == 0).any():
+    strata, inverse = np.unique(labels, return_inverse=True)
+    trained = np.bincount(inverse.reshape(-1)[part == 0], minlength=len(strata)) > 0
+    for k in np.flatnonzero(~trained).tolist():  # the classes with no train image: usually none
+        mine = np.flatnonzero(inverse.reshape(-1) == k)
+        if not (part[mine] == 0).any():  # (a copy rescued for an earlier class may have given it one)
             rescued = digests[int(mine[np.argmin(draw[mine])])]
             part[[i for i, d in enumerate(digests) if d == rescued]] = 0  # every copy: no leak
     tr, va, te = (np.flatnonzero(part == k).astype(np.int64) for k in (0, 1, 2))
@@ -221,10 +228,15 @@ def _split(
     )
 
 
-def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list[str]:
-    """The image files under ``root/relative`` as relative paths, in the order of their path parts (as
-    ``sorted(Path.rglob("*"))``): one ``os.scandir`` per folder, names as strings, no per-file Path
-    object or ``stat``.
+#: image files in listing order, folder by folder: (folder relative to the scanned root, file names)
+Listing = list[tuple[str, list[str]]]
+
+
+def _image_files(root: str, relative: str, top: str, outside: list[str]) -> Listing:
+    """The image files under ``root/relative`` as (folder, names) groups, in the order of their path
+    parts (as ``sorted(Path.rglob("*"))``): one ``os.scandir`` per folder, names as strings, no per-file
+    Path object or ``stat``. The groups are what the digest memo is keyed by (its rows are per folder),
+    so hashing needs no second pass to split the paths again.
 
     A symbolic link to a file is used when it leads inside ``top`` (the dataset's folder); one that
     leads outside it, to a file or a folder, is added to ``outside`` (``link -> target``) and not used;
@@ -241,19 +253,25 @@ def _image_files(root: str, relative: str, top: str, outside: list[str]) -> list
     images = list(filter(_IMAGE_NAME.match, plain))
     if not other:
         images.sort()
-        return [f"{relative}/{n}" for n in images]
-    found: list[tuple[str, list[str]]] = [(n, [f"{relative}/{n}"]) for n in images]
+        return [(relative, images)] if images else []
+    found: list[tuple[str, Listing]] = [(n, [(relative, [n])]) for n in images]
     other.sort(key=lambda e: e.name)  # links named and folders walked in the order of their names
     for e in other:
         if e.is_symlink():
             if not is_inside(top, e.path):
                 outside.append(f"{os.path.relpath(e.path, top)} -> {os.readlink(e.path)}")
             elif _IMAGE_NAME.match(e.name) and e.is_file():
-                found.append((e.name, [f"{relative}/{e.name}"]))
+                found.append((e.name, [(relative, [e.name])]))
         elif e.is_dir(follow_symlinks=False):
             found.append((e.name, _image_files(root, f"{relative}/{e.name}", top, outside)))
     found.sort(key=lambda f: f[0])
-    return [p for _, paths in found for p in paths]
+    listing: Listing = []
+    for folder, names in (g for _, groups in found for g in groups):
+        if listing and listing[-1][0] == folder:  # files of one folder between its subfolders: one group
+            listing[-1][1].extend(names)
+        else:
+            listing.append((folder, list(names)))
+    return listing
 
 
 #: a file name with an image extension (any case, ASCII as ``str.lower`` folds it) after a non-empty stem:
@@ -288,8 +306,8 @@ def _scan_folder(
             "or remove them (a head can only predict the classes it was trained on)"
         )
     given, classes = classes, list(classes) if classes is not None else found
-    paths: list[str] = []
-    labels: list[int] = []
+    listing: Listing = []
+    counts = np.zeros(len(classes), np.int64)  # images per class
     top = top or root
     outside: list[str] = []
     for ci, cname in enumerate(classes):
@@ -300,22 +318,22 @@ def _scan_folder(
             outside.append(f"{os.path.relpath(folder, top)} -> {os.readlink(folder)}")
             continue
         found_here = _image_files(str(root), cname, str(top), outside)
-        paths += found_here
-        labels += [ci] * len(found_here)
+        listing += found_here
+        counts[ci] = sum(len(names) for _, names in found_here)
     _refuse_links_out(top, outside)
-    present = set(labels)
-    empty = [c for ci, c in enumerate(classes) if ci not in present] if paths and given is None else []
+    empty = [c for ci, c in enumerate(classes) if not counts[ci]] if counts.any() and given is None else []
     if empty:  # a class without images would still get an output of the head (as torchvision refuses too)
         raise FeatcacheError(
             f"class folders without images under {str(root)!r}: {empty[:5]}; add images to them or remove "
             f"them (looked for {'/'.join(IMAGE_EXTENSIONS[:4])}... files, in subfolders too)"
         )
-    if not paths:
+    if not counts.any():
         raise FeatcacheError(
             f"no images found under {str(root)!r}: expected one folder per class holding "
             f"{'/'.join(IMAGE_EXTENSIONS[:4])}... files"
         )
-    return FileSamples(root, paths, np.asarray(labels), classes, max_pixels)
+    labels = np.repeat(np.arange(len(classes)), counts)  # the listing is class by class
+    return FileSamples.from_listing(root, listing, labels, classes, max_pixels)
 
 
 def image_folder(

@@ -195,7 +195,7 @@ class SampleSet(abc.ABC):
 
 class _Subset(SampleSet):
     def __init__(self, parent: SampleSet, indices: np.ndarray, name: str) -> None:
-        ids, labels = [parent.ids[i] for i in indices], parent.labels[indices]
+        ids, labels = list(map(parent.ids.__getitem__, indices.tolist())), parent.labels[indices]
         super().__init__(ids, labels, parent.classes, name, parent.task)
         self.parent, self.indices = parent, indices
 
@@ -211,7 +211,7 @@ class _Subset(SampleSet):
 
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
         parent = self.parent.digests(memo, progress)
-        return [parent[i] for i in self.indices.tolist()]
+        return list(map(parent.__getitem__, self.indices.tolist()))
 
     def load_checked(self, index: int, digest: str) -> Image.Image:
         return self.parent.load_checked(int(self.indices[index]), digest)
@@ -249,10 +249,37 @@ class FileSamples(SampleSet):
         self.root = Path(root)
         self.max_pixels = max_pixels  # travels with the object into DataLoader workers: no global
         # Names as strings, not a Path object per file: a million-image folder lists in about its stats.
-        top = str(self.root).rstrip(os.sep) + os.sep
+        self._top = str(self.root).rstrip(os.sep) + os.sep  # a sample's file is _top + its id
         ids = [p if type(p) is str and p[:1] != os.sep else self._relative(Path(p)) for p in paths]
-        self._files = [top + i for i in ids]  # absolute path of each sample, as a string
-        super().__init__(ids, labels, classes, name=str(root), task=task)
+        #: (folder, file names) of consecutive ids when the samples come from a folder scan, until their
+        #: digests are computed: the groups the digest memo is keyed by, known without splitting every
+        #: path again; else None
+        self._listing: list[tuple[str, list[str]]] | None = None
+        SampleSet.__init__(self, ids, labels, classes, name=str(root), task=task)
+
+    @classmethod
+    def from_listing(
+        cls,
+        root: Path,
+        listing: Sequence[tuple[str, list[str]]],
+        labels: np.ndarray,
+        classes: Sequence[str],
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> FileSamples:
+        """The images of a folder scan: ``listing`` holds (folder relative to ``root``, file names) in
+        sample order; the ids are ``folder/name``.
+
+        Example:
+            >>> listing = [("cat", ["1.png", "2.png"])]
+            >>> s = FileSamples.from_listing(Path("/data"), listing, np.zeros(2, int), ["cat"])
+            >>> s.ids
+            ['cat/1.png', 'cat/2.png']
+        """
+        samples = cls(root, [], np.zeros(0, np.int64), classes, max_pixels)
+        ids = [f"{folder}/{n}" for folder, names in listing for n in names]  # relative by construction
+        SampleSet.__init__(samples, ids, labels, classes, name=str(root))
+        samples._listing = [(folder, list(names)) for folder, names in listing]
+        return samples
 
     def _relative(self, p: Path) -> str:
         return p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
@@ -263,10 +290,10 @@ class FileSamples(SampleSet):
         return [Path(i) for i in self.ids]
 
     def _abs(self, index: int) -> Path:
-        return Path(self._files[index])
+        return Path(self._top + self.ids[index])
 
     def file_path(self, index: int) -> str | None:
-        return self._files[index]
+        return self._top + self.ids[index]
 
     def load(self, index: int) -> Image.Image:
         path = self._abs(index)
@@ -294,7 +321,11 @@ class FileSamples(SampleSet):
         return ""
 
     def _content_digests(self, memo: DigestMemo | None, progress: bool) -> list[str]:
-        return (memo or DigestMemo(None)).file_digests(self._files, progress)
+        memo = memo or DigestMemo(None)
+        if self._listing is not None:
+            listing, self._listing = self._listing, None  # used once: the digests are kept
+            return memo.folder_digests([(self._top + folder, names) for folder, names in listing], progress)
+        return memo.file_digests([self._top + i for i in self.ids], progress)
 
     def load_checked(self, index: int, digest: str) -> Image.Image:
         """Decode the very bytes that hash to ``digest`` (read once), or raise naming the file."""

@@ -300,6 +300,8 @@ def test_a_memo_row_finds_names_from_its_stored_blob() -> None:
     assert stored.positions(["c.png", "a.png"]).tolist() == [2, 0]
     assert stored.positions(["a.png", "new.png", "b\udcff.png"]).tolist() == [0, -1, 1]
     assert stored.positions(["a.png", "\ud800.png", "c.png"]).tolist() == [0, -1, 2]
+    assert stored.positions([*names, "d.png", "e.png"]).tolist() == [0, 1, 2, -1, -1]  # files added last
+    assert stored.positions([*names[:2], "a0.png", "c.png"]).tolist() == [0, 1, -1, 2]
     assert stored.names == names and stored.encode() == row.encode()
     with pytest.raises(ValueError, match="2 names, 3 stats"):
         _DirRow.decode(b"a\0b", np.zeros(3, STAT_DTYPE).tobytes(), bytes(96))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import operator
 import os
@@ -190,12 +191,14 @@ class _DirRow:
             with contextlib.suppress(UnicodeEncodeError):  # a name no listing made: compared as strings
                 if "\0".join(names).encode("utf-8", "surrogateescape") == self._blob:
                     return np.arange(len(names))
-        if names == self.names:
+        known = self.names
+        if names == known:
             return np.arange(len(names))
+        if len(names) > len(known) and names[: len(known)] == known:  # files added after the known ones
+            return np.concatenate([np.arange(len(known)), np.full(len(names) - len(known), -1)])
         if self._pos is None:
-            self._pos = {n: i for i, n in enumerate(self.names)}
-        get = self._pos.get
-        return np.fromiter((get(n, -1) for n in names), np.int64, len(names))
+            self._pos = dict(zip(known, range(len(known))))
+        return np.fromiter(map(self._pos.get, names, itertools.repeat(-1)), np.int64, len(names))
 
     def updated(self, changes: dict[str, tuple[tuple[int, ...], bytes]]) -> _DirRow:
         """The row with ``{name: (stat record, digest)}`` replaced or added."""

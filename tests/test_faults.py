@@ -510,18 +510,21 @@ def test_a_damaged_table_with_more_layers_is_passed_over(
 
 def test_resuming_with_or_without_verify_is_the_same_run(tmp_path: Path) -> None:
     """--no-verify changes how fast the cache is read, not the training: a run resumes across it."""
+    from featcache.data.config import DataConfig
+    from featcache.extraction.config import ExtractConfig
     from featcache.runs.folder import RunFolder
-    from featcache.runs.record import RunRecord, TrainPart
+    from featcache.runs.record import RunExtraction, RunRecord, TrainPart
 
-    def record(extract: dict) -> RunRecord:
-        return RunRecord("train", "m", {}, {}, extract, (), TrainPart({}))
+    def record(pool: str, verify: bool) -> RunRecord:
+        extract = RunExtraction(ExtractConfig(pool=pool, verify=verify), ("penultimate",))
+        return RunRecord("train", "m", {}, DataConfig("digits"), extract, (), TrainPart({}))
 
     folder = RunFolder(tmp_path)
-    folder.write_config(record({"pool": "avg", "verify": True}))
+    folder.write_config(record("avg", True))
     for verify in (True, False):
-        folder.check_resume(record({"pool": "avg", "verify": verify}), ("extract",), "settings")
+        folder.check_resume(record("avg", verify), ("extract",), "settings")
     with pytest.raises(FeatcacheError, match=r"extract\.pool"):  # the check itself still works
-        folder.check_resume(record({"pool": "max", "verify": True}), ("extract",), "settings")
+        folder.check_resume(record("max", True), ("extract",), "settings")
 
 
 @pytest.mark.parametrize("which", ["segment", "table.json"])

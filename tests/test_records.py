@@ -36,6 +36,7 @@ from featcache.runs.record import (
     FinetunePart,
     FoldsPart,
     ProbePart,
+    RunExtraction,
     RunFormatError,
     RunRecord,
     SweepPart,
@@ -84,12 +85,12 @@ FIT: dict[str, Any] = {
 
 
 def _record(kind: str, part: Any, **typed: Any) -> RunRecord:
-    extract = {"pool": "avg", "input_size": [32, 32], "layers": ["layer3"], "augment": None, "views": 0}
+    extract = RunExtraction(ExtractConfig(input_size=(32, 32)), ("layer3",))
     return RunRecord(
         kind,
         "torchvision:resnet18",
         {"spec": "torchvision:resnet18"},
-        {"spec": "digits"},
+        DataConfig("digits"),
         extract,
         ("a", "b"),
         part,
@@ -102,7 +103,11 @@ def _record(kind: str, part: Any, **typed: Any) -> RunRecord:
 KINDS: dict[str, tuple[RunRecord, Metrics | None]] = {
     "train": (
         _record(
-            "train", TrainPart(CONTENTS), head={"kind": "linear"}, train={"epochs": 1}, logger="tensorboard"
+            "train",
+            TrainPart(CONTENTS),
+            head=HeadSpec("linear"),
+            train=TrainConfig(epochs=1),
+            logger="tensorboard",
         ),
         Metrics(
             **FIT,
@@ -114,7 +119,7 @@ KINDS: dict[str, tuple[RunRecord, Metrics | None]] = {
         ),
     ),
     "train --folds": (
-        _record("train", FoldsPart(3), head={"kind": "linear"}, train={"epochs": 1}),
+        _record("train", FoldsPart(3), head=HeadSpec("linear"), train=TrainConfig(epochs=1)),
         Metrics(**FIT, test=CLASSIFY, refit_on="train+val", folds={"folds": 3, "acc": [0.8, 0.9, 1.0]}),
     ),
     "a fold": (_record("train", FoldsPart(3, fold=1)), Metrics(**FIT, fold=CLASSIFY)),
@@ -142,7 +147,7 @@ KINDS: dict[str, tuple[RunRecord, Metrics | None]] = {
             FinetunePart(
                 FinetuneConfig(train="last:1", augment="flip", views=2), PLAN, "cached-prefix", None, CONTENTS
             ),
-            train={"epochs": 1},
+            train=TrainConfig(epochs=1),
         ),
         Metrics(
             "multilabel",
@@ -154,7 +159,7 @@ KINDS: dict[str, tuple[RunRecord, Metrics | None]] = {
     ),
     "sweep": (_record("sweep", SweepPart(SweepGrid(("layer2", "layer3"), lrs=(1e-3, 1e-2)))), None),
     "a sweep's run": (
-        _record("sweep", SweepRunPart("runs/sweep"), train={"lr": 1e-3}),
+        _record("sweep", SweepRunPart("runs/sweep"), train=TrainConfig(lr=1e-3)),
         Metrics(**FIT, val=CLASSIFY),
     ),
 }
@@ -217,6 +222,26 @@ def test_a_part_that_does_not_fit_its_kind_is_refused() -> None:
         RunRecord.from_json({**saved, "grid": {"layers": ["x"]}})
     with pytest.raises(FeatcacheError, match="sweep --resume needs a run whose record holds a SweepPart"):
         _record("probe", ProbePart(ProbeConfig())).part_as(SweepPart, "sweep --resume")
+
+
+def test_the_records_settings_are_typed_configs_that_read_back_equal() -> None:
+    """``data``, ``extract``, ``head`` and ``train`` are configs: a dict in their place is refused by
+    name; a list given for a tuple field is held as config.json gives it back (the record equals its
+    reread self); an extract record without the run's own keys, or with a key no config has, is
+    refused by name."""
+    with pytest.raises(TypeError, match=r"RunRecord\.head must be a HeadSpec, got dict"):
+        _record("train", TrainPart(CONTENTS), head={"kind": "linear"})
+    with pytest.raises(TypeError, match=r"RunRecord\.data must be a DataConfig, got dict"):
+        replace(_record("train", TrainPart(CONTENTS)), data={"spec": "digits"})
+    record = _record("train", TrainPart(CONTENTS), head=HeadSpec("mlp", hidden=[64, 32]))  # type: ignore[arg-type]
+    assert record.head is not None and record.head.hidden == (64, 32)
+    assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    saved = record.to_json()["extract"]
+    assert RunExtraction.from_json(saved) == record.extract and saved["layers"] == ["layer3"]
+    with pytest.raises(FeatcacheError, match=r"extract record lacks \['views'\]"):
+        RunExtraction.from_json({k: v for k, v in saved.items() if k != "views"})
+    with pytest.raises(FeatcacheError, match="ExtractConfig field"):
+        RunExtraction.from_json({**saved, "pooling": "avg"})
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from featcache.extraction.config import ExtractConfig, Views
 from featcache.runs.folder import Run, RunFolder, RunRecord, load_run
 from featcache.runs.metrics import Metrics
 from featcache.runs.probe import ProbeConfig, probe_run
-from featcache.runs.record import RUN_FORMAT, TrainPart
+from featcache.runs.record import RUN_FORMAT, RunExtraction, TrainPart
 from featcache.runs.report import curves_figure
 from featcache.runs.spec import RunSpec
 from featcache.runs.sweep import SweepGrid, sweep_run
@@ -382,23 +382,29 @@ def test_real_weights_linear_probe_on_mnist(tmp_path: Path) -> None:
 
 
 def test_resume_check_names_each_setting_that_differs(tmp_path: Path) -> None:
-    def record(extract: dict, train: dict) -> RunRecord:
-        return RunRecord("train", "m", {}, {}, extract, (), TrainPart({}), train=train)
+    def record(extract: RunExtraction, train: TrainConfig) -> RunRecord:
+        return RunRecord("train", "m", {}, DataConfig("digits"), extract, (), TrainPart({}), train=train)
 
-    same = record({"pool": "avg", "augment": None, "views": 0}, {"lr": 0.1, "fast_paths": False})
+    plain = RunExtraction(ExtractConfig(), ("layer3",))
+    same = record(plain, TrainConfig(lr=0.1, fast_paths=False))
     folder = RunFolder(tmp_path)
     folder.write_config(same)
     folder.check_resume(
-        replace(same, train={"lr": 0.1, "fast_paths": True}), ("extract", "train"), "settings"
+        replace(same, train=TrainConfig(lr=0.1, fast_paths=True)), ("extract", "train"), "settings"
     )
-    with pytest.raises(ValueError, match=r"differ .*\(extract\.views: 0 -> 2\)"):
+    with pytest.raises(
+        ValueError, match=r"differ .*\(extract\.augment: None -> 'flip'; extract\.views: 0 -> 2\)"
+    ):
         folder.check_resume(
-            replace(same, extract={"pool": "avg", "augment": None, "views": 2}),
-            ("extract", "train"),
-            "settings",
+            replace(same, extract=replace(plain, views=2, augment="flip")), ("extract", "train"), "settings"
         )
-    with pytest.raises(ValueError, match=r"extract\.augment: None -> '\(none\)'"):  # a field gone is a change
-        folder.check_resume(replace(same, extract={"pool": "avg", "views": 0}), ("extract",), "settings")
+    with pytest.raises(ValueError, match=r"differ .*\(train\.lr: 0\.1 -> 0\.2\)"):
+        folder.check_resume(replace(same, train=TrainConfig(lr=0.2)), ("extract", "train"), "settings")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["extract"]["augment"]  # a field gone is refused, never read as off
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(FeatcacheError, match=r"extract record lacks \['augment'\]"):
+        folder.check_resume(same, ("extract",), "settings")
 
 
 def test_reprs_are_short_and_name_what_a_notebook_user_looks_for(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import runs as jobs  # the jobs load torch when first called, after every setting is checked
 from .._checks import check_number
-from .._config import from_json
 from .._format import format_table
 from .._util import FeatcacheError
 from ..data.config import DataConfig
@@ -92,7 +91,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         spec, record = resumed(a)
         from ..runs.record import FoldsPart  # the run's record was read: torch is loaded
 
-        head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
+        head = replace(record.head or HeadSpec(), **written(HeadSpec, a))
         layer = a.layer if "layer" in a._given else str(record.layer)
         if isinstance(record.part, FoldsPart):  # a folds folder: finished folds reused, the others trained
             _print_folds(a, *jobs.folds_run(spec, layer, record.part.folds, head))
@@ -166,7 +165,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         spec, record = resumed(a)
         from ..runs.record import SweepPart  # the run's record was read: torch is loaded
 
-        head = replace(from_json(HeadSpec, record.head or {}), **written(HeadSpec, a))
+        head = replace(record.head or HeadSpec(), **written(HeadSpec, a))
         grid = replace(record.part_as(SweepPart, "sweep --resume").grid, head=head, **written(SweepGrid, a))
         res = jobs.sweep_run(spec, grid)
     elif a.layers is None:

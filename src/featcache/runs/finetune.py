@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._config import to_json
 from .._util import FeatcacheError, resolve_device
 from ..backbones.registry import Backbone, BackboneCfg
 from ..data.datasets import DatasetSplits
@@ -143,7 +142,7 @@ def finetune_run(spec: RunSpec, ft: FinetuneConfig | None = None) -> Run:
     _say_plan(plan, groups, mode, reason, ft, spec.progress)
     record = job.record(
         "finetune", replace(backbone, cfg=replace(backbone.cfg, classes=tuple(splits.classes))), {},
-        ["penultimate"], classes=splits.classes, train=to_json(spec.train),
+        ["penultimate"], classes=splits.classes, train=spec.train,
         part=FinetunePart(ft, plan, mode, reason, contents),  # type: ignore[arg-type]
     )  # fmt: skip
     record = replace(record, task=task, split_keys={k: v["key"] for k, v in contents.items() if k != DATASET})

@@ -476,7 +476,7 @@ class RunFolder:
             return ""
         record = self.read_config()
         verb = verb or record.kind
-        epochs = record.train["epochs"] if record.train is not None else "?"
+        epochs = record.train.epochs if record.train is not None else "?"
         return (
             f"{self.path} is unfinished (interrupted after epoch {len(metrics.history or ())} of "
             f"{epochs}): it holds the best {'head' if record.kind != 'finetune' else 'weights'} of the "

@@ -353,9 +353,9 @@ def folds_run(
     feats, _ = job.extract_all()
     job.note_data(feats)
     shared: dict[str, Any] = (
-        {"head": head.to_dict(), "train": to_json(spec.train), "part": FoldsPart(k)}
+        {"head": head, "train": spec.train, "part": FoldsPart(k)}
         if isinstance(head, HeadSpec)
-        else {"head": HeadSpec("linear").to_dict(), "part": FoldsPart(k, probe=head)}
+        else {"head": HeadSpec("linear"), "part": FoldsPart(k, probe=head)}
     )
     record = job.record(verb, backbone, feats, [layer], layer=layer, **shared)
     if folder is not None:

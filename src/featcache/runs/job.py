@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._config import to_json
 from .._errors import FeatcacheError
 from ..backbones.registry import Backbone, load_backbone
 from ..cache.housekeeping import dataset_name, swap_split_log
@@ -27,9 +26,9 @@ from ..data.datasets import DatasetSplits
 from ..extraction.build import cache_record, extract_table, extract_views
 from ..extraction.config import parse_layers
 from ..extraction.extractor import Extractor
-from ..train.config import TrainConfig
+from ..train.config import HeadSpec, TrainConfig
 from .folder import RunFolder
-from .record import RunPart, RunRecord
+from .record import RunExtraction, RunPart, RunRecord
 from .spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -230,28 +229,30 @@ class Job:
         views: Sequence[CachedFeatures] = (),
         *,
         part: RunPart,
-        **typed: Any,
+        layer: str | None = None,
+        head: HeadSpec | None = None,
+        train: TrainConfig | None = None,
+        classes: Sequence[str] | None = None,
     ) -> RunRecord:
-        """The run's ``config.json`` record: the shared part from the spec, plus the verb's ``part``.
-
-        ``typed`` may set ``layer``, ``head``, ``train`` and ``classes`` (fields of the record).
-        """
+        """The run's ``config.json`` record: the shared part from the spec, plus the verb's ``part``;
+        ``layer`` (a head's), ``head``, ``train`` (the trainer settings as resolved) and ``classes``
+        (default: the train split's) where the run has them."""
         spec = self.spec
-        classes = typed.pop("classes", None) or feats["train"].classes
-        if "layer" in typed and "train" in feats:  # the layer's own layout: export pools the same way
-            typed["layer_layout"] = feats["train"].result.layer_layouts.get(typed["layer"])
+        layout = None
+        if layer is not None and "train" in feats:  # the layer's own layout: export pools the same way
+            layout = feats["train"].result.layer_layouts.get(layer)
         return RunRecord(
             kind=kind,
             model=backbone.cfg.spec,
             backbone_cfg=backbone.cfg.to_dict(),
-            data=to_json(spec.data),
-            extract={
-                **to_json(spec.extract),
-                "layers": list(layers),
-                "augment": spec.views.augment if spec.views else None,
-                "views": spec.views.count if spec.views else 0,
-            },
-            classes=tuple(classes),
+            data=spec.data,
+            extract=RunExtraction(
+                spec.extract,
+                tuple(layers),
+                spec.views.count if spec.views else 0,
+                spec.views.augment if spec.views else None,
+            ),
+            classes=tuple(classes or feats["train"].classes),
             weights=backbone.cfg.weights,
             weights_arg=spec.weights,
             cache_keys={k: v.key for k, v in feats.items()},
@@ -261,7 +262,10 @@ class Job:
             logger=spec.logger,
             cache_dir=str(Path(spec.cache_dir).resolve()) if spec.cache_dir else None,
             task=feats["train"].task if "train" in feats else "classify",
-            **typed,
+            layer=layer,
+            layer_layout=layout,
+            head=head,
+            train=train,
         )
 
 

@@ -69,7 +69,7 @@ def probe_run(spec: RunSpec, layer: str = DEFAULT_LAYER, config: ProbeConfig | N
     if res.test and "confusion" in res.test:  # in the result, so --json and metrics.json say the same
         res.test["most_confused"] = most_confused(res.test["confusion"], classes)
     record = job.record(
-        "probe", backbone, feats, [layer], layer=layer, head=res.info.spec.to_dict(), part=ProbePart(config)
+        "probe", backbone, feats, [layer], layer=layer, head=res.info.spec, part=ProbePart(config)
     )
     metrics = Metrics.from_json(
         {"task": task, "strength": res.strength, "sweep": res.sweep, **res.extra}

@@ -24,7 +24,9 @@ from .._config import from_json, to_json
 from .._util import FeatcacheError
 from .._version import __version__
 from ..backbones.registry import BackboneCfg
+from ..data.config import DataConfig
 from ..extraction.config import ExtractConfig
+from ..train.config import HeadSpec, TrainConfig
 from ..train.freeze import FreezePlan
 from .config import FinetuneConfig, ProbeConfig, SweepGrid
 
@@ -54,6 +56,58 @@ def _required(cls: type[Any]) -> set[str]:
 
 
 KINDS: tuple[str, ...] = ("train", "finetune", "probe", "sweep")
+
+#: the keys a run's ``extract`` object holds beside its :class:`ExtractConfig`'s
+_RUN_EXTRACT_KEYS = ("layers", "augment", "views")
+
+
+@dataclass(frozen=True)
+class RunExtraction:
+    """The extraction a run read its features from: the settings, the layers, its cached views.
+
+    Stored as one flat JSON object: the settings' fields, then ``layers``, ``augment`` and ``views``
+    (the views' augmentation and count; ``views`` 0 and ``augment`` None for a run without them).
+
+    Example:
+        >>> RunExtraction(ExtractConfig(), ("penultimate",)).to_json()["layers"]
+        ['penultimate']
+    """
+
+    config: ExtractConfig
+    layers: tuple[str, ...]
+    views: int = 0
+    augment: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat JSON object of ``config.json``'s ``extract``."""
+        return {
+            **to_json(self.config),
+            "layers": list(self.layers),
+            "augment": self.augment,
+            "views": self.views,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunExtraction:
+        """Read :meth:`to_json`'s object; a key of neither part, or one of the run's own missing, is
+        refused by name."""
+        if not isinstance(d, Mapping):
+            raise FeatcacheError(f"a run's extract record is a JSON object, got {type(d).__name__} {d!r}")
+        lacking = [k for k in _RUN_EXTRACT_KEYS if k not in d]
+        if lacking:
+            raise FeatcacheError(f"a run's extract record lacks {lacking}: not written by this featcache")
+        config = from_json(ExtractConfig, {k: v for k, v in d.items() if k not in _RUN_EXTRACT_KEYS})
+        views, augment = d["views"], d["augment"]
+        if (
+            not isinstance(views, int)
+            or isinstance(views, bool)
+            or not (augment is None or isinstance(augment, str))
+        ):
+            raise FeatcacheError(f"a run's extract record holds views {views!r} and augment {augment!r}")
+        return cls(config, tuple(map(str, d["layers"])), views, augment)
 
 
 @dataclass(frozen=True)
@@ -146,6 +200,23 @@ def part_class(kind: str, keys: set[str]) -> type[Any]:
     )
 
 
+def _reread(value: Any) -> Any:
+    """A config as ``config.json`` gives it back (a list given for a tuple field comes back a tuple), so
+    a record equals its reread self."""
+    if isinstance(value, RunExtraction):
+        return RunExtraction.from_json(json.loads(json.dumps(value.to_json())))
+    return from_json(type(value), json.loads(json.dumps(to_json(value))))
+
+
+#: the record's typed configs (``head`` and ``train`` may be None)
+_TYPED: dict[str, type[Any]] = {
+    "data": DataConfig,
+    "extract": RunExtraction,
+    "head": HeadSpec,
+    "train": TrainConfig,
+}
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """What ``config.json`` holds: the shared part of every run, typed, and the verb's own part.
@@ -155,9 +226,8 @@ class RunRecord:
             folder: that one's part holds its ``grid``).
         model: the backbone spec as resolved (``torchvision:resnet18``).
         backbone_cfg: :meth:`BackboneCfg.to_dict` of the backbone (preprocessing, weights id, ...).
-        data: the :class:`~featcache.data.DataConfig` as a dict.
-        extract: the :class:`~featcache.extraction.ExtractConfig` as a dict, with the run's ``layers``,
-            ``augment`` and ``views``.
+        data: the run's :class:`~featcache.data.DataConfig`.
+        extract: the extraction settings with the run's layers and views (:class:`RunExtraction`).
         classes: class names, in label order (regress: the targets' names).
         part: the verb's own part (:data:`RunPart`), written at the top level of ``config.json``.
         task: what the run learnt: ``classify``, ``multilabel`` or ``regress`` (never part of a cache key).
@@ -167,7 +237,8 @@ class RunRecord:
         cache_keys / view_keys: the feature tables the run read; ``split_keys``: each split as read
             (the table, the rows' content digests in order, labels and classes).
         cache_dir: the cache root given to the run (None: the default one).
-        head / train: the head spec and trainer settings as dicts.
+        head / train: the head's :class:`HeadSpec` and the :class:`TrainConfig` (None where the run has
+            none: a probe trains no epochs, a fine-tuned network has no separate head).
         logger: ``none`` or ``tensorboard`` (a resumed run goes on logging as it did).
 
     Example:
@@ -179,8 +250,8 @@ class RunRecord:
     kind: str
     model: str
     backbone_cfg: dict[str, Any]
-    data: dict[str, Any]
-    extract: dict[str, Any]
+    data: DataConfig
+    extract: RunExtraction
     classes: tuple[str, ...]
     part: RunPart
     weights: str | None = None
@@ -191,8 +262,8 @@ class RunRecord:
     split_keys: dict[str, str] = field(default_factory=dict)
     view_keys: tuple[str, ...] = ()
     cache_dir: str | None = None
-    head: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
+    head: HeadSpec | None = None
+    train: TrainConfig | None = None
     logger: str = "none"
     featcache_version: str = __version__
     environment: dict[str, Any] = field(default_factory=environment)
@@ -214,20 +285,19 @@ class RunRecord:
                 f"a {self.kind} run's part is a {type(self.part).__name__}; a {self.kind} run holds one of "
                 f"{shown}"
             )
+        for name, cls in _TYPED.items():
+            value = getattr(self, name)
+            if value is None and name in ("head", "train"):
+                continue
+            if not isinstance(value, cls):
+                raise TypeError(
+                    f"RunRecord.{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}"
+                )
+            object.__setattr__(self, name, _reread(value))
         object.__setattr__(self, "classes", tuple(self.classes))
         object.__setattr__(self, "view_keys", tuple(self.view_keys))
         # The dict parts as config.json holds them (tuples as lists), so a record equals its reread self.
-        dicts = (
-            "backbone_cfg",
-            "data",
-            "extract",
-            "cache_keys",
-            "split_keys",
-            "head",
-            "train",
-            "environment",
-        )
-        for name in dicts:
+        for name in ("backbone_cfg", "cache_keys", "split_keys", "environment"):
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
 
     @property
@@ -237,9 +307,7 @@ class RunRecord:
 
     def extract_config(self) -> ExtractConfig:
         """The extraction settings of the run (its layers and views are the run's, not the settings')."""
-        return from_json(
-            ExtractConfig, {k: v for k, v in self.extract.items() if k not in ("layers", "augment", "views")}
-        )
+        return self.extract.config
 
     def part_as(self, cls: type[P], what: str) -> P:
         """The verb's part, which ``what`` (a command) needs to be a ``cls``.
@@ -257,7 +325,10 @@ class RunRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``config.json``: its format, the shared part, the verb's part's keys."""
-        shared = {f.name: to_json(getattr(self, f.name)) for f in fields(self) if f.name != "part"}
+        shared = {
+            f.name: to_json(getattr(self, f.name)) for f in fields(self) if f.name not in ("part", "extract")
+        }
+        shared["extract"] = self.extract.to_json()
         return {"format": RUN_FORMAT, **shared, **to_json(self.part)}
 
     @classmethod
@@ -275,6 +346,11 @@ class RunRecord:
             raise FeatcacheError(f"unknown run kind {kind!r}: one of {', '.join(KINDS)}")
         own = {k: v for k, v in d.items() if k not in names and k != "format"}
         part = from_json(part_class(kind, set(own)), own)
+        shared["data"] = from_json(DataConfig, shared["data"])
+        shared["extract"] = RunExtraction.from_json(shared["extract"])
+        for name, config in (("head", HeadSpec), ("train", TrainConfig)):
+            if shared.get(name) is not None:
+                shared[name] = from_json(config, shared[name])
         return cls(**shared, part=part)
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._config import from_json
 from .._errors import FeatcacheError
 from ..data.config import DataConfig
 from ..extraction.config import ExtractConfig, Views
@@ -78,7 +77,7 @@ class RunSpec:
 
         Example:
             >>> spec, record = RunSpec.from_run("runs/mnist")  # doctest: +SKIP
-            >>> run = train_run(spec, record.layer, HeadSpec(**record.head))  # doctest: +SKIP
+            >>> run = train_run(spec, record.layer, record.head)  # doctest: +SKIP
         """
         from .folder import RunFolder
 
@@ -86,12 +85,12 @@ class RunSpec:
         ex = record.extract
         spec = cls(
             record.model,
-            from_json(DataConfig, record.data),
+            record.data,
             out,
             record.weights_arg,
-            record.extract_config(),
-            from_json(TrainConfig, record.train or {}),
-            Views(int(ex["views"]), ex["augment"]) if ex["views"] else None,
+            ex.config,
+            record.train or TrainConfig(),
+            Views(ex.views, ex.augment or "") if ex.views else None,
             cache_dir=record.cache_dir,
             resume=True,
             logger=record.logger,  # a resumed run goes on logging as it did

@@ -31,7 +31,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .._config import to_json
 from .._util import FeatcacheError, best_on_val
 from ..backbones.registry import Backbone
 from ..cache.splits import CachedFeatures
@@ -117,7 +116,7 @@ def sweep_run(spec: RunSpec, sweep: SweepGrid) -> SweepResult:
         except FeatcacheError as exc:
             raise FeatcacheError(f"layer {layer!r}: {exc}") from exc
     _write_record(spec, folder, job.record(
-        "sweep", backbone, feats, layers, views, head=sweep.head.to_dict(), train=to_json(spec.train),
+        "sweep", backbone, feats, layers, views, head=sweep.head, train=spec.train,
         part=SweepPart(sweep),
     ))  # fmt: skip
     axes = _varied(configs)
@@ -272,8 +271,8 @@ def _run_of(
         + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()]
     )
     record = job.record(
-        "sweep", backbone, feats, [layer], views, layer=layer, head=head.to_dict(),
-        train=to_json(cfg), part=SweepRunPart(str(folder.path)),
+        "sweep", backbone, feats, [layer], views, layer=layer, head=head,
+        train=cfg, part=SweepRunPart(str(folder.path)),
     )  # fmt: skip
     return folder.child(name), record, cfg, settings
 

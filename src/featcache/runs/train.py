@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._config import to_json
 from .._util import resolve_device
 from ..cache.splits import CachedFeatures
 from ..data.datasets import DatasetSplits
@@ -327,7 +326,7 @@ def train_run(spec: RunSpec, layer: str = DEFAULT_LAYER, head: HeadSpec | None =
     extract_seconds = time.perf_counter() - t0
     contents = split_contents(splits, spec.cache_dir)  # the digests extraction computed: no re-hashing
     record = job.record(
-        "train", backbone, feats, [layer], views, layer=layer, head=head.to_dict(), train=to_json(train),
+        "train", backbone, feats, [layer], views, layer=layer, head=head, train=train,
         part=TrainPart(contents),
     )  # fmt: skip
     if spec.resume:

@@ -492,10 +492,7 @@ class DigestMemo:
         for folder, _, names, at, row in known:
             top = folder.rstrip(os.sep) + os.sep
             fresh[o : o + len(names)] = _stat_records(top, names)
-            whole = (
-                len(at) == len(row.stats) and at[0] == 0 and at[-1] == len(at) - 1
-            )  # positions() is arange
-            memo[o : o + len(names)] = row.stats if whole and (np.diff(at) == 1).all() else row.stats[at]
+            memo[o : o + len(names)] = row.stats[at]
             o += len(names)
         return _vouched(fresh, memo)
 

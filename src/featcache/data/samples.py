@@ -255,7 +255,7 @@ class FileSamples(SampleSet):
         #: digests are computed: the groups the digest memo is keyed by, known without splitting every
         #: path again; else None
         self._listing: list[tuple[str, list[str]]] | None = None
-        SampleSet.__init__(self, ids, labels, classes, name=str(root), task=task)
+        super().__init__(ids, labels, classes, name=str(root), task=task)
 
     @classmethod
     def from_listing(
@@ -275,8 +275,10 @@ class FileSamples(SampleSet):
             >>> s.ids
             ['cat/1.png', 'cat/2.png']
         """
+        # an empty set of this root, then its ids as the scan made them: relative by construction, so not
+        # checked one by one as the constructor checks given paths (a million-image scan skips 0.2 s)
         samples = cls(root, [], np.zeros(0, np.int64), classes, max_pixels)
-        ids = [f"{folder}/{n}" for folder, names in listing for n in names]  # relative by construction
+        ids = [f"{folder}/{n}" for folder, names in listing for n in names]
         SampleSet.__init__(samples, ids, labels, classes, name=str(root))
         samples._listing = [(folder, list(names)) for folder, names in listing]
         return samples

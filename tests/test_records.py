@@ -3,6 +3,7 @@ through the JSON codec, the files keep their shape, and a run folder of another 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import replace
@@ -236,6 +237,8 @@ def test_the_records_settings_are_typed_configs_that_read_back_equal() -> None:
     record = _record("train", TrainPart(CONTENTS), head=HeadSpec("mlp", hidden=[64, 32]))  # type: ignore[arg-type]
     assert record.head is not None and record.head.hidden == (64, 32)
     assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    names = [f.name for f in dataclasses.fields(RunRecord) if f.name != "part"]
+    assert list(record.to_json()) == ["format", *names, "split_contents"]  # config.json's keys, in order
     saved = record.to_json()["extract"]
     assert RunExtraction.from_json(saved) == record.extract and saved["layers"] == ["layer3"]
     with pytest.raises(FeatcacheError, match=r"extract record lacks \['views'\]"):

@@ -325,10 +325,11 @@ class RunRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``config.json``: its format, the shared part, the verb's part's keys."""
-        shared = {
-            f.name: to_json(getattr(self, f.name)) for f in fields(self) if f.name not in ("part", "extract")
+        shared = {  # in field order, as config.json has always had its keys
+            f.name: self.extract.to_json() if f.name == "extract" else to_json(getattr(self, f.name))
+            for f in fields(self)
+            if f.name != "part"
         }
-        shared["extract"] = self.extract.to_json()
         return {"format": RUN_FORMAT, **shared, **to_json(self.part)}
 
     @classmethod

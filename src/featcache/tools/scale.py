@@ -101,15 +101,12 @@ def fill_table(tree: Path, cache: Path) -> str:
     from ..backbones.registry import load_backbone
     from ..cache.store import FeatureCache
     from ..cache.writer import write_segment
-    from ..data.datasets import load_dataset
-    from ..data.digests import DIGEST_MEMO, DigestMemo
     from ..extraction.build import cache_record
     from ..extraction.extractor import Extractor, shard_rows
 
     register_scale_backbone()
     bb, cfg = load_backbone(SCALE_MODEL, "none"), _config()
-    train = load_dataset(str(tree), val_fraction=0.0, test_fraction=0.0).train
-    digests = list(dict.fromkeys(train.digests(DigestMemo(cache / DIGEST_MEMO), progress=True)))
+    digests = list(dict.fromkeys(_splits(str(tree), str(cache)).train.digests()))
     fc = FeatureCache(cache)
     table = fc.create(cache_record(bb, ["penultimate"], cfg))
     ex = Extractor(bb, table.layers, cfg)
@@ -125,6 +122,16 @@ def fill_table(tree: Path, cache: Path) -> str:
             layouts=ex.stored_layouts(),
         )  # fmt: skip
     return table.key
+
+
+def _splits(tree: str, cache: str, val: float = 0.0, test: float = 0.0) -> Any:
+    """The tree's splits as the command line loads them: every file's digest through the cache's memo
+    (as ``DataConfig.load`` passes it), so a file is hashed once across the bench's processes."""
+    from ..data.datasets import load_dataset
+    from ..data.digests import DIGEST_MEMO, DigestMemo
+
+    memo = DigestMemo(os.path.join(cache, DIGEST_MEMO))
+    return load_dataset(tree, val_fraction=val, test_fraction=test, memo=memo)
 
 
 # --------------------------------------------------------------------------- one operation per process
@@ -164,16 +171,12 @@ def _op_extract(tree: str, cache: str) -> dict[str, Any]:
     """What ``featcache extract`` does: list, digests, choose, append what is missing, read the split,
     and check the shards of rows from the cache."""
     from ..backbones.registry import load_backbone
-    from ..data.datasets import load_dataset
-    from ..data.digests import DIGEST_MEMO, DigestMemo
     from ..extraction.build import extract_splits
 
     register_scale_backbone()
     bb = load_backbone(SCALE_MODEL, "none")
     _imported()
-    # the cache's memo, as the CLI's DataConfig.load passes it: the seeded split needs the digests
-    memo = DigestMemo(os.path.join(cache, DIGEST_MEMO))
-    splits = load_dataset(tree, val_fraction=0.0, test_fraction=0.0, memo=memo)
+    splits = _splits(tree, cache)
     feats = extract_splits(bb, splits, ["penultimate"], _config(), cache_dir=cache, progress=False)
     for f in feats.values():
         if f.from_cache:
@@ -197,8 +200,6 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
     import torch
 
     from ..backbones.registry import load_backbone
-    from ..data.datasets import load_dataset
-    from ..data.digests import DIGEST_MEMO, DigestMemo
     from ..extraction.build import extract
     from ..train.config import TrainConfig
     from ..train.fit import fit
@@ -209,8 +210,7 @@ def _op_train(tree: str, cache: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     bb = load_backbone(SCALE_MODEL, "none")
     _imported()
-    memo = DigestMemo(os.path.join(cache, DIGEST_MEMO))
-    train = load_dataset(tree, val_fraction=0.0, test_fraction=0.0, memo=memo).train
+    train = _splits(tree, cache).train
     feats = extract(bb, train, ["penultimate"], _config(), cache_dir=cache, progress=False)
     x, y = feats.tensor("penultimate", dtype=torch.float32), torch.as_tensor(feats.labels)
     bs = 1024
@@ -238,7 +238,6 @@ def _op_probe(tree: str, cache: str) -> dict[str, Any]:
     import torch
 
     from ..backbones.registry import load_backbone
-    from ..data.datasets import load_dataset
     from ..extraction.build import extract_splits
     from ..train.probe import ProbeConfig, linear_probe
     from ..train.sources import source_for
@@ -247,7 +246,7 @@ def _op_probe(tree: str, cache: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     bb = load_backbone(SCALE_MODEL, "none")
     _imported()
-    splits = load_dataset(tree, val_fraction=0.1, test_fraction=0.1)
+    splits = _splits(tree, cache, 0.1, 0.1)
     feats = extract_splits(bb, splits, ["penultimate"], _config(), cache_dir=cache, progress=False)
     src = {k: source_for(v, "penultimate", torch.device("cpu")) for k, v in feats.items()}
     with open("/proc/self/clear_refs", "w") as f:

@@ -8,8 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from featcache.cache.lookup import DigestIndex, RowMap, raw_digests
-from featcache.cache.table import _distinct
+from featcache.cache.lookup import DigestIndex, RowMap, distinct_count, raw_digests
 
 
 def _digests(n: int, seed: int = 0) -> list[str]:
@@ -95,7 +94,7 @@ def test_distinct_counts_as_a_set_does() -> None:
     table = _digests(100)
     planted = [table[0][:16] + d[16:] for d in _digests(3, seed=8)]
     for digests in (table, table + table[:7], table + planted, []):
-        assert _distinct(raw_digests(digests)) == len(set(digests))
+        assert distinct_count(raw_digests(digests)) == len(set(digests))
 
 
 def test_a_kept_answer_is_used_only_for_equal_digests() -> None:

@@ -21,28 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-_HEX = frozenset("0123456789abcdef")
-
-
-def raw_digests(digests: Sequence[str]) -> np.ndarray:
-    """Hex digests as an (n, 32) uint8 array; a string that is not 64 lower-case hex digits is a
-    ``ValueError`` naming it (a digest is never reinterpreted: ``bytes.fromhex`` alone accepts capitals
-    and skips spaces).
-
-    Example:
-        >>> raw_digests(["00" * 31 + "ff"])[0, -1]
-        np.uint8(255)
-    """
-    joined = "".join(digests)
-    try:
-        data = bytes.fromhex(joined)
-    except ValueError:
-        data = b""
-    # every character a hex digit (no space skipped) and none a capital
-    if len(data) * 2 != len(joined) or len(joined) != 64 * len(digests) or any(c in joined for c in "ABCDEF"):
-        bad = next((d for d in digests if len(d) != 64 or not _HEX.issuperset(d)), joined[:64])
-        raise ValueError(f"{bad!r} is not a content digest (64 lower-case hex digits)")
-    return np.frombuffer(data, np.uint8).reshape(-1, 32)
+from ..data.digests import hex_digests, raw_digests
 
 
 def _prefix(raw: np.ndarray) -> np.ndarray:
@@ -54,6 +33,21 @@ def _prefix(raw: np.ndarray) -> np.ndarray:
 def _full(raw: np.ndarray) -> np.ndarray:
     """Each digest as one 32-byte string (fixed width: equal exactly when all 32 bytes are)."""
     return np.ascontiguousarray(raw, np.uint8).reshape(-1, 32).view("S32").reshape(-1)
+
+
+def distinct_count(raw: np.ndarray) -> int:
+    """How many distinct digests ``raw`` ((n, 32) uint8) holds: sorted by their first 8 bytes, all 32
+    compared only where those agree.
+
+    Example:
+        >>> distinct_count(raw_digests(["ab" * 32, "ab" * 32, "cd" * 32]))
+        2
+    """
+    if len(raw) < 2:
+        return len(raw)
+    if (np.diff(np.sort(_prefix(raw))) != 0).all():
+        return len(raw)
+    return len(np.unique(_full(raw)))
 
 
 class DigestIndex:
@@ -127,12 +121,6 @@ class DigestIndex:
     def first_positions(self) -> np.ndarray:
         """The commit positions of the distinct digests, in commit order."""
         return np.sort(self._order)
-
-
-def hex_digests(raw: np.ndarray) -> list[str]:
-    """(n, 32) uint8 digests as hex strings."""
-    flat = np.ascontiguousarray(raw, np.uint8).tobytes()
-    return flat.hex("\n", 32).split("\n") if flat else []  # a separator every 32 bytes
 
 
 class RowMap(Mapping[str, tuple[int, int]]):

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from .._util import FeatcacheError, inside, links_under, write_json
-from ..data.digests import DIGEST_MEMO, DigestMemo, StatKey
+from ..data.digests import DIGEST_MEMO, DigestMemo, StatKey, hex_digests
 from ..layout import LAYOUTS, channels, has_positions, legacy_layout
 from .housekeeping import last_used, linked_entry, remove
 from .identity import TABLE_FILE, TableRecord, table_key
-from .lookup import RowMap, hex_digests
+from .lookup import RowMap, distinct_count
 from .rows import STORAGE_DTYPES, RowView, Shard
 from .writer import (
     CACHE_VERSION,
@@ -145,21 +145,10 @@ def _read_digests(file: Path, rows: int, want: dict[str, Any]) -> np.ndarray:
             file, f"its digests file {name} holds {arr.shape} {arr.dtype}, not ({rows}, 32) uint8"
         )
     out = np.ascontiguousarray(arr)
-    distinct = _distinct(out)
+    distinct = distinct_count(out)
     if distinct != rows:
         raise _unreadable(file, f"{distinct} distinct digests for {rows} rows")
     return out
-
-
-def _distinct(raw: np.ndarray) -> int:
-    """How many distinct digests ``raw`` ((n, 32) uint8) holds: sorted by their first 8 bytes, all 32
-    compared only where those agree."""
-    if len(raw) < 2:
-        return len(raw)
-    prefix = np.ndarray((len(raw),), ">u8", raw, 0, (32,)).astype(np.uint64)
-    if (np.diff(np.sort(prefix)) != 0).all():
-        return len(raw)
-    return len(np.unique(raw.view("S32").reshape(-1)))
 
 
 def _check_segment(meta: Any, layers: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from .._disk import disk_errors, ensure_space
 from .._util import FeatcacheError, is_inside, no_follow_open, stable_hash, write_json
+from ..data.digests import raw_digests
 from ..layout import channel_stats as layout_channel_stats
 from ..layout import channels, has_positions
 from .identity import CACHE_VERSION
@@ -129,17 +130,6 @@ def shard_file(segment: str, layer_pos: int, kind: str = "rows") -> str:
 def digests_file(segment: str) -> str:
     """The digests file of a segment, inside the table (made from a validated name)."""
     return f"shards/{segment}.digests.npy"
-
-
-def digest_records(digests: Sequence[str]) -> np.ndarray:
-    """Hex digests as raw 32-byte records, (n, 32) uint8.
-
-    Example:
-        >>> digest_records(["00" * 31 + "ff"]).shape
-        (1, 32)
-    """
-    raw = bytes.fromhex("".join(digests))
-    return np.frombuffer(raw, np.uint8).reshape(len(digests), 32)
 
 
 def write_segment(
@@ -254,7 +244,7 @@ def _write_segment(
     segment = {
         "cache_version": CACHE_VERSION,
         "rows": len(digests),
-        "digests": save_npy(table / digests_file(name), digest_records(digests)),
+        "digests": save_npy(table / digests_file(name), raw_digests(digests)),
         "skipped": dict(skipped),
         "layers": meta,
         **info,

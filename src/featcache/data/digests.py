@@ -225,6 +225,42 @@ def _split(name: str) -> tuple[str, str]:
     return folder or os.sep, base
 
 
+#: the characters of a content digest as featcache writes it
+_HEX = frozenset("0123456789abcdef")
+
+
+def raw_digests(digests: Sequence[str]) -> np.ndarray:
+    """Hex digests as an (n, 32) uint8 array; a string that is not 64 lower-case hex digits is a
+    ``ValueError`` naming it (a digest is never reinterpreted: ``bytes.fromhex`` alone accepts capitals
+    and skips spaces).
+
+    Example:
+        >>> raw_digests(["00" * 31 + "ff"])[0, -1]
+        np.uint8(255)
+    """
+    joined = "".join(digests)
+    try:
+        data = bytes.fromhex(joined)
+    except ValueError:
+        data = b""
+    # every character a hex digit (no space skipped) and none a capital
+    if len(data) * 2 != len(joined) or len(joined) != 64 * len(digests) or any(c in joined for c in "ABCDEF"):
+        bad = next((d for d in digests if len(d) != 64 or not _HEX.issuperset(d)), joined[:64])
+        raise ValueError(f"{bad!r} is not a content digest (64 lower-case hex digits)")
+    return np.frombuffer(data, np.uint8).reshape(-1, 32)
+
+
+def hex_digests(raw: np.ndarray) -> list[str]:
+    """(n, 32) uint8 digests as hex strings (one string per row, no Python step per digest byte).
+
+    Example:
+        >>> hex_digests(np.zeros((1, 32), np.uint8)) == ["00" * 32]
+        True
+    """
+    flat = np.ascontiguousarray(raw, np.uint8).tobytes()
+    return flat.hex("\n", 32).split("\n") if flat else []  # a separator every 32 bytes
+
+
 def _by_folder(paths: Sequence[str | os.PathLike[str]]) -> dict[str, tuple[list[int], list[str]]]:
     """The paths grouped by absolute folder: ``{folder: (indices, file names)}``."""
     groups: dict[str, tuple[list[int], list[str]]] = {}
@@ -471,13 +507,10 @@ class DigestMemo:
         for folder, group, names, at, row in known_files:
             mine, o = ok[o : o + len(names)], o + len(names)
             good = np.flatnonzero(mine)
-            raw = np.frombuffer(row.digests, np.uint8).reshape(-1, 32)[at[good]].tobytes()
-            hexes = raw.hex("\n", 32).split("\n") if raw else []  # 64 hex digits per digest
-            if len(good) == len(group):  # the usual hit: every file vouched for
-                deque(map(out.__setitem__, group, hexes), maxlen=0)
-            else:
-                deque(map(out.__setitem__, [group[j] for j in good.tolist()], hexes), maxlen=0)
-                todo += [(group[j], folder, names[j]) for j in np.flatnonzero(~mine).tolist()]
+            hexes = hex_digests(np.frombuffer(row.digests, np.uint8).reshape(-1, 32)[at[good]])
+            served = group if len(good) == len(group) else [group[j] for j in good.tolist()]  # usual: all
+            deque(map(out.__setitem__, served, hexes), maxlen=0)
+            todo += [(group[j], folder, names[j]) for j in np.flatnonzero(~mine).tolist()]
         if todo:
             self._hash(sorted(todo), out, known, progress, threads)
         return out

@@ -200,21 +200,30 @@ def part_class(kind: str, keys: set[str]) -> type[Any]:
     )
 
 
-def _reread(value: Any) -> Any:
-    """A config as ``config.json`` gives it back (a list given for a tuple field comes back a tuple), so
-    a record equals its reread self."""
-    if isinstance(value, RunExtraction):
-        return RunExtraction.from_json(json.loads(json.dumps(value.to_json())))
-    return from_json(type(value), json.loads(json.dumps(to_json(value))))
-
-
-#: the record's typed configs (``head`` and ``train`` may be None)
+#: the record's typed configs; the optional ones may be None
 _TYPED: dict[str, type[Any]] = {
     "data": DataConfig,
     "extract": RunExtraction,
     "head": HeadSpec,
     "train": TrainConfig,
 }
+_OPTIONAL = ("head", "train")
+
+
+def _stored(value: Any) -> Any:
+    """A record field as ``config.json`` holds it (a :class:`RunExtraction` is one flat object)."""
+    return value.to_json() if isinstance(value, RunExtraction) else to_json(value)
+
+
+def _read(cls: type[Any], data: Any) -> Any:
+    """A typed config of the record from what ``config.json`` holds."""
+    return cls.from_json(data) if cls is RunExtraction else from_json(cls, data)
+
+
+def _reread(value: Any) -> Any:
+    """A config as ``config.json`` gives it back (a list given for a tuple field comes back a tuple), so
+    a record equals its reread self."""
+    return _read(type(value), json.loads(json.dumps(_stored(value))))
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,7 @@ class RunRecord:
             )
         for name, cls in _TYPED.items():
             value = getattr(self, name)
-            if value is None and name in ("head", "train"):
+            if value is None and name in _OPTIONAL:
                 continue
             if not isinstance(value, cls):
                 raise TypeError(
@@ -325,11 +334,8 @@ class RunRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``config.json``: its format, the shared part, the verb's part's keys."""
-        shared = {  # in field order, as config.json has always had its keys
-            f.name: self.extract.to_json() if f.name == "extract" else to_json(getattr(self, f.name))
-            for f in fields(self)
-            if f.name != "part"
-        }
+        # in field order, as config.json has always had its keys
+        shared = {f.name: _stored(getattr(self, f.name)) for f in fields(self) if f.name != "part"}
         return {"format": RUN_FORMAT, **shared, **to_json(self.part)}
 
     @classmethod
@@ -347,11 +353,9 @@ class RunRecord:
             raise FeatcacheError(f"unknown run kind {kind!r}: one of {', '.join(KINDS)}")
         own = {k: v for k, v in d.items() if k not in names and k != "format"}
         part = from_json(part_class(kind, set(own)), own)
-        shared["data"] = from_json(DataConfig, shared["data"])
-        shared["extract"] = RunExtraction.from_json(shared["extract"])
-        for name, config in (("head", HeadSpec), ("train", TrainConfig)):
-            if shared.get(name) is not None:
-                shared[name] = from_json(config, shared[name])
+        for name, config in _TYPED.items():
+            if name not in _OPTIONAL or shared.get(name) is not None:
+                shared[name] = _read(config, shared[name])
         return cls(**shared, part=part)
 
 

@@ -195,9 +195,10 @@ def hash_split(
     draw = _draws(digests, seed)
     part = np.where(draw < test_fraction, 2, np.where(draw >= 1.0 - val_fraction, 1, 0))
     strata, inverse = np.unique(labels, return_inverse=True)
-    trained = np.bincount(inverse.reshape(-1)[part == 0], minlength=len(strata)) > 0
+    inverse = inverse.reshape(-1)
+    trained = np.bincount(inverse[part == 0], minlength=len(strata)) > 0
     for k in np.flatnonzero(~trained).tolist():  # the classes with no train image: usually none
-        mine = np.flatnonzero(inverse.reshape(-1) == k)
+        mine = np.flatnonzero(inverse == k)
         if not (part[mine] == 0).any():  # (a copy rescued for an earlier class may have given it one)
             rescued = digests[int(mine[np.argmin(draw[mine])])]
             part[[i for i, d in enumerate(digests) if d == rescued]] = 0  # every copy: no leak
